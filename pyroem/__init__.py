@@ -1,0 +1,59 @@
+"""pyroem: Expectation–Maximization for Pyro models.
+
+Declare a mixture, pick an EM variant with one flag, get point estimates,
+convergence traces and scores::
+
+    import pyroem
+    spec = pyroem.Mixture(num_components=2, family="gaussian", covariance_type="full")
+    fit = pyroem.fit(spec, X, method="map-em", n_init=10, seed=0)
+    fit.params["means"], fit.log_likelihood(), fit.bic()
+"""
+
+from pyroem import datasets
+from pyroem.api import METHODS, fit
+from pyroem.em import History
+from pyroem.errors import (
+    CollapsedComponentWarning,
+    ConvergenceWarning,
+    DataError,
+    NotSupportedError,
+    PyroEMError,
+    SingularCovarianceError,
+    SpecError,
+)
+from pyroem.results import FitResult, load
+from pyroem.spec.distributions import InverseWishart
+from pyroem.spec.families import Bernoulli, Categorical, Exponential, Family, Gaussian, Poisson
+from pyroem.spec.mixture import Mixture
+from pyroem.spec.priors import Beta, Dirichlet, Gamma, NormalInverseWishart
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "Bernoulli",
+    "Beta",
+    "Categorical",
+    "CollapsedComponentWarning",
+    "ConvergenceWarning",
+    "DataError",
+    "Dirichlet",
+    "Exponential",
+    "Family",
+    "FitResult",
+    "Gamma",
+    "Gaussian",
+    "History",
+    "InverseWishart",
+    "Mixture",
+    "NormalInverseWishart",
+    "NotSupportedError",
+    "Poisson",
+    "PyroEMError",
+    "SingularCovarianceError",
+    "SpecError",
+    "__version__",
+    "datasets",
+    "fit",
+    "load",
+]

@@ -1,0 +1,1194 @@
+"""Component families of a mixture: exponential-family kernels and conjugate priors.
+
+A family is declared by the user (``Gaussian(covariance_type="full")``), then
+*bound* to a data set (``family.bind(data, num_components)``), which fixes the
+dimension and resolves default priors from the data. A bound family provides
+pure-torch kernels, all vectorised over components and applied to data chunks:
+
+- ``prepare(x)``: per-chunk preprocessing done once per fit (centering, one-hot);
+- ``log_prob_fn(params)(prepared)``: component log-densities, ``(n, K)``;
+- ``statistics(prepared, resp)``: summable expected sufficient statistics;
+- ``m_step(stats)``: the closed-form conjugate mode (see :mod:`pyroem.mstep.conjugate`);
+- ``log_prior(params)``: ``log p(θ)`` exactly as the Pyro program declares it.
+
+Only :meth:`Family.pyro_params` has Pyro effects: it writes the parameter sites
+of the Pyro program :meth:`pyroem.Mixture.model` returns.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch.distributions import constraints
+
+from pyroem.errors import DataError, PyroEMError, SingularCovarianceError, SpecError
+from pyroem.mstep.conjugate import (
+    gamma_exponential_rate_mode,
+    gamma_poisson_rate_mode,
+    normal_mean_mode,
+    probabilities_mode,
+    scatter_about,
+)
+from pyroem.spec.distributions import InverseWishart
+from pyroem.spec.priors import Beta, Dirichlet, Gamma, NormalInverseWishart, prior_from_config
+
+__all__ = [
+    "Bernoulli",
+    "Categorical",
+    "Exponential",
+    "Family",
+    "Gaussian",
+    "Poisson",
+    "make_family",
+]
+
+COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
+LogProbFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _safe_log(x: torch.Tensor) -> torch.Tensor:
+    """log(x), with log(0) replaced by the log of the smallest normal float.
+
+    Keeps matrix products finite where a parameter sits exactly on its boundary
+    (a zero rate or probability, legitimate maximum-likelihood values): a datum
+    that the boundary forbids then gets a log-density of about -708 per unit
+    instead of -inf, and ``0 * log(0)`` stays 0.
+    """
+    return x.clamp(min=torch.finfo(x.dtype).tiny).log()
+
+
+def _as_tensor(value: Any, like: torch.Tensor, what: str) -> torch.Tensor:
+    try:
+        out = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    except (TypeError, ValueError) as err:
+        raise SpecError(f"{what} must be numeric; got {value!r}") from err
+    if not bool(torch.isfinite(out).all()):
+        raise SpecError(f"{what} must be finite; got {value!r}")
+    return out
+
+
+def _per_dim(value: Any, like: torch.Tensor, dim: int, what: str) -> torch.Tensor:
+    """A scalar or a length-``dim`` vector, broadcast to ``(dim,)``."""
+    out = _as_tensor(value, like, what)
+    if out.ndim > 1 or (out.ndim == 1 and out.shape[0] != dim):
+        raise SpecError(f"{what} must be a scalar or have shape ({dim},); got {tuple(out.shape)}")
+    return out.expand(dim).clone()
+
+
+def _select(params: Any, index: torch.Tensor, shared: tuple[str, ...]) -> Any:
+    """Pick components ``index`` from every per-component field (leading axis)."""
+    return type(params)(
+        **{
+            name: value if name in shared else value[index]
+            for name, value in params._asdict().items()
+        }
+    )
+
+
+def _plain_values(value: Any) -> Any:
+    return value.tolist() if isinstance(value, torch.Tensor) else value
+
+
+def _check_finite_params(params: NamedTuple, counts: torch.Tensor, family: str) -> None:
+    for name, value in params._asdict().items():
+        if not bool(torch.isfinite(value).all()):
+            bad = int(counts.argmin())
+            raise PyroEMError(
+                f"the {family} M-step produced non-finite {name} (smallest component {bad} "
+                f"holds {float(counts[bad]):.3g} points); fit with a prior (prior='default') "
+                "or fewer components"
+            )
+
+
+class Family(ABC):
+    """A component family: its likelihood, conjugate prior and closed-form M-step.
+
+    Subclasses fix ``name`` (the string users pass as ``family=``) and
+    ``param_names`` (the keys of ``fit.params``, besides ``"weights"``).
+    """
+
+    name: ClassVar[str]
+    prior_type: ClassVar[type]
+    shared_params: tuple[str, ...] = ()
+
+    def __init__(self, prior: Any = "default") -> None:
+        if isinstance(prior, str):
+            if prior != "default":
+                raise SpecError(f"prior must be 'default', None or a prior object; got {prior!r}")
+            prior = self.prior_type()
+        if prior is not None and not isinstance(prior, self.prior_type):
+            raise SpecError(
+                f"the {self.name} family takes a {self.prior_type.__name__} prior; "
+                f"got {type(prior).__name__}"
+            )
+        self.prior: Any = prior
+        self.shift: torch.Tensor | None = None
+        self.dim: int | None = None
+        self.resolved: Any = None
+
+    # ----- declaration -------------------------------------------------
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(prior={self.prior!r})"
+
+    def to_config(self) -> dict[str, Any]:
+        """JSON-serialisable description (family name, options, prior)."""
+        return {
+            "family": self.name,
+            "prior": None if self.prior is None else self.prior.to_config(),
+        }
+
+    @property
+    def is_bound(self) -> bool:
+        return self.dim is not None
+
+    def bind(self, data: torch.Tensor, num_components: int) -> Family:
+        """A copy of this family fixed to ``data``'s dimension, with priors resolved.
+
+        Args:
+            data: the training data, shape ``(num_data, dim)``, already validated.
+            num_components: ``K`` (some default priors scale with it).
+        """
+        self.validate(data)
+        bound = copy.copy(self)
+        bound.dim = data.shape[1]
+        bound._bind_data(data)
+        bound.resolved = None if self.prior is None else bound._resolve_prior(data, num_components)
+        return bound
+
+    def _bind_data(self, data: torch.Tensor) -> None:  # noqa: B027 (optional hook)
+        """Hook: remember data-derived constants (e.g. a centering shift)."""
+
+    def explicit(self) -> Family:
+        """An unbound copy whose prior spells out the resolved numbers.
+
+        Binding it to any data of the same dimension gives this bound family's
+        prior exactly, which is how fits are saved and loaded.
+        """
+        twin = copy.copy(self)
+        twin.dim = None
+        twin.resolved = None
+        if self.resolved is not None:
+            twin.prior = self._explicit_prior()
+        return twin
+
+    def _explicit_prior(self) -> Any:
+        """The resolved prior as a prior object with every field given."""
+        return self.prior_type(*(_plain_values(value) for value in self.resolved))
+
+    def rebind(self, dim: int, shift: torch.Tensor | None, dtype: torch.dtype) -> Family:
+        """Bind an :meth:`explicit` family without data (the prior needs only the shape)."""
+        placeholder = torch.zeros((2, dim), dtype=dtype)
+        bound = copy.copy(self)
+        bound.dim = dim
+        bound._bind_data(placeholder)
+        if shift is not None:
+            bound.shift = shift.to(dtype)
+        bound.resolved = None if self.prior is None else bound._resolve_prior(placeholder, 1)
+        return bound
+
+    @abstractmethod
+    def validate(self, data: torch.Tensor) -> None:
+        """Raise :class:`DataError` if ``data`` is outside the family's support."""
+
+    @abstractmethod
+    def _resolve_prior(self, data: torch.Tensor, num_components: int) -> Any:
+        """Concrete prior tensors from the declared prior and the data."""
+
+    # ----- kernels (pure torch) -------------------------------------------
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-chunk preprocessing, done once per fit."""
+        return x
+
+    @abstractmethod
+    def log_prob_fn(self, params: Any) -> LogProbFn:
+        """Closure mapping a prepared chunk to component log-densities ``(n, K)``."""
+
+    @abstractmethod
+    def statistics(self, prepared: torch.Tensor, resp: torch.Tensor) -> Any:
+        """Expected sufficient statistics of a chunk (a NamedTuple with ``counts`` first)."""
+
+    @abstractmethod
+    def m_step(self, stats: Any) -> Any:
+        """The closed-form maximiser of ``Q + log p(θ)``."""
+
+    @abstractmethod
+    def log_prior(self, params: Any) -> torch.Tensor:
+        """``log p(θ)`` as the Pyro program declares it (0 for flat priors)."""
+
+    @abstractmethod
+    def num_parameters(self, num_components: int) -> int:
+        """Free parameters of the components (not the weights)."""
+
+    # ----- parameters ---------------------------------------------------
+    @property
+    @abstractmethod
+    def params_type(self) -> Any:
+        """NamedTuple type of the component parameters."""
+
+    def select(self, params: Any, index: torch.Tensor) -> Any:
+        """Keep components ``index`` (works on parameters and statistics alike)."""
+        return _select(params, index, self.shared_params)
+
+    def to_user(self, params: Any) -> dict[str, torch.Tensor]:
+        """User-facing dictionary of component parameters."""
+        return dict(params._asdict())
+
+    def from_user(self, values: dict[str, Any], num_components: int, like: torch.Tensor) -> Any:
+        """Parameters from a user dictionary (e.g. ``init_params``), validated."""
+        fields = {}
+        for name in self.params_type._fields:
+            if name not in values:
+                raise SpecError(
+                    f"init_params needs {list(self.params_type._fields)} (plus 'weights'); "
+                    f"missing {name!r}"
+                )
+            fields[name] = _as_tensor(values[name], like, f"init_params[{name!r}]")
+        params = self.params_type(**fields)
+        self._check_user_params(params, num_components)
+        return params
+
+    @abstractmethod
+    def _check_user_params(self, params: Any, num_components: int) -> None:
+        """Raise :class:`SpecError` if user-given parameters have wrong shape or support."""
+
+    @abstractmethod
+    def component_distribution(self, params: Any) -> dist.TorchDistribution:
+        """The component likelihood, batch ``params``' leading shape, event ``(dim,)``."""
+
+    @abstractmethod
+    def pyro_params(self, num_components: int, init: Any) -> Any:
+        """Write the parameter sites of the Pyro program; return their values."""
+
+    @abstractmethod
+    def default_truth(self, num_components: int, dim: int, generator: torch.Generator) -> Any:
+        """Well-separated parameters for :meth:`pyroem.Mixture.simulate`."""
+
+    def _require_bound(self) -> int:
+        if self.dim is None:
+            raise SpecError(f"{self!r} is not bound to data; call family.bind(data, K) first")
+        return self.dim
+
+
+# ---------------------------------------------------------------------------
+# Gaussian
+# ---------------------------------------------------------------------------
+
+
+class GaussianParams(NamedTuple):
+    """Means ``(K, D)``; covariances: full ``(K, D, D)``, diag ``(K, D)``,
+    spherical ``(K,)``, tied ``(D, D)``."""
+
+    means: torch.Tensor
+    covariances: torch.Tensor
+
+
+class GaussianStats(NamedTuple):
+    """Moments about the data mean: counts ``(K,)``, sum_x ``(K, D)``, sum_xx:
+    full ``(K, D, D)``, diag/spherical ``(K, D)``, tied ``(D, D)`` (all data)."""
+
+    counts: torch.Tensor
+    sum_x: torch.Tensor
+    sum_xx: torch.Tensor
+
+
+class ResolvedNIW(NamedTuple):
+    mean: torch.Tensor  # (D,)
+    mean_precision: float
+    dof: float
+    scale: torch.Tensor  # (D, D)
+
+
+class Gaussian(Family):
+    """Gaussian components with ``covariance_type`` full, diag, spherical or tied.
+
+    Parameters (``fit.params``): ``means`` ``(K, D)`` and ``covariances`` shaped as in
+    scikit-learn: full ``(K, D, D)``, diag ``(K, D)``, spherical ``(K,)``, tied ``(D, D)``.
+    Prior: :class:`~pyroem.spec.priors.NormalInverseWishart` (``prior=None``: maximum
+    likelihood). Statistics are accumulated about the data mean so raw second
+    moments lose no precision to cancellation.
+    """
+
+    name = "gaussian"
+    prior_type = NormalInverseWishart
+
+    def __init__(self, covariance_type: str = "full", prior: Any = "default") -> None:
+        if covariance_type not in COVARIANCE_TYPES:
+            raise SpecError(
+                f"covariance_type must be one of {COVARIANCE_TYPES}; got {covariance_type!r}"
+            )
+        super().__init__(prior)
+        self.covariance_type = covariance_type
+        if covariance_type == "tied":
+            self.shared_params = ("covariances", "sum_xx")
+
+    def __repr__(self) -> str:
+        return f"Gaussian(covariance_type={self.covariance_type!r}, prior={self.prior!r})"
+
+    def to_config(self) -> dict[str, Any]:
+        return {**super().to_config(), "covariance_type": self.covariance_type}
+
+    @property
+    def params_type(self) -> type:
+        return GaussianParams
+
+    def validate(self, data: torch.Tensor) -> None:
+        """Any finite real data fit a Gaussian (finiteness is checked by ``fit``)."""
+
+    def _bind_data(self, data: torch.Tensor) -> None:
+        self.shift = data.mean(0)
+
+    @property
+    def _center(self) -> torch.Tensor:
+        """The data mean statistics are taken about (set by :meth:`bind`)."""
+        if self.shift is None:
+            raise SpecError(f"{self!r} is not bound to data; call family.bind(data, K) first")
+        return self.shift
+
+    def _resolve_prior(self, data: torch.Tensor, num_components: int) -> ResolvedNIW:
+        prior: NormalInverseWishart = self.prior
+        dim = data.shape[1]
+        mean = data.mean(0) if prior.mean is None else _per_dim(prior.mean, data, dim, "prior mean")
+        kappa = float(prior.mean_precision)
+        if not kappa >= 0:
+            raise SpecError(f"prior mean_precision must be >= 0; got {prior.mean_precision}")
+        dof = float(dim + 2 if prior.dof is None else prior.dof)
+        if not dof > dim - 1:
+            raise SpecError(f"prior dof must exceed dim - 1 = {dim - 1}; got {dof}")
+        if prior.scale is None:
+            if data.shape[0] < 2:
+                raise SpecError("the default prior scale needs two data points; pass scale=")
+            empirical = torch.atleast_2d(torch.cov(data.T))
+            scale = empirical / num_components ** (2.0 / dim)
+        else:
+            raw = _as_tensor(prior.scale, data, "prior scale")
+            if raw.ndim == 0:
+                scale = raw * torch.eye(dim, dtype=data.dtype, device=data.device)
+            elif raw.ndim == 1 and raw.shape[0] == dim:
+                scale = torch.diag(raw)
+            elif raw.shape == (dim, dim):
+                scale = raw
+            else:
+                raise SpecError(
+                    f"prior scale must be a float, shape ({dim},) or ({dim}, {dim}); "
+                    f"got {tuple(raw.shape)}"
+                )
+        if int(torch.linalg.cholesky_ex(scale).info) != 0:
+            raise SpecError(
+                "prior scale must be positive definite (constant data columns make the default "
+                "scale singular: drop them or pass scale=)"
+            )
+        return ResolvedNIW(mean, kappa, dof, scale)
+
+    # ----- kernels ------------------------------------------------------
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        centered = x - self._center
+        if self.covariance_type in ("diag", "spherical"):
+            return torch.cat([centered, centered.square()], dim=1)
+        return centered
+
+    def _variances(self, params: GaussianParams) -> torch.Tensor:
+        """Per-dimension variances ``(K, D)`` for diag/spherical."""
+        dim = self._require_bound()
+        if self.covariance_type == "spherical":
+            return params.covariances[:, None].expand(-1, dim)
+        return params.covariances
+
+    def _cholesky(self, covariances: torch.Tensor) -> torch.Tensor:
+        chol, info = torch.linalg.cholesky_ex(covariances)
+        if bool((info != 0).any()):
+            bad = int(torch.nonzero(info.reshape(-1))[0])
+            raise SingularCovarianceError(
+                f"covariance of component {bad} is not positive definite (singular); "
+                "use a prior (prior='default', or NormalInverseWishart(scale=...)), fewer "
+                "components, or more data"
+            )
+        return chol
+
+    def log_prob_fn(self, params: GaussianParams) -> LogProbFn:
+        dim = self._require_bound()
+        means = params.means - self._center
+        num_components = means.shape[0]
+        log_2pi = math.log(2 * math.pi)
+        if self.covariance_type in ("diag", "spherical"):
+            variances = self._variances(params)
+            precisions = variances.reciprocal()
+            const = -0.5 * (dim * log_2pi + variances.log().sum(-1))
+            const = const - 0.5 * (means.square() * precisions).sum(-1)
+            weights = torch.cat([means * precisions, -0.5 * precisions], dim=1).T  # (2D, K)
+
+            def diagonal(prepared: torch.Tensor) -> torch.Tensor:
+                return torch.addmm(const, prepared, weights)
+
+            return diagonal
+
+        eye = torch.eye(dim, dtype=means.dtype, device=means.device)
+        if self.covariance_type == "tied":
+            chol = self._cholesky(params.covariances)
+            whiten = torch.linalg.solve_triangular(chol, eye, upper=False).T  # (D, D)
+            centres = means @ whiten  # (K, D)
+            const = -0.5 * dim * log_2pi - chol.diagonal().log().sum()
+            const_k = const - 0.5 * centres.square().sum(-1)
+
+            def tied(prepared: torch.Tensor) -> torch.Tensor:
+                white = prepared @ whiten
+                out = torch.addmm(const_k, white, centres.T, alpha=1.0)
+                return out - 0.5 * white.square().sum(-1, keepdim=True)
+
+            return tied
+
+        chol = self._cholesky(params.covariances)
+        whiten = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False).mT
+        stacked = whiten.permute(1, 0, 2).reshape(dim, num_components * dim)
+        offsets = torch.einsum("kd,kde->ke", means, whiten).reshape(-1)
+        const = -0.5 * dim * log_2pi - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+        def full(prepared: torch.Tensor) -> torch.Tensor:
+            white = torch.addmm(-offsets, prepared, stacked)
+            return const - 0.5 * white.square().view(-1, num_components, dim).sum(-1)
+
+        return full
+
+    def statistics(self, prepared: torch.Tensor, resp: torch.Tensor) -> GaussianStats:
+        counts = resp.sum(0)
+        if self.covariance_type in ("diag", "spherical"):
+            moments = resp.T @ prepared
+            dim = prepared.shape[1] // 2
+            return GaussianStats(counts, moments[:, :dim], moments[:, dim:])
+        sum_x = resp.T @ prepared
+        if self.covariance_type == "tied":
+            return GaussianStats(counts, sum_x, prepared.T @ prepared)
+        num, dim = prepared.shape
+        weighted = (resp[:, :, None] * prepared[:, None, :]).reshape(num, -1)
+        sum_xx = (weighted.T @ prepared).view(-1, dim, dim)
+        return GaussianStats(counts, sum_x, sum_xx)
+
+    def m_step(self, stats: GaussianStats) -> GaussianParams:
+        dim = self._require_bound()
+        prior: ResolvedNIW | None = self.resolved
+        counts = stats.counts
+        kappa = 0.0 if prior is None else prior.mean_precision
+        prior_mean = None if prior is None else prior.mean - self._center
+        means = normal_mean_mode(stats.sum_x, counts, prior_mean, kappa)
+        has_mean_prior = prior is not None and kappa > 0
+        deviation = means - prior_mean if has_mean_prior and prior_mean is not None else None
+
+        if self.covariance_type in ("diag", "spherical"):
+            quad = stats.sum_xx - 2 * stats.sum_x * means + counts[:, None] * means.square()
+            if self.covariance_type == "diag":
+                if prior is None:
+                    covariances = quad / counts[:, None]
+                else:
+                    numer = quad + torch.diagonal(prior.scale)
+                    if deviation is not None:
+                        numer = numer + kappa * deviation.square()
+                    covariances = numer / (counts[:, None] + prior.dof + 2 + has_mean_prior)
+            else:
+                total = quad.sum(-1)
+                if prior is None:
+                    covariances = total / (counts * dim)
+                else:
+                    numer = total + torch.diagonal(prior.scale).mean()
+                    if deviation is not None:
+                        numer = numer + kappa * deviation.square().sum(-1)
+                    denom = counts * dim + prior.dof + 2 + dim * has_mean_prior
+                    covariances = numer / denom
+            self._check_variances(covariances, counts)
+        else:
+            if self.covariance_type == "tied":
+                cross = stats.sum_x.T @ means
+                scatter = stats.sum_xx - cross - cross.T + (counts[:, None] * means).T @ means
+                scatter = 0.5 * (scatter + scatter.T)
+                total = counts.sum()
+                if prior is None:
+                    covariances = scatter / total
+                else:
+                    numer = scatter + prior.scale
+                    if deviation is not None:
+                        numer = numer + kappa * deviation.T @ deviation
+                    num_mean_priors = means.shape[0] if has_mean_prior else 0
+                    covariances = numer / (total + prior.dof + dim + 1 + num_mean_priors)
+            else:
+                scatter = scatter_about(means, stats.sum_x, stats.sum_xx, counts)
+                if prior is None:
+                    covariances = scatter / counts[:, None, None]
+                else:
+                    numer = scatter + prior.scale
+                    if deviation is not None:
+                        numer = numer + kappa * deviation[:, :, None] * deviation[:, None, :]
+                    denom = counts + prior.dof + dim + 1 + has_mean_prior
+                    covariances = numer / denom[:, None, None]
+            params = GaussianParams(means + self._center, covariances)
+            _check_finite_params(params, counts, self.name)
+            self._cholesky(covariances)
+            return params
+        params = GaussianParams(means + self._center, covariances)
+        _check_finite_params(params, counts, self.name)
+        return params
+
+    def _check_variances(self, variances: torch.Tensor, counts: torch.Tensor) -> None:
+        bad = ~(variances > 0)
+        if bool(bad.any()):
+            component = int(torch.nonzero(bad)[0][0])
+            raise SingularCovarianceError(
+                f"variance of component {component} collapsed to "
+                f"{variances.reshape(-1)[int(torch.nonzero(bad.reshape(-1))[0])]:.3g} "
+                f"(it holds {float(counts[component]):.3g} points); use a prior "
+                "(prior='default'), fewer components, or more data"
+            )
+
+    def log_prior(self, params: GaussianParams) -> torch.Tensor:
+        prior: ResolvedNIW | None = self.resolved
+        if prior is None:
+            return params.means.new_zeros(())
+        total = params.means.new_zeros(())
+        if self.covariance_type in ("full", "tied"):
+            total = (
+                total + InverseWishart(prior.dof, prior.scale).log_prob(params.covariances).sum()
+            )
+            if prior.mean_precision > 0:
+                cov = params.covariances / prior.mean_precision
+                mean_prior = dist.MultivariateNormal(prior.mean, covariance_matrix=cov)
+                total = total + mean_prior.log_prob(params.means).sum()
+            return total
+        if self.covariance_type == "diag":
+            rate = 0.5 * torch.diagonal(prior.scale)
+        else:
+            rate = 0.5 * torch.diagonal(prior.scale).mean()
+        variance_prior = dist.InverseGamma(0.5 * prior.dof * torch.ones_like(rate), rate)
+        total = total + variance_prior.log_prob(params.covariances).sum()
+        if prior.mean_precision > 0:
+            std = (self._variances(params) / prior.mean_precision).sqrt()
+            total = total + dist.Normal(prior.mean, std).log_prob(params.means).sum()
+        return total
+
+    def num_parameters(self, num_components: int) -> int:
+        dim = self._require_bound()
+        per_cov = {
+            "full": num_components * dim * (dim + 1) // 2,
+            "diag": num_components * dim,
+            "spherical": num_components,
+            "tied": dim * (dim + 1) // 2,
+        }[self.covariance_type]
+        return num_components * dim + per_cov
+
+    def _check_user_params(self, params: GaussianParams, num_components: int) -> None:
+        dim = self._require_bound()
+        expected = {
+            "full": (num_components, dim, dim),
+            "diag": (num_components, dim),
+            "spherical": (num_components,),
+            "tied": (dim, dim),
+        }[self.covariance_type]
+        if tuple(params.means.shape) != (num_components, dim):
+            raise SpecError(
+                f"init means must have shape ({num_components}, {dim}); "
+                f"got {tuple(params.means.shape)}"
+            )
+        if tuple(params.covariances.shape) != expected:
+            raise SpecError(
+                f"init covariances ({self.covariance_type}) must have shape {expected}; "
+                f"got {tuple(params.covariances.shape)}"
+            )
+        if self.covariance_type in ("full", "tied"):
+            self._cholesky(params.covariances)
+        elif not bool((params.covariances > 0).all()):
+            raise SpecError("init covariances must be positive")
+
+    def component_distribution(self, params: GaussianParams) -> dist.TorchDistribution:
+        if self.covariance_type in ("full", "tied"):
+            return dist.MultivariateNormal(params.means, covariance_matrix=params.covariances)
+        std = params.covariances.sqrt()
+        if self.covariance_type == "spherical":
+            std = std[..., None].expand_as(params.means)
+        return dist.Normal(params.means, std).to_event(1)
+
+    def pyro_params(self, num_components: int, init: GaussianParams) -> GaussianParams:
+        dim = self._require_bound()
+        prior: ResolvedNIW | None = self.resolved
+        positive = constraints.positive
+        if prior is None:
+            cov_constraint = (
+                constraints.positive_definite
+                if self.covariance_type in ("full", "tied")
+                else positive
+            )
+            covariances = pyro.param("covariances", init.covariances, constraint=cov_constraint)
+            means = pyro.param("means", init.means)
+            return GaussianParams(means, covariances)
+
+        ones = torch.ones((), dtype=prior.scale.dtype, device=prior.scale.device)
+        if self.covariance_type == "tied":
+            covariances = pyro.sample("covariances", InverseWishart(prior.dof, prior.scale))
+        with pyro.plate("components", num_components):
+            if self.covariance_type == "full":
+                covariances = pyro.sample("covariances", InverseWishart(prior.dof, prior.scale))
+            elif self.covariance_type == "diag":
+                rate = 0.5 * torch.diagonal(prior.scale)
+                covariances = pyro.sample(
+                    "covariances", dist.InverseGamma(0.5 * prior.dof * ones, rate).to_event(1)
+                )
+            elif self.covariance_type == "spherical":
+                rate = 0.5 * torch.diagonal(prior.scale).mean()
+                covariances = pyro.sample(
+                    "covariances", dist.InverseGamma(0.5 * prior.dof * ones, rate)
+                )
+            if prior.mean_precision == 0:
+                means = pyro.param("means", init.means)
+            elif self.covariance_type in ("full", "tied"):
+                cov = covariances / prior.mean_precision
+                means = pyro.sample(
+                    "means", dist.MultivariateNormal(prior.mean, covariance_matrix=cov)
+                )
+            else:
+                variances = covariances if self.covariance_type == "diag" else covariances[:, None]
+                std = (variances / prior.mean_precision).sqrt().expand(num_components, dim)
+                means = pyro.sample("means", dist.Normal(prior.mean, std).to_event(1))
+        return GaussianParams(means, covariances)
+
+    def default_truth(
+        self, num_components: int, dim: int, generator: torch.Generator
+    ) -> GaussianParams:
+        dtype = torch.get_default_dtype()
+        means = 4.0 * torch.randn(num_components, dim, generator=generator, dtype=dtype)
+
+        def spd(num: int) -> torch.Tensor:
+            basis = torch.linalg.qr(torch.randn(num, dim, dim, generator=generator, dtype=dtype))[0]
+            scales = 0.5 + torch.rand(num, dim, generator=generator, dtype=dtype)
+            return basis @ torch.diag_embed(scales) @ basis.mT
+
+        covariances = {
+            "full": lambda: spd(num_components),
+            "tied": lambda: spd(1)[0],
+            "diag": lambda: 0.5 + torch.rand(num_components, dim, generator=generator, dtype=dtype),
+            "spherical": lambda: 0.5 + torch.rand(num_components, generator=generator, dtype=dtype),
+        }[self.covariance_type]()
+        return GaussianParams(means, covariances)
+
+
+# ---------------------------------------------------------------------------
+# Families with one (K, D) parameter: Poisson, Exponential, Bernoulli
+# ---------------------------------------------------------------------------
+
+
+class RateStats(NamedTuple):
+    """counts ``(K,)``; sum_x ``(K, D)`` (``Σ_n w_nk x_n``)."""
+
+    counts: torch.Tensor
+    sum_x: torch.Tensor
+
+
+def _require_integers(data: torch.Tensor, family: str, remedy: str) -> None:
+    bad = (data < 0) | (data != data.round())
+    if bool(bad.any()):
+        row, col = (int(i) for i in torch.nonzero(bad)[0])
+        raise DataError(
+            f"the {family} family needs non-negative integer counts; row {row} column {col} "
+            f"holds {float(data[row, col])!r}; {remedy}"
+        )
+
+
+class _VectorFamily(Family):
+    """Shared plumbing for families whose parameter is one ``(K, D)`` tensor."""
+
+    param_name: ClassVar[str]
+
+    def statistics(self, prepared: torch.Tensor, resp: torch.Tensor) -> RateStats:
+        return RateStats(resp.sum(0), resp.T @ prepared)
+
+    def num_parameters(self, num_components: int) -> int:
+        return num_components * self._require_bound()
+
+    def _check_user_params(self, params: Any, num_components: int) -> None:
+        dim = self._require_bound()
+        value = params[0]
+        if tuple(value.shape) != (num_components, dim):
+            raise SpecError(
+                f"init {self.param_name} must have shape ({num_components}, {dim}); "
+                f"got {tuple(value.shape)}"
+            )
+        self._check_support(value)
+
+    @abstractmethod
+    def _check_support(self, value: torch.Tensor) -> None:
+        """Raise :class:`SpecError` if user parameters are outside their support."""
+
+    @abstractmethod
+    def _prior_distribution(self) -> dist.TorchDistribution:
+        """The resolved prior over one component's parameter, event ``(D,)``."""
+
+    def log_prior(self, params: Any) -> torch.Tensor:
+        if self.resolved is None:
+            return params[0].new_zeros(())
+        return self._prior_distribution().log_prob(params[0]).sum()
+
+    def pyro_params(self, num_components: int, init: Any) -> Any:
+        if self.resolved is None:
+            value = pyro.param(self.param_name, init[0], constraint=self._constraint())
+            return self.params_type(value)
+        with pyro.plate("components", num_components):
+            value = pyro.sample(self.param_name, self._prior_distribution())
+        return self.params_type(value)
+
+    def _constraint(self) -> constraints.Constraint:
+        return constraints.positive
+
+
+class PoissonParams(NamedTuple):
+    """Rates ``(K, D)``: independent Poisson counts per dimension."""
+
+    rates: torch.Tensor
+
+
+class ResolvedGamma(NamedTuple):
+    concentration: torch.Tensor  # (D,)
+    rate: torch.Tensor  # (D,)
+
+
+def _resolve_gamma(
+    prior: Gamma,
+    data: torch.Tensor,
+    default_concentration: torch.Tensor,
+    default_rate: torch.Tensor,
+) -> ResolvedGamma:
+    dim = data.shape[1]
+    concentration = (
+        default_concentration
+        if prior.concentration is None
+        else _per_dim(prior.concentration, data, dim, "Gamma prior concentration")
+    )
+    rate = (
+        default_rate if prior.rate is None else _per_dim(prior.rate, data, dim, "Gamma prior rate")
+    )
+    if not bool((concentration >= 1).all()):
+        raise SpecError(
+            "Gamma prior concentration must be >= 1 for MAP-EM (below 1 the density is "
+            f"infinite at rate 0 and the log joint has no maximum); got {concentration.tolist()}"
+        )
+    if not bool((rate > 0).all()):
+        raise SpecError(f"Gamma prior rate must be > 0; got {rate.tolist()}")
+    return ResolvedGamma(concentration, rate)
+
+
+class Poisson(_VectorFamily):
+    """Independent Poisson counts per dimension; ``fit.params["rates"]`` is ``(K, D)``.
+
+    Prior: :class:`~pyroem.spec.priors.Gamma` on each rate. The default puts 0.1
+    pseudo-observations at the data mean of each dimension
+    (``concentration = 1 + 0.1·mean``, ``rate = 0.1``), so a rate is never exactly 0.
+    """
+
+    name = "poisson"
+    prior_type = Gamma
+    param_name = "rates"
+
+    @property
+    def params_type(self) -> type:
+        return PoissonParams
+
+    def validate(self, data: torch.Tensor) -> None:
+        _require_integers(data, self.name, "pass counts, or use family='gaussian'")
+
+    def _resolve_prior(self, data: torch.Tensor, num_components: int) -> ResolvedGamma:
+        mean = data.mean(0)
+        return _resolve_gamma(self.prior, data, 1 + 0.1 * mean, torch.full_like(mean, 0.1))
+
+    def _prior_distribution(self) -> dist.TorchDistribution:
+        return dist.Gamma(self.resolved.concentration, self.resolved.rate).to_event(1)
+
+    def log_prob_fn(self, params: PoissonParams) -> LogProbFn:
+        log_rates = _safe_log(params.rates).T
+        total = params.rates.sum(-1)
+
+        def poisson(prepared: torch.Tensor) -> torch.Tensor:
+            log_norm = torch.lgamma(prepared + 1).sum(-1, keepdim=True)
+            return prepared @ log_rates - total - log_norm
+
+        return poisson
+
+    def m_step(self, stats: RateStats) -> PoissonParams:
+        prior: ResolvedGamma | None = self.resolved
+        concentration = None if prior is None else prior.concentration
+        rate = None if prior is None else prior.rate
+        params = PoissonParams(
+            gamma_poisson_rate_mode(stats.sum_x, stats.counts, concentration, rate)
+        )
+        _check_finite_params(params, stats.counts, self.name)
+        return params
+
+    def _check_support(self, value: torch.Tensor) -> None:
+        if not bool((value >= 0).all()):
+            raise SpecError("init rates must be non-negative")
+
+    def component_distribution(self, params: PoissonParams) -> dist.TorchDistribution:
+        return dist.Poisson(params.rates).to_event(1)
+
+    def default_truth(self, num_components: int, dim: int, generator: torch.Generator) -> Any:
+        dtype = torch.get_default_dtype()
+        return PoissonParams(
+            1 + 19 * torch.rand(num_components, dim, generator=generator, dtype=dtype)
+        )
+
+
+class ExponentialParams(NamedTuple):
+    """Rates ``(K, D)`` (inverse means): independent Exponential per dimension."""
+
+    rates: torch.Tensor
+
+
+class Exponential(_VectorFamily):
+    """Independent Exponential waiting times per dimension; ``params["rates"]`` ``(K, D)``.
+
+    Prior: :class:`~pyroem.spec.priors.Gamma` on each rate. The default puts 0.1
+    pseudo-observations at the data mean (``concentration = 1.1``, ``rate = 0.1·mean``).
+    """
+
+    name = "exponential"
+    prior_type = Gamma
+    param_name = "rates"
+
+    @property
+    def params_type(self) -> type:
+        return ExponentialParams
+
+    def validate(self, data: torch.Tensor) -> None:
+        if bool((data < 0).any()):
+            row, col = (int(i) for i in torch.nonzero(data < 0)[0])
+            raise DataError(
+                f"the exponential family needs non-negative data; row {row} column {col} holds "
+                f"{float(data[row, col])!r}; shift the data or use family='gaussian'"
+            )
+
+    def _resolve_prior(self, data: torch.Tensor, num_components: int) -> ResolvedGamma:
+        mean = data.mean(0).clamp(min=torch.finfo(data.dtype).tiny)
+        return _resolve_gamma(self.prior, data, torch.full_like(mean, 1.1), 0.1 * mean)
+
+    def _prior_distribution(self) -> dist.TorchDistribution:
+        return dist.Gamma(self.resolved.concentration, self.resolved.rate).to_event(1)
+
+    def log_prob_fn(self, params: ExponentialParams) -> LogProbFn:
+        rates_t = params.rates.T
+        log_rates = params.rates.log().sum(-1)
+
+        def exponential(prepared: torch.Tensor) -> torch.Tensor:
+            return log_rates - prepared @ rates_t
+
+        return exponential
+
+    def m_step(self, stats: RateStats) -> ExponentialParams:
+        prior: ResolvedGamma | None = self.resolved
+        concentration = None if prior is None else prior.concentration
+        rate = None if prior is None else prior.rate
+        rates = gamma_exponential_rate_mode(stats.sum_x, stats.counts, concentration, rate)
+        params = ExponentialParams(rates)
+        _check_finite_params(params, stats.counts, self.name)
+        if not bool((rates > 0).all()):
+            raise PyroEMError(
+                "an exponential component lost all its data (rate 0); use prior='default' "
+                "or fewer components"
+            )
+        return params
+
+    def _check_support(self, value: torch.Tensor) -> None:
+        if not bool((value > 0).all()):
+            raise SpecError("init rates must be positive")
+
+    def component_distribution(self, params: ExponentialParams) -> dist.TorchDistribution:
+        return dist.Exponential(params.rates).to_event(1)
+
+    def default_truth(self, num_components: int, dim: int, generator: torch.Generator) -> Any:
+        dtype = torch.get_default_dtype()
+        log_rates = 3 * torch.rand(num_components, dim, generator=generator, dtype=dtype) - 1.5
+        return ExponentialParams(log_rates.exp())
+
+
+class BernoulliParams(NamedTuple):
+    """Probabilities of a 1, ``(K, D)``."""
+
+    probs: torch.Tensor
+
+
+class ResolvedBeta(NamedTuple):
+    concentration1: torch.Tensor  # (D,)
+    concentration0: torch.Tensor  # (D,)
+
+
+class Bernoulli(_VectorFamily):
+    """Independent binary features (latent class analysis); ``params["probs"]`` ``(K, D)``.
+
+    Prior: :class:`~pyroem.spec.priors.Beta`; the default ``Beta(1.1, 1.1)`` keeps every
+    probability strictly inside (0, 1), so no new datum gets probability zero.
+    """
+
+    name = "bernoulli"
+    prior_type = Beta
+    param_name = "probs"
+
+    @property
+    def params_type(self) -> type:
+        return BernoulliParams
+
+    def validate(self, data: torch.Tensor) -> None:
+        bad = (data != 0) & (data != 1)
+        if bool(bad.any()):
+            row, col = (int(i) for i in torch.nonzero(bad)[0])
+            raise DataError(
+                f"the bernoulli family needs binary 0/1 data; row {row} column {col} holds "
+                f"{float(data[row, col])!r}; binarise the data or use family='categorical'"
+            )
+
+    def _resolve_prior(self, data: torch.Tensor, num_components: int) -> ResolvedBeta:
+        dim = data.shape[1]
+        prior: Beta = self.prior
+        ones = _per_dim(prior.concentration1, data, dim, "Beta prior concentration1")
+        zeros = _per_dim(prior.concentration0, data, dim, "Beta prior concentration0")
+        if not bool((ones >= 1).all() and (zeros >= 1).all()):
+            raise SpecError(
+                "Beta prior concentrations must be >= 1 for MAP-EM (below 1 the log joint is "
+                "unbounded at probability 0 or 1)"
+            )
+        return ResolvedBeta(ones, zeros)
+
+    def _prior_distribution(self) -> dist.TorchDistribution:
+        return dist.Beta(self.resolved.concentration1, self.resolved.concentration0).to_event(1)
+
+    def log_prob_fn(self, params: BernoulliParams) -> LogProbFn:
+        log_p = _safe_log(params.probs)
+        log_q = _safe_log(1 - params.probs)
+        logits_t = (log_p - log_q).T
+        base = log_q.sum(-1)
+
+        def bernoulli(prepared: torch.Tensor) -> torch.Tensor:
+            return torch.addmm(base, prepared, logits_t)
+
+        return bernoulli
+
+    def m_step(self, stats: RateStats) -> BernoulliParams:
+        prior: ResolvedBeta | None = self.resolved
+        outcomes = torch.stack([stats.sum_x, stats.counts[:, None] - stats.sum_x], -1)
+        concentration = (
+            None if prior is None else torch.stack([prior.concentration1, prior.concentration0], -1)
+        )
+        probs = probabilities_mode(outcomes, stats.counts[:, None, None], concentration)[..., 0]
+        params = BernoulliParams(probs)
+        _check_finite_params(params, stats.counts, self.name)
+        return params
+
+    def _check_support(self, value: torch.Tensor) -> None:
+        if not bool(((value >= 0) & (value <= 1)).all()):
+            raise SpecError("init probs must lie in [0, 1]")
+
+    def _constraint(self) -> constraints.Constraint:
+        return constraints.unit_interval
+
+    def component_distribution(self, params: BernoulliParams) -> dist.TorchDistribution:
+        return dist.Bernoulli(probs=params.probs).to_event(1)
+
+    def default_truth(self, num_components: int, dim: int, generator: torch.Generator) -> Any:
+        dtype = torch.get_default_dtype()
+        probs = 0.05 + 0.9 * (
+            torch.rand(num_components, dim, generator=generator, dtype=dtype) > 0.5
+        )
+        return BernoulliParams(probs.to(dtype))
+
+
+# ---------------------------------------------------------------------------
+# Categorical
+# ---------------------------------------------------------------------------
+
+
+class CategoricalParams(NamedTuple):
+    """Probabilities ``(K, D, C)`` of each of ``C`` categories for each of ``D`` features."""
+
+    probs: torch.Tensor
+
+
+class CategoricalStats(NamedTuple):
+    """counts ``(K,)``; sum_onehot ``(K, D·C)`` (expected category counts)."""
+
+    counts: torch.Tensor
+    sum_onehot: torch.Tensor
+
+
+class Categorical(Family):
+    """``D`` independent categorical features with codes ``0 … C-1``; ``params["probs"]``
+    is ``(K, D, C)``.
+
+    ``num_categories`` defaults to ``max(data) + 1``. Prior:
+    :class:`~pyroem.spec.priors.Dirichlet` on each feature's probabilities; the default
+    ``Dirichlet(1.1)`` keeps every probability positive.
+    """
+
+    name = "categorical"
+    prior_type = Dirichlet
+
+    def __init__(self, num_categories: int | None = None, prior: Any = "default") -> None:
+        if num_categories is not None and (
+            not isinstance(num_categories, int) or num_categories < 2
+        ):
+            raise SpecError(f"num_categories must be an integer >= 2; got {num_categories!r}")
+        super().__init__(prior)
+        self.num_categories = num_categories
+
+    def __repr__(self) -> str:
+        return f"Categorical(num_categories={self.num_categories!r}, prior={self.prior!r})"
+
+    def to_config(self) -> dict[str, Any]:
+        return {**super().to_config(), "num_categories": self.num_categories}
+
+    @property
+    def params_type(self) -> type:
+        return CategoricalParams
+
+    def validate(self, data: torch.Tensor) -> None:
+        _require_integers(data, self.name, "code categories as integers 0, 1, ..., C-1")
+        if self.num_categories is not None and bool((data >= self.num_categories).any()):
+            row, col = (int(i) for i in torch.nonzero(data >= self.num_categories)[0])
+            raise DataError(
+                f"row {row} column {col} holds category {int(data[row, col])} but "
+                f"num_categories={self.num_categories}; raise num_categories or recode the data"
+            )
+
+    def _bind_data(self, data: torch.Tensor) -> None:
+        if self.num_categories is None:
+            self.num_categories = max(int(data.max()) + 1, 2)
+
+    def _resolve_prior(self, data: torch.Tensor, num_components: int) -> torch.Tensor:
+        prior: Dirichlet = self.prior
+        num_categories = self._categories()
+        concentration = _as_tensor(prior.concentration, data, "Dirichlet prior concentration")
+        if concentration.ndim > 1 or (
+            concentration.ndim == 1 and concentration.shape[0] != num_categories
+        ):
+            raise SpecError(
+                f"Dirichlet prior concentration must be a scalar or have shape "
+                f"({num_categories},); got {tuple(concentration.shape)}"
+            )
+        if not bool((concentration >= 1).all()):
+            raise SpecError(
+                "Dirichlet prior concentration must be >= 1 for MAP-EM (below 1 the log joint "
+                "is unbounded at probability 0)"
+            )
+        return concentration.expand(num_categories).clone()
+
+    def _explicit_prior(self) -> Dirichlet:
+        return Dirichlet(self.resolved.tolist())
+
+    def _categories(self) -> int:
+        if self.num_categories is None:
+            raise SpecError("num_categories is unknown; bind the family to data first")
+        return self.num_categories
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        onehot = torch.nn.functional.one_hot(x.long(), self._categories())
+        return onehot.reshape(x.shape[0], -1).to(x.dtype)
+
+    def log_prob_fn(self, params: CategoricalParams) -> LogProbFn:
+        log_probs_t = _safe_log(params.probs).reshape(params.probs.shape[0], -1).T
+
+        def categorical(prepared: torch.Tensor) -> torch.Tensor:
+            return prepared @ log_probs_t
+
+        return categorical
+
+    def statistics(self, prepared: torch.Tensor, resp: torch.Tensor) -> CategoricalStats:
+        return CategoricalStats(resp.sum(0), resp.T @ prepared)
+
+    def m_step(self, stats: CategoricalStats) -> CategoricalParams:
+        dim = self._require_bound()
+        counts = stats.sum_onehot.view(-1, dim, self._categories())
+        probs = probabilities_mode(counts, stats.counts[:, None, None], self.resolved)
+        params = CategoricalParams(probs)
+        _check_finite_params(params, stats.counts, self.name)
+        return params
+
+    def log_prior(self, params: CategoricalParams) -> torch.Tensor:
+        if self.resolved is None:
+            return params.probs.new_zeros(())
+        return dist.Dirichlet(self.resolved).log_prob(params.probs).sum()
+
+    def num_parameters(self, num_components: int) -> int:
+        return num_components * self._require_bound() * (self._categories() - 1)
+
+    def _check_user_params(self, params: CategoricalParams, num_components: int) -> None:
+        shape = (num_components, self._require_bound(), self._categories())
+        if tuple(params.probs.shape) != shape:
+            raise SpecError(f"init probs must have shape {shape}; got {tuple(params.probs.shape)}")
+        sums = params.probs.sum(-1)
+        if not bool((params.probs >= 0).all()) or not torch.allclose(sums, torch.ones_like(sums)):
+            raise SpecError("init probs must be non-negative and sum to 1 over categories")
+
+    def component_distribution(self, params: CategoricalParams) -> dist.TorchDistribution:
+        return dist.Categorical(probs=params.probs).to_event(1)
+
+    def pyro_params(self, num_components: int, init: CategoricalParams) -> CategoricalParams:
+        dim = self._require_bound()
+        if self.resolved is None:
+            probs = pyro.param("probs", init.probs, constraint=constraints.simplex)
+            return CategoricalParams(probs)
+        with pyro.plate("components", num_components):
+            prior = dist.Dirichlet(self.resolved).expand([dim]).to_event(1)
+            probs = pyro.sample("probs", prior)
+        return CategoricalParams(probs)
+
+    def default_truth(self, num_components: int, dim: int, generator: torch.Generator) -> Any:
+        dtype = torch.get_default_dtype()
+        shape = (num_components, dim, self.num_categories or 3)
+        gamma = -torch.rand(shape, generator=generator, dtype=dtype).log()
+        scores = gamma**3
+        return CategoricalParams(scores / scores.sum(-1, keepdim=True))
+
+
+FAMILIES: dict[str, type[Family]] = {
+    cls.name: cls for cls in (Gaussian, Poisson, Bernoulli, Categorical, Exponential)
+}
+
+
+def make_family(
+    family: str | Family,
+    *,
+    covariance_type: str | None = None,
+    num_categories: int | None = None,
+    prior: Any = "default",
+) -> Family:
+    """A family object from a name (``"gaussian"``, ``"poisson"``, …).
+
+    Args:
+        family: a family name (case-insensitive) or a :class:`Family` instance.
+        covariance_type: gaussian only (default ``"full"``).
+        num_categories: categorical only (default: inferred from the data).
+        prior: ``"default"``, ``None`` (flat) or a prior object.
+    """
+    if isinstance(family, Family):
+        if covariance_type is not None or num_categories is not None or prior != "default":
+            raise SpecError(
+                "covariance_type, num_categories and prior go on the family object when one "
+                f"is given; got {family!r}"
+            )
+        return family
+    if not isinstance(family, str) or family.lower() not in FAMILIES:
+        raise SpecError(f"unknown family {family!r}; choose one of {sorted(FAMILIES)}")
+    cls = FAMILIES[family.lower()]
+    if cls is Gaussian:
+        return Gaussian(covariance_type or "full", prior=prior)
+    if covariance_type is not None:
+        raise SpecError(f"covariance_type applies to the gaussian family only, not {family!r}")
+    if cls is Categorical:
+        return Categorical(num_categories, prior=prior)
+    if num_categories is not None:
+        raise SpecError(f"num_categories applies to the categorical family only, not {family!r}")
+    return cls(prior=prior)
+
+
+def family_from_config(config: dict[str, Any]) -> Family:
+    """Inverse of :meth:`Family.to_config`."""
+    fields = dict(config)
+    cls = FAMILIES[fields.pop("family")]
+    prior = prior_from_config(fields.pop("prior"))
+    return cls(prior=prior, **fields)

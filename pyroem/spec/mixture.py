@@ -1,0 +1,260 @@
+"""The declarative mixture model: ``π ~ Dirichlet(α)``, ``θ_k ~ prior``, ``z_n ~ π``,
+``x_n ~ family(θ_{z_n})``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from pyroem.errors import DataError, SpecError
+from pyroem.spec.families import Family, family_from_config, make_family
+
+__all__ = ["Mixture", "MixtureParams", "as_data"]
+
+
+class MixtureParams(NamedTuple):
+    """Mixing weights ``(K,)``, the family's component parameters, and ``active``
+    ``(K,)``: the original index of each component (components whose weight
+    collapsed are removed, see ``weights_prior``)."""
+
+    weights: torch.Tensor
+    components: Any
+    active: torch.Tensor
+
+
+def as_data(data: Any, dtype: torch.dtype = torch.float64, device: Any = None) -> torch.Tensor:
+    """Validate generic data requirements and return a ``(num_data, dim)`` tensor.
+
+    Args:
+        data: array-like (NumPy array, tensor, nested lists, pandas DataFrame).
+        dtype: floating dtype of the result.
+        device: torch device of the result (default: the data's own, or CPU).
+
+    Raises:
+        DataError: not numeric, not two-dimensional, empty, or holding NaN/inf.
+    """
+    if isinstance(data, torch.Tensor):
+        tensor = data.detach().to(dtype=dtype, device=device)
+    else:
+        if hasattr(data, "to_numpy"):
+            data = data.to_numpy()
+        try:
+            tensor = torch.as_tensor(data, dtype=dtype, device=device)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise DataError(f"data must be a numeric array; could not convert it ({err})") from err
+    if tensor.ndim != 2:
+        hint = (
+            " reshape one feature to (num_data, 1) with x.reshape(-1, 1)"
+            if tensor.ndim == 1
+            else ""
+        )
+        raise DataError(
+            f"data must be two-dimensional (num_data, dim); got shape {tuple(tensor.shape)}.{hint}"
+        )
+    if tensor.shape[0] == 0 or tensor.shape[1] == 0:
+        raise DataError(f"data is empty: shape {tuple(tensor.shape)}")
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        row, col = (int(i) for i in torch.nonzero(~finite)[0])
+        count = int((~finite).sum())
+        raise DataError(
+            f"data holds {count} NaN/inf value(s), first at row {row} column {col}; "
+            "drop or impute them before fitting"
+        )
+    return tensor
+
+
+class Mixture:
+    """A finite mixture model with conjugate priors, declared in one line.
+
+    The generative model is::
+
+        π ~ Dirichlet(weights_prior)                  # mixing weights, (K,)
+        θ_k ~ prior              for k = 1..K         # family parameters
+        z_n ~ Categorical(π)     for n = 1..N         # enumerated, never sampled
+        x_n ~ family(θ_{z_n})
+
+    Args:
+        num_components: ``K ≥ 1``.
+        family: ``"gaussian"``, ``"poisson"``, ``"bernoulli"``, ``"categorical"``,
+            ``"exponential"``, or a family object (:class:`pyroem.Gaussian`, …).
+        covariance_type: for the gaussian family: ``"full"`` (default), ``"diag"``,
+            ``"spherical"`` or ``"tied"``.
+        weights_prior: Dirichlet concentration ``α`` of the mixing weights, a scalar or
+            ``(K,)``. ``1`` (default) is flat: the weights are then maximum likelihood.
+            ``α_k < 1`` favours sparse weights; MAP-EM then removes a component whose
+            ``N_k + α_k − 1`` drops to 0 or below, with a
+            :class:`~pyroem.errors.CollapsedComponentWarning` (the log joint is unbounded
+            on that face of the simplex, so there is no interior maximum to return).
+        prior: ``"default"`` (the family's weak, data-scaled conjugate prior, which keeps
+            components from collapsing), ``None`` (flat: plain maximum likelihood), or a
+            prior object (:class:`pyroem.NormalInverseWishart`, :class:`pyroem.Gamma`,
+            :class:`pyroem.Beta`, :class:`pyroem.Dirichlet`).
+        num_categories: for the categorical family (default: ``max(data) + 1``).
+    """
+
+    def __init__(
+        self,
+        num_components: int,
+        family: str | Family = "gaussian",
+        *,
+        covariance_type: str | None = None,
+        weights_prior: Any = 1.0,
+        prior: Any = "default",
+        num_categories: int | None = None,
+    ) -> None:
+        if isinstance(num_components, bool) or not isinstance(num_components, int):
+            raise SpecError(f"num_components must be a positive integer; got {num_components!r}")
+        if num_components < 1:
+            raise SpecError(f"num_components must be >= 1; got {num_components}")
+        self.num_components = num_components
+        self.family = make_family(
+            family, covariance_type=covariance_type, num_categories=num_categories, prior=prior
+        )
+        alpha = torch.as_tensor(weights_prior, dtype=torch.float64)
+        if alpha.ndim > 1 or (alpha.ndim == 1 and alpha.shape[0] != num_components):
+            raise SpecError(
+                f"weights_prior must be a scalar or have shape ({num_components},); "
+                f"got shape {tuple(alpha.shape)}"
+            )
+        if not bool(torch.isfinite(alpha).all() and (alpha > 0).all()):
+            raise SpecError(f"weights_prior must be positive and finite; got {weights_prior!r}")
+        self.weights_prior = alpha.expand(num_components).clone()
+
+    def __repr__(self) -> str:
+        alpha = self.weights_prior.unique()
+        shown = float(alpha[0]) if alpha.numel() == 1 else self.weights_prior.tolist()
+        return (
+            f"Mixture(num_components={self.num_components}, family={self.family!r}, "
+            f"weights_prior={shown})"
+        )
+
+    # ----- serialisation --------------------------------------------------
+    def to_config(self) -> dict[str, Any]:
+        """JSON-serialisable description of the spec."""
+        return {
+            "num_components": self.num_components,
+            "family": self.family.to_config(),
+            "weights_prior": self.weights_prior.tolist(),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Mixture:
+        """Inverse of :meth:`to_config`."""
+        return cls(
+            config["num_components"],
+            family_from_config(config["family"]),
+            weights_prior=config["weights_prior"],
+        )
+
+    # ----- binding ----------------------------------------------------------
+    def check_data(self, data: torch.Tensor) -> None:
+        """Raise :class:`DataError` if ``data`` cannot be fitted with this spec."""
+        if data.shape[0] < self.num_components:
+            raise DataError(
+                f"num_components={self.num_components} exceeds the number of data points "
+                f"({data.shape[0]}); use fewer components or more data"
+            )
+        self.family.validate(data)
+
+    def bind(self, data: torch.Tensor) -> Family:
+        """The family bound to ``data`` (dimension fixed, default priors resolved)."""
+        self.check_data(data)
+        return self.family.bind(data, self.num_components)
+
+    # ----- the Pyro program ---------------------------------------------------
+    def model(self, data: Any, params: dict[str, Any] | None = None) -> Callable[..., torch.Tensor]:
+        """The Pyro program of this mixture for ``data``.
+
+        ``z`` is a ``Categorical`` site marked for parallel enumeration, so
+        ``TraceEnum_ELBO`` and NUTS sum it out. Parameters with a prior are
+        ``pyro.sample`` sites; with ``prior=None`` they are ``pyro.param`` sites
+        (initialised from ``params``, or k-means++ seeding with seed 0).
+
+        Args:
+            data: the data, shape ``(num_data, dim)``; it also resolves default priors.
+            params: optional initial values in ``fit.params`` form.
+
+        Returns:
+            ``mixture_model(data=data)``: a callable Pyro model returning ``z``.
+        """
+        from pyroem.initialization import initial_params
+
+        tensor = as_data(data)
+        family = self.bind(tensor)
+        alpha = self.weights_prior.to(tensor.dtype)
+        if params is None:
+            generator = torch.Generator().manual_seed(0)
+            init = initial_params(self, family, tensor, "kmeans++", generator).components
+        else:
+            init = family.from_user(dict(params), self.num_components, tensor)
+        num_components = self.num_components
+
+        def mixture_model(data: torch.Tensor = tensor) -> torch.Tensor:
+            weights = pyro.sample("weights", dist.Dirichlet(alpha))
+            components = family.pyro_params(num_components, init)
+            with pyro.plate("data", data.shape[0]):
+                assignment = pyro.sample(
+                    "assignment",
+                    dist.Categorical(weights),
+                    infer={"enumerate": "parallel"},
+                )
+                chosen = family.select(components, assignment)
+                pyro.sample("obs", family.component_distribution(chosen), obs=data)
+            return assignment
+
+        return mixture_model
+
+    def simulate(
+        self,
+        num_data: int,
+        seed: int | None = None,
+        *,
+        dim: int = 2,
+        params: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Draw a data set with known truth.
+
+        Args:
+            num_data: number of points.
+            seed: random seed (``None``: nondeterministic).
+            dim: data dimension when ``params`` is not given.
+            params: true parameters in ``fit.params`` form (``weights`` plus the family's);
+                default: well-separated components and ``Dirichlet(5)`` weights.
+
+        Returns:
+            ``(data, truth)``: data ``(num_data, dim)`` float64 and a dict of the true
+            parameters plus ``"assignment"`` ``(num_data,)``.
+        """
+        if not isinstance(num_data, int) or num_data < 1:
+            raise SpecError(f"num_data must be a positive integer; got {num_data!r}")
+        generator = torch.Generator()
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        num_components = self.num_components
+        family = self.family
+        if params is None:
+            # Dirichlet(5) weights: normalised Gamma(5, 1) draws, each a sum of 5 Exp(1).
+            uniform = torch.rand(num_components, 5, generator=generator, dtype=torch.float64)
+            raw = -uniform.log().sum(-1)
+            weights = raw / raw.sum()
+            components = family.default_truth(num_components, dim, generator)
+        else:
+            weights = torch.as_tensor(params["weights"], dtype=torch.float64)
+            values = {key: value for key, value in params.items() if key != "weights"}
+            components = family.params_type(
+                **{k: torch.as_tensor(v, dtype=torch.float64) for k, v in values.items()}
+            )
+        assignment = torch.multinomial(weights, num_data, replacement=True, generator=generator)
+        chosen = family.select(components, assignment)
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            data = family.component_distribution(chosen).sample().to(torch.float64)
+        truth = {"weights": weights, **family.to_user(components), "assignment": assignment}
+        return data, truth
