@@ -1,0 +1,15 @@
+"""Every test starts from a fixed seed and an empty Pyro parameter store."""
+
+import pyro
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seeded_and_clean():
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    previous = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(previous)
+    pyro.clear_param_store()
