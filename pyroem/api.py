@@ -8,7 +8,7 @@ import torch
 
 from pyroem.em import EMRun, best_of_restarts, run_em
 from pyroem.errors import NotSupportedError, SpecError
-from pyroem.estep.enumerate import MixtureEStep
+from pyroem.estep.enumerate import MixtureEStep, score_mixture
 from pyroem.initialization import initial_params
 from pyroem.mstep.mixture import mixture_m_step
 from pyroem.results import FitResult
@@ -135,7 +135,7 @@ def fit(
         )
 
     best, finals = best_of_restarts(run_once, n_init)
-    pointwise, log_resp = e_step.score(best.params, data)
+    pointwise, log_resp = score_mixture(family, best.params, data, chunk_size)
     options = {
         "n_init": n_init,
         "init": init if isinstance(init, str) else "params",

@@ -91,7 +91,8 @@ def params_from_resp(family: Family, data: torch.Tensor, resp: torch.Tensor) -> 
     stats = family.statistics(family.prepare(data), resp)
     counts = resp.sum(0) + 10 * torch.finfo(resp.dtype).eps
     components = _regularised(family, data, num_components).m_step(stats)
-    return MixtureParams(counts / counts.sum(), components, torch.arange(num_components))
+    active = torch.arange(num_components, device=resp.device)
+    return MixtureParams(counts / counts.sum(), components, active)
 
 
 def initial_params(
@@ -130,9 +131,10 @@ def initial_params(
         return MixtureParams(weights, components, torch.arange(num_components))
     if init not in INIT_METHODS:
         raise SpecError(f"init must be one of {INIT_METHODS} or a parameter dict; got {init!r}")
-    features = family.prepare(data) if family.name == "categorical" else data
+    # Seeding runs on the CPU, where the generator lives; the M-step runs on the data's device.
+    features = (family.prepare(data) if family.name == "categorical" else data).cpu()
     if init == "random":
-        raw = torch.rand(data.shape[0], num_components, generator=generator, dtype=data.dtype)
+        raw = torch.rand(features.shape[0], num_components, generator=generator, dtype=data.dtype)
         resp = raw / raw.sum(1, keepdim=True)
     elif init == "random_from_data":
         rows = torch.randperm(data.shape[0], generator=generator)[:num_components]
@@ -140,4 +142,4 @@ def initial_params(
     else:
         centres = features[kmeans_plusplus(features, num_components, generator)]
         resp = _lloyd(features, centres) if init == "kmeans" else _hard_resp(features, centres)
-    return params_from_resp(family, data, resp)
+    return params_from_resp(family, data, resp.to(data.device))

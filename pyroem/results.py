@@ -12,7 +12,7 @@ import torch
 
 from pyroem.em import History
 from pyroem.errors import DataError, PyroEMError
-from pyroem.estep.enumerate import MixtureEStep
+from pyroem.estep.enumerate import score_mixture
 from pyroem.spec.families import Family
 from pyroem.spec.mixture import Mixture, MixtureParams, as_data
 
@@ -68,7 +68,6 @@ class FitResult:
         self._objective = objective
         self.restart_objectives = restart_objectives
         self.options = options
-        self._scorer = MixtureEStep(family, spec.weights_prior, labels.new_zeros((0, 1)), 1)
 
     # ----- parameters ---------------------------------------------------------
     @property
@@ -112,7 +111,8 @@ class FitResult:
         return tensor
 
     def _score(self, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._scorer.score(self._internal, self._data(data))
+        chunk_size = int(self.options.get("chunk_size", 65536))
+        return score_mixture(self.family, self._internal, self._data(data), chunk_size)
 
     def score_samples(self, data: Any) -> torch.Tensor:
         """Pointwise log-likelihood ``log p(x_n | θ)`` (z summed out), ``(N,)``."""

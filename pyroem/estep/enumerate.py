@@ -21,7 +21,7 @@ import torch
 from pyroem.spec.families import Family
 from pyroem.spec.mixture import MixtureParams
 
-__all__ = ["EStep", "MixtureEStep", "add_statistics"]
+__all__ = ["EStep", "MixtureEStep", "add_statistics", "score_mixture"]
 
 
 class EStep(NamedTuple):
@@ -91,14 +91,24 @@ class MixtureEStep:
         objective = log_likelihood + self.log_prior(params)
         return EStep(stats, float(log_likelihood), float(objective))
 
-    def score(self, params: MixtureParams, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pointwise log-likelihood ``(N,)`` and log-responsibilities ``(N, K)`` of ``data``."""
-        log_prob = self.family.log_prob_fn(params.components)
-        log_weights = params.weights.log()
-        log_norms, log_resps = [], []
-        for chunk in data.split(self.chunk_size):
-            joint = log_prob(self.family.prepare(chunk)) + log_weights
-            log_norm = torch.logsumexp(joint, dim=1)
-            log_norms.append(log_norm)
-            log_resps.append(joint - log_norm[:, None])
-        return torch.cat(log_norms), torch.cat(log_resps)
+
+def score_mixture(
+    family: Family, params: MixtureParams, data: torch.Tensor, chunk_size: int = 65536
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pointwise log-likelihood ``(N,)`` and log-responsibilities ``(N, K)`` of ``data``.
+
+    Args:
+        family: the bound family.
+        params: mixture parameters.
+        data: ``(N, dim)``, validated.
+        chunk_size: rows per chunk.
+    """
+    log_prob = family.log_prob_fn(params.components)
+    log_weights = params.weights.log()
+    log_norms, log_resps = [], []
+    for chunk in data.split(chunk_size):
+        joint = log_prob(family.prepare(chunk)) + log_weights
+        log_norm = torch.logsumexp(joint, dim=1)
+        log_norms.append(log_norm)
+        log_resps.append(joint - log_norm[:, None])
+    return torch.cat(log_norms), torch.cat(log_resps)

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 from pyro.distributions import TorchDistribution
-from torch.distributions import Wishart, constraints
+from torch.distributions import constraints
 
 __all__ = ["InverseWishart"]
 
@@ -73,8 +73,21 @@ class InverseWishart(TorchDistribution):
         return self.scale_matrix / (self.df + dim + 1)[..., None, None]
 
     def rsample(self, sample_shape: Any = ()) -> torch.Tensor:
-        precision = Wishart(self.df, precision_matrix=self.scale_matrix).rsample(sample_shape)
-        return torch.linalg.inv(precision)
+        # Bartlett decomposition: with Ψ = U Uᵀ and A lower triangular (A_ii² ~ χ²(ν − i),
+        # N(0, 1) below), Σ⁻¹ = U⁻ᵀ A Aᵀ U⁻¹ ~ Wishart(ν, Ψ⁻¹), so Σ = (U A⁻ᵀ)(U A⁻ᵀ)ᵀ.
+        # torch's Wishart.rsample is avoided: it resamples in place, which breaks autograd,
+        # and warns "Singular sample detected" on every call (pytorch/pytorch#122021).
+        dim = self.event_shape[-1]
+        shape = torch.Size(sample_shape) + self.batch_shape
+        offsets = torch.arange(dim, dtype=self.df.dtype, device=self.df.device)
+        chi2 = torch.distributions.Chi2(self.df[..., None] - offsets)
+        bartlett = torch.diag_embed(chi2.rsample(sample_shape).sqrt()) + torch.randn(
+            shape + self.event_shape, dtype=self.df.dtype, device=self.df.device
+        ).tril(-1)
+        eye = torch.eye(dim, dtype=self.df.dtype, device=self.df.device)
+        inverse = torch.linalg.solve_triangular(bartlett, eye.expand_as(bartlett), upper=False)
+        factor = torch.linalg.cholesky(self.scale_matrix) @ inverse.mT
+        return factor @ factor.mT
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
