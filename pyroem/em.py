@@ -126,9 +126,10 @@ def best_of_restarts(run_once: Callable[[int], EMRun], n_init: int) -> tuple[EMR
             best = run
     assert best is not None
     if not best.converged:
+        last_change = abs(best.history.change[-1]) if best.num_iterations else float("nan")
         warnings.warn(
-            f"EM did not converge in {best.num_iterations} iterations (last change per data "
-            f"point {abs(best.history.change[-1]) if best.num_iterations else float('nan'):.3g}); "
+            f"EM did not converge in {best.num_iterations} iterations (last change of the "
+            f"objective {last_change:.3g}); "
             "raise max_iter or tol, or check the model",
             ConvergenceWarning,
             stacklevel=3,

@@ -81,7 +81,12 @@ def _regularised(family: Family, data: torch.Tensor, num_components: int) -> Fam
         return family
     twin = copy.copy(family)
     twin.prior = family.prior_type()
-    twin.resolved = twin._resolve_prior(data, num_components)
+    try:
+        twin.resolved = twin._resolve_prior(data, num_components)
+    except SpecError:
+        # Degenerate data (e.g. collinear columns) admit no default prior; the flat
+        # M-step then reports the singular covariance itself.
+        return family
     return twin
 
 

@@ -178,6 +178,7 @@ class FitResult:
             lines.append(f"  removed components {self.removed_components}")
         params = self.params
         names = [name for name in params if name != "weights"]
+        tied = getattr(self.family, "covariance_type", None) == "tied"
         lines.append("")
         header = f"  {'k':>3}  {'weight':>8}  " + "  ".join(f"{n}" for n in names)
         lines.append(header)
@@ -185,14 +186,12 @@ class FitResult:
             cells = []
             for name in names:
                 value = params[name]
-                if value.ndim == 0 or (
-                    name == "covariances" and value.shape[0] != self.num_components
-                ):
+                if value.ndim == 0 or (name == "covariances" and tied):
                     cells.append("(shared)")
                 else:
                     cells.append(_format_array(value[k]))
             lines.append(f"  {k:>3}  {float(params['weights'][k]):8.4f}  " + "  ".join(cells))
-        if self.family.name == "gaussian" and params["covariances"].shape[0] != self.num_components:
+        if tied:
             lines.append(f"  shared covariance: {_format_array(params['covariances'])}")
         return "\n".join(lines)
 
@@ -243,8 +242,11 @@ def load(path: str | os.PathLike[str]) -> FitResult:
     with archive:
         if "meta" not in archive.files:
             raise PyroEMError(f"{os.fspath(path)!r} is not a pyroem fit (no metadata)")
-        meta = json.loads(str(archive["meta"]))
-        if meta.get("format") != _FORMAT:
+        try:
+            meta = json.loads(str(archive["meta"]))
+        except ValueError as err:
+            raise PyroEMError(f"cannot read a pyroem fit from {os.fspath(path)!r}: {err}") from err
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
             raise PyroEMError(f"{os.fspath(path)!r} is not a pyroem fit")
         dtype = getattr(torch, meta["dtype"])
         spec = Mixture.from_config(meta["spec"])

@@ -4,6 +4,9 @@ import pyro
 import pytest
 import torch
 
+# The tests run many tiny linear-algebra calls; one thread avoids contention on small machines.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seeded_and_clean():

@@ -81,10 +81,15 @@ class MixtureEStep:
         log_weights = params.weights.log()
         stats = None
         log_likelihood = params.weights.new_zeros(())
+        lowest = torch.finfo(log_weights.dtype).min
         for chunk in self.chunks:
+            # logsumexp and the normalised exponentials in one pass, in place: exp once.
             joint = log_prob(chunk) + log_weights
-            log_norm = torch.logsumexp(joint, dim=1, keepdim=True)
-            resp = (joint - log_norm).exp_()
+            peak = joint.amax(dim=1, keepdim=True).clamp_(min=lowest)
+            resp = joint.sub_(peak).exp_()
+            total = resp.sum(dim=1, keepdim=True)
+            resp.div_(total)
+            log_norm = total.log_().add_(peak)
             chunk_stats = self.family.statistics(chunk, resp)
             stats = chunk_stats if stats is None else add_statistics(stats, chunk_stats)
             log_likelihood = log_likelihood + log_norm.sum()

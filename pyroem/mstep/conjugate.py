@@ -36,7 +36,9 @@ def dirichlet_mode(counts: torch.Tensor, concentration: torch.Tensor) -> torch.T
     Returns:
         Probabilities, shape ``(..., C)``.
     """
-    unnormalised = (counts + concentration - 1).clamp(min=0)
+    # counts + (α − 1), not (counts + α) − 1: the latter rounds counts below eps·α to 0,
+    # which with α = 1 would drop a small but live component.
+    unnormalised = (counts + (concentration - 1)).clamp(min=0)
     return unnormalised / unnormalised.sum(-1, keepdim=True)
 
 
@@ -121,7 +123,7 @@ def gamma_poisson_rate_mode(
     """
     if concentration is None or rate is None:
         return sum_x / counts[:, None]
-    return (sum_x + concentration - 1) / (counts[:, None] + rate)
+    return (sum_x + (concentration - 1)) / (counts[:, None] + rate)
 
 
 def gamma_exponential_rate_mode(
@@ -140,4 +142,4 @@ def gamma_exponential_rate_mode(
     """
     if concentration is None or rate is None:
         return counts[:, None] / sum_x
-    return (counts[:, None] + concentration - 1) / (sum_x + rate)
+    return (counts[:, None] + (concentration - 1)) / (sum_x + rate)

@@ -96,6 +96,18 @@ def _plain_values(value: Any) -> Any:
     return value.tolist() if isinstance(value, torch.Tensor) else value
 
 
+def _cholesky_and_singular(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cholesky factors of ``(..., D, D)`` matrices and a ``(...)`` mask of singular ones.
+
+    A pivot ``L_ii² ≤ 64·eps·A_ii`` counts as singular even where the factorisation
+    went through: that conditional variance is rounding noise, the columns are collinear.
+    """
+    chol, info = torch.linalg.cholesky_ex(matrices)
+    pivots = chol.diagonal(dim1=-2, dim2=-1).square()
+    floor = 64 * torch.finfo(matrices.dtype).eps * matrices.diagonal(dim1=-2, dim2=-1)
+    return chol, (info != 0) | ~(pivots > floor).all(-1)
+
+
 def _check_finite_params(params: NamedTuple, counts: torch.Tensor, family: str) -> None:
     for name, value in params._asdict().items():
         if not bool(torch.isfinite(value).all()):
@@ -249,7 +261,8 @@ class Family(ABC):
                     f"init_params needs {list(self.params_type._fields)} (plus 'weights'); "
                     f"missing {name!r}"
                 )
-            fields[name] = _as_tensor(values[name], like, f"init_params[{name!r}]")
+            # A copy: validation may normalise in place, and the caller's arrays stay untouched.
+            fields[name] = _as_tensor(values[name], like, f"init_params[{name!r}]").clone()
         params = self.params_type(**fields)
         self._check_user_params(params, num_components)
         return params
@@ -379,10 +392,10 @@ class Gaussian(Family):
                     f"prior scale must be a float, shape ({dim},) or ({dim}, {dim}); "
                     f"got {tuple(raw.shape)}"
                 )
-        if int(torch.linalg.cholesky_ex(scale).info) != 0:
+        if bool(_cholesky_and_singular(scale)[1]):
             raise SpecError(
-                "prior scale must be positive definite (constant data columns make the default "
-                "scale singular: drop them or pass scale=)"
+                "prior scale must be positive definite (constant or collinear data columns make "
+                "the default scale singular: drop them or pass scale=)"
             )
         return ResolvedNIW(mean, kappa, dof, scale)
 
@@ -401,9 +414,9 @@ class Gaussian(Family):
         return params.covariances
 
     def _cholesky(self, covariances: torch.Tensor) -> torch.Tensor:
-        chol, info = torch.linalg.cholesky_ex(covariances)
-        if bool((info != 0).any()):
-            bad = int(torch.nonzero(info.reshape(-1))[0])
+        chol, singular = _cholesky_and_singular(covariances)
+        if bool(singular.any()):
+            bad = int(torch.nonzero(singular.reshape(-1))[0])
             raise SingularCovarianceError(
                 f"covariance of component {bad} is not positive definite (singular); "
                 "use a prior (prior='default', or NormalInverseWishart(scale=...)), fewer "
@@ -448,10 +461,14 @@ class Gaussian(Family):
         stacked = whiten.permute(1, 0, 2).reshape(dim, num_components * dim)
         offsets = torch.einsum("kd,kde->ke", means, whiten).reshape(-1)
         const = -0.5 * dim * log_2pi - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        # -1/2 on each component's block of D squared coordinates: summing the squares by
+        # a matrix product is faster than a reduction over the short last axis.
+        halves = torch.full((dim, 1), -0.5, dtype=means.dtype, device=means.device)
+        block_sum = torch.block_diag(*[halves] * num_components)  # (K·D, K)
 
         def full(prepared: torch.Tensor) -> torch.Tensor:
-            white = torch.addmm(-offsets, prepared, stacked)
-            return const - 0.5 * white.square().view(-1, num_components, dim).sum(-1)
+            white = torch.mm(prepared, stacked).sub_(offsets).square_()
+            return torch.addmm(const, white, block_sum)
 
         return full
 
@@ -499,7 +516,11 @@ class Gaussian(Family):
                         numer = numer + kappa * deviation.square().sum(-1)
                     denom = counts * dim + prior.dof + 2 + dim * has_mean_prior
                     covariances = numer / denom
-            self._check_variances(covariances, counts)
+            moments = stats.sum_xx / counts[:, None]
+            if self.covariance_type == "diag":
+                self._check_variances(covariances, moments, counts)
+            else:
+                self._check_variances(covariances[:, None], moments.mean(-1, keepdim=True), counts)
         else:
             if self.covariance_type == "tied":
                 cross = stats.sum_x.T @ means
@@ -526,21 +547,41 @@ class Gaussian(Family):
                     covariances = numer / denom[:, None, None]
             params = GaussianParams(means + self._center, covariances)
             _check_finite_params(params, counts, self.name)
+            if self.covariance_type == "tied":
+                moments = torch.diagonal(stats.sum_xx) / counts.sum()
+                self._check_variances(torch.diagonal(covariances)[None], moments[None], counts)
+            else:
+                moments = torch.diagonal(stats.sum_xx, dim1=-2, dim2=-1) / counts[:, None]
+                self._check_variances(
+                    torch.diagonal(covariances, dim1=-2, dim2=-1), moments, counts
+                )
             self._cholesky(covariances)
             return params
         params = GaussianParams(means + self._center, covariances)
         _check_finite_params(params, counts, self.name)
         return params
 
-    def _check_variances(self, variances: torch.Tensor, counts: torch.Tensor) -> None:
-        bad = ~(variances > 0)
+    def _check_variances(
+        self, variances: torch.Tensor, moments: torch.Tensor, counts: torch.Tensor
+    ) -> None:
+        """Raise where a variance ``(K, D)`` is zero up to rounding.
+
+        Variances come from second moments about the data mean ``(K, D)`` by
+        cancellation, so one within ``64·eps`` of its moment is rounding noise (a
+        component on repeated points), not a variance.
+        """
+        floor = 64 * torch.finfo(variances.dtype).eps * moments
+        bad = ~(variances > floor)
         if bool(bad.any()):
-            component = int(torch.nonzero(bad)[0][0])
+            component, dim = (int(i) for i in torch.nonzero(bad)[0])
+            owner = (
+                "the shared (tied) covariance"
+                if self.covariance_type == "tied"
+                else f"component {component} (it holds {float(counts[component]):.3g} points)"
+            )
             raise SingularCovarianceError(
-                f"variance of component {component} collapsed to "
-                f"{variances.reshape(-1)[int(torch.nonzero(bad.reshape(-1))[0])]:.3g} "
-                f"(it holds {float(counts[component]):.3g} points); use a prior "
-                "(prior='default'), fewer components, or more data"
+                f"variance {dim} of {owner} collapsed to {float(variances[component, dim]):.3g}; "
+                "use a prior (prior='default'), fewer components, or more data"
             )
 
     def log_prior(self, params: GaussianParams) -> torch.Tensor:
@@ -655,7 +696,7 @@ class Gaussian(Family):
     def default_truth(
         self, num_components: int, dim: int, generator: torch.Generator
     ) -> GaussianParams:
-        dtype = torch.get_default_dtype()
+        dtype = torch.float64
         means = 4.0 * torch.randn(num_components, dim, generator=generator, dtype=dtype)
 
         def spd(num: int) -> torch.Tensor:
@@ -830,7 +871,7 @@ class Poisson(_VectorFamily):
         return dist.Poisson(params.rates).to_event(1)
 
     def default_truth(self, num_components: int, dim: int, generator: torch.Generator) -> Any:
-        dtype = torch.get_default_dtype()
+        dtype = torch.float64
         return PoissonParams(
             1 + 19 * torch.rand(num_components, dim, generator=generator, dtype=dtype)
         )
@@ -903,7 +944,7 @@ class Exponential(_VectorFamily):
         return dist.Exponential(params.rates).to_event(1)
 
     def default_truth(self, num_components: int, dim: int, generator: torch.Generator) -> Any:
-        dtype = torch.get_default_dtype()
+        dtype = torch.float64
         log_rates = 3 * torch.rand(num_components, dim, generator=generator, dtype=dtype) - 1.5
         return ExponentialParams(log_rates.exp())
 
@@ -991,7 +1032,7 @@ class Bernoulli(_VectorFamily):
         return dist.Bernoulli(probs=params.probs).to_event(1)
 
     def default_truth(self, num_components: int, dim: int, generator: torch.Generator) -> Any:
-        dtype = torch.get_default_dtype()
+        dtype = torch.float64
         probs = 0.05 + 0.9 * (
             torch.rand(num_components, dim, generator=generator, dtype=dtype) > 0.5
         )
@@ -1123,6 +1164,7 @@ class Categorical(Family):
         sums = params.probs.sum(-1)
         if not bool((params.probs >= 0).all()) or not torch.allclose(sums, torch.ones_like(sums)):
             raise SpecError("init probs must be non-negative and sum to 1 over categories")
+        params.probs.div_(sums[..., None])  # exactly normalised, as Pyro's Categorical is
 
     def component_distribution(self, params: CategoricalParams) -> dist.TorchDistribution:
         return dist.Categorical(probs=params.probs).to_event(1)
@@ -1138,7 +1180,7 @@ class Categorical(Family):
         return CategoricalParams(probs)
 
     def default_truth(self, num_components: int, dim: int, generator: torch.Generator) -> Any:
-        dtype = torch.get_default_dtype()
+        dtype = torch.float64
         shape = (num_components, dim, self.num_categories or 3)
         gamma = -torch.rand(shape, generator=generator, dtype=dtype).log()
         scores = gamma**3
