@@ -24,7 +24,8 @@ def mixture_m_step(
     ``N_k + α_k − 1 ≤ 0`` (possible only with ``α_k < 1``) sits where the log joint
     is unbounded; it is removed, with a :class:`CollapsedComponentWarning`, and the
     fit goes on with the remaining components. Components: the family's conjugate
-    mode from the same statistics.
+    mode from the same statistics. With ``α_k = 1`` the same happens to a component
+    that no data reaches at all (``N_k = 0``).
 
     Args:
         family: the bound family.
@@ -39,10 +40,10 @@ def mixture_m_step(
         keep = torch.nonzero(alive).reshape(-1)
         removed = params.active[~alive].tolist()
         warnings.warn(
-            f"component(s) {removed} collapsed: N_k + alpha_k - 1 <= 0 with weights_prior "
-            f"alpha_k < 1, where the log joint is unbounded at weight 0; they were removed "
-            f"and {keep.numel()} component(s) remain. Use weights_prior >= 1 to keep all "
-            "components.",
+            f"component(s) {removed} collapsed: N_k + alpha_k - 1 <= 0, either because no "
+            "data reaches them or because weights_prior alpha_k < 1 makes the log joint "
+            f"unbounded at weight 0; they were removed and {keep.numel()} component(s) remain. "
+            "Use weights_prior >= 1, or fewer components.",
             CollapsedComponentWarning,
             stacklevel=2,
         )

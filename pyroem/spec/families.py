@@ -570,7 +570,9 @@ class Gaussian(Family):
         cancellation, so one within ``64·eps`` of its moment is rounding noise (a
         component on repeated points), not a variance.
         """
-        floor = 64 * torch.finfo(variances.dtype).eps * moments
+        # An empty component's moments are 0/0: no data, nothing cancelled, floor 0 (its
+        # variance is then the prior's, or NaN without a prior, which is caught below).
+        floor = 64 * torch.finfo(variances.dtype).eps * moments.nan_to_num(nan=0.0)
         bad = ~(variances > floor)
         if bool(bad.any()):
             component, dim = (int(i) for i in torch.nonzero(bad)[0])
