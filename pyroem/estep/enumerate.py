@@ -14,6 +14,7 @@ After this E-step the bound is tight: ``L(q, θ) = log p(x, θ)``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -81,12 +82,18 @@ class MixtureEStep:
         log_weights = params.weights.log()
         stats = None
         log_likelihood = params.weights.new_zeros(())
-        lowest = torch.finfo(log_weights.dtype).min
+        finfo = torch.finfo(log_weights.dtype)
+        # exp() of arguments that underflow takes a slow path on CPU (and subnormal
+        # responsibilities slow the statistics), so a responsibility below e^cutoff times
+        # the row's largest (tiny·e⁸, about 7e-305 in float64) is set to exactly zero.
+        cutoff = math.log(finfo.tiny) + 8
         for chunk in self.chunks:
             # logsumexp and the normalised exponentials in one pass, in place: exp once.
             joint = log_prob(chunk) + log_weights
-            peak = joint.amax(dim=1, keepdim=True).clamp_(min=lowest)
-            resp = joint.sub_(peak).exp_()
+            peak = joint.amax(dim=1, keepdim=True).clamp_(min=finfo.min)
+            joint.sub_(peak)
+            negligible = joint < cutoff
+            resp = joint.clamp_(min=cutoff).exp_().masked_fill_(negligible, 0.0)
             total = resp.sum(dim=1, keepdim=True)
             resp.div_(total)
             log_norm = total.log_().add_(peak)
