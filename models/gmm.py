@@ -140,14 +140,11 @@ def fit_faithful() -> dict[str, float]:
         / (params["covariances"][:, 0, 0] * params["covariances"][:, 1, 1]).sqrt()
     )
     print("\nInterpretation:")
-    print(
-        f"  {100 * float(params['weights'][short]):.0f}% of eruptions are short "
-        f"(about {float(duration[short]):.1f} min, then about {float(waiting[short]):.0f} min to the next);"
-    )
-    print(
-        f"  {100 * float(params['weights'][long]):.0f}% are long "
-        f"(about {float(duration[long]):.1f} min, then about {float(waiting[long]):.0f} min to the next)."
-    )
+    for k, kind in ((short, "short"), (long, "long")):
+        print(
+            f"  {100 * float(params['weights'][k]):.0f}% of eruptions are {kind}: about "
+            f"{float(duration[k]):.1f} min, then about {float(waiting[k]):.0f} min to the next."
+        )
     overall = torch.corrcoef(data.T)[0, 1]
     print(
         "  Within each kind, duration and waiting time correlate at "

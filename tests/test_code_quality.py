@@ -24,7 +24,9 @@ def _run(*command: str) -> subprocess.CompletedProcess[str]:
     ids=["ruff-check", "ruff-format"],
 )
 def test_ruff(command: tuple[str, ...]) -> None:
-    executable = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    # Prefer the ruff installed beside this interpreter (the test extra), then PATH.
+    beside = Path(sys.executable).with_name("ruff")
+    executable = str(beside) if beside.exists() else shutil.which("ruff") or "ruff"
     result = _run(executable, *command[1:])
     assert result.returncode == 0, result.stdout + result.stderr
 
