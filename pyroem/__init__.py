@@ -7,6 +7,11 @@ convergence traces and scores::
     spec = pyroem.Mixture(num_components=2, family="gaussian", covariance_type="full")
     fit = pyroem.fit(spec, X, method="map-em", n_init=10, seed=0)
     fit.params["means"], fit.log_likelihood(), fit.bic()
+
+Any Pyro program whose discrete latents can be enumerated fits the same way::
+
+    fit = pyroem.fit(my_model, data, method="map-em")
+    fit.params, fit.m_step_kinds, fit.marginals
 """
 
 from pyroem import datasets
@@ -21,6 +26,8 @@ from pyroem.errors import (
     SingularCovarianceError,
     SpecError,
 )
+from pyroem.program import ProgramModel
+from pyroem.program.results import ProgramFit
 from pyroem.results import FitResult, load
 from pyroem.spec.distributions import InverseWishart
 from pyroem.spec.families import Bernoulli, Categorical, Exponential, Family, Gaussian, Poisson
@@ -49,6 +56,8 @@ __all__ = [
     "NormalInverseWishart",
     "NotSupportedError",
     "Poisson",
+    "ProgramFit",
+    "ProgramModel",
     "PyroEMError",
     "SingularCovarianceError",
     "SpecError",

@@ -11,6 +11,8 @@ from pyroem.errors import NotSupportedError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
 from pyroem.initialization import initial_params
 from pyroem.mstep.mixture import mixture_m_step
+from pyroem.program.fit import fit_program
+from pyroem.program.results import ProgramFit
 from pyroem.results import FitResult
 from pyroem.spec.mixture import Mixture, as_data
 
@@ -42,6 +44,8 @@ def _check_options(
         if dtype not in _DTYPES:
             raise SpecError(f"dtype must be one of {sorted(_DTYPES)}; got {dtype!r}")
         return _DTYPES[dtype]
+    if dtype is None:
+        return torch.float64
     if dtype not in _DTYPES.values():
         raise SpecError(f"dtype must be torch.float64 or torch.float32; got {dtype!r}")
     return dtype
@@ -52,16 +56,18 @@ def fit(
     *model_args: Any,
     method: str = "map-em",
     n_init: int = 1,
-    init: Any = "kmeans++",
+    init: Any = None,
     tol: float = 1e-6,
     max_iter: int = 1000,
     seed: int | None = None,
-    dtype: Any = torch.float64,
+    dtype: Any = None,
     device: Any = None,
     chunk_size: int = 65536,
     progress: bool = False,
     model_kwargs: dict[str, Any] | None = None,
-) -> FitResult:
+    m_step: str = "auto",
+    gradient_steps: int = 50,
+) -> FitResult | ProgramFit:
     r"""Fit a model by the EM variant ``method``.
 
     Args:
@@ -94,10 +100,27 @@ def fit(
     """
     torch_dtype = _check_options(method, n_init, tol, max_iter, chunk_size, dtype)
     if not isinstance(model, Mixture):
-        raise NotSupportedError(
-            f"fitting {type(model).__name__} objects is not available in this version; "
-            "declare the model with pyroem.Mixture(...)"
+        if dtype is not None or device is not None:
+            raise SpecError(
+                "dtype and device are for pyroem.Mixture; a Pyro program computes in the "
+                "dtype and on the device of its own tensors (pass the data as you want it)"
+            )
+        return fit_program(
+            model,
+            model_args,
+            model_kwargs,
+            method=method,
+            init=init,
+            n_init=n_init,
+            seed=seed,
+            tol=tol,
+            max_iter=max_iter,
+            progress=progress,
+            m_step=m_step,
+            gradient_steps=gradient_steps,
         )
+    if init is None:
+        init = "kmeans++"
     if model_kwargs:
         raise SpecError("model_kwargs is for Pyro programs; a Mixture takes only the data")
     if len(model_args) != 1:
@@ -117,7 +140,7 @@ def fit(
     else:
         generator.manual_seed(seed)
 
-    def m_step(stats: Any, params: Any) -> Any:
+    def mixture_step(stats: Any, params: Any) -> Any:
         return mixture_m_step(family, model.weights_prior, stats, params)
 
     def run_once(restart: int) -> EMRun:
@@ -125,7 +148,7 @@ def fit(
         label = f"{method} restart {restart + 1}/{n_init}" if n_init > 1 else method
         return run_em(
             e_step,
-            m_step,
+            mixture_step,
             start,
             num_data=data.shape[0],
             tol=tol,

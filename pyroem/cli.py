@@ -24,7 +24,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -213,16 +213,19 @@ def _fit_command(args: argparse.Namespace) -> int:
     progress = not args.quiet and (sys.stderr.isatty() or work >= _LONG_FIT)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        result = fit(
-            spec,
-            data,
-            method=args.method,
-            n_init=args.n_init,
-            tol=args.tol,
-            max_iter=args.max_iter,
-            seed=args.seed,
-            dtype=args.dtype,
-            progress=progress,
+        result = cast(
+            FitResult,
+            fit(
+                spec,
+                data,
+                method=args.method,
+                n_init=args.n_init,
+                tol=args.tol,
+                max_iter=args.max_iter,
+                seed=args.seed,
+                dtype=args.dtype,
+                progress=progress,
+            ),
         )
     for message in dict.fromkeys(str(warning.message) for warning in caught):
         _say("warning", message)

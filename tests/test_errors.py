@@ -323,7 +323,9 @@ def test_bad_fit_options(options: dict[str, Any], pattern: str) -> None:
 
 
 def test_fit_rejects_models_it_cannot_fit() -> None:
-    with pytest.raises(NotSupportedError, match=r"declare the model with pyroem\.Mixture"):
+    with pytest.raises(SpecError, match=r"Pyro program \(a callable\) or a pyroem\.Mixture"):
+        pyroem.fit("gaussian", GAUSSIAN_DATA)
+    with pytest.raises(SpecError, match=r"no observed sites"):
         pyroem.fit(lambda data: None, GAUSSIAN_DATA)
     with pytest.raises(SpecError, match=r"exactly one data argument; got 2"):
         pyroem.fit(pyroem.Mixture(1), GAUSSIAN_DATA, GAUSSIAN_DATA)

@@ -1,0 +1,228 @@
+"""What is what in a Pyro program: parameters, enumerated latents, data.
+
+One trace of the program sorts its sites:
+
+- **parameters θ**: global latent ``pyro.sample`` sites (MAP-estimated under their
+  prior) and ``pyro.param`` sites (maximum likelihood: a flat prior);
+- **enumerated latents**: discrete sites with finite support, summed out exactly
+  by parallel enumeration (sites not marked for enumeration are enumerated too);
+- **data**: observed sites.
+
+Anything else — a continuous latent local to the data, a discrete latent with
+infinite support, a site asking for sequential enumeration — is a model MAP-EM
+cannot fit exactly, and the error names the site and the method to use instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer.enum import config_enumerate
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import constraints
+
+from pyroem.errors import NotSupportedError, SpecError
+
+__all__ = ["ParamSite", "ProgramModel", "sample_sites"]
+
+
+class ParamSite(NamedTuple):
+    """A parameter of the program.
+
+    Attributes:
+        name: the site name.
+        kind: ``"sample"`` (a latent with a prior: MAP) or ``"param"`` (``pyro.param``: ML).
+        shape: the value's shape.
+        constraint: the support, whose bijection maps the unconstrained space to it.
+    """
+
+    name: str
+    kind: str
+    shape: torch.Size
+    constraint: constraints.Constraint
+
+
+class _Inject(Messenger):
+    """Sets parameter sites to given values: sample sites become observed (their
+    log-probability is the log prior), ``pyro.param`` sites return the value."""
+
+    def __init__(self, values: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg: Any) -> None:
+        value = self.values.get(msg["name"])
+        if value is not None:
+            msg["value"] = value
+            msg["is_observed"] = True
+
+    def _pyro_param(self, msg: Any) -> None:
+        value = self.values.get(msg["name"])
+        if value is not None:
+            msg["value"] = value
+            msg["done"] = True
+
+
+def sample_sites(trace: poutine.Trace) -> list[tuple[str, Any]]:
+    """The ``pyro.sample`` sites of a trace, without plates' subsample sites."""
+    return [
+        (name, site)
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    ]
+
+
+def _is_discrete(site: Any) -> bool:
+    support = getattr(site["fn"], "support", None)
+    return bool(getattr(support, "is_discrete", False))
+
+
+def _plate_nesting(trace: poutine.Trace) -> int:
+    dims = [
+        -frame.dim
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized and frame.dim is not None
+    ]
+    return max(dims, default=0)
+
+
+class ProgramModel:
+    """A Pyro program with its sites sorted, ready to be run with parameter values.
+
+    Args:
+        model: the Pyro program (a callable).
+        model_args: its positional arguments.
+        model_kwargs: its keyword arguments.
+
+    Raises:
+        NotSupportedError: the program has a site MAP-EM cannot handle; the message
+            names the site and the method to use instead.
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        model_args: tuple[Any, ...] = (),
+        model_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not callable(model):
+            raise SpecError(
+                f"model must be a Pyro program (a callable) or a pyroem.Mixture; "
+                f"got {type(model).__name__}"
+            )
+        self.model = config_enumerate(model, default="parallel")
+        self.model_args = tuple(model_args)
+        self.model_kwargs = dict(model_kwargs or {})
+        self.name = getattr(model, "__name__", type(model).__name__)
+        with pyro.get_param_store().scope(), poutine.block():
+            try:
+                trace = poutine.trace(self.model).get_trace(*self.model_args, **self.model_kwargs)
+            except Exception as err:
+                raise SpecError(
+                    f"running the model {self.name}(*model_args, **model_kwargs) failed: "
+                    f"{type(err).__name__}: {err}"
+                ) from err
+        self.max_plate_nesting = _plate_nesting(trace)
+        self.params: dict[str, ParamSite] = {}
+        self.param_inits: dict[str, torch.Tensor] = {}
+        self.enumerated: list[str] = []
+        self.observed: list[str] = []
+        self._sort_sites(trace)
+        if not self.observed:
+            raise SpecError(
+                f"the model {self.name} has no observed sites; pass the data to the model "
+                "and observe it with pyro.sample(..., obs=data)"
+            )
+
+    # ----- site classification --------------------------------------------------
+    def _sort_sites(self, trace: poutine.Trace) -> None:
+        observed_plates = {
+            frame.name
+            for site in trace.nodes.values()
+            if site["type"] == "sample" and site["is_observed"]
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized
+        }
+        for name, node in trace.nodes.items():
+            site: Any = node
+            if site["type"] == "sample" and site_is_subsample(site):
+                continue
+            if site["type"] == "param":
+                value = site["value"].detach()
+                constraint = site["kwargs"].get("constraint") or constraints.real
+                self.params[name] = ParamSite(name, "param", value.shape, constraint)
+                self.param_inits[name] = value.clone()
+            elif site["type"] != "sample" or site["is_observed"]:
+                if site["type"] == "sample":
+                    self.observed.append(name)
+                continue
+            elif _is_discrete(site):
+                self._check_enumerable(name, site)
+                self.enumerated.append(name)
+            else:
+                self._check_global(name, site, observed_plates)
+                support = site["fn"].support
+                self.params[name] = ParamSite(name, "sample", site["value"].shape, support)
+
+    def _check_enumerable(self, name: str, site: Any) -> None:
+        strategy = site["infer"].get("enumerate")
+        if strategy == "sequential":
+            raise NotSupportedError(
+                f"site {name!r} asks for sequential enumeration; pyroem sums discrete "
+                "latents by parallel enumeration: use infer={'enumerate': 'parallel'}"
+            )
+        if strategy != "parallel":
+            raise NotSupportedError(
+                f"site {name!r} is a discrete latent ({type(site['fn']).__name__}) with "
+                "infinite or unenumerable support, which map-em cannot sum out exactly; "
+                "use method='mcmc-em' to sample it, or bound its support"
+            )
+
+    def _check_global(self, name: str, site: Any, observed_plates: set[str]) -> None:
+        local = [
+            frame.name
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized and frame.name in observed_plates
+        ]
+        if local:
+            raise NotSupportedError(
+                f"site {name!r} is a continuous latent variable local to the data "
+                f"(inside plate {local[0]!r}, which also holds observations); map-em sums out "
+                "only discrete latents: use method='mcmc-em' (or 'vb-em') for this model"
+            )
+        if site["infer"].get("_markov_scope"):
+            raise NotSupportedError(
+                f"site {name!r} is a continuous latent inside a pyro.markov chain; map-em "
+                "sums out only discrete latents: use method='mcmc-em' (or 'vb-em')"
+            )
+
+    # ----- running ------------------------------------------------------------------
+    def trace(self, values: Mapping[str, torch.Tensor]) -> poutine.Trace:
+        """Run the program with parameters ``values``, discrete latents enumerated.
+
+        Returns:
+            The trace, with ``log_prob`` terms computed and tensors packed.
+        """
+        missing = [name for name in self.params if name not in values]
+        if missing:
+            raise SpecError(f"parameter values missing for sites {missing}")
+        first_dim = -self.max_plate_nesting - 1
+        program = poutine.enum(_Inject(values)(self.model), first_available_dim=first_dim)
+        with poutine.block():
+            trace = poutine.trace(program).get_trace(*self.model_args, **self.model_kwargs)
+        trace.compute_log_prob()
+        trace.pack_tensors()
+        return trace
+
+    def __repr__(self) -> str:
+        return (
+            f"ProgramModel({self.name}, params={list(self.params)}, "
+            f"enumerated={self.enumerated}, observed={self.observed})"
+        )

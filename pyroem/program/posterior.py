@@ -1,0 +1,205 @@
+r"""The exact E-step on any enumerable Pyro program.
+
+The log joint of the program with discrete latents summed out is a tensor
+contraction of factor tables (Pyro's ``contract_to_tensor``: sum over enumerated
+dimensions, product over plates):
+
+.. math:: \log p(x, θ) = \log \sum_z \prod_f φ_f(z; θ) + \log p(θ).
+
+Its gradient with respect to the table :math:`\log φ_f` is the posterior marginal
+:math:`μ_f` of that factor's configurations — forward–backward is backprop — so one
+backward pass gives every responsibility and every pairwise marginal, and
+
+.. math:: Q(θ; θ_t) = \sum_f \sum_c μ_f(c; θ_t)\, \log φ_f(c; θ) + \log p(θ)
+
+is exact. Scales (``poutine.scale``) and masks (``poutine.mask``) are folded into
+the weights :math:`μ_f`, so ``Q`` is the plain weighted sum of log-probability tables.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import pyro.poutine as poutine
+import torch
+from pyro.ops import packed
+from pyro.ops.contract import contract_to_tensor
+
+from pyroem.errors import NotSupportedError
+from pyroem.program.model import ProgramModel, sample_sites
+
+__all__ = ["Posterior", "expected_log_joint", "log_joint_terms", "posterior"]
+
+
+class Posterior(NamedTuple):
+    """The E-step at θ_t.
+
+    Attributes:
+        log_likelihood: :math:`\\log p(x | θ_t)`, discrete latents summed out (0-dim).
+        log_joint: ``log_likelihood`` plus the log prior of the sample-site parameters.
+        weights: per non-parameter site, the weight of each entry of its
+            log-probability table in Q (posterior marginal × scale × mask), the
+            shape of the site's ``log_prob`` (enumerated dimensions included).
+        marginals: per enumerated site, posterior probabilities of its values,
+            ``(*value_shape, num_values)``.
+        trace: the trace at θ_t.
+    """
+
+    log_likelihood: torch.Tensor
+    log_joint: torch.Tensor
+    weights: dict[str, torch.Tensor]
+    marginals: dict[str, torch.Tensor]
+    trace: poutine.Trace
+
+
+def _site_scale(site: Any) -> float:
+    scale = site["scale"]
+    if isinstance(scale, torch.Tensor):
+        if scale.dim():
+            raise NotSupportedError(
+                f"site {site['name']!r} has a tensor-valued poutine.scale; pyroem supports "
+                "scalar scales only"
+            )
+        return float(scale)
+    return float(scale)
+
+
+def _masked(site: Any, log_prob: torch.Tensor) -> torch.Tensor:
+    mask = site["mask"]
+    if mask is None or mask is True:
+        return log_prob
+    if mask is False:
+        return torch.zeros_like(log_prob)
+    return torch.where(mask, log_prob, torch.zeros((), dtype=log_prob.dtype))
+
+
+def log_joint_terms(
+    program: ProgramModel,
+    trace: poutine.Trace,
+    log_probs: Mapping[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contract the program's log-probability tables to the log joint.
+
+    Args:
+        program: the program.
+        trace: a trace from :meth:`ProgramModel.trace`.
+        log_probs: the unscaled, unmasked ``log_prob`` table of every sample site
+            (replaceable by leaves so that their gradients are the weights).
+
+    Returns:
+        ``(log_likelihood, log_prior)``, both 0-dim.
+    """
+    enum_symbols = {
+        site["infer"]["_enumerate_symbol"]
+        for _, site in sample_sites(trace)
+        if site["infer"].get("_enumerate_symbol") is not None
+    }
+    log_factors: OrderedDict[frozenset[str], list[torch.Tensor]] = OrderedDict()
+    log_prior = torch.zeros(())
+    log_likelihood = torch.zeros(())
+    scales = set()
+    for name, site in sample_sites(trace):
+        scale = _site_scale(site)
+        # As in Pyro's TraceEnum_ELBO, an enumerated site's own table is never masked:
+        # masked it would be 0 for every value and add log(num_values) to the evidence.
+        enumerated = site["infer"].get("_enumerate_symbol") is not None
+        term = log_probs[name] if enumerated else _masked(site, log_probs[name])
+        if name in program.params:
+            log_prior = log_prior + scale * term.sum()
+            continue
+        term_packed = packed.pack(term, site["infer"]["_dim_to_symbol"])
+        if enum_symbols.isdisjoint(term_packed._pyro_dims):
+            log_likelihood = log_likelihood + scale * term.sum()
+            continue
+        ordinal = frozenset(
+            trace.plate_to_symbol[frame.name]
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized
+        )
+        log_factors.setdefault(ordinal, []).append(term_packed)
+        scales.add(scale)
+    if log_factors:
+        if len(scales) > 1:
+            raise NotSupportedError(
+                "sites that depend on enumerated latents have different poutine.scale "
+                f"values {sorted(scales)}; pyroem needs one common scale"
+            )
+        contracted = contract_to_tensor(log_factors, set(enum_symbols))
+        log_likelihood = log_likelihood + scales.pop() * contracted.sum()
+    return log_likelihood, log_prior
+
+
+def _marginal(program: ProgramModel, site: Any, weight: torch.Tensor) -> torch.Tensor:
+    """Sum a site's factor weights down to the marginal of its own value."""
+    nesting = program.max_plate_nesting
+    enum_dim = site["infer"]["_enumerate_dim"]
+    others = [d for d in range(-weight.dim(), -nesting) if d != enum_dim]
+    if others:
+        weight = weight.sum(others, keepdim=True)
+    weight = weight.movedim(enum_dim, -1)
+    shape = list(weight.shape[-nesting - 1 : -1]) if nesting else []
+    while shape and shape[0] == 1:
+        shape.pop(0)
+    return weight.reshape(*shape, weight.shape[-1]) / _site_scale(site)
+
+
+def posterior(program: ProgramModel, values: Mapping[str, torch.Tensor]) -> Posterior:
+    """The exact E-step at parameters ``values``.
+
+    Args:
+        program: the program.
+        values: a value for every parameter site (constrained).
+
+    Returns:
+        A :class:`Posterior`.
+    """
+    detached = {name: value.detach() for name, value in values.items()}
+    trace = program.trace(detached)
+    sites = sample_sites(trace)
+    leaves = {
+        name: site["unscaled_log_prob"].detach().requires_grad_()
+        for name, site in sites
+        if name not in program.params
+    }
+    param_terms = {
+        name: site["unscaled_log_prob"].detach() for name, site in sites if name in program.params
+    }
+    with torch.enable_grad():
+        log_likelihood, log_prior = log_joint_terms(program, trace, {**leaves, **param_terms})
+        grads = torch.autograd.grad(
+            log_likelihood, list(leaves.values()), allow_unused=True, materialize_grads=True
+        )
+    weights = dict(zip(leaves, grads, strict=True))
+    marginals = {
+        name: _marginal(program, trace.nodes[name], weights[name])
+        for name in program.enumerated
+        if name in weights
+    }
+    # A masked discrete latent is absent (padding, say): its own table leaves Q, so a
+    # chain's transitions past a sequence's end do not count. Exact EM as long as no
+    # unmasked site depends on a masked latent.
+    for name in marginals:
+        weights[name] = _masked(trace.nodes[name], weights[name])
+    log_likelihood = log_likelihood.detach()
+    return Posterior(log_likelihood, log_likelihood + log_prior.detach(), weights, marginals, trace)
+
+
+def expected_log_joint(
+    program: ProgramModel,
+    values: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+) -> torch.Tensor:
+    """``Q(θ; θ_t)`` up to a constant: weighted log-probability tables plus log prior.
+
+    Differentiable in ``values``.
+    """
+    trace = program.trace(values)
+    total = torch.zeros(())
+    for name, site in sample_sites(trace):
+        if name in program.params:
+            total = total + _site_scale(site) * _masked(site, site["unscaled_log_prob"]).sum()
+        else:
+            total = total + (weights[name] * site["unscaled_log_prob"]).sum()
+    return total

@@ -1,0 +1,125 @@
+"""The result of fitting a Pyro program."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributions import biject_to
+
+from pyroem.em import History
+from pyroem.program.model import ProgramModel
+
+__all__ = ["ProgramFit"]
+
+
+class ProgramFit:
+    """A Pyro program fitted by EM.
+
+    Attributes:
+        program: the :class:`~pyroem.program.ProgramModel` (sites sorted).
+        method: the EM variant.
+        params: parameter values keyed by site name (copies).
+        m_step_kinds: the M-step each parameter got: a recognised closed form
+            (e.g. ``"dirichlet-categorical"``, ``"normal-mean"``,
+            ``"inverse-gamma-normal-variance"``; ``"flat-…"`` for ``pyro.param`` sites,
+            which have no prior) or ``"gradient"``.
+        marginals: posterior marginal probabilities of every enumerated site at the
+            fitted parameters, ``(*value_shape, num_values)``.
+        history: :class:`~pyroem.em.History` of the kept run (objective = log joint).
+        converged: whether the kept run met ``tol`` before ``max_iter``.
+        num_iterations: M-steps taken by the kept run.
+        restart_objectives: final log joint of every restart.
+        options: the fitting options.
+    """
+
+    def __init__(
+        self,
+        *,
+        program: ProgramModel,
+        method: str,
+        values: dict[str, torch.Tensor],
+        m_step_kinds: dict[str, str],
+        marginals: dict[str, torch.Tensor],
+        log_likelihood: float,
+        log_joint: float,
+        history: History,
+        converged: bool,
+        num_iterations: int,
+        num_data: int,
+        restart_objectives: list[float],
+        options: dict[str, Any],
+    ) -> None:
+        self.program = program
+        self.method = method
+        self._values = values
+        self.m_step_kinds = m_step_kinds
+        self.marginals = marginals
+        self._log_likelihood = log_likelihood
+        self._log_joint = log_joint
+        self.history = history
+        self.converged = converged
+        self.num_iterations = num_iterations
+        self.num_data = num_data
+        self.restart_objectives = restart_objectives
+        self.options = options
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """Fitted parameters by site name (copies; editing them does not change the fit)."""
+        return {name: value.detach().clone() for name, value in self._values.items()}
+
+    @property
+    def num_parameters(self) -> int:
+        """Free parameters: the unconstrained dimension of every parameter site."""
+        total = 0
+        for name, site in self.program.params.items():
+            total += biject_to(site.constraint).inv(self._values[name]).numel()
+        return total
+
+    def log_likelihood(self) -> float:
+        """``log p(x | θ)`` at the fitted parameters, discrete latents summed out."""
+        return self._log_likelihood
+
+    def log_joint(self) -> float:
+        """``log p(x, θ)``: the log-likelihood plus the log prior of the sample-site
+        parameters — the objective MAP-EM maximises."""
+        return self._log_joint
+
+    def bic(self) -> float:
+        """``−2 log L + p log N`` with N the number of observations; lower is better."""
+        return -2 * self._log_likelihood + self.num_parameters * math.log(self.num_data)
+
+    def aic(self) -> float:
+        """``−2 log L + 2p``; lower is better."""
+        return -2 * self._log_likelihood + 2 * self.num_parameters
+
+    def __repr__(self) -> str:
+        return (
+            f"ProgramFit(model={self.program.name}, method={self.method!r}, "
+            f"log_joint={self._log_joint:.6g}, converged={self.converged}, "
+            f"num_iterations={self.num_iterations})"
+        )
+
+    def summary(self) -> str:
+        """A readable account of the fit: scores, M-step kinds, parameter values."""
+        lines = [
+            f"pyroem {self.method} fit of the Pyro program {self.program.name}",
+            f"  observations       {self.num_data}",
+            f"  enumerated sites   {len(self.program.enumerated)}",
+            f"  converged          {self.converged} after {self.num_iterations} iterations",
+            f"  log-likelihood     {self._log_likelihood:.6f}",
+            f"  log joint          {self._log_joint:.6f}",
+            f"  BIC / AIC          {self.bic():.4f} / {self.aic():.4f}",
+            f"  free parameters    {self.num_parameters}",
+            "",
+        ]
+        width = max(len(name) for name in self._values) if self._values else 0
+        for name, value in self._values.items():
+            text = np.array2string(
+                value.detach().cpu().numpy(), precision=4, suppress_small=True, separator=", "
+            ).replace("\n", "")
+            lines.append(f"  {name:<{width}}  [{self.m_step_kinds[name]}]  {text}")
+        return "\n".join(lines)
