@@ -26,7 +26,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
-from pyroem.errors import NotSupportedError, SpecError
+from pyroem.errors import DataError, NotSupportedError, SpecError
 
 __all__ = ["ParamSite", "ProgramModel", "sample_sites"]
 
@@ -82,6 +82,30 @@ def _is_discrete(site: Any) -> bool:
     return bool(getattr(support, "is_discrete", False))
 
 
+def _check_observed(name: str, site: Any) -> None:
+    """Observed values must be finite and inside the distribution's support."""
+    value = site["value"]
+    if not isinstance(value, torch.Tensor):
+        return
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise DataError(
+            f"observed site {name!r} has {bad} NaN or infinite values; drop or impute them"
+        )
+    support = getattr(site["fn"], "support", None)
+    if support is None or getattr(support, "is_dependent", False):
+        return
+    inside = support.check(value)
+    if site["mask"] is not None and isinstance(site["mask"], torch.Tensor):
+        inside = inside | ~site["mask"]
+    if not bool(torch.as_tensor(inside).all()):
+        raise DataError(
+            f"observed site {name!r} has values outside the support of its "
+            f"{type(site['fn']).__name__} distribution ({support}); check the data "
+            "(e.g. negative or non-integer counts for a Poisson)"
+        )
+
+
 def _plate_nesting(trace: poutine.Trace) -> int:
     dims = [
         -frame.dim
@@ -135,6 +159,7 @@ class ProgramModel:
         self.enumerated: list[str] = []
         self.observed: list[str] = []
         self._sort_sites(trace)
+        self._check_dtypes(trace)
         if not self.observed:
             raise SpecError(
                 f"the model {self.name} has no observed sites; pass the data to the model "
@@ -161,6 +186,7 @@ class ProgramModel:
                 self.param_inits[name] = value.clone()
             elif site["type"] != "sample" or site["is_observed"]:
                 if site["type"] == "sample":
+                    _check_observed(name, site)
                     self.observed.append(name)
                 continue
             elif _is_discrete(site):
@@ -201,6 +227,20 @@ class ProgramModel:
             raise NotSupportedError(
                 f"site {name!r} is a continuous latent inside a pyro.markov chain; map-em "
                 "sums out only discrete latents: use method='mcmc-em' (or 'vb-em')"
+            )
+
+    def _check_dtypes(self, trace: poutine.Trace) -> None:
+        dtypes: dict[torch.dtype, str] = {}
+        for name in [*self.params, *self.observed]:
+            value = trace.nodes[name]["value"]
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                dtypes.setdefault(value.dtype, name)
+        if len(dtypes) > 1:
+            found = ", ".join(f"{name!r} is {dtype}" for dtype, name in dtypes.items())
+            raise SpecError(
+                f"the model mixes floating-point dtypes ({found}); use one dtype throughout, "
+                "e.g. torch.set_default_dtype(torch.float64) before building the model, "
+                "or convert the data"
             )
 
     # ----- running ------------------------------------------------------------------
