@@ -23,7 +23,13 @@ import pyroem
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
-SCRIPTS = ["gmm.py", "poisson_mixture.py", "bernoulli_mixture.py"]
+SCRIPTS = [
+    "gmm.py",
+    "poisson_mixture.py",
+    "bernoulli_mixture.py",
+    "hmm.py",
+    "robust_mixture.py",
+]
 
 
 def _load(name: str) -> dict[str, Any]:

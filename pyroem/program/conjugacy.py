@@ -39,6 +39,7 @@ __all__ = ["ClosedForm", "Use", "closed_form_update", "recognise"]
 
 # Relative tolerance of the structural checks on the probes (float64 rounding only).
 _PROBE_RTOL = 1e-9
+_PROBE_RTOL_FLOAT32 = 1e-4
 
 # Likelihood slot -> (accepted prior types, kind reported to the user).
 _PRIORS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -120,29 +121,44 @@ def _constraint_kind(constraint: constraints.Constraint) -> str | None:
     return None
 
 
-def _probes(value: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two designed values in the support whose difference reveals each entry's row."""
+def _probes(
+    value: torch.Tensor, kind: str, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three values in the support: two designed ones whose difference reveals each
+    entry's row, and a random one that checks the form read off the first two."""
     numel = value.numel()
     ramp = torch.arange(1, numel + 1, dtype=value.dtype, device=value.device).reshape(value.shape)
+    noise = torch.randn(value.shape, generator=generator, dtype=value.dtype).to(value.device)
     if kind == "real":
-        return value, value + ramp / numel
+        return value, value + ramp / numel, value + noise
     if kind == "positive":
-        return value, value * (1 + ramp / numel)
+        return value, value * (1 + ramp / numel), value * (0.5 * noise).exp()
     if kind == "unit":
         first = 0.2 + 0.6 * (ramp - 0.5) / numel
-        return first, 1 - first
+        return first, first.square(), torch.sigmoid(noise)
     if kind == "simplex":
         # Normalised ramps: rows differ (a softmax of ramps would not: it is shift-invariant).
         first = ramp / ramp.sum(-1, keepdim=True)
-        return first, first.flip(-1)
+        return first, first.flip(-1), torch.softmax(noise, -1)
     rows = value.reshape(-1, *value.shape[-2:])
-    gain = 1 + torch.arange(1, rows.shape[0] + 1, dtype=value.dtype) / rows.shape[0]
-    return value, (rows * gain[:, None, None]).reshape(value.shape)
+    gain = (
+        1
+        + torch.arange(1, rows.shape[0] + 1, dtype=value.dtype, device=value.device) / rows.shape[0]
+    )
+    random_gain = (0.5 * noise.reshape(rows.shape[0], -1)[:, 0]).exp()
+    return (
+        value,
+        (rows * gain[:, None, None]).reshape(value.shape),
+        (rows * random_gain[:, None, None]).reshape(value.shape),
+    )
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    rtol = _PROBE_RTOL if a.dtype == torch.float64 else _PROBE_RTOL_FLOAT32
     scale = 1 + torch.maximum(a.abs(), b.abs())
-    return bool(((a - b).abs() <= _PROBE_RTOL * scale).all())
+    return a.shape == torch.broadcast_shapes(a.shape, b.shape) and bool(
+        ((a - b).abs() <= rtol * scale).all()
+    )
 
 
 def _element_index(
@@ -211,7 +227,7 @@ def _matrix_index(
 
 
 def _recognise_use(
-    name: str, before: Any, after: Any, probe: tuple[torch.Tensor, torch.Tensor], kind: str
+    before: Any, after: Any, probe: tuple[torch.Tensor, torch.Tensor], kind: str
 ) -> Use | None:
     """Match one changed site against the known (family, parameter) forms."""
     fn1, event_ndims = _unwrap(before["fn"])
@@ -271,6 +287,34 @@ def _recognise_mvn(
     return None
 
 
+def _holds(use: Use, fn1: Any, fn3: Any, probe1: torch.Tensor, probe3: torch.Tensor) -> bool:
+    """Does the form read off the designed probes also hold at the random probe?"""
+    rows, slot = use.rows, use.slot
+    if type(fn1) is not type(fn3):
+        return False
+    flat1, flat3 = probe1.reshape(-1), probe3.reshape(-1)
+    if slot == "categorical":
+        return _close(fn3.probs, probe3.reshape(-1, probe3.shape[-1])[rows])
+    if slot in ("bernoulli", "binomial"):
+        return _close(fn3.probs, flat3[rows])
+    if slot in ("poisson", "exponential"):
+        return _close(fn3.rate / fn1.rate, (flat3 / flat1)[rows])
+    if slot == "normal-loc":
+        return _close(fn3.loc - fn1.loc, (flat3 - flat1)[rows]) and _close(fn3.scale, fn1.scale)
+    if slot in ("normal-variance", "normal-precision"):
+        ratio = fn3.scale.square() / fn1.scale.square()
+        if slot == "normal-precision":
+            ratio = 1 / ratio
+        return _close(ratio, (flat3 / flat1)[rows]) and _close(fn3.loc, fn1.loc)
+    width = probe1.shape[-1]
+    if slot == "mvn-loc":
+        shift = (probe3 - probe1).reshape(-1, width)[rows]
+        return _close(fn3.loc - fn1.loc, shift) and _close(fn3.scale_tril, fn1.scale_tril)
+    mats1, mats3 = (p.reshape(-1, width, width) for p in (probe1, probe3))
+    gains = (mats3[:, 0, 0] / mats1[:, 0, 0])[rows][..., None, None]
+    return _close(fn3.covariance_matrix, gains * fn1.covariance_matrix) and _close(fn3.loc, fn1.loc)
+
+
 def _recognise_prior(program: ProgramModel, name: str, slot: str, site: Any) -> str | None:
     """The kind of closed form for ``name`` given its prior, or ``None``."""
     accepted, likelihood = _PRIORS[slot]
@@ -298,25 +342,35 @@ def recognise(
     """
     found: dict[str, ClosedForm | None] = {}
     base_trace = program.trace(values)
+    generator = torch.Generator().manual_seed(0)
     for name, param in program.params.items():
         found[name] = None
         kind = _constraint_kind(param.constraint)
         value = values[name].detach()
         if kind is None or value.dtype not in (torch.float32, torch.float64):
             continue
-        probe = _probes(value, kind)
+        probes = _probes(value, kind, generator)
         try:
-            traces = [program.trace({**values, name: p}) for p in probe]
+            traces = [program.trace({**values, name: p}) for p in probes]
         except (ValueError, RuntimeError):
             continue
         uses: list[Use] = []
         recognised = True
         for site_name, site in sample_sites(traces[0]):
-            other = traces[1].nodes[site_name]
-            if site_name == name or torch.equal(site["log_prob"], other["log_prob"]):
+            second, third = (trace.nodes[site_name] for trace in traces[1:])
+            unchanged = all(
+                torch.equal(site["log_prob"], other["log_prob"]) for other in (second, third)
+            )
+            if site_name == name or unchanged:
                 continue
-            use = _recognise_use(name, site, other, probe, kind)
-            if use is None or (uses and use.slot != uses[0].slot):
+            use = _recognise_use(site, second, probes[:2], kind)
+            if (
+                use is None
+                or (uses and use.slot != uses[0].slot)
+                or not _holds(
+                    use, _unwrap(site["fn"])[0], _unwrap(third["fn"])[0], probes[0], probes[2]
+                )
+            ):
                 recognised = False
                 break
             uses.append(use)

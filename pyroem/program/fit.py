@@ -84,10 +84,33 @@ def _num_observations(trace: Any, program: ProgramModel) -> int:
     return max(total, 1)
 
 
+_LOCATIONS = ("normal-loc", "mvn-loc")
+
+
 def _block_order(program: ProgramModel, blocks: Mapping[str, ClosedForm | None]) -> list[str]:
-    # Children before parents: a mean whose prior depends on a covariance is updated first,
-    # which for Normal–Inverse-Wishart priors makes one ECM sweep the joint mode.
-    return [name for name in reversed(list(program.params)) if blocks[name] is not None]
+    """Closed-form blocks in update order: locations first, then children before parents.
+
+    A location block goes before the scale blocks of the same sites, as in
+    scikit-learn's and hmmlearn's M-steps; and a mean whose prior depends on a
+    covariance goes before that covariance, which for Normal–Inverse-Wishart
+    priors makes one ECM sweep the joint mode.
+    """
+    order = [name for name in reversed(list(program.params)) if blocks[name] is not None]
+    return sorted(order, key=lambda name: blocks[name].slot not in _LOCATIONS)  # type: ignore[union-attr]
+
+
+def _needs_trace(blocks: Mapping[str, ClosedForm | None], order: list[str]) -> list[bool]:
+    """Before each block: must the program run again, because an earlier block in the
+    sweep changed a site this block reads (a shared use, or the earlier parameter itself)?"""
+    touched: set[str] = set()
+    needs = []
+    for name in order:
+        block = blocks[name]
+        assert block is not None
+        sites = {use.site for use in block.uses}
+        needs.append(bool(sites & touched))
+        touched |= sites | {name}
+    return needs
 
 
 def fit_program(
@@ -125,6 +148,7 @@ def fit_program(
     first = initial_values(program, init, base_seed)
     found = recognise(program, first) if m_step == "auto" else dict.fromkeys(program.params)
     order = _block_order(program, found)
+    retrace = _needs_trace(found, order)
     gradient_sites = [name for name in program.params if found[name] is None]
     kinds = {name: "gradient" if block is None else block.kind for name, block in found.items()}
     num_data = _num_observations(program.trace(first), program)
@@ -136,8 +160,8 @@ def fit_program(
     def ecm(post: Posterior, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         values = dict(values)
         trace = post.trace
-        for step, name in enumerate(order):
-            if step:
+        for name, again in zip(order, retrace, strict=True):
+            if again:
                 trace = program.trace(values)
             block = found[name]
             assert block is not None

@@ -1,7 +1,8 @@
 r"""The gradient M-step (generalized EM) for blocks without a closed form.
 
 L-BFGS maximises :math:`Q(θ; θ_t)` over the block's sites in the unconstrained
-space (``biject_to`` of each site's support), the other blocks held fixed. The
+space (``transform_to`` of each site's support; for covariance matrices the
+lower-Cholesky parameterisation), the other blocks held fixed. The
 step is accepted only if Q increased, so the log joint never decreases: this is
 generalized EM, and with enough inner steps it converges to the same fixed
 points as exact EM.
@@ -13,7 +14,7 @@ import math
 from collections.abc import Mapping
 
 import torch
-from torch.distributions import biject_to
+from torch.distributions import transform_to
 
 from pyroem.program.model import ProgramModel
 from pyroem.program.posterior import expected_log_joint
@@ -41,9 +42,11 @@ def gradient_m_step(
     Returns:
         New values of the block's sites.
     """
-    transforms = {name: biject_to(program.params[name].constraint) for name in names}
+    transforms = {name: transform_to(program.params[name].constraint) for name in names}
+    # Contiguous copies: L-BFGS flattens gradients with .view, which a strided value breaks.
     unconstrained = [
-        transforms[name].inv(values[name].detach()).clone().requires_grad_() for name in names
+        transforms[name].inv(values[name].detach()).contiguous().clone().requires_grad_()
+        for name in names
     ]
 
     def q_value() -> torch.Tensor:

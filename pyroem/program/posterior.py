@@ -132,17 +132,19 @@ def log_joint_terms(
 
 
 def _marginal(program: ProgramModel, site: Any, weight: torch.Tensor) -> torch.Tensor:
-    """Sum a site's factor weights down to the marginal of its own value."""
+    """Sum a site's factor weights down to the marginal of its own value, shaped like
+    the value would be without enumeration (its plates' dimensions, size-1 ones too)."""
     nesting = program.max_plate_nesting
     enum_dim = site["infer"]["_enumerate_dim"]
     others = [d for d in range(-weight.dim(), -nesting) if d != enum_dim]
     if others:
         weight = weight.sum(others, keepdim=True)
     weight = weight.movedim(enum_dim, -1)
-    shape = list(weight.shape[-nesting - 1 : -1]) if nesting else []
-    while shape and shape[0] == 1:
-        shape.pop(0)
-    return weight.reshape(*shape, weight.shape[-1]) / _site_scale(site)
+    plate_dims = [-frame.dim for frame in site["cond_indep_stack"] if frame.vectorized]
+    kept = max(plate_dims, default=0)
+    # Dimensions left of the site's plates are all size 1 by now.
+    batch = weight.shape[weight.dim() - 1 - kept : -1] if kept else ()
+    return weight.reshape(*batch, weight.shape[-1]) / _site_scale(site)
 
 
 def posterior(program: ProgramModel, values: Mapping[str, torch.Tensor]) -> Posterior:

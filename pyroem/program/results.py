@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributions import biject_to
+from torch.distributions import biject_to, constraints
 
 from pyroem.em import History
 from pyroem.program.model import ProgramModel
@@ -76,7 +76,12 @@ class ProgramFit:
         """Free parameters: the unconstrained dimension of every parameter site."""
         total = 0
         for name, site in self.program.params.items():
-            total += biject_to(site.constraint).inv(self._values[name]).numel()
+            value = self._values[name]
+            if isinstance(site.constraint, type(constraints.positive_definite)):
+                dim = value.shape[-1]
+                total += value[..., 0, 0].numel() * dim * (dim + 1) // 2
+            else:
+                total += biject_to(site.constraint).inv(value).numel()
         return total
 
     def log_likelihood(self) -> float:
