@@ -71,26 +71,39 @@ def fit(
     r"""Fit a model by the EM variant ``method``.
 
     Args:
-        model: a :class:`~pyroem.Mixture`.
-        *model_args: the data, ``(num_data, dim)`` array-like or tensor.
-        method: ``"map-em"`` (exact E-step, closed-form conjugate M-step). The flags
-            ``"vb-em"``, ``"mcmc-em"`` and ``"nuts"`` are reserved and raise
-            :class:`~pyroem.errors.NotSupportedError` in this version.
+        model: a :class:`~pyroem.Mixture`, or any Pyro program (a callable) whose
+            discrete latents can be enumerated; it is run as
+            ``model(*model_args, **model_kwargs)``.
+        *model_args: for a ``Mixture``, the data ``(num_data, dim)`` (array-like or
+            tensor); for a Pyro program, its positional arguments.
+        method: ``"map-em"`` (exact E-step; closed-form conjugate M-steps, gradient
+            steps where there is none). The flags ``"vb-em"``, ``"mcmc-em"`` and
+            ``"nuts"`` are reserved and raise :class:`~pyroem.errors.NotSupportedError`
+            in this version.
         n_init: restarts; the run with the highest final objective is kept.
-        init: ``"kmeans++"`` (default), ``"kmeans"``, ``"random"``, ``"random_from_data"``,
-            a dict of parameters in ``fit.params`` form, or a previous :class:`FitResult`.
+        init: for a ``Mixture``: ``"kmeans++"`` (default), ``"kmeans"``, ``"random"``,
+            ``"random_from_data"``, a dict of parameters in ``fit.params`` form, or a
+            previous fit. For a Pyro program: ``{site name: value}`` for any subset of
+            the parameters (the rest: a prior draw for sample sites, the program's own
+            value for ``pyro.param`` sites), or a previous fit.
         tol: convergence when the objective changes by less than ``tol`` per data point.
         max_iter: most EM iterations per restart; hitting it warns with
             :class:`~pyroem.errors.ConvergenceWarning`.
         seed: makes initialisation, and so the whole fit, reproducible.
-        dtype: ``torch.float64`` (default) or ``torch.float32``.
-        device: torch device for the computation (default: the data's, else CPU).
+        dtype: ``torch.float64`` (default) or ``torch.float32`` (``Mixture`` only; a
+            Pyro program computes in its own tensors' dtype).
+        device: torch device for the computation (``Mixture`` only; default: the
+            data's, else CPU).
         chunk_size: data rows per E-step chunk; bounds memory at ``O(chunk_size · K · D)``.
         progress: show a progress bar.
-        model_kwargs: keyword arguments of the model (Pyro programs; unused by ``Mixture``).
+        model_kwargs: keyword arguments of a Pyro program.
+        m_step: Pyro programs: ``"auto"`` (recognised closed forms, gradient steps for
+            the rest) or ``"gradient"`` (gradient steps for every site).
+        gradient_steps: L-BFGS iterations per gradient M-step.
 
     Returns:
-        A :class:`~pyroem.results.FitResult`.
+        A :class:`~pyroem.results.FitResult` for a ``Mixture``, a
+        :class:`~pyroem.ProgramFit` for a Pyro program.
 
     The MAP-EM objective is the log joint of the Pyro program ``model.model(data)``:
 
