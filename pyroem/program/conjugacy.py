@@ -35,7 +35,14 @@ from pyroem.mstep.conjugate import dirichlet_mode
 from pyroem.program.model import ProgramModel, sample_sites
 from pyroem.spec.distributions import InverseWishart
 
-__all__ = ["ClosedForm", "Use", "closed_form_update", "recognise"]
+__all__ = [
+    "LOCATION_SLOTS",
+    "SCALE_SLOTS",
+    "ClosedForm",
+    "Use",
+    "closed_form_update",
+    "recognise",
+]
 
 # Relative tolerance of the structural checks on the probes (float64 rounding only).
 _PROBE_RTOL = 1e-9
@@ -329,19 +336,20 @@ def _recognise_prior(program: ProgramModel, name: str, slot: str, site: Any) -> 
 
 
 def recognise(
-    program: ProgramModel, values: Mapping[str, torch.Tensor]
+    program: ProgramModel, values: Mapping[str, torch.Tensor], trace: Any = None
 ) -> dict[str, ClosedForm | None]:
     """Find the closed-form block of every parameter site, by probing.
 
     Args:
         program: the program.
         values: valid parameter values to probe around (the starting point).
+        trace: the program's trace at ``values``, if already run.
 
     Returns:
         ``{site: ClosedForm or None}``; ``None`` means the gradient M-step.
     """
     found: dict[str, ClosedForm | None] = {}
-    base_trace = program.trace(values)
+    base_trace = program.trace(values) if trace is None else trace
     generator = torch.Generator().manual_seed(0)
     for name, param in program.params.items():
         found[name] = None
@@ -410,11 +418,51 @@ def _use_weight(program: ProgramModel, site: Any, weights: Mapping[str, torch.Te
     return weight
 
 
+SCALE_SLOTS = ("normal-variance", "normal-precision", "mvn-covariance")
+LOCATION_SLOTS = ("normal-loc", "mvn-loc")
+
+
+def _patched_site(
+    site: Any, changes: Mapping[str, tuple[torch.Tensor, torch.Tensor]], blocks: Mapping[str, Any]
+) -> Any:
+    """A use site as it would be after the location updates in ``changes``.
+
+    A location enters as ``loc = θ[i] + d``, so its change shifts ``loc`` by
+    ``Δθ[i]``; a parameter site's own value is replaced. That is all a scale block
+    reads of a site, so it needs no new run of the program.
+    """
+    name = site["name"]
+    fn, _ = _unwrap(site["fn"])
+    shift = None
+    for other, (old, new) in changes.items():
+        block = blocks.get(other)
+        if block is None or block.slot not in LOCATION_SLOTS:
+            continue
+        for use in block.uses:
+            if use.site == name:
+                delta = new - old
+                width = 1 if block.slot == "normal-loc" else delta.shape[-1]
+                rows = delta.reshape(-1, width)[use.rows]
+                step = rows[..., 0] if block.slot == "normal-loc" else rows
+                shift = step if shift is None else shift + step
+    if shift is None and name not in changes:
+        return site
+    if shift is not None:
+        if isinstance(fn, dist.Normal):
+            fn = dist.Normal(fn.loc + shift, fn.scale, validate_args=False)
+        else:
+            fn = dist.MultivariateNormal(fn.loc + shift, scale_tril=fn.scale_tril)
+    value = changes[name][1] if name in changes else site["value"]
+    return {**site, "value": value, "fn": fn}
+
+
 def closed_form_update(
     program: ProgramModel,
     block: ClosedForm,
     trace: Any,
     weights: Mapping[str, torch.Tensor],
+    changes: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    blocks: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
     """The exact maximiser of Q over one block, others held at their values in ``trace``.
 
@@ -423,16 +471,22 @@ def closed_form_update(
         block: the recognised block.
         trace: a trace of the program at the current parameter values.
         weights: the E-step's Q weights.
+        changes: for a scale block, ``{site: (old, new)}`` of location blocks updated
+            since ``trace`` was run (see :func:`_patched_site`).
+        blocks: the recognised blocks by site, to read the changed locations' uses.
 
     Returns:
         The new value of ``block.name`` (rows with no data keep their value).
     """
     current = trace.nodes[block.name]["value"].detach()
     prior_site = trace.nodes[block.name] if program.params[block.name].kind == "sample" else None
-    uses = [
-        (use, trace.nodes[use.site], _use_weight(program, trace.nodes[use.site], weights))
-        for use in block.uses
-    ]
+    uses = []
+    for use in block.uses:
+        site = trace.nodes[use.site]
+        weight = _use_weight(program, site, weights)
+        if changes:
+            site = _patched_site(site, changes, blocks or {})
+        uses.append((use, site, weight))
     prior = None if prior_site is None else _unwrap(prior_site["fn"])[0]
     update = _UPDATES[block.slot]
     new = update(current, uses, prior)

@@ -13,7 +13,13 @@ import torch
 from pyroem.em import EMRun, best_of_restarts, run_em
 from pyroem.errors import DataError, SpecError
 from pyroem.estep.enumerate import EStep
-from pyroem.program.conjugacy import ClosedForm, closed_form_update, recognise
+from pyroem.program.conjugacy import (
+    LOCATION_SLOTS,
+    SCALE_SLOTS,
+    ClosedForm,
+    closed_form_update,
+    recognise,
+)
 from pyroem.program.gradient import gradient_m_step
 from pyroem.program.model import ProgramModel, _Inject, sample_sites
 from pyroem.program.posterior import Posterior, posterior
@@ -84,9 +90,6 @@ def _num_observations(trace: Any, program: ProgramModel) -> int:
     return max(total, 1)
 
 
-_LOCATIONS = ("normal-loc", "mvn-loc")
-
-
 def _block_order(program: ProgramModel, blocks: Mapping[str, ClosedForm | None]) -> list[str]:
     """Closed-form blocks in update order: locations first, then children before parents.
 
@@ -96,20 +99,30 @@ def _block_order(program: ProgramModel, blocks: Mapping[str, ClosedForm | None])
     priors makes one ECM sweep the joint mode.
     """
     order = [name for name in reversed(list(program.params)) if blocks[name] is not None]
-    return sorted(order, key=lambda name: blocks[name].slot not in _LOCATIONS)  # type: ignore[union-attr]
+    return sorted(order, key=lambda name: blocks[name].slot not in LOCATION_SLOTS)  # type: ignore[union-attr]
 
 
 def _needs_trace(blocks: Mapping[str, ClosedForm | None], order: list[str]) -> list[bool]:
     """Before each block: must the program run again, because an earlier block in the
-    sweep changed a site this block reads (a shared use, or the earlier parameter itself)?"""
-    touched: set[str] = set()
+    sweep changed a site this block reads? A scale block reads changed locations and
+    changed parameter values without a new run (see ``closed_form_update``)."""
+    touched: dict[str, set[str]] = {}
     needs = []
     for name in order:
         block = blocks[name]
         assert block is not None
         sites = {use.site for use in block.uses}
-        needs.append(bool(sites & touched))
-        touched |= sites | {name}
+        tags = set().union(*(touched.get(site, set()) for site in sites))
+        patchable = block.slot in SCALE_SLOTS and tags <= {"location", "value"}
+        again = bool(tags) and not patchable
+        needs.append(again)
+        if again:
+            touched = {}
+        for site in sites:
+            touched.setdefault(site, set()).add(
+                "location" if block.slot in LOCATION_SLOTS else "other"
+            )
+        touched.setdefault(name, set()).add("value")
     return needs
 
 
@@ -146,12 +159,17 @@ def fit_program(
         n_init = 1
     base_seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
     first = initial_values(program, init, base_seed)
-    found = recognise(program, first) if m_step == "auto" else dict.fromkeys(program.params)
+    first_trace = program.trace(first)
+    found = (
+        recognise(program, first, first_trace)
+        if m_step == "auto"
+        else dict.fromkeys(program.params)
+    )
     order = _block_order(program, found)
     retrace = _needs_trace(found, order)
     gradient_sites = [name for name in program.params if found[name] is None]
     kinds = {name: "gradient" if block is None else block.kind for name, block in found.items()}
-    num_data = _num_observations(program.trace(first), program)
+    num_data = _num_observations(first_trace, program)
 
     def e_step(values: dict[str, torch.Tensor]) -> EStep:
         post = posterior(program, values)
@@ -160,12 +178,16 @@ def fit_program(
     def ecm(post: Posterior, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         values = dict(values)
         trace = post.trace
+        changes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, again in zip(order, retrace, strict=True):
             if again:
                 trace = program.trace(values)
+                changes = {}
             block = found[name]
             assert block is not None
-            values[name] = closed_form_update(program, block, trace, post.weights)
+            new = closed_form_update(program, block, trace, post.weights, changes, found)
+            changes[name] = (values[name], new)
+            values[name] = new
         if gradient_sites:
             values.update(
                 gradient_m_step(

@@ -247,6 +247,10 @@ class ProgramModel:
     def trace(self, values: Mapping[str, torch.Tensor]) -> poutine.Trace:
         """Run the program with parameters ``values``, discrete latents enumerated.
 
+        Pyro's argument validation is off here: the program, the data and the
+        starting values were validated once, when the sites were sorted, and EM only
+        moves parameters inside their supports (about a fifth of a run's time).
+
         Returns:
             The trace, with ``log_prob`` terms computed and tensors packed.
         """
@@ -255,10 +259,10 @@ class ProgramModel:
             raise SpecError(f"parameter values missing for sites {missing}")
         first_dim = -self.max_plate_nesting - 1
         program = poutine.enum(_Inject(values)(self.model), first_available_dim=first_dim)
-        with poutine.block():
+        with poutine.block(), pyro.validation_enabled(False):
             trace = poutine.trace(program).get_trace(*self.model_args, **self.model_kwargs)
-        trace.compute_log_prob()
-        trace.pack_tensors()
+            trace.compute_log_prob()
+            trace.pack_tensors()
         return trace
 
     def __repr__(self) -> str:

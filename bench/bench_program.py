@@ -1,0 +1,485 @@
+"""MAP-EM on Pyro programs: pyroem against Pyro's own SVI on the same MAP problem.
+
+Two programs, each fitted from the same data and the same starting values:
+
+- ``gmm``: a Gaussian mixture with diagonal covariances (``weights ~ Dirichlet(1)``,
+  ``variances ~ InverseGamma`` and ``locs ~ Normal`` per component, an enumerated
+  assignment ``z`` in a plate over the data), on simulated data;
+- ``hmm``: the Gaussian HMM of ``models/hmm.py`` with its conjugate priors (a
+  ``pyro.markov`` chain of enumerated states in a plate over sequences), on
+  sequences simulated there.
+
+pyroem fits them by ``pyroem.fit(model, ..., method="map-em")``. The peer is Pyro's
+way to the same MAP estimate: ``SVI`` with ``TraceEnum_ELBO`` (the states summed out
+exactly), an ``AutoDelta`` guide on the parameter sites (``poutine.block(...,
+expose=...)``, started by ``init_to_value`` at pyroem's starting values) and Adam,
+at each of ``--learning-rates``; the best rate is reported for every target. With a
+point-mass guide the ELBO is the log joint ``log p(x, θ)`` itself, so both maximise
+the same function; the script checks this at pyroem's final parameters.
+
+The metric is wall time to reach a log joint within ``rtol`` relative of pyroem's
+final log joint ``L*`` (``--rtols``; the headline ratio uses the first). pyroem's
+time is its whole ``fit`` call (median of ``--repeats``) less the iterations after
+the one that first reached the target (``fit.history.elapsed``). The peer's clock
+runs over building the guide and the SVI steps only: every ``--eval-every`` steps its
+log joint is computed at its current parameters by ``pyroem.program.posterior`` with
+the clock stopped. The ELBO the next step returns is the log joint at those same
+parameters, and the largest relative gap between the two is printed. A peer that
+never reaches a target within ``--max-steps`` or ``--max-seconds`` is reported as
+``> budget``, and the ratio as a lower bound. A learning rate is abandoned once its
+clock has passed the best time of every target it has not reached (it can no longer
+be the best one).
+
+Both run in float64, in this process, with ``--threads`` torch threads; both get one
+untimed warm-up run first, and Pyro's validation (on by default; ``--no-validation``).
+``--profile`` prints where pyroem's time goes.
+
+Run ``python bench/bench_program.py --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import math
+import pstats
+import runpy
+import time
+import warnings
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.infer import SVI, JitTraceEnum_ELBO, TraceEnum_ELBO
+from pyro.infer.autoguide import AutoDelta, init_to_value
+from pyro.optim import Adam  # type: ignore[attr-defined]
+
+import pyroem
+from pyroem.program import ProgramModel, posterior
+
+MODELS = ("gmm", "hmm")
+HMM = runpy.run_path(str(Path(__file__).resolve().parents[1] / "models" / "hmm.py"), run_name="hmm")
+
+
+class Case(NamedTuple):
+    """One MAP problem: a program, its arguments, its parameter sites and a start."""
+
+    name: str
+    description: str
+    model: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    sites: tuple[str, ...]
+    init: dict[str, torch.Tensor]
+
+
+class PeerRun(NamedTuple):
+    """One SVI run: per target, the (seconds, steps) at which it was first reached."""
+
+    learning_rate: float
+    reached: dict[float, tuple[float, int]]
+    steps: int
+    seconds: float
+    best_log_joint: float
+    final_log_joint: float
+    elbo_gap: float
+    stop: str
+
+
+# ----- the programs -------------------------------------------------------------------
+
+
+def mixture_model(data: torch.Tensor, num_components: int) -> None:
+    """A Gaussian mixture with diagonal covariances and independent conjugate priors.
+
+    ``weights ~ Dirichlet(1)``; per component and feature ``variances ~ InverseGamma(3/2,
+    s² / (2 K²))`` and ``locs ~ Normal(x̄, 10 s²)`` (``x̄``, ``s²``: the data mean and
+    variance); ``z_n ~ Categorical(weights)``, ``x_n ~ Normal(locs[z_n], variances[z_n] ** ½)``.
+
+    Args:
+        data: observations, ``(num_data, dim)``.
+        num_components: ``K``.
+    """
+    mean, variance = data.mean(0), data.var(0)
+    weights = pyro.sample("weights", dist.Dirichlet(data.new_ones(num_components)))
+    with pyro.plate("components", num_components):
+        variances = pyro.sample(
+            "variances",
+            dist.InverseGamma(
+                torch.full_like(variance, 1.5), variance / (2 * num_components**2)
+            ).to_event(1),
+        )
+        locs = pyro.sample("locs", dist.Normal(mean, (10 * variance).sqrt()).to_event(1))
+    with pyro.plate("data", data.shape[0]):
+        z = pyro.sample("z", dist.Categorical(weights), infer={"enumerate": "parallel"})
+        pyro.sample("obs", dist.Normal(locs[z], variances[z].sqrt()).to_event(1), obs=data)
+
+
+def mixture_case(num_data: int, dim: int, num_components: int, spread: float, seed: int) -> Case:
+    """Simulated clusters, means ``spread · N(0, 1)`` per feature and scales in
+    ``[0.5, 1.5]``; start at equal weights, the data variance and ``K`` distinct random
+    data points as means."""
+    generator = torch.Generator().manual_seed(seed)
+    double = torch.float64
+    means = spread * torch.randn(num_components, dim, generator=generator, dtype=double)
+    scales = 0.5 + torch.rand(num_components, dim, generator=generator, dtype=double)
+    labels = torch.multinomial(torch.ones(num_components), num_data, True, generator=generator)
+    noise = torch.randn(num_data, dim, generator=generator, dtype=double)
+    data = means[labels] + scales[labels] * noise
+    init = {
+        "weights": torch.full((num_components,), 1.0 / num_components, dtype=torch.float64),
+        "variances": data.var(0).expand(num_components, dim).clone(),
+        "locs": data[torch.randperm(num_data, generator=generator)[:num_components]].clone(),
+    }
+    return Case(
+        "gmm",
+        f"Gaussian mixture N={num_data} D={dim} K={num_components} spread={spread:g}",
+        mixture_model,
+        (data, num_components),
+        {},
+        ("weights", "variances", "locs"),
+        init,
+    )
+
+
+def hmm_case(num_sequences: int, length: int, seed: int) -> Case:
+    """Three-state Gaussian sequences from ``models/hmm.py``; start at uniform initial
+    probabilities, transition rows half on staying put, the data quartiles as means
+    and the data variance in every state."""
+    truth = {
+        "init_probs": torch.tensor([0.5, 0.3, 0.2]),
+        "transition_probs": torch.tensor(
+            [[0.90, 0.07, 0.03], [0.10, 0.80, 0.10], [0.05, 0.15, 0.80]]
+        ),
+        "locs": torch.tensor([[-2.0], [0.0], [2.5]]),
+        "variances": torch.tensor([[0.5], [0.3], [1.0]]),
+    }
+    truth = {name: value.double() for name, value in truth.items()}
+    num_states = 3
+    lengths = torch.full((num_sequences,), length)
+    sequences, _ = HMM["simulate_gaussian_hmm"](lengths, **truth, seed=seed)
+    values = sequences.reshape(-1, 1)
+    levels = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+    init = {
+        "init_probs": torch.full((num_states,), 1.0 / num_states, dtype=torch.float64),
+        "transition_probs": 0.5 * torch.eye(num_states, dtype=torch.float64) + 0.5 / num_states,
+        "variances": values.var(0).expand(num_states, 1).clone(),
+        "locs": torch.quantile(values, levels, dim=0),
+    }
+    return Case(
+        "hmm",
+        f"Gaussian HMM S={num_sequences} T={length} K={num_states}",
+        HMM["gaussian_hmm"],
+        (sequences, lengths, num_states),
+        {"priors": "conjugate"},
+        ("init_probs", "transition_probs", "variances", "locs"),
+        init,
+    )
+
+
+# ----- the two fits -------------------------------------------------------------------
+
+
+def _copy(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Adam updates AutoDelta's parameters in place, and they may share memory with
+    # the values they were started from.
+    return {name: value.detach().clone() for name, value in values.items()}
+
+
+def fit_pyroem(case: Case, tol: float, max_iter: int) -> pyroem.ProgramFit:
+    """``pyroem.fit(..., method="map-em")`` from the case's starting values."""
+    fit = pyroem.fit(
+        case.model,
+        *case.args,
+        method="map-em",
+        model_kwargs=case.kwargs,
+        init=_copy(case.init),
+        tol=tol,
+        max_iter=max_iter,
+        seed=0,
+    )
+    if not isinstance(fit, pyroem.ProgramFit):
+        raise TypeError(f"expected a ProgramFit for a Pyro program, got {type(fit).__name__}")
+    return fit
+
+
+def _peer_svi(
+    case: Case, values: dict[str, torch.Tensor], learning_rate: float, nesting: int, jit: bool
+) -> tuple[SVI, AutoDelta]:
+    """SVI with an ``AutoDelta`` guide on the parameter sites, started at ``values``.
+
+    With ``jit`` the program's arguments are closed over (the JIT traces tensors only).
+    """
+    pyro.clear_param_store()
+    model = partial(case.model, *case.args, **case.kwargs) if jit else case.model
+    guide = AutoDelta(
+        poutine.block(model, expose=list(case.sites)), init_loc_fn=init_to_value(values=values)
+    )
+    loss = JitTraceEnum_ELBO if jit else TraceEnum_ELBO
+    elbo = loss(max_plate_nesting=nesting, ignore_jit_warnings=True)
+    return SVI(model, guide, Adam({"lr": learning_rate}), elbo), guide
+
+
+def _peer_args(case: Case, jit: bool) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments of the peer's model and guide: none when they are closed over."""
+    return ((), {}) if jit else (case.args, case.kwargs)
+
+
+def elbo_log_joint(case: Case, program: ProgramModel, values: dict[str, torch.Tensor]) -> float:
+    """``−TraceEnum_ELBO`` with an ``AutoDelta`` guide placed at ``values``."""
+    svi, _ = _peer_svi(case, _copy(values), 0.0, program.max_plate_nesting, jit=False)
+    with torch.no_grad():
+        return -svi.evaluate_loss(*case.args, **case.kwargs)
+
+
+def run_peer(
+    case: Case,
+    program: ProgramModel,
+    learning_rate: float,
+    targets: dict[float, float],
+    best: dict[float, float],
+    *,
+    max_steps: int,
+    max_seconds: float,
+    eval_every: int,
+    jit: bool,
+) -> PeerRun:
+    """Run SVI until every target is reached, the budget is spent, or it cannot win.
+
+    Args:
+        case: the problem.
+        program: the case's program, to score the peer's parameters.
+        learning_rate: Adam's step size.
+        targets: ``{rtol: log joint to reach}``.
+        best: ``{rtol: fastest time of an earlier learning rate}``.
+        max_steps: step budget.
+        max_seconds: budget on the peer's clock.
+        eval_every: steps between scorings.
+        jit: use ``JitTraceEnum_ELBO``.
+    """
+    args, kwargs = _peer_args(case, jit)
+    clock = time.perf_counter()
+    svi, guide = _peer_svi(case, _copy(case.init), learning_rate, program.max_plate_nesting, jit)
+    seconds = time.perf_counter() - clock
+    reached: dict[float, tuple[float, int]] = {}
+    best_log_joint = final = -math.inf
+    scored = None
+    elbo_gap = 0.0
+    stop = "budget"
+    steps = 0
+    while steps < max_steps and seconds < max_seconds:
+        clock = time.perf_counter()
+        loss = svi.step(*args, **kwargs)
+        seconds += time.perf_counter() - clock
+        steps += 1
+        if scored is not None:
+            elbo_gap = max(elbo_gap, abs(-loss - scored) / abs(scored))
+            scored = None
+        if steps % eval_every:
+            continue
+        with torch.no_grad():
+            final = scored = float(posterior(program, guide.median(*args, **kwargs)).log_joint)
+        best_log_joint = max(best_log_joint, final)
+        for rtol, target in targets.items():
+            if rtol not in reached and final >= target:
+                reached[rtol] = (seconds, steps)
+        pending = [rtol for rtol in targets if rtol not in reached]
+        if not pending:
+            stop = "all targets"
+            break
+        if all(seconds > best.get(rtol, math.inf) for rtol in pending):
+            stop = "slower than best"
+            break
+        if not math.isfinite(final):
+            stop = "diverged"
+            break
+    return PeerRun(learning_rate, reached, steps, seconds, best_log_joint, final, elbo_gap, stop)
+
+
+def pyroem_time_to(fit: pyroem.ProgramFit, total: float, target: float) -> tuple[float, int]:
+    """Seconds and iterations until pyroem's log joint first reached ``target``."""
+    objective = fit.history.objective
+    elapsed = fit.history.elapsed
+    reached = [t for t, value in enumerate(objective) if value >= target]
+    if not reached:
+        return math.inf, fit.num_iterations
+    first = reached[0]
+    return total - (elapsed[-1] - elapsed[first]), first
+
+
+# ----- the comparison -----------------------------------------------------------------
+
+
+def _profile(case: Case, tol: float, max_iter: int, lines: int) -> None:
+    """Print pyroem's ``fit`` under cProfile, by cumulative and by own time."""
+    profiler = cProfile.Profile()
+    profiler.runcall(fit_pyroem, case, tol, max_iter)
+    for key in ("cumulative", "tottime"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(lines)
+        body = text.getvalue()
+        print(f"  cProfile of pyroem.fit, sorted by {key}:")
+        print("    " + body[body.index("ncalls") :].rstrip().replace("\n", "\n    "))
+
+
+def _format_time(seconds: float, count: int, budget: bool) -> str:
+    if math.isinf(seconds):
+        return f"{'> budget' if budget else 'not reached':>12} ({count:>5})"
+    return f"{seconds:10.3f} s ({count:>5})"
+
+
+def compare(case: Case, options: argparse.Namespace) -> dict[float, float]:
+    """Time both fits of one case, print the table; return ``{rtol: ratio}``."""
+    program = ProgramModel(case.model, case.args, case.kwargs)
+    if set(program.params) != set(case.sites):
+        raise RuntimeError(f"parameter sites {list(program.params)}, expected {case.sites}")
+    nesting = program.max_plate_nesting
+
+    # Warm-up: one-off costs of the process (imports, allocator, einsum paths).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pyroem.ConvergenceWarning)
+        fit_pyroem(case, options.tol, 2)
+    warm, _ = _peer_svi(case, _copy(case.init), 0.01, nesting, options.peer_jit)
+    args, kwargs = _peer_args(case, options.peer_jit)
+    for _ in range(3):
+        warm.step(*args, **kwargs)
+
+    runs = []
+    for _ in range(options.repeats):
+        start = time.perf_counter()
+        fit = fit_pyroem(case, options.tol, options.max_iter)
+        runs.append((time.perf_counter() - start, fit))
+    runs.sort(key=lambda run: run[0])
+    total, fit = runs[len(runs) // 2]
+    final = fit.log_joint()
+    elbo_at_fit = elbo_log_joint(case, program, fit.params)
+    targets = {rtol: final - rtol * abs(final) for rtol in options.rtols}
+
+    per_iteration = fit.history.elapsed[-1] / (fit.num_iterations + 1)
+    print(
+        f"\n[{case.name}] {case.description}, float64, threads={torch.get_num_threads()}, "
+        f"validation={dist.is_validation_enabled()}"
+    )
+    print(
+        f"  pyroem map-em: {total:.3f} s (median of {options.repeats}: "
+        f"{', '.join(f'{t:.3f}' for t, _ in runs)}), {fit.num_iterations} iterations, "
+        f"converged {fit.converged}, {1e3 * per_iteration:.1f} ms per E+M iteration"
+    )
+    print(f"  M-steps: {fit.m_step_kinds}")
+    print(f"  log joint L* = fit.log_joint() = {final:.10f}")
+    print(
+        f"  -TraceEnum_ELBO with AutoDelta at pyroem's θ = {elbo_at_fit:.10f} "
+        f"(rel. diff {abs(elbo_at_fit - final) / abs(final):.1e})"
+    )
+
+    best: dict[float, float] = {}
+    peers = []
+    for learning_rate in options.learning_rates:
+        peer = run_peer(
+            case,
+            program,
+            learning_rate,
+            targets,
+            best,
+            max_steps=options.max_steps,
+            max_seconds=options.max_seconds,
+            eval_every=options.eval_every,
+            jit=options.peer_jit,
+        )
+        peers.append(peer)
+        for rtol, (seconds, _) in peer.reached.items():
+            best[rtol] = min(best.get(rtol, math.inf), seconds)
+        print(
+            f"  SVI Adam lr={learning_rate:<5g}: {peer.steps} steps in {peer.seconds:.3f} s "
+            f"({1e3 * peer.seconds / max(peer.steps, 1):.2f} ms per step), stop: {peer.stop}; "
+            f"log joint best {peer.best_log_joint:.6f}, last {peer.final_log_joint:.6f}; "
+            f"|ELBO − log joint| / |log joint| ≤ {peer.elbo_gap:.1e}"
+        )
+
+    print(
+        f"  {'rtol':>6} {'target':>16}   {'pyroem (iterations)':>22}   "
+        f"{'SVI, best lr (steps)':>24}   ratio"
+    )
+    ratios = {}
+    for rtol, target in targets.items():
+        ours, iterations = pyroem_time_to(fit, total, target)
+        done = [peer for peer in peers if rtol in peer.reached]
+        if done:
+            winner = min(done, key=lambda peer: peer.reached[rtol][0])
+            theirs, steps = winner.reached[rtol]
+            label = f"lr={winner.learning_rate:g}"
+            ratio = theirs / ours
+            shown = f"{ratio:8.1f}"
+        else:
+            winner = max(peers, key=lambda peer: peer.seconds)
+            theirs, steps, label = math.inf, winner.steps, "any lr"
+            ratio = winner.seconds / ours
+            shown = f"> {ratio:6.1f}"
+        ratios[rtol] = ratio
+        print(
+            f"  {rtol:6.0e} {target:16.6f}   {_format_time(ours, iterations, False):>22}   "
+            f"{label:>8} {_format_time(theirs, steps, True)}   {shown}"
+        )
+    headline = options.rtols[0]
+    bound = "" if any(headline in peer.reached for peer in peers) else "> "
+    print(f"  ratio SVI time / pyroem time at rtol={headline:g}: {bound}{ratios[headline]:.1f}")
+    if options.profile:
+        _profile(case, options.tol, options.max_iter, options.profile_lines)
+    return ratios
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse options and run the comparisons."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--num-data", type=int, default=5000, help="gmm")
+    parser.add_argument("--dim", type=int, default=2, help="gmm")
+    parser.add_argument("--components", type=int, default=3, help="gmm")
+    parser.add_argument("--spread", type=float, default=3.0, help="gmm: scale of the means")
+    parser.add_argument("--sequences", type=int, default=5, help="hmm")
+    parser.add_argument("--length", type=int, default=200, help="hmm")
+    parser.add_argument("--tol", type=float, default=1e-8, help="pyroem's tolerance")
+    parser.add_argument("--max-iter", type=int, default=1000, help="pyroem")
+    parser.add_argument("--repeats", type=int, default=3, help="pyroem fits (the median)")
+    parser.add_argument(
+        "--rtols", type=float, nargs="+", default=[1e-3, 1e-4, 1e-5, 1e-6], help="targets"
+    )
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[0.01, 0.05, 0.1])
+    parser.add_argument("--max-steps", type=int, default=20_000, help="SVI budget per lr")
+    parser.add_argument("--max-seconds", type=float, default=300.0, help="SVI budget per lr")
+    parser.add_argument("--eval-every", type=int, default=1, help="SVI steps between scorings")
+    parser.add_argument("--peer-jit", action="store_true", help="JitTraceEnum_ELBO for SVI")
+    parser.add_argument("--threads", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-validation", action="store_true", help="pyro.enable_validation(False) for both"
+    )
+    parser.add_argument("--profile", action="store_true", help="cProfile pyroem's fit")
+    parser.add_argument("--profile-lines", type=int, default=25)
+    parser.add_argument("--quick", action="store_true", help="small problems, small budget")
+    options = parser.parse_args(argv)
+    if options.quick:
+        options.num_data, options.sequences, options.length = 1000, 2, 50
+        options.repeats, options.learning_rates = 1, [0.05, 0.1]
+        options.max_steps, options.max_seconds, options.eval_every = 2000, 30.0, 5
+
+    torch.set_num_threads(options.threads)
+    pyro.enable_validation(not options.no_validation)
+    for name in options.models:
+        if name == "gmm":
+            case = mixture_case(
+                options.num_data, options.dim, options.components, options.spread, options.seed
+            )
+        else:
+            case = hmm_case(options.sequences, options.length, options.seed)
+        compare(case, options)
+
+
+if __name__ == "__main__":
+    main()
