@@ -359,7 +359,10 @@ def recognise(
             continue
         probes = _probes(value, kind, generator)
         try:
-            traces = [program.trace({**values, name: p}) for p in probes]
+            # The real, positive and positive-definite designs start at the value itself.
+            reuse = kind in ("real", "positive", "positive-definite")
+            traces = [base_trace if reuse else program.trace({**values, name: probes[0]})]
+            traces += [program.trace({**values, name: p}) for p in probes[1:]]
         except (ValueError, RuntimeError):
             continue
         uses: list[Use] = []

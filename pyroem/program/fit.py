@@ -172,7 +172,7 @@ def fit_program(
     num_data = _num_observations(first_trace, program)
 
     def e_step(values: dict[str, torch.Tensor]) -> EStep:
-        post = posterior(program, values)
+        post = posterior(program, values, first_trace if values is first else None)
         return EStep(post, float(post.log_likelihood), float(post.log_joint))
 
     def ecm(post: Posterior, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

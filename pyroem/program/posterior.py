@@ -147,18 +147,21 @@ def _marginal(program: ProgramModel, site: Any, weight: torch.Tensor) -> torch.T
     return weight.reshape(*batch, weight.shape[-1]) / _site_scale(site)
 
 
-def posterior(program: ProgramModel, values: Mapping[str, torch.Tensor]) -> Posterior:
+def posterior(
+    program: ProgramModel, values: Mapping[str, torch.Tensor], trace: Any = None
+) -> Posterior:
     """The exact E-step at parameters ``values``.
 
     Args:
         program: the program.
         values: a value for every parameter site (constrained).
+        trace: the program's trace at ``values``, if already run.
 
     Returns:
         A :class:`Posterior`.
     """
-    detached = {name: value.detach() for name, value in values.items()}
-    trace = program.trace(detached)
+    if trace is None:
+        trace = program.trace({name: value.detach() for name, value in values.items()})
     sites = sample_sites(trace)
     leaves = {
         name: site["unscaled_log_prob"].detach().requires_grad_()
