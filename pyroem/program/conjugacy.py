@@ -410,17 +410,6 @@ def _scatter(num_rows: int, index: torch.Tensor, values: torch.Tensor) -> torch.
     return out.index_add_(0, index, values)
 
 
-def _use_weight(program: ProgramModel, site: Any, weights: Mapping[str, torch.Tensor]) -> Any:
-    """Q weights of a use: the E-step's, or scale × mask for a parameter's prior."""
-    if site["name"] not in program.params:
-        return weights[site["name"]]
-    weight = torch.ones_like(site["unscaled_log_prob"]) * float(site["scale"])
-    mask = site["mask"]
-    if isinstance(mask, torch.Tensor):
-        weight = weight * mask
-    return weight
-
-
 SCALE_SLOTS = ("normal-variance", "normal-precision", "mvn-covariance")
 LOCATION_SLOTS = ("normal-loc", "mvn-loc")
 
@@ -486,7 +475,7 @@ def closed_form_update(
     uses = []
     for use in block.uses:
         site = trace.nodes[use.site]
-        weight = _use_weight(program, site, weights)
+        weight = weights[use.site]
         if changes:
             site = _patched_site(site, changes, blocks or {})
         uses.append((use, site, weight))

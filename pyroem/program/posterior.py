@@ -39,9 +39,10 @@ class Posterior(NamedTuple):
     Attributes:
         log_likelihood: :math:`\\log p(x | θ_t)`, discrete latents summed out (0-dim).
         log_joint: ``log_likelihood`` plus the log prior of the sample-site parameters.
-        weights: per non-parameter site, the weight of each entry of its
-            log-probability table in Q (posterior marginal × scale × mask), the
-            shape of the site's ``log_prob`` (enumerated dimensions included).
+        weights: per sample site, the weight of each entry of its log-probability
+            table in Q, the shape of the site's ``log_prob`` (enumerated dimensions
+            included): posterior marginal × scale × mask, or scale × mask for a
+            parameter's own prior.
         marginals: per enumerated site, posterior probabilities of its values,
             ``(*value_shape, num_values)``.
         trace: the trace at θ_t.
@@ -177,6 +178,9 @@ def posterior(
             log_likelihood, list(leaves.values()), allow_unused=True, materialize_grads=True
         )
     weights = dict(zip(leaves, grads, strict=True))
+    for name, term in param_terms.items():
+        site = trace.nodes[name]
+        weights[name] = _masked(site, torch.full_like(term, _site_scale(site)))
     marginals = {
         name: _marginal(program, trace.nodes[name], weights[name])
         for name in program.enumerated
@@ -203,8 +207,5 @@ def expected_log_joint(
     trace = program.trace(values)
     total = torch.zeros(())
     for name, site in sample_sites(trace):
-        if name in program.params:
-            total = total + _site_scale(site) * _masked(site, site["unscaled_log_prob"]).sum()
-        else:
-            total = total + (weights[name] * site["unscaled_log_prob"]).sum()
+        total = total + (weights[name] * _masked(site, site["unscaled_log_prob"])).sum()
     return total
