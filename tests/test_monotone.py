@@ -18,6 +18,8 @@ import torch
 import torch.distributions as td
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
+from reference_densities import component_log_prob
+from reference_densities import log_prior as reference_log_prior
 
 import pyroem
 
@@ -148,58 +150,6 @@ def _default_prior(family: str, data: torch.Tensor, num_components: int) -> dict
     return {"concentration": torch.full((int(data.max()) + 1,), 1.1, dtype=DTYPE)}
 
 
-def _log_prior(
-    family: str, covariance_type: str | None, prior: dict[str, Any], params: dict[str, Any]
-) -> torch.Tensor:
-    """``log p(θ)`` of the components, from torch densities."""
-    if family == "gaussian":
-        means, covariances = params["means"], params["covariances"]
-        kappa, dof, scale = prior["kappa"], prior["dof"], prior["scale"]
-        if covariance_type in ("full", "tied"):
-            total = pyroem.InverseWishart(dof, scale).log_prob(covariances).sum()
-            mean_prior = td.MultivariateNormal(prior["mean"], covariances / kappa)
-            return total + mean_prior.log_prob(means).sum()
-        if covariance_type == "diag":
-            variances, rate = covariances, torch.diagonal(scale) / 2
-        else:
-            variances = covariances[:, None].expand_as(means)
-            rate = torch.diagonal(scale).mean() / 2
-        half_dof = torch.tensor(dof / 2, dtype=DTYPE)
-        total = td.InverseGamma(half_dof, rate).log_prob(covariances).sum()
-        mean_prior = td.Normal(prior["mean"], (variances / kappa).sqrt())
-        return total + mean_prior.log_prob(means).sum()
-    if family in ("poisson", "exponential"):
-        gamma = td.Gamma(prior["concentration"], prior["rate"])
-        return gamma.log_prob(params["rates"]).sum()
-    if family == "bernoulli":
-        beta = td.Beta(prior["concentration1"], prior["concentration0"])
-        return beta.log_prob(params["probs"]).sum()
-    return td.Dirichlet(prior["concentration"]).log_prob(params["probs"]).sum()
-
-
-def _log_joint_table(
-    family: str, covariance_type: str | None, data: torch.Tensor, params: dict[str, Any]
-) -> torch.Tensor:
-    """``log π_k + log p(x_n | θ_k)``, ``(num_data, K)``, from torch densities."""
-    points = data[:, None, :]
-    if family == "gaussian":
-        means, covariances = params["means"], params["covariances"]
-        if covariance_type in ("full", "tied"):
-            log_prob = td.MultivariateNormal(means, covariances).log_prob(points)
-        else:
-            variances = covariances if covariance_type == "diag" else covariances[:, None]
-            log_prob = td.Normal(means, variances.sqrt()).log_prob(points).sum(-1)
-    elif family == "poisson":
-        log_prob = td.Poisson(params["rates"]).log_prob(points).sum(-1)
-    elif family == "exponential":
-        log_prob = td.Exponential(params["rates"]).log_prob(points).sum(-1)
-    elif family == "bernoulli":
-        log_prob = td.Bernoulli(probs=params["probs"]).log_prob(points).sum(-1)
-    else:
-        log_prob = td.Categorical(probs=params["probs"]).log_prob(points.long()).sum(-1)
-    return params["weights"].log() + log_prob
-
-
 def _lower_bound(table: torch.Tensor, posterior: torch.Tensor, log_prior: torch.Tensor) -> float:
     """``L(q, θ) = Σ_nk q_nk [log π_k + log p(x_n|θ_k) − log q_nk] + log p(θ)``."""
     entropy_terms = torch.special.xlogy(posterior, posterior)
@@ -232,8 +182,8 @@ def test_bound_is_tight_after_each_e_step(case: str) -> None:
     previous: tuple[torch.Tensor, float] | None = None
     for step in range(num_steps + 1):
         params = run(step).params
-        table = _log_joint_table(family, covariance_type, data, params)
-        log_prior = td.Dirichlet(alpha).log_prob(params["weights"]) + _log_prior(
+        table = params["weights"].log() + component_log_prob(family, covariance_type, data, params)
+        log_prior = td.Dirichlet(alpha).log_prob(params["weights"]) + reference_log_prior(
             family, covariance_type, prior, params
         )
         log_likelihood = float(torch.logsumexp(table, -1).sum())

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributions as td
+from reference_densities import component_log_prob, log_prior
 from scipy.optimize import minimize
 
 import pyroem
@@ -125,62 +126,6 @@ def _reference_prior(family: str, prior: Any, data: torch.Tensor) -> dict[str, A
     return {"concentration": torch.as_tensor(concentration, dtype=DTYPE).expand(NUM_CATEGORIES)}
 
 
-def _log_prior(
-    family: str, covariance_type: str | None, prior: dict[str, Any], params: dict[str, Any]
-) -> torch.Tensor:
-    """``log p(θ)`` as the documentation declares it, from torch densities."""
-    if family == "gaussian":
-        means, covariances = params["means"], params["covariances"]
-        kappa, dof, scale = prior["kappa"], prior["dof"], prior["scale"]
-        if covariance_type in ("full", "tied"):
-            total = pyroem.InverseWishart(dof, scale).log_prob(covariances).sum()
-            if kappa > 0:
-                mean_prior = td.MultivariateNormal(prior["mean"], covariances / kappa)
-                total = total + mean_prior.log_prob(means).sum()
-            return total
-        if covariance_type == "diag":
-            variances, rate = covariances, torch.diagonal(scale) / 2
-        else:
-            variances = covariances[:, None].expand_as(means)
-            rate = torch.diagonal(scale).mean() / 2
-        total = td.InverseGamma(torch.tensor(dof / 2, dtype=DTYPE), rate).log_prob(covariances)
-        total = total.sum()
-        if kappa > 0:
-            total = (
-                total + td.Normal(prior["mean"], (variances / kappa).sqrt()).log_prob(means).sum()
-            )
-        return total
-    if family in ("poisson", "exponential"):
-        concentration = torch.as_tensor(prior["concentration"], dtype=DTYPE)
-        rate = torch.as_tensor(prior["rate"], dtype=DTYPE)
-        return td.Gamma(concentration, rate).log_prob(params["rates"]).sum()
-    if family == "bernoulli":
-        ones = torch.as_tensor(prior["concentration1"], dtype=DTYPE)
-        zeros = torch.as_tensor(prior["concentration0"], dtype=DTYPE)
-        return td.Beta(ones, zeros).log_prob(params["probs"]).sum()
-    return td.Dirichlet(prior["concentration"]).log_prob(params["probs"]).sum()
-
-
-def _component_log_prob(
-    family: str, covariance_type: str | None, data: torch.Tensor, params: dict[str, Any]
-) -> torch.Tensor:
-    """``log p(x_n | θ_k)``, ``(NUM_DATA, K)``, from torch densities."""
-    points = data[:, None, :]
-    if family == "gaussian":
-        means, covariances = params["means"], params["covariances"]
-        if covariance_type in ("full", "tied"):
-            return td.MultivariateNormal(means, covariances).log_prob(points)
-        variances = covariances if covariance_type == "diag" else covariances[:, None]
-        return td.Normal(means, variances.sqrt()).log_prob(points).sum(-1)
-    if family == "poisson":
-        return td.Poisson(params["rates"]).log_prob(points).sum(-1)
-    if family == "exponential":
-        return td.Exponential(params["rates"]).log_prob(points).sum(-1)
-    if family == "bernoulli":
-        return td.Bernoulli(probs=params["probs"]).log_prob(points).sum(-1)
-    return td.Categorical(probs=params["probs"]).log_prob(points.long()).sum(-1)
-
-
 def _expected_log_joint(
     case: str,
     data: torch.Tensor,
@@ -191,10 +136,10 @@ def _expected_log_joint(
 ) -> torch.Tensor:
     """``Q(θ) = Σ_nk R_nk [log π_k + log p(x_n|θ_k)] + log Dir(π|α) + log p(θ)``."""
     family, covariance_type = CASES[case]
-    log_joint = params["weights"].log() + _component_log_prob(family, covariance_type, data, params)
+    log_joint = params["weights"].log() + component_log_prob(family, covariance_type, data, params)
     total = (resp * log_joint).sum() + td.Dirichlet(weights_prior).log_prob(params["weights"])
     if prior is not None:
-        total = total + _log_prior(family, covariance_type, prior, params)
+        total = total + log_prior(family, covariance_type, prior, params)
     return total
 
 
