@@ -113,6 +113,31 @@ def gaussian_prior(
     }
 
 
+def _chain_parameters(
+    num_states: int, dtype: torch.dtype, concentration: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chain's start probabilities and transition rows: ``pyro.param`` sites when
+    ``concentration`` is ``None`` (flat), else sample sites with Dirichlet priors."""
+    if concentration is None:
+        init_probs = pyro.param(
+            "init_probs",
+            lambda: torch.full((num_states,), 1.0 / num_states, dtype=dtype),
+            constraint=constraints.simplex,
+        )
+        transition_probs = pyro.param(
+            "transition_probs",
+            lambda: _initial_transitions(num_states, dtype),
+            constraint=constraints.simplex,
+        )
+        return init_probs, transition_probs
+    init_probs = pyro.sample("init_probs", dist.Dirichlet(concentration.expand(num_states)))
+    transition_probs = pyro.sample(
+        "transition_probs",
+        dist.Dirichlet(concentration.expand(num_states, num_states)).to_event(1),
+    )
+    return init_probs, transition_probs
+
+
 def gaussian_hmm(
     sequences: torch.Tensor, lengths: torch.Tensor, num_states: int, priors: str = "flat"
 ) -> None:
@@ -141,16 +166,7 @@ def gaussian_hmm(
     dtype = data.dtype
     if priors == "flat":
         values = _observed_values(data, lengths)
-        init_probs = pyro.param(
-            "init_probs",
-            lambda: torch.full((num_states,), 1.0 / num_states, dtype=dtype),
-            constraint=constraints.simplex,
-        )
-        transition_probs = pyro.param(
-            "transition_probs",
-            lambda: _initial_transitions(num_states, dtype),
-            constraint=constraints.simplex,
-        )
+        init_probs, transition_probs = _chain_parameters(num_states, dtype, None)
         locs = pyro.param("locs", lambda: _initial_locs(values, num_states))
         variances = pyro.param(
             "variances",
@@ -159,11 +175,8 @@ def gaussian_hmm(
         )
     else:
         prior = gaussian_prior(data, lengths, num_states)
-        concentration = prior["dirichlet_concentration"]
-        init_probs = pyro.sample("init_probs", dist.Dirichlet(concentration.expand(num_states)))
-        transition_probs = pyro.sample(
-            "transition_probs",
-            dist.Dirichlet(concentration.expand(num_states, num_states)).to_event(1),
+        init_probs, transition_probs = _chain_parameters(
+            num_states, dtype, prior["dirichlet_concentration"]
         )
         with pyro.plate("states", num_states):
             variances = pyro.sample(
@@ -222,27 +235,15 @@ def poisson_hmm(
     dtype = data.dtype
     values = _observed_values(data, lengths)
     if priors == "flat":
-        init_probs = pyro.param(
-            "init_probs",
-            lambda: torch.full((num_states,), 1.0 / num_states, dtype=dtype),
-            constraint=constraints.simplex,
-        )
-        transition_probs = pyro.param(
-            "transition_probs",
-            lambda: _initial_transitions(num_states, dtype),
-            constraint=constraints.simplex,
-        )
+        init_probs, transition_probs = _chain_parameters(num_states, dtype, None)
         rates = pyro.param(
             "rates",
             lambda: _initial_locs(values, num_states).clamp(min=0.5),
             constraint=constraints.positive,
         )
     else:
-        concentration = torch.tensor(2.0, dtype=dtype)
-        init_probs = pyro.sample("init_probs", dist.Dirichlet(concentration.expand(num_states)))
-        transition_probs = pyro.sample(
-            "transition_probs",
-            dist.Dirichlet(concentration.expand(num_states, num_states)).to_event(1),
+        init_probs, transition_probs = _chain_parameters(
+            num_states, dtype, torch.tensor(2.0, dtype=dtype)
         )
         mean = values.mean(0)
         with pyro.plate("states", num_states):
