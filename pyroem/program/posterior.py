@@ -110,10 +110,11 @@ def log_joint_terms(
         if name in program.params:
             log_prior = log_prior + scale * term.sum()
             continue
-        term_packed = packed.pack(term, site["infer"]["_dim_to_symbol"])
-        if enum_symbols.isdisjoint(term_packed._pyro_dims):
+        # The trace already packed its own table: its symbols say which latents it reads.
+        if enum_symbols.isdisjoint(site["packed"]["unscaled_log_prob"]._pyro_dims):
             log_likelihood = log_likelihood + scale * term.sum()
             continue
+        term_packed = packed.pack(term, site["infer"]["_dim_to_symbol"])
         ordinal = frozenset(
             trace.plate_to_symbol[frame.name]
             for frame in site["cond_indep_stack"]
