@@ -7,12 +7,11 @@ from typing import Any
 import torch
 
 from pyroem.em import EMRun, best_of_restarts, run_em
-from pyroem.errors import NotSupportedError, SpecError
+from pyroem.errors import SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
 from pyroem.initialization import initial_params
 from pyroem.mstep.mixture import mixture_m_step
 from pyroem.program.fit import fit_program
-from pyroem.program.results import ProgramFit
 from pyroem.results import FitResult
 from pyroem.spec.mixture import Mixture, as_data
 
@@ -27,10 +26,6 @@ def _check_options(
 ) -> torch.dtype:
     if method not in METHODS:
         raise SpecError(f"unknown method {method!r}; choose one of {METHODS}")
-    if method != "map-em":
-        raise NotSupportedError(
-            f"method={method!r} is not available in this version of pyroem; use method='map-em'"
-        )
     for name, value, low in (
         ("n_init", n_init, 1),
         ("max_iter", max_iter, 0),
@@ -67,7 +62,8 @@ def fit(
     model_kwargs: dict[str, Any] | None = None,
     m_step: str = "auto",
     gradient_steps: int = 50,
-) -> FitResult | ProgramFit:
+    **method_options: Any,
+) -> Any:
     r"""Fit a model by the EM variant ``method``.
 
     Args:
@@ -77,9 +73,10 @@ def fit(
         *model_args: for a ``Mixture``, the data ``(num_data, dim)`` (array-like or
             tensor); for a Pyro program, its positional arguments.
         method: ``"map-em"`` (exact E-step; closed-form conjugate M-steps, gradient
-            steps where there is none). The flags ``"vb-em"``, ``"mcmc-em"`` and
-            ``"nuts"`` are reserved and raise :class:`~pyroem.errors.NotSupportedError`
-            in this version.
+            steps where there is none), ``"vb-em"`` (closed-form mean-field VB for a
+            ``Mixture``; SVI with a guide for a Pyro program, or for a ``Mixture`` given
+            ``guide=``), ``"mcmc-em"`` (Monte Carlo EM / SAEM with Gibbs and NUTS
+            E-steps) or ``"nuts"`` (full Bayesian inference with z summed out).
         n_init: restarts; the run with the highest final objective is kept.
         init: for a ``Mixture``: ``"kmeans++"`` (default), ``"kmeans"``, ``"random"``,
             ``"random_from_data"``, a dict of parameters in ``fit.params`` form, or a
@@ -100,6 +97,8 @@ def fit(
         m_step: Pyro programs: ``"auto"`` (recognised closed forms, gradient steps for
             the rest) or ``"gradient"`` (gradient steps for every site).
         gradient_steps: L-BFGS iterations per gradient M-step.
+        **method_options: options of the other methods (see the README's section on
+            each method); an option the method does not know is an error.
 
     Returns:
         A :class:`~pyroem.results.FitResult` for a ``Mixture``, a
@@ -112,6 +111,28 @@ def fit(
     and it never decreases from one iteration to the next.
     """
     torch_dtype = _check_options(method, n_init, tol, max_iter, chunk_size, dtype)
+    if method != "map-em":
+        return _fit_other(
+            model,
+            model_args,
+            model_kwargs,
+            method=method,
+            init=init,
+            n_init=n_init,
+            seed=seed,
+            tol=tol,
+            max_iter=max_iter,
+            dtype=torch_dtype if dtype is not None else None,
+            device=device,
+            chunk_size=chunk_size,
+            progress=progress,
+            options=method_options,
+        )
+    if method_options:
+        raise SpecError(
+            f"unknown options for method='map-em': {sorted(method_options)}; "
+            "see help(pyroem.fit) for the options of each method"
+        )
     if not isinstance(model, Mixture):
         if dtype is not None or device is not None:
             raise SpecError(
@@ -194,3 +215,85 @@ def fit(
         restart_objectives=finals,
         options=options,
     )
+
+
+def _mixture_as_program(
+    spec: Mixture, data: torch.Tensor, init: Any, seed: int | None
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``spec.model(data)`` and its starting values in site form, from the
+    ``Mixture``'s own initialisation (k-means++ by default)."""
+    family = spec.bind(data)
+    if isinstance(init, FitResult):
+        init = init.params
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    start = initial_params(spec, family, data, "kmeans++" if init is None else init, generator)
+    values = {"weights": start.weights, **family.to_user(start.components)}
+    return spec.model(data, params=values), values
+
+
+def _fit_other(
+    model: Any,
+    model_args: tuple[Any, ...],
+    model_kwargs: dict[str, Any] | None,
+    *,
+    method: str,
+    init: Any,
+    n_init: int,
+    seed: int | None,
+    tol: float,
+    max_iter: int,
+    dtype: torch.dtype | None,
+    device: Any,
+    chunk_size: int,
+    progress: bool,
+    options: dict[str, Any],
+) -> Any:
+    """Every method but ``map-em``: CAVI for a ``Mixture`` under ``vb-em`` (unless a
+    guide is asked for); otherwise the engine runs on the Pyro program (for a
+    ``Mixture``, ``spec.model(data)``, started from the ``Mixture``'s initialisation)."""
+    if isinstance(model, Mixture):
+        if model_kwargs:
+            raise SpecError("model_kwargs is for Pyro programs; a Mixture takes only the data")
+        if len(model_args) != 1:
+            raise SpecError(
+                f"fit(Mixture, data) takes exactly one data argument; got {len(model_args)}"
+            )
+        data = as_data(model_args[0], dtype=dtype or torch.float64, device=device)
+        if method == "vb-em" and "guide" not in options:
+            from pyroem.variational.cavi import fit_mixture_cavi
+
+            return fit_mixture_cavi(
+                model,
+                data,
+                init="kmeans++" if init is None else init,
+                n_init=n_init,
+                seed=seed,
+                tol=tol,
+                max_iter=max_iter,
+                chunk_size=chunk_size,
+                progress=progress,
+                **options,
+            )
+        program, init = _mixture_as_program(model, data, init, seed)
+        model, model_args, model_kwargs = program, (), None
+    elif dtype is not None or device is not None:
+        raise SpecError(
+            "dtype and device are for pyroem.Mixture; a Pyro program computes in the "
+            "dtype and on the device of its own tensors (pass the data as you want it)"
+        )
+    common = {"init": init, "seed": seed, "progress": progress, **options}
+    if method == "vb-em":
+        from pyroem.variational.svi import fit_svi
+
+        return fit_svi(model, model_args, model_kwargs, tol=tol, max_iter=max_iter, **common)
+    if method == "mcmc-em":
+        from pyroem.sampling.mcmc_em import fit_mcmc_em
+
+        return fit_mcmc_em(model, model_args, model_kwargs, tol=tol, max_iter=max_iter, **common)
+    from pyroem.bayes import fit_nuts
+
+    return fit_nuts(model, model_args, model_kwargs, **common)

@@ -36,6 +36,11 @@ class FitResult:
         num_iterations: M-steps taken by the kept run.
         labels: most probable component of each training point, ``(N,)``.
         restart_objectives: final objective of every restart.
+        draws: posterior draws keyed like ``params``, each
+            ``(num_chains, num_draws, *shape)`` (NUTS, MCMC-EM, a fitted guide's
+            draws, the variational posterior); ``None`` for MAP-EM.
+        sample_stats: per-iteration or per-draw statistics by name, each a NumPy
+            array (ELBO trace, chain diagnostics, NUTS statistics).
         removed_components: original indices of components removed because their
             weight collapsed (only with ``weights_prior < 1``).
     """
@@ -55,6 +60,8 @@ class FitResult:
         objective: float,
         restart_objectives: list[float],
         options: dict[str, Any],
+        draws: dict[str, torch.Tensor] | None = None,
+        sample_stats: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.spec = spec
         self.family = family
@@ -68,6 +75,8 @@ class FitResult:
         self._objective = objective
         self.restart_objectives = restart_objectives
         self.options = options
+        self.draws = draws
+        self.sample_stats = dict(sample_stats or {})
 
     # ----- parameters ---------------------------------------------------------
     @property

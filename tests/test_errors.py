@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import pyroem
-from pyroem import DataError, NotSupportedError, PyroEMError, SingularCovarianceError, SpecError
+from pyroem import DataError, PyroEMError, SingularCovarianceError, SpecError
 
 GAUSSIAN_DATA = torch.tensor([[0.0, 1.0], [1.0, 0.5], [2.0, 2.5], [3.0, 1.5], [4.0, 3.0]])
 COUNTS = torch.tensor([[0.0, 3.0], [1.0, 2.0], [4.0, 0.0], [2.0, 5.0]])
@@ -282,10 +282,9 @@ def test_unknown_method() -> None:
         _fit(GAUSSIAN_DATA, method="em")
 
 
-@pytest.mark.parametrize("method", ["vb-em", "mcmc-em", "nuts"])
-def test_reserved_methods_point_to_map_em(method: str) -> None:
-    with pytest.raises(NotSupportedError, match=rf"method='{method}' .*use method='map-em'"):
-        _fit(GAUSSIAN_DATA, method=method)
+def test_unknown_map_em_option_is_named() -> None:
+    with pytest.raises(SpecError, match=r"unknown options for method='map-em': \['guide'\]"):
+        _fit(GAUSSIAN_DATA, guide="normal")
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,11 @@ class ProgramFit:
         converged: whether the kept run met ``tol`` before ``max_iter``.
         num_iterations: M-steps taken by the kept run.
         restart_objectives: final log joint of every restart.
+        draws: posterior draws keyed like ``params``, each
+            ``(num_chains, num_draws, *shape)`` (NUTS, MCMC-EM, a fitted guide's
+            draws, the variational posterior); ``None`` for MAP-EM.
+        sample_stats: per-iteration or per-draw statistics by name, each a NumPy
+            array (ELBO trace, chain diagnostics, NUTS statistics).
         options: the fitting options.
     """
 
@@ -51,6 +56,8 @@ class ProgramFit:
         num_data: int,
         restart_objectives: list[float],
         options: dict[str, Any],
+        draws: dict[str, torch.Tensor] | None = None,
+        sample_stats: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.program = program
         self.method = method
@@ -65,6 +72,8 @@ class ProgramFit:
         self.num_data = num_data
         self.restart_objectives = restart_objectives
         self.options = options
+        self.draws = draws
+        self.sample_stats = dict(sample_stats or {})
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
