@@ -214,6 +214,7 @@ def fit(
         objective=best.last.objective,
         restart_objectives=finals,
         options=options,
+        data=data,
     )
 
 

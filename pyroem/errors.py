@@ -11,6 +11,7 @@ __all__ = [
     "CollapsedComponentWarning",
     "ConvergenceWarning",
     "DataError",
+    "MCMCWarning",
     "NotSupportedError",
     "PyroEMError",
     "SingularCovarianceError",
@@ -44,3 +45,7 @@ class ConvergenceWarning(UserWarning):
 
 class CollapsedComponentWarning(UserWarning):
     """A mixing weight hit the simplex boundary and its component was removed."""
+
+
+class MCMCWarning(UserWarning):
+    """Markov chains look unreliable: R-hat too high, ESS too low, or divergences."""

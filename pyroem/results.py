@@ -41,6 +41,7 @@ class FitResult:
             draws, the variational posterior); ``None`` for MAP-EM.
         sample_stats: per-iteration or per-draw statistics by name, each a NumPy
             array (ELBO trace, chain diagnostics, NUTS statistics).
+        data: the training data ``(num_data, dim)`` (``None`` for a loaded fit).
         removed_components: original indices of components removed because their
             weight collapsed (only with ``weights_prior < 1``).
     """
@@ -62,6 +63,7 @@ class FitResult:
         options: dict[str, Any],
         draws: dict[str, torch.Tensor] | None = None,
         sample_stats: dict[str, np.ndarray] | None = None,
+        data: torch.Tensor | None = None,
     ) -> None:
         self.spec = spec
         self.family = family
@@ -77,6 +79,7 @@ class FitResult:
         self.options = options
         self.draws = draws
         self.sample_stats = dict(sample_stats or {})
+        self.data = data
 
     # ----- parameters ---------------------------------------------------------
     @property
@@ -162,6 +165,12 @@ class FitResult:
     def aic(self, data: Any = None) -> float:
         """Akaike information criterion ``−2 log L + 2p``; lower is better."""
         return -2 * self.log_likelihood(data) + 2 * self.num_parameters
+
+    def to_arviz(self) -> Any:
+        """The fit as ``arviz.InferenceData`` (see :func:`pyroem.diagnostics.to_arviz`)."""
+        from pyroem.diagnostics import to_arviz
+
+        return to_arviz(self)
 
     # ----- display --------------------------------------------------------------
     def __repr__(self) -> str:

@@ -110,6 +110,12 @@ class ProgramFit:
         """``−2 log L + 2p``; lower is better."""
         return -2 * self._log_likelihood + 2 * self.num_parameters
 
+    def to_arviz(self) -> Any:
+        """The fit as ``arviz.InferenceData`` (see :func:`pyroem.diagnostics.to_arviz`)."""
+        from pyroem.diagnostics import to_arviz
+
+        return to_arviz(self)
+
     def __repr__(self) -> str:
         return (
             f"ProgramFit(model={self.program.name}, method={self.method!r}, "

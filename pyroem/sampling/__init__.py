@@ -1,0 +1,1 @@
+"""Monte Carlo EM: sampling E-steps (Gibbs, NUTS) and their schedules."""

@@ -1,0 +1,1 @@
+"""Variational EM: closed-form mean-field VB (CAVI) and SVI with a guide."""
