@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -111,8 +112,10 @@ def fit(
     and it never decreases from one iteration to the next.
     """
     torch_dtype = _check_options(method, n_init, tol, max_iter, chunk_size, dtype)
+    started = time.perf_counter()
+    result: Any
     if method != "map-em":
-        return _fit_other(
+        result = _fit_other(
             model,
             model_args,
             model_kwargs,
@@ -128,18 +131,18 @@ def fit(
             progress=progress,
             options=method_options,
         )
-    if method_options:
+    elif method_options:
         raise SpecError(
             f"unknown options for method='map-em': {sorted(method_options)}; "
             "see help(pyroem.fit) for the options of each method"
         )
-    if not isinstance(model, Mixture):
+    elif not isinstance(model, Mixture):
         if dtype is not None or device is not None:
             raise SpecError(
                 "dtype and device are for pyroem.Mixture; a Pyro program computes in the "
                 "dtype and on the device of its own tensors (pass the data as you want it)"
             )
-        return fit_program(
+        result = fit_program(
             model,
             model_args,
             model_kwargs,
@@ -153,6 +156,43 @@ def fit(
             m_step=m_step,
             gradient_steps=gradient_steps,
         )
+    else:
+        result = _fit_mixture(
+            model,
+            model_args,
+            model_kwargs,
+            method=method,
+            init=init,
+            n_init=n_init,
+            seed=seed,
+            tol=tol,
+            max_iter=max_iter,
+            dtype=torch_dtype,
+            device=device,
+            chunk_size=chunk_size,
+            progress=progress,
+        )
+    result.runtime = time.perf_counter() - started
+    return result
+
+
+def _fit_mixture(
+    model: Mixture,
+    model_args: tuple[Any, ...],
+    model_kwargs: dict[str, Any] | None,
+    *,
+    method: str,
+    init: Any,
+    n_init: int,
+    seed: int | None,
+    tol: float,
+    max_iter: int,
+    dtype: torch.dtype,
+    device: Any,
+    chunk_size: int,
+    progress: bool,
+) -> FitResult:
+    """MAP-EM on a ``Mixture`` by its fast tensor kernels."""
     if init is None:
         init = "kmeans++"
     if model_kwargs:
@@ -161,7 +201,7 @@ def fit(
         raise SpecError(
             f"fit(Mixture, data) takes exactly one data argument; got {len(model_args)}"
         )
-    data = as_data(model_args[0], dtype=torch_dtype, device=device)
+    data = as_data(model_args[0], dtype=dtype, device=device)
     family = model.bind(data)
     if isinstance(init, FitResult):
         init = init.params

@@ -41,6 +41,8 @@ class FitResult:
             draws, the variational posterior); ``None`` for MAP-EM.
         sample_stats: per-iteration or per-draw statistics by name, each a NumPy
             array (ELBO trace, chain diagnostics, NUTS statistics).
+        runtime: wall-clock seconds of the whole fit, restarts included (set by
+            :func:`pyroem.fit`; NaN for a loaded fit).
         data: the training data ``(num_data, dim)`` (``None`` for a loaded fit).
         removed_components: original indices of components removed because their
             weight collapsed (only with ``weights_prior < 1``).
@@ -79,6 +81,7 @@ class FitResult:
         self.options = options
         self.draws = draws
         self.sample_stats = dict(sample_stats or {})
+        self.runtime = math.nan
         self.data = data
 
     # ----- parameters ---------------------------------------------------------

@@ -37,6 +37,8 @@ class ProgramFit:
             draws, the variational posterior); ``None`` for MAP-EM.
         sample_stats: per-iteration or per-draw statistics by name, each a NumPy
             array (ELBO trace, chain diagnostics, NUTS statistics).
+        runtime: wall-clock seconds of the whole fit, restarts included (set by
+            :func:`pyroem.fit`; NaN for a loaded fit).
         options: the fitting options.
     """
 
@@ -74,6 +76,7 @@ class ProgramFit:
         self.options = options
         self.draws = draws
         self.sample_stats = dict(sample_stats or {})
+        self.runtime = math.nan
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
