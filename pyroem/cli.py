@@ -5,6 +5,9 @@
     pyroem fit                                    # Old Faithful, 2 full-covariance Gaussians
     pyroem fit --dataset iris --components 3 --covariance-type diag
     pyroem fit --data my.csv --columns x,y --components 4 --prior none --out results/
+    pyroem fit --components 1..6                  # choose K by BIC (or --criterion loo)
+    pyroem fit --method vb-em --plots plots/      # any method; PNG plots
+    pyroem compare --methods map-em,vb-em,nuts    # one model, several methods, one table
 
 A bare ``pyroem`` (or ``pyroem`` followed by options only) runs ``pyroem fit``.
 ``python -m pyroem`` is the same command.
@@ -24,15 +27,17 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 from pyroem import __version__
 from pyroem.api import METHODS, fit
+from pyroem.compare import compare, format_comparison
 from pyroem.datasets import available_datasets, load_dataset, read_csv
-from pyroem.errors import DataError, PyroEMError
+from pyroem.errors import DataError, PyroEMError, SpecError
 from pyroem.results import FitResult
+from pyroem.selection import CRITERIA, choose_components, parse_components
 from pyroem.spec.families import FAMILIES
 from pyroem.spec.mixture import Mixture
 
@@ -45,7 +50,32 @@ DEFAULT_DATASET = "faithful"
 #: progress bar is shown even when stderr is not a terminal.
 _LONG_FIT = 10_000_000
 
-_OUTPUT_FILES = ("params.json", "history.csv", "assignments.csv", "fit.npz")
+_OUTPUT_FILES = (
+    "params.json",
+    "history.csv",
+    "assignments.csv",
+    "fit.npz (map-em, vb-em)",
+    "inference.nc (methods with draws)",
+)
+
+
+def _components(text: str) -> list[int]:
+    """``--components``: one number, a range ``1..6`` or a list ``2,3,5``."""
+    try:
+        return parse_components(text)
+    except SpecError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _methods(text: str) -> list[str]:
+    """``--methods``: comma-separated method names."""
+    methods = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in methods if name not in METHODS]
+    if not methods or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown method {unknown[0] if unknown else text!r}; choose from {','.join(METHODS)}"
+        )
+    return list(dict.fromkeys(methods))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,76 +87,116 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pyroem {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    fit_parser = commands.add_parser(
-        "fit",
-        help="fit a mixture model and print a summary",
-        description=(
-            "Fit a finite mixture by MAP-EM and print a summary table. Without --data or "
-            f"--dataset it fits the bundled '{DEFAULT_DATASET}' data (Old Faithful) with two "
-            "full-covariance Gaussian components."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    source = fit_parser.add_mutually_exclusive_group()
+    shared = argparse.ArgumentParser(add_help=False)
+    source = shared.add_mutually_exclusive_group()
     source.add_argument("--data", metavar="CSV", help="numeric CSV file with a header row")
     source.add_argument(
         "--dataset",
         choices=available_datasets(),
         help=f"a bundled data set (default: {DEFAULT_DATASET})",
     )
-    fit_parser.add_argument(
+    shared.add_argument(
         "--columns",
         metavar="A,B,...",
         help="comma-separated names of the columns to fit (default: all)",
     )
-    fit_parser.add_argument(
+    shared.add_argument(
         "--family", default="gaussian", choices=sorted(FAMILIES), help="component family"
     )
-    fit_parser.add_argument(
+    shared.add_argument(
         "--covariance-type",
         choices=("full", "diag", "spherical", "tied"),
         help="gaussian covariance structure (default: full)",
     )
-    fit_parser.add_argument(
-        "--components", type=int, default=2, metavar="K", help="number of mixture components"
-    )
-    fit_parser.add_argument("--method", default="map-em", choices=METHODS, help="EM variant")
-    fit_parser.add_argument(
+    shared.add_argument(
         "--prior",
         default="default",
         choices=("default", "none"),
         help="'default': weak data-scaled conjugate prior; 'none': maximum likelihood",
     )
-    fit_parser.add_argument(
+    shared.add_argument(
         "--weights-prior",
         type=float,
         default=1.0,
         metavar="ALPHA",
         help="Dirichlet concentration of the mixing weights (1 is flat)",
     )
-    fit_parser.add_argument(
+    shared.add_argument(
         "--n-init", type=int, default=10, metavar="N", help="restarts; the best is kept"
     )
-    fit_parser.add_argument(
+    shared.add_argument(
         "--max-iter", type=int, default=1000, metavar="N", help="most EM iterations per restart"
     )
-    fit_parser.add_argument(
+    shared.add_argument(
         "--tol",
         type=float,
         default=1e-6,
         help="convergence tolerance on the objective change per data point",
     )
-    fit_parser.add_argument("--seed", type=int, default=0, help="random seed")
-    fit_parser.add_argument(
+    shared.add_argument("--seed", type=int, default=0, help="random seed")
+    shared.add_argument(
         "--dtype", default="float64", choices=("float64", "float32"), help="floating precision"
+    )
+    shared.add_argument("--plots", metavar="DIR", help="write PNG plots to DIR")
+    shared.add_argument(
+        "--quiet", action="store_true", help="print nothing but warnings and errors"
+    )
+
+    fit_parser = commands.add_parser(
+        "fit",
+        parents=[shared],
+        help="fit a mixture model and print a summary",
+        description=(
+            "Fit a finite mixture and print a summary table. Without --data or "
+            f"--dataset it fits the bundled '{DEFAULT_DATASET}' data (Old Faithful) with two "
+            "full-covariance Gaussian components by MAP-EM. Several --components (1..6) "
+            "fit each and choose one by --criterion."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    fit_parser.add_argument(
+        "--components",
+        type=_components,
+        default=[2],
+        metavar="K",
+        help="number of mixture components, or candidates to choose from (1..6 or 2,3,5)",
+    )
+    fit_parser.add_argument("--method", default="map-em", choices=METHODS, help="EM variant")
+    fit_parser.add_argument(
+        "--criterion",
+        default="bic",
+        choices=CRITERIA,
+        help="how several --components are chosen between ('loo' needs vb-em or nuts)",
     )
     fit_parser.add_argument(
         "--out",
         metavar="DIR",
         help="write " + ", ".join(_OUTPUT_FILES) + " to DIR (rows numbered from 0)",
     )
-    fit_parser.add_argument(
-        "--quiet", action="store_true", help="print nothing but warnings and errors"
+
+    compare_parser = commands.add_parser(
+        "compare",
+        parents=[shared],
+        help="fit one model with several methods and print a comparison table",
+        description=(
+            "Fit one mixture with several methods and print one table: scores, runtime, "
+            "iterations and every parameter with its credible interval, components aligned "
+            "across methods."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    compare_parser.add_argument(
+        "--components", type=int, default=2, metavar="K", help="number of mixture components"
+    )
+    compare_parser.add_argument(
+        "--methods",
+        type=_methods,
+        default=list(METHODS),
+        metavar="A,B,...",
+        help="comma-separated methods to compare (default: all of " + ",".join(METHODS) + ")",
+    )
+    compare_parser.add_argument(
+        "--out", metavar="DIR", help="write comparison.csv and comparison.txt to DIR"
     )
     return parser
 
@@ -152,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
     try:
+        if args.command == "compare":
+            return _compare_command(args)
         return _fit_command(args)
     except (PyroEMError, ValueError) as err:
         _say("error", str(err))
@@ -199,56 +271,127 @@ def _describe(name: str, data: torch.Tensor, names: Sequence[str]) -> str:
     return f"data: {name} ({data.shape[0]} rows x {data.shape[1]} columns: {shown})"
 
 
-def _fit_command(args: argparse.Namespace) -> int:
-    """``pyroem fit``: load, fit, report, write."""
-    data, name, names = _load_data(args)
-    spec = Mixture(
-        args.components,
+def _spec(args: argparse.Namespace, num_components: int) -> Mixture:
+    """The mixture the command line describes, with ``num_components`` components."""
+    return Mixture(
+        num_components,
         args.family,
         covariance_type=args.covariance_type,
         weights_prior=args.weights_prior,
         prior=None if args.prior == "none" else "default",
     )
-    work = data.shape[0] * args.components * max(args.n_init, 1)
+
+
+def _fit_options(
+    args: argparse.Namespace, data: torch.Tensor, num_components: int
+) -> dict[str, Any]:
+    """The options of :func:`pyroem.fit` from the command line."""
+    work = data.shape[0] * num_components * max(args.n_init, 1)
     progress = not args.quiet and (sys.stderr.isatty() or work >= _LONG_FIT)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        result = cast(
-            FitResult,
-            fit(
-                spec,
-                data,
-                method=args.method,
-                n_init=args.n_init,
-                tol=args.tol,
-                max_iter=args.max_iter,
-                seed=args.seed,
-                dtype=args.dtype,
-                progress=progress,
-            ),
-        )
+    return {
+        "n_init": args.n_init,
+        "tol": args.tol,
+        "max_iter": args.max_iter,
+        "seed": args.seed,
+        "dtype": args.dtype,
+        "progress": progress,
+    }
+
+
+def _warn(caught: list[warnings.WarningMessage]) -> None:
+    """Each distinct warning once, as one line."""
     for message in dict.fromkeys(str(warning.message) for warning in caught):
         _say("warning", message)
+
+
+def _fit_command(args: argparse.Namespace) -> int:
+    """``pyroem fit``: load, fit (choosing K if several are given), report, write."""
+    data, name, names = _load_data(args)
+    candidates = args.components
+    options = _fit_options(args, data, max(candidates))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        if len(candidates) > 1:
+            choice = choose_components(
+                _spec(args, 1),
+                data,
+                candidates,
+                criterion=args.criterion,
+                method=args.method,
+                **options,
+            )
+            result = choice.fits[choice.best]
+        else:
+            result = fit(_spec(args, candidates[0]), data, method=args.method, **options)
+    _warn(caught)
     if not args.quiet:
         print(_describe(name, data, names))
+        if len(candidates) > 1:
+            print(f"number of components by {args.criterion}: {choice.best}")
+            print(choice.table.to_string())
+            print()
         print(result.summary())
     if args.out is not None:
         out = Path(args.out)
-        _write_outputs(out, result, data, source=name, feature_names=names)
+        written = _write_outputs(out, result, data, source=name, feature_names=names)
         if not args.quiet:
-            print(f"wrote {', '.join(_OUTPUT_FILES)} to {out}")
+            print(f"wrote {', '.join(written)} to {out}")
+    if args.plots is not None:
+        _plots(args, {result.method: result}, data, names)
+    return 0
+
+
+def _plots(
+    args: argparse.Namespace, fits: dict[str, Any], data: torch.Tensor, names: Sequence[str]
+) -> None:
+    from pyroem.plots import write_plots
+
+    paths = write_plots(fits, args.plots, data, feature_names=names)
+    if not args.quiet:
+        print(f"wrote {', '.join(path.name for path in paths)} to {args.plots}")
+
+
+def _compare_command(args: argparse.Namespace) -> int:
+    """``pyroem compare``: fit one model with every method, print and write one table."""
+    data, name, names = _load_data(args)
+    spec = _spec(args, args.components)
+    fits = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        for method in args.methods:
+            fits[method] = fit(
+                spec, data, method=method, **_fit_options(args, data, args.components)
+            )
+        table = compare(fits)
+    _warn(caught)
+    text = format_comparison(table)
+    if not args.quiet:
+        print(_describe(name, data, names))
+        print(f"model: {spec!r}")
+        print(text)
+    if args.out is not None:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / "comparison.csv")
+        (out / "comparison.txt").write_text(text + "\n", encoding="utf-8")
+        if not args.quiet:
+            print(f"wrote comparison.csv, comparison.txt to {out}")
+    if args.plots is not None:
+        _plots(args, fits, data, names)
     return 0
 
 
 def _write_outputs(
     out: Path,
-    result: FitResult,
+    result: Any,
     data: torch.Tensor,
     *,
     source: str,
     feature_names: Sequence[str],
-) -> None:
-    """Write ``params.json``, ``history.csv``, ``assignments.csv`` and ``fit.npz`` to ``out``.
+) -> list[str]:
+    """Write ``params.json``, ``history.csv``, ``assignments.csv`` and either ``fit.npz``
+    (a fit :func:`pyroem.load` reads back) or, for methods with posterior draws,
+    ``inference.nc`` (ArviZ ``InferenceData``) to ``out``.
 
     Args:
         out: the output directory (created if missing).
@@ -256,15 +399,19 @@ def _write_outputs(
         data: the training data, ``(num_data, dim)``.
         source: the data's name (file path or bundled data set).
         feature_names: the ``dim`` column names.
+
+    Returns:
+        The names of the files written.
     """
     out.mkdir(parents=True, exist_ok=True)
+    spec = getattr(result, "spec", None)
     report: dict[str, Any] = {
         "data": {
             "source": source,
             "num_data": int(data.shape[0]),
             "columns": list(feature_names),
         },
-        "model": result.spec.to_config(),
+        "model": spec.to_config() if spec is not None else None,
         "method": result.method,
         "options": result.options,
         "params": {key: value.tolist() for key, value in result.params.items()},
@@ -288,13 +435,24 @@ def _write_outputs(
         ):
             writer.writerow([step, *(float(value) for value in values)])
 
-    responsibility = result.predict_proba(data).max(-1).values
+    if isinstance(result, FitResult):
+        probabilities = result.predict_proba(data)
+    else:
+        probabilities = result.marginals["assignment"]
+    best = probabilities.max(-1)
     with open(out / "assignments.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["row", "label", "responsibility"])
         for row, (label, value) in enumerate(
-            zip(result.labels.tolist(), responsibility.tolist(), strict=True)
+            zip(best.indices.tolist(), best.values.tolist(), strict=True)
         ):
             writer.writerow([row, label, value])
 
-    result.save(out / "fit.npz")
+    written = ["params.json", "history.csv", "assignments.csv"]
+    if result.draws:
+        result.to_arviz().to_netcdf(str(out / "inference.nc"))
+        written.append("inference.nc")
+    if isinstance(result, FitResult):
+        result.save(out / "fit.npz")
+        written.append("fit.npz")
+    return written

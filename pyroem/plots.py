@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyroem.compare import labelled_fits
 from pyroem.errors import SpecError
 
 __all__ = ["plot_components", "plot_objective", "write_plots"]
@@ -38,19 +39,6 @@ def _axes(ax: Any) -> Any:
     return ax
 
 
-def _labelled(fits: Sequence[Any] | Mapping[str, Any]) -> dict[str, Any]:
-    """``{label: fit}``; a sequence is labelled by each fit's method (numbered if repeated)."""
-    if isinstance(fits, Mapping):
-        return dict(fits)
-    labelled: dict[str, Any] = {}
-    for fit in fits:
-        label, number = fit.method, 2
-        while label in labelled:
-            label, number = f"{fit.method} ({number})", number + 1
-        labelled[label] = fit
-    return labelled
-
-
 def plot_objective(fits: Sequence[Any] | Mapping[str, Any], ax: Any = None) -> Any:
     """The objective trace of each fit against the iteration.
 
@@ -63,7 +51,7 @@ def plot_objective(fits: Sequence[Any] | Mapping[str, Any], ax: Any = None) -> A
         ax: Matplotlib axes to draw on.
     """
     ax = _axes(ax)
-    for label, fit in _labelled(fits).items():
+    for label, fit in labelled_fits(fits).items():
         objective = np.asarray(fit.history.objective, dtype=float)
         ax.plot(
             np.arange(objective.shape[0]),
@@ -288,7 +276,7 @@ def write_plots(
     plt = _pyplot()
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    labelled = _labelled(fits)
+    labelled = labelled_fits(fits)
     written = []
 
     def save(ax: Any, name: str) -> None:
