@@ -14,8 +14,9 @@ Any Pyro program whose discrete latents can be enumerated fits the same way::
     fit.params, fit.m_step_kinds, fit.marginals
 """
 
-from pyroem import datasets
+from pyroem import datasets, plots
 from pyroem.api import METHODS, fit
+from pyroem.compare import compare, format_comparison
 from pyroem.em import History
 from pyroem.errors import (
     CollapsedComponentWarning,
@@ -29,6 +30,7 @@ from pyroem.errors import (
 from pyroem.program import ProgramModel
 from pyroem.program.results import ProgramFit
 from pyroem.results import FitResult, load
+from pyroem.selection import choose_components
 from pyroem.spec.distributions import InverseWishart
 from pyroem.spec.families import Bernoulli, Categorical, Exponential, Family, Gaussian, Poisson
 from pyroem.spec.mixture import Mixture
@@ -62,7 +64,11 @@ __all__ = [
     "SingularCovarianceError",
     "SpecError",
     "__version__",
+    "choose_components",
+    "compare",
     "datasets",
     "fit",
+    "format_comparison",
     "load",
+    "plots",
 ]

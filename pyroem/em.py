@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pyroem.errors import ConvergenceWarning
 from pyroem.estep.enumerate import EStep
