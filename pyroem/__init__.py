@@ -35,6 +35,7 @@ from pyroem.spec.distributions import InverseWishart
 from pyroem.spec.families import Bernoulli, Categorical, Exponential, Family, Gaussian, Poisson
 from pyroem.spec.mixture import Mixture
 from pyroem.spec.priors import Beta, Dirichlet, Gamma, NormalInverseWishart
+from pyroem.variational.cavi import VariationalFit
 
 __version__ = "0.1.0"
 
@@ -63,6 +64,7 @@ __all__ = [
     "PyroEMError",
     "SingularCovarianceError",
     "SpecError",
+    "VariationalFit",
     "__version__",
     "choose_components",
     "compare",

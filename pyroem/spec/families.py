@@ -481,9 +481,12 @@ class Gaussian(Family):
         sum_x = resp.T @ prepared
         if self.covariance_type == "tied":
             return GaussianStats(counts, sum_x, prepared.T @ prepared)
+        # Σ_n r_nk x_n x_nᵀ as one (K·D, n) @ (n, D) product over contiguous rows: several
+        # times faster than weighting the (n, K·D) outer layout when D is small.
         num, dim = prepared.shape
-        weighted = (resp[:, :, None] * prepared[:, None, :]).reshape(num, -1)
-        sum_xx = (weighted.T @ prepared).view(-1, dim, dim)
+        resp_t = resp.T.contiguous()
+        weighted = (resp_t[:, None, :] * prepared.T.contiguous()[None]).view(-1, num)
+        sum_xx = (weighted @ prepared).view(-1, dim, dim)
         return GaussianStats(counts, sum_x, sum_xx)
 
     def m_step(self, stats: GaussianStats) -> GaussianParams:

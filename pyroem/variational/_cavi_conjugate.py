@@ -1,0 +1,566 @@
+r"""Conjugate variational factors ``q(θ_k)`` of the declarative mixture families.
+
+Given responsibilities ``r_nk`` (the factor ``q(z)``), the optimal ``q(θ)`` of
+mean-field VB is the conjugate posterior under fractional counts,
+
+.. math:: q^*(θ) ∝ p(θ) \prod_{n,k} p(x_n | θ_k)^{r_{nk}},
+
+and its normaliser is the "weighted marginal likelihood"
+:math:`\log Z(r) = \log \int p(θ) \prod_{n,k} p(x_n | θ_k)^{r_{nk}} dθ`. With
+``q(θ) = q^*(θ)`` the θ-part of the ELBO, :math:`E_q[\log p(x | z, θ)] + E_q[\log p(θ)]
+- E_q[\log q(θ)]`, equals :math:`\log Z(r)` exactly. Each class here gives, for one
+family: the update ``statistics -> posterior``, ``log Z``, the expected log-density
+:math:`E_q[\log p(x_n | θ_k)]` used by the E-step (together with the log-density at
+the posterior mean of ``θ``), the posterior means, draws, and the parameters in
+user form. Pure torch, no Pyro effects.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from pyroem.errors import SpecError
+from pyroem.mstep.conjugate import scatter_about
+from pyroem.spec.distributions import InverseWishart
+from pyroem.spec.families import (
+    Bernoulli,
+    BernoulliParams,
+    Categorical,
+    CategoricalParams,
+    CategoricalStats,
+    Exponential,
+    ExponentialParams,
+    Family,
+    Gaussian,
+    GaussianParams,
+    GaussianStats,
+    Poisson,
+    PoissonParams,
+    RateStats,
+)
+
+__all__ = [
+    "BetaPosterior",
+    "ConjugateFactor",
+    "DirichletPosterior",
+    "ExpectedLogDensity",
+    "GammaPosterior",
+    "NIWPosterior",
+    "conjugate_factor",
+    "log_multivariate_beta",
+]
+
+# (prepared chunk) -> (E_q log p(x_n | θ_k), log p(x_n | E_q θ_k)), each (n, K), both
+# without the per-datum constant ``ConjugateFactor.data_constant`` accounts for.
+ExpectedLogDensity = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def log_multivariate_beta(concentration: torch.Tensor) -> torch.Tensor:
+    """``log B(α) = Σ_c log Γ(α_c) − log Γ(Σ_c α_c)`` over the last axis."""
+    return torch.lgamma(concentration).sum(-1) - torch.lgamma(concentration.sum(-1))
+
+
+def _bound_dim(family: Family) -> int:
+    """The data dimension of a bound family."""
+    if family.dim is None:
+        raise SpecError(f"{family!r} is not bound to data; call family.bind(data, K) first")
+    return family.dim
+
+
+def _log_det(chol: torch.Tensor) -> torch.Tensor:
+    """``log |A|`` from the Cholesky factor of ``A``, ``(...)``."""
+    return 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+
+class ConjugateFactor(ABC):
+    """The conjugate factor ``q(θ)`` of one bound family (see the module docstring)."""
+
+    def __init__(self, family: Family) -> None:
+        self.family = family
+
+    @abstractmethod
+    def update(self, stats: Any) -> Any:
+        """The optimal ``q(θ)`` given expected sufficient statistics (the family's)."""
+
+    @abstractmethod
+    def log_normaliser(self, posterior: Any, stats: Any) -> torch.Tensor:
+        r""":math:`\log Z(r)`, without :attr:`data_constant`, for ``posterior = update(stats)``."""
+
+    @abstractmethod
+    def expected_log_density(
+        self, posterior: Any, expected_log_weights: torch.Tensor, log_mean_weights: torch.Tensor
+    ) -> ExpectedLogDensity:
+        """Closure giving ``E_q[log π_k] + E_q log p(x_n | θ_k)`` and
+        ``log E_q[π_k] + log p(x_n | E_q θ_k)`` for a prepared chunk, each ``(n, K)``.
+
+        Args:
+            posterior: ``q(θ)``.
+            expected_log_weights: ``E_q[log π]`` ``(K,)``.
+            log_mean_weights: ``log E_q[π]`` ``(K,)``.
+        """
+
+    def statistics(self, prepared: torch.Tensor, resp: torch.Tensor) -> Any:
+        """The family's expected sufficient statistics of a prepared chunk."""
+        return self.family.statistics(prepared, resp)
+
+    @abstractmethod
+    def expected_params(self, posterior: Any) -> Any:
+        """``E_q[θ]`` as the family's parameter NamedTuple."""
+
+    @abstractmethod
+    def sample(self, posterior: Any, num_draws: int) -> dict[str, torch.Tensor]:
+        """Draws from ``q(θ)`` in user form, each ``(num_draws, *shape)`` (global RNG)."""
+
+    @abstractmethod
+    def to_user(self, posterior: Any) -> dict[str, torch.Tensor]:
+        """The parameters of ``q(θ)``, named like the fields of the prior object."""
+
+    def data_constant(self, prepared: torch.Tensor) -> torch.Tensor:
+        """``Σ_n log h(x_n)`` of a chunk: the base measure the kernels leave out."""
+        return prepared.new_zeros(())
+
+
+# ---------------------------------------------------------------------------
+# Gaussian: Normal–Inverse-Wishart (full, tied) or Normal–Inverse-Gamma (diag, spherical)
+# ---------------------------------------------------------------------------
+
+
+class NIWPosterior(NamedTuple):
+    r"""``q(μ_k, Σ_k)``: ``Σ_k ~ InverseWishart(dof_k, scale_k)``,
+    ``μ_k | Σ_k ~ Normal(mean_k, Σ_k / mean_precision_k)``.
+
+    For diag each variance is ``InverseGamma(dof_k / 2, scale_kd / 2)`` and for
+    spherical the one variance is ``InverseGamma(dof_k / 2, scale_k / 2)``, as in the
+    prior. Shapes: mean ``(K, D)`` (about the family's shift), mean_precision ``(K,)``,
+    dof ``(K,)`` (tied: ``()``), scale full ``(K, D, D)``, tied ``(D, D)``, diag
+    ``(K, D)``, spherical ``(K,)``.
+    """
+
+    mean: torch.Tensor
+    mean_precision: torch.Tensor
+    dof: torch.Tensor
+    scale: torch.Tensor
+
+
+class _GaussianFactor(ConjugateFactor):
+    """Normal–Inverse-Wishart posterior of every covariance type."""
+
+    family: Gaussian
+
+    def __init__(self, family: Gaussian) -> None:
+        super().__init__(family)
+        prior = family.resolved
+        dim = _bound_dim(family)
+        self.kind = family.covariance_type
+        self.dim = dim
+        if family.shift is None:
+            raise SpecError(f"{family!r} is not bound to data; call family.bind(data, K) first")
+        self.shift = family.shift
+        self.prior_mean = prior.mean - self.shift
+        self.kappa0 = float(prior.mean_precision)
+        self.nu0 = float(prior.dof)
+        if self.kappa0 <= 0:
+            raise SpecError(
+                "vb-em needs a proper prior: the NormalInverseWishart prior has "
+                "mean_precision=0 (a flat prior on the means, which has no posterior "
+                "distribution); use prior='default' or a positive mean_precision"
+            )
+        # Σ-dimension of the Inverse-Wishart: D for full/tied, 1 for each diag/spherical
+        # variance. E_q[Σ] = Ψ / (ν − p − 1) needs ν > p + 1 for every component.
+        self.matrix = self.kind in ("full", "tied")
+        self.iw_dim = dim if self.matrix else 1
+        if not self.nu0 > self.iw_dim + 1:
+            raise SpecError(
+                f"vb-em reports the posterior mean of the covariances, E_q[Σ] = Ψ/(ν − "
+                f"{self.iw_dim} − 1), which needs prior dof > {self.iw_dim + 1} for "
+                f"covariance_type={self.kind!r}; got dof={self.nu0}. Raise dof (the default "
+                "is dim + 2)"
+            )
+        scale = prior.scale
+        if self.matrix:
+            self.scale0 = scale
+        elif self.kind == "diag":
+            self.scale0 = torch.diagonal(scale).clone()
+        else:
+            self.scale0 = torch.diagonal(scale).mean()
+        self.log_det_scale0 = (
+            _log_det(torch.linalg.cholesky(scale)) if self.matrix else self.scale0.log()
+        )
+
+    def update(self, stats: GaussianStats) -> NIWPosterior:
+        counts = stats.counts
+        kappa = self.kappa0 + counts
+        mean = (self.kappa0 * self.prior_mean + stats.sum_x) / kappa[:, None]
+        deviation = mean - self.prior_mean
+        if self.kind == "full":
+            scatter = scatter_about(mean, stats.sum_x, stats.sum_xx, counts)
+            outer = deviation[:, :, None] * deviation[:, None, :]
+            return NIWPosterior(
+                mean, kappa, self.nu0 + counts, self.scale0 + scatter + self.kappa0 * outer
+            )
+        if self.kind == "tied":
+            cross = stats.sum_x.T @ mean
+            scatter = stats.sum_xx - cross - cross.T + (counts[:, None] * mean).T @ mean
+            scale = (
+                self.scale0 + 0.5 * (scatter + scatter.T) + self.kappa0 * deviation.T @ deviation
+            )
+            return NIWPosterior(mean, kappa, self.nu0 + counts.sum(), scale)
+        quad = stats.sum_xx - 2 * stats.sum_x * mean + counts[:, None] * mean.square()
+        quad = quad + self.kappa0 * deviation.square()
+        if self.kind == "diag":
+            return NIWPosterior(mean, kappa, self.nu0 + counts, self.scale0 + quad)
+        return NIWPosterior(mean, kappa, self.nu0 + self.dim * counts, self.scale0 + quad.sum(-1))
+
+    def _log_det_scale(self, posterior: NIWPosterior) -> torch.Tensor:
+        """``log |Ψ|`` per Inverse-Wishart factor: full ``(K,)``, tied ``()``, diag
+        ``(K, D)``, spherical ``(K,)``."""
+        if self.matrix:
+            return _log_det(torch.linalg.cholesky(posterior.scale))
+        return posterior.scale.log()
+
+    def log_normaliser(self, posterior: NIWPosterior, stats: GaussianStats) -> torch.Tensor:
+        # log Z = −N D/2 log π + D/2 Σ_k log(κ0/κ_k) + Σ_factors [ν0/2 log|Ψ0| − ν/2 log|Ψ|
+        #         + log Γ_p(ν/2) − log Γ_p(ν0/2)]   (p = Inverse-Wishart dimension)
+        dim, p = self.dim, self.iw_dim
+        counts = stats.counts
+        total = -0.5 * dim * math.log(math.pi) * counts.sum()
+        total = total + 0.5 * dim * (math.log(self.kappa0) - posterior.mean_precision.log()).sum()
+        dof = self._per_variance(posterior.dof)
+        per_factor = (
+            0.5 * self.nu0 * self.log_det_scale0
+            - 0.5 * dof * self._log_det_scale(posterior)
+            + torch.mvlgamma(0.5 * dof, p=p)
+            - torch.mvlgamma(torch.as_tensor(0.5 * self.nu0, dtype=counts.dtype), p=p)
+        )
+        return total + per_factor.sum()
+
+    def _per_variance(self, dof: torch.Tensor) -> torch.Tensor:
+        """``dof`` broadcastable against the scale: ``(K, 1)`` for diag, else as is."""
+        return dof[:, None] if self.kind == "diag" else dof
+
+    def _covariance_shape(self, values: torch.Tensor, dof: torch.Tensor) -> torch.Tensor:
+        """``values / dof`` with the dof broadcast over the scale's shape."""
+        if self.kind == "full":
+            return values / dof[:, None, None]
+        if self.kind == "diag":
+            return values / dof[:, None]
+        return values / dof
+
+    def expected_log_density(
+        self,
+        posterior: NIWPosterior,
+        expected_log_weights: torch.Tensor,
+        log_mean_weights: torch.Tensor,
+    ) -> ExpectedLogDensity:
+        # With W = Ψ/ν (so W⁻¹ = E_q[Λ]) and L = log N(x | m, W), the expected log-density is
+        #   E_q log N(x | μ, Σ) = L + ½(E_q log|Λ| + log|W|) − D/(2κ)
+        # and the density at E_q[Σ] = c W (c = ν/(ν − p − 1)) is an affine map of L:
+        #   log N(x | m, cW) = L/c + (1 − 1/c)·(−D/2 log 2π − ½ log|W|) − D/2 log c.
+        dim, p = self.dim, self.iw_dim
+        dof, kappa = posterior.dof, posterior.mean_precision
+        covariance = self._covariance_shape(posterior.scale, dof)
+        kernel = self.family.log_prob_fn(GaussianParams(posterior.mean + self.shift, covariance))
+        offsets = torch.arange(p, dtype=dof.dtype, device=dof.device)
+        # E log|Λ| + log|W| per Inverse-Wishart factor: Σ_i ψ((ν − i)/2) + p log 2 − p log ν.
+        per_factor = torch.special.digamma(0.5 * (dof[..., None] - offsets)).sum(-1)
+        per_factor = per_factor + p * math.log(2.0) - p * dof.log()
+        extra = 0.5 * (dim // p) * per_factor - 0.5 * dim / kappa + expected_log_weights
+        log_det_scale = self._log_det_scale(posterior)
+        if self.kind == "diag":
+            log_det_scale = log_det_scale.sum(-1)
+        elif self.kind == "spherical":
+            log_det_scale = dim * log_det_scale
+        log_det_w = log_det_scale - dim * dof.log()
+        ratio = dof / (dof - p - 1)
+        constant = -0.5 * dim * math.log(2 * math.pi) - 0.5 * log_det_w
+        inverse = ratio.reciprocal().expand_as(kappa)
+        offset = (1 - inverse) * constant - 0.5 * dim * ratio.log() + log_mean_weights
+
+        def gaussian(prepared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            log_w = kernel(prepared)
+            return log_w + extra, torch.addcmul(offset, log_w, inverse)
+
+        return gaussian
+
+    def expected_params(self, posterior: NIWPosterior) -> GaussianParams:
+        dof = posterior.dof - self.iw_dim - 1
+        return GaussianParams(
+            posterior.mean + self.shift, self._covariance_shape(posterior.scale, dof)
+        )
+
+    def sample(self, posterior: NIWPosterior, num_draws: int) -> dict[str, torch.Tensor]:
+        mean, kappa, dof, scale = posterior
+        if self.matrix:
+            covariances = InverseWishart(dof, scale).rsample((num_draws,))
+            chol = torch.linalg.cholesky(covariances)
+            if self.kind == "tied":
+                chol = chol[:, None]
+            noise = torch.randn((num_draws, *mean.shape), dtype=mean.dtype, device=mean.device)
+            offsets = (chol @ noise[..., None])[..., 0] / kappa.sqrt()[:, None]
+            return {"means": mean + self.shift + offsets, "covariances": covariances}
+        precision = torch.distributions.Gamma(0.5 * self._per_variance(dof), 0.5 * scale)
+        covariances = precision.sample((num_draws,)).reciprocal()
+        variances = covariances if self.kind == "diag" else covariances[..., None]
+        noise = torch.randn((num_draws, *mean.shape), dtype=mean.dtype, device=mean.device)
+        offsets = noise * (variances / kappa[:, None]).sqrt()
+        return {"means": mean + self.shift + offsets, "covariances": covariances}
+
+    def to_user(self, posterior: NIWPosterior) -> dict[str, torch.Tensor]:
+        return {
+            "mean": posterior.mean + self.shift,
+            "mean_precision": posterior.mean_precision,
+            "dof": posterior.dof,
+            "scale": posterior.scale,
+        }
+
+
+# ---------------------------------------------------------------------------
+# Families with one (K, D) parameter: Gamma–Poisson, Gamma–Exponential, Beta–Bernoulli
+# ---------------------------------------------------------------------------
+
+
+class GammaPosterior(NamedTuple):
+    """``q(λ_kd) = Gamma(concentration_kd, rate_kd)``, each ``(K, D)``."""
+
+    concentration: torch.Tensor
+    rate: torch.Tensor
+
+
+class BetaPosterior(NamedTuple):
+    """``q(p_kd) = Beta(concentration1_kd, concentration0_kd)``, each ``(K, D)``."""
+
+    concentration1: torch.Tensor
+    concentration0: torch.Tensor
+
+
+class DirichletPosterior(NamedTuple):
+    """``q(p_kd·) = Dirichlet(concentration_kd·)``, ``(K, D, C)``."""
+
+    concentration: torch.Tensor
+
+
+def _linear_kernel(
+    expected: torch.Tensor,
+    expected_base: torch.Tensor,
+    plug_in: torch.Tensor,
+    plug_in_base: torch.Tensor,
+) -> ExpectedLogDensity:
+    """Both log-densities as ``prepared @ W + b``.
+
+    Args:
+        expected: ``(K, F)`` weights of ``E_q log p``; ``expected_base`` ``(K,)``
+            (``E_q[log π]`` included).
+        plug_in: ``(K, F)`` weights of ``log p`` at ``E_q θ``; ``plug_in_base`` ``(K,)``
+            (``log E_q[π]`` included).
+    """
+    expected_t = expected.T.contiguous()
+    plug_in_t = plug_in.T.contiguous()
+
+    def linear(prepared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            torch.addmm(expected_base, prepared, expected_t),
+            torch.addmm(plug_in_base, prepared, plug_in_t),
+        )
+
+    return linear
+
+
+def _log_gamma_normaliser(
+    concentration0: torch.Tensor,
+    rate0: torch.Tensor,
+    concentration: torch.Tensor,
+    rate: torch.Tensor,
+) -> torch.Tensor:
+    """``Σ [a0 log b0 − log Γ(a0) − a log b + log Γ(a)]`` (prior over posterior normaliser)."""
+    prior = concentration0 * rate0.log() - torch.lgamma(concentration0)
+    post = concentration * rate.log() - torch.lgamma(concentration)
+    return (prior - post).sum()
+
+
+class _GammaFactor(ConjugateFactor):
+    """Gamma posterior of Poisson or Exponential rates."""
+
+    def __init__(self, family: Poisson | Exponential) -> None:
+        super().__init__(family)
+        self.poisson = isinstance(family, Poisson)
+        self.concentration0 = family.resolved.concentration
+        self.rate0 = family.resolved.rate
+
+    def update(self, stats: RateStats) -> GammaPosterior:
+        counts = stats.counts[:, None]
+        if self.poisson:
+            return GammaPosterior(self.concentration0 + stats.sum_x, self.rate0 + counts)
+        return GammaPosterior(self.concentration0 + counts, self.rate0 + stats.sum_x)
+
+    def log_normaliser(self, posterior: GammaPosterior, stats: RateStats) -> torch.Tensor:
+        return _log_gamma_normaliser(
+            self.concentration0, self.rate0, posterior.concentration, posterior.rate
+        )
+
+    def expected_log_density(
+        self,
+        posterior: GammaPosterior,
+        expected_log_weights: torch.Tensor,
+        log_mean_weights: torch.Tensor,
+    ) -> ExpectedLogDensity:
+        concentration, rate = posterior
+        mean = concentration / rate
+        expected_log = torch.special.digamma(concentration) - rate.log()
+        if self.poisson:
+            # x log λ − λ (the −log x! is the data constant)
+            total = -mean.sum(-1)
+            return _linear_kernel(
+                expected_log,
+                total + expected_log_weights,
+                mean.log(),
+                total + log_mean_weights,
+            )
+        # log λ − λ x
+        return _linear_kernel(
+            -mean,
+            expected_log.sum(-1) + expected_log_weights,
+            -mean,
+            mean.log().sum(-1) + log_mean_weights,
+        )
+
+    def expected_params(self, posterior: GammaPosterior) -> Any:
+        rates = posterior.concentration / posterior.rate
+        return PoissonParams(rates) if self.poisson else ExponentialParams(rates)
+
+    def sample(self, posterior: GammaPosterior, num_draws: int) -> dict[str, torch.Tensor]:
+        gamma = torch.distributions.Gamma(posterior.concentration, posterior.rate)
+        return {"rates": gamma.sample((num_draws,))}
+
+    def to_user(self, posterior: GammaPosterior) -> dict[str, torch.Tensor]:
+        return dict(posterior._asdict())
+
+    def data_constant(self, prepared: torch.Tensor) -> torch.Tensor:
+        if self.poisson:
+            return -torch.lgamma(prepared + 1).sum()
+        return prepared.new_zeros(())
+
+
+class _BetaFactor(ConjugateFactor):
+    """Beta posterior of Bernoulli probabilities."""
+
+    def __init__(self, family: Bernoulli) -> None:
+        super().__init__(family)
+        self.concentration1 = family.resolved.concentration1
+        self.concentration0 = family.resolved.concentration0
+
+    def update(self, stats: RateStats) -> BetaPosterior:
+        failures = stats.counts[:, None] - stats.sum_x
+        return BetaPosterior(
+            self.concentration1 + stats.sum_x, self.concentration0 + failures.clamp(min=0)
+        )
+
+    def log_normaliser(self, posterior: BetaPosterior, stats: RateStats) -> torch.Tensor:
+        prior = torch.stack(torch.broadcast_tensors(self.concentration1, self.concentration0), -1)
+        post = torch.stack(list(posterior), -1)
+        return (log_multivariate_beta(post) - log_multivariate_beta(prior)).sum()
+
+    def expected_log_density(
+        self,
+        posterior: BetaPosterior,
+        expected_log_weights: torch.Tensor,
+        log_mean_weights: torch.Tensor,
+    ) -> ExpectedLogDensity:
+        ones, zeros = posterior
+        digamma_total = torch.special.digamma(ones + zeros)
+        log_p = torch.special.digamma(ones) - digamma_total
+        log_q = torch.special.digamma(zeros) - digamma_total
+        mean = ones / (ones + zeros)
+        plug_p, plug_q = mean.log(), torch.log1p(-mean)
+        return _linear_kernel(
+            log_p - log_q,
+            log_q.sum(-1) + expected_log_weights,
+            plug_p - plug_q,
+            plug_q.sum(-1) + log_mean_weights,
+        )
+
+    def expected_params(self, posterior: BetaPosterior) -> BernoulliParams:
+        ones, zeros = posterior
+        return BernoulliParams(ones / (ones + zeros))
+
+    def sample(self, posterior: BetaPosterior, num_draws: int) -> dict[str, torch.Tensor]:
+        beta = torch.distributions.Beta(*posterior)
+        return {"probs": beta.sample((num_draws,))}
+
+    def to_user(self, posterior: BetaPosterior) -> dict[str, torch.Tensor]:
+        return dict(posterior._asdict())
+
+
+class _DirichletFactor(ConjugateFactor):
+    """Dirichlet posterior of categorical probabilities."""
+
+    def __init__(self, family: Categorical) -> None:
+        super().__init__(family)
+        self.dim = _bound_dim(family)
+        self.concentration0 = family.resolved  # (C,)
+
+    def update(self, stats: CategoricalStats) -> DirichletPosterior:
+        counts = stats.sum_onehot.view(stats.counts.shape[0], self.dim, -1)
+        return DirichletPosterior(self.concentration0 + counts)
+
+    def log_normaliser(
+        self, posterior: DirichletPosterior, stats: CategoricalStats
+    ) -> torch.Tensor:
+        prior = log_multivariate_beta(self.concentration0)
+        return (log_multivariate_beta(posterior.concentration) - prior).sum()
+
+    def expected_log_density(
+        self,
+        posterior: DirichletPosterior,
+        expected_log_weights: torch.Tensor,
+        log_mean_weights: torch.Tensor,
+    ) -> ExpectedLogDensity:
+        concentration = posterior.concentration
+        num_components = concentration.shape[0]
+        totals = concentration.sum(-1, keepdim=True)
+        expected_log = torch.special.digamma(concentration) - torch.special.digamma(totals)
+        plug_in = (concentration / totals).log()
+        return _linear_kernel(
+            expected_log.reshape(num_components, -1),
+            expected_log_weights,
+            plug_in.reshape(num_components, -1),
+            log_mean_weights,
+        )
+
+    def expected_params(self, posterior: DirichletPosterior) -> CategoricalParams:
+        concentration = posterior.concentration
+        return CategoricalParams(concentration / concentration.sum(-1, keepdim=True))
+
+    def sample(self, posterior: DirichletPosterior, num_draws: int) -> dict[str, torch.Tensor]:
+        dirichlet = torch.distributions.Dirichlet(posterior.concentration)
+        return {"probs": dirichlet.sample((num_draws,))}
+
+    def to_user(self, posterior: DirichletPosterior) -> dict[str, torch.Tensor]:
+        return {"concentration": posterior.concentration}
+
+
+def conjugate_factor(family: Family) -> ConjugateFactor:
+    """The conjugate factor of a bound family with a proper prior.
+
+    Raises:
+        SpecError: the family has a flat prior (``prior=None``), which has no posterior.
+    """
+    if family.resolved is None:
+        raise SpecError(
+            f"vb-em needs a proper prior, but the {family.name} family has prior=None (flat), "
+            "which has no posterior distribution; use prior='default' or an explicit prior "
+            "object"
+        )
+    if isinstance(family, Gaussian):
+        return _GaussianFactor(family)
+    if isinstance(family, Poisson | Exponential):
+        return _GammaFactor(family)
+    if isinstance(family, Bernoulli):
+        return _BetaFactor(family)
+    if isinstance(family, Categorical):
+        return _DirichletFactor(family)
+    raise SpecError(f"vb-em has no conjugate update for the {family.name} family")

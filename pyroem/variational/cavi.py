@@ -1,0 +1,440 @@
+r"""Closed-form mean-field variational Bayes (CAVI) for the declarative mixture.
+
+The model is the Pyro program :meth:`pyroem.Mixture.model` declares, with its
+priors and parameterisation::
+
+    π ~ Dirichlet(α),  θ_k ~ p(θ),  z_n ~ Categorical(π),  x_n ~ family(θ_{z_n})
+
+and the variational family is ``q(π) q(θ) Π_n q(z_n)``: ``q(π)`` Dirichlet,
+``q(θ_k)`` in the prior's conjugate family (Normal–Inverse-Wishart, or
+Normal–Inverse-Gamma for diag/spherical variances; Gamma; Beta; Dirichlet), and
+``q(z_n)`` categorical with probabilities ``r_nk``. Coordinate ascent on
+
+.. math:: \mathcal{L}(q) = E_q[\log p(x, z, π, θ)] - E_q[\log q(z, π, θ)] \le \log p(x)
+
+alternates two exact updates:
+
+- E-step: :math:`r_{nk} ∝ \exp(E_q[\log π_k] + E_q[\log p(x_n | θ_k)])`, chunk by chunk;
+- M-step: ``q(π) = Dirichlet(α + N)`` and ``q(θ)`` the conjugate posterior under the
+  fractional counts ``r`` (``N_k = Σ_n r_nk``).
+
+The state after each iteration is ``(q(z), q(π, θ))`` with ``q(π, θ)`` optimal for
+``q(z)``; its ELBO is then exact in closed form,
+
+.. math:: \mathcal{L} = H(q(z)) + \log\frac{B(α + N)}{B(α)} + \log Z(r),
+
+where :math:`\log Z(r) = \log \int p(θ) \prod_{n,k} p(x_n | θ_k)^{r_{nk}} dθ`
+(:mod:`pyroem.variational._cavi_conjugate`). It never decreases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from pyroem.em import EMRun, History, best_of_restarts, run_em
+from pyroem.errors import SpecError
+from pyroem.estep.enumerate import EStep, MixtureEStep, add_statistics, score_mixture
+from pyroem.initialization import initial_params
+from pyroem.results import FitResult
+from pyroem.spec.mixture import Mixture, MixtureParams
+from pyroem.variational._cavi_conjugate import (
+    ConjugateFactor,
+    ExpectedLogDensity,
+    conjugate_factor,
+    log_multivariate_beta,
+)
+
+__all__ = [
+    "DEFAULT_NUM_DRAWS",
+    "DEFAULT_WEIGHT_THRESHOLD",
+    "CaviStats",
+    "VariationalFit",
+    "VariationalParams",
+    "fit_mixture_cavi",
+]
+
+DEFAULT_NUM_DRAWS = 1000
+DEFAULT_WEIGHT_THRESHOLD = 0.01
+
+
+class VariationalParams(NamedTuple):
+    """``q(π) = Dirichlet(weights_concentration)`` ``(K,)`` and the components' conjugate
+    factor ``q(θ)`` (a posterior NamedTuple of :mod:`pyroem.variational._cavi_conjugate`)."""
+
+    weights_concentration: torch.Tensor
+    components: Any
+
+
+class CaviStats(NamedTuple):
+    """What the CAVI E-step hands to the M-step.
+
+    Attributes:
+        stats: the family's expected sufficient statistics under the new ``q(z)``.
+        entropy: ``H(q(z)) = −Σ_nk r_nk log r_nk``.
+        update: ``q(π, θ)`` optimal for this ``q(z)`` (the M-step's result, computed
+            once here because the objective needs it).
+    """
+
+    stats: Any
+    entropy: torch.Tensor
+    update: VariationalParams
+
+
+def _responsibilities(joint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise ``joint`` ``(n, K)`` (overwritten) into responsibilities.
+
+    Returns:
+        ``(resp, entropy)``: responsibilities ``(n, K)`` and ``−Σ r log r`` of the chunk.
+    """
+    finfo = torch.finfo(joint.dtype)
+    peak = joint.amax(dim=1, keepdim=True).clamp_(min=finfo.min)
+    joint.sub_(peak)
+    # As in the MAP E-step: responsibilities below e^cutoff of the row's largest
+    # (tiny·e⁸) are set to exactly zero (subnormal exponentials are slow), and the
+    # shifted logs stay finite.
+    cutoff = math.log(finfo.tiny) + 8
+    negligible = joint < cutoff
+    joint.clamp_(min=cutoff)
+    resp = joint.exp().masked_fill_(negligible, 0.0)
+    total = resp.sum(dim=1, keepdim=True)
+    resp.div_(total)
+    log_total = total.log_()
+    # log r = joint − log_total and Σ_k r = 1, so −Σ r log r = Σ_n log_total − Σ r·joint.
+    entropy = log_total.sum() - torch.dot(resp.reshape(-1), joint.reshape(-1))
+    return resp, entropy
+
+
+class _CaviEStep:
+    """The chunked CAVI E-step on fixed data (``q(π, θ) -> EStep``).
+
+    Args:
+        factor: the family's conjugate factor.
+        weights_prior: ``α`` ``(K,)``.
+        chunks: the prepared data chunks.
+    """
+
+    def __init__(
+        self, factor: ConjugateFactor, weights_prior: torch.Tensor, chunks: list[torch.Tensor]
+    ) -> None:
+        self.factor = factor
+        self.chunks = chunks
+        self.weights_prior = weights_prior.to(chunks[0])
+        self.data_constant = float(sum(factor.data_constant(chunk) for chunk in chunks))
+        self.log_beta_prior = log_multivariate_beta(self.weights_prior)
+
+    def update(self, stats: Any) -> VariationalParams:
+        """The M-step: ``q(π) = Dirichlet(α + N)``, ``q(θ)`` the conjugate posterior."""
+        return VariationalParams(self.weights_prior + stats.counts, self.factor.update(stats))
+
+    def elbo(self, update: VariationalParams, stats: Any, entropy: torch.Tensor) -> float:
+        """The exact ELBO of ``(q(z), update)`` where ``update`` is optimal for ``q(z)``."""
+        weights = log_multivariate_beta(update.weights_concentration) - self.log_beta_prior
+        theta = self.factor.log_normaliser(update.components, stats)
+        return float(entropy + weights + theta) + self.data_constant
+
+    def __call__(self, params: VariationalParams) -> EStep:
+        """Update ``q(z)`` from ``params`` and score the new state.
+
+        Returns:
+            ``EStep`` with :class:`CaviStats`, the log-likelihood at ``E_q[π, θ]`` of
+            ``params`` and the ELBO of the new state (new ``q(z)``, its optimal ``q(π, θ)``).
+        """
+        kernel = _kernel(self.factor, params)
+        stats = None
+        entropy = log_likelihood = params.weights_concentration.new_zeros(())
+        for chunk in self.chunks:
+            joint, plug_in = kernel(chunk)
+            resp, chunk_entropy = _responsibilities(joint)
+            chunk_stats = self.factor.statistics(chunk, resp)
+            stats = chunk_stats if stats is None else add_statistics(stats, chunk_stats)
+            entropy = entropy + chunk_entropy
+            log_likelihood = log_likelihood + torch.logsumexp(plug_in, 1).sum()
+        update = self.update(stats)
+        objective = self.elbo(update, stats, entropy)
+        return EStep(
+            CaviStats(stats, entropy, update),
+            float(log_likelihood) + self.data_constant,
+            objective,
+        )
+
+
+def _kernel(factor: ConjugateFactor, params: VariationalParams) -> ExpectedLogDensity:
+    """The factor's log-density kernel with the weights' ``E_q[log π]`` and ``log E_q[π]``."""
+    alpha = params.weights_concentration
+    expected_log_weights = torch.special.digamma(alpha) - torch.special.digamma(alpha.sum())
+    log_mean_weights = (alpha / alpha.sum()).log()
+    return factor.expected_log_density(params.components, expected_log_weights, log_mean_weights)
+
+
+def _assignment_probs(
+    factor: ConjugateFactor, params: VariationalParams, chunks: Iterable[torch.Tensor]
+) -> torch.Tensor:
+    """``q(z)`` under ``params`` for prepared ``chunks``, ``(N, K)``."""
+    kernel = _kernel(factor, params)
+    out = []
+    for chunk in chunks:
+        joint, _ = kernel(chunk)
+        out.append(_responsibilities(joint)[0])
+    return torch.cat(out)
+
+
+def _m_step(stats: CaviStats, params: VariationalParams) -> VariationalParams:
+    """The conjugate update, already computed by the E-step."""
+    return stats.update
+
+
+class VariationalFit(FitResult):
+    r"""A mixture fitted by closed-form mean-field VB (``method="vb-em"``).
+
+    Everything of :class:`~pyroem.results.FitResult` holds, with:
+
+    - ``params``: the posterior means under ``q``: ``weights`` ``E_q[π] = α̂/Σα̂``;
+      gaussian ``means`` ``E_q[μ_k] = m_k`` and ``covariances``
+      ``E_q[Σ_k] = Ψ_k / (ν_k − D − 1)`` (full, tied) or ``Ψ_k / (ν_k − 2)`` per variance
+      (diag, spherical); ``rates`` ``a/b``; ``probs`` ``E_q[p]``.
+      ``log_likelihood()``, ``bic()``, ``aic()``, ``score_samples()`` and ``log_joint()``
+      (log-likelihood plus log prior) are evaluated at these expected parameters.
+    - ``history.objective``: the ELBO after each iteration (entry 0: the first complete
+      state, ``q(z)`` from the initial parameters), never decreasing;
+      ``history.log_likelihood``: the log-likelihood at each state's expected parameters.
+    - ``labels``: ``argmax_k q(z_n = k)``; ``predict_proba`` / ``predict`` apply the
+      variational E-step (``r_nk ∝ exp(E_q[log π_k] + E_q[log p(x | θ_k)])``) to new data.
+    - ``draws``: ``num_draws`` draws from ``q(π, θ)`` keyed like ``params``, each
+      ``(1, num_draws, *shape)``; ``sample_stats["elbo"]``: the ELBO trace.
+
+    Attributes:
+        variational: the parameters of each factor of ``q``:
+            ``"weights"``: ``{"concentration": (K,)}`` (Dirichlet);
+            ``"components"``: gaussian ``{"mean" (K, D), "mean_precision" (K,), "dof",
+            "scale"}`` with ``Σ_k ~ InverseWishart(dof_k, scale_k)`` and
+            ``μ_k | Σ_k ~ Normal(mean_k, Σ_k / mean_precision_k)`` (dof ``(K,)``, tied
+            ``()``; scale full ``(K, D, D)``, tied ``(D, D)``, diag ``(K, D)`` with each
+            variance ``InverseGamma(dof_k/2, scale_kd/2)``, spherical ``(K,)`` with the
+            variance ``InverseGamma(dof_k/2, scale_k/2)``); poisson/exponential
+            ``{"concentration", "rate"}`` (Gamma, ``(K, D)``); bernoulli
+            ``{"concentration1", "concentration0"}`` (Beta, ``(K, D)``); categorical
+            ``{"concentration"}`` (Dirichlet, ``(K, D, C)``);
+            ``"assignment"``: ``{"probs": (N, K)}``, the responsibilities ``q(z)``.
+        elbo: the final ELBO, a lower bound on the log evidence ``log p(x)``.
+        weight_threshold: expected weight a component needs to count as effective.
+    """
+
+    def __init__(
+        self,
+        *,
+        variational: dict[str, dict[str, torch.Tensor]],
+        elbo: float,
+        weight_threshold: float,
+        state: VariationalParams,
+        factor: ConjugateFactor,
+        **fields: Any,
+    ) -> None:
+        super().__init__(**fields)
+        self.variational = variational
+        self.elbo = elbo
+        self.weight_threshold = weight_threshold
+        self._state = state
+        self._factor = factor
+
+    @property
+    def effective_components(self) -> list[int]:
+        """Components whose expected weight ``E_q[π_k]`` exceeds ``weight_threshold``.
+
+        With a small ``weights_prior`` (``α < 1``) the weights of superfluous components
+        collapse towards ``α_k / (Σα + N)``; they stay in the model but explain no data.
+        """
+        weights = self._internal.weights
+        return torch.nonzero(weights > self.weight_threshold).reshape(-1).tolist()
+
+    @property
+    def num_effective_components(self) -> int:
+        """``len(effective_components)``."""
+        return len(self.effective_components)
+
+    def predict_proba(self, data: Any) -> torch.Tensor:
+        """Responsibilities ``q(z_n = k)`` of new data under the fitted ``q(π, θ)``, ``(N, K)``."""
+        tensor = self._data(data)
+        chunk_size = int(self.options.get("chunk_size", 65536))
+        chunks = (self.family.prepare(chunk) for chunk in tensor.split(chunk_size))
+        return _assignment_probs(self._factor, self._state, chunks)
+
+    def predict(self, data: Any) -> torch.Tensor:
+        """``argmax_k q(z_n = k)`` of new data, ``(N,)`` int64."""
+        return self.predict_proba(data).argmax(-1)
+
+    def __repr__(self) -> str:
+        return (
+            f"VariationalFit(spec={self.spec!r}, elbo={self.elbo:.6g}, "
+            f"effective_components={self.num_effective_components}, "
+            f"converged={self.converged}, num_iterations={self.num_iterations})"
+        )
+
+    def summary(self) -> str:
+        """:meth:`FitResult.summary` plus the ELBO and the effective components."""
+        lines = super().summary().split("\n")
+        extra = [
+            f"  ELBO               {self.elbo:.6f}",
+            f"  effective comps.   {self.num_effective_components} of {self.num_components} "
+            f"(E_q[weight] > {self.weight_threshold:g})",
+        ]
+        at = next(i for i, line in enumerate(lines) if line.startswith("  free parameters")) + 1
+        return "\n".join(lines[:at] + extra + lines[at:])
+
+
+def _check_cavi_options(options: dict[str, Any]) -> tuple[int, float]:
+    num_draws = options.pop("num_draws", DEFAULT_NUM_DRAWS)
+    threshold = options.pop("weight_threshold", DEFAULT_WEIGHT_THRESHOLD)
+    if options:
+        raise SpecError(
+            f"unknown options for method='vb-em' on a Mixture: {sorted(options)}; it takes "
+            "num_draws and weight_threshold (pass guide= to fit the Pyro program by SVI)"
+        )
+    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 0:
+        raise SpecError(f"num_draws must be an integer >= 0; got {num_draws!r}")
+    if not (isinstance(threshold, int | float) and 0 <= threshold < 1):
+        raise SpecError(f"weight_threshold must be a number in [0, 1); got {threshold!r}")
+    return num_draws, float(threshold)
+
+
+def fit_mixture_cavi(
+    spec: Mixture,
+    data: torch.Tensor,
+    *,
+    init: Any = "kmeans++",
+    n_init: int = 1,
+    seed: int | None = None,
+    tol: float = 1e-6,
+    max_iter: int = 1000,
+    chunk_size: int = 65536,
+    progress: bool = False,
+    **options: Any,
+) -> VariationalFit:
+    r"""Fit ``spec`` to ``data`` by closed-form mean-field VB (see the module docstring).
+
+    Starting point: the Mixture's own initialisation (``init``, as for MAP-EM) gives
+    parameters ``θ_0``; the initial ``q(z)`` is their exact posterior responsibilities
+    ``r_nk ∝ π_k p(x_n | θ_k)``, and the first ``q(π, θ)`` is its conjugate update.
+
+    Args:
+        spec: the mixture; it needs a proper prior (``prior="default"`` or a prior object,
+            and for the gaussian family ``mean_precision > 0``).
+        data: ``(num_data, dim)``, validated (see :func:`pyroem.spec.mixture.as_data`).
+        init: ``"kmeans++"``, ``"kmeans"``, ``"random"``, ``"random_from_data"``, a dict
+            of parameters in ``fit.params`` form, or a previous fit.
+        n_init: restarts; the one with the highest final ELBO is kept.
+        seed: makes initialisation and the draws reproducible.
+        tol: converged when the ELBO changes by less than ``tol`` per data point.
+        max_iter: most iterations per restart.
+        chunk_size: data rows per E-step chunk.
+        progress: show a progress bar.
+        **options: ``num_draws`` (default 1000; 0 for none): draws from ``q(π, θ)`` into
+            ``fit.draws``; ``weight_threshold`` (default 0.01): the expected weight above
+            which a component counts as effective.
+
+    Returns:
+        A :class:`VariationalFit` with ``method="vb-em"``.
+
+    Raises:
+        SpecError: a flat prior (``prior=None`` or ``mean_precision=0``), which has no
+            posterior; a gaussian prior ``dof`` too small for ``E_q[Σ]`` to exist; an
+            unknown option.
+    """
+    num_draws, weight_threshold = _check_cavi_options(dict(options))
+    family = spec.bind(data)
+    factor = conjugate_factor(family)
+    if isinstance(init, FitResult):
+        init = init.params
+    if isinstance(init, dict):
+        n_init = 1
+    map_e_step = MixtureEStep(family, spec.weights_prior, data, chunk_size)
+    e_step = _CaviEStep(factor, spec.weights_prior, map_e_step.chunks)
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+
+    def run_once(restart: int) -> EMRun:
+        start = initial_params(spec, family, data, init, generator)
+        first = e_step.update(map_e_step(start).stats)
+        label = f"vb-em restart {restart + 1}/{n_init}" if n_init > 1 else "vb-em"
+        return run_em(
+            e_step,
+            _m_step,
+            first,
+            num_data=data.shape[0],
+            tol=tol,
+            max_iter=max_iter,
+            progress=progress,
+            description=label,
+        )
+
+    best, finals = best_of_restarts(run_once, n_init)
+    state: VariationalParams = best.last.stats.update
+    resp = _assignment_probs(factor, best.params, e_step.chunks)
+    alpha = state.weights_concentration
+    internal = MixtureParams(
+        alpha / alpha.sum(),
+        factor.expected_params(state.components),
+        torch.arange(spec.num_components, device=data.device),
+    )
+    pointwise, _ = score_mixture(family, internal, data, chunk_size)
+    log_likelihood = float(pointwise.sum())
+    # The E-step scores the expected parameters of the state it starts from, one entry
+    # behind the ELBO of the state it produces; entry t holds state t's.
+    history = History(
+        best.history.objective,
+        np.append(best.history.log_likelihood[1:], log_likelihood),
+        best.history.elapsed,
+    )
+    draws = None
+    if num_draws:
+        draw_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []):
+            torch.manual_seed(draw_seed)
+            weights = torch.distributions.Dirichlet(alpha).sample((num_draws,))
+            components = factor.sample(state.components, num_draws)
+        draws = {"weights": weights[None], **{k: v[None] for k, v in components.items()}}
+    variational = {
+        "weights": {"concentration": alpha},
+        "components": factor.to_user(state.components),
+        "assignment": {"probs": resp},
+    }
+    fit_options = {
+        "n_init": n_init,
+        "init": init if isinstance(init, str) else "params",
+        "tol": tol,
+        "max_iter": max_iter,
+        "seed": seed,
+        "chunk_size": chunk_size,
+        "num_draws": num_draws,
+        "weight_threshold": weight_threshold,
+    }
+    log_joint = log_likelihood + float(map_e_step.log_prior(internal))
+    return VariationalFit(
+        variational=variational,
+        elbo=float(best.last.objective),
+        weight_threshold=weight_threshold,
+        state=state,
+        factor=factor,
+        spec=spec,
+        family=family,
+        method="vb-em",
+        internal=internal,
+        history=history,
+        converged=best.converged,
+        num_iterations=best.num_iterations,
+        pointwise_log_likelihood=pointwise,
+        labels=resp.argmax(-1),
+        objective=log_joint,
+        restart_objectives=finals,
+        options=fit_options,
+        draws=draws,
+        sample_stats={"elbo": history.objective.copy()},
+        data=data,
+    )
