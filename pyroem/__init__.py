@@ -16,7 +16,7 @@ Any Pyro program whose discrete latents can be enumerated fits the same way::
 
 from pyroem import datasets, plots
 from pyroem.api import METHODS, fit
-from pyroem.compare import compare, format_comparison
+from pyroem.comparison import compare, format_comparison
 from pyroem.em import History
 from pyroem.errors import (
     CollapsedComponentWarning,

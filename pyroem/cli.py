@@ -33,7 +33,7 @@ import torch
 
 from pyroem import __version__
 from pyroem.api import METHODS, fit
-from pyroem.compare import compare, format_comparison
+from pyroem.comparison import compare, format_comparison
 from pyroem.datasets import available_datasets, load_dataset, read_csv
 from pyroem.errors import DataError, PyroEMError, SpecError
 from pyroem.results import FitResult

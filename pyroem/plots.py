@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyroem.compare import labelled_fits
+from pyroem.comparison import labelled_fits
 from pyroem.errors import SpecError
 
 __all__ = ["plot_components", "plot_objective", "write_plots"]
