@@ -319,6 +319,13 @@ def _fit_other(
                 progress=progress,
                 **options,
             )
+        if method == "nuts":
+            from pyroem.bayes import fit_nuts
+
+            # NUTS evaluates a Mixture's density with its own batched kernels.
+            return fit_nuts(
+                model, (data,), None, init=init, seed=seed, progress=progress, **options
+            )
         program, init = _mixture_as_program(model, data, init, seed)
         model, model_args, model_kwargs = program, (), None
     elif dtype is not None or device is not None:

@@ -1,19 +1,54 @@
 """Everything pyroem does through ArviZ lives in this module.
 
-ArviZ 0.x (``InferenceData``) is what Python 3.11 gets; keeping every ArviZ call
-here makes a move to ArviZ 1.x (xarray ``DataTree``) a change to one file.
+Chain diagnostics (R-hat, ESS, divergences), the conversion of a fit of any method
+to ``InferenceData`` (:func:`to_arviz`, with the pointwise log-likelihood summed over
+the discrete latents), netCDF reading, LOO and its comparison table, and the forest
+plot across fits. ArviZ 0.x (``InferenceData``) is what Python 3.11 gets; keeping
+every ArviZ call here makes a move to ArviZ 1.x (xarray ``DataTree``) a change to one
+file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
+import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-__all__ = ["ChainDiagnostics", "chain_diagnostics", "chain_problems"]
+from pyroem.errors import NotSupportedError, SpecError
+
+__all__ = [
+    "ChainDiagnostics",
+    "chain_diagnostics",
+    "chain_problems",
+    "from_netcdf",
+    "loo",
+    "loo_table",
+    "mixture_dims",
+    "plot_forest",
+    "to_arviz",
+]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence ArviZ's warnings and log messages about shapes it cannot judge (one
+    chain, one draw); the numbers still come back."""
+    logger = logging.getLogger("arviz")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _arviz() -> Any:
@@ -64,10 +99,8 @@ def chain_diagnostics(draws: Mapping[str, Any], divergences: Any = None) -> Chai
     arviz = _arviz()
     arrays = {name: _as_numpy(value) for name, value in draws.items()}
     num_chains, num_draws = next(iter(arrays.values())).shape[:2]
-    dataset = arviz.convert_to_dataset(arrays)
-    with warnings.catch_warnings():
-        # ArviZ warns about shapes it cannot judge (e.g. one chain); the numbers still come back.
-        warnings.simplefilter("ignore")
+    with _quiet():
+        dataset = arviz.convert_to_dataset(arrays)
         rhat = arviz.rhat(dataset)
         bulk = arviz.ess(dataset, method="bulk")
         tail = arviz.ess(dataset, method="tail")
@@ -105,3 +138,421 @@ def chain_problems(
     if diagnostics.num_divergences:
         problems.append(f"{diagnostics.num_divergences} divergent transitions")
     return problems
+
+
+# ----- InferenceData ------------------------------------------------------------------
+
+_ESTIMATES = {
+    "map-em": "maximum a posteriori estimate (MAP-EM)",
+    "vb-em": "variational posterior mean (VB-EM)",
+    "mcmc-em": "final Monte Carlo EM estimate (MCMC-EM)",
+    "nuts": "posterior mean of the NUTS draws",
+}
+_MIXTURE_SITES = frozenset({"weights", "means", "covariances", "rates", "probs"})
+
+
+def mixture_dims(name: str, ndim: int, *, per_component: bool = True) -> tuple[str, ...]:
+    """Dimension names of a :class:`~pyroem.Mixture` parameter.
+
+    ``weights`` → ``("component",)``; a per-component parameter → ``("component", …)``
+    followed by ``"dim"`` for a vector (means, rates, Bernoulli probs, diagonal
+    covariances), ``("dim_row", "dim_col")`` for a covariance matrix,
+    ``("dim", "category")`` for categorical probabilities; a shared (tied) covariance
+    has no ``"component"``.
+
+    Args:
+        name: the parameter's name (a key of ``fit.params``).
+        ndim: the number of dimensions of its value.
+        per_component: whether its leading axis indexes components.
+    """
+    if name == "weights":
+        return ("component",)
+    lead = ("component",) if per_component else ()
+    rest = ndim - len(lead)
+    if rest == 0:
+        return lead
+    if rest == 1:
+        return (*lead, "dim")
+    if rest == 2:
+        return (*lead, *(("dim_row", "dim_col") if name == "covariances" else ("dim", "category")))
+    return (*lead, *(f"{name}_dim_{i}" for i in range(rest)))
+
+
+def _site_dims(trace: Any, name: str, shape: tuple[int, ...]) -> tuple[str, ...]:
+    """Dimension names of a site's value: plate names for batch dimensions that a
+    ``pyro.plate`` indexes, ``{site}_dim_{i}`` for the others."""
+    site = trace.nodes.get(name) if trace is not None else None
+    if site is None:
+        return tuple(f"{name}_dim_{i}" for i in range(len(shape)))
+    event_dim = site["fn"].event_dim if site["type"] == "sample" else 0
+    batch = len(shape) - event_dim
+    plates = {frame.dim: frame.name for frame in site["cond_indep_stack"] if frame.vectorized}
+    return tuple(
+        plates.get(i - batch, f"{name}_dim_{i}") if i < batch else f"{name}_dim_{i}"
+        for i in range(len(shape))
+    )
+
+
+class _Parts(NamedTuple):
+    """What a fit contributes to its InferenceData, method aside."""
+
+    dims: dict[str, tuple[str, ...]]
+    pointwise: np.ndarray | None
+    pointwise_name: str
+    pointwise_dim: str
+    observed: dict[str, np.ndarray]
+
+
+def _mixture_parts(fit: Any, log_likelihood: bool) -> _Parts:
+    """Dims, pointwise log-likelihood and data of a Mixture ``FitResult``."""
+    from pyroem.estep.enumerate import score_mixture
+    from pyroem.spec.mixture import MixtureParams
+
+    shared = set(fit.family.shared_params)
+    params = fit.params
+    dims = {
+        name: mixture_dims(name, value.dim(), per_component=name not in shared)
+        for name, value in params.items()
+    }
+    pointwise = None
+    if log_likelihood:
+        if not fit.draws:
+            pointwise = _as_numpy(fit.log_likelihood(pointwise=True))[None, None]
+        elif fit.data is None:
+            raise SpecError(
+                "this fit has no training data (a loaded fit), so the pointwise "
+                "log-likelihood of its draws cannot be computed; pass log_likelihood=False"
+            )
+        else:
+            num_chains, num_draws = next(iter(fit.draws.values())).shape[:2]
+            fields = fit.family.params_type._fields
+            chunk_size = int(fit.options.get("chunk_size", 65536))
+            rows = np.empty((num_chains, num_draws, fit.data.shape[0]))
+            with torch.no_grad():
+                for chain in range(num_chains):
+                    for draw in range(num_draws):
+                        values = {
+                            **params,
+                            **{name: value[chain, draw] for name, value in fit.draws.items()},
+                        }
+                        internal = MixtureParams(
+                            values["weights"],
+                            fit.family.params_type(**{f: values[f] for f in fields}),
+                            torch.arange(values["weights"].shape[0]),
+                        )
+                        score = score_mixture(fit.family, internal, fit.data, chunk_size)[0]
+                        rows[chain, draw] = _as_numpy(score)
+            pointwise = rows
+    observed = {} if fit.data is None else {"obs": _as_numpy(fit.data)}
+    dims["obs"] = ("data", "dim")
+    return _Parts(dims, pointwise, "obs", "data", observed)
+
+
+def _program_parts(fit: Any, obs_plate: str | None, log_likelihood: bool, progress: bool) -> _Parts:
+    """Dims, pointwise log-likelihood and data of a ``ProgramFit``."""
+    from pyroem.program.pointwise import (
+        observation_plate,
+        pointwise_log_likelihood,
+        pointwise_log_likelihood_draws,
+    )
+
+    program = fit.program
+    params = fit.params
+    trace = program.trace(params)
+    mixture = program.name == "mixture_model" and set(program.params) <= _MIXTURE_SITES
+    dims = {}
+    values = dict(params)
+    if fit.draws:
+        values.update({name: value[0, 0] for name, value in fit.draws.items()})
+    for name, value in values.items():
+        if mixture and name in _MIXTURE_SITES:
+            plates = {frame.name for frame in trace.nodes[name]["cond_indep_stack"]}
+            dims[name] = mixture_dims(name, value.dim(), per_component="components" in plates)
+        else:
+            dims[name] = _site_dims(trace, name, tuple(value.shape))
+    observed = {}
+    for name in program.observed:
+        value = trace.nodes[name]["value"]
+        if isinstance(value, torch.Tensor) and value.numel():
+            observed[name] = _as_numpy(value)
+            dims[name] = (
+                ("data", "dim")
+                if mixture and name == "obs"
+                else _site_dims(trace, name, tuple(value.shape))
+            )
+    pointwise = None
+    plate = ""
+    if log_likelihood:
+        plate = observation_plate(trace, program, obs_plate)
+        if fit.draws:
+            pointwise_fn = getattr(fit, "pointwise_log_likelihood", None)
+            if callable(pointwise_fn):
+                table = pointwise_fn(plate=plate)
+            else:
+                fixed = {name: value for name, value in params.items() if name not in fit.draws}
+                table = pointwise_log_likelihood_draws(
+                    program, fit.draws, fixed, plate=plate, progress=progress
+                )
+        else:
+            table = pointwise_log_likelihood(program, params, plate=plate)[None, None]
+        pointwise = _as_numpy(table)
+    name = program.observed[0] if len(program.observed) == 1 else "log_likelihood"
+    return _Parts(dims, pointwise, name, plate, observed)
+
+
+def _dataset(
+    arviz: Any,
+    values: Mapping[str, np.ndarray],
+    dims: Mapping[str, tuple[str, ...]],
+    *,
+    sampled: bool,
+    attrs: Mapping[str, Any] | None = None,
+) -> Any:
+    """One InferenceData group; ``sampled``: leading ``(chain, draw)`` dimensions."""
+    data = {name: np.asarray(value) for name, value in values.items()}
+    lead = ["chain", "draw"] if sampled else []
+    named = {name: [*lead, *dims[name]] for name in data}
+    coords: dict[str, Any] = {}
+    for name, value in data.items():
+        for dim, size in zip(named[name], value.shape, strict=True):
+            coords.setdefault(dim, np.arange(size))
+    return arviz.dict_to_dataset(
+        data,
+        coords=coords,
+        dims=named,
+        default_dims=[],
+        attrs=dict(attrs or {}),
+        library=None,
+    )
+
+
+def _stats_dims(
+    name: str, value: np.ndarray, chains_draws: tuple[int, int] | None, num_iterations: int
+) -> tuple[str, ...]:
+    """``(chain, draw, …)`` for per-draw statistics, ``("iteration",)`` for a trace as
+    long as the history, ``{name}_dim_{i}`` otherwise."""
+    if chains_draws is not None and value.ndim >= 2 and value.shape[:2] == chains_draws:
+        return ("chain", "draw", *(f"{name}_dim_{i}" for i in range(value.ndim - 2)))
+    if value.ndim == 1 and value.shape[0] == num_iterations:
+        return ("iteration",)
+    return tuple(f"{name}_dim_{i}" for i in range(value.ndim))
+
+
+def _netcdf_attrs(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Attributes netCDF can store: strings and numbers (booleans as 0/1)."""
+    attrs: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, bool):
+            attrs[key] = int(value)
+        elif isinstance(value, int | float | str):
+            attrs[key] = value
+    return attrs
+
+
+def to_arviz(
+    fit: Any,
+    *,
+    obs_plate: str | None = None,
+    log_likelihood: bool = True,
+    dims: Mapping[str, tuple[str, ...]] | None = None,
+    progress: bool = False,
+) -> Any:
+    """A fit of any method as ``arviz.InferenceData``.
+
+    Groups:
+
+    - ``posterior``: the posterior draws (NUTS, MCMC-EM, a guide's or the variational
+      posterior's draws), ``(chain, draw, …)``; absent when the method has none
+      (MAP-EM).
+    - ``point_estimate``: ``fit.params`` (MAP for map-em, variational posterior mean
+      for vb-em, final θ for mcmc-em, posterior mean for nuts; attribute ``estimate``
+      says which).
+    - ``sample_stats``: the objective trace (``objective``, ``log_likelihood_trace``,
+      ``elapsed``, dimension ``iteration``), the method's own per-iteration statistics,
+      and per-draw statistics with dimensions ``(chain, draw)`` (NUTS: ``diverging``,
+      ``step_size``, ``tree_depth``, ``n_steps``, ``acceptance_rate``, ``energy``,
+      ``lp``, …).
+    - ``log_likelihood``: pointwise ``log p(x_i | θ_s)`` with every discrete latent
+      summed out, ``(chain, draw, unit)``, so ``az.loo``, ``az.waic`` and
+      ``az.compare`` are right. Without draws it holds the point estimate's values as
+      one chain of one draw (LOO needs draws; see :func:`loo`). A :class:`~pyroem.Mixture`
+      fit names it ``obs`` over dimension ``data``; a Pyro program names it after its
+      observed site (``log_likelihood`` when there are several) over the
+      observation plate (see :mod:`pyroem.program.pointwise`). Where a method draws
+      continuous local latents (MCMC-EM), the values are conditional on them.
+    - ``observed_data``: the observed values.
+
+    Dimensions: a Mixture's ``weights`` ``(component)``, ``means`` ``(component, dim)``,
+    full ``covariances`` ``(component, dim_row, dim_col)``, … (see
+    :func:`mixture_dims`), the same for every method; a Pyro program's batch
+    dimensions are named after their plates, the rest ``{site}_dim_{i}``.
+
+    Args:
+        fit: a :class:`~pyroem.FitResult` or :class:`~pyroem.ProgramFit` (any method).
+        obs_plate: for a Pyro program, the plate whose entries are the observation units.
+        log_likelihood: include the ``log_likelihood`` group.
+        dims: dimension names per variable, overriding the defaults.
+        progress: show a progress bar while the pointwise log-likelihood is computed.
+
+    Returns:
+        ``arviz.InferenceData``; save it with ``idata.to_netcdf(path)``, read it back with
+        :func:`from_netcdf`.
+    """
+    from pyroem.program.results import ProgramFit
+    from pyroem.results import FitResult
+
+    arviz = _arviz()
+    if isinstance(fit, FitResult):
+        parts = _mixture_parts(fit, log_likelihood)
+    elif isinstance(fit, ProgramFit):
+        parts = _program_parts(fit, obs_plate, log_likelihood, progress)
+    else:
+        raise SpecError(f"to_arviz takes a pyroem fit; got {type(fit).__name__}")
+    names = {**parts.dims, **{name: tuple(value) for name, value in (dims or {}).items()}}
+    attrs = _netcdf_attrs(
+        {
+            "method": fit.method,
+            "inference_library": "pyroem",
+            "runtime_seconds": float(getattr(fit, "runtime", math.nan)),
+            "converged": bool(fit.converged),
+            "num_iterations": int(fit.num_iterations),
+        }
+    )
+    groups: dict[str, Any] = {}
+    chains_draws = None
+    if fit.draws:
+        draws = {name: _as_numpy(value) for name, value in fit.draws.items()}
+        chains_draws = next(iter(draws.values())).shape[:2]
+        groups["posterior"] = _dataset(arviz, draws, names, sampled=True, attrs=attrs)
+    params = {name: _as_numpy(value) for name, value in fit.params.items()}
+    estimate = {**attrs, "estimate": _ESTIMATES.get(fit.method, "point estimate")}
+    groups["point_estimate"] = _dataset(arviz, params, names, sampled=False, attrs=estimate)
+    history = fit.history
+    stats = {
+        "objective": np.asarray(history.objective, dtype=np.float64),
+        "log_likelihood_trace": np.asarray(history.log_likelihood, dtype=np.float64),
+        "elapsed": np.asarray(history.elapsed, dtype=np.float64),
+        **{name: np.asarray(value) for name, value in fit.sample_stats.items()},
+    }
+    num_iterations = len(history.objective)
+    stats_dims = {
+        name: _stats_dims(name, value, chains_draws, num_iterations)
+        for name, value in stats.items()
+    }
+    groups["sample_stats"] = _dataset(arviz, stats, stats_dims, sampled=False, attrs=attrs)
+    if parts.pointwise is not None:
+        groups["log_likelihood"] = _dataset(
+            arviz,
+            {parts.pointwise_name: parts.pointwise},
+            {parts.pointwise_name: ("chain", "draw", parts.pointwise_dim)},
+            sampled=False,
+            attrs=attrs,
+        )
+    if parts.observed:
+        groups["observed_data"] = _dataset(arviz, parts.observed, names, sampled=False, attrs=attrs)
+    return arviz.InferenceData(attrs=attrs, **groups)
+
+
+def from_netcdf(path: str | os.PathLike[str]) -> Any:
+    """Read an ``InferenceData`` saved with ``idata.to_netcdf(path)``."""
+    return _arviz().from_netcdf(os.fspath(path))
+
+
+def loo(data: Any, *, pointwise: bool = False) -> Any:
+    """Pareto-smoothed importance-sampling LOO (``az.loo``) of a fit or InferenceData.
+
+    Args:
+        data: a pyroem fit (converted with :func:`to_arviz`) or an ``InferenceData``.
+        pointwise: also return the per-observation values (``loo_i``, ``pareto_k``).
+
+    Raises:
+        NotSupportedError: there are no posterior draws (a MAP-EM fit): LOO averages
+            over the posterior, which a point estimate does not have.
+    """
+    arviz = _arviz()
+    idata = data if isinstance(data, arviz.InferenceData) else to_arviz(data)
+    if "posterior" not in idata.groups():
+        raise NotSupportedError(
+            "LOO needs posterior draws, and this fit has a point estimate only; fit with "
+            "method='nuts' (or 'vb-em' / 'mcmc-em', whose draws approximate the posterior)"
+        )
+    return arviz.loo(idata, pointwise=pointwise)
+
+
+def _inference_data(arviz: Any, value: Any, **options: Any) -> Any:
+    return value if isinstance(value, arviz.InferenceData) else to_arviz(value, **options)
+
+
+def loo_table(fits: Mapping[Any, Any]) -> Any:
+    """LOO of several fits side by side (``az.compare``), best first.
+
+    Args:
+        fits: ``{label: fit or InferenceData}``; every one needs posterior draws.
+
+    Returns:
+        ArviZ's comparison DataFrame indexed by the given labels: ``rank``,
+        ``elpd_loo``, ``p_loo``, ``elpd_diff``, ``weight``, ``se``, ``dse``,
+        ``warning``, ``scale``.
+
+    Raises:
+        NotSupportedError: a fit has no posterior draws.
+    """
+    arviz = _arviz()
+    datasets = {label: _inference_data(arviz, fit) for label, fit in fits.items()}
+    without = [label for label, data in datasets.items() if "posterior" not in data.groups()]
+    if without:
+        raise NotSupportedError(
+            f"LOO needs posterior draws, and the fits {without} have a point estimate only; "
+            "compare fits from method='nuts' (or 'vb-em' / 'mcmc-em' with draws)"
+        )
+    keys = {str(label): label for label in datasets}
+    with warnings.catch_warnings():
+        # pandas deprecations inside ArviZ 0.x; Pareto-k warnings still reach the caller.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        table = arviz.compare({str(label): data for label, data in datasets.items()}, ic="loo")
+    table.index = [keys[str(label)] for label in table.index]
+    return table
+
+
+def plot_forest(
+    fits: Mapping[Any, Any],
+    var_names: list[str] | None = None,
+    *,
+    interval: float = 0.94,
+) -> Any:
+    """Forest plot of the same parameters across fits (``az.plot_forest``).
+
+    Fits with posterior draws show their credible intervals; a point estimate
+    (MAP-EM) shows as a dot.
+
+    Args:
+        fits: ``{label: fit}``, components aligned (see :func:`pyroem.alignment.align_fits`).
+        var_names: parameters to show (default: every parameter the fits share).
+        interval: probability of the highest-density intervals.
+
+    Returns:
+        The matplotlib ``Axes``.
+    """
+    arviz = _arviz()
+    datasets = []
+    for fit in fits.values():
+        data = to_arviz(fit, log_likelihood=False)
+        if "posterior" in data.groups():
+            datasets.append(data.posterior)
+        else:
+            # Two identical draws: ArviZ draws the interval of a point as the point.
+            point = data.point_estimate
+            datasets.append(point.expand_dims(chain=[0], draw=[0, 1]))
+    if var_names is None:
+        shared = set(datasets[0].data_vars).intersection(*(d.data_vars for d in datasets[1:]))
+        var_names = [name for name in datasets[0].data_vars if name in shared]
+    with _quiet():
+        axes = arviz.plot_forest(
+            [arviz.InferenceData(posterior=data) for data in datasets],
+            model_names=[str(label) for label in fits],
+            var_names=var_names,
+            combined=True,
+            hdi_prob=interval,
+        )
+    return np.ravel(axes)[0]

@@ -169,11 +169,11 @@ class FitResult:
         """Akaike information criterion ``−2 log L + 2p``; lower is better."""
         return -2 * self.log_likelihood(data) + 2 * self.num_parameters
 
-    def to_arviz(self) -> Any:
-        """The fit as ``arviz.InferenceData`` (see :func:`pyroem.diagnostics.to_arviz`)."""
+    def to_arviz(self, **options: Any) -> Any:
+        """The fit as ``arviz.InferenceData`` (options: see :func:`pyroem.diagnostics.to_arviz`)."""
         from pyroem.diagnostics import to_arviz
 
-        return to_arviz(self)
+        return to_arviz(self, **options)
 
     # ----- display --------------------------------------------------------------
     def __repr__(self) -> str:

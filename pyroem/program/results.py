@@ -113,11 +113,11 @@ class ProgramFit:
         """``−2 log L + 2p``; lower is better."""
         return -2 * self._log_likelihood + 2 * self.num_parameters
 
-    def to_arviz(self) -> Any:
-        """The fit as ``arviz.InferenceData`` (see :func:`pyroem.diagnostics.to_arviz`)."""
+    def to_arviz(self, **options: Any) -> Any:
+        """The fit as ``arviz.InferenceData`` (options: see :func:`pyroem.diagnostics.to_arviz`)."""
         from pyroem.diagnostics import to_arviz
 
-        return to_arviz(self)
+        return to_arviz(self, **options)
 
     def __repr__(self) -> str:
         return (
