@@ -15,7 +15,9 @@ Any Pyro program whose discrete latents can be enumerated fits the same way::
 """
 
 from pyroem import datasets, plots
+from pyroem.alignment import align, align_fits
 from pyroem.api import METHODS, fit
+from pyroem.bayes import BayesFit
 from pyroem.comparison import compare, format_comparison
 from pyroem.em import History
 from pyroem.errors import (
@@ -36,11 +38,13 @@ from pyroem.spec.families import Bernoulli, Categorical, Exponential, Family, Ga
 from pyroem.spec.mixture import Mixture
 from pyroem.spec.priors import Beta, Dirichlet, Gamma, NormalInverseWishart
 from pyroem.variational.cavi import VariationalFit
+from pyroem.variational.svi import SVIFit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "BayesFit",
     "Bernoulli",
     "Beta",
     "Categorical",
@@ -62,10 +66,13 @@ __all__ = [
     "ProgramFit",
     "ProgramModel",
     "PyroEMError",
+    "SVIFit",
     "SingularCovarianceError",
     "SpecError",
     "VariationalFit",
     "__version__",
+    "align",
+    "align_fits",
     "choose_components",
     "compare",
     "datasets",
