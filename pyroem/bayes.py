@@ -40,7 +40,7 @@ from pyro.infer.mcmc.util import initialize_model
 from pyro.ops.integrator import potential_grad
 from torch.distributions import biject_to, constraints
 from torch.distributions.transforms import Transform
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pyroem.alignment import Alignment, align_draws, program_component_axes
 from pyroem.diagnostics import ChainDiagnostics, chain_diagnostics, chain_problems

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pyroem.errors import NotSupportedError, SpecError
 from pyroem.program.model import ProgramModel, sample_sites

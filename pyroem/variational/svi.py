@@ -59,7 +59,7 @@ from pyro.infer.autoguide import (
 from pyro.optim import ClippedAdam, PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
 from pyro.params.param_store import StateDict
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pyroem.em import History
 from pyroem.errors import ConvergenceWarning, NotSupportedError, PyroEMError, SpecError
