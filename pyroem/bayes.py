@@ -53,7 +53,7 @@ from pyroem.program.model import ProgramModel, sample_sites
 from pyroem.program.posterior import log_joint_terms, posterior
 from pyroem.program.results import ProgramFit
 from pyroem.spec.mixture import Mixture, MixtureParams, as_data
-from pyroem.variational._svi_support import PositiveDefiniteBijection
+from pyroem.transforms import PositiveDefiniteBijection
 
 __all__ = ["NUTS_OPTIONS", "BayesFit", "fit_nuts"]
 

@@ -40,7 +40,7 @@ from torch.distributions import biject_to, constraints
 import pyroem
 from pyroem.errors import ConvergenceWarning, PyroEMError, SpecError
 from pyroem.spec.distributions import InverseWishart
-from pyroem.variational._svi_support import PositiveDefiniteBijection
+from pyroem.transforms import PositiveDefiniteBijection
 from pyroem.variational.svi import SVIFit
 
 # The schedule of the conjugate tests: 1000 steps, the learning rate decaying from 0.1

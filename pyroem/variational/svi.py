@@ -31,7 +31,7 @@ learning-rate schedule).
 The point estimate reported in ``params`` is the mean of ``num_draws`` draws from the
 fitted guide (a guide's own point for ``guide="delta"``). Covariance-matrix sites get
 a bijection from ``D(D+1)/2`` unconstrained numbers (the log-Cholesky factor, see
-:mod:`pyroem.variational._svi_support`), which Pyro lacks.
+:mod:`pyroem.transforms`), which Pyro lacks.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ from pyroem.program.fit import _num_observations, initial_values
 from pyroem.program.model import ProgramModel
 from pyroem.program.posterior import posterior
 from pyroem.program.results import ProgramFit
-from pyroem.variational._svi_support import BijectiveSupports, needs_bijection
+from pyroem.transforms import BijectiveSupports, needs_bijection
 
 __all__ = ["GUIDES", "OPTIMIZERS", "SVIFit", "SVIOptions", "fit_svi"]
 

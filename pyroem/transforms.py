@@ -12,7 +12,7 @@ covariance is reached from a vector of its ``D(D+1)/2`` Cholesky entries,
 a true bijection with log-Jacobian
 :math:`D \log 2 + \sum_{i=0}^{D-1} (D - i + 1)\, u_{ii}` (0-based rows).
 
-Only the program's own sample sites are touched, and only while the SVI engine
+Only the program's own sample sites are touched, and only while an engine (SVI, NUTS)
 runs them (:class:`BijectiveSupports`): the sites keep their names, values and
 log-densities; only the ``support`` the guide reads changes.
 """
