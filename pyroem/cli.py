@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shared.add_argument("--plots", metavar="DIR", help="write PNG plots to DIR")
     shared.add_argument(
+        "--num-samples", type=int, default=1000, metavar="N", help="nuts: draws per chain"
+    )
+    shared.add_argument(
+        "--warmup-steps", type=int, default=500, metavar="N", help="nuts: warm-up steps per chain"
+    )
+    shared.add_argument("--num-chains", type=int, default=4, metavar="N", help="nuts: chains")
+    shared.add_argument(
         "--quiet", action="store_true", help="print nothing but warnings and errors"
     )
 
@@ -283,12 +290,18 @@ def _spec(args: argparse.Namespace, num_components: int) -> Mixture:
 
 
 def _fit_options(
-    args: argparse.Namespace, data: torch.Tensor, num_components: int
+    args: argparse.Namespace, data: torch.Tensor, num_components: int, method: str
 ) -> dict[str, Any]:
-    """The options of :func:`pyroem.fit` from the command line."""
+    """The options of :func:`pyroem.fit` for ``method`` from the command line."""
     work = data.shape[0] * num_components * max(args.n_init, 1)
     progress = not args.quiet and (sys.stderr.isatty() or work >= _LONG_FIT)
+    nuts = {
+        "num_samples": args.num_samples,
+        "warmup_steps": args.warmup_steps,
+        "num_chains": args.num_chains,
+    }
     return {
+        **(nuts if method == "nuts" else {}),
         "n_init": args.n_init,
         "tol": args.tol,
         "max_iter": args.max_iter,
@@ -308,7 +321,7 @@ def _fit_command(args: argparse.Namespace) -> int:
     """``pyroem fit``: load, fit (choosing K if several are given), report, write."""
     data, name, names = _load_data(args)
     candidates = args.components
-    options = _fit_options(args, data, max(candidates))
+    options = _fit_options(args, data, max(candidates), args.method)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         if len(candidates) > 1:
@@ -360,7 +373,7 @@ def _compare_command(args: argparse.Namespace) -> int:
         warnings.simplefilter("always", UserWarning)
         for method in args.methods:
             fits[method] = fit(
-                spec, data, method=method, **_fit_options(args, data, args.components)
+                spec, data, method=method, **_fit_options(args, data, args.components, method)
             )
         table = compare(fits)
     _warn(caught)

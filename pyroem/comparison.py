@@ -111,7 +111,11 @@ def compare(
         from pyroem.alignment import align_fits
 
         labelled = align_fits(labelled)
-    with_draws = {label: fit for label, fit in labelled.items() if fit.draws}
+    # LOO averages over posterior draws of the parameters; draws of latents only (MCMC-EM's
+    # E-step at the final θ) are not a posterior of θ.
+    with_draws = {
+        label: fit for label, fit in labelled.items() if set(fit.draws or ()) & set(fit.params)
+    }
     loo = None
     if with_draws:
         from pyroem.diagnostics import loo_table

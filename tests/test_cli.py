@@ -509,3 +509,39 @@ def test_plots_option_writes_pngs(capsys: pytest.CaptureFixture[str], tmp_path: 
     for name in ("objective.png", "components-map-em.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert f"to {tmp_path}" in out
+
+
+def test_compare_prints_and_writes_one_table(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out_dir, plot_dir = tmp_path / "out", tmp_path / "plots"
+    code, out, err = _run(
+        capsys,
+        "compare",
+        "--methods",
+        "map-em,vb-em,nuts",
+        "--n-init",
+        "2",
+        "--num-samples",
+        "60",
+        "--warmup-steps",
+        "60",
+        "--num-chains",
+        "2",
+        "--out",
+        str(out_dir),
+        "--plots",
+        str(plot_dir),
+    )
+    assert code == 0, err
+    expected = _reference_fit(n_init=2)
+    assert f"{expected.log_likelihood():.4g}" in out
+    assert "objective = map-em: log joint; vb-em: ELBO; nuts: log joint of the draws" in out
+    with open(out_dir / "comparison.csv", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0][1:] == ["map-em"] * 3 + ["vb-em"] * 3 + ["nuts"] * 3
+    means = {row[0]: row[1:] for row in rows}["means[1, 1]"]
+    assert float(means[0]) == pytest.approx(float(expected.params["means"][1, 1]))
+    assert (out_dir / "comparison.txt").read_text(encoding="utf-8").strip() in out
+    for name in ("objective.png", "forest.png", "components-nuts.png"):
+        assert (plot_dir / name).read_bytes()[:4] == b"\x89PNG"
