@@ -32,6 +32,7 @@ from pyroem.errors import (
 from pyroem.program import ProgramModel
 from pyroem.program.results import ProgramFit
 from pyroem.results import FitResult, load
+from pyroem.sampling.mcmc_em import MCMCEMFit
 from pyroem.selection import choose_components
 from pyroem.spec.distributions import InverseWishart
 from pyroem.spec.families import Bernoulli, Categorical, Exponential, Family, Gaussian, Poisson
@@ -59,6 +60,7 @@ __all__ = [
     "Gaussian",
     "History",
     "InverseWishart",
+    "MCMCEMFit",
     "Mixture",
     "NormalInverseWishart",
     "NotSupportedError",

@@ -114,6 +114,9 @@ def fit(
     torch_dtype = _check_options(method, n_init, tol, max_iter, chunk_size, dtype)
     started = time.perf_counter()
     result: Any
+    if method == "mcmc-em":
+        # MCMC-EM reuses the MAP-EM M-steps, so it takes their options too.
+        method_options = {"m_step": m_step, "gradient_steps": gradient_steps, **method_options}
     if method != "map-em":
         result = _fit_other(
             model,

@@ -130,7 +130,7 @@ def test_verbagg_bad_kind(kind: str) -> None:
 
 def test_available_datasets_round_trip() -> None:
     names = available_datasets()
-    assert names == ("faithful", "iris", "discoveries", "verbagg")
+    assert names == ("faithful", "iris", "discoveries", "verbagg", "sleepstudy")
     for name in names:
         ds = load_dataset(name)
         assert ds.name == name

@@ -29,6 +29,8 @@ SCRIPTS = [
     "bernoulli_mixture.py",
     "hmm.py",
     "robust_mixture.py",
+    # MCMC-EM to convergence: about a minute.
+    pytest.param("mixed_effects.py", marks=pytest.mark.slow),
 ]
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "load_discoveries",
     "load_faithful",
     "load_iris",
+    "load_sleepstudy",
     "load_verbagg",
     "read_csv",
 ]
@@ -270,11 +271,51 @@ def load_verbagg(kind: str = "binary") -> Dataset:
     )
 
 
+def load_sleepstudy() -> Dataset:
+    """Load the reaction times of 18 subjects over ten days of sleep deprivation.
+
+    Returns:
+        A :class:`Dataset` with ``data`` of shape ``(180, 2)`` (``Reaction``, the mean
+        reaction time in milliseconds, and ``Days`` of sleep deprivation, 0-9), one row
+        per subject and day, rows grouped by subject; ``target`` of shape ``(180,)``
+        with the subject's code 0-17 and ``target_names`` the subjects' numbers in the
+        study (``"308"``, ``"309"``, ...), in order of first appearance.
+    """
+    header, rows = _read_resource("sleepstudy.csv")
+    names = ("Reaction", "Days")
+    j = header.index("Subject")
+    subjects = [row[j] for row in rows]
+    target_names = tuple(dict.fromkeys(subjects))  # order of first appearance
+    code = {s: k for k, s in enumerate(target_names)}
+    target = torch.tensor([code[s] for s in subjects], dtype=torch.int64)
+    return Dataset(
+        data=_columns_as_tensor(header, rows, names),
+        feature_names=names,
+        name="sleepstudy",
+        description=(
+            "Average reaction time per day (milliseconds) of 18 truck drivers restricted to "
+            "three hours of sleep per night, on days 0-9 of the study (180 rows; the "
+            "subject codes are in 'target'). Reaction time grows roughly linearly with the "
+            "days of deprivation, with an intercept and a slope of its own for each subject: "
+            "the standard example for linear mixed-effects models with a random intercept "
+            "and slope (models/mixed_effects.py)."
+        ),
+        source=(
+            "Belenky, G. et al. (2003) Patterns of performance degradation and restoration "
+            "during sleep restriction and subsequent recovery: a sleep dose-response study. "
+            "Journal of Sleep Research 12, 1-12. Via R package 'lme4' (sleepstudy)."
+        ),
+        target=target,
+        target_names=target_names,
+    )
+
+
 _LOADERS: dict[str, Callable[[], Dataset]] = {
     "faithful": load_faithful,
     "iris": load_iris,
     "discoveries": load_discoveries,
     "verbagg": load_verbagg,
+    "sleepstudy": load_sleepstudy,
 }
 
 
@@ -283,7 +324,7 @@ def available_datasets() -> tuple[str, ...]:
 
     Returns:
         The names accepted by :func:`load_dataset`:
-        ``("faithful", "iris", "discoveries", "verbagg")``.
+        ``("faithful", "iris", "discoveries", "verbagg", "sleepstudy")``.
     """
     return tuple(_LOADERS)
 

@@ -208,7 +208,7 @@ class ProgramModel:
             raise NotSupportedError(
                 f"site {name!r} is a discrete latent ({type(site['fn']).__name__}) with "
                 "infinite or unenumerable support, which map-em cannot sum out exactly; "
-                "use method='mcmc-em' to sample it, or bound its support"
+                "bound its support (e.g. a Categorical over 0..max) so it can be enumerated"
             )
 
     def _check_global(self, name: str, site: Any, observed_plates: set[str]) -> None:

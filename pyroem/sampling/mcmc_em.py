@@ -1,0 +1,760 @@
+r"""MCMC-EM: EM whose E-step draws the latent variables instead of summing them out.
+
+``method="mcmc-em"`` approximates
+
+.. math:: Q(θ; θ_t) = E_{p(z \mid x; θ_t)}[\log p(x, z; θ)]
+          \approx \frac1S \sum_{s=1}^S \log p(x, z_s; θ),\qquad z_s \sim p(z \mid x; θ_t),
+
+the variant for models whose E-step has no closed form (continuous latent variables)
+and a check on the exact ones:
+
+- **E-step** (:mod:`pyroem.sampling.exact`, :mod:`pyroem.sampling.nuts`): discrete
+  latents are drawn exactly from their joint conditional posterior (forward
+  filtering, backward sampling through Pyro's enumeration); continuous latents by
+  Pyro's NUTS with θ held fixed, chains warm-started from the previous iteration's
+  state, step size and mass matrix, discrete latents then drawn exactly given each
+  draw.
+- **M-step**: the MAP-EM M-steps — recognised closed forms, L-BFGS on Q for the
+  other parameters — applied to the Monte Carlo Q (:mod:`pyroem.sampling.stacked`).
+- **Schedules** (:mod:`pyroem.sampling.schedules`): Monte Carlo EM with a growing
+  number of draws, or SAEM; convergence is declared by a test on the M-step's gain
+  that accounts for Monte Carlo noise.
+
+Parameters θ are as for MAP-EM: ``pyro.param`` sites (maximum likelihood) and
+global latent sample sites (MAP under their prior). Latent variables are the
+discrete sites, the continuous sample sites local to the data, and the sites named
+by the ``latents`` option.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from tqdm.auto import tqdm
+
+from pyroem.diagnostics import ChainDiagnostics, chain_diagnostics, chain_problems
+from pyroem.em import History
+from pyroem.errors import ConvergenceWarning, MCMCWarning, NotSupportedError, SpecError
+from pyroem.program.conjugacy import LOCATION_SLOTS, ClosedForm, closed_form_update, recognise
+from pyroem.program.fit import _num_observations, initial_values
+from pyroem.program.gradient import gradient_m_step
+from pyroem.program.model import ProgramModel
+from pyroem.program.posterior import expected_log_joint, posterior
+from pyroem.program.results import ProgramFit
+from pyroem.sampling.exact import Draws, ExactSampler
+from pyroem.sampling.nuts import NUTSSampler
+from pyroem.sampling.schedules import Gain, MCEMSchedule, MonteCarloQ, SAEMSchedule
+from pyroem.sampling.stacked import (
+    LatentProgram,
+    StackedProgram,
+    check_stackable,
+    per_draw_log_joint,
+)
+
+__all__ = ["MCMC_EM_OPTIONS", "MCMCEMFit", "fit_mcmc_em"]
+
+#: The options of ``method="mcmc-em"`` and their defaults.
+MCMC_EM_OPTIONS: dict[str, Any] = {
+    "schedule": "saem",
+    "num_samples": 100,
+    "max_samples": 20000,
+    "sample_growth": 1.5,
+    "burn_in": "auto",
+    "step_exponent": 1.0,
+    "num_chains": 4,
+    "warmup_steps": 200,
+    "discard_steps": 5,
+    "final_draws": 1000,
+    "target_accept_prob": 0.8,
+    "max_tree_depth": 10,
+    "full_mass": False,
+    "jit_compile": False,
+    "latents": (),
+    "m_step": "auto",
+    "gradient_steps": 50,
+    "log_likelihood_samples": 1000,
+}
+_SCHEDULES = ("mcem", "saem")
+_M_STEPS = ("auto", "gradient")
+# Student-t degrees of freedom of the importance-sampling proposal for log p(x | θ).
+_PROPOSAL_DF = 10.0
+
+
+class _Settings(NamedTuple):
+    schedule: str
+    num_samples: int
+    max_samples: int
+    sample_growth: float
+    burn_in: int | None
+    step_exponent: float
+    num_chains: int
+    warmup_steps: int
+    discard_steps: int
+    final_draws: int
+    target_accept_prob: float
+    max_tree_depth: int
+    full_mass: bool
+    jit_compile: bool
+    latents: tuple[str, ...]
+    m_step: str
+    gradient_steps: int
+    log_likelihood_samples: int
+
+
+def _integer(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise SpecError(f"{name} must be an integer >= {low}; got {value!r}")
+    return value
+
+
+def _settings(options: Mapping[str, Any]) -> _Settings:
+    """Validate the options of ``method="mcmc-em"``."""
+    unknown = sorted(set(options) - set(MCMC_EM_OPTIONS))
+    if unknown:
+        raise SpecError(
+            f"unknown options for method='mcmc-em': {unknown}; the options are "
+            f"{sorted(MCMC_EM_OPTIONS)}"
+        )
+    given = {**MCMC_EM_OPTIONS, **options}
+    if given["schedule"] not in _SCHEDULES:
+        raise SpecError(f"schedule must be one of {_SCHEDULES}; got {given['schedule']!r}")
+    if given["m_step"] not in _M_STEPS:
+        raise SpecError(f"m_step must be one of {_M_STEPS}; got {given['m_step']!r}")
+    num_samples = _integer("num_samples", given["num_samples"], 1)
+    max_samples = _integer("max_samples", given["max_samples"], 1)
+    if max_samples < num_samples:
+        raise SpecError(f"max_samples ({max_samples}) must be at least num_samples ({num_samples})")
+    growth = given["sample_growth"]
+    if isinstance(growth, bool) or not isinstance(growth, int | float) or not growth > 1:
+        raise SpecError(f"sample_growth must be a number > 1; got {growth!r}")
+    burn_in = given["burn_in"]
+    if burn_in != "auto":
+        burn_in = _integer("burn_in", burn_in, 0)
+    exponent = given["step_exponent"]
+    if isinstance(exponent, bool) or not isinstance(exponent, int | float):
+        raise SpecError(f"step_exponent must be a number in (0.5, 1]; got {exponent!r}")
+    if not 0.5 < exponent <= 1:
+        raise SpecError(
+            f"step_exponent must be in (0.5, 1] (the step sizes of SAEM must sum to "
+            f"infinity and their squares must not); got {exponent!r}"
+        )
+    accept = given["target_accept_prob"]
+    if isinstance(accept, bool) or not isinstance(accept, int | float) or not 0 < accept < 1:
+        raise SpecError(f"target_accept_prob must be in (0, 1); got {accept!r}")
+    latents = given["latents"]
+    if isinstance(latents, str) or not all(isinstance(name, str) for name in latents):
+        raise SpecError(f"latents must be a list of site names; got {latents!r}")
+    for flag in ("full_mass", "jit_compile"):
+        if not isinstance(given[flag], bool):
+            raise SpecError(f"{flag} must be True or False; got {given[flag]!r}")
+    return _Settings(
+        schedule=given["schedule"],
+        num_samples=num_samples,
+        max_samples=max_samples,
+        sample_growth=float(growth),
+        burn_in=None if burn_in == "auto" else burn_in,
+        step_exponent=float(exponent),
+        num_chains=_integer("num_chains", given["num_chains"], 1),
+        warmup_steps=_integer("warmup_steps", given["warmup_steps"], 0),
+        discard_steps=_integer("discard_steps", given["discard_steps"], 0),
+        final_draws=_integer("final_draws", given["final_draws"], 0),
+        target_accept_prob=float(accept),
+        max_tree_depth=_integer("max_tree_depth", given["max_tree_depth"], 1),
+        full_mass=given["full_mass"],
+        jit_compile=given["jit_compile"],
+        latents=tuple(latents),
+        m_step=given["m_step"],
+        gradient_steps=_integer("gradient_steps", given["gradient_steps"], 1),
+        log_likelihood_samples=_integer(
+            "log_likelihood_samples", given["log_likelihood_samples"], 0
+        ),
+    )
+
+
+class MCMCEMFit(ProgramFit):
+    """A Pyro program fitted by MCMC-EM (``method="mcmc-em"``).
+
+    On top of :class:`~pyroem.ProgramFit`:
+
+    - ``params``: the final θ_T.
+    - ``draws``: the last E-step's latent draws (at θ_T), every latent site (continuous
+      and discrete) ``(num_chains, num_draws, *shape)``; exact discrete draws form one
+      chain.
+    - ``history.objective``: where every latent is discrete, the exact log joint
+      ``log p(x, θ_t)`` (z summed out by enumeration; ``history.log_likelihood`` exact
+      too). With continuous latents, the Monte Carlo estimate
+      :math:`\\hat Q(θ_t; θ_t) = \\frac1S \\sum_s \\log p(x, z_s; θ_t)` over the E-step's
+      draws at θ_t (an estimate of :math:`E[\\log p(x, z; θ_t) \\mid x]`, not of the
+      log-likelihood); ``history.log_likelihood`` is NaN but for its last entry.
+    - ``log_likelihood()``/``log_joint()``: exact where every latent is discrete; with
+      continuous latents an importance-sampling estimate at θ_T (a multivariate
+      Student-t proposal fitted to the last draws in the sampler's unconstrained
+      space), standard error in ``log_likelihood_se``; NaN when the program also has
+      discrete latents or ``log_likelihood_samples=0``.
+    - ``marginals``: exact posterior marginals of the discrete latents at θ_T where
+      every latent is discrete; else the frequencies in the last draws.
+    - ``sample_stats``: per E-step, ``(T+1,)`` like the history: ``num_samples``,
+      ``step_size`` (γ_t of the M-step that gave θ_t; NaN at 0), ``delta_q`` and
+      ``delta_q_se`` (its gain on the Monte Carlo objective and standard error),
+      ``max_rhat``, ``min_ess_bulk``, ``min_ess_tail``, ``num_divergences``,
+      ``nuts_step_size``, ``rewarmed_chains``.
+
+    Attributes:
+        diagnostics: one :class:`~pyroem.diagnostics.ChainDiagnostics` per E-step
+            (``T+1``). For exact discrete draws R-hat is NaN (independent draws) and
+            both ESS equal the number of draws.
+        final_diagnostics: diagnostics of the last E-step (at θ_T, at least
+            ``final_draws`` draws per chain), which the MCMC warning is based on;
+            ``None`` for exact draws.
+        problems: what is wrong with those chains, in words (empty when nothing is).
+        parameter_trace: θ across iterations, site → ``(T+1, *shape)``.
+        schedule: ``"mcem"`` or ``"saem"``.
+        burn_in: SAEM's last burn-in iteration (``None`` for MCEM or when it did not end).
+        latents: the latent sites (continuous, then discrete).
+        log_likelihood_se: Monte Carlo standard error of ``log_likelihood()`` (0 when exact).
+    """
+
+    def __init__(
+        self,
+        *,
+        diagnostics: list[ChainDiagnostics],
+        final_diagnostics: ChainDiagnostics | None,
+        problems: list[str],
+        parameter_trace: dict[str, torch.Tensor],
+        schedule: str,
+        burn_in: int | None,
+        latents: list[str],
+        log_likelihood_se: float,
+        **fit: Any,
+    ) -> None:
+        super().__init__(**fit)
+        self.diagnostics = diagnostics
+        self.final_diagnostics = final_diagnostics
+        self.problems = problems
+        self.parameter_trace = parameter_trace
+        self.schedule = schedule
+        self.burn_in = burn_in
+        self.latents = latents
+        self.log_likelihood_se = log_likelihood_se
+
+    def pointwise_log_likelihood(self, *, plate: str | None = None) -> torch.Tensor:
+        """``log p(x_i | θ_T, b_s)`` per draw ``s`` of the continuous latents ``b``,
+        discrete latents summed out, ``(num_chains, num_draws, N)``; without continuous
+        latents ``log p(x_i | θ_T)``, the same for every draw.
+
+        Args:
+            plate: the observation plate (default: see
+                :func:`pyroem.program.pointwise.observation_plate`).
+        """
+        from pyroem.program.pointwise import (
+            pointwise_log_likelihood,
+            pointwise_log_likelihood_draws,
+        )
+
+        assert self.draws is not None
+        continuous = {name: self.draws[name] for name in self.program.latents}  # type: ignore[attr-defined]
+        if continuous:
+            return pointwise_log_likelihood_draws(
+                self.program, continuous, self.params, plate=plate
+            )
+        table = pointwise_log_likelihood(self.program, self.params, plate=plate)
+        num_chains, num_draws = next(iter(self.draws.values())).shape[:2]
+        return table.expand(num_chains, num_draws, *table.shape)
+
+    def summary(self) -> str:
+        """:meth:`ProgramFit.summary` plus the schedule, the draws and the chains."""
+        stats = self.sample_stats
+        lines = [
+            super().summary(),
+            "",
+            f"  schedule           {self.schedule}"
+            + ("" if self.burn_in is None else f" (burn-in ended at iteration {self.burn_in})"),
+            f"  draws per E-step   {int(stats['num_samples'][0])} first, "
+            f"{int(stats['num_samples'][-1])} last",
+            f"  last gain of Q     {stats['delta_q'][-1]:.3g} ± {stats['delta_q_se'][-1]:.2g}",
+        ]
+        if self.final_diagnostics is not None:
+            final = self.final_diagnostics
+            lines.append(
+                f"  last E-step chains R-hat {final.max_rhat:.3f}, bulk ESS "
+                f"{final.min_ess_bulk:.0f}, tail ESS {final.min_ess_tail:.0f}, "
+                f"{final.num_divergences} divergences"
+                + (f" — {'; '.join(self.problems)}" if self.problems else "")
+            )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (
+            f"MCMCEMFit(model={self.program.name}, schedule={self.schedule!r}, "
+            f"objective={self.history.objective[-1]:.6g}, converged={self.converged}, "
+            f"num_iterations={self.num_iterations})"
+        )
+
+
+def _ecm_order(program: ProgramModel, blocks: Mapping[str, ClosedForm | None]) -> list[str]:
+    """Closed-form blocks in MAP-EM's update order: locations first, then the rest,
+    children before parents."""
+    order = [name for name in reversed(list(program.params)) if blocks[name] is not None]
+    return sorted(order, key=lambda name: blocks[name].slot not in LOCATION_SLOTS)  # type: ignore[union-attr]
+
+
+def _m_step(
+    program: ProgramModel,
+    blocks: Mapping[str, ClosedForm | None],
+    values: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+    gradient_steps: int,
+) -> dict[str, torch.Tensor]:
+    """One ECM sweep on Q: each closed-form block in turn (the program run again
+    before each, at the values updated so far), then the gradient M-step."""
+    values = dict(values)
+    for name in _ecm_order(program, blocks):
+        trace = program.trace(values)
+        values[name] = closed_form_update(program, blocks[name], trace, weights)  # type: ignore[arg-type]
+    gradient_sites = [name for name in program.params if blocks[name] is None]
+    if gradient_sites:
+        values.update(
+            gradient_m_step(program, values, weights, gradient_sites, max_steps=gradient_steps)
+        )
+    return values
+
+
+class _EStep(NamedTuple):
+    """An E-step at θ_t and the quantities read from it."""
+
+    draws: Draws
+    per_draw: torch.Tensor
+    objective: float
+    log_likelihood: float
+    trace: Any
+    marginals: dict[str, torch.Tensor]
+
+
+def _frequencies(
+    program: LatentProgram, draws: Draws, supports: Mapping[str, torch.Tensor], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Frequencies of each discrete latent's values in the draws, ``(*shape, K)``."""
+    flat = draws.flat()
+    return {
+        name: (flat[name].unsqueeze(-1) == supports[name]).to(dtype).mean(0)
+        for name in program.enumerated
+    }
+
+
+def _effective_size(draws: Draws, gains: torch.Tensor) -> float:
+    """Effective sample size of the per-draw gains: their number for exact draws,
+    ArviZ's bulk ESS over the chains for NUTS draws."""
+    size = gains.numel()
+    if not draws.continuous:
+        return float(size)
+    ess = chain_diagnostics({"gain": gains.reshape(draws.num_chains, draws.num_draws)}).min_ess_bulk
+    return float(min(size, ess)) if math.isfinite(ess) else float(size)
+
+
+def _importance_log_likelihood(
+    program: LatentProgram,
+    sampler: NUTSSampler,
+    values: Mapping[str, torch.Tensor],
+    draws: Mapping[str, torch.Tensor],
+    num_samples: int,
+) -> tuple[float, float, float]:
+    r"""Importance-sampling estimate of :math:`\log p(x, θ)` and :math:`\log p(x \mid θ)`.
+
+    The proposal is a multivariate Student-t (10 degrees of freedom) with the mean and
+    covariance of ``draws`` (unconstrained, ``(num_chains, num_draws, *shape)``) in the
+    sampler's unconstrained space (diagonal covariance when there are fewer than twice
+    as many draws as dimensions).
+
+    Returns:
+        ``(log_joint, log_likelihood, standard_error)``.
+    """
+    names = program.latents
+    flat = {name: draws[name].flatten(0, 1) for name in names}
+    sizes = [flat[name][0].numel() for name in names]
+    points = torch.cat([flat[name].reshape(flat[name].shape[0], -1) for name in names], dim=1)
+    mean = points.mean(0)
+    centred = points - mean
+    num_points, dim = points.shape
+    covariance = centred.T @ centred / max(num_points - 1, 1)
+    if num_points < 2 * dim:
+        covariance = torch.diag(torch.diagonal(covariance))
+    covariance = covariance + 1e-9 * torch.diagonal(covariance).mean() * torch.eye(dim)
+    proposal = dist.MultivariateStudentT(
+        torch.tensor(_PROPOSAL_DF), mean, torch.linalg.cholesky(covariance)
+    )
+    proposed = proposal.sample((num_samples,))
+    log_q = proposal.log_prob(proposed)
+    unconstrained = {
+        name: part.reshape(num_samples, *draws[name].shape[2:])
+        for name, part in zip(names, proposed.split(sizes, dim=1), strict=True)
+    }
+    constrained = sampler.constrain(unconstrained)
+    log_joint, log_prior = per_draw_log_joint(program, values, constrained)
+    log_weights = log_joint + sampler.log_abs_det_jacobian(unconstrained, 1) - log_q
+    estimate = float(torch.logsumexp(log_weights, 0) - math.log(num_samples))
+    scaled = (log_weights - log_weights.max()).exp()
+    standard_error = float(scaled.std() / (scaled.mean() * math.sqrt(num_samples)))
+    return estimate, estimate - float(log_prior[0]), standard_error
+
+
+def fit_mcmc_em(
+    model: Callable[..., Any],
+    model_args: tuple[Any, ...],
+    model_kwargs: Mapping[str, Any] | None,
+    *,
+    tol: float,
+    max_iter: int,
+    init: Any,
+    seed: int | None,
+    progress: bool,
+    **options: Any,
+) -> MCMCEMFit:
+    """Fit a Pyro program by MCMC-EM (see :func:`pyroem.fit` and the module docstring).
+
+    Args:
+        model: the Pyro program.
+        model_args: its positional arguments.
+        model_kwargs: its keyword arguments.
+        tol: convergence when, with 95% confidence, an M-step gains less than ``tol``
+            per observation on the Monte Carlo objective (see
+            :mod:`pyroem.sampling.schedules`).
+        max_iter: most EM iterations; hitting it warns with
+            :class:`~pyroem.errors.ConvergenceWarning`.
+        init: ``{site: value}`` for any subset of the parameters, or a previous fit.
+        seed: makes the fit reproducible (the global RNG state is left as it was).
+        progress: show a progress bar.
+        **options: see :data:`MCMC_EM_OPTIONS` and the README.
+
+    Returns:
+        An :class:`MCMCEMFit`; :class:`~pyroem.errors.MCMCWarning` if the final E-step
+        chains fail R-hat < 1.01, bulk and tail ESS ≥ 100, or had divergences.
+    """
+    settings = _settings(options)
+    program = LatentProgram(model, model_args, model_kwargs, settings.latents)
+    if not program.latents and not program.enumerated:
+        raise NotSupportedError(
+            f"the model {program.name} has no latent variables to sample; fit it with "
+            "method='map-em' (or name its random effects with latents=[...])"
+        )
+    if program.latents and settings.num_samples < 4 * settings.num_chains:
+        raise SpecError(
+            f"num_samples must give each of the {settings.num_chains} chains at least 4 "
+            f"draws (R-hat and ESS need them); got num_samples={settings.num_samples}"
+        )
+    if isinstance(init, ProgramFit):
+        init = init.params
+    if init is not None and not isinstance(init, Mapping):
+        raise SpecError(
+            "init for a Pyro program is a dict {site name: value} (or a previous fit); "
+            f"got {type(init).__name__}"
+        )
+    base_seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
+    with torch.random.fork_rng(), pyro.validation_enabled(False):
+        torch.manual_seed(base_seed)
+        return _run(program, settings, init, base_seed, tol, max_iter, progress, seed)
+
+
+class _Record:
+    """Per-iteration record of a run: θ, objective, draws' statistics, diagnostics."""
+
+    def __init__(self) -> None:
+        self.values: list[dict[str, torch.Tensor]] = []
+        self.objectives: list[float] = []
+        self.log_likelihoods: list[float] = []
+        self.elapsed: list[float] = []
+        self.diagnostics: list[ChainDiagnostics] = []
+        self.stats: dict[str, list[float]] = {
+            key: []
+            for key in (
+                "num_samples",
+                "step_size",
+                "delta_q",
+                "delta_q_se",
+                "nuts_step_size",
+                "rewarmed_chains",
+            )
+        }
+        self._start = time.perf_counter()
+
+    def add(
+        self, values: dict[str, torch.Tensor], step: _EStep, gamma: float, gain: Gain | None
+    ) -> None:
+        """Record θ_t, its E-step, and the M-step (step size, gain) that gave it."""
+        draws = step.draws
+        self.values.append(values)
+        self.objectives.append(step.objective)
+        self.log_likelihoods.append(step.log_likelihood)
+        self.elapsed.append(time.perf_counter() - self._start)
+        self.diagnostics.append(draws.diagnostics)
+        for key, value in (
+            ("num_samples", draws.num_chains * draws.num_draws),
+            ("step_size", gamma),
+            ("delta_q", math.nan if gain is None else gain.delta),
+            ("delta_q_se", math.nan if gain is None else gain.se),
+            ("nuts_step_size", draws.step_size),
+            ("rewarmed_chains", draws.rewarmed),
+        ):
+            self.stats[key].append(float(value))
+
+    def replace_last(self, step: _EStep) -> None:
+        """Put a new E-step at the same θ in place of the last one."""
+        values = self.values.pop()
+        self.objectives.pop()
+        self.log_likelihoods.pop()
+        self.elapsed.pop()
+        self.diagnostics.pop()
+        popped = {key: entries.pop() for key, entries in self.stats.items()}
+        gain = Gain(popped["delta_q"], popped["delta_q_se"])
+        self.add(values, step, popped["step_size"], gain)
+
+    def history(self) -> History:
+        """The :class:`~pyroem.em.History` of the run."""
+        return History(
+            np.array(self.objectives), np.array(self.log_likelihoods), np.array(self.elapsed)
+        )
+
+    def sample_stats(self) -> dict[str, np.ndarray]:
+        """Per-iteration statistics, the chain diagnostics included."""
+        stats = {key: np.asarray(value) for key, value in self.stats.items()}
+        for field in ("max_rhat", "min_ess_bulk", "min_ess_tail", "num_divergences"):
+            stats[field] = np.array([float(getattr(entry, field)) for entry in self.diagnostics])
+        return stats
+
+
+def _sampler(
+    program: LatentProgram, values: dict[str, torch.Tensor], settings: _Settings
+) -> ExactSampler | NUTSSampler:
+    """Exact draws when every latent is discrete, NUTS chains otherwise."""
+    if not program.latents:
+        return ExactSampler(program)
+    return NUTSSampler(
+        program,
+        values,
+        num_chains=settings.num_chains,
+        warmup_steps=settings.warmup_steps,
+        discard_steps=settings.discard_steps,
+        target_accept_prob=settings.target_accept_prob,
+        max_tree_depth=settings.max_tree_depth,
+        full_mass=settings.full_mass,
+        jit_compile=settings.jit_compile,
+    )
+
+
+def _schedule(settings: _Settings) -> MCEMSchedule | SAEMSchedule:
+    if settings.schedule == "mcem":
+        return MCEMSchedule(settings.num_samples, settings.max_samples, settings.sample_growth)
+    return SAEMSchedule(settings.num_samples, settings.burn_in, settings.step_exponent)
+
+
+def _closed_forms(
+    program: LatentProgram, values: dict[str, torch.Tensor], settings: _Settings, trace: Any
+) -> dict[str, ClosedForm | None]:
+    """The closed-form block of every parameter (MAP-EM's recognition), probed on the
+    program as the M-step sees it: with continuous latents, stacked with one draw."""
+    if settings.m_step == "gradient":
+        return dict.fromkeys(program.params)
+    if not program.latents:
+        return recognise(program, values, trace)
+    nodes: Any = trace.nodes
+    one = {
+        name: nodes[name]["value"].detach().reshape(1, *site.shape)
+        for name, site in program.latent_sites.items()
+    }
+    return recognise(StackedProgram(program, one), values)
+
+
+def _gain(
+    program: LatentProgram,
+    target: ProgramModel,
+    weights: Mapping[str, torch.Tensor],
+    old: dict[str, torch.Tensor],
+    new: dict[str, torch.Tensor],
+    step: _EStep,
+    objective_q: MonteCarloQ,
+) -> Gain:
+    """The M-step's gain on Q_t and its Monte Carlo standard error (see
+    :mod:`pyroem.sampling.schedules`)."""
+    with torch.no_grad():
+        delta = float(
+            expected_log_joint(target, new, weights) - expected_log_joint(target, old, weights)
+        )
+    gains = per_draw_log_joint(program, new, step.draws.flat())[0] - step.per_draw
+    spread = float(gains.std()) if gains.numel() > 1 else 0.0
+    if spread == 0:
+        return Gain(delta, 0.0)
+    se = spread / math.sqrt(_effective_size(step.draws, gains))
+    return Gain(delta, se * objective_q.noise_factor())
+
+
+def _run(
+    program: LatentProgram,
+    settings: _Settings,
+    init: Mapping[str, Any] | None,
+    base_seed: int,
+    tol: float,
+    max_iter: int,
+    progress: bool,
+    seed: int | None,
+) -> MCMCEMFit:
+    """The MCMC-EM loop (see :func:`fit_mcmc_em`)."""
+    values = initial_values(program, init, base_seed)
+    check_stackable(program, values)
+    first_trace = program.trace(values)
+    num_data = _num_observations(first_trace, program)
+    nodes: Any = first_trace.nodes
+    supports = {name: nodes[name]["value"].reshape(-1) for name in program.enumerated}
+    sampler = _sampler(program, values, settings)
+    schedule = _schedule(settings)
+    blocks = _closed_forms(program, values, settings, first_trace)
+
+    def e_step(theta: dict[str, torch.Tensor], num_draws: int | None = None) -> _EStep:
+        draws = sampler.sample(theta, num_draws or schedule.num_samples)
+        per_draw = per_draw_log_joint(program, theta, draws.flat())[0]
+        if program.latents:
+            frequencies = _frequencies(program, draws, supports, per_draw.dtype)
+            return _EStep(draws, per_draw, float(per_draw.mean()), math.nan, None, frequencies)
+        post = posterior(program, theta)
+        return _EStep(
+            draws,
+            per_draw,
+            float(post.log_joint),
+            float(post.log_likelihood),
+            post.trace,
+            post.marginals,
+        )
+
+    objective_q = MonteCarloQ(program)
+    record = _Record()
+    current = e_step(values)
+    record.add(values, current, math.nan, None)
+    converged = False
+    iterations = 0
+    with tqdm(total=max_iter, desc="mcmc-em", disable=not progress, leave=False) as bar:
+        for iteration in range(1, max_iter + 1):
+            gamma = schedule.step_size(iteration)
+            objective_q.add(current.draws, gamma, current.trace)
+            target, weights = objective_q.target(values)
+            new_values = _m_step(target, blocks, values, weights, settings.gradient_steps)
+            gain = _gain(program, target, weights, values, new_values, current, objective_q)
+            schedule.update(iteration, gain)
+            stop = schedule.may_stop(iteration) and gain.upper < tol * num_data
+            values = new_values
+            current = e_step(values)
+            iterations = iteration
+            record.add(values, current, gamma, gain)
+            bar.update(1)
+            bar.set_postfix(gain=f"{gain.delta:.3g}±{gain.se:.2g}", draws=schedule.num_samples)
+            if not math.isfinite(current.objective):
+                break
+            if stop:
+                converged = True
+                break
+    if program.latents and current.draws.num_draws < settings.final_draws:
+        # The last E-step at θ_T, long enough for R-hat and ESS to mean something.
+        current = e_step(values, settings.final_draws * settings.num_chains)
+        record.replace_last(current)
+    return _finish(
+        program,
+        settings,
+        sampler,
+        schedule,
+        record,
+        current,
+        blocks,
+        converged,
+        iterations,
+        num_data,
+        {"tol": tol, "max_iter": max_iter, "seed": seed},
+    )
+
+
+def _finish(
+    program: LatentProgram,
+    settings: _Settings,
+    sampler: ExactSampler | NUTSSampler,
+    schedule: MCEMSchedule | SAEMSchedule,
+    record: _Record,
+    final: _EStep,
+    blocks: Mapping[str, ClosedForm | None],
+    converged: bool,
+    iterations: int,
+    num_data: int,
+    options: dict[str, Any],
+) -> MCMCEMFit:
+    """Scores and diagnostics at θ_T, warnings, and the fit result."""
+    values = record.values[-1]
+    log_joint, log_likelihood, log_likelihood_se = final.objective, final.log_likelihood, 0.0
+    final_diagnostics = None
+    problems: list[str] = []
+    if program.latents:
+        final_diagnostics = final.draws.diagnostics
+        problems = chain_problems(final_diagnostics)
+        earlier = sum(entry.num_divergences for entry in record.diagnostics[:-1])
+        if earlier:
+            problems.append(f"{earlier} divergent transitions in earlier E-steps")
+        log_joint = log_likelihood = log_likelihood_se = math.nan
+        if not program.enumerated and settings.log_likelihood_samples:
+            assert isinstance(sampler, NUTSSampler)
+            log_joint, log_likelihood, log_likelihood_se = _importance_log_likelihood(
+                program,
+                sampler,
+                values,
+                final.draws.unconstrained,
+                settings.log_likelihood_samples,
+            )
+        record.log_likelihoods[-1] = log_likelihood
+    if problems:
+        warnings.warn(
+            "the chains of the last E-step look unreliable: "
+            + "; ".join(problems)
+            + ". Raise warmup_steps, final_draws or discard_steps, try full_mass=True, or "
+            "reparametrise the model (e.g. centre covariates)",
+            MCMCWarning,
+            stacklevel=5,
+        )
+    stats = record.sample_stats()
+    if not converged:
+        warnings.warn(
+            f"MCMC-EM did not converge in {iterations} iterations (last gain "
+            f"{stats['delta_q'][-1]:.3g} ± {stats['delta_q_se'][-1]:.2g} against tol × N = "
+            f"{options['tol'] * num_data:.3g}); raise max_iter, max_samples or tol",
+            ConvergenceWarning,
+            stacklevel=5,
+        )
+    return MCMCEMFit(
+        program=program,
+        method="mcmc-em",
+        values=values,
+        m_step_kinds={
+            name: "gradient" if block is None else block.kind for name, block in blocks.items()
+        },
+        marginals=final.marginals,
+        log_likelihood=log_likelihood,
+        log_joint=log_joint,
+        history=record.history(),
+        converged=converged,
+        num_iterations=iterations,
+        num_data=num_data,
+        restart_objectives=[final.objective],
+        options={**options, **settings._asdict()},
+        draws={**final.draws.continuous, **final.draws.discrete},
+        sample_stats=stats,
+        diagnostics=record.diagnostics,
+        final_diagnostics=final_diagnostics,
+        problems=problems,
+        parameter_trace={
+            name: torch.stack([entry[name] for entry in record.values]) for name in program.params
+        },
+        schedule=schedule.name,
+        burn_in=schedule.burn_in_end if isinstance(schedule, SAEMSchedule) else None,
+        latents=[*program.latents, *program.enumerated],
+        log_likelihood_se=log_likelihood_se,
+    )
