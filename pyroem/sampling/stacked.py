@@ -325,12 +325,12 @@ def table_weights(
                 indicators = one_hot if indicators is None else indicators * one_hot
             assert indicators is not None
             if stacked:
-                frequency = indicators * plate_weights
+                frequency = indicators * plate_weights.to(table.dtype)
             else:
-                frequency = torch.tensordot(draw_weights, indicators, dims=1)
+                frequency = torch.tensordot(draw_weights.to(table.dtype), indicators, dims=1)
             factor = factor * frequency
         elif stacked:
-            factor = factor * plate_weights
+            factor = factor * plate_weights.to(table.dtype)
         weights[name] = factor.expand(table.shape)
     return weights
 
