@@ -27,7 +27,7 @@ __all__ = ["compare", "format_comparison", "labelled_fits"]
 OBJECTIVES = {
     "map-em": "log joint",
     "vb-em": "ELBO",
-    "mcmc-em": "Monte Carlo objective",
+    "mcmc-em": "log joint (Monte Carlo estimate with continuous latents)",
     "nuts": "log joint of the draws",
 }
 
@@ -147,7 +147,7 @@ def compare(
     return table
 
 
-def format_comparison(table: pd.DataFrame, digits: int = 4) -> str:
+def format_comparison(table: pd.DataFrame, digits: int = 6) -> str:
     """The table of :func:`compare` as text: ``estimate [lower, upper]`` per fit."""
     labels = list(dict.fromkeys(table.columns.get_level_values(0)))
     cells = {}
