@@ -116,18 +116,19 @@ def compare(
     with_draws = {
         label: fit for label, fit in labelled.items() if set(fit.draws or ()) & set(fit.params)
     }
-    loo = None
+    elpd: dict[str, tuple[float, float]] = {}
     if with_draws:
         from pyroem.diagnostics import loo_table
 
         loo = loo_table(with_draws)
+        elpd = {label: (loo.loc[label, "elpd_loo"], loo.loc[label, "se"]) for label in with_draws}
     columns: dict[tuple[str, str], dict[str, float]] = {}
     for label, fit in labelled.items():
         estimate: dict[str, float] = {
             "log_likelihood": fit.log_likelihood(),
             "objective": float(fit.history.objective[-1]),
-            "elpd_loo": float(loo.loc[label, "elpd_loo"]) if label in with_draws else np.nan,
-            "elpd_loo_se": float(loo.loc[label, "se"]) if label in with_draws else np.nan,
+            "elpd_loo": float(elpd.get(label, (np.nan, np.nan))[0]),
+            "elpd_loo_se": float(elpd.get(label, (np.nan, np.nan))[1]),
             "runtime_s": float(fit.runtime),
             "iterations": float(fit.num_iterations),
             "converged": float(fit.converged),

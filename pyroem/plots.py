@@ -97,7 +97,15 @@ def _ellipse(ax: Any, mean: np.ndarray, covariance: np.ndarray, color: Any) -> N
     for radius in (1.0, 2.0):
         width, height = 2 * radius * np.sqrt(values[::-1])
         ax.add_patch(
-            Ellipse(mean, width, height, angle=angle, fill=False, color=color, lw=1.5 / radius)
+            Ellipse(
+                (float(mean[0]), float(mean[1])),
+                width,
+                height,
+                angle=angle,
+                fill=False,
+                color=color,
+                lw=1.5 / radius,
+            )
         )
 
 
