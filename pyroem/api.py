@@ -12,6 +12,7 @@ from pyroem.errors import SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
 from pyroem.initialization import initial_params
 from pyroem.mstep.mixture import mixture_m_step
+from pyroem.options import check_integer, with_defaults
 from pyroem.program.fit import fit_program
 from pyroem.results import FitResult
 from pyroem.spec.mixture import Mixture, as_data
@@ -27,13 +28,9 @@ def _check_options(
 ) -> torch.dtype:
     if method not in METHODS:
         raise SpecError(f"unknown method {method!r}; choose one of {METHODS}")
-    for name, value, low in (
-        ("n_init", n_init, 1),
-        ("max_iter", max_iter, 0),
-        ("chunk_size", chunk_size, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise SpecError(f"{name} must be an integer >= {low}; got {value!r}")
+    check_integer("n_init", n_init, 1)
+    check_integer("max_iter", max_iter, 0)
+    check_integer("chunk_size", chunk_size, 1)
     if not (isinstance(tol, int | float) and tol >= 0):
         raise SpecError(f"tol must be a non-negative number; got {tol!r}")
     if isinstance(dtype, str):
@@ -114,7 +111,9 @@ def fit(
     torch_dtype = _check_options(method, n_init, tol, max_iter, chunk_size, dtype)
     started = time.perf_counter()
     result: Any
-    if method == "mcmc-em":
+    if method == "map-em":
+        with_defaults("method='map-em'", method_options, {}, hint="map-em takes none")
+    elif method == "mcmc-em":
         # MCMC-EM reuses the MAP-EM M-steps, so it takes their options too.
         method_options = {"m_step": m_step, "gradient_steps": gradient_steps, **method_options}
     if method != "map-em":
@@ -133,11 +132,6 @@ def fit(
             chunk_size=chunk_size,
             progress=progress,
             options=method_options,
-        )
-    elif method_options:
-        raise SpecError(
-            f"unknown options for method='map-em': {sorted(method_options)}; "
-            "see help(pyroem.fit) for the options of each method"
         )
     elif not isinstance(model, Mixture):
         if dtype is not None or device is not None:

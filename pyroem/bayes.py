@@ -48,6 +48,7 @@ from pyroem.em import History
 from pyroem.errors import MCMCWarning, NotSupportedError, SingularCovarianceError, SpecError
 from pyroem.estep.enumerate import MixtureEStep
 from pyroem.initialization import initial_params
+from pyroem.options import check_integer, with_defaults
 from pyroem.program.fit import _num_observations, initial_values
 from pyroem.program.model import ProgramModel, sample_sites
 from pyroem.program.posterior import log_joint_terms, posterior
@@ -95,12 +96,7 @@ class _Settings(NamedTuple):
 
 
 def _settings(options: Mapping[str, Any], has_init: bool) -> _Settings:
-    unknown = sorted(set(options) - set(NUTS_OPTIONS))
-    if unknown:
-        raise SpecError(
-            f"unknown options for method='nuts': {unknown}; the options are {sorted(NUTS_OPTIONS)}"
-        )
-    given = {**NUTS_OPTIONS, **options}
+    given = with_defaults("method='nuts'", options, NUTS_OPTIONS)
     for name, low in (
         ("num_samples", 1),
         ("warmup_steps", 0),
@@ -108,9 +104,7 @@ def _settings(options: Mapping[str, Any], has_init: bool) -> _Settings:
         ("max_tree_depth", 1),
         ("chunk_size", 1),
     ):
-        value = given[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise SpecError(f"{name} must be an integer >= {low}; got {value!r}")
+        check_integer(name, given[name], low)
     accept = given["target_accept_prob"]
     if not (isinstance(accept, int | float) and 0 < accept < 1):
         raise SpecError(f"target_accept_prob must be in (0, 1); got {accept!r}")

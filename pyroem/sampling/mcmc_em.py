@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from pyroem.diagnostics import ChainDiagnostics, chain_diagnostics, chain_problems
 from pyroem.em import History
 from pyroem.errors import ConvergenceWarning, MCMCWarning, NotSupportedError, SpecError
+from pyroem.options import check_integer, with_defaults
 from pyroem.program.conjugacy import LOCATION_SLOTS, ClosedForm, closed_form_update, recognise
 from pyroem.program.fit import _num_observations, initial_values
 from pyroem.program.gradient import gradient_m_step
@@ -109,27 +110,15 @@ class _Settings(NamedTuple):
     log_likelihood_samples: int
 
 
-def _integer(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise SpecError(f"{name} must be an integer >= {low}; got {value!r}")
-    return value
-
-
 def _settings(options: Mapping[str, Any]) -> _Settings:
     """Validate the options of ``method="mcmc-em"``."""
-    unknown = sorted(set(options) - set(MCMC_EM_OPTIONS))
-    if unknown:
-        raise SpecError(
-            f"unknown options for method='mcmc-em': {unknown}; the options are "
-            f"{sorted(MCMC_EM_OPTIONS)}"
-        )
-    given = {**MCMC_EM_OPTIONS, **options}
+    given = with_defaults("method='mcmc-em'", options, MCMC_EM_OPTIONS)
     if given["schedule"] not in _SCHEDULES:
         raise SpecError(f"schedule must be one of {_SCHEDULES}; got {given['schedule']!r}")
     if given["m_step"] not in _M_STEPS:
         raise SpecError(f"m_step must be one of {_M_STEPS}; got {given['m_step']!r}")
-    num_samples = _integer("num_samples", given["num_samples"], 1)
-    max_samples = _integer("max_samples", given["max_samples"], 1)
+    num_samples = check_integer("num_samples", given["num_samples"], 1)
+    max_samples = check_integer("max_samples", given["max_samples"], 1)
     if max_samples < num_samples:
         raise SpecError(f"max_samples ({max_samples}) must be at least num_samples ({num_samples})")
     growth = given["sample_growth"]
@@ -137,7 +126,7 @@ def _settings(options: Mapping[str, Any]) -> _Settings:
         raise SpecError(f"sample_growth must be a number > 1; got {growth!r}")
     burn_in = given["burn_in"]
     if burn_in != "auto":
-        burn_in = _integer("burn_in", burn_in, 0)
+        burn_in = check_integer("burn_in", burn_in, 0)
     exponent = given["step_exponent"]
     if isinstance(exponent, bool) or not isinstance(exponent, int | float):
         raise SpecError(f"step_exponent must be a number in (0.5, 1]; got {exponent!r}")
@@ -162,18 +151,18 @@ def _settings(options: Mapping[str, Any]) -> _Settings:
         sample_growth=float(growth),
         burn_in=None if burn_in == "auto" else burn_in,
         step_exponent=float(exponent),
-        num_chains=_integer("num_chains", given["num_chains"], 1),
-        warmup_steps=_integer("warmup_steps", given["warmup_steps"], 0),
-        discard_steps=_integer("discard_steps", given["discard_steps"], 0),
-        final_draws=_integer("final_draws", given["final_draws"], 0),
+        num_chains=check_integer("num_chains", given["num_chains"], 1),
+        warmup_steps=check_integer("warmup_steps", given["warmup_steps"], 0),
+        discard_steps=check_integer("discard_steps", given["discard_steps"], 0),
+        final_draws=check_integer("final_draws", given["final_draws"], 0),
         target_accept_prob=float(accept),
-        max_tree_depth=_integer("max_tree_depth", given["max_tree_depth"], 1),
+        max_tree_depth=check_integer("max_tree_depth", given["max_tree_depth"], 1),
         full_mass=given["full_mass"],
         jit_compile=given["jit_compile"],
         latents=tuple(latents),
         m_step=given["m_step"],
-        gradient_steps=_integer("gradient_steps", given["gradient_steps"], 1),
-        log_likelihood_samples=_integer(
+        gradient_steps=check_integer("gradient_steps", given["gradient_steps"], 1),
+        log_likelihood_samples=check_integer(
             "log_likelihood_samples", given["log_likelihood_samples"], 0
         ),
     )

@@ -40,6 +40,7 @@ from pyroem.em import EMRun, History, best_of_restarts, run_em
 from pyroem.errors import SpecError
 from pyroem.estep.enumerate import EStep, MixtureEStep, add_statistics, score_mixture
 from pyroem.initialization import initial_params
+from pyroem.options import check_integer, with_defaults
 from pyroem.results import FitResult
 from pyroem.spec.mixture import Mixture, MixtureParams
 from pyroem.variational._cavi_conjugate import (
@@ -287,15 +288,14 @@ class VariationalFit(FitResult):
 
 
 def _check_cavi_options(options: dict[str, Any]) -> tuple[int, float]:
-    num_draws = options.pop("num_draws", DEFAULT_NUM_DRAWS)
-    threshold = options.pop("weight_threshold", DEFAULT_WEIGHT_THRESHOLD)
-    if options:
-        raise SpecError(
-            f"unknown options for method='vb-em' on a Mixture: {sorted(options)}; it takes "
-            "num_draws and weight_threshold (pass guide= to fit the Pyro program by SVI)"
-        )
-    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 0:
-        raise SpecError(f"num_draws must be an integer >= 0; got {num_draws!r}")
+    given = with_defaults(
+        "method='vb-em' on a Mixture",
+        options,
+        {"num_draws": DEFAULT_NUM_DRAWS, "weight_threshold": DEFAULT_WEIGHT_THRESHOLD},
+        hint="pass guide= to fit the Pyro program by SVI",
+    )
+    num_draws = check_integer("num_draws", given["num_draws"], 0)
+    threshold = given["weight_threshold"]
     if not (isinstance(threshold, int | float) and 0 <= threshold < 1):
         raise SpecError(f"weight_threshold must be a number in [0, 1); got {threshold!r}")
     return num_draws, float(threshold)

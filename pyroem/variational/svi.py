@@ -63,6 +63,7 @@ from tqdm import tqdm
 
 from pyroem.em import History
 from pyroem.errors import ConvergenceWarning, NotSupportedError, PyroEMError, SpecError
+from pyroem.options import check_integer, with_defaults
 from pyroem.program.fit import _num_observations, initial_values
 from pyroem.program.model import ProgramModel
 from pyroem.program.posterior import posterior
@@ -106,21 +107,9 @@ class SVIOptions(NamedTuple):
     window: int
 
 
-def _check_count(name: str, value: Any, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise SpecError(f"{name} must be an integer >= {low}; got {value!r}")
-    return value
-
-
 def _check_options(options: Mapping[str, Any]) -> SVIOptions:
     """Validate the method options, with the defaults filled in."""
-    unknown = sorted(set(options) - set(_DEFAULTS))
-    if unknown:
-        raise SpecError(
-            f"unknown options for method='vb-em' (SVI): {unknown}; "
-            f"the options are {sorted(_DEFAULTS)}"
-        )
-    given = {**_DEFAULTS, **options}
+    given = with_defaults("method='vb-em' (SVI)", options, _DEFAULTS)
     guide = given["guide"]
     if isinstance(guide, str):
         if guide not in GUIDES:
@@ -154,10 +143,10 @@ def _check_options(options: Mapping[str, Any]) -> SVIOptions:
         optimizer=optimizer,
         learning_rate=float(learning_rate),
         lr_decay=float(lr_decay),
-        num_particles=_check_count("num_particles", given["num_particles"]),
-        num_draws=_check_count("num_draws", given["num_draws"]),
-        num_elbo_particles=_check_count("num_elbo_particles", given["num_elbo_particles"]),
-        window=_check_count("window", given["window"], low=0),
+        num_particles=check_integer("num_particles", given["num_particles"], 1),
+        num_draws=check_integer("num_draws", given["num_draws"], 1),
+        num_elbo_particles=check_integer("num_elbo_particles", given["num_elbo_particles"], 1),
+        window=check_integer("window", given["window"], 0),
     )
 
 
