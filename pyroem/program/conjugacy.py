@@ -24,14 +24,18 @@ same Q — a test holds them to that.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import pyro
 import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
 from pyroem.mstep.conjugate import dirichlet_mode
+from pyroem.program._compiled import ProgramRunner
 from pyroem.program.model import ProgramModel, sample_sites
 from pyroem.spec.distributions import InverseWishart
 
@@ -160,10 +164,61 @@ def _probes(
     )
 
 
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """A view of ``tensor`` without its broadcast copies: size 1 along every expanded
+    (stride-0) dimension. It broadcasts back to ``tensor``."""
+    for dim, (size, stride) in enumerate(zip(tensor.shape, tensor.stride(), strict=True)):
+        if stride == 0 and size > 1:
+            tensor = tensor.narrow(dim, 0, 1)
+    return tensor
+
+
+def _broadcast_shape(*shapes: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+    """The broadcast of ``shapes`` (as :func:`torch.broadcast_shapes`)."""
+    ndim = max(len(shape) for shape in shapes)
+    out = [1] * ndim
+    for shape in shapes:
+        for i, size in enumerate(shape, ndim - len(shape)):
+            if size != 1:
+                if out[i] not in (1, size):
+                    raise ValueError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+                out[i] = size
+    return tuple(out)
+
+
+def _compact_pair(
+    first: torch.Tensor, second: torch.Tensor, keep: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of two tensors of one shape without the dimensions (all but the last
+    ``keep``) along which both are broadcast copies."""
+    if first.shape != second.shape:
+        return first, second
+    for dim in range(first.dim() - keep):
+        if first.shape[dim] > 1 and first.stride(dim) == 0 and second.stride(dim) == 0:
+            first, second = first.narrow(dim, 0, 1), second.narrow(dim, 0, 1)
+    return first, second
+
+
+def _close_to(
+    actual: torch.Tensor,
+    actual_shape: torch.Size,
+    expected: torch.Tensor,
+    expected_shape: tuple[int, ...],
+) -> bool:
+    """:func:`_close` on two tensors of the given shapes, from views (possibly compacted)
+    that broadcast to them."""
+    try:
+        if tuple(actual_shape) != _broadcast_shape(actual_shape, expected_shape):
+            return False
+        return _close(*torch.broadcast_tensors(actual, expected))
+    except (ValueError, RuntimeError):
+        return False
+
+
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     rtol = _PROBE_RTOL if a.dtype == torch.float64 else _PROBE_RTOL_FLOAT32
     scale = 1 + torch.maximum(a.abs(), b.abs())
-    return a.shape == torch.broadcast_shapes(a.shape, b.shape) and bool(
+    return a.shape == _broadcast_shape(a.shape, b.shape) and bool(
         ((a - b).abs() <= rtol * scale).all()
     )
 
@@ -173,6 +228,8 @@ def _element_index(
 ) -> torch.Tensor | None:
     """Flat parameter index read by each entry, if the entry is ``θ[i]`` up to the
     form ``kind`` allows (shift for real, ratio for positive, identity for unit)."""
+    shape = first.shape
+    first, second = _compact_pair(first, second, 0)
     p1, p2 = (p.reshape(-1) for p in probe)
     numel = p1.numel()
     if kind == "real":
@@ -190,7 +247,7 @@ def _element_index(
         ok = _close(second / first, (p2 / p1)[index])
     else:
         ok = _close(first, p1[index]) and _close(second, p2[index])
-    return index if ok else None
+    return index.expand(shape) if ok else None
 
 
 def _row_index(
@@ -204,6 +261,8 @@ def _row_index(
     tensor is ``θ[i] + d`` (``shift``) or exactly ``θ[i]``."""
     if first.shape[-1] != width:
         return None
+    shape = first.shape[:-1]
+    first, second = _compact_pair(first, second, 1)
     rows1, rows2 = (p.reshape(-1, width) for p in probe)
     flat1, flat2 = first.reshape(-1, width), second.reshape(-1, width)
     signal, design = (flat2 - flat1, rows2 - rows1) if shift else (flat1, rows1)
@@ -212,7 +271,7 @@ def _row_index(
         ok = _close(flat2 - flat1, (rows2 - rows1)[index])
     else:
         ok = _close(flat1, rows1[index]) and _close(flat2, rows2[index])
-    return index.reshape(first.shape[:-1]) if ok else None
+    return index.reshape(first.shape[:-1]).expand(shape) if ok else None
 
 
 def _matrix_index(
@@ -222,6 +281,8 @@ def _matrix_index(
     rows1, rows2 = (p.reshape(-1, *p.shape[-2:]) for p in probe)
     if first.shape[-2:] != rows1.shape[-2:]:
         return None
+    shape = first.shape[:-2]
+    first, second = _compact_pair(first, second, 2)
     dim = first.shape[-1]
     ratio = torch.diagonal(second, dim1=-2, dim2=-1) / torch.diagonal(first, dim1=-2, dim2=-1)
     gains = rows2[:, 0, 0] / rows1[:, 0, 0]
@@ -230,7 +291,52 @@ def _matrix_index(
     ok = _close(second, gains[index][..., None, None] * first) and _close(
         first, scale[..., None, None] * rows1[index]
     )
-    return index if ok and dim == rows1.shape[-1] else None
+    return index.expand(shape) if ok and dim == rows1.shape[-1] else None
+
+
+# Per known family (after ``_unwrap``), the attributes its log-density reads besides
+# the value. Their changes between probe runs say how a parameter enters the site.
+_FAMILY_ATTRS: tuple[tuple[type, tuple[str, ...]], ...] = (
+    (dist.Categorical, ("probs",)),
+    (dist.Binomial, ("probs", "total_count")),
+    (dist.Bernoulli, ("probs",)),
+    (dist.Poisson, ("rate",)),
+    (dist.Exponential, ("rate",)),
+    (dist.Normal, ("loc", "scale")),
+    (dist.MultivariateNormal, ("loc", "scale_tril")),
+)
+
+
+def _family_attrs(fn: Any) -> tuple[str, ...] | None:
+    for family, attrs in _FAMILY_ATTRS:
+        if isinstance(fn, family):
+            return attrs
+    return None
+
+
+class _Attrs(NamedTuple):
+    """A distribution as recognition reads it: its family and attribute tensors (for
+    several sites at once, stacked along a new first dimension)."""
+
+    family: type
+    tensors: dict[str, torch.Tensor]
+
+    def __getattr__(self, attr: str) -> torch.Tensor:
+        try:
+            return self.tensors[attr]
+        except KeyError:
+            raise AttributeError(attr) from None
+
+
+def _attrs_of(fn: Any) -> _Attrs | None:
+    """The attributes of a known family (and a covariance for the multivariate normal)."""
+    attrs = _family_attrs(fn)
+    if attrs is None:
+        return None
+    tensors = {attr: getattr(fn, attr) for attr in attrs}
+    if isinstance(fn, dist.MultivariateNormal):
+        tensors["covariance_matrix"] = fn.covariance_matrix
+    return _Attrs(type(fn), tensors)
 
 
 def _recognise_use(
@@ -239,87 +345,121 @@ def _recognise_use(
     """Match one changed site against the known (family, parameter) forms."""
     fn1, event_ndims = _unwrap(before["fn"])
     fn2, _ = _unwrap(after["fn"])
-    if type(fn1) is not type(fn2):
+    first, second = _attrs_of(fn1), _attrs_of(fn2)
+    if type(fn1) is not type(fn2) or first is None or second is None:
         return None
-    site = before["name"]
-    if isinstance(fn1, dist.Categorical) and kind == "simplex":
+    attrs = _family_attrs(fn1) or ()
+    moved = frozenset(a for a in attrs if not torch.equal(getattr(fn1, a), getattr(fn2, a)))
+    return _recognise_moved(before["name"], first, second, probe, kind, moved, event_ndims)
+
+
+def _recognise_moved(
+    site: str,
+    fn1: _Attrs,
+    fn2: _Attrs,
+    probe: tuple[torch.Tensor, torch.Tensor],
+    kind: str,
+    moved: frozenset[str],
+    event_ndims: int,
+) -> Use | None:
+    """Match a site's distributions at the two designed probes against the known
+    (family, parameter) forms; ``moved`` are the attributes the parameter changes."""
+    index: torch.Tensor | None
+    family = fn1.family
+    if issubclass(family, dist.Categorical):
+        if kind != "simplex" or moved != {"probs"}:
+            return None
         index = _row_index(fn1.probs, fn2.probs, probe, probe[0].shape[-1], shift=False)
         return None if index is None else Use(site, "categorical", index, event_ndims)
-    if isinstance(fn1, dist.Bernoulli | dist.Binomial) and kind == "unit":
-        if isinstance(fn1, dist.Binomial) and not torch.equal(fn1.total_count, fn2.total_count):
+    if issubclass(family, dist.Bernoulli | dist.Binomial):
+        if kind != "unit" or moved != {"probs"}:
             return None
-        slot = "binomial" if isinstance(fn1, dist.Binomial) else "bernoulli"
+        slot = "binomial" if issubclass(family, dist.Binomial) else "bernoulli"
         index = _element_index(fn1.probs, fn2.probs, probe, kind)
         return None if index is None else Use(site, slot, index, event_ndims)
-    if isinstance(fn1, dist.Poisson | dist.Exponential) and kind == "positive":
+    if issubclass(family, dist.Poisson | dist.Exponential):
+        if kind != "positive" or moved != {"rate"}:
+            return None
         index = _element_index(fn1.rate, fn2.rate, probe, kind)
-        slot = "poisson" if isinstance(fn1, dist.Poisson) else "exponential"
+        slot = "poisson" if issubclass(family, dist.Poisson) else "exponential"
         return None if index is None else Use(site, slot, index, event_ndims)
-    if isinstance(fn1, dist.Normal):
-        return _recognise_normal(site, fn1, fn2, probe, kind, event_ndims)
-    if isinstance(fn1, dist.MultivariateNormal):
-        return _recognise_mvn(site, fn1, fn2, probe, kind, event_ndims)
+    if issubclass(family, dist.Normal):
+        if kind == "real" and moved == {"loc"}:
+            index = _element_index(fn1.loc, fn2.loc, probe, kind)
+            return None if index is None else Use(site, "normal-loc", index, event_ndims)
+        if kind == "positive" and moved == {"scale"}:
+            variance = _element_index(fn1.scale.square(), fn2.scale.square(), probe, kind)
+            if variance is not None:
+                return Use(site, "normal-variance", variance, event_ndims)
+            precision = _element_index(fn1.scale**-2, fn2.scale**-2, probe, kind)
+            if precision is not None:
+                return Use(site, "normal-precision", precision, event_ndims)
+        return None
+    if issubclass(family, dist.MultivariateNormal):
+        if kind == "real" and moved == {"loc"}:
+            index = _row_index(fn1.loc, fn2.loc, probe, fn1.loc.shape[-1], shift=True)
+            return None if index is None else Use(site, "mvn-loc", index, event_ndims)
+        if kind == "positive-definite" and moved == {"scale_tril"}:
+            index = _matrix_index(fn1.covariance_matrix, fn2.covariance_matrix, probe)
+            return None if index is None else Use(site, "mvn-covariance", index, event_ndims)
     return None
 
 
-def _recognise_normal(
-    site: str, fn1: Any, fn2: Any, probe: tuple[torch.Tensor, torch.Tensor], kind: str, nd: int
-) -> Use | None:
-    same_loc = torch.equal(fn1.loc, fn2.loc)
-    same_scale = torch.equal(fn1.scale, fn2.scale)
-    if kind == "real" and same_scale:
-        index = _element_index(fn1.loc, fn2.loc, probe, kind)
-        return None if index is None else Use(site, "normal-loc", index, nd)
-    if kind == "positive" and same_loc:
-        variance = _element_index(fn1.scale.square(), fn2.scale.square(), probe, kind)
-        if variance is not None:
-            return Use(site, "normal-variance", variance, nd)
-        precision = _element_index(fn1.scale**-2, fn2.scale**-2, probe, kind)
-        if precision is not None:
-            return Use(site, "normal-precision", precision, nd)
-    return None
+def _holds(
+    use: Use,
+    fn1: _Attrs,
+    fn3: _Attrs,
+    probe1: torch.Tensor,
+    probe3: torch.Tensor,
+    others: bool = True,
+) -> bool:
+    """Does the form read off the designed probes also hold at the random probe?
 
-
-def _recognise_mvn(
-    site: str, fn1: Any, fn2: Any, probe: tuple[torch.Tensor, torch.Tensor], kind: str, nd: int
-) -> Use | None:
-    same_loc = torch.equal(fn1.loc, fn2.loc)
-    same_cov = torch.equal(fn1.scale_tril, fn2.scale_tril)
-    if kind == "real" and same_cov:
-        index = _row_index(fn1.loc, fn2.loc, probe, fn1.loc.shape[-1], shift=True)
-        return None if index is None else Use(site, "mvn-loc", index, nd)
-    if kind == "positive-definite" and same_loc:
-        index = _matrix_index(fn1.covariance_matrix, fn2.covariance_matrix, probe)
-        return None if index is None else Use(site, "mvn-covariance", index, nd)
-    return None
-
-
-def _holds(use: Use, fn1: Any, fn3: Any, probe1: torch.Tensor, probe3: torch.Tensor) -> bool:
-    """Does the form read off the designed probes also hold at the random probe?"""
-    rows, slot = use.rows, use.slot
-    if type(fn1) is not type(fn3):
+    With ``others`` the site's other attributes (a location use's scale, …) must not
+    have moved either; without, other parameters probed at the same time move them.
+    """
+    if fn1.family is not fn3.family:
         return False
+    rows, slot, shape = _compact(use.rows), use.slot, tuple(use.rows.shape)
     flat1, flat3 = probe1.reshape(-1), probe3.reshape(-1)
+
+    def same(attr: str) -> bool:
+        first, third = getattr(fn1, attr), getattr(fn3, attr)
+        return _close_to(_compact(third), third.shape, _compact(first), first.shape)
+
+    def moved(attr: str, expected: torch.Tensor, expected_shape: tuple[int, ...]) -> bool:
+        """``fn3.attr − fn1.attr`` (or the ratio for rates and scales) is ``expected``."""
+        first, third = _compact(getattr(fn1, attr)), _compact(getattr(fn3, attr))
+        if attr == "loc":
+            change = third - first
+        elif attr == "scale":
+            change = third.square() / first.square()
+            change = 1 / change if slot == "normal-precision" else change
+        else:
+            change = third / first
+        return _close_to(change, getattr(fn3, attr).shape, expected, expected_shape)
+
     if slot == "categorical":
-        return _close(fn3.probs, probe3.reshape(-1, probe3.shape[-1])[rows])
+        width = probe3.shape[-1]
+        expected = probe3.reshape(-1, width)[rows]
+        return _close_to(_compact(fn3.probs), fn3.probs.shape, expected, (*shape, width))
     if slot in ("bernoulli", "binomial"):
-        return _close(fn3.probs, flat3[rows])
+        return _close_to(_compact(fn3.probs), fn3.probs.shape, flat3[rows], shape)
     if slot in ("poisson", "exponential"):
-        return _close(fn3.rate / fn1.rate, (flat3 / flat1)[rows])
+        return moved("rate", (flat3 / flat1)[rows], shape)
     if slot == "normal-loc":
-        return _close(fn3.loc - fn1.loc, (flat3 - flat1)[rows]) and _close(fn3.scale, fn1.scale)
+        return moved("loc", (flat3 - flat1)[rows], shape) and (not others or same("scale"))
     if slot in ("normal-variance", "normal-precision"):
-        ratio = fn3.scale.square() / fn1.scale.square()
-        if slot == "normal-precision":
-            ratio = 1 / ratio
-        return _close(ratio, (flat3 / flat1)[rows]) and _close(fn3.loc, fn1.loc)
+        return moved("scale", (flat3 / flat1)[rows], shape) and (not others or same("loc"))
     width = probe1.shape[-1]
     if slot == "mvn-loc":
         shift = (probe3 - probe1).reshape(-1, width)[rows]
-        return _close(fn3.loc - fn1.loc, shift) and _close(fn3.scale_tril, fn1.scale_tril)
+        fixed = not others or same("scale_tril")
+        return moved("loc", shift, (*shape, width)) and fixed
     mats1, mats3 = (p.reshape(-1, width, width) for p in (probe1, probe3))
-    gains = (mats3[:, 0, 0] / mats1[:, 0, 0])[rows][..., None, None]
-    return _close(fn3.covariance_matrix, gains * fn1.covariance_matrix) and _close(fn3.loc, fn1.loc)
+    gains = (mats3[:, 0, 0] / mats1[:, 0, 0])[use.rows][..., None, None]
+    fixed = not others or same("loc")
+    return _close(fn3.covariance_matrix, gains * fn1.covariance_matrix) and fixed
 
 
 def _recognise_prior(program: ProgramModel, name: str, slot: str, site: Any) -> str | None:
@@ -340,6 +480,12 @@ def recognise(
 ) -> dict[str, ClosedForm | None]:
     """Find the closed-form block of every parameter site, by probing.
 
+    The probe runs are light reruns of the program (:class:`ProgramRunner`), and
+    parameters whose probes cannot disturb each other share them: the first run moves
+    every parameter at once with gradient-tracking values, and its autograd graph says
+    which parameters reach which sites (:func:`_probe_groups`). A group whose joint runs
+    do not cleanly separate falls back to probing each parameter alone with full traces.
+
     Args:
         program: the program.
         values: valid parameter values to probe around (the starting point).
@@ -348,61 +494,495 @@ def recognise(
     Returns:
         ``{site: ClosedForm or None}``; ``None`` means the gradient M-step.
     """
-    found: dict[str, ClosedForm | None] = {}
     base_trace = program.trace(values) if trace is None else trace
     generator = torch.Generator().manual_seed(0)
+    candidates: dict[str, _Probe] = {}
     for name, param in program.params.items():
-        found[name] = None
         kind = _constraint_kind(param.constraint)
         value = values[name].detach()
         if kind is None or value.dtype not in (torch.float32, torch.float64):
             continue
         probes = _probes(value, kind, generator)
-        try:
-            # The real, positive and positive-definite designs start at the value itself.
-            reuse = kind in ("real", "positive", "positive-definite")
-            traces = [base_trace if reuse else program.trace({**values, name: probes[0]})]
-            traces += [program.trace({**values, name: p}) for p in probes[1:]]
-        except (ValueError, RuntimeError):
-            continue
-        uses: list[Use] = []
-        recognised = True
-        for site_name, site in sample_sites(traces[0]):
-            second, third = (trace.nodes[site_name] for trace in traces[1:])
-            unchanged = all(
-                torch.equal(site["log_prob"], other["log_prob"]) for other in (second, third)
-            )
-            if site_name == name or unchanged:
-                continue
-            use = _recognise_use(site, second, probes[:2], kind)
-            if (
-                use is None
-                or (uses and use.slot != uses[0].slot)
-                or not _holds(
-                    use, _unwrap(site["fn"])[0], _unwrap(third["fn"])[0], probes[0], probes[2]
-                )
-            ):
-                recognised = False
-                break
-            uses.append(use)
-        if not recognised or not uses:
-            continue
-        closed_kind = _recognise_prior(program, name, uses[0].slot, base_trace.nodes.get(name))
-        if closed_kind is not None:
-            found[name] = ClosedForm(name, closed_kind, uses[0].slot, tuple(uses))
+        reuse = kind in _REUSE or (kind == "simplex" and _distinct_rows(value))
+        if reuse:
+            probes = (value, *probes[1:])
+        candidates[name] = _Probe(kind, probes, reuse)
+    found: dict[str, ClosedForm | None] = dict.fromkeys(program.params)
+    if not candidates:
+        return found
+    runner = ProgramRunner(program, base_trace)
+    names = list(candidates)
+    second = {**values, **{name: candidates[name].values[1] for name in names}}
+    tracked_run = _tracked_run(runner, second, list(program.params))
+    reach = None if tracked_run is None else _reachability(tracked_run)
+    for group in _probe_groups(names, reach):
+        shared = tracked_run if group == names else None
+        result = _recognise_jointly(
+            program, values, base_trace, runner, group, candidates, reach, shared
+        )
+        if result is None:
+            result = {
+                name: _recognise_alone(program, values, base_trace, name, candidates[name])
+                for name in group
+            }
+        found.update(result)
     return found
+
+
+def _tracked_run(
+    runner: ProgramRunner, values: Mapping[str, torch.Tensor], names: list[str]
+) -> _TrackedRun | None:
+    """A light run with gradient-tracking copies of ``values``; ``None`` if the program
+    cannot run so (one that calls ``.numpy()`` on a parameter, say)."""
+    leaves = _tracked(values)
+    try:
+        with warnings.catch_warnings():
+            # A program may read a parameter as a number; that is not an error here.
+            warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
+            sites = runner.run(leaves)
+    except (ValueError, RuntimeError):
+        return None
+    if sites is None:
+        return None
+    ids = {id(leaves[name]): name for name in names if leaves[name].requires_grad}
+    return _TrackedRun(sites, ids)
+
+
+class _TrackedRun(NamedTuple):
+    """A light run's sites and, by ``id``, the gradient-tracking parameter values."""
+
+    sites: dict[str, Any]
+    leaves: dict[int, str]
+
+
+class _Probe(NamedTuple):
+    """How one parameter is probed: its constraint kind, the three probe values, and
+    whether the first is its current value (so the base trace serves as that run)."""
+
+    kind: str
+    values: tuple[torch.Tensor, ...]
+    reuse: bool
+
+
+# Constraint kinds whose first designed probe is the value itself.
+_REUSE = ("real", "positive", "positive-definite")
+
+
+def _distinct_rows(value: torch.Tensor) -> bool:
+    """Are the rows of a simplex value far enough apart to tell which one a site reads?
+    Then the value itself can be the first probe."""
+    rows = value.reshape(-1, value.shape[-1])
+    if rows.shape[0] == 1:
+        return True
+    gaps = (rows[:, None, :] - rows[None, :, :]).abs().amax(-1)
+    gaps = gaps + torch.eye(rows.shape[0], dtype=gaps.dtype, device=gaps.device) * 2
+    return bool(gaps.min() > 1e-6)
+
+
+def _tracked(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of floating-point parameter values that track gradients, so that a run
+    with them records which parameters reach which sites."""
+    return {
+        name: value.detach().clone().requires_grad_() if value.is_floating_point() else value
+        for name, value in values.items()
+    }
+
+
+# Reach of a tensor: the parameters its autograd graph reads.
+_Reach = frozenset[str]
+
+
+def _node_reach(root: Any, leaves: Mapping[int, str], memo: dict[Any, _Reach]) -> _Reach:
+    """Parameters (autograd leaves) under one autograd node; iterative, memoised."""
+    stack = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if node in memo:
+            continue
+        children = [child for child, _ in node.next_functions if child is not None]
+        if not expanded:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if child not in memo)
+            continue
+        own = leaves.get(id(getattr(node, "variable", None)))
+        reach = {own} if own is not None else set()
+        for child in children:
+            reach |= memo[child]
+        memo[node] = frozenset(reach)
+    return memo[root]
+
+
+def _reach(tensor: Any, leaves: Mapping[int, str], memo: dict[Any, _Reach]) -> _Reach:
+    if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
+        return frozenset()
+    if tensor.grad_fn is None:
+        name = leaves.get(id(tensor))
+        return frozenset() if name is None else frozenset([name])
+    return _node_reach(tensor.grad_fn, leaves, memo)
+
+
+class _Reachability(NamedTuple):
+    """Which parameters each site's table, and each attribute of a known family, reads."""
+
+    sites: dict[str, _Reach]
+    attrs: dict[str, dict[str, _Reach]]
+
+
+def _reachability(run: _TrackedRun) -> _Reachability:
+    """Read the autograd graph of a :func:`_tracked_run`: for each site, which parameters
+    its table reads (tables computed here only for families without named attributes),
+    and for each attribute of a known family, which parameters it reads."""
+    memo: dict[Any, _Reach] = {}
+    sites, attrs = {}, {}
+    with pyro.validation_enabled(False):
+        for name, site in run.sites.items():
+            family = _unwrap(site["fn"])[0]
+            known = _family_attrs(family)
+            if known is None:
+                table = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+                sites[name] = _reach(table, run.leaves, memo)
+                continue
+            reached = {attr: _reach(getattr(family, attr), run.leaves, memo) for attr in known}
+            reached["value"] = _reach(site["value"], run.leaves, memo)
+            attrs[name] = reached
+            sites[name] = frozenset().union(*reached.values())
+    return _Reachability(sites, attrs)
+
+
+def _probe_groups(names: list[str], reach: _Reachability | None) -> list[list[str]]:
+    """Split parameters into groups probed in the same runs.
+
+    Two parameters conflict when both reach the same attribute of a known family
+    (``loc``, ``scale``, ``probs``, …, or the value), or the same site of any other
+    family: a change there could not be told apart. Groups are formed greedily, in
+    parameter order, without conflicts. Without reachability, every parameter is alone.
+    """
+    if reach is None:
+        return [[name] for name in names]
+    conflicts: dict[str, set[str]] = {name: set() for name in names}
+    sets = [
+        *(reached for attrs in reach.attrs.values() for reached in attrs.values()),
+        *(reach.sites[name] for name in reach.sites if name not in reach.attrs),
+    ]
+    for reached in sets:
+        members = [name for name in names if name in reached]
+        for name in members:
+            conflicts[name].update(members)
+    groups: list[list[str]] = []
+    for name in names:
+        for group in groups:
+            if not conflicts[name].intersection(group):
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+    return groups
+
+
+class _Candidate(NamedTuple):
+    """A site a probed parameter moves: its attributes in the three runs, compacted."""
+
+    site: str
+    runs: tuple[_Attrs, _Attrs, _Attrs]
+    shapes: dict[str, torch.Size]
+    moved: frozenset[str]
+    event_ndims: int
+
+
+def _recognise_jointly(
+    program: ProgramModel,
+    values: Mapping[str, torch.Tensor],
+    trace: Any,
+    runner: ProgramRunner,
+    group: list[str],
+    candidates: Mapping[str, _Probe],
+    reach: _Reachability | None,
+    second: _TrackedRun | None = None,
+) -> dict[str, ClosedForm | None] | None:
+    """Probe a group of parameters in shared light runs; ``None`` if a change in the
+    runs cannot be attributed to one member (then each is probed alone). ``second``:
+    the group's second run, if already made."""
+    kinds = {name: candidates[name].kind for name in group}
+    probes = {name: candidates[name].values for name in group}
+    runs: list[dict[str, Any]] = []
+    for step in range(3):
+        if step == 0 and all(candidates[name].reuse for name in group):
+            runs.append(dict(sample_sites(trace)))
+            continue
+        if step == 1 and second is not None:
+            runs.append(second.sites)
+            continue
+        try:
+            run = runner.run({**values, **{name: probes[name][step] for name in group}})
+        except (ValueError, RuntimeError):
+            return None
+        if run is None:
+            return None
+        runs.append(run)
+    members = set(group)
+    moved_sites: dict[str, list[_Candidate]] = {name: [] for name in group}
+    failed: set[str] = set()
+    for site_name in runner.names:
+        sites = [run[site_name] for run in runs]
+        unwrapped = [_unwrap(site["fn"]) for site in sites]
+        attrs = [_attrs_of(fn) for fn, _ in unwrapped]
+        if any(a is None for a in attrs) or len({type(fn) for fn, _ in unwrapped}) > 1:
+            owners = (reach.sites[site_name] if reach is not None else members) & members
+            if owners <= {site_name} and site_name in members:
+                # A parameter's own prior, read by no other member: not a use of anything.
+                continue
+            if _same_tables(sites):
+                continue
+            if not owners:
+                return None
+            failed |= owners - {site_name}
+            continue
+        first = attrs[0]
+        assert first is not None
+        changed = [
+            attr
+            for attr in (*first.tensors, "value")
+            if attr != "covariance_matrix"
+            and not all(
+                _equal(_attr(sites[0], first, attr), _attr(site, a, attr))
+                for site, a in zip(sites[1:], attrs[1:], strict=True)
+            )
+        ]
+        owners_of = {}
+        for attr in changed:
+            reached = reach.attrs[site_name][attr] if reach is not None else members
+            owners_of[attr] = reached & members
+            if not owners_of[attr]:
+                return None
+        for name in group:
+            moved = frozenset(attr for attr in changed if name in owners_of[attr])
+            if name == site_name or not moved:
+                continue
+            if "value" in moved:
+                failed.add(name)
+                continue
+            first_run, second_run, third_run = (_compacted(a) for a in attrs)
+            runs_attrs = (first_run, second_run, third_run)
+            shapes = {attr: tensor.shape for attr, tensor in first.tensors.items()}
+            event_ndims = unwrapped[0][1]
+            moved_sites[name].append(_Candidate(site_name, runs_attrs, shapes, moved, event_ndims))
+    result: dict[str, ClosedForm | None] = {}
+    for name in group:
+        uses = (
+            None
+            if name in failed
+            else _recognise_candidates(moved_sites[name], kinds[name], probes[name])
+        )
+        result[name] = None
+        if not uses:
+            continue
+        slot = uses[0].slot
+        closed_kind = _recognise_prior(program, name, slot, trace.nodes.get(name))
+        if closed_kind is not None:
+            result[name] = ClosedForm(name, closed_kind, slot, tuple(uses))
+    return result
+
+
+# Per slot: the attribute whose shape (less its last ``event`` dims) is the rows' shape.
+_ROWS_OF = {
+    "categorical": ("probs", 1),
+    "bernoulli": ("probs", 0),
+    "binomial": ("probs", 0),
+    "poisson": ("rate", 0),
+    "exponential": ("rate", 0),
+    "normal-loc": ("loc", 0),
+    "normal-variance": ("scale", 0),
+    "normal-precision": ("scale", 0),
+    "mvn-loc": ("loc", 1),
+    "mvn-covariance": ("scale_tril", 2),
+}
+
+
+def _equal(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """``torch.equal``, on the entries that are not broadcast copies when both tensors
+    are broadcast alike."""
+    if first.shape != second.shape:
+        return False
+    compact, other = _compact(first), _compact(second)
+    if compact.shape == other.shape:
+        return torch.equal(compact, other)
+    return torch.equal(first, second)
+
+
+def _attr(site: Any, attrs: Any, attr: str) -> torch.Tensor:
+    return site["value"] if attr == "value" else attrs.tensors[attr]
+
+
+def _compacted(attrs: Any) -> _Attrs:
+    """Attributes without broadcast copies (small ones as they are: cheaper to stack)."""
+    return _Attrs(
+        attrs.family,
+        {attr: _compact(t) if t.numel() >= 1024 else t for attr, t in attrs.tensors.items()},
+    )
+
+
+def _recognise_candidates(
+    candidates: list[_Candidate], kind: str, probes: tuple[torch.Tensor, ...]
+) -> list[Use] | None:
+    """The uses of one parameter from the sites it moves, or ``None`` if a site does not
+    match a known form. Sites of one family and layout are checked together, stacked."""
+    batches: dict[tuple[Any, ...], list[_Candidate]] = {}
+    for candidate in candidates:
+        layout = tuple(
+            (attr, tuple(run.tensors[attr].shape for run in candidate.runs))
+            for attr in candidate.runs[0].tensors
+        )
+        key = (candidate.runs[0].family, candidate.moved, candidate.event_ndims, layout)
+        batches.setdefault(key, []).append(candidate)
+    uses: dict[str, Use] = {}
+    for batch in batches.values():
+        stacked = [
+            _Attrs(
+                batch[0].runs[0].family,
+                {
+                    attr: torch.stack([c.runs[step].tensors[attr] for c in batch])
+                    for attr in batch[0].runs[0].tensors
+                },
+            )
+            for step in range(3)
+        ]
+        first = batch[0]
+        use = _recognise_moved(
+            "", stacked[0], stacked[1], (probes[0], probes[1]), kind, first.moved, first.event_ndims
+        )
+        if use is None or not _holds(use, stacked[0], stacked[2], probes[0], probes[2], False):
+            return None
+        attr, event = _ROWS_OF[use.slot]
+        for i, candidate in enumerate(batch):
+            full = candidate.shapes[attr]
+            rows = use.rows[i].expand(full[: len(full) - event])
+            uses[candidate.site] = Use(candidate.site, use.slot, rows, candidate.event_ndims)
+    ordered = [uses[candidate.site] for candidate in candidates]
+    if any(use.slot != ordered[0].slot for use in ordered):
+        return None
+    return ordered
+
+
+def _same_tables(sites: list[Any]) -> bool:
+    """Do the runs give one site the same log-probability table?"""
+    with pyro.validation_enabled(False):
+        tables = [site["fn"].log_prob(site["value"]) for site in sites]
+    return all(torch.equal(tables[0], other) for other in tables[1:])
+
+
+def _recognise_alone(
+    program: ProgramModel,
+    values: Mapping[str, torch.Tensor],
+    base_trace: Any,
+    name: str,
+    probe: _Probe,
+) -> ClosedForm | None:
+    """Probe one parameter with full traces, the others held at ``values``."""
+    kind, probes = probe.kind, probe.values
+    try:
+        traces = [base_trace if probe.reuse else program.trace({**values, name: probes[0]})]
+        traces += [program.trace({**values, name: p}) for p in probes[1:]]
+    except (ValueError, RuntimeError):
+        return None
+    uses: list[Use] = []
+    for site_name, site in sample_sites(traces[0]):
+        if any(site_name not in trace.nodes for trace in traces[1:]):
+            return None
+        second, third = (trace.nodes[site_name] for trace in traces[1:])
+        unchanged = all(
+            torch.equal(site["log_prob"], other["log_prob"]) for other in (second, third)
+        )
+        if site_name == name or unchanged:
+            continue
+        use = _recognise_use(site, second, (probes[0], probes[1]), kind)
+        first_attrs = _attrs_of(_unwrap(site["fn"])[0])
+        third_attrs = _attrs_of(_unwrap(third["fn"])[0])
+        if (
+            use is None
+            or first_attrs is None
+            or third_attrs is None
+            or (uses and use.slot != uses[0].slot)
+            or not _holds(use, first_attrs, third_attrs, probes[0], probes[2])
+        ):
+            return None
+        uses.append(use)
+    if not uses:
+        return None
+    closed_kind = _recognise_prior(program, name, uses[0].slot, base_trace.nodes.get(name))
+    return None if closed_kind is None else ClosedForm(name, closed_kind, uses[0].slot, tuple(uses))
 
 
 # ----- updates -----------------------------------------------------------------------
 
 
-def _entries(
-    weight: torch.Tensor, index: torch.Tensor, event_ndims: int, *tensors: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """Broadcast a use's weight, row index and tensors to its table, flattened."""
-    weight = weight.reshape(*weight.shape, *(1,) * event_ndims)
-    shape = torch.broadcast_shapes(weight.shape, index.shape, *(t.shape for t in tensors))
-    return tuple(t.expand(shape).reshape(-1) for t in (weight, index, *tensors))
+def _use_weight(weight: torch.Tensor, event_ndims: int) -> torch.Tensor:
+    """A use's weight table, compacted, with its site's reinterpreted dims appended."""
+    weight = _compact(weight)
+    return weight.reshape(*weight.shape, *(1,) * event_ndims)
+
+
+def _entry_shape(weight: torch.Tensor, event_ndims: int, *tensors: torch.Tensor) -> tuple[int, ...]:
+    """The shape of a use's entries: its weight table (with its site's reinterpreted
+    dims), row index, value and distribution parameters broadcast together."""
+    return _broadcast_shape((*weight.shape, *(1,) * event_ndims), *(t.shape for t in tensors))
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _sums_by_row(
+    num_rows: int,
+    index: torch.Tensor,
+    shape: tuple[int, ...],
+    *terms: tuple[torch.Tensor, ...],
+) -> list[torch.Tensor]:
+    """For each term — a product of factors, each broadcastable to the entries
+    ``shape`` — the sum of its entries over the entries that read each parameter row
+    (``index``), ``(num_rows,)``.
+
+    The product and the sum are one ``einsum`` on the factors as they are, so factors
+    that are constant along a dimension (a parameter per component, the data per point)
+    are never broadcast to the full entries.
+    """
+    index = _compact(index)
+    rank = len(shape)
+    kept = (1,) * (rank - index.dim()) + tuple(index.shape)
+    flat_index = index.expand(kept).reshape(-1)
+    sums = []
+    for factors in terms:
+        padded = [f.reshape((1,) * (rank - f.dim()) + tuple(f.shape)) for f in factors]
+        spanned = [any(f.shape[d] > 1 for f in padded) for d in range(rank)]
+        out = [d for d in range(rank) if kept[d] > 1 and spanned[d]]
+        # Factors constant along every summed dimension multiply the sums afterwards.
+        inner = [f for f in padded if any(f.shape[d] > 1 for d in range(rank) if d not in out)]
+        outer = [f for f in padded if all(f.shape[d] == 1 for d in range(rank) if d not in out)]
+        total = _einsum_sum(inner, out, rank) if inner else None
+        for factor in outer:
+            factor = factor.reshape([factor.shape[d] for d in out])
+            total = factor if total is None else total * factor
+        assert total is not None
+        repeats = math.prod(shape[d] for d in range(rank) if kept[d] == 1 and not spanned[d])
+        if repeats != 1:
+            total = total * repeats
+        shape_out = [kept[d] if d in out else 1 for d in range(rank)]
+        total = total.expand([kept[d] for d in out]).reshape(shape_out).expand(kept)
+        sums.append(_scatter(num_rows, flat_index, total.reshape(-1)))
+    return sums
+
+
+def _einsum_sum(factors: list[torch.Tensor], out: list[int], rank: int) -> torch.Tensor:
+    """``Σ ∏ factors`` keeping the dimensions ``out`` (``einsum`` over size > 1 dims)."""
+    operands, subscripts = [], []
+    for factor in factors:
+        dims = [d for d in range(rank) if factor.shape[d] > 1]
+        operands.append(factor.reshape([factor.shape[d] for d in dims]))
+        subscripts.append("".join(_LETTERS[d] for d in dims))
+    present = set("".join(subscripts))
+    result = "".join(_LETTERS[d] for d in out if _LETTERS[d] in present)
+    total = torch.einsum(",".join(subscripts) + "->" + result, *operands)
+    # Output dimensions no inner factor has: broadcast them back in place.
+    view = [total.shape[result.index(_LETTERS[d])] if _LETTERS[d] in present else 1 for d in out]
+    return total.reshape(view)
 
 
 def _scatter(num_rows: int, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -434,14 +1014,14 @@ def _patched_site(
             if use.site == name:
                 delta = new - old
                 width = 1 if block.slot == "normal-loc" else delta.shape[-1]
-                rows = delta.reshape(-1, width)[use.rows]
+                rows = delta.reshape(-1, width)[_compact(use.rows)]
                 step = rows[..., 0] if block.slot == "normal-loc" else rows
                 shift = step if shift is None else shift + step
     if shift is None and name not in changes:
         return site
     if shift is not None:
         if isinstance(fn, dist.Normal):
-            fn = dist.Normal(fn.loc + shift, fn.scale, validate_args=False)
+            fn = dist.Normal(_compact(fn.loc) + shift, fn.scale, validate_args=False)
         else:
             fn = dist.MultivariateNormal(fn.loc + shift, scale_tril=fn.scale_tril)
     value = changes[name][1] if name in changes else site["value"]
@@ -495,9 +1075,14 @@ def _categorical(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Te
     rows = current.reshape(-1, num_values)
     counts = torch.zeros_like(rows)
     for use, site, weight in uses:
-        value = site["value"].long()
-        w, index, x = _entries(weight, use.rows, use.event_ndims, value)
-        counts.index_put_((index, x), w, accumulate=True)
+        shape = _entry_shape(weight, use.event_ndims, site["value"], use.rows)
+        w = _use_weight(weight, use.event_ndims)
+        value = _compact(site["value"]).long()
+        index = _compact(use.rows)
+        target = _broadcast_shape((1,) * len(shape), value.shape, index.shape)
+        w = w.expand(shape).sum_to_size(target).reshape(-1)
+        keys = (index.expand(target).reshape(-1), value.expand(target).reshape(-1))
+        counts.index_put_(keys, w, accumulate=True)
     concentration = (
         torch.ones_like(rows)
         if prior is None
@@ -513,9 +1098,14 @@ def _binary(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor:
     for use, site, weight in uses:
         fn, _ = _unwrap(site["fn"])
         total = fn.total_count if isinstance(fn, dist.Binomial) else torch.ones(())
-        w, index, x, n = _entries(weight, use.rows, use.event_ndims, site["value"], total)
-        successes += _scatter(flat.numel(), index, w * x)
-        trials += _scatter(flat.numel(), index, w * n)
+        shape = _entry_shape(weight, use.event_ndims, site["value"], use.rows, total)
+        w = _use_weight(weight, use.event_ndims)
+        x, total = _compact(site["value"]), _compact(total)
+        more_successes, more_trials = _sums_by_row(
+            flat.numel(), use.rows, shape, (w, x), (w, total)
+        )
+        successes += more_successes
+        trials += more_trials
     if prior is None:
         a = b = torch.ones_like(flat)
     else:
@@ -533,14 +1123,18 @@ def _rate(current: torch.Tensor, uses: list[Any], prior: Any, slot: str) -> torc
     totals = torch.zeros_like(flat)
     for use, site, weight in uses:
         fn, _ = _unwrap(site["fn"])
-        w, index, x, rate = _entries(weight, use.rows, use.event_ndims, site["value"], fn.rate)
-        exposure = rate / flat[index]
+        shape = _entry_shape(weight, use.event_ndims, site["value"], use.rows, fn.rate)
+        w = _use_weight(weight, use.event_ndims)
+        x = _compact(site["value"])
+        index = _compact(use.rows)
+        exposure = _compact(fn.rate) / flat[index]
         if slot == "poisson":
-            counts += _scatter(flat.numel(), index, w * x)
-            totals += _scatter(flat.numel(), index, w * exposure)
+            terms: tuple[tuple[torch.Tensor, ...], ...] = ((w, x), (w, exposure))
         else:
-            counts += _scatter(flat.numel(), index, w)
-            totals += _scatter(flat.numel(), index, w * exposure * x)
+            terms = ((w,), (w, exposure, x))
+        more_counts, more_totals = _sums_by_row(flat.numel(), index, shape, *terms)
+        counts += more_counts
+        totals += more_totals
     if prior is None:
         a, b = torch.ones_like(flat), torch.zeros_like(flat)
     else:
@@ -554,13 +1148,17 @@ def _normal_loc(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Ten
     weighted = torch.zeros_like(flat)
     for use, site, weight in uses:
         fn, _ = _unwrap(site["fn"])
-        w, index, x, loc, scale = _entries(
-            weight, use.rows, use.event_ndims, site["value"], fn.loc, fn.scale
+        shape = _entry_shape(weight, use.event_ndims, site["value"], use.rows, fn.loc, fn.scale)
+        w = _use_weight(weight, use.event_ndims)
+        x = _compact(site["value"])
+        index = _compact(use.rows)
+        offset = _compact(fn.loc) - flat[index]
+        inverse = 1 / _compact(fn.scale).square()
+        more_precision, more_weighted = _sums_by_row(
+            flat.numel(), index, shape, (w, inverse), (w, inverse, x - offset)
         )
-        offset = loc - flat[index]
-        tau = w / scale.square()
-        precision += _scatter(flat.numel(), index, tau)
-        weighted += _scatter(flat.numel(), index, tau * (x - offset))
+        precision += more_precision
+        weighted += more_weighted
     if prior is not None:
         mean, std = (p.reshape(-1) for p in _broadcast_prior(current, prior.loc, prior.scale))
         prior_precision = std**-2
@@ -575,15 +1173,21 @@ def _normal_scale(current: torch.Tensor, uses: list[Any], prior: Any, slot: str)
     squares = torch.zeros_like(flat)
     for use, site, weight in uses:
         fn, _ = _unwrap(site["fn"])
-        w, index, x, loc, scale = _entries(
-            weight, use.rows, use.event_ndims, site["value"], fn.loc, fn.scale
-        )
+        shape = _entry_shape(weight, use.event_ndims, site["value"], use.rows, fn.loc, fn.scale)
+        w = _use_weight(weight, use.event_ndims)
+        x = _compact(site["value"])
+        index = _compact(use.rows)
+        loc, scale = _compact(fn.loc), _compact(fn.scale)
         # scale² = c·θ (variance) or scale⁻² = c·θ (precision); (x−loc)²/scale² = r²/(cθ) or r²cθ.
-        residual = (x - loc).square() / scale.square() * flat[index]
+        factor = flat[index] / scale.square()
         if slot == "normal-precision":
-            residual = (x - loc).square() * scale.square() ** -1 / flat[index]
-        counts += _scatter(flat.numel(), index, w)
-        squares += _scatter(flat.numel(), index, w * residual)
+            factor = 1 / (scale.square() * flat[index])
+        squares_of = (x - loc).square()
+        more_counts, more_squares = _sums_by_row(
+            flat.numel(), index, shape, (w,), (w, squares_of, factor)
+        )
+        counts += more_counts
+        squares += more_squares
     if slot == "normal-variance":
         if prior is None:
             return (squares / counts).reshape(current.shape)
@@ -604,7 +1208,7 @@ def _mvn_loc(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor
     for use, site, weight in uses:
         fn, _ = _unwrap(site["fn"])
         tril = fn.scale_tril
-        batch = torch.broadcast_shapes(
+        batch = _broadcast_shape(
             weight.reshape(*weight.shape, *(1,) * use.event_ndims).shape,
             use.rows.shape,
             site["value"].shape[:-1],
@@ -653,7 +1257,7 @@ def _mvn_covariance(current: torch.Tensor, uses: list[Any], prior: Any) -> torch
         fn, _ = _unwrap(site["fn"])
         cov = fn.covariance_matrix
         w = weight.reshape(*weight.shape, *(1,) * use.event_ndims)
-        batch = torch.broadcast_shapes(
+        batch = _broadcast_shape(
             w.shape, use.rows.shape, site["value"].shape[:-1], fn.loc.shape[:-1], cov.shape[:-2]
         )
         index = use.rows.expand(batch).reshape(-1)

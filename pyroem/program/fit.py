@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import pyro
@@ -13,6 +15,8 @@ import torch
 from pyroem.em import EMRun, best_of_restarts, run_em
 from pyroem.errors import DataError, SpecError
 from pyroem.estep.enumerate import EStep
+from pyroem.program._compiled import CompiledEStep, CompiledProgram
+from pyroem.program._stacked import StackedUpdate
 from pyroem.program.conjugacy import (
     LOCATION_SLOTS,
     SCALE_SLOTS,
@@ -22,12 +26,16 @@ from pyroem.program.conjugacy import (
 )
 from pyroem.program.gradient import gradient_m_step
 from pyroem.program.model import ProgramModel, _Inject, sample_sites
-from pyroem.program.posterior import Posterior, posterior
+from pyroem.program.posterior import posterior
 from pyroem.program.results import ProgramFit
 
 __all__ = ["fit_program", "initial_values"]
 
 M_STEPS = ("auto", "gradient")
+
+# Run E-steps through CompiledProgram while the program keeps its structure; off, every
+# E-step is a full trace (the reference the fast path is tested against).
+_COMPILED = True
 
 
 def _as_value(name: str, value: Any, program: ProgramModel, like: torch.Tensor) -> torch.Tensor:
@@ -63,15 +71,20 @@ def initial_values(
             f"the parameters are {list(program.params)}"
         )
     likes = dict(program.param_inits)
-    with torch.random.fork_rng(), pyro.get_param_store().scope(), poutine.block():
-        torch.manual_seed(seed)
-        fixed = {name: torch.as_tensor(value) for name, value in init.items()}
-        trace = poutine.trace(_Inject(fixed)(program.model)).get_trace(
-            *program.model_args, **program.model_kwargs
-        )
-    for name, site in sample_sites(trace):
-        if name in program.params:
-            likes[name] = site["value"].detach()
+    fixed = {name: torch.as_tensor(value) for name, value in init.items()}
+    drawn = [name for name, site in program.params.items() if site.kind == "sample"]
+    if set(drawn) <= set(init):
+        # Nothing to draw: a run would only hand back the injected values.
+        likes.update({name: fixed[name].detach() for name in drawn})
+    else:
+        with torch.random.fork_rng(), pyro.get_param_store().scope(), poutine.block():
+            torch.manual_seed(seed)
+            trace = poutine.trace(_Inject(fixed)(program.model)).get_trace(
+                *program.model_args, **program.model_kwargs
+            )
+        for name, site in sample_sites(trace):
+            if name in program.params:
+                likes[name] = site["value"].detach()
     values = {}
     for name in program.params:
         if name in init:
@@ -84,6 +97,9 @@ def initial_values(
 def _num_observations(trace: Any, program: ProgramModel) -> int:
     total = 0
     for name in program.observed:
+        if name not in trace.nodes:
+            # Observed only in some runs (control flow on the parameters).
+            continue
         site = trace.nodes[name]
         value = site["value"]
         total += math.prod(value.shape[: value.dim() - site["fn"].event_dim])
@@ -126,6 +142,141 @@ def _needs_trace(blocks: Mapping[str, ClosedForm | None], order: list[str]) -> l
     return needs
 
 
+class _Engine:
+    """The E- and M-steps of one fit.
+
+    While the program keeps the structure of its first trace, an E-step is a light
+    run of the program plus a compiled contraction (:class:`CompiledProgram`) and
+    the closed forms read stacked uses (:class:`StackedUpdate`); the numbers are
+    those of :func:`posterior` and :func:`closed_form_update`. A run whose structure
+    differs switches the fit, from there on, to those full functions.
+    """
+
+    def __init__(
+        self,
+        program: ProgramModel,
+        found: dict[str, ClosedForm | None],
+        gradient_steps: int,
+        first: dict[str, torch.Tensor],
+        first_trace: Any,
+    ) -> None:
+        self.program = program
+        self.found = found
+        self.gradient_steps = gradient_steps
+        self.first = first
+        self.first_trace = first_trace
+        self.order = _block_order(program, found)
+        self.retrace = _needs_trace(found, self.order)
+        self.gradient_sites = [name for name in program.params if found[name] is None]
+        self.layout = CompiledProgram(program, first_trace)
+        self.compiled: CompiledProgram | None = self.layout if _COMPILED else None
+        self.updates: dict[str, StackedUpdate] = {}
+
+    def e_step(self, values: dict[str, torch.Tensor]) -> EStep:
+        """The E-step at ``values``: compiled while the structure holds, else full."""
+        if self.compiled is not None:
+            estep: CompiledEStep | None
+            if values is self.first:
+                estep = self.compiled.estimate_trace(self.first_trace)
+            else:
+                estep = self.compiled(values)
+            if estep is not None:
+                return EStep(estep, float(estep.log_likelihood), float(estep.log_joint))
+            self.compiled = None
+        trace = self.first_trace if values is self.first else None
+        post = posterior(self.program, values, trace)
+        return EStep(post, float(post.log_likelihood), float(post.log_joint))
+
+    def ecm(self, stats: Any, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One ECM sweep: closed-form blocks in order, then the gradient blocks."""
+        values = dict(values)
+        if isinstance(stats, CompiledEStep):
+            weights = self._compiled_sweep(stats, values)
+        else:
+            weights = stats.weights
+            self._full_sweep(stats.trace, weights, values, 0)
+        if self.gradient_sites:
+            values.update(
+                gradient_m_step(
+                    self.program,
+                    values,
+                    weights,
+                    self.gradient_sites,
+                    max_steps=self.gradient_steps,
+                )
+            )
+        return values
+
+    def _compiled_sweep(
+        self, estep: CompiledEStep, values: dict[str, torch.Tensor]
+    ) -> Mapping[str, torch.Tensor]:
+        """Closed forms on stacked uses; returns the weights for the gradient blocks."""
+        assert self.compiled is not None
+        sites: dict[str, Any] | None = estep.sites
+        changes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        cache: dict[Any, torch.Tensor] = {}
+        for step, (name, again) in enumerate(zip(self.order, self.retrace, strict=True)):
+            if again:
+                sites = self.compiled.run(values)
+                changes = {}
+                cache = {}
+            if sites is None:
+                self.compiled = None
+                weights = estep.all_weights()
+                self._full_sweep(self.program.trace(values), weights, values, step)
+                return weights
+            block = self.found[name]
+            assert block is not None
+            if name not in self.updates:
+                self.updates[name] = StackedUpdate(block, self.found, sites, estep)
+            new = self.updates[name](values[name], estep, sites, changes, cache)
+            changes[name] = (values[name], new)
+            values[name] = new
+        return estep.all_weights() if self.gradient_sites else {}
+
+    def _full_sweep(
+        self,
+        trace: Any,
+        weights: Mapping[str, torch.Tensor],
+        values: dict[str, torch.Tensor],
+        start: int,
+    ) -> None:
+        """Closed forms from block ``start`` on, with full traces."""
+        changes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for step, (name, again) in enumerate(zip(self.order, self.retrace, strict=True)):
+            if step < start:
+                continue
+            if again and step > start:
+                trace = self.program.trace(values)
+                changes = {}
+            block = self.found[name]
+            assert block is not None
+            new = closed_form_update(self.program, block, trace, weights, changes, self.found)
+            changes[name] = (values[name], new)
+            values[name] = new
+
+    def marginals(self, stats: Any) -> dict[str, torch.Tensor]:
+        """Posterior marginals of the enumerated sites from a final E-step."""
+        if isinstance(stats, CompiledEStep):
+            return self.layout.marginals(stats)
+        return stats.marginals
+
+
+@contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """Move the existing objects to the collector's permanent generation for the block,
+    unless something else already froze objects (then leave the collector alone)."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@_frozen_heap()
 def fit_program(
     model: Callable[..., Any],
     model_args: tuple[Any, ...],
@@ -141,7 +292,13 @@ def fit_program(
     m_step: str,
     gradient_steps: int,
 ) -> ProgramFit:
-    """Fit a Pyro program by MAP-EM (see :func:`pyroem.fit`)."""
+    """Fit a Pyro program by MAP-EM (see :func:`pyroem.fit`).
+
+    While it runs, the objects that existed before are kept out of the garbage
+    collector's full collections (:func:`gc.freeze`; undone at the end): an EM
+    iteration reruns the program and allocates much, and each full collection would
+    otherwise rescan every object of the interpreter (torch, Pyro, the user's data).
+    """
     if m_step not in M_STEPS:
         raise SpecError(f"m_step must be one of {M_STEPS}; got {m_step!r}")
     steps_ok = isinstance(gradient_steps, int) and not isinstance(gradient_steps, bool)
@@ -165,43 +322,17 @@ def fit_program(
         if m_step == "auto"
         else dict.fromkeys(program.params)
     )
-    order = _block_order(program, found)
-    retrace = _needs_trace(found, order)
-    gradient_sites = [name for name in program.params if found[name] is None]
     kinds = {name: "gradient" if block is None else block.kind for name, block in found.items()}
     num_data = _num_observations(first_trace, program)
 
-    def e_step(values: dict[str, torch.Tensor]) -> EStep:
-        post = posterior(program, values, first_trace if values is first else None)
-        return EStep(post, float(post.log_likelihood), float(post.log_joint))
-
-    def ecm(post: Posterior, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        values = dict(values)
-        trace = post.trace
-        changes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, again in zip(order, retrace, strict=True):
-            if again:
-                trace = program.trace(values)
-                changes = {}
-            block = found[name]
-            assert block is not None
-            new = closed_form_update(program, block, trace, post.weights, changes, found)
-            changes[name] = (values[name], new)
-            values[name] = new
-        if gradient_sites:
-            values.update(
-                gradient_m_step(
-                    program, values, post.weights, gradient_sites, max_steps=gradient_steps
-                )
-            )
-        return values
+    engine = _Engine(program, found, gradient_steps, first, first_trace)
 
     def run_once(restart: int) -> EMRun:
         start = first if restart == 0 else initial_values(program, init, base_seed + restart)
         label = f"{method} restart {restart + 1}/{n_init}" if n_init > 1 else method
         return run_em(
-            e_step,
-            ecm,
+            engine.e_step,
+            engine.ecm,
             start,
             num_data=num_data,
             tol=tol,
@@ -211,7 +342,7 @@ def fit_program(
         )
 
     best, finals = best_of_restarts(run_once, n_init)
-    post: Posterior = best.last.stats
+    marginals = engine.marginals(best.last.stats)
     options = {
         "n_init": n_init,
         "tol": tol,
@@ -225,9 +356,9 @@ def fit_program(
         method=method,
         values=best.params,
         m_step_kinds=kinds,
-        marginals=post.marginals,
-        log_likelihood=float(post.log_likelihood),
-        log_joint=float(post.log_joint),
+        marginals=marginals,
+        log_likelihood=best.last.log_likelihood,
+        log_joint=best.last.objective,
         history=best.history,
         converged=best.converged,
         num_iterations=best.num_iterations,

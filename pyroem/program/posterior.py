@@ -28,6 +28,7 @@ from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 
 from pyroem.errors import NotSupportedError
+from pyroem.program._log_einsum import LogRing
 from pyroem.program.model import ProgramModel, sample_sites
 
 __all__ = ["Posterior", "expected_log_joint", "log_joint_terms", "posterior"]
@@ -128,7 +129,7 @@ def log_joint_terms(
                 "sites that depend on enumerated latents have different poutine.scale "
                 f"values {sorted(scales)}; pyroem needs one common scale"
             )
-        contracted = contract_to_tensor(log_factors, set(enum_symbols))
+        contracted = contract_to_tensor(log_factors, set(enum_symbols), ring=LogRing())
         log_likelihood = log_likelihood + scales.pop() * contracted.sum()
     return log_likelihood, log_prior
 

@@ -1,0 +1,607 @@
+r"""The E-step of a fit, compiled once from the first trace and rerun cheaply.
+
+Every EM iteration needs the program's log-probability tables at new parameter
+values. :meth:`ProgramModel.trace` gets them by running the program under Pyro's
+trace and enumeration handlers, then scores and packs every site; most of that
+work only rediscovers what the first trace already established — which sites
+exist, which dimension holds which enumerated latent, which latents each table
+depends on. :class:`CompiledProgram` keeps that structure and reruns the program
+under a single light handler (:class:`Recorder`) that sets the parameters, gives
+every enumerated site the value the enumeration handler gave it, and records the
+sites. It then checks the run against the first trace, site by site: same sites
+in the same order, same distribution types and shapes, same plates, masks, scales
+and ``pyro.markov`` scopes, same enumerated supports. A run that differs in any of
+these — a program whose control flow depends on the parameters, say — is reported
+(``None``), and the caller falls back to the full path. A run that matches has the
+very tables a full trace would compute, because the program ran with the same
+inputs; only their bookkeeping is reused.
+
+The tables are then contracted as Pyro's ``TraceEnum_ELBO`` would (the log
+evidence, with scales and masks; an enumerated site's own table never masked):
+chain-structured models by :mod:`pyroem.program._chain` on stacked tables,
+anything else by Pyro's ``contract_to_tensor``. One backward pass gives every
+table's weight in Q, as in :func:`pyroem.program.posterior`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.ops import packed
+from pyro.ops.contract import contract_to_tensor
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch.distributions.utils import _sum_rightmost, probs_to_logits
+
+from pyroem.errors import NotSupportedError
+from pyroem.program._chain import ChainPlan, Factor, build_chain_plan, log_evidence
+from pyroem.program._log_einsum import LogRing
+from pyroem.program.model import ProgramModel, sample_sites
+from pyroem.program.posterior import _marginal, _masked, _site_scale
+
+__all__ = ["CompiledEStep", "CompiledProgram", "ProgramRunner", "Recorder"]
+
+
+def _enumerated_value(fn: Any, reference: torch.Tensor) -> torch.Tensor | None:
+    """The value the enumeration handler would give this site: its support, laid out
+    as in the first trace; ``None`` if the support differs from the first trace's."""
+    if type(fn) is dist.Categorical:
+        # The support is ``arange(num_events)``: the first trace's, if the size agrees.
+        if fn._num_events != reference.numel():
+            return None
+        value = reference.view(reference.shape)
+        value._pyro_categorical_support = id(fn)  # type: ignore[attr-defined]
+        return value
+    support = fn.enumerate_support(expand=False)
+    if support.numel() != reference.numel() or not torch.equal(
+        support.reshape(-1), reference.reshape(-1)
+    ):
+        return None
+    value = support.reshape(reference.shape)
+    categorical = getattr(support, "_pyro_categorical_support", None)
+    if categorical is not None:
+        # As Pyro's enumeration does: lets Categorical.log_prob read its table directly.
+        value._pyro_categorical_support = categorical
+    return value
+
+
+class Recorder(Messenger):
+    """Runs a program with parameter values set and enumerated sites at their
+    enumerated values; records the sample sites and hides them from outer handlers.
+
+    Args:
+        values: parameter values by site (sample sites become observed, as
+            :meth:`ProgramModel.trace` does; ``pyro.param`` sites return the value).
+        enumerated: the enumerated value of every enumerated site in the first trace.
+    """
+
+    def __init__(
+        self, values: Mapping[str, torch.Tensor], enumerated: Mapping[str, torch.Tensor]
+    ) -> None:
+        super().__init__()
+        self.values = values
+        self.enumerated = enumerated
+        self.sites: list[Any] = []
+        self.supports_match = True
+
+    def _process_message(self, msg: Any) -> None:
+        msg["stop"] = True
+        if msg["type"] == "param":
+            value = self.values.get(msg["name"])
+            if value is not None:
+                msg["value"] = value
+                msg["done"] = True
+            return
+        if msg["type"] != "sample" or site_is_subsample(msg):
+            return
+        name = msg["name"]
+        value = self.values.get(name)
+        if value is not None:
+            msg["value"] = value
+            msg["is_observed"] = True
+        else:
+            reference = self.enumerated.get(name)
+            if reference is not None and not msg["is_observed"]:
+                value = _enumerated_value(msg["fn"], reference)
+                if value is None:
+                    self.supports_match = False
+                    value = reference
+                msg["value"] = value
+                msg["done"] = True
+        self.sites.append(msg)
+
+    def _postprocess_message(self, msg: Any) -> None:
+        return None
+
+
+def _mask_key(mask: Any) -> Any:
+    if mask is None or isinstance(mask, bool):
+        return mask
+    return ("tensor", mask.shape)
+
+
+def _signature(site: Any, enumerated: bool) -> tuple[Any, ...]:
+    """What must agree between two runs for the first run's bookkeeping to hold."""
+    fn = site["fn"]
+    infer = site["infer"]
+    return (
+        site["name"],
+        type(fn),
+        fn.batch_shape,
+        fn.event_shape,
+        site["is_observed"],
+        None if enumerated else site["value"].shape,
+        site["cond_indep_stack"],
+        _mask_key(site["mask"]),
+        _site_scale(site),
+        infer.get("enumerate"),
+        infer.get("_markov_scope"),
+        infer.get("_markov_depth"),
+    )
+
+
+class ProgramRunner:
+    """Reruns a program with the structure of one full trace (see the module docstring).
+
+    Args:
+        program: the program.
+        trace: a full trace (:meth:`ProgramModel.trace`) at some parameter values.
+    """
+
+    def __init__(self, program: ProgramModel, trace: Any) -> None:
+        self.program = program
+        sites = sample_sites(trace)
+        enumerated = set(program.enumerated)
+        self.names = [name for name, _ in sites]
+        self.signatures = [_signature(site, name in enumerated) for name, site in sites]
+        self.enumerated = {name: site["value"] for name, site in sites if name in enumerated}
+
+    def run(self, values: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
+        """Run the program at ``values``; its sample sites by name (Pyro messages), or
+        ``None`` if the run's structure differs from the first trace's."""
+        recorder = Recorder(values, self.enumerated)
+        program = self.program
+        with pyro.validation_enabled(False), recorder:
+            program.model(*program.model_args, **program.model_kwargs)
+        sites = recorder.sites
+        if not recorder.supports_match or len(sites) != len(self.names):
+            return None
+        enumerated = self.enumerated
+        for site, signature in zip(sites, self.signatures, strict=True):
+            if _signature(site, site["name"] in enumerated) != signature:
+                return None
+        return {site["name"]: site for site in sites}
+
+
+# Tables smaller than this are computed as they are: reconstructing costs more.
+_COMPACT_NUMEL = 1024
+
+# Families whose log-density is elementwise in their parameters and the value, so it
+# can be computed on the parameters without their broadcast (stride-0) copies.
+_ELEMENTWISE = {
+    dist.Normal: ("loc", "scale"),
+    dist.Poisson: ("rate",),
+    dist.Exponential: ("rate",),
+}
+
+
+def _table(site: Any) -> torch.Tensor:
+    """``fn.log_prob(value)`` of one site, bit for bit, without recomputing broadcast
+    copies of parameters: a plate broadcasts a distribution's parameters to the plate's
+    size, and log-densities such as ``log(scale)`` would be taken once per data point."""
+    fn, value = site["fn"], site["value"]
+    if site["args"] or site["kwargs"]:
+        return fn.log_prob(value, *site["args"], **site["kwargs"])
+    reinterpreted = 0
+    base = fn
+    if type(base) is dist.Independent:
+        reinterpreted = base.reinterpreted_batch_ndims
+        base = base.base_dist
+    if base.batch_shape.numel() < _COMPACT_NUMEL:
+        return fn.log_prob(value)
+    if type(base) is dist.Categorical and "logits" not in base.__dict__:
+        # The lazy ``logits`` of the broadcast ``probs``: one log per distinct entry.
+        base.__dict__["logits"] = probs_to_logits(_compact(base.probs)).expand(base.probs.shape)
+    attrs = _ELEMENTWISE.get(type(base))
+    if attrs is None:
+        return fn.log_prob(value)
+    params = [_compact(getattr(base, attr)) for attr in attrs]
+    if type(base) is dist.Normal:
+        table = _normal_log_density(value, *params)
+    else:
+        table = type(base)(*params, validate_args=False).log_prob(value)
+    full = _broadcast_shape(base.batch_shape, value.shape)
+    return _sum_rightmost(table.expand(full), reinterpreted)
+
+
+def _normal_log_density(
+    value: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """``Normal(loc, scale).log_prob(value)``: the same operations in the same order
+    (so the same floats), the full-size ones in place."""
+    variance = scale**2
+    table = value - loc
+    table.pow_(2).neg_().div_(2 * variance)
+    return table.sub_(scale.log()).sub_(math.log(math.sqrt(2 * math.pi)))
+
+
+def _broadcast_shape(*shapes: torch.Size) -> tuple[int, ...]:
+    """The broadcast of ``shapes`` (as :func:`torch.broadcast_shapes`, without its cost)."""
+    ndim = max(len(shape) for shape in shapes)
+    out = [1] * ndim
+    for shape in shapes:
+        for i, size in enumerate(shape, ndim - len(shape)):
+            if size != 1:
+                out[i] = size
+    return tuple(out)
+
+
+def _stacked_tables(sites: Mapping[str, Any], names: Sequence[str]) -> torch.Tensor:
+    """The tables of sites of one structure, stacked along a new first dimension: for
+    the usual families, one log-density call on their stacked parameters (entry for
+    entry the same arithmetic as each site's own ``log_prob``)."""
+    group = [sites[name] for name in names]
+    stacked = _stacked_family_table(group) if len(group) > 1 else None
+    if stacked is not None:
+        return stacked
+    tables = [_table(site) for site in group]
+    return tables[0].unsqueeze(0) if len(tables) == 1 else torch.stack(tables)
+
+
+def _uniform(tensors: Sequence[torch.Tensor]) -> bool:
+    return all(tensor.shape == tensors[0].shape for tensor in tensors)
+
+
+def _padded_stack(tensors: Sequence[torch.Tensor], rank: int) -> torch.Tensor:
+    stacked = torch.stack(list(tensors))
+    return stacked.reshape(len(tensors), *(1,) * (rank - stacked.dim()), *stacked.shape[1:])
+
+
+def _stacked_family_table(group: Sequence[Any]) -> torch.Tensor | None:
+    """:func:`_stacked_tables` for Normal (possibly ``Independent``) and enumerated
+    Categorical sites; ``None`` for anything else."""
+    fns = [site["fn"] for site in group]
+    values = [site["value"] for site in group]
+    if any(site["args"] or site["kwargs"] for site in group) or not _uniform(values):
+        return None
+    if any(type(fn) is not type(fns[0]) for fn in fns):
+        return None
+    reinterpreted = 0
+    if type(fns[0]) is dist.Independent:
+        reinterpreted = fns[0].reinterpreted_batch_ndims
+        if any(fn.reinterpreted_batch_ndims != reinterpreted for fn in fns):
+            return None
+        fns = [fn.base_dist for fn in fns]
+        if any(type(fn) is not type(fns[0]) for fn in fns):
+            return None
+    if type(fns[0]) is dist.Normal:
+        locs, scales = [fn.loc for fn in fns], [fn.scale for fn in fns]
+        if not (_uniform(locs) and _uniform(scales)):
+            return None
+        rank = 1 + max(locs[0].dim(), scales[0].dim(), values[0].dim())
+        normal = dist.Normal(
+            _padded_stack(locs, rank), _padded_stack(scales, rank), validate_args=False
+        )
+        return _sum_rightmost(normal.log_prob(_padded_stack(values, rank)), reinterpreted)
+    if type(fns[0]) is dist.Categorical and not reinterpreted:
+        # Pyro's Categorical.log_prob on its enumerated support reads the logits table
+        # directly (a transpose); stacked, the same transpose.
+        value = values[0]
+        fast = all(
+            getattr(v, "_pyro_categorical_support", None) == id(fn)
+            for v, fn in zip(values, fns, strict=True)
+        )
+        logits = [fn.logits for fn in fns]
+        if not fast or not _uniform(logits):
+            return None
+        table = torch.stack(logits)
+        if logits[0].dim() <= value.dim():
+            ones = (1,) * (1 + value.dim() - logits[0].dim())
+            table = table.reshape(len(logits), *ones, *logits[0].shape)
+        return table.transpose(-1 - value.dim(), -1).squeeze(-1)
+    return None
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """A view of ``tensor`` with size 1 along every expanded (stride-0) dimension."""
+    for dim, (size, stride) in enumerate(zip(tensor.shape, tensor.stride(), strict=True)):
+        if stride == 0 and size > 1:
+            tensor = tensor.narrow(dim, 0, 1)
+    return tensor
+
+
+class CompiledEStep(NamedTuple):
+    """The E-step at one set of parameter values, from a compiled run.
+
+    Attributes:
+        log_likelihood: :math:`\\log p(x | θ)`, 0-dim.
+        log_joint: plus the log prior, 0-dim.
+        sites: the run's sample sites by name (``fn``, ``value``, ``mask``, …).
+        stacks: per group of stacked tables (keyed by its first site), the tables'
+            weights in Q, stacked, ``(n, *table_shape)``; enumerated sites masked.
+        marginal_weights: the same before masking enumerated sites (for marginals), by
+            group key, or by site for tables that are not stacked.
+        weights: per site outside the stacks, its weight in Q.
+        group_of: per stacked site, ``(group key, position)``.
+    """
+
+    log_likelihood: torch.Tensor
+    log_joint: torch.Tensor
+    sites: dict[str, Any]
+    stacks: dict[str, torch.Tensor]
+    marginal_weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]
+    group_of: dict[str, tuple[str, int]]
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The weight table of one site."""
+        if name in self.weights:
+            return self.weights[name]
+        key, position = self.group_of[name]
+        return self.stacks[key][position]
+
+    def all_weights(self) -> dict[str, torch.Tensor]:
+        """Every site's weight table, as :attr:`Posterior.weights`."""
+        return {name: self.weight(name) for name in self.sites}
+
+
+class _Stack(NamedTuple):
+    """Tables stacked together: their sites, mask handling and enumerated flag."""
+
+    names: tuple[str, ...]
+    mask: Any
+    enumerated: bool
+
+
+class CompiledProgram:
+    """A program's structure read from one full trace, to rerun it cheaply.
+
+    Args:
+        program: the program.
+        trace: a full trace (:meth:`ProgramModel.trace`) at some parameter values.
+    """
+
+    def __init__(self, program: ProgramModel, trace: Any) -> None:
+        self.program = program
+        self.runner = ProgramRunner(program, trace)
+        sites = sample_sites(trace)
+        enumerated = set(program.enumerated)
+        self.enumerated = self.runner.enumerated
+        self.enumerated_sites = {name: site for name, site in sites if name in enumerated}
+        self.symbols = {
+            site["infer"]["_enumerate_symbol"]
+            for _, site in sites
+            if site["infer"].get("_enumerate_symbol") is not None
+        }
+        self.priors = [name for name, _ in sites if name in program.params]
+        self.free: list[str] = []
+        factors: list[Factor] = []
+        # Per factor: whether it is an enumerated site's own table, and its mask's kind.
+        how: dict[str, tuple[bool, Any]] = {}
+        self.dim_to_symbol: dict[str, dict[int, str]] = {}
+        self.ordinals: dict[str, frozenset[str]] = {}
+        scales = set()
+        for name, site in sites:
+            if name in program.params:
+                continue
+            table = site["unscaled_log_prob"]
+            dims = site["packed"]["unscaled_log_prob"]._pyro_dims
+            if self.symbols.isdisjoint(dims):
+                self.free.append(name)
+                continue
+            scales.add(_site_scale(site))
+            self.dim_to_symbol[name] = site["infer"]["_dim_to_symbol"]
+            plates = frozenset(
+                trace.plate_to_symbol[frame.name]
+                for frame in site["cond_indep_stack"]
+                if frame.vectorized
+            )
+            self.ordinals[name] = plates
+            symbols = tuple(
+                None if size == 1 else self.dim_to_symbol[name][i - table.dim()]
+                for i, size in enumerate(table.shape)
+            )
+            how[name] = (name in enumerated, _mask_key(site["mask"]))
+            factors.append(Factor(name, table.shape, symbols, plates, how[name]))
+        if len(scales) > 1:
+            raise NotSupportedError(
+                "sites that depend on enumerated latents have different poutine.scale "
+                f"values {sorted(scales)}; pyroem needs one common scale"
+            )
+        self.scale = scales.pop() if scales else 1.0
+        latent_plates = {
+            site["infer"]["_enumerate_symbol"]: self.ordinals[name]
+            for name, site in sites
+            if site["infer"].get("_enumerate_symbol") is not None and name in self.ordinals
+        }
+        frames = {
+            (trace.plate_to_symbol[frame.name], frame.dim)
+            for _, site in sites
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized
+        }
+        plate_order = [symbol for symbol, _ in sorted(frames, key=lambda item: item[1])]
+        self.plan: ChainPlan | None = (
+            build_chain_plan(factors, latent_plates, plate_order) if factors else None
+        )
+        self.stacks: list[_Stack] = []
+        if self.plan is not None:
+            keys = {factor.name: how[factor.name] for factor in factors}
+            for group in self.plan.groups:
+                enumerated_site, mask = keys[group.names[0]]
+                self.stacks.append(_Stack(group.names, mask, enumerated_site))
+        self.factor_names = [factor.name for factor in factors]
+
+    def estimate_trace(self, trace: Any) -> CompiledEStep:
+        """The E-step from a full trace (:meth:`ProgramModel.trace`) of the same structure."""
+        sites = dict(sample_sites(trace))
+        return self.estimate(
+            sites, {name: site["unscaled_log_prob"].detach() for name, site in sites.items()}
+        )
+
+    def marginals(self, estep: CompiledEStep) -> dict[str, torch.Tensor]:
+        """Posterior marginals of the enumerated sites, as :attr:`Posterior.marginals`."""
+        out = {}
+        for name, site in self.enumerated_sites.items():
+            if name in estep.group_of:
+                key, position = estep.group_of[name]
+                weight = estep.marginal_weights[key][position]
+            else:
+                weight = estep.marginal_weights[name]
+            out[name] = _marginal(self.program, site, weight)
+        return out
+
+    def run(self, values: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
+        """See :meth:`ProgramRunner.run`."""
+        return self.runner.run(values)
+
+    def __call__(self, values: Mapping[str, torch.Tensor]) -> CompiledEStep | None:
+        """The E-step at ``values``, or ``None`` if the program's structure changed."""
+        sites = self.runner.run(values)
+        if sites is None:
+            return None
+        return self.estimate(sites)
+
+    # ----- the E-step ---------------------------------------------------------------
+    def estimate(
+        self, sites: Mapping[str, Any], tables: Mapping[str, torch.Tensor] | None = None
+    ) -> CompiledEStep:
+        """Contract the tables of one run and differentiate (see the module docstring).
+
+        Args:
+            sites: the run's sample sites.
+            tables: their log-probability tables, if already computed (a full trace).
+        """
+        stacked = self.stacks if tables is None else []
+        in_stacks = {name for stack in stacked for name in stack.names}
+        if tables is None:
+            with pyro.validation_enabled(False):
+                tables = {
+                    name: _table(site) for name, site in sites.items() if name not in in_stacks
+                }
+        prior_terms: list[torch.Tensor] = []
+        likelihood_terms: list[torch.Tensor] = []
+        weights = {}
+        for names, terms in ((self.priors, prior_terms), (self.free, likelihood_terms)):
+            for name in names:
+                site = sites[name]
+                scale = _site_scale(site)
+                terms.append(scale * _masked(site, tables[name]).sum())
+                weights[name] = _masked(site, torch.full_like(tables[name], scale))
+        stacks: dict[str, torch.Tensor] = {}
+        marginal_weights: dict[str, torch.Tensor] = {}
+        group_of: dict[str, tuple[str, int]] = {}
+        if self.plan is not None:
+            likelihood_terms.append(
+                self._chain_estep(sites, tables, stacks, marginal_weights, group_of)
+            )
+        elif self.factor_names:
+            likelihood_terms.append(self._general_estep(sites, tables, weights, marginal_weights))
+        like = (likelihood_terms or prior_terms)[0]
+        log_likelihood = _total(likelihood_terms, like).detach()
+        log_prior = _total(prior_terms, like).detach()
+        return CompiledEStep(
+            log_likelihood,
+            log_likelihood + log_prior,
+            dict(sites),
+            stacks,
+            marginal_weights,
+            weights,
+            group_of,
+        )
+
+    def _stacked_masks(self, sites: Mapping[str, Any], stack: _Stack, ndim: int) -> Any:
+        masks = [sites[name]["mask"] for name in stack.names]
+        first = masks[0]
+        if first is None or isinstance(first, bool):
+            return first
+        mask = torch.stack(masks)
+        return mask.reshape(mask.shape[0], *(1,) * (ndim - mask.dim()), *mask.shape[1:])
+
+    def _chain_estep(
+        self,
+        sites: Mapping[str, Any],
+        log_probs: Mapping[str, torch.Tensor],
+        stacks: dict[str, torch.Tensor],
+        marginal_weights: dict[str, torch.Tensor],
+        group_of: dict[str, tuple[str, int]],
+    ) -> torch.Tensor:
+        assert self.plan is not None
+        leaves = []
+        stacked: dict[str, torch.Tensor] = {}
+        masks = {}
+        with torch.enable_grad():
+            for stack in self.stacks:
+                if stack.names[0] in log_probs:
+                    tables = [log_probs[name].detach() for name in stack.names]
+                    leaf = tables[0].unsqueeze(0) if len(tables) == 1 else torch.stack(tables)
+                else:
+                    with pyro.validation_enabled(False):
+                        leaf = _stacked_tables(sites, stack.names).detach()
+                leaf.requires_grad_()
+                leaves.append(leaf)
+                mask = self._stacked_masks(sites, stack, leaf.dim())
+                masks[stack.names[0]] = mask
+                stacked[stack.names[0]] = leaf if stack.enumerated else _apply_mask(leaf, mask)
+            value = self.scale * log_evidence(self.plan, stacked)
+            grads = torch.autograd.grad(value, leaves)
+        for stack, grad in zip(self.stacks, grads, strict=True):
+            key = stack.names[0]
+            marginal_weights[key] = grad
+            stacks[key] = _apply_mask(grad, masks[key]) if stack.enumerated else grad
+            for position, name in enumerate(stack.names):
+                group_of[name] = (key, position)
+        return value.detach()
+
+    def _general_estep(
+        self,
+        sites: Mapping[str, Any],
+        log_probs: Mapping[str, torch.Tensor],
+        weights: dict[str, torch.Tensor],
+        marginal_weights: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Pyro's contraction of per-site tables, for structures without a chain plan."""
+        enumerated = self.enumerated
+        leaves = {}
+        log_factors: OrderedDict[frozenset[str], list[torch.Tensor]] = OrderedDict()
+        with torch.enable_grad():
+            for name in self.factor_names:
+                site = sites[name]
+                leaf = log_probs[name].detach().requires_grad_()
+                leaves[name] = leaf
+                term = leaf if name in enumerated else _masked(site, leaf)
+                term = packed.pack(term, self.dim_to_symbol[name])
+                log_factors.setdefault(self.ordinals[name], []).append(term)
+            contracted = contract_to_tensor(log_factors, set(self.symbols), ring=LogRing())
+            value = self.scale * contracted.sum()
+            grads = torch.autograd.grad(
+                value, list(leaves.values()), allow_unused=True, materialize_grads=True
+            )
+        for name, grad in zip(leaves, grads, strict=True):
+            if name in enumerated:
+                marginal_weights[name] = grad
+                grad = _masked(sites[name], grad)
+            weights[name] = grad
+        return value.detach()
+
+
+def _total(terms: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The sum of 0-dim ``terms`` (0 like ``like`` if there are none)."""
+    total = torch.zeros((), dtype=like.dtype, device=like.device)
+    for term in terms:
+        total = total + term
+    return total
+
+
+def _apply_mask(table: torch.Tensor, mask: Any) -> torch.Tensor:
+    if mask is None or mask is True:
+        return table
+    if mask is False:
+        return torch.zeros_like(table)
+    return torch.where(mask, table, torch.zeros((), dtype=table.dtype, device=table.device))
