@@ -360,6 +360,35 @@ def test_stacked_tables_are_the_traces_own_bit_for_bit() -> None:
     assert torch.equal(_table(sites["z"]), trace.nodes["z"]["unscaled_log_prob"])
 
 
+def diagonal_mixture(data: torch.Tensor) -> None:
+    """Components with a diagonal covariance: one ``Independent`` Normal per datum."""
+    dim = data.shape[-1]
+    two, one, zero, five = (data.new_tensor(number) for number in (2.0, 1.0, 0.0, 5.0))
+    weights = pyro.sample("weights", dist.Dirichlet(two.expand(3)))
+    with pyro.plate("components", 3):
+        locs = pyro.sample("locs", dist.Normal(zero, five).expand([dim]).to_event(1))
+        variances = pyro.sample("variances", dist.InverseGamma(two, one).expand([dim]).to_event(1))
+    with pyro.plate("data", data.shape[0]):
+        z = pyro.sample("z", dist.Categorical(weights), infer=PARALLEL)
+        pyro.sample("x", dist.Normal(locs[z], variances[z].sqrt()).to_event(1), obs=data)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_event_sums_are_the_traces_own_bit_for_bit(dim: int, dtype: torch.dtype) -> None:
+    """The reinterpreted (feature) dimension of a large table is summed by adding its
+    slices for 2 or 3 features (:func:`_sum_event`): the floats of Pyro's own table."""
+    data = (torch.randn(2000, dim, dtype=torch.float64) * 10.0 ** torch.arange(dim)).to(dtype)
+    program = ProgramModel(diagonal_mixture, (data,), {})
+    values = initial_values(program, None, seed=4)
+    trace = program.trace(values)
+    sites = CompiledProgram(program, trace).run(values)
+    assert sites is not None
+    table = _table(sites["x"])
+    assert table.dtype == dtype
+    assert torch.equal(table, trace.nodes["x"]["unscaled_log_prob"])
+
+
 # ----- 4. control flow that depends on the parameters ------------------------------------
 
 

@@ -167,6 +167,8 @@ def _probes(
 def _compact(tensor: torch.Tensor) -> torch.Tensor:
     """A view of ``tensor`` without its broadcast copies: size 1 along every expanded
     (stride-0) dimension. It broadcasts back to ``tensor``."""
+    if tensor.is_contiguous():
+        return tensor  # no stride-0 dimension of size > 1
     for dim, (size, stride) in enumerate(zip(tensor.shape, tensor.stride(), strict=True)):
         if stride == 0 and size > 1:
             tensor = tensor.narrow(dim, 0, 1)
