@@ -49,7 +49,7 @@ from pyroem.errors import MCMCWarning, NotSupportedError, SingularCovarianceErro
 from pyroem.estep.enumerate import MixtureEStep
 from pyroem.initialization import initial_params
 from pyroem.options import check_integer, with_defaults
-from pyroem.program.fit import _num_observations, initial_values
+from pyroem.program.fit import initial_values, num_observations
 from pyroem.program.model import ProgramModel, sample_sites
 from pyroem.program.posterior import log_joint_terms, posterior
 from pyroem.program.results import ProgramFit
@@ -796,7 +796,7 @@ def fit_nuts(
         history=history,
         converged=not summary.problems,
         num_iterations=settings.num_samples,
-        num_data=_num_observations(first_trace, program),
+        num_data=num_observations(first_trace, program),
         restart_objectives=[float(row.mean()) for row in stats["log_joint"]],
         options=options_record,
         draws=draws,

@@ -29,7 +29,7 @@ from pyroem.program.model import ProgramModel, _Inject, sample_sites
 from pyroem.program.posterior import posterior
 from pyroem.program.results import ProgramFit
 
-__all__ = ["fit_program", "initial_values"]
+__all__ = ["fit_program", "initial_values", "num_observations"]
 
 M_STEPS = ("auto", "gradient")
 
@@ -94,7 +94,9 @@ def initial_values(
     return values
 
 
-def _num_observations(trace: Any, program: ProgramModel) -> int:
+def num_observations(trace: Any, program: ProgramModel) -> int:
+    """``N`` of the convergence tolerance: the observed data points of a trace, each
+    observed site counted by its batch entries (its event dimensions are one point)."""
     total = 0
     for name in program.observed:
         if name not in trace.nodes:
@@ -323,7 +325,7 @@ def fit_program(
         else dict.fromkeys(program.params)
     )
     kinds = {name: "gradient" if block is None else block.kind for name, block in found.items()}
-    num_data = _num_observations(first_trace, program)
+    num_data = num_observations(first_trace, program)
 
     engine = _Engine(program, found, gradient_steps, first, first_trace)
 

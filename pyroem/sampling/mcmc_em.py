@@ -45,7 +45,7 @@ from pyroem.em import History
 from pyroem.errors import ConvergenceWarning, MCMCWarning, NotSupportedError, SpecError
 from pyroem.options import check_integer, with_defaults
 from pyroem.program.conjugacy import LOCATION_SLOTS, ClosedForm, closed_form_update, recognise
-from pyroem.program.fit import _num_observations, initial_values
+from pyroem.program.fit import initial_values, num_observations
 from pyroem.program.gradient import gradient_m_step
 from pyroem.program.model import ProgramModel
 from pyroem.program.posterior import expected_log_joint, posterior
@@ -597,7 +597,7 @@ def _run(
     values = initial_values(program, init, base_seed)
     check_stackable(program, values)
     first_trace = program.trace(values)
-    num_data = _num_observations(first_trace, program)
+    num_data = num_observations(first_trace, program)
     nodes: Any = first_trace.nodes
     supports = {name: nodes[name]["value"].reshape(-1) for name in program.enumerated}
     sampler = _sampler(program, values, settings)

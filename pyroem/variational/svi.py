@@ -64,7 +64,7 @@ from tqdm import tqdm
 from pyroem.em import History
 from pyroem.errors import ConvergenceWarning, NotSupportedError, PyroEMError, SpecError
 from pyroem.options import check_integer, with_defaults
-from pyroem.program.fit import _num_observations, initial_values
+from pyroem.program.fit import initial_values, num_observations
 from pyroem.program.model import ProgramModel
 from pyroem.program.posterior import posterior
 from pyroem.program.results import ProgramFit
@@ -494,7 +494,7 @@ def fit_svi(
         )
     base_seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
     start = initial_values(program, init, base_seed)
-    num_data = _num_observations(program.trace(start), program)
+    num_data = num_observations(program.trace(start), program)
     svi_model = BijectiveSupports(_bijective_sites(program))(program.model)
     latents = [name for name, site in program.params.items() if site.kind == "sample"]
     with torch.random.fork_rng(), pyro.get_param_store().scope() as state:
