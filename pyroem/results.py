@@ -221,8 +221,17 @@ class FitResult:
         """Write the fit to ``path`` (a ``.npz`` archive of arrays plus JSON metadata).
 
         Nothing is pickled: :func:`pyroem.load` reads it back with
-        ``allow_pickle=False`` and reproduces every parameter bit for bit.
+        ``allow_pickle=False`` and reproduces every parameter bit for bit, with the
+        draws and sample statistics where the method made them (and, for
+        ``method="vb-em"``, the variational factors). The data are not stored.
         """
+        arrays, meta = self._archive()
+        arrays["meta"] = np.array(json.dumps(meta))
+        with open(path, "wb") as handle:
+            np.savez(handle, **arrays)  # type: ignore[arg-type]
+
+    def _archive(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The arrays and the metadata :meth:`save` writes."""
         arrays: dict[str, np.ndarray] = {
             "weights": self._internal.weights.cpu().numpy(),
             "active": self._internal.active.cpu().numpy(),
@@ -234,6 +243,10 @@ class FitResult:
             arrays[f"component/{name}"] = value.detach().cpu().numpy()
         for name, value in self.history._asdict().items():
             arrays[f"history/{name}"] = value
+        for name, draws in (self.draws or {}).items():
+            arrays[f"draws/{name}"] = draws.detach().cpu().numpy()
+        for name, stat in self.sample_stats.items():
+            arrays[f"sample_stats/{name}"] = np.asarray(stat)
         shift = getattr(self.family, "shift", None)
         if shift is not None:
             arrays["shift"] = shift.cpu().numpy()
@@ -248,10 +261,9 @@ class FitResult:
             "num_iterations": self.num_iterations,
             "objective": self._objective,
             "options": self.options,
+            "runtime": self.runtime,
         }
-        arrays["meta"] = np.array(json.dumps(meta))
-        with open(path, "wb") as handle:
-            np.savez(handle, **arrays)  # type: ignore[arg-type]
+        return arrays, meta
 
 
 def load(path: str | os.PathLike[str]) -> FitResult:
@@ -273,18 +285,28 @@ def load(path: str | os.PathLike[str]) -> FitResult:
         spec = Mixture.from_config(meta["spec"])
         shift = torch.from_numpy(archive["shift"]) if "shift" in archive.files else None
         family = spec.family.rebind(meta["dim"], shift, dtype)
-        fields = {
+        components = {
             name.removeprefix("component/"): torch.from_numpy(archive[name])
             for name in archive.files
             if name.startswith("component/")
         }
         internal = MixtureParams(
             torch.from_numpy(archive["weights"]),
-            family.params_type(**fields),
+            family.params_type(**components),
             torch.from_numpy(archive["active"]),
         )
         history = History(*(archive[f"history/{name}"] for name in History._fields))
-        return FitResult(
+        draws = {
+            name.removeprefix("draws/"): torch.from_numpy(archive[name])
+            for name in archive.files
+            if name.startswith("draws/")
+        }
+        sample_stats = {
+            name.removeprefix("sample_stats/"): archive[name]
+            for name in archive.files
+            if name.startswith("sample_stats/")
+        }
+        fields: dict[str, Any] = dict(
             spec=spec,
             family=family,
             method=meta["method"],
@@ -297,7 +319,18 @@ def load(path: str | os.PathLike[str]) -> FitResult:
             objective=meta["objective"],
             restart_objectives=archive["restart_objectives"].tolist(),
             options=meta["options"],
+            draws=draws or None,
+            sample_stats=sample_stats,
         )
+        if "variational" in meta:
+            # Imported here: the variational module builds on this one.
+            from pyroem.variational.cavi import restore_variational_fit
+
+            result: FitResult = restore_variational_fit(archive, meta["variational"], fields)
+        else:
+            result = FitResult(**fields)
+    result.runtime = float(meta.get("runtime", math.nan))
+    return result
 
 
 def _format_array(value: torch.Tensor) -> str:

@@ -111,6 +111,42 @@ def test_save_load_round_trip_is_exact(fits: dict[str, Any], case: str, tmp_path
     _assert_same_fit(pyroem.load(path), original, new)
 
 
+VB_CASES = [case for case in CASES if not case.endswith("-flat")]
+
+
+@pytest.mark.parametrize("case", VB_CASES)
+def test_vb_em_round_trip_keeps_the_variational_factors(case: str, tmp_path: Path) -> None:
+    """A vb-em fit comes back as a VariationalFit: the factors of q, the ELBO, the draws
+    and the variational E-step on new data, exactly (not the expected parameters only)."""
+    factory, dim = CASES[case]
+    spec = factory()
+    train, new = _train_and_new_data(spec, dim)
+    original = pyroem.fit(spec, train, method="vb-em", seed=0, num_draws=20)
+    assert isinstance(original, pyroem.VariationalFit)
+    path = tmp_path / "fit.npz"
+    original.save(path)
+    loaded = pyroem.load(path)
+    assert isinstance(loaded, pyroem.VariationalFit)
+    _assert_same_fit(loaded, original, new)
+    assert loaded.elbo == original.elbo
+    assert loaded.weight_threshold == original.weight_threshold
+    assert loaded.effective_components == original.effective_components
+    assert loaded.variational.keys() == original.variational.keys()
+    for factor, values in original.variational.items():
+        assert loaded.variational[factor].keys() == values.keys(), factor
+        for name, value in values.items():
+            assert torch.equal(loaded.variational[factor][name], value), (factor, name)
+    assert original.draws is not None and loaded.draws is not None
+    assert loaded.draws.keys() == original.draws.keys()
+    for name, draws in original.draws.items():
+        assert torch.equal(loaded.draws[name], draws), name
+    np.testing.assert_array_equal(loaded.sample_stats["elbo"], original.sample_stats["elbo"])
+    # The variational E-step differs from responsibilities at the expected parameters,
+    # so an equal predict_proba shows q itself came back.
+    plain = pyroem.FitResult.predict_proba(loaded, new)
+    assert not torch.allclose(plain, loaded.predict_proba(new))
+
+
 def test_round_trip_of_float32_and_collapsed_components(tmp_path: Path) -> None:
     data, _ = pyroem.Mixture(2).simulate(200, seed=3)
     spec = pyroem.Mixture(5, weights_prior=0.3)

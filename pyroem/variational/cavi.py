@@ -44,8 +44,12 @@ from pyroem.options import check_integer, with_defaults
 from pyroem.results import FitResult
 from pyroem.spec.mixture import Mixture, MixtureParams
 from pyroem.variational._cavi_conjugate import (
+    BetaPosterior,
     ConjugateFactor,
+    DirichletPosterior,
     ExpectedLogDensity,
+    GammaPosterior,
+    NIWPosterior,
     conjugate_factor,
     log_multivariate_beta,
 )
@@ -268,6 +272,25 @@ class VariationalFit(FitResult):
         """``argmax_k q(z_n = k)`` of new data, ``(N,)`` int64."""
         return self.predict_proba(data).argmax(-1)
 
+    def _archive(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """:meth:`FitResult._archive` plus the factors of ``q``: ``q(π)``, ``q(θ)`` in its
+        internal form (what :meth:`predict_proba` reads) and ``q(z)``."""
+        arrays, meta = super()._archive()
+        arrays["variational/weights_concentration"] = (
+            self._state.weights_concentration.cpu().numpy()
+        )
+        for name, value in self._state.components._asdict().items():
+            arrays[f"variational/components/{name}"] = value.detach().cpu().numpy()
+        arrays["variational/assignment_probs"] = (
+            self.variational["assignment"]["probs"].detach().cpu().numpy()
+        )
+        meta["variational"] = {
+            "posterior": type(self._state.components).__name__,
+            "elbo": self.elbo,
+            "weight_threshold": self.weight_threshold,
+        }
+        return arrays, meta
+
     def __repr__(self) -> str:
         return (
             f"VariationalFit(spec={self.spec!r}, elbo={self.elbo:.6g}, "
@@ -437,4 +460,46 @@ def fit_mixture_cavi(
         draws=draws,
         sample_stats={"elbo": history.objective.copy()},
         data=data,
+    )
+
+
+_POSTERIORS = {
+    posterior.__name__: posterior
+    for posterior in (NIWPosterior, GammaPosterior, BetaPosterior, DirichletPosterior)
+}
+
+
+def restore_variational_fit(
+    archive: Any, saved: dict[str, Any], fields: dict[str, Any]
+) -> VariationalFit:
+    """Rebuild a :class:`VariationalFit` read by :func:`pyroem.load`.
+
+    Args:
+        archive: the open ``.npz`` archive.
+        saved: its ``meta["variational"]``.
+        fields: the :class:`FitResult` fields already read.
+    """
+    posterior_type = _POSTERIORS[saved["posterior"]]
+    components = posterior_type(
+        **{
+            name: torch.from_numpy(archive[f"variational/components/{name}"])
+            for name in posterior_type._fields
+        }
+    )
+    state = VariationalParams(
+        torch.from_numpy(archive["variational/weights_concentration"]), components
+    )
+    factor = conjugate_factor(fields["family"])
+    variational = {
+        "weights": {"concentration": state.weights_concentration},
+        "components": factor.to_user(components),
+        "assignment": {"probs": torch.from_numpy(archive["variational/assignment_probs"])},
+    }
+    return VariationalFit(
+        variational=variational,
+        elbo=float(saved["elbo"]),
+        weight_threshold=float(saved["weight_threshold"]),
+        state=state,
+        factor=factor,
+        **fields,
     )
