@@ -39,11 +39,10 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions.utils import _sum_rightmost, probs_to_logits
 
-from pyroem.errors import NotSupportedError
 from pyroem.program._chain import ChainPlan, Factor, build_chain_plan, log_evidence
 from pyroem.program._log_einsum import LogRing
 from pyroem.program.model import ProgramModel, sample_sites
-from pyroem.program.posterior import _marginal, _masked, _site_scale
+from pyroem.program.posterior import _marginal, _masked, _site_scale, common_scale
 
 __all__ = ["CompiledEStep", "CompiledProgram", "ProgramRunner", "Recorder"]
 
@@ -424,12 +423,7 @@ class CompiledProgram:
             )
             how[name] = (name in enumerated, _mask_key(site["mask"]))
             factors.append(Factor(name, table.shape, symbols, plates, how[name]))
-        if len(scales) > 1:
-            raise NotSupportedError(
-                "sites that depend on enumerated latents have different poutine.scale "
-                f"values {sorted(scales)}; pyroem needs one common scale"
-            )
-        self.scale = scales.pop() if scales else 1.0
+        self.scale = common_scale(scales)
         latent_plates = {
             site["infer"]["_enumerate_symbol"]: self.ordinals[name]
             for name, site in sites

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from pyroem.errors import NotSupportedError, SpecError
 from pyroem.program.model import ProgramModel, sample_sites
-from pyroem.program.posterior import _masked, _site_scale
+from pyroem.program.posterior import _masked, _site_scale, common_scale
 
 __all__ = ["observation_plate", "pointwise_log_likelihood", "pointwise_log_likelihood_draws"]
 
@@ -140,15 +140,11 @@ def pointwise_log_likelihood(
         )
         scales.add(scale)
     if log_factors:
-        if len(scales) > 1:
-            raise NotSupportedError(
-                "sites that depend on enumerated latents have different poutine.scale "
-                f"values {sorted(scales)}; pyroem needs one common scale"
-            )
+        scale = common_scale(scales)
         contracted = contract_to_tensor(
             log_factors, set(enum_symbols), target_ordinal=frozenset({symbol})
         )
-        total = total + scales.pop() * contracted.expand(size)
+        total = total + scale * contracted.expand(size)
     if total.shape[0] != size:
         raise NotSupportedError(f"the observation plate {name!r} is subsampled")
     return total.detach()

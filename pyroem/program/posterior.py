@@ -31,7 +31,7 @@ from pyroem.errors import NotSupportedError
 from pyroem.program._log_einsum import LogRing
 from pyroem.program.model import ProgramModel, sample_sites
 
-__all__ = ["Posterior", "expected_log_joint", "log_joint_terms", "posterior"]
+__all__ = ["Posterior", "common_scale", "expected_log_joint", "log_joint_terms", "posterior"]
 
 
 class Posterior(NamedTuple):
@@ -66,6 +66,21 @@ def _site_scale(site: Any) -> float:
             )
         return float(scale)
     return float(scale)
+
+
+def common_scale(scales: set[float]) -> float:
+    """The one ``poutine.scale`` of the sites that depend on enumerated latents (1 if
+    there are none): the contraction multiplies its result by a single scale.
+
+    Raises:
+        NotSupportedError: the sites have different scales.
+    """
+    if len(scales) > 1:
+        raise NotSupportedError(
+            "sites that depend on enumerated latents have different poutine.scale "
+            f"values {sorted(scales)}; pyroem needs one common scale"
+        )
+    return scales.pop() if scales else 1.0
 
 
 def _masked(site: Any, log_prob: torch.Tensor) -> torch.Tensor:
@@ -124,13 +139,9 @@ def log_joint_terms(
         log_factors.setdefault(ordinal, []).append(term_packed)
         scales.add(scale)
     if log_factors:
-        if len(scales) > 1:
-            raise NotSupportedError(
-                "sites that depend on enumerated latents have different poutine.scale "
-                f"values {sorted(scales)}; pyroem needs one common scale"
-            )
+        scale = common_scale(scales)
         contracted = contract_to_tensor(log_factors, set(enum_symbols), ring=LogRing())
-        log_likelihood = log_likelihood + scales.pop() * contracted.sum()
+        log_likelihood = log_likelihood + scale * contracted.sum()
     return log_likelihood, log_prior
 
 
