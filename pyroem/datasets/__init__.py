@@ -98,6 +98,14 @@ def _read_resource(filename: str) -> tuple[list[str], list[list[str]]]:
     return rows[0], rows[1:]
 
 
+def _codes(labels: list[str]) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """Integer codes of string labels, numbered in order of first appearance, and the
+    labels in that order."""
+    names = tuple(dict.fromkeys(labels))
+    code = {label: k for k, label in enumerate(names)}
+    return torch.tensor([code[label] for label in labels], dtype=torch.int64), names
+
+
 def _columns_as_tensor(
     header: Sequence[str], rows: Sequence[Sequence[str]], names: Sequence[str]
 ) -> torch.Tensor:
@@ -159,9 +167,7 @@ def load_iris() -> Dataset:
     names = ("sepal_length", "sepal_width", "petal_length", "petal_width")
     j = header.index("species")
     species = [row[j] for row in rows]
-    target_names = tuple(dict.fromkeys(species))  # order of first appearance
-    code = {s: k for k, s in enumerate(target_names)}
-    target = torch.tensor([code[s] for s in species], dtype=torch.int64)
+    target, target_names = _codes(species)
     return Dataset(
         data=_columns_as_tensor(header, rows, names),
         feature_names=names,
@@ -285,9 +291,7 @@ def load_sleepstudy() -> Dataset:
     names = ("Reaction", "Days")
     j = header.index("Subject")
     subjects = [row[j] for row in rows]
-    target_names = tuple(dict.fromkeys(subjects))  # order of first appearance
-    code = {s: k for k, s in enumerate(target_names)}
-    target = torch.tensor([code[s] for s in subjects], dtype=torch.int64)
+    target, target_names = _codes(subjects)
     return Dataset(
         data=_columns_as_tensor(header, rows, names),
         feature_names=names,
