@@ -10,7 +10,7 @@ import torch
 from pyroem.em import EMRun, best_of_restarts, run_em
 from pyroem.errors import SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
-from pyroem.initialization import initial_params
+from pyroem.initialization import initial_params, seeded_generator, site_values
 from pyroem.mstep.mixture import mixture_m_step
 from pyroem.options import check_integer, with_defaults
 from pyroem.program.fit import fit_program
@@ -205,11 +205,7 @@ def _fit_mixture(
     if isinstance(init, dict):
         n_init = 1
     e_step = MixtureEStep(family, model.weights_prior, data, chunk_size)
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generator = seeded_generator(seed)
 
     def mixture_step(stats: Any, params: Any) -> Any:
         return mixture_m_step(family, model.weights_prior, stats, params)
@@ -260,16 +256,9 @@ def _mixture_as_program(
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     """``spec.model(data)`` and its starting values in site form, from the
     ``Mixture``'s own initialisation (k-means++ by default)."""
-    family = spec.bind(data)
     if isinstance(init, FitResult):
         init = init.params
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    start = initial_params(spec, family, data, "kmeans++" if init is None else init, generator)
-    values = {"weights": start.weights, **family.to_user(start.components)}
+    values = site_values(spec, spec.bind(data), data, init, seed)
     return spec.model(data, params=values), values
 
 

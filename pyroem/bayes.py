@@ -47,9 +47,9 @@ from pyroem.diagnostics import ChainDiagnostics, chain_diagnostics, chain_proble
 from pyroem.em import History
 from pyroem.errors import MCMCWarning, NotSupportedError, SingularCovarianceError, SpecError
 from pyroem.estep.enumerate import MixtureEStep
-from pyroem.initialization import initial_params
+from pyroem.initialization import site_values
 from pyroem.options import check_integer, with_defaults
-from pyroem.program.fit import initial_values, num_observations
+from pyroem.program.fit import initial_values, num_observations, program_init, resolve_seed
 from pyroem.program.model import ProgramModel, sample_sites
 from pyroem.program.posterior import log_joint_terms, posterior
 from pyroem.program.results import ProgramFit
@@ -420,7 +420,7 @@ def _check_sampleable(program: ProgramModel) -> None:
 
 
 def _chain_seeds(seed: int | None, num_chains: int) -> list[int]:
-    base = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
+    base = resolve_seed(seed)
     children = np.random.SeedSequence(base).spawn(num_chains)
     return [int(child.generate_state(1)[0]) for child in children]
 
@@ -641,13 +641,7 @@ def _mixture_setup(
         )
     data = as_data(model_args[0])
     family = spec.bind(data)
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    start = initial_params(spec, family, data, "kmeans++" if init is None else init, generator)
-    values = {"weights": start.weights, **family.to_user(start.components)}
+    values = site_values(spec, family, data, init, seed)
     return ProgramModel(spec.model(data, params=values)), values, family, data
 
 
@@ -713,11 +707,7 @@ def fit_nuts(
         transforms = _unconstraining(program)
         potential = _potential(_summed(terms), transforms)
     else:
-        if init is not None and not isinstance(init, Mapping):
-            raise SpecError(
-                "init for a Pyro program is a dict {site name: value} (or a previous fit); "
-                f"got {type(init).__name__}"
-            )
+        init = program_init(init)
         program = _SampledProgram(model, model_args, model_kwargs)
         _check_sampleable(program)
         terms = _program_terms(program)

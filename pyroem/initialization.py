@@ -14,7 +14,13 @@ from pyroem.spec.mixture import MixtureParams
 if TYPE_CHECKING:
     from pyroem.spec.mixture import Mixture
 
-__all__ = ["INIT_METHODS", "initial_params", "kmeans_plusplus"]
+__all__ = [
+    "INIT_METHODS",
+    "initial_params",
+    "kmeans_plusplus",
+    "seeded_generator",
+    "site_values",
+]
 
 INIT_METHODS = ("kmeans++", "kmeans", "random", "random_from_data")
 
@@ -98,6 +104,26 @@ def params_from_resp(family: Family, data: torch.Tensor, resp: torch.Tensor) -> 
     components = _regularised(family, data, num_components).m_step(stats)
     active = torch.arange(num_components, device=resp.device)
     return MixtureParams(counts / counts.sum(), components, active)
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed``, or from fresh entropy when it is ``None``."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def site_values(
+    spec: Mixture, family: Family, data: torch.Tensor, init: Any, seed: int | None
+) -> dict[str, torch.Tensor]:
+    """Starting values of ``spec.model(data)``'s parameter sites: the mixture's own
+    initialisation (``init``, k-means++ when ``None``; see :func:`initial_params`)."""
+    generator = seeded_generator(seed)
+    start = initial_params(spec, family, data, "kmeans++" if init is None else init, generator)
+    return {"weights": start.weights, **family.to_user(start.components)}
 
 
 def initial_params(

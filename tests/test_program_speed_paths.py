@@ -514,7 +514,7 @@ def test_stacked_closed_forms_equal_use_by_use(name: str) -> None:
     estep = compiled.estimate_trace(trace)
     sites = dict(estep.sites)
     changes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    order = fit_module._block_order(program, found)
+    order = fit_module.block_order(program, found)
     assert order, "no closed form recognised"
     for block_name in order:
         block = found[block_name]

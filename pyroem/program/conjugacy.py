@@ -478,7 +478,10 @@ def _recognise_prior(program: ProgramModel, name: str, slot: str, site: Any) -> 
 
 
 def recognise(
-    program: ProgramModel, values: Mapping[str, torch.Tensor], trace: Any = None
+    program: ProgramModel,
+    values: Mapping[str, torch.Tensor],
+    trace: Any = None,
+    runner: ProgramRunner | None = None,
 ) -> dict[str, ClosedForm | None]:
     """Find the closed-form block of every parameter site, by probing.
 
@@ -492,6 +495,7 @@ def recognise(
         program: the program.
         values: valid parameter values to probe around (the starting point).
         trace: the program's trace at ``values``, if already run.
+        runner: a :class:`ProgramRunner` of that trace, if already built.
 
     Returns:
         ``{site: ClosedForm or None}``; ``None`` means the gradient M-step.
@@ -512,7 +516,7 @@ def recognise(
     found: dict[str, ClosedForm | None] = dict.fromkeys(program.params)
     if not candidates:
         return found
-    runner = ProgramRunner(program, base_trace)
+    runner = ProgramRunner(program, base_trace) if runner is None else runner
     names = list(candidates)
     second = {**values, **{name: candidates[name].values[1] for name in names}}
     tracked_run = _tracked_run(runner, second, list(program.params))

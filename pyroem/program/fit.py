@@ -29,7 +29,16 @@ from pyroem.program.model import ProgramModel, _Inject, sample_sites
 from pyroem.program.posterior import posterior
 from pyroem.program.results import ProgramFit
 
-__all__ = ["fit_program", "initial_values", "num_observations"]
+__all__ = [
+    "block_order",
+    "closed_form_sweep",
+    "fit_program",
+    "initial_values",
+    "needs_trace",
+    "num_observations",
+    "program_init",
+    "resolve_seed",
+]
 
 M_STEPS = ("auto", "gradient")
 
@@ -94,6 +103,28 @@ def initial_values(
     return values
 
 
+def program_init(init: Any) -> Mapping[str, Any] | None:
+    """A Pyro program's ``init``: ``{site name: value}``, ``None``, or a previous fit
+    (its parameters).
+
+    Raises:
+        SpecError: anything else.
+    """
+    if isinstance(init, ProgramFit):
+        return init.params
+    if init is not None and not isinstance(init, Mapping):
+        raise SpecError(
+            "init for a Pyro program is a dict {site name: value} (or a previous fit); "
+            f"got {type(init).__name__}"
+        )
+    return init
+
+
+def resolve_seed(seed: int | None) -> int:
+    """``seed``, or a fresh one from torch's global generator when it is ``None``."""
+    return int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
+
+
 def num_observations(trace: Any, program: ProgramModel) -> int:
     """``N`` of the convergence tolerance: the observed data points of a trace, each
     observed site counted by its batch entries (its event dimensions are one point)."""
@@ -108,7 +139,7 @@ def num_observations(trace: Any, program: ProgramModel) -> int:
     return max(total, 1)
 
 
-def _block_order(program: ProgramModel, blocks: Mapping[str, ClosedForm | None]) -> list[str]:
+def block_order(program: ProgramModel, blocks: Mapping[str, ClosedForm | None]) -> list[str]:
     """Closed-form blocks in update order: locations first, then children before parents.
 
     A location block goes before the scale blocks of the same sites, as in
@@ -120,7 +151,7 @@ def _block_order(program: ProgramModel, blocks: Mapping[str, ClosedForm | None])
     return sorted(order, key=lambda name: blocks[name].slot not in LOCATION_SLOTS)  # type: ignore[union-attr]
 
 
-def _needs_trace(blocks: Mapping[str, ClosedForm | None], order: list[str]) -> list[bool]:
+def needs_trace(blocks: Mapping[str, ClosedForm | None], order: list[str]) -> list[bool]:
     """Before each block: must the program run again, because an earlier block in the
     sweep changed a site this block reads? A scale block reads changed locations and
     changed parameter values without a new run (see ``closed_form_update``)."""
@@ -144,6 +175,43 @@ def _needs_trace(blocks: Mapping[str, ClosedForm | None], order: list[str]) -> l
     return needs
 
 
+def closed_form_sweep(
+    program: ProgramModel,
+    blocks: Mapping[str, ClosedForm | None],
+    order: list[str],
+    retrace: list[bool],
+    trace: Any,
+    weights: Mapping[str, torch.Tensor],
+    values: dict[str, torch.Tensor],
+    start: int = 0,
+) -> None:
+    """The closed-form blocks of one ECM sweep, from block ``start`` of ``order`` on,
+    updating ``values`` in place.
+
+    Args:
+        program: the program.
+        blocks: the recognised blocks by site.
+        order: :func:`block_order`; ``retrace``: :func:`needs_trace` of that order.
+        trace: a full trace of the program at ``values``.
+        weights: the weight of every table in Q (exact posterior marginals, or Monte
+            Carlo frequencies).
+        values: the parameter values.
+        start: the first block to update.
+    """
+    changes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for step, (name, again) in enumerate(zip(order, retrace, strict=True)):
+        if step < start:
+            continue
+        if again and step > start:
+            trace = program.trace(values)
+            changes = {}
+        block = blocks[name]
+        assert block is not None
+        new = closed_form_update(program, block, trace, weights, changes, blocks)
+        changes[name] = (values[name], new)
+        values[name] = new
+
+
 class _Engine:
     """The E- and M-steps of one fit.
 
@@ -161,16 +229,17 @@ class _Engine:
         gradient_steps: int,
         first: dict[str, torch.Tensor],
         first_trace: Any,
+        layout: CompiledProgram,
     ) -> None:
         self.program = program
         self.found = found
         self.gradient_steps = gradient_steps
         self.first = first
         self.first_trace = first_trace
-        self.order = _block_order(program, found)
-        self.retrace = _needs_trace(found, self.order)
+        self.order = block_order(program, found)
+        self.retrace = needs_trace(found, self.order)
         self.gradient_sites = [name for name in program.params if found[name] is None]
-        self.layout = CompiledProgram(program, first_trace)
+        self.layout = layout
         self.compiled: CompiledProgram | None = self.layout if _COMPILED else None
         self.updates: dict[str, StackedUpdate] = {}
 
@@ -196,7 +265,9 @@ class _Engine:
             weights = self._compiled_sweep(stats, values)
         else:
             weights = stats.weights
-            self._full_sweep(stats.trace, weights, values, 0)
+            closed_form_sweep(
+                self.program, self.found, self.order, self.retrace, stats.trace, weights, values
+            )
         if self.gradient_sites:
             values.update(
                 gradient_m_step(
@@ -225,7 +296,16 @@ class _Engine:
             if sites is None:
                 self.compiled = None
                 weights = estep.all_weights()
-                self._full_sweep(self.program.trace(values), weights, values, step)
+                closed_form_sweep(
+                    self.program,
+                    self.found,
+                    self.order,
+                    self.retrace,
+                    self.program.trace(values),
+                    weights,
+                    values,
+                    start=step,
+                )
                 return weights
             block = self.found[name]
             assert block is not None
@@ -235,27 +315,6 @@ class _Engine:
             changes[name] = (values[name], new)
             values[name] = new
         return estep.all_weights() if self.gradient_sites else {}
-
-    def _full_sweep(
-        self,
-        trace: Any,
-        weights: Mapping[str, torch.Tensor],
-        values: dict[str, torch.Tensor],
-        start: int,
-    ) -> None:
-        """Closed forms from block ``start`` on, with full traces."""
-        changes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for step, (name, again) in enumerate(zip(self.order, self.retrace, strict=True)):
-            if step < start:
-                continue
-            if again and step > start:
-                trace = self.program.trace(values)
-                changes = {}
-            block = self.found[name]
-            assert block is not None
-            new = closed_form_update(self.program, block, trace, weights, changes, self.found)
-            changes[name] = (values[name], new)
-            values[name] = new
 
     def marginals(self, stats: Any) -> dict[str, torch.Tensor]:
         """Posterior marginals of the enumerated sites from a final E-step."""
@@ -307,27 +366,23 @@ def fit_program(
     if not steps_ok or gradient_steps < 1:
         raise SpecError(f"gradient_steps must be an integer >= 1; got {gradient_steps!r}")
     program = ProgramModel(model, model_args, model_kwargs)
-    if isinstance(init, ProgramFit):
-        init = init.params
-    if init is not None and not isinstance(init, Mapping):
-        raise SpecError(
-            "init for a Pyro program is a dict {site name: value} (or a previous fit); "
-            f"got {type(init).__name__}"
-        )
+    init = program_init(init)
     if init is not None and set(init) >= set(program.params):
         n_init = 1
-    base_seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
+    base_seed = resolve_seed(seed)
     first = initial_values(program, init, base_seed)
     first_trace = program.trace(first)
+    # The structure of the first trace, read once: the E-steps and the probes rerun it.
+    layout = CompiledProgram(program, first_trace)
     found = (
-        recognise(program, first, first_trace)
+        recognise(program, first, first_trace, runner=layout.runner)
         if m_step == "auto"
         else dict.fromkeys(program.params)
     )
     kinds = {name: "gradient" if block is None else block.kind for name, block in found.items()}
     num_data = num_observations(first_trace, program)
 
-    engine = _Engine(program, found, gradient_steps, first, first_trace)
+    engine = _Engine(program, found, gradient_steps, first, first_trace, layout)
 
     def run_once(restart: int) -> EMRun:
         start = first if restart == 0 else initial_values(program, init, base_seed + restart)

@@ -44,8 +44,16 @@ from pyroem.diagnostics import ChainDiagnostics, chain_diagnostics, chain_proble
 from pyroem.em import History
 from pyroem.errors import ConvergenceWarning, MCMCWarning, NotSupportedError, SpecError
 from pyroem.options import check_integer, with_defaults
-from pyroem.program.conjugacy import LOCATION_SLOTS, ClosedForm, closed_form_update, recognise
-from pyroem.program.fit import initial_values, num_observations
+from pyroem.program.conjugacy import ClosedForm, recognise
+from pyroem.program.fit import (
+    block_order,
+    closed_form_sweep,
+    initial_values,
+    needs_trace,
+    num_observations,
+    program_init,
+    resolve_seed,
+)
 from pyroem.program.gradient import gradient_m_step
 from pyroem.program.model import ProgramModel
 from pyroem.program.posterior import expected_log_joint, posterior
@@ -288,13 +296,6 @@ class MCMCEMFit(ProgramFit):
         )
 
 
-def _ecm_order(program: ProgramModel, blocks: Mapping[str, ClosedForm | None]) -> list[str]:
-    """Closed-form blocks in MAP-EM's update order: locations first, then the rest,
-    children before parents."""
-    order = [name for name in reversed(list(program.params)) if blocks[name] is not None]
-    return sorted(order, key=lambda name: blocks[name].slot not in LOCATION_SLOTS)  # type: ignore[union-attr]
-
-
 def _m_step(
     program: ProgramModel,
     blocks: Mapping[str, ClosedForm | None],
@@ -302,12 +303,14 @@ def _m_step(
     weights: Mapping[str, torch.Tensor],
     gradient_steps: int,
 ) -> dict[str, torch.Tensor]:
-    """One ECM sweep on Q: each closed-form block in turn (the program run again
-    before each, at the values updated so far), then the gradient M-step."""
+    """One ECM sweep on Q: each closed-form block in MAP-EM's order, the program run
+    again where an earlier block changed what the next one reads, then the gradient
+    M-step."""
     values = dict(values)
-    for name in _ecm_order(program, blocks):
-        trace = program.trace(values)
-        values[name] = closed_form_update(program, blocks[name], trace, weights)  # type: ignore[arg-type]
+    order = block_order(program, blocks)
+    retrace = needs_trace(blocks, order)
+    trace = program.trace(values)
+    closed_form_sweep(program, blocks, order, retrace, trace, weights, values)
     gradient_sites = [name for name in program.params if blocks[name] is None]
     if gradient_sites:
         values.update(
@@ -438,14 +441,8 @@ def fit_mcmc_em(
             f"num_samples must give each of the {settings.num_chains} chains at least 4 "
             f"draws (R-hat and ESS need them); got num_samples={settings.num_samples}"
         )
-    if isinstance(init, ProgramFit):
-        init = init.params
-    if init is not None and not isinstance(init, Mapping):
-        raise SpecError(
-            "init for a Pyro program is a dict {site name: value} (or a previous fit); "
-            f"got {type(init).__name__}"
-        )
-    base_seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
+    init = program_init(init)
+    base_seed = resolve_seed(seed)
     with torch.random.fork_rng(), pyro.validation_enabled(False):
         torch.manual_seed(base_seed)
         return _run(program, settings, init, base_seed, tol, max_iter, progress, seed)

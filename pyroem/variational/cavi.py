@@ -39,7 +39,7 @@ import torch
 from pyroem.em import EMRun, History, best_of_restarts, run_em
 from pyroem.errors import SpecError
 from pyroem.estep.enumerate import EStep, MixtureEStep, add_statistics, score_mixture
-from pyroem.initialization import initial_params
+from pyroem.initialization import initial_params, seeded_generator
 from pyroem.options import check_integer, with_defaults
 from pyroem.results import FitResult
 from pyroem.spec.mixture import Mixture, MixtureParams
@@ -376,11 +376,7 @@ def fit_mixture_cavi(
         n_init = 1
     map_e_step = MixtureEStep(family, spec.weights_prior, data, chunk_size)
     e_step = _CaviEStep(factor, spec.weights_prior, map_e_step.chunks)
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generator = seeded_generator(seed)
 
     def run_once(restart: int) -> EMRun:
         start = initial_params(spec, family, data, init, generator)

@@ -64,7 +64,7 @@ from tqdm import tqdm
 from pyroem.em import History
 from pyroem.errors import ConvergenceWarning, NotSupportedError, PyroEMError, SpecError
 from pyroem.options import check_integer, with_defaults
-from pyroem.program.fit import initial_values, num_observations
+from pyroem.program.fit import initial_values, num_observations, program_init, resolve_seed
 from pyroem.program.model import ProgramModel
 from pyroem.program.posterior import posterior
 from pyroem.program.results import ProgramFit
@@ -485,14 +485,8 @@ def fit_svi(
     """
     settings = _check_options(options)
     program = _SVIProgram(model, model_args, model_kwargs)
-    if isinstance(init, ProgramFit):
-        init = init.params
-    if init is not None and not isinstance(init, Mapping):
-        raise SpecError(
-            "init for a Pyro program is a dict {site name: value} (or a previous fit); "
-            f"got {type(init).__name__}"
-        )
-    base_seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
+    init = program_init(init)
+    base_seed = resolve_seed(seed)
     start = initial_values(program, init, base_seed)
     num_data = num_observations(program.trace(start), program)
     svi_model = BijectiveSupports(_bijective_sites(program))(program.model)
