@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from pyroem.em import EMRun, best_of_restarts, run_em
+from pyroem.em import Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.errors import SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
 from pyroem.initialization import initial_params, seeded_generator, site_values
@@ -60,6 +61,7 @@ def fit(
     model_kwargs: dict[str, Any] | None = None,
     m_step: str = "auto",
     gradient_steps: int = 50,
+    callback: Callable[[Iteration], Any] | None = None,
     **method_options: Any,
 ) -> Any:
     r"""Fit a model by the EM variant ``method``.
@@ -95,6 +97,11 @@ def fit(
         m_step: Pyro programs: ``"auto"`` (recognised closed forms, gradient steps for
             the rest) or ``"gradient"`` (gradient steps for every site).
         gradient_steps: L-BFGS iterations per gradient M-step.
+        callback: EM methods: called after every iteration with a
+            :class:`~pyroem.em.Iteration` (restart, iteration, params, objective,
+            log-likelihood, elapsed seconds), e.g. to log or save progress. Raising
+            ``KeyboardInterrupt`` in it (or pressing Ctrl-C) stops the fit cleanly: the best
+            state so far is returned, marked not converged.
         **method_options: options of the other methods (see the README's section on
             each method); an option the method does not know is an error.
 
@@ -131,6 +138,7 @@ def fit(
             device=device,
             chunk_size=chunk_size,
             progress=progress,
+            callback=callback,
             options=method_options,
         )
     elif not isinstance(model, Mixture):
@@ -152,6 +160,7 @@ def fit(
             progress=progress,
             m_step=m_step,
             gradient_steps=gradient_steps,
+            callback=callback,
         )
     else:
         result = _fit_mixture(
@@ -168,9 +177,41 @@ def fit(
             device=device,
             chunk_size=chunk_size,
             progress=progress,
+            callback=callback,
         )
     result.runtime = time.perf_counter() - started
     return result
+
+
+class _MixtureEngine(Engine):
+    """MAP-EM on a ``Mixture``: the chunked exact E-step and the closed-form M-step."""
+
+    def __init__(
+        self,
+        spec: Mixture,
+        family: Any,
+        data: torch.Tensor,
+        init: Any,
+        seed: int | None,
+        chunk_size: int,
+        name: str,
+    ) -> None:
+        self.spec, self.family, self.data, self.start = spec, family, data, init
+        self.generator = seeded_generator(seed)
+        self.estep = MixtureEStep(family, spec.weights_prior, data, chunk_size)
+        self.name = name
+        self.num_data = data.shape[0]
+
+    def init(self, restart: int) -> MStepResult:
+        return MStepResult(
+            initial_params(self.spec, self.family, self.data, self.start, self.generator)
+        )
+
+    def e_step(self, params: Any) -> EStepResult:
+        return self.estep(params)
+
+    def m_step(self, stats: Any, params: Any, iteration: int) -> MStepResult:
+        return MStepResult(mixture_m_step(self.family, self.spec.weights_prior, stats, params))
 
 
 def _fit_mixture(
@@ -188,6 +229,7 @@ def _fit_mixture(
     device: Any,
     chunk_size: int,
     progress: bool,
+    callback: Callable[[Iteration], Any] | None,
 ) -> FitResult:
     """MAP-EM on a ``Mixture`` by its fast tensor kernels."""
     if init is None:
@@ -204,27 +246,11 @@ def _fit_mixture(
         init = init.params
     if isinstance(init, dict):
         n_init = 1
-    e_step = MixtureEStep(family, model.weights_prior, data, chunk_size)
-    generator = seeded_generator(seed)
-
-    def mixture_step(stats: Any, params: Any) -> Any:
-        return mixture_m_step(family, model.weights_prior, stats, params)
-
-    def run_once(restart: int) -> EMRun:
-        start = initial_params(model, family, data, init, generator)
-        label = f"{method} restart {restart + 1}/{n_init}" if n_init > 1 else method
-        return run_em(
-            e_step,
-            mixture_step,
-            start,
-            num_data=data.shape[0],
-            tol=tol,
-            max_iter=max_iter,
-            progress=progress,
-            description=label,
-        )
-
-    best, finals = best_of_restarts(run_once, n_init)
+    engine = _MixtureEngine(model, family, data, init, seed, chunk_size, method)
+    result = run_em(
+        engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
+    )
+    best = result.best
     pointwise, log_resp = score_mixture(family, best.params, data, chunk_size)
     options = {
         "n_init": n_init,
@@ -233,6 +259,7 @@ def _fit_mixture(
         "max_iter": max_iter,
         "seed": seed,
         "chunk_size": chunk_size,
+        **result.record(),
     }
     return FitResult(
         spec=model,
@@ -245,7 +272,7 @@ def _fit_mixture(
         pointwise_log_likelihood=pointwise,
         labels=log_resp.argmax(-1),
         objective=best.last.objective,
-        restart_objectives=finals,
+        restart_objectives=result.restart_objectives,
         options=options,
         data=data,
     )
@@ -277,6 +304,7 @@ def _fit_other(
     device: Any,
     chunk_size: int,
     progress: bool,
+    callback: Callable[[Iteration], Any] | None,
     options: dict[str, Any],
 ) -> Any:
     """Every method but ``map-em``: CAVI for a ``Mixture`` under ``vb-em`` (unless a
@@ -303,6 +331,7 @@ def _fit_other(
                 max_iter=max_iter,
                 chunk_size=chunk_size,
                 progress=progress,
+                callback=callback,
                 **options,
             )
         if method == "nuts":
@@ -319,15 +348,16 @@ def _fit_other(
             "dtype and device are for pyroem.Mixture; a Pyro program computes in the "
             "dtype and on the device of its own tensors (pass the data as you want it)"
         )
-    common = {"init": init, "seed": seed, "progress": progress, **options}
+    common: dict[str, Any] = {"init": init, "seed": seed, "progress": progress, **options}
+    em: dict[str, Any] = {"tol": tol, "max_iter": max_iter, "n_init": n_init, "callback": callback}
     if method == "vb-em":
         from pyroem.variational.svi import fit_svi
 
-        return fit_svi(model, model_args, model_kwargs, tol=tol, max_iter=max_iter, **common)
+        return fit_svi(model, model_args, model_kwargs, **em, **common)
     if method == "mcmc-em":
         from pyroem.sampling.mcmc_em import fit_mcmc_em
 
-        return fit_mcmc_em(model, model_args, model_kwargs, tol=tol, max_iter=max_iter, **common)
+        return fit_mcmc_em(model, model_args, model_kwargs, **em, **common)
     from pyroem.bayes import fit_nuts
 
     return fit_nuts(model, model_args, model_kwargs, **common)

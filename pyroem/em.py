@@ -1,8 +1,16 @@
-"""The one EM loop: iterations, convergence, history, progress, restarts.
+r"""The one EM loop: restarts, iterations, convergence, history, progress, warnings.
 
-Engines supply an E-step (``params -> EStep``: statistics plus the objective at
-``params``) and an M-step (``(stats, params) -> params``). This module owns
-everything else, so every EM variant converges, records and restarts alike.
+Every EM variant is an :class:`Engine`: ``init`` gives a restart's starting point,
+``e_step`` scores parameters and returns the statistics the M-step needs,
+``m_step`` turns statistics into new parameters, ``converged`` judges a run and
+``finish`` completes the kept state. :func:`run_em` owns everything else, so every
+variant restarts, records, reports and stops alike:
+
+- restarts (``n_init``): a restart that fails on a numerical error (e.g. a covariance
+  that collapsed) is recorded and skipped; the best valid run is kept;
+- ``callback``: called after every iteration with an :class:`Iteration`;
+- Ctrl-C (``KeyboardInterrupt``) stops cleanly: the best state so far is returned,
+  marked not converged.
 """
 
 from __future__ import annotations
@@ -10,16 +18,26 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
-from pyroem.errors import ConvergenceWarning
-from pyroem.estep.enumerate import EStep
+from pyroem.errors import ConvergenceWarning, DataError, NotSupportedError, PyroEMError, SpecError
 
-__all__ = ["EMRun", "History", "run_em"]
+__all__ = [
+    "EMResult",
+    "EMRun",
+    "EStepResult",
+    "Engine",
+    "History",
+    "Iteration",
+    "MStepResult",
+    "run_em",
+]
+
+_NO_INFO: Mapping[str, Any] = {}
 
 
 class History(NamedTuple):
@@ -41,97 +59,279 @@ class History(NamedTuple):
         return np.diff(self.objective)
 
 
-class EMRun(NamedTuple):
-    """Outcome of one EM run from one starting point."""
+class EStepResult(NamedTuple):
+    """What an E-step hands to the loop.
+
+    Attributes:
+        stats: what the M-step reads (summable sufficient statistics, a posterior, draws).
+        objective: the objective at the parameters scored (``log p(x, θ)`` for MAP-EM).
+        log_likelihood: ``log p(x | θ)``, z summed out (NaN where unknown).
+        info: per-iteration extras recorded in the run (diagnostics, sample sizes).
+    """
+
+    stats: Any
+    objective: float
+    log_likelihood: float
+    info: Mapping[str, Any] = _NO_INFO
+
+
+class MStepResult(NamedTuple):
+    """What an M-step (or ``init``) hands to the loop.
+
+    Attributes:
+        params: the new parameters.
+        objective: the objective of the new state where the M-step knows it (CAVI's
+            ELBO, SVI's estimate); ``None``: the next E-step's objective is recorded.
+        info: per-iteration extras recorded in the run (step sizes, gains).
+    """
 
     params: Any
-    last: EStep
+    objective: float | None = None
+    info: Mapping[str, Any] = _NO_INFO
+
+
+class EMRun(NamedTuple):
+    """One EM run from one starting point.
+
+    Attributes:
+        params: the final parameters (those the last E-step scored).
+        last: that E-step.
+        history: objective, log-likelihood and time per iteration.
+        converged: whether the engine's stopping rule was met.
+        num_iterations: M-steps taken.
+        info: per history entry, the E- and M-steps' ``info`` merged.
+        restart: which restart this is (0-based).
+        interrupted: stopped by ``KeyboardInterrupt``.
+        extras: what the engine's ``finish`` adds.
+    """
+
+    params: Any
+    last: EStepResult
     history: History
     converged: bool
     num_iterations: int
+    info: list[Mapping[str, Any]]
+    restart: int = 0
+    interrupted: bool = False
+    extras: Any = None
+
+
+class Iteration(NamedTuple):
+    """What a ``callback`` receives after each iteration."""
+
+    restart: int
+    iteration: int
+    params: Any
+    objective: float
+    log_likelihood: float
+    elapsed: float
+
+
+class EMResult(NamedTuple):
+    """The kept run and what became of every restart.
+
+    Attributes:
+        best: the run with the highest final objective.
+        restart_objectives: every restart's final objective (NaN where it failed).
+        failures: ``"restart r: <error>"`` for every restart that failed.
+        interrupted: a ``KeyboardInterrupt`` stopped the fit.
+    """
+
+    best: EMRun
+    restart_objectives: list[float]
+    failures: list[str]
+    interrupted: bool
+
+    def record(self) -> dict[str, Any]:
+        """What to add to a fit's options: failed restarts and interruption."""
+        out: dict[str, Any] = {}
+        if self.failures:
+            out["failed_restarts"] = list(self.failures)
+        if self.interrupted:
+            out["interrupted"] = True
+        return out
+
+
+class Engine:
+    """The shape of an EM variant. Subclasses implement ``init``, ``e_step`` and
+    ``m_step``; ``converged``, ``finish`` and ``unconverged_message`` have defaults.
+
+    Attributes:
+        name: label of the progress bar.
+        num_data: ``N``, which scales the tolerance.
+    """
+
+    name = "EM"
+    num_data = 1
+
+    def init(self, restart: int) -> MStepResult:
+        """The starting point of restart ``restart`` (0-based)."""
+        raise NotImplementedError
+
+    def e_step(self, params: Any) -> EStepResult:
+        """Score ``params`` and compute the statistics for the next M-step."""
+        raise NotImplementedError
+
+    def m_step(self, stats: Any, params: Any, iteration: int) -> MStepResult:
+        """New parameters from the statistics of ``params``."""
+        raise NotImplementedError
+
+    def converged(self, objectives: list[float], info: list[Mapping[str, Any]], tol: float) -> bool:
+        r"""Default rule: the objective changed by less than ``tol`` per data point,
+        :math:`|\mathcal{L}_t - \mathcal{L}_{t-1}| / N < \text{tol}`."""
+        return abs(objectives[-1] - objectives[-2]) / self.num_data < tol
+
+    def finish(self, run: EMRun) -> EMRun:
+        """Complete a run once it stopped (e.g. a long final E-step)."""
+        return run
+
+    def unconverged_message(self, run: EMRun) -> str | None:
+        """The :class:`ConvergenceWarning` text for a kept run that did not converge
+        (``None``: no warning)."""
+        change = abs(run.history.change[-1]) if run.num_iterations else math.nan
+        return (
+            f"EM did not converge in {run.num_iterations} iterations (last change "
+            f"of the objective {change:.3g}); raise max_iter or tol, or check the model"
+        )
+
+
+# Errors that say the input is wrong: every restart would fail the same way.
+_INPUT_ERRORS = (SpecError, DataError, NotSupportedError)
 
 
 def run_em(
-    e_step: Callable[[Any], EStep],
-    m_step: Callable[[Any, Any], Any],
-    params: Any,
+    engine: Engine,
     *,
-    num_data: int,
+    n_init: int,
     tol: float,
     max_iter: int,
     progress: bool = False,
-    description: str = "EM",
-) -> EMRun:
-    r"""Alternate E- and M-steps until the objective settles.
+    callback: Callable[[Iteration], Any] | None = None,
+) -> EMResult:
+    """Run ``n_init`` restarts of ``engine`` and keep the one with the highest final
+    objective (after ``finish``).
 
-    Converged when the objective's change per data point falls below ``tol``:
-    :math:`|\mathcal{L}_t - \mathcal{L}_{t-1}| / N < \text{tol}`. Each E-step
-    serves twice: it scores ``θ_t`` (the history) and gives the statistics for
-    ``θ_{t+1}``, so the returned parameters are always the scored ones.
+    A restart that raises a numerical :class:`~pyroem.errors.PyroEMError` (not an
+    input error) is recorded in ``failures`` and skipped. A ``KeyboardInterrupt``
+    ends the fit: the interrupted run keeps its last complete iteration and competes
+    with the finished restarts. Warns with :class:`ConvergenceWarning` when the kept
+    run did not converge (and was not interrupted).
 
-    Args:
-        e_step: ``params -> EStep``.
-        m_step: ``(stats, params) -> params``.
-        params: starting parameters.
-        num_data: ``N``, to scale the tolerance.
-        tol: tolerance on the per-datum objective change.
-        max_iter: most M-steps.
-        progress: show a progress bar.
-        description: progress bar label.
-
-    Returns:
-        The final parameters with their E-step, history and convergence flag.
-    """
-    start = time.perf_counter()
-    current = e_step(params)
-    objectives = [current.objective]
-    log_likelihoods = [current.log_likelihood]
-    elapsed = [time.perf_counter() - start]
-    converged = False
-    iterations = 0
-    with tqdm(total=max_iter, desc=description, disable=not progress, leave=False) as bar:
-        for _ in range(max_iter):
-            params = m_step(current.stats, params)
-            current = e_step(params)
-            objectives.append(current.objective)
-            log_likelihoods.append(current.log_likelihood)
-            elapsed.append(time.perf_counter() - start)
-            iterations += 1
-            change = abs(objectives[-1] - objectives[-2]) / num_data
-            bar.update(1)
-            bar.set_postfix(objective=f"{objectives[-1]:.6g}", change=f"{change:.2e}")
-            if not math.isfinite(objectives[-1]):
-                break
-            if change < tol:
-                converged = True
-                break
-    history = History(np.array(objectives), np.array(log_likelihoods), np.array(elapsed))
-    return EMRun(params, current, history, converged, iterations)
-
-
-def best_of_restarts(run_once: Callable[[int], EMRun], n_init: int) -> tuple[EMRun, list[float]]:
-    """Run ``n_init`` restarts and keep the one with the highest final objective.
-
-    Warns with :class:`ConvergenceWarning` if the kept run did not converge.
-
-    Returns:
-        The best run and every restart's final objective.
+    Raises:
+        PyroEMError: every restart failed (the type of the last failure, listing them all).
+        KeyboardInterrupt: interrupted before any iteration completed.
     """
     best: EMRun | None = None
-    finals = []
+    finals: list[float] = []
+    failures: list[str] = []
+    last_error: PyroEMError | None = None
+    interrupted = False
     for restart in range(n_init):
-        run = run_once(restart)
-        finals.append(float(run.last.objective))
-        if best is None or run.last.objective > best.last.objective:
+        label = f"{engine.name} restart {restart + 1}/{n_init}" if n_init > 1 else engine.name
+        try:
+            run = _run_once(engine, restart, tol, max_iter, progress, label, callback)
+            if run is not None:
+                run = engine.finish(run)
+        except _INPUT_ERRORS:
+            raise
+        except PyroEMError as err:
+            failures.append(f"restart {restart + 1}: {type(err).__name__}: {err}")
+            finals.append(math.nan)
+            last_error = err
+            continue
+        if run is None:
+            interrupted = True
+            break
+        finals.append(float(run.history.objective[-1]))
+        if best is None or finals[-1] > best.history.objective[-1]:
             best = run
-    assert best is not None
-    if not best.converged:
-        last_change = abs(best.history.change[-1]) if best.num_iterations else float("nan")
+        if run.interrupted:
+            interrupted = True
+            break
+    if best is None:
+        if interrupted:
+            raise KeyboardInterrupt
+        assert last_error is not None
+        raise type(last_error)(
+            f"every one of the {n_init} restarts failed ("
+            + "; ".join(failures)
+            + "); the last error says what to change"
+        ) from last_error
+    if interrupted:
         warnings.warn(
-            f"EM did not converge in {best.num_iterations} iterations (last change of the "
-            f"objective {last_change:.3g}); "
-            "raise max_iter or tol, or check the model",
+            f"{engine.name} was interrupted; returning the best state so far (restart "
+            f"{best.restart + 1}, iteration {best.num_iterations}), marked not converged",
             ConvergenceWarning,
             stacklevel=3,
         )
-    return best, finals
+    elif failures:
+        warnings.warn(
+            f"{len(failures)} of {n_init} restarts failed and were skipped: " + "; ".join(failures),
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    if not best.converged and not interrupted:
+        message = engine.unconverged_message(best)
+        if message is not None:
+            warnings.warn(message, ConvergenceWarning, stacklevel=3)
+    return EMResult(best, finals, failures, interrupted)
+
+
+def _run_once(
+    engine: Engine,
+    restart: int,
+    tol: float,
+    max_iter: int,
+    progress: bool,
+    label: str,
+    callback: Callable[[Iteration], Any] | None,
+) -> EMRun | None:
+    """One run; ``None`` when interrupted before its first E-step completed."""
+    start = time.perf_counter()
+    try:
+        first = engine.init(restart)
+        params = first.params
+        current = engine.e_step(params)
+    except KeyboardInterrupt:
+        return None
+    objectives = [current.objective if first.objective is None else first.objective]
+    log_likelihoods = [current.log_likelihood]
+    elapsed = [time.perf_counter() - start]
+    info: list[Mapping[str, Any]] = [{**first.info, **current.info}]
+    converged = interrupted = False
+    iterations = 0
+    with tqdm(total=max_iter, desc=label, disable=not progress, leave=False) as bar:
+        try:
+            for iteration in range(1, max_iter + 1):
+                step = engine.m_step(current.stats, params, iteration)
+                scored = engine.e_step(step.params)
+                params, current, iterations = step.params, scored, iteration
+                objectives.append(scored.objective if step.objective is None else step.objective)
+                log_likelihoods.append(scored.log_likelihood)
+                elapsed.append(time.perf_counter() - start)
+                info.append({**step.info, **scored.info})
+                bar.update(1)
+                bar.set_postfix(objective=f"{objectives[-1]:.6g}", refresh=False)
+                if callback is not None:
+                    callback(
+                        Iteration(
+                            restart,
+                            iteration,
+                            params,
+                            objectives[-1],
+                            log_likelihoods[-1],
+                            elapsed[-1],
+                        )
+                    )
+                if not math.isfinite(objectives[-1]):
+                    break
+                if engine.converged(objectives, info, tol):
+                    converged = True
+                    break
+        except KeyboardInterrupt:
+            interrupted = True
+            # The last complete iteration is kept; a half-recorded one is dropped.
+            del objectives[iterations + 1 :], log_likelihoods[iterations + 1 :]
+            del elapsed[iterations + 1 :], info[iterations + 1 :]
+    history = History(np.array(objectives), np.array(log_likelihoods), np.array(elapsed))
+    return EMRun(params, current, history, converged, iterations, info, restart, interrupted)

@@ -15,29 +15,15 @@ After this E-step the bound is tight: ``L(q, θ) = log p(x, θ)``.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
+from pyroem.em import EStepResult
 from pyroem.spec.families import Family
 from pyroem.spec.mixture import MixtureParams
 
-__all__ = ["EStep", "MixtureEStep", "add_statistics", "score_mixture"]
-
-
-class EStep(NamedTuple):
-    """What one E-step hands to the EM loop.
-
-    Attributes:
-        stats: summable expected sufficient statistics (the family's NamedTuple).
-        log_likelihood: ``Σ_n log p(x_n | θ)``, z summed out.
-        objective: ``log p(x, θ)`` = log-likelihood + log prior, the quantity MAP-EM
-            never decreases.
-    """
-
-    stats: Any
-    log_likelihood: float
-    objective: float
+__all__ = ["MixtureEStep", "add_statistics", "score_mixture"]
 
 
 def add_statistics(left: Any, right: Any) -> Any:
@@ -77,7 +63,7 @@ class MixtureEStep:
             log_weights_prior = dirichlet.log_prob(params.weights)
         return log_weights_prior + self.family.log_prior(params.components)
 
-    def __call__(self, params: MixtureParams) -> EStep:
+    def __call__(self, params: MixtureParams) -> EStepResult:
         log_prob = self.family.log_prob_fn(params.components)
         log_weights = params.weights.log()
         stats = None
@@ -101,7 +87,7 @@ class MixtureEStep:
             stats = chunk_stats if stats is None else add_statistics(stats, chunk_stats)
             log_likelihood = log_likelihood + log_norm.sum()
         objective = log_likelihood + self.log_prior(params)
-        return EStep(stats, float(log_likelihood), float(objective))
+        return EStepResult(stats, float(objective), float(log_likelihood))
 
 
 def score_mixture(

@@ -12,9 +12,8 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
-from pyroem.em import EMRun, best_of_restarts, run_em
+from pyroem.em import Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.errors import DataError, SpecError
-from pyroem.estep.enumerate import EStep
 from pyroem.program._compiled import CompiledEStep, CompiledProgram
 from pyroem.program._stacked import StackedUpdate
 from pyroem.program.conjugacy import (
@@ -212,8 +211,8 @@ def closed_form_sweep(
         values[name] = new
 
 
-class _Engine:
-    """The E- and M-steps of one fit.
+class _Engine(Engine):
+    """MAP-EM on a Pyro program: the exact E-step and one ECM sweep as M-step.
 
     While the program keeps the structure of its first trace, an E-step is a light
     run of the program plus a compiled contraction (:class:`CompiledProgram`) and
@@ -230,7 +229,12 @@ class _Engine:
         first: dict[str, torch.Tensor],
         first_trace: Any,
         layout: CompiledProgram,
+        restart_values: Callable[[int], dict[str, torch.Tensor]],
+        name: str,
     ) -> None:
+        self.name = name
+        self.num_data = num_observations(first_trace, program)
+        self.restart_values = restart_values
         self.program = program
         self.found = found
         self.gradient_steps = gradient_steps
@@ -243,7 +247,10 @@ class _Engine:
         self.compiled: CompiledProgram | None = self.layout if _COMPILED else None
         self.updates: dict[str, StackedUpdate] = {}
 
-    def e_step(self, values: dict[str, torch.Tensor]) -> EStep:
+    def init(self, restart: int) -> MStepResult:
+        return MStepResult(self.first if restart == 0 else self.restart_values(restart))
+
+    def e_step(self, values: dict[str, torch.Tensor]) -> EStepResult:
         """The E-step at ``values``: compiled while the structure holds, else full."""
         if self.compiled is not None:
             estep: CompiledEStep | None
@@ -252,13 +259,13 @@ class _Engine:
             else:
                 estep = self.compiled(values)
             if estep is not None:
-                return EStep(estep, float(estep.log_likelihood), float(estep.log_joint))
+                return EStepResult(estep, float(estep.log_joint), float(estep.log_likelihood))
             self.compiled = None
         trace = self.first_trace if values is self.first else None
         post = posterior(self.program, values, trace)
-        return EStep(post, float(post.log_likelihood), float(post.log_joint))
+        return EStepResult(post, float(post.log_joint), float(post.log_likelihood))
 
-    def ecm(self, stats: Any, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def m_step(self, stats: Any, values: dict[str, torch.Tensor], iteration: int) -> MStepResult:
         """One ECM sweep: closed-form blocks in order, then the gradient blocks."""
         values = dict(values)
         if isinstance(stats, CompiledEStep):
@@ -278,7 +285,7 @@ class _Engine:
                     max_steps=self.gradient_steps,
                 )
             )
-        return values
+        return MStepResult(values)
 
     def _compiled_sweep(
         self, estep: CompiledEStep, values: dict[str, torch.Tensor]
@@ -352,6 +359,7 @@ def fit_program(
     progress: bool,
     m_step: str,
     gradient_steps: int,
+    callback: Callable[[Iteration], Any] | None = None,
 ) -> ProgramFit:
     """Fit a Pyro program by MAP-EM (see :func:`pyroem.fit`).
 
@@ -380,25 +388,20 @@ def fit_program(
         else dict.fromkeys(program.params)
     )
     kinds = {name: "gradient" if block is None else block.kind for name, block in found.items()}
-    num_data = num_observations(first_trace, program)
-
-    engine = _Engine(program, found, gradient_steps, first, first_trace, layout)
-
-    def run_once(restart: int) -> EMRun:
-        start = first if restart == 0 else initial_values(program, init, base_seed + restart)
-        label = f"{method} restart {restart + 1}/{n_init}" if n_init > 1 else method
-        return run_em(
-            engine.e_step,
-            engine.ecm,
-            start,
-            num_data=num_data,
-            tol=tol,
-            max_iter=max_iter,
-            progress=progress,
-            description=label,
-        )
-
-    best, finals = best_of_restarts(run_once, n_init)
+    engine = _Engine(
+        program,
+        found,
+        gradient_steps,
+        first,
+        first_trace,
+        layout,
+        lambda restart: initial_values(program, init, base_seed + restart),
+        method,
+    )
+    result = run_em(
+        engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
+    )
+    best = result.best
     marginals = engine.marginals(best.last.stats)
     options = {
         "n_init": n_init,
@@ -407,6 +410,7 @@ def fit_program(
         "seed": seed,
         "m_step": m_step,
         "gradient_steps": gradient_steps,
+        **result.record(),
     }
     return ProgramFit(
         program=program,
@@ -419,7 +423,7 @@ def fit_program(
         history=best.history,
         converged=best.converged,
         num_iterations=best.num_iterations,
-        num_data=num_data,
-        restart_objectives=finals,
+        num_data=engine.num_data,
+        restart_objectives=result.restart_objectives,
         options=options,
     )

@@ -29,7 +29,6 @@ by the ``latents`` option.
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -38,11 +37,10 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-from tqdm.auto import tqdm
 
 from pyroem.diagnostics import ChainDiagnostics, chain_diagnostics, chain_problems
-from pyroem.em import History
-from pyroem.errors import ConvergenceWarning, MCMCWarning, NotSupportedError, SpecError
+from pyroem.em import EMResult, EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
+from pyroem.errors import MCMCWarning, NotSupportedError, SpecError
 from pyroem.options import check_integer, with_defaults
 from pyroem.program.conjugacy import ClosedForm, recognise
 from pyroem.program.fit import (
@@ -407,6 +405,8 @@ def fit_mcmc_em(
     init: Any,
     seed: int | None,
     progress: bool,
+    n_init: int = 1,
+    callback: Callable[[Iteration], Any] | None = None,
     **options: Any,
 ) -> MCMCEMFit:
     """Fit a Pyro program by MCMC-EM (see :func:`pyroem.fit` and the module docstring).
@@ -423,6 +423,9 @@ def fit_mcmc_em(
         init: ``{site: value}`` for any subset of the parameters, or a previous fit.
         seed: makes the fit reproducible (the global RNG state is left as it was).
         progress: show a progress bar.
+        n_init: restarts (restart ``r`` from a new draw, seeded ``seed + r``, with a new
+            sampler and schedule); the one with the highest final objective is kept.
+        callback: called after every iteration (see :func:`pyroem.fit`).
         **options: see :data:`MCMC_EM_OPTIONS` and the README.
 
     Returns:
@@ -442,77 +445,16 @@ def fit_mcmc_em(
             f"draws (R-hat and ESS need them); got num_samples={settings.num_samples}"
         )
     init = program_init(init)
+    if init is not None and set(init) >= set(program.params):
+        n_init = 1
     base_seed = resolve_seed(seed)
     with torch.random.fork_rng(), pyro.validation_enabled(False):
         torch.manual_seed(base_seed)
-        return _run(program, settings, init, base_seed, tol, max_iter, progress, seed)
-
-
-class _Record:
-    """Per-iteration record of a run: θ, objective, draws' statistics, diagnostics."""
-
-    def __init__(self) -> None:
-        self.values: list[dict[str, torch.Tensor]] = []
-        self.objectives: list[float] = []
-        self.log_likelihoods: list[float] = []
-        self.elapsed: list[float] = []
-        self.diagnostics: list[ChainDiagnostics] = []
-        self.stats: dict[str, list[float]] = {
-            key: []
-            for key in (
-                "num_samples",
-                "step_size",
-                "delta_q",
-                "delta_q_se",
-                "nuts_step_size",
-                "rewarmed_chains",
-            )
-        }
-        self._start = time.perf_counter()
-
-    def add(
-        self, values: dict[str, torch.Tensor], step: _EStep, gamma: float, gain: Gain | None
-    ) -> None:
-        """Record θ_t, its E-step, and the M-step (step size, gain) that gave it."""
-        draws = step.draws
-        self.values.append(values)
-        self.objectives.append(step.objective)
-        self.log_likelihoods.append(step.log_likelihood)
-        self.elapsed.append(time.perf_counter() - self._start)
-        self.diagnostics.append(draws.diagnostics)
-        for key, value in (
-            ("num_samples", draws.num_chains * draws.num_draws),
-            ("step_size", gamma),
-            ("delta_q", math.nan if gain is None else gain.delta),
-            ("delta_q_se", math.nan if gain is None else gain.se),
-            ("nuts_step_size", draws.step_size),
-            ("rewarmed_chains", draws.rewarmed),
-        ):
-            self.stats[key].append(float(value))
-
-    def replace_last(self, step: _EStep) -> None:
-        """Put a new E-step at the same θ in place of the last one."""
-        values = self.values.pop()
-        self.objectives.pop()
-        self.log_likelihoods.pop()
-        self.elapsed.pop()
-        self.diagnostics.pop()
-        popped = {key: entries.pop() for key, entries in self.stats.items()}
-        gain = Gain(popped["delta_q"], popped["delta_q_se"])
-        self.add(values, step, popped["step_size"], gain)
-
-    def history(self) -> History:
-        """The :class:`~pyroem.em.History` of the run."""
-        return History(
-            np.array(self.objectives), np.array(self.log_likelihoods), np.array(self.elapsed)
+        engine = _MCMCEMEngine(program, settings, init, base_seed, tol)
+        result = run_em(
+            engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
         )
-
-    def sample_stats(self) -> dict[str, np.ndarray]:
-        """Per-iteration statistics, the chain diagnostics included."""
-        stats = {key: np.asarray(value) for key, value in self.stats.items()}
-        for field in ("max_rhat", "min_ess_bulk", "min_ess_tail", "num_divergences"):
-            stats[field] = np.array([float(getattr(entry, field)) for entry in self.diagnostics])
-        return stats
+    return _fit_result(engine, result, {"tol": tol, "max_iter": max_iter, "seed": seed})
 
 
 def _sampler(
@@ -580,167 +522,210 @@ def _gain(
     return Gain(delta, se * objective_q.noise_factor())
 
 
-def _run(
-    program: LatentProgram,
-    settings: _Settings,
-    init: Mapping[str, Any] | None,
-    base_seed: int,
-    tol: float,
-    max_iter: int,
-    progress: bool,
-    seed: int | None,
-) -> MCMCEMFit:
-    """The MCMC-EM loop (see :func:`fit_mcmc_em`)."""
-    values = initial_values(program, init, base_seed)
-    check_stackable(program, values)
-    first_trace = program.trace(values)
-    num_data = num_observations(first_trace, program)
-    nodes: Any = first_trace.nodes
-    supports = {name: nodes[name]["value"].reshape(-1) for name in program.enumerated}
-    sampler = _sampler(program, values, settings)
-    schedule = _schedule(settings)
-    blocks = _closed_forms(program, values, settings, first_trace)
+class _Final(NamedTuple):
+    """Scores and diagnostics at θ_T, from the final E-step."""
 
-    def e_step(theta: dict[str, torch.Tensor], num_draws: int | None = None) -> _EStep:
-        draws = sampler.sample(theta, num_draws or schedule.num_samples)
-        per_draw = per_draw_log_joint(program, theta, draws.flat())[0]
+    log_joint: float
+    log_likelihood: float
+    log_likelihood_se: float
+    diagnostics: ChainDiagnostics | None
+    problems: list[str]
+
+
+class _MCMCEMEngine(Engine):
+    """MCMC-EM: the E-step draws the latents at θ_t (exact or NUTS), the M-step is MAP-EM's
+    ECM sweep on the Monte Carlo Q of the schedule (MCEM or SAEM)."""
+
+    name = "mcmc-em"
+
+    def __init__(
+        self,
+        program: LatentProgram,
+        settings: _Settings,
+        init: Mapping[str, Any] | None,
+        base_seed: int,
+        tol: float,
+    ) -> None:
+        self.program, self.settings, self.start, self.base_seed = program, settings, init, base_seed
+        self.tol = tol
+        self.first = initial_values(program, init, base_seed)
+        check_stackable(program, self.first)
+        first_trace = program.trace(self.first)
+        self.num_data = num_observations(first_trace, program)
+        nodes: Any = first_trace.nodes
+        self.supports = {name: nodes[name]["value"].reshape(-1) for name in program.enumerated}
+        self.sampler = _sampler(program, self.first, settings)
+        self.schedule = _schedule(settings)
+        self.blocks = _closed_forms(program, self.first, settings, first_trace)
+        self.objective_q = MonteCarloQ(program)
+
+    def init(self, restart: int) -> MStepResult:
+        """Restart 0 starts where the recognition probed; restart ``r`` from a new draw
+        (seeded ``seed + r``), with a new sampler and schedule."""
+        values = self.first
+        if restart:
+            torch.manual_seed(self.base_seed + restart)
+            values = initial_values(self.program, self.start, self.base_seed + restart)
+            self.sampler = _sampler(self.program, values, self.settings)
+            self.schedule = _schedule(self.settings)
+        self.objective_q = MonteCarloQ(self.program)
+        return MStepResult(values, None, {"step_size": math.nan})
+
+    def e_step(self, params: dict[str, torch.Tensor], num_draws: int | None = None) -> EStepResult:
+        """Draws of the latents at θ = ``params``; the objective is the exact log joint
+        where every latent is discrete, else the Monte Carlo ``Q̂(θ; θ)``."""
+        program = self.program
+        draws = self.sampler.sample(params, num_draws or self.schedule.num_samples)
+        per_draw = per_draw_log_joint(program, params, draws.flat())[0]
+        info = {
+            "values": params,
+            "diagnostics": draws.diagnostics,
+            "num_samples": draws.num_chains * draws.num_draws,
+            "nuts_step_size": draws.step_size,
+            "rewarmed_chains": draws.rewarmed,
+        }
         if program.latents:
-            frequencies = _frequencies(program, draws, supports, per_draw.dtype)
-            return _EStep(draws, per_draw, float(per_draw.mean()), math.nan, None, frequencies)
-        post = posterior(program, theta)
-        return _EStep(
-            draws,
-            per_draw,
-            float(post.log_joint),
-            float(post.log_likelihood),
-            post.trace,
-            post.marginals,
+            frequencies = _frequencies(program, draws, self.supports, per_draw.dtype)
+            step = _EStep(draws, per_draw, float(per_draw.mean()), math.nan, None, frequencies)
+        else:
+            post = posterior(program, params)
+            step = _EStep(
+                draws,
+                per_draw,
+                float(post.log_joint),
+                float(post.log_likelihood),
+                post.trace,
+                post.marginals,
+            )
+        return EStepResult(step, step.objective, step.log_likelihood, info)
+
+    def m_step(self, stats: _EStep, params: dict[str, torch.Tensor], iteration: int) -> MStepResult:
+        """The ECM sweep on the schedule's Q, and its gain (see :func:`_gain`)."""
+        gamma = self.schedule.step_size(iteration)
+        self.objective_q.add(stats.draws, gamma, stats.trace)
+        target, weights = self.objective_q.target(params)
+        new = _m_step(target, self.blocks, params, weights, self.settings.gradient_steps)
+        gain = _gain(self.program, target, weights, params, new, stats, self.objective_q)
+        self.schedule.update(iteration, gain)
+        info = {
+            "step_size": gamma,
+            "delta_q": gain.delta,
+            "delta_q_se": gain.se,
+            "gain_upper": gain.upper,
+            "may_stop": self.schedule.may_stop(iteration),
+        }
+        return MStepResult(new, None, info)
+
+    def converged(self, objectives: list[float], info: list[Mapping[str, Any]], tol: float) -> bool:
+        """With 95% confidence the last M-step gained less than ``tol · N`` on Q, once the
+        schedule allows stopping (see :mod:`pyroem.sampling.schedules`)."""
+        return bool(info[-1]["may_stop"]) and info[-1]["gain_upper"] < tol * self.num_data
+
+    def finish(self, run: EMRun) -> EMRun:
+        """A final E-step at θ_T long enough for R-hat and ESS, and the scores there."""
+        final = run.last
+        program, settings = self.program, self.settings
+        if program.latents and final.stats.draws.num_draws < settings.final_draws:
+            final = self.e_step(run.params, settings.final_draws * settings.num_chains)
+        info = [*run.info[:-1], {**run.info[-1], **final.info}]
+        log_joint, log_likelihood, log_likelihood_se = final.objective, final.log_likelihood, 0.0
+        diagnostics = None
+        problems: list[str] = []
+        if program.latents:
+            diagnostics = final.stats.draws.diagnostics
+            problems = chain_problems(diagnostics)
+            earlier = sum(entry["diagnostics"].num_divergences for entry in info[:-1])
+            if earlier:
+                problems.append(f"{earlier} divergent transitions in earlier E-steps")
+            log_joint = log_likelihood = log_likelihood_se = math.nan
+            if not program.enumerated and settings.log_likelihood_samples:
+                assert isinstance(self.sampler, NUTSSampler)
+                log_joint, log_likelihood, log_likelihood_se = _importance_log_likelihood(
+                    program,
+                    self.sampler,
+                    run.params,
+                    final.stats.draws.unconstrained,
+                    settings.log_likelihood_samples,
+                )
+        history = run.history
+        history = history._replace(
+            objective=np.append(history.objective[:-1], final.objective),
+            log_likelihood=np.append(history.log_likelihood[:-1], log_likelihood),
+        )
+        extras = _Final(log_joint, log_likelihood, log_likelihood_se, diagnostics, problems)
+        return run._replace(last=final, history=history, info=info, extras=extras)
+
+    def unconverged_message(self, run: EMRun) -> str | None:
+        last = run.info[-1]
+        return (
+            f"MCMC-EM did not converge in {run.num_iterations} iterations (last gain "
+            f"{last.get('delta_q', math.nan):.3g} ± {last.get('delta_q_se', math.nan):.2g} "
+            f"against tol × N = {self.tol * self.num_data:.3g}); raise max_iter, max_samples "
+            "or tol"
         )
 
-    objective_q = MonteCarloQ(program)
-    record = _Record()
-    current = e_step(values)
-    record.add(values, current, math.nan, None)
-    converged = False
-    iterations = 0
-    with tqdm(total=max_iter, desc="mcmc-em", disable=not progress, leave=False) as bar:
-        for iteration in range(1, max_iter + 1):
-            gamma = schedule.step_size(iteration)
-            objective_q.add(current.draws, gamma, current.trace)
-            target, weights = objective_q.target(values)
-            new_values = _m_step(target, blocks, values, weights, settings.gradient_steps)
-            gain = _gain(program, target, weights, values, new_values, current, objective_q)
-            schedule.update(iteration, gain)
-            stop = schedule.may_stop(iteration) and gain.upper < tol * num_data
-            values = new_values
-            current = e_step(values)
-            iterations = iteration
-            record.add(values, current, gamma, gain)
-            bar.update(1)
-            bar.set_postfix(gain=f"{gain.delta:.3g}±{gain.se:.2g}", draws=schedule.num_samples)
-            if not math.isfinite(current.objective):
-                break
-            if stop:
-                converged = True
-                break
-    if program.latents and current.draws.num_draws < settings.final_draws:
-        # The last E-step at θ_T, long enough for R-hat and ESS to mean something.
-        current = e_step(values, settings.final_draws * settings.num_chains)
-        record.replace_last(current)
-    return _finish(
-        program,
-        settings,
-        sampler,
-        schedule,
-        record,
-        current,
-        blocks,
-        converged,
-        iterations,
-        num_data,
-        {"tol": tol, "max_iter": max_iter, "seed": seed},
-    )
 
-
-def _finish(
-    program: LatentProgram,
-    settings: _Settings,
-    sampler: ExactSampler | NUTSSampler,
-    schedule: MCEMSchedule | SAEMSchedule,
-    record: _Record,
-    final: _EStep,
-    blocks: Mapping[str, ClosedForm | None],
-    converged: bool,
-    iterations: int,
-    num_data: int,
-    options: dict[str, Any],
-) -> MCMCEMFit:
-    """Scores and diagnostics at θ_T, warnings, and the fit result."""
-    values = record.values[-1]
-    log_joint, log_likelihood, log_likelihood_se = final.objective, final.log_likelihood, 0.0
-    final_diagnostics = None
-    problems: list[str] = []
-    if program.latents:
-        final_diagnostics = final.draws.diagnostics
-        problems = chain_problems(final_diagnostics)
-        earlier = sum(entry.num_divergences for entry in record.diagnostics[:-1])
-        if earlier:
-            problems.append(f"{earlier} divergent transitions in earlier E-steps")
-        log_joint = log_likelihood = log_likelihood_se = math.nan
-        if not program.enumerated and settings.log_likelihood_samples:
-            assert isinstance(sampler, NUTSSampler)
-            log_joint, log_likelihood, log_likelihood_se = _importance_log_likelihood(
-                program,
-                sampler,
-                values,
-                final.draws.unconstrained,
-                settings.log_likelihood_samples,
-            )
-        record.log_likelihoods[-1] = log_likelihood
-    if problems:
+def _fit_result(engine: _MCMCEMEngine, result: EMResult, options: dict[str, Any]) -> MCMCEMFit:
+    """The fit of the kept run, with the MCMC warning for its final chains."""
+    best = result.best
+    final: _Final = best.extras
+    program, settings, last = engine.program, engine.settings, best.last.stats
+    if final.problems:
         warnings.warn(
             "the chains of the last E-step look unreliable: "
-            + "; ".join(problems)
+            + "; ".join(final.problems)
             + ". Raise warmup_steps, final_draws or discard_steps, try full_mass=True, or "
             "reparametrise the model (e.g. centre covariates)",
             MCMCWarning,
-            stacklevel=5,
+            stacklevel=4,
         )
-    stats = record.sample_stats()
-    if not converged:
-        warnings.warn(
-            f"MCMC-EM did not converge in {iterations} iterations (last gain "
-            f"{stats['delta_q'][-1]:.3g} ± {stats['delta_q_se'][-1]:.2g} against tol × N = "
-            f"{options['tol'] * num_data:.3g}); raise max_iter, max_samples or tol",
-            ConvergenceWarning,
-            stacklevel=5,
+    stats = {
+        key: np.array([float(entry.get(key, math.nan)) for entry in best.info])
+        for key in (
+            "num_samples",
+            "step_size",
+            "delta_q",
+            "delta_q_se",
+            "nuts_step_size",
+            "rewarmed_chains",
         )
+    }
+    diagnostics = [entry["diagnostics"] for entry in best.info]
+    for field in ("max_rhat", "min_ess_bulk", "min_ess_tail", "num_divergences"):
+        stats[field] = np.array([float(getattr(entry, field)) for entry in diagnostics])
     return MCMCEMFit(
         program=program,
         method="mcmc-em",
-        values=values,
+        values=best.params,
         m_step_kinds={
-            name: "gradient" if block is None else block.kind for name, block in blocks.items()
+            name: "gradient" if block is None else block.kind
+            for name, block in engine.blocks.items()
         },
-        marginals=final.marginals,
-        log_likelihood=log_likelihood,
-        log_joint=log_joint,
-        history=record.history(),
-        converged=converged,
-        num_iterations=iterations,
-        num_data=num_data,
-        restart_objectives=[final.objective],
-        options={**options, **settings._asdict()},
-        draws={**final.draws.continuous, **final.draws.discrete},
+        marginals=last.marginals,
+        log_likelihood=final.log_likelihood,
+        log_joint=final.log_joint,
+        history=best.history,
+        converged=best.converged,
+        num_iterations=best.num_iterations,
+        num_data=engine.num_data,
+        restart_objectives=result.restart_objectives,
+        options={
+            **options,
+            "n_init": len(result.restart_objectives),
+            **settings._asdict(),
+            **result.record(),
+        },
+        draws={**last.draws.continuous, **last.draws.discrete},
         sample_stats=stats,
-        diagnostics=record.diagnostics,
-        final_diagnostics=final_diagnostics,
-        problems=problems,
+        diagnostics=diagnostics,
+        final_diagnostics=final.diagnostics,
+        problems=final.problems,
         parameter_trace={
-            name: torch.stack([entry[name] for entry in record.values]) for name in program.params
+            name: torch.stack([entry["values"][name] for entry in best.info])
+            for name in program.params
         },
-        schedule=schedule.name,
-        burn_in=schedule.burn_in_end if isinstance(schedule, SAEMSchedule) else None,
+        schedule=engine.schedule.name,
+        burn_in=engine.schedule.burn_in_end if isinstance(engine.schedule, SAEMSchedule) else None,
         latents=[*program.latents, *program.enumerated],
-        log_likelihood_se=log_likelihood_se,
+        log_likelihood_se=final.log_likelihood_se,
     )

@@ -30,15 +30,15 @@ where :math:`\log Z(r) = \log \int p(θ) \prod_{n,k} p(x_n | θ_k)^{r_{nk}} dθ`
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from pyroem.em import EMRun, History, best_of_restarts, run_em
+from pyroem.em import EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.errors import SpecError
-from pyroem.estep.enumerate import EStep, MixtureEStep, add_statistics, score_mixture
+from pyroem.estep.enumerate import MixtureEStep, add_statistics, score_mixture
 from pyroem.initialization import initial_params, seeded_generator
 from pyroem.options import check_integer, with_defaults
 from pyroem.results import FitResult
@@ -76,18 +76,11 @@ class VariationalParams(NamedTuple):
 
 
 class CaviStats(NamedTuple):
-    """What the CAVI E-step hands to the M-step.
-
-    Attributes:
-        stats: the family's expected sufficient statistics under the new ``q(z)``.
-        entropy: ``H(q(z)) = −Σ_nk r_nk log r_nk``.
-        update: ``q(π, θ)`` optimal for this ``q(z)`` (the M-step's result, computed
-            once here because the objective needs it).
-    """
+    """What the CAVI E-step hands to the M-step: the family's expected sufficient
+    statistics under the new ``q(z)`` and its entropy ``H(q(z)) = −Σ_nk r_nk log r_nk``."""
 
     stats: Any
     entropy: torch.Tensor
-    update: VariationalParams
 
 
 def _responsibilities(joint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,41 +107,68 @@ def _responsibilities(joint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return resp, entropy
 
 
-class _CaviEStep:
-    """The chunked CAVI E-step on fixed data (``q(π, θ) -> EStep``).
+class _CaviEngine(Engine):
+    """CAVI on fixed data: the E-step updates ``q(z)``, the M-step ``q(π, θ)``.
 
     Args:
         factor: the family's conjugate factor.
-        weights_prior: ``α`` ``(K,)``.
-        chunks: the prepared data chunks.
+        spec: the mixture.
+        data: ``(num_data, dim)``.
+        init: the Mixture's initialisation (as for MAP-EM).
+        generator: its random generator.
+        chunk_size: rows per chunk.
     """
 
+    name = "vb-em"
+
     def __init__(
-        self, factor: ConjugateFactor, weights_prior: torch.Tensor, chunks: list[torch.Tensor]
+        self,
+        factor: ConjugateFactor,
+        spec: Mixture,
+        data: torch.Tensor,
+        init: Any,
+        generator: torch.Generator,
+        chunk_size: int,
     ) -> None:
-        self.factor = factor
-        self.chunks = chunks
-        self.weights_prior = weights_prior.to(chunks[0])
-        self.data_constant = float(sum(factor.data_constant(chunk) for chunk in chunks))
+        self.factor, self.spec, self.data, self.start = factor, spec, data, init
+        self.generator = generator
+        self.map_e_step = MixtureEStep(factor.family, spec.weights_prior, data, chunk_size)
+        self.chunks = self.map_e_step.chunks
+        self.num_data = data.shape[0]
+        self.weights_prior = spec.weights_prior.to(self.chunks[0])
+        self.data_constant = float(sum(factor.data_constant(chunk) for chunk in self.chunks))
         self.log_beta_prior = log_multivariate_beta(self.weights_prior)
 
-    def update(self, stats: Any) -> VariationalParams:
-        """The M-step: ``q(π) = Dirichlet(α + N)``, ``q(θ)`` the conjugate posterior."""
+    def init(self, restart: int) -> MStepResult:
+        """State 1: ``q(π, θ)`` from the exact responsibilities of the initial parameters,
+        then one CAVI iteration (as scikit-learn's ``BayesianGaussianMixture`` starts)."""
+        start = initial_params(self.spec, self.factor.family, self.data, self.start, self.generator)
+        first = self._update(self.map_e_step(start).stats)
+        return self.m_step(self.e_step(first).stats, first, 0)
+
+    def _update(self, stats: Any) -> VariationalParams:
         return VariationalParams(self.weights_prior + stats.counts, self.factor.update(stats))
 
-    def elbo(self, update: VariationalParams, stats: Any, entropy: torch.Tensor) -> float:
-        """The exact ELBO of ``(q(z), update)`` where ``update`` is optimal for ``q(z)``."""
+    def m_step(self, stats: CaviStats, params: VariationalParams, iteration: int) -> MStepResult:
+        """``q(π) = Dirichlet(α + N)``, ``q(θ)`` the conjugate posterior; the objective is
+        the exact ELBO of ``(q(z), new q(π, θ))``, the latter optimal for the former."""
+        update = self._update(stats.stats)
         weights = log_multivariate_beta(update.weights_concentration) - self.log_beta_prior
-        theta = self.factor.log_normaliser(update.components, stats)
-        return float(entropy + weights + theta) + self.data_constant
+        theta = self.factor.log_normaliser(update.components, stats.stats)
+        elbo = float(stats.entropy + weights + theta) + self.data_constant
+        # The q(π, θ) whose q(z) this state holds: finish recomputes that q(z).
+        return MStepResult(update, elbo, {"source": params})
 
-    def __call__(self, params: VariationalParams) -> EStep:
-        """Update ``q(z)`` from ``params`` and score the new state.
+    def finish(self, run: EMRun) -> EMRun:
+        """Adds ``(q(z) of the state, q(z) of the final q(π, θ))``, each ``(N, K)``: the
+        first pairs with the reported ELBO, the second is what ``predict_proba`` gives."""
+        state = _assignment_probs(self.factor, run.info[-1]["source"], self.chunks)
+        final = _assignment_probs(self.factor, run.params, self.chunks)
+        return run._replace(extras=(state, final))
 
-        Returns:
-            ``EStep`` with :class:`CaviStats`, the log-likelihood at ``E_q[π, θ]`` of
-            ``params`` and the ELBO of the new state (new ``q(z)``, its optimal ``q(π, θ)``).
-        """
+    def e_step(self, params: VariationalParams) -> EStepResult:
+        """``q(z)`` from ``params``: its statistics and entropy, and the log-likelihood at
+        the expected parameters ``E_q[π, θ]`` (the objective comes with the M-step)."""
         kernel = _kernel(self.factor, params)
         stats = None
         entropy = log_likelihood = params.weights_concentration.new_zeros(())
@@ -159,12 +179,8 @@ class _CaviEStep:
             stats = chunk_stats if stats is None else add_statistics(stats, chunk_stats)
             entropy = entropy + chunk_entropy
             log_likelihood = log_likelihood + torch.logsumexp(plug_in, 1).sum()
-        update = self.update(stats)
-        objective = self.elbo(update, stats, entropy)
-        return EStep(
-            CaviStats(stats, entropy, update),
-            float(log_likelihood) + self.data_constant,
-            objective,
+        return EStepResult(
+            CaviStats(stats, entropy), math.nan, float(log_likelihood) + self.data_constant
         )
 
 
@@ -188,11 +204,6 @@ def _assignment_probs(
     return torch.cat(out)
 
 
-def _m_step(stats: CaviStats, params: VariationalParams) -> VariationalParams:
-    """The conjugate update, already computed by the E-step."""
-    return stats.update
-
-
 class VariationalFit(FitResult):
     r"""A mixture fitted by closed-form mean-field VB (``method="vb-em"``).
 
@@ -207,8 +218,9 @@ class VariationalFit(FitResult):
     - ``history.objective``: the ELBO after each iteration (entry 0: the first complete
       state, ``q(z)`` from the initial parameters), never decreasing;
       ``history.log_likelihood``: the log-likelihood at each state's expected parameters.
-    - ``labels``: ``argmax_k q(z_n = k)``; ``predict_proba`` / ``predict`` apply the
-      variational E-step (``r_nk ∝ exp(E_q[log π_k] + E_q[log p(x | θ_k)])``) to new data.
+    - ``labels``: ``predict(data)``, the most probable component under the final
+      ``q(π, θ)``; ``predict_proba`` / ``predict`` apply the variational E-step
+      (``r_nk ∝ exp(E_q[log π_k] + E_q[log p(x | θ_k)])``) to any data.
     - ``draws``: ``num_draws`` draws from ``q(π, θ)`` keyed like ``params``, each
       ``(1, num_draws, *shape)``; ``sample_stats["elbo"]``: the ELBO trace.
 
@@ -224,7 +236,9 @@ class VariationalFit(FitResult):
             ``{"concentration", "rate"}`` (Gamma, ``(K, D)``); bernoulli
             ``{"concentration1", "concentration0"}`` (Beta, ``(K, D)``); categorical
             ``{"concentration"}`` (Dirichlet, ``(K, D, C)``);
-            ``"assignment"``: ``{"probs": (N, K)}``, the responsibilities ``q(z)``.
+            ``"assignment"``: ``{"probs": (N, K)}``, the responsibilities ``q(z)`` of the
+            reported state (``q(π, θ)`` is their conjugate update, and ``elbo`` is the
+            state's ELBO); they lag ``predict_proba`` by one update until convergence.
         elbo: the final ELBO, a lower bound on the log evidence ``log p(x)``.
         weight_threshold: expected weight a component needs to count as effective.
     """
@@ -335,6 +349,7 @@ def fit_mixture_cavi(
     max_iter: int = 1000,
     chunk_size: int = 65536,
     progress: bool = False,
+    callback: Callable[[Iteration], Any] | None = None,
     **options: Any,
 ) -> VariationalFit:
     r"""Fit ``spec`` to ``data`` by closed-form mean-field VB (see the module docstring).
@@ -355,6 +370,7 @@ def fit_mixture_cavi(
         max_iter: most iterations per restart.
         chunk_size: data rows per E-step chunk.
         progress: show a progress bar.
+        callback: called after every iteration (see :func:`pyroem.fit`).
         **options: ``num_draws`` (default 1000; 0 for none): draws from ``q(π, θ)`` into
             ``fit.draws``; ``weight_threshold`` (default 0.01): the expected weight above
             which a component counts as effective.
@@ -374,28 +390,14 @@ def fit_mixture_cavi(
         init = init.params
     if isinstance(init, dict):
         n_init = 1
-    map_e_step = MixtureEStep(family, spec.weights_prior, data, chunk_size)
-    e_step = _CaviEStep(factor, spec.weights_prior, map_e_step.chunks)
     generator = seeded_generator(seed)
-
-    def run_once(restart: int) -> EMRun:
-        start = initial_params(spec, family, data, init, generator)
-        first = e_step.update(map_e_step(start).stats)
-        label = f"vb-em restart {restart + 1}/{n_init}" if n_init > 1 else "vb-em"
-        return run_em(
-            e_step,
-            _m_step,
-            first,
-            num_data=data.shape[0],
-            tol=tol,
-            max_iter=max_iter,
-            progress=progress,
-            description=label,
-        )
-
-    best, finals = best_of_restarts(run_once, n_init)
-    state: VariationalParams = best.last.stats.update
-    resp = _assignment_probs(factor, best.params, e_step.chunks)
+    engine = _CaviEngine(factor, spec, data, init, generator, chunk_size)
+    result = run_em(
+        engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
+    )
+    best = result.best
+    state: VariationalParams = best.params
+    resp, final_resp = best.extras
     alpha = state.weights_concentration
     internal = MixtureParams(
         alpha / alpha.sum(),
@@ -404,13 +406,7 @@ def fit_mixture_cavi(
     )
     pointwise, _ = score_mixture(family, internal, data, chunk_size)
     log_likelihood = float(pointwise.sum())
-    # The E-step scores the expected parameters of the state it starts from, one entry
-    # behind the ELBO of the state it produces; entry t holds state t's.
-    history = History(
-        best.history.objective,
-        np.append(best.history.log_likelihood[1:], log_likelihood),
-        best.history.elapsed,
-    )
+    history = best.history
     draws = None
     if num_draws:
         draw_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
@@ -433,11 +429,12 @@ def fit_mixture_cavi(
         "chunk_size": chunk_size,
         "num_draws": num_draws,
         "weight_threshold": weight_threshold,
+        **result.record(),
     }
-    log_joint = log_likelihood + float(map_e_step.log_prior(internal))
+    log_joint = log_likelihood + float(engine.map_e_step.log_prior(internal))
     return VariationalFit(
         variational=variational,
-        elbo=float(best.last.objective),
+        elbo=float(history.objective[-1]),
         weight_threshold=weight_threshold,
         state=state,
         factor=factor,
@@ -449,9 +446,9 @@ def fit_mixture_cavi(
         converged=best.converged,
         num_iterations=best.num_iterations,
         pointwise_log_likelihood=pointwise,
-        labels=resp.argmax(-1),
+        labels=final_resp.argmax(-1),
         objective=log_joint,
-        restart_objectives=finals,
+        restart_objectives=result.restart_objectives,
         options=fit_options,
         draws=draws,
         sample_stats={"elbo": history.objective.copy()},

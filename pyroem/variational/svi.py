@@ -37,8 +37,6 @@ a bijection from ``D(D+1)/2`` unconstrained numbers (the log-Cholesky factor, se
 from __future__ import annotations
 
 import math
-import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
@@ -56,13 +54,13 @@ from pyro.infer.autoguide import (
     AutoNormal,
     init_to_value,
 )
+from pyro.infer.util import zero_grads
 from pyro.optim import ClippedAdam, PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
 from pyro.params.param_store import StateDict
-from tqdm import tqdm
 
-from pyroem.em import History
-from pyroem.errors import ConvergenceWarning, NotSupportedError, PyroEMError, SpecError
+from pyroem.em import EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
+from pyroem.errors import NotSupportedError, PyroEMError, SpecError
 from pyroem.options import check_integer, with_defaults
 from pyroem.program.fit import initial_values, num_observations, program_init, resolve_seed
 from pyroem.program.model import ProgramModel
@@ -230,14 +228,6 @@ class SVIFit(ProgramFit):
         )
 
 
-class _SVIRun(NamedTuple):
-    """The per-step ELBO estimates of one SVI run."""
-
-    elbos: list[float]
-    elapsed: list[float]
-    converged: bool
-
-
 def _window_change(elbos: list[float], window: int) -> tuple[float, float]:
     """The change between the means of the last two windows, and its standard error."""
     last = np.asarray(elbos[-window:])
@@ -249,51 +239,133 @@ def _window_change(elbos: list[float], window: int) -> tuple[float, float]:
     return change, stderr
 
 
-def _run_svi(
-    svi: SVI,
-    scheduler: PyroLRScheduler | None,
-    program: ProgramModel,
-    *,
-    num_data: int,
-    tol: float,
-    max_iter: int,
-    window: int,
-    progress: bool,
-) -> _SVIRun:
-    """Take SVI steps until the smoothed ELBO settles (see the module docstring)."""
-    start = time.perf_counter()
-    elbos: list[float] = []
-    elapsed: list[float] = []
-    converged = False
-    args, kwargs = program.model_args, program.model_kwargs
-    with tqdm(total=max_iter, desc="vb-em (svi)", disable=not progress, leave=False) as bar:
-        for step in range(max_iter):
-            # Pyro's argument checks run on the first step only: it validates the program,
-            # the data and the guide, and later steps move parameters only inside their
-            # supports (the checks are about half of a step's time).
-            checks = nullcontext() if step == 0 else pyro.validation_enabled(False)
-            with checks:
-                elbos.append(-float(svi.step(*args, **kwargs)))
-            if scheduler is not None:
-                scheduler.step()
-            elapsed.append(time.perf_counter() - start)
-            bar.update(1)
-            if not math.isfinite(elbos[-1]):
-                raise PyroEMError(
-                    f"the ELBO became {elbos[-1]} at SVI step {step + 1}: the steps diverged; "
-                    "lower learning_rate, use optimizer='clipped_adam', or start closer "
-                    "(init=...)"
-                )
-            if window == 0 or len(elbos) < 2 * window:
-                continue
-            change, stderr = _window_change(elbos, window)
-            bar.set_postfix(
-                elbo=f"{np.mean(elbos[-window:]):.6g}", change=f"{change:.2e}", refresh=False
+class _SVIState:
+    """One restart's guide and optimiser; its parameters live in Pyro's parameter store
+    (snapshot into ``param_state`` when the run ends)."""
+
+    def __init__(self, guide: Callable[..., Any], svi: SVI, scheduler: PyroLRScheduler | None):
+        self.guide, self.svi, self.scheduler = guide, svi, scheduler
+        self.steps = 0
+        self.param_state: StateDict | None = None
+
+
+class _SVIResult(NamedTuple):
+    """What :meth:`_SVIEngine.finish` reads at the final parameters."""
+
+    elbo: float
+    elbo_stderr: float
+    draws: dict[str, torch.Tensor]
+    values: dict[str, torch.Tensor]
+    raw_elbos: np.ndarray
+
+
+class _SVIEngine(Engine):
+    """SVI as an EM engine: the E-step estimates the ELBO and its gradient at the current
+    variational and model parameters, the M-step takes the optimiser's step."""
+
+    name = "vb-em (svi)"
+
+    def __init__(
+        self,
+        settings: SVIOptions,
+        program: _SVIProgram,
+        init: Mapping[str, Any] | None,
+        base_seed: int,
+        max_iter: int,
+    ) -> None:
+        self.settings, self.program, self.start, self.base_seed = settings, program, init, base_seed
+        self.max_iter = max_iter
+        self.first = initial_values(program, init, base_seed)
+        self.num_data = num_observations(program.trace(self.first), program)
+        self.model = BijectiveSupports(_bijective_sites(program))(program.model)
+        self.latents = [name for name, site in program.params.items() if site.kind == "sample"]
+
+    def init(self, restart: int) -> MStepResult:
+        start = (
+            self.first
+            if restart == 0
+            else initial_values(self.program, self.start, self.base_seed + restart)
+        )
+        pyro.clear_param_store()
+        torch.manual_seed(self.base_seed + restart)
+        for name, site in self.program.params.items():
+            if site.kind == "param":
+                pyro.param(name, start[name], constraint=site.constraint)
+        guide = _make_guide(self.settings, self.model, self.program, start)
+        optimizer, scheduler = _make_optimizer(self.settings, self.max_iter)
+        svi = SVI(self.model, guide, optimizer, _elbo(self.program, self.settings.num_particles))
+        return MStepResult(_SVIState(guide, svi, scheduler))
+
+    def e_step(self, state: _SVIState) -> EStepResult:
+        """The ELBO estimate (``num_particles`` particles) and its gradient."""
+        args, kwargs = self.program.model_args, self.program.model_kwargs
+        # Pyro's argument checks run on the first step only: it validates the program,
+        # the data and the guide, and later steps move parameters only inside their
+        # supports (the checks are about half of a step's time).
+        checks = nullcontext() if state.steps == 0 else pyro.validation_enabled(False)
+        with checks, poutine.trace(param_only=True) as capture:
+            loss = state.svi.loss_and_grads(state.svi.model, state.svi.guide, *args, **kwargs)
+        elbo = -float(loss)
+        if not math.isfinite(elbo):
+            raise PyroEMError(
+                f"the ELBO became {elbo} at SVI step {state.steps + 1}: the steps diverged; "
+                "lower learning_rate, use optimizer='clipped_adam', or start closer (init=...)"
             )
-            if abs(change) < max(tol * num_data, _NOISE_MULTIPLE * stderr):
-                converged = True
-                break
-    return _SVIRun(elbos, elapsed, converged)
+        nodes: Any = capture.trace.nodes
+        params = {site["value"].unconstrained() for site in nodes.values()}
+        return EStepResult(params, elbo, math.nan)
+
+    def m_step(self, stats: set[torch.Tensor], params: _SVIState, iteration: int) -> MStepResult:
+        """One optimiser step on the gradient of the last E-step (``stats``: the
+        parameters that have it)."""
+        state = params
+        state.svi.optim(stats)
+        zero_grads(stats)
+        if state.scheduler is not None:
+            state.scheduler.step()
+        state.steps += 1
+        return MStepResult(state)
+
+    def converged(self, objectives: list[float], info: list[Mapping[str, Any]], tol: float) -> bool:
+        """The windowed rule of the module docstring."""
+        window = self.settings.window
+        if window == 0 or len(objectives) < 2 * window:
+            return False
+        change, stderr = _window_change(objectives, window)
+        return abs(change) < max(tol * self.num_data, _NOISE_MULTIPLE * stderr)
+
+    def finish(self, run: EMRun) -> EMRun:
+        """The final ELBO from ``num_elbo_particles`` particles replaces the last estimate;
+        the guide's draws and point estimate; a snapshot of the parameters."""
+        state: _SVIState = run.params
+        zero_grads(run.last.stats)
+        elbo, stderr = _final_elbo(
+            self.model, state.guide, self.program, self.settings.num_elbo_particles
+        )
+        draws = _draw(state.guide, self.program, self.latents, self.settings.num_draws)
+        if isinstance(state.guide, AutoDelta):
+            values = {name: value.detach() for name, value in state.guide.median().items()}
+        else:
+            values = {name: draws[name].mean(0) for name in self.latents}
+        for name, site in self.program.params.items():
+            if site.kind == "param":
+                values[name] = pyro.param(name).detach().clone()
+        state.param_state = pyro.get_param_store().get_state()
+        raw = run.history.objective
+        history = run.history._replace(objective=np.append(raw[:-1], elbo))
+        values = {name: values[name] for name in self.program.params}
+        return run._replace(
+            history=history, extras=_SVIResult(elbo, stderr, draws, values, raw[:-1])
+        )
+
+    def unconverged_message(self, run: EMRun) -> str | None:
+        if self.settings.window == 0:
+            return None
+        return (
+            f"SVI did not converge in {run.num_iterations} steps (smoothed ELBO change over "
+            "the last window above tol·N and above its noise); raise max_iter or tol, or lower "
+            "the learning rate (learning_rate, lr_decay)"
+        )
 
 
 def _make_optimizer(
@@ -439,6 +511,8 @@ def fit_svi(
     init: Any,
     seed: int | None,
     progress: bool,
+    n_init: int = 1,
+    callback: Callable[[Iteration], Any] | None = None,
     **options: Any,
 ) -> SVIFit:
     r"""Fit a Pyro program by SVI, discrete latents enumerated inside the ELBO.
@@ -457,6 +531,9 @@ def fit_svi(
             own value). A guide function starts from its own ``pyro.param`` values.
         seed: seeds the start and every draw; two fits with the same seed are identical.
         progress: show a progress bar.
+        n_init: restarts (a new start and guide each, seeded ``seed + r``); the one with
+            the highest final ELBO is kept.
+        callback: called after every step (see :func:`pyroem.fit`).
         **options: ``guide`` — ``"normal"`` (default; ``AutoNormal``: independent
             normals on the unconstrained space), ``"delta"`` (``AutoDelta``: a point,
             i.e. MAP by gradient ascent), ``"mvn"`` (``AutoMultivariateNormal``: one
@@ -486,54 +563,20 @@ def fit_svi(
     settings = _check_options(options)
     program = _SVIProgram(model, model_args, model_kwargs)
     init = program_init(init)
-    base_seed = resolve_seed(seed)
-    start = initial_values(program, init, base_seed)
-    num_data = num_observations(program.trace(start), program)
-    svi_model = BijectiveSupports(_bijective_sites(program))(program.model)
-    latents = [name for name, site in program.params.items() if site.kind == "sample"]
-    with torch.random.fork_rng(), pyro.get_param_store().scope() as state:
-        torch.manual_seed(base_seed)
-        for name, site in program.params.items():
-            if site.kind == "param":
-                pyro.param(name, start[name], constraint=site.constraint)
-        guide = _make_guide(settings, svi_model, program, start)
-        optimizer, scheduler = _make_optimizer(settings, max_iter)
-        svi = SVI(svi_model, guide, optimizer, _elbo(program, settings.num_particles))
-        run = _run_svi(
-            svi,
-            scheduler,
-            program,
-            num_data=num_data,
-            tol=tol,
-            max_iter=max_iter,
-            window=settings.window,
-            progress=progress,
+    if init is not None and set(init) >= set(program.params):
+        n_init = 1
+    engine = _SVIEngine(settings, program, init, resolve_seed(seed), max_iter)
+    with torch.random.fork_rng(), pyro.get_param_store().scope():
+        result = run_em(
+            engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
         )
-        final_elbo, elbo_stderr = _final_elbo(
-            svi_model, guide, program, settings.num_elbo_particles
-        )
-        draws = _draw(guide, program, latents, settings.num_draws)
-        if isinstance(guide, AutoDelta):
-            values = {name: value.detach() for name, value in guide.median().items()}
-        else:
-            values = {name: draws[name].mean(0) for name in latents}
-        for name, site in program.params.items():
-            if site.kind == "param":
-                values[name] = pyro.param(name).detach().clone()
-    values = {name: values[name] for name in program.params}
-    if not run.converged and settings.window > 0:
-        warnings.warn(
-            f"SVI did not converge in {len(run.elbos)} steps (smoothed ELBO change over the "
-            "last window above tol·N and above its noise); raise max_iter or tol, or lower "
-            "the learning rate (learning_rate, lr_decay)",
-            ConvergenceWarning,
-            stacklevel=4,
-        )
-    post = posterior(program, values)
-    objective = np.array([*run.elbos, final_elbo])
-    log_likelihood = np.full(objective.shape, np.nan)
-    log_likelihood[-1] = float(post.log_likelihood)
-    elapsed = np.array([0.0, *run.elapsed])
+    best = result.best
+    state: _SVIState = best.params
+    final: _SVIResult = best.extras
+    assert state.param_state is not None
+    post = posterior(program, final.values)
+    history = best.history
+    history.log_likelihood[-1] = float(post.log_likelihood)
     guide_name = settings.guide if isinstance(settings.guide, str) else "guide"
     kinds = {
         name: f"svi-{guide_name}" if site.kind == "sample" else "svi-ml"
@@ -552,29 +595,31 @@ def fit_svi(
         "tol": tol,
         "max_iter": max_iter,
         "seed": seed,
+        "n_init": n_init,
+        **result.record(),
     }
     return SVIFit(
-        guide=guide,
-        param_state=state,
-        elbo=final_elbo,
-        elbo_stderr=elbo_stderr,
+        guide=state.guide,
+        param_state=state.param_state,
+        elbo=final.elbo,
+        elbo_stderr=final.elbo_stderr,
         local_latents=list(program.local_latents),
         program=program,
         method="vb-em",
-        values=values,
+        values=final.values,
         m_step_kinds=kinds,
         marginals=post.marginals,
         log_likelihood=float(post.log_likelihood),
         log_joint=float(post.log_joint),
-        history=History(objective, log_likelihood, elapsed),
-        converged=run.converged,
-        num_iterations=len(run.elbos),
-        num_data=num_data,
-        restart_objectives=[final_elbo],
+        history=history,
+        converged=best.converged,
+        num_iterations=best.num_iterations,
+        num_data=engine.num_data,
+        restart_objectives=result.restart_objectives,
         options=record,
-        draws={name: value.unsqueeze(0) for name, value in draws.items()},
+        draws={name: value.unsqueeze(0) for name, value in final.draws.items()},
         sample_stats={
-            "elbo": objective,
-            "elbo_smoothed": _smoothed(run.elbos, max(settings.window, 1)),
+            "elbo": history.objective.copy(),
+            "elbo_smoothed": _smoothed(list(final.raw_elbos), max(settings.window, 1)),
         },
     )
