@@ -452,29 +452,29 @@ class Gaussian(Family):
         log_2pi = math.log(2 * math.pi)
         # Every kernel whitens x − μ_k itself, never expands it into x² − 2xμ + μ² nor
         # whitens x and μ apart: either cancels when the data sit far from the origin.
+        # (K, D, n) layout: the sums run over the middle axis, with n contiguous.
+        centres = means[:, :, None]
         if self.covariance_type in ("diag", "spherical"):
-            scales = self._variances(params).rsqrt()  # (K, D)
-            const = -0.5 * dim * log_2pi + scales.log().sum(-1)
+            scales = self._variances(params).rsqrt()[:, :, None]  # (K, D, 1)
+            const = -0.5 * dim * log_2pi + scales.log().sum((1, 2))
 
             def diagonal(prepared: torch.Tensor) -> torch.Tensor:
-                white = (prepared[None] - means[:, None]).mul_(scales[:, None])  # (K, n, D)
-                return white.square_().sum(-1).T.mul(-0.5).add_(const)
+                white = (prepared.T[None] - centres).mul_(scales)
+                return white.square_().sum(1).T.mul(-0.5).add_(const)
 
             return diagonal
 
         eye = torch.eye(dim, dtype=means.dtype, device=means.device)
+        chol = self._cholesky(params.covariances)
+        # whiten: L⁻¹, so |L⁻¹(x − μ)|² is the Mahalanobis distance.
+        whiten = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+        const = -0.5 * dim * log_2pi - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         if self.covariance_type == "tied":
-            chol = self._cholesky(params.covariances)
-            whiten = torch.linalg.solve_triangular(chol, eye, upper=False).T  # (D, D)
-            const = -0.5 * dim * log_2pi - chol.diagonal().log().sum()
-        else:
-            chol = self._cholesky(params.covariances)
-            whiten = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False).mT
-            const = -0.5 * dim * log_2pi - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+            whiten = whiten.expand(means.shape[0], dim, dim)
 
         def matrix(prepared: torch.Tensor) -> torch.Tensor:
-            white = torch.matmul(prepared[None] - means[:, None], whiten)  # (K, n, D)
-            return white.square_().sum(-1).T.mul(-0.5).add_(const)
+            white = torch.bmm(whiten, prepared.T[None] - centres)  # (K, D, n)
+            return white.square_().sum(1).T.mul(-0.5).add_(const)
 
         return matrix
 
