@@ -174,15 +174,15 @@ def _expected_statistics(family: Any, data: np.ndarray, resp: np.ndarray) -> dic
     """Sufficient statistics from brute-force responsibilities, as the families define them."""
     counts = resp.sum(0)
     if family.name == "gaussian":
+        # Scatter of each component about its own weighted mean, computed directly.
         centered = data - family.shift.numpy()
         sum_x = resp.T @ centered
-        if family.covariance_type == "full":
-            sum_xx = np.einsum("nk,nd,ne->kde", resp, centered, centered)
-        elif family.covariance_type == "tied":
-            sum_xx = centered.T @ centered
+        deviations = centered[None] - (sum_x / counts[:, None])[:, None]  # (K, n, D)
+        if family.covariance_type in ("full", "tied"):
+            scatter = np.einsum("nk,knd,kne->kde", resp, deviations, deviations)
         else:
-            sum_xx = resp.T @ centered**2
-        return {"counts": counts, "sum_x": sum_x, "sum_xx": sum_xx}
+            scatter = np.einsum("nk,knd->kd", resp, deviations**2)
+        return {"counts": counts, "sum_x": sum_x, "scatter": scatter}
     if family.name == "categorical":
         onehot = np.eye(NUM_CATEGORIES)[data.astype(int)].reshape(data.shape[0], -1)
         return {"counts": counts, "sum_onehot": resp.T @ onehot}

@@ -27,7 +27,14 @@ __all__ = ["MixtureEStep", "add_statistics", "score_mixture"]
 
 
 def add_statistics(left: Any, right: Any) -> Any:
-    """Elementwise sum of two statistics NamedTuples."""
+    """Statistics of two disjoint chunks together.
+
+    Sums elementwise, unless the statistics define their own ``merge`` (a Gaussian's
+    scatter about each component's mean is combined by the pairwise update).
+    """
+    merge = getattr(left, "merge", None)
+    if merge is not None:
+        return merge(right)
     return type(left)(*(a + b for a, b in zip(left, right, strict=True)))
 
 

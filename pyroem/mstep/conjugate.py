@@ -18,6 +18,7 @@ __all__ = [
     "normal_mean_mode",
     "probabilities_mode",
     "scatter_about",
+    "weighted_mean",
 ]
 
 
@@ -83,28 +84,32 @@ def normal_mean_mode(
     return (mean_precision * prior_mean + sum_x) / (mean_precision + counts[:, None])
 
 
+def weighted_mean(sum_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``sum_x / counts`` per component ``(K, D)``; ``0`` where a component holds no weight."""
+    safe = counts.clamp(min=torch.finfo(counts.dtype).tiny)
+    return torch.where(counts[:, None] > 0, sum_x / safe[:, None], torch.zeros_like(sum_x))
+
+
 def scatter_about(
-    means: torch.Tensor,
-    sum_x: torch.Tensor,
-    sum_xx: torch.Tensor,
-    counts: torch.Tensor,
+    scatter: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor
 ) -> torch.Tensor:
-    r"""Weighted scatter ``Σ_n w_nk (x_n − μ_k)(x_n − μ_k)^T`` from raw moments.
+    r"""Scatter about other centres: ``Σ_n w_nk (x_n − μ_k)(x_n − μ_k)ᵀ``.
+
+    From the scatter ``S_k`` about each component's weighted mean ``m_k`` it is
+    ``S_k + N_k (m_k − μ_k)(m_k − μ_k)ᵀ``, with no cancellation.
 
     Args:
-        means: ``μ``, shape ``(K, D)``.
-        sum_x: ``Σ_n w_nk x_n``, shape ``(K, D)``.
-        sum_xx: ``Σ_n w_nk x_n x_n^T``, shape ``(K, D, D)``.
+        scatter: ``S_k``, shape ``(K, D, D)``, or its diagonal ``(K, D)``.
+        offsets: ``m_k − μ_k``, shape ``(K, D)``.
         counts: ``N_k``, shape ``(K,)``.
 
     Returns:
-        Scatter matrices, shape ``(K, D, D)``, symmetrised.
+        Scatter matrices shaped as ``scatter``.
     """
-    cross = sum_x[:, :, None] * means[:, None, :]
-    scatter = (
-        sum_xx - cross - cross.mT + counts[:, None, None] * means[:, :, None] * means[:, None, :]
-    )
-    return 0.5 * (scatter + scatter.mT)
+    if scatter.ndim == 2:
+        return scatter + counts[:, None] * offsets.square()
+    outer = offsets[:, :, None] * offsets[:, None, :]
+    return scatter + counts[:, None, None] * outer
 
 
 def gamma_poisson_rate_mode(

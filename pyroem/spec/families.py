@@ -35,6 +35,7 @@ from pyroem.mstep.conjugate import (
     normal_mean_mode,
     probabilities_mode,
     scatter_about,
+    weighted_mean,
 )
 from pyroem.spec.distributions import InverseWishart
 from pyroem.spec.priors import Beta, Dirichlet, Gamma, NormalInverseWishart, prior_from_config
@@ -303,12 +304,33 @@ class GaussianParams(NamedTuple):
 
 
 class GaussianStats(NamedTuple):
-    """Moments about the data mean: counts ``(K,)``, sum_x ``(K, D)``, sum_xx:
-    full ``(K, D, D)``, diag/spherical ``(K, D)``, tied ``(D, D)`` (all data)."""
+    """Per-component statistics about the data mean: counts ``(K,)``, sum_x ``(K, D)``
+    and the scatter of each component about its own weighted mean
+    ``Σ_n r_nk (x_n − m_k)(x_n − m_k)ᵀ`` (``m_k = sum_x / counts``): full and tied
+    ``(K, D, D)``, diag and spherical its diagonal ``(K, D)``.
+
+    Scatter about each component's own mean is exact whatever the distance between
+    components; chunks are combined by :meth:`merge` (Chan, Golub & LeVeque's
+    pairwise update), not by adding raw second moments, which would cancel.
+    """
 
     counts: torch.Tensor
     sum_x: torch.Tensor
-    sum_xx: torch.Tensor
+    scatter: torch.Tensor
+
+    def merge(self, other: GaussianStats) -> GaussianStats:
+        """Statistics of the union of two disjoint sets of data."""
+        counts = self.counts + other.counts
+        delta = weighted_mean(other.sum_x, other.counts) - weighted_mean(self.sum_x, self.counts)
+        # n_a n_b / (n_a + n_b); 0 where either side is empty.
+        factor = self.counts * other.counts / counts.clamp(min=torch.finfo(counts.dtype).tiny)
+        if self.scatter.ndim == 3:
+            correction = delta[:, :, None] * delta[:, None, :]
+        else:
+            correction = delta.square()
+        scatter = self.scatter + other.scatter
+        scatter = scatter + factor.reshape(-1, *[1] * (scatter.ndim - 1)) * correction
+        return GaussianStats(counts, self.sum_x + other.sum_x, scatter)
 
 
 class ResolvedNIW(NamedTuple):
@@ -324,8 +346,9 @@ class Gaussian(Family):
     Parameters (``fit.params``): ``means`` ``(K, D)`` and ``covariances`` shaped as in
     scikit-learn: full ``(K, D, D)``, diag ``(K, D)``, spherical ``(K,)``, tied ``(D, D)``.
     Prior: :class:`~pyroem.spec.priors.NormalInverseWishart` (``prior=None``: maximum
-    likelihood). Statistics are accumulated about the data mean so raw second
-    moments lose no precision to cancellation.
+    likelihood). Each component's scatter is accumulated about its own weighted mean
+    (see :class:`GaussianStats`), so covariances are exact to the dtype's precision
+    however far apart the components sit.
     """
 
     name = "gaussian"
@@ -339,7 +362,7 @@ class Gaussian(Family):
         super().__init__(prior)
         self.covariance_type = covariance_type
         if covariance_type == "tied":
-            self.shared_params = ("covariances", "sum_xx")
+            self.shared_params = ("covariances",)
 
     def __repr__(self) -> str:
         return f"Gaussian(covariance_type={self.covariance_type!r}, prior={self.prior!r})"
@@ -355,11 +378,13 @@ class Gaussian(Family):
         """Any finite real data fit a Gaussian (finiteness is checked by ``fit``)."""
 
     def _bind_data(self, data: torch.Tensor) -> None:
-        self.shift = data.mean(0)
+        # No shift: kernels and statistics work on x − μ_k, so the data are used as
+        # given (a shift would round away the digits of points far from it).
+        self.shift = torch.zeros_like(data[0])
 
     @property
     def _center(self) -> torch.Tensor:
-        """The data mean statistics are taken about (set by :meth:`bind`)."""
+        """The origin statistics are taken about (zero, or a saved fit's shift)."""
         if self.shift is None:
             raise SpecError(f"{self!r} is not bound to data; call family.bind(data, K) first")
         return self.shift
@@ -401,10 +426,7 @@ class Gaussian(Family):
 
     # ----- kernels ------------------------------------------------------
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        centered = x - self._center
-        if self.covariance_type in ("diag", "spherical"):
-            return torch.cat([centered, centered.square()], dim=1)
-        return centered
+        return x - self._center
 
     def _variances(self, params: GaussianParams) -> torch.Tensor:
         """Per-dimension variances ``(K, D)`` for diag/spherical."""
@@ -427,67 +449,50 @@ class Gaussian(Family):
     def log_prob_fn(self, params: GaussianParams) -> LogProbFn:
         dim = self._require_bound()
         means = params.means - self._center
-        num_components = means.shape[0]
         log_2pi = math.log(2 * math.pi)
+        # Every kernel whitens x − μ_k itself, never expands it into x² − 2xμ + μ² nor
+        # whitens x and μ apart: either cancels when the data sit far from the origin.
+        # (K, D, n) layout: the sums run over the middle axis, with n contiguous.
+        centres = means[:, :, None]
         if self.covariance_type in ("diag", "spherical"):
-            variances = self._variances(params)
-            precisions = variances.reciprocal()
-            const = -0.5 * (dim * log_2pi + variances.log().sum(-1))
-            const = const - 0.5 * (means.square() * precisions).sum(-1)
-            weights = torch.cat([means * precisions, -0.5 * precisions], dim=1).T  # (2D, K)
+            scales = self._variances(params).rsqrt()[:, :, None]  # (K, D, 1)
+            const = -0.5 * dim * log_2pi + scales.log().sum((1, 2))
 
             def diagonal(prepared: torch.Tensor) -> torch.Tensor:
-                return torch.addmm(const, prepared, weights)
+                white = (prepared.T[None] - centres).mul_(scales)
+                return white.square_().sum(1).T.mul(-0.5).add_(const)
 
             return diagonal
 
         eye = torch.eye(dim, dtype=means.dtype, device=means.device)
-        if self.covariance_type == "tied":
-            chol = self._cholesky(params.covariances)
-            whiten = torch.linalg.solve_triangular(chol, eye, upper=False).T  # (D, D)
-            centres = means @ whiten  # (K, D)
-            const = -0.5 * dim * log_2pi - chol.diagonal().log().sum()
-            const_k = const - 0.5 * centres.square().sum(-1)
-
-            def tied(prepared: torch.Tensor) -> torch.Tensor:
-                white = prepared @ whiten
-                out = torch.addmm(const_k, white, centres.T, alpha=1.0)
-                return out - 0.5 * white.square().sum(-1, keepdim=True)
-
-            return tied
-
         chol = self._cholesky(params.covariances)
-        whiten = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False).mT
-        stacked = whiten.permute(1, 0, 2).reshape(dim, num_components * dim)
-        offsets = torch.einsum("kd,kde->ke", means, whiten).reshape(-1)
+        # whiten: L⁻¹, so |L⁻¹(x − μ)|² is the Mahalanobis distance.
+        whiten = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
         const = -0.5 * dim * log_2pi - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        # -1/2 on each component's block of D squared coordinates: summing the squares by
-        # a matrix product is faster than a reduction over the short last axis.
-        halves = torch.full((dim, 1), -0.5, dtype=means.dtype, device=means.device)
-        block_sum = torch.block_diag(*[halves] * num_components)  # (K·D, K)
+        if self.covariance_type == "tied":
+            whiten = whiten.expand(means.shape[0], dim, dim)
 
-        def full(prepared: torch.Tensor) -> torch.Tensor:
-            white = torch.mm(prepared, stacked).sub_(offsets).square_()
-            return torch.addmm(const, white, block_sum)
+        def matrix(prepared: torch.Tensor) -> torch.Tensor:
+            white = torch.bmm(whiten, prepared.T[None] - centres)  # (K, D, n)
+            return white.square_().sum(1).T.mul(-0.5).add_(const)
 
-        return full
+        return matrix
 
     def statistics(self, prepared: torch.Tensor, resp: torch.Tensor) -> GaussianStats:
         counts = resp.sum(0)
-        if self.covariance_type in ("diag", "spherical"):
-            moments = resp.T @ prepared
-            dim = prepared.shape[1] // 2
-            return GaussianStats(counts, moments[:, :dim], moments[:, dim:])
         sum_x = resp.T @ prepared
-        if self.covariance_type == "tied":
-            return GaussianStats(counts, sum_x, prepared.T @ prepared)
-        # Σ_n r_nk x_n x_nᵀ as one (K·D, n) @ (n, D) product over contiguous rows: several
-        # times faster than weighting the (n, K·D) outer layout when D is small.
-        num, dim = prepared.shape
-        resp_t = resp.T.contiguous()
-        weighted = (resp_t[:, None, :] * prepared.T.contiguous()[None]).view(-1, num)
-        sum_xx = (weighted @ prepared).view(-1, dim, dim)
-        return GaussianStats(counts, sum_x, sum_xx)
+        # Corrected two-pass scatter (Chan, Golub & LeVeque): deviations from the chunk's
+        # weighted mean m_k, minus the rounding left in Σ r (x − m_k); never raw moments.
+        deviations = prepared[None] - weighted_mean(sum_x, counts)[:, None]  # (K, n, D)
+        resp_t = resp.T[:, None, :]  # (K, 1, n)
+        residual = torch.bmm(resp_t, deviations)  # (K, 1, D), zero up to rounding
+        safe = counts.clamp(min=torch.finfo(counts.dtype).tiny)[:, None, None]
+        if self.covariance_type in ("diag", "spherical"):
+            scatter = torch.bmm(resp_t, deviations.square()) - residual.square() / safe
+            return GaussianStats(counts, sum_x, scatter[:, 0])
+        weighted = deviations * resp.T[:, :, None]
+        scatter = weighted.mT @ deviations - residual.mT * residual / safe
+        return GaussianStats(counts, sum_x, 0.5 * (scatter + scatter.mT))
 
     def m_step(self, stats: GaussianStats) -> GaussianParams:
         dim = self._require_bound()
@@ -498,19 +503,21 @@ class Gaussian(Family):
         means = normal_mean_mode(stats.sum_x, counts, prior_mean, kappa)
         has_mean_prior = prior is not None and kappa > 0
         deviation = means - prior_mean if has_mean_prior and prior_mean is not None else None
+        sample_means = weighted_mean(stats.sum_x, counts)
+        scatter = scatter_about(stats.scatter, sample_means - means, counts)
 
         if self.covariance_type in ("diag", "spherical"):
-            quad = stats.sum_xx - 2 * stats.sum_x * means + counts[:, None] * means.square()
             if self.covariance_type == "diag":
                 if prior is None:
-                    covariances = quad / counts[:, None]
+                    covariances = scatter / counts[:, None]
                 else:
-                    numer = quad + torch.diagonal(prior.scale)
+                    numer = scatter + torch.diagonal(prior.scale)
                     if deviation is not None:
                         numer = numer + kappa * deviation.square()
                     covariances = numer / (counts[:, None] + prior.dof + 2 + has_mean_prior)
+                self._check_variances(covariances, self._magnitude(stats), counts)
             else:
-                total = quad.sum(-1)
+                total = scatter.sum(-1)
                 if prior is None:
                     covariances = total / (counts * dim)
                 else:
@@ -519,63 +526,63 @@ class Gaussian(Family):
                         numer = numer + kappa * deviation.square().sum(-1)
                     denom = counts * dim + prior.dof + 2 + dim * has_mean_prior
                     covariances = numer / denom
-            moments = stats.sum_xx / counts[:, None]
-            if self.covariance_type == "diag":
-                self._check_variances(covariances, moments, counts)
-            else:
-                self._check_variances(covariances[:, None], moments.mean(-1, keepdim=True), counts)
-        else:
-            if self.covariance_type == "tied":
-                cross = stats.sum_x.T @ means
-                scatter = stats.sum_xx - cross - cross.T + (counts[:, None] * means).T @ means
-                scatter = 0.5 * (scatter + scatter.T)
-                total = counts.sum()
-                if prior is None:
-                    covariances = scatter / total
-                else:
-                    numer = scatter + prior.scale
-                    if deviation is not None:
-                        numer = numer + kappa * deviation.T @ deviation
-                    num_mean_priors = means.shape[0] if has_mean_prior else 0
-                    covariances = numer / (total + prior.dof + dim + 1 + num_mean_priors)
-            else:
-                scatter = scatter_about(means, stats.sum_x, stats.sum_xx, counts)
-                if prior is None:
-                    covariances = scatter / counts[:, None, None]
-                else:
-                    numer = scatter + prior.scale
-                    if deviation is not None:
-                        numer = numer + kappa * deviation[:, :, None] * deviation[:, None, :]
-                    denom = counts + prior.dof + dim + 1 + has_mean_prior
-                    covariances = numer / denom[:, None, None]
+                magnitude = self._magnitude(stats).amax(-1, keepdim=True)
+                self._check_variances(covariances[:, None], magnitude, counts)
             params = GaussianParams(means + self._center, covariances)
             _check_finite_params(params, counts, self.name)
-            if self.covariance_type == "tied":
-                moments = torch.diagonal(stats.sum_xx) / counts.sum()
-                self._check_variances(torch.diagonal(covariances)[None], moments[None], counts)
-            else:
-                moments = torch.diagonal(stats.sum_xx, dim1=-2, dim2=-1) / counts[:, None]
-                self._check_variances(
-                    torch.diagonal(covariances, dim1=-2, dim2=-1), moments, counts
-                )
-            self._cholesky(covariances)
             return params
+
+        if self.covariance_type == "tied":
+            total = counts.sum()
+            pooled = scatter.sum(0)
+            if prior is None:
+                covariances = pooled / total
+            else:
+                numer = pooled + prior.scale
+                if deviation is not None:
+                    numer = numer + kappa * deviation.T @ deviation
+                num_mean_priors = means.shape[0] if has_mean_prior else 0
+                covariances = numer / (total + prior.dof + dim + 1 + num_mean_priors)
+        else:
+            if prior is None:
+                covariances = scatter / counts[:, None, None]
+            else:
+                numer = scatter + prior.scale
+                if deviation is not None:
+                    numer = numer + kappa * deviation[:, :, None] * deviation[:, None, :]
+                denom = counts + prior.dof + dim + 1 + has_mean_prior
+                covariances = numer / denom[:, None, None]
         params = GaussianParams(means + self._center, covariances)
         _check_finite_params(params, counts, self.name)
+        magnitude = self._magnitude(stats)
+        if self.covariance_type == "tied":
+            pooled_magnitude = (counts[:, None] * magnitude).sum(0) / counts.sum()
+            self._check_variances(torch.diagonal(covariances)[None], pooled_magnitude[None], counts)
+        else:
+            variances = torch.diagonal(covariances, dim1=-2, dim2=-1)
+            self._check_variances(variances, magnitude, counts)
+        self._cholesky(covariances)
         return params
 
+    def _magnitude(self, stats: GaussianStats) -> torch.Tensor:
+        """Mean square of each component's data in the user's coordinates, ``(K, D)``."""
+        counts = stats.counts.clamp(min=torch.finfo(stats.counts.dtype).tiny)
+        spread = stats.scatter if stats.scatter.ndim == 2 else stats.scatter.diagonal(0, -2, -1)
+        means = weighted_mean(stats.sum_x, stats.counts) + self._center
+        return means.square() + spread / counts[:, None]
+
     def _check_variances(
-        self, variances: torch.Tensor, moments: torch.Tensor, counts: torch.Tensor
+        self, variances: torch.Tensor, magnitude: torch.Tensor, counts: torch.Tensor
     ) -> None:
         """Raise where a variance ``(K, D)`` is zero up to rounding.
 
-        Variances come from second moments about the data mean ``(K, D)`` by
-        cancellation, so one within ``64·eps`` of its moment is rounding noise (a
-        component on repeated points), not a variance.
+        The data themselves are exact only to ``eps·|x|``, so a standard deviation
+        within 64 such units of a component's root mean square ``magnitude`` (its
+        data's typical size, ``(K, D)``) is rounding noise (a component on repeated
+        points), not a spread.
         """
-        # An empty component's moments are 0/0: no data, nothing cancelled, floor 0 (its
-        # variance is then the prior's, or NaN without a prior, which is caught below).
-        floor = 64 * torch.finfo(variances.dtype).eps * moments.nan_to_num(nan=0.0)
+        # An empty component's variance is 0/0, NaN, and fails the test below.
+        floor = (64 * torch.finfo(variances.dtype).eps) ** 2 * magnitude.nan_to_num(nan=0.0)
         bad = ~(variances > floor)
         if bool(bad.any()):
             component, dim = (int(i) for i in torch.nonzero(bad)[0])

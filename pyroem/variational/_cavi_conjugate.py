@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from pyroem.errors import SpecError
-from pyroem.mstep.conjugate import scatter_about
+from pyroem.mstep.conjugate import scatter_about, weighted_mean
 from pyroem.spec.distributions import InverseWishart
 from pyroem.spec.families import (
     Bernoulli,
@@ -197,21 +197,17 @@ class _GaussianFactor(ConjugateFactor):
         kappa = self.kappa0 + counts
         mean = (self.kappa0 * self.prior_mean + stats.sum_x) / kappa[:, None]
         deviation = mean - self.prior_mean
+        offsets = weighted_mean(stats.sum_x, counts) - mean
+        scatter = scatter_about(stats.scatter, offsets, counts)
         if self.kind == "full":
-            scatter = scatter_about(mean, stats.sum_x, stats.sum_xx, counts)
             outer = deviation[:, :, None] * deviation[:, None, :]
             return NIWPosterior(
                 mean, kappa, self.nu0 + counts, self.scale0 + scatter + self.kappa0 * outer
             )
         if self.kind == "tied":
-            cross = stats.sum_x.T @ mean
-            scatter = stats.sum_xx - cross - cross.T + (counts[:, None] * mean).T @ mean
-            scale = (
-                self.scale0 + 0.5 * (scatter + scatter.T) + self.kappa0 * deviation.T @ deviation
-            )
+            scale = self.scale0 + scatter.sum(0) + self.kappa0 * deviation.T @ deviation
             return NIWPosterior(mean, kappa, self.nu0 + counts.sum(), scale)
-        quad = stats.sum_xx - 2 * stats.sum_x * mean + counts[:, None] * mean.square()
-        quad = quad + self.kappa0 * deviation.square()
+        quad = scatter + self.kappa0 * deviation.square()
         if self.kind == "diag":
             return NIWPosterior(mean, kappa, self.nu0 + counts, self.scale0 + quad)
         return NIWPosterior(mean, kappa, self.nu0 + self.dim * counts, self.scale0 + quad.sum(-1))
