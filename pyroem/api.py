@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +44,68 @@ def _check_options(
     if dtype not in _DTYPES.values():
         raise SpecError(f"dtype must be torch.float64 or torch.float32; got {dtype!r}")
     return dtype
+
+
+_SEED_LIMIT = 2**32
+
+
+def _check_seed(seed: Any) -> int | None:
+    """``seed`` as a Python int (NumPy integers accepted), or ``None``.
+
+    Raises:
+        SpecError: not an integer, or outside ``[0, 2**32)`` (NumPy's and scikit-learn's range).
+    """
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise SpecError(
+            f"seed must be an integer in [0, 2**32) or None; got {seed!r} "
+            f"({type(seed).__name__}); pass e.g. seed=0"
+        )
+    value = int(seed)
+    if not 0 <= value < _SEED_LIMIT:
+        raise SpecError(
+            f"seed must be an integer in [0, 2**32) or None; got {value}; "
+            f"reduce it, e.g. seed % 2**32"
+        )
+    return value
+
+
+def _check_device(device: Any) -> None:
+    """Raise :class:`SpecError` unless ``device`` names a CPU, or a CUDA or MPS device
+    that exists on this machine."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (TypeError, RuntimeError, ValueError) as err:
+        raise SpecError(
+            f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps' (or a torch.device); got {device!r}"
+        ) from err
+    if parsed.type == "cpu":
+        return
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise SpecError(
+                f"device={device!r} asks for a GPU, but this PyTorch "
+                f"({torch.__version__}) sees no CUDA device; use device='cpu', or install a "
+                "CUDA build of PyTorch on a machine with an NVIDIA GPU"
+            )
+        if parsed.index is not None and parsed.index >= count:
+            raise SpecError(
+                f"device={device!r}: there are only {count} CUDA device(s) "
+                f"(cuda:0 to cuda:{count - 1})"
+            )
+        return
+    if parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise SpecError(f"device={device!r}: MPS is not available here; use device='cpu'")
+        return
+    raise SpecError(
+        f"device={device!r} is not supported: pyroem computes on 'cpu', 'cuda' or 'mps' "
+        f"(a {parsed.type!r} tensor holds no data pyroem can fit)"
+    )
 
 
 def fit(
@@ -116,6 +179,8 @@ def fit(
     and it never decreases from one iteration to the next.
     """
     torch_dtype = _check_options(method, n_init, tol, max_iter, chunk_size, dtype)
+    seed = _check_seed(seed)
+    _check_device(device)
     started = time.perf_counter()
     result: Any
     if method == "map-em":

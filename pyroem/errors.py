@@ -11,6 +11,7 @@ __all__ = [
     "CollapsedComponentWarning",
     "ConvergenceWarning",
     "DataError",
+    "FitFileError",
     "MCMCWarning",
     "NotSupportedError",
     "PyroEMError",
@@ -29,6 +30,10 @@ class DataError(PyroEMError, ValueError):
 
 class SpecError(PyroEMError, ValueError):
     """A model specification or fit option is invalid."""
+
+
+class FitFileError(PyroEMError, ValueError):
+    """A saved fit cannot be loaded: not a pyroem archive, damaged, or inconsistent."""
 
 
 class NotSupportedError(PyroEMError, NotImplementedError):

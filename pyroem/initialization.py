@@ -150,7 +150,16 @@ def initial_params(
         values = dict(init)
         if "weights" not in values:
             raise SpecError("init_params needs 'weights' besides the family's parameters")
-        weights = torch.as_tensor(values.pop("weights"), dtype=data.dtype, device=data.device)
+        given = values.pop("weights")
+        try:
+            weights = torch.as_tensor(given, dtype=data.dtype, device=data.device)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise SpecError(
+                f"init weights must be {num_components} non-negative numbers summing to 1; "
+                f"got {given!r}"
+            ) from err
+        if not bool(torch.isfinite(weights).all()):
+            raise SpecError(f"init weights must be finite; got {given!r}")
         if weights.shape != (num_components,) or not bool((weights >= 0).all()):
             raise SpecError(
                 f"init weights must be {num_components} non-negative numbers; "

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
 import torch
 
 from pyroem.em import History
-from pyroem.errors import DataError, PyroEMError
+from pyroem.errors import DataError, FitFileError, PyroEMError
 from pyroem.estep.enumerate import score_mixture
 from pyroem.spec.families import Family
 from pyroem.spec.mixture import Mixture, MixtureParams, as_data
@@ -267,70 +269,267 @@ class FitResult:
 
 
 def load(path: str | os.PathLike[str]) -> FitResult:
-    """Read a fit written by :meth:`FitResult.save` (never unpickles)."""
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise PyroEMError(f"cannot read a pyroem fit from {os.fspath(path)!r}: {err}") from err
-    with archive:
-        if "meta" not in archive.files:
-            raise PyroEMError(f"{os.fspath(path)!r} is not a pyroem fit (no metadata)")
-        try:
-            meta = json.loads(str(archive["meta"]))
-        except ValueError as err:
-            raise PyroEMError(f"cannot read a pyroem fit from {os.fspath(path)!r}: {err}") from err
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-            raise PyroEMError(f"{os.fspath(path)!r} is not a pyroem fit")
-        dtype = getattr(torch, meta["dtype"])
-        spec = Mixture.from_config(meta["spec"])
-        shift = torch.from_numpy(archive["shift"]) if "shift" in archive.files else None
-        family = spec.family.rebind(meta["dim"], shift, dtype)
-        components = {
-            name.removeprefix("component/"): torch.from_numpy(archive[name])
-            for name in archive.files
-            if name.startswith("component/")
-        }
-        internal = MixtureParams(
-            torch.from_numpy(archive["weights"]),
-            family.params_type(**components),
-            torch.from_numpy(archive["active"]),
-        )
-        history = History(*(archive[f"history/{name}"] for name in History._fields))
-        draws = {
-            name.removeprefix("draws/"): torch.from_numpy(archive[name])
-            for name in archive.files
-            if name.startswith("draws/")
-        }
-        sample_stats = {
-            name.removeprefix("sample_stats/"): archive[name]
-            for name in archive.files
-            if name.startswith("sample_stats/")
-        }
-        fields: dict[str, Any] = dict(
-            spec=spec,
-            family=family,
-            method=meta["method"],
-            internal=internal,
-            history=history,
-            converged=meta["converged"],
-            num_iterations=meta["num_iterations"],
-            pointwise_log_likelihood=torch.from_numpy(archive["pointwise_log_likelihood"]),
-            labels=torch.from_numpy(archive["labels"]),
-            objective=meta["objective"],
-            restart_objectives=archive["restart_objectives"].tolist(),
-            options=meta["options"],
-            draws=draws or None,
-            sample_stats=sample_stats,
-        )
-        if "variational" in meta:
-            # Imported here: the variational module builds on this one.
-            from pyroem.variational.cavi import restore_variational_fit
+    """Read a fit written by :meth:`FitResult.save` (never unpickles).
 
-            result: FitResult = restore_variational_fit(archive, meta["variational"], fields)
-        else:
-            result = FitResult(**fields)
-    result.runtime = float(meta.get("runtime", math.nan))
+    The whole archive is checked before anything is built: every array present,
+    of the saved dtype and of the shape the metadata implies (sizes bounded by the
+    bytes actually stored), finite, and the parameters inside their supports.
+
+    Raises:
+        FitFileError: the file is missing, not a pyroem fit, damaged or inconsistent;
+            the message names what is wrong.
+    """
+    where = os.fspath(path)
+    arrays = _read_arrays(where)
+    meta = _read_meta(arrays, where)
+    try:
+        fields = _checked_fields(arrays, meta)
+    except FitFileError as err:
+        raise FitFileError(f"{where!r} is not a valid pyroem fit: {err}") from None
+    if "variational" in meta:
+        # Imported here: the variational module builds on this one.
+        from pyroem.variational.cavi import restore_variational_fit
+
+        try:
+            result: FitResult = restore_variational_fit(arrays, meta["variational"], fields)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            raise FitFileError(
+                f"{where!r} is not a valid pyroem fit: its variational factors do not fit "
+                f"the model ({type(err).__name__}: {err})"
+            ) from err
+    else:
+        result = FitResult(**fields)
+    result.runtime = float(meta["runtime"])
     return result
+
+
+def _read_arrays(where: str) -> dict[str, np.ndarray]:
+    """Every array of the archive, each read only after its header's size was checked
+    against the bytes stored for it (a damaged header cannot ask for terabytes)."""
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(where) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise FitFileError(f"it holds {info.filename!r}, which is not an array")
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = header(member)
+                    if dtype.hasobject:
+                        raise FitFileError(f"array {info.filename!r} holds Python objects")
+                    size = math.prod(shape) * dtype.itemsize
+                    if size > info.file_size:
+                        raise FitFileError(
+                            f"array {info.filename!r} claims shape {shape} ({size} bytes) "
+                            f"but only {info.file_size} bytes are stored"
+                        )
+                with archive.open(info) as member:
+                    arrays[info.filename[:-4]] = np.lib.format.read_array(
+                        member, allow_pickle=False
+                    )
+    except FitFileError as err:
+        raise FitFileError(f"cannot read a pyroem fit from {where!r}: {err}") from None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as err:
+        raise FitFileError(
+            f"cannot read a pyroem fit from {where!r}: {type(err).__name__}: {err} "
+            "(the file is missing, truncated, damaged, or not written by FitResult.save)"
+        ) from err
+    return arrays
+
+
+def _read_meta(arrays: dict[str, np.ndarray], where: str) -> dict[str, Any]:
+    """The metadata, checked for every key :func:`load` reads and its type."""
+    if "meta" not in arrays:
+        raise FitFileError(f"{where!r} is not a pyroem fit (no metadata)")
+    try:
+        meta = json.loads(str(arrays["meta"]))
+    except ValueError as err:
+        raise FitFileError(f"cannot read a pyroem fit from {where!r}: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        raise FitFileError(f"{where!r} is not a pyroem fit")
+    expected: dict[str, Any] = {
+        "version": int,
+        "method": str,
+        "spec": dict,
+        "dim": int,
+        "dtype": str,
+        "converged": bool,
+        "num_iterations": int,
+        "objective": float,
+        "options": dict,
+    }
+    for key, kind in expected.items():
+        value = meta.get(key)
+        numeric = kind is float and isinstance(value, int | float) and not isinstance(value, bool)
+        if not (numeric or (isinstance(value, kind) and not (kind is int and value is True))):
+            raise FitFileError(
+                f"{where!r} is not a valid pyroem fit: metadata {key!r} should be a "
+                f"{kind.__name__}; got {value!r}"
+            )
+    if meta["version"] != _FORMAT_VERSION:
+        raise FitFileError(
+            f"{where!r} was written in pyroem fit format {meta['version']}; this version "
+            f"reads format {_FORMAT_VERSION}"
+        )
+    if meta["dtype"] not in ("float32", "float64"):
+        raise FitFileError(f"{where!r}: dtype must be float32 or float64; got {meta['dtype']!r}")
+    runtime = meta.setdefault("runtime", math.nan)
+    if not isinstance(runtime, int | float) and runtime is not None:
+        raise FitFileError(f"{where!r}: metadata 'runtime' should be a number; got {runtime!r}")
+    if runtime is None:
+        meta["runtime"] = math.nan
+    return meta
+
+
+def _array(
+    arrays: dict[str, np.ndarray],
+    name: str,
+    dtype: Any,
+    shape: tuple[int, ...] | None = None,
+    ndim: int | None = None,
+    finite: bool = True,
+) -> np.ndarray:
+    """``arrays[name]``, checked for presence, dtype, shape and finiteness."""
+    if name not in arrays:
+        raise FitFileError(f"array {name!r} is missing")
+    value = arrays[name]
+    if value.dtype != np.dtype(dtype):
+        raise FitFileError(f"array {name!r} has dtype {value.dtype}; expected {np.dtype(dtype)}")
+    if shape is not None and value.shape != shape:
+        raise FitFileError(f"array {name!r} has shape {value.shape}; expected {shape}")
+    if ndim is not None and value.ndim != ndim:
+        raise FitFileError(f"array {name!r} has {value.ndim} dimensions; expected {ndim}")
+    if finite and value.dtype.kind == "f" and not np.isfinite(value).all():
+        raise FitFileError(f"array {name!r} holds NaN or infinite values")
+    return value
+
+
+def _checked_fields(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`FitResult` fields, each array checked against the metadata and the
+    parameters against their supports, before anything is built from them."""
+    float_type = np.dtype(meta["dtype"])
+    try:
+        spec = Mixture.from_config(meta["spec"])
+        family_config = meta["spec"]["family"]
+    except (PyroEMError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise FitFileError(
+            f"its model description is invalid ({type(err).__name__}: {err})"
+        ) from err
+    weights = _array(arrays, "weights", float_type, ndim=1)
+    num_active = weights.shape[0]
+    if not 1 <= num_active <= spec.num_components:
+        raise FitFileError(
+            f"it has {num_active} weights for a mixture of {spec.num_components} components"
+        )
+    if (weights < 0).any() or abs(float(weights.sum()) - 1) > 1e-4:
+        raise FitFileError("its weights are not probabilities (non-negative, summing to 1)")
+    active = _array(arrays, "active", np.int64, shape=(num_active,))
+    if (
+        len(set(active.tolist())) != num_active
+        or not ((active >= 0) & (active < spec.num_components)).all()
+    ):
+        raise FitFileError(
+            f"'active' must hold distinct components in 0..{spec.num_components - 1}"
+        )
+    names = spec.family.params_type._fields
+    saved = sorted(key.removeprefix("component/") for key in arrays if key.startswith("component/"))
+    if saved != sorted(names):
+        raise FitFileError(
+            f"the {family_config.get('family')!r} family has parameters {sorted(names)}; "
+            f"the file holds {saved}"
+        )
+    components = {name: _array(arrays, f"component/{name}", float_type) for name in names}
+    dim = meta["dim"]
+    # Every family's first parameter is (K, dim, ...): the arrays present bound dim.
+    first = components[names[0]]
+    if first.ndim < 2 or first.shape[1] != dim:
+        raise FitFileError(
+            f"its {names[0]} have shape {first.shape}, which does not hold dim={dim}"
+        )
+    shift = None
+    if "shift" in arrays:
+        shift = torch.from_numpy(_array(arrays, "shift", float_type, shape=(dim,)))
+    dtype = getattr(torch, meta["dtype"])
+    try:
+        family = spec.family.rebind(dim, shift, dtype)
+        family._check_user_params(
+            family.params_type(**{k: torch.from_numpy(v.copy()) for k, v in components.items()}),
+            num_active,
+        )
+    except (PyroEMError, ValueError, RuntimeError) as err:
+        raise FitFileError(f"its parameters are invalid: {err}") from None
+    pointwise = _array(arrays, "pointwise_log_likelihood", float_type, ndim=1)
+    labels = _array(arrays, "labels", np.int64, shape=pointwise.shape)
+    if labels.size and not ((labels >= 0) & (labels < num_active)).all():
+        raise FitFileError(f"its labels must lie in 0..{num_active - 1}")
+    restarts = _array(arrays, "restart_objectives", np.float64, ndim=1, finite=False)
+    history = [
+        _array(arrays, f"history/{name}", np.float64, ndim=1, finite=False)
+        for name in History._fields
+    ]
+    if len({len(entry) for entry in history}) != 1:
+        raise FitFileError("its history arrays differ in length")
+    draws = {
+        key.removeprefix("draws/"): torch.from_numpy(_array(arrays, key, arrays[key].dtype))
+        for key in arrays
+        if key.startswith("draws/")
+    }
+    params = {"weights": weights.shape, **{k: v.shape for k, v in components.items()}}
+    for name, value in draws.items():
+        expected = params.get(name)
+        if expected is not None and tuple(value.shape[2:]) != expected:
+            raise FitFileError(
+                f"draws of {name!r} have shape {tuple(value.shape)}; expected "
+                f"(num_chains, num_draws, *{expected})"
+            )
+    for key in arrays:
+        if key.startswith("variational/"):
+            _array(arrays, key, float_type)
+        known = ("component/", "history/", "draws/", "sample_stats/", "variational/")
+        if key not in _TOP_LEVEL and not key.startswith(known):
+            raise FitFileError(f"it holds an unknown array {key!r}")
+    sample_stats = {
+        key.removeprefix("sample_stats/"): arrays[key]
+        for key in arrays
+        if key.startswith("sample_stats/")
+    }
+    internal = MixtureParams(
+        torch.from_numpy(weights),
+        family.params_type(**{k: torch.from_numpy(v) for k, v in components.items()}),
+        torch.from_numpy(active),
+    )
+    return dict(
+        spec=spec,
+        family=family,
+        method=meta["method"],
+        internal=internal,
+        history=History(*history),
+        converged=meta["converged"],
+        num_iterations=meta["num_iterations"],
+        pointwise_log_likelihood=torch.from_numpy(pointwise),
+        labels=torch.from_numpy(labels),
+        objective=float(meta["objective"]),
+        restart_objectives=restarts.tolist(),
+        options=meta["options"],
+        draws=draws or None,
+        sample_stats=sample_stats,
+    )
+
+
+_TOP_LEVEL = (
+    "meta",
+    "weights",
+    "active",
+    "pointwise_log_likelihood",
+    "labels",
+    "restart_objectives",
+    "shift",
+)
 
 
 def _format_array(value: torch.Tensor) -> str:

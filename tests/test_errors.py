@@ -9,15 +9,20 @@ rounding; the same data fit under the default prior.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 
 import pyroem
 from pyroem import DataError, PyroEMError, SingularCovarianceError, SpecError
+from pyroem.errors import NotSupportedError
+from pyroem.sampling.stacked import LatentProgram
 
 GAUSSIAN_DATA = torch.tensor([[0.0, 1.0], [1.0, 0.5], [2.0, 2.5], [3.0, 1.5], [4.0, 3.0]])
 COUNTS = torch.tensor([[0.0, 3.0], [1.0, 2.0], [4.0, 0.0], [2.0, 5.0]])
@@ -505,3 +510,217 @@ def test_collinear_data_fit_with_an_explicit_prior_scale() -> None:
     result = pyroem.fit(pyroem.Mixture(2, pyroem.Gaussian("full", prior=prior)), LINE, seed=0)
     assert torch.isfinite(result.params["covariances"]).all()
     assert bool((torch.linalg.eigvalsh(result.params["covariances"]) > 0).all())
+
+
+# ----------------------------------------------------------------------------
+# The boundary: inputs that once failed inside torch or pyro
+# ----------------------------------------------------------------------------
+
+_X = np.random.default_rng(0).normal(size=(20, 2))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [_X + 1j, torch.tensor(_X) * (1 + 1j), (_X + 0j).tolist()],
+    ids=["numpy", "torch", "list"],
+)
+def test_complex_data_are_rejected(data: Any) -> None:
+    with pytest.raises(DataError, match=r"data must be real; got a complex array.*data\.real"):
+        _fit(data, 2)
+
+
+@pytest.mark.parametrize(
+    ("device", "pattern"),
+    [
+        ("tpu", r"device must be 'cpu', 'cuda', 'cuda:N' or 'mps'.*got 'tpu'"),
+        ("meta", r"device='meta' is not supported: pyroem computes on 'cpu', 'cuda' or 'mps'"),
+        (3.5, r"device must be 'cpu'.*got 3.5"),
+    ],
+)
+def test_unusable_devices_are_named(device: Any, pattern: str) -> None:
+    with pytest.raises(SpecError, match=pattern):
+        _fit(_X, 2, device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_without_a_gpu_is_named() -> None:
+    with pytest.raises(SpecError, match=r"device='cuda' asks for a GPU.*sees no CUDA.*'cpu'"):
+        _fit(_X, 2, device="cuda")
+
+
+def test_numpy_integer_seeds_are_seeds() -> None:
+    plain = _fit(_X, 2, seed=3)
+    numpy_seed = _fit(_X, 2, seed=np.int64(3))
+    for name, value in plain.params.items():
+        assert torch.equal(value, numpy_seed.params[name])
+
+
+@pytest.mark.parametrize("seed", ["abc", 1.5, 2**70, -1, True, np.float64(2.0)])
+@pytest.mark.parametrize("method", ["map-em", "mcmc-em"])
+def test_bad_seeds_are_named(seed: Any, method: str) -> None:
+    with pytest.raises(SpecError, match=r"seed must be an integer in \[0, 2\*\*32\) or None"):
+        _fit(_X, 2, seed=seed, method=method)
+
+
+_COVARIANCES = np.stack([np.eye(2), np.eye(2)])
+_ASYMMETRIC = np.array([[1.0, 0.5], [0.1, 1.0]])
+
+
+@pytest.mark.parametrize(
+    ("make", "pattern"),
+    [
+        (
+            lambda: _fit(
+                _X, 2, init={"weights": "ab", "means": _X[:2], "covariances": _COVARIANCES}
+            ),
+            r"init weights must be 2 non-negative numbers summing to 1; got 'ab'",
+        ),
+        (
+            lambda: _fit(
+                _X,
+                2,
+                init={
+                    "weights": [0.5, 0.5],
+                    "means": _X[:2],
+                    "covariances": np.stack([_ASYMMETRIC] * 2),
+                },
+            ),
+            r"init covariances must be symmetric.*largest \|A - A.T\| is 0.4",
+        ),
+        (
+            lambda: pyroem.Mixture(2, weights_prior="a"),
+            r"weights_prior must be a positive number or 2 positive numbers.*got 'a'",
+        ),
+        (
+            lambda: pyroem.fit(
+                pyroem.Mixture(2, prior=pyroem.NormalInverseWishart(scale=_ASYMMETRIC)), _X
+            ),
+            r"prior scale must be symmetric",
+        ),
+        (
+            lambda: pyroem.NormalInverseWishart(dof="a"),
+            r"NormalInverseWishart\(dof=...\) must be a finite number.*got 'a'",
+        ),
+        (lambda: pyroem.Gamma(rate=[1.0, "x"]), r"Gamma\(rate=...\) must be a finite number"),
+    ],
+    ids=["init-weights", "init-covariance", "weights-prior", "prior-scale", "niw-dof", "gamma"],
+)
+def test_bad_values_are_named_before_torch_sees_them(make: Callable[[], Any], pattern: str) -> None:
+    with pytest.raises(SpecError, match=pattern):
+        make()
+
+
+@pytest.mark.parametrize("prior", ["default", None])
+@pytest.mark.parametrize(
+    ("factor", "pattern"),
+    [
+        (1e300, r"data values reach [0-9.]+e\+300; their squares overflow torch.float64.*rescale"),
+        (1e-300, r"column 0 of the data spans only [0-9.]+e-300; its variance underflows.*rescale"),
+    ],
+)
+def test_data_beyond_the_dtype_range_are_named(prior: Any, factor: float, pattern: str) -> None:
+    """Not "constant or collinear" (they are neither) and not a NaN inside k-means++."""
+    with pytest.raises(DataError, match=pattern):
+        pyroem.fit(pyroem.Mixture(2, prior=prior), _X * factor)
+
+
+def test_scaled_data_still_fit_where_the_dtype_holds_them() -> None:
+    """1e100 times the data is within float64's range: the fit is the unscaled one, scaled
+    (means by 1e100, covariances by 1e200), to rounding."""
+    base = pyroem.fit(pyroem.Mixture(2, prior=None), _X, seed=0)
+    scaled = pyroem.fit(pyroem.Mixture(2, prior=None), _X * 1e100, seed=0)
+    torch.testing.assert_close(scaled.params["means"] / 1e100, base.params["means"])
+    torch.testing.assert_close(scaled.params["covariances"] / 1e200, base.params["covariances"])
+
+
+@pytest.mark.parametrize("prior", ["default", None])
+def test_all_zero_exponential_data_are_named(prior: Any) -> None:
+    """Not "use prior='default'" when that prior is in use."""
+    with pytest.raises(DataError, match=r"column 0 of the exponential data is all zero"):
+        pyroem.fit(pyroem.Mixture(2, "exponential", prior=prior), np.zeros((10, 1)))
+
+
+def _branches_on_a_latent(x: torch.Tensor) -> None:
+    p = pyro.sample("p", dist.Beta(1.0, 1.0))
+    loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+    z = pyro.sample("z", dist.Bernoulli(p))
+    mean = loc if z.item() else 0.0
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(mean, 1.0), obs=x)
+
+
+@pytest.mark.parametrize("method", ["map-em", "vb-em", "mcmc-em", "nuts"])
+def test_python_branching_on_an_enumerated_latent_is_explained(method: str) -> None:
+    torch.set_default_dtype(torch.float64)
+    with pytest.raises(
+        NotSupportedError,
+        match=r"(?s)discrete latents \['z'\] enumerated.*"
+        r"do not branch in Python on a latent's value.*torch.where",
+    ):
+        pyroem.fit(_branches_on_a_latent, torch.zeros(5), method=method, seed=0)
+
+
+def _normal_model(x: torch.Tensor) -> None:
+    loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+    variances = pyro.sample("variances", dist.InverseGamma(2.0, 2.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(loc, variances.sqrt()), obs=x)
+
+
+@pytest.mark.parametrize("method", ["map-em", "vb-em", "nuts"])
+@pytest.mark.parametrize("value", [-1, torch.tensor(-1.0)], ids=["int", "tensor"])
+def test_program_init_outside_the_support_is_named(method: str, value: Any) -> None:
+    torch.set_default_dtype(torch.float64)
+    with pytest.raises(
+        SpecError, match=r"init\['variances'\] = -1(\.0)? is outside the site's support"
+    ):
+        pyroem.fit(_normal_model, torch.zeros(5), init={"variances": value}, method=method)
+
+
+def _random_intercepts(y: torch.Tensor, groups: torch.Tensor) -> None:
+    mu = pyro.param("mu", torch.tensor(0.0))
+    tau = pyro.param("tau", torch.tensor(1.0), constraint=dist.constraints.positive)
+    sigma = pyro.param("sigma", torch.tensor(1.0), constraint=dist.constraints.positive)
+    with pyro.plate("groups", 3):
+        effects = pyro.sample("b", dist.Normal(0.0, tau))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu + effects[..., groups], sigma), obs=y)
+
+
+def _random_intercepts_data() -> tuple[torch.Tensor, torch.Tensor]:
+    groups = torch.arange(3).repeat_interleave(4)
+    return torch.tensor([0.0, 1.0, 2.0])[groups] + torch.linspace(-1, 1, 12), groups
+
+
+def test_random_effects_of_a_pyro_param_model_are_its_latents() -> None:
+    """lme4's reading: the pyro.param sites are the parameters, the sample site in the
+    plate of groups holds the random effects MCMC-EM integrates over."""
+    torch.set_default_dtype(torch.float64)
+    program = LatentProgram(_random_intercepts, _random_intercepts_data())
+    assert program.latents == ["b"]
+    assert sorted(program.params) == ["mu", "sigma", "tau"]
+    # A sample site with a prior in a program without pyro.param sites stays a parameter.
+    assert LatentProgram(_normal_model, (torch.zeros(5),)).latents == []
+
+
+@pytest.mark.slow
+def test_random_effects_of_a_pyro_param_model_are_sampled_by_default() -> None:
+    torch.set_default_dtype(torch.float64)
+    y, groups = _random_intercepts_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = pyroem.fit(
+            _random_intercepts,
+            y,
+            groups,
+            method="mcmc-em",
+            seed=0,
+            max_iter=1,
+            num_samples=8,
+            num_chains=2,
+            warmup_steps=10,
+            final_draws=8,
+            log_likelihood_samples=0,
+        )
+    assert sorted(fit.params) == ["mu", "sigma", "tau"]
+    assert fit.draws["b"].shape[-1] == 3

@@ -8,9 +8,11 @@ parameters counted by hand (and, for Gaussians, by scikit-learn's
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -419,3 +421,156 @@ def test_summary_mentions_every_component_weight(fits: dict[str, Any], case: str
     assert f"{result.log_likelihood():.6f}" in summary
     if case.startswith("gaussian-tied"):
         assert "shared covariance" in summary
+
+
+# ----- damaged or inconsistent files ------------------------------------------------------
+
+
+def _saved_fit(tmp_path: Path, spec: pyroem.Mixture | None = None) -> tuple[Path, Any]:
+    data, _ = pyroem.Mixture(2).simulate(60, seed=1, dim=2)
+    fit = pyroem.fit(spec or pyroem.Mixture(2), data, seed=0)
+    path = tmp_path / "fit.npz"
+    fit.save(path)
+    return path, fit
+
+
+def _rewrite(path: Path, change: Callable[[dict[str, np.ndarray], dict[str, Any]], None]) -> Path:
+    """A copy of the saved fit with ``change`` applied to its arrays and metadata."""
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    meta = json.loads(str(arrays["meta"]))
+    change(arrays, meta)
+    arrays["meta"] = np.array(json.dumps(meta))
+    changed = path.with_name("changed.npz")
+    with open(changed, "wb") as handle:
+        np.savez(handle, **arrays)  # type: ignore[arg-type]
+    return changed
+
+
+def _set(key: str, value: Any) -> Callable[[dict[str, np.ndarray], dict[str, Any]], None]:
+    def change(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        arrays[key] = value(arrays[key]) if callable(value) else value
+
+    return change
+
+
+def _meta(edit: Callable[[dict[str, Any]], None]) -> Callable[..., None]:
+    return lambda arrays, meta: edit(meta)
+
+
+def _drop(key: str) -> Callable[..., None]:
+    return lambda arrays, meta: arrays.pop(key)
+
+
+def _covariance_type(meta: dict[str, Any]) -> None:
+    meta["spec"]["family"]["covariance_type"] = "diag"
+
+
+def _family(meta: dict[str, Any]) -> None:
+    meta["spec"]["family"] = {"family": "poisson", "prior": None}
+
+
+def _not_positive_definite(covariances: np.ndarray) -> np.ndarray:
+    broken = covariances.copy()
+    broken[0] = [[1.0, 2.0], [2.0, 1.0]]
+    return broken
+
+
+@pytest.mark.parametrize(
+    ("change", "pattern"),
+    [
+        (_drop("labels"), r"array 'labels' is missing"),
+        (_drop("component/means"), r"has parameters \['covariances', 'means'\]; the file holds"),
+        (_meta(_family), r"the 'poisson' family has parameters \['rates'\]"),
+        (_meta(lambda meta: meta.update(dim=10**12)), r"does not hold dim=1000000000000"),
+        (_meta(_covariance_type), r"init covariances \(diag\) must have shape \(2, 2\)"),
+        (_meta(lambda meta: meta.update(dtype="float16")), r"dtype must be float32 or float64"),
+        (_meta(lambda meta: meta.pop("num_iterations")), r"'num_iterations' should be a int"),
+        (_meta(lambda meta: meta.update(version=7)), r"written in pyroem fit format 7"),
+        (_meta(lambda meta: meta["spec"].update(num_components="x")), r"model description"),
+        (_set("component/means", lambda m: m[:, :1]), r"means have shape \(2, 1\)"),
+        (_set("component/means", lambda m: m * np.nan), r"'component/means' holds NaN"),
+        (_set("component/means", lambda m: m.astype(np.float32)), r"dtype float32; expected"),
+        (_set("component/covariances", _not_positive_definite), r"parameters are invalid"),
+        (_set("weights", lambda w: np.array([1.5, -0.5])), r"weights are not probabilities"),
+        (_set("active", lambda a: np.array([0, 0])), r"'active' must hold distinct components"),
+        (_set("labels", lambda labels: labels + 5), r"labels must lie in 0..1"),
+        (_set("labels", lambda labels: labels[:3]), r"'labels' has shape \(3,\)"),
+        (_set("draws/means", np.zeros((1, 4, 3, 3))), r"draws of 'means' have shape"),
+        (_set("extra", np.zeros(3)), r"unknown array 'extra'"),
+    ],
+    ids=[
+        "missing-array",
+        "missing-parameter",
+        "changed-family",
+        "huge-dim",
+        "changed-covariance-type",
+        "bad-dtype",
+        "missing-metadata",
+        "future-version",
+        "bad-spec",
+        "wrong-shape-means",
+        "nan-means",
+        "means-of-another-dtype",
+        "covariance-not-positive-definite",
+        "weights-outside-the-simplex",
+        "repeated-active-component",
+        "labels-out-of-range",
+        "labels-of-another-length",
+        "draws-of-the-wrong-shape",
+        "unknown-array",
+    ],
+)
+def test_inconsistent_files_are_refused_before_anything_is_built(
+    tmp_path: Path, change: Callable[..., None], pattern: str
+) -> None:
+    path, _ = _saved_fit(tmp_path)
+    with pytest.raises(pyroem.FitFileError, match=pattern):
+        pyroem.load(_rewrite(path, change))
+
+
+def test_damaged_files_are_refused(tmp_path: Path) -> None:
+    path, fit = _saved_fit(tmp_path)
+    content = path.read_bytes()
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(content[: len(content) // 2])
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    # One bit of the stored means flipped: the archive's checksum no longer matches.
+    means = fit._internal.components.means.numpy().tobytes()
+    at = content.index(means) + 3
+    flipped = tmp_path / "flipped.npz"
+    flipped.write_bytes(content[:at] + bytes([content[at] ^ 1]) + content[at + 1 :])
+    for damaged, pattern in [
+        (truncated, r"cannot read a pyroem fit.*BadZipFile"),
+        (empty, r"cannot read a pyroem fit.*BadZipFile"),
+        (flipped, r"cannot read a pyroem fit.*Bad CRC-32"),
+    ]:
+        with pytest.raises(pyroem.FitFileError, match=pattern):
+            pyroem.load(damaged)
+
+
+def test_an_array_header_cannot_ask_for_more_than_is_stored(tmp_path: Path) -> None:
+    """A header claiming 10**12 entries is refused from the bytes stored, not by trying
+    to allocate 8 TB."""
+    path, _ = _saved_fit(tmp_path)
+    with zipfile.ZipFile(path) as archive:
+        members = {info.filename: archive.read(info) for info in archive.infolist()}
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(2))
+    header["shape"] = (10**12,)
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, header)
+    members["weights.npy"] = buffer.getvalue() + np.array([0.5, 0.5]).tobytes()
+    huge = tmp_path / "huge.npz"
+    with zipfile.ZipFile(huge, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    with pytest.raises(pyroem.FitFileError, match=r"claims shape \(1000000000000,\)"):
+        pyroem.load(huge)
+
+
+def test_a_valid_rewrite_still_loads(tmp_path: Path) -> None:
+    """The rewriting itself keeps a fit loadable: the refusals above come from the change."""
+    path, fit = _saved_fit(tmp_path)
+    loaded = pyroem.load(_rewrite(path, lambda arrays, meta: None))
+    torch.testing.assert_close(loaded.params["means"], fit.params["means"], rtol=0, atol=0)

@@ -48,6 +48,13 @@ _COMPILED = True
 
 def _as_value(name: str, value: Any, program: ProgramModel, like: torch.Tensor) -> torch.Tensor:
     tensor = torch.as_tensor(value, dtype=like.dtype, device=like.device).detach().clone()
+    _check_init(name, tensor, program)
+    return tensor
+
+
+def _check_init(name: str, tensor: torch.Tensor, program: ProgramModel) -> None:
+    """Raise if ``init[name]`` has the wrong shape, non-finite entries or is outside
+    the site's support."""
     site = program.params[name]
     if tensor.shape != site.shape:
         raise SpecError(
@@ -57,8 +64,18 @@ def _as_value(name: str, value: Any, program: ProgramModel, like: torch.Tensor) 
     if not bool(torch.isfinite(tensor).all()):
         raise DataError(f"init[{name!r}] has NaN or infinite entries")
     if not bool(site.constraint.check(tensor).all()):
-        raise SpecError(f"init[{name!r}] is outside the site's support {site.constraint}")
-    return tensor
+        shown = tensor.tolist() if tensor.numel() <= 6 else f"shape {tuple(tensor.shape)}"
+        raise SpecError(
+            f"init[{name!r}] = {shown} is outside the site's support {site.constraint}; give "
+            "a value inside it, or leave the site out of init to start from a prior draw"
+        )
+
+
+def _init_tensor(name: str, value: Any) -> torch.Tensor:
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise SpecError(f"init[{name!r}] must be a number or a tensor; got {value!r}") from err
 
 
 def initial_values(
@@ -79,7 +96,10 @@ def initial_values(
             f"the parameters are {list(program.params)}"
         )
     likes = dict(program.param_inits)
-    fixed = {name: torch.as_tensor(value) for name, value in init.items()}
+    fixed = {name: _init_tensor(name, value) for name, value in init.items()}
+    for name, value in fixed.items():
+        # Before the program runs with them: an invalid value would fail inside it.
+        _check_init(name, value, program)
     drawn = [name for name, site in program.params.items() if site.kind == "sample"]
     if set(drawn) <= set(init):
         # Nothing to draw: a run would only hand back the injected values.

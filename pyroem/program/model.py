@@ -28,7 +28,7 @@ from torch.distributions import constraints
 
 from pyroem.errors import DataError, NotSupportedError, SpecError
 
-__all__ = ["ParamSite", "ProgramModel", "sample_sites"]
+__all__ = ["ParamSite", "ProgramModel", "broadcast_error", "sample_sites"]
 
 
 class ParamSite(NamedTuple):
@@ -66,6 +66,18 @@ class _Inject(Messenger):
         if value is not None:
             msg["value"] = value
             msg["done"] = True
+
+
+def broadcast_error(program: str, what: str, method: str, err: Exception) -> NotSupportedError:
+    """The error for a program that fails once its latents carry extra leading
+    dimensions (stacked draws, or the values of enumerated latents)."""
+    return NotSupportedError(
+        f"running the model {program} with {what} failed ({type(err).__name__}: {err}); "
+        f"{method} evaluates all values at once, so the program must broadcast over leading "
+        "dimensions of latent values: index with b[..., i] rather than b[i], combine values "
+        "by broadcasting, and do not branch in Python on a latent's value (if z.item(): ...)"
+        " but select with torch.where(z.bool(), a, b) or index a tensor by z"
+    )
 
 
 def sample_sites(trace: poutine.Trace) -> list[tuple[str, Any]]:
@@ -145,7 +157,9 @@ class ProgramModel:
         self.model_args = tuple(model_args)
         self.model_kwargs = dict(model_kwargs or {})
         self.name = getattr(model, "__name__", type(model).__name__)
-        with pyro.get_param_store().scope(), poutine.block():
+        # The trial runs draw latents from the prior: on a forked RNG, so that sorting
+        # the sites leaves the caller's random state as it was.
+        with torch.random.fork_rng(), pyro.get_param_store().scope(), poutine.block():
             try:
                 trace = poutine.trace(self.model).get_trace(*self.model_args, **self.model_kwargs)
             except Exception as err:
@@ -153,13 +167,17 @@ class ProgramModel:
                     f"running the model {self.name}(*model_args, **model_kwargs) failed: "
                     f"{type(err).__name__}: {err}"
                 ) from err
-        self.max_plate_nesting = _plate_nesting(trace)
-        self.params: dict[str, ParamSite] = {}
-        self.param_inits: dict[str, torch.Tensor] = {}
-        self.enumerated: list[str] = []
-        self.observed: list[str] = []
-        self._sort_sites(trace)
-        self._check_dtypes(trace)
+            self.max_plate_nesting = _plate_nesting(trace)
+            self.params: dict[str, ParamSite] = {}
+            self.param_inits: dict[str, torch.Tensor] = {}
+            self.enumerated: list[str] = []
+            self.observed: list[str] = []
+            self._sort_sites(trace)
+            self._check_dtypes(trace)
+            if self.enumerated:
+                # Every method runs the program with its discrete latents enumerated: a
+                # program that cannot be is reported here, the same way for all of them.
+                self.trace({name: trace.nodes[name]["value"].detach() for name in self.params})
         if not self.observed:
             raise SpecError(
                 f"the model {self.name} has no observed sites; pass the data to the model "
@@ -260,7 +278,18 @@ class ProgramModel:
         first_dim = -self.max_plate_nesting - 1
         program = poutine.enum(_Inject(values)(self.model), first_available_dim=first_dim)
         with poutine.block(), pyro.validation_enabled(False):
-            trace = poutine.trace(program).get_trace(*self.model_args, **self.model_kwargs)
+            try:
+                trace = poutine.trace(program).get_trace(*self.model_args, **self.model_kwargs)
+            except (RuntimeError, IndexError) as err:
+                if not self.enumerated:
+                    raise
+                raise broadcast_error(
+                    self.name,
+                    f"its discrete latents {self.enumerated} enumerated (each holds all its "
+                    "values along a new leading dimension)",
+                    "pyroem sums discrete latents out exactly and",
+                    err,
+                ) from err
             trace.compute_log_prob()
             trace.pack_tensors()
         return trace

@@ -35,7 +35,7 @@ import torch
 from torch.distributions import constraints
 
 from pyroem.errors import NotSupportedError, SpecError
-from pyroem.program.model import ProgramModel, _Inject, sample_sites
+from pyroem.program.model import ProgramModel, _Inject, broadcast_error, sample_sites
 
 __all__ = [
     "DRAWS_PLATE",
@@ -82,6 +82,9 @@ class LatentProgram(ProgramModel):
         model_kwargs: its keyword arguments.
         latents: further continuous sample sites to treat as latent variables (for
             example random effects in a plate of groups, which holds no observation).
+            When none are named and nothing else is latent, a program with both
+            ``pyro.param`` sites and continuous sample sites takes the sample sites as
+            its latents (the ``pyro.param`` sites being the parameters).
 
     Raises:
         SpecError: a name in ``latents`` is not a continuous latent sample site.
@@ -105,9 +108,19 @@ class LatentProgram(ProgramModel):
                 f"latents names {missing}, which are not continuous latent sample sites of "
                 f"the model {self.name}; the candidates are {candidates}"
             )
+        if not latents and not self.latents and not self.enumerated:
+            self._default_latents()
         for name in self.latents:
             self.params.pop(name, None)
         self.latent_sites, self.discrete_shapes = self._latent_shapes()
+
+    def _default_latents(self) -> None:
+        """With nothing else latent, a program whose parameters are ``pyro.param`` sites
+        reads as a mixed model (as in lme4 or statsmodels): its continuous sample sites
+        are the random effects to integrate over."""
+        kinds = {site.kind for site in self.params.values()}
+        if kinds == {"param", "sample"}:
+            self.latents = [name for name, site in self.params.items() if site.kind == "sample"]
 
     def _check_global(self, name: str, site: Any, observed_plates: set[str]) -> None:
         try:
@@ -382,9 +395,6 @@ def check_stackable(program: LatentProgram, values: Mapping[str, torch.Tensor]) 
     try:
         per_draw_log_joint(program, values, draws)
     except (RuntimeError, IndexError, ValueError) as err:
-        raise NotSupportedError(
-            f"running the model {program.name} with its latent draws stacked along an outer "
-            f"dimension failed ({type(err).__name__}: {err}); mcmc-em evaluates all draws at "
-            "once, so the program must broadcast over leading dimensions of latent values: "
-            "index with b[..., i] rather than b[i], and combine values by broadcasting"
+        raise broadcast_error(
+            program.name, "its latent draws stacked along an outer dimension", "mcmc-em", err
         ) from err

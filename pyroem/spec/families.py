@@ -75,6 +75,17 @@ def _as_tensor(value: Any, like: torch.Tensor, what: str) -> torch.Tensor:
     return out
 
 
+def _check_symmetric(matrices: torch.Tensor, what: str) -> None:
+    """Raise :class:`SpecError` if ``(..., D, D)`` matrices are not symmetric (to rounding)."""
+    gap = (matrices - matrices.transpose(-1, -2)).abs().amax()
+    scale = matrices.abs().amax().clamp(min=torch.finfo(matrices.dtype).tiny)
+    if not bool(gap <= 64 * torch.finfo(matrices.dtype).eps * scale):
+        raise SpecError(
+            f"{what} must be symmetric (a covariance matrix); the largest |A - A.T| is "
+            f"{float(gap):.3g}; pass (A + A.T) / 2 or a valid covariance"
+        )
+
+
 def _per_dim(value: Any, like: torch.Tensor, dim: int, what: str) -> torch.Tensor:
     """A scalar or a length-``dim`` vector, broadcast to ``(dim,)``."""
     out = _as_tensor(value, like, what)
@@ -375,7 +386,29 @@ class Gaussian(Family):
         return GaussianParams
 
     def validate(self, data: torch.Tensor) -> None:
-        """Any finite real data fit a Gaussian (finiteness is checked by ``fit``)."""
+        """Any finite real data whose squares and variances the dtype can hold.
+
+        Covariances are sums of squares: values beyond ``sqrt(max / N)`` overflow
+        them, and a column whose spread is below ``sqrt(tiny / eps)`` has a variance
+        lost to underflow (neither is collinearity)."""
+        finfo = torch.finfo(data.dtype)
+        largest = float(data.abs().max())
+        if largest > math.sqrt(finfo.max / data.numel()):
+            raise DataError(
+                f"data values reach {largest:.3g}; their squares overflow {data.dtype} "
+                f"(a Gaussian fit of {data.shape[0]} points needs |x| below "
+                f"{math.sqrt(finfo.max / data.numel()):.3g}): rescale the data, e.g. "
+                "divide it by its standard deviation, before fitting"
+            )
+        spread = data.amax(0) - data.amin(0)
+        tiny = (spread > 0) & (spread < math.sqrt(finfo.tiny / finfo.eps))
+        if bool(tiny.any()):
+            column = int(torch.nonzero(tiny)[0])
+            raise DataError(
+                f"column {column} of the data spans only {float(spread[column]):.3g}; its "
+                f"variance underflows {data.dtype}: rescale the data, e.g. divide it by "
+                "its standard deviation, before fitting"
+            )
 
     def _bind_data(self, data: torch.Tensor) -> None:
         # No shift: kernels and statistics work on x − μ_k, so the data are used as
@@ -411,6 +444,7 @@ class Gaussian(Family):
             elif raw.ndim == 1 and raw.shape[0] == dim:
                 scale = torch.diag(raw)
             elif raw.shape == (dim, dim):
+                _check_symmetric(raw, "prior scale")
                 scale = raw
             else:
                 raise SpecError(
@@ -650,6 +684,7 @@ class Gaussian(Family):
                 f"got {tuple(params.covariances.shape)}"
             )
         if self.covariance_type in ("full", "tied"):
+            _check_symmetric(params.covariances, "init covariances")
             self._cholesky(params.covariances)
         elif not bool((params.covariances > 0).all()):
             raise SpecError("init covariances must be positive")
@@ -916,6 +951,14 @@ class Exponential(_VectorFamily):
             raise DataError(
                 f"the exponential family needs non-negative data; row {row} column {col} holds "
                 f"{float(data[row, col])!r}; shift the data or use family='gaussian'"
+            )
+        zero = (data == 0).all(0)
+        if bool(zero.any()):
+            column = int(torch.nonzero(zero)[0])
+            raise DataError(
+                f"column {column} of the exponential data is all zero: its rate would be "
+                "infinite (a prior does not help: its default scale comes from the data's "
+                "mean); drop the column or fit it with another family"
             )
 
     def _resolve_prior(self, data: torch.Tensor, num_components: int) -> ResolvedGamma:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -26,6 +27,19 @@ class MixtureParams(NamedTuple):
     active: torch.Tensor
 
 
+def _is_complex(data: Any) -> bool:
+    """Whether ``data`` holds complex numbers (a tensor, an array or nested lists)."""
+    if isinstance(data, torch.Tensor):
+        return data.is_complex()
+    dtype = getattr(data, "dtype", None)
+    try:
+        if dtype is not None:
+            return bool(np.issubdtype(np.dtype(dtype), np.complexfloating))
+        return bool(np.iscomplexobj(np.asarray(data)))
+    except (TypeError, ValueError):
+        return False
+
+
 def as_data(data: Any, dtype: torch.dtype = torch.float64, device: Any = None) -> torch.Tensor:
     """Validate generic data requirements and return a ``(num_data, dim)`` tensor.
 
@@ -37,11 +51,17 @@ def as_data(data: Any, dtype: torch.dtype = torch.float64, device: Any = None) -
     Raises:
         DataError: not numeric, not two-dimensional, empty, or holding NaN/inf.
     """
+    if hasattr(data, "to_numpy") and not isinstance(data, torch.Tensor):
+        data = data.to_numpy()
+    if _is_complex(data):
+        raise DataError(
+            "data must be real; got a complex array (casting would drop the imaginary "
+            "part): pass data.real, np.abs(data), or the real and imaginary parts as "
+            "separate columns"
+        )
     if isinstance(data, torch.Tensor):
         tensor = data.detach().to(dtype=dtype, device=device)
     else:
-        if hasattr(data, "to_numpy"):
-            data = data.to_numpy()
         try:
             tensor = torch.as_tensor(data, dtype=dtype, device=device)
         except (TypeError, ValueError, RuntimeError) as err:
@@ -115,7 +135,13 @@ class Mixture:
         self.family = make_family(
             family, covariance_type=covariance_type, num_categories=num_categories, prior=prior
         )
-        alpha = torch.as_tensor(weights_prior, dtype=torch.float64)
+        try:
+            alpha = torch.as_tensor(weights_prior, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise SpecError(
+                f"weights_prior must be a positive number or {num_components} positive "
+                f"numbers (a Dirichlet concentration); got {weights_prior!r}"
+            ) from err
         if alpha.ndim > 1 or (alpha.ndim == 1 and alpha.shape[0] != num_components):
             raise SpecError(
                 f"weights_prior must be a scalar or have shape ({num_components},); "

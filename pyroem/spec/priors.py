@@ -8,8 +8,12 @@ maximises exactly ``log p(x, θ)`` of that program.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
+
+import numpy as np
+
+from pyroem.errors import SpecError
 
 __all__ = ["Beta", "Dirichlet", "Gamma", "NormalInverseWishart"]
 
@@ -21,6 +25,23 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     return list(value)
+
+
+def _check_numbers(prior: Any) -> None:
+    """Raise :class:`SpecError` if a field of ``prior`` is neither ``None`` nor finite numbers."""
+    for field in fields(prior):
+        value = getattr(prior, field.name)
+        if value is None:
+            continue
+        try:
+            array = np.asarray(value.tolist() if hasattr(value, "tolist") else value, dtype=float)
+        except (TypeError, ValueError):
+            array = None
+        if array is None or isinstance(value, bool) or not np.isfinite(array).all():
+            raise SpecError(
+                f"{type(prior).__name__}({field.name}=...) must be a finite number or array "
+                f"of numbers (or None for the data-scaled default); got {value!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -49,6 +70,9 @@ class NormalInverseWishart:
     dof: float | None = None
     scale: Any = None
 
+    def __post_init__(self) -> None:
+        _check_numbers(self)
+
     def to_config(self) -> dict[str, Any]:
         """JSON-serialisable description."""
         return {
@@ -71,6 +95,9 @@ class Gamma:
     concentration: Any = None
     rate: Any = None
 
+    def __post_init__(self) -> None:
+        _check_numbers(self)
+
     def to_config(self) -> dict[str, Any]:
         """JSON-serialisable description."""
         return {
@@ -91,6 +118,9 @@ class Beta:
     concentration1: Any = 1.1
     concentration0: Any = 1.1
 
+    def __post_init__(self) -> None:
+        _check_numbers(self)
+
     def to_config(self) -> dict[str, Any]:
         """JSON-serialisable description."""
         return {
@@ -108,6 +138,9 @@ class Dirichlet:
     """
 
     concentration: Any = 1.1
+
+    def __post_init__(self) -> None:
+        _check_numbers(self)
 
     def to_config(self) -> dict[str, Any]:
         """JSON-serialisable description."""
