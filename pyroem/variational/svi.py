@@ -61,6 +61,7 @@ from pyro.optim.lr_scheduler import PyroLRScheduler
 from pyro.params.param_store import StateDict
 from tqdm import tqdm
 
+from pyroem.diagnostics import independent_chains
 from pyroem.em import History
 from pyroem.errors import ConvergenceWarning, NotSupportedError, PyroEMError, SpecError
 from pyroem.options import check_integer, with_defaults
@@ -179,7 +180,9 @@ class SVIFit(ProgramFit):
       site (for ``guide="delta"``, its point), the fitted value of every ``pyro.param``
       site of the program; ``log_likelihood()``, ``log_joint()`` and ``marginals`` are
       evaluated there, discrete latents summed out.
-    - ``draws``: ``num_draws`` draws from the fitted guide, each ``(1, num_draws, *shape)``.
+    - ``draws``: ``num_draws`` draws from the fitted guide, each
+      ``(num_chains, num_draws // num_chains, *shape)``: independent draws split into
+      up to 4 chains (:func:`~pyroem.diagnostics.independent_chains`) so R-hat is defined.
     - ``history.objective``: the ELBO, ``(T+1,)`` for ``T`` steps: entry ``t < T`` is the
       raw (unsmoothed) estimate at the parameters after ``t`` steps, from
       ``num_particles`` particles; the last entry is the final ELBO from
@@ -572,7 +575,7 @@ def fit_svi(
         num_data=num_data,
         restart_objectives=[final_elbo],
         options=record,
-        draws={name: value.unsqueeze(0) for name, value in draws.items()},
+        draws={name: independent_chains(value) for name, value in draws.items()},
         sample_stats={
             "elbo": objective,
             "elbo_smoothed": _smoothed(run.elbos, max(settings.window, 1)),
