@@ -15,8 +15,8 @@ A bare ``pyroem`` (or ``pyroem`` followed by options only) runs ``pyroem fit``.
 Exit status: 0 on success; 2 for a bad command line or bad input (one line on
 stderr, ``pyroem: error: …``, never a traceback); 1 if the output files could not
 be written or a plot failed (the results are printed and written before any plot
-is drawn, so a failing plot loses nothing). Warnings (for example EM stopping at ``--max-iter``) are printed as
-one line each, ``pyroem: warning: …``.
+is drawn, so a failing plot loses nothing). Warnings (for example EM stopping at
+``--max-iter``) are printed as one line each, ``pyroem: warning: …``.
 """
 
 from __future__ import annotations
@@ -373,7 +373,7 @@ def _plots(
 
     try:
         paths = write_plots(fits, args.plots, data, feature_names=names)
-    except Exception as err:  # noqa: BLE001 - any plotting failure, reported not raised
+    except Exception as err:  # any plotting failure is reported, not raised
         where = f"written to {saved}" if saved is not None else "printed above"
         _say(
             "error",
