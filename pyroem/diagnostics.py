@@ -630,39 +630,98 @@ def plot_forest(
     var_names: list[str] | None = None,
     *,
     interval: float = 0.94,
+    align: bool = True,
 ) -> Any:
-    """Forest plot of the same parameters across fits (``az.plot_forest``).
+    """Forest plots of the same parameters across fits (``az.plot_forest``), one panel
+    per parameter, and per entry of its non-component dimensions (a mean's ``dim``, a
+    covariance's ``dim_row``/``dim_col``, up to 9 panels), so each has its own scale.
 
-    Fits with posterior draws show their credible intervals; a point estimate
-    (MAP-EM) shows as a dot.
+    The fits' mixture components are first put in one order (label switching, the same
+    alignment :func:`pyroem.compare` uses). Fits with draws of θ show their credible
+    intervals; a point estimate (MAP-EM, MCMC-EM's final θ) shows as a dot. Latent
+    variables (MCMC-EM's assignments) are never drawn: only the fits' parameters.
 
     Args:
-        fits: ``{label: fit}``, components aligned (see :func:`pyroem.alignment.align_fits`).
+        fits: ``{label: fit}``.
         var_names: parameters to show (default: every parameter the fits share).
         interval: probability of the highest-density intervals.
+        align: align the components to the first fit first.
 
     Returns:
-        The matplotlib ``Axes``.
+        The matplotlib ``Axes``, one per panel, in a NumPy array; each panel's title
+        names the parameter and the entry (``means (dim=waiting)``).
     """
     arviz = _arviz()
-    datasets = []
-    for fit in fits.values():
-        data = to_arviz(fit, log_likelihood=False)
-        if "posterior" in data.groups():
-            datasets.append(data.posterior)
-        else:
-            # Two identical draws: ArviZ draws the interval of a point as the point.
-            point = data.point_estimate
-            datasets.append(point.expand_dims(chain=[0], draw=[0, 1]))
+    plt = _pyplot()
+    if align and len(fits) > 1:
+        from pyroem.alignment import align_fits
+
+        fits = align_fits(fits)
+    datasets = [to_arviz(fit, log_likelihood=False).posterior for fit in fits.values()]
+    shared = set(datasets[0].data_vars).intersection(*(d.data_vars for d in datasets[1:]))
     if var_names is None:
-        shared = set(datasets[0].data_vars).intersection(*(d.data_vars for d in datasets[1:]))
-        var_names = [name for name in datasets[0].data_vars if name in shared]
-    with _quiet():
-        axes = arviz.plot_forest(
-            [arviz.InferenceData(posterior=data) for data in datasets],
-            model_names=[str(label) for label in fits],
-            var_names=var_names,
-            combined=True,
-            hdi_prob=interval,
+        var_names = [str(name) for name in datasets[0].data_vars if name in shared]
+    missing = [name for name in var_names if name not in shared]
+    if missing or not var_names:
+        raise SpecError(
+            f"plot_forest draws parameters every fit has ({sorted(map(str, shared))}); "
+            f"got var_names={var_names!r}"
         )
-    return np.ravel(axes)[0]
+    panels = [(name, selection) for name in var_names for selection in _panels(datasets[0][name])]
+    rows = [int(np.prod(datasets[0][name].sel(selection).shape[2:])) for name, selection in panels]
+    figure, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(6, 0.8 + 0.2 * len(fits) * sum(rows) + 0.6 * len(panels)),
+        gridspec_kw={"height_ratios": rows},
+        squeeze=False,
+    )
+    for ax, (name, selection) in zip(axes[:, 0], panels, strict=True):
+        with _quiet():
+            arviz.plot_forest(
+                [arviz.InferenceData(posterior=data[[name]]) for data in datasets],
+                model_names=[str(label) for label in fits],
+                var_names=[name],
+                coords=selection,
+                combined=True,
+                hdi_prob=interval,
+                ax=ax,
+            )
+        where = ", ".join(f"{dim}={value}" for dim, value in selection.items())
+        ax.set_title(f"{name} ({where})" if where else name)
+        if ax is not axes[0, 0] and ax.get_legend() is not None:
+            ax.get_legend().remove()
+    figure.tight_layout()
+    return axes[:, 0]
+
+
+#: Most panels one parameter is split into (one per entry of its non-component dimensions).
+_MAX_PANELS = 9
+
+
+def _panels(variable: Any) -> list[dict[str, Any]]:
+    """Coordinate selections, one per forest panel of a ``(chain, draw, …)`` variable:
+    one per entry of the dimensions other than ``component`` (a mean's ``dim``, a
+    covariance's ``dim_row``/``dim_col``), whose values may differ in scale, when there
+    are at most ``_MAX_PANELS``; else one panel."""
+    import itertools
+
+    other = [dim for dim in variable.dims[2:] if dim != "component"]
+    values = [variable.coords[dim].values.tolist() for dim in other]
+    combos = list(itertools.product(*values))
+    if not other or len(combos) > _MAX_PANELS:
+        return [{}]
+    return [dict(zip(other, combo, strict=True)) for combo in combos]
+
+
+def _pyplot() -> Any:
+    """Matplotlib's pyplot on a non-interactive backend unless one is already chosen."""
+    import sys
+
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -331,7 +331,7 @@ def test_loo_table_and_forest_plot(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    ax = pyroem.diagnostics.plot_forest({"exact": fits[1], "map": base})
+    ax = pyroem.diagnostics.plot_forest({"exact": fits[1], "map": base})[0]
     path = tmp_path / "forest.png"
     ax.figure.savefig(path)
     assert path.stat().st_size > 1000
