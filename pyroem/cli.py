@@ -345,7 +345,7 @@ def _fit_command(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(_describe(name, data, names))
         if len(candidates) > 1:
-            print(f"number of components by {args.criterion}: {choice.best}")
+            print(f"number of components by {args.criterion}: {choice.best} ({choice.rule})")
             print(choice.table.to_string())
             print()
         print(result.summary())
