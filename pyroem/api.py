@@ -245,6 +245,10 @@ def fit(
             callback=callback,
         )
     result.runtime = time.perf_counter() - started
+    columns = getattr(model_args[0], "columns", None) if len(model_args) == 1 else None
+    if columns is not None:
+        # A DataFrame's column names label the fit's dimensions (to_arviz coordinates).
+        result.feature_names = tuple(str(name) for name in columns)
     return result
 
 

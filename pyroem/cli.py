@@ -14,8 +14,9 @@ A bare ``pyroem`` (or ``pyroem`` followed by options only) runs ``pyroem fit``.
 
 Exit status: 0 on success; 2 for a bad command line or bad input (one line on
 stderr, ``pyroem: error: …``, never a traceback); 1 if the output files could not
-be written. Warnings (for example EM stopping at ``--max-iter``) are printed as
-one line each, ``pyroem: warning: …``.
+be written or a plot failed (the results are printed and written before any plot
+is drawn, so a failing plot loses nothing). Warnings (for example EM stopping at
+``--max-iter``) are printed as one line each, ``pyroem: warning: …``.
 """
 
 from __future__ import annotations
@@ -137,7 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     shared.add_argument(
         "--dtype", default="float64", choices=("float64", "float32"), help="floating precision"
     )
-    shared.add_argument("--plots", metavar="DIR", help="write PNG plots to DIR")
+    shared.add_argument(
+        "--plots",
+        metavar="DIR",
+        help="write PNG plots to DIR (compare without --out also writes its table there)",
+    )
     shared.add_argument(
         "--num-samples", type=int, default=1000, metavar="N", help="nuts: draws per chain"
     )
@@ -340,7 +345,7 @@ def _fit_command(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(_describe(name, data, names))
         if len(candidates) > 1:
-            print(f"number of components by {args.criterion}: {choice.best}")
+            print(f"number of components by {args.criterion}: {choice.best} ({choice.rule})")
             print(choice.table.to_string())
             print()
         print(result.summary())
@@ -350,18 +355,34 @@ def _fit_command(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"wrote {', '.join(written)} to {out}")
     if args.plots is not None:
-        _plots(args, {result.method: result}, data, names)
+        return _plots(args, {result.method: result}, data, names, saved=args.out)
     return 0
 
 
 def _plots(
-    args: argparse.Namespace, fits: dict[str, Any], data: torch.Tensor, names: Sequence[str]
-) -> None:
+    args: argparse.Namespace,
+    fits: dict[str, Any],
+    data: torch.Tensor,
+    names: Sequence[str],
+    *,
+    saved: str | None,
+) -> int:
+    """Write the plots; a failure is reported on one line (exit status 1) without
+    losing the results, which are printed and written before any plot is drawn."""
     from pyroem.plots import write_plots
 
-    paths = write_plots(fits, args.plots, data, feature_names=names)
+    try:
+        paths = write_plots(fits, args.plots, data, feature_names=names)
+    except Exception as err:  # any plotting failure is reported, not raised
+        where = f"written to {saved}" if saved is not None else "printed above"
+        _say(
+            "error",
+            f"plotting failed ({type(err).__name__}: {err}); the results were {where}",
+        )
+        return 1
     if not args.quiet:
         print(f"wrote {', '.join(path.name for path in paths)} to {args.plots}")
+    return 0
 
 
 def _compare_command(args: argparse.Namespace) -> int:
@@ -382,15 +403,17 @@ def _compare_command(args: argparse.Namespace) -> int:
         print(_describe(name, data, names))
         print(f"model: {spec!r}")
         print(text)
-    if args.out is not None:
-        out = Path(args.out)
+    # The table is saved before any plot is drawn: to --out, else beside the plots.
+    target = args.out if args.out is not None else args.plots
+    if target is not None:
+        out = Path(target)
         out.mkdir(parents=True, exist_ok=True)
         table.to_csv(out / "comparison.csv")
         (out / "comparison.txt").write_text(text + "\n", encoding="utf-8")
         if not args.quiet:
             print(f"wrote comparison.csv, comparison.txt to {out}")
     if args.plots is not None:
-        _plots(args, fits, data, names)
+        return _plots(args, fits, data, names, saved=target)
     return 0
 
 

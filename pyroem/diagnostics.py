@@ -28,6 +28,7 @@ __all__ = [
     "chain_diagnostics",
     "chain_problems",
     "from_netcdf",
+    "independent_chains",
     "loo",
     "loo_table",
     "mixture_dims",
@@ -140,6 +141,24 @@ def chain_problems(
     return problems
 
 
+def independent_chains(draws: torch.Tensor, max_chains: int = 4) -> torch.Tensor:
+    """Independent draws ``(num_draws, *shape)`` as ``(num_chains, num_draws // num_chains,
+    *shape)``, in order.
+
+    Draws from a variational posterior are independent, so any split of them into
+    chains is as good as separate chains. With one chain ArviZ's R-hat is undefined
+    (NaN); with several it is near 1 and measures what it can for independent draws:
+    that they are draws of one distribution. ``num_chains`` is the largest number up to
+    ``max_chains`` that divides ``num_draws`` with at least 4 draws per chain (1 for
+    fewer than 8 draws).
+    """
+    num_draws = draws.shape[0]
+    num_chains = next(
+        (c for c in range(max_chains, 1, -1) if num_draws % c == 0 and num_draws // c >= 4), 1
+    )
+    return draws.reshape(num_chains, num_draws // num_chains, *draws.shape[1:])
+
+
 # ----- InferenceData ------------------------------------------------------------------
 
 _ESTIMATES = {
@@ -193,6 +212,22 @@ def _site_dims(trace: Any, name: str, shape: tuple[int, ...]) -> tuple[str, ...]
     )
 
 
+def _theta_draws(fit: Any) -> dict[str, Any]:
+    """The draws of the fit's parameters θ (not of its latent variables)."""
+    return {name: value for name, value in (fit.draws or {}).items() if name in fit.params}
+
+
+def _no_loo_reason(idata: Any) -> str:
+    """Why an InferenceData without a ``log_likelihood`` group has none."""
+    if idata.attrs.get("method") == "mcmc-em":
+        return (
+            "MCMC-EM draws the latent variables at its final θ, not θ, so there is no "
+            "posterior over θ for LOO to average over (its pointwise values would not vary "
+            "between draws, p_loo 0, and az.compare would rank it first for no reason)"
+        )
+    return "a point estimate has no posterior draws for LOO to average over"
+
+
 class _Parts(NamedTuple):
     """What a fit contributes to its InferenceData, method aside."""
 
@@ -215,10 +250,8 @@ def _mixture_parts(fit: Any, log_likelihood: bool) -> _Parts:
         for name, value in params.items()
     }
     pointwise = None
-    if log_likelihood:
-        if not fit.draws:
-            pointwise = _as_numpy(fit.log_likelihood(pointwise=True))[None, None]
-        elif fit.data is None:
+    if log_likelihood and _theta_draws(fit):
+        if fit.data is None:
             raise SpecError(
                 "this fit has no training data (a loaded fit), so the pointwise "
                 "log-likelihood of its draws cannot be computed; pass log_likelihood=False"
@@ -250,11 +283,7 @@ def _mixture_parts(fit: Any, log_likelihood: bool) -> _Parts:
 
 def _program_parts(fit: Any, obs_plate: str | None, log_likelihood: bool, progress: bool) -> _Parts:
     """Dims, pointwise log-likelihood and data of a ``ProgramFit``."""
-    from pyroem.program.pointwise import (
-        observation_plate,
-        pointwise_log_likelihood,
-        pointwise_log_likelihood_draws,
-    )
+    from pyroem.program.pointwise import observation_plate, pointwise_log_likelihood_draws
 
     program = fit.program
     params = fit.params
@@ -264,6 +293,8 @@ def _program_parts(fit: Any, obs_plate: str | None, log_likelihood: bool, progre
     values = dict(params)
     if fit.draws:
         values.update({name: value[0, 0] for name, value in fit.draws.items()})
+    if isinstance(getattr(fit, "parameter_trace", None), Mapping):
+        values.update({name: value[0] for name, value in fit.parameter_trace.items()})
     for name, value in values.items():
         if mixture and name in _MIXTURE_SITES:
             plates = {frame.name for frame in trace.nodes[name]["cond_indep_stack"]}
@@ -282,19 +313,16 @@ def _program_parts(fit: Any, obs_plate: str | None, log_likelihood: bool, progre
             )
     pointwise = None
     plate = ""
-    if log_likelihood:
+    if log_likelihood and _theta_draws(fit):
         plate = observation_plate(trace, program, obs_plate)
-        if fit.draws:
-            pointwise_fn = getattr(fit, "pointwise_log_likelihood", None)
-            if callable(pointwise_fn):
-                table = pointwise_fn(plate=plate)
-            else:
-                fixed = {name: value for name, value in params.items() if name not in fit.draws}
-                table = pointwise_log_likelihood_draws(
-                    program, fit.draws, fixed, plate=plate, progress=progress
-                )
+        pointwise_fn = getattr(fit, "pointwise_log_likelihood", None)
+        if callable(pointwise_fn):
+            table = pointwise_fn(plate=plate)
         else:
-            table = pointwise_log_likelihood(program, params, plate=plate)[None, None]
+            fixed = {name: value for name, value in params.items() if name not in fit.draws}
+            table = pointwise_log_likelihood_draws(
+                program, fit.draws, fixed, plate=plate, progress=progress
+            )
         pointwise = _as_numpy(table)
     name = program.observed[0] if len(program.observed) == 1 else "log_likelihood"
     return _Parts(dims, pointwise, name, plate, observed)
@@ -307,15 +335,23 @@ def _dataset(
     *,
     sampled: bool,
     attrs: Mapping[str, Any] | None = None,
+    labels: Mapping[str, Any] | None = None,
+    lead: tuple[str, ...] = (),
 ) -> Any:
-    """One InferenceData group; ``sampled``: leading ``(chain, draw)`` dimensions."""
+    """One InferenceData group; ``sampled``: leading ``(chain, draw)`` dimensions, else
+    ``lead``; ``labels``: coordinate values by dimension (integers where absent or of
+    another length)."""
     data = {name: np.asarray(value) for name, value in values.items()}
-    lead = ["chain", "draw"] if sampled else []
-    named = {name: [*lead, *dims[name]] for name in data}
+    leading = ["chain", "draw"] if sampled else list(lead)
+    named = {name: [*leading, *dims[name]] for name in data}
     coords: dict[str, Any] = {}
     for name, value in data.items():
         for dim, size in zip(named[name], value.shape, strict=True):
-            coords.setdefault(dim, np.arange(size))
+            given = (labels or {}).get(dim)
+            if given is not None and len(given) == size:
+                coords.setdefault(dim, np.asarray(given))
+            else:
+                coords.setdefault(dim, np.arange(size))
     return arviz.dict_to_dataset(
         data,
         coords=coords,
@@ -355,43 +391,55 @@ def to_arviz(
     obs_plate: str | None = None,
     log_likelihood: bool = True,
     dims: Mapping[str, tuple[str, ...]] | None = None,
+    coords: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> Any:
     """A fit of any method as ``arviz.InferenceData``.
 
     Groups:
 
-    - ``posterior``: the posterior draws (NUTS, MCMC-EM, a guide's or the variational
-      posterior's draws), ``(chain, draw, …)``; absent when the method has none
-      (MAP-EM).
+    - ``posterior``: the draws of θ (NUTS, a guide's or the variational posterior's
+      draws), ``(chain, draw, …)``. A method without draws of θ (MAP-EM, MCMC-EM) puts
+      its point estimate here as one chain of one draw (attribute ``note`` says so), so
+      ``az.summary`` and ArviZ's plots show θ; R-hat, ESS and the spread are then
+      undefined (NaN), as they are for one value.
     - ``point_estimate``: ``fit.params`` (MAP for map-em, variational posterior mean
       for vb-em, final θ for mcmc-em, posterior mean for nuts; attribute ``estimate``
       says which).
+    - ``latent_draws``: draws of latent variables that are not parameters
+      (MCMC-EM's last E-step at θ_T: the assignments, continuous local latents),
+      ``(chain, draw, …)``; never in ``posterior``.
+    - ``parameter_trace``: MCMC-EM's θ_t per iteration, ``(iteration, …)``.
     - ``sample_stats``: the objective trace (``objective``, ``log_likelihood_trace``,
       ``elapsed``, dimension ``iteration``), the method's own per-iteration statistics,
       and per-draw statistics with dimensions ``(chain, draw)`` (NUTS: ``diverging``,
       ``step_size``, ``tree_depth``, ``n_steps``, ``acceptance_rate``, ``energy``,
       ``lp``, …).
-    - ``log_likelihood``: pointwise ``log p(x_i | θ_s)`` with every discrete latent
-      summed out, ``(chain, draw, unit)``, so ``az.loo``, ``az.waic`` and
-      ``az.compare`` are right. Without draws it holds the point estimate's values as
-      one chain of one draw (LOO needs draws; see :func:`loo`). A :class:`~pyroem.Mixture`
-      fit names it ``obs`` over dimension ``data``; a Pyro program names it after its
-      observed site (``log_likelihood`` when there are several) over the
-      observation plate (see :mod:`pyroem.program.pointwise`). Where a method draws
-      continuous local latents (MCMC-EM), the values are conditional on them.
+    - ``log_likelihood``: pointwise ``log p(x_i | θ_s)`` at each draw of θ with every
+      discrete latent summed out, ``(chain, draw, unit)``, so ``az.loo``, ``az.waic`` and
+      ``az.compare`` are right. Only for fits with draws of θ: a point estimate (MAP-EM)
+      or MCMC-EM's draws of the latents at one θ have no posterior over θ, and LOO on
+      them would be degenerate (p_loo 0) and rank them first in ``az.compare``; without
+      the group ArviZ refuses instead (:func:`loo` says why). A
+      :class:`~pyroem.Mixture` fit names it ``obs`` over dimension ``data``; a Pyro
+      program names it after its observed site (``log_likelihood`` when there are
+      several) over the observation plate (see :mod:`pyroem.program.pointwise`).
     - ``observed_data``: the observed values.
 
     Dimensions: a Mixture's ``weights`` ``(component)``, ``means`` ``(component, dim)``,
     full ``covariances`` ``(component, dim_row, dim_col)``, … (see
     :func:`mixture_dims`), the same for every method; a Pyro program's batch
-    dimensions are named after their plates, the rest ``{site}_dim_{i}``.
+    dimensions are named after their plates, the rest ``{site}_dim_{i}``. Coordinates:
+    the data's column names for ``dim``, ``dim_row`` and ``dim_col`` where the fit was
+    given a DataFrame, integers elsewhere (component ``k`` is coordinate ``k``).
 
     Args:
         fit: a :class:`~pyroem.FitResult` or :class:`~pyroem.ProgramFit` (any method).
         obs_plate: for a Pyro program, the plate whose entries are the observation units.
         log_likelihood: include the ``log_likelihood`` group.
         dims: dimension names per variable, overriding the defaults.
+        coords: coordinate values per dimension, e.g. ``{"dim": ["eruptions", "waiting"]}``,
+            overriding the defaults.
         progress: show a progress bar while the pointwise log-likelihood is computed.
 
     Returns:
@@ -409,6 +457,8 @@ def to_arviz(
     else:
         raise SpecError(f"to_arviz takes a pyroem fit; got {type(fit).__name__}")
     names = {**parts.dims, **{name: tuple(value) for name, value in (dims or {}).items()}}
+    labels = _coordinate_labels(fit, coords)
+    theta_draws = {name: _as_numpy(value) for name, value in _theta_draws(fit).items()}
     attrs = _netcdf_attrs(
         {
             "method": fit.method,
@@ -416,17 +466,53 @@ def to_arviz(
             "runtime_seconds": float(getattr(fit, "runtime", math.nan)),
             "converged": bool(fit.converged),
             "num_iterations": int(fit.num_iterations),
+            "posterior_draws": bool(theta_draws),
         }
     )
     groups: dict[str, Any] = {}
-    chains_draws = None
-    if fit.draws:
-        draws = {name: _as_numpy(value) for name, value in fit.draws.items()}
-        chains_draws = next(iter(draws.values())).shape[:2]
-        groups["posterior"] = _dataset(arviz, draws, names, sampled=True, attrs=attrs)
     params = {name: _as_numpy(value) for name, value in fit.params.items()}
     estimate = {**attrs, "estimate": _ESTIMATES.get(fit.method, "point estimate")}
-    groups["point_estimate"] = _dataset(arviz, params, names, sampled=False, attrs=estimate)
+    if theta_draws:
+        groups["posterior"] = _dataset(
+            arviz, theta_draws, names, sampled=True, attrs=attrs, labels=labels
+        )
+    else:
+        # One chain of one draw: az.summary and the plots then show θ, with no spread.
+        single = {name: value[None, None] for name, value in params.items()}
+        groups["posterior"] = _dataset(
+            arviz,
+            single,
+            names,
+            sampled=True,
+            attrs={**estimate, "note": "a point estimate as one draw, not posterior draws"},
+            labels=labels,
+        )
+    groups["point_estimate"] = _dataset(
+        arviz, params, names, sampled=False, attrs=estimate, labels=labels
+    )
+    latent_draws = {
+        name: _as_numpy(value)
+        for name, value in (fit.draws or {}).items()
+        if name not in fit.params
+    }
+    if latent_draws:
+        groups["latent_draws"] = _dataset(
+            arviz, latent_draws, names, sampled=True, attrs=attrs, labels=labels
+        )
+    trace = getattr(fit, "parameter_trace", None)
+    if isinstance(trace, Mapping) and trace:
+        groups["parameter_trace"] = _dataset(
+            arviz,
+            {name: _as_numpy(value) for name, value in trace.items()},
+            names,
+            sampled=False,
+            attrs=attrs,
+            labels=labels,
+            lead=("iteration",),
+        )
+    chains_draws = None
+    if fit.draws:
+        chains_draws = tuple(next(iter(fit.draws.values())).shape[:2])
     history = fit.history
     stats = {
         "objective": np.asarray(history.objective, dtype=np.float64),
@@ -449,8 +535,26 @@ def to_arviz(
             attrs=attrs,
         )
     if parts.observed:
-        groups["observed_data"] = _dataset(arviz, parts.observed, names, sampled=False, attrs=attrs)
-    return arviz.InferenceData(attrs=attrs, **groups)
+        groups["observed_data"] = _dataset(
+            arviz, parts.observed, names, sampled=False, attrs=attrs, labels=labels
+        )
+    with warnings.catch_warnings():
+        # pyroem's own groups (point_estimate, latent_draws, parameter_trace) are not
+        # in ArviZ's list of standard groups, which it says in a warning.
+        warnings.simplefilter("ignore", UserWarning)
+        return arviz.InferenceData(attrs=attrs, **groups)
+
+
+def _coordinate_labels(fit: Any, coords: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Coordinate values: the data's column names (``fit.feature_names``, set when the
+    data came as a DataFrame) for ``dim``, ``dim_row`` and ``dim_col``, then ``coords``."""
+    labels: dict[str, Any] = {}
+    names = getattr(fit, "feature_names", None)
+    if names is not None:
+        columns = [str(name) for name in names]
+        labels.update({dim: columns for dim in ("dim", "dim_row", "dim_col")})
+    labels.update({dim: list(values) for dim, values in (coords or {}).items()})
+    return labels
 
 
 def from_netcdf(path: str | os.PathLike[str]) -> Any:
@@ -466,15 +570,16 @@ def loo(data: Any, *, pointwise: bool = False) -> Any:
         pointwise: also return the per-observation values (``loo_i``, ``pareto_k``).
 
     Raises:
-        NotSupportedError: there are no posterior draws (a MAP-EM fit): LOO averages
-            over the posterior, which a point estimate does not have.
+        NotSupportedError: there are no posterior draws of θ (a MAP-EM fit, whose point
+            estimate has no posterior to average over, or an MCMC-EM fit, whose draws
+            are of the latent variables at one θ).
     """
     arviz = _arviz()
     idata = data if isinstance(data, arviz.InferenceData) else to_arviz(data)
-    if "posterior" not in idata.groups():
+    if "log_likelihood" not in idata.groups():
         raise NotSupportedError(
-            "LOO needs posterior draws, and this fit has a point estimate only; fit with "
-            "method='nuts' (or 'vb-em' / 'mcmc-em', whose draws approximate the posterior)"
+            f"LOO needs posterior draws of θ: {_no_loo_reason(idata)}; fit with "
+            "method='nuts' or 'vb-em', or compare point estimates by BIC"
         )
     return arviz.loo(idata, pointwise=pointwise)
 
@@ -495,15 +600,20 @@ def loo_table(fits: Mapping[Any, Any]) -> Any:
         ``warning``, ``scale``.
 
     Raises:
-        NotSupportedError: a fit has no posterior draws.
+        NotSupportedError: a fit has no posterior draws of θ (see :func:`loo`).
     """
     arviz = _arviz()
     datasets = {label: _inference_data(arviz, fit) for label, fit in fits.items()}
-    without = [label for label, data in datasets.items() if "posterior" not in data.groups()]
+    without = {
+        label: _no_loo_reason(data)
+        for label, data in datasets.items()
+        if "log_likelihood" not in data.groups()
+    }
     if without:
+        reasons = "; ".join(f"{label!r}: {reason}" for label, reason in without.items())
         raise NotSupportedError(
-            f"LOO needs posterior draws, and the fits {without} have a point estimate only; "
-            "compare fits from method='nuts' (or 'vb-em' / 'mcmc-em' with draws)"
+            f"LOO needs posterior draws of θ, and the fits {list(without)} have none "
+            f"({reasons}); compare fits from method='nuts' or 'vb-em'"
         )
     keys = {str(label): label for label in datasets}
     with warnings.catch_warnings():
@@ -520,39 +630,98 @@ def plot_forest(
     var_names: list[str] | None = None,
     *,
     interval: float = 0.94,
+    align: bool = True,
 ) -> Any:
-    """Forest plot of the same parameters across fits (``az.plot_forest``).
+    """Forest plots of the same parameters across fits (``az.plot_forest``), one panel
+    per parameter, and per entry of its non-component dimensions (a mean's ``dim``, a
+    covariance's ``dim_row``/``dim_col``, up to 9 panels), so each has its own scale.
 
-    Fits with posterior draws show their credible intervals; a point estimate
-    (MAP-EM) shows as a dot.
+    The fits' mixture components are first put in one order (label switching, the same
+    alignment :func:`pyroem.compare` uses). Fits with draws of θ show their credible
+    intervals; a point estimate (MAP-EM, MCMC-EM's final θ) shows as a dot. Latent
+    variables (MCMC-EM's assignments) are never drawn: only the fits' parameters.
 
     Args:
-        fits: ``{label: fit}``, components aligned (see :func:`pyroem.alignment.align_fits`).
+        fits: ``{label: fit}``.
         var_names: parameters to show (default: every parameter the fits share).
         interval: probability of the highest-density intervals.
+        align: align the components to the first fit first.
 
     Returns:
-        The matplotlib ``Axes``.
+        The matplotlib ``Axes``, one per panel, in a NumPy array; each panel's title
+        names the parameter and the entry (``means (dim=waiting)``).
     """
     arviz = _arviz()
-    datasets = []
-    for fit in fits.values():
-        data = to_arviz(fit, log_likelihood=False)
-        if "posterior" in data.groups():
-            datasets.append(data.posterior)
-        else:
-            # Two identical draws: ArviZ draws the interval of a point as the point.
-            point = data.point_estimate
-            datasets.append(point.expand_dims(chain=[0], draw=[0, 1]))
+    plt = _pyplot()
+    if align and len(fits) > 1:
+        from pyroem.alignment import align_fits
+
+        fits = align_fits(fits)
+    datasets = [to_arviz(fit, log_likelihood=False).posterior for fit in fits.values()]
+    shared = set(datasets[0].data_vars).intersection(*(d.data_vars for d in datasets[1:]))
     if var_names is None:
-        shared = set(datasets[0].data_vars).intersection(*(d.data_vars for d in datasets[1:]))
-        var_names = [name for name in datasets[0].data_vars if name in shared]
-    with _quiet():
-        axes = arviz.plot_forest(
-            [arviz.InferenceData(posterior=data) for data in datasets],
-            model_names=[str(label) for label in fits],
-            var_names=var_names,
-            combined=True,
-            hdi_prob=interval,
+        var_names = [str(name) for name in datasets[0].data_vars if name in shared]
+    missing = [name for name in var_names if name not in shared]
+    if missing or not var_names:
+        raise SpecError(
+            f"plot_forest draws parameters every fit has ({sorted(map(str, shared))}); "
+            f"got var_names={var_names!r}"
         )
-    return np.ravel(axes)[0]
+    panels = [(name, selection) for name in var_names for selection in _panels(datasets[0][name])]
+    rows = [int(np.prod(datasets[0][name].sel(selection).shape[2:])) for name, selection in panels]
+    figure, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(6, 0.8 + 0.2 * len(fits) * sum(rows) + 0.6 * len(panels)),
+        gridspec_kw={"height_ratios": rows},
+        squeeze=False,
+    )
+    for ax, (name, selection) in zip(axes[:, 0], panels, strict=True):
+        with _quiet():
+            arviz.plot_forest(
+                [arviz.InferenceData(posterior=data[[name]]) for data in datasets],
+                model_names=[str(label) for label in fits],
+                var_names=[name],
+                coords=selection,
+                combined=True,
+                hdi_prob=interval,
+                ax=ax,
+            )
+        where = ", ".join(f"{dim}={value}" for dim, value in selection.items())
+        ax.set_title(f"{name} ({where})" if where else name)
+        if ax is not axes[0, 0] and ax.get_legend() is not None:
+            ax.get_legend().remove()
+    figure.tight_layout()
+    return axes[:, 0]
+
+
+#: Most panels one parameter is split into (one per entry of its non-component dimensions).
+_MAX_PANELS = 9
+
+
+def _panels(variable: Any) -> list[dict[str, Any]]:
+    """Coordinate selections, one per forest panel of a ``(chain, draw, …)`` variable:
+    one per entry of the dimensions other than ``component`` (a mean's ``dim``, a
+    covariance's ``dim_row``/``dim_col``), whose values may differ in scale, when there
+    are at most ``_MAX_PANELS``; else one panel."""
+    import itertools
+
+    other = [dim for dim in variable.dims[2:] if dim != "component"]
+    values = [variable.coords[dim].values.tolist() for dim in other]
+    combos = list(itertools.product(*values))
+    if not other or len(combos) > _MAX_PANELS:
+        return [{}]
+    return [dict(zip(other, combo, strict=True)) for combo in combos]
+
+
+def _pyplot() -> Any:
+    """Matplotlib's pyplot on a non-interactive backend unless one is already chosen."""
+    import sys
+
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

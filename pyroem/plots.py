@@ -275,8 +275,9 @@ def write_plots(
     data: Any = None,
     feature_names: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Write ``objective.png``, ``components-<label>.png`` per fit and, when at least
-    one fit has posterior draws, ``forest.png`` to ``directory``.
+    """Write ``objective.png``, ``components-<label>.png`` per fit and, for several
+    fits or a fit with draws, ``forest.png`` (one panel per parameter, components
+    aligned) to ``directory``.
 
     Returns:
         The paths written.
@@ -299,8 +300,8 @@ def write_plots(
         if "weights" in fit.params:
             slug = "".join(c if c.isalnum() else "-" for c in label).strip("-")
             save(plot_components(fit, data, feature_names=feature_names), f"components-{slug}.png")
-    if any(fit.draws for fit in labelled.values()):
+    if len(labelled) > 1 or any(fit.draws for fit in labelled.values()):
         from pyroem.diagnostics import plot_forest
 
-        save(plot_forest(labelled), "forest.png")
+        save(plot_forest(labelled)[0], "forest.png")
     return written

@@ -8,7 +8,10 @@ Each candidate ``K`` is fitted with the same spec, data and options, then scored
 - ``"loo"``: Pareto-smoothed importance-sampling leave-one-out expected log
   predictive density (higher is better), computed by ArviZ from the pointwise
   log-likelihood with ``z`` summed out. It needs posterior draws, so it applies to
-  ``method="nuts"`` and ``method="vb-em"`` fits.
+  ``method="nuts"`` and ``method="vb-em"`` fits. The choice follows the one-standard-
+  error rule: the fewest components whose ``elpd_loo`` is within one standard error
+  of the difference (ArviZ's ``dse``) of the best; a gain inside its own noise does
+  not buy extra components.
 """
 
 from __future__ import annotations
@@ -34,15 +37,18 @@ class ComponentChoice(NamedTuple):
         best: the chosen number of components.
         table: one row per ``K`` (index ``num_components``): ``log_likelihood``,
             ``num_parameters``, ``bic``, ``aic`` and, for ``criterion="loo"``,
-            ``elpd_loo`` and ``se``; the chosen row is marked in ``chosen``.
+            ``elpd_loo``, ``se``, ``elpd_diff`` (below the best) and ``dse`` (the
+            standard error of that difference); the chosen row is marked in ``chosen``.
         fits: the fit of every ``K``.
         criterion: the criterion used.
+        rule: how ``best`` was chosen, in words.
     """
 
     best: int
     table: pd.DataFrame
     fits: dict[int, Any]
     criterion: str
+    rule: str
 
 
 def parse_components(text: str) -> list[int]:
@@ -81,8 +87,9 @@ def choose_components(
         spec: the mixture; its ``num_components`` is replaced by each candidate.
         data: the data ``(num_data, dim)``.
         components: the candidate numbers of components.
-        criterion: ``"bic"`` or ``"aic"`` (lowest wins) or ``"loo"`` (highest
-            ``elpd_loo`` wins; needs a method with posterior draws).
+        criterion: ``"bic"`` or ``"aic"`` (lowest wins) or ``"loo"`` (the fewest
+            components within one standard error of the highest ``elpd_loo``; needs a
+            method with posterior draws).
         method: the EM variant every candidate is fitted with.
         **fit_options: passed to :func:`pyroem.fit` (``n_init``, ``seed``, …).
 
@@ -130,10 +137,17 @@ def choose_components(
         from pyroem.diagnostics import loo_table
 
         loo = loo_table({k: fits[k] for k in candidates})
-        table["elpd_loo"] = loo["elpd_loo"]
-        table["se"] = loo["se"]
-        best = int(table["elpd_loo"].idxmax())
+        for column in ("elpd_loo", "se", "elpd_diff", "dse"):
+            table[column] = loo[column]
+        within = table.index[table["elpd_diff"] <= table["dse"]]
+        best = int(min(within))
+        top = int(table["elpd_loo"].idxmax())
+        rule = (
+            "the fewest components whose elpd_loo is within one standard error (dse) of "
+            f"the best (K={top})"
+        )
     else:
         best = int(table[criterion].idxmin())
+        rule = f"the lowest {criterion.upper()}"
     table["chosen"] = table.index == best
-    return ComponentChoice(best, table, fits, criterion)
+    return ComponentChoice(best, table, fits, criterion, rule)

@@ -81,18 +81,31 @@ def _perturbed_draws(params: dict[str, torch.Tensor], shape: tuple[int, int], se
 # ----- Mixture fits -------------------------------------------------------------------------
 
 
-def test_mixture_map_em_pointwise_equals_brute_force():
+def test_mixture_map_em_arviz_summarises_the_point_estimate():
+    """A fit without draws: ``az.summary`` lists θ (the MAP, no spread), never rows of
+    a one-draw pointwise log-likelihood, and LOO is refused with the reason."""
+    import arviz as az
+
     spec = pyroem.Mixture(2, "gaussian", covariance_type="full")
     data, _ = spec.simulate(6, seed=3)
     fit = pyroem.fit(spec, data, seed=0)
-    idata = to_arviz(fit)
-    table = idata.log_likelihood["obs"]
-    assert table.dims == ("chain", "draw", "data")
-    assert table.shape == (1, 1, 6)
+    pointwise = fit.log_likelihood(pointwise=True).numpy()
     expected = _gaussian_mixture_pointwise(_numpy(fit.params), data.numpy())
-    np.testing.assert_allclose(table.values[0, 0], expected, rtol=1e-10, atol=1e-10)
-    assert "posterior" not in idata.groups()
+    np.testing.assert_allclose(pointwise, expected, rtol=1e-10, atol=1e-10)
+    idata = to_arviz(fit)
+    assert "log_likelihood" not in idata.groups()
+    summary = az.summary(idata)
+    elements = [
+        f"{name}[{', '.join(map(str, index))}]" if value.dim() else name
+        for name, value in fit.params.items()
+        for index in itertools.product(*map(range, value.shape))
+    ]
+    assert list(summary.index) == elements
+    flat = np.concatenate([value.reshape(-1).numpy() for value in fit.params.values()])
+    np.testing.assert_allclose(summary["mean"].values, flat, atol=1e-3)
     assert "MAP" in idata.point_estimate.attrs["estimate"]
+    with pytest.raises(NotSupportedError, match="point estimate has no posterior draws"):
+        loo(idata)
     assert idata.point_estimate["covariances"].dims == ("component", "dim_row", "dim_col")
     np.testing.assert_array_equal(idata.observed_data["obs"].values, data.numpy())
     with pytest.raises(NotSupportedError, match="posterior draws"):
@@ -123,7 +136,7 @@ def test_mixture_dims_agree_between_spec_and_program_fits():
     program = to_arviz(pyroem.fit(spec.model(data), seed=0))
     for name in ("weights", "means", "covariances"):
         assert direct.point_estimate[name].dims == program.point_estimate[name].dims
-    assert program.log_likelihood["obs"].dims == ("chain", "draw", "data")
+        assert direct.posterior[name].dims == program.posterior[name].dims
     assert program.observed_data["obs"].dims == ("data", "dim")
 
 
@@ -164,13 +177,11 @@ def _two_latents_data():
 def test_program_pointwise_two_discrete_latents_equals_brute_force():
     x, y = _two_latents_data()
     fit = pyroem.fit(_two_latents, x, y, seed=0, max_iter=30)
-    idata = to_arviz(fit)
-    table = idata.log_likelihood["log_likelihood"]
-    assert table.dims == ("chain", "draw", "data")
+    table = pointwise_log_likelihood(fit.program, fit.params).numpy()
     expected = _two_latents_brute_force(_numpy(fit.params), x.numpy(), y.numpy())
-    np.testing.assert_allclose(table.values[0, 0], expected, rtol=1e-10, atol=1e-10)
-    assert math.isclose(table.values.sum(), fit.log_likelihood(), rel_tol=1e-10)
-    assert set(idata.observed_data.data_vars) == {"x", "y"}
+    np.testing.assert_allclose(table, expected, rtol=1e-10, atol=1e-10)
+    assert math.isclose(table.sum(), fit.log_likelihood(), rel_tol=1e-10)
+    assert set(to_arviz(fit).observed_data.data_vars) == {"x", "y"}
 
 
 def test_program_draws_pointwise_equals_brute_force():
@@ -222,7 +233,8 @@ def test_model_without_observation_plate_needs_log_likelihood_off():
         loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
         pyro.sample("obs", dist.Normal(loc, 1.0).expand([x.shape[0]]).to_event(1), obs=x)
 
-    fit = pyroem.fit(unplated, torch.tensor([0.5, 1.0, -0.2]), seed=0)
+    fit = copy.copy(pyroem.fit(unplated, torch.tensor([0.5, 1.0, -0.2]), seed=0))
+    fit.draws = _perturbed_draws(fit.params, (2, 3), seed=0)
     with pytest.raises(SpecError, match="log_likelihood=False"):
         to_arviz(fit)
     idata = to_arviz(fit, log_likelihood=False)
@@ -319,9 +331,70 @@ def test_loo_table_and_forest_plot(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    ax = pyroem.diagnostics.plot_forest({"exact": fits[1], "map": base})
+    ax = pyroem.diagnostics.plot_forest({"exact": fits[1], "map": base})[0]
     path = tmp_path / "forest.png"
     ax.figure.savefig(path)
     assert path.stat().st_size > 1000
     labels = [text.get_text() for text in ax.get_legend().get_texts()]
     assert set(labels) == {"exact", "map"}
+
+
+# ----- what each method exports -----------------------------------------------------------
+
+
+def test_vb_em_draws_are_several_chains_with_finite_rhat():
+    """CAVI's draws are independent, so split into chains their R-hat is finite and near
+    1 (for independent draws its standard deviation is about 1/(2·draws per chain))."""
+    import arviz as az
+
+    spec = pyroem.Mixture(2, "gaussian")
+    data, _ = spec.simulate(80, seed=1)
+    fit = pyroem.fit(spec, data, method="vb-em", seed=0, num_draws=400)
+    assert fit.draws["means"].shape == (4, 100, 2, 2)
+    rhat = az.rhat(to_arviz(fit, log_likelihood=False))
+    values = np.concatenate([np.ravel(rhat[name].values) for name in fit.params])
+    assert np.isfinite(values).all()
+    assert np.abs(values - 1).max() < 0.05
+
+
+def test_mcmc_em_exports_theta_and_no_degenerate_loo():
+    """MCMC-EM's draws are of z at one θ: θ is the posterior group's one draw, z goes
+    to latent_draws, the θ trace to parameter_trace, and there is no log_likelihood
+    group for az.compare to rank (its LOO would have p_loo 0)."""
+    spec = pyroem.Mixture(2, "gaussian")
+    data, _ = spec.simulate(40, seed=2)
+    fit = pyroem.fit(spec, data, method="mcmc-em", seed=0, max_iter=20)
+    idata = to_arviz(fit)
+    assert "log_likelihood" not in idata.groups()
+    for name, value in fit.params.items():
+        np.testing.assert_array_equal(idata.posterior[name].values[0, 0], value.numpy())
+        trace = idata.parameter_trace[name]
+        assert trace.dims[0] == "iteration"
+        np.testing.assert_array_equal(trace.values[-1], value.numpy())
+    assert set(idata.posterior.data_vars) == set(fit.params)
+    assert idata.latent_draws["assignment"].dims == ("chain", "draw", "data")
+    with pytest.raises(NotSupportedError, match="MCMC-EM draws the latent variables"):
+        loo(fit)
+    vb = pyroem.fit(spec, data, method="vb-em", seed=0, num_draws=200)
+    with pytest.raises(NotSupportedError, match=r"\['mcmc-em'\]"):
+        pyroem.diagnostics.loo_table({"mcmc-em": fit, "vb-em": vb})
+
+
+def test_coordinates_are_column_names():
+    import pandas as pd
+
+    spec = pyroem.Mixture(2, "gaussian")
+    data, _ = spec.simulate(30, seed=3)
+    frame = pd.DataFrame(data.numpy(), columns=["eruptions", "waiting"])
+    for method in ("map-em", "vb-em"):
+        idata = pyroem.fit(spec, frame, method=method, seed=0).to_arviz()
+        for group in ("posterior", "point_estimate", "observed_data"):
+            assert list(idata[group].coords["dim"].values) == ["eruptions", "waiting"]
+        assert list(idata.posterior.coords["dim_row"].values) == ["eruptions", "waiting"]
+        assert list(idata.posterior.coords["component"].values) == [0, 1]
+        selected = idata.point_estimate["means"].sel(dim="waiting").values
+        np.testing.assert_array_equal(
+            selected, pyroem.fit(spec, frame, method=method, seed=0).params["means"][:, 1]
+        )
+    custom = to_arviz(pyroem.fit(spec, data, seed=0), coords={"component": ["short", "long"]})
+    assert list(custom.posterior.coords["component"].values) == ["short", "long"]

@@ -242,16 +242,16 @@ def test_draws_come_from_q() -> None:
     num_draws = 4000
     fit = _fit(spec, data, seed=4, num_draws=num_draws)
     assert set(fit.draws) == set(fit.params)
-    assert fit.draws["weights"].shape == (1, num_draws, 3)
-    assert fit.draws["rates"].shape == (1, num_draws, 3, 2)
+    assert fit.draws["weights"].shape == (4, num_draws // 4, 3)
+    assert fit.draws["rates"].shape == (4, num_draws // 4, 3, 2)
     # Draw means against E_q, within 4.5 Monte Carlo standard errors (18 checks at once).
     for name in ("weights", "rates"):
-        draws = fit.draws[name][0]
+        draws = fit.draws[name].flatten(0, 1)
         error = draws.std(0) / math.sqrt(num_draws)
         assert ((draws.mean(0) - fit.params[name]).abs() <= 4.5 * error).all(), name
     q = fit.variational["components"]
     variance = q["concentration"] / q["rate"] ** 2
-    draws = fit.draws["rates"][0]
+    draws = fit.draws["rates"].flatten(0, 1)
     # Var of the sample variance ≈ (μ4 − σ⁴)/S = (6/a + 2) σ⁴/S for a Gamma(a, b).
     sd = variance * torch.sqrt((6 / q["concentration"] + 2) / num_draws)
     assert ((draws.var(0) - variance).abs() <= 4.5 * sd).all()

@@ -545,3 +545,31 @@ def test_compare_prints_and_writes_one_table(
     assert (out_dir / "comparison.txt").read_text(encoding="utf-8").strip() in out
     for name in ("objective.png", "forest.png", "components-nuts.png"):
         assert (plot_dir / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_keeps_its_results_when_a_plot_fails(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The table is printed and written before plotting; a plot that raises ends the
+    command with status 1 and one line naming the failure, and loses nothing."""
+    import pyroem.plots
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(pyroem.plots, "plot_objective", broken)
+    plot_dir = tmp_path / "plots"
+    argv = ["compare", "--methods", "map-em,vb-em", "--n-init", "1", "--plots", str(plot_dir)]
+    code, out, err = _run(capsys, *argv)
+    assert code == 1
+    assert err.count("\n") == 1
+    assert err.startswith("pyroem: error: plotting failed (RuntimeError: no display)")
+    expected = _reference_fit(n_init=1)
+    assert f"{expected.log_likelihood():.6g}" in out
+    with open(plot_dir / "comparison.csv", encoding="utf-8") as handle:
+        rows = {row[0]: row[1:] for row in csv.reader(handle)}
+    assert float(rows["means[1, 1]"][0]) == pytest.approx(float(expected.params["means"][1, 1]))
+    out_dir = tmp_path / "out"
+    code, out, err = _run(capsys, *argv, "--out", str(out_dir))
+    assert code == 1 and f"written to {out_dir}" in err
+    assert (out_dir / "comparison.txt").read_text(encoding="utf-8").strip() in out

@@ -87,3 +87,56 @@ def test_plot_components_needs_a_mixture_and_data() -> None:
     not_a_mixture = SimpleNamespace(method="map-em", params={"loc": torch.zeros(2)})
     with pytest.raises(SpecError, match="needs a 'weights' parameter"):
         plot_components(not_a_mixture, np.zeros((3, 2)))
+
+
+def test_forest_aligns_fits_and_gives_each_parameter_entry_a_panel() -> None:
+    """vb-em starts from MAP-EM's components swapped, so its marks only sit beside
+    MAP-EM's if the forest aligns the fits; MCMC-EM has marks (its θ), its assignments
+    none; every panel holds one entry of one parameter over the components."""
+    import pandas as pd
+
+    from pyroem.diagnostics import plot_forest
+
+    faithful = pyroem.datasets.load_faithful()
+    frame = pd.DataFrame(faithful.data.numpy(), columns=list(faithful.feature_names))
+    spec = pyroem.Mixture(2, "gaussian", covariance_type="full")
+    map_fit = pyroem.fit(spec, frame, seed=0)
+    swapped = {name: value.flip(0) for name, value in map_fit.params.items()}
+    fits = {
+        "map-em": map_fit,
+        "vb-em": pyroem.fit(spec, frame, method="vb-em", init=swapped, seed=0, num_draws=200),
+        "mcmc-em": pyroem.fit(spec, frame, method="mcmc-em", seed=0, max_iter=10),
+    }
+    assert float(fits["vb-em"].params["means"][0, 1] - map_fit.params["means"][0, 1]) > 20
+    axes = plot_forest(fits)
+    titles = [ax.get_title() for ax in axes]
+    assert titles == [
+        "weights",
+        "means (dim=eruptions)",
+        "means (dim=waiting)",
+        *(
+            f"covariances (dim_row={row}, dim_col={col})"
+            for row in ("eruptions", "waiting")
+            for col in ("eruptions", "waiting")
+        ),
+    ]
+    for index, ax in enumerate(axes):
+        assert not any("assignment" in label.get_text() for label in ax.get_yticklabels())
+        marks = sorted(
+            (float(line.get_ydata()[0]), float(line.get_xdata()[0]))
+            for line in ax.lines
+            if line.get_marker() == "o"
+        )
+        assert len(marks) == 3 * 2  # one per fit and component
+        if index < 3:
+            # Weights and means: the fits' marks of a component lie side by side.
+            spread = max(x for _, x in marks) - min(x for _, x in marks)
+            for component in range(2):
+                xs = [x for _, x in marks[3 * component : 3 * component + 3]]
+                assert max(xs) - min(xs) <= 0.1 * spread
+    waiting = sorted(
+        x for line in axes[2].lines if line.get_marker() == "o" for x in line.get_xdata()
+    )
+    np.testing.assert_allclose(
+        sorted(map_fit.params["means"][:, 1].tolist() * 3), waiting, atol=1.0
+    )

@@ -71,3 +71,25 @@ def test_bad_options_are_named() -> None:
         choose_components(pyroem.Mixture(2, weights_prior=[1.0, 2.0]), data, [1, 2])
     with pytest.raises(SpecError, match="components is empty"):
         choose_components(spec, data, [])
+
+
+def test_loo_picks_the_fewest_components_within_one_standard_error() -> None:
+    """On Old Faithful, K=3's elpd_loo edges out K=2's by far less than the standard
+    error of their difference; the one-standard-error rule keeps K=2. The table's
+    differences are ArviZ's own (az.compare on the same fits)."""
+    import arviz as az
+
+    data = pyroem.datasets.load_faithful().data
+    spec = pyroem.Mixture(2, "gaussian", covariance_type="full")
+    choice = choose_components(spec, data, [1, 2, 3], criterion="loo", method="vb-em", seed=0)
+    table = choice.table
+    reference = az.compare({str(k): fit.to_arviz() for k, fit in choice.fits.items()})
+    for k in (1, 2, 3):
+        assert table.loc[k, "elpd_diff"] == pytest.approx(reference.loc[str(k), "elpd_diff"])
+        assert table.loc[k, "dse"] == pytest.approx(reference.loc[str(k), "dse"])
+    assert table["elpd_loo"].idxmax() == 3
+    assert table.loc[2, "elpd_diff"] < table.loc[2, "dse"]
+    assert table.loc[1, "elpd_diff"] > table.loc[1, "dse"]
+    assert choice.best == 2
+    assert list(table["chosen"]) == [False, True, False]
+    assert "one standard error" in choice.rule

@@ -216,7 +216,7 @@ def test_conjugate_posterior_recovered(case: str) -> None:
     mean, sd, best_elbo = reference(data.numpy())
     fit = pyroem.fit(model, data, method="vb-em", guide=guide, seed=0, **SCHEDULE)
     draws = fit.draws[site].flatten().numpy()
-    assert fit.draws[site].shape == (1, NUM_DRAWS)
+    assert fit.draws[site].shape == (4, NUM_DRAWS // 4)
     # The guide's mean parameter lives on a coordinate where the posterior sd is
     # sd / slope; its jitter maps back through the slope. Draws add sd / sqrt(S).
     jitter = slope(mean, sd) * _adam_spread(sd / slope(mean, sd))
@@ -279,7 +279,8 @@ def test_local_latents_mean_field_optimum() -> None:
     )
     assert fit.local_latents == ["theta"]
     estimate = np.concatenate([fit.params["mu"].reshape(1).numpy(), fit.params["theta"].numpy()])
-    draws = np.concatenate([fit.draws["mu"].reshape(-1, 1), fit.draws["theta"][0]], axis=1)
+    theta = fit.draws["theta"].flatten(0, 1)
+    draws = np.concatenate([fit.draws["mu"].reshape(-1, 1), theta], axis=1)
     noise = np.sqrt((precision**2 * sd**2).sum(1)) / np.diag(precision)
     jitter = np.array([_adam_spread(scale) for scale in noise])
     mean_tol = 4 * np.hypot(jitter, sd / math.sqrt(NUM_DRAWS))

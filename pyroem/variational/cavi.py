@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from pyroem.diagnostics import independent_chains
 from pyroem.em import EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.errors import SpecError
 from pyroem.estep.enumerate import MixtureEStep, add_statistics, score_mixture
@@ -222,7 +223,9 @@ class VariationalFit(FitResult):
       ``q(π, θ)``; ``predict_proba`` / ``predict`` apply the variational E-step
       (``r_nk ∝ exp(E_q[log π_k] + E_q[log p(x | θ_k)])``) to any data.
     - ``draws``: ``num_draws`` draws from ``q(π, θ)`` keyed like ``params``, each
-      ``(1, num_draws, *shape)``; ``sample_stats["elbo"]``: the ELBO trace.
+      ``(num_chains, num_draws // num_chains, *shape)``: independent draws split into
+      up to 4 chains (:func:`~pyroem.diagnostics.independent_chains`) so R-hat is
+      defined; ``sample_stats["elbo"]``: the ELBO trace.
 
     Attributes:
         variational: the parameters of each factor of ``q``:
@@ -414,7 +417,10 @@ def fit_mixture_cavi(
             torch.manual_seed(draw_seed)
             weights = torch.distributions.Dirichlet(alpha).sample((num_draws,))
             components = factor.sample(state.components, num_draws)
-        draws = {"weights": weights[None], **{k: v[None] for k, v in components.items()}}
+        draws = {
+            name: independent_chains(value)
+            for name, value in {"weights": weights, **components}.items()
+        }
     variational = {
         "weights": {"concentration": alpha},
         "components": factor.to_user(state.components),

@@ -59,6 +59,7 @@ from pyro.optim import ClippedAdam, PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
 from pyro.params.param_store import StateDict
 
+from pyroem.diagnostics import independent_chains
 from pyroem.em import EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.errors import NotSupportedError, PyroEMError, SpecError
 from pyroem.options import check_integer, with_defaults
@@ -177,7 +178,9 @@ class SVIFit(ProgramFit):
       site (for ``guide="delta"``, its point), the fitted value of every ``pyro.param``
       site of the program; ``log_likelihood()``, ``log_joint()`` and ``marginals`` are
       evaluated there, discrete latents summed out.
-    - ``draws``: ``num_draws`` draws from the fitted guide, each ``(1, num_draws, *shape)``.
+    - ``draws``: ``num_draws`` draws from the fitted guide, each
+      ``(num_chains, num_draws // num_chains, *shape)``: independent draws split into
+      up to 4 chains (:func:`~pyroem.diagnostics.independent_chains`) so R-hat is defined.
     - ``history.objective``: the ELBO, ``(T+1,)`` for ``T`` steps: entry ``t < T`` is the
       raw (unsmoothed) estimate at the parameters after ``t`` steps, from
       ``num_particles`` particles; the last entry is the final ELBO from
@@ -617,7 +620,7 @@ def fit_svi(
         num_data=engine.num_data,
         restart_objectives=result.restart_objectives,
         options=record,
-        draws={name: value.unsqueeze(0) for name, value in final.draws.items()},
+        draws={name: independent_chains(value) for name, value in final.draws.items()},
         sample_stats={
             "elbo": history.objective.copy(),
             "elbo_smoothed": _smoothed(list(final.raw_elbos), max(settings.window, 1)),
