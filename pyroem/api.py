@@ -112,7 +112,7 @@ def fit(
     started = time.perf_counter()
     result: Any
     if method == "map-em":
-        with_defaults("method='map-em'", method_options, {}, hint="map-em takes none")
+        method_options = with_defaults("method='map-em'", method_options, {"space": "auto"})
     elif method == "mcmc-em":
         # MCMC-EM reuses the MAP-EM M-steps, so it takes their options too.
         method_options = {"m_step": m_step, "gradient_steps": gradient_steps, **method_options}
@@ -152,6 +152,7 @@ def fit(
             progress=progress,
             m_step=m_step,
             gradient_steps=gradient_steps,
+            space=method_options["space"],
         )
     else:
         result = _fit_mixture(

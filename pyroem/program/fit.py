@@ -18,16 +18,25 @@ from pyroem.estep.enumerate import EStep
 from pyroem.program._compiled import CompiledEStep, CompiledProgram
 from pyroem.program._stacked import StackedUpdate
 from pyroem.program.conjugacy import (
+    ADJUSTABLE_PRIORS,
     LOCATION_SLOTS,
     SCALE_SLOTS,
     ClosedForm,
+    _unwrap,
     closed_form_update,
+    prior_weight,
     recognise,
 )
 from pyroem.program.gradient import gradient_m_step
 from pyroem.program.model import ProgramModel, _Inject, sample_sites
 from pyroem.program.posterior import posterior
 from pyroem.program.results import ProgramFit
+from pyroem.program.space import (
+    jacobian_sites,
+    log_jacobian,
+    resolve_space,
+    unbounded_error,
+)
 
 __all__ = [
     "block_order",
@@ -212,6 +221,31 @@ def closed_form_sweep(
         values[name] = new
 
 
+def _adjust_blocks(
+    program: ProgramModel,
+    found: dict[str, ClosedForm | None],
+    trace: Any,
+    jacobian: list[str],
+) -> dict[str, ClosedForm | None]:
+    """The recognised blocks, told whether they carry the log-Jacobian; a block whose
+    prior is weighted (``poutine.scale``/``mask``) or moved by the Jacobian in a way no
+    closed form here adjusts for goes to the gradient M-step."""
+    adjusted: dict[str, ClosedForm | None] = {}
+    for name, block in found.items():
+        if block is None or program.params[name].kind != "sample":
+            adjusted[name] = block
+            continue
+        site = trace.nodes[name]
+        prior = _unwrap(site["fn"])[0]
+        on_boundary = name in jacobian and block.slot not in LOCATION_SLOTS
+        needs = prior_weight(site) is not None or on_boundary
+        if needs and not isinstance(prior, ADJUSTABLE_PRIORS):
+            adjusted[name] = None
+        else:
+            adjusted[name] = block._replace(jacobian=name in jacobian)
+    return adjusted
+
+
 class _Engine:
     """The E- and M-steps of one fit.
 
@@ -230,8 +264,10 @@ class _Engine:
         first: dict[str, torch.Tensor],
         first_trace: Any,
         layout: CompiledProgram,
+        jacobian: list[str],
     ) -> None:
         self.program = program
+        self.jacobian = jacobian
         self.found = found
         self.gradient_steps = gradient_steps
         self.first = first
@@ -252,11 +288,28 @@ class _Engine:
             else:
                 estep = self.compiled(values)
             if estep is not None:
-                return EStep(estep, float(estep.log_likelihood), float(estep.log_joint))
+                log_likelihood, log_joint = float(estep.log_likelihood), float(estep.log_joint)
+                return self._estep(estep, log_likelihood, log_joint, values)
             self.compiled = None
         trace = self.first_trace if values is self.first else None
         post = posterior(self.program, values, trace)
-        return EStep(post, float(post.log_likelihood), float(post.log_joint))
+        return self._estep(post, float(post.log_likelihood), float(post.log_joint), values)
+
+    def _estep(
+        self, stats: Any, log_likelihood: float, log_joint: float, values: dict[str, torch.Tensor]
+    ) -> EStep:
+        """The E-step with its objective: the log joint, plus the log-Jacobian in the
+        unconstrained space."""
+        if log_joint == math.inf:
+            raise unbounded_error(self.program, self.first_trace)
+        return EStep(stats, log_likelihood, log_joint + self.log_jacobian(values))
+
+    def log_jacobian(self, values: Mapping[str, torch.Tensor]) -> float:
+        """The objective less the log joint (0 in the constrained space)."""
+        if not self.jacobian:
+            return 0.0
+        with torch.no_grad():
+            return float(log_jacobian(self.program, values, self.jacobian))
 
     def ecm(self, stats: Any, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One ECM sweep: closed-form blocks in order, then the gradient blocks."""
@@ -276,6 +329,7 @@ class _Engine:
                     weights,
                     self.gradient_sites,
                     max_steps=self.gradient_steps,
+                    jacobian=self.jacobian,
                 )
             )
         return values
@@ -352,6 +406,7 @@ def fit_program(
     progress: bool,
     m_step: str,
     gradient_steps: int,
+    space: str = "auto",
 ) -> ProgramFit:
     """Fit a Pyro program by MAP-EM (see :func:`pyroem.fit`).
 
@@ -379,10 +434,13 @@ def fit_program(
         if m_step == "auto"
         else dict.fromkeys(program.params)
     )
+    space = resolve_space(space, program, first_trace)
+    jacobian = jacobian_sites(program, first_trace) if space == "unconstrained" else []
+    found = _adjust_blocks(program, found, first_trace, jacobian)
     kinds = {name: "gradient" if block is None else block.kind for name, block in found.items()}
     num_data = num_observations(first_trace, program)
 
-    engine = _Engine(program, found, gradient_steps, first, first_trace, layout)
+    engine = _Engine(program, found, gradient_steps, first, first_trace, layout, jacobian)
 
     def run_once(restart: int) -> EMRun:
         start = first if restart == 0 else initial_values(program, init, base_seed + restart)
@@ -407,6 +465,7 @@ def fit_program(
         "seed": seed,
         "m_step": m_step,
         "gradient_steps": gradient_steps,
+        "space": space,
     }
     return ProgramFit(
         program=program,
@@ -415,7 +474,7 @@ def fit_program(
         m_step_kinds=kinds,
         marginals=marginals,
         log_likelihood=best.last.log_likelihood,
-        log_joint=best.last.objective,
+        log_joint=best.last.objective - engine.log_jacobian(best.params),
         history=best.history,
         converged=best.converged,
         num_iterations=best.num_iterations,

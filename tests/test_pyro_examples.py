@@ -1,0 +1,247 @@
+"""Programs written the way Pyro's own examples write them, fitted by map-em.
+
+The models follow the structure of Pyro's ``examples/hmm.py`` (HMMs and a factorial
+HMM over binary "tones" with ``Beta(0.1, 0.9)`` emission priors and
+``Dirichlet(0.9·I + 0.1)`` transition priors, priors under
+``poutine.mask(mask=include_prior)``), written here, on small synthetic data of the
+same shape. Every fit is checked against Pyro's own contraction: the reported log
+joint is ``−TraceEnum_ELBO.loss`` of the program conditioned on the fitted values,
+and the fitted point is a stationary point of Pyro's objective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import TraceEnum_ELBO
+from torch.distributions import biject_to
+
+import pyroem
+from pyroem.errors import SpecError
+
+HIDDEN = 3
+TONES = 5
+
+
+def _tone_data(num_sequences: int = 4, length: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    sequences = (torch.rand(num_sequences, length, TONES, generator=generator) < 0.2).double()
+    lengths = torch.tensor([length - 3 * (i % 2) for i in range(num_sequences)])
+    return sequences, lengths
+
+
+def loop_hmm(sequences: torch.Tensor, lengths: torch.Tensor, include_prior: bool = True) -> None:
+    """hmm.py's first model: a Python loop over sequences, a markov loop over time."""
+    with poutine.mask(mask=include_prior):
+        probs_x = pyro.sample("probs_x", dist.Dirichlet(0.9 * torch.eye(HIDDEN) + 0.1).to_event(1))
+        probs_y = pyro.sample(
+            "probs_y", dist.Beta(0.1, 0.9).expand([HIDDEN, sequences.shape[-1]]).to_event(2)
+        )
+    tones = pyro.plate("tones", sequences.shape[-1], dim=-1)
+    for i in pyro.plate("sequences", len(sequences)):
+        x = 0
+        for t in pyro.markov(range(int(lengths[i]))):
+            x = pyro.sample(
+                f"x_{i}_{t}", dist.Categorical(probs_x[x]), infer={"enumerate": "parallel"}
+            )
+            with tones:
+                pyro.sample(
+                    f"y_{i}_{t}", dist.Bernoulli(probs_y[x.squeeze(-1)]), obs=sequences[i, t]
+                )
+
+
+def batched_hmm(sequences: torch.Tensor, lengths: torch.Tensor, include_prior: bool = True) -> None:
+    """hmm.py's vectorised HMM: a sequences plate, time steps past a length masked."""
+    num_sequences, _, data_dim = sequences.shape
+    with poutine.mask(mask=include_prior):
+        probs_x = pyro.sample("probs_x", dist.Dirichlet(0.9 * torch.eye(HIDDEN) + 0.1).to_event(1))
+        probs_y = pyro.sample("probs_y", dist.Beta(0.1, 0.9).expand([HIDDEN, data_dim]).to_event(2))
+    tones = pyro.plate("tones", data_dim, dim=-1)
+    with pyro.plate("sequences", num_sequences, dim=-2) as batch:
+        lengths = lengths[batch]
+        x = 0
+        for t in pyro.markov(range(int(lengths.max()))):
+            with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                x = pyro.sample(
+                    f"x_{t}", dist.Categorical(probs_x[x]), infer={"enumerate": "parallel"}
+                )
+                with tones:
+                    pyro.sample(
+                        f"y_{t}", dist.Bernoulli(probs_y[x.squeeze(-1)]), obs=sequences[batch, t]
+                    )
+
+
+def autoregressive_hmm(
+    sequences: torch.Tensor, lengths: torch.Tensor, include_prior: bool = True
+) -> None:
+    """hmm.py's arHMM: each tone also depends on its previous value."""
+    num_sequences, _, data_dim = sequences.shape
+    with poutine.mask(mask=include_prior):
+        probs_x = pyro.sample("probs_x", dist.Dirichlet(0.9 * torch.eye(HIDDEN) + 0.1).to_event(1))
+        probs_y = pyro.sample(
+            "probs_y", dist.Beta(0.1, 0.9).expand([HIDDEN, 2, data_dim]).to_event(3)
+        )
+    tones_plate = pyro.plate("tones", data_dim, dim=-1)
+    with pyro.plate("sequences", num_sequences, dim=-2) as batch:
+        lengths = lengths[batch]
+        x, y = 0, 0
+        for t in pyro.markov(range(int(lengths.max()))):
+            with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                x = pyro.sample(
+                    f"x_{t}", dist.Categorical(probs_x[x]), infer={"enumerate": "parallel"}
+                )
+                with tones_plate as tones:
+                    y = pyro.sample(
+                        f"y_{t}", dist.Bernoulli(probs_y[x, y, tones]), obs=sequences[batch, t]
+                    ).long()
+
+
+def factorial_hmm(
+    sequences: torch.Tensor, lengths: torch.Tensor, include_prior: bool = True
+) -> None:
+    """hmm.py's factorial HMM: two hidden chains emit together."""
+    num_sequences, _, data_dim = sequences.shape
+    hidden = 2
+    with poutine.mask(mask=include_prior):
+        probs_w = pyro.sample("probs_w", dist.Dirichlet(0.9 * torch.eye(hidden) + 0.1).to_event(1))
+        probs_x = pyro.sample("probs_x", dist.Dirichlet(0.9 * torch.eye(hidden) + 0.1).to_event(1))
+        probs_y = pyro.sample(
+            "probs_y", dist.Beta(0.1, 0.9).expand([hidden, hidden, data_dim]).to_event(3)
+        )
+    tones_plate = pyro.plate("tones", data_dim, dim=-1)
+    with pyro.plate("sequences", num_sequences, dim=-2) as batch:
+        lengths = lengths[batch]
+        w, x = 0, 0
+        for t in pyro.markov(range(int(lengths.max()))):
+            with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                w = pyro.sample(
+                    f"w_{t}", dist.Categorical(probs_w[w]), infer={"enumerate": "parallel"}
+                )
+                x = pyro.sample(
+                    f"x_{t}", dist.Categorical(probs_x[x]), infer={"enumerate": "parallel"}
+                )
+                with tones_plate as tones:
+                    pyro.sample(
+                        f"y_{t}", dist.Bernoulli(probs_y[w, x, tones]), obs=sequences[batch, t]
+                    )
+
+
+HMMS: list[tuple[Callable[..., None], int]] = [
+    (loop_hmm, 1),
+    (batched_hmm, 2),
+    (autoregressive_hmm, 2),
+    (factorial_hmm, 2),
+]
+
+
+def _empty_guide(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def pyro_log_joint(
+    model: Callable[..., None],
+    values: dict[str, torch.Tensor],
+    max_plate_nesting: int,
+    *args: Any,
+) -> torch.Tensor:
+    """``log p(x, θ)`` by Pyro: ``−TraceEnum_ELBO`` loss of the program conditioned on
+    ``θ`` with a guide that samples nothing (differentiable in ``values``)."""
+    elbo = TraceEnum_ELBO(max_plate_nesting=max_plate_nesting)
+    conditioned = poutine.condition(model, values)
+    if not any(value.requires_grad for value in values.values()):
+        return torch.tensor(-elbo.loss(conditioned, _empty_guide, *args))
+    return -elbo.differentiable_loss(conditioned, _empty_guide, *args)
+
+
+def unconstrained_gradient(
+    model: Callable[..., None],
+    fit: Any,
+    max_plate_nesting: int,
+    *args: Any,
+    jacobian: bool,
+) -> dict[str, torch.Tensor]:
+    """Gradient of Pyro's log joint (plus the log-Jacobian when ``jacobian``) with respect
+    to the unconstrained coordinates of every parameter, at the fitted values."""
+    transforms = {name: biject_to(site.constraint) for name, site in fit.program.params.items()}
+    leaves = {
+        name: transforms[name].inv(value).detach().requires_grad_()
+        for name, value in fit.params.items()
+    }
+    values = {name: transforms[name](u) for name, u in leaves.items()}
+    objective = pyro_log_joint(model, values, max_plate_nesting, *args)
+    if jacobian:
+        for name, u in leaves.items():
+            objective = objective + transforms[name].log_abs_det_jacobian(u, values[name]).sum()
+    objective.backward()
+    return {name: u.grad for name, u in leaves.items()}
+
+
+def _monotone(objective: Any) -> bool:
+    steps = objective[1:] - objective[:-1]
+    return bool((steps >= -1e-9 * abs(objective[1:])).all())
+
+
+@pytest.mark.parametrize(("model", "max_plate_nesting"), HMMS, ids=[m.__name__ for m, _ in HMMS])
+def test_unbounded_priors_fit_in_the_unconstrained_space(
+    model: Callable[..., None], max_plate_nesting: int
+) -> None:
+    """Beta(0.1, 0.9)/Dirichlet(0.9·I + 0.1) priors: the constrained log joint has no
+    maximum (a closed form reached +inf); the default fits the unconstrained density to
+    a finite optimum: Pyro's log joint plus log-Jacobian is stationary there."""
+    torch.set_default_dtype(torch.float64)
+    data = _tone_data()
+    fit = pyroem.fit(model, *data, seed=0, tol=1e-9, max_iter=3000)
+    history = fit.history.objective
+    assert fit.options["space"] == "unconstrained"
+    assert bool(torch.isfinite(torch.as_tensor(history)).all())
+    assert _monotone(history)
+    expected = float(pyro_log_joint(model, fit.params, max_plate_nesting, *data))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+    gradient = unconstrained_gradient(model, fit, max_plate_nesting, *data, jacobian=True)
+    for name, grad in gradient.items():
+        assert float(grad.abs().max()) < 1e-3, name
+    for name, value in fit.params.items():
+        assert bool(fit.program.params[name].constraint.check(value).all())
+        assert bool(((value > 0) & (value < 1)).all()), name
+
+
+def test_constrained_space_refuses_an_unbounded_prior() -> None:
+    torch.set_default_dtype(torch.float64)
+    with pytest.raises(SpecError, match=r"probs_y.*space='unconstrained'"):
+        pyroem.fit(batched_hmm, *_tone_data(), seed=0, space="constrained")
+
+
+@pytest.mark.parametrize(("model", "max_plate_nesting"), HMMS, ids=[m.__name__ for m, _ in HMMS])
+def test_masked_priors_give_maximum_likelihood(
+    model: Callable[..., None], max_plate_nesting: int
+) -> None:
+    """``include_prior=False`` masks the priors: the closed forms must drop them (before,
+    they kept the prior's pseudo-counts and the objective decreased). The fit is monotone
+    and a stationary point of Pyro's masked log joint (the likelihood)."""
+    torch.set_default_dtype(torch.float64)
+    data = _tone_data()
+    fit = pyroem.fit(model, *data, False, seed=0, tol=1e-11, max_iter=5000)
+    assert fit.options["space"] == "constrained"
+    assert _monotone(fit.history.objective)
+    expected = float(pyro_log_joint(model, fit.params, max_plate_nesting, *data, False))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+    assert fit.log_joint() == pytest.approx(fit.log_likelihood(), rel=1e-12)
+    # Stationary in the interior: every probability strictly inside (0, 1) has zero
+    # gradient along the simplex (Bernoulli entries: the gradient itself).
+    values = {name: value.requires_grad_() for name, value in fit.params.items()}
+    pyro_log_joint(model, values, max_plate_nesting, *data, False).backward()
+    for name, value in values.items():
+        grad = value.grad
+        if name == "probs_y":
+            inside = (value > 1e-6) & (value < 1 - 1e-6)
+            assert float(grad[inside].abs().max()) < 1e-3
+        else:
+            for row, row_grad in zip(value, grad, strict=True):
+                live = row_grad[row > 1e-6]
+                assert float((live - live.mean()).abs().max()) < 1e-3, (name, row)
