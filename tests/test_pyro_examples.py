@@ -11,6 +11,7 @@ and the fitted point is a stationary point of Pyro's objective.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -19,11 +20,12 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import TraceEnum_ELBO
-from torch.distributions import biject_to
+from pyro.infer import TraceEnum_ELBO, config_enumerate
+from pyro.ops.indexing import Vindex
+from torch.distributions import biject_to, constraints
 
 import pyroem
-from pyroem.errors import SpecError
+from pyroem.errors import NotSupportedError, SpecError
 
 HIDDEN = 3
 TONES = 5
@@ -150,13 +152,19 @@ def pyro_log_joint(
     max_plate_nesting: int,
     *args: Any,
 ) -> torch.Tensor:
-    """``log p(x, θ)`` by Pyro: ``−TraceEnum_ELBO`` loss of the program conditioned on
-    ``θ`` with a guide that samples nothing (differentiable in ``values``)."""
+    """``log p(x, θ)`` by Pyro: ``−TraceEnum_ELBO`` loss of the program at ``θ``, every
+    discrete latent enumerated, with a guide that samples nothing (differentiable in
+    ``values``)."""
     elbo = TraceEnum_ELBO(max_plate_nesting=max_plate_nesting)
-    conditioned = poutine.condition(model, values)
-    if not any(value.requires_grad for value in values.values()):
-        return torch.tensor(-elbo.loss(conditioned, _empty_guide, *args))
-    return -elbo.differentiable_loss(conditioned, _empty_guide, *args)
+    # pyro.param sites substituted, pyro.sample sites observed (their log prior counts).
+    program = config_enumerate(model, default="parallel")
+    conditioned = poutine.condition(poutine.substitute(program, data=values), data=values)
+    with warnings.catch_warnings():
+        # substitute looks for every value among the params; sample sites are not there.
+        warnings.filterwarnings("ignore", message=".*did not find params")
+        if not any(value.requires_grad for value in values.values()):
+            return torch.tensor(-elbo.loss(conditioned, _empty_guide, *args))
+        return -elbo.differentiable_loss(conditioned, _empty_guide, *args)
 
 
 def unconstrained_gradient(
@@ -245,3 +253,163 @@ def test_masked_priors_give_maximum_likelihood(
             for row, row_grad in zip(value, grad, strict=True):
                 live = row_grad[row > 1e-6]
                 assert float((live - live.mean()).abs().max()) < 1e-3, (name, row)
+
+
+# ----- programs that crashed ----------------------------------------------------------
+
+MISSING = 1e-6
+
+
+def mixed_hmm(step: torch.Tensor, angle: torch.Tensor) -> None:
+    """The structure of Pyro's ``examples/mixed_hmm``: a discrete group effect picks the
+    transition logits (``Vindex``), an HMM per individual, zero-inflated step lengths
+    (``MaskedMixture`` of a Gamma and a point mass), von Mises turning angles."""
+    states, effects = 2, 2
+    num_individuals, num_groups, num_steps = step.shape
+    probs_e = pyro.param(
+        "probs_e_group", lambda: torch.tensor([0.4, 0.6]), constraint=constraints.simplex
+    )
+    theta = pyro.param(
+        "theta_group", lambda: torch.tensor([[0.5, -0.5, 0.2, 0.1], [-0.3, 0.4, 0.6, -0.2]])
+    )
+    zi_logits = pyro.param("step_zi_param", lambda: torch.ones(states, 2))
+    concentration = pyro.param(
+        "step_concentration", lambda: torch.tensor([1.0, 2.0]), constraint=constraints.positive
+    )
+    rate = pyro.param(
+        "step_rate", lambda: torch.tensor([1.0, 0.5]), constraint=constraints.positive
+    )
+    angle_loc = pyro.param("angle_loc", lambda: torch.tensor([0.1, 1.0]))
+    angle_concentration = pyro.param(
+        "angle_concentration", lambda: torch.tensor([1.0, 2.0]), constraint=constraints.positive
+    )
+    assert theta.shape == (effects, states * states)
+    with pyro.plate("group", num_groups, dim=-1):
+        effect = pyro.sample("e_g", dist.Categorical(probs_e))
+        gamma = Vindex(theta)[..., effect, :]
+        with pyro.plate("individual", num_individuals, dim=-2):
+            y = torch.tensor(0).long()
+            for t in pyro.markov(range(num_steps)):
+                logits = gamma.reshape((*gamma.shape[:-1], states, states))
+                y = pyro.sample(f"y_{t}", dist.Categorical(logits=Vindex(logits)[..., y, :]))
+                missing = step[..., t] == MISSING
+                pyro.sample(
+                    f"step_zi_{t}",
+                    dist.Categorical(logits=Vindex(zi_logits)[..., y, :]),
+                    obs=missing.long(),
+                )
+                step_dist = dist.Gamma(Vindex(concentration)[..., y], Vindex(rate)[..., y])
+                pyro.sample(
+                    f"step_{t}",
+                    dist.MaskedMixture(missing, step_dist, dist.Delta(torch.tensor(MISSING))),
+                    obs=step[..., t],
+                )
+                pyro.sample(
+                    f"angle_{t}",
+                    dist.VonMises(Vindex(angle_loc)[..., y], Vindex(angle_concentration)[..., y]),
+                    obs=angle[..., t],
+                )
+
+
+def test_mixed_hmm_fits() -> None:
+    """Crashed in the compiled E-step (a ``MaskedMixture`` keeps its batch shape as a
+    tuple); now fits, monotone, with Pyro's log joint."""
+    torch.set_default_dtype(torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    step = torch.distributions.Gamma(2.0, 1.0).sample((2, 2, 4))
+    step[torch.rand(2, 2, 4, generator=generator) < 0.2] = MISSING
+    angle = torch.rand(2, 2, 4, generator=generator) * 6.2 - 3.1
+    with pytest.warns(pyroem.errors.ConvergenceWarning):
+        fit = pyroem.fit(mixed_hmm, step, angle, seed=0, max_iter=2, gradient_steps=5)
+    history = fit.history.objective
+    assert _monotone(history) and history[-1] > history[0] + 1
+    expected = float(pyro_log_joint(mixed_hmm, fit.params, 2, step, angle))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+
+
+def zero_inflated_mixture(counts: torch.Tensor) -> None:
+    """A mixture of Poissons whose zeros are explained by a zero-inflated component
+    (a composite likelihood: ``MaskedMixture`` of two families)."""
+    weights = pyro.sample("weights", dist.Dirichlet(torch.full((2,), 2.0)))
+    rates = pyro.sample("rates", dist.Gamma(2.0, 0.5).expand([2]).to_event(1))
+    gate = pyro.sample("gate", dist.Beta(2.0, 2.0))
+    with pyro.plate("data", len(counts)):
+        z = pyro.sample("z", dist.Categorical(weights))
+        inflated = dist.ZeroInflatedPoisson(rates[z], gate=gate)
+        pyro.sample(
+            "n", dist.MaskedMixture(counts == 0, dist.Poisson(rates[z]), inflated), obs=counts
+        )
+
+
+def test_zero_inflated_composite_likelihood_fits() -> None:
+    torch.set_default_dtype(torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.cat(
+        [
+            torch.poisson(torch.full((30,), 2.0), generator=generator),
+            torch.poisson(torch.full((30,), 9.0), generator=generator),
+            torch.zeros(10),
+        ]
+    )
+    fit = pyroem.fit(zero_inflated_mixture, counts, seed=0)
+    assert fit.converged and _monotone(fit.history.objective)
+    expected = float(pyro_log_joint(zero_inflated_mixture, fit.params, 1, counts))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+
+
+def labelled_mixture(first: torch.Tensor, data: torch.Tensor) -> None:
+    """A mixture with one labelled point: the weights also enter a categorical observed
+    once, outside every plate (a use whose weight is a scalar)."""
+    weights = pyro.sample("weights", dist.Dirichlet(torch.full((3,), 2.0)))
+    locs = pyro.sample("locs", dist.Normal(0.0, 10.0).expand([3]).to_event(1))
+    pyro.sample("first_label", dist.Categorical(weights), obs=first)
+    with pyro.plate("data", len(data)):
+        z = pyro.sample("z", dist.Categorical(weights))
+        pyro.sample("x", dist.Normal(locs[z], 1.0), obs=data)
+
+
+def test_scalar_categorical_use_fits() -> None:
+    """Crashed in the closed form (reshape of a 0-d weight); now the Dirichlet closed
+    form counts the labelled point and agrees with Pyro and with the gradient M-step."""
+    torch.set_default_dtype(torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    data = torch.cat(
+        [torch.randn(20, generator=generator) - 3, torch.randn(20, generator=generator) + 3]
+    )
+    fit = pyroem.fit(labelled_mixture, torch.tensor(1), data, seed=0, tol=1e-10)
+    assert fit.m_step_kinds["weights"] == "dirichlet-categorical"
+    expected = float(pyro_log_joint(labelled_mixture, fit.params, 1, torch.tensor(1), data))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+    gradient = pyroem.fit(
+        labelled_mixture, torch.tensor(1), data, init=fit.params, m_step="gradient", tol=1e-10
+    )
+    assert gradient.log_joint() <= fit.log_joint() + 1e-7
+
+
+def subsampled_hmm(sequences: torch.Tensor, lengths: torch.Tensor, batch_size: int) -> None:
+    """hmm.py's first model in minibatch mode: the sequences plate subsamples."""
+    probs_x = pyro.sample("probs_x", dist.Dirichlet(0.9 * torch.eye(HIDDEN) + 0.1).to_event(1))
+    probs_y = pyro.sample(
+        "probs_y", dist.Beta(0.1, 0.9).expand([HIDDEN, sequences.shape[-1]]).to_event(2)
+    )
+    tones = pyro.plate("tones", sequences.shape[-1], dim=-1)
+    for i in pyro.plate("sequences", len(sequences), batch_size):
+        x = 0
+        for t in pyro.markov(range(int(lengths[i]))):
+            x = pyro.sample(f"x_{i}_{t}", dist.Categorical(probs_x[x]))
+            with tones:
+                pyro.sample(
+                    f"y_{i}_{t}", dist.Bernoulli(probs_y[x.squeeze(-1)]), obs=sequences[i, t]
+                )
+
+
+def test_subsampled_plate_is_refused_clearly() -> None:
+    """A KeyError deep in the E-step before; now a NotSupportedError naming the plate.
+    Without subsampling the same program fits, with Pyro's log joint."""
+    torch.set_default_dtype(torch.float64)
+    data = _tone_data()
+    with pytest.raises(NotSupportedError, match="plate 'sequences' subsamples 2 of its 4"):
+        pyroem.fit(subsampled_hmm, *data, 2, seed=0)
+    fit = pyroem.fit(subsampled_hmm, *data, None, seed=0, max_iter=5)
+    expected = float(pyro_log_joint(subsampled_hmm, fit.params, 1, *data, None))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)

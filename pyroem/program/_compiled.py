@@ -202,7 +202,8 @@ def _table(site: Any) -> torch.Tensor:
     if type(base) is dist.Independent:
         reinterpreted = base.reinterpreted_batch_ndims
         base = base.base_dist
-    if base.batch_shape.numel() < _COMPACT_NUMEL:
+    # Some distributions (MaskedMixture) keep their batch shape as a tuple.
+    if math.prod(base.batch_shape) < _COMPACT_NUMEL:
         return fn.log_prob(value)
     if type(base) is dist.Categorical and "logits" not in base.__dict__:
         # The lazy ``logits`` of the broadcast ``probs``: one log per distinct entry.

@@ -932,7 +932,7 @@ def _recognise_alone(
 def _use_weight(weight: torch.Tensor, event_ndims: int) -> torch.Tensor:
     """A use's weight table, compacted, with its site's reinterpreted dims appended."""
     weight = _compact(weight)
-    return weight.reshape(*weight.shape, *(1,) * event_ndims)
+    return weight.reshape((*weight.shape, *(1,) * event_ndims))
 
 
 def _entry_shape(weight: torch.Tensor, event_ndims: int, *tensors: torch.Tensor) -> tuple[int, ...]:
@@ -1110,7 +1110,7 @@ def prior_weight(site: Any) -> torch.Tensor | None:
     if mask is not None:
         weight = weight * torch.as_tensor(mask, device=value.device)
     weight = weight * torch.as_tensor(scale, dtype=value.dtype, device=value.device)
-    return weight.reshape(*weight.shape, *(1,) * fn.event_dim)
+    return weight.reshape((*weight.shape, *(1,) * fn.event_dim))
 
 
 def effective_prior(site: Any, block: ClosedForm) -> Any:
@@ -1296,7 +1296,7 @@ def _mvn_loc(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor
         fn, _ = _unwrap(site["fn"])
         tril = fn.scale_tril
         batch = _broadcast_shape(
-            weight.reshape(*weight.shape, *(1,) * use.event_ndims).shape,
+            weight.reshape((*weight.shape, *(1,) * use.event_ndims)).shape,
             use.rows.shape,
             site["value"].shape[:-1],
             fn.loc.shape[:-1],
@@ -1305,7 +1305,7 @@ def _mvn_loc(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor
         # Group entries by (parameter row, covariance entry): precisions stay unexpanded.
         tril_flat = tril.reshape(-1, dim, dim)
         tril_id = torch.arange(tril_flat.shape[0]).reshape(tril.shape[:-2])
-        w = weight.reshape(*weight.shape, *(1,) * use.event_ndims).expand(batch).reshape(-1)
+        w = weight.reshape((*weight.shape, *(1,) * use.event_ndims)).expand(batch).reshape(-1)
         index = use.rows.expand(batch).reshape(-1)
         cov_id = tril_id.expand(batch).reshape(-1)
         x = site["value"].expand(*batch, dim).reshape(-1, dim)
@@ -1343,7 +1343,7 @@ def _mvn_covariance(current: torch.Tensor, uses: list[Any], prior: Any) -> torch
     for use, site, weight in uses:
         fn, _ = _unwrap(site["fn"])
         cov = fn.covariance_matrix
-        w = weight.reshape(*weight.shape, *(1,) * use.event_ndims)
+        w = weight.reshape((*weight.shape, *(1,) * use.event_ndims))
         batch = _broadcast_shape(
             w.shape, use.rows.shape, site["value"].shape[:-1], fn.loc.shape[:-1], cov.shape[:-2]
         )

@@ -28,7 +28,7 @@ from pyroem.program.conjugacy import (
     recognise,
 )
 from pyroem.program.gradient import gradient_m_step
-from pyroem.program.model import ProgramModel, _Inject, sample_sites
+from pyroem.program.model import ProgramModel, _Inject, check_full_plates, sample_sites
 from pyroem.program.posterior import posterior
 from pyroem.program.results import ProgramFit
 from pyroem.program.space import (
@@ -427,6 +427,7 @@ def fit_program(
     base_seed = resolve_seed(seed)
     first = initial_values(program, init, base_seed)
     first_trace = program.trace(first)
+    check_full_plates(first_trace)
     # The structure of the first trace, read once: the E-steps and the probes rerun it.
     layout = CompiledProgram(program, first_trace)
     found = (
