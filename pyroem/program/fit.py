@@ -276,7 +276,8 @@ class _Engine:
         self.retrace = needs_trace(found, self.order)
         self.gradient_sites = [name for name in program.params if found[name] is None]
         self.layout = layout
-        self.compiled: CompiledProgram | None = self.layout if _COMPILED else None
+        usable = _COMPILED and layout.supported
+        self.compiled: CompiledProgram | None = self.layout if usable else None
         self.updates: dict[str, StackedUpdate] = {}
 
     def e_step(self, values: dict[str, torch.Tensor]) -> EStep:
