@@ -184,7 +184,7 @@ def fit(
     started = time.perf_counter()
     result: Any
     if method == "map-em":
-        with_defaults("method='map-em'", method_options, {}, hint="map-em takes none")
+        method_options = with_defaults("method='map-em'", method_options, {"space": "auto"})
     elif method == "mcmc-em":
         # MCMC-EM reuses the MAP-EM M-steps, so it takes their options too.
         method_options = {"m_step": m_step, "gradient_steps": gradient_steps, **method_options}
@@ -226,6 +226,7 @@ def fit(
             m_step=m_step,
             gradient_steps=gradient_steps,
             callback=callback,
+            space=method_options["space"],
         )
     else:
         result = _fit_mixture(

@@ -42,7 +42,13 @@ from torch.distributions.utils import _sum_rightmost, probs_to_logits
 from pyroem.program._chain import ChainPlan, Factor, build_chain_plan, log_evidence
 from pyroem.program._log_einsum import LogRing
 from pyroem.program.model import ProgramModel, sample_sites
-from pyroem.program.posterior import _marginal, _masked, _site_scale, common_scale
+from pyroem.program.posterior import (
+    _marginal,
+    _masked,
+    _site_scale,
+    common_scale,
+    mask_reads_latents,
+)
 
 __all__ = ["CompiledEStep", "CompiledProgram", "ProgramRunner", "Recorder"]
 
@@ -202,7 +208,8 @@ def _table(site: Any) -> torch.Tensor:
     if type(base) is dist.Independent:
         reinterpreted = base.reinterpreted_batch_ndims
         base = base.base_dist
-    if base.batch_shape.numel() < _COMPACT_NUMEL:
+    # Some distributions (MaskedMixture) keep their batch shape as a tuple.
+    if math.prod(base.batch_shape) < _COMPACT_NUMEL:
         return fn.log_prob(value)
     if type(base) is dist.Categorical and "logits" not in base.__dict__:
         # The lazy ``logits`` of the broadcast ``probs``: one log per distinct entry.
@@ -394,6 +401,12 @@ class CompiledProgram:
             if site["infer"].get("_enumerate_symbol") is not None
         }
         self.priors = [name for name, _ in sites if name in program.params]
+        # Masks that read enumerated latents are for the full E-step (posterior.py) only.
+        self.supported = not any(
+            mask_reads_latents(site, self.symbols)
+            for name, site in sites
+            if name not in program.params
+        )
         self.free: list[str] = []
         factors: list[Factor] = []
         # Per factor: whether it is an enumerated site's own table, and its mask's kind.

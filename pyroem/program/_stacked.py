@@ -27,6 +27,7 @@ from pyroem.program.conjugacy import (
     _compact,
     _patched_site,
     _unwrap,
+    effective_prior,
 )
 
 __all__ = ["StackedUpdate"]
@@ -292,6 +293,6 @@ class StackedUpdate:
                 site = _patched_site(site, changes, self.blocks)
             uses.append((use, site, estep.weight(use.site)))
         name = self.block.name
-        prior = _family(sites[name]) if name in sites else None
+        prior = effective_prior(sites[name], self.block) if name in sites else None
         new = _UPDATES[self.block.slot](current, uses, prior)
         return torch.where(torch.isfinite(new), new, current).detach()

@@ -40,11 +40,14 @@ from pyroem.program.model import ProgramModel, sample_sites
 from pyroem.spec.distributions import InverseWishart
 
 __all__ = [
+    "ADJUSTABLE_PRIORS",
     "LOCATION_SLOTS",
     "SCALE_SLOTS",
     "ClosedForm",
     "Use",
     "closed_form_update",
+    "effective_prior",
+    "prior_weight",
     "recognise",
 ]
 
@@ -94,12 +97,17 @@ class Use(NamedTuple):
 
 
 class ClosedForm(NamedTuple):
-    """A recognised closed-form block: parameter ``name`` updated by ``kind``."""
+    """A recognised closed-form block: parameter ``name`` updated by ``kind``.
+
+    ``jacobian``: the block maximises the density of the unconstrained coordinates
+    (:mod:`pyroem.program.space`), whose log-Jacobian shifts the prior's exponents.
+    """
 
     name: str
     kind: str
     slot: str
     uses: tuple[Use, ...]
+    jacobian: bool = False
 
 
 def _unwrap(fn: Any) -> tuple[Any, int]:
@@ -924,7 +932,7 @@ def _recognise_alone(
 def _use_weight(weight: torch.Tensor, event_ndims: int) -> torch.Tensor:
     """A use's weight table, compacted, with its site's reinterpreted dims appended."""
     weight = _compact(weight)
-    return weight.reshape(*weight.shape, *(1,) * event_ndims)
+    return weight.reshape((*weight.shape, *(1,) * event_ndims))
 
 
 def _entry_shape(weight: torch.Tensor, event_ndims: int, *tensors: torch.Tensor) -> tuple[int, ...]:
@@ -1065,11 +1073,84 @@ def closed_form_update(
         if changes:
             site = _patched_site(site, changes, blocks or {})
         uses.append((use, site, weight))
-    prior = None if prior_site is None else _unwrap(prior_site["fn"])[0]
+    prior = None if prior_site is None else effective_prior(prior_site, block)
     update = _UPDATES[block.slot]
     new = update(current, uses, prior)
     keep = ~torch.isfinite(new)
     return torch.where(keep, current, new).detach()
+
+
+class _Prior(NamedTuple):
+    """A conjugate prior's parameters as the closed forms read them (attribute names of
+    the distribution they stand for)."""
+
+    params: dict[str, torch.Tensor]
+
+    def __getattr__(self, attr: str) -> torch.Tensor:
+        try:
+            return self.params[attr]
+        except KeyError:
+            raise AttributeError(attr) from None
+
+
+# Prior families with conjugate closed forms whose parameters effective_prior adjusts.
+ADJUSTABLE_PRIORS = (dist.Beta, dist.Dirichlet, dist.Gamma, dist.InverseGamma, dist.Normal)
+
+
+def prior_weight(site: Any) -> torch.Tensor | None:
+    """The weight of a prior site's log density, ``scale · mask`` broadcast against the
+    parameter's entries (batch shape with the event dims as 1); ``None`` when it is 1."""
+    mask, scale = site["mask"], site["scale"]
+    trivial_scale = not isinstance(scale, torch.Tensor) and scale == 1.0
+    if mask is None and trivial_scale:
+        return None
+    fn = site["fn"]
+    value = site["value"]
+    weight = torch.ones(fn.batch_shape, dtype=value.dtype, device=value.device)
+    if mask is not None:
+        weight = weight * torch.as_tensor(mask, device=value.device)
+    weight = weight * torch.as_tensor(scale, dtype=value.dtype, device=value.device)
+    return weight.reshape((*weight.shape, *(1,) * fn.event_dim))
+
+
+def effective_prior(site: Any, block: ClosedForm) -> Any:
+    r"""The prior of a block as its closed form must see it.
+
+    The log prior enters the log joint weighted by ``s = scale · mask`` of its site
+    (``poutine.scale``, ``poutine.mask``), and in the unconstrained space with the
+    log-Jacobian ``j·log θ`` (``j·log(1 − θ)`` too for a probability). Both keep the
+    conjugate form; the exponents move: a ``Beta``/``Dirichlet``/``Gamma``
+    concentration ``a`` becomes ``1 + s(a − 1) + j``, a ``Gamma`` rate ``s·b``, an
+    ``InverseGamma`` concentration ``s(a + 1) − 1 − j`` and rate ``s·b``, a ``Normal``
+    scale ``σ/√s`` (``j = 0`` on the real line). ``s = 0`` gives a flat prior.
+    """
+    prior = _unwrap(site["fn"])[0]
+    weight = prior_weight(site)
+    shift = 1.0 if block.jacobian else 0.0
+    if weight is None and (not shift or isinstance(prior, dist.Normal | dist.MultivariateNormal)):
+        # No weight, and no Jacobian on the real line: the prior as declared.
+        return prior
+    if not isinstance(prior, ADJUSTABLE_PRIORS):
+        raise ValueError(f"no adjusted closed form for a {type(prior).__name__} prior")
+    s = torch.ones(()) if weight is None else weight
+    if isinstance(prior, dist.Beta):
+        return _Prior(
+            {
+                "concentration1": 1 + s * (prior.concentration1 - 1) + shift,
+                "concentration0": 1 + s * (prior.concentration0 - 1) + shift,
+            }
+        )
+    if isinstance(prior, dist.Dirichlet):
+        return _Prior({"concentration": 1 + s * (prior.concentration - 1) + shift})
+    if isinstance(prior, dist.Gamma):
+        return _Prior(
+            {"concentration": 1 + s * (prior.concentration - 1) + shift, "rate": s * prior.rate}
+        )
+    if isinstance(prior, dist.InverseGamma):
+        return _Prior(
+            {"concentration": s * (prior.concentration + 1) - 1 - shift, "rate": s * prior.rate}
+        )
+    return _Prior({"loc": prior.loc, "scale": prior.scale / s.sqrt()})
 
 
 def _broadcast_prior(value: torch.Tensor, *params: torch.Tensor) -> list[torch.Tensor]:
@@ -1215,7 +1296,7 @@ def _mvn_loc(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor
         fn, _ = _unwrap(site["fn"])
         tril = fn.scale_tril
         batch = _broadcast_shape(
-            weight.reshape(*weight.shape, *(1,) * use.event_ndims).shape,
+            weight.reshape((*weight.shape, *(1,) * use.event_ndims)).shape,
             use.rows.shape,
             site["value"].shape[:-1],
             fn.loc.shape[:-1],
@@ -1224,7 +1305,7 @@ def _mvn_loc(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor
         # Group entries by (parameter row, covariance entry): precisions stay unexpanded.
         tril_flat = tril.reshape(-1, dim, dim)
         tril_id = torch.arange(tril_flat.shape[0]).reshape(tril.shape[:-2])
-        w = weight.reshape(*weight.shape, *(1,) * use.event_ndims).expand(batch).reshape(-1)
+        w = weight.reshape((*weight.shape, *(1,) * use.event_ndims)).expand(batch).reshape(-1)
         index = use.rows.expand(batch).reshape(-1)
         cov_id = tril_id.expand(batch).reshape(-1)
         x = site["value"].expand(*batch, dim).reshape(-1, dim)
@@ -1262,7 +1343,7 @@ def _mvn_covariance(current: torch.Tensor, uses: list[Any], prior: Any) -> torch
     for use, site, weight in uses:
         fn, _ = _unwrap(site["fn"])
         cov = fn.covariance_matrix
-        w = weight.reshape(*weight.shape, *(1,) * use.event_ndims)
+        w = weight.reshape((*weight.shape, *(1,) * use.event_ndims))
         batch = _broadcast_shape(
             w.shape, use.rows.shape, site["value"].shape[:-1], fn.loc.shape[:-1], cov.shape[:-2]
         )

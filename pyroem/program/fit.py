@@ -17,16 +17,25 @@ from pyroem.errors import DataError, SpecError
 from pyroem.program._compiled import CompiledEStep, CompiledProgram
 from pyroem.program._stacked import StackedUpdate
 from pyroem.program.conjugacy import (
+    ADJUSTABLE_PRIORS,
     LOCATION_SLOTS,
     SCALE_SLOTS,
     ClosedForm,
+    _unwrap,
     closed_form_update,
+    prior_weight,
     recognise,
 )
 from pyroem.program.gradient import gradient_m_step
-from pyroem.program.model import ProgramModel, _Inject, sample_sites
+from pyroem.program.model import ProgramModel, _Inject, check_full_plates, sample_sites
 from pyroem.program.posterior import posterior
 from pyroem.program.results import ProgramFit
+from pyroem.program.space import (
+    jacobian_sites,
+    log_jacobian,
+    resolve_space,
+    unbounded_error,
+)
 
 __all__ = [
     "block_order",
@@ -231,6 +240,31 @@ def closed_form_sweep(
         values[name] = new
 
 
+def _adjust_blocks(
+    program: ProgramModel,
+    found: dict[str, ClosedForm | None],
+    trace: Any,
+    jacobian: list[str],
+) -> dict[str, ClosedForm | None]:
+    """The recognised blocks, told whether they carry the log-Jacobian; a block whose
+    prior is weighted (``poutine.scale``/``mask``) or moved by the Jacobian in a way no
+    closed form here adjusts for goes to the gradient M-step."""
+    adjusted: dict[str, ClosedForm | None] = {}
+    for name, block in found.items():
+        if block is None or program.params[name].kind != "sample":
+            adjusted[name] = block
+            continue
+        site = trace.nodes[name]
+        prior = _unwrap(site["fn"])[0]
+        on_boundary = name in jacobian and block.slot not in LOCATION_SLOTS
+        needs = prior_weight(site) is not None or on_boundary
+        if needs and not isinstance(prior, ADJUSTABLE_PRIORS):
+            adjusted[name] = None
+        else:
+            adjusted[name] = block._replace(jacobian=name in jacobian)
+    return adjusted
+
+
 class _Engine(Engine):
     """MAP-EM on a Pyro program: the exact E-step and one ECM sweep as M-step.
 
@@ -251,11 +285,13 @@ class _Engine(Engine):
         layout: CompiledProgram,
         restart_values: Callable[[int], dict[str, torch.Tensor]],
         name: str,
+        jacobian: list[str],
     ) -> None:
         self.name = name
         self.num_data = num_observations(first_trace, program)
         self.restart_values = restart_values
         self.program = program
+        self.jacobian = jacobian
         self.found = found
         self.gradient_steps = gradient_steps
         self.first = first
@@ -264,7 +300,8 @@ class _Engine(Engine):
         self.retrace = needs_trace(found, self.order)
         self.gradient_sites = [name for name in program.params if found[name] is None]
         self.layout = layout
-        self.compiled: CompiledProgram | None = self.layout if _COMPILED else None
+        usable = _COMPILED and layout.supported
+        self.compiled: CompiledProgram | None = self.layout if usable else None
         self.updates: dict[str, StackedUpdate] = {}
 
     def init(self, restart: int) -> MStepResult:
@@ -279,11 +316,28 @@ class _Engine(Engine):
             else:
                 estep = self.compiled(values)
             if estep is not None:
-                return EStepResult(estep, float(estep.log_joint), float(estep.log_likelihood))
+                log_likelihood, log_joint = float(estep.log_likelihood), float(estep.log_joint)
+                return self._estep(estep, log_likelihood, log_joint, values)
             self.compiled = None
         trace = self.first_trace if values is self.first else None
         post = posterior(self.program, values, trace)
-        return EStepResult(post, float(post.log_joint), float(post.log_likelihood))
+        return self._estep(post, float(post.log_likelihood), float(post.log_joint), values)
+
+    def _estep(
+        self, stats: Any, log_likelihood: float, log_joint: float, values: dict[str, torch.Tensor]
+    ) -> EStepResult:
+        """The E-step with its objective: the log joint, plus the log-Jacobian in the
+        unconstrained space."""
+        if log_joint == math.inf:
+            raise unbounded_error(self.program, self.first_trace)
+        return EStepResult(stats, log_joint + self.log_jacobian(values), log_likelihood)
+
+    def log_jacobian(self, values: Mapping[str, torch.Tensor]) -> float:
+        """The objective less the log joint (0 in the constrained space)."""
+        if not self.jacobian:
+            return 0.0
+        with torch.no_grad():
+            return float(log_jacobian(self.program, values, self.jacobian))
 
     def m_step(self, stats: Any, values: dict[str, torch.Tensor], iteration: int) -> MStepResult:
         """One ECM sweep: closed-form blocks in order, then the gradient blocks."""
@@ -303,6 +357,7 @@ class _Engine(Engine):
                     weights,
                     self.gradient_sites,
                     max_steps=self.gradient_steps,
+                    jacobian=self.jacobian,
                 )
             )
         return MStepResult(values)
@@ -380,6 +435,7 @@ def fit_program(
     m_step: str,
     gradient_steps: int,
     callback: Callable[[Iteration], Any] | None = None,
+    space: str = "auto",
 ) -> ProgramFit:
     """Fit a Pyro program by MAP-EM (see :func:`pyroem.fit`).
 
@@ -400,6 +456,7 @@ def fit_program(
     base_seed = resolve_seed(seed)
     first = initial_values(program, init, base_seed)
     first_trace = program.trace(first)
+    check_full_plates(first_trace)
     # The structure of the first trace, read once: the E-steps and the probes rerun it.
     layout = CompiledProgram(program, first_trace)
     found = (
@@ -407,6 +464,9 @@ def fit_program(
         if m_step == "auto"
         else dict.fromkeys(program.params)
     )
+    space = resolve_space(space, program, first_trace)
+    jacobian = jacobian_sites(program, first_trace) if space == "unconstrained" else []
+    found = _adjust_blocks(program, found, first_trace, jacobian)
     kinds = {name: "gradient" if block is None else block.kind for name, block in found.items()}
     engine = _Engine(
         program,
@@ -417,6 +477,7 @@ def fit_program(
         layout,
         lambda restart: initial_values(program, init, base_seed + restart),
         method,
+        jacobian,
     )
     result = run_em(
         engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
@@ -430,6 +491,7 @@ def fit_program(
         "seed": seed,
         "m_step": m_step,
         "gradient_steps": gradient_steps,
+        "space": space,
         **result.record(),
     }
     return ProgramFit(
@@ -439,7 +501,7 @@ def fit_program(
         m_step_kinds=kinds,
         marginals=marginals,
         log_likelihood=best.last.log_likelihood,
-        log_joint=best.last.objective,
+        log_joint=best.last.objective - engine.log_jacobian(best.params),
         history=best.history,
         converged=best.converged,
         num_iterations=best.num_iterations,

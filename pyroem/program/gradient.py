@@ -11,13 +11,14 @@ points as exact EM.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch.distributions import transform_to
 
 from pyroem.program.model import ProgramModel
 from pyroem.program.posterior import expected_log_joint
+from pyroem.program.space import log_jacobian
 
 __all__ = ["gradient_m_step"]
 
@@ -29,6 +30,7 @@ def gradient_m_step(
     names: list[str],
     *,
     max_steps: int = 50,
+    jacobian: Collection[str] = (),
 ) -> dict[str, torch.Tensor]:
     """Increase Q over the sites ``names`` by L-BFGS; keep the old values if Q did not rise.
 
@@ -38,6 +40,8 @@ def gradient_m_step(
         weights: the E-step's Q weights.
         names: the sites of this block.
         max_steps: L-BFGS iterations (function evaluations are bounded at 2× that).
+        jacobian: sites of the block whose log-Jacobian is part of the objective (MAP in
+            the unconstrained space, :mod:`pyroem.program.space`).
 
     Returns:
         New values of the block's sites.
@@ -49,9 +53,18 @@ def gradient_m_step(
         for name in names
     ]
 
+    jacobian_sites = [name for name in names if name in jacobian]
+
+    def objective(candidate: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        full = {**values, **candidate}
+        q = expected_log_joint(program, full, weights)
+        if jacobian_sites:
+            q = q + log_jacobian(program, full, jacobian_sites)
+        return q
+
     def q_value() -> torch.Tensor:
         update = {name: transforms[name](u) for name, u in zip(names, unconstrained, strict=True)}
-        return expected_log_joint(program, {**values, **update}, weights)
+        return objective(update)
 
     with torch.no_grad():
         before = float(q_value())
@@ -84,7 +97,7 @@ def gradient_m_step(
             name: transforms[name](u).detach() for name, u in zip(names, unconstrained, strict=True)
         }
         try:
-            after = float(expected_log_joint(program, {**values, **candidate}, weights))
+            after = float(objective(candidate))
         except (ValueError, RuntimeError):
             after = -math.inf
     if math.isfinite(after) and after >= before:

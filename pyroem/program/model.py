@@ -28,7 +28,7 @@ from torch.distributions import constraints
 
 from pyroem.errors import DataError, NotSupportedError, SpecError
 
-__all__ = ["ParamSite", "ProgramModel", "broadcast_error", "sample_sites"]
+__all__ = ["ParamSite", "ProgramModel", "broadcast_error", "check_full_plates", "sample_sites"]
 
 
 class ParamSite(NamedTuple):
@@ -116,6 +116,27 @@ def _check_observed(name: str, site: Any) -> None:
             f"{type(site['fn']).__name__} distribution ({support}); check the data "
             "(e.g. negative or non-integer counts for a Poisson)"
         )
+
+
+def check_full_plates(trace: poutine.Trace) -> None:
+    """Every plate must hand the program all of its data: an exact E-step sums over every
+    data point, and a subsample would change from one run of the program to the next.
+
+    Raises:
+        NotSupportedError: a plate subsamples; the message names it.
+    """
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or not site_is_subsample(site):
+            continue
+        size = getattr(site["fn"], "size", None)
+        taken = site["value"].numel() if isinstance(site["value"], torch.Tensor) else size
+        if size is not None and taken is not None and taken < size:
+            raise NotSupportedError(
+                f"plate {name!r} subsamples {taken} of its {size} entries (subsample_size "
+                "or a batch size); map-em's E-step is exact over all the data, so every run "
+                "of the program must see all of it: run the program without subsampling "
+                "(e.g. batch_size=None)"
+            )
 
 
 def _plate_nesting(trace: poutine.Trace) -> int:

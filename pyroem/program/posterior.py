@@ -31,7 +31,14 @@ from pyroem.errors import NotSupportedError
 from pyroem.program._log_einsum import LogRing
 from pyroem.program.model import ProgramModel, sample_sites
 
-__all__ = ["Posterior", "common_scale", "expected_log_joint", "log_joint_terms", "posterior"]
+__all__ = [
+    "Posterior",
+    "common_scale",
+    "expected_log_joint",
+    "log_joint_terms",
+    "mask_reads_latents",
+    "posterior",
+]
 
 
 class Posterior(NamedTuple):
@@ -92,6 +99,22 @@ def _masked(site: Any, log_prob: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, log_prob, torch.zeros((), dtype=log_prob.dtype))
 
 
+def _enum_symbols(trace: poutine.Trace) -> set[str]:
+    return {
+        site["infer"]["_enumerate_symbol"]
+        for _, site in sample_sites(trace)
+        if site["infer"].get("_enumerate_symbol") is not None
+    }
+
+
+def mask_reads_latents(site: Any, enum_symbols: set[str]) -> bool:
+    """Does the site's ``poutine.mask`` depend on an enumerated latent (``mask=(z == k)``)?
+    Then the masked table, not the site's own, is the factor of the contraction."""
+    mask = site.get("packed", {}).get("mask")
+    dims = getattr(mask, "_pyro_dims", "")
+    return isinstance(mask, torch.Tensor) and not enum_symbols.isdisjoint(dims)
+
+
 def log_joint_terms(
     program: ProgramModel,
     trace: poutine.Trace,
@@ -108,11 +131,7 @@ def log_joint_terms(
     Returns:
         ``(log_likelihood, log_prior)``, both 0-dim.
     """
-    enum_symbols = {
-        site["infer"]["_enumerate_symbol"]
-        for _, site in sample_sites(trace)
-        if site["infer"].get("_enumerate_symbol") is not None
-    }
+    enum_symbols = _enum_symbols(trace)
     log_factors: OrderedDict[frozenset[str], list[torch.Tensor]] = OrderedDict()
     log_prior = torch.zeros(())
     log_likelihood = torch.zeros(())
@@ -127,7 +146,8 @@ def log_joint_terms(
             log_prior = log_prior + scale * term.sum()
             continue
         # The trace already packed its own table: its symbols say which latents it reads.
-        if enum_symbols.isdisjoint(site["packed"]["unscaled_log_prob"]._pyro_dims):
+        own = site["packed"]["unscaled_log_prob"]._pyro_dims
+        if enum_symbols.isdisjoint(own) and not mask_reads_latents(site, enum_symbols):
             log_likelihood = log_likelihood + scale * term.sum()
             continue
         term_packed = packed.pack(term, site["infer"]["_dim_to_symbol"])
@@ -218,7 +238,12 @@ def expected_log_joint(
     Differentiable in ``values``.
     """
     trace = program.trace(values)
+    enum_symbols = _enum_symbols(trace)
     total = torch.zeros(())
     for name, site in sample_sites(trace):
-        total = total + (weights[name] * _masked(site, site["unscaled_log_prob"])).sum()
+        table = site["unscaled_log_prob"]
+        # A mask that reads a latent is already in the weights (the posterior of its value).
+        if not mask_reads_latents(site, enum_symbols):
+            table = _masked(site, table)
+        total = total + (weights[name] * table).sum()
     return total
