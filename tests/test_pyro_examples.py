@@ -454,3 +454,70 @@ def test_mask_that_reads_an_enumerated_latent_is_honoured() -> None:
         assert float(grad.abs().max()) < 1e-4, name
     locs = fit.params["locs"]
     assert float((locs[0] - locs[1]).norm()) > 3
+
+
+class _TonesNetwork(torch.nn.Module):
+    """Emission logits from the hidden state and the previous tones (hmm.py's
+    ``TonesGenerator``, smaller)."""
+
+    def __init__(self, hidden: int, data_dim: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.x_to_logits = torch.nn.Linear(hidden, data_dim)
+        self.y_to_logits = torch.nn.Linear(data_dim, data_dim, bias=False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        onehot = y.new_zeros((*x.shape[:-1], self.hidden)).scatter_(-1, x, 1)
+        return self.x_to_logits(onehot) + self.y_to_logits(y)
+
+
+def test_pyro_module_weights_are_fitted() -> None:
+    """hmm.py's model_5 form: emissions from a network registered with ``pyro.module``.
+    Before, the values EM chose never reached the network (a no-op fit); now the
+    network's own weights move, the log joint rises, and Pyro, running the program with
+    the network as it now stands, gives the reported log joint."""
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    network = _TonesNetwork(HIDDEN, TONES)
+    start = [parameter.detach().clone() for parameter in network.parameters()]
+
+    def model(sequences: torch.Tensor, lengths: torch.Tensor) -> None:
+        num_sequences, _, data_dim = sequences.shape
+        pyro.module("tones", network)
+        probs_x = pyro.sample("probs_x", dist.Dirichlet(0.9 * torch.eye(HIDDEN) + 0.1).to_event(1))
+        with pyro.plate("sequences", num_sequences, dim=-2) as batch:
+            lengths = lengths[batch]
+            x: Any = 0
+            y = torch.zeros(data_dim)
+            for t in pyro.markov(range(int(lengths.max()))):
+                with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                    x = pyro.sample(
+                        f"x_{t}", dist.Categorical(probs_x[x]), infer={"enumerate": "parallel"}
+                    )
+                    with pyro.plate(f"tones_{t}", data_dim, dim=-1):
+                        y = pyro.sample(
+                            f"y_{t}",
+                            dist.Bernoulli(logits=network(x, y)),
+                            obs=sequences[batch, t],
+                        )
+
+    data = _tone_data()
+    before = float(pyro_log_joint(model, {"probs_x": torch.eye(HIDDEN) * 0.7 + 0.1}, 2, *data))
+    with pytest.warns(pyroem.errors.ConvergenceWarning):
+        fit = pyroem.fit(
+            model,
+            *data,
+            init={"probs_x": torch.eye(HIDDEN) * 0.7 + 0.1},
+            max_iter=3,
+            gradient_steps=10,
+        )
+    assert all(kind == "gradient" for name, kind in fit.m_step_kinds.items() if "$$$" in name)
+    moved = max(
+        float((parameter.detach() - old).abs().max())
+        for parameter, old in zip(network.parameters(), start, strict=True)
+    )
+    assert moved > 0.1
+    assert _monotone(fit.history.objective)
+    expected = float(pyro_log_joint(model, {"probs_x": fit.params["probs_x"]}, 2, *data))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+    assert fit.log_joint() > before + 20

@@ -459,6 +459,10 @@ def fit_program(
         )
 
     best, finals = best_of_restarts(run_once, n_init)
+    # The fitted weights of pyro.module networks go into the networks themselves.
+    with torch.no_grad():
+        for name, parameter in program.module_params.items():
+            parameter.copy_(best.params[name])
     marginals = engine.marginals(best.last.stats)
     options = {
         "n_init": n_init,

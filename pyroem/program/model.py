@@ -28,7 +28,14 @@ from torch.distributions import constraints
 
 from pyroem.errors import DataError, NotSupportedError, SpecError
 
-__all__ = ["ParamSite", "ProgramModel", "check_full_plates", "sample_sites"]
+__all__ = [
+    "ParamSite",
+    "ProgramModel",
+    "check_full_plates",
+    "module_parameter",
+    "sample_sites",
+    "set_param",
+]
 
 
 class ParamSite(NamedTuple):
@@ -64,8 +71,30 @@ class _Inject(Messenger):
     def _pyro_param(self, msg: Any) -> None:
         value = self.values.get(msg["name"])
         if value is not None:
-            msg["value"] = value
-            msg["done"] = True
+            set_param(msg, value)
+
+
+def module_parameter(msg: Any) -> torch.nn.Parameter | None:
+    """The ``torch.nn.Parameter`` behind a ``pyro.param`` message that ``pyro.module``
+    sent (its initial tensor), else ``None``."""
+    args = msg["args"]
+    init = args[1] if len(args) > 1 else None
+    return init if isinstance(init, torch.nn.Parameter) else None
+
+
+def set_param(msg: Any, value: torch.Tensor) -> None:
+    """Answer a ``pyro.param`` message with ``value``.
+
+    A module's parameter is also written into the module: ``pyro.module`` keeps the
+    network's own weights (``update_module_params=False``), so a value returned to it
+    alone would never reach the network.
+    """
+    msg["value"] = value
+    msg["done"] = True
+    parameter = module_parameter(msg)
+    if parameter is not None and value is not parameter:
+        with torch.no_grad():
+            parameter.copy_(value)
 
 
 def sample_sites(trace: poutine.Trace) -> list[tuple[str, Any]]:
@@ -177,6 +206,8 @@ class ProgramModel:
         self.max_plate_nesting = _plate_nesting(trace)
         self.params: dict[str, ParamSite] = {}
         self.param_inits: dict[str, torch.Tensor] = {}
+        # Parameters of torch modules registered with pyro.module, by site.
+        self.module_params: dict[str, torch.nn.Parameter] = {}
         self.enumerated: list[str] = []
         self.observed: list[str] = []
         self._sort_sites(trace)
@@ -201,6 +232,9 @@ class ProgramModel:
             if site["type"] == "sample" and site_is_subsample(site):
                 continue
             if site["type"] == "param":
+                parameter = module_parameter(site)
+                if parameter is not None:
+                    self.module_params[name] = parameter
                 value = site["value"].detach()
                 constraint = site["kwargs"].get("constraint") or constraints.real
                 self.params[name] = ParamSite(name, "param", value.shape, constraint)
