@@ -521,3 +521,85 @@ def test_pyro_module_weights_are_fitted() -> None:
     expected = float(pyro_log_joint(model, {"probs_x": fit.params["probs_x"]}, 2, *data))
     assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
     assert fit.log_joint() > before + 20
+
+
+# ----- global parameters written inside a chain or a data plate ------------------------
+
+
+def survival_by_period(capture_history: torch.Tensor) -> None:
+    """Pyro's ``capture_recapture/cjs.py`` model_2 form: a survival probability per
+    period, sampled inside the markov loop over periods; alive states enumerated."""
+    num_animals, num_periods = capture_history.shape
+    rho = pyro.sample("rho", dist.Uniform(0.0, 1.0))
+    z = torch.ones(num_animals)
+    seen = torch.zeros(num_animals).bool()
+    animals = pyro.plate("animals", num_animals, dim=-1)
+    for t in pyro.markov(range(num_periods)):
+        phi: Any = pyro.sample(f"phi_{t}", dist.Uniform(0.0, 1.0)) if t > 0 else 1.0
+        with animals, poutine.mask(mask=seen):
+            alive = seen.double() * phi * z + (1 - seen.double())
+            z = pyro.sample(f"z_{t}", dist.Bernoulli(alive), infer={"enumerate": "parallel"})
+            pyro.sample(f"y_{t}", dist.Bernoulli(rho * z), obs=capture_history[:, t])
+        seen |= capture_history[:, t].bool()
+
+
+def test_per_period_parameters_in_a_markov_loop_are_fitted() -> None:
+    """``phi_t`` has one value per period, shared by every animal: a parameter, not a
+    latent local to the data (refused before). The fit is Pyro's stationary point."""
+    torch.set_default_dtype(torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    alive = torch.ones(30, 4)
+    for t in range(1, 4):
+        alive[:, t] = alive[:, t - 1] * (torch.rand(30, generator=generator) < 0.7)
+    history = alive * (torch.rand(30, 4, generator=generator) < 0.6)
+    history[:, 0] = 1
+    fit = pyroem.fit(survival_by_period, history, seed=0, tol=1e-11, max_iter=2000)
+    assert set(fit.params) == {"rho", "phi_1", "phi_2", "phi_3"}
+    assert _monotone(fit.history.objective)
+    expected = float(pyro_log_joint(survival_by_period, fit.params, 1, history))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+    gradient = unconstrained_gradient(survival_by_period, fit, 1, history, jacobian=False)
+    for name, grad in gradient.items():
+        assert float(grad.abs().max()) < 1e-3, name
+
+
+def feature_components(x: torch.Tensor) -> None:
+    """The enumeration tutorial's program: ``p`` per feature and component, inside the
+    feature plate that also holds the observations, read through ``Vindex``."""
+    data_plate = pyro.plate("data_plate", x.shape[1], dim=-1)
+    feature_plate = pyro.plate("feature_plate", x.shape[0], dim=-2)
+    component_plate = pyro.plate("component_plate", 4, dim=-1)
+    with feature_plate, component_plate:
+        p = pyro.sample("p", dist.Dirichlet(torch.full((3,), 1.5)))
+    with data_plate:
+        c = pyro.sample("c", dist.Categorical(torch.ones(4)))
+        with feature_plate as vdx:
+            pc = Vindex(p)[vdx[..., None], c, :]
+            pyro.sample("x", dist.Categorical(pc), obs=x)
+
+
+def test_parameter_in_a_plate_with_data_but_shared_by_observations_is_fitted() -> None:
+    """``p`` sits in the feature plate with the data but is shared across the data plate:
+    a parameter (refused before). Closed form, with Pyro's log joint, and stationary."""
+    torch.set_default_dtype(torch.float64)
+    x = torch.randint(0, 3, (5, 6), generator=torch.Generator().manual_seed(0))
+    fit = pyroem.fit(feature_components, x, seed=0, tol=1e-11, max_iter=2000)
+    assert fit.m_step_kinds == {"p": "dirichlet-categorical"}
+    expected = float(pyro_log_joint(feature_components, fit.params, 2, x))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+    gradient = unconstrained_gradient(feature_components, fit, 2, x, jacobian=False)
+    assert float(gradient["p"].abs().max()) < 1e-4
+    _check_local_latent_is_refused()
+
+
+def _check_local_latent_is_refused() -> None:
+    """A latent with a value per observation stays refused."""
+
+    def model(data: torch.Tensor) -> None:
+        scale = pyro.sample("scale", dist.Gamma(2.0, 2.0))
+        with pyro.plate("data", len(data)):
+            effect = pyro.sample("effect", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(effect, scale), obs=data)
+
+    with pytest.raises(NotSupportedError, match="'effect' is a continuous latent"):
+        pyroem.fit(model, torch.randn(10, dtype=torch.float64).float(), seed=0)

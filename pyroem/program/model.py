@@ -156,6 +156,14 @@ def check_full_plates(trace: poutine.Trace) -> None:
             )
 
 
+def _placed_with_data(site: Any, observed_plates: set[str]) -> bool:
+    """Is a latent written inside a plate that holds observations, or in a markov chain?"""
+    in_plate = any(
+        frame.vectorized and frame.name in observed_plates for frame in site["cond_indep_stack"]
+    )
+    return in_plate or bool(site["infer"].get("_markov_scope"))
+
+
 def _plate_nesting(trace: poutine.Trace) -> int:
     dims = [
         -frame.dim
@@ -227,6 +235,9 @@ class ProgramModel:
             for frame in site["cond_indep_stack"]
             if frame.vectorized
         }
+        # Continuous latents written inside a plate that holds data, or inside a markov
+        # chain: local to the data only if they have a value per observation.
+        suspects: dict[str, Any] = {}
         for name, node in trace.nodes.items():
             site: Any = node
             if site["type"] == "sample" and site_is_subsample(site):
@@ -248,9 +259,49 @@ class ProgramModel:
                 self._check_enumerable(name, site)
                 self.enumerated.append(name)
             else:
-                self._check_global(name, site, observed_plates)
+                if _placed_with_data(site, observed_plates):
+                    suspects[name] = site
                 support = site["fn"].support
                 self.params[name] = ParamSite(name, "sample", site["value"].shape, support)
+        if suspects:
+            local = self._local_latents(trace, list(suspects))
+            for name, site in suspects.items():
+                if name in local:
+                    self._check_global(name, site, observed_plates)
+
+    def _local_latents(self, trace: poutine.Trace, names: list[str]) -> set[str]:
+        """Which of the continuous latents ``names`` are local to the data: some observed
+        site reads the latent directly and lies in no plate the latent is not in, so each
+        of its observations has a value of its own. Found by one run of the program with
+        the latents tracking gradients; if that run fails, all of them."""
+        values: dict[str, Any] = {}
+        for name, param in self.params.items():
+            values[name] = (
+                self.param_inits[name] if param.kind == "param" else trace.nodes[name]["value"]
+            )
+        leaves = {name: values[name].detach().clone().requires_grad_() for name in names}
+        try:
+            with pyro.get_param_store().scope(), torch.enable_grad():
+                run = self.trace({**values, **leaves})
+        except Exception:
+            return set(names)
+
+        def plates(site: Any) -> set[str]:
+            return {frame.name for frame in site["cond_indep_stack"] if frame.vectorized}
+
+        local: set[str] = set()
+        for name in self.observed:
+            site: Any = run.nodes.get(name)
+            table = None if site is None else site["unscaled_log_prob"]
+            if table is None or not table.requires_grad:
+                continue
+            grads = torch.autograd.grad(
+                table.sum(), list(leaves.values()), allow_unused=True, retain_graph=True
+            )
+            for latent, grad in zip(leaves, grads, strict=True):
+                if grad is not None and plates(site) <= plates(run.nodes[latent]):
+                    local.add(latent)
+        return local
 
     def _check_enumerable(self, name: str, site: Any) -> None:
         strategy = site["infer"].get("enumerate")
