@@ -603,3 +603,35 @@ def _check_local_latent_is_refused() -> None:
 
     with pytest.raises(NotSupportedError, match="'effect' is a continuous latent"):
         pyroem.fit(model, torch.randn(10, dtype=torch.float64).float(), seed=0)
+
+
+def tempered_prior_mixture(data: torch.Tensor) -> None:
+    """A Bernoulli mixture whose priors are tempered with ``poutine.scale``."""
+    with poutine.scale(scale=0.25):
+        weights = pyro.sample("weights", dist.Dirichlet(torch.tensor([6.0, 3.0])))
+        probs = pyro.sample("probs", dist.Beta(8.0, 3.0).expand([2, data.shape[-1]]).to_event(2))
+        rate = pyro.sample("rate", dist.Gamma(9.0, 2.0))
+    with pyro.plate("data", len(data)):
+        z = pyro.sample("z", dist.Categorical(weights))
+        pyro.sample("x", dist.Bernoulli(probs[z]).to_event(1), obs=data)
+        pyro.sample("count", dist.Poisson(rate), obs=data.sum(-1))
+
+
+def test_closed_forms_weight_a_scaled_prior() -> None:
+    """The closed forms kept the prior's full weight under ``poutine.scale``; now the
+    fixed point is Pyro's stationary point for the scaled log joint."""
+    torch.set_default_dtype(torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    data = (torch.rand(40, 3, generator=generator) < torch.tensor([0.2, 0.5, 0.7])).double()
+    fit = pyroem.fit(tempered_prior_mixture, data, seed=0, tol=1e-12, max_iter=3000)
+    assert fit.m_step_kinds == {
+        "weights": "dirichlet-categorical",
+        "probs": "beta-bernoulli",
+        "rate": "gamma-poisson",
+    }
+    assert _monotone(fit.history.objective)
+    expected = float(pyro_log_joint(tempered_prior_mixture, fit.params, 1, data))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+    gradient = unconstrained_gradient(tempered_prior_mixture, fit, 1, data, jacobian=False)
+    for name, grad in gradient.items():
+        assert float(grad.abs().max()) < 1e-5, name
