@@ -11,6 +11,7 @@ and the fitted point is a stationary point of Pyro's objective.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -134,11 +135,47 @@ def factorial_hmm(
                     )
 
 
+def hierarchical_factorial_hmm(
+    sequences: torch.Tensor, lengths: torch.Tensor, include_prior: bool = True
+) -> None:
+    """hmm.py's model_4: the second chain's transition depends on the first (``Vindex``)."""
+    num_sequences, _, data_dim = sequences.shape
+    hidden = 2
+    with poutine.mask(mask=include_prior):
+        probs_w = pyro.sample("probs_w", dist.Dirichlet(0.9 * torch.eye(hidden) + 0.1).to_event(1))
+        probs_x = pyro.sample(
+            "probs_x",
+            dist.Dirichlet(0.9 * torch.eye(hidden) + 0.1).expand_by([hidden]).to_event(2),
+        )
+        probs_y = pyro.sample(
+            "probs_y", dist.Beta(0.1, 0.9).expand([hidden, hidden, data_dim]).to_event(3)
+        )
+    tones_plate = pyro.plate("tones", data_dim, dim=-1)
+    with pyro.plate("sequences", num_sequences, dim=-2) as batch:
+        lengths = lengths[batch]
+        w = x = torch.tensor(0, dtype=torch.long)
+        for t in pyro.markov(range(int(lengths.max()))):
+            with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                w = pyro.sample(
+                    f"w_{t}", dist.Categorical(probs_w[w]), infer={"enumerate": "parallel"}
+                )
+                x = pyro.sample(
+                    f"x_{t}",
+                    dist.Categorical(Vindex(probs_x)[w, x]),
+                    infer={"enumerate": "parallel"},
+                )
+                with tones_plate as tones:
+                    pyro.sample(
+                        f"y_{t}", dist.Bernoulli(probs_y[w, x, tones]), obs=sequences[batch, t]
+                    )
+
+
 HMMS: list[tuple[Callable[..., None], int]] = [
     (loop_hmm, 1),
     (batched_hmm, 2),
     (autoregressive_hmm, 2),
     (factorial_hmm, 2),
+    (hierarchical_factorial_hmm, 2),
 ]
 
 
@@ -635,3 +672,41 @@ def test_closed_forms_weight_a_scaled_prior() -> None:
     gradient = unconstrained_gradient(tempered_prior_mixture, fit, 1, data, jacobian=False)
     for name, grad in gradient.items():
         assert float(grad.abs().max()) < 1e-5, name
+
+
+def test_discrete_hmm_with_a_network_is_fitted() -> None:
+    """hmm.py's model_7 form: a ``DiscreteHMM`` observed whole, its emissions from a
+    ``pyro.module`` network, under a Dirichlet(0.9·I + 0.1) transition prior. Before:
+    +inf after one iteration and an untouched network."""
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    network = _TonesNetwork(HIDDEN, TONES)
+    start = [parameter.detach().clone() for parameter in network.parameters()]
+
+    def model(sequences: torch.Tensor, lengths: torch.Tensor) -> None:
+        pyro.module("tones", network)
+        probs_x = pyro.sample("probs_x", dist.Dirichlet(0.9 * torch.eye(HIDDEN) + 0.1).to_event(1))
+        with pyro.plate("sequences", len(sequences), dim=-1) as batch:
+            lengths = lengths[batch]
+            y = sequences[batch, : int(lengths.max())]
+            steps = torch.arange(y.size(1))
+            init_logits = torch.full((HIDDEN,), -math.inf)
+            init_logits[0] = 0
+            states = torch.arange(HIDDEN).unsqueeze(-1)
+            emissions = dist.Bernoulli(logits=network(states, y.unsqueeze(-2))).to_event(1)
+            emissions = emissions.mask((steps < lengths.unsqueeze(-1)).unsqueeze(-1))
+            pyro.sample("y", dist.DiscreteHMM(init_logits, probs_x.log(), emissions), obs=y)
+
+    data = _tone_data()
+    with pytest.warns(pyroem.errors.ConvergenceWarning):
+        fit = pyroem.fit(model, *data, seed=0, max_iter=3, gradient_steps=10)
+    history = fit.history.objective
+    assert bool(torch.isfinite(torch.as_tensor(history)).all())
+    assert _monotone(history) and history[-1] > history[0] + 20
+    moved = max(
+        float((parameter.detach() - old).abs().max())
+        for parameter, old in zip(network.parameters(), start, strict=True)
+    )
+    assert moved > 0.1
+    expected = float(pyro_log_joint(model, {"probs_x": fit.params["probs_x"]}, 1, *data))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
