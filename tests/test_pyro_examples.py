@@ -710,3 +710,58 @@ def test_discrete_hmm_with_a_network_is_fitted() -> None:
     assert moved > 0.1
     expected = float(pyro_log_joint(model, {"probs_x": fit.params["probs_x"]}, 1, *data))
     assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+
+
+def tutorial_mixture(data: torch.Tensor, num_components: int = 3) -> None:
+    """The enumeration tutorial's Gaussian mixture (``Dirichlet(0.5)`` weights)."""
+    p = pyro.sample("p", dist.Dirichlet(0.5 * torch.ones(num_components)))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, num_components))
+    with pyro.plate("components", num_components):
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(data)):
+        x = pyro.sample("x", dist.Categorical(p))
+        pyro.sample("obs", dist.Normal(loc[x], scale), obs=data)
+
+
+def tutorial_hmm(data: torch.Tensor, data_dim: int, hidden_dim: int = 3) -> None:
+    """The enumeration tutorial's categorical HMM (``Dirichlet(0.5)`` rows in a plate)."""
+    with pyro.plate("hidden_state", hidden_dim):
+        transition = pyro.sample("transition", dist.Dirichlet(0.5 * torch.ones(hidden_dim)))
+        emission = pyro.sample("emission", dist.Dirichlet(0.5 * torch.ones(data_dim)))
+    x: Any = 0
+    for t, y in pyro.markov(enumerate(data)):
+        x = pyro.sample(f"x_{t}", dist.Categorical(transition[x]), infer={"enumerate": "parallel"})
+        pyro.sample(f"y_{t}", dist.Categorical(emission[x]), obs=y)
+
+
+def _tutorial_programs() -> list[tuple[Callable[..., None], tuple[Any, ...], int]]:
+    generator = torch.Generator().manual_seed(0)
+    points = torch.cat(
+        [torch.randn(15, generator=generator) - 4, torch.randn(15, generator=generator) + 4]
+    )
+    symbols = torch.randint(0, 4, (25,), generator=generator)
+    return [(tutorial_mixture, (points,), 1), (tutorial_hmm, (symbols, 4), 1)]
+
+
+def _tutorial_start(index: int) -> dict[str, torch.Tensor] | None:
+    if index == 0:
+        return {"loc": torch.tensor([-3.0, 0.0, 3.0]), "scale": torch.tensor(1.0)}
+    return None
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["mixture", "hmm"])
+def test_enumeration_tutorial_programs_fit_to_a_finite_optimum(index: int) -> None:
+    """``Dirichlet(0.5)`` priors made the constrained log joint unbounded (+inf after one
+    iteration); the unconstrained MAP is finite and Pyro's objective is stationary there."""
+    torch.set_default_dtype(torch.float64)
+    model, args, max_plate_nesting = _tutorial_programs()[index]
+    init = _tutorial_start(index)
+    fit = pyroem.fit(model, *args, init=init, seed=0, tol=1e-9, max_iter=3000)
+    history = fit.history.objective
+    assert fit.options["space"] == "unconstrained"
+    assert bool(torch.isfinite(torch.as_tensor(history)).all()) and _monotone(history)
+    expected = float(pyro_log_joint(model, fit.params, max_plate_nesting, *args))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+    gradient = unconstrained_gradient(model, fit, max_plate_nesting, *args, jacobian=True)
+    for name, grad in gradient.items():
+        assert float(grad.abs().max()) < 1e-3, name
