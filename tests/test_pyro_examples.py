@@ -641,6 +641,17 @@ def _check_local_latent_is_refused() -> None:
     with pytest.raises(NotSupportedError, match="'effect' is a continuous latent"):
         pyroem.fit(model, torch.randn(10, dtype=torch.float64).float(), seed=0)
 
+    def random_effects(y: torch.Tensor) -> None:
+        spread = pyro.param("spread", torch.tensor(1.0), constraint=constraints.positive)
+        with pyro.plate("groups", y.shape[0], dim=-2):
+            shift = pyro.sample("shift", dist.Normal(0.0, spread))
+            with pyro.plate("members", y.shape[1], dim=-1):
+                pyro.sample("y", dist.Normal(shift, 1.0), obs=y)
+
+    # A random effect (its prior reads a fitted spread) stays local too.
+    with pytest.raises(NotSupportedError, match="'shift' is a continuous latent"):
+        pyroem.fit(random_effects, torch.randn(4, 3), seed=0)
+
 
 def tempered_prior_mixture(data: torch.Tensor) -> None:
     """A Bernoulli mixture whose priors are tempered with ``poutine.scale``."""

@@ -214,6 +214,8 @@ class ProgramModel:
         self.max_plate_nesting = _plate_nesting(trace)
         self.params: dict[str, ParamSite] = {}
         self.param_inits: dict[str, torch.Tensor] = {}
+        # Continuous latents written with the data that are parameters all the same.
+        self._shared_latents: set[str] = set()
         # Parameters of torch modules registered with pyro.module, by site.
         self.module_params: dict[str, torch.nn.Parameter] = {}
         self.enumerated: list[str] = []
@@ -237,7 +239,8 @@ class ProgramModel:
         }
         # Continuous latents written inside a plate that holds data, or inside a markov
         # chain: local to the data only if they have a value per observation.
-        suspects: dict[str, Any] = {}
+        suspects: list[str] = []
+        continuous: dict[str, Any] = {}
         for name, node in trace.nodes.items():
             site: Any = node
             if site["type"] == "sample" and site_is_subsample(site):
@@ -259,27 +262,38 @@ class ProgramModel:
                 self._check_enumerable(name, site)
                 self.enumerated.append(name)
             else:
+                continuous[name] = site
                 if _placed_with_data(site, observed_plates):
-                    suspects[name] = site
+                    suspects.append(name)
                 support = site["fn"].support
                 self.params[name] = ParamSite(name, "sample", site["value"].shape, support)
         if suspects:
-            local = self._local_latents(trace, list(suspects))
-            for name, site in suspects.items():
-                if name in local:
-                    self._check_global(name, site, observed_plates)
+            self._shared_latents = set(suspects) - self._local_latents(trace, suspects)
+        for name, site in continuous.items():
+            self._check_global(name, site, observed_plates)
 
     def _local_latents(self, trace: poutine.Trace, names: list[str]) -> set[str]:
-        """Which of the continuous latents ``names`` are local to the data: some observed
-        site reads the latent directly and lies in no plate the latent is not in, so each
-        of its observations has a value of its own. Found by one run of the program with
-        the latents tracking gradients; if that run fails, all of them."""
+        """Which of the continuous latents ``names`` are local to the data.
+
+        A latent is local when an observed site reads it directly and lies in no plate
+        the latent is not in (each observation has a value of its own), or when it is a
+        random effect: a reading observation shares a plate with it and its prior reads
+        another parameter (a fitted spread, whose joint mode with the effects would
+        collapse). Otherwise — a value per period of a markov chain shared by every
+        observation of the period, a value per feature with a fixed prior — it is a
+        parameter. Found by one run of the program with the parameters tracking
+        gradients; if that run fails, all of them are local.
+        """
         values: dict[str, Any] = {}
         for name, param in self.params.items():
             values[name] = (
                 self.param_inits[name] if param.kind == "param" else trace.nodes[name]["value"]
             )
-        leaves = {name: values[name].detach().clone().requires_grad_() for name in names}
+        leaves = {
+            name: value.detach().clone().requires_grad_()
+            for name, value in values.items()
+            if value.is_floating_point()
+        }
         try:
             with pyro.get_param_store().scope(), torch.enable_grad():
                 run = self.trace({**values, **leaves})
@@ -289,17 +303,25 @@ class ProgramModel:
         def plates(site: Any) -> set[str]:
             return {frame.name for frame in site["cond_indep_stack"] if frame.vectorized}
 
-        local: set[str] = set()
-        for name in self.observed:
-            site: Any = run.nodes.get(name)
-            table = None if site is None else site["unscaled_log_prob"]
-            if table is None or not table.requires_grad:
-                continue
+        def readers(table: torch.Tensor) -> set[str]:
+            if not table.requires_grad:
+                return set()
             grads = torch.autograd.grad(
                 table.sum(), list(leaves.values()), allow_unused=True, retain_graph=True
             )
-            for latent, grad in zip(leaves, grads, strict=True):
-                if grad is not None and plates(site) <= plates(run.nodes[latent]):
+            return {name for name, grad in zip(leaves, grads, strict=True) if grad is not None}
+
+        hierarchical = {
+            name for name in names if readers(run.nodes[name]["unscaled_log_prob"]) - {name}
+        }
+        local: set[str] = set()
+        for name in self.observed:
+            site: Any = run.nodes.get(name)
+            if site is None:
+                continue
+            for latent in readers(site["unscaled_log_prob"]) & set(names):
+                own = plates(run.nodes[latent])
+                if plates(site) <= own or (latent in hierarchical and plates(site) & own):
                     local.add(latent)
         return local
 
@@ -318,6 +340,9 @@ class ProgramModel:
             )
 
     def _check_global(self, name: str, site: Any, observed_plates: set[str]) -> None:
+        if name in self._shared_latents:
+            # Written with the data, but without a value per observation: a parameter.
+            return
         local = [
             frame.name
             for frame in site["cond_indep_stack"]
