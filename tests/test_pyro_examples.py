@@ -11,6 +11,7 @@ and the fitted point is a stationary point of Pyro's objective.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -134,11 +135,47 @@ def factorial_hmm(
                     )
 
 
+def hierarchical_factorial_hmm(
+    sequences: torch.Tensor, lengths: torch.Tensor, include_prior: bool = True
+) -> None:
+    """hmm.py's model_4: the second chain's transition depends on the first (``Vindex``)."""
+    num_sequences, _, data_dim = sequences.shape
+    hidden = 2
+    with poutine.mask(mask=include_prior):
+        probs_w = pyro.sample("probs_w", dist.Dirichlet(0.9 * torch.eye(hidden) + 0.1).to_event(1))
+        probs_x = pyro.sample(
+            "probs_x",
+            dist.Dirichlet(0.9 * torch.eye(hidden) + 0.1).expand_by([hidden]).to_event(2),
+        )
+        probs_y = pyro.sample(
+            "probs_y", dist.Beta(0.1, 0.9).expand([hidden, hidden, data_dim]).to_event(3)
+        )
+    tones_plate = pyro.plate("tones", data_dim, dim=-1)
+    with pyro.plate("sequences", num_sequences, dim=-2) as batch:
+        lengths = lengths[batch]
+        w = x = torch.tensor(0, dtype=torch.long)
+        for t in pyro.markov(range(int(lengths.max()))):
+            with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                w = pyro.sample(
+                    f"w_{t}", dist.Categorical(probs_w[w]), infer={"enumerate": "parallel"}
+                )
+                x = pyro.sample(
+                    f"x_{t}",
+                    dist.Categorical(Vindex(probs_x)[w, x]),
+                    infer={"enumerate": "parallel"},
+                )
+                with tones_plate as tones:
+                    pyro.sample(
+                        f"y_{t}", dist.Bernoulli(probs_y[w, x, tones]), obs=sequences[batch, t]
+                    )
+
+
 HMMS: list[tuple[Callable[..., None], int]] = [
     (loop_hmm, 1),
     (batched_hmm, 2),
     (autoregressive_hmm, 2),
     (factorial_hmm, 2),
+    (hierarchical_factorial_hmm, 2),
 ]
 
 
@@ -454,3 +491,288 @@ def test_mask_that_reads_an_enumerated_latent_is_honoured() -> None:
         assert float(grad.abs().max()) < 1e-4, name
     locs = fit.params["locs"]
     assert float((locs[0] - locs[1]).norm()) > 3
+
+
+class _TonesNetwork(torch.nn.Module):
+    """Emission logits from the hidden state and the previous tones (hmm.py's
+    ``TonesGenerator``, smaller)."""
+
+    def __init__(self, hidden: int, data_dim: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.x_to_logits = torch.nn.Linear(hidden, data_dim)
+        self.y_to_logits = torch.nn.Linear(data_dim, data_dim, bias=False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        onehot = y.new_zeros((*x.shape[:-1], self.hidden)).scatter_(-1, x, 1)
+        return self.x_to_logits(onehot) + self.y_to_logits(y)
+
+
+def test_pyro_module_weights_are_fitted() -> None:
+    """hmm.py's model_5 form: emissions from a network registered with ``pyro.module``.
+    Before, the values EM chose never reached the network (a no-op fit); now the
+    network's own weights move, the log joint rises, and Pyro, running the program with
+    the network as it now stands, gives the reported log joint."""
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    network = _TonesNetwork(HIDDEN, TONES)
+    start = [parameter.detach().clone() for parameter in network.parameters()]
+
+    def model(sequences: torch.Tensor, lengths: torch.Tensor) -> None:
+        num_sequences, _, data_dim = sequences.shape
+        pyro.module("tones", network)
+        probs_x = pyro.sample("probs_x", dist.Dirichlet(0.9 * torch.eye(HIDDEN) + 0.1).to_event(1))
+        with pyro.plate("sequences", num_sequences, dim=-2) as batch:
+            lengths = lengths[batch]
+            x: Any = 0
+            y = torch.zeros(data_dim)
+            for t in pyro.markov(range(int(lengths.max()))):
+                with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                    x = pyro.sample(
+                        f"x_{t}", dist.Categorical(probs_x[x]), infer={"enumerate": "parallel"}
+                    )
+                    with pyro.plate(f"tones_{t}", data_dim, dim=-1):
+                        y = pyro.sample(
+                            f"y_{t}",
+                            dist.Bernoulli(logits=network(x, y)),
+                            obs=sequences[batch, t],
+                        )
+
+    data = _tone_data()
+    before = float(pyro_log_joint(model, {"probs_x": torch.eye(HIDDEN) * 0.7 + 0.1}, 2, *data))
+    with pytest.warns(pyroem.errors.ConvergenceWarning):
+        fit = pyroem.fit(
+            model,
+            *data,
+            init={"probs_x": torch.eye(HIDDEN) * 0.7 + 0.1},
+            max_iter=3,
+            gradient_steps=10,
+        )
+    assert all(kind == "gradient" for name, kind in fit.m_step_kinds.items() if "$$$" in name)
+    moved = max(
+        float((parameter.detach() - old).abs().max())
+        for parameter, old in zip(network.parameters(), start, strict=True)
+    )
+    assert moved > 0.1
+    assert _monotone(fit.history.objective)
+    expected = float(pyro_log_joint(model, {"probs_x": fit.params["probs_x"]}, 2, *data))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+    assert fit.log_joint() > before + 20
+
+
+# ----- global parameters written inside a chain or a data plate ------------------------
+
+
+def survival_by_period(capture_history: torch.Tensor) -> None:
+    """Pyro's ``capture_recapture/cjs.py`` model_2 form: a survival probability per
+    period, sampled inside the markov loop over periods; alive states enumerated."""
+    num_animals, num_periods = capture_history.shape
+    rho = pyro.sample("rho", dist.Uniform(0.0, 1.0))
+    z = torch.ones(num_animals)
+    seen = torch.zeros(num_animals).bool()
+    animals = pyro.plate("animals", num_animals, dim=-1)
+    for t in pyro.markov(range(num_periods)):
+        phi: Any = pyro.sample(f"phi_{t}", dist.Uniform(0.0, 1.0)) if t > 0 else 1.0
+        with animals, poutine.mask(mask=seen):
+            alive = seen.double() * phi * z + (1 - seen.double())
+            z = pyro.sample(f"z_{t}", dist.Bernoulli(alive), infer={"enumerate": "parallel"})
+            pyro.sample(f"y_{t}", dist.Bernoulli(rho * z), obs=capture_history[:, t])
+        seen |= capture_history[:, t].bool()
+
+
+def test_per_period_parameters_in_a_markov_loop_are_fitted() -> None:
+    """``phi_t`` has one value per period, shared by every animal: a parameter, not a
+    latent local to the data (refused before). The fit is Pyro's stationary point."""
+    torch.set_default_dtype(torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    alive = torch.ones(30, 4)
+    for t in range(1, 4):
+        alive[:, t] = alive[:, t - 1] * (torch.rand(30, generator=generator) < 0.7)
+    history = alive * (torch.rand(30, 4, generator=generator) < 0.6)
+    history[:, 0] = 1
+    fit = pyroem.fit(survival_by_period, history, seed=0, tol=1e-11, max_iter=2000)
+    assert set(fit.params) == {"rho", "phi_1", "phi_2", "phi_3"}
+    assert _monotone(fit.history.objective)
+    expected = float(pyro_log_joint(survival_by_period, fit.params, 1, history))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+    gradient = unconstrained_gradient(survival_by_period, fit, 1, history, jacobian=False)
+    for name, grad in gradient.items():
+        assert float(grad.abs().max()) < 1e-3, name
+
+
+def feature_components(x: torch.Tensor) -> None:
+    """The enumeration tutorial's program: ``p`` per feature and component, inside the
+    feature plate that also holds the observations, read through ``Vindex``."""
+    data_plate = pyro.plate("data_plate", x.shape[1], dim=-1)
+    feature_plate = pyro.plate("feature_plate", x.shape[0], dim=-2)
+    component_plate = pyro.plate("component_plate", 4, dim=-1)
+    with feature_plate, component_plate:
+        p = pyro.sample("p", dist.Dirichlet(torch.full((3,), 1.5)))
+    with data_plate:
+        c = pyro.sample("c", dist.Categorical(torch.ones(4)))
+        with feature_plate as vdx:
+            pc = Vindex(p)[vdx[..., None], c, :]
+            pyro.sample("x", dist.Categorical(pc), obs=x)
+
+
+def test_parameter_in_a_plate_with_data_but_shared_by_observations_is_fitted() -> None:
+    """``p`` sits in the feature plate with the data but is shared across the data plate:
+    a parameter (refused before). Closed form, with Pyro's log joint, and stationary."""
+    torch.set_default_dtype(torch.float64)
+    x = torch.randint(0, 3, (5, 6), generator=torch.Generator().manual_seed(0))
+    fit = pyroem.fit(feature_components, x, seed=0, tol=1e-11, max_iter=2000)
+    assert fit.m_step_kinds == {"p": "dirichlet-categorical"}
+    expected = float(pyro_log_joint(feature_components, fit.params, 2, x))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+    gradient = unconstrained_gradient(feature_components, fit, 2, x, jacobian=False)
+    assert float(gradient["p"].abs().max()) < 1e-4
+    _check_local_latent_is_refused()
+
+
+def _check_local_latent_is_refused() -> None:
+    """A latent with a value per observation stays refused."""
+
+    def model(data: torch.Tensor) -> None:
+        scale = pyro.sample("scale", dist.Gamma(2.0, 2.0))
+        with pyro.plate("data", len(data)):
+            effect = pyro.sample("effect", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(effect, scale), obs=data)
+
+    with pytest.raises(NotSupportedError, match="'effect' is a continuous latent"):
+        pyroem.fit(model, torch.randn(10, dtype=torch.float64).float(), seed=0)
+
+    def random_effects(y: torch.Tensor) -> None:
+        spread = pyro.param("spread", torch.tensor(1.0), constraint=constraints.positive)
+        with pyro.plate("groups", y.shape[0], dim=-2):
+            shift = pyro.sample("shift", dist.Normal(0.0, spread))
+            with pyro.plate("members", y.shape[1], dim=-1):
+                pyro.sample("y", dist.Normal(shift, 1.0), obs=y)
+
+    # A random effect (its prior reads a fitted spread) stays local too.
+    with pytest.raises(NotSupportedError, match="'shift' is a continuous latent"):
+        pyroem.fit(random_effects, torch.randn(4, 3), seed=0)
+
+
+def tempered_prior_mixture(data: torch.Tensor) -> None:
+    """A Bernoulli mixture whose priors are tempered with ``poutine.scale``."""
+    with poutine.scale(scale=0.25):
+        weights = pyro.sample("weights", dist.Dirichlet(torch.tensor([6.0, 3.0])))
+        probs = pyro.sample("probs", dist.Beta(8.0, 3.0).expand([2, data.shape[-1]]).to_event(2))
+        rate = pyro.sample("rate", dist.Gamma(9.0, 2.0))
+    with pyro.plate("data", len(data)):
+        z = pyro.sample("z", dist.Categorical(weights))
+        pyro.sample("x", dist.Bernoulli(probs[z]).to_event(1), obs=data)
+        pyro.sample("count", dist.Poisson(rate), obs=data.sum(-1))
+
+
+def test_closed_forms_weight_a_scaled_prior() -> None:
+    """The closed forms kept the prior's full weight under ``poutine.scale``; now the
+    fixed point is Pyro's stationary point for the scaled log joint."""
+    torch.set_default_dtype(torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    data = (torch.rand(40, 3, generator=generator) < torch.tensor([0.2, 0.5, 0.7])).double()
+    fit = pyroem.fit(tempered_prior_mixture, data, seed=0, tol=1e-12, max_iter=3000)
+    assert fit.m_step_kinds == {
+        "weights": "dirichlet-categorical",
+        "probs": "beta-bernoulli",
+        "rate": "gamma-poisson",
+    }
+    assert _monotone(fit.history.objective)
+    expected = float(pyro_log_joint(tempered_prior_mixture, fit.params, 1, data))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+    gradient = unconstrained_gradient(tempered_prior_mixture, fit, 1, data, jacobian=False)
+    for name, grad in gradient.items():
+        assert float(grad.abs().max()) < 1e-5, name
+
+
+def test_discrete_hmm_with_a_network_is_fitted() -> None:
+    """hmm.py's model_7 form: a ``DiscreteHMM`` observed whole, its emissions from a
+    ``pyro.module`` network, under a Dirichlet(0.9·I + 0.1) transition prior. Before:
+    +inf after one iteration and an untouched network."""
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    network = _TonesNetwork(HIDDEN, TONES)
+    start = [parameter.detach().clone() for parameter in network.parameters()]
+
+    def model(sequences: torch.Tensor, lengths: torch.Tensor) -> None:
+        pyro.module("tones", network)
+        probs_x = pyro.sample("probs_x", dist.Dirichlet(0.9 * torch.eye(HIDDEN) + 0.1).to_event(1))
+        with pyro.plate("sequences", len(sequences), dim=-1) as batch:
+            lengths = lengths[batch]
+            y = sequences[batch, : int(lengths.max())]
+            steps = torch.arange(y.size(1))
+            init_logits = torch.full((HIDDEN,), -math.inf)
+            init_logits[0] = 0
+            states = torch.arange(HIDDEN).unsqueeze(-1)
+            emissions = dist.Bernoulli(logits=network(states, y.unsqueeze(-2))).to_event(1)
+            emissions = emissions.mask((steps < lengths.unsqueeze(-1)).unsqueeze(-1))
+            pyro.sample("y", dist.DiscreteHMM(init_logits, probs_x.log(), emissions), obs=y)
+
+    data = _tone_data()
+    with pytest.warns(pyroem.errors.ConvergenceWarning):
+        fit = pyroem.fit(model, *data, seed=0, max_iter=3, gradient_steps=10)
+    history = fit.history.objective
+    assert bool(torch.isfinite(torch.as_tensor(history)).all())
+    assert _monotone(history) and history[-1] > history[0] + 20
+    moved = max(
+        float((parameter.detach() - old).abs().max())
+        for parameter, old in zip(network.parameters(), start, strict=True)
+    )
+    assert moved > 0.1
+    expected = float(pyro_log_joint(model, {"probs_x": fit.params["probs_x"]}, 1, *data))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+
+
+def tutorial_mixture(data: torch.Tensor, num_components: int = 3) -> None:
+    """The enumeration tutorial's Gaussian mixture (``Dirichlet(0.5)`` weights)."""
+    p = pyro.sample("p", dist.Dirichlet(0.5 * torch.ones(num_components)))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, num_components))
+    with pyro.plate("components", num_components):
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(data)):
+        x = pyro.sample("x", dist.Categorical(p))
+        pyro.sample("obs", dist.Normal(loc[x], scale), obs=data)
+
+
+def tutorial_hmm(data: torch.Tensor, data_dim: int, hidden_dim: int = 3) -> None:
+    """The enumeration tutorial's categorical HMM (``Dirichlet(0.5)`` rows in a plate)."""
+    with pyro.plate("hidden_state", hidden_dim):
+        transition = pyro.sample("transition", dist.Dirichlet(0.5 * torch.ones(hidden_dim)))
+        emission = pyro.sample("emission", dist.Dirichlet(0.5 * torch.ones(data_dim)))
+    x: Any = 0
+    for t, y in pyro.markov(enumerate(data)):
+        x = pyro.sample(f"x_{t}", dist.Categorical(transition[x]), infer={"enumerate": "parallel"})
+        pyro.sample(f"y_{t}", dist.Categorical(emission[x]), obs=y)
+
+
+def _tutorial_programs() -> list[tuple[Callable[..., None], tuple[Any, ...], int]]:
+    generator = torch.Generator().manual_seed(0)
+    points = torch.cat(
+        [torch.randn(15, generator=generator) - 4, torch.randn(15, generator=generator) + 4]
+    )
+    symbols = torch.randint(0, 4, (25,), generator=generator)
+    return [(tutorial_mixture, (points,), 1), (tutorial_hmm, (symbols, 4), 1)]
+
+
+def _tutorial_start(index: int) -> dict[str, torch.Tensor] | None:
+    if index == 0:
+        return {"loc": torch.tensor([-3.0, 0.0, 3.0]), "scale": torch.tensor(1.0)}
+    return None
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["mixture", "hmm"])
+def test_enumeration_tutorial_programs_fit_to_a_finite_optimum(index: int) -> None:
+    """``Dirichlet(0.5)`` priors made the constrained log joint unbounded (+inf after one
+    iteration); the unconstrained MAP is finite and Pyro's objective is stationary there."""
+    torch.set_default_dtype(torch.float64)
+    model, args, max_plate_nesting = _tutorial_programs()[index]
+    init = _tutorial_start(index)
+    fit = pyroem.fit(model, *args, init=init, seed=0, tol=1e-9, max_iter=3000)
+    history = fit.history.objective
+    assert fit.options["space"] == "unconstrained"
+    assert bool(torch.isfinite(torch.as_tensor(history)).all()) and _monotone(history)
+    expected = float(pyro_log_joint(model, fit.params, max_plate_nesting, *args))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+    gradient = unconstrained_gradient(model, fit, max_plate_nesting, *args, jacobian=True)
+    for name, grad in gradient.items():
+        assert float(grad.abs().max()) < 1e-3, name

@@ -41,7 +41,7 @@ from torch.distributions.utils import _sum_rightmost, probs_to_logits
 
 from pyroem.program._chain import ChainPlan, Factor, build_chain_plan, log_evidence
 from pyroem.program._log_einsum import LogRing
-from pyroem.program.model import ProgramModel, sample_sites
+from pyroem.program.model import ProgramModel, sample_sites, set_param
 from pyroem.program.posterior import (
     _marginal,
     _masked,
@@ -100,8 +100,7 @@ class Recorder(Messenger):
         if msg["type"] == "param":
             value = self.values.get(msg["name"])
             if value is not None:
-                msg["value"] = value
-                msg["done"] = True
+                set_param(msg, value)
             return
         if msg["type"] != "sample" or site_is_subsample(msg):
             return

@@ -480,6 +480,9 @@ def _recognise_prior(program: ProgramModel, name: str, slot: str, site: Any) -> 
     prior, _ = _unwrap(site["fn"])
     if not isinstance(prior, accepted):
         return None
+    if prior_weight(site) is not None and not isinstance(prior, ADJUSTABLE_PRIORS):
+        # A scaled or masked prior whose closed form here does not take the weight.
+        return None
     if slot == "mvn-loc" and isinstance(prior, dist.Normal) and site["fn"].event_dim != 1:
         return None
     return f"{_PRIOR_NAMES[type(prior)]}-{likelihood}"

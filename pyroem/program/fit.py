@@ -483,6 +483,10 @@ def fit_program(
         engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
     )
     best = result.best
+    # The fitted weights of pyro.module networks go into the networks themselves.
+    with torch.no_grad():
+        for name, parameter in program.module_params.items():
+            parameter.copy_(best.params[name])
     marginals = engine.marginals(best.last.stats)
     options = {
         "n_init": n_init,

@@ -47,9 +47,17 @@ def gradient_m_step(
         New values of the block's sites.
     """
     transforms = {name: transform_to(program.params[name].constraint) for name in names}
+    modules = program.module_params
+    for name in names:
+        if name in modules:
+            # A network reads its own parameter: optimise that tensor in place.
+            with torch.no_grad():
+                modules[name].copy_(values[name])
     # Contiguous copies: L-BFGS flattens gradients with .view, which a strided value breaks.
     unconstrained = [
-        transforms[name].inv(values[name].detach()).contiguous().clone().requires_grad_()
+        modules[name]
+        if name in modules
+        else transforms[name].inv(values[name].detach()).contiguous().clone().requires_grad_()
         for name in names
     ]
 
@@ -62,8 +70,11 @@ def gradient_m_step(
             q = q + log_jacobian(program, full, jacobian_sites)
         return q
 
+    def constrained(name: str, u: torch.Tensor) -> torch.Tensor:
+        return u if name in modules else transforms[name](u)
+
     def q_value() -> torch.Tensor:
-        update = {name: transforms[name](u) for name, u in zip(names, unconstrained, strict=True)}
+        update = {name: constrained(name, u) for name, u in zip(names, unconstrained, strict=True)}
         return objective(update)
 
     with torch.no_grad():
@@ -94,7 +105,8 @@ def gradient_m_step(
         return {name: values[name] for name in names}
     with torch.no_grad():
         candidate = {
-            name: transforms[name](u).detach() for name, u in zip(names, unconstrained, strict=True)
+            name: constrained(name, u).detach().clone()
+            for name, u in zip(names, unconstrained, strict=True)
         }
         try:
             after = float(objective(candidate))

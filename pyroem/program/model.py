@@ -28,7 +28,15 @@ from torch.distributions import constraints
 
 from pyroem.errors import DataError, NotSupportedError, SpecError
 
-__all__ = ["ParamSite", "ProgramModel", "broadcast_error", "check_full_plates", "sample_sites"]
+__all__ = [
+    "ParamSite",
+    "ProgramModel",
+    "broadcast_error",
+    "check_full_plates",
+    "module_parameter",
+    "sample_sites",
+    "set_param",
+]
 
 
 class ParamSite(NamedTuple):
@@ -64,8 +72,30 @@ class _Inject(Messenger):
     def _pyro_param(self, msg: Any) -> None:
         value = self.values.get(msg["name"])
         if value is not None:
-            msg["value"] = value
-            msg["done"] = True
+            set_param(msg, value)
+
+
+def module_parameter(msg: Any) -> torch.nn.Parameter | None:
+    """The ``torch.nn.Parameter`` behind a ``pyro.param`` message that ``pyro.module``
+    sent (its initial tensor), else ``None``."""
+    args = msg["args"]
+    init = args[1] if len(args) > 1 else None
+    return init if isinstance(init, torch.nn.Parameter) else None
+
+
+def set_param(msg: Any, value: torch.Tensor) -> None:
+    """Answer a ``pyro.param`` message with ``value``.
+
+    A module's parameter is also written into the module: ``pyro.module`` keeps the
+    network's own weights (``update_module_params=False``), so a value returned to it
+    alone would never reach the network.
+    """
+    msg["value"] = value
+    msg["done"] = True
+    parameter = module_parameter(msg)
+    if parameter is not None and value is not parameter:
+        with torch.no_grad():
+            parameter.copy_(value)
 
 
 def broadcast_error(program: str, what: str, method: str, err: Exception) -> NotSupportedError:
@@ -139,6 +169,14 @@ def check_full_plates(trace: poutine.Trace) -> None:
             )
 
 
+def _placed_with_data(site: Any, observed_plates: set[str]) -> bool:
+    """Is a latent written inside a plate that holds observations, or in a markov chain?"""
+    in_plate = any(
+        frame.vectorized and frame.name in observed_plates for frame in site["cond_indep_stack"]
+    )
+    return in_plate or bool(site["infer"].get("_markov_scope"))
+
+
 def _plate_nesting(trace: poutine.Trace) -> int:
     dims = [
         -frame.dim
@@ -191,6 +229,10 @@ class ProgramModel:
             self.max_plate_nesting = _plate_nesting(trace)
             self.params: dict[str, ParamSite] = {}
             self.param_inits: dict[str, torch.Tensor] = {}
+            # Continuous latents written with the data that are parameters all the same.
+            self._shared_latents: set[str] = set()
+            # Parameters of torch modules registered with pyro.module, by site.
+            self.module_params: dict[str, torch.nn.Parameter] = {}
             self.enumerated: list[str] = []
             self.observed: list[str] = []
             self._sort_sites(trace)
@@ -214,11 +256,18 @@ class ProgramModel:
             for frame in site["cond_indep_stack"]
             if frame.vectorized
         }
+        # Continuous latents written inside a plate that holds data, or inside a markov
+        # chain: local to the data only if they have a value per observation.
+        suspects: list[str] = []
+        continuous: dict[str, Any] = {}
         for name, node in trace.nodes.items():
             site: Any = node
             if site["type"] == "sample" and site_is_subsample(site):
                 continue
             if site["type"] == "param":
+                parameter = module_parameter(site)
+                if parameter is not None:
+                    self.module_params[name] = parameter
                 value = site["value"].detach()
                 constraint = site["kwargs"].get("constraint") or constraints.real
                 self.params[name] = ParamSite(name, "param", value.shape, constraint)
@@ -232,9 +281,68 @@ class ProgramModel:
                 self._check_enumerable(name, site)
                 self.enumerated.append(name)
             else:
-                self._check_global(name, site, observed_plates)
+                continuous[name] = site
+                if _placed_with_data(site, observed_plates):
+                    suspects.append(name)
                 support = site["fn"].support
                 self.params[name] = ParamSite(name, "sample", site["value"].shape, support)
+        if suspects:
+            self._shared_latents = set(suspects) - self._local_latents(trace, suspects)
+        for name, site in continuous.items():
+            self._check_global(name, site, observed_plates)
+
+    def _local_latents(self, trace: poutine.Trace, names: list[str]) -> set[str]:
+        """Which of the continuous latents ``names`` are local to the data.
+
+        A latent is local when an observed site reads it directly and lies in no plate
+        the latent is not in (each observation has a value of its own), or when it is a
+        random effect: a reading observation shares a plate with it and its prior reads
+        another parameter (a fitted spread, whose joint mode with the effects would
+        collapse). Otherwise — a value per period of a markov chain shared by every
+        observation of the period, a value per feature with a fixed prior — it is a
+        parameter. Found by one run of the program with the parameters tracking
+        gradients; if that run fails, all of them are local.
+        """
+        values: dict[str, Any] = {}
+        for name, param in self.params.items():
+            values[name] = (
+                self.param_inits[name] if param.kind == "param" else trace.nodes[name]["value"]
+            )
+        leaves = {
+            name: value.detach().clone().requires_grad_()
+            for name, value in values.items()
+            if value.is_floating_point()
+        }
+        try:
+            with pyro.get_param_store().scope(), torch.enable_grad():
+                run = self.trace({**values, **leaves})
+        except Exception:
+            return set(names)
+
+        def plates(site: Any) -> set[str]:
+            return {frame.name for frame in site["cond_indep_stack"] if frame.vectorized}
+
+        def readers(table: torch.Tensor) -> set[str]:
+            if not table.requires_grad:
+                return set()
+            grads = torch.autograd.grad(
+                table.sum(), list(leaves.values()), allow_unused=True, retain_graph=True
+            )
+            return {name for name, grad in zip(leaves, grads, strict=True) if grad is not None}
+
+        hierarchical = {
+            name for name in names if readers(run.nodes[name]["unscaled_log_prob"]) - {name}
+        }
+        local: set[str] = set()
+        for name in self.observed:
+            site: Any = run.nodes.get(name)
+            if site is None:
+                continue
+            for latent in readers(site["unscaled_log_prob"]) & set(names):
+                own = plates(run.nodes[latent])
+                if plates(site) <= own or (latent in hierarchical and plates(site) & own):
+                    local.add(latent)
+        return local
 
     def _check_enumerable(self, name: str, site: Any) -> None:
         strategy = site["infer"].get("enumerate")
@@ -251,6 +359,9 @@ class ProgramModel:
             )
 
     def _check_global(self, name: str, site: Any, observed_plates: set[str]) -> None:
+        if name in self._shared_latents:
+            # Written with the data, but without a value per observation: a parameter.
+            return
         local = [
             frame.name
             for frame in site["cond_indep_stack"]

@@ -20,7 +20,8 @@ For a ``Beta(a, b)`` prior on a Bernoulli probability with ``s`` successes in
 ``(N_c + α_c)/(N + Σα)``, for a ``Gamma(a, b)`` rate ``(S + a)/(T + b)``: always
 inside the support. ``pyro.param`` sites have no prior (maximum likelihood, the same
 in every parameterisation) and get no Jacobian; nor does a sample site whose prior
-is masked out entirely.
+is masked out entirely, nor a positive-definite matrix (torch has no bijection with a
+Jacobian for it; an inverse-Wishart density is bounded anyway).
 
 ``space="auto"`` (the default) is ``"unconstrained"`` when some prior is unbounded
 in this way, else ``"constrained"``.
@@ -90,13 +91,25 @@ def unbounded_priors(program: ProgramModel, trace: Any) -> dict[str, str]:
     return found
 
 
+def _bijective(constraint: Any) -> bool:
+    """Has the support a bijection to the unconstrained space with a Jacobian in torch?
+    (Not positive-definite matrices: their sites keep the declared density.)"""
+    try:
+        biject_to(constraint)
+    except NotImplementedError:
+        return False
+    return True
+
+
 def jacobian_sites(program: ProgramModel, trace: Any) -> list[str]:
     """The parameters whose log-Jacobian enters the unconstrained objective: sample sites
-    whose prior is in play."""
+    whose prior is in play, on a support with a bijection torch knows."""
     return [
         name
         for name, param in program.params.items()
-        if param.kind == "sample" and _prior_in_play(trace.nodes[name])
+        if param.kind == "sample"
+        and _prior_in_play(trace.nodes[name])
+        and _bijective(param.constraint)
     ]
 
 
