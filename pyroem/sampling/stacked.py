@@ -208,6 +208,7 @@ class StackedProgram(ProgramModel):
         self.name = base.name
         self.params = base.params
         self.param_inits = base.param_inits
+        self.module_params = base.module_params
         self.enumerated = [name for name in base.enumerated if name not in draws]
         self.observed = base.observed
         self.max_plate_nesting = base.max_plate_nesting + 1
