@@ -15,7 +15,8 @@ from pyroem.initialization import initial_params, seeded_generator, site_values
 from pyroem.mstep.mixture import mixture_m_step
 from pyroem.options import check_integer, with_defaults
 from pyroem.program.fit import fit_program
-from pyroem.results import FitResult
+from pyroem.program.results import ProgramFit
+from pyroem.results import FitResult, mixture_fit_from_program
 from pyroem.spec.mixture import Mixture, as_data
 
 __all__ = ["METHODS", "fit"]
@@ -235,6 +236,10 @@ def fit(
             progress=progress,
         )
     result.runtime = time.perf_counter() - started
+    if isinstance(model, Mixture) and isinstance(result, ProgramFit):
+        # Through its Pyro program, a Mixture's fit also gets the mixture interface.
+        data = as_data(model_args[0], dtype=torch_dtype, device=device)
+        result.mixture_fit = mixture_fit_from_program(model, data, result, chunk_size)
     return result
 
 

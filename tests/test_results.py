@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 import torch.distributions as td
@@ -574,3 +576,74 @@ def test_a_valid_rewrite_still_loads(tmp_path: Path) -> None:
     path, fit = _saved_fit(tmp_path)
     loaded = pyroem.load(_rewrite(path, lambda arrays, meta: None))
     torch.testing.assert_close(loaded.params["means"], fit.params["means"], rtol=0, atol=0)
+
+
+# ----- every method's fit saves ----------------------------------------------------------
+
+SAMPLER_OPTIONS = {
+    "mcmc-em": {"max_iter": 2, "num_samples": 20},
+    "nuts": {"num_samples": 20, "warmup_steps": 20, "num_chains": 1},
+}
+
+
+@pytest.mark.parametrize("method", ["mcmc-em", "nuts"])
+def test_sampler_fits_of_a_mixture_save_and_load(method: str, tmp_path: Path) -> None:
+    """The loaded fit has the sampler's parameters and draws bit for bit, and predicts
+    as mixture densities built from those parameters with torch.distributions."""
+    spec = pyroem.Mixture(2)
+    data, _ = spec.simulate(40, seed=1, dim=2)
+    new, _ = spec.simulate(15, seed=2, dim=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = pyroem.fit(spec, data, method=method, seed=0, **SAMPLER_OPTIONS[method])
+    path = tmp_path / "fit.npz"
+    fit.save(path)
+    loaded = pyroem.load(path)
+    assert isinstance(loaded, pyroem.FitResult) and loaded.method == method
+    for name, value in fit.params.items():
+        assert torch.equal(loaded.params[name], value)
+    for name, value in (fit.draws or {}).items():
+        assert loaded.draws is not None and torch.equal(loaded.draws[name], value)
+    assert loaded.history.objective.tolist() == fit.history.objective.tolist()
+    params = fit.params
+    log_prob = _component_distribution("gaussian", "full", params).log_prob(new[:, None, :])
+    joint = params["weights"].log() + log_prob
+    assert torch.equal(loaded.predict(new), joint.argmax(-1))
+    torch.testing.assert_close(loaded.score_samples(new), torch.logsumexp(joint, -1))
+
+
+def _location_scale(x: torch.Tensor) -> None:
+    loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+    scale = pyro.param("scale", torch.tensor(1.0), constraint=dist.constraints.positive)
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(loc, scale), obs=x)
+
+
+def _other_program(x: torch.Tensor) -> None:
+    loc = pyro.sample("mean", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+
+def test_program_fits_save_and_load_given_the_program(tmp_path: Path) -> None:
+    """Parameters, history and scores come back exactly; the MAP of this conjugate
+    model is the closed form (loc = Σx / (N + 1/100), scale = the RMS about it)."""
+    torch.set_default_dtype(torch.float64)
+    x = torch.linspace(-1.0, 3.0, 20)
+    fit = pyroem.fit(_location_scale, x, seed=0, tol=1e-12)
+    path = tmp_path / "program.npz"
+    fit.save(path)
+    with pytest.raises(pyroem.FitFileError, match=r"program _location_scale.*pass it"):
+        pyroem.load(path)
+    with pytest.raises(pyroem.FitFileError, match=r"holds parameters \['loc', 'scale'\]"):
+        pyroem.load(path, _other_program, x)
+    loaded = pyroem.load(path, _location_scale, x)
+    assert isinstance(loaded, pyroem.ProgramFit) and loaded.method == "map-em"
+    for name, value in fit.params.items():
+        assert torch.equal(loaded.params[name], value)
+    assert loaded.history.objective.tolist() == fit.history.objective.tolist()
+    assert loaded.log_joint() == fit.log_joint() and loaded.bic() == fit.bic()
+    scale = float(loaded.params["scale"])
+    loc = float(x.sum()) / (len(x) + scale**2 / 100)
+    assert float(loaded.params["loc"]) == pytest.approx(loc, rel=1e-6)
+    assert scale == pytest.approx(float((x - loc).square().mean().sqrt()), rel=1e-6)
