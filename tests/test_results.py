@@ -647,3 +647,36 @@ def test_program_fits_save_and_load_given_the_program(tmp_path: Path) -> None:
     loc = float(x.sum()) / (len(x) + scale**2 / 100)
     assert float(loaded.params["loc"]) == pytest.approx(loc, rel=1e-6)
     assert scale == pytest.approx(float((x - loc).square().mean().sqrt()), rel=1e-6)
+
+
+# ----- a seeded fit leaves the global random state alone -----------------------------------
+
+
+def _two_groups(x: torch.Tensor) -> None:
+    p = pyro.sample("p", dist.Beta(2.0, 2.0))
+    locs = pyro.sample("locs", dist.Normal(0.0, 10.0).expand([2]).to_event(1))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Bernoulli(p))
+        pyro.sample("x", dist.Normal(locs[..., z.long()], 1.0), obs=x)
+
+
+SEEDED_OPTIONS = {
+    "map-em": {"max_iter": 3},
+    "vb-em": {"max_iter": 3},
+    "mcmc-em": {"max_iter": 1, "num_samples": 8, "final_draws": 8},
+    "nuts": {"num_samples": 5, "warmup_steps": 5, "num_chains": 1},
+}
+
+
+@pytest.mark.parametrize("target", ["program", "mixture"])
+@pytest.mark.parametrize("method", list(SEEDED_OPTIONS))
+def test_a_seeded_fit_leaves_the_global_torch_rng_as_it_was(method: str, target: str) -> None:
+    torch.set_default_dtype(torch.float64)
+    x = torch.cat([torch.randn(10) - 2, torch.randn(10) + 2])
+    model: Any = _two_groups if target == "program" else pyroem.Mixture(2)
+    data = x if target == "program" else x.reshape(-1, 2)
+    state = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pyroem.fit(model, data, method=method, seed=0, **SEEDED_OPTIONS[method])
+    assert torch.equal(torch.get_rng_state(), state)
