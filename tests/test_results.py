@@ -27,6 +27,7 @@ from sklearn.mixture import GaussianMixture
 
 import pyroem
 from pyroem.datasets import load_faithful, load_iris
+from pyroem.initialization import initial_params, kmeans_plusplus
 
 COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
 
@@ -680,3 +681,28 @@ def test_a_seeded_fit_leaves_the_global_torch_rng_as_it_was(method: str, target:
         warnings.simplefilter("ignore")
         pyroem.fit(model, data, method=method, seed=0, **SEEDED_OPTIONS[method])
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 7, 65536])
+def test_the_chunked_kmeans_plusplus_start_is_the_brute_force_one(chunk_size: int) -> None:
+    """Seeding, nearest-centre labels and the start's weights (label counts / N) by
+    chunks of 4 or 7 rows equal a NumPy brute force over all rows at once."""
+    spec = pyroem.Mixture(3)
+    data, _ = spec.simulate(50, seed=3, dim=2)
+    family = spec.bind(data)
+    rows = kmeans_plusplus(data, 3, torch.Generator().manual_seed(4), chunk_size)
+    points = data.numpy()
+    chosen = [int(rows[0])]
+    for row in rows[1:].tolist():
+        nearest = ((points[:, None, :] - points[chosen][None]) ** 2).sum(-1).min(1)
+        assert nearest[row] > 0  # drawn in proportion to the distance: never a chosen row
+        chosen.append(row)
+    labels = ((points[:, None, :] - points[chosen][None]) ** 2).sum(-1).argmin(1)
+    start = initial_params(
+        spec, family, data, "kmeans++", torch.Generator().manual_seed(4), chunk_size
+    )
+    counts = np.bincount(labels, minlength=3)
+    np.testing.assert_allclose(start.weights.numpy(), counts / counts.sum(), rtol=1e-12)
+    whole = initial_params(spec, family, data, "kmeans++", torch.Generator().manual_seed(4))
+    for name, value in whole.components._asdict().items():
+        torch.testing.assert_close(getattr(start.components, name), value, rtol=1e-12, atol=0)
