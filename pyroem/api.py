@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from pyroem.em import EMRun, best_of_restarts, run_em
-from pyroem.errors import SpecError
+from pyroem.errors import PyroEMError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
 from pyroem.initialization import initial_params, seeded_generator, site_values
 from pyroem.mstep.mixture import mixture_m_step
@@ -239,7 +239,12 @@ def fit(
     if isinstance(model, Mixture) and isinstance(result, ProgramFit):
         # Through its Pyro program, a Mixture's fit also gets the mixture interface.
         data = as_data(model_args[0], dtype=torch_dtype, device=device)
-        result.mixture_fit = mixture_fit_from_program(model, data, result, chunk_size)
+        try:
+            result.mixture_fit = mixture_fit_from_program(model, data, result, chunk_size)
+        except PyroEMError:
+            # Parameters the mixture kernels refuse (e.g. a singular covariance):
+            # the fit stays a program fit, and saves as one.
+            result.mixture_fit = None
     return result
 
 
