@@ -10,13 +10,14 @@ from typing import Any
 import torch
 
 from pyroem.em import Engine, EStepResult, Iteration, MStepResult, run_em
-from pyroem.errors import SpecError
+from pyroem.errors import PyroEMError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
 from pyroem.initialization import initial_params, seeded_generator, site_values
 from pyroem.mstep.mixture import mixture_m_step
 from pyroem.options import check_integer, with_defaults
 from pyroem.program.fit import fit_program
-from pyroem.results import FitResult
+from pyroem.program.results import ProgramFit
+from pyroem.results import FitResult, mixture_fit_from_program
 from pyroem.spec.mixture import Mixture, as_data
 
 __all__ = ["METHODS", "fit"]
@@ -250,6 +251,15 @@ def fit(
     if columns is not None:
         # A DataFrame's column names label the fit's dimensions (to_arviz coordinates).
         result.feature_names = tuple(str(name) for name in columns)
+    if isinstance(model, Mixture) and isinstance(result, ProgramFit):
+        # Through its Pyro program, a Mixture's fit also gets the mixture interface.
+        data = as_data(model_args[0], dtype=torch_dtype, device=device)
+        try:
+            result.mixture_fit = mixture_fit_from_program(model, data, result, chunk_size)
+        except PyroEMError:
+            # Parameters the mixture kernels refuse (e.g. a singular covariance):
+            # the fit stays a program fit, and saves as one.
+            result.mixture_fit = None
     return result
 
 

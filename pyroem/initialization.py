@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pyroem.errors import SpecError
+from pyroem.estep.enumerate import add_statistics
 from pyroem.spec.families import Family
 from pyroem.spec.mixture import MixtureParams
 
@@ -25,8 +27,25 @@ __all__ = [
 INIT_METHODS = ("kmeans++", "kmeans", "random", "random_from_data")
 
 
+_CHUNK_SIZE = 65536
+
+
+def _squared_distances(
+    features: torch.Tensor, centre: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """``‖x_n − centre‖²`` for every row, ``(num_data,)``, one chunk of rows at a time."""
+    out = features.new_empty(features.shape[0])
+    for start in range(0, features.shape[0], chunk_size):
+        block = features[start : start + chunk_size]
+        out[start : start + block.shape[0]] = (block - centre).square().sum(-1)
+    return out
+
+
 def kmeans_plusplus(
-    features: torch.Tensor, num_components: int, generator: torch.Generator
+    features: torch.Tensor,
+    num_components: int,
+    generator: torch.Generator,
+    chunk_size: int = _CHUNK_SIZE,
 ) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii, 2007): each new centre is drawn with
     probability proportional to its squared distance from the nearest chosen centre.
@@ -35,6 +54,8 @@ def kmeans_plusplus(
         features: ``(num_data, dim)``.
         num_components: number of centres ``K ≤ num_data``.
         generator: source of randomness.
+        chunk_size: rows per chunk; besides the data, memory is ``O(num_data)``
+            (the distances) plus ``O(chunk_size · dim)``.
 
     Returns:
         Indices of the chosen rows, ``(K,)``.
@@ -42,7 +63,7 @@ def kmeans_plusplus(
     num_data = features.shape[0]
     first = int(torch.randint(num_data, (1,), generator=generator))
     chosen = [first]
-    nearest = (features - features[first]).square().sum(-1)
+    nearest = _squared_distances(features, features[first], chunk_size)
     for _ in range(1, num_components):
         total = nearest.sum()
         if not bool(total > 0):
@@ -52,29 +73,46 @@ def kmeans_plusplus(
         else:
             nxt = int(torch.multinomial(nearest / total, 1, generator=generator))
         chosen.append(nxt)
-        nearest = torch.minimum(nearest, (features - features[nxt]).square().sum(-1))
+        torch.minimum(nearest, _squared_distances(features, features[nxt], chunk_size), out=nearest)
     return torch.tensor(chosen)
 
 
-def _hard_resp(features: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """One-hot responsibilities of the nearest centre, ``(num_data, K)``."""
-    distances = torch.cdist(features, centres)
-    labels = distances.argmin(-1)
-    return torch.nn.functional.one_hot(labels, centres.shape[0]).to(features.dtype)
+def _nearest(features: torch.Tensor, centres: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Index of the nearest centre of every row, ``(num_data,)``, chunk by chunk."""
+    # The distance formula cdist would pick for the whole data, whatever the chunk.
+    mode = (
+        "use_mm_for_euclid_dist"
+        if features.shape[0] > 25 or centres.shape[0] > 25
+        else "donot_use_mm_for_euclid_dist"
+    )
+    return torch.cat(
+        [
+            torch.cdist(block, centres, compute_mode=mode).argmin(-1)
+            for block in features.split(chunk_size)
+        ]
+    )
 
 
-def _lloyd(features: torch.Tensor, centres: torch.Tensor, max_iter: int = 100) -> torch.Tensor:
-    """Lloyd's k-means from ``centres``; returns the final hard responsibilities."""
-    resp = _hard_resp(features, centres)
+def _lloyd(
+    features: torch.Tensor, centres: torch.Tensor, chunk_size: int, max_iter: int = 100
+) -> torch.Tensor:
+    """Lloyd's k-means from ``centres``; returns the final labels ``(num_data,)``."""
+    num_components = centres.shape[0]
+    labels = _nearest(features, centres, chunk_size)
     for _ in range(max_iter):
-        counts = resp.sum(0)
-        moved = (resp.T @ features) / counts.clamp(min=1)[:, None]
+        counts = torch.bincount(labels, minlength=num_components).to(features.dtype)
+        sums = features.new_zeros(centres.shape)
+        for block, block_labels in zip(
+            features.split(chunk_size), labels.split(chunk_size), strict=True
+        ):
+            sums.index_add_(0, block_labels, block)
+        moved = sums / counts.clamp(min=1)[:, None]
         centres = torch.where(counts[:, None] > 0, moved, centres)
-        new_resp = _hard_resp(features, centres)
-        if torch.equal(new_resp, resp):
+        new_labels = _nearest(features, centres, chunk_size)
+        if torch.equal(new_labels, labels):
             break
-        resp = new_resp
-    return resp
+        labels = new_labels
+    return labels
 
 
 def _regularised(family: Family, data: torch.Tensor, num_components: int) -> Family:
@@ -96,14 +134,43 @@ def _regularised(family: Family, data: torch.Tensor, num_components: int) -> Fam
     return twin
 
 
-def params_from_resp(family: Family, data: torch.Tensor, resp: torch.Tensor) -> MixtureParams:
-    """Parameters from initial responsibilities ``(num_data, K)`` by one M-step."""
-    num_components = resp.shape[1]
-    stats = family.statistics(family.prepare(data), resp)
-    counts = resp.sum(0) + 10 * torch.finfo(resp.dtype).eps
+def params_from_resp(
+    family: Family,
+    data: torch.Tensor,
+    resp: Callable[[int, int], torch.Tensor],
+    num_components: int,
+    chunk_size: int = _CHUNK_SIZE,
+) -> MixtureParams:
+    """Parameters from initial responsibilities by one M-step, chunk by chunk.
+
+    Args:
+        family: the bound family.
+        data: ``(num_data, dim)``.
+        resp: ``resp(start, stop)``: the responsibilities of rows ``start:stop``,
+            ``(stop − start, K)``, on ``data``'s device.
+        num_components: ``K``.
+        chunk_size: rows per chunk; memory is ``O(chunk_size · K · dim)``.
+    """
+    stats = None
+    for start in range(0, data.shape[0], chunk_size):
+        chunk = data[start : start + chunk_size]
+        chunk_stats = family.statistics(family.prepare(chunk), resp(start, start + chunk.shape[0]))
+        stats = chunk_stats if stats is None else add_statistics(stats, chunk_stats)
+    assert stats is not None
+    counts = stats.counts + 10 * torch.finfo(data.dtype).eps
     components = _regularised(family, data, num_components).m_step(stats)
-    active = torch.arange(num_components, device=resp.device)
+    active = torch.arange(num_components, device=data.device)
     return MixtureParams(counts / counts.sum(), components, active)
+
+
+def _one_hot(labels: torch.Tensor, num_components: int, like: torch.Tensor) -> Callable:
+    """``resp(start, stop)`` of hard assignments to ``labels``."""
+
+    def resp(start: int, stop: int) -> torch.Tensor:
+        block = labels[start:stop].to(like.device)
+        return torch.nn.functional.one_hot(block, num_components).to(like.dtype)
+
+    return resp
 
 
 def seeded_generator(seed: int | None) -> torch.Generator:
@@ -132,6 +199,7 @@ def initial_params(
     data: torch.Tensor,
     init: Any,
     generator: torch.Generator,
+    chunk_size: int = _CHUNK_SIZE,
 ) -> MixtureParams:
     """Starting parameters for one EM run.
 
@@ -144,6 +212,8 @@ def initial_params(
             ``"random_from_data"`` (K random points as centres), or a dict of parameters
             in ``fit.params`` form.
         generator: source of randomness.
+        chunk_size: rows per chunk: besides the data, memory is ``O(num_data)`` (labels
+            and k-means++ distances) plus ``O(chunk_size · K · dim)``.
     """
     num_components = spec.num_components
     if isinstance(init, dict):
@@ -174,12 +244,27 @@ def initial_params(
     # Seeding runs on the CPU, where the generator lives; the M-step runs on the data's device.
     features = (family.prepare(data) if family.name == "categorical" else data).cpu()
     if init == "random":
-        raw = torch.rand(features.shape[0], num_components, generator=generator, dtype=data.dtype)
-        resp = raw / raw.sum(1, keepdim=True)
-    elif init == "random_from_data":
+        # Drawn chunk by chunk in row order, one stream from the generator.
+        draws = [
+            torch.rand(block.shape[0], num_components, generator=generator, dtype=data.dtype)
+            for block in features.split(chunk_size)
+        ]
+
+        def resp(start: int, stop: int) -> torch.Tensor:
+            raw = draws[start // chunk_size].to(data.device)
+            return raw / raw.sum(1, keepdim=True)
+
+        return params_from_resp(family, data, resp, num_components, chunk_size)
+    if init == "random_from_data":
         rows = torch.randperm(data.shape[0], generator=generator)[:num_components]
-        resp = _hard_resp(features, features[rows])
+        labels = _nearest(features, features[rows], chunk_size)
     else:
-        centres = features[kmeans_plusplus(features, num_components, generator)]
-        resp = _lloyd(features, centres) if init == "kmeans" else _hard_resp(features, centres)
-    return params_from_resp(family, data, resp.to(data.device))
+        centres = features[kmeans_plusplus(features, num_components, generator, chunk_size)]
+        labels = (
+            _lloyd(features, centres, chunk_size)
+            if init == "kmeans"
+            else _nearest(features, centres, chunk_size)
+        )
+    return params_from_resp(
+        family, data, _one_hot(labels, num_components, data), num_components, chunk_size
+    )

@@ -7,6 +7,7 @@ import math
 import os
 import zipfile
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -15,12 +16,14 @@ import torch
 from pyroem.em import History
 from pyroem.errors import DataError, FitFileError, PyroEMError
 from pyroem.estep.enumerate import score_mixture
+from pyroem.program.model import ProgramModel
 from pyroem.spec.families import Family
 from pyroem.spec.mixture import Mixture, MixtureParams, as_data
 
-__all__ = ["FitResult", "load"]
+__all__ = ["FitResult", "load", "mixture_fit_from_program", "save_program_fit"]
 
 _FORMAT = "pyroem-fit"
+_PROGRAM_FORMAT = "pyroem-program-fit"
 _FORMAT_VERSION = 1
 
 
@@ -268,12 +271,27 @@ class FitResult:
         return arrays, meta
 
 
-def load(path: str | os.PathLike[str]) -> FitResult:
-    """Read a fit written by :meth:`FitResult.save` (never unpickles).
+def load(
+    path: str | os.PathLike[str],
+    model: Callable[..., Any] | None = None,
+    *model_args: Any,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Any:
+    """Read a fit written by ``fit.save`` (never unpickles).
 
     The whole archive is checked before anything is built: every array present,
     of the saved dtype and of the shape the metadata implies (sizes bounded by the
     bytes actually stored), finite, and the parameters inside their supports.
+
+    Args:
+        path: the ``.npz`` file.
+        model: for the fit of a Pyro program, the program (code is not saved), run as
+            ``model(*model_args, **model_kwargs)``; unused for a ``Mixture``.
+
+    Returns:
+        A :class:`FitResult` for a ``Mixture`` fitted by any method (a
+        :class:`~pyroem.VariationalFit` for CAVI), a
+        :class:`~pyroem.ProgramFit` for a Pyro program.
 
     Raises:
         FitFileError: the file is missing, not a pyroem fit, damaged or inconsistent;
@@ -281,6 +299,8 @@ def load(path: str | os.PathLike[str]) -> FitResult:
     """
     where = os.fspath(path)
     arrays = _read_arrays(where)
+    if "meta" in arrays and _format_of(arrays["meta"]) == _PROGRAM_FORMAT:
+        return _load_program_fit(arrays, where, model, model_args, model_kwargs)
     meta = _read_meta(arrays, where)
     try:
         fields = _checked_fields(arrays, meta)
@@ -342,7 +362,19 @@ def _read_arrays(where: str) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _read_meta(arrays: dict[str, np.ndarray], where: str) -> dict[str, Any]:
+def _format_of(meta: np.ndarray) -> Any:
+    try:
+        return json.loads(str(meta)).get("format")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _read_meta(
+    arrays: dict[str, np.ndarray],
+    where: str,
+    form: str = _FORMAT,
+    expected: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The metadata, checked for every key :func:`load` reads and its type."""
     if "meta" not in arrays:
         raise FitFileError(f"{where!r} is not a pyroem fit (no metadata)")
@@ -350,19 +382,20 @@ def _read_meta(arrays: dict[str, np.ndarray], where: str) -> dict[str, Any]:
         meta = json.loads(str(arrays["meta"]))
     except ValueError as err:
         raise FitFileError(f"cannot read a pyroem fit from {where!r}: {err}") from err
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != form:
         raise FitFileError(f"{where!r} is not a pyroem fit")
-    expected: dict[str, Any] = {
-        "version": int,
-        "method": str,
-        "spec": dict,
-        "dim": int,
-        "dtype": str,
-        "converged": bool,
-        "num_iterations": int,
-        "objective": float,
-        "options": dict,
-    }
+    if expected is None:
+        expected = {
+            "version": int,
+            "method": str,
+            "spec": dict,
+            "dim": int,
+            "dtype": str,
+            "converged": bool,
+            "num_iterations": int,
+            "objective": float,
+            "options": dict,
+        }
     for key, kind in expected.items():
         value = meta.get(key)
         numeric = kind is float and isinstance(value, int | float) and not isinstance(value, bool)
@@ -376,7 +409,7 @@ def _read_meta(arrays: dict[str, np.ndarray], where: str) -> dict[str, Any]:
             f"{where!r} was written in pyroem fit format {meta['version']}; this version "
             f"reads format {_FORMAT_VERSION}"
         )
-    if meta["dtype"] not in ("float32", "float64"):
+    if meta.get("dtype", "float64") not in ("float32", "float64"):
         raise FitFileError(f"{where!r}: dtype must be float32 or float64; got {meta['dtype']!r}")
     runtime = meta.setdefault("runtime", math.nan)
     if not isinstance(runtime, int | float) and runtime is not None:
@@ -530,6 +563,186 @@ _TOP_LEVEL = (
     "restart_objectives",
     "shift",
 )
+
+
+def _plain_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options that JSON can hold; others (a guide, a callable) by their repr."""
+    plain = {}
+    for key, value in options.items():
+        try:
+            json.dumps(value)
+            plain[key] = value
+        except (TypeError, ValueError):
+            plain[key] = repr(value)
+    return plain
+
+
+def mixture_fit_from_program(
+    spec: Mixture, data: torch.Tensor, fit: Any, chunk_size: int
+) -> FitResult:
+    """The :class:`FitResult` of a ``Mixture`` fitted through its Pyro program (MCMC-EM,
+    NUTS, SVI): the program fit's parameters, history and draws, scored on ``data``.
+
+    Args:
+        spec: the mixture.
+        data: the training data ``(num_data, dim)``.
+        fit: the :class:`~pyroem.ProgramFit` of ``spec.model(data)``.
+        chunk_size: data rows per scoring chunk.
+    """
+    family = spec.bind(data)
+    params = fit.params
+    weights = params["weights"].to(dtype=data.dtype, device=data.device)
+    components = family.from_user(
+        {name: params[name] for name in family.params_type._fields}, spec.num_components, data
+    )
+    internal = MixtureParams(weights, components, torch.arange(spec.num_components))
+    pointwise, log_resp = score_mixture(family, internal, data, chunk_size)
+    return FitResult(
+        spec=spec,
+        family=family,
+        method=fit.method,
+        internal=internal,
+        history=fit.history,
+        converged=fit.converged,
+        num_iterations=fit.num_iterations,
+        pointwise_log_likelihood=pointwise,
+        labels=log_resp.argmax(-1),
+        objective=fit.log_joint(),
+        restart_objectives=list(fit.restart_objectives),
+        options=_plain_options({**fit.options, "chunk_size": chunk_size}),
+        draws=fit.draws,
+        sample_stats=fit.sample_stats,
+        data=data,
+    )
+
+
+def save_program_fit(fit: Any, path: str | os.PathLike[str]) -> None:
+    """Write a :class:`~pyroem.ProgramFit`: parameters, marginals, history, draws and
+    sample statistics as arrays, the rest as JSON (the program's code is not saved:
+    :func:`load` takes the program again)."""
+    arrays: dict[str, np.ndarray] = {
+        "restart_objectives": np.asarray(fit.restart_objectives, dtype=np.float64),
+    }
+    for name, value in fit.params.items():
+        arrays[f"params/{name}"] = value.detach().cpu().numpy()
+    for name, value in fit.marginals.items():
+        arrays[f"marginals/{name}"] = value.detach().cpu().numpy()
+    for name, value in fit.history._asdict().items():
+        arrays[f"history/{name}"] = np.asarray(value, dtype=np.float64)
+    for name, draws in (fit.draws or {}).items():
+        arrays[f"draws/{name}"] = draws.detach().cpu().numpy()
+    for name, stat in fit.sample_stats.items():
+        arrays[f"sample_stats/{name}"] = np.asarray(stat)
+    meta = {
+        "format": _PROGRAM_FORMAT,
+        "version": _FORMAT_VERSION,
+        "method": fit.method,
+        "program": fit.program.name,
+        "m_step_kinds": dict(fit.m_step_kinds),
+        "log_likelihood": fit.log_likelihood(),
+        "log_joint": fit.log_joint(),
+        "converged": fit.converged,
+        "num_iterations": fit.num_iterations,
+        "num_data": fit.num_data,
+        "options": _plain_options(fit.options),
+        "runtime": fit.runtime,
+    }
+    arrays["meta"] = np.array(json.dumps(meta))
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)  # type: ignore[arg-type]
+
+
+def _load_program_fit(
+    arrays: dict[str, np.ndarray],
+    where: str,
+    model: Callable[..., Any] | None,
+    model_args: tuple[Any, ...],
+    model_kwargs: dict[str, Any] | None,
+) -> Any:
+    """A :class:`~pyroem.ProgramFit` from its archive and the program, checked first."""
+    # Imported here: the program's result type builds on this module.
+    from pyroem.program.results import ProgramFit
+
+    expected = {
+        "version": int,
+        "method": str,
+        "program": str,
+        "m_step_kinds": dict,
+        "log_likelihood": float,
+        "log_joint": float,
+        "converged": bool,
+        "num_iterations": int,
+        "num_data": int,
+        "options": dict,
+    }
+    meta = _read_meta(arrays, where, _PROGRAM_FORMAT, expected)
+    if model is None:
+        raise FitFileError(
+            f"{where!r} holds a fit of the Pyro program {meta['program']}; its code is not "
+            f"saved: pass it, pyroem.load(path, {meta['program']}, *model_args)"
+        )
+    program = ProgramModel(model, model_args, model_kwargs)
+    try:
+        saved = sorted(k.removeprefix("params/") for k in arrays if k.startswith("params/"))
+        if saved != sorted(program.params):
+            raise FitFileError(
+                f"it holds parameters {saved}; the program given has {sorted(program.params)}"
+            )
+        values = {}
+        for name, site in program.params.items():
+            like = program.param_inits.get(name)
+            dtype = like.dtype if like is not None else torch.get_default_dtype()
+            value = torch.from_numpy(
+                _array(arrays, f"params/{name}", np.dtype(str(dtype).removeprefix("torch.")))
+            )
+            if value.shape != site.shape or not bool(site.constraint.check(value).all()):
+                raise FitFileError(
+                    f"parameter {name!r} (shape {tuple(value.shape)}) does not fit the "
+                    f"program's site (shape {tuple(site.shape)}, support {site.constraint})"
+                )
+            values[name] = value
+        marginals = {
+            k.removeprefix("marginals/"): torch.from_numpy(_array(arrays, k, arrays[k].dtype))
+            for k in arrays
+            if k.startswith("marginals/")
+        }
+        history = [
+            _array(arrays, f"history/{name}", np.float64, ndim=1, finite=False)
+            for name in History._fields
+        ]
+        if len({len(entry) for entry in history}) != 1:
+            raise FitFileError("its history arrays differ in length")
+        restarts = _array(arrays, "restart_objectives", np.float64, ndim=1, finite=False)
+        draws = {
+            k.removeprefix("draws/"): torch.from_numpy(_array(arrays, k, arrays[k].dtype))
+            for k in arrays
+            if k.startswith("draws/")
+        }
+    except FitFileError as err:
+        raise FitFileError(f"{where!r} is not a valid pyroem fit: {err}") from None
+    result = ProgramFit(
+        program=program,
+        method=meta["method"],
+        values=values,
+        m_step_kinds=meta["m_step_kinds"],
+        marginals=marginals,
+        log_likelihood=float(meta["log_likelihood"]),
+        log_joint=float(meta["log_joint"]),
+        history=History(*history),
+        converged=meta["converged"],
+        num_iterations=meta["num_iterations"],
+        num_data=meta["num_data"],
+        restart_objectives=restarts.tolist(),
+        options=meta["options"],
+        draws=draws or None,
+        sample_stats={
+            k.removeprefix("sample_stats/"): arrays[k]
+            for k in arrays
+            if k.startswith("sample_stats/")
+        },
+    )
+    result.runtime = float(meta["runtime"])
+    return result
 
 
 def _format_array(value: torch.Tensor) -> str:

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 import torch.distributions as td
@@ -25,6 +27,7 @@ from sklearn.mixture import GaussianMixture
 
 import pyroem
 from pyroem.datasets import load_faithful, load_iris
+from pyroem.initialization import initial_params, kmeans_plusplus
 
 COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
 
@@ -574,3 +577,132 @@ def test_a_valid_rewrite_still_loads(tmp_path: Path) -> None:
     path, fit = _saved_fit(tmp_path)
     loaded = pyroem.load(_rewrite(path, lambda arrays, meta: None))
     torch.testing.assert_close(loaded.params["means"], fit.params["means"], rtol=0, atol=0)
+
+
+# ----- every method's fit saves ----------------------------------------------------------
+
+SAMPLER_OPTIONS = {
+    "mcmc-em": {"max_iter": 2, "num_samples": 20},
+    "nuts": {"num_samples": 20, "warmup_steps": 20, "num_chains": 1},
+}
+
+
+@pytest.mark.parametrize("method", ["mcmc-em", "nuts"])
+def test_sampler_fits_of_a_mixture_save_and_load(method: str, tmp_path: Path) -> None:
+    """The loaded fit has the sampler's parameters and draws bit for bit, and predicts
+    as mixture densities built from those parameters with torch.distributions."""
+    spec = pyroem.Mixture(2)
+    data, _ = spec.simulate(40, seed=1, dim=2)
+    new, _ = spec.simulate(15, seed=2, dim=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = pyroem.fit(spec, data, method=method, seed=0, **SAMPLER_OPTIONS[method])
+    path = tmp_path / "fit.npz"
+    fit.save(path)
+    loaded = pyroem.load(path)
+    assert isinstance(loaded, pyroem.FitResult) and loaded.method == method
+    for name, value in fit.params.items():
+        assert torch.equal(loaded.params[name], value)
+    for name, value in (fit.draws or {}).items():
+        assert loaded.draws is not None and torch.equal(loaded.draws[name], value)
+    assert loaded.history.objective.tolist() == fit.history.objective.tolist()
+    params = fit.params
+    log_prob = _component_distribution("gaussian", "full", params).log_prob(new[:, None, :])
+    joint = params["weights"].log() + log_prob
+    assert torch.equal(loaded.predict(new), joint.argmax(-1))
+    torch.testing.assert_close(loaded.score_samples(new), torch.logsumexp(joint, -1))
+
+
+def _location_scale(x: torch.Tensor) -> None:
+    loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+    scale = pyro.param("scale", torch.tensor(1.0), constraint=dist.constraints.positive)
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(loc, scale), obs=x)
+
+
+def _other_program(x: torch.Tensor) -> None:
+    loc = pyro.sample("mean", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+
+def test_program_fits_save_and_load_given_the_program(tmp_path: Path) -> None:
+    """Parameters, history and scores come back exactly; the MAP of this conjugate
+    model is the closed form (loc = Σx / (N + 1/100), scale = the RMS about it)."""
+    torch.set_default_dtype(torch.float64)
+    x = torch.linspace(-1.0, 3.0, 20)
+    fit = pyroem.fit(_location_scale, x, seed=0, tol=1e-12)
+    path = tmp_path / "program.npz"
+    fit.save(path)
+    with pytest.raises(pyroem.FitFileError, match=r"program _location_scale.*pass it"):
+        pyroem.load(path)
+    with pytest.raises(pyroem.FitFileError, match=r"holds parameters \['loc', 'scale'\]"):
+        pyroem.load(path, _other_program, x)
+    loaded = pyroem.load(path, _location_scale, x)
+    assert isinstance(loaded, pyroem.ProgramFit) and loaded.method == "map-em"
+    for name, value in fit.params.items():
+        assert torch.equal(loaded.params[name], value)
+    assert loaded.history.objective.tolist() == fit.history.objective.tolist()
+    assert loaded.log_joint() == fit.log_joint() and loaded.bic() == fit.bic()
+    scale = float(loaded.params["scale"])
+    loc = float(x.sum()) / (len(x) + scale**2 / 100)
+    assert float(loaded.params["loc"]) == pytest.approx(loc, rel=1e-6)
+    assert scale == pytest.approx(float((x - loc).square().mean().sqrt()), rel=1e-6)
+
+
+# ----- a seeded fit leaves the global random state alone -----------------------------------
+
+
+def _two_groups(x: torch.Tensor) -> None:
+    p = pyro.sample("p", dist.Beta(2.0, 2.0))
+    locs = pyro.sample("locs", dist.Normal(0.0, 10.0).expand([2]).to_event(1))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Bernoulli(p))
+        pyro.sample("x", dist.Normal(locs[..., z.long()], 1.0), obs=x)
+
+
+SEEDED_OPTIONS = {
+    "map-em": {"max_iter": 3},
+    "vb-em": {"max_iter": 3},
+    "mcmc-em": {"max_iter": 1, "num_samples": 8, "final_draws": 8},
+    "nuts": {"num_samples": 5, "warmup_steps": 5, "num_chains": 1},
+}
+
+
+@pytest.mark.parametrize("target", ["program", "mixture"])
+@pytest.mark.parametrize("method", list(SEEDED_OPTIONS))
+def test_a_seeded_fit_leaves_the_global_torch_rng_as_it_was(method: str, target: str) -> None:
+    torch.set_default_dtype(torch.float64)
+    x = torch.cat([torch.randn(10) - 2, torch.randn(10) + 2])
+    model: Any = _two_groups if target == "program" else pyroem.Mixture(2)
+    data = x if target == "program" else x.reshape(-1, 2)
+    state = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pyroem.fit(model, data, method=method, seed=0, **SEEDED_OPTIONS[method])
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 7, 65536])
+def test_the_chunked_kmeans_plusplus_start_is_the_brute_force_one(chunk_size: int) -> None:
+    """Seeding, nearest-centre labels and the start's weights (label counts / N) by
+    chunks of 4 or 7 rows equal a NumPy brute force over all rows at once."""
+    spec = pyroem.Mixture(3)
+    data, _ = spec.simulate(50, seed=3, dim=2)
+    family = spec.bind(data)
+    rows = kmeans_plusplus(data, 3, torch.Generator().manual_seed(4), chunk_size)
+    points = data.numpy()
+    chosen = [int(rows[0])]
+    for row in rows[1:].tolist():
+        nearest = ((points[:, None, :] - points[chosen][None]) ** 2).sum(-1).min(1)
+        assert nearest[row] > 0  # drawn in proportion to the distance: never a chosen row
+        chosen.append(row)
+    labels = ((points[:, None, :] - points[chosen][None]) ** 2).sum(-1).argmin(1)
+    start = initial_params(
+        spec, family, data, "kmeans++", torch.Generator().manual_seed(4), chunk_size
+    )
+    counts = np.bincount(labels, minlength=3)
+    np.testing.assert_allclose(start.weights.numpy(), counts / counts.sum(), rtol=1e-12)
+    whole = initial_params(spec, family, data, "kmeans++", torch.Generator().manual_seed(4))
+    for name, value in whole.components._asdict().items():
+        torch.testing.assert_close(getattr(start.components, name), value, rtol=1e-12, atol=0)

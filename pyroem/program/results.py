@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch.distributions import biject_to, constraints
 
 from pyroem.em import History
 from pyroem.program.model import ProgramModel
+from pyroem.results import FitResult, save_program_fit
 
 __all__ = ["ProgramFit"]
 
@@ -77,6 +79,9 @@ class ProgramFit:
         self.draws = draws
         self.sample_stats = dict(sample_stats or {})
         self.runtime = math.nan
+        # Set by pyroem.fit when the program is a Mixture's: the same fit as a
+        # FitResult (predictions, scores, and what save writes).
+        self.mixture_fit: FitResult | None = None
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
@@ -112,6 +117,21 @@ class ProgramFit:
     def aic(self) -> float:
         """``−2 log L + 2p``; lower is better."""
         return -2 * self._log_likelihood + 2 * self.num_parameters
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the fit to ``path`` (a ``.npz`` archive of arrays plus JSON metadata).
+
+        A ``Mixture`` fitted by any method is saved as its :class:`~pyroem.FitResult`,
+        which :func:`pyroem.load` restores with predictions; for any other program the
+        parameters, marginals, history, draws and sample statistics are saved, and
+        ``pyroem.load(path, model, *model_args)`` rebuilds the fit given the program.
+        Nothing is pickled.
+        """
+        if self.mixture_fit is not None:
+            self.mixture_fit.runtime = self.runtime
+            self.mixture_fit.save(path)
+        else:
+            save_program_fit(self, path)
 
     def to_arviz(self, **options: Any) -> Any:
         """The fit as ``arviz.InferenceData`` (options: see :func:`pyroem.diagnostics.to_arviz`)."""

@@ -134,7 +134,12 @@ class LatentProgram(ProgramModel):
     def _latent_shapes(self) -> tuple[dict[str, LatentSite], dict[str, torch.Size]]:
         """The continuous latents, and the value shape of each discrete latent, from one
         run with prior draws of them."""
-        with pyro.get_param_store().scope(), poutine.block(), pyro.validation_enabled(False):
+        with (
+            torch.random.fork_rng(),
+            pyro.get_param_store().scope(),
+            poutine.block(),
+            pyro.validation_enabled(False),
+        ):
             trace = poutine.trace(self.model).get_trace(*self.model_args, **self.model_kwargs)
         for name in self.enumerated:
             if trace.nodes[name]["fn"].event_dim:

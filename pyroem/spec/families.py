@@ -79,7 +79,8 @@ def _check_symmetric(matrices: torch.Tensor, what: str) -> None:
     """Raise :class:`SpecError` if ``(..., D, D)`` matrices are not symmetric (to rounding)."""
     gap = (matrices - matrices.transpose(-1, -2)).abs().amax()
     scale = matrices.abs().amax().clamp(min=torch.finfo(matrices.dtype).tiny)
-    if not bool(gap <= 64 * torch.finfo(matrices.dtype).eps * scale):
+    # sqrt(eps): far above the rounding of a computed covariance, far below a typo.
+    if not bool(gap <= math.sqrt(torch.finfo(matrices.dtype).eps) * scale):
         raise SpecError(
             f"{what} must be symmetric (a covariance matrix); the largest |A - A.T| is "
             f"{float(gap):.3g}; pass (A + A.T) / 2 or a valid covariance"
