@@ -6,7 +6,8 @@ Run it from the repository root (with pyroem installed)::
 
 It shows, for the Old Faithful geyser:
 
-1. the declarative spec, ``pyroem.Mixture(2, "gaussian", covariance_type="full")``;
+1. the declarative spec, ``pyroem.Mixture(2, "gaussian", covariance_type="full",
+   prior="mclust")``;
 2. the same model written out by hand as a plain Pyro program
    (:func:`gaussian_mixture_model`), which you can copy and edit;
 3. the MAP-EM fit, and a check that the hand-written program's log joint
@@ -35,8 +36,8 @@ from pyroem.datasets import load_faithful, load_iris
 COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
 
 
-def default_prior(data: torch.Tensor, num_components: int) -> dict[str, Any]:
-    """The weak data-scaled Normal-Inverse-Wishart prior ``prior="default"`` stands for.
+def mclust_prior(data: torch.Tensor, num_components: int) -> dict[str, Any]:
+    """The data-scaled Normal-Inverse-Wishart prior ``prior="mclust"`` stands for.
 
     Fraley & Raftery (2007): prior mean at the data mean with ``mean_precision = 0.01``
     pseudo-observations, ``dof = dim + 2`` and ``scale`` the data covariance divided by
@@ -119,12 +120,12 @@ def fit_faithful() -> dict[str, float]:
     """Fit two full-covariance Gaussians to Old Faithful and check the Pyro program."""
     faithful = load_faithful()
     data = faithful.data
-    spec = pyroem.Mixture(2, "gaussian", covariance_type="full")
+    spec = pyroem.Mixture(2, "gaussian", covariance_type="full", prior="mclust")
     print("Declarative spec:", spec)
     fit = pyroem.fit(spec, data, n_init=5, seed=0)
     print(fit.summary())
 
-    hand_written = log_joint(gaussian_mixture_model, fit.params, data, 2, **default_prior(data, 2))
+    hand_written = log_joint(gaussian_mixture_model, fit.params, data, 2, **mclust_prior(data, 2))
     print(
         f"\nHand-written Pyro program, log joint at the fitted parameters: {hand_written:.10f}\n"
         f"pyroem fit.log_joint():                                     {fit.log_joint():.10f}\n"

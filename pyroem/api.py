@@ -177,7 +177,8 @@ def fit(
 
     .. math:: \log p(x, θ) = \sum_n \log \sum_k π_k\, p(x_n | θ_k) + \log p(π) + \log p(θ)
 
-    and it never decreases from one iteration to the next.
+    and it never decreases from one iteration to the next, except at an iteration that
+    removes a collapsed component (``fit.removed_components``): that changes the model.
     """
     torch_dtype = _check_options(method, n_init, tol, max_iter, chunk_size, dtype)
     seed = _check_seed(seed)
@@ -391,6 +392,8 @@ def _fit_other(
     guide is asked for); otherwise the engine runs on the Pyro program (for a
     ``Mixture``, ``spec.model(data)``, started from the ``Mixture``'s initialisation)."""
     if isinstance(model, Mixture):
+        # These methods need a proper posterior: prior="default" means mclust's there.
+        model = model.with_proper_prior()
         if model_kwargs:
             raise SpecError("model_kwargs is for Pyro programs; a Mixture takes only the data")
         if len(model_args) != 1:

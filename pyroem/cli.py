@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     shared.add_argument(
         "--prior",
         default="default",
-        choices=("default", "none"),
-        help="'default': weak data-scaled conjugate prior; 'none': maximum likelihood",
+        choices=("default", "mclust", "none"),
+        help="'default': weak prior that only prevents collapse; 'mclust': Fraley-Raftery "
+        "(gaussian); 'none': maximum likelihood",
     )
     shared.add_argument(
         "--weights-prior",
@@ -290,7 +291,7 @@ def _spec(args: argparse.Namespace, num_components: int) -> Mixture:
         args.family,
         covariance_type=args.covariance_type,
         weights_prior=args.weights_prior,
-        prior=None if args.prior == "none" else "default",
+        prior=None if args.prior == "none" else args.prior,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributions as td
 
@@ -17,10 +18,46 @@ import pyroem
 DTYPE = torch.float64
 
 
+def weak_gaussian_prior(
+    covariance_type: str, data: torch.Tensor, num_components: int
+) -> dict[str, Any]:
+    """``NormalInverseWishart.weak()`` (``prior="default"``) resolved as documented.
+
+    r: each column's median gap between distinct sorted values; the covariance prior
+    (``dof = D + 2``) is weighted to be worth 0.1 observations of variance r², and the
+    means' prior at the data mean worth ``0.01·min_d (r_d / range_d)²`` observations.
+    """
+    dim = data.shape[1]
+    values = data.numpy()
+    gaps = [np.diff(np.unique(column)) for column in values.T]
+    resolution = np.array([np.median(gap[gap > 0]) for gap in gaps])
+    spread = values.max(0) - values.min(0)
+    dof = dim + 2.0
+    # ν plus the powers of |Σ| of the Inverse-Wishart and the means' prior.
+    pseudo = {
+        "full": dof + dim + 2,
+        "diag": dof + 3,
+        "spherical": (dof + 2 + dim) / dim,
+        "tied": dof + dim + 1 + num_components,
+    }[covariance_type]
+    weight = 0.1 / pseudo
+    return {
+        "mean": data.mean(0),
+        "kappa": 0.01 * float(np.min((resolution / spread) ** 2)) / weight,
+        "dof": dof,
+        "scale": torch.diag(torch.as_tensor(resolution**2, dtype=data.dtype)) * 0.1 / weight,
+        "weight": weight,
+    }
+
+
 def log_prior(
     family: str, covariance_type: str | None, prior: dict[str, Any], params: dict[str, Any]
 ) -> torch.Tensor:
     """``log p(θ)`` of the components as the documentation declares it, from torch densities."""
+    if family == "gaussian" and prior.get("weight", 1.0) != 1.0:
+        # A weighted prior: its log density counts ``weight`` times.
+        unweighted = {**prior, "weight": 1.0}
+        return prior["weight"] * log_prior(family, covariance_type, unweighted, params)
     if family == "gaussian":
         means, covariances = params["means"], params["covariances"]
         kappa, dof, scale = prior["kappa"], prior["dof"], prior["scale"]

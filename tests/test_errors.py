@@ -173,7 +173,7 @@ def test_more_components_than_data_points() -> None:
         ),
         (
             lambda: pyroem.Mixture(2, prior="flat"),
-            r"prior must be 'default', None or a prior object; got 'flat'",
+            r"prior must be 'default', 'mclust', None or a NormalInverseWishart; got 'flat'",
         ),
         (
             lambda: pyroem.Mixture(2, "poisson", prior=pyroem.Beta()),
@@ -497,12 +497,14 @@ def test_collinear_data_without_prior_are_singular(num_components: int) -> None:
         pyroem.fit(spec, LINE, seed=0)
 
 
-def test_collinear_data_have_no_default_prior() -> None:
-    """The default scale is the data covariance, singular for collinear columns."""
-    with pytest.raises(SpecError, match=r"collinear data columns make the default scale singular"):
-        pyroem.fit(pyroem.Mixture(1), LINE)
+def test_collinear_data_have_no_mclust_prior() -> None:
+    """mclust's scale is the data covariance, singular for collinear columns."""
+    with pytest.raises(SpecError, match=r"collinear data columns make the mclust scale singular"):
+        pyroem.fit(pyroem.Mixture(1, prior="mclust"), LINE)
     with pytest.raises(SpecError, match=r"constant or collinear"):
-        pyroem.fit(pyroem.Mixture(1), torch.stack([torch.arange(5.0), torch.ones(5)], 1))
+        pyroem.fit(
+            pyroem.Mixture(1, prior="mclust"), torch.stack([torch.arange(5.0), torch.ones(5)], 1)
+        )
 
 
 def test_collinear_data_fit_with_an_explicit_prior_scale() -> None:

@@ -87,12 +87,12 @@ def test_fitted_poisson_mixture_is_a_local_maximum_of_the_hand_written_program()
 
 
 def test_hand_written_gaussian_program_detects_a_wrong_prior() -> None:
-    """The check can fail: a hand-written prior that differs from the default by a
+    """The check can fail: a hand-written prior that differs from mclust's by a
     little changes the log joint by far more than the tolerance."""
     namespace = _load("gmm.py")
     data = pyroem.datasets.load_faithful().data
-    fit = pyroem.fit(pyroem.Mixture(2, "gaussian"), data, seed=0)
-    hyper = namespace["default_prior"](data, 2)
+    fit = pyroem.fit(pyroem.Mixture(2, "gaussian", prior="mclust"), data, seed=0)
+    hyper = namespace["mclust_prior"](data, 2)
     log_joint, model = namespace["log_joint"], namespace["gaussian_mixture_model"]
     right = log_joint(model, fit.params, data, 2, **hyper)
     assert right == pytest.approx(fit.log_joint(), rel=1e-9, abs=0)

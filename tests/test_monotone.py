@@ -18,7 +18,7 @@ import torch
 import torch.distributions as td
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
-from reference_densities import component_log_prob
+from reference_densities import component_log_prob, weak_gaussian_prior
 from reference_densities import log_prior as reference_log_prior
 
 import pyroem
@@ -130,17 +130,14 @@ def test_objective_never_decreases(
 # ----- the tight bound: objective = log-likelihood + log prior at every θ_t -------
 
 
-def _default_prior(family: str, data: torch.Tensor, num_components: int) -> dict[str, Any]:
+def _default_prior(
+    family: str, covariance_type: str | None, data: torch.Tensor, num_components: int
+) -> dict[str, Any]:
     """Each family's default prior, resolved as its documentation states."""
-    dim = data.shape[1]
     mean = data.mean(0)
     if family == "gaussian":
-        return {
-            "mean": mean,
-            "kappa": 0.01,
-            "dof": dim + 2.0,
-            "scale": torch.atleast_2d(torch.cov(data.T)) / num_components ** (2 / dim),
-        }
+        assert covariance_type is not None
+        return weak_gaussian_prior(covariance_type, data, num_components)
     if family == "poisson":
         return {"concentration": 1 + 0.1 * mean, "rate": torch.full_like(mean, 0.1)}
     if family == "exponential":
@@ -169,7 +166,7 @@ def test_bound_is_tight_after_each_e_step(case: str) -> None:
         num_components, family=family, covariance_type=covariance_type, weights_prior=alpha
     )
     data, _ = spec.simulate(90, seed=5, dim=2)
-    prior = _default_prior(family, data, num_components)
+    prior = _default_prior(family, covariance_type, data, num_components)
 
     def run(max_iter: int) -> pyroem.FitResult:
         with warnings.catch_warnings():

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributions as td
-from reference_densities import component_log_prob, log_prior
+from reference_densities import component_log_prob, log_prior, weak_gaussian_prior
 from scipy.optimize import minimize
 
 import pyroem
@@ -95,13 +95,18 @@ def _responsibilities(generator: torch.Generator) -> torch.Tensor:
 # ----- the reference prior (defaults resolved from the documentation) -----------
 
 
-def _reference_prior(family: str, prior: Any, data: torch.Tensor) -> dict[str, Any] | None:
+def _reference_prior(
+    family: str, prior: Any, data: torch.Tensor, covariance_type: str | None = None
+) -> dict[str, Any] | None:
     """The prior's numbers: explicit ones as given, defaults as documented."""
     if prior is None:
         return None
     mean = data.mean(0)
+    if family == "gaussian" and prior == "default":
+        assert covariance_type is not None
+        return weak_gaussian_prior(covariance_type, data, NUM_COMPONENTS)
     if family == "gaussian":
-        niw = pyroem.NormalInverseWishart() if prior == "default" else prior
+        niw = pyroem.NormalInverseWishart() if prior == "mclust" else prior
         if niw.scale is None:
             scale = torch.cov(data.T) / NUM_COMPONENTS ** (2 / DIM)
         else:
@@ -253,11 +258,11 @@ def _closed_form(
 
 
 def _check_optimum(case: str, prior: Any, weights_prior: Any, seed: int) -> None:
-    family, _ = CASES[case]
+    family, covariance_type = CASES[case]
     generator = torch.Generator().manual_seed(seed)
     data = _data(family, generator)
     resp = _responsibilities(generator)
-    reference_prior = _reference_prior(family, prior, data)
+    reference_prior = _reference_prior(family, prior, data, covariance_type)
     alpha = torch.as_tensor(weights_prior, dtype=DTYPE).expand(NUM_COMPONENTS)
 
     def objective(params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -280,9 +285,14 @@ def test_closed_form_is_the_optimum(case: str, prior_kind: str) -> None:
     _check_optimum(case, prior, WEIGHTS_PRIOR, seed=1)
 
 
+@pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical", "tied"])
+def test_closed_form_is_the_optimum_under_the_mclust_prior(covariance_type: str) -> None:
+    _check_optimum(f"gaussian-{covariance_type}", "mclust", WEIGHTS_PRIOR, seed=1)
+
+
 @pytest.mark.parametrize("weights_prior", [0.6, 1.0, 2.5])
 def test_weights_mode_for_scalar_weights_prior(weights_prior: float) -> None:
-    _check_optimum("gaussian-diag", "default", weights_prior, seed=2)
+    _check_optimum("gaussian-diag", "mclust", weights_prior, seed=2)
 
 
 @pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical", "tied"])

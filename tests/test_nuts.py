@@ -191,7 +191,8 @@ def test_mixture_posterior_agrees_with_map_em():
     three posterior standard deviations of the MAP-EM estimate (the posterior
     concentrates around the mode; mean and mode differ by O(1/N)), and the chains mix
     (R-hat < 1.01)."""
-    spec = pyroem.Mixture(2, "gaussian", covariance_type="spherical")
+    # The same (proper) prior for both methods: NUTS's default is mclust's.
+    spec = pyroem.Mixture(2, "gaussian", covariance_type="spherical", prior="mclust")
     truth = {"weights": [0.45, 0.55], "means": [[-4.0], [4.0]], "covariances": [1.0, 1.5]}
     data, _ = spec.simulate(300, seed=7, params=truth)
     map_fit = pyroem.fit(spec, data, seed=0)

@@ -154,7 +154,7 @@ def test_vb_em_round_trip_keeps_the_variational_factors(case: str, tmp_path: Pat
 
 def test_round_trip_of_float32_and_collapsed_components(tmp_path: Path) -> None:
     data, _ = pyroem.Mixture(2).simulate(200, seed=3)
-    spec = pyroem.Mixture(5, weights_prior=0.3)
+    spec = pyroem.Mixture(5, weights_prior=0.3, prior="mclust")
     with pytest.warns(pyroem.CollapsedComponentWarning, match=r"collapsed"):
         original = pyroem.fit(spec, data, seed=0, dtype="float32")
     assert original.removed_components, "the case should remove a component"

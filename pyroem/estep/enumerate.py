@@ -78,8 +78,11 @@ class MixtureEStep:
         finfo = torch.finfo(log_weights.dtype)
         # exp() of arguments that underflow takes a slow path on CPU (and subnormal
         # responsibilities slow the statistics), so a responsibility below e^cutoff times
-        # the row's largest (tiny·e⁸, about 7e-305 in float64) is set to exactly zero.
-        cutoff = math.log(finfo.tiny) + 8
+        # the row's largest is set to exactly zero. The cutoff is float32's (tiny·e⁸,
+        # about 3.5e-35) in every wider dtype too: which components no datum reaches, and
+        # so which are removed, must not depend on the dtype (the terms dropped change
+        # a log-likelihood by under 1e-34 relative).
+        cutoff = max(math.log(finfo.tiny), math.log(torch.finfo(torch.float32).tiny)) + 8
         for chunk in self.chunks:
             # logsumexp and the normalised exponentials in one pass, in place: exp once.
             joint = log_prob(chunk) + log_weights

@@ -25,7 +25,8 @@ def mixture_m_step(
     is unbounded; it is removed, with a :class:`CollapsedComponentWarning`, and the
     fit goes on with the remaining components. Components: the family's conjugate
     mode from the same statistics. With ``α_k = 1`` the same happens to a component
-    that no data reaches at all (``N_k = 0``).
+    that no data reaches at all (``N_k = 0``). A removal changes the model, so the
+    objective is monotone between removals, not across one.
 
     Args:
         family: the bound family.

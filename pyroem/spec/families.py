@@ -145,9 +145,7 @@ class Family(ABC):
 
     def __init__(self, prior: Any = "default") -> None:
         if isinstance(prior, str):
-            if prior != "default":
-                raise SpecError(f"prior must be 'default', None or a prior object; got {prior!r}")
-            prior = self.prior_type()
+            prior = self._named_prior(prior)
         if prior is not None and not isinstance(prior, self.prior_type):
             raise SpecError(
                 f"the {self.name} family takes a {self.prior_type.__name__} prior; "
@@ -157,6 +155,17 @@ class Family(ABC):
         self.shift: torch.Tensor | None = None
         self.dim: int | None = None
         self.resolved: Any = None
+
+    def _named_prior(self, name: str) -> Any:
+        """The prior called ``name`` (``"default"``: the family's weak default)."""
+        if name != "default":
+            raise SpecError(f"prior must be 'default', None or a prior object; got {name!r}")
+        return self.prior_type()
+
+    def proper_default(self) -> Family:
+        """This family, with a proper prior where its default is improper (the methods
+        that need a normalised posterior, vb-em and NUTS, use this)."""
+        return self
 
     # ----- declaration -------------------------------------------------
     def __repr__(self) -> str:
@@ -345,11 +354,33 @@ class GaussianStats(NamedTuple):
         return GaussianStats(counts, self.sum_x + other.sum_x, scatter)
 
 
+def _resolution(data: torch.Tensor) -> torch.Tensor:
+    """Each column's resolution ``(D,)``: the median gap between its distinct sorted values.
+
+    It is at least ``64·eps·|x|max·√(20(N+1))``, which keeps the prior's share of a
+    variance, ``0.1·r²/(N_k + 0.1)``, twice above the collapse test of
+    :meth:`Gaussian._check_variances` (a constant column has no gap and gets this floor).
+    """
+    finfo = torch.finfo(data.dtype)
+    num = data.shape[0]
+    magnitude = data.abs().amax(0)
+    magnitude = torch.where(magnitude > 0, magnitude, torch.ones_like(magnitude))
+    floor = 64 * finfo.eps * math.sqrt(20 * (num + 1)) * magnitude
+    out = floor.clone()
+    for column in range(data.shape[1]):
+        gaps = torch.diff(torch.sort(data[:, column]).values)
+        gaps = gaps[gaps > 0]
+        if gaps.numel() > 0:
+            out[column] = torch.maximum(gaps.median(), floor[column])
+    return out
+
+
 class ResolvedNIW(NamedTuple):
     mean: torch.Tensor  # (D,)
     mean_precision: float
     dof: float
     scale: torch.Tensor  # (D, D)
+    weight: float = 1.0
 
 
 class Gaussian(Family):
@@ -378,6 +409,31 @@ class Gaussian(Family):
 
     def __repr__(self) -> str:
         return f"Gaussian(covariance_type={self.covariance_type!r}, prior={self.prior!r})"
+
+    def _named_prior(self, name: str) -> Any:
+        if name == "default":
+            return NormalInverseWishart.weak()
+        if name == "mclust":
+            return NormalInverseWishart()
+        raise SpecError(
+            f"prior must be 'default', 'mclust', None or a NormalInverseWishart; got {name!r}"
+        )
+
+    def proper_default(self) -> Family:
+        """With ``prior="default"`` (flat on the means, weight below any proper prior),
+        a copy with mclust's proper prior; otherwise this family."""
+        prior = self.prior
+        weak = (
+            isinstance(prior, NormalInverseWishart)
+            and isinstance(prior.scale, str)
+            and prior.mean_precision is None
+            and prior.weight is None
+        )
+        if not weak or self.is_bound:
+            return self
+        twin = copy.copy(self)
+        twin.prior = NormalInverseWishart()
+        return twin
 
     def to_config(self) -> dict[str, Any]:
         return {**super().to_config(), "covariance_type": self.covariance_type}
@@ -427,15 +483,44 @@ class Gaussian(Family):
         prior: NormalInverseWishart = self.prior
         dim = data.shape[1]
         mean = data.mean(0) if prior.mean is None else _per_dim(prior.mean, data, dim, "prior mean")
-        kappa = float(prior.mean_precision)
+        kappa = 1.0 if prior.mean_precision is None else float(prior.mean_precision)
         if not kappa >= 0:
             raise SpecError(f"prior mean_precision must be >= 0; got {prior.mean_precision}")
         dof = float(dim + 2 if prior.dof is None else prior.dof)
         if not dof > dim - 1:
             raise SpecError(f"prior dof must exceed dim - 1 = {dim - 1}; got {dof}")
-        if prior.scale is None:
+        # The prior's pseudo-counts on each covariance: ν plus the powers of |Σ| that the
+        # Inverse-Wishart and the mean priors add (see m_step's denominators).
+        has_mean = float(kappa > 0)
+        pseudo = {
+            "full": dof + dim + 1 + has_mean,
+            "diag": dof + 2 + has_mean,
+            "spherical": (dof + 2 + dim * has_mean) / dim,
+            "tied": dof + dim + 1 + num_components * has_mean,
+        }[self.covariance_type]
+        if prior.weight is None:
+            weight = 0.1 / pseudo
+        else:
+            weight = float(prior.weight)
+            if not (math.isfinite(weight) and weight > 0):
+                raise SpecError(f"prior weight must be positive and finite; got {prior.weight!r}")
+        if prior.mean_precision is None:
+            # Worth 0.01·(resolution / range)² observations of the mean: enough to give a
+            # component without data the data mean, too little to move any other.
+            spread = data.amax(0) - data.amin(0)
+            ratios = (_resolution(data) / spread)[spread > 0]
+            share = float(ratios.square().min()) if ratios.numel() > 0 else 1.0
+            kappa = 0.01 * min(share, 1.0) / weight
+        if isinstance(prior.scale, str):
+            if prior.scale != "resolution":
+                raise SpecError(
+                    f"prior scale must be a number, an array or 'resolution'; got {prior.scale!r}"
+                )
+            # Worth 0.1 observations of variance resolution² per column: τΨ = 0.1·diag(r²).
+            scale = torch.diag(_resolution(data).square()) * (0.1 / weight)
+        elif prior.scale is None:
             if data.shape[0] < 2:
-                raise SpecError("the default prior scale needs two data points; pass scale=")
+                raise SpecError("the mclust prior scale needs two data points; pass scale=")
             empirical = torch.atleast_2d(torch.cov(data.T))
             scale = empirical / num_components ** (2.0 / dim)
         else:
@@ -455,9 +540,9 @@ class Gaussian(Family):
         if bool(_cholesky_and_singular(scale)[1]):
             raise SpecError(
                 "prior scale must be positive definite (constant or collinear data columns make "
-                "the default scale singular: drop them or pass scale=)"
+                "the mclust scale singular: drop them, pass scale=, or use prior='default')"
             )
-        return ResolvedNIW(mean, kappa, dof, scale)
+        return ResolvedNIW(mean, kappa, dof, scale, weight)
 
     # ----- kernels ------------------------------------------------------
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -533,34 +618,39 @@ class Gaussian(Family):
         dim = self._require_bound()
         prior: ResolvedNIW | None = self.resolved
         counts = stats.counts
-        kappa = 0.0 if prior is None else prior.mean_precision
+        # A prior of weight τ (log density times τ) is the prior with scale τΨ, mean
+        # precision τκ and τ times the pseudo-counts (ν plus the |Σ| powers).
+        weight = 1.0 if prior is None else prior.weight
+        kappa = 0.0 if prior is None else weight * prior.mean_precision
         prior_mean = None if prior is None else prior.mean - self._center
         means = normal_mean_mode(stats.sum_x, counts, prior_mean, kappa)
         has_mean_prior = prior is not None and kappa > 0
         deviation = means - prior_mean if has_mean_prior and prior_mean is not None else None
         sample_means = weighted_mean(stats.sum_x, counts)
         scatter = scatter_about(stats.scatter, sample_means - means, counts)
+        scale = None if prior is None else weight * prior.scale
 
         if self.covariance_type in ("diag", "spherical"):
             if self.covariance_type == "diag":
-                if prior is None:
+                if prior is None or scale is None:
                     covariances = scatter / counts[:, None]
                 else:
-                    numer = scatter + torch.diagonal(prior.scale)
+                    numer = scatter + torch.diagonal(scale)
                     if deviation is not None:
                         numer = numer + kappa * deviation.square()
-                    covariances = numer / (counts[:, None] + prior.dof + 2 + has_mean_prior)
+                    pseudo = weight * (prior.dof + 2 + has_mean_prior)
+                    covariances = numer / (counts[:, None] + pseudo)
                 self._check_variances(covariances, self._magnitude(stats), counts)
             else:
                 total = scatter.sum(-1)
-                if prior is None:
+                if prior is None or scale is None:
                     covariances = total / (counts * dim)
                 else:
-                    numer = total + torch.diagonal(prior.scale).mean()
+                    numer = total + torch.diagonal(scale).mean()
                     if deviation is not None:
                         numer = numer + kappa * deviation.square().sum(-1)
-                    denom = counts * dim + prior.dof + 2 + dim * has_mean_prior
-                    covariances = numer / denom
+                    pseudo = weight * (prior.dof + 2 + dim * has_mean_prior)
+                    covariances = numer / (counts * dim + pseudo)
                 magnitude = self._magnitude(stats).amax(-1, keepdim=True)
                 self._check_variances(covariances[:, None], magnitude, counts)
             params = GaussianParams(means + self._center, covariances)
@@ -570,22 +660,23 @@ class Gaussian(Family):
         if self.covariance_type == "tied":
             total = counts.sum()
             pooled = scatter.sum(0)
-            if prior is None:
+            if prior is None or scale is None:
                 covariances = pooled / total
             else:
-                numer = pooled + prior.scale
+                numer = pooled + scale
                 if deviation is not None:
                     numer = numer + kappa * deviation.T @ deviation
                 num_mean_priors = means.shape[0] if has_mean_prior else 0
-                covariances = numer / (total + prior.dof + dim + 1 + num_mean_priors)
+                pseudo = weight * (prior.dof + dim + 1 + num_mean_priors)
+                covariances = numer / (total + pseudo)
         else:
-            if prior is None:
+            if prior is None or scale is None:
                 covariances = scatter / counts[:, None, None]
             else:
-                numer = scatter + prior.scale
+                numer = scatter + scale
                 if deviation is not None:
                     numer = numer + kappa * deviation[:, :, None] * deviation[:, None, :]
-                denom = counts + prior.dof + dim + 1 + has_mean_prior
+                denom = counts + weight * (prior.dof + dim + 1 + has_mean_prior)
                 covariances = numer / denom[:, None, None]
         params = GaussianParams(means + self._center, covariances)
         _check_finite_params(params, counts, self.name)
@@ -635,6 +726,10 @@ class Gaussian(Family):
         prior: ResolvedNIW | None = self.resolved
         if prior is None:
             return params.means.new_zeros(())
+        return prior.weight * self._log_prior_density(params, prior)
+
+    def _log_prior_density(self, params: GaussianParams, prior: ResolvedNIW) -> torch.Tensor:
+        """The Normal–Inverse-Wishart log density, before its weight."""
         total = params.means.new_zeros(())
         if self.covariance_type in ("full", "tied"):
             total = (
@@ -699,7 +794,7 @@ class Gaussian(Family):
         return dist.Normal(params.means, std).to_event(1)
 
     def pyro_params(self, num_components: int, init: GaussianParams) -> GaussianParams:
-        dim = self._require_bound()
+        self._require_bound()
         prior: ResolvedNIW | None = self.resolved
         positive = constraints.positive
         if prior is None:
@@ -711,7 +806,16 @@ class Gaussian(Family):
             covariances = pyro.param("covariances", init.covariances, constraint=cov_constraint)
             means = pyro.param("means", init.means)
             return GaussianParams(means, covariances)
+        if prior.weight != 1.0:
+            # A weighted prior: its log density counts ``weight`` times (see the prior).
+            with pyro.poutine.scale(scale=prior.weight):
+                return self._prior_sites(num_components, init, prior)
+        return self._prior_sites(num_components, init, prior)
 
+    def _prior_sites(
+        self, num_components: int, init: GaussianParams, prior: ResolvedNIW
+    ) -> GaussianParams:
+        dim = self._require_bound()
         ones = torch.ones((), dtype=prior.scale.dtype, device=prior.scale.device)
         if self.covariance_type == "tied":
             covariances = pyro.sample("covariances", InverseWishart(prior.dof, prior.scale))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -176,6 +177,16 @@ class Mixture:
             family_from_config(config["family"]),
             weights_prior=config["weights_prior"],
         )
+
+    def with_proper_prior(self) -> Mixture:
+        """This mixture, with mclust's prior in place of the weak default
+        (``prior="default"`` of the gaussian family is improper: flat on the means)."""
+        family = self.family.proper_default()
+        if family is self.family:
+            return self
+        twin = copy.copy(self)
+        twin.family = family
+        return twin
 
     # ----- binding ----------------------------------------------------------
     def check_data(self, data: torch.Tensor) -> None:

@@ -52,23 +52,48 @@ class NormalInverseWishart:
     For ``covariance_type="diag"`` each variance is ``InverseGamma(dof/2, scale_dd/2)``
     (the one-dimensional Inverse-Wishart) and for ``"spherical"`` the single variance is
     ``InverseGamma(dof/2, mean(diag(scale))/2)``; for ``"tied"`` one covariance is shared.
+    With ``weight`` τ ≠ 1 the prior's log density counts τ times (``poutine.scale`` in
+    the Pyro program): τ < 1 weakens it below any proper Normal–Inverse-Wishart.
 
-    Defaults (``None``) follow Fraley & Raftery (2007), *Bayesian regularization for
-    normal mixture estimation*: ``mean`` = data mean, ``dof = dim + 2`` and
-    ``scale`` = empirical covariance / ``num_components ** (2 / dim)``; ``mean_precision``
-    defaults to 0.01. ``mean_precision=0`` puts a flat prior on the means.
+    ``NormalInverseWishart()`` (all fields ``None`` or default) is the prior of Fraley &
+    Raftery (2007), *Bayesian regularization for normal mixture estimation* (mclust's
+    ``priorControl()``, ``prior="mclust"``): ``mean`` = data mean,
+    ``mean_precision`` = 0.01, ``dof = dim + 2`` and ``scale`` = empirical covariance /
+    ``num_components ** (2 / dim)``. :meth:`weak` is ``prior="default"``.
 
     Args:
         mean: prior mean ``μ0``, shape ``(dim,)``.
-        mean_precision: ``κ0 ≥ 0``, pseudo-observations behind ``μ0``.
+        mean_precision: ``κ0 ≥ 0``, pseudo-observations behind ``μ0``; 0 is a flat prior
+            on the means; ``None``: see :meth:`weak`.
         dof: ``ν0 > dim - 1``.
-        scale: ``Ψ0``: a float (times identity), a vector (diagonal) or a ``(dim, dim)`` matrix.
+        scale: ``Ψ0``: a float (times identity), a vector (diagonal), a ``(dim, dim)``
+            matrix, or ``"resolution"`` (see :meth:`weak`).
+        weight: τ > 0; ``None``: the τ that makes the prior worth 0.1 observations of
+            each covariance (the variances' denominators grow by 0.1).
     """
 
     mean: Any = None
-    mean_precision: float = 0.01
+    mean_precision: float | None = 0.01
     dof: float | None = None
     scale: Any = None
+    weight: float | None = 1.0
+
+    @classmethod
+    def weak(cls) -> NormalInverseWishart:
+        """The default prior: it only keeps covariances away from singular.
+
+        A weight τ makes the covariance prior worth 0.1 observations, centred on the
+        data's resolution r: each column's median gap between distinct sorted values
+        (with a floor of a few thousand ``eps`` times the column's magnitude, which a
+        constant column gets). The MAP covariance is then about
+        ``(S_k + 0.1·diag(r²)) / (N_k + 0.1)``: the maximum-likelihood one to
+        ``0.1/N_k`` relative, yet positive definite for a single point, repeated
+        points or a constant column. The means' prior (at the data mean) is worth
+        ``0.01·min_d (r_d / range_d)²`` observations: a component without data sits at
+        the data mean, and no other moves measurably. The weighted prior is improper
+        (its dof is below ``dim − 1``), so vb-em and NUTS use mclust's instead.
+        """
+        return cls(mean_precision=None, scale="resolution", weight=None)
 
     def __post_init__(self) -> None:
         _check_numbers(self)
@@ -80,7 +105,8 @@ class NormalInverseWishart:
             "mean": _plain(self.mean),
             "mean_precision": self.mean_precision,
             "dof": self.dof,
-            "scale": _plain(self.scale),
+            "scale": self.scale if isinstance(self.scale, str) else _plain(self.scale),
+            "weight": self.weight,
         }
 
 
