@@ -28,21 +28,27 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pyroem import __version__
-from pyroem.api import METHODS, fit
-from pyroem.comparison import compare, format_comparison
-from pyroem.datasets import available_datasets, load_dataset, read_csv
 from pyroem.errors import DataError, PyroEMError, SpecError
-from pyroem.results import FitResult
-from pyroem.selection import CRITERIA, choose_components, parse_components
-from pyroem.spec.families import FAMILIES
-from pyroem.spec.mixture import Mixture
+from pyroem.selection import CRITERIA, parse_components
+
+if TYPE_CHECKING:
+    import torch
+
+    from pyroem.spec.mixture import Mixture
 
 __all__ = ["build_parser", "main"]
+
+# The command line is parsed and checked before torch and Pyro are imported (seconds),
+# so its choices are spelled out here; a test holds them to the package's own lists.
+#: The methods (``pyroem.METHODS``).
+METHODS = ("map-em", "vb-em", "mcmc-em", "nuts")
+#: The component families (``pyroem.spec.families.FAMILIES``).
+FAMILY_NAMES = ("bernoulli", "categorical", "exponential", "gaussian", "poisson")
+#: The bundled data sets (``pyroem.datasets.available_datasets()``).
+DATASETS = ("faithful", "iris", "discoveries", "verbagg", "sleepstudy")
 
 #: The data set ``pyroem fit`` uses when given neither ``--data`` nor ``--dataset``.
 DEFAULT_DATASET = "faithful"
@@ -79,21 +85,28 @@ def _methods(text: str) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage is in ``--help``)."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``pyroem`` command (subcommand ``fit``)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pyroem",
         description="Expectation-Maximization for mixture models, built on Pyro.",
         epilog="A bare 'pyroem' runs 'pyroem fit' on the bundled Old Faithful data.",
     )
     parser.add_argument("--version", action="version", version=f"pyroem {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     shared = argparse.ArgumentParser(add_help=False)
     source = shared.add_mutually_exclusive_group()
     source.add_argument("--data", metavar="CSV", help="numeric CSV file with a header row")
     source.add_argument(
         "--dataset",
-        choices=available_datasets(),
+        choices=DATASETS,
         help=f"a bundled data set (default: {DEFAULT_DATASET})",
     )
     shared.add_argument(
@@ -102,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated names of the columns to fit (default: all)",
     )
     shared.add_argument(
-        "--family", default="gaussian", choices=sorted(FAMILIES), help="component family"
+        "--family", default="gaussian", choices=FAMILY_NAMES, help="component family"
     )
     shared.add_argument(
         "--covariance-type",
@@ -255,6 +268,8 @@ def _say(kind: str, message: str) -> None:
 
 def _load_data(args: argparse.Namespace) -> tuple[torch.Tensor, str, tuple[str, ...]]:
     """The data matrix, a name for it, and its column names."""
+    from pyroem.datasets import load_dataset, read_csv
+
     columns = None
     if args.columns is not None:
         columns = [name.strip() for name in args.columns.split(",") if name.strip()]
@@ -285,6 +300,8 @@ def _describe(name: str, data: torch.Tensor, names: Sequence[str]) -> str:
 
 def _spec(args: argparse.Namespace, num_components: int) -> Mixture:
     """The mixture the command line describes, with ``num_components`` components."""
+    from pyroem.spec.mixture import Mixture
+
     return Mixture(
         num_components,
         args.family,
@@ -324,6 +341,9 @@ def _warn(caught: list[warnings.WarningMessage]) -> None:
 
 def _fit_command(args: argparse.Namespace) -> int:
     """``pyroem fit``: load, fit (choosing K if several are given), report, write."""
+    from pyroem.api import fit
+    from pyroem.selection import choose_components
+
     data, name, names = _load_data(args)
     candidates = args.components
     options = _fit_options(args, data, max(candidates), args.method)
@@ -387,6 +407,9 @@ def _plots(
 
 def _compare_command(args: argparse.Namespace) -> int:
     """``pyroem compare``: fit one model with every method, print and write one table."""
+    from pyroem.api import fit
+    from pyroem.comparison import compare, format_comparison
+
     data, name, names = _load_data(args)
     spec = _spec(args, args.components)
     fits = {}
@@ -439,6 +462,8 @@ def _write_outputs(
     Returns:
         The names of the files written.
     """
+    from pyroem.results import FitResult
+
     out.mkdir(parents=True, exist_ok=True)
     spec = getattr(result, "spec", None)
     report: dict[str, Any] = {

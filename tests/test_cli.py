@@ -480,8 +480,40 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]
     code, out, err = _run(capsys, *argv)
     assert code == 2
     assert out == ""
-    assert "usage: pyroem" in err
-    assert "Traceback" not in err
+    # One line, as the README promises; the usage is one --help away.
+    assert err.count("\n") == 1
+    assert re.fullmatch(
+        r"pyroem( fit| compare)?: error: .+ \(see 'pyroem( fit| compare)? --help'\)\n", err
+    )
+
+
+def test_argument_errors_answer_before_torch_is_imported() -> None:
+    """Arguments are parsed and checked before torch and Pyro are imported: a bad
+    argument or --help answers in well under a second (it took ~10 s importing them)."""
+    import time
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    check = (
+        "import sys; from pyroem.cli import main; code = main(sys.argv[1:]); "
+        "print(code, 'torch' in sys.modules, 'pyro' in sys.modules)"
+    )
+    for argv in (["fit", "--components", "0"], ["fit", "--help"], ["compare", "--method", "x"]):
+        completed = subprocess.run(
+            [sys.executable, "-c", check, *argv], env=env, capture_output=True, text=True
+        )
+        assert completed.stdout.splitlines()[-1] == f"{0 if '--help' in argv else 2} False False"
+    started = time.perf_counter()
+    completed = subprocess.run(
+        [sys.executable, "-m", "pyroem", "fit", "--components", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    elapsed = time.perf_counter() - started
+    assert completed.returncode == 2
+    assert "components '0'" in completed.stderr
+    assert elapsed < 1.0
 
 
 def test_components_range_chooses_by_bic(
