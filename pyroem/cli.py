@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pyroem {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    shared = argparse.ArgumentParser(add_help=False)
+    shared = _Parser(add_help=False)
     source = shared.add_mutually_exclusive_group()
     source.add_argument("--data", metavar="CSV", help="numeric CSV file with a header row")
     source.add_argument(

@@ -605,3 +605,12 @@ def test_compare_keeps_its_results_when_a_plot_fails(
     code, out, err = _run(capsys, *argv, "--out", str(out_dir))
     assert code == 1 and f"written to {out_dir}" in err
     assert (out_dir / "comparison.txt").read_text(encoding="utf-8").strip() in out
+
+
+def test_choices_spelled_out_in_the_cli_are_the_package_lists() -> None:
+    from pyroem.datasets import available_datasets
+    from pyroem.spec.families import FAMILIES
+
+    assert cli.METHODS == pyroem.METHODS
+    assert cli.FAMILY_NAMES == tuple(sorted(FAMILIES))
+    assert cli.DATASETS == tuple(available_datasets())
