@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,9 +54,11 @@ DATASETS = ("faithful", "iris", "discoveries", "verbagg", "sleepstudy")
 #: The data set ``pyroem fit`` uses when given neither ``--data`` nor ``--dataset``.
 DEFAULT_DATASET = "faithful"
 
-#: ``num_data · num_components · n_init`` from which a fit counts as long, so its
-#: progress bar is shown even when stderr is not a terminal.
-_LONG_FIT = 10_000_000
+#: Seconds between progress lines when stderr is not a terminal (a log, a pipe, CI).
+HEARTBEAT_SECONDS = 10.0
+
+#: NUTS defaults of the command: about a minute on the bundled data on one core.
+NUTS_DEFAULTS = {"num_chains": 2, "warmup_steps": 300, "num_samples": 300}
 
 _OUTPUT_FILES = (
     "params.json",
@@ -157,12 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="write PNG plots to DIR (compare without --out also writes its table there)",
     )
     shared.add_argument(
-        "--num-samples", type=int, default=1000, metavar="N", help="nuts: draws per chain"
+        "--num-samples",
+        type=int,
+        default=NUTS_DEFAULTS["num_samples"],
+        metavar="N",
+        help="nuts: draws per chain",
     )
     shared.add_argument(
-        "--warmup-steps", type=int, default=500, metavar="N", help="nuts: warm-up steps per chain"
+        "--warmup-steps",
+        type=int,
+        default=NUTS_DEFAULTS["warmup_steps"],
+        metavar="N",
+        help="nuts: warm-up steps per chain",
     )
-    shared.add_argument("--num-chains", type=int, default=4, metavar="N", help="nuts: chains")
+    shared.add_argument(
+        "--num-chains",
+        type=int,
+        default=NUTS_DEFAULTS["num_chains"],
+        metavar="N",
+        help="nuts: chains",
+    )
     shared.add_argument(
         "--quiet", action="store_true", help="print nothing but warnings and errors"
     )
@@ -246,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(args_list)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
+    if not args.quiet and not sys.stderr.isatty():
+        sys.stderr = _Heartbeat(sys.stderr)
     try:
         if args.command == "compare":
             return _compare_command(args)
@@ -259,6 +278,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("error", "interrupted")
         return 130
+    finally:
+        if isinstance(sys.stderr, _Heartbeat):
+            sys.stderr = sys.stderr.stream
+
+
+class _Heartbeat:
+    """stderr when it is not a terminal: a progress bar's carriage-return refreshes
+    become one line every ``HEARTBEAT_SECONDS`` (iteration, objective, rate), so a log
+    shows the run is alive without thousands of refreshes; other text passes through."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        # The first line after one interval: a run shorter than that stays silent.
+        self._last = time.monotonic()
+
+    def write(self, text: str) -> int:
+        if "\r" not in text:
+            return int(self.stream.write(text))
+        states = [part.strip() for part in text.split("\r") if part.strip()]
+        now = time.monotonic()
+        if states and now - self._last >= HEARTBEAT_SECONDS:
+            self.stream.write(states[-1] + "\n")
+            self.stream.flush()
+            self._last = now
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def _say(kind: str, message: str) -> None:
@@ -315,8 +368,7 @@ def _fit_options(
     args: argparse.Namespace, data: torch.Tensor, num_components: int, method: str
 ) -> dict[str, Any]:
     """The options of :func:`pyroem.fit` for ``method`` from the command line."""
-    work = data.shape[0] * num_components * max(args.n_init, 1)
-    progress = not args.quiet and (sys.stderr.isatty() or work >= _LONG_FIT)
+    progress = not args.quiet
     nuts = {
         "num_samples": args.num_samples,
         "warmup_steps": args.warmup_steps,
@@ -333,6 +385,17 @@ def _fit_options(
     }
 
 
+def _nuts_note(args: argparse.Namespace, methods: Sequence[str]) -> None:
+    """Say which NUTS settings run (before the run, which takes the longest)."""
+    if "nuts" in methods and not args.quiet:
+        print(
+            f"nuts: {args.num_chains} chains x ({args.warmup_steps} warm-up + "
+            f"{args.num_samples} draws); more with --num-chains, --warmup-steps, "
+            "--num-samples",
+            flush=True,
+        )
+
+
 def _warn(caught: list[warnings.WarningMessage]) -> None:
     """Each distinct warning once, as one line."""
     for message in dict.fromkeys(str(warning.message) for warning in caught):
@@ -347,6 +410,7 @@ def _fit_command(args: argparse.Namespace) -> int:
     data, name, names = _load_data(args)
     candidates = args.components
     options = _fit_options(args, data, max(candidates), args.method)
+    _nuts_note(args, [args.method])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         if len(candidates) > 1:
@@ -412,6 +476,7 @@ def _compare_command(args: argparse.Namespace) -> int:
 
     data, name, names = _load_data(args)
     spec = _spec(args, args.components)
+    _nuts_note(args, args.methods)
     fits = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)

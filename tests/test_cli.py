@@ -360,16 +360,44 @@ def test_progress_bar_on_a_terminal(
     assert _run(capsys, "fit", "--n-init", "2", "--quiet") == (0, "", "")
 
 
-def test_progress_bar_off_the_terminal_only_for_long_fits(
+def test_progress_off_the_terminal_is_a_periodic_line(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Off a terminal (a log, a pipe) a run shorter than the interval prints nothing on
+    stderr; a longer one prints its progress as whole lines (no carriage returns), at
+    most one per interval, naming the iteration, the objective and the rate."""
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     code, _, err = _run(capsys, "fit", "--n-init", "1")
     assert (code, err) == (0, "")
-    monkeypatch.setattr(cli, "_LONG_FIT", 1)
-    code, _, err = _run(capsys, "fit", "--n-init", "1")
+    monkeypatch.setattr(cli, "HEARTBEAT_SECONDS", 0.0)
+    code, _, err = _run(capsys, "fit", "--n-init", "2")
     assert code == 0
-    assert "map-em" in err
+    lines = err.splitlines()
+    assert lines and "\r" not in err
+    assert any(
+        re.search(r"map-em restart 2/2.*\d+/\d+.*it/s.*objective=-1\d{3}", line) for line in lines
+    )
+    assert sys.stderr.isatty() is False and not isinstance(sys.stderr, cli._Heartbeat)
+
+
+def test_nuts_defaults_are_short_and_printed(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NUTS runs 2 chains x (300 + 300) steps by default (about a minute on the bundled
+    data; it was 4 x (500 + 1000)), and says so before it starts."""
+    args = cli.build_parser().parse_args(["fit", "--method", "nuts"])
+    assert (args.num_chains, args.warmup_steps, args.num_samples) == (2, 300, 300)
+    seen = {}
+
+    def fake_fit(spec: Any, data: Any, **options: Any) -> Any:
+        seen.update(options)
+        raise pyroem.SpecError("stop here")
+
+    monkeypatch.setattr(pyroem.api, "fit", fake_fit)
+    code, out, _ = _run(capsys, "fit", "--method", "nuts")
+    assert code == 2
+    assert out.startswith("nuts: 2 chains x (300 warm-up + 300 draws)")
+    assert (seen["num_chains"], seen["warmup_steps"], seen["num_samples"]) == (2, 300, 300)
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["fit", "--help"], ["--version"]])
