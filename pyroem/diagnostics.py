@@ -747,7 +747,10 @@ def plot_forest(
         from pyroem.alignment import align_fits
 
         fits = align_fits(fits)
-    datasets = [to_arviz(fit, log_likelihood=False).posterior for fit in fits.values()]
+    datasets = [
+        to_arviz(fit, log_likelihood=False, posterior_predictive=False).posterior
+        for fit in fits.values()
+    ]
     shared = set(datasets[0].data_vars).intersection(*(d.data_vars for d in datasets[1:]))
     if var_names is None:
         var_names = [str(name) for name in datasets[0].data_vars if name in shared]
