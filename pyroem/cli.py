@@ -576,7 +576,9 @@ def _write_outputs(
 
     written = ["params.json", "history.csv", "assignments.csv"]
     if result.draws:
-        result.to_arviz().to_netcdf(str(out / "inference.nc"))
+        columns = list(feature_names)
+        coords = {dim: columns for dim in ("dim", "dim_row", "dim_col")}
+        result.to_arviz(coords=coords).to_netcdf(str(out / "inference.nc"))
         written.append("inference.nc")
     if isinstance(result, FitResult):
         result.save(out / "fit.npz")

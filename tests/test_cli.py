@@ -642,3 +642,20 @@ def test_choices_spelled_out_in_the_cli_are_the_package_lists() -> None:
     assert cli.METHODS == pyroem.METHODS
     assert cli.FAMILY_NAMES == tuple(sorted(FAMILIES))
     assert cli.DATASETS == tuple(available_datasets())
+
+
+def test_inference_nc_is_labelled_by_column(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, _, err = _run(capsys, "fit", "--method", "vb-em", "--n-init", "1", "--out", str(tmp_path))
+    assert code == 0, err
+    from pyroem.diagnostics import from_netcdf
+
+    idata = from_netcdf(tmp_path / "inference.nc")
+    assert list(idata.posterior.coords["dim"].values) == ["eruptions", "waiting"]
+    assert idata.posterior.sizes["chain"] == 4
+    report = json.loads((tmp_path / "params.json").read_text(encoding="utf-8"))
+    np.testing.assert_allclose(
+        idata.point_estimate["means"].sel(dim="waiting").values,
+        np.asarray(report["params"]["means"])[:, 1],
+    )
