@@ -290,15 +290,18 @@ class _Heartbeat:
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
-        # The first line after one interval: a run shorter than that stays silent.
-        self._last = time.monotonic()
+        # Set by the first progress refresh: the first line comes one interval later,
+        # so a run shorter than that stays silent.
+        self._last: float | None = None
 
     def write(self, text: str) -> int:
         if "\r" not in text:
             return int(self.stream.write(text))
         states = [part.strip() for part in text.split("\r") if part.strip()]
         now = time.monotonic()
-        if states and now - self._last >= HEARTBEAT_SECONDS:
+        if self._last is None:
+            self._last = now
+        elif states and now - self._last >= HEARTBEAT_SECONDS:
             self.stream.write(states[-1] + "\n")
             self.stream.flush()
             self._last = now
