@@ -228,7 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     compare_parser.add_argument(
-        "--components", type=int, default=2, metavar="K", help="number of mixture components"
+        "--components",
+        type=_components,
+        default=[2],
+        metavar="K",
+        help="number of mixture components (one; the forms of fit --components are read, "
+        "and a range or list is an error naming 'fit --components' to choose K first)",
     )
     compare_parser.add_argument(
         "--methods",
@@ -367,9 +372,7 @@ def _spec(args: argparse.Namespace, num_components: int) -> Mixture:
     )
 
 
-def _fit_options(
-    args: argparse.Namespace, data: torch.Tensor, num_components: int, method: str
-) -> dict[str, Any]:
+def _fit_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
     """The options of :func:`pyroem.fit` for ``method`` from the command line."""
     progress = not args.quiet
     nuts = {
@@ -412,7 +415,7 @@ def _fit_command(args: argparse.Namespace) -> int:
 
     data, name, names = _load_data(args)
     candidates = args.components
-    options = _fit_options(args, data, max(candidates), args.method)
+    options = _fit_options(args, args.method)
     _nuts_note(args, [args.method])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
@@ -477,16 +480,22 @@ def _compare_command(args: argparse.Namespace) -> int:
     from pyroem.api import fit
     from pyroem.comparison import compare, format_comparison
 
+    if len(args.components) > 1:
+        raise SpecError(
+            f"compare fits one model, so --components takes one number; got "
+            f"{','.join(map(str, args.components))}. Choose K first with "
+            f"'pyroem fit --components {args.components[0]}..{args.components[-1]}', "
+            "then compare at that K"
+        )
+    num_components = args.components[0]
     data, name, names = _load_data(args)
-    spec = _spec(args, args.components)
+    spec = _spec(args, num_components)
     _nuts_note(args, args.methods)
     fits = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         for method in args.methods:
-            fits[method] = fit(
-                spec, data, method=method, **_fit_options(args, data, args.components, method)
-            )
+            fits[method] = fit(spec, data, method=method, **_fit_options(args, method))
         table = compare(fits)
     _warn(caught)
     text = format_comparison(table)

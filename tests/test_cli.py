@@ -659,3 +659,17 @@ def test_inference_nc_is_labelled_by_column(
         idata.point_estimate["means"].sel(dim="waiting").values,
         np.asarray(report["params"]["means"])[:, 1],
     )
+
+
+def test_compare_reads_the_components_forms_of_fit(capsys: pytest.CaptureFixture[str]) -> None:
+    """``compare --components 1..3`` is read as fit reads it (it was an 'invalid int'
+    usage error) and refused in one line that says how to choose K first."""
+    code, out, err = _run(capsys, "compare", "--components", "1..3", "--methods", "map-em")
+    _assert_one_line_error(
+        code, out, err, r"got 1,2,3\. Choose K first with 'pyroem fit --components 1\.\.3'"
+    )
+    code, out, err = _run(
+        capsys, "compare", "--components", "3", "--methods", "map-em", "--n-init", "1"
+    )
+    assert code == 0, err
+    assert "Mixture(num_components=3" in out
