@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 import warnings
@@ -322,6 +323,21 @@ class _Heartbeat:
         return getattr(self.stream, name)
 
 
+def _check_writable(*directories: str | None) -> None:
+    """Create the output directories and check they take files, before any fitting.
+
+    Raises:
+        OSError: a directory cannot be created or written (exit status 1).
+    """
+    for directory in directories:
+        if directory is None:
+            continue
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"{path} is not writable")
+
+
 def _say(kind: str, message: str) -> None:
     """Print ``pyroem: <kind>: <message>`` on one line of stderr."""
     print(f"pyroem: {kind}: {' '.join(message.split())}", file=sys.stderr)
@@ -413,6 +429,7 @@ def _fit_command(args: argparse.Namespace) -> int:
     from pyroem.api import fit
     from pyroem.selection import choose_components
 
+    _check_writable(args.out, args.plots)
     data, name, names = _load_data(args)
     candidates = args.components
     options = _fit_options(args, args.method)
@@ -488,6 +505,7 @@ def _compare_command(args: argparse.Namespace) -> int:
             "then compare at that K"
         )
     num_components = args.components[0]
+    _check_writable(args.out, args.plots)
     data, name, names = _load_data(args)
     spec = _spec(args, num_components)
     _nuts_note(args, args.methods)

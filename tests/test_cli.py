@@ -334,6 +334,26 @@ def test_output_directory_that_is_a_file_is_an_error(
     assert err.startswith("pyroem: error: cannot write the output files")
 
 
+def test_output_directory_is_checked_before_fitting(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory that cannot take the outputs is an error before any fit runs."""
+    import pyroem.api
+
+    def no_fit(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("fitted before checking --out")
+
+    monkeypatch.setattr(pyroem.api, "fit", no_fit)
+    monkeypatch.setattr(cli, "fit", no_fit, raising=False)
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a directory")
+    for command in (["fit"], ["compare", "--methods", "map-em"]):
+        for option in ("--out", "--plots"):
+            code, _, err = _run(capsys, *command, option, str(blocker / "sub"))
+            assert code == 1
+            assert err.startswith("pyroem: error: cannot write the output files")
+
+
 # ----------------------------------------------------------------------------
 # Warnings, progress, help
 # ----------------------------------------------------------------------------
