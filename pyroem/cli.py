@@ -354,6 +354,12 @@ def _load_data(args: argparse.Namespace) -> tuple[torch.Tensor, str, tuple[str, 
             raise DataError(f"--columns {args.columns!r} names no column; use --columns a,b")
     if args.data is not None:
         data, names = read_csv(args.data, columns)
+        if all(_is_number(name) for name in names):
+            raise DataError(
+                f"{args.data}: the first row ({', '.join(names[:4])}"
+                f"{', ...' if len(names) > 4 else ''}) is numbers, but it is read as the "
+                "column names; add a header row naming the columns (e.g. x0,x1,...)"
+            )
         return data, args.data, names
     dataset = load_dataset(args.dataset or DEFAULT_DATASET)
     data, names = dataset.data, dataset.feature_names
@@ -367,6 +373,24 @@ def _load_data(args: argparse.Namespace) -> tuple[torch.Tensor, str, tuple[str, 
         data = data[:, [names.index(name) for name in columns]]
         names = tuple(columns)
     return data, dataset.name, names
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _family_hint(args: argparse.Namespace, data: torch.Tensor) -> None:
+    """Warn when gaussian components meet data of another kind (all 0/1, or counts)."""
+    if args.family != "gaussian" or args.quiet:
+        return
+    if bool(((data == 0) | (data == 1)).all()):
+        _say("warning", "every value is 0 or 1; for binary data use --family bernoulli")
+    elif bool((data == data.round()).all() and (data >= 0).all()) and data.shape[1] == 1:
+        _say("warning", "every value is a count (an integer >= 0); --family poisson may fit")
 
 
 def _describe(name: str, data: torch.Tensor, names: Sequence[str]) -> str:
@@ -431,6 +455,7 @@ def _fit_command(args: argparse.Namespace) -> int:
 
     _check_writable(args.out, args.plots)
     data, name, names = _load_data(args)
+    _family_hint(args, data)
     candidates = args.components
     options = _fit_options(args, args.method)
     _nuts_note(args, [args.method])
@@ -507,6 +532,7 @@ def _compare_command(args: argparse.Namespace) -> int:
     num_components = args.components[0]
     _check_writable(args.out, args.plots)
     data, name, names = _load_data(args)
+    _family_hint(args, data)
     spec = _spec(args, num_components)
     _nuts_note(args, args.methods)
     fits = {}

@@ -693,3 +693,33 @@ def test_compare_reads_the_components_forms_of_fit(capsys: pytest.CaptureFixture
     )
     assert code == 0, err
     assert "Mixture(num_components=3" in out
+
+
+def test_headerless_csv_is_an_error_naming_the_header(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A numeric first row would silently become the column names (and the fit then
+    fail on something unrelated); it is a one-line error naming the remedy."""
+    path = tmp_path / "numbers.csv"
+    path.write_text("1.5,2.0\n2.5,3.0\n3.5,1.0\n4.0,2.5\n", encoding="utf-8")
+    code, out, err = _run(capsys, "fit", "--data", str(path))
+    _assert_one_line_error(code, out, err, r"first row \(1\.5, 2\.0\) is numbers.*add a header row")
+
+
+def test_binary_data_get_a_family_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(
+        capsys,
+        "fit",
+        "--dataset",
+        "verbagg",
+        "--n-init",
+        "1",
+        "--max-iter",
+        "1",
+        "--covariance-type",
+        "diag",
+    )
+    assert code == 0, err
+    assert "pyroem: warning: every value is 0 or 1; for binary data use --family bernoulli\n" in err
+    code, _, err = _run(capsys, "fit", "--dataset", "faithful", "--n-init", "1")
+    assert "--family" not in err
