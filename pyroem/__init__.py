@@ -15,6 +15,7 @@ Any Pyro program whose discrete latents can be enumerated fits the same way::
 """
 
 from importlib import import_module
+from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any
 
 from pyroem.errors import (
@@ -91,9 +92,11 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    """Import a public name on first use (PEP 562)."""
+    """Import a public name or a submodule (``pyroem.diagnostics``) on first use (PEP 562)."""
     if name not in _LAZY:
-        raise AttributeError(f"module 'pyroem' has no attribute {name!r}")
+        if name.startswith("_") or find_spec(f"pyroem.{name}") is None:
+            raise AttributeError(f"module 'pyroem' has no attribute {name!r}")
+        return import_module(f"pyroem.{name}")
     module = import_module(_LAZY[name])
     value = module if module.__name__ == f"pyroem.{name}" else getattr(module, name)
     globals()[name] = value

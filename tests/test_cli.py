@@ -723,3 +723,17 @@ def test_binary_data_get_a_family_hint(capsys: pytest.CaptureFixture[str]) -> No
     assert "pyroem: warning: every value is 0 or 1; for binary data use --family bernoulli\n" in err
     code, _, err = _run(capsys, "fit", "--dataset", "faithful", "--n-init", "1")
     assert "--family" not in err
+
+
+def test_import_pyroem_is_light_and_every_public_name_resolves() -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    check = (
+        "import sys, pyroem; light = 'torch' not in sys.modules; "
+        "missing = [n for n in pyroem.__all__ if getattr(pyroem, n, None) is None]; "
+        "print(light, missing, callable(pyroem.diagnostics.loo), callable(pyroem.alignment.align))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", check], env=env, capture_output=True, text=True, check=False
+    )
+    assert completed.stdout.split("\n")[-2] == "True [] True True", completed.stderr
