@@ -78,6 +78,17 @@ def _components(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
+def _positive(text: str) -> int:
+    """A positive integer (``--threads``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return value
+
+
 def _methods(text: str) -> list[str]:
     """``--methods``: comma-separated method names."""
     methods = [name.strip() for name in text.split(",") if name.strip()]
@@ -154,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     shared.add_argument("--seed", type=int, default=0, help="random seed")
     shared.add_argument(
         "--dtype", default="float64", choices=("float64", "float32"), help="floating precision"
+    )
+    shared.add_argument(
+        "--device", metavar="DEVICE", help="torch device for the fit, e.g. cuda (default: cpu)"
+    )
+    shared.add_argument(
+        "--threads",
+        type=_positive,
+        metavar="N",
+        help="CPU threads torch may use (default: torch's own choice)",
     )
     shared.add_argument(
         "--plots",
@@ -428,7 +448,16 @@ def _fit_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
         "seed": args.seed,
         "dtype": args.dtype,
         "progress": progress,
+        **({"device": args.device} if args.device is not None else {}),
     }
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    """``--threads``: the CPU threads torch may use."""
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def _nuts_note(args: argparse.Namespace, methods: Sequence[str]) -> None:
@@ -454,6 +483,7 @@ def _fit_command(args: argparse.Namespace) -> int:
     from pyroem.selection import choose_components
 
     _check_writable(args.out, args.plots)
+    _set_threads(args)
     data, name, names = _load_data(args)
     _family_hint(args, data)
     candidates = args.components
@@ -531,6 +561,7 @@ def _compare_command(args: argparse.Namespace) -> int:
         )
     num_components = args.components[0]
     _check_writable(args.out, args.plots)
+    _set_threads(args)
     data, name, names = _load_data(args)
     _family_hint(args, data)
     spec = _spec(args, num_components)

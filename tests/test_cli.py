@@ -418,6 +418,28 @@ def test_nuts_defaults_are_short_and_printed(
     assert code == 2
     assert out.startswith("nuts: 2 chains x (300 warm-up + 300 draws)")
     assert (seen["num_chains"], seen["warmup_steps"], seen["num_samples"]) == (2, 300, 300)
+    assert "device" not in seen
+
+
+def test_device_and_threads_reach_the_fit(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = {}
+
+    def fake_fit(spec: Any, data: Any, **options: Any) -> Any:
+        seen.update(options, threads=torch.get_num_threads())
+        raise pyroem.SpecError("stop here")
+
+    monkeypatch.setattr(pyroem.api, "fit", fake_fit)
+    threads = torch.get_num_threads()
+    try:
+        code, _, err = _run(capsys, "fit", "--device", "cpu", "--threads", "1")
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 2 and "stop here" in err
+    assert seen["device"] == "cpu" and seen["threads"] == 1
+    code, _, err = _run(capsys, "fit", "--threads", "0")
+    assert code == 2 and "--threads" in err
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["fit", "--help"], ["--version"]])
