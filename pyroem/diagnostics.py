@@ -665,7 +665,7 @@ def loo(data: Any, *, pointwise: bool = False) -> Any:
             are of the latent variables at one θ).
     """
     arviz = _arviz()
-    idata = data if isinstance(data, arviz.InferenceData) else to_arviz(data)
+    idata = _inference_data(arviz, data, posterior_predictive=False)
     if "log_likelihood" not in idata.groups():
         raise NotSupportedError(
             f"LOO needs posterior draws of θ: {_no_loo_reason(idata)}; fit with "
@@ -693,7 +693,10 @@ def loo_table(fits: Mapping[Any, Any]) -> Any:
         NotSupportedError: a fit has no posterior draws of θ (see :func:`loo`).
     """
     arviz = _arviz()
-    datasets = {label: _inference_data(arviz, fit) for label, fit in fits.items()}
+    datasets = {
+        label: _inference_data(arviz, fit, posterior_predictive=False)
+        for label, fit in fits.items()
+    }
     without = {
         label: _no_loo_reason(data)
         for label, data in datasets.items()
