@@ -14,12 +14,10 @@ Any Pyro program whose discrete latents can be enumerated fits the same way::
     fit.params, fit.m_step_kinds, fit.marginals
 """
 
-from pyroem import datasets, plots
-from pyroem.alignment import align, align_fits
-from pyroem.api import METHODS, fit
-from pyroem.bayes import BayesFit
-from pyroem.comparison import compare, format_comparison
-from pyroem.em import History
+from importlib import import_module
+from importlib.util import find_spec
+from typing import TYPE_CHECKING, Any
+
 from pyroem.errors import (
     CollapsedComponentWarning,
     ConvergenceWarning,
@@ -30,17 +28,85 @@ from pyroem.errors import (
     SingularCovarianceError,
     SpecError,
 )
-from pyroem.program import ProgramModel
-from pyroem.program.results import ProgramFit
-from pyroem.results import FitResult, load
-from pyroem.sampling.mcmc_em import MCMCEMFit
-from pyroem.selection import choose_components
-from pyroem.spec.distributions import InverseWishart
-from pyroem.spec.families import Bernoulli, Categorical, Exponential, Family, Gaussian, Poisson
-from pyroem.spec.mixture import Mixture
-from pyroem.spec.priors import Beta, Dirichlet, Gamma, NormalInverseWishart
-from pyroem.variational.cavi import VariationalFit
-from pyroem.variational.svi import SVIFit
+
+if TYPE_CHECKING:
+    from pyroem import datasets, plots
+    from pyroem.alignment import align, align_fits
+    from pyroem.api import METHODS, fit
+    from pyroem.bayes import BayesFit
+    from pyroem.comparison import compare, format_comparison
+    from pyroem.em import History
+    from pyroem.program import ProgramModel
+    from pyroem.program.results import ProgramFit
+    from pyroem.results import FitResult, load
+    from pyroem.sampling.mcmc_em import MCMCEMFit
+    from pyroem.selection import choose_components
+    from pyroem.spec.distributions import InverseWishart
+    from pyroem.spec.families import (
+        Bernoulli,
+        Categorical,
+        Exponential,
+        Family,
+        Gaussian,
+        Poisson,
+    )
+    from pyroem.spec.mixture import Mixture
+    from pyroem.spec.priors import Beta, Dirichlet, Gamma, NormalInverseWishart
+    from pyroem.variational.cavi import VariationalFit
+    from pyroem.variational.svi import SVIFit
+
+#: Where each public name lives. They are imported on first use, so ``import pyroem``
+#: (and with it the ``pyroem`` command's argument parsing and ``--help``) does not
+#: wait for torch and Pyro.
+_LAZY = {
+    "datasets": "pyroem.datasets",
+    "plots": "pyroem.plots",
+    "align": "pyroem.alignment",
+    "align_fits": "pyroem.alignment",
+    "METHODS": "pyroem.api",
+    "fit": "pyroem.api",
+    "BayesFit": "pyroem.bayes",
+    "compare": "pyroem.comparison",
+    "format_comparison": "pyroem.comparison",
+    "History": "pyroem.em",
+    "ProgramModel": "pyroem.program",
+    "ProgramFit": "pyroem.program.results",
+    "FitResult": "pyroem.results",
+    "load": "pyroem.results",
+    "MCMCEMFit": "pyroem.sampling.mcmc_em",
+    "choose_components": "pyroem.selection",
+    "InverseWishart": "pyroem.spec.distributions",
+    "Bernoulli": "pyroem.spec.families",
+    "Categorical": "pyroem.spec.families",
+    "Exponential": "pyroem.spec.families",
+    "Family": "pyroem.spec.families",
+    "Gaussian": "pyroem.spec.families",
+    "Poisson": "pyroem.spec.families",
+    "Mixture": "pyroem.spec.mixture",
+    "Beta": "pyroem.spec.priors",
+    "Dirichlet": "pyroem.spec.priors",
+    "Gamma": "pyroem.spec.priors",
+    "NormalInverseWishart": "pyroem.spec.priors",
+    "VariationalFit": "pyroem.variational.cavi",
+    "SVIFit": "pyroem.variational.svi",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name or a submodule (``pyroem.diagnostics``) on first use (PEP 562)."""
+    if name not in _LAZY:
+        if name.startswith("_") or find_spec(f"pyroem.{name}") is None:
+            raise AttributeError(f"module 'pyroem' has no attribute {name!r}")
+        return import_module(f"pyroem.{name}")
+    module = import_module(_LAZY[name])
+    value = module if module.__name__ == f"pyroem.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __version__ = "0.1.0"
 

@@ -24,32 +24,42 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pyroem import __version__
-from pyroem.api import METHODS, fit
-from pyroem.comparison import compare, format_comparison
-from pyroem.datasets import available_datasets, load_dataset, read_csv
 from pyroem.errors import DataError, PyroEMError, SpecError
-from pyroem.results import FitResult
-from pyroem.selection import CRITERIA, choose_components, parse_components
-from pyroem.spec.families import FAMILIES
-from pyroem.spec.mixture import Mixture
+from pyroem.selection import CRITERIA, parse_components
+
+if TYPE_CHECKING:
+    import torch
+
+    from pyroem.spec.mixture import Mixture
 
 __all__ = ["build_parser", "main"]
+
+# The command line is parsed and checked before torch and Pyro are imported (seconds),
+# so its choices are spelled out here; a test holds them to the package's own lists.
+#: The methods (``pyroem.METHODS``).
+METHODS = ("map-em", "vb-em", "mcmc-em", "nuts")
+#: The component families (``pyroem.spec.families.FAMILIES``).
+FAMILY_NAMES = ("bernoulli", "categorical", "exponential", "gaussian", "poisson")
+#: The bundled data sets (``pyroem.datasets.available_datasets()``).
+DATASETS = ("faithful", "iris", "discoveries", "verbagg", "sleepstudy")
 
 #: The data set ``pyroem fit`` uses when given neither ``--data`` nor ``--dataset``.
 DEFAULT_DATASET = "faithful"
 
-#: ``num_data · num_components · n_init`` from which a fit counts as long, so its
-#: progress bar is shown even when stderr is not a terminal.
-_LONG_FIT = 10_000_000
+#: Seconds between progress lines when stderr is not a terminal (a log, a pipe, CI).
+HEARTBEAT_SECONDS = 10.0
+
+#: NUTS defaults of the command: about a minute on the bundled data on one core.
+NUTS_DEFAULTS = {"num_chains": 2, "warmup_steps": 300, "num_samples": 300}
 
 _OUTPUT_FILES = (
     "params.json",
@@ -68,6 +78,17 @@ def _components(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
+def _positive(text: str) -> int:
+    """A positive integer (``--threads``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return value
+
+
 def _methods(text: str) -> list[str]:
     """``--methods``: comma-separated method names."""
     methods = [name.strip() for name in text.split(",") if name.strip()]
@@ -79,21 +100,28 @@ def _methods(text: str) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage is in ``--help``)."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``pyroem`` command (subcommand ``fit``)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pyroem",
         description="Expectation-Maximization for mixture models, built on Pyro.",
         epilog="A bare 'pyroem' runs 'pyroem fit' on the bundled Old Faithful data.",
     )
     parser.add_argument("--version", action="version", version=f"pyroem {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    shared = argparse.ArgumentParser(add_help=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    shared = _Parser(add_help=False)
     source = shared.add_mutually_exclusive_group()
     source.add_argument("--data", metavar="CSV", help="numeric CSV file with a header row")
     source.add_argument(
         "--dataset",
-        choices=available_datasets(),
+        choices=DATASETS,
         help=f"a bundled data set (default: {DEFAULT_DATASET})",
     )
     shared.add_argument(
@@ -102,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated names of the columns to fit (default: all)",
     )
     shared.add_argument(
-        "--family", default="gaussian", choices=sorted(FAMILIES), help="component family"
+        "--family", default="gaussian", choices=FAMILY_NAMES, help="component family"
     )
     shared.add_argument(
         "--covariance-type",
@@ -140,17 +168,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="float64", choices=("float64", "float32"), help="floating precision"
     )
     shared.add_argument(
+        "--device", metavar="DEVICE", help="torch device for the fit, e.g. cuda (default: cpu)"
+    )
+    shared.add_argument(
+        "--threads",
+        type=_positive,
+        metavar="N",
+        help="CPU threads torch may use (default: torch's own choice)",
+    )
+    shared.add_argument(
         "--plots",
         metavar="DIR",
         help="write PNG plots to DIR (compare without --out also writes its table there)",
     )
     shared.add_argument(
-        "--num-samples", type=int, default=1000, metavar="N", help="nuts: draws per chain"
+        "--num-samples",
+        type=int,
+        default=NUTS_DEFAULTS["num_samples"],
+        metavar="N",
+        help="nuts: draws per chain",
     )
     shared.add_argument(
-        "--warmup-steps", type=int, default=500, metavar="N", help="nuts: warm-up steps per chain"
+        "--warmup-steps",
+        type=int,
+        default=NUTS_DEFAULTS["warmup_steps"],
+        metavar="N",
+        help="nuts: warm-up steps per chain",
     )
-    shared.add_argument("--num-chains", type=int, default=4, metavar="N", help="nuts: chains")
+    shared.add_argument(
+        "--num-chains",
+        type=int,
+        default=NUTS_DEFAULTS["num_chains"],
+        metavar="N",
+        help="nuts: chains",
+    )
     shared.add_argument(
         "--quiet", action="store_true", help="print nothing but warnings and errors"
     )
@@ -199,7 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     compare_parser.add_argument(
-        "--components", type=int, default=2, metavar="K", help="number of mixture components"
+        "--components",
+        type=_components,
+        default=[2],
+        metavar="K",
+        help="number of mixture components (one; the forms of fit --components are read, "
+        "and a range or list is an error naming 'fit --components' to choose K first)",
     )
     compare_parser.add_argument(
         "--methods",
@@ -234,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(args_list)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
+    if not args.quiet and not sys.stderr.isatty():
+        sys.stderr = _Heartbeat(sys.stderr)
     try:
         if args.command == "compare":
             return _compare_command(args)
@@ -247,6 +305,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("error", "interrupted")
         return 130
+    finally:
+        if isinstance(sys.stderr, _Heartbeat):
+            sys.stderr = sys.stderr.stream
+
+
+class _Heartbeat:
+    """stderr when it is not a terminal: a progress bar's carriage-return refreshes
+    become one line every ``HEARTBEAT_SECONDS`` (iteration, objective, rate), so a log
+    shows the run is alive without thousands of refreshes; other text passes through."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        # Set by the first progress refresh: the first line comes one interval later,
+        # so a run shorter than that stays silent.
+        self._last: float | None = None
+
+    def write(self, text: str) -> int:
+        if "\r" not in text:
+            return int(self.stream.write(text))
+        states = [part.strip() for part in text.split("\r") if part.strip()]
+        now = time.monotonic()
+        if self._last is None:
+            self._last = now
+        elif states and now - self._last >= HEARTBEAT_SECONDS:
+            self.stream.write(states[-1] + "\n")
+            self.stream.flush()
+            self._last = now
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def _check_writable(*directories: str | None) -> None:
+    """Create the output directories and check they take files, before any fitting.
+
+    Raises:
+        OSError: a directory cannot be created or written (exit status 1).
+    """
+    for directory in directories:
+        if directory is None:
+            continue
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"{path} is not writable")
 
 
 def _say(kind: str, message: str) -> None:
@@ -256,6 +366,8 @@ def _say(kind: str, message: str) -> None:
 
 def _load_data(args: argparse.Namespace) -> tuple[torch.Tensor, str, tuple[str, ...]]:
     """The data matrix, a name for it, and its column names."""
+    from pyroem.datasets import load_dataset, read_csv
+
     columns = None
     if args.columns is not None:
         columns = [name.strip() for name in args.columns.split(",") if name.strip()]
@@ -263,6 +375,12 @@ def _load_data(args: argparse.Namespace) -> tuple[torch.Tensor, str, tuple[str, 
             raise DataError(f"--columns {args.columns!r} names no column; use --columns a,b")
     if args.data is not None:
         data, names = read_csv(args.data, columns)
+        if all(_is_number(name) for name in names):
+            raise DataError(
+                f"{args.data}: the first row ({', '.join(names[:4])}"
+                f"{', ...' if len(names) > 4 else ''}) is numbers, but it is read as the "
+                "column names; add a header row naming the columns (e.g. x0,x1,...)"
+            )
         return data, args.data, names
     dataset = load_dataset(args.dataset or DEFAULT_DATASET)
     data, names = dataset.data, dataset.feature_names
@@ -278,6 +396,24 @@ def _load_data(args: argparse.Namespace) -> tuple[torch.Tensor, str, tuple[str, 
     return data, dataset.name, names
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _family_hint(args: argparse.Namespace, data: torch.Tensor) -> None:
+    """Warn when gaussian components meet data of another kind (all 0/1, or counts)."""
+    if args.family != "gaussian" or args.quiet:
+        return
+    if bool(((data == 0) | (data == 1)).all()):
+        _say("warning", "every value is 0 or 1; for binary data use --family bernoulli")
+    elif bool((data == data.round()).all() and (data >= 0).all()) and data.shape[1] == 1:
+        _say("warning", "every value is a count (an integer >= 0); --family poisson may fit")
+
+
 def _describe(name: str, data: torch.Tensor, names: Sequence[str]) -> str:
     """One line naming the data: source, shape and columns."""
     shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
@@ -286,6 +422,8 @@ def _describe(name: str, data: torch.Tensor, names: Sequence[str]) -> str:
 
 def _spec(args: argparse.Namespace, num_components: int) -> Mixture:
     """The mixture the command line describes, with ``num_components`` components."""
+    from pyroem.spec.mixture import Mixture
+
     return Mixture(
         num_components,
         args.family,
@@ -295,12 +433,9 @@ def _spec(args: argparse.Namespace, num_components: int) -> Mixture:
     )
 
 
-def _fit_options(
-    args: argparse.Namespace, data: torch.Tensor, num_components: int, method: str
-) -> dict[str, Any]:
+def _fit_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
     """The options of :func:`pyroem.fit` for ``method`` from the command line."""
-    work = data.shape[0] * num_components * max(args.n_init, 1)
-    progress = not args.quiet and (sys.stderr.isatty() or work >= _LONG_FIT)
+    progress = not args.quiet
     nuts = {
         "num_samples": args.num_samples,
         "warmup_steps": args.warmup_steps,
@@ -314,7 +449,27 @@ def _fit_options(
         "seed": args.seed,
         "dtype": args.dtype,
         "progress": progress,
+        **({"device": args.device} if args.device is not None else {}),
     }
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    """``--threads``: the CPU threads torch may use."""
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _nuts_note(args: argparse.Namespace, methods: Sequence[str]) -> None:
+    """Say which NUTS settings run (before the run, which takes the longest)."""
+    if "nuts" in methods and not args.quiet:
+        print(
+            f"nuts: {args.num_chains} chains x ({args.warmup_steps} warm-up + "
+            f"{args.num_samples} draws); more with --num-chains, --warmup-steps, "
+            "--num-samples",
+            flush=True,
+        )
 
 
 def _warn(caught: list[warnings.WarningMessage]) -> None:
@@ -325,9 +480,16 @@ def _warn(caught: list[warnings.WarningMessage]) -> None:
 
 def _fit_command(args: argparse.Namespace) -> int:
     """``pyroem fit``: load, fit (choosing K if several are given), report, write."""
+    from pyroem.api import fit
+    from pyroem.selection import choose_components
+
+    _check_writable(args.out, args.plots)
+    _set_threads(args)
     data, name, names = _load_data(args)
+    _family_hint(args, data)
     candidates = args.components
-    options = _fit_options(args, data, max(candidates), args.method)
+    options = _fit_options(args, args.method)
+    _nuts_note(args, [args.method])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         if len(candidates) > 1:
@@ -388,15 +550,28 @@ def _plots(
 
 def _compare_command(args: argparse.Namespace) -> int:
     """``pyroem compare``: fit one model with every method, print and write one table."""
+    from pyroem.api import fit
+    from pyroem.comparison import compare, format_comparison
+
+    if len(args.components) > 1:
+        raise SpecError(
+            f"compare fits one model, so --components takes one number; got "
+            f"{','.join(map(str, args.components))}. Choose K first with "
+            f"'pyroem fit --components {args.components[0]}..{args.components[-1]}', "
+            "then compare at that K"
+        )
+    num_components = args.components[0]
+    _check_writable(args.out, args.plots)
+    _set_threads(args)
     data, name, names = _load_data(args)
-    spec = _spec(args, args.components)
+    _family_hint(args, data)
+    spec = _spec(args, num_components)
+    _nuts_note(args, args.methods)
     fits = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         for method in args.methods:
-            fits[method] = fit(
-                spec, data, method=method, **_fit_options(args, data, args.components, method)
-            )
+            fits[method] = fit(spec, data, method=method, **_fit_options(args, method))
         table = compare(fits)
     _warn(caught)
     text = format_comparison(table)
@@ -440,6 +615,8 @@ def _write_outputs(
     Returns:
         The names of the files written.
     """
+    from pyroem.results import FitResult
+
     out.mkdir(parents=True, exist_ok=True)
     spec = getattr(result, "spec", None)
     report: dict[str, Any] = {
@@ -487,7 +664,9 @@ def _write_outputs(
 
     written = ["params.json", "history.csv", "assignments.csv"]
     if result.draws:
-        result.to_arviz().to_netcdf(str(out / "inference.nc"))
+        columns = list(feature_names)
+        coords = {dim: columns for dim in ("dim", "dim_row", "dim_col")}
+        result.to_arviz(coords=coords).to_netcdf(str(out / "inference.nc"))
         written.append("inference.nc")
     if isinstance(result, FitResult):
         result.save(out / "fit.npz")

@@ -385,6 +385,76 @@ def _netcdf_attrs(values: Mapping[str, Any]) -> dict[str, Any]:
     return attrs
 
 
+#: Replicated data sets in the ``posterior_predictive`` group: at most this many.
+_MAX_PREDICTIVE = 200
+
+
+def _predictive_thetas(fit: Any) -> tuple[list[dict[str, torch.Tensor]], tuple[int, int]]:
+    """The θ values to simulate from and the ``(chain, draw)`` shape they fill: every
+    k-th draw of each chain (at most ``_MAX_PREDICTIVE`` in all), or the point estimate
+    ``_MAX_PREDICTIVE // 2`` times (a plug-in predictive) without draws of θ."""
+    draws = _theta_draws(fit)
+    if not draws:
+        count = _MAX_PREDICTIVE // 2
+        return [dict(fit.params)] * count, (1, count)
+    num_chains, num_draws = next(iter(draws.values())).shape[:2]
+    step = max(1, math.ceil(num_chains * num_draws / _MAX_PREDICTIVE))
+    picks = range(0, num_draws, step)
+    thetas = [
+        {**fit.params, **{name: value[chain, draw] for name, value in draws.items()}}
+        for chain in range(num_chains)
+        for draw in picks
+    ]
+    return thetas, (num_chains, len(picks))
+
+
+def _mixture_predictive(fit: Any, generator: torch.Generator) -> dict[str, np.ndarray] | None:
+    """Replicated data ``(chain, draw, data, dim)`` of a Mixture fit: for each θ, every
+    point's component drawn from the weights, then its value from that component."""
+    if fit.data is None:
+        return None
+    thetas, shape = _predictive_thetas(fit)
+    fields = fit.family.params_type._fields
+    num_data = fit.data.shape[0]
+    replicas = []
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        for values in thetas:
+            weights = values["weights"]
+            assignment = torch.multinomial(weights, num_data, replacement=True)
+            components = fit.family.params_type(**{f: values[f] for f in fields})
+            chosen = fit.family.select(components, assignment)
+            replicas.append(_as_numpy(fit.family.component_distribution(chosen).sample()))
+    return {"obs": np.stack(replicas).reshape(*shape, *replicas[0].shape)}
+
+
+def _program_predictive(fit: Any, generator: torch.Generator) -> dict[str, np.ndarray] | None:
+    """Replicated observed sites of a Pyro program: for each θ the program is run with
+    its observations released, so discrete latents and data are drawn forward."""
+    import pyro
+    import pyro.poutine as poutine
+
+    from pyroem.program.model import _Inject
+
+    program = fit.program
+    thetas, shape = _predictive_thetas(fit)
+    replicas: dict[str, list[np.ndarray]] = {name: [] for name in program.observed}
+    with torch.no_grad(), torch.random.fork_rng(), pyro.validation_enabled(False):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        for values in thetas:
+            released = _Inject(values)(poutine.uncondition(program.model))
+            with poutine.block():
+                trace = poutine.trace(released).get_trace(
+                    *program.model_args, **program.model_kwargs
+                )
+            for name in replicas:
+                replicas[name].append(_as_numpy(trace.nodes[name]["value"]))
+    return {
+        name: np.stack(values).reshape(*shape, *values[0].shape)
+        for name, values in replicas.items()
+    }
+
+
 def to_arviz(
     fit: Any,
     *,
@@ -392,6 +462,8 @@ def to_arviz(
     log_likelihood: bool = True,
     dims: Mapping[str, tuple[str, ...]] | None = None,
     coords: Mapping[str, Any] | None = None,
+    posterior_predictive: bool = True,
+    seed: int = 0,
     progress: bool = False,
 ) -> Any:
     """A fit of any method as ``arviz.InferenceData``.
@@ -424,6 +496,11 @@ def to_arviz(
       :class:`~pyroem.Mixture` fit names it ``obs`` over dimension ``data``; a Pyro
       program names it after its observed site (``log_likelihood`` when there are
       several) over the observation plate (see :mod:`pyroem.program.pointwise`).
+    - ``posterior_predictive``: replicated data sets, named and shaped like
+      ``observed_data`` with leading ``(chain, draw)``: for each of up to 200 draws of θ
+      (every k-th draw of each chain) the discrete latents are drawn from their prior
+      given θ and the data from the likelihood given both, so ``az.plot_ppc`` works. A
+      point estimate gives 100 replicas at θ̂ (the plug-in predictive, one chain).
     - ``observed_data``: the observed values.
 
     Dimensions: a Mixture's ``weights`` ``(component)``, ``means`` ``(component, dim)``,
@@ -440,6 +517,8 @@ def to_arviz(
         dims: dimension names per variable, overriding the defaults.
         coords: coordinate values per dimension, e.g. ``{"dim": ["eruptions", "waiting"]}``,
             overriding the defaults.
+        posterior_predictive: include the ``posterior_predictive`` group.
+        seed: seeds the replicated data sets.
         progress: show a progress bar while the pointwise log-likelihood is computed.
 
     Returns:
@@ -534,6 +613,17 @@ def to_arviz(
             sampled=False,
             attrs=attrs,
         )
+    if posterior_predictive and parts.observed:
+        generator = torch.Generator().manual_seed(seed)
+        replicas = (
+            _mixture_predictive(fit, generator)
+            if isinstance(fit, FitResult)
+            else _program_predictive(fit, generator)
+        )
+        if replicas:
+            groups["posterior_predictive"] = _dataset(
+                arviz, replicas, names, sampled=True, attrs=attrs, labels=labels
+            )
     if parts.observed:
         groups["observed_data"] = _dataset(
             arviz, parts.observed, names, sampled=False, attrs=attrs, labels=labels
@@ -575,7 +665,7 @@ def loo(data: Any, *, pointwise: bool = False) -> Any:
             are of the latent variables at one θ).
     """
     arviz = _arviz()
-    idata = data if isinstance(data, arviz.InferenceData) else to_arviz(data)
+    idata = _inference_data(arviz, data, posterior_predictive=False)
     if "log_likelihood" not in idata.groups():
         raise NotSupportedError(
             f"LOO needs posterior draws of θ: {_no_loo_reason(idata)}; fit with "
@@ -603,7 +693,10 @@ def loo_table(fits: Mapping[Any, Any]) -> Any:
         NotSupportedError: a fit has no posterior draws of θ (see :func:`loo`).
     """
     arviz = _arviz()
-    datasets = {label: _inference_data(arviz, fit) for label, fit in fits.items()}
+    datasets = {
+        label: _inference_data(arviz, fit, posterior_predictive=False)
+        for label, fit in fits.items()
+    }
     without = {
         label: _no_loo_reason(data)
         for label, data in datasets.items()
@@ -657,7 +750,10 @@ def plot_forest(
         from pyroem.alignment import align_fits
 
         fits = align_fits(fits)
-    datasets = [to_arviz(fit, log_likelihood=False).posterior for fit in fits.values()]
+    datasets = [
+        to_arviz(fit, log_likelihood=False, posterior_predictive=False).posterior
+        for fit in fits.values()
+    ]
     shared = set(datasets[0].data_vars).intersection(*(d.data_vars for d in datasets[1:]))
     if var_names is None:
         var_names = [str(name) for name in datasets[0].data_vars if name in shared]

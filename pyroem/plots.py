@@ -18,7 +18,7 @@ import torch
 from pyroem.comparison import labelled_fits
 from pyroem.errors import SpecError
 
-__all__ = ["plot_components", "plot_objective", "write_plots"]
+__all__ = ["plot_components", "plot_objective", "plot_parameter_trace", "write_plots"]
 
 
 def _pyplot() -> Any:
@@ -64,6 +64,42 @@ def plot_objective(fits: Sequence[Any] | Mapping[str, Any], ax: Any = None) -> A
     ax.set_title("objective per iteration")
     ax.legend()
     return ax
+
+
+def plot_parameter_trace(fit: Any, axes: Any = None) -> Any:
+    """MCMC-EM's θ_t against the iteration, one panel per parameter, one line per
+    entry, the final estimate marked.
+
+    Args:
+        fit: a fit with a ``parameter_trace`` (``method="mcmc-em"``).
+        axes: one Matplotlib axes per parameter (default: a new figure).
+
+    Returns:
+        The axes, in a NumPy array.
+
+    Raises:
+        SpecError: the fit has no parameter trace.
+    """
+    trace = getattr(fit, "parameter_trace", None)
+    if not trace:
+        raise SpecError(
+            f"a {fit.method} fit keeps no parameter trace; plot_parameter_trace draws "
+            "method='mcmc-em' fits (plot_objective draws any fit's objective)"
+        )
+    if axes is None:
+        _, axes = _pyplot().subplots(
+            len(trace), 1, figsize=(6, 2.2 * len(trace)), squeeze=False, sharex=True
+        )
+    axes = np.ravel(axes)
+    for ax, (name, values) in zip(axes, trace.items(), strict=True):
+        series = _numpy(values).reshape(values.shape[0], -1)
+        steps = np.arange(series.shape[0])
+        for column in range(series.shape[1]):
+            line = ax.plot(steps, series[:, column], lw=1)[0]
+            ax.plot(steps[-1], series[-1, column], "o", color=line.get_color(), ms=4)
+        ax.set_title(f"{name} ({series.shape[1]} entries; dot: final estimate)")
+    axes[-1].set_xlabel("iteration")
+    return axes
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -275,8 +311,9 @@ def write_plots(
     data: Any = None,
     feature_names: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Write ``objective.png``, ``components-<label>.png`` per fit and, for several
-    fits or a fit with draws, ``forest.png`` (one panel per parameter, components
+    """Write ``objective.png``, ``components-<label>.png`` per fit, ``trace-<label>.png``
+    per MCMC-EM fit (θ_t by iteration) and, for several fits or a fit with draws,
+    ``forest.png`` (one panel per parameter, components
     aligned) to ``directory``.
 
     Returns:
@@ -297,9 +334,11 @@ def write_plots(
 
     save(plot_objective(labelled), "objective.png")
     for label, fit in labelled.items():
+        slug = "".join(c if c.isalnum() else "-" for c in label).strip("-")
         if "weights" in fit.params:
-            slug = "".join(c if c.isalnum() else "-" for c in label).strip("-")
             save(plot_components(fit, data, feature_names=feature_names), f"components-{slug}.png")
+        if getattr(fit, "parameter_trace", None):
+            save(plot_parameter_trace(fit)[0], f"trace-{slug}.png")
     if len(labelled) > 1 or any(fit.draws for fit in labelled.values()):
         from pyroem.diagnostics import plot_forest
 

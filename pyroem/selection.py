@@ -17,13 +17,14 @@ Each candidate ``K`` is fitted with the same spec, data and options, then scored
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import pandas as pd
-
-from pyroem.api import fit
 from pyroem.errors import SpecError
-from pyroem.spec.mixture import Mixture
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from pyroem.spec.mixture import Mixture
 
 __all__ = ["ComponentChoice", "choose_components", "parse_components"]
 
@@ -101,6 +102,11 @@ def choose_components(
             ``weights_prior`` (it cannot carry over to another ``K``), or ``"loo"``
             with a method that has no posterior draws.
     """
+    import pandas as pd
+
+    from pyroem.api import fit
+    from pyroem.spec.mixture import Mixture
+
     if criterion not in CRITERIA:
         raise SpecError(f"criterion must be one of {CRITERIA}; got {criterion!r}")
     candidates = sorted(set(components))

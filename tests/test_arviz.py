@@ -398,3 +398,48 @@ def test_coordinates_are_column_names():
         )
     custom = to_arviz(pyroem.fit(spec, data, seed=0), coords={"component": ["short", "long"]})
     assert list(custom.posterior.coords["component"].values) == ["short", "long"]
+
+
+@pytest.mark.parametrize("method", ["map-em", "vb-em", "mcmc-em"])
+def test_posterior_predictive_matches_the_mixture_moments(method):
+    """Replicas are drawn with z: at θ the pooled replicas have the mixture's mean
+    m = Σ π_k μ_k and covariance Σ π_k (Σ_k + μ_k μ_kᵀ) − m mᵀ (law of total variance),
+    averaged over the θ they were drawn at, within 4.5 Monte Carlo standard errors;
+    az.plot_ppc draws them."""
+    import arviz as az
+    import matplotlib
+
+    matplotlib.use("Agg")
+    spec = pyroem.Mixture(2, "gaussian")
+    data, _ = spec.simulate(60, seed=4)
+    options = {"vb-em": {"num_draws": 200}, "mcmc-em": {"max_iter": 20}}.get(method, {})
+    fit = pyroem.fit(spec, data, method=method, seed=0, **options)
+    idata = to_arviz(fit)
+    replicas = idata.posterior_predictive["obs"]
+    assert replicas.dims == ("chain", "draw", "data", "dim")
+    assert replicas.shape[2:] == tuple(data.shape)
+    values = replicas.values.reshape(-1, 2)
+    params = _numpy(fit.params)
+    if method == "vb-em":
+        # Averaged over q's draws, the replicas follow the draws' mixtures.
+        draws = {
+            name: value.reshape(-1, *value.shape[2:]).numpy() for name, value in fit.draws.items()
+        }
+        step = math.ceil(len(draws["weights"]) / 200)
+        params = {name: value[::step] for name, value in draws.items()}
+        weights, means, covs = params["weights"], params["means"], params["covariances"]
+    else:
+        weights, means, covs = (params[n][None] for n in ("weights", "means", "covariances"))
+    mean = np.einsum("sk,skd->d", weights, means) / len(weights)
+    second = np.einsum("sk,skde->de", weights, covs + means[..., :, None] * means[..., None, :])
+    covariance = second / len(weights) - np.outer(mean, mean)
+    standard_error = np.sqrt(np.diag(covariance) / len(values))
+    assert (np.abs(values.mean(0) - mean) < 4.5 * standard_error).all()
+    # The sample covariance is a mean of products of centred values; its Monte Carlo
+    # standard error is their standard deviation over sqrt(n).
+    centred = values - values.mean(0)
+    products = centred[:, :, None] * centred[:, None, :]
+    product_error = products.std(0) / np.sqrt(len(values))
+    assert (np.abs(np.cov(values.T) - covariance) < 4.5 * product_error).all()
+    axes = az.plot_ppc(idata, num_pp_samples=10)
+    assert np.ravel(axes)[0].get_lines()

@@ -140,3 +140,31 @@ def test_forest_aligns_fits_and_gives_each_parameter_entry_a_panel() -> None:
     np.testing.assert_allclose(
         sorted(map_fit.params["means"][:, 1].tolist() * 3), waiting, atol=1.0
     )
+
+
+def test_mcmc_em_plots_show_its_parameter_trace(tmp_path: Path) -> None:
+    """MCMC-EM's PNGs include its θ trajectory: one panel per parameter, one line per
+    entry ending at the final estimate."""
+    data = pyroem.datasets.load_faithful().data[:100]
+    fit = pyroem.fit(pyroem.Mixture(2, "gaussian"), data, method="mcmc-em", seed=0, max_iter=10)
+    paths = write_plots([fit], tmp_path, data)
+    assert sorted(p.name for p in paths) == [
+        "components-mcmc-em.png",
+        "forest.png",
+        "objective.png",
+        "trace-mcmc-em.png",
+    ]
+    for path in paths:
+        _assert_drawn(path)
+    from pyroem.plots import plot_parameter_trace
+
+    axes = plot_parameter_trace(fit)
+    assert [ax.get_title().split(" ")[0] for ax in axes] == list(fit.parameter_trace)
+    for ax in axes:
+        name = ax.get_title().split(" ")[0]
+        lines = [line for line in ax.lines if line.get_marker() != "o"]
+        assert len(lines) == fit.parameter_trace[name][0].numel()
+        finals = sorted(line.get_ydata()[-1] for line in lines)
+        np.testing.assert_allclose(finals, sorted(fit.params[name].reshape(-1).tolist()))
+    with pytest.raises(SpecError, match="parameter trace"):
+        plot_parameter_trace(_faithful_fit())
