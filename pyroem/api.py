@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -13,10 +15,10 @@ from pyroem.errors import SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
 from pyroem.initialization import initial_params, seeded_generator, site_values
 from pyroem.mstep.mixture import mixture_m_step
-from pyroem.options import check_integer, with_defaults
+from pyroem.options import check_applicable, check_integer, with_defaults
 from pyroem.program.fit import fit_program
 from pyroem.results import FitResult
-from pyroem.spec.mixture import Mixture, as_data
+from pyroem.spec.mixture import Mixture, MixtureParams, as_data
 
 __all__ = ["METHODS", "fit"]
 
@@ -83,7 +85,9 @@ def fit(
             previous fit. For a Pyro program: ``{site name: value}`` for any subset of
             the parameters (the rest: a prior draw for sample sites, the program's own
             value for ``pyro.param`` sites), or a previous fit.
-        tol: convergence when the objective changes by less than ``tol`` per data point.
+        tol: convergence when the objective changes by less than ``tol`` per data point
+            (for a ``Mixture`` under map-em, also the parameters' extrapolated relative
+            distance to their limit; see the README).
         max_iter: most EM iterations per restart; hitting it warns with
             :class:`~pyroem.errors.ConvergenceWarning`.
         seed: makes initialisation, and so the whole fit, reproducible.
@@ -116,6 +120,26 @@ def fit(
     and it never decreases from one iteration to the next.
     """
     torch_dtype = _check_options(method, n_init, tol, max_iter, chunk_size, dtype)
+    kind = "program"
+    if isinstance(model, Mixture):
+        cavi = method == "vb-em" and "guide" not in method_options
+        kind = "Mixture (CAVI)" if cavi else "Mixture"
+    common = {
+        "n_init": n_init,
+        "init": init,
+        "tol": tol,
+        "max_iter": max_iter,
+        "seed": seed,
+        "dtype": dtype,
+        "device": device,
+        "chunk_size": chunk_size,
+        "progress": progress,
+        "model_kwargs": model_kwargs or None,
+        "m_step": m_step,
+        "gradient_steps": gradient_steps,
+        "callback": callback,
+    }
+    check_applicable(method, kind, common)
     started = time.perf_counter()
     result: Any
     if method == "map-em":
@@ -123,6 +147,8 @@ def fit(
     elif method == "mcmc-em":
         # MCMC-EM reuses the MAP-EM M-steps, so it takes their options too.
         method_options = {"m_step": m_step, "gradient_steps": gradient_steps, **method_options}
+    elif method == "nuts" and kind == "Mixture":
+        method_options = {"chunk_size": chunk_size, **method_options}
     if method != "map-em":
         result = _fit_other(
             model,
@@ -141,12 +167,7 @@ def fit(
             callback=callback,
             options=method_options,
         )
-    elif not isinstance(model, Mixture):
-        if dtype is not None or device is not None:
-            raise SpecError(
-                "dtype and device are for pyroem.Mixture; a Pyro program computes in the "
-                "dtype and on the device of its own tensors (pass the data as you want it)"
-            )
+    elif kind == "program":
         result = fit_program(
             model,
             model_args,
@@ -166,7 +187,6 @@ def fit(
         result = _fit_mixture(
             model,
             model_args,
-            model_kwargs,
             method=method,
             init=init,
             n_init=n_init,
@@ -211,13 +231,38 @@ class _MixtureEngine(Engine):
         return self.estep(params)
 
     def m_step(self, stats: Any, params: Any, iteration: int) -> MStepResult:
-        return MStepResult(mixture_m_step(self.family, self.spec.weights_prior, stats, params))
+        new = mixture_m_step(self.family, self.spec.weights_prior, stats, params)
+        return MStepResult(new, None, {"change": _relative_change(params, new)})
+
+    def converged(self, objectives: list[float], info: list[Any], tol: float) -> bool:
+        r"""The objective rule, and the parameters within ``tol`` of their limit: with
+        :math:`δ_t` the largest relative parameter change of iteration ``t`` and
+        :math:`r = δ_t / δ_{t-1}` EM's linear rate, the Aitken-extrapolated distance
+        :math:`δ_t\, r / (1 - r) < \text{tol}` (a flat objective alone stops EM early)."""
+        if not super().converged(objectives, info, tol):
+            return False
+        change, before = info[-1]["change"], info[-2].get("change", math.nan)
+        if change == 0 or math.isnan(before):
+            return change < tol
+        rate = change / before
+        return rate < 1 and change * rate / (1 - rate) < tol
+
+
+def _relative_change(old: MixtureParams, new: MixtureParams) -> float:
+    """Largest change of any parameter array relative to the array's largest entry
+    (``inf`` when a component was removed)."""
+    if old.weights.shape != new.weights.shape:
+        return math.inf
+    pairs = [(old.weights, new.weights), *zip(old.components, new.components, strict=True)]
+    return max(
+        float((b - a).abs().max() / b.abs().max().clamp(min=torch.finfo(b.dtype).tiny))
+        for a, b in pairs
+    )
 
 
 def _fit_mixture(
     model: Mixture,
     model_args: tuple[Any, ...],
-    model_kwargs: dict[str, Any] | None,
     *,
     method: str,
     init: Any,
@@ -234,8 +279,6 @@ def _fit_mixture(
     """MAP-EM on a ``Mixture`` by its fast tensor kernels."""
     if init is None:
         init = "kmeans++"
-    if model_kwargs:
-        raise SpecError("model_kwargs is for Pyro programs; a Mixture takes only the data")
     if len(model_args) != 1:
         raise SpecError(
             f"fit(Mixture, data) takes exactly one data argument; got {len(model_args)}"
@@ -311,8 +354,6 @@ def _fit_other(
     guide is asked for); otherwise the engine runs on the Pyro program (for a
     ``Mixture``, ``spec.model(data)``, started from the ``Mixture``'s initialisation)."""
     if isinstance(model, Mixture):
-        if model_kwargs:
-            raise SpecError("model_kwargs is for Pyro programs; a Mixture takes only the data")
         if len(model_args) != 1:
             raise SpecError(
                 f"fit(Mixture, data) takes exactly one data argument; got {len(model_args)}"
@@ -341,13 +382,15 @@ def _fit_other(
             return fit_nuts(
                 model, (data,), None, init=init, seed=seed, progress=progress, **options
             )
-        program, init = _mixture_as_program(model, data, init, seed)
+        program, values = _mixture_as_program(model, data, init, seed)
+        if n_init > 1 and not isinstance(init, dict | FitResult):
+            # Each restart from the Mixture's own initialisation, seeded per restart.
+            family = model.bind(data)
+            strategy = init
+            init = partial(site_values, model, family, data, strategy)
+        else:
+            init = values
         model, model_args, model_kwargs = program, (), None
-    elif dtype is not None or device is not None:
-        raise SpecError(
-            "dtype and device are for pyroem.Mixture; a Pyro program computes in the "
-            "dtype and on the device of its own tensors (pass the data as you want it)"
-        )
     common: dict[str, Any] = {"init": init, "seed": seed, "progress": progress, **options}
     em: dict[str, Any] = {"tol": tol, "max_iter": max_iter, "n_init": n_init, "callback": callback}
     if method == "vb-em":

@@ -445,7 +445,7 @@ def fit_mcmc_em(
             f"draws (R-hat and ESS need them); got num_samples={settings.num_samples}"
         )
     init = program_init(init)
-    if init is not None and set(init) >= set(program.params):
+    if isinstance(init, Mapping) and set(init) >= set(program.params):
         n_init = 1
     base_seed = resolve_seed(seed)
     with torch.random.fork_rng(), pyro.validation_enabled(False):
@@ -542,7 +542,7 @@ class _MCMCEMEngine(Engine):
         self,
         program: LatentProgram,
         settings: _Settings,
-        init: Mapping[str, Any] | None,
+        init: Mapping[str, Any] | Callable[[int], Any] | None,
         base_seed: int,
         tol: float,
     ) -> None:
