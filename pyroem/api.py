@@ -15,7 +15,7 @@ from pyroem.errors import SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
 from pyroem.initialization import initial_params, seeded_generator, site_values
 from pyroem.mstep.mixture import mixture_m_step
-from pyroem.options import check_applicable, check_integer, with_defaults
+from pyroem.options import OPTIONS, check_applicable, check_integer, with_defaults
 from pyroem.program.fit import fit_program
 from pyroem.results import FitResult
 from pyroem.spec.mixture import Mixture, MixtureParams, as_data
@@ -119,27 +119,13 @@ def fit(
 
     and it never decreases from one iteration to the next.
     """
+    given = {name: value for name, value in locals().items() if name in OPTIONS}
     torch_dtype = _check_options(method, n_init, tol, max_iter, chunk_size, dtype)
     kind = "program"
     if isinstance(model, Mixture):
         cavi = method == "vb-em" and "guide" not in method_options
         kind = "Mixture (CAVI)" if cavi else "Mixture"
-    common = {
-        "n_init": n_init,
-        "init": init,
-        "tol": tol,
-        "max_iter": max_iter,
-        "seed": seed,
-        "dtype": dtype,
-        "device": device,
-        "chunk_size": chunk_size,
-        "progress": progress,
-        "model_kwargs": model_kwargs or None,
-        "m_step": m_step,
-        "gradient_steps": gradient_steps,
-        "callback": callback,
-    }
-    check_applicable(method, kind, common)
+    check_applicable(method, kind, {**given, "model_kwargs": model_kwargs or None})
     started = time.perf_counter()
     result: Any
     if method == "map-em":

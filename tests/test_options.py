@@ -4,6 +4,7 @@ and the alternative where it does not."""
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -163,3 +164,9 @@ def test_error_names_the_alternative() -> None:
         _fit("nuts", "Mixture", n_init=3)
     with pytest.raises(SpecError, match="num_samples and warmup_steps"):
         _fit("nuts", "program", max_iter=10)
+
+
+def test_table_defaults_are_fits_defaults() -> None:
+    parameters = inspect.signature(pyroem.fit).parameters
+    for name, option in OPTIONS.items():
+        assert parameters[name].default == option.default, name
