@@ -24,6 +24,7 @@ __all__ = ["METHODS", "fit"]
 
 METHODS = ("map-em", "vb-em", "mcmc-em", "nuts")
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
+_STOP_RULES = ("parameters", "objective")
 
 
 def _check_options(
@@ -106,8 +107,10 @@ def fit(
             log-likelihood, elapsed seconds), e.g. to log or save progress. Raising
             ``KeyboardInterrupt`` in it (or pressing Ctrl-C) stops the fit cleanly: the best
             state so far is returned, marked not converged.
-        **method_options: options of the other methods (see the README's section on
-            each method); an option the method does not know is an error.
+        **method_options: options of each method (see the README's section on each);
+            an option the method does not know is an error. map-em on a ``Mixture``:
+            ``stop_rule`` — ``"parameters"`` (default: the objective rule and the
+            parameters within ``tol`` of their extrapolated limit) or ``"objective"``.
 
     Returns:
         A :class:`~pyroem.results.FitResult` for a ``Mixture``, a
@@ -129,7 +132,11 @@ def fit(
     started = time.perf_counter()
     result: Any
     if method == "map-em":
-        with_defaults("method='map-em'", method_options, {}, hint="map-em takes none")
+        known = {"stop_rule": "parameters"} if kind == "Mixture" else {}
+        method_options = with_defaults("method='map-em'", method_options, known)
+        rule = method_options.get("stop_rule", "parameters")
+        if rule not in _STOP_RULES:
+            raise SpecError(f"stop_rule must be one of {_STOP_RULES}; got {rule!r}")
     elif method == "mcmc-em":
         # MCMC-EM reuses the MAP-EM M-steps, so it takes their options too.
         method_options = {"m_step": m_step, "gradient_steps": gradient_steps, **method_options}
@@ -184,6 +191,7 @@ def fit(
             chunk_size=chunk_size,
             progress=progress,
             callback=callback,
+            stop_rule=method_options["stop_rule"],
         )
     result.runtime = time.perf_counter() - started
     return result
@@ -191,6 +199,8 @@ def fit(
 
 class _MixtureEngine(Engine):
     """MAP-EM on a ``Mixture``: the chunked exact E-step and the closed-form M-step."""
+
+    parameter_rule = True
 
     def __init__(
         self,
@@ -225,8 +235,9 @@ class _MixtureEngine(Engine):
         :math:`δ_t` the largest relative parameter change of iteration ``t`` and
         :math:`r = δ_t / δ_{t-1}` EM's linear rate, the Aitken-extrapolated distance
         :math:`δ_t\, r / (1 - r) < \text{tol}` (a flat objective alone stops EM early)."""
-        if not super().converged(objectives, info, tol):
-            return False
+        objective = super().converged(objectives, info, tol)
+        if not objective or not self.parameter_rule:
+            return objective
         change, before = info[-1]["change"], info[-2].get("change", math.nan)
         if change == 0 or math.isnan(before):
             return change < tol
@@ -261,6 +272,7 @@ def _fit_mixture(
     chunk_size: int,
     progress: bool,
     callback: Callable[[Iteration], Any] | None,
+    stop_rule: str,
 ) -> FitResult:
     """MAP-EM on a ``Mixture`` by its fast tensor kernels."""
     if init is None:
@@ -276,6 +288,7 @@ def _fit_mixture(
     if isinstance(init, dict):
         n_init = 1
     engine = _MixtureEngine(model, family, data, init, seed, chunk_size, method)
+    engine.parameter_rule = stop_rule == "parameters"
     result = run_em(
         engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
     )
@@ -288,6 +301,7 @@ def _fit_mixture(
         "max_iter": max_iter,
         "seed": seed,
         "chunk_size": chunk_size,
+        "stop_rule": stop_rule,
         **result.record(),
     }
     return FitResult(

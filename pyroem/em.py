@@ -252,6 +252,8 @@ def run_em(
         if interrupted:
             raise KeyboardInterrupt
         assert last_error is not None
+        if n_init == 1:
+            raise last_error
         raise type(last_error)(
             f"every one of the {n_init} restarts failed ("
             + "; ".join(failures)
