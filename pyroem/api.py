@@ -247,14 +247,15 @@ class _MixtureEngine(Engine):
 
 def _relative_change(old: MixtureParams, new: MixtureParams) -> float:
     """Largest change of any parameter array relative to the array's largest entry
-    (``inf`` when a component was removed)."""
+    (``inf`` when a component was removed; 0 below the dtype's round-off)."""
     if old.weights.shape != new.weights.shape:
         return math.inf
     pairs = [(old.weights, new.weights), *zip(old.components, new.components, strict=True)]
-    return max(
+    change = max(
         float((b - a).abs().max() / b.abs().max().clamp(min=torch.finfo(b.dtype).tiny))
         for a, b in pairs
     )
+    return 0.0 if change < 10 * torch.finfo(new.weights.dtype).eps else change
 
 
 def _fit_mixture(
