@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -14,16 +16,17 @@ from pyroem.errors import PyroEMError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
 from pyroem.initialization import initial_params, seeded_generator, site_values
 from pyroem.mstep.mixture import mixture_m_step
-from pyroem.options import check_integer, with_defaults
+from pyroem.options import OPTIONS, check_applicable, check_integer, with_defaults
 from pyroem.program.fit import fit_program
 from pyroem.program.results import ProgramFit
 from pyroem.results import FitResult, mixture_fit_from_program
-from pyroem.spec.mixture import Mixture, as_data
+from pyroem.spec.mixture import Mixture, MixtureParams, as_data
 
 __all__ = ["METHODS", "fit"]
 
 METHODS = ("map-em", "vb-em", "mcmc-em", "nuts")
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
+_STOP_RULES = ("parameters", "objective")
 
 
 def _check_options(
@@ -147,7 +150,9 @@ def fit(
             previous fit. For a Pyro program: ``{site name: value}`` for any subset of
             the parameters (the rest: a prior draw for sample sites, the program's own
             value for ``pyro.param`` sites), or a previous fit.
-        tol: convergence when the objective changes by less than ``tol`` per data point.
+        tol: convergence when the objective changes by less than ``tol`` per data point
+            (for a ``Mixture`` under map-em, also the parameters' extrapolated relative
+            distance to their limit; see the README).
         max_iter: most EM iterations per restart; hitting it warns with
             :class:`~pyroem.errors.ConvergenceWarning`.
         seed: makes initialisation, and so the whole fit, reproducible.
@@ -166,8 +171,10 @@ def fit(
             log-likelihood, elapsed seconds), e.g. to log or save progress. Raising
             ``KeyboardInterrupt`` in it (or pressing Ctrl-C) stops the fit cleanly: the best
             state so far is returned, marked not converged.
-        **method_options: options of the other methods (see the README's section on
-            each method); an option the method does not know is an error.
+        **method_options: options of each method (see the README's section on each);
+            an option the method does not know is an error. map-em on a ``Mixture``:
+            ``stop_rule`` — ``"parameters"`` (default: the objective rule and the
+            parameters within ``tol`` of their extrapolated limit) or ``"objective"``.
 
     Returns:
         A :class:`~pyroem.results.FitResult` for a ``Mixture``, a
@@ -180,16 +187,28 @@ def fit(
     and it never decreases from one iteration to the next, except at an iteration that
     removes a collapsed component (``fit.removed_components``): that changes the model.
     """
+    given = {name: value for name, value in locals().items() if name in OPTIONS}
     torch_dtype = _check_options(method, n_init, tol, max_iter, chunk_size, dtype)
     seed = _check_seed(seed)
     _check_device(device)
+    kind = "program"
+    if isinstance(model, Mixture):
+        cavi = method == "vb-em" and "guide" not in method_options
+        kind = "Mixture (CAVI)" if cavi else "Mixture"
+    check_applicable(method, kind, {**given, "model_kwargs": model_kwargs or None})
     started = time.perf_counter()
     result: Any
     if method == "map-em":
-        method_options = with_defaults("method='map-em'", method_options, {"space": "auto"})
+        known = {"stop_rule": "parameters"} if kind == "Mixture" else {"space": "auto"}
+        method_options = with_defaults("method='map-em'", method_options, known)
+        rule = method_options.get("stop_rule", "parameters")
+        if rule not in _STOP_RULES:
+            raise SpecError(f"stop_rule must be one of {_STOP_RULES}; got {rule!r}")
     elif method == "mcmc-em":
         # MCMC-EM reuses the MAP-EM M-steps, so it takes their options too.
         method_options = {"m_step": m_step, "gradient_steps": gradient_steps, **method_options}
+    elif method == "nuts" and kind == "Mixture":
+        method_options = {"chunk_size": chunk_size, **method_options}
     if method != "map-em":
         result = _fit_other(
             model,
@@ -208,12 +227,7 @@ def fit(
             callback=callback,
             options=method_options,
         )
-    elif not isinstance(model, Mixture):
-        if dtype is not None or device is not None:
-            raise SpecError(
-                "dtype and device are for pyroem.Mixture; a Pyro program computes in the "
-                "dtype and on the device of its own tensors (pass the data as you want it)"
-            )
+    elif kind == "program":
         result = fit_program(
             model,
             model_args,
@@ -234,7 +248,6 @@ def fit(
         result = _fit_mixture(
             model,
             model_args,
-            model_kwargs,
             method=method,
             init=init,
             n_init=n_init,
@@ -246,6 +259,7 @@ def fit(
             chunk_size=chunk_size,
             progress=progress,
             callback=callback,
+            stop_rule=method_options["stop_rule"],
         )
     result.runtime = time.perf_counter() - started
     columns = getattr(model_args[0], "columns", None) if len(model_args) == 1 else None
@@ -266,6 +280,8 @@ def fit(
 
 class _MixtureEngine(Engine):
     """MAP-EM on a ``Mixture``: the chunked exact E-step and the closed-form M-step."""
+
+    parameter_rule = True
 
     def __init__(
         self,
@@ -292,13 +308,40 @@ class _MixtureEngine(Engine):
         return self.estep(params)
 
     def m_step(self, stats: Any, params: Any, iteration: int) -> MStepResult:
-        return MStepResult(mixture_m_step(self.family, self.spec.weights_prior, stats, params))
+        new = mixture_m_step(self.family, self.spec.weights_prior, stats, params)
+        return MStepResult(new, None, {"change": _relative_change(params, new)})
+
+    def converged(self, objectives: list[float], info: list[Any], tol: float) -> bool:
+        r"""The objective rule, and the parameters within ``tol`` of their limit: with
+        :math:`δ_t` the largest relative parameter change of iteration ``t`` and
+        :math:`r = δ_t / δ_{t-1}` EM's linear rate, the Aitken-extrapolated distance
+        :math:`δ_t\, r / (1 - r) < \text{tol}` (a flat objective alone stops EM early)."""
+        objective = super().converged(objectives, info, tol)
+        if not objective or not self.parameter_rule:
+            return objective
+        change, before = info[-1]["change"], info[-2].get("change", math.nan)
+        if change == 0 or math.isnan(before):
+            return change < tol
+        rate = change / before
+        return rate < 1 and change * rate / (1 - rate) < tol
+
+
+def _relative_change(old: MixtureParams, new: MixtureParams) -> float:
+    """Largest change of any parameter array relative to the array's largest entry
+    (``inf`` when a component was removed; 0 below the dtype's round-off)."""
+    if old.weights.shape != new.weights.shape:
+        return math.inf
+    pairs = [(old.weights, new.weights), *zip(old.components, new.components, strict=True)]
+    change = max(
+        float((b - a).abs().max() / b.abs().max().clamp(min=torch.finfo(b.dtype).tiny))
+        for a, b in pairs
+    )
+    return 0.0 if change < 10 * torch.finfo(new.weights.dtype).eps else change
 
 
 def _fit_mixture(
     model: Mixture,
     model_args: tuple[Any, ...],
-    model_kwargs: dict[str, Any] | None,
     *,
     method: str,
     init: Any,
@@ -311,12 +354,11 @@ def _fit_mixture(
     chunk_size: int,
     progress: bool,
     callback: Callable[[Iteration], Any] | None,
+    stop_rule: str,
 ) -> FitResult:
     """MAP-EM on a ``Mixture`` by its fast tensor kernels."""
     if init is None:
         init = "kmeans++"
-    if model_kwargs:
-        raise SpecError("model_kwargs is for Pyro programs; a Mixture takes only the data")
     if len(model_args) != 1:
         raise SpecError(
             f"fit(Mixture, data) takes exactly one data argument; got {len(model_args)}"
@@ -328,6 +370,7 @@ def _fit_mixture(
     if isinstance(init, dict):
         n_init = 1
     engine = _MixtureEngine(model, family, data, init, seed, chunk_size, method)
+    engine.parameter_rule = stop_rule == "parameters"
     result = run_em(
         engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
     )
@@ -340,6 +383,7 @@ def _fit_mixture(
         "max_iter": max_iter,
         "seed": seed,
         "chunk_size": chunk_size,
+        "stop_rule": stop_rule,
         **result.record(),
     }
     return FitResult(
@@ -394,8 +438,6 @@ def _fit_other(
     if isinstance(model, Mixture):
         # These methods need a proper posterior: prior="default" means mclust's there.
         model = model.with_proper_prior()
-        if model_kwargs:
-            raise SpecError("model_kwargs is for Pyro programs; a Mixture takes only the data")
         if len(model_args) != 1:
             raise SpecError(
                 f"fit(Mixture, data) takes exactly one data argument; got {len(model_args)}"
@@ -424,13 +466,15 @@ def _fit_other(
             return fit_nuts(
                 model, (data,), None, init=init, seed=seed, progress=progress, **options
             )
-        program, init = _mixture_as_program(model, data, init, seed)
+        program, values = _mixture_as_program(model, data, init, seed)
+        if n_init > 1 and not isinstance(init, dict | FitResult):
+            # Each restart from the Mixture's own initialisation, seeded per restart.
+            family = model.bind(data)
+            strategy = init
+            init = partial(site_values, model, family, data, strategy)
+        else:
+            init = values
         model, model_args, model_kwargs = program, (), None
-    elif dtype is not None or device is not None:
-        raise SpecError(
-            "dtype and device are for pyroem.Mixture; a Pyro program computes in the "
-            "dtype and on the device of its own tensors (pass the data as you want it)"
-        )
     common: dict[str, Any] = {"init": init, "seed": seed, "progress": progress, **options}
     em: dict[str, Any] = {"tol": tol, "max_iter": max_iter, "n_init": n_init, "callback": callback}
     if method == "vb-em":

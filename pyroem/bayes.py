@@ -639,7 +639,9 @@ def _mixture_setup(
         raise SpecError(
             f"fit(Mixture, data) takes exactly one data argument; got {len(model_args)}"
         )
-    data = as_data(model_args[0])
+    raw = model_args[0]
+    floating = isinstance(raw, torch.Tensor) and raw.dtype in (torch.float32, torch.float64)
+    data = as_data(raw, dtype=raw.dtype if floating else torch.float64)
     family = spec.bind(data)
     values = site_values(spec, family, data, init, seed)
     return ProgramModel(spec.model(data, params=values)), values, family, data

@@ -441,11 +441,9 @@ def _fit_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
         "warmup_steps": args.warmup_steps,
         "num_chains": args.num_chains,
     }
+    em = {"n_init": args.n_init, "tol": args.tol, "max_iter": args.max_iter}
     return {
-        **(nuts if method == "nuts" else {}),
-        "n_init": args.n_init,
-        "tol": args.tol,
-        "max_iter": args.max_iter,
+        **(nuts if method == "nuts" else em),
         "seed": args.seed,
         "dtype": args.dtype,
         "progress": progress,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -152,7 +153,7 @@ class EMResult(NamedTuple):
         return out
 
 
-class Engine:
+class Engine(ABC):
     """The shape of an EM variant. Subclasses implement ``init``, ``e_step`` and
     ``m_step``; ``converged``, ``finish`` and ``unconverged_message`` have defaults.
 
@@ -164,17 +165,17 @@ class Engine:
     name = "EM"
     num_data = 1
 
+    @abstractmethod
     def init(self, restart: int) -> MStepResult:
         """The starting point of restart ``restart`` (0-based)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def e_step(self, params: Any) -> EStepResult:
         """Score ``params`` and compute the statistics for the next M-step."""
-        raise NotImplementedError
 
+    @abstractmethod
     def m_step(self, stats: Any, params: Any, iteration: int) -> MStepResult:
         """New parameters from the statistics of ``params``."""
-        raise NotImplementedError
 
     def converged(self, objectives: list[float], info: list[Mapping[str, Any]], tol: float) -> bool:
         r"""Default rule: the objective changed by less than ``tol`` per data point,
@@ -252,6 +253,8 @@ def run_em(
         if interrupted:
             raise KeyboardInterrupt
         assert last_error is not None
+        if n_init == 1:
+            raise last_error
         raise type(last_error)(
             f"every one of the {n_init} restarts failed ("
             + "; ".join(failures)

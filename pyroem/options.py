@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
+
+import torch
 
 from pyroem.errors import SpecError
 
-__all__ = ["check_integer", "with_defaults"]
+__all__ = ["OPTIONS", "Option", "check_applicable", "check_integer", "with_defaults"]
 
 
 def check_integer(name: str, value: Any, low: int) -> int:
@@ -42,3 +44,77 @@ def with_defaults(
             + (f" ({hint})" if hint else "")
         )
     return {**defaults, **options}
+
+
+class Option(NamedTuple):
+    """A common option of :func:`pyroem.fit`: its default, where it applies (method →
+    ``"any"`` model, ``"Mixture"``, ``"program"``, or ``"Mixture (CAVI)"``: a Mixture
+    under vb-em without a guide), and what to use where it does not."""
+
+    default: Any
+    applies: Mapping[str, str]
+    otherwise: str
+
+
+_EM = {"map-em": "any", "vb-em": "any", "mcmc-em": "any"}
+_ALL = {**_EM, "nuts": "any"}
+_MIXTURE = dict.fromkeys(_ALL, "Mixture")
+_PROGRAM_M_STEP = {"map-em": "program", "mcmc-em": "any"}
+
+#: Which common option of :func:`pyroem.fit` applies to which method (the README's table).
+OPTIONS: dict[str, Option] = {
+    "n_init": Option(1, _EM, "for nuts use num_chains"),
+    "init": Option(None, _ALL, ""),
+    "tol": Option(1e-6, _EM, "nuts has no stopping rule: it draws num_samples per chain"),
+    "max_iter": Option(1000, _EM, "for nuts use num_samples and warmup_steps"),
+    "seed": Option(None, _ALL, ""),
+    "dtype": Option(None, _MIXTURE, "a Pyro program computes in its own tensors' dtype"),
+    "device": Option(None, _MIXTURE, "a Pyro program computes on its own tensors' device"),
+    "chunk_size": Option(
+        65536,
+        {"map-em": "Mixture", "vb-em": "Mixture (CAVI)", "nuts": "Mixture"},
+        "only a Mixture's own kernels are chunked",
+    ),
+    "progress": Option(False, _ALL, ""),
+    "model_kwargs": Option(None, dict.fromkeys(_ALL, "program"), "a Mixture takes only the data"),
+    "m_step": Option(
+        "auto", _PROGRAM_M_STEP, "a Mixture's map-em M-step, CAVI, SVI and NUTS have none to choose"
+    ),
+    "gradient_steps": Option(
+        50, _PROGRAM_M_STEP, "only gradient M-steps (Pyro programs, mcmc-em) take steps"
+    ),
+    "callback": Option(None, _EM, "nuts has no iterations; use progress=True"),
+}
+
+
+def check_applicable(method: str, kind: str, given: Mapping[str, Any]) -> None:
+    """Raise if an option of ``given`` set away from its default does not apply.
+
+    Args:
+        method: the method.
+        kind: ``"Mixture"``, ``"Mixture (CAVI)"`` or ``"program"``.
+        given: the common options as passed to :func:`pyroem.fit`.
+
+    Raises:
+        SpecError: naming the option, the method, where it applies and the alternative.
+    """
+    for name, value in given.items():
+        option = OPTIONS[name]
+        if value is option.default or (
+            not isinstance(value, torch.Tensor)
+            and type(value) is type(option.default)
+            and value == option.default
+        ):
+            continue
+        where = option.applies.get(method)
+        if where == "any" or where == kind or (where == "Mixture" and kind.startswith(where)):
+            continue
+        places = ", ".join(
+            method if model == "any" else f"{method} on a {model}"
+            for method, model in option.applies.items()
+        )
+        model = "a Pyro program" if kind == "program" else f"a {kind}"
+        raise SpecError(
+            f"{name} does not apply to method={method!r} on {model}; it applies to {places}"
+            + (f" ({option.otherwise})" if option.otherwise else "")
+        )

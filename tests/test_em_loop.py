@@ -99,3 +99,26 @@ def test_cavi_labels_are_the_predictions_of_the_final_q() -> None:
         pyroem.Mixture(4), data, method="vb-em", max_iter=2, tol=0.0, seed=0, num_draws=0
     )
     torch.testing.assert_close(fit.labels, fit.predict(data), rtol=0, atol=0)
+
+
+def test_default_stopping_rule_gives_the_mle_to_printed_digits() -> None:
+    """1-D Old Faithful waiting times, two components, no prior: the default ``tol``
+    must deliver the maximum-likelihood parameters to the printed digits (the objective
+    alone is flat there: EM used to stop at means 54.6217, 80.0954)."""
+    sklearn_mixture = pytest.importorskip("sklearn.mixture")
+    data = load_faithful().data[:, 1:2]
+    reference = sklearn_mixture.GaussianMixture(
+        2, tol=1e-14, max_iter=100000, reg_covar=0.0, means_init=[[50.0], [80.0]]
+    ).fit(data.numpy())
+    fit = pyroem.fit(pyroem.Mixture(2, prior=None), data, seed=0)
+    assert fit.converged
+    order = fit.params["means"][:, 0].argsort()
+    params = {name: value[order].numpy() for name, value in fit.params.items()}
+    np.testing.assert_allclose(params["means"], reference.means_, rtol=1e-6)
+    np.testing.assert_allclose(params["covariances"], reference.covariances_, rtol=1e-6)
+    np.testing.assert_allclose(params["weights"], reference.weights_, rtol=1e-6)
+    # The objective alone (scikit-learn's rule) stops earlier, short of those digits.
+    coarse = pyroem.fit(pyroem.Mixture(2, prior=None), data, seed=0, stop_rule="objective")
+    assert coarse.num_iterations < fit.num_iterations
+    means = np.sort(coarse.params["means"][:, 0].numpy())
+    assert np.abs(means - np.sort(reference.means_[:, 0])).max() > 1e-3

@@ -88,16 +88,16 @@ def _init_tensor(name: str, value: Any) -> torch.Tensor:
 
 
 def initial_values(
-    program: ProgramModel, init: Mapping[str, Any] | None, seed: int
+    program: ProgramModel, init: Mapping[str, Any] | Callable[[int], Any] | None, seed: int
 ) -> dict[str, torch.Tensor]:
-    """Starting parameters: ``init`` where given; otherwise a prior draw for sample
-    sites (seeded, drawn given the ``init`` values) and the program's value for
-    ``pyro.param`` sites.
+    """Starting parameters: ``init`` where given (a callable is called with ``seed``);
+    otherwise a prior draw for sample sites (seeded, drawn given the ``init`` values)
+    and the program's value for ``pyro.param`` sites.
 
     Raises:
         SpecError: ``init`` names an unknown site, or a value of the wrong shape/support.
     """
-    init = dict(init or {})
+    init = dict((init(seed) if callable(init) else init) or {})
     unknown = sorted(set(init) - set(program.params))
     if unknown:
         raise SpecError(
@@ -131,16 +131,16 @@ def initial_values(
     return values
 
 
-def program_init(init: Any) -> Mapping[str, Any] | None:
-    """A Pyro program's ``init``: ``{site name: value}``, ``None``, or a previous fit
-    (its parameters).
+def program_init(init: Any) -> Mapping[str, Any] | Callable[[int], Any] | None:
+    """A Pyro program's ``init``: ``{site name: value}``, ``None``, a previous fit (its
+    parameters), or a callable ``seed -> {site name: value}`` (one start per restart).
 
     Raises:
         SpecError: anything else.
     """
     if isinstance(init, ProgramFit):
         return init.params
-    if init is not None and not isinstance(init, Mapping):
+    if init is not None and not isinstance(init, Mapping) and not callable(init):
         raise SpecError(
             "init for a Pyro program is a dict {site name: value} (or a previous fit); "
             f"got {type(init).__name__}"
@@ -451,7 +451,7 @@ def fit_program(
         raise SpecError(f"gradient_steps must be an integer >= 1; got {gradient_steps!r}")
     program = ProgramModel(model, model_args, model_kwargs)
     init = program_init(init)
-    if init is not None and set(init) >= set(program.params):
+    if isinstance(init, Mapping) and set(init) >= set(program.params):
         n_init = 1
     base_seed = resolve_seed(seed)
     first = initial_values(program, init, base_seed)

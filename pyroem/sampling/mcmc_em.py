@@ -445,7 +445,7 @@ def fit_mcmc_em(
             f"draws (R-hat and ESS need them); got num_samples={settings.num_samples}"
         )
     init = program_init(init)
-    if init is not None and set(init) >= set(program.params):
+    if isinstance(init, Mapping) and set(init) >= set(program.params):
         n_init = 1
     base_seed = resolve_seed(seed)
     with torch.random.fork_rng(), pyro.validation_enabled(False):
@@ -454,7 +454,9 @@ def fit_mcmc_em(
         result = run_em(
             engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
         )
-    return _fit_result(engine, result, {"tol": tol, "max_iter": max_iter, "seed": seed})
+    return _fit_result(
+        engine, result, {"tol": tol, "max_iter": max_iter, "seed": seed, "n_init": n_init}
+    )
 
 
 def _sampler(
@@ -530,6 +532,7 @@ class _Final(NamedTuple):
     log_likelihood_se: float
     diagnostics: ChainDiagnostics | None
     problems: list[str]
+    burn_in: int | None
 
 
 class _MCMCEMEngine(Engine):
@@ -542,7 +545,7 @@ class _MCMCEMEngine(Engine):
         self,
         program: LatentProgram,
         settings: _Settings,
-        init: Mapping[str, Any] | None,
+        init: Mapping[str, Any] | Callable[[int], Any] | None,
         base_seed: int,
         tol: float,
     ) -> None:
@@ -652,7 +655,11 @@ class _MCMCEMEngine(Engine):
             objective=np.append(history.objective[:-1], final.objective),
             log_likelihood=np.append(history.log_likelihood[:-1], log_likelihood),
         )
-        extras = _Final(log_joint, log_likelihood, log_likelihood_se, diagnostics, problems)
+        schedule = self.schedule
+        burn_in = schedule.burn_in_end if isinstance(schedule, SAEMSchedule) else None
+        extras = _Final(
+            log_joint, log_likelihood, log_likelihood_se, diagnostics, problems, burn_in
+        )
         return run._replace(last=final, history=history, info=info, extras=extras)
 
     def unconverged_message(self, run: EMRun) -> str | None:
@@ -711,7 +718,6 @@ def _fit_result(engine: _MCMCEMEngine, result: EMResult, options: dict[str, Any]
         restart_objectives=result.restart_objectives,
         options={
             **options,
-            "n_init": len(result.restart_objectives),
             **settings._asdict(),
             **result.record(),
         },
@@ -725,7 +731,7 @@ def _fit_result(engine: _MCMCEMEngine, result: EMResult, options: dict[str, Any]
             for name in program.params
         },
         schedule=engine.schedule.name,
-        burn_in=engine.schedule.burn_in_end if isinstance(engine.schedule, SAEMSchedule) else None,
+        burn_in=final.burn_in,
         latents=[*program.latents, *program.enumerated],
         log_likelihood_se=final.log_likelihood_se,
     )

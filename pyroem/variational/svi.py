@@ -272,7 +272,7 @@ class _SVIEngine(Engine):
         self,
         settings: SVIOptions,
         program: _SVIProgram,
-        init: Mapping[str, Any] | None,
+        init: Mapping[str, Any] | Callable[[int], Any] | None,
         base_seed: int,
         max_iter: int,
     ) -> None:
@@ -566,7 +566,7 @@ def fit_svi(
     settings = _check_options(options)
     program = _SVIProgram(model, model_args, model_kwargs)
     init = program_init(init)
-    if init is not None and set(init) >= set(program.params):
+    if isinstance(init, Mapping) and set(init) >= set(program.params):
         n_init = 1
     engine = _SVIEngine(settings, program, init, resolve_seed(seed), max_iter)
     with torch.random.fork_rng(), pyro.get_param_store().scope():
