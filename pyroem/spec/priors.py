@@ -28,10 +28,13 @@ def _plain(value: Any) -> Any:
 
 
 def _check_numbers(prior: Any) -> None:
-    """Raise :class:`SpecError` if a field of ``prior`` is neither ``None`` nor finite numbers."""
+    """Raise :class:`SpecError` if a field of ``prior`` is neither ``None`` nor finite numbers
+    (``scale="resolution"`` names the weak default's scale)."""
     for field in fields(prior):
         value = getattr(prior, field.name)
-        if value is None:
+        if value is None or (
+            field.name == "scale" and isinstance(value, str) and value == "resolution"
+        ):
             continue
         try:
             array = np.asarray(value.tolist() if hasattr(value, "tolist") else value, dtype=float)
