@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from pyroem.em import EMRun, best_of_restarts, run_em
-from pyroem.errors import SpecError
+from pyroem.errors import DataError, NotSupportedError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
 from pyroem.initialization import initial_params, seeded_generator, site_values
 from pyroem.mstep.mixture import mixture_m_step
@@ -60,6 +61,7 @@ def fit(
     model_kwargs: dict[str, Any] | None = None,
     m_step: str = "auto",
     gradient_steps: int = 50,
+    sample_weight: Any = None,
     **method_options: Any,
 ) -> Any:
     r"""Fit a model by the EM variant ``method``.
@@ -95,6 +97,11 @@ def fit(
         m_step: Pyro programs: ``"auto"`` (recognised closed forms, gradient steps for
             the rest) or ``"gradient"`` (gradient steps for every site).
         gradient_steps: L-BFGS iterations per gradient M-step.
+        sample_weight: ``map-em`` on a ``Mixture``: non-negative frequency weights
+            ``(num_data,)``; row ``n`` counts ``w_n`` times in the sufficient statistics and
+            in the objective (integer weights give the fit on repeated rows). The
+            initialisation (k-means++ etc.) does not use them; ``fit.log_likelihood()``
+            stays the unweighted sum over rows.
         **method_options: options of the other methods (see the README's section on
             each method); an option the method does not know is an error.
 
@@ -109,6 +116,11 @@ def fit(
     and it never decreases from one iteration to the next.
     """
     torch_dtype = _check_options(method, n_init, tol, max_iter, chunk_size, dtype)
+    if sample_weight is not None and (method != "map-em" or not isinstance(model, Mixture)):
+        raise NotSupportedError(
+            f"sample_weight is supported by method='map-em' on a pyroem.Mixture; got "
+            f"method={method!r} on {type(model).__name__}. Repeat rows instead"
+        )
     started = time.perf_counter()
     result: Any
     if method == "map-em":
@@ -168,6 +180,7 @@ def fit(
             device=device,
             chunk_size=chunk_size,
             progress=progress,
+            sample_weight=sample_weight,
         )
     result.runtime = time.perf_counter() - started
     return result
@@ -188,6 +201,7 @@ def _fit_mixture(
     device: Any,
     chunk_size: int,
     progress: bool,
+    sample_weight: Any = None,
 ) -> FitResult:
     """MAP-EM on a ``Mixture`` by its fast tensor kernels."""
     if init is None:
@@ -204,7 +218,8 @@ def _fit_mixture(
         init = init.params
     if isinstance(init, dict):
         n_init = 1
-    e_step = MixtureEStep(family, model.weights_prior, data, chunk_size)
+    weights = None if sample_weight is None else _check_sample_weight(sample_weight, data)
+    e_step = MixtureEStep(family, model.weights_prior, data, chunk_size, weights)
     generator = seeded_generator(seed)
 
     def mixture_step(stats: Any, params: Any) -> Any:
@@ -217,7 +232,8 @@ def _fit_mixture(
             e_step,
             mixture_step,
             start,
-            num_data=data.shape[0],
+            # Weights are frequencies: the tolerance is per weighted row.
+            num_data=data.shape[0] if weights is None else float(weights.sum()),
             tol=tol,
             max_iter=max_iter,
             progress=progress,
@@ -249,6 +265,22 @@ def _fit_mixture(
         options=options,
         data=data,
     )
+
+
+def _check_sample_weight(sample_weight: Any, data: torch.Tensor) -> torch.Tensor:
+    """``sample_weight`` as a ``(num_data,)`` tensor of finite non-negative numbers."""
+    try:
+        weights = torch.as_tensor(np.asarray(sample_weight), dtype=data.dtype, device=data.device)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"sample_weight must be numeric; could not convert it ({err})") from err
+    if weights.shape != (data.shape[0],):
+        raise DataError(
+            f"sample_weight must have shape ({data.shape[0]},), one weight per row; "
+            f"got {tuple(weights.shape)}"
+        )
+    if not bool(torch.isfinite(weights).all() and (weights >= 0).all() and weights.sum() > 0):
+        raise DataError("sample_weight must be finite and non-negative, with a positive sum")
+    return weights
 
 
 def _mixture_as_program(

@@ -56,7 +56,7 @@ def run_em(
     m_step: Callable[[Any, Any], Any],
     params: Any,
     *,
-    num_data: int,
+    num_data: float,
     tol: float,
     max_iter: int,
     progress: bool = False,

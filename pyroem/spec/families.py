@@ -326,26 +326,40 @@ class Gaussian(Family):
     Prior: :class:`~pyroem.spec.priors.NormalInverseWishart` (``prior=None``: maximum
     likelihood). Statistics are accumulated about the data mean so raw second
     moments lose no precision to cancellation.
+
+    ``reg_covar`` (default 0) is added to the diagonal of every covariance after each
+    M-step, as scikit-learn's ``GaussianMixture(reg_covar=...)`` does: a floor that keeps
+    a component on few points from becoming singular. With ``reg_covar > 0`` the M-step
+    is no longer the exact maximiser, so the objective need not increase strictly.
     """
 
     name = "gaussian"
     prior_type = NormalInverseWishart
 
-    def __init__(self, covariance_type: str = "full", prior: Any = "default") -> None:
+    def __init__(
+        self, covariance_type: str = "full", prior: Any = "default", reg_covar: float = 0.0
+    ) -> None:
         if covariance_type not in COVARIANCE_TYPES:
             raise SpecError(
                 f"covariance_type must be one of {COVARIANCE_TYPES}; got {covariance_type!r}"
             )
+        if not (isinstance(reg_covar, (int, float)) and 0 <= reg_covar < math.inf):
+            raise SpecError(f"reg_covar must be a finite number >= 0; got {reg_covar!r}")
         super().__init__(prior)
         self.covariance_type = covariance_type
+        self.reg_covar = float(reg_covar)
         if covariance_type == "tied":
             self.shared_params = ("covariances", "sum_xx")
 
     def __repr__(self) -> str:
-        return f"Gaussian(covariance_type={self.covariance_type!r}, prior={self.prior!r})"
+        reg = f", reg_covar={self.reg_covar!r}" if self.reg_covar else ""
+        return f"Gaussian(covariance_type={self.covariance_type!r}, prior={self.prior!r}{reg})"
 
     def to_config(self) -> dict[str, Any]:
-        return {**super().to_config(), "covariance_type": self.covariance_type}
+        config = {**super().to_config(), "covariance_type": self.covariance_type}
+        if self.reg_covar:
+            config["reg_covar"] = self.reg_covar
+        return config
 
     @property
     def params_type(self) -> type:
@@ -480,7 +494,9 @@ class Gaussian(Family):
             return GaussianStats(counts, moments[:, :dim], moments[:, dim:])
         sum_x = resp.T @ prepared
         if self.covariance_type == "tied":
-            return GaussianStats(counts, sum_x, prepared.T @ prepared)
+            # Rows weigh Σ_k r_nk: 1, or the row's weight under sample_weight.
+            row_weights = resp.sum(1, keepdim=True)
+            return GaussianStats(counts, sum_x, (prepared * row_weights).T @ prepared)
         # Σ_n r_nk x_n x_nᵀ as one (K·D, n) @ (n, D) product over contiguous rows: several
         # times faster than weighting the (n, K·D) outer layout when D is small.
         num, dim = prepared.shape
@@ -493,6 +509,9 @@ class Gaussian(Family):
         dim = self._require_bound()
         prior: ResolvedNIW | None = self.resolved
         counts = stats.counts
+        if self.reg_covar:
+            # As scikit-learn: a component no data reaches keeps finite means.
+            counts = counts + 10 * torch.finfo(counts.dtype).eps
         kappa = 0.0 if prior is None else prior.mean_precision
         prior_mean = None if prior is None else prior.mean - self._center
         means = normal_mean_mode(stats.sum_x, counts, prior_mean, kappa)
@@ -519,6 +538,7 @@ class Gaussian(Family):
                         numer = numer + kappa * deviation.square().sum(-1)
                     denom = counts * dim + prior.dof + 2 + dim * has_mean_prior
                     covariances = numer / denom
+            covariances = covariances + self.reg_covar
             moments = stats.sum_xx / counts[:, None]
             if self.covariance_type == "diag":
                 self._check_variances(covariances, moments, counts)
@@ -548,6 +568,10 @@ class Gaussian(Family):
                         numer = numer + kappa * deviation[:, :, None] * deviation[:, None, :]
                     denom = counts + prior.dof + dim + 1 + has_mean_prior
                     covariances = numer / denom[:, None, None]
+            if self.reg_covar:
+                covariances = covariances + self.reg_covar * torch.eye(
+                    dim, dtype=covariances.dtype, device=covariances.device
+                )
             params = GaussianParams(means + self._center, covariances)
             _check_finite_params(params, counts, self.name)
             if self.covariance_type == "tied":
