@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from scipy.linalg import solve_triangular
 from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.exceptions import ConvergenceWarning as SklearnConvergenceWarning
 from sklearn.utils import check_random_state
@@ -34,8 +35,10 @@ from pyroem.api import fit as pyroem_fit
 from pyroem.errors import (
     CollapsedComponentWarning,
     ConvergenceWarning,
+    DataError,
     NotSupportedError,
-    SingularCovarianceError,
+    PyroEMError,
+    SpecError,
 )
 from pyroem.estep.enumerate import score_mixture
 from pyroem.initialization import initial_params
@@ -277,10 +280,11 @@ def _precisions_cholesky(covariances: np.ndarray, covariance_type: str) -> np.nd
     if covariance_type in ("diag", "spherical"):
         return 1.0 / np.sqrt(covariances)
     matrices = covariances if covariance_type == "full" else covariances[None]
-    chol = np.linalg.cholesky(matrices)
     eye = np.eye(covariances.shape[-1])
-    inverse = np.linalg.solve(chol, np.broadcast_to(eye, matrices.shape))
-    factors = np.swapaxes(inverse, -1, -2)
+    # Upper triangular U with U Uᵀ = Σ⁻¹: the transposed inverse of Σ's Cholesky factor.
+    factors = np.stack(
+        [solve_triangular(np.linalg.cholesky(matrix), eye, lower=True).T for matrix in matrices]
+    )
     return factors if covariance_type == "full" else factors[0]
 
 
@@ -471,7 +475,10 @@ class GaussianMixture(_GaussianBase):
     def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:
         try:
             return super().fit_predict(X, y)
-        except SingularCovarianceError as err:
+        except PyroEMError as err:
+            if isinstance(err, DataError | SpecError | NotSupportedError):
+                raise
+            # A singular covariance, or a component with no data under reg_covar=0.
             raise ValueError(
                 f"Fitting the mixture model failed because some components have ill-defined "
                 f"empirical covariance (for instance caused by singleton or collapsed "
