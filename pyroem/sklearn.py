@@ -498,9 +498,12 @@ class BayesianGaussianMixture(_GaussianBase):
     Inverse-Wishart scale over its degrees of freedom, ``Ψ_k / ν_k``, as in
     scikit-learn (so ``precisions_ = E_q[Λ_k]``).
 
+    ``weight_concentration_prior_type="dirichlet_process"`` (the default, as in
+    scikit-learn) is vb-em's truncated stick-breaking prior; ``weight_concentration_``
+    is then the sticks' Beta parameters ``(γ_1, γ_2)``.
+
     Differences from scikit-learn, each named in the error it raises or the README:
-    ``weight_concentration_prior_type="dirichlet_process"`` is not available yet (the
-    default here is ``"dirichlet_distribution"``); ``degrees_of_freedom_prior=None``
+    ``degrees_of_freedom_prior=None``
     resolves to ``n_features + 2`` for full and tied covariances (and 3 for diag and
     spherical), because vb-em reports ``E_q[Σ]``, which needs ``dof > p + 1``;
     ``reg_covar`` is accepted for compatibility and not used (the Wishart posterior is
@@ -532,7 +535,7 @@ class BayesianGaussianMixture(_GaussianBase):
         max_iter: int = 100,
         n_init: int = 1,
         init_params: str = "kmeans",
-        weight_concentration_prior_type: str = "dirichlet_distribution",
+        weight_concentration_prior_type: str = "dirichlet_process",
         weight_concentration_prior: float | None = None,
         mean_precision_prior: float | None = None,
         mean_prior: Any = None,
@@ -562,11 +565,11 @@ class BayesianGaussianMixture(_GaussianBase):
         self.verbose_interval = verbose_interval
 
     def _check_init_overrides(self, num_features: int) -> None:
-        if self.weight_concentration_prior_type == "dirichlet_process":
-            raise NotSupportedError(
-                "weight_concentration_prior_type='dirichlet_process' (a stick-breaking prior) "
-                "is not available in pyroem's vb-em yet; use "
-                "weight_concentration_prior_type='dirichlet_distribution'"
+        dof = self.degrees_of_freedom_prior
+        if dof is not None and dof <= num_features - 1:
+            raise ValueError(
+                "The parameter 'degrees_of_freedom_prior' should be greater than "
+                f"{num_features - 1}, but got {dof:.3f}."
             )
         if self.mean_prior is not None:
             _check_shape(self.mean_prior, (num_features,), "means")
@@ -632,7 +635,7 @@ class BayesianGaussianMixture(_GaussianBase):
         )
 
     def _fit_options(self) -> dict[str, Any]:
-        return {"num_draws": 0}
+        return {"num_draws": 0, "weights_prior_type": self.weight_concentration_prior_type}
 
     def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:
         self._validate_params()
@@ -654,9 +657,15 @@ class BayesianGaussianMixture(_GaussianBase):
         self._bound_family = result.family
         dtype = self._fit_dtype
         posterior = result.variational["components"]
-        alpha = result.variational["weights"]["concentration"].numpy()
-        self.weight_concentration_ = alpha.astype(dtype)
-        self.weights_ = (alpha / alpha.sum()).astype(dtype)
+        weights = result.variational["weights"]
+        if "concentration" in weights:
+            self.weight_concentration_: Any = weights["concentration"].numpy().astype(dtype)
+        else:
+            self.weight_concentration_ = (
+                weights["stick_concentration1"].numpy().astype(dtype),
+                weights["stick_concentration0"].numpy().astype(dtype),
+            )
+        self.weights_ = result.params["weights"].numpy().astype(dtype)
         self.mean_precision_ = posterior["mean_precision"].numpy().astype(dtype)
         self.means_ = posterior["mean"].numpy().astype(dtype)
         dof = posterior["dof"].numpy()
