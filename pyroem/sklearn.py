@@ -102,7 +102,7 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
     def _set_fitted(self, result: Any) -> None:
         raise NotImplementedError
 
-    def _warm_params(self) -> dict:
+    def _warm_params(self) -> Any:
         raise NotImplementedError
 
     def _mixture_params(self) -> MixtureParams:
@@ -679,9 +679,9 @@ class BayesianGaussianMixture(_GaussianBase):
             covariances = scale / dof
         self._set_covariances(covariances.astype(dtype))
 
-    def _warm_params(self) -> dict:
-        params = self._result.params
-        return {key: value.numpy() for key, value in params.items()}
+    def _warm_params(self) -> Any:
+        # The previous fit itself: vb-em continues from its q(π, θ).
+        return self._result
 
     def _score(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
         check_is_fitted(self)

@@ -343,6 +343,27 @@ class VariationalFit(FitResult):
         return "\n".join(lines[:at] + extra + lines[at:])
 
 
+def _continued_state(
+    previous: VariationalFit | None, family: Any, weights_prior: torch.Tensor
+) -> VariationalParams | None:
+    """A previous vb-em fit's ``q(π, θ)`` to continue from (a warm start), when it
+    belongs to the same model: the same weights prior's shape, components and centring
+    of the data (else the fit restarts from its expected parameters)."""
+    if previous is None:
+        return None
+    state = previous._state
+    if state.weights_concentration.shape != weights_prior.shape:
+        return None
+    old_shift, new_shift = previous.family.shift, family.shift
+    if (old_shift is None) != (new_shift is None):
+        return None
+    if old_shift is not None and not torch.equal(old_shift, new_shift):
+        return None
+    if type(previous.family) is not type(family) or previous.family.dim != family.dim:
+        return None
+    return state
+
+
 def _weights_factor(concentration: torch.Tensor) -> dict[str, torch.Tensor]:
     """``fit.variational["weights"]``: the Dirichlet's concentration, or the sticks'."""
     if concentration.ndim == 1:
@@ -411,7 +432,9 @@ def fit_mixture_cavi(
             and for the gaussian family ``mean_precision > 0``).
         data: ``(num_data, dim)``, validated (see :func:`pyroem.spec.mixture.as_data`).
         init: ``"kmeans++"``, ``"kmeans"``, ``"random"``, ``"random_from_data"``, a dict
-            of parameters in ``fit.params`` form, or a previous fit.
+            of parameters in ``fit.params`` form, or a previous fit. A previous vb-em fit
+            of the same model on the same data is continued from its ``q(π, θ)``, so the
+            ELBO goes on increasing from where it stopped.
         n_init: restarts; the one with the highest final ELBO is kept.
         seed: makes initialisation and the draws reproducible.
         tol: converged when the ELBO changes by less than ``tol`` per data point.
@@ -439,6 +462,7 @@ def fit_mixture_cavi(
     num_draws, weight_threshold, prior_type = _check_cavi_options(dict(options))
     family = spec.bind(data)
     factor = conjugate_factor(family)
+    previous = init if isinstance(init, VariationalFit) else None
     if isinstance(init, FitResult):
         init = init.params
     if isinstance(init, dict):
@@ -455,10 +479,14 @@ def fit_mixture_cavi(
         weights_prior = torch.stack([torch.ones_like(weights_prior), weights_prior], dim=-1)
     e_step = _CaviEStep(factor, weights_prior, map_e_step.chunks)
     generator = seeded_generator(seed)
+    continued = _continued_state(previous, family, weights_prior)
 
     def run_once(restart: int) -> EMRun:
-        start = initial_params(spec, family, data, init, generator)
-        first = e_step.update(map_e_step(start).stats)
+        if continued is not None:
+            first = continued
+        else:
+            start = initial_params(spec, family, data, init, generator)
+            first = e_step.update(map_e_step(start).stats)
         label = f"vb-em restart {restart + 1}/{n_init}" if n_init > 1 else "vb-em"
         return run_em(
             e_step,
