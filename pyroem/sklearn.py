@@ -118,12 +118,17 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
         )
         return np.asarray(X)
 
-    def fit(self, X: Any, y: Any = None) -> Any:
-        """Fit the mixture to ``X`` ``(n_samples, n_features)``; returns ``self``."""
-        self.fit_predict(X, y)
+    def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> Any:
+        """Fit the mixture to ``X`` ``(n_samples, n_features)``; returns ``self``.
+
+        ``sample_weight`` ``(n_samples,)``: non-negative frequency weights (row ``n``
+        counts ``w_n`` times; ``pyroem.fit(..., sample_weight=)``). The initialisation
+        draws from the rows with positive weight, unweighted.
+        """
+        self.fit_predict(X, y, sample_weight=sample_weight)
         return self
 
-    def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:
+    def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None) -> np.ndarray:
         """Fit, then return the most probable component of each row of ``X``.
 
         The labels come from the final parameters, so they equal
@@ -131,6 +136,7 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
         """
         self._validate_params()
         X = self._validate_data(X, reset=True)
+        weights = None if sample_weight is None else _check_weights(sample_weight, X.shape[0])
         if X.shape[0] < self.n_components:
             raise ValueError(
                 "Expected n_samples >= n_components but got "
@@ -140,6 +146,10 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
         data = torch.as_tensor(X, dtype=torch.float64)
         spec = self._spec(X.shape[1])
         family = spec.bind(data)
+        init_data = data if weights is None else data[torch.as_tensor(weights > 0)]
+        options = self._fit_options()
+        if weights is not None:
+            options["sample_weight"] = weights
         warm = bool(self.warm_start and hasattr(self, "converged_"))
         n_init = 1 if warm else self.n_init
         random_state = check_random_state(self.random_state)
@@ -150,7 +160,7 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
             if self.verbose:
                 print(f"Initialization {restart}")
             seed = int(random_state.randint(np.iinfo(np.int32).max))
-            start = self._warm_params() if warm else self._start(spec, family, data, seed)
+            start = self._warm_params() if warm else self._start(spec, family, init_data, seed)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 warnings.simplefilter("ignore", CollapsedComponentWarning)
@@ -162,9 +172,9 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
                     tol=self._fit_tolerance(X.shape[0]),
                     max_iter=self.max_iter,
                     seed=seed,
-                    **self._fit_options(),
+                    **options,
                 )
-            bound = self._lower_bound(result)
+            bound = self._lower_bound(result, weights)
             if self.verbose:
                 state = "converged" if result.converged else "did not converge"
                 print(
@@ -186,17 +196,20 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
         self.converged_ = bool(best.converged)
         self.n_iter_ = int(best.num_iterations)
         self.lower_bound_ = float(best_bound)
-        self.lower_bounds_ = self._lower_bounds(best)
+        self.lower_bounds_ = self._lower_bounds(best, weights)
         return self.predict(X)
 
     def _fit_tolerance(self, num_data: int) -> float:
         return float(self.tol)
 
-    def _lower_bound(self, result: Any) -> float:
-        return float(result.log_likelihood()) / result.num_data
+    def _lower_bound(self, result: Any, weights: np.ndarray | None) -> float:
+        if weights is None:
+            return float(result.log_likelihood()) / result.num_data
+        return float(result.history.log_likelihood[-1] / weights.sum())
 
-    def _lower_bounds(self, result: Any) -> list[float]:
-        return list(result.history.log_likelihood[1:] / result.num_data)
+    def _lower_bounds(self, result: Any, weights: np.ndarray | None) -> list[float]:
+        total = result.num_data if weights is None else weights.sum()
+        return list(result.history.log_likelihood[1:] / total)
 
     # ----- scoring -------------------------------------------------------------------
     def _score(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -298,6 +311,20 @@ def _covariances_from_precisions(precisions: np.ndarray, covariance_type: str) -
     if covariance_type in ("diag", "spherical"):
         return 1.0 / precisions
     return np.linalg.inv(precisions)
+
+
+def _check_weights(sample_weight: Any, num_rows: int) -> np.ndarray:
+    """``sample_weight`` as ``(num_rows,)`` float64, non-negative and finite."""
+    weights = np.asarray(sample_weight, dtype=np.float64)
+    if weights.ndim == 0:
+        weights = np.full(num_rows, float(weights))
+    if weights.shape != (num_rows,):
+        raise ValueError(f"sample_weight.shape == {weights.shape}, expected ({num_rows},)!")
+    if not (np.isfinite(weights).all() and (weights >= 0).all()):
+        raise ValueError("sample_weight must be finite and non-negative")
+    if not weights.sum() > 0:
+        raise ValueError("Sample weights must contain at least one non-zero number.")
+    return weights
 
 
 def _check_shape(value: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
@@ -472,9 +499,9 @@ class GaussianMixture(_GaussianBase):
         self.means_ = params["means"].astype(dtype)
         self._set_covariances(np.asarray(params["covariances"]).astype(dtype))
 
-    def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:
+    def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None) -> np.ndarray:
         try:
-            return super().fit_predict(X, y)
+            return super().fit_predict(X, y, sample_weight=sample_weight)
         except PyroEMError as err:
             if isinstance(err, DataError | SpecError | NotSupportedError):
                 raise
@@ -637,7 +664,13 @@ class BayesianGaussianMixture(_GaussianBase):
     def _fit_options(self) -> dict[str, Any]:
         return {"num_draws": 0, "weights_prior_type": self.weight_concentration_prior_type}
 
-    def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:
+    def fit(self, X: Any, y: Any = None) -> Any:  # type: ignore[override]
+        """Fit the mixture to ``X`` ``(n_samples, n_features)``; returns ``self``
+        (vb-em takes no ``sample_weight``)."""
+        self.fit_predict(X, y)
+        return self
+
+    def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:  # type: ignore[override]
         self._validate_params()
         checked = self._validate_data(X, reset=True)
         self._resolve_priors(np.asarray(checked, dtype=np.float64))
@@ -646,10 +679,10 @@ class BayesianGaussianMixture(_GaussianBase):
     def _fit_tolerance(self, num_data: int) -> float:
         return self.tol / num_data
 
-    def _lower_bound(self, result: Any) -> float:
+    def _lower_bound(self, result: Any, weights: np.ndarray | None) -> float:
         return float(result.elbo)
 
-    def _lower_bounds(self, result: Any) -> list[float]:
+    def _lower_bounds(self, result: Any, weights: np.ndarray | None) -> list[float]:
         return list(result.history.objective[1:])
 
     def _set_fitted(self, result: Any) -> None:

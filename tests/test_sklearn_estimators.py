@@ -173,3 +173,24 @@ def test_scikit_learn_own_tests_pass_on_pyroem_classes() -> None:
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-4000:]
     assert " failed" not in done.stdout and " passed" in done.stdout
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "tied"])
+def test_sample_weight_equals_scikit_learn_on_repeated_rows(covariance_type: str) -> None:
+    data = _blobs()
+    counts = np.random.default_rng(3).integers(0, 4, size=data.shape[0])
+    counts[[0, 70, 120]] = 1
+    options = {
+        "n_components": 3,
+        "covariance_type": covariance_type,
+        "tol": 0.0,
+        "max_iter": 5,
+        **_start(data, covariance_type),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ours = GaussianMixture(**options).fit(data, sample_weight=counts)
+        theirs = mixture.GaussianMixture(**options).fit(np.repeat(data, counts, axis=0))
+    for name in ("weights_", "means_", "covariances_"):
+        np.testing.assert_allclose(getattr(ours, name), getattr(theirs, name), rtol=1e-10)
+    np.testing.assert_allclose(ours.lower_bounds_[:-1], theirs.lower_bounds_[1:], rtol=1e-10)
