@@ -9,10 +9,11 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 
 from pyroem.em import Engine, EStepResult, Iteration, MStepResult, run_em
-from pyroem.errors import PyroEMError, SpecError
+from pyroem.errors import DataError, NotSupportedError, PyroEMError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
 from pyroem.initialization import initial_params, seeded_generator, site_values
 from pyroem.mstep.mixture import mixture_m_step
@@ -129,6 +130,7 @@ def fit(
     m_step: str = "auto",
     gradient_steps: int = 50,
     callback: Callable[[Iteration], Any] | None = None,
+    sample_weight: Any = None,
     **method_options: Any,
 ) -> Any:
     r"""Fit a model by the EM variant ``method``.
@@ -171,6 +173,11 @@ def fit(
             log-likelihood, elapsed seconds), e.g. to log or save progress. Raising
             ``KeyboardInterrupt`` in it (or pressing Ctrl-C) stops the fit cleanly: the best
             state so far is returned, marked not converged.
+        sample_weight: ``map-em`` on a ``Mixture``: non-negative frequency weights
+            ``(num_data,)``; row ``n`` counts ``w_n`` times in the sufficient statistics and
+            in the objective (integer weights give the fit on repeated rows). The
+            initialisation (k-means++ etc.) does not use them; ``fit.log_likelihood()``
+            stays the unweighted sum over rows.
         **method_options: options of each method (see the README's section on each);
             an option the method does not know is an error. map-em on a ``Mixture``:
             ``stop_rule`` — ``"parameters"`` (default: the objective rule and the
@@ -196,6 +203,11 @@ def fit(
         cavi = method == "vb-em" and "guide" not in method_options
         kind = "Mixture (CAVI)" if cavi else "Mixture"
     check_applicable(method, kind, {**given, "model_kwargs": model_kwargs or None})
+    if sample_weight is not None and (method != "map-em" or not isinstance(model, Mixture)):
+        raise NotSupportedError(
+            f"sample_weight is supported by method='map-em' on a pyroem.Mixture; got "
+            f"method={method!r} on {type(model).__name__}. Repeat rows instead"
+        )
     started = time.perf_counter()
     result: Any
     if method == "map-em":
@@ -260,6 +272,7 @@ def fit(
             progress=progress,
             callback=callback,
             stop_rule=method_options["stop_rule"],
+            sample_weight=sample_weight,
         )
     result.runtime = time.perf_counter() - started
     columns = getattr(model_args[0], "columns", None) if len(model_args) == 1 else None
@@ -292,12 +305,14 @@ class _MixtureEngine(Engine):
         seed: int | None,
         chunk_size: int,
         name: str,
+        weights: torch.Tensor | None = None,
     ) -> None:
         self.spec, self.family, self.data, self.start = spec, family, data, init
         self.generator = seeded_generator(seed)
-        self.estep = MixtureEStep(family, spec.weights_prior, data, chunk_size)
+        self.estep = MixtureEStep(family, spec.weights_prior, data, chunk_size, weights)
         self.name = name
-        self.num_data = data.shape[0]
+        # Weights are frequencies: the tolerance is per weighted row.
+        self.num_data = data.shape[0] if weights is None else float(weights.sum())
 
     def init(self, restart: int) -> MStepResult:
         return MStepResult(
@@ -355,6 +370,7 @@ def _fit_mixture(
     progress: bool,
     callback: Callable[[Iteration], Any] | None,
     stop_rule: str,
+    sample_weight: Any = None,
 ) -> FitResult:
     """MAP-EM on a ``Mixture`` by its fast tensor kernels."""
     if init is None:
@@ -369,7 +385,8 @@ def _fit_mixture(
         init = init.params
     if isinstance(init, dict):
         n_init = 1
-    engine = _MixtureEngine(model, family, data, init, seed, chunk_size, method)
+    weights = None if sample_weight is None else _check_sample_weight(sample_weight, data)
+    engine = _MixtureEngine(model, family, data, init, seed, chunk_size, method, weights)
     engine.parameter_rule = stop_rule == "parameters"
     result = run_em(
         engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
@@ -401,6 +418,22 @@ def _fit_mixture(
         options=options,
         data=data,
     )
+
+
+def _check_sample_weight(sample_weight: Any, data: torch.Tensor) -> torch.Tensor:
+    """``sample_weight`` as a ``(num_data,)`` tensor of finite non-negative numbers."""
+    try:
+        weights = torch.as_tensor(np.asarray(sample_weight), dtype=data.dtype, device=data.device)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"sample_weight must be numeric; could not convert it ({err})") from err
+    if weights.shape != (data.shape[0],):
+        raise DataError(
+            f"sample_weight must have shape ({data.shape[0]},), one weight per row; "
+            f"got {tuple(weights.shape)}"
+        )
+    if not bool(torch.isfinite(weights).all() and (weights >= 0).all() and weights.sum() > 0):
+        raise DataError("sample_weight must be finite and non-negative, with a positive sum")
+    return weights
 
 
 def _mixture_as_program(

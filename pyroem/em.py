@@ -159,11 +159,11 @@ class Engine(ABC):
 
     Attributes:
         name: label of the progress bar.
-        num_data: ``N``, which scales the tolerance.
+        num_data: ``N`` (the weighted count under sample weights), which scales the tolerance.
     """
 
     name = "EM"
-    num_data = 1
+    num_data: float = 1
 
     @abstractmethod
     def init(self, restart: int) -> MStepResult:

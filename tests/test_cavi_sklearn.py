@@ -320,3 +320,64 @@ def test_superfluous_components_collapse_like_sklearn() -> None:
     floor = alpha / (num_components * alpha + num_data)
     assert np.all(collapsed < 1.01 * floor)
     np.testing.assert_allclose(np.sort(weights)[-2:], [0.36, 0.64], atol=0.02)
+
+
+def test_dirichlet_process_cavi_follows_sklearn() -> None:
+    """The truncated stick-breaking prior: scikit-learn's default
+    ``weight_concentration_prior_type="dirichlet_process"`` from the same start, full
+    covariances. The ELBOs differ by a constant (scikit-learn drops the Beta(1, α)
+    normalisers and the Wishart constants), so their changes are compared."""
+    data = _faithful([0, 1])
+    dim = data.shape[1]
+    start = _start("full", dim)
+    prior = _prior(dim)
+    spec = pyroem.Mixture(
+        NUM_COMPONENTS,
+        "gaussian",
+        covariance_type="full",
+        prior=pyroem.NormalInverseWishart(**prior),
+        weights_prior=WEIGHTS_PRIOR,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pyroem.ConvergenceWarning)
+        fit = pyroem.fit(
+            spec,
+            data,
+            method="vb-em",
+            init=start,
+            tol=0,
+            max_iter=NUM_ITERATIONS,
+            num_draws=0,
+            weights_prior_type="dirichlet_process",
+        )
+    model = _InjectedStart(
+        start_resp=_start_responsibilities(data, start, "full"),
+        n_components=NUM_COMPONENTS,
+        covariance_type="full",
+        weight_concentration_prior_type="dirichlet_process",
+        weight_concentration_prior=WEIGHTS_PRIOR,
+        reg_covar=0.0,
+        tol=0.0,
+        max_iter=NUM_ITERATIONS + 1,
+        **_sklearn_prior(prior, "full"),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SklearnConvergenceWarning)
+        model.fit(data)
+    bounds = np.array([float(np.sum(bound)) for bound in model.lower_bounds_])
+    elbo = fit.history.objective
+    assert elbo[-1] - elbo[0] > 1.0
+    np.testing.assert_allclose(np.diff(elbo), np.diff(bounds), rtol=1e-7, atol=1e-9)
+    sticks = fit.variational["weights"]
+    np.testing.assert_allclose(
+        sticks["stick_concentration1"].numpy(), model.weight_concentration_[0], rtol=RTOL
+    )
+    np.testing.assert_allclose(
+        sticks["stick_concentration0"].numpy(), model.weight_concentration_[1], rtol=RTOL
+    )
+    components = fit.variational["components"]
+    np.testing.assert_allclose(components["mean"].numpy(), model.means_, rtol=RTOL, atol=RTOL)
+    np.testing.assert_allclose(fit.params["weights"].numpy(), model.weights_, rtol=RTOL)
+    np.testing.assert_allclose(
+        fit.predict_proba(data).numpy(), model.predict_proba(data), rtol=1e-7, atol=1e-12
+    )

@@ -46,6 +46,8 @@ class MixtureEStep:
         weights_prior: Dirichlet concentration of the weights, ``(K,)``.
         data: ``(num_data, dim)``.
         chunk_size: rows per chunk.
+        sample_weight: optional ``(num_data,)`` non-negative frequency weights: row ``n``
+            counts ``w_n`` times in the statistics and the log-likelihood.
     """
 
     def __init__(
@@ -54,11 +56,17 @@ class MixtureEStep:
         weights_prior: torch.Tensor,
         data: torch.Tensor,
         chunk_size: int,
+        sample_weight: torch.Tensor | None = None,
     ) -> None:
         self.family = family
         self.weights_prior = weights_prior.to(dtype=data.dtype, device=data.device)
         self.chunk_size = chunk_size
         self.chunks = [family.prepare(chunk) for chunk in data.split(chunk_size)]
+        self.chunk_weights: list[torch.Tensor | None] = (
+            [None] * len(self.chunks)
+            if sample_weight is None
+            else list(sample_weight.to(data).split(chunk_size))
+        )
 
     def log_prior(self, params: MixtureParams) -> torch.Tensor:
         """``log Dirichlet(π | α) + log p(θ)``; removed components are left out."""
@@ -83,7 +91,7 @@ class MixtureEStep:
         # so which are removed, must not depend on the dtype (the terms dropped change
         # a log-likelihood by under 1e-34 relative).
         cutoff = max(math.log(finfo.tiny), math.log(torch.finfo(torch.float32).tiny)) + 8
-        for chunk in self.chunks:
+        for chunk, row_weights in zip(self.chunks, self.chunk_weights, strict=True):
             # logsumexp and the normalised exponentials in one pass, in place: exp once.
             joint = log_prob(chunk) + log_weights
             peak = joint.amax(dim=1, keepdim=True).clamp_(min=finfo.min)
@@ -93,6 +101,9 @@ class MixtureEStep:
             total = resp.sum(dim=1, keepdim=True)
             resp.div_(total)
             log_norm = total.log_().add_(peak)
+            if row_weights is not None:
+                resp.mul_(row_weights[:, None])
+                log_norm.mul_(row_weights[:, None])
             chunk_stats = self.family.statistics(chunk, resp)
             stats = chunk_stats if stats is None else add_statistics(stats, chunk_stats)
             log_likelihood = log_likelihood + log_norm.sum()

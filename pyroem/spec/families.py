@@ -392,23 +392,34 @@ class Gaussian(Family):
     likelihood). Each component's scatter is accumulated about its own weighted mean
     (see :class:`GaussianStats`), so covariances are exact to the dtype's precision
     however far apart the components sit.
+
+    ``reg_covar`` (default 0) is added to the diagonal of every covariance after each
+    M-step, as scikit-learn's ``GaussianMixture(reg_covar=...)`` does: a floor that keeps
+    a component on few points from becoming singular. With ``reg_covar > 0`` the M-step
+    is no longer the exact maximiser, so the objective need not increase strictly.
     """
 
     name = "gaussian"
     prior_type = NormalInverseWishart
 
-    def __init__(self, covariance_type: str = "full", prior: Any = "default") -> None:
+    def __init__(
+        self, covariance_type: str = "full", prior: Any = "default", reg_covar: float = 0.0
+    ) -> None:
         if covariance_type not in COVARIANCE_TYPES:
             raise SpecError(
                 f"covariance_type must be one of {COVARIANCE_TYPES}; got {covariance_type!r}"
             )
+        if not (isinstance(reg_covar, (int, float)) and 0 <= reg_covar < math.inf):
+            raise SpecError(f"reg_covar must be a finite number >= 0; got {reg_covar!r}")
         super().__init__(prior)
         self.covariance_type = covariance_type
+        self.reg_covar = float(reg_covar)
         if covariance_type == "tied":
             self.shared_params = ("covariances",)
 
     def __repr__(self) -> str:
-        return f"Gaussian(covariance_type={self.covariance_type!r}, prior={self.prior!r})"
+        reg = f", reg_covar={self.reg_covar!r}" if self.reg_covar else ""
+        return f"Gaussian(covariance_type={self.covariance_type!r}, prior={self.prior!r}{reg})"
 
     def _named_prior(self, name: str) -> Any:
         if name == "default":
@@ -436,7 +447,10 @@ class Gaussian(Family):
         return twin
 
     def to_config(self) -> dict[str, Any]:
-        return {**super().to_config(), "covariance_type": self.covariance_type}
+        config = {**super().to_config(), "covariance_type": self.covariance_type}
+        if self.reg_covar:
+            config["reg_covar"] = self.reg_covar
+        return config
 
     @property
     def params_type(self) -> type:
@@ -620,6 +634,9 @@ class Gaussian(Family):
         counts = stats.counts
         # A prior of weight τ (log density times τ) is the prior with scale τΨ, mean
         # precision τκ and τ times the pseudo-counts (ν plus the |Σ| powers).
+        if self.reg_covar:
+            # As scikit-learn: a component no data reaches keeps finite means.
+            counts = counts + 10 * torch.finfo(counts.dtype).eps
         weight = 1.0 if prior is None else prior.weight
         kappa = 0.0 if prior is None else weight * prior.mean_precision
         prior_mean = None if prior is None else prior.mean - self._center
@@ -640,6 +657,7 @@ class Gaussian(Family):
                         numer = numer + kappa * deviation.square()
                     pseudo = weight * (prior.dof + 2 + has_mean_prior)
                     covariances = numer / (counts[:, None] + pseudo)
+                covariances = covariances + self.reg_covar
                 self._check_variances(covariances, self._magnitude(stats), counts)
             else:
                 total = scatter.sum(-1)
@@ -651,6 +669,7 @@ class Gaussian(Family):
                         numer = numer + kappa * deviation.square().sum(-1)
                     pseudo = weight * (prior.dof + 2 + dim * has_mean_prior)
                     covariances = numer / (counts * dim + pseudo)
+                covariances = covariances + self.reg_covar
                 magnitude = self._magnitude(stats).amax(-1, keepdim=True)
                 self._check_variances(covariances[:, None], magnitude, counts)
             params = GaussianParams(means + self._center, covariances)
@@ -678,6 +697,10 @@ class Gaussian(Family):
                     numer = numer + kappa * deviation[:, :, None] * deviation[:, None, :]
                 denom = counts + weight * (prior.dof + dim + 1 + has_mean_prior)
                 covariances = numer / denom[:, None, None]
+        if self.reg_covar:
+            covariances = covariances + self.reg_covar * torch.eye(
+                dim, dtype=covariances.dtype, device=covariances.device
+            )
         params = GaussianParams(means + self._center, covariances)
         _check_finite_params(params, counts, self.name)
         magnitude = self._magnitude(stats)

@@ -69,8 +69,10 @@ DEFAULT_WEIGHT_THRESHOLD = 0.01
 
 
 class VariationalParams(NamedTuple):
-    """``q(π) = Dirichlet(weights_concentration)`` ``(K,)`` and the components' conjugate
-    factor ``q(θ)`` (a posterior NamedTuple of :mod:`pyroem.variational._cavi_conjugate`)."""
+    """``q(π) = Dirichlet(weights_concentration)`` ``(K,)``, or under the truncated
+    Dirichlet-process prior the sticks' ``q(v_k) = Beta(γ_k1, γ_k2)`` as ``(K, 2)``, and
+    the components' conjugate factor ``q(θ)`` (a posterior NamedTuple of
+    :mod:`pyroem.variational._cavi_conjugate`)."""
 
     weights_concentration: torch.Tensor
     components: Any
@@ -118,6 +120,10 @@ class _CaviEngine(Engine):
         init: the Mixture's initialisation (as for MAP-EM).
         generator: its random generator.
         chunk_size: rows per chunk.
+        weights_prior: ``α`` ``(K,)``, or the sticks' ``(1, α)`` ``(K, 2)`` of the
+            truncated Dirichlet process.
+        continued: the ``q(π, θ)`` of a previous fit to continue from (``None``: start
+            from ``init``).
     """
 
     name = "vb-em"
@@ -130,31 +136,46 @@ class _CaviEngine(Engine):
         init: Any,
         generator: torch.Generator,
         chunk_size: int,
+        weights_prior: torch.Tensor,
+        continued: VariationalParams | None = None,
     ) -> None:
         self.factor, self.spec, self.data, self.start = factor, spec, data, init
         self.generator = generator
+        self.continued = continued
         self.map_e_step = MixtureEStep(factor.family, spec.weights_prior, data, chunk_size)
         self.chunks = self.map_e_step.chunks
         self.num_data = data.shape[0]
-        self.weights_prior = spec.weights_prior.to(self.chunks[0])
+        self.weights_prior = weights_prior.to(self.chunks[0])
         self.data_constant = float(sum(factor.data_constant(chunk) for chunk in self.chunks))
         self.log_beta_prior = log_multivariate_beta(self.weights_prior)
 
     def init(self, restart: int) -> MStepResult:
-        """State 1: ``q(π, θ)`` from the exact responsibilities of the initial parameters,
-        then one CAVI iteration (as scikit-learn's ``BayesianGaussianMixture`` starts)."""
-        start = initial_params(self.spec, self.factor.family, self.data, self.start, self.generator)
-        first = self._update(self.map_e_step(start).stats)
+        """State 1: ``q(π, θ)`` from the exact responsibilities of the initial parameters
+        (or the continued fit's ``q(π, θ)``), then one CAVI iteration (as scikit-learn's
+        ``BayesianGaussianMixture`` starts)."""
+        if self.continued is not None:
+            first = self.continued
+        else:
+            start = initial_params(
+                self.spec, self.factor.family, self.data, self.start, self.generator
+            )
+            first = self._update(self.map_e_step(start).stats)
         return self.m_step(self.e_step(first).stats, first, 0)
 
     def _update(self, stats: Any) -> VariationalParams:
-        return VariationalParams(self.weights_prior + stats.counts, self.factor.update(stats))
+        """``q(π) = Dirichlet(α + N)`` (stick-breaking: ``q(v_k) = Beta(1 + N_k,
+        α + Σ_{j>k} N_j)``), ``q(θ)`` the conjugate posterior."""
+        counts = stats.counts
+        if self.weights_prior.ndim == 2:
+            beyond = counts.flip(0).cumsum(0).flip(0) - counts
+            counts = torch.stack([counts, beyond], dim=-1)
+        return VariationalParams(self.weights_prior + counts, self.factor.update(stats))
 
     def m_step(self, stats: CaviStats, params: VariationalParams, iteration: int) -> MStepResult:
-        """``q(π) = Dirichlet(α + N)``, ``q(θ)`` the conjugate posterior; the objective is
-        the exact ELBO of ``(q(z), new q(π, θ))``, the latter optimal for the former."""
+        """The update above; the objective is the exact ELBO of ``(q(z), new q(π, θ))``,
+        the latter optimal for the former."""
         update = self._update(stats.stats)
-        weights = log_multivariate_beta(update.weights_concentration) - self.log_beta_prior
+        weights = (log_multivariate_beta(update.weights_concentration) - self.log_beta_prior).sum()
         theta = self.factor.log_normaliser(update.components, stats.stats)
         elbo = float(stats.entropy + weights + theta) + self.data_constant
         # The q(π, θ) whose q(z) this state holds: finish recomputes that q(z).
@@ -185,12 +206,38 @@ class _CaviEngine(Engine):
         )
 
 
+def expected_weights(concentration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``E_q[log π]`` and ``E_q[π]`` (normalised over the ``K`` components), ``(K,)`` each.
+
+    ``concentration`` ``(K,)`` is a Dirichlet's; ``(K, 2)`` holds the sticks' Beta
+    parameters of the truncated Dirichlet process, ``π_k = v_k Π_{j<k} (1 − v_j)``:
+    :math:`E\log π_k = E\log v_k + Σ_{j<k} E\log(1 − v_j)`.
+    """
+    if concentration.ndim == 1:
+        total = concentration.sum()
+        return (
+            torch.special.digamma(concentration) - torch.special.digamma(total),
+            concentration / total,
+        )
+    first, second = concentration.unbind(-1)
+    log_total = torch.special.digamma(first + second)
+    log_stick = torch.special.digamma(first) - log_total
+    log_rest = torch.special.digamma(second) - log_total
+    expected_log = log_stick + log_rest.cumsum(0) - log_rest
+    mean = first / (first + second) * _before(second / (first + second))
+    return expected_log, mean / mean.sum()
+
+
+def _before(rest: torch.Tensor) -> torch.Tensor:
+    """Exclusive cumulative product over the last axis: ``Π_{j<k} rest_j``."""
+    ones = torch.ones_like(rest[..., :1])
+    return torch.cat([ones, rest[..., :-1]], dim=-1).cumprod(-1)
+
+
 def _kernel(factor: ConjugateFactor, params: VariationalParams) -> ExpectedLogDensity:
     """The factor's log-density kernel with the weights' ``E_q[log π]`` and ``log E_q[π]``."""
-    alpha = params.weights_concentration
-    expected_log_weights = torch.special.digamma(alpha) - torch.special.digamma(alpha.sum())
-    log_mean_weights = (alpha / alpha.sum()).log()
-    return factor.expected_log_density(params.components, expected_log_weights, log_mean_weights)
+    expected_log_weights, mean_weights = expected_weights(params.weights_concentration)
+    return factor.expected_log_density(params.components, expected_log_weights, mean_weights.log())
 
 
 def _assignment_probs(
@@ -327,18 +374,69 @@ class VariationalFit(FitResult):
         return "\n".join(lines[:at] + extra + lines[at:])
 
 
-def _check_cavi_options(options: dict[str, Any]) -> tuple[int, float]:
+def _continued_state(
+    previous: VariationalFit | None, family: Any, weights_prior: torch.Tensor
+) -> VariationalParams | None:
+    """A previous vb-em fit's ``q(π, θ)`` to continue from (a warm start), when it
+    belongs to the same model: the same weights prior's shape, components and centring
+    of the data (else the fit restarts from its expected parameters)."""
+    if previous is None:
+        return None
+    state = previous._state
+    if state.weights_concentration.shape != weights_prior.shape:
+        return None
+    old_shift, new_shift = previous.family.shift, family.shift
+    if (old_shift is None) != (new_shift is None):
+        return None
+    if old_shift is not None and not torch.equal(old_shift, new_shift):
+        return None
+    if type(previous.family) is not type(family) or previous.family.dim != family.dim:
+        return None
+    return state
+
+
+def _weights_factor(concentration: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``fit.variational["weights"]``: the Dirichlet's concentration, or the sticks'."""
+    if concentration.ndim == 1:
+        return {"concentration": concentration}
+    first, second = concentration.unbind(-1)
+    return {"stick_concentration1": first, "stick_concentration0": second}
+
+
+def _draw_weights(concentration: torch.Tensor, num_draws: int) -> torch.Tensor:
+    """``num_draws`` weight vectors from ``q(π)``, ``(num_draws, K)`` (sticks renormalised
+    over the ``K`` components)."""
+    if concentration.ndim == 1:
+        return torch.distributions.Dirichlet(concentration).sample((num_draws,))
+    sticks = torch.distributions.Beta(concentration[:, 0], concentration[:, 1]).sample((num_draws,))
+    weights = sticks * _before(1 - sticks)
+    return weights / weights.sum(-1, keepdim=True)
+
+
+WEIGHTS_PRIOR_TYPES = ("dirichlet_distribution", "dirichlet_process")
+
+
+def _check_cavi_options(options: dict[str, Any]) -> tuple[int, float, str]:
     given = with_defaults(
         "method='vb-em' on a Mixture",
         options,
-        {"num_draws": DEFAULT_NUM_DRAWS, "weight_threshold": DEFAULT_WEIGHT_THRESHOLD},
+        {
+            "num_draws": DEFAULT_NUM_DRAWS,
+            "weight_threshold": DEFAULT_WEIGHT_THRESHOLD,
+            "weights_prior_type": "dirichlet_distribution",
+        },
         hint="pass guide= to fit the Pyro program by SVI",
     )
     num_draws = check_integer("num_draws", given["num_draws"], 0)
     threshold = given["weight_threshold"]
     if not (isinstance(threshold, int | float) and 0 <= threshold < 1):
         raise SpecError(f"weight_threshold must be a number in [0, 1); got {threshold!r}")
-    return num_draws, float(threshold)
+    prior_type = given["weights_prior_type"]
+    if prior_type not in WEIGHTS_PRIOR_TYPES:
+        raise SpecError(
+            f"weights_prior_type must be one of {WEIGHTS_PRIOR_TYPES}; got {prior_type!r}"
+        )
+    return num_draws, float(threshold), prior_type
 
 
 def fit_mixture_cavi(
@@ -366,7 +464,9 @@ def fit_mixture_cavi(
             and for the gaussian family ``mean_precision > 0``).
         data: ``(num_data, dim)``, validated (see :func:`pyroem.spec.mixture.as_data`).
         init: ``"kmeans++"``, ``"kmeans"``, ``"random"``, ``"random_from_data"``, a dict
-            of parameters in ``fit.params`` form, or a previous fit.
+            of parameters in ``fit.params`` form, or a previous fit. A previous vb-em fit
+            of the same model on the same data is continued from its ``q(π, θ)``, so the
+            ELBO goes on increasing from where it stopped.
         n_init: restarts; the one with the highest final ELBO is kept.
         seed: makes initialisation and the draws reproducible.
         tol: converged when the ELBO changes by less than ``tol`` per data point.
@@ -376,7 +476,13 @@ def fit_mixture_cavi(
         callback: called after every iteration (see :func:`pyroem.fit`).
         **options: ``num_draws`` (default 1000; 0 for none): draws from ``q(π, θ)`` into
             ``fit.draws``; ``weight_threshold`` (default 0.01): the expected weight above
-            which a component counts as effective.
+            which a component counts as effective; ``weights_prior_type``:
+            ``"dirichlet_distribution"`` (default: ``π ~ Dirichlet(weights_prior)``) or
+            ``"dirichlet_process"``: the truncated stick-breaking prior ``v_k ~ Beta(1, α)``,
+            ``π_k = v_k Π_{j<k}(1 − v_j)`` with ``α`` the (scalar) ``weights_prior``;
+            ``q(v_k) = Beta(1 + N_k, α + Σ_{j>k} N_j)`` (``fit.variational["weights"]``
+            then holds ``stick_concentration1``/``stick_concentration0``), and
+            ``params["weights"]`` is ``E_q[π]`` renormalised over the ``K`` components.
 
     Returns:
         A :class:`VariationalFit` with ``method="vb-em"``.
@@ -386,15 +492,26 @@ def fit_mixture_cavi(
             posterior; a gaussian prior ``dof`` too small for ``E_q[Σ]`` to exist; an
             unknown option.
     """
-    num_draws, weight_threshold = _check_cavi_options(dict(options))
+    num_draws, weight_threshold, prior_type = _check_cavi_options(dict(options))
     family = spec.bind(data)
     factor = conjugate_factor(family)
+    previous = init if isinstance(init, VariationalFit) else None
     if isinstance(init, FitResult):
         init = init.params
     if isinstance(init, dict):
         n_init = 1
+    weights_prior = spec.weights_prior
+    if prior_type == "dirichlet_process":
+        if not bool((weights_prior == weights_prior[0]).all()):
+            raise SpecError(
+                "weights_prior_type='dirichlet_process' takes one concentration α (a scalar "
+                f"weights_prior); got {weights_prior.tolist()}"
+            )
+        # Sticks v_k ~ Beta(1, α), π_k = v_k Π_{j<k} (1 − v_j), truncated at K.
+        weights_prior = torch.stack([torch.ones_like(weights_prior), weights_prior], dim=-1)
     generator = seeded_generator(seed)
-    engine = _CaviEngine(factor, spec, data, init, generator, chunk_size)
+    continued = _continued_state(previous, family, weights_prior)
+    engine = _CaviEngine(factor, spec, data, init, generator, chunk_size, weights_prior, continued)
     result = run_em(
         engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
     )
@@ -403,7 +520,7 @@ def fit_mixture_cavi(
     resp, final_resp = best.extras
     alpha = state.weights_concentration
     internal = MixtureParams(
-        alpha / alpha.sum(),
+        expected_weights(alpha)[1],
         factor.expected_params(state.components),
         torch.arange(spec.num_components, device=data.device),
     )
@@ -415,14 +532,14 @@ def fit_mixture_cavi(
         draw_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         with torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []):
             torch.manual_seed(draw_seed)
-            weights = torch.distributions.Dirichlet(alpha).sample((num_draws,))
+            weights = _draw_weights(alpha, num_draws)
             components = factor.sample(state.components, num_draws)
         draws = {
             name: independent_chains(value)
             for name, value in {"weights": weights, **components}.items()
         }
     variational = {
-        "weights": {"concentration": alpha},
+        "weights": _weights_factor(alpha),
         "components": factor.to_user(state.components),
         "assignment": {"probs": resp},
     }
@@ -435,6 +552,7 @@ def fit_mixture_cavi(
         "chunk_size": chunk_size,
         "num_draws": num_draws,
         "weight_threshold": weight_threshold,
+        "weights_prior_type": prior_type,
         **result.record(),
     }
     log_joint = log_likelihood + float(engine.map_e_step.log_prior(internal))
@@ -490,7 +608,7 @@ def restore_variational_fit(
     )
     factor = conjugate_factor(fields["family"])
     variational = {
-        "weights": {"concentration": state.weights_concentration},
+        "weights": _weights_factor(state.weights_concentration),
         "components": factor.to_user(components),
         "assignment": {"probs": torch.from_numpy(archive["variational/assignment_probs"])},
     }
