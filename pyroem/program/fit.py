@@ -509,7 +509,7 @@ def fit_program(
         history=best.history,
         converged=best.converged,
         num_iterations=best.num_iterations,
-        num_data=engine.num_data,
+        num_data=int(engine.num_data),
         restart_objectives=result.restart_objectives,
         options=options,
     )
