@@ -185,6 +185,29 @@ def fit(
     _check_device(device)
     started = time.perf_counter()
     result: Any
+    large = _large_data(model, model_args, model_kwargs, chunk_size, method_options)
+    if large is not None:
+        from pyroem.stream import fit_mixture_large
+
+        result = fit_mixture_large(
+            model,
+            model_args[0],
+            large,
+            method=method,
+            init=init,
+            n_init=n_init,
+            seed=seed,
+            tol=tol,
+            max_iter=max_iter,
+            dtype=torch_dtype,
+            device=device,
+            chunk_size=chunk_size,
+            progress=progress,
+            callback=callback,
+            **method_options,
+        )
+        result.runtime = time.perf_counter() - started
+        return result
     if method == "map-em":
         method_options = with_defaults("method='map-em'", method_options, {"space": "auto"})
     elif method == "mcmc-em":
@@ -262,6 +285,32 @@ def fit(
             # the fit stays a program fit, and saves as one.
             result.mixture_fit = None
     return result
+
+
+def _large_data(
+    model: Any,
+    model_args: tuple[Any, ...],
+    model_kwargs: dict[str, Any] | None,
+    chunk_size: int,
+    options: dict[str, Any],
+) -> Any:
+    """For a ``Mixture`` fitted from a chunked source (a file, a memmap, a function of
+    chunks) or by stepwise EM: the source (``False`` for in-memory data); else ``None``."""
+    if not isinstance(model, Mixture) or len(model_args) != 1 or model_kwargs:
+        return None
+    from pyroem.sources import open_source
+    from pyroem.stream import LARGE_DATA_OPTIONS
+
+    source = open_source(model_args[0], chunk_size)
+    if source is None and not any(key in options for key in LARGE_DATA_OPTIONS):
+        return None
+    unknown = sorted(set(options) - set(LARGE_DATA_OPTIONS))
+    if unknown:
+        raise SpecError(
+            f"unknown options for a streamed or stepwise fit: {unknown}; the options are "
+            f"{sorted(LARGE_DATA_OPTIONS)}"
+        )
+    return False if source is None else source
 
 
 class _MixtureEngine(Engine):
