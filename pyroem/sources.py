@@ -108,9 +108,27 @@ class Scan(NamedTuple):
 
 
 def _npy_reader(path: str, chunk_size: int) -> Callable[[], Iterator[np.ndarray]]:
+    """Chunks of a ``.npy`` file by plain reads of ``chunk_size`` rows: unlike a memory
+    map, the pages read do not stay in the process's resident memory."""
+
     def read() -> Iterator[np.ndarray]:
-        array = np.load(path, mmap_mode="r")
-        yield from _array_chunks(array, chunk_size, repr(path))
+        with open(path, "rb") as file:
+            version = np.lib.format.read_magic(file)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(file)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(file)
+            if version not in ((1, 0), (2, 0)) or fortran or dtype.hasobject or len(shape) != 2:
+                # Column-major or unusual files: through a memory map.
+                yield from _array_chunks(np.load(path, mmap_mode="r"), chunk_size, repr(path))
+                return
+            row_bytes = shape[1] * dtype.itemsize
+            for start in range(0, shape[0], chunk_size):
+                rows = min(chunk_size, shape[0] - start)
+                buffer = bytearray(rows * row_bytes)  # writable, unlike bytes
+                if file.readinto(buffer) != rows * row_bytes:
+                    raise DataError(f"{path!r} is truncated: expected {shape[0]} rows")
+                yield np.frombuffer(buffer, dtype=dtype).reshape(rows, shape[1])
 
     return read
 
