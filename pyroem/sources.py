@@ -30,6 +30,7 @@ the fit equals the in-memory fit.
 from __future__ import annotations
 
 import glob
+import mmap
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
@@ -107,10 +108,24 @@ class Scan(NamedTuple):
     sample: torch.Tensor
 
 
-def _npy_reader(path: str, chunk_size: int) -> Callable[[], Iterator[np.ndarray]]:
-    """Chunks of a ``.npy`` file by plain reads of ``chunk_size`` rows: unlike a memory
-    map, the pages read do not stay in the process's resident memory."""
+def _read_rows(
+    path: str, offset: int, shape: tuple[int, int], dtype: np.dtype, chunk_size: int
+) -> Iterator[np.ndarray]:
+    """Row-major ``shape`` rows of ``dtype`` stored at ``offset`` of ``path``, by plain
+    reads of ``chunk_size`` rows: unlike a memory map, the pages read do not stay in the
+    process's resident memory."""
+    row_bytes = shape[1] * dtype.itemsize
+    with open(path, "rb") as file:
+        file.seek(offset)
+        for start in range(0, shape[0], chunk_size):
+            rows = min(chunk_size, shape[0] - start)
+            buffer = bytearray(rows * row_bytes)  # writable, unlike bytes
+            if file.readinto(buffer) != rows * row_bytes:
+                raise DataError(f"{path!r} is truncated: expected {shape[0]} rows")
+            yield np.frombuffer(buffer, dtype=dtype).reshape(rows, shape[1])
 
+
+def _npy_reader(path: str, chunk_size: int) -> Callable[[], Iterator[np.ndarray]]:
     def read() -> Iterator[np.ndarray]:
         with open(path, "rb") as file:
             version = np.lib.format.read_magic(file)
@@ -118,17 +133,31 @@ def _npy_reader(path: str, chunk_size: int) -> Callable[[], Iterator[np.ndarray]
                 shape, fortran, dtype = np.lib.format.read_array_header_1_0(file)
             elif version == (2, 0):
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(file)
-            if version not in ((1, 0), (2, 0)) or fortran or dtype.hasobject or len(shape) != 2:
-                # Column-major or unusual files: through a memory map.
-                yield from _array_chunks(np.load(path, mmap_mode="r"), chunk_size, repr(path))
-                return
-            row_bytes = shape[1] * dtype.itemsize
-            for start in range(0, shape[0], chunk_size):
-                rows = min(chunk_size, shape[0] - start)
-                buffer = bytearray(rows * row_bytes)  # writable, unlike bytes
-                if file.readinto(buffer) != rows * row_bytes:
-                    raise DataError(f"{path!r} is truncated: expected {shape[0]} rows")
-                yield np.frombuffer(buffer, dtype=dtype).reshape(rows, shape[1])
+            plain = version in ((1, 0), (2, 0)) and not fortran and not dtype.hasobject
+            offset = file.tell()
+        if plain and len(shape) == 2:
+            yield from _read_rows(path, offset, shape, dtype, chunk_size)
+        else:
+            # Column-major or unusual files: through a memory map.
+            yield from _array_chunks(np.load(path, mmap_mode="r"), chunk_size, repr(path))
+
+    return read
+
+
+def _memmap_reader(array: np.memmap, chunk_size: int) -> Callable[[], Iterator[np.ndarray]]:
+    """A whole, row-major memmap is read from its file (pages do not stay resident);
+    a view of one (a slice) through the mapping."""
+    whole = isinstance(array.base, mmap.mmap) and array.flags.c_contiguous
+    filename = getattr(array, "filename", None)
+
+    def read() -> Iterator[np.ndarray]:
+        if whole and filename is not None and array.ndim == 2:
+            if array.mode != "r":
+                array.flush()
+            shape = (int(array.shape[0]), int(array.shape[1]))
+            yield from _read_rows(filename, int(array.offset), shape, array.dtype, chunk_size)
+        else:
+            yield from _array_chunks(array, chunk_size, "the memmap")
 
     return read
 
@@ -217,10 +246,7 @@ def open_source(data: Any, chunk_size: int) -> ChunkSource | None:
             matches nothing, or a one-shot iterator.
     """
     if isinstance(data, np.memmap):
-        array = data
-        return ChunkSource(
-            lambda: _array_chunks(array, chunk_size, "the memmap"), "the memmap", chunk_size
-        )
+        return ChunkSource(_memmap_reader(data, chunk_size), "the memmap", chunk_size)
     if _is_path(data):
         path = os.fspath(data)
         if glob.has_magic(path):

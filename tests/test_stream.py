@@ -67,6 +67,27 @@ def test_npy_file_and_memmap_are_streamed_to_the_in_memory_fit(data, reference, 
     from_map = _stream_fit(mapped)
     _same_fit(from_map, reference)
     assert from_map.data is None and from_map.options["source"] == "the memmap"
+    # A view of a memmap is read through the mapping.
+    _same_fit(_stream_fit(mapped[:]), reference)
+
+
+def test_a_pass_over_a_npy_file_holds_a_few_chunks_not_the_file(tmp_path):
+    """NumPy's allocations (traced by tracemalloc) during a pass stay within a few
+    chunks: 200 000 rows × 4 columns is 6.4 MB, a chunk of 1000 rows 32 kB."""
+    import tracemalloc
+
+    rows = np.random.default_rng(0).normal(size=(200_000, 4))
+    np.save(tmp_path / "x.npy", rows)
+    del rows
+    for source in (str(tmp_path / "x.npy"), np.load(tmp_path / "x.npy", mmap_mode="r")):
+        chunks = open_source(source, chunk_size=1000)
+        assert chunks is not None
+        tracemalloc.start()
+        total = sum(float(chunk.sum()) for chunk in chunks)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert math.isfinite(total)
+        assert peak < 10 * 1000 * 4 * 8
 
 
 def test_csv_and_glob_of_files_give_the_in_memory_fit(data, reference, tmp_path):
