@@ -206,14 +206,14 @@ def fit(
             callback=callback,
             **method_options,
         )
-        result.runtime = time.perf_counter() - started
-        return result
-    if method == "map-em":
+    elif method == "map-em":
         method_options = with_defaults("method='map-em'", method_options, {"space": "auto"})
     elif method == "mcmc-em":
         # MCMC-EM reuses the MAP-EM M-steps, so it takes their options too.
         method_options = {"m_step": m_step, "gradient_steps": gradient_steps, **method_options}
-    if method != "map-em":
+    if large is not None:
+        pass  # fitted above; the common epilogue below still applies
+    elif method != "map-em":
         result = _fit_other(
             model,
             model_args,

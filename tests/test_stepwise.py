@@ -4,6 +4,7 @@ every pass."""
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.special import logsumexp
@@ -146,3 +147,9 @@ def test_stepwise_statistics_are_scaled_to_the_data_size():
     tol = 5 * math.sqrt(step_size(len(counts) // 100, 0.7) / 2 * 15 / (100 * 0.5))
     ours = np.sort(stepwise.params["rates"].numpy()[:, 0])
     np.testing.assert_allclose(ours, np.sort(batch.params["rates"].numpy()[:, 0]), atol=tol)
+
+
+def test_stepwise_fit_of_a_dataframe_keeps_its_column_names():
+    frame = pd.DataFrame(_blobs(0, 300), columns=["width", "height"])
+    fit = pyroem.fit(SPEC, frame, seed=0, stepwise=True, batch_size=50, passes=1)
+    assert fit.feature_names == ("width", "height")
