@@ -8,8 +8,8 @@ in-memory array:
 - a ``.csv`` file: read with ``pandas.read_csv(chunksize=chunk_size)`` (a header row,
   numeric columns);
 - a ``.parquet`` file: read by record batches with ``pyarrow`` (optional dependency);
-- a glob pattern (``"part-*.npy"``) or a list of such paths: the files in turn, in sorted
-  order for a pattern;
+- a glob pattern (``"part-*.npy"``), a folder (its ``.npy``, ``.csv`` and ``.parquet``
+  files) or a list of paths: the files in turn, in sorted order for a pattern or folder;
 - a re-iterable of chunks: a function returning a fresh iterator of ``(n, dim)`` arrays
   on every call, or a ``torch.utils.data.DataLoader`` (a batch may be a tensor or a
   one-element tuple/list).
@@ -249,6 +249,15 @@ def open_source(data: Any, chunk_size: int) -> ChunkSource | None:
         return ChunkSource(_memmap_reader(data, chunk_size), "the memmap", chunk_size)
     if _is_path(data):
         path = os.fspath(data)
+        if os.path.isdir(path):
+            paths = sorted(
+                os.path.join(path, name)
+                for name in os.listdir(path)
+                if os.path.splitext(name)[1].lower() in _SUFFIXES
+            )
+            if not paths:
+                raise DataError(f"the folder {path!r} holds no {', '.join(_SUFFIXES)} file")
+            return ChunkSource(_files_reader(paths, chunk_size), repr(path), chunk_size)
         if glob.has_magic(path):
             paths = sorted(glob.glob(path))
             if not paths:

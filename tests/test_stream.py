@@ -98,6 +98,13 @@ def test_csv_and_glob_of_files_give_the_in_memory_fit(data, reference, tmp_path)
     np.save(tmp_path / "part-1.npy", data[600:])
     np.save(tmp_path / "part-0.npy", data[:600])
     _same_fit(_stream_fit(str(tmp_path / "part-*.npy")), reference)
+    # A folder: its data files in sorted order.
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    pd.DataFrame(data[:450], columns=["a", "b"]).to_csv(folder / "a.csv", index=False)
+    np.save(folder / "b.npy", data[450:])
+    (folder / "notes.txt").write_text("not data")
+    _same_fit(_stream_fit(folder), reference)
 
 
 def test_function_of_chunks_and_dataloader_give_the_in_memory_fit(data, reference):
