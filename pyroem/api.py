@@ -135,7 +135,10 @@ def fit(
             discrete latents can be enumerated; it is run as
             ``model(*model_args, **model_kwargs)``.
         *model_args: for a ``Mixture``, the data ``(num_data, dim)`` (array-like or
-            tensor); for a Pyro program, its positional arguments.
+            tensor), or a source read chunk by chunk (``map-em``): a ``.npy``, ``.csv`` or
+            ``.parquet`` path, a glob or folder of them, an ``np.memmap``, a function
+            returning a fresh iterator of arrays, or a torch ``DataLoader`` (see
+            :mod:`pyroem.sources`); for a Pyro program, its positional arguments.
         method: ``"map-em"`` (exact E-step; closed-form conjugate M-steps, gradient
             steps where there is none), ``"vb-em"`` (closed-form mean-field VB for a
             ``Mixture``; SVI with a guide for a Pyro program, or for a ``Mixture`` given
@@ -167,7 +170,10 @@ def fit(
             ``KeyboardInterrupt`` in it (or pressing Ctrl-C) stops the fit cleanly: the best
             state so far is returned, marked not converged.
         **method_options: options of the other methods (see the README's section on
-            each method); an option the method does not know is an error.
+            each method); an option the method does not know is an error. ``map-em`` on a
+            ``Mixture`` takes ``stepwise=True`` (stepwise EM, with ``batch_size``,
+            ``kappa``, ``passes``, ``shuffle``; see :mod:`pyroem.stepwise`) and, for a
+            source, ``reservoir_size`` (rows of the sample that initialises it).
 
     Returns:
         A :class:`~pyroem.results.FitResult` for a ``Mixture``, a
