@@ -21,7 +21,9 @@ from pyroem.options import OPTIONS, check_applicable, check_integer, with_defaul
 from pyroem.program.fit import fit_program
 from pyroem.program.results import ProgramFit
 from pyroem.results import FitResult, mixture_fit_from_program
+from pyroem.sources import open_source
 from pyroem.spec.mixture import Mixture, MixtureParams, as_data
+from pyroem.stream import LARGE_DATA_OPTIONS, fit_mixture_large
 
 __all__ = ["METHODS", "fit"]
 
@@ -140,7 +142,10 @@ def fit(
             discrete latents can be enumerated; it is run as
             ``model(*model_args, **model_kwargs)``.
         *model_args: for a ``Mixture``, the data ``(num_data, dim)`` (array-like or
-            tensor); for a Pyro program, its positional arguments.
+            tensor), or a source read chunk by chunk (``map-em``): a ``.npy``, ``.csv`` or
+            ``.parquet`` path, a glob or folder of them, an ``np.memmap``, a function
+            returning a fresh iterator of arrays, or a torch ``DataLoader`` (see
+            :mod:`pyroem.sources`); for a Pyro program, its positional arguments.
         method: ``"map-em"`` (exact E-step; closed-form conjugate M-steps, gradient
             steps where there is none), ``"vb-em"`` (closed-form mean-field VB for a
             ``Mixture``; SVI with a guide for a Pyro program, or for a ``Mixture`` given
@@ -181,7 +186,10 @@ def fit(
         **method_options: options of each method (see the README's section on each);
             an option the method does not know is an error. map-em on a ``Mixture``:
             ``stop_rule`` — ``"parameters"`` (default: the objective rule and the
-            parameters within ``tol`` of their extrapolated limit) or ``"objective"``.
+            parameters within ``tol`` of their extrapolated limit) or ``"objective"``;
+            ``stepwise=True`` (stepwise EM, with ``batch_size``, ``kappa``, ``passes``,
+            ``shuffle``; see :mod:`pyroem.stepwise`) and, for a source, ``reservoir_size``
+            (rows of the sample that initialises it).
 
     Returns:
         A :class:`~pyroem.results.FitResult` for a ``Mixture``, a
@@ -210,7 +218,31 @@ def fit(
         )
     started = time.perf_counter()
     result: Any
-    if method == "map-em":
+    large = _large_data(model, model_args, model_kwargs, chunk_size, method_options)
+    if large is not None:
+        if sample_weight is not None:
+            raise NotSupportedError(
+                "sample_weight is not supported for a streamed or stepwise fit; pass the "
+                "data in memory, or repeat rows"
+            )
+        result = fit_mixture_large(
+            model,
+            model_args[0],
+            large,
+            method=method,
+            init=init,
+            n_init=n_init,
+            seed=seed,
+            tol=tol,
+            max_iter=max_iter,
+            dtype=torch_dtype,
+            device=device,
+            chunk_size=chunk_size,
+            progress=progress,
+            callback=callback,
+            **method_options,
+        )
+    elif method == "map-em":
         known = {"stop_rule": "parameters"} if kind == "Mixture" else {"space": "auto"}
         method_options = with_defaults("method='map-em'", method_options, known)
         rule = method_options.get("stop_rule", "parameters")
@@ -221,7 +253,9 @@ def fit(
         method_options = {"m_step": m_step, "gradient_steps": gradient_steps, **method_options}
     elif method == "nuts" and kind == "Mixture":
         method_options = {"chunk_size": chunk_size, **method_options}
-    if method != "map-em":
+    if large is not None:
+        pass  # fitted above; the common ending below still applies
+    elif method != "map-em":
         result = _fit_other(
             model,
             model_args,
@@ -289,6 +323,29 @@ def fit(
             # the fit stays a program fit, and saves as one.
             result.mixture_fit = None
     return result
+
+
+def _large_data(
+    model: Any,
+    model_args: tuple[Any, ...],
+    model_kwargs: dict[str, Any] | None,
+    chunk_size: int,
+    options: dict[str, Any],
+) -> Any:
+    """For a ``Mixture`` fitted from a chunked source (a file, a memmap, a function of
+    chunks) or by stepwise EM: the source (``False`` for in-memory data); else ``None``."""
+    if not isinstance(model, Mixture) or len(model_args) != 1 or model_kwargs:
+        return None
+    source = open_source(model_args[0], chunk_size)
+    if source is None and not any(key in options for key in LARGE_DATA_OPTIONS):
+        return None
+    unknown = sorted(set(options) - set(LARGE_DATA_OPTIONS))
+    if unknown:
+        raise SpecError(
+            f"unknown options for a streamed or stepwise fit: {unknown}; the options are "
+            f"{sorted(LARGE_DATA_OPTIONS)}"
+        )
+    return False if source is None else source
 
 
 class _MixtureEngine(Engine):
