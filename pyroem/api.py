@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 import time
 from collections.abc import Callable
@@ -12,17 +11,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyroem.em import Engine, EStepResult, Iteration, MStepResult, run_em
+from pyroem.em import EStepResult, Iteration, MStepResult, run_em
 from pyroem.errors import DataError, NotSupportedError, PyroEMError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
 from pyroem.initialization import initial_params, seeded_generator, site_values
-from pyroem.mstep.mixture import mixture_m_step
+from pyroem.mstep.mixture import MixtureEngine
 from pyroem.options import OPTIONS, check_applicable, check_integer, with_defaults
 from pyroem.program.fit import fit_program
 from pyroem.program.results import ProgramFit
 from pyroem.results import FitResult, mixture_fit_from_program
 from pyroem.sources import open_source
-from pyroem.spec.mixture import Mixture, MixtureParams, as_data
+from pyroem.spec.mixture import Mixture, as_data
 from pyroem.stream import LARGE_DATA_OPTIONS, fit_mixture_large
 
 __all__ = ["METHODS", "fit"]
@@ -348,10 +347,9 @@ def _large_data(
     return False if source is None else source
 
 
-class _MixtureEngine(Engine):
-    """MAP-EM on a ``Mixture``: the chunked exact E-step and the closed-form M-step."""
-
-    parameter_rule = True
+class _MixtureEngine(MixtureEngine):
+    """MAP-EM on a ``Mixture`` held in memory: the chunked exact E-step and the
+    closed-form M-step."""
 
     def __init__(
         self,
@@ -378,37 +376,6 @@ class _MixtureEngine(Engine):
 
     def e_step(self, params: Any) -> EStepResult:
         return self.estep(params)
-
-    def m_step(self, stats: Any, params: Any, iteration: int) -> MStepResult:
-        new = mixture_m_step(self.family, self.spec.weights_prior, stats, params)
-        return MStepResult(new, None, {"change": _relative_change(params, new)})
-
-    def converged(self, objectives: list[float], info: list[Any], tol: float) -> bool:
-        r"""The objective rule, and the parameters within ``tol`` of their limit: with
-        :math:`δ_t` the largest relative parameter change of iteration ``t`` and
-        :math:`r = δ_t / δ_{t-1}` EM's linear rate, the Aitken-extrapolated distance
-        :math:`δ_t\, r / (1 - r) < \text{tol}` (a flat objective alone stops EM early)."""
-        objective = super().converged(objectives, info, tol)
-        if not objective or not self.parameter_rule:
-            return objective
-        change, before = info[-1]["change"], info[-2].get("change", math.nan)
-        if change == 0 or math.isnan(before):
-            return change < tol
-        rate = change / before
-        return rate < 1 and change * rate / (1 - rate) < tol
-
-
-def _relative_change(old: MixtureParams, new: MixtureParams) -> float:
-    """Largest change of any parameter array relative to the array's largest entry
-    (``inf`` when a component was removed; 0 below the dtype's round-off)."""
-    if old.weights.shape != new.weights.shape:
-        return math.inf
-    pairs = [(old.weights, new.weights), *zip(old.components, new.components, strict=True)]
-    change = max(
-        float((b - a).abs().max() / b.abs().max().clamp(min=torch.finfo(b.dtype).tiny))
-        for a, b in pairs
-    )
-    return 0.0 if change < 10 * torch.finfo(new.weights.dtype).eps else change
 
 
 def _fit_mixture(

@@ -19,7 +19,7 @@ from pyroem.em import Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.errors import DataError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
 from pyroem.initialization import initial_params, seeded_generator
-from pyroem.mstep.mixture import mixture_m_step
+from pyroem.mstep.mixture import MixtureEngine
 from pyroem.options import check_integer
 from pyroem.results import FitResult
 from pyroem.sources import ChunkSource, scan
@@ -70,7 +70,7 @@ class ChunksEStep(MixtureEStep):
         self.chunks = _Prepared(family, chunks)  # type: ignore[assignment]
 
 
-class _StreamEngine(Engine):
+class _StreamEngine(MixtureEngine):
     """Batch MAP-EM over a source: each iteration reads every chunk once."""
 
     def __init__(
@@ -97,9 +97,6 @@ class _StreamEngine(Engine):
 
     def e_step(self, params: Any) -> EStepResult:
         return self.estep(params)
-
-    def m_step(self, stats: Any, params: Any, iteration: int) -> MStepResult:
-        return MStepResult(mixture_m_step(self.family, self.spec.weights_prior, stats, params))
 
 
 def _in_memory_source(data: torch.Tensor, chunk_size: int) -> ChunkSource:

@@ -15,6 +15,7 @@ After this E-step the bound is tight: ``L(q, θ) = log p(x, θ)``.
 from __future__ import annotations
 
 import math
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -50,6 +51,9 @@ class MixtureEStep:
             counts ``w_n`` times in the statistics and the log-likelihood.
     """
 
+    # Per chunk, the rows' frequency weights (None: every row counts once).
+    chunk_weights: list[torch.Tensor] | None = None
+
     def __init__(
         self,
         family: Family,
@@ -62,11 +66,8 @@ class MixtureEStep:
         self.weights_prior = weights_prior.to(dtype=data.dtype, device=data.device)
         self.chunk_size = chunk_size
         self.chunks = [family.prepare(chunk) for chunk in data.split(chunk_size)]
-        self.chunk_weights: list[torch.Tensor | None] = (
-            [None] * len(self.chunks)
-            if sample_weight is None
-            else list(sample_weight.to(data).split(chunk_size))
-        )
+        if sample_weight is not None:
+            self.chunk_weights = list(sample_weight.to(data).split(chunk_size))
 
     def log_prior(self, params: MixtureParams) -> torch.Tensor:
         """``log Dirichlet(π | α) + log p(θ)``; removed components are left out."""
@@ -91,7 +92,8 @@ class MixtureEStep:
         # so which are removed, must not depend on the dtype (the terms dropped change
         # a log-likelihood by under 1e-34 relative).
         cutoff = max(math.log(finfo.tiny), math.log(torch.finfo(torch.float32).tiny)) + 8
-        for chunk, row_weights in zip(self.chunks, self.chunk_weights, strict=True):
+        weights = repeat(None) if self.chunk_weights is None else self.chunk_weights
+        for chunk, row_weights in zip(self.chunks, weights, strict=False):
             # logsumexp and the normalised exponentials in one pass, in place: exp once.
             joint = log_prob(chunk) + log_weights
             peak = joint.amax(dim=1, keepdim=True).clamp_(min=finfo.min)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 import torch
 
+from pyroem.em import Engine, MStepResult
 from pyroem.errors import CollapsedComponentWarning
 from pyroem.mstep.conjugate import dirichlet_mode
 from pyroem.spec.families import Family
-from pyroem.spec.mixture import MixtureParams
+from pyroem.spec.mixture import Mixture, MixtureParams
 
 __all__ = ["mixture_m_step"]
 
@@ -52,3 +54,50 @@ def mixture_m_step(
         weights = weights[keep]
         return MixtureParams(weights, family.m_step(stats), params.active[keep])
     return MixtureParams(weights, family.m_step(stats), params.active)
+
+
+class MixtureEngine(Engine):
+    """The M-step side of MAP-EM on a ``Mixture`` (its subclasses supply ``init`` and
+    ``e_step``: data in memory, or read from a source): the closed-form M-step and the
+    stopping rule.
+
+    Attributes:
+        spec: the mixture; family: its bound family.
+        parameter_rule: stop on the parameters too (``stop_rule="parameters"``), not on
+            the objective alone.
+    """
+
+    spec: Mixture
+    family: Family
+    parameter_rule = True
+
+    def m_step(self, stats: Any, params: Any, iteration: int) -> MStepResult:
+        new = mixture_m_step(self.family, self.spec.weights_prior, stats, params)
+        return MStepResult(new, None, {"change": relative_change(params, new)})
+
+    def converged(self, objectives: list[float], info: list[Any], tol: float) -> bool:
+        r"""The objective rule, and the parameters within ``tol`` of their limit: with
+        :math:`δ_t` the largest relative parameter change of iteration ``t`` and
+        :math:`r = δ_t / δ_{t-1}` EM's linear rate, the Aitken-extrapolated distance
+        :math:`δ_t\, r / (1 - r) < \text{tol}` (a flat objective alone stops EM early)."""
+        objective = super().converged(objectives, info, tol)
+        if not objective or not self.parameter_rule:
+            return objective
+        change, before = info[-1]["change"], info[-2].get("change", math.nan)
+        if change == 0 or math.isnan(before):
+            return change < tol
+        rate = change / before
+        return rate < 1 and change * rate / (1 - rate) < tol
+
+
+def relative_change(old: MixtureParams, new: MixtureParams) -> float:
+    """Largest change of any parameter array relative to the array's largest entry
+    (``inf`` when a component was removed; 0 below the dtype's round-off)."""
+    if old.weights.shape != new.weights.shape:
+        return math.inf
+    pairs = [(old.weights, new.weights), *zip(old.components, new.components, strict=True)]
+    change = max(
+        float((b - a).abs().max() / b.abs().max().clamp(min=torch.finfo(b.dtype).tiny))
+        for a, b in pairs
+    )
+    return 0.0 if change < 10 * torch.finfo(new.weights.dtype).eps else change
