@@ -102,7 +102,7 @@ def _example(name: str) -> Program:
     """A small instance of every Pyro program in ``models/``."""
     if name == "gmm":
         data = _faithful(40)
-        return Program(GMM["gaussian_mixture_model"], (data, 2), GMM["default_prior"](data, 2))
+        return Program(GMM["gaussian_mixture_model"], (data, 2), GMM["mclust_prior"](data, 2))
     if name == "poisson-mixture":
         data = load_discoveries().data
         return Program(POISSON["poisson_mixture_model"], (data, 2), POISSON["default_prior"](data))

@@ -477,8 +477,6 @@ def _recognise_prior(program: ProgramModel, name: str, slot: str, site: Any) -> 
     accepted, likelihood = _PRIORS[slot]
     if program.params[name].kind == "param":
         return f"flat-{likelihood}"
-    if not bool((torch.as_tensor(site.get("scale", 1.0)) == 1).all()):
-        return None  # a weighted prior (poutine.scale): not the conjugate density
     prior, _ = _unwrap(site["fn"])
     if not isinstance(prior, accepted):
         return None
