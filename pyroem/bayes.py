@@ -35,10 +35,8 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import infer_discrete
 from pyro.infer.autoguide import init_to_median, init_to_sample, init_to_uniform
-from pyro.infer.mcmc import NUTS
 from pyro.infer.mcmc.util import initialize_model
 from pyro.ops.integrator import potential_grad
-from torch.distributions import biject_to, constraints
 from torch.distributions.transforms import Transform
 from tqdm import tqdm
 
@@ -53,8 +51,9 @@ from pyroem.program.fit import initial_values, num_observations, program_init, r
 from pyroem.program.model import ProgramModel, sample_sites
 from pyroem.program.posterior import log_joint_terms, posterior
 from pyroem.program.results import ProgramFit
+from pyroem.sampling.nuts import NUTSChain
 from pyroem.spec.mixture import Mixture, MixtureParams, as_data
-from pyroem.transforms import PositiveDefiniteBijection
+from pyroem.transforms import constrain, unconstraining
 
 __all__ = ["NUTS_OPTIONS", "BayesFit", "fit_nuts"]
 
@@ -148,19 +147,7 @@ class _SampledProgram(ProgramModel):
 
 def _unconstraining(program: ProgramModel) -> dict[str, Transform]:
     """Site name → bijection from the site's support to an unconstrained space."""
-    transforms: dict[str, Transform] = {}
-    for name, site in program.params.items():
-        if isinstance(site.constraint, type(constraints.positive_definite)):
-            transforms[name] = PositiveDefiniteBijection().inv
-            continue
-        try:
-            transforms[name] = biject_to(site.constraint).inv
-        except NotImplementedError as err:
-            raise NotSupportedError(
-                f"site {name!r} has support {site.constraint}, which has no bijection from an "
-                "unconstrained space, so NUTS cannot move on it; reparametrise the site"
-            ) from err
-    return transforms
+    return {name: unconstraining(name, site.constraint) for name, site in program.params.items()}
 
 
 def _potential(
@@ -170,12 +157,7 @@ def _potential(
     """``-log p(x, θ(u)) - log|dθ/du|`` on the unconstrained space."""
 
     def potential(unconstrained: dict[str, torch.Tensor]) -> torch.Tensor:
-        values: dict[str, torch.Tensor] = {}
-        log_jacobian: torch.Tensor | float = 0.0
-        for name, value in unconstrained.items():
-            forward = transforms[name].inv
-            values[name] = forward(value)
-            log_jacobian = log_jacobian + forward.log_abs_det_jacobian(value, values[name]).sum()
+        values, log_jacobian = constrain(transforms, unconstrained)
         try:
             total = log_joint(values) + log_jacobian
         except SingularCovarianceError:
@@ -272,54 +254,6 @@ def _program_terms(
     return terms
 
 
-class _RecordingNUTS(NUTS):
-    """Pyro's NUTS, recording the statistics of every transition (ArviZ's names):
-    leapfrog steps, tree depth, mean acceptance probability, divergence, energy."""
-
-    def sample(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self._leaves = 0
-        self._accept_sum = 0.0
-        self._diverged = False
-        self._depth = 0
-        self._nesting = 0
-        self._energy = math.nan
-        step_size = self.step_size
-        z = super().sample(params)
-        potential = self._fetch_from_cache()[1]
-        self.last_stats = {
-            "diverging": self._diverged,
-            "step_size": float(step_size),
-            "tree_depth": self._depth,
-            "n_steps": self._leaves,
-            "acceptance_rate": self._accept_sum / max(self._leaves, 1),
-            "energy": self._energy,
-            "lp": -float(potential) if potential is not None else math.nan,
-        }
-        return z
-
-    def _sample_r(self, name: str) -> Any:
-        r, r_unscaled = super()._sample_r(name)
-        potential = self._fetch_from_cache()[1]
-        self._energy = float(self._kinetic_energy(r_unscaled) + potential)
-        return r, r_unscaled
-
-    def _build_tree(self, *args: Any) -> Any:
-        if self._nesting == 0:
-            self._depth += 1
-        self._nesting += 1
-        try:
-            return super()._build_tree(*args)
-        finally:
-            self._nesting -= 1
-
-    def _build_basetree(self, *args: Any) -> Any:
-        tree = super()._build_basetree(*args)
-        self._leaves += 1
-        self._accept_sum += float(tree.sum_accept_probs)
-        self._diverged = self._diverged or bool(tree.diverging)
-        return tree
-
-
 class _Chain(NamedTuple):
     """One chain's post-warmup draws (unconstrained), statistics and timing."""
 
@@ -368,39 +302,27 @@ def _run_chain(
     bar: Any,
 ) -> _Chain:
     """Warm up and sample one chain of Pyro's NUTS."""
-    kernel = _RecordingNUTS(
-        potential_fn=potential,
+    chain = NUTSChain(
+        potential,
+        initial,
         target_accept_prob=settings.target_accept_prob,
         max_tree_depth=settings.max_tree_depth,
         full_mass=settings.dense_mass,
     )
-    kernel.initial_params = initial
     start = time.perf_counter()
-    kernel.setup(settings.warmup_steps)
-    point = initial
-    kept: dict[str, list[torch.Tensor]] = {name: [] for name in initial}
-    stats: dict[str, list[float]] = {}
-    elapsed = []
-    divergences = 0
-    for step in range(settings.warmup_steps + settings.num_samples):
-        point = kernel.sample(point)
+    elapsed: list[float] = []
+
+    def on_step(chain: NUTSChain) -> None:
         bar.update(1)
-        if step < settings.warmup_steps:
-            continue
-        for name, value in point.items():
-            kept[name].append(value.detach().clone())
-        for key, stat in kernel.last_stats.items():
-            stats.setdefault(key, []).append(stat)
-        elapsed.append(time.perf_counter() - start)
-        divergences += int(kernel.last_stats["diverging"])
-        if step % 25 == 0:
-            bar.set_postfix(step_size=f"{kernel.step_size:.3g}", divergences=divergences)
-    kernel.cleanup()
-    return _Chain(
-        {name: torch.stack(values) for name, values in kept.items()},
-        {key: np.asarray(values) for key, values in stats.items()},
-        np.asarray(elapsed),
-    )
+        if chain.kernel._t > settings.warmup_steps:
+            elapsed.append(time.perf_counter() - start)
+        if chain.kernel._t % 25 == 1:
+            bar.set_postfix(step_size=f"{chain.kernel.step_size:.3g}")
+
+    chain.warm_up(settings.warmup_steps, on_step)
+    draws, stats = chain.run(settings.num_samples, on_step)
+    chain.kernel.cleanup()
+    return _Chain(draws, stats, np.asarray(elapsed))
 
 
 def _check_sampleable(program: ProgramModel) -> None:

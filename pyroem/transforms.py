@@ -1,4 +1,10 @@
-r"""Bijections from an unconstrained space for supports Pyro's autoguides cannot map.
+r"""The map between a site's support and an unconstrained space, used by every engine.
+
+:func:`unconstraining` is the one bijection per support: Pyro's ``biject_to`` (logit,
+stick-breaking, log, ...), and for covariance matrices :class:`PositiveDefiniteBijection`.
+:func:`constrain` maps unconstrained values back with their log-Jacobian. NUTS (full
+Bayes and MCMC-EM's E-step), the gradient M-step and MAP in the unconstrained space
+all read them.
 
 An autoguide puts its density on the unconstrained space given by
 ``biject_to(site.support)``. Pyro registers no bijection for covariance matrices
@@ -20,6 +26,7 @@ log-densities; only the ``support`` the guide reads changes.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import pyro.distributions as dist
@@ -28,7 +35,15 @@ from pyro.poutine.messenger import Messenger
 from torch.distributions import biject_to, constraints, transform_to
 from torch.distributions.transforms import Transform
 
-__all__ = ["BijectiveSupports", "PositiveDefiniteBijection", "needs_bijection"]
+from pyroem.errors import NotSupportedError
+
+__all__ = [
+    "BijectiveSupports",
+    "PositiveDefiniteBijection",
+    "constrain",
+    "needs_bijection",
+    "unconstraining",
+]
 
 
 def _dimension(num_entries: int) -> int:
@@ -110,6 +125,41 @@ def needs_bijection(support: constraints.Constraint) -> bool:
             return True
         raise
     return False
+
+
+def unconstraining(name: str, support: constraints.Constraint) -> Transform:
+    """The bijection from site ``name``'s support onto an unconstrained space.
+
+    Raises:
+        NotSupportedError: the support has no bijection from an unconstrained space.
+    """
+    if isinstance(support, type(constraints.positive_definite)):
+        return PositiveDefiniteBijection().inv
+    try:
+        return biject_to(support).inv
+    except NotImplementedError as err:
+        raise NotSupportedError(
+            f"site {name!r} has support {support}, which has no bijection from an "
+            "unconstrained space; reparametrise the site"
+        ) from err
+
+
+def constrain(
+    transforms: Mapping[str, Transform],
+    unconstrained: Mapping[str, torch.Tensor],
+    num_dims: int = 0,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Unconstrained values mapped back by the inverses of ``transforms`` (site →
+    :func:`unconstraining`), and ``log |d constrained / d unconstrained|`` summed over
+    the sites and over all but the leading ``num_dims`` dimensions."""
+    values: dict[str, torch.Tensor] = {}
+    total = torch.zeros(())
+    for name, value in unconstrained.items():
+        forward = transforms[name].inv
+        values[name] = forward(value)
+        term = forward.log_abs_det_jacobian(value, values[name])
+        total = total + term.reshape(*term.shape[:num_dims], -1).sum(-1)
+    return values, total
 
 
 class _WithSupport(dist.TorchDistribution):
