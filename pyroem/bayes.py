@@ -44,7 +44,7 @@ from pyroem.alignment import Alignment, align_draws, program_component_axes
 from pyroem.diagnostics import ChainDiagnostics, chain_diagnostics, chain_problems
 from pyroem.em import History
 from pyroem.errors import MCMCWarning, NotSupportedError, SingularCovarianceError, SpecError
-from pyroem.estep.enumerate import MixtureEStep
+from pyroem.estep.enumerate import MixtureEStep, mixture_log_likelihood
 from pyroem.initialization import site_values
 from pyroem.options import check_integer, with_defaults
 from pyroem.program.fit import initial_values, num_observations, program_init, resolve_seed
@@ -174,19 +174,14 @@ def _mixture_log_joint(
 ) -> Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]:
     """``values → (log p(x | θ), log p(θ))`` of a Mixture by its batched kernels."""
     e_step = MixtureEStep(family, spec.weights_prior, data, chunk_size)
+    pointwise = _mixture_pointwise(spec, family, data, chunk_size)
     active = torch.arange(spec.num_components)
     fields = family.params_type._fields
 
     def terms(values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        params = MixtureParams(
-            values["weights"], family.params_type(**{f: values[f] for f in fields}), active
-        )
-        log_prob = family.log_prob_fn(params.components)
-        log_weights = params.weights.log()
-        log_likelihood = sum(
-            torch.logsumexp(log_prob(chunk) + log_weights, dim=-1).sum() for chunk in e_step.chunks
-        )
-        return torch.as_tensor(log_likelihood), e_step.log_prior(params)
+        components = family.params_type(**{f: values[f] for f in fields})
+        params = MixtureParams(values["weights"], components, active)
+        return pointwise(values).sum(), e_step.log_prior(params)
 
     return terms
 
@@ -207,15 +202,12 @@ def _mixture_pointwise(
     spec: Mixture, family: Any, data: torch.Tensor, chunk_size: int
 ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
     """``values → log p(x_n | θ)`` ``(N,)`` of a Mixture by its batched kernels."""
-    e_step = MixtureEStep(family, spec.weights_prior, data, chunk_size)
+    chunks = [family.prepare(chunk) for chunk in data.split(chunk_size)]
     fields = family.params_type._fields
 
     def pointwise(values: dict[str, torch.Tensor]) -> torch.Tensor:
         log_prob = family.log_prob_fn(family.params_type(**{f: values[f] for f in fields}))
-        log_weights = values["weights"].log()
-        return torch.cat(
-            [torch.logsumexp(log_prob(chunk) + log_weights, dim=-1) for chunk in e_step.chunks]
-        )
+        return mixture_log_likelihood(log_prob, values["weights"].log(), chunks)
 
     return pointwise
 

@@ -1,7 +1,8 @@
 r"""The map between a site's support and an unconstrained space, used by every engine.
 
 :func:`unconstraining` is the one bijection per support: Pyro's ``biject_to`` (logit,
-stick-breaking, log, ...), and for covariance matrices :class:`PositiveDefiniteBijection`.
+stick-breaking, log, ...), and for covariance matrices and their Cholesky factors the
+log-Cholesky entries (:class:`PositiveDefiniteBijection`, :class:`LowerCholeskyBijection`).
 :func:`constrain` maps unconstrained values back with their log-Jacobian. NUTS (full
 Bayes and MCMC-EM's E-step), the gradient M-step and MAP in the unconstrained space
 all read them.
@@ -39,6 +40,7 @@ from pyroem.errors import NotSupportedError
 
 __all__ = [
     "BijectiveSupports",
+    "LowerCholeskyBijection",
     "PositiveDefiniteBijection",
     "constrain",
     "needs_bijection",
@@ -54,16 +56,16 @@ def _dimension(num_entries: int) -> int:
     return dim
 
 
-class PositiveDefiniteBijection(Transform):
-    """Vector ``(..., D(D+1)/2)`` → covariance matrix ``(..., D, D)`` through its
-    Cholesky factor, with a log-diagonal: a bijection onto ``positive_definite``."""
+class LowerCholeskyBijection(Transform):
+    """Vector ``(..., D(D+1)/2)`` → lower-triangular matrix ``(..., D, D)`` with a
+    positive diagonal (its logarithm in the vector): a bijection onto ``lower_cholesky``."""
 
     domain = constraints.independent(constraints.real, 1)
-    codomain = constraints.positive_definite
+    codomain: constraints.Constraint = constraints.lower_cholesky
     bijective = True
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, PositiveDefiniteBijection)
+        return type(other) is type(self)
 
     def __hash__(self) -> int:
         return hash(type(self))
@@ -82,14 +84,32 @@ class PositiveDefiniteBijection(Transform):
         entries = torch.where(rows == cols, x.exp(), x)
         factor = x.new_zeros((*x.shape[:-1], dim, dim))
         factor[..., rows, cols] = entries
-        return factor @ factor.mT
+        return factor
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         dim = y.shape[-1]
-        factor = torch.linalg.cholesky(y)
         rows, cols = torch.tril_indices(dim, dim, device=y.device)
-        entries = factor[..., rows, cols]
+        entries = y[..., rows, cols]
         return torch.where(rows == cols, entries.log(), entries)
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        dim = _dimension(x.shape[-1])
+        rows, cols = torch.tril_indices(dim, dim, device=x.device)
+        return x[..., rows == cols].sum(-1)
+
+
+class PositiveDefiniteBijection(LowerCholeskyBijection):
+    """Vector ``(..., D(D+1)/2)`` → covariance matrix ``(..., D, D)`` through its
+    Cholesky factor, with a log-diagonal: a bijection onto ``positive_definite``."""
+
+    codomain = constraints.positive_definite
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        factor = super()._call(x)
+        return factor @ factor.mT
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return super()._inverse(torch.linalg.cholesky(y))
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         dim = _dimension(x.shape[-1])
@@ -135,6 +155,8 @@ def unconstraining(name: str, support: constraints.Constraint) -> Transform:
     """
     if isinstance(support, type(constraints.positive_definite)):
         return PositiveDefiniteBijection().inv
+    if isinstance(support, type(constraints.lower_cholesky)):
+        return LowerCholeskyBijection().inv
     try:
         return biject_to(support).inv
     except NotImplementedError as err:
