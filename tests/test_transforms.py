@@ -1,10 +1,10 @@
 """The one map between a site's support and an unconstrained space.
 
-References: torch.distributions' own ``transform_to`` (values for real, positive, unit
-interval and lower Cholesky; log-Jacobians where torch has one), and for every support the log-determinant of
-the Jacobian computed by automatic differentiation of the forward map, restricted to the
-free coordinates of the constrained value (all but the last entry of a simplex, the lower
-triangle of a triangular or symmetric matrix).
+References: torch.distributions' own ``transform_to`` (values for real, positive,
+unit interval and lower Cholesky; log-Jacobians where torch has one), and for every
+support the log-determinant of the Jacobian computed by automatic differentiation of
+the forward map, restricted to the free coordinates of the constrained value (all but
+the last entry of a simplex, the lower triangle of a triangular or symmetric matrix).
 """
 
 from __future__ import annotations
@@ -94,5 +94,5 @@ def test_leading_dimensions_are_kept() -> None:
 
 
 def test_a_support_without_a_bijection_is_refused() -> None:
-    with pytest.raises(NotSupportedError, match="'z'.*reparametrise"):
+    with pytest.raises(NotSupportedError, match=r"'z'.*reparametrise"):
         unconstraining("z", constraints.integer_interval(0, 3))
