@@ -48,7 +48,7 @@ from pyroem.estep.enumerate import MixtureEStep, mixture_log_likelihood
 from pyroem.initialization import site_values
 from pyroem.options import check_integer, with_defaults
 from pyroem.program.fit import initial_values, num_observations, program_init, resolve_seed
-from pyroem.program.model import ProgramModel, sample_sites
+from pyroem.program.model import ProgramModel
 from pyroem.program.posterior import log_joint_terms, posterior
 from pyroem.program.results import ProgramFit
 from pyroem.sampling.nuts import NUTSChain
@@ -151,15 +151,17 @@ def _unconstraining(program: ProgramModel) -> dict[str, Transform]:
 
 
 def _potential(
-    log_joint: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    terms: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],
     transforms: Mapping[str, Transform],
 ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    """``-log p(x, θ(u)) - log|dθ/du|`` on the unconstrained space."""
+    """``-log p(x, θ(u)) - log|dθ/du|`` on the unconstrained space, from
+    ``terms: values → (log p(x | θ), log p(θ))``."""
 
     def potential(unconstrained: dict[str, torch.Tensor]) -> torch.Tensor:
         values, log_jacobian = constrain(transforms, unconstrained)
         try:
-            total = log_joint(values) + log_jacobian
+            log_likelihood, log_prior = terms(values)
+            total = log_likelihood + log_prior + log_jacobian
         except SingularCovarianceError:
             # A covariance too close to singular to factor: a point of zero density,
             # which NUTS treats as a divergence.
@@ -184,18 +186,6 @@ def _mixture_log_joint(
         return pointwise(values).sum(), e_step.log_prior(params)
 
     return terms
-
-
-def _summed(
-    terms: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],
-) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    """``values → log p(x | θ) + log p(θ)``."""
-
-    def log_joint(values: dict[str, torch.Tensor]) -> torch.Tensor:
-        log_likelihood, log_prior = terms(values)
-        return log_likelihood + log_prior
-
-    return log_joint
 
 
 def _mixture_pointwise(
@@ -239,9 +229,7 @@ def _program_terms(
     """``values → (log p(x | θ), log p(θ))`` of a Pyro program, z summed out."""
 
     def terms(values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        trace = program.trace(values)
-        log_probs = {name: site["unscaled_log_prob"] for name, site in sample_sites(trace)}
-        return log_joint_terms(program, trace, log_probs)
+        return log_joint_terms(program, program.trace(values))
 
     return terms
 
@@ -619,7 +607,7 @@ def fit_nuts(
         terms = _mixture_log_joint(model, family, data, settings.chunk_size)
         pointwise = _mixture_pointwise(model, family, data, settings.chunk_size)
         transforms = _unconstraining(program)
-        potential = _potential(_summed(terms), transforms)
+        potential = _potential(terms, transforms)
     else:
         init = program_init(init)
         program = _SampledProgram(model, model_args, model_kwargs)

@@ -40,7 +40,6 @@ from pyro.infer.mcmc import NUTS
 
 from pyroem.diagnostics import chain_diagnostics
 from pyroem.errors import SpecError
-from pyroem.program.model import sample_sites
 from pyroem.program.posterior import log_joint_terms
 from pyroem.sampling.exact import Draws, sample_discrete
 from pyroem.sampling.stacked import LatentProgram
@@ -125,6 +124,7 @@ class NUTSChain:
             full_mass=full_mass,
         )
         self.state = initial
+        self.adapted = False
 
     def warm_up(self, steps: int, on_step: Callable[[NUTSChain], None] | None = None) -> None:
         """Adapt step size and mass matrix afresh from the current state over ``steps``
@@ -133,13 +133,14 @@ class NUTSChain:
         self.kernel.initial_params = self.state
         self.kernel.setup(steps)
         self.run(steps, on_step)
+        self.adapted = True
 
     def run(
         self, steps: int, on_step: Callable[[NUTSChain], None] | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
         """``steps`` transitions; their states ``(steps, *shape)`` and statistics ``(steps,)``."""
         kept: dict[str, list[torch.Tensor]] = {name: [] for name in self.state}
-        stats: dict[str, list[float]] = {key: [] for key in ("diverging", "step_size")}
+        stats: dict[str, list[float]] = {}
         for _ in range(steps):
             self.state = self.kernel.sample(self.state)
             for name, value in self.state.items():
@@ -212,7 +213,6 @@ class NUTSSampler:
             )
             for _ in range(num_chains)
         ]
-        self._adapted = [False] * num_chains
 
     def _log_density(self, *tensors: torch.Tensor) -> torch.Tensor:
         """``log p(x, b; θ) + log|db/du|`` from the unconstrained latents ``u`` and θ
@@ -222,8 +222,7 @@ class NUTSSampler:
         theta = dict(zip(self._parameters, tensors[len(latents) :], strict=True))
         constrained, jacobian = constrain(self.transforms, unconstrained)
         trace = self.program.trace({**theta, **constrained})
-        log_probs = {name: site["unscaled_log_prob"] for name, site in sample_sites(trace)}
-        log_likelihood, log_prior = log_joint_terms(self.program, trace, log_probs)
+        log_likelihood, log_prior = log_joint_terms(self.program, trace)
         return log_likelihood + log_prior + jacobian
 
     def potential(self, unconstrained: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -271,9 +270,8 @@ class NUTSSampler:
         rewarmed = 0
         with pyro.validation_enabled(False):
             for index, chain in enumerate(self._chains):
-                if not self._adapted[index]:
+                if not chain.adapted:
                     chain.warm_up(self.warmup_steps)
-                    self._adapted[index] = True
                     rewarmed += 1
                 else:
                     chain.kernel.clear_cache()
@@ -283,8 +281,7 @@ class NUTSSampler:
                 for name in kept:
                     kept[name].append(draws[name])
                 step_sizes.append(float(chain.kernel.step_size))
-                if bool(divergent[index].any()):
-                    self._adapted[index] = False
+                chain.adapted = not bool(divergent[index].any())
         unconstrained = {name: torch.stack(value) for name, value in kept.items()}
         continuous, _ = constrain(self.transforms, unconstrained)
         discrete = {}
