@@ -149,13 +149,8 @@ class NUTSChain:
                 stats.setdefault(key, []).append(stat)
             if on_step is not None:
                 on_step(self)
-        return (
-            {
-                name: torch.stack(values) if values else torch.empty(0)
-                for name, values in kept.items()
-            },
-            {key: np.asarray(values) for key, values in stats.items()},
-        )
+        draws = {name: torch.stack(values) for name, values in kept.items() if values}
+        return draws, {key: np.asarray(values) for key, values in stats.items()}
 
 
 class NUTSSampler:
@@ -242,10 +237,8 @@ class NUTSSampler:
     def _initial_point(self) -> dict[str, torch.Tensor]:
         """A random start, uniform on (-2, 2) in the unconstrained space (Pyro's
         ``init_to_uniform``), redrawn until the log density is finite."""
-        shapes = {
-            name: self.transforms[name](torch.zeros(site.shape)).shape
-            for name, site in self.program.latent_sites.items()
-        }
+        sites = self.program.latent_sites
+        shapes = {name: self.transforms[name].forward_shape(sites[name].shape) for name in sites}
         for _ in range(100):
             point = {name: 4 * torch.rand(shape) - 2 for name, shape in shapes.items()}
             with torch.no_grad():
