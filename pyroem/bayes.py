@@ -35,10 +35,8 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import infer_discrete
 from pyro.infer.autoguide import init_to_median, init_to_sample, init_to_uniform
-from pyro.infer.mcmc import NUTS
 from pyro.infer.mcmc.util import initialize_model
 from pyro.ops.integrator import potential_grad
-from torch.distributions import biject_to, constraints
 from torch.distributions.transforms import Transform
 from tqdm import tqdm
 
@@ -46,15 +44,16 @@ from pyroem.alignment import Alignment, align_draws, program_component_axes
 from pyroem.diagnostics import ChainDiagnostics, chain_diagnostics, chain_problems
 from pyroem.em import History
 from pyroem.errors import MCMCWarning, NotSupportedError, SingularCovarianceError, SpecError
-from pyroem.estep.enumerate import MixtureEStep
+from pyroem.estep.enumerate import MixtureEStep, mixture_log_likelihood
 from pyroem.initialization import site_values
 from pyroem.options import check_integer, with_defaults
 from pyroem.program.fit import initial_values, num_observations, program_init, resolve_seed
-from pyroem.program.model import ProgramModel, sample_sites
+from pyroem.program.model import ProgramModel
 from pyroem.program.posterior import log_joint_terms, posterior
 from pyroem.program.results import ProgramFit
+from pyroem.sampling.nuts import NUTSChain
 from pyroem.spec.mixture import Mixture, MixtureParams, as_data
-from pyroem.transforms import PositiveDefiniteBijection
+from pyroem.transforms import constrain, unconstraining
 
 __all__ = ["NUTS_OPTIONS", "BayesFit", "fit_nuts"]
 
@@ -148,36 +147,21 @@ class _SampledProgram(ProgramModel):
 
 def _unconstraining(program: ProgramModel) -> dict[str, Transform]:
     """Site name → bijection from the site's support to an unconstrained space."""
-    transforms: dict[str, Transform] = {}
-    for name, site in program.params.items():
-        if isinstance(site.constraint, type(constraints.positive_definite)):
-            transforms[name] = PositiveDefiniteBijection().inv
-            continue
-        try:
-            transforms[name] = biject_to(site.constraint).inv
-        except NotImplementedError as err:
-            raise NotSupportedError(
-                f"site {name!r} has support {site.constraint}, which has no bijection from an "
-                "unconstrained space, so NUTS cannot move on it; reparametrise the site"
-            ) from err
-    return transforms
+    return {name: unconstraining(name, site.constraint) for name, site in program.params.items()}
 
 
 def _potential(
-    log_joint: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    terms: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],
     transforms: Mapping[str, Transform],
 ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    """``-log p(x, θ(u)) - log|dθ/du|`` on the unconstrained space."""
+    """``-log p(x, θ(u)) - log|dθ/du|`` on the unconstrained space, from
+    ``terms: values → (log p(x | θ), log p(θ))``."""
 
     def potential(unconstrained: dict[str, torch.Tensor]) -> torch.Tensor:
-        values: dict[str, torch.Tensor] = {}
-        log_jacobian: torch.Tensor | float = 0.0
-        for name, value in unconstrained.items():
-            forward = transforms[name].inv
-            values[name] = forward(value)
-            log_jacobian = log_jacobian + forward.log_abs_det_jacobian(value, values[name]).sum()
+        values, log_jacobian = constrain(transforms, unconstrained)
         try:
-            total = log_joint(values) + log_jacobian
+            log_likelihood, log_prior = terms(values)
+            total = log_likelihood + log_prior + log_jacobian
         except SingularCovarianceError:
             # A covariance too close to singular to factor: a point of zero density,
             # which NUTS treats as a divergence.
@@ -192,48 +176,28 @@ def _mixture_log_joint(
 ) -> Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]:
     """``values → (log p(x | θ), log p(θ))`` of a Mixture by its batched kernels."""
     e_step = MixtureEStep(family, spec.weights_prior, data, chunk_size)
+    pointwise = _mixture_pointwise(spec, family, data, chunk_size)
     active = torch.arange(spec.num_components)
     fields = family.params_type._fields
 
     def terms(values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        params = MixtureParams(
-            values["weights"], family.params_type(**{f: values[f] for f in fields}), active
-        )
-        log_prob = family.log_prob_fn(params.components)
-        log_weights = params.weights.log()
-        log_likelihood = sum(
-            torch.logsumexp(log_prob(chunk) + log_weights, dim=-1).sum() for chunk in e_step.chunks
-        )
-        return torch.as_tensor(log_likelihood), e_step.log_prior(params)
+        components = family.params_type(**{f: values[f] for f in fields})
+        params = MixtureParams(values["weights"], components, active)
+        return pointwise(values).sum(), e_step.log_prior(params)
 
     return terms
-
-
-def _summed(
-    terms: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],
-) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    """``values → log p(x | θ) + log p(θ)``."""
-
-    def log_joint(values: dict[str, torch.Tensor]) -> torch.Tensor:
-        log_likelihood, log_prior = terms(values)
-        return log_likelihood + log_prior
-
-    return log_joint
 
 
 def _mixture_pointwise(
     spec: Mixture, family: Any, data: torch.Tensor, chunk_size: int
 ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
     """``values → log p(x_n | θ)`` ``(N,)`` of a Mixture by its batched kernels."""
-    e_step = MixtureEStep(family, spec.weights_prior, data, chunk_size)
+    chunks = [family.prepare(chunk) for chunk in data.split(chunk_size)]
     fields = family.params_type._fields
 
     def pointwise(values: dict[str, torch.Tensor]) -> torch.Tensor:
         log_prob = family.log_prob_fn(family.params_type(**{f: values[f] for f in fields}))
-        log_weights = values["weights"].log()
-        return torch.cat(
-            [torch.logsumexp(log_prob(chunk) + log_weights, dim=-1) for chunk in e_step.chunks]
-        )
+        return mixture_log_likelihood(log_prob, values["weights"].log(), chunks)
 
     return pointwise
 
@@ -265,59 +229,9 @@ def _program_terms(
     """``values → (log p(x | θ), log p(θ))`` of a Pyro program, z summed out."""
 
     def terms(values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        trace = program.trace(values)
-        log_probs = {name: site["unscaled_log_prob"] for name, site in sample_sites(trace)}
-        return log_joint_terms(program, trace, log_probs)
+        return log_joint_terms(program, program.trace(values))
 
     return terms
-
-
-class _RecordingNUTS(NUTS):
-    """Pyro's NUTS, recording the statistics of every transition (ArviZ's names):
-    leapfrog steps, tree depth, mean acceptance probability, divergence, energy."""
-
-    def sample(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self._leaves = 0
-        self._accept_sum = 0.0
-        self._diverged = False
-        self._depth = 0
-        self._nesting = 0
-        self._energy = math.nan
-        step_size = self.step_size
-        z = super().sample(params)
-        potential = self._fetch_from_cache()[1]
-        self.last_stats = {
-            "diverging": self._diverged,
-            "step_size": float(step_size),
-            "tree_depth": self._depth,
-            "n_steps": self._leaves,
-            "acceptance_rate": self._accept_sum / max(self._leaves, 1),
-            "energy": self._energy,
-            "lp": -float(potential) if potential is not None else math.nan,
-        }
-        return z
-
-    def _sample_r(self, name: str) -> Any:
-        r, r_unscaled = super()._sample_r(name)
-        potential = self._fetch_from_cache()[1]
-        self._energy = float(self._kinetic_energy(r_unscaled) + potential)
-        return r, r_unscaled
-
-    def _build_tree(self, *args: Any) -> Any:
-        if self._nesting == 0:
-            self._depth += 1
-        self._nesting += 1
-        try:
-            return super()._build_tree(*args)
-        finally:
-            self._nesting -= 1
-
-    def _build_basetree(self, *args: Any) -> Any:
-        tree = super()._build_basetree(*args)
-        self._leaves += 1
-        self._accept_sum += float(tree.sum_accept_probs)
-        self._diverged = self._diverged or bool(tree.diverging)
-        return tree
 
 
 class _Chain(NamedTuple):
@@ -368,39 +282,27 @@ def _run_chain(
     bar: Any,
 ) -> _Chain:
     """Warm up and sample one chain of Pyro's NUTS."""
-    kernel = _RecordingNUTS(
-        potential_fn=potential,
+    chain = NUTSChain(
+        potential,
+        initial,
         target_accept_prob=settings.target_accept_prob,
         max_tree_depth=settings.max_tree_depth,
         full_mass=settings.dense_mass,
     )
-    kernel.initial_params = initial
     start = time.perf_counter()
-    kernel.setup(settings.warmup_steps)
-    point = initial
-    kept: dict[str, list[torch.Tensor]] = {name: [] for name in initial}
-    stats: dict[str, list[float]] = {}
-    elapsed = []
-    divergences = 0
-    for step in range(settings.warmup_steps + settings.num_samples):
-        point = kernel.sample(point)
+    elapsed: list[float] = []
+
+    def on_step(chain: NUTSChain) -> None:
         bar.update(1)
-        if step < settings.warmup_steps:
-            continue
-        for name, value in point.items():
-            kept[name].append(value.detach().clone())
-        for key, stat in kernel.last_stats.items():
-            stats.setdefault(key, []).append(stat)
-        elapsed.append(time.perf_counter() - start)
-        divergences += int(kernel.last_stats["diverging"])
-        if step % 25 == 0:
-            bar.set_postfix(step_size=f"{kernel.step_size:.3g}", divergences=divergences)
-    kernel.cleanup()
-    return _Chain(
-        {name: torch.stack(values) for name, values in kept.items()},
-        {key: np.asarray(values) for key, values in stats.items()},
-        np.asarray(elapsed),
-    )
+        if chain.kernel._t > settings.warmup_steps:
+            elapsed.append(time.perf_counter() - start)
+        if chain.kernel._t % 25 == 1:
+            bar.set_postfix(step_size=f"{chain.kernel.step_size:.3g}")
+
+    chain.warm_up(settings.warmup_steps, on_step)
+    draws, stats = chain.run(settings.num_samples, on_step)
+    chain.kernel.cleanup()
+    return _Chain(draws, stats, np.asarray(elapsed))
 
 
 def _check_sampleable(program: ProgramModel) -> None:
@@ -707,7 +609,7 @@ def fit_nuts(
         terms = _mixture_log_joint(model, family, data, settings.chunk_size)
         pointwise = _mixture_pointwise(model, family, data, settings.chunk_size)
         transforms = _unconstraining(program)
-        potential = _potential(_summed(terms), transforms)
+        potential = _potential(terms, transforms)
     else:
         init = program_init(init)
         program = _SampledProgram(model, model_args, model_kwargs)

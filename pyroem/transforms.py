@@ -1,4 +1,11 @@
-r"""Bijections from an unconstrained space for supports Pyro's autoguides cannot map.
+r"""The map between a site's support and an unconstrained space, used by every engine.
+
+:func:`unconstraining` is the one bijection per support: Pyro's ``biject_to`` (logit,
+stick-breaking, log, ...), and for covariance matrices and their Cholesky factors the
+log-Cholesky entries (:class:`PositiveDefiniteBijection`, :class:`LowerCholeskyBijection`).
+:func:`constrain` maps unconstrained values back with their log-Jacobian. NUTS (full
+Bayes and MCMC-EM's E-step), the gradient M-step and MAP in the unconstrained space
+all read them.
 
 An autoguide puts its density on the unconstrained space given by
 ``biject_to(site.support)``. Pyro registers no bijection for covariance matrices
@@ -20,6 +27,7 @@ log-densities; only the ``support`` the guide reads changes.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import pyro.distributions as dist
@@ -28,7 +36,16 @@ from pyro.poutine.messenger import Messenger
 from torch.distributions import biject_to, constraints, transform_to
 from torch.distributions.transforms import Transform
 
-__all__ = ["BijectiveSupports", "PositiveDefiniteBijection", "needs_bijection"]
+from pyroem.errors import NotSupportedError
+
+__all__ = [
+    "BijectiveSupports",
+    "LowerCholeskyBijection",
+    "PositiveDefiniteBijection",
+    "constrain",
+    "needs_bijection",
+    "unconstraining",
+]
 
 
 def _dimension(num_entries: int) -> int:
@@ -39,16 +56,16 @@ def _dimension(num_entries: int) -> int:
     return dim
 
 
-class PositiveDefiniteBijection(Transform):
-    """Vector ``(..., D(D+1)/2)`` → covariance matrix ``(..., D, D)`` through its
-    Cholesky factor, with a log-diagonal: a bijection onto ``positive_definite``."""
+class LowerCholeskyBijection(Transform):
+    """Vector ``(..., D(D+1)/2)`` → lower-triangular matrix ``(..., D, D)`` with a
+    positive diagonal (its logarithm in the vector): a bijection onto ``lower_cholesky``."""
 
     domain = constraints.independent(constraints.real, 1)
-    codomain = constraints.positive_definite
+    codomain: constraints.Constraint = constraints.lower_cholesky
     bijective = True
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, PositiveDefiniteBijection)
+        return type(other) is type(self)
 
     def __hash__(self) -> int:
         return hash(type(self))
@@ -67,14 +84,32 @@ class PositiveDefiniteBijection(Transform):
         entries = torch.where(rows == cols, x.exp(), x)
         factor = x.new_zeros((*x.shape[:-1], dim, dim))
         factor[..., rows, cols] = entries
-        return factor @ factor.mT
+        return factor
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         dim = y.shape[-1]
-        factor = torch.linalg.cholesky(y)
         rows, cols = torch.tril_indices(dim, dim, device=y.device)
-        entries = factor[..., rows, cols]
+        entries = y[..., rows, cols]
         return torch.where(rows == cols, entries.log(), entries)
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        dim = _dimension(x.shape[-1])
+        rows, cols = torch.tril_indices(dim, dim, device=x.device)
+        return x[..., rows == cols].sum(-1)
+
+
+class PositiveDefiniteBijection(LowerCholeskyBijection):
+    """Vector ``(..., D(D+1)/2)`` → covariance matrix ``(..., D, D)`` through its
+    Cholesky factor, with a log-diagonal: a bijection onto ``positive_definite``."""
+
+    codomain = constraints.positive_definite
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        factor = super()._call(x)
+        return factor @ factor.mT
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return super()._inverse(torch.linalg.cholesky(y))
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         dim = _dimension(x.shape[-1])
@@ -110,6 +145,43 @@ def needs_bijection(support: constraints.Constraint) -> bool:
             return True
         raise
     return False
+
+
+def unconstraining(name: str, support: constraints.Constraint) -> Transform:
+    """The bijection from site ``name``'s support onto an unconstrained space.
+
+    Raises:
+        NotSupportedError: the support has no bijection from an unconstrained space.
+    """
+    if isinstance(support, type(constraints.positive_definite)):
+        return PositiveDefiniteBijection().inv
+    if isinstance(support, type(constraints.lower_cholesky)):
+        return LowerCholeskyBijection().inv
+    try:
+        return biject_to(support).inv
+    except NotImplementedError as err:
+        raise NotSupportedError(
+            f"site {name!r} has support {support}, which has no bijection from an "
+            "unconstrained space; reparametrise the site"
+        ) from err
+
+
+def constrain(
+    transforms: Mapping[str, Transform],
+    unconstrained: Mapping[str, torch.Tensor],
+    num_dims: int = 0,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Unconstrained values mapped back by the inverses of ``transforms`` (site →
+    :func:`unconstraining`), and ``log |d constrained / d unconstrained|`` summed over
+    the sites and over all but the leading ``num_dims`` dimensions."""
+    values: dict[str, torch.Tensor] = {}
+    total = torch.zeros(())
+    for name, value in unconstrained.items():
+        forward = transforms[name].inv
+        values[name] = forward(value)
+        term = forward.log_abs_det_jacobian(value, values[name])
+        total = total + term.reshape(*term.shape[:num_dims], -1).sum(-1)
+    return values, total
 
 
 class _WithSupport(dist.TorchDistribution):

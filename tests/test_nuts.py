@@ -58,7 +58,7 @@ def test_mixture_potential_equals_pyro_density(family, options, dim):
     program, start, fam, data = bayes._mixture_setup(spec, (data,), None, None, 0)
     transforms = bayes._unconstraining(program)
     terms = bayes._mixture_log_joint(spec, fam, data, chunk_size=16)
-    fast = bayes._potential(bayes._summed(terms), transforms)
+    fast = bayes._potential(terms, transforms)
     reference = bayes._program_potential(program, transforms, jit_compile=False)
     generator = torch.Generator().manual_seed(2)
     for _ in range(3):
@@ -230,3 +230,66 @@ def test_mixture_posterior_agrees_with_map_em():
     np.testing.assert_allclose(table[:1, :3], generic.numpy(), rtol=1e-9)
     result = loo(idata)
     assert result.elpd_loo < float(table.mean((0, 1)).sum())
+
+
+# ----- one chain driver ----------------------------------------------------------------------
+
+
+def test_full_bayes_and_mcmc_em_run_their_chains_through_one_driver(monkeypatch):
+    """Every transition of Pyro's NUTS kernel, in method="nuts" and in MCMC-EM's
+    continuous E-step, is made by :class:`pyroem.sampling.nuts.NUTSChain`."""
+    from pyro.infer.mcmc import NUTS
+
+    from pyroem.sampling import nuts
+
+    counts = {"kernel": 0, "driver": 0}
+    kernel_sample, driver_run = NUTS.sample, nuts.NUTSChain.run
+
+    def counted_sample(self, params):
+        counts["kernel"] += 1
+        return kernel_sample(self, params)
+
+    def counted_run(self, steps, on_step=None):
+        counts["driver"] += steps
+        return driver_run(self, steps, on_step)
+
+    monkeypatch.setattr(NUTS, "sample", counted_sample)
+    monkeypatch.setattr(nuts.NUTSChain, "run", counted_run)
+
+    def normal_mean(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    y = torch.tensor([0.3, -0.5, 1.2, 0.8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pyroem.fit(
+            normal_mean, y, method="nuts", seed=0, num_chains=2, num_samples=6, warmup_steps=4
+        )
+    assert counts == {"kernel": 2 * (4 + 6), "driver": 2 * (4 + 6)}
+
+    def shifted(y):
+        shift = pyro.param("shift", torch.tensor(0.0))
+        b = pyro.sample("b", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("y", dist.Normal(b + shift, 1.0), obs=y)
+
+    counts.update(kernel=0, driver=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pyroem.fit(
+            shifted,
+            y,
+            method="mcmc-em",
+            latents=["b"],
+            seed=0,
+            max_iter=2,
+            num_chains=2,
+            num_samples=8,
+            warmup_steps=4,
+            final_draws=8,
+            log_likelihood_samples=0,
+        )
+    assert counts["kernel"] > 0
+    assert counts["driver"] == counts["kernel"]

@@ -15,6 +15,7 @@ After this E-step the bound is tight: ``L(q, θ) = log p(x, θ)``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from itertools import repeat
 from typing import Any
 
@@ -24,7 +25,7 @@ from pyroem.em import EStepResult
 from pyroem.spec.families import Family
 from pyroem.spec.mixture import MixtureParams
 
-__all__ = ["MixtureEStep", "add_statistics", "score_mixture"]
+__all__ = ["MixtureEStep", "add_statistics", "mixture_log_likelihood", "score_mixture"]
 
 
 def add_statistics(left: Any, right: Any) -> Any:
@@ -133,3 +134,12 @@ def score_mixture(
         log_norms.append(log_norm)
         log_resps.append(joint - log_norm[:, None])
     return torch.cat(log_norms), torch.cat(log_resps)
+
+
+def mixture_log_likelihood(
+    log_prob: Callable[[Any], torch.Tensor], log_weights: torch.Tensor, chunks: list[Any]
+) -> torch.Tensor:
+    r"""``log p(x_n | θ) = logsumexp_k (log π_k + log p(x_n | θ_k))`` ``(N,)`` over prepared
+    data chunks, differentiable (the E-step's in-place pass computes the same numbers).
+    """
+    return torch.cat([torch.logsumexp(log_prob(chunk) + log_weights, dim=1) for chunk in chunks])

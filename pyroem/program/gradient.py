@@ -1,8 +1,8 @@
 r"""The gradient M-step (generalized EM) for blocks without a closed form.
 
 L-BFGS maximises :math:`Q(θ; θ_t)` over the block's sites in the unconstrained
-space (``transform_to`` of each site's support; for covariance matrices the
-lower-Cholesky parameterisation), the other blocks held fixed. The
+space (:func:`pyroem.transforms.unconstraining` of each site's support; for
+covariance matrices the log-Cholesky entries), the other blocks held fixed. The
 step is accepted only if Q increased, so the log joint never decreases: this is
 generalized EM, and with enough inner steps it converges to the same fixed
 points as exact EM.
@@ -14,11 +14,11 @@ import math
 from collections.abc import Collection, Mapping
 
 import torch
-from torch.distributions import transform_to
 
 from pyroem.program.model import ProgramModel
 from pyroem.program.posterior import expected_log_joint
 from pyroem.program.space import log_jacobian
+from pyroem.transforms import unconstraining
 
 __all__ = ["gradient_m_step"]
 
@@ -46,7 +46,7 @@ def gradient_m_step(
     Returns:
         New values of the block's sites.
     """
-    transforms = {name: transform_to(program.params[name].constraint) for name in names}
+    transforms = {name: unconstraining(name, program.params[name].constraint) for name in names}
     modules = program.module_params
     for name in names:
         if name in modules:
@@ -57,7 +57,7 @@ def gradient_m_step(
     unconstrained = [
         modules[name]
         if name in modules
-        else transforms[name].inv(values[name].detach()).contiguous().clone().requires_grad_()
+        else transforms[name](values[name].detach()).contiguous().clone().requires_grad_()
         for name in names
     ]
 
@@ -71,7 +71,7 @@ def gradient_m_step(
         return q
 
     def constrained(name: str, u: torch.Tensor) -> torch.Tensor:
-        return u if name in modules else transforms[name](u)
+        return u if name in modules else transforms[name].inv(u)
 
     def q_value() -> torch.Tensor:
         update = {name: constrained(name, u) for name, u in zip(names, unconstrained, strict=True)}

@@ -118,7 +118,7 @@ def mask_reads_latents(site: Any, enum_symbols: set[str]) -> bool:
 def log_joint_terms(
     program: ProgramModel,
     trace: poutine.Trace,
-    log_probs: Mapping[str, torch.Tensor],
+    log_probs: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Contract the program's log-probability tables to the log joint.
 
@@ -126,11 +126,14 @@ def log_joint_terms(
         program: the program.
         trace: a trace from :meth:`ProgramModel.trace`.
         log_probs: the unscaled, unmasked ``log_prob`` table of every sample site
-            (replaceable by leaves so that their gradients are the weights).
+            (replaceable by leaves so that their gradients are the weights; default:
+            the trace's own).
 
     Returns:
         ``(log_likelihood, log_prior)``, both 0-dim.
     """
+    if log_probs is None:
+        log_probs = {name: site["unscaled_log_prob"] for name, site in sample_sites(trace)}
     enum_symbols = _enum_symbols(trace)
     log_factors: OrderedDict[frozenset[str], list[torch.Tensor]] = OrderedDict()
     log_prior = torch.zeros(())

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributions import biject_to, constraints
 
 from pyroem.em import History
 from pyroem.program.model import ProgramModel
 from pyroem.results import FitResult, save_program_fit
+from pyroem.transforms import unconstraining
 
 __all__ = ["ProgramFit"]
 
@@ -91,15 +91,10 @@ class ProgramFit:
     @property
     def num_parameters(self) -> int:
         """Free parameters: the unconstrained dimension of every parameter site."""
-        total = 0
-        for name, site in self.program.params.items():
-            value = self._values[name]
-            if isinstance(site.constraint, type(constraints.positive_definite)):
-                dim = value.shape[-1]
-                total += value[..., 0, 0].numel() * dim * (dim + 1) // 2
-            else:
-                total += biject_to(site.constraint).inv(value).numel()
-        return total
+        return sum(
+            math.prod(unconstraining(name, site.constraint).forward_shape(self._values[name].shape))
+            for name, site in self.program.params.items()
+        )
 
     def log_likelihood(self) -> float:
         """``log p(x | θ)`` at the fitted parameters, discrete latents summed out."""

@@ -9,8 +9,8 @@ in a Bernoulli row under a ``Beta(0.1, 0.9)`` prior, ``log p`` grows without bou
 as the probability goes to 0.
 
 ``space="unconstrained"`` maximises the density of the unconstrained coordinates
-``u = T^{-1}(θ)`` that Pyro itself optimises in (``biject_to`` of each site's
-support: logit, stick-breaking, log), which adds the log-Jacobian
+``u = T^{-1}(θ)`` that Pyro itself optimises in (:func:`pyroem.transforms.unconstraining`
+of each site's support: logit, stick-breaking, log), which adds the log-Jacobian
 :math:`\log|\det ∂T(u)/∂u|` of every sample site with a prior:
 
 .. math:: \log p(x, T(u)) + \sum_{\text{sites}} \log|\det J_T(u)|
@@ -34,10 +34,10 @@ from typing import Any
 
 import pyro.distributions as dist
 import torch
-from torch.distributions import biject_to
 
 from pyroem.errors import SpecError
 from pyroem.program.model import ProgramModel
+from pyroem.transforms import constrain, needs_bijection, unconstraining
 
 __all__ = [
     "SPACES",
@@ -92,18 +92,16 @@ def unbounded_priors(program: ProgramModel, trace: Any) -> dict[str, str]:
 
 
 def _bijective(constraint: Any) -> bool:
-    """Has the support a bijection to the unconstrained space with a Jacobian in torch?
-    (Not positive-definite matrices: their sites keep the declared density.)"""
     try:
-        biject_to(constraint)
+        return not needs_bijection(constraint)
     except NotImplementedError:
         return False
-    return True
 
 
 def jacobian_sites(program: ProgramModel, trace: Any) -> list[str]:
     """The parameters whose log-Jacobian enters the unconstrained objective: sample sites
-    whose prior is in play, on a support with a bijection torch knows."""
+    whose prior is in play, on a support with a bijection torch knows (not covariance
+    matrices: their sites keep the declared density)."""
     return [
         name
         for name, param in program.params.items()
@@ -116,14 +114,10 @@ def jacobian_sites(program: ProgramModel, trace: Any) -> list[str]:
 def log_jacobian(
     program: ProgramModel, values: Mapping[str, torch.Tensor], sites: list[str]
 ) -> torch.Tensor:
-    r"""``Σ log|det ∂T(u)/∂u|`` at ``u = T^{-1}(θ)`` over ``sites``, ``T = biject_to(support)``
-    (differentiable in ``values``)."""
-    terms = []
-    for name in sites:
-        transform = biject_to(program.params[name].constraint)
-        value = values[name]
-        terms.append(transform.log_abs_det_jacobian(transform.inv(value), value).sum())
-    return torch.stack(terms).sum() if terms else torch.zeros(())
+    r"""``Σ log|det ∂T(u)/∂u|`` at ``u = T^{-1}(θ)`` over ``sites``,
+    ``T^{-1} = unconstraining(support)`` (differentiable in ``values``)."""
+    transforms = {name: unconstraining(name, program.params[name].constraint) for name in sites}
+    return constrain(transforms, {name: transforms[name](values[name]) for name in sites})[1]
 
 
 def resolve_space(space: str, program: ProgramModel, trace: Any) -> str:

@@ -65,6 +65,7 @@ from pyroem.sampling.stacked import (
     check_stackable,
     per_draw_log_joint,
 )
+from pyroem.transforms import constrain
 
 __all__ = ["MCMC_EM_OPTIONS", "MCMCEMFit", "fit_mcmc_em"]
 
@@ -386,9 +387,9 @@ def _importance_log_likelihood(
         name: part.reshape(num_samples, *draws[name].shape[2:])
         for name, part in zip(names, proposed.split(sizes, dim=1), strict=True)
     }
-    constrained = sampler.constrain(unconstrained)
+    constrained, log_jacobian = constrain(sampler.transforms, unconstrained, 1)
     log_joint, log_prior = per_draw_log_joint(program, values, constrained)
-    log_weights = log_joint + sampler.log_abs_det_jacobian(unconstrained, 1) - log_q
+    log_weights = log_joint + log_jacobian - log_q
     estimate = float(torch.logsumexp(log_weights, 0) - math.log(num_samples))
     scaled = (log_weights - log_weights.max()).exp()
     standard_error = float(scaled.std() / (scaled.mean() * math.sqrt(num_samples)))

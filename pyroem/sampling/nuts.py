@@ -20,32 +20,137 @@ Each chain is one :class:`~pyro.infer.mcmc.NUTS` kernel driven step by step:
 - a chain that had a divergent transition in an E-step adapts afresh
   (``warmup_steps`` from its current state) at the start of the next one.
 
-Chains run one after another in this process. The draws' R-hat, bulk and tail ESS
-(computed by ArviZ, :func:`pyroem.diagnostics.chain_diagnostics`) and divergences are
-returned with them.
+Every chain, here and in full-Bayes NUTS (:mod:`pyroem.bayes`), is driven by
+:class:`NUTSChain`. Chains run one after another in this process. The draws' R-hat,
+bulk and tail ESS (computed by ArviZ, :func:`pyroem.diagnostics.chain_diagnostics`)
+and divergences are returned with them.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import pyro
 import torch
 from pyro.infer.mcmc import NUTS
-from torch.distributions import biject_to
-from torch.distributions.transforms import Transform
 
 from pyroem.diagnostics import chain_diagnostics
-from pyroem.errors import NotSupportedError, SpecError
-from pyroem.program.model import sample_sites
+from pyroem.errors import SpecError
 from pyroem.program.posterior import log_joint_terms
 from pyroem.sampling.exact import Draws, sample_discrete
 from pyroem.sampling.stacked import LatentProgram
+from pyroem.transforms import constrain, unconstraining
 
-__all__ = ["NUTSSampler"]
+__all__ = ["NUTSChain", "NUTSSampler"]
+
+
+class _RecordingNUTS(NUTS):
+    """Pyro's NUTS, recording the statistics of every transition (ArviZ's names):
+    leapfrog steps, tree depth, mean acceptance probability, divergence, energy."""
+
+    def sample(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self._leaves = 0
+        self._accept_sum = 0.0
+        self._diverged = False
+        self._depth = 0
+        self._nesting = 0
+        self._energy = math.nan
+        step_size = self.step_size
+        z = super().sample(params)
+        potential = self._fetch_from_cache()[1]
+        self.last_stats = {
+            "diverging": self._diverged,
+            "step_size": float(step_size),
+            "tree_depth": self._depth,
+            "n_steps": self._leaves,
+            "acceptance_rate": self._accept_sum / max(self._leaves, 1),
+            "energy": self._energy,
+            "lp": -float(potential) if potential is not None else math.nan,
+        }
+        return z
+
+    def _sample_r(self, name: str) -> Any:
+        r, r_unscaled = super()._sample_r(name)
+        potential = self._fetch_from_cache()[1]
+        self._energy = float(self._kinetic_energy(r_unscaled) + potential)
+        return r, r_unscaled
+
+    def _build_tree(self, *args: Any) -> Any:
+        if self._nesting == 0:
+            self._depth += 1
+        self._nesting += 1
+        try:
+            return super()._build_tree(*args)
+        finally:
+            self._nesting -= 1
+
+    def _build_basetree(self, *args: Any) -> Any:
+        tree = super()._build_basetree(*args)
+        self._leaves += 1
+        self._accept_sum += float(tree.sum_accept_probs)
+        self._diverged = self._diverged or bool(tree.diverging)
+        return tree
+
+
+class NUTSChain:
+    """One chain of Pyro's NUTS on a potential over unconstrained values, driven
+    transition by transition: the NUTS driver of full Bayes and of MCMC-EM.
+
+    Args:
+        potential: ``unconstrained values → -log density`` (Jacobian included).
+        initial: the starting point (unconstrained).
+        target_accept_prob: NUTS's target acceptance probability.
+        max_tree_depth: NUTS's largest tree depth.
+        full_mass: adapt a dense mass matrix instead of a diagonal one.
+    """
+
+    def __init__(
+        self,
+        potential: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        initial: dict[str, torch.Tensor],
+        *,
+        target_accept_prob: float,
+        max_tree_depth: int,
+        full_mass: bool,
+    ) -> None:
+        self.kernel = _RecordingNUTS(
+            potential_fn=potential,
+            target_accept_prob=target_accept_prob,
+            max_tree_depth=max_tree_depth,
+            full_mass=full_mass,
+        )
+        self.state = initial
+        self.adapted = False
+
+    def warm_up(self, steps: int, on_step: Callable[[NUTSChain], None] | None = None) -> None:
+        """Adapt step size and mass matrix afresh from the current state over ``steps``
+        transitions (Pyro's windowed adaptation)."""
+        self.kernel.cleanup()
+        self.kernel.initial_params = self.state
+        self.kernel.setup(steps)
+        self.run(steps, on_step)
+        self.adapted = True
+
+    def run(
+        self, steps: int, on_step: Callable[[NUTSChain], None] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+        """``steps`` transitions; their states ``(steps, *shape)`` and statistics ``(steps,)``."""
+        kept: dict[str, list[torch.Tensor]] = {name: [] for name in self.state}
+        stats: dict[str, list[float]] = {}
+        for _ in range(steps):
+            self.state = self.kernel.sample(self.state)
+            for name, value in self.state.items():
+                kept[name].append(value.detach().clone())
+            for key, stat in self.kernel.last_stats.items():
+                stats.setdefault(key, []).append(stat)
+            if on_step is not None:
+                on_step(self)
+        draws = {name: torch.stack(values) for name, values in kept.items() if values}
+        return draws, {key: np.asarray(values) for key, values in stats.items()}
 
 
 class NUTSSampler:
@@ -88,30 +193,21 @@ class NUTSSampler:
         self.discard_steps = discard_steps
         self._values = {name: value.detach() for name, value in values.items()}
         self._parameters = list(program.params)
-        self.transforms: dict[str, Transform] = {}
-        for name, site in program.latent_sites.items():
-            try:
-                self.transforms[name] = biject_to(site.support).inv
-            except NotImplementedError as err:
-                raise NotSupportedError(
-                    f"latent {name!r} has support {site.support}, which has no bijection from "
-                    "an unconstrained space, so NUTS cannot move on it; reparametrise the site"
-                ) from err
+        self.transforms = {
+            name: unconstraining(name, site.support) for name, site in program.latent_sites.items()
+        }
         self._jit_compile = jit_compile
         self._compiled: Any = None
-        self._states = [self._initial_point() for _ in range(num_chains)]
-        self._kernels = [
-            NUTS(
-                potential_fn=self.potential,
+        self._chains = [
+            NUTSChain(
+                self.potential,
+                self._initial_point(),
                 target_accept_prob=target_accept_prob,
                 max_tree_depth=max_tree_depth,
                 full_mass=full_mass,
             )
             for _ in range(num_chains)
         ]
-        self._adapted = [False] * num_chains
-        self._transitions = [0] * num_chains
-        self._seen = [0] * num_chains
 
     def _log_density(self, *tensors: torch.Tensor) -> torch.Tensor:
         """``log p(x, b; θ) + log|db/du|`` from the unconstrained latents ``u`` and θ
@@ -119,11 +215,9 @@ class NUTSSampler:
         latents = self.program.latents
         unconstrained = dict(zip(latents, tensors[: len(latents)], strict=True))
         theta = dict(zip(self._parameters, tensors[len(latents) :], strict=True))
-        constrained = self.constrain(unconstrained)
+        constrained, jacobian = constrain(self.transforms, unconstrained)
         trace = self.program.trace({**theta, **constrained})
-        log_probs = {name: site["unscaled_log_prob"] for name, site in sample_sites(trace)}
-        log_likelihood, log_prior = log_joint_terms(self.program, trace, log_probs)
-        jacobian = self.log_abs_det_jacobian(unconstrained, 0)
+        log_likelihood, log_prior = log_joint_terms(self.program, trace)
         return log_likelihood + log_prior + jacobian
 
     def potential(self, unconstrained: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -143,10 +237,8 @@ class NUTSSampler:
     def _initial_point(self) -> dict[str, torch.Tensor]:
         """A random start, uniform on (-2, 2) in the unconstrained space (Pyro's
         ``init_to_uniform``), redrawn until the log density is finite."""
-        shapes = {
-            name: self.transforms[name](torch.zeros(site.shape)).shape
-            for name, site in self.program.latent_sites.items()
-        }
+        sites = self.program.latent_sites
+        shapes = {name: self.transforms[name].forward_shape(sites[name].shape) for name in sites}
         for _ in range(100):
             point = {name: 4 * torch.rand(shape) - 2 for name, shape in shapes.items()}
             with torch.no_grad():
@@ -156,47 +248,6 @@ class NUTSSampler:
             "no starting point of the latents with a finite log density was found at the "
             "starting parameters; pass other init values"
         )
-
-    def constrain(self, unconstrained: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Map unconstrained latent values to their supports."""
-        return {name: self.transforms[name].inv(value) for name, value in unconstrained.items()}
-
-    def log_abs_det_jacobian(
-        self, unconstrained: Mapping[str, torch.Tensor], num_dims: int
-    ) -> torch.Tensor:
-        """``log |d constrained / d unconstrained|`` summed over all but the leading
-        ``num_dims`` dimensions."""
-        total = torch.zeros(())
-        for name, value in unconstrained.items():
-            forward = self.transforms[name].inv
-            term = forward.log_abs_det_jacobian(value, forward(value))
-            total = total + term.reshape(*term.shape[:num_dims], -1).sum(-1)
-        return total
-
-    def _step(self, chain: int, state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], bool]:
-        """One transition of a chain; whether it diverged (after warm-up)."""
-        kernel = self._kernels[chain]
-        state = kernel.sample(state)
-        self._transitions[chain] += 1
-        if self._transitions[chain] <= self.warmup_steps:
-            return state, False
-        divergences = len(kernel.diagnostics()["divergences"])
-        diverged = divergences > self._seen[chain]
-        self._seen[chain] = divergences
-        return state, diverged
-
-    def _warm_up(self, chain: int) -> None:
-        kernel = self._kernels[chain]
-        kernel.cleanup()
-        kernel.initial_params = self._states[chain]
-        kernel.setup(self.warmup_steps)
-        self._transitions[chain] = 0
-        self._seen[chain] = 0
-        state = self._states[chain]
-        for _ in range(self.warmup_steps):
-            state, _ = self._step(chain, state)
-        self._states[chain] = state
-        self._adapted[chain] = True
 
     def sample(self, values: Mapping[str, torch.Tensor], num_draws: int) -> Draws:
         """Draws of the latents at θ = ``values``: ``ceil(num_draws / num_chains)`` per chain.
@@ -211,32 +262,21 @@ class NUTSSampler:
         step_sizes = []
         rewarmed = 0
         with pyro.validation_enabled(False):
-            for chain in range(self.num_chains):
-                kernel = self._kernels[chain]
-                if not self._adapted[chain]:
-                    self._warm_up(chain)
+            for index, chain in enumerate(self._chains):
+                if not chain.adapted:
+                    chain.warm_up(self.warmup_steps)
                     rewarmed += 1
-                    discard = 0
                 else:
-                    kernel.clear_cache()
-                    discard = self.discard_steps
-                state = self._states[chain]
-                for _ in range(discard):
-                    state, _ = self._step(chain, state)
-                chain_draws: dict[str, list[torch.Tensor]] = {name: [] for name in kept}
-                for draw in range(per_chain):
-                    state, diverged = self._step(chain, state)
-                    divergent[chain, draw] = diverged
-                    for name in kept:
-                        chain_draws[name].append(state[name].detach())
-                self._states[chain] = state
+                    chain.kernel.clear_cache()
+                    chain.run(self.discard_steps)
+                draws, stats = chain.run(per_chain)
+                divergent[index] = torch.as_tensor(stats["diverging"], dtype=torch.bool)
                 for name in kept:
-                    kept[name].append(torch.stack(chain_draws[name]))
-                step_sizes.append(float(kernel.step_size))
-                if bool(divergent[chain].any()):
-                    self._adapted[chain] = False
+                    kept[name].append(draws[name])
+                step_sizes.append(float(chain.kernel.step_size))
+                chain.adapted = not bool(divergent[index].any())
         unconstrained = {name: torch.stack(value) for name, value in kept.items()}
-        continuous = self.constrain(unconstrained)
+        continuous, _ = constrain(self.transforms, unconstrained)
         discrete = {}
         if self.program.enumerated:
             flat = {name: value.flatten(0, 1) for name, value in continuous.items()}
