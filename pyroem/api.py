@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 
 from pyroem.em import Engine, EStepResult, Iteration, MStepResult, run_em
@@ -20,7 +23,7 @@ from pyroem.program.results import ProgramFit
 from pyroem.results import FitResult, mixture_fit_from_program
 from pyroem.spec.mixture import Mixture, as_data
 
-__all__ = ["METHODS", "fit"]
+__all__ = ["METHODS", "SMALL_PROBLEM_WORK", "fit"]
 
 METHODS = ("map-em", "vb-em", "mcmc-em", "nuts")
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -45,6 +48,42 @@ def _check_options(
     if dtype not in _DTYPES.values():
         raise SpecError(f"dtype must be torch.float64 or torch.float32; got {dtype!r}")
     return dtype
+
+
+SMALL_PROBLEM_WORK = 2**22
+"""A ``Mixture`` fit with ``N·K·D`` below this runs on one thread by default: smaller
+kernels finish before more threads pay for their start and their spin-waiting."""
+
+
+def _thread_count(num_threads: Any, model: Any, model_args: tuple[Any, ...]) -> int | None:
+    """The threads a fit runs on: ``num_threads``, or by default one for a small
+    ``Mixture`` problem, else ``None`` (torch's own setting)."""
+    if num_threads is not None:
+        return check_integer("num_threads", num_threads, 1)
+    if not isinstance(model, Mixture) or len(model_args) != 1:
+        return None
+    shape = getattr(model_args[0], "shape", None)
+    if shape is None:
+        try:
+            shape = np.shape(model_args[0])
+        except ValueError:  # ragged input: fit reports it
+            return None
+    # N·D (a single column's shape is (N,)), times K.
+    return 1 if math.prod(shape) * model.num_components < SMALL_PROBLEM_WORK else None
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """Run the block on ``count`` torch threads (``None``: as set), then restore the setting."""
+    previous = torch.get_num_threads()
+    if count is None or count == previous:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 _SEED_LIMIT = 2**32
@@ -126,6 +165,7 @@ def fit(
     m_step: str = "auto",
     gradient_steps: int = 50,
     callback: Callable[[Iteration], Any] | None = None,
+    num_threads: int | None = None,
     **method_options: Any,
 ) -> Any:
     r"""Fit a model by the EM variant ``method``.
@@ -166,6 +206,10 @@ def fit(
             log-likelihood, elapsed seconds), e.g. to log or save progress. Raising
             ``KeyboardInterrupt`` in it (or pressing Ctrl-C) stops the fit cleanly: the best
             state so far is returned, marked not converged.
+        num_threads: torch threads for the fit, set on entry and restored on return
+            (torch's setting is otherwise untouched). Default: one thread for a
+            ``Mixture`` whose ``N·K·D`` is below :data:`SMALL_PROBLEM_WORK` (more threads
+            only spin-wait there), otherwise torch's current setting.
         **method_options: options of the other methods (see the README's section on
             each method); an option the method does not know is an error.
 
@@ -183,6 +227,51 @@ def fit(
     torch_dtype = _check_options(method, n_init, tol, max_iter, chunk_size, dtype)
     seed = _check_seed(seed)
     _check_device(device)
+    with _threads(_thread_count(num_threads, model, model_args)):
+        return _fit(
+            model,
+            model_args,
+            method=method,
+            n_init=n_init,
+            init=init,
+            tol=tol,
+            max_iter=max_iter,
+            seed=seed,
+            dtype=dtype,
+            torch_dtype=torch_dtype,
+            device=device,
+            chunk_size=chunk_size,
+            progress=progress,
+            model_kwargs=model_kwargs,
+            m_step=m_step,
+            gradient_steps=gradient_steps,
+            callback=callback,
+            method_options=method_options,
+        )
+
+
+def _fit(
+    model: Any,
+    model_args: tuple[Any, ...],
+    *,
+    method: str,
+    n_init: int,
+    init: Any,
+    tol: float,
+    max_iter: int,
+    seed: int | None,
+    dtype: Any,
+    torch_dtype: torch.dtype,
+    device: Any,
+    chunk_size: int,
+    progress: bool,
+    model_kwargs: dict[str, Any] | None,
+    m_step: str,
+    gradient_steps: int,
+    callback: Callable[[Iteration], Any] | None,
+    method_options: dict[str, Any],
+) -> Any:
+    """:func:`fit` once its options are checked and its threads set."""
     started = time.perf_counter()
     result: Any
     if method == "map-em":

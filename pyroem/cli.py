@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shared.add_argument("--seed", type=int, default=0, help="random seed")
     shared.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch threads (default: 1 for a small problem, else torch's default)",
+    )
+    shared.add_argument(
         "--dtype", default="float64", choices=("float64", "float32"), help="floating precision"
     )
     shared.add_argument(
@@ -314,6 +320,7 @@ def _fit_options(
         "seed": args.seed,
         "dtype": args.dtype,
         "progress": progress,
+        "num_threads": args.threads,
     }
 
 
