@@ -687,7 +687,9 @@ class Gaussian(Family):
             def diagonal_statistics(
                 prepared: torch.Tensor, buffer: torch.Tensor, resp: torch.Tensor
             ) -> GaussianStats:
-                moments = torch.bmm(buffer, resp[:, :, None])[:, :, 0]  # (K, 2D)
+                # (K, 1, n) @ (K, n, 2D): several times faster than the (K, 2D, n) @ (K, n, 1)
+                # matrix-vector form, which BLAS runs as n-long dot products per row.
+                moments = torch.bmm(resp[:, None, :], buffer.mT)[:, 0]  # (K, 2D)
                 first = moments[:, :dim] * spreads
                 second = moments[:, dim:] * spreads.square()
                 return finish(resp.sum(1), first, second)
@@ -711,7 +713,8 @@ class Gaussian(Family):
         ) -> GaussianStats:
             weighted = deviations * resp[:, None, :]
             second = torch.bmm(weighted, deviations.mT)  # (K, D, D)
-            return finish(resp.sum(1), weighted.sum(2), second)
+            first = torch.bmm(resp[:, None, :], deviations.mT)[:, 0]  # (K, D)
+            return finish(resp.sum(1), first, second)
 
         return EStepKernels(matrix, matrix_statistics)
 
