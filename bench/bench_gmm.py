@@ -31,6 +31,7 @@ Run ``python bench/bench_gmm.py --help`` for the options.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import statistics
 import time
@@ -47,6 +48,7 @@ from threadpoolctl import threadpool_limits
 import pyroem
 
 COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
+_HAS_NUM_THREADS = "num_threads" in inspect.signature(pyroem.fit).parameters
 
 
 def simulate(
@@ -102,7 +104,12 @@ def fit_pyroem(
         len(init["weights"]), "gaussian", covariance_type=covariance_type, prior=None
     )
     start = {key: torch.from_numpy(value) for key, value in init.items()}
-    return pyroem.fit(spec, data, init=start, tol=tol, max_iter=max_iter, dtype=torch.float64)
+    # The thread count the bench runs at, not the fit's default for small problems
+    # (older versions have no num_threads and run on torch's setting anyway).
+    threads = {"num_threads": torch.get_num_threads()} if _HAS_NUM_THREADS else {}
+    return pyroem.fit(
+        spec, data, init=start, tol=tol, max_iter=max_iter, dtype=torch.float64, **threads
+    )
 
 
 def fit_sklearn(
