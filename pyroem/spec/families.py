@@ -670,19 +670,19 @@ class Gaussian(Family):
             return GaussianStats(counts, counts[:, None] * means + first, scatter)
 
         if self.covariance_type in ("diag", "spherical"):
-            scales = self._variances(params).rsqrt()  # (K, D)
-            const = (-0.5 * dim * log_2pi + scales.log().sum(-1))[:, None]
-            spreads = scales.reciprocal()
+            variances = self._variances(params)  # (K, D)
+            halves = (-0.5 * variances.reciprocal())[:, None, :]  # (K, 1, D)
+            const = (-0.5 * (dim * log_2pi + variances.log().sum(-1)))[:, None]
 
             def diagonal(prepared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                # One buffer holds the whitened deviations and their squares, so both
-                # moments come from one batched product with the responsibilities.
+                # One buffer holds the deviations and their squares, so both moments
+                # come from one batched product with the responsibilities; the weighted
+                # sum over dimensions is a batched product too.
                 buffer = prepared.new_empty(num_components, 2 * dim, prepared.shape[0])
-                white, squares = buffer[:, :dim], buffer[:, dim:]
-                torch.sub(prepared.T[None], centres, out=white)
-                white.mul_(scales[:, :, None])
-                torch.square(white, out=squares)
-                return squares.sum(1).mul_(-0.5).add_(const), buffer
+                deviations, squares = buffer[:, :dim], buffer[:, dim:]
+                torch.sub(prepared.T[None], centres, out=deviations)
+                torch.square(deviations, out=squares)
+                return torch.bmm(halves, squares)[:, 0].add_(const), buffer
 
             def diagonal_statistics(
                 prepared: torch.Tensor, buffer: torch.Tensor, resp: torch.Tensor
@@ -690,9 +690,7 @@ class Gaussian(Family):
                 # (K, 1, n) @ (K, n, 2D): several times faster than the (K, 2D, n) @ (K, n, 1)
                 # matrix-vector form, which BLAS runs as n-long dot products per row.
                 moments = torch.bmm(resp[:, None, :], buffer.mT)[:, 0]  # (K, 2D)
-                first = moments[:, :dim] * spreads
-                second = moments[:, dim:] * spreads.square()
-                return finish(resp.sum(1), first, second)
+                return finish(resp.sum(1), moments[:, :dim], moments[:, dim:])
 
             return EStepKernels(diagonal, diagonal_statistics)
 
