@@ -72,6 +72,8 @@ class MixtureEStep:
         rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(row_bytes, 1))
         self.chunk_size = min(chunk_size, rows)
         self.chunks = [family.prepare(chunk) for chunk in data.split(self.chunk_size)]
+        # The kernels' temporaries, reused from chunk to chunk and E-step to E-step.
+        self.workspace: dict[str, torch.Tensor] = {}
 
     def log_prior(self, params: MixtureParams) -> torch.Tensor:
         """``log Dirichlet(π | α) + log p(θ)``; removed components are left out."""
@@ -84,7 +86,7 @@ class MixtureEStep:
         return log_weights_prior + self.family.log_prior(params.components)
 
     def __call__(self, params: MixtureParams) -> EStepResult:
-        kernels = self.family.estep_kernels(params.components)
+        kernels = self.family.estep_kernels(params.components, self.workspace)
         log_weights = params.weights.log()[:, None]
         stats = None
         log_likelihood = params.weights.new_zeros(())

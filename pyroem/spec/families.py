@@ -261,10 +261,14 @@ class Family(ABC):
     def statistics(self, prepared: torch.Tensor, resp: torch.Tensor) -> Any:
         """Expected sufficient statistics of a chunk (a NamedTuple with ``counts`` first)."""
 
-    def estep_kernels(self, params: Any) -> EStepKernels:
+    def estep_kernels(
+        self, params: Any, workspace: dict[str, torch.Tensor] | None = None
+    ) -> EStepKernels:
         """:meth:`log_prob_fn` and :meth:`statistics` in the E-step's ``(K, n)`` layout.
 
-        A family may override it to share work between the two (no cache here).
+        A family may override it to share work between the two (no cache here), and
+        keep its temporaries in ``workspace`` (the caller's, reused from chunk to chunk
+        and from one E-step to the next, so large buffers are not allocated anew).
         """
         log_prob = self.log_prob_fn(params)
 
@@ -642,7 +646,9 @@ class Gaussian(Family):
         scatter = weighted.mT @ deviations - residual.mT * residual / safe
         return GaussianStats(counts, sum_x, 0.5 * (scatter + scatter.mT))
 
-    def estep_kernels(self, params: GaussianParams) -> EStepKernels:
+    def estep_kernels(
+        self, params: GaussianParams, workspace: dict[str, torch.Tensor] | None = None
+    ) -> EStepKernels:
         """Log-densities and statistics sharing the deviations ``x − μ_k`` ``(K, D, n)``.
 
         The statistics are moments about the current means ``μ_k``, shifted to each
@@ -658,6 +664,16 @@ class Gaussian(Family):
         centres = means[:, :, None]
         log_2pi = math.log(2 * math.pi)
         tiny = torch.finfo(means.dtype).tiny
+
+        def scratch(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+            """An uninitialised ``shape`` tensor, from ``workspace`` where there is one."""
+            if workspace is None:
+                return like.new_empty(shape)
+            size = math.prod(shape)
+            held = workspace.get(name)
+            if held is None or held.numel() < size or held.dtype != like.dtype:
+                held = workspace[name] = like.new_empty(size)
+            return held[:size].view(shape)
 
         def finish(counts: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> Any:
             # first = Σ r d (K, D); second = Σ r d², or Σ r d dᵀ (K, D, D).
@@ -678,7 +694,8 @@ class Gaussian(Family):
                 # One buffer holds the deviations and their squares, so both moments
                 # come from one batched product with the responsibilities; the weighted
                 # sum over dimensions is a batched product too.
-                buffer = prepared.new_empty(num_components, 2 * dim, prepared.shape[0])
+                shape = (num_components, 2 * dim, prepared.shape[0])
+                buffer = scratch("buffer", shape, prepared)
                 deviations, squares = buffer[:, :dim], buffer[:, dim:]
                 torch.sub(prepared.T[None], centres, out=deviations)
                 torch.square(deviations, out=squares)
@@ -702,14 +719,17 @@ class Gaussian(Family):
         whiten = whiten.expand(num_components, dim, dim).contiguous()
 
         def matrix(prepared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            deviations = prepared.T[None] - centres  # (K, D, n)
-            white = torch.bmm(whiten, deviations)
+            shape = (num_components, dim, prepared.shape[0])
+            deviations = scratch("deviations", shape, prepared)
+            torch.sub(prepared.T[None], centres, out=deviations)
+            white = torch.bmm(whiten, deviations, out=scratch("white", shape, prepared))
             return white.square_().sum(1).mul_(-0.5).add_(const), deviations
 
         def matrix_statistics(
             prepared: torch.Tensor, deviations: torch.Tensor, resp: torch.Tensor
         ) -> GaussianStats:
-            weighted = deviations * resp[:, None, :]
+            weighted = scratch("white", deviations.shape, prepared)  # free again
+            torch.mul(deviations, resp[:, None, :], out=weighted)
             second = torch.bmm(weighted, deviations.mT)  # (K, D, D)
             first = torch.bmm(resp[:, None, :], deviations.mT)[:, 0]  # (K, D)
             return finish(resp.sum(1), first, second)
