@@ -8,7 +8,7 @@ less than ``tol``; pyroem (``stop_rule="objective"``) stops when the log joint c
 by less than ``tol`` per data point, and with flat priors the log joint is the log-likelihood plus a
 constant (``log Dirichlet(π | 1)``).
 
-Two timings, each the best of ``--repeats`` runs:
+Two timings, each the median wall and CPU time of ``--repeats`` runs:
 
 - per iteration: both run exactly ``--iterations`` EM iterations (``tol=0``), and
   the whole ``fit`` call is divided by that number;
@@ -17,7 +17,7 @@ Two timings, each the best of ``--repeats`` runs:
 Both ``fit`` calls include their one-off costs: pyroem's scoring of the start and
 its final labelling pass; scikit-learn's estimate (then discarded) of parameters
 from its initial responsibilities and its final E-step. Torch and the BLAS under
-NumPy get the same number of threads (``--threads``, default: the usable cores).
+NumPy get the same number of threads (``--threads``, default: 1, then the usable cores).
 
 scikit-learn tests convergence one iteration later than pyroem (its log-likelihood
 at iteration ``t`` belongs to the parameters before the ``t``-th M-step), so at the
@@ -31,7 +31,9 @@ Run ``python bench/bench_gmm.py --help`` for the options.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -46,6 +48,7 @@ from threadpoolctl import threadpool_limits
 import pyroem
 
 COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
+_HAS_NUM_THREADS = "num_threads" in inspect.signature(pyroem.fit).parameters
 
 
 def simulate(
@@ -101,6 +104,9 @@ def fit_pyroem(
         len(init["weights"]), "gaussian", covariance_type=covariance_type, prior=None
     )
     start = {key: torch.from_numpy(value) for key, value in init.items()}
+    # The thread count the bench runs at, not the fit's default for small problems
+    # (older versions have no num_threads and run on torch's setting anyway).
+    threads = {"num_threads": torch.get_num_threads()} if _HAS_NUM_THREADS else {}
     return pyroem.fit(
         spec,
         data,
@@ -109,6 +115,7 @@ def fit_pyroem(
         max_iter=max_iter,
         dtype=torch.float64,
         stop_rule="objective",  # scikit-learn's rule, so that both stop alike
+        **threads,
     )
 
 
@@ -132,20 +139,29 @@ def fit_sklearn(
     return model.fit(data)
 
 
-def best_times(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, tuple[float, Any]]:
-    """The fastest of ``repeats`` calls of each run (seconds) and its last result.
+def median_times(
+    runs: dict[str, Callable[[], Any]], repeats: int
+) -> dict[str, tuple[float, float, Any]]:
+    """Median wall and CPU (process) seconds of ``repeats`` calls of each run, and its last result.
 
     The runs take turns within each repeat, so a change in the machine's load
-    affects them alike.
+    affects them alike. CPU time is the steadier number on a shared machine.
     """
-    best = {name: (float("inf"), None) for name in runs}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    results: dict[str, Any] = {}
     for _ in range(repeats):
         for name, run in runs.items():
-            start = time.perf_counter()
-            result = run()
-            elapsed = time.perf_counter() - start
-            best[name] = (min(best[name][0], elapsed), result)
-    return best
+            wall, cpu = time.perf_counter(), time.process_time()
+            results[name] = run()
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {
+        name: (
+            statistics.median(w for w, _ in pairs),
+            statistics.median(c for _, c in pairs),
+            results[name],
+        )
+        for name, pairs in times.items()
+    }
 
 
 def compare(
@@ -168,22 +184,24 @@ def compare(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SklearnConvergenceWarning)
         warnings.simplefilter("ignore", pyroem.ConvergenceWarning)
-        fixed = best_times(
+        fixed = median_times(
             {
                 "pyroem": lambda: fit_pyroem(tensor, init, covariance_type, 0.0, iterations),
                 "sklearn": lambda: fit_sklearn(data, init, covariance_type, 0.0, iterations),
             },
             repeats,
         )
-    converged = best_times(
-        {
-            "pyroem": lambda: fit_pyroem(tensor, init, covariance_type, tol, max_iter),
-            "sklearn": lambda: fit_sklearn(data, init, covariance_type, tol, max_iter),
-        },
-        repeats,
-    )
-    (ours_fixed, ours_run), (theirs_fixed, theirs_run) = fixed["pyroem"], fixed["sklearn"]
-    (ours_conv, ours), (theirs_conv, theirs) = converged["pyroem"], converged["sklearn"]
+        converged = median_times(
+            {
+                "pyroem": lambda: fit_pyroem(tensor, init, covariance_type, tol, max_iter),
+                "sklearn": lambda: fit_sklearn(data, init, covariance_type, tol, max_iter),
+            },
+            repeats,
+        )
+    ours_fixed, ours_fixed_cpu, ours_run = fixed["pyroem"]
+    theirs_fixed, theirs_fixed_cpu, theirs_run = fixed["sklearn"]
+    ours_conv, ours_conv_cpu, ours = converged["pyroem"]
+    theirs_conv, theirs_conv_cpu, theirs = converged["sklearn"]
 
     # Per-iteration agreement: both record the log-likelihood at θ_0 … θ_{T-1}
     # (scikit-learn keeps the trace from version 1.7 on).
@@ -195,18 +213,29 @@ def compare(
     final_diff = abs(ours_ll - theirs_ll) / abs(theirs_ll)
 
     per_iter_ratio = ours_fixed / theirs_fixed
+    per_iter_cpu_ratio = ours_fixed_cpu / theirs_fixed_cpu
     conv_ratio = ours_conv / theirs_conv
+    conv_cpu_ratio = ours_conv_cpu / theirs_conv_cpu
     print(
         f"[{covariance_type}] N={num_data} D={dim} K={num_components} tol={tol:g} "
-        f"threads={torch.get_num_threads()}"
+        f"threads={torch.get_num_threads()} (medians of {repeats} runs)"
     )
     print(
-        f"  per iteration ({iterations} its)  pyroem {1e3 * ours_fixed / iterations:8.2f} ms   "
+        f"  per iteration ({iterations} its)  wall: "
+        f"pyroem {1e3 * ours_fixed / iterations:8.2f} ms   "
         f"sklearn {1e3 * theirs_fixed / iterations:8.2f} ms   ratio {per_iter_ratio:.3f}"
     )
     print(
-        f"  to convergence           pyroem {ours_conv:8.3f} s    sklearn {theirs_conv:8.3f} s    "
-        f"ratio {conv_ratio:.3f}"
+        f"                           cpu:  pyroem {1e3 * ours_fixed_cpu / iterations:8.2f} ms   "
+        f"sklearn {1e3 * theirs_fixed_cpu / iterations:8.2f} ms   ratio {per_iter_cpu_ratio:.3f}"
+    )
+    print(
+        f"  to convergence           wall: pyroem {ours_conv:8.3f} s    "
+        f"sklearn {theirs_conv:8.3f} s    ratio {conv_ratio:.3f}"
+    )
+    print(
+        f"                           cpu:  pyroem {ours_conv_cpu:8.3f} s    "
+        f"sklearn {theirs_conv_cpu:8.3f} s    ratio {conv_cpu_ratio:.3f}"
     )
     print(
         f"  iterations               pyroem {ours.num_iterations:8d}      "
@@ -219,7 +248,9 @@ def compare(
     print(f"  per-iteration log-likelihood max rel. diff {trace_diff:.2e}")
     return {
         "per_iteration_ratio": per_iter_ratio,
+        "per_iteration_cpu_ratio": per_iter_cpu_ratio,
         "convergence_ratio": conv_ratio,
+        "convergence_cpu_ratio": conv_cpu_ratio,
         "final_relative_difference": final_diff,
         "trace_relative_difference": trace_diff,
     }
@@ -237,26 +268,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--max-iter", type=int, default=500)
     parser.add_argument("--iterations", type=int, default=20, help="for the per-iteration time")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, len(os.sched_getaffinity(0))],
+        help="thread counts to run, each in turn (default: 1 and the usable cores)",
+    )
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
     kinds = COVARIANCE_TYPES if args.covariance_type == "all" else (args.covariance_type,)
-    with threadpool_limits(limits=args.threads):
-        for kind in kinds:
-            compare(
-                args.num_data,
-                args.dim,
-                args.components,
-                kind,
-                tol=args.tol,
-                max_iter=args.max_iter,
-                iterations=args.iterations,
-                repeats=args.repeats,
-                seed=args.seed,
-            )
+    for threads in dict.fromkeys(args.threads):
+        torch.set_num_threads(threads)
+        with threadpool_limits(limits=threads):
+            for kind in kinds:
+                compare(
+                    args.num_data,
+                    args.dim,
+                    args.components,
+                    kind,
+                    tol=args.tol,
+                    max_iter=args.max_iter,
+                    iterations=args.iterations,
+                    repeats=args.repeats,
+                    seed=args.seed,
+                )
 
 
 if __name__ == "__main__":

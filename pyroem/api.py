@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import numbers
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -24,7 +27,7 @@ from pyroem.sources import open_source
 from pyroem.spec.mixture import Mixture, as_data
 from pyroem.stream import LARGE_DATA_OPTIONS, fit_mixture_large
 
-__all__ = ["METHODS", "fit"]
+__all__ = ["METHODS", "SMALL_PROBLEM_WORK", "fit"]
 
 METHODS = ("map-em", "vb-em", "mcmc-em", "nuts")
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -50,6 +53,54 @@ def _check_options(
     if dtype not in _DTYPES.values():
         raise SpecError(f"dtype must be torch.float64 or torch.float32; got {dtype!r}")
     return dtype
+
+
+SMALL_PROBLEM_WORK = 2**22
+"""A ``Mixture`` fit with ``N·K·D`` below this runs on one thread by default: smaller
+kernels finish before more threads pay for their start and their spin-waiting."""
+
+
+def _thread_count(num_threads: Any, model: Any, model_args: tuple[Any, ...]) -> int | None:
+    """The threads a fit runs on: ``num_threads``, or by default one for a small
+    ``Mixture`` problem, else ``None`` (torch's own setting)."""
+    if num_threads is not None:
+        return check_integer("num_threads", num_threads, 1)
+    if not isinstance(model, Mixture) or len(model_args) != 1:
+        return None
+    if isinstance(model_args[0], str | os.PathLike | list) and not _is_numeric(model_args[0]):
+        return None  # files to stream: their size is unknown here
+    if callable(model_args[0]) or hasattr(model_args[0], "__next__"):
+        return None  # chunk functions, loaders
+    shape = getattr(model_args[0], "shape", None)
+    if shape is None:
+        try:
+            shape = np.shape(model_args[0])
+        except ValueError:  # ragged input: fit reports it
+            return None
+    # N·D (a single column's shape is (N,)), times K.
+    return 1 if math.prod(shape) * model.num_components < SMALL_PROBLEM_WORK else None
+
+
+def _is_numeric(value: Any) -> bool:
+    """Whether ``value`` is numbers (nested lists of them), not paths."""
+    try:
+        return np.asarray(value).dtype.kind in "biufc"
+    except (TypeError, ValueError):
+        return False
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """Run the block on ``count`` torch threads (``None``: as set), then restore the setting."""
+    previous = torch.get_num_threads()
+    if count is None or count == previous:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 _SEED_LIMIT = 2**32
@@ -132,6 +183,7 @@ def fit(
     gradient_steps: int = 50,
     callback: Callable[[Iteration], Any] | None = None,
     sample_weight: Any = None,
+    num_threads: int | None = None,
     **method_options: Any,
 ) -> Any:
     r"""Fit a model by the EM variant ``method``.
@@ -182,6 +234,10 @@ def fit(
             in the objective (integer weights give the fit on repeated rows). The
             initialisation (k-means++ etc.) does not use them; ``fit.log_likelihood()``
             stays the unweighted sum over rows.
+        num_threads: torch threads for the fit, set on entry and restored on return
+            (torch's setting is otherwise untouched). Default: one thread for a
+            ``Mixture`` whose ``N·K·D`` is below :data:`SMALL_PROBLEM_WORK` (more threads
+            only spin-wait there), otherwise torch's current setting.
         **method_options: options of each method (see the README's section on each);
             an option the method does not know is an error. map-em on a ``Mixture``:
             ``stop_rule`` — ``"parameters"`` (default: the objective rule and the
@@ -215,6 +271,55 @@ def fit(
             f"sample_weight is supported by method='map-em' on a pyroem.Mixture; got "
             f"method={method!r} on {type(model).__name__}. Repeat rows instead"
         )
+    with _threads(_thread_count(num_threads, model, model_args)):
+        return _fit_checked(
+            model,
+            model_args,
+            model_kwargs,
+            kind,
+            method=method,
+            n_init=n_init,
+            init=init,
+            tol=tol,
+            max_iter=max_iter,
+            seed=seed,
+            dtype=dtype,
+            torch_dtype=torch_dtype,
+            device=device,
+            chunk_size=chunk_size,
+            progress=progress,
+            m_step=m_step,
+            gradient_steps=gradient_steps,
+            callback=callback,
+            sample_weight=sample_weight,
+            method_options=method_options,
+        )
+
+
+def _fit_checked(
+    model: Any,
+    model_args: tuple[Any, ...],
+    model_kwargs: dict[str, Any] | None,
+    kind: str,
+    *,
+    method: str,
+    n_init: int,
+    init: Any,
+    tol: float,
+    max_iter: int,
+    seed: int | None,
+    dtype: Any,
+    torch_dtype: torch.dtype,
+    device: Any,
+    chunk_size: int,
+    progress: bool,
+    m_step: str,
+    gradient_steps: int,
+    callback: Callable[[Iteration], Any] | None,
+    sample_weight: Any,
+    method_options: dict[str, Any],
+) -> Any:
+    """:func:`fit` once its options are checked and its threads set."""
     started = time.perf_counter()
     result: Any
     large = _large_data(model, model_args, model_kwargs, chunk_size, method_options)

@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=_positive,
         metavar="N",
-        help="CPU threads torch may use (default: torch's own choice)",
+        help="torch threads for the fit (default: 1 for a small problem, else torch's default)",
     )
     shared.add_argument(
         "--plots",
@@ -448,15 +448,8 @@ def _fit_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
         "dtype": args.dtype,
         "progress": progress,
         **({"device": args.device} if args.device is not None else {}),
+        "num_threads": args.threads,
     }
-
-
-def _set_threads(args: argparse.Namespace) -> None:
-    """``--threads``: the CPU threads torch may use."""
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
 
 
 def _nuts_note(args: argparse.Namespace, methods: Sequence[str]) -> None:
@@ -482,7 +475,6 @@ def _fit_command(args: argparse.Namespace) -> int:
     from pyroem.selection import choose_components
 
     _check_writable(args.out, args.plots)
-    _set_threads(args)
     data, name, names = _load_data(args)
     _family_hint(args, data)
     candidates = args.components
@@ -560,7 +552,6 @@ def _compare_command(args: argparse.Namespace) -> int:
         )
     num_components = args.components[0]
     _check_writable(args.out, args.plots)
-    _set_threads(args)
     data, name, names = _load_data(args)
     _family_hint(args, data)
     spec = _spec(args, num_components)

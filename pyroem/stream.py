@@ -68,6 +68,7 @@ class ChunksEStep(MixtureEStep):
         self.family = family
         self.weights_prior = weights_prior.to(dtype=dtype, device=device)
         self.chunks = _Prepared(family, chunks)  # type: ignore[assignment]
+        self.workspace: dict[str, torch.Tensor] = {}
 
 
 class _StreamEngine(MixtureEngine):

@@ -25,7 +25,14 @@ from pyroem.em import EStepResult
 from pyroem.spec.families import Family
 from pyroem.spec.mixture import MixtureParams
 
-__all__ = ["MixtureEStep", "add_statistics", "mixture_log_likelihood", "score_mixture"]
+__all__ = [
+    "CHUNK_BYTES",
+    "MIN_CHUNK_ROWS",
+    "MixtureEStep",
+    "add_statistics",
+    "mixture_log_likelihood",
+    "score_mixture",
+]
 
 
 def add_statistics(left: Any, right: Any) -> Any:
@@ -40,6 +47,13 @@ def add_statistics(left: Any, right: Any) -> Any:
     return type(left)(*(a + b for a, b in zip(left, right, strict=True)))
 
 
+CHUNK_BYTES = 4 * 2**20
+"""Target size of the E-step's largest per-chunk temporary, ``(K, D, rows)``."""
+
+MIN_CHUNK_ROWS = 4096
+"""Fewest rows of a chunk cut by :data:`CHUNK_BYTES` (below it, overhead per chunk shows)."""
+
+
 class MixtureEStep:
     """Exact, chunked E-step of a :class:`~pyroem.Mixture` on fixed data.
 
@@ -47,7 +61,10 @@ class MixtureEStep:
         family: the spec's family bound to ``data``.
         weights_prior: Dirichlet concentration of the weights, ``(K,)``.
         data: ``(num_data, dim)``.
-        chunk_size: rows per chunk.
+        chunk_size: rows per chunk, at most: a chunk is cut further so that a
+            ``(K, D, rows)`` kernel temporary stays near :data:`CHUNK_BYTES` (larger
+            temporaries cost page faults on every allocation, smaller ones overhead
+            per chunk), but never below :data:`MIN_CHUNK_ROWS` rows.
         sample_weight: optional ``(num_data,)`` non-negative frequency weights: row ``n``
             counts ``w_n`` times in the statistics and the log-likelihood.
     """
@@ -65,10 +82,15 @@ class MixtureEStep:
     ) -> None:
         self.family = family
         self.weights_prior = weights_prior.to(dtype=data.dtype, device=data.device)
-        self.chunk_size = chunk_size
-        self.chunks = [family.prepare(chunk) for chunk in data.split(chunk_size)]
+        dim = data.shape[1] if data.ndim > 1 else 1
+        row_bytes = weights_prior.shape[0] * dim * data.element_size()
+        rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(row_bytes, 1))
+        self.chunk_size = min(chunk_size, rows)
+        self.chunks = [family.prepare(chunk) for chunk in data.split(self.chunk_size)]
         if sample_weight is not None:
-            self.chunk_weights = list(sample_weight.to(data).split(chunk_size))
+            self.chunk_weights = list(sample_weight.to(data).split(self.chunk_size))
+        # The kernels' temporaries, reused from chunk to chunk and E-step to E-step.
+        self.workspace: dict[str, torch.Tensor] = {}
 
     def log_prior(self, params: MixtureParams) -> torch.Tensor:
         """``log Dirichlet(π | α) + log p(θ)``; removed components are left out."""
@@ -81,8 +103,8 @@ class MixtureEStep:
         return log_weights_prior + self.family.log_prior(params.components)
 
     def __call__(self, params: MixtureParams) -> EStepResult:
-        log_prob = self.family.log_prob_fn(params.components)
-        log_weights = params.weights.log()
+        kernels = self.family.estep_kernels(params.components, self.workspace)
+        log_weights = params.weights.log()[:, None]
         stats = None
         log_likelihood = params.weights.new_zeros(())
         finfo = torch.finfo(log_weights.dtype)
@@ -95,19 +117,22 @@ class MixtureEStep:
         cutoff = max(math.log(finfo.tiny), math.log(torch.finfo(torch.float32).tiny)) + 8
         weights = repeat(None) if self.chunk_weights is None else self.chunk_weights
         for chunk, row_weights in zip(self.chunks, weights, strict=False):
+            # (K, n) layout: the reductions over components run across contiguous rows.
             # logsumexp and the normalised exponentials in one pass, in place: exp once.
-            joint = log_prob(chunk) + log_weights
-            peak = joint.amax(dim=1, keepdim=True).clamp_(min=finfo.min)
+            joint, cache = kernels.log_prob(chunk)
+            joint.add_(log_weights)
+            peak = joint.amax(dim=0, keepdim=True).clamp_(min=finfo.min)
             joint.sub_(peak)
             negligible = joint < cutoff
             resp = joint.clamp_(min=cutoff).exp_().masked_fill_(negligible, 0.0)
-            total = resp.sum(dim=1, keepdim=True)
+            total = resp.sum(dim=0, keepdim=True)
             resp.div_(total)
             log_norm = total.log_().add_(peak)
             if row_weights is not None:
-                resp.mul_(row_weights[:, None])
-                log_norm.mul_(row_weights[:, None])
-            chunk_stats = self.family.statistics(chunk, resp)
+                resp.mul_(row_weights[None, :])
+                log_norm.mul_(row_weights[None, :])
+            chunk_stats = kernels.statistics(chunk, cache, resp)
+            del cache
             stats = chunk_stats if stats is None else add_statistics(stats, chunk_stats)
             log_likelihood = log_likelihood + log_norm.sum()
         objective = log_likelihood + self.log_prior(params)

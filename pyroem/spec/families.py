@@ -43,6 +43,7 @@ from pyroem.spec.priors import Beta, Dirichlet, Gamma, NormalInverseWishart, pri
 __all__ = [
     "Bernoulli",
     "Categorical",
+    "EStepKernels",
     "Exponential",
     "Family",
     "Gaussian",
@@ -52,6 +53,18 @@ __all__ = [
 
 COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
 LogProbFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class EStepKernels(NamedTuple):
+    """The E-step's two kernels for fixed parameters, in ``(K, n)`` layout.
+
+    ``log_prob(prepared)`` returns the component log-densities ``(K, n)`` and a
+    cache of its intermediate results; ``statistics(prepared, cache, resp)`` turns
+    responsibilities ``(K, n)`` into the chunk's statistics, reusing the cache.
+    """
+
+    log_prob: Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
+    statistics: Callable[[torch.Tensor, Any, torch.Tensor], Any]
 
 
 def _safe_log(x: torch.Tensor) -> torch.Tensor:
@@ -247,6 +260,25 @@ class Family(ABC):
     @abstractmethod
     def statistics(self, prepared: torch.Tensor, resp: torch.Tensor) -> Any:
         """Expected sufficient statistics of a chunk (a NamedTuple with ``counts`` first)."""
+
+    def estep_kernels(
+        self, params: Any, workspace: dict[str, torch.Tensor] | None = None
+    ) -> EStepKernels:
+        """:meth:`log_prob_fn` and :meth:`statistics` in the E-step's ``(K, n)`` layout.
+
+        A family may override it to share work between the two (no cache here), and
+        keep its temporaries in ``workspace`` (the caller's, reused from chunk to chunk
+        and from one E-step to the next, so large buffers are not allocated anew).
+        """
+        log_prob = self.log_prob_fn(params)
+
+        def densities(prepared: torch.Tensor) -> tuple[torch.Tensor, None]:
+            return log_prob(prepared).T.contiguous(), None
+
+        def statistics(prepared: torch.Tensor, cache: Any, resp: torch.Tensor) -> Any:
+            return self.statistics(prepared, resp.T)
+
+        return EStepKernels(densities, statistics)
 
     @abstractmethod
     def m_step(self, stats: Any) -> Any:
@@ -627,6 +659,96 @@ class Gaussian(Family):
         weighted = deviations * resp.T[:, :, None]
         scatter = weighted.mT @ deviations - residual.mT * residual / safe
         return GaussianStats(counts, sum_x, 0.5 * (scatter + scatter.mT))
+
+    def estep_kernels(
+        self, params: GaussianParams, workspace: dict[str, torch.Tensor] | None = None
+    ) -> EStepKernels:
+        """Log-densities and statistics sharing the deviations ``x − μ_k`` ``(K, D, n)``.
+
+        The statistics are moments about the current means ``μ_k``, shifted to each
+        component's weighted mean by the corrected two-pass formula
+        ``S = Σ r d dᵀ − (Σ r d)(Σ r d)ᵀ / N`` (``d = x − μ_k``, an exact difference
+        where ``x`` and ``μ_k`` are close). It loses only ``eps·|m_k − μ_k|²/σ²``
+        relative, nothing once the means settle (and chunks are merged exactly), so
+        the statistics are as exact as :meth:`statistics`' at a fraction of its cost.
+        """
+        dim = self._require_bound()
+        means = params.means - self._center
+        num_components = means.shape[0]
+        centres = means[:, :, None]
+        log_2pi = math.log(2 * math.pi)
+        tiny = torch.finfo(means.dtype).tiny
+
+        def scratch(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+            """An uninitialised ``shape`` tensor, from ``workspace`` where there is one."""
+            if workspace is None:
+                return like.new_empty(shape)
+            size = math.prod(shape)
+            held = workspace.get(name)
+            if held is None or held.numel() < size or held.dtype != like.dtype:
+                held = workspace[name] = like.new_empty(size)
+            return held[:size].view(shape)
+
+        def finish(counts: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> Any:
+            # first = Σ r d (K, D); second = Σ r d², or Σ r d dᵀ (K, D, D).
+            offsets = first / counts.clamp(min=tiny)[:, None]
+            if second.ndim == 2:
+                scatter = (second - first * offsets).clamp_(min=0)
+            else:
+                scatter = second - first[:, :, None] * offsets[:, None, :]
+                scatter = 0.5 * (scatter + scatter.mT)
+            return GaussianStats(counts, counts[:, None] * means + first, scatter)
+
+        if self.covariance_type in ("diag", "spherical"):
+            variances = self._variances(params)  # (K, D)
+            halves = (-0.5 * variances.reciprocal())[:, None, :]  # (K, 1, D)
+            const = (-0.5 * (dim * log_2pi + variances.log().sum(-1)))[:, None]
+
+            def diagonal(prepared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                # One buffer holds the deviations and their squares, so both moments
+                # come from one batched product with the responsibilities; the weighted
+                # sum over dimensions is a batched product too.
+                shape = (num_components, 2 * dim, prepared.shape[0])
+                buffer = scratch("buffer", shape, prepared)
+                deviations, squares = buffer[:, :dim], buffer[:, dim:]
+                torch.sub(prepared.T[None], centres, out=deviations)
+                torch.square(deviations, out=squares)
+                return torch.bmm(halves, squares)[:, 0].add_(const), buffer
+
+            def diagonal_statistics(
+                prepared: torch.Tensor, buffer: torch.Tensor, resp: torch.Tensor
+            ) -> GaussianStats:
+                # (K, 1, n) @ (K, n, 2D): several times faster than the (K, 2D, n) @ (K, n, 1)
+                # matrix-vector form, which BLAS runs as n-long dot products per row.
+                moments = torch.bmm(resp[:, None, :], buffer.mT)[:, 0]  # (K, 2D)
+                return finish(resp.sum(1), moments[:, :dim], moments[:, dim:])
+
+            return EStepKernels(diagonal, diagonal_statistics)
+
+        eye = torch.eye(dim, dtype=means.dtype, device=means.device)
+        chol = self._cholesky(params.covariances)
+        whiten = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+        const = (-0.5 * dim * log_2pi - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1))[..., None]
+        # A contiguous batch: a transposed or expanded (stride 0) one makes bmm copy or loop.
+        whiten = whiten.expand(num_components, dim, dim).contiguous()
+
+        def matrix(prepared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            shape = (num_components, dim, prepared.shape[0])
+            deviations = scratch("deviations", shape, prepared)
+            torch.sub(prepared.T[None], centres, out=deviations)
+            white = torch.bmm(whiten, deviations, out=scratch("white", shape, prepared))
+            return white.square_().sum(1).mul_(-0.5).add_(const), deviations
+
+        def matrix_statistics(
+            prepared: torch.Tensor, deviations: torch.Tensor, resp: torch.Tensor
+        ) -> GaussianStats:
+            weighted = scratch("white", deviations.shape, prepared)  # free again
+            torch.mul(deviations, resp[:, None, :], out=weighted)
+            second = torch.bmm(weighted, deviations.mT)  # (K, D, D)
+            first = torch.bmm(resp[:, None, :], deviations.mT)[:, 0]  # (K, D)
+            return finish(resp.sum(1), first, second)
+
+        return EStepKernels(matrix, matrix_statistics)
 
     def m_step(self, stats: GaussianStats) -> GaussianParams:
         dim = self._require_bound()
