@@ -175,13 +175,14 @@ def constrain(
     :func:`unconstraining`), and ``log |d constrained / d unconstrained|`` summed over
     the sites and over all but the leading ``num_dims`` dimensions."""
     values: dict[str, torch.Tensor] = {}
-    total = torch.zeros(())
+    # A Python zero, not a tensor of the default dtype: the sum keeps the values' dtype.
+    total: torch.Tensor | float = 0.0
     for name, value in unconstrained.items():
         forward = transforms[name].inv
         values[name] = forward(value)
         term = forward.log_abs_det_jacobian(value, values[name])
         total = total + term.reshape(*term.shape[:num_dims], -1).sum(-1)
-    return values, total
+    return values, torch.as_tensor(total)
 
 
 class _WithSupport(dist.TorchDistribution):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import runpy
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +108,8 @@ def _gmm_exact(x: np.ndarray):
 
 
 @pytest.fixture(scope="module")
-def faithful_reference() -> dict[str, object]:
+def faithful_reference() -> Iterator[dict[str, object]]:
+    previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     data = pyroem.datasets.load_faithful().data
     spec = pyroem.Mixture(2, "gaussian", covariance_type="full", prior=None)
@@ -115,7 +117,9 @@ def faithful_reference() -> dict[str, object]:
         warnings.simplefilter("ignore", ConvergenceWarning)
         start = pyroem.fit(spec, data, method="map-em", seed=1, max_iter=0).params
     reference = pyroem.fit(spec, data, method="map-em", init=start, tol=1e-12)
-    return {"data": data, "spec": spec, "start": start, "reference": reference}
+    yield {"data": data, "spec": spec, "start": start, "reference": reference}
+    # Module-scoped: the per-test fixture restores the dtype it found, which is this one.
+    torch.set_default_dtype(previous)
 
 
 @pytest.mark.parametrize("schedule", ["mcem", "saem"])
@@ -323,7 +327,8 @@ NUTS_OPTIONS = {
 
 
 @pytest.fixture(scope="module")
-def hierarchy_fit() -> tuple[MCMCEMFit, dict[str, torch.Tensor]]:
+def hierarchy_fit() -> Iterator[tuple[MCMCEMFit, dict[str, torch.Tensor]]]:
+    previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     y = _hierarchy_data()
     # Far enough from the optimum that E-steps at a stale θ would end elsewhere.
@@ -335,7 +340,8 @@ def hierarchy_fit() -> tuple[MCMCEMFit, dict[str, torch.Tensor]]:
         fit = pyroem.fit(
             hierarchy, y, method="mcmc-em", init=start, seed=0, tol=1e-3, **NUTS_OPTIONS
         )
-    return fit, start
+    yield fit, start
+    torch.set_default_dtype(previous)
 
 
 def test_normal_hierarchy_matches_the_exact_em_fixed_point(

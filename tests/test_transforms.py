@@ -96,3 +96,15 @@ def test_leading_dimensions_are_kept() -> None:
 def test_a_support_without_a_bijection_is_refused() -> None:
     with pytest.raises(NotSupportedError, match=r"'z'.*reparametrise"):
         unconstraining("z", constraints.integer_interval(0, 3))
+
+
+def test_constrain_keeps_the_values_dtype_whatever_the_default() -> None:
+    """A float32 fit stays float32 when torch's default dtype is float64 (the log-Jacobian
+    sum must not promote the NUTS potential)."""
+    torch.set_default_dtype(torch.float64)  # the autouse fixture restores it
+    support = constraints.simplex
+    transform = unconstraining("weights", support)
+    raw = torch.tensor([0.3, -0.2], dtype=torch.float32)
+    values, log_jacobian = constrain({"weights": transform}, {"weights": raw})
+    assert values["weights"].dtype == torch.float32
+    assert log_jacobian.dtype == torch.float32
