@@ -144,11 +144,6 @@ def test_every_option_takes_effect_or_raises(
     name: str, method: str, kind: str, capsys: Any
 ) -> None:
     table_kind = "Mixture (CAVI)" if kind == "Mixture" and method == "vb-em" else kind
-    if (name, method, kind) == ("dtype", "mcmc-em", "Mixture"):
-        pytest.xfail(
-            "known bug: Mixture.model(data) in float32 mixes float64 prior constants into "
-            "the observed site's table, and the program's closed-form M-step fails"
-        )
     if _applies(name, method, table_kind):
         _check_effect(name, method, kind, capsys)
         return

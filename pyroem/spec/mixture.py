@@ -221,7 +221,9 @@ class Mixture:
         """
         from pyroem.initialization import initial_params
 
-        tensor = as_data(data)
+        # A floating tensor keeps its dtype (a float32 fit builds a float32 program).
+        floating = isinstance(data, torch.Tensor) and data.is_floating_point()
+        tensor = as_data(data, dtype=data.dtype if floating else torch.float64)
         family = self.bind(tensor)
         alpha = self.weights_prior.to(tensor.dtype)
         if params is None:
