@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyroem.em import EStepResult, Iteration, MStepResult, run_em
+from pyroem.em import Iteration, run_em
 from pyroem.errors import DataError, NotSupportedError, PyroEMError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
-from pyroem.initialization import initial_params, seeded_generator, site_values
+from pyroem.initialization import seeded_generator, site_values
 from pyroem.mstep.mixture import MixtureEngine
 from pyroem.options import OPTIONS, check_applicable, check_integer, with_defaults
 from pyroem.program.fit import fit_program
@@ -346,72 +346,63 @@ def _fit_checked(
             callback=callback,
             **method_options,
         )
-    elif method == "map-em":
-        known = {"stop_rule": "parameters"} if kind == "Mixture" else {"space": "auto"}
-        method_options = with_defaults("method='map-em'", method_options, known)
-        rule = method_options.get("stop_rule", "parameters")
-        if rule not in _STOP_RULES:
-            raise SpecError(f"stop_rule must be one of {_STOP_RULES}; got {rule!r}")
-    elif method == "mcmc-em":
-        # MCMC-EM reuses the MAP-EM M-steps, so it takes their options too.
-        method_options = {"m_step": m_step, "gradient_steps": gradient_steps, **method_options}
-    elif method == "nuts" and kind == "Mixture":
-        method_options = {"chunk_size": chunk_size, **method_options}
-    if large is not None:
-        pass  # fitted above; the common ending below still applies
-    elif method != "map-em":
-        result = _fit_other(
-            model,
-            model_args,
-            model_kwargs,
-            method=method,
-            init=init,
-            n_init=n_init,
-            seed=seed,
-            tol=tol,
-            max_iter=max_iter,
-            dtype=torch_dtype if dtype is not None else None,
-            device=device,
-            chunk_size=chunk_size,
-            progress=progress,
-            callback=callback,
-            options=method_options,
-        )
-    elif kind == "program":
-        result = fit_program(
-            model,
-            model_args,
-            model_kwargs,
-            method=method,
-            init=init,
-            n_init=n_init,
-            seed=seed,
-            tol=tol,
-            max_iter=max_iter,
-            progress=progress,
-            m_step=m_step,
-            gradient_steps=gradient_steps,
-            callback=callback,
-            space=method_options["space"],
-        )
     else:
-        result = _fit_mixture(
-            model,
-            model_args,
-            method=method,
-            init=init,
-            n_init=n_init,
-            seed=seed,
-            tol=tol,
-            max_iter=max_iter,
-            dtype=torch_dtype,
-            device=device,
-            chunk_size=chunk_size,
-            progress=progress,
-            callback=callback,
-            stop_rule=method_options["stop_rule"],
-            sample_weight=sample_weight,
+        method_options = _method_options(
+            method, kind, method_options, m_step, gradient_steps, chunk_size
         )
+        if method != "map-em":
+            result = _fit_other(
+                model,
+                model_args,
+                model_kwargs,
+                method=method,
+                init=init,
+                n_init=n_init,
+                seed=seed,
+                tol=tol,
+                max_iter=max_iter,
+                dtype=torch_dtype if dtype is not None else None,
+                device=device,
+                chunk_size=chunk_size,
+                progress=progress,
+                callback=callback,
+                options=method_options,
+            )
+        elif kind == "program":
+            result = fit_program(
+                model,
+                model_args,
+                model_kwargs,
+                method=method,
+                init=init,
+                n_init=n_init,
+                seed=seed,
+                tol=tol,
+                max_iter=max_iter,
+                progress=progress,
+                m_step=m_step,
+                gradient_steps=gradient_steps,
+                callback=callback,
+                space=method_options["space"],
+            )
+        else:
+            result = _fit_mixture(
+                model,
+                model_args,
+                method=method,
+                init=init,
+                n_init=n_init,
+                seed=seed,
+                tol=tol,
+                max_iter=max_iter,
+                dtype=torch_dtype,
+                device=device,
+                chunk_size=chunk_size,
+                progress=progress,
+                callback=callback,
+                stop_rule=method_options["stop_rule"],
+                sample_weight=sample_weight,
+            )
     result.runtime = time.perf_counter() - started
     columns = getattr(model_args[0], "columns", None) if len(model_args) == 1 else None
     if columns is not None:
@@ -427,6 +418,30 @@ def _fit_checked(
             # the fit stays a program fit, and saves as one.
             result.mixture_fit = None
     return result
+
+
+def _method_options(
+    method: str,
+    kind: str,
+    options: dict[str, Any],
+    m_step: str,
+    gradient_steps: int,
+    chunk_size: int,
+) -> dict[str, Any]:
+    """``method_options`` with the method's defaults, and the common options its engine
+    also reads."""
+    if method == "map-em":
+        known = {"stop_rule": "parameters"} if kind == "Mixture" else {"space": "auto"}
+        options = with_defaults("method='map-em'", options, known)
+        rule = options.get("stop_rule", "parameters")
+        if rule not in _STOP_RULES:
+            raise SpecError(f"stop_rule must be one of {_STOP_RULES}; got {rule!r}")
+    elif method == "mcmc-em":
+        # MCMC-EM reuses the MAP-EM M-steps, so it takes their options too.
+        options = {"m_step": m_step, "gradient_steps": gradient_steps, **options}
+    elif method == "nuts" and kind == "Mixture":
+        options = {"chunk_size": chunk_size, **options}
+    return options
 
 
 def _large_data(
@@ -467,20 +482,12 @@ class _MixtureEngine(MixtureEngine):
         name: str,
         weights: torch.Tensor | None = None,
     ) -> None:
-        self.spec, self.family, self.data, self.start = spec, family, data, init
+        self.spec, self.family, self.init_data, self.start = spec, family, data, init
         self.generator = seeded_generator(seed)
         self.estep = MixtureEStep(family, spec.weights_prior, data, chunk_size, weights)
         self.name = name
         # Weights are frequencies: the tolerance is per weighted row.
         self.num_data = data.shape[0] if weights is None else float(weights.sum())
-
-    def init(self, restart: int) -> MStepResult:
-        return MStepResult(
-            initial_params(self.spec, self.family, self.data, self.start, self.generator)
-        )
-
-    def e_step(self, params: Any) -> EStepResult:
-        return self.estep(params)
 
 
 def _fit_mixture(

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from pyroem.em import Engine, EStepResult, Iteration, MStepResult, run_em
+from pyroem.em import Engine, Iteration, run_em
 from pyroem.errors import DataError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
-from pyroem.initialization import initial_params, seeded_generator
+from pyroem.initialization import seeded_generator
 from pyroem.mstep.mixture import MixtureEngine
 from pyroem.options import check_integer
 from pyroem.results import FitResult
@@ -85,19 +85,11 @@ class _StreamEngine(MixtureEngine):
         seed: int | None,
         name: str,
     ) -> None:
-        self.spec, self.family, self.sample, self.start = spec, family, sample, init
+        self.spec, self.family, self.init_data, self.start = spec, family, sample, init
         self.generator = seeded_generator(seed)
         self.estep = ChunksEStep(family, spec.weights_prior, source, sample.dtype, sample.device)
         self.name = name
         self.num_data = num_data
-
-    def init(self, restart: int) -> MStepResult:
-        return MStepResult(
-            initial_params(self.spec, self.family, self.sample, self.start, self.generator)
-        )
-
-    def e_step(self, params: Any) -> EStepResult:
-        return self.estep(params)
 
 
 def _in_memory_source(data: torch.Tensor, chunk_size: int) -> ChunkSource:

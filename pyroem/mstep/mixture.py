@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from pyroem.em import Engine, MStepResult
+from pyroem.em import Engine, EStepResult, MStepResult
 from pyroem.errors import CollapsedComponentWarning
+from pyroem.initialization import initial_params
 from pyroem.mstep.conjugate import dirichlet_mode
 from pyroem.spec.families import Family
 from pyroem.spec.mixture import Mixture, MixtureParams
@@ -57,19 +59,34 @@ def mixture_m_step(
 
 
 class MixtureEngine(Engine):
-    """The M-step side of MAP-EM on a ``Mixture`` (its subclasses supply ``init`` and
-    ``e_step``: data in memory, or read from a source): the closed-form M-step and the
-    stopping rule.
+    """MAP-EM on a ``Mixture``: the Mixture's initialisation, an exact E-step (its
+    subclasses set it: data in memory, or read from a source), the closed-form M-step
+    and the stopping rule.
 
     Attributes:
         spec: the mixture; family: its bound family.
+        estep: the exact E-step.
+        init_data: the rows the initialisation reads (the data, or a sample of a source).
+        start: the ``init`` option; generator: the restarts' random generator.
         parameter_rule: stop on the parameters too (``stop_rule="parameters"``), not on
             the objective alone.
     """
 
     spec: Mixture
     family: Family
+    estep: Callable[[MixtureParams], EStepResult]
+    init_data: torch.Tensor
+    start: Any
+    generator: torch.Generator
     parameter_rule = True
+
+    def init(self, restart: int) -> MStepResult:
+        return MStepResult(
+            initial_params(self.spec, self.family, self.init_data, self.start, self.generator)
+        )
+
+    def e_step(self, params: Any) -> EStepResult:
+        return self.estep(params)
 
     def m_step(self, stats: Any, params: Any, iteration: int) -> MStepResult:
         new = mixture_m_step(self.family, self.spec.weights_prior, stats, params)
