@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyroem.checkpoint import Checkpoint, checkpointing, identity_of
 from pyroem.em import Iteration, run_em
 from pyroem.errors import DataError, NotSupportedError, PyroEMError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
@@ -184,6 +185,9 @@ def fit(
     callback: Callable[[Iteration], Any] | None = None,
     sample_weight: Any = None,
     num_threads: int | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | str = 10,
+    resume: bool = False,
     **method_options: Any,
 ) -> Any:
     r"""Fit a model by the EM variant ``method``.
@@ -238,6 +242,15 @@ def fit(
             (torch's setting is otherwise untouched). Default: one thread for a
             ``Mixture`` whose ``N·K·D`` is below :data:`SMALL_PROBLEM_WORK` (more threads
             only spin-wait there), otherwise torch's current setting.
+        checkpoint: EM methods: a file to write the loop's state to (atomically: a
+            temporary file in the same folder, then renamed), every ``checkpoint_every``
+            iterations, when a restart stops and on Ctrl-C; see :mod:`pyroem.checkpoint`.
+        checkpoint_every: an integer (iterations, default 10) or seconds as a string,
+            e.g. ``"30s"``.
+        resume: continue from ``checkpoint`` if that file exists (else start afresh): the
+            result equals the uninterrupted fit's, bit for bit (seeded fits). A
+            checkpoint of another model, data, method or options is refused with a
+            :class:`~pyroem.errors.FitFileError` naming what differs.
         **method_options: options of each method (see the README's section on each);
             an option the method does not know is an error. map-em on a ``Mixture``:
             ``stop_rule`` — ``"parameters"`` (default: the objective rule and the
@@ -271,7 +284,28 @@ def fit(
             f"sample_weight is supported by method='map-em' on a pyroem.Mixture; got "
             f"method={method!r} on {type(model).__name__}. Repeat rows instead"
         )
-    with _threads(_thread_count(num_threads, model, model_args)):
+    saver = _checkpoint(
+        checkpoint,
+        checkpoint_every,
+        resume,
+        model,
+        model_args,
+        model_kwargs,
+        {
+            "method": method,
+            "n_init": n_init,
+            "seed": seed,
+            "dtype": dtype,
+            "device": device,
+            "init": init,
+            "chunk_size": chunk_size,
+            "m_step": m_step,
+            "gradient_steps": gradient_steps,
+            "sample_weight": sample_weight,
+            **method_options,
+        },
+    )
+    with _threads(_thread_count(num_threads, model, model_args)), checkpointing(saver):
         return _fit_checked(
             model,
             model_args,
@@ -294,6 +328,48 @@ def fit(
             sample_weight=sample_weight,
             method_options=method_options,
         )
+
+
+def _checkpoint(
+    path: Any,
+    every: Any,
+    resume: Any,
+    model: Any,
+    model_args: tuple[Any, ...],
+    model_kwargs: dict[str, Any] | None,
+    options: dict[str, Any],
+) -> Checkpoint | None:
+    """The fit's :class:`~pyroem.checkpoint.Checkpoint` (``None`` without ``checkpoint``),
+    naming the model, data and options a checkpoint must have been written for."""
+    if not isinstance(resume, bool):
+        raise SpecError(f"resume must be True or False; got {resume!r}")
+    if path is None:
+        if resume:
+            raise SpecError("resume=True needs checkpoint=PATH, the file to resume from")
+        if every != 10:
+            raise SpecError("checkpoint_every needs checkpoint=PATH, the file to write")
+        return None
+    if not isinstance(path, str | os.PathLike):
+        raise SpecError(f"checkpoint must be a file path; got {path!r}")
+    described = repr(model) if isinstance(model, Mixture) else _name_of(model)
+    identity = {
+        "model": described,
+        "data": "; ".join(identity_of(arg) for arg in model_args),
+        "model_kwargs": "; ".join(
+            f"{key}={identity_of(value)}" for key, value in sorted((model_kwargs or {}).items())
+        ),
+    }
+    for key, value in options.items():
+        if key == "init" and hasattr(value, "params"):
+            value = type(value).__qualname__
+        identity[key] = _name_of(value) if callable(value) else identity_of(value)
+    return Checkpoint(path, every, resume, identity)
+
+
+def _name_of(value: Any) -> str:
+    """A callable's module and qualified name (its identity in a checkpoint)."""
+    module = getattr(value, "__module__", None) or type(value).__module__
+    return f"{module}.{getattr(value, '__qualname__', type(value).__qualname__)}"
 
 
 def _fit_checked(

@@ -10,7 +10,9 @@ variant restarts, records, reports and stops alike:
   that collapsed) is recorded and skipped; the best valid run is kept;
 - ``callback``: called after every iteration with an :class:`Iteration`;
 - Ctrl-C (``KeyboardInterrupt``) stops cleanly: the best state so far is returned,
-  marked not converged.
+  marked not converged;
+- checkpoints (:mod:`pyroem.checkpoint`): the loop's state is written as it goes, and a
+  fit resumed from it continues as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+from pyroem import checkpoint as _checkpoint
 from pyroem.errors import ConvergenceWarning, DataError, NotSupportedError, PyroEMError, SpecError
 
 __all__ = [
@@ -186,6 +189,18 @@ class Engine(ABC):
         """Complete a run once it stopped (e.g. a long final E-step)."""
         return run
 
+    def snapshot(self, params: Any) -> Any:
+        """For checkpoints: everything needed to continue from ``params`` before their
+        E-step (the parameters, the engine's internal state, its random generators), as
+        nested tuples, lists, dicts, NamedTuples of pyroem, tensors and numbers, none of
+        which later steps change."""
+        raise NotSupportedError(f"{self.name} cannot write checkpoints")
+
+    def restore(self, snapshot: Any, restart: int) -> Any:
+        """For resuming: set the engine to ``snapshot`` (taken in restart ``restart``) and
+        return its parameters, ready for their E-step."""
+        raise NotSupportedError(f"{self.name} cannot resume from checkpoints")
+
     def unconverged_message(self, run: EMRun) -> str | None:
         """The :class:`ConvergenceWarning` text for a kept run that did not converge
         (``None``: no warning)."""
@@ -227,10 +242,14 @@ def run_em(
     failures: list[str] = []
     last_error: PyroEMError | None = None
     interrupted = False
-    for restart in range(n_init):
+    first_restart = 0
+    saver = _Saver.take(engine)
+    if saver is not None:
+        first_restart, best = saver.resume(engine, finals, failures)
+    for restart in range(first_restart, n_init):
         label = f"{engine.name} restart {restart + 1}/{n_init}" if n_init > 1 else engine.name
         try:
-            run = _run_once(engine, restart, tol, max_iter, progress, label, callback)
+            run = _run_once(engine, restart, tol, max_iter, progress, label, callback, saver)
             if run is not None:
                 run = engine.finish(run)
         except _INPUT_ERRORS:
@@ -239,6 +258,8 @@ def run_em(
             failures.append(f"restart {restart + 1}: {type(err).__name__}: {err}")
             finals.append(math.nan)
             last_error = err
+            if saver is not None:
+                saver.finished(finals, failures)
             continue
         if run is None:
             interrupted = True
@@ -246,6 +267,10 @@ def run_em(
         finals.append(float(run.history.objective[-1]))
         if best is None or finals[-1] > best.history.objective[-1]:
             best = run
+            if saver is not None:
+                saver.keep_best(run)
+        if saver is not None:
+            saver.finished(finals, failures)
         if run.interrupted:
             interrupted = True
             break
@@ -288,25 +313,39 @@ def _run_once(
     progress: bool,
     label: str,
     callback: Callable[[Iteration], Any] | None,
+    saver: _Saver | None = None,
 ) -> EMRun | None:
     """One run; ``None`` when interrupted before its first E-step completed."""
     start = time.perf_counter()
+    resumed = saver.resumed_run(engine, restart) if saver is not None else None
     try:
-        first = engine.init(restart)
-        params = first.params
-        current = engine.e_step(params)
+        if resumed is None:
+            first = engine.init(restart)
+            params = first.params
+            if saver is not None:
+                saver.before_e_step(engine, params, 0)
+            current = engine.e_step(params)
+        else:
+            params, current = resumed.params, resumed.last
     except KeyboardInterrupt:
         return None
-    objectives = [current.objective if first.objective is None else first.objective]
-    log_likelihoods = [current.log_likelihood]
-    elapsed = [time.perf_counter() - start]
-    info: list[Mapping[str, Any]] = [{**first.info, **current.info}]
-    converged = interrupted = False
-    iterations = 0
+    if resumed is None:
+        objectives = [current.objective if first.objective is None else first.objective]
+        log_likelihoods = [current.log_likelihood]
+        elapsed = [time.perf_counter() - start]
+        info: list[Mapping[str, Any]] = [{**first.info, **current.info}]
+        converged = interrupted = False
+        iterations = 0
+    else:
+        objectives, log_likelihoods, elapsed, info = resumed.lists
+        start -= elapsed[-1]
+        converged, interrupted, iterations = resumed.converged, False, resumed.num_iterations
     with tqdm(total=max_iter, desc=label, disable=not progress, leave=False) as bar:
         try:
-            for iteration in range(1, max_iter + 1):
+            for iteration in range(iterations + 1, 0 if converged else max_iter + 1):
                 step = engine.m_step(current.stats, params, iteration)
+                if saver is not None:
+                    saver.before_e_step(engine, step.params, iteration)
                 scored = engine.e_step(step.params)
                 params, current, iterations = step.params, scored, iteration
                 objectives.append(scored.objective if step.objective is None else step.objective)
@@ -331,10 +370,145 @@ def _run_once(
                 if engine.converged(objectives, info, tol):
                     converged = True
                     break
+                if saver is not None and saver.checkpoint.due(iteration):
+                    saver.write(
+                        restart, iterations, converged, objectives, log_likelihoods, elapsed, info
+                    )
         except KeyboardInterrupt:
             interrupted = True
             # The last complete iteration is kept; a half-recorded one is dropped.
             del objectives[iterations + 1 :], log_likelihoods[iterations + 1 :]
             del elapsed[iterations + 1 :], info[iterations + 1 :]
+    if saver is not None:
+        saver.write(restart, iterations, converged, objectives, log_likelihoods, elapsed, info)
     history = History(np.array(objectives), np.array(log_likelihoods), np.array(elapsed))
     return EMRun(params, current, history, converged, iterations, info, restart, interrupted)
+
+
+# ----- checkpoints ------------------------------------------------------------------
+
+
+class _Resumed(NamedTuple):
+    """A run continued from a checkpoint: its state after its last complete iteration."""
+
+    params: Any
+    last: EStepResult
+    lists: tuple[list[float], list[float], list[float], list[Mapping[str, Any]]]
+    converged: bool
+    num_iterations: int
+
+
+class _Saver:
+    """Writes the checkpoints of one fit and resumes from one (:mod:`pyroem.checkpoint`).
+
+    The engine's snapshot is taken before every E-step; a checkpoint written after
+    iteration ``t`` holds the one taken before E-step ``t``, so resuming restores it and
+    reruns that E-step, which draws the same random numbers as the first time.
+    """
+
+    def __init__(self, checkpoint: _checkpoint.Checkpoint, engine: Engine) -> None:
+        self.checkpoint = checkpoint
+        checkpoint.identity = {**checkpoint.identity, "engine": engine.name}
+        self.saved = checkpoint.read()
+        self.snapshots: dict[int, Any] = {}
+        self.finals: list[float] = []
+        self.failures: list[str] = []
+        self.best: dict[str, Any] | None = None
+        self.last_record: dict[str, Any] | None = None
+
+    @classmethod
+    def take(cls, engine: Engine) -> _Saver | None:
+        """The saver of the fit's checkpoint, if it has one."""
+        checkpoint = _checkpoint.active()
+        return None if checkpoint is None else cls(checkpoint, engine)
+
+    def resume(self, engine: Engine, finals: list[float], failures: list[str]) -> tuple[int, Any]:
+        """Fill ``finals`` and ``failures`` from the checkpoint; the restart to go on
+        with, and the best finished run (rebuilt and finished again), or ``None``."""
+        if self.saved is None:
+            return 0, None
+        finals.extend(float(value) for value in self.saved["finals"])
+        failures.extend(self.saved["failures"])
+        self.finished(finals, failures)
+        self.best = self.saved["best"]
+        best = None
+        if self.best is not None:
+            params = engine.restore(self.best["snapshot"], self.best["restart"])
+            best = engine.finish(self._run(params, engine.e_step(params), self.best))
+        return int(self.saved["run"]["restart"]), best
+
+    @staticmethod
+    def _run(params: Any, last: EStepResult, record: dict[str, Any]) -> EMRun:
+        history = History(*(np.array(record[key], dtype=float) for key in History._fields))
+        return EMRun(
+            params,
+            last,
+            history,
+            bool(record["converged"]),
+            int(record["num_iterations"]),
+            list(record["info"]),
+            int(record["restart"]),
+        )
+
+    def resumed_run(self, engine: Engine, restart: int) -> _Resumed | None:
+        """The saved run of ``restart``, restored and re-scored (``None``: start afresh)."""
+        if self.saved is None or self.saved["run"]["restart"] != restart:
+            return None
+        record = self.saved["run"]
+        self.saved = None
+        params = engine.restore(record["snapshot"], restart)
+        self.snapshots = {int(record["num_iterations"]): record["snapshot"]}
+        run = self._run(params, engine.e_step(params), record)
+        lists = (
+            [float(value) for value in record["objective"]],
+            [float(value) for value in record["log_likelihood"]],
+            [float(value) for value in record["elapsed"]],
+            run.info,
+        )
+        return _Resumed(params, run.last, lists, run.converged, run.num_iterations)
+
+    def before_e_step(self, engine: Engine, params: Any, iteration: int) -> None:
+        """Keep the snapshot of ``params`` (and the one before, for an interruption)."""
+        self.snapshots = {
+            key: value for key, value in self.snapshots.items() if key == iteration - 1
+        }
+        self.snapshots[iteration] = engine.snapshot(params)
+
+    def write(
+        self,
+        restart: int,
+        iterations: int,
+        converged: bool,
+        objectives: list[float],
+        log_likelihoods: list[float],
+        elapsed: list[float],
+        info: list[Mapping[str, Any]],
+    ) -> None:
+        """Write the state after iteration ``iterations`` of ``restart``."""
+        self.last_record = {
+            "restart": restart,
+            "num_iterations": iterations,
+            "converged": converged,
+            "objective": list(objectives),
+            "log_likelihood": list(log_likelihoods),
+            "elapsed": list(elapsed),
+            "info": [dict(entry) for entry in info],
+            "snapshot": self.snapshots[iterations],
+        }
+        self.checkpoint.write(
+            {
+                "run": self.last_record,
+                "finals": self.finals,
+                "failures": self.failures,
+                "best": self.best,
+            }
+        )
+
+    def keep_best(self, run: EMRun) -> None:
+        """``run`` (just finished) is the best so far: later checkpoints carry it."""
+        assert self.last_record is not None and self.last_record["restart"] == run.restart
+        self.best = self.last_record
+
+    def finished(self, finals: list[float], failures: list[str]) -> None:
+        """Record the restarts finished so far."""
+        self.finals, self.failures = list(finals), list(failures)

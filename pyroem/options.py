@@ -60,6 +60,11 @@ _EM = {"map-em": "any", "vb-em": "any", "mcmc-em": "any"}
 _ALL = {**_EM, "nuts": "any"}
 _MIXTURE = dict.fromkeys(_ALL, "Mixture")
 _PROGRAM_M_STEP = {"map-em": "program", "mcmc-em": "any"}
+_CHECKPOINTED = {"map-em": "any", "vb-em": "any", "mcmc-em": "any"}
+_NO_CHECKPOINT = (
+    "nuts draws its chains in one go: save its result with fit.save(path), or use "
+    "method='mcmc-em' or 'vb-em' for a fit that can be resumed"
+)
 
 #: Which common option of :func:`pyroem.fit` applies to which method (the README's table).
 OPTIONS: dict[str, Option] = {
@@ -84,6 +89,9 @@ OPTIONS: dict[str, Option] = {
         50, _PROGRAM_M_STEP, "only gradient M-steps (Pyro programs, mcmc-em) take steps"
     ),
     "callback": Option(None, _EM, "nuts has no iterations; use progress=True"),
+    "checkpoint": Option(None, _CHECKPOINTED, _NO_CHECKPOINT),
+    "checkpoint_every": Option(10, _CHECKPOINTED, _NO_CHECKPOINT),
+    "resume": Option(False, _CHECKPOINTED, _NO_CHECKPOINT),
 }
 
 

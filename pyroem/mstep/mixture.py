@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from pyroem.checkpoint import to_device
 from pyroem.em import Engine, EStepResult, MStepResult
 from pyroem.errors import CollapsedComponentWarning
 from pyroem.initialization import initial_params
@@ -91,6 +92,15 @@ class MixtureEngine(Engine):
     def m_step(self, stats: Any, params: Any, iteration: int) -> MStepResult:
         new = mixture_m_step(self.family, self.spec.weights_prior, stats, params)
         return MStepResult(new, None, {"change": relative_change(params, new)})
+
+    def snapshot(self, params: MixtureParams) -> dict[str, Any]:
+        """The parameters (never changed in place) and the restarts' generator."""
+        return {"params": params, "generator": self.generator.get_state()}
+
+    def restore(self, snapshot: dict[str, Any], restart: int) -> MixtureParams:
+        self.generator.set_state(snapshot["generator"])
+        params: MixtureParams = to_device(snapshot["params"], self.init_data)
+        return params
 
     def converged(self, objectives: list[float], info: list[Any], tol: float) -> bool:
         r"""The objective rule, and the parameters within ``tol`` of their limit: with

@@ -307,6 +307,17 @@ class _Engine(Engine):
     def init(self, restart: int) -> MStepResult:
         return MStepResult(self.first if restart == 0 else self.restart_values(restart))
 
+    def snapshot(self, values: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The parameters (never changed in place) and whether the compiled path holds."""
+        return {"params": dict(values), "compiled": self.compiled is not None}
+
+    def restore(self, snapshot: dict[str, Any], restart: int) -> dict[str, torch.Tensor]:
+        if not snapshot["compiled"]:
+            self.compiled = None
+        return {
+            name: value.to(self.first[name].device) for name, value in snapshot["params"].items()
+        }
+
     def e_step(self, values: dict[str, torch.Tensor]) -> EStepResult:
         """The E-step at ``values``: compiled while the structure holds, else full."""
         if self.compiled is not None:

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from pyroem.checkpoint import to_device
 from pyroem.diagnostics import independent_chains
 from pyroem.em import EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.errors import SpecError
@@ -180,6 +181,15 @@ class _CaviEngine(Engine):
         elbo = float(stats.entropy + weights + theta) + self.data_constant
         # The q(π, θ) whose q(z) this state holds: finish recomputes that q(z).
         return MStepResult(update, elbo, {"source": params})
+
+    def snapshot(self, params: VariationalParams) -> dict[str, Any]:
+        """``q(π, θ)`` (never changed in place) and the restarts' generator."""
+        return {"params": params, "generator": self.generator.get_state()}
+
+    def restore(self, snapshot: dict[str, Any], restart: int) -> VariationalParams:
+        self.generator.set_state(snapshot["generator"])
+        params: VariationalParams = to_device(snapshot["params"], self.data)
+        return params
 
     def finish(self, run: EMRun) -> EMRun:
         """Adds ``(q(z) of the state, q(z) of the final q(π, θ))``, each ``(N, K)``: the
