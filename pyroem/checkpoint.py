@@ -40,7 +40,15 @@ import torch
 
 from pyroem.errors import FitFileError, NotSupportedError, SpecError
 
-__all__ = ["Checkpoint", "active", "checkpointing", "identity_of", "parse_every", "to_device"]
+__all__ = [
+    "Checkpoint",
+    "active",
+    "checkpointing",
+    "copied",
+    "identity_of",
+    "parse_every",
+    "to_device",
+]
 
 _FORMAT = "pyroem-checkpoint"
 _VERSION = 1
@@ -329,4 +337,18 @@ def to_device(value: Any, like: torch.Tensor) -> Any:
         return type(value)(to_device(item, like) for item in value)
     if isinstance(value, dict):
         return {key: to_device(item, like) for key, item in value.items()}
+    return value
+
+
+def copied(value: Any) -> Any:
+    """``value`` (nested tuples, lists, dicts of tensors) with every tensor cloned, so
+    that later in-place updates (an optimiser's state) leave it unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(copied(item) for item in value))
+    if isinstance(value, list | tuple):
+        return type(value)(copied(item) for item in value)
+    if isinstance(value, dict):
+        return {key: copied(item) for key, item in value.items()}
     return value

@@ -38,6 +38,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from pyroem.checkpoint import copied
 from pyroem.diagnostics import ChainDiagnostics, chain_diagnostics, chain_problems
 from pyroem.em import EMResult, EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.errors import MCMCWarning, NotSupportedError, SpecError
@@ -574,6 +575,32 @@ class _MCMCEMEngine(Engine):
             self.schedule = _schedule(self.settings)
         self.objective_q = MonteCarloQ(self.program)
         return MStepResult(values, None, {"step_size": math.nan})
+
+    def snapshot(self, params: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The parameters, the schedule, the Monte Carlo Q so far, the chains and the
+        global torch generator (copies)."""
+        sampler = self.sampler
+        return {
+            "params": dict(params),
+            "schedule": dict(vars(self.schedule)),
+            "objective_q": {
+                key: copied(value)
+                for key, value in vars(self.objective_q).items()
+                if key.startswith("_")
+            },
+            "chains": sampler.checkpoint_state() if isinstance(sampler, NUTSSampler) else None,
+            "rng": torch.get_rng_state(),
+        }
+
+    def restore(self, snapshot: dict[str, Any], restart: int) -> dict[str, torch.Tensor]:
+        """The start of ``restart`` (its sampler and schedule), set to ``snapshot``."""
+        self.init(restart)
+        vars(self.schedule).update(snapshot["schedule"])
+        vars(self.objective_q).update(snapshot["objective_q"])
+        if isinstance(self.sampler, NUTSSampler):
+            self.sampler.load_checkpoint_state(snapshot["chains"])
+        torch.set_rng_state(snapshot["rng"])
+        return dict(snapshot["params"])
 
     def e_step(self, params: dict[str, torch.Tensor], num_draws: int | None = None) -> EStepResult:
         """Draws of the latents at θ = ``params``; the objective is the exact log joint

@@ -38,8 +38,9 @@ import pyro
 import torch
 from pyro.infer.mcmc import NUTS
 
+from pyroem.checkpoint import copied
 from pyroem.diagnostics import chain_diagnostics
-from pyroem.errors import SpecError
+from pyroem.errors import FitFileError, SpecError
 from pyroem.program.posterior import log_joint_terms
 from pyroem.sampling.exact import Draws, sample_discrete
 from pyroem.sampling.stacked import LatentProgram
@@ -125,6 +126,39 @@ class NUTSChain:
         )
         self.state = initial
         self.adapted = False
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """For checkpoints: the chain's state and, once adapted, its step size, mass
+        matrix and transition count (copies)."""
+        saved: dict[str, Any] = {"state": copied(self.state), "adapted": self.adapted}
+        if self.adapted:
+            adapter = self.kernel.mass_matrix_adapter
+            saved["kernel"] = {
+                "step_size": self.kernel.step_size,
+                "t": self.kernel._t,
+                "warmup_steps": self.kernel._warmup_steps,
+                "inverse_mass_matrix": copied(adapter._inverse_mass_matrix),
+                "mass_matrix_sqrt": copied(adapter._mass_matrix_sqrt),
+                "mass_matrix_sqrt_inverse": copied(adapter._mass_matrix_sqrt_inverse),
+            }
+        return saved
+
+    def load_checkpoint_state(self, saved: dict[str, Any]) -> None:
+        """Set the chain to a :meth:`checkpoint_state` (an adapted kernel is set up at the
+        saved state, then given the saved adaptation)."""
+        self.state, self.adapted = dict(saved["state"]), bool(saved["adapted"])
+        if not self.adapted:
+            return
+        kernel = saved["kernel"]
+        self.kernel.cleanup()
+        self.kernel.initial_params = self.state
+        self.kernel.setup(int(kernel["warmup_steps"]))
+        self.kernel._t = int(kernel["t"])
+        self.kernel._adapter.step_size = kernel["step_size"]
+        adapter = self.kernel.mass_matrix_adapter
+        adapter._inverse_mass_matrix = dict(kernel["inverse_mass_matrix"])
+        adapter._mass_matrix_sqrt = dict(kernel["mass_matrix_sqrt"])
+        adapter._mass_matrix_sqrt_inverse = dict(kernel["mass_matrix_sqrt_inverse"])
 
     def warm_up(self, steps: int, on_step: Callable[[NUTSChain], None] | None = None) -> None:
         """Adapt step size and mass matrix afresh from the current state over ``steps``
@@ -248,6 +282,19 @@ class NUTSSampler:
             "no starting point of the latents with a finite log density was found at the "
             "starting parameters; pass other init values"
         )
+
+    def checkpoint_state(self) -> list[dict[str, Any]]:
+        """For checkpoints: every chain's :meth:`NUTSChain.checkpoint_state`."""
+        return [chain.checkpoint_state() for chain in self._chains]
+
+    def load_checkpoint_state(self, saved: list[dict[str, Any]]) -> None:
+        """Set every chain to its saved state."""
+        if len(saved) != len(self._chains):
+            raise FitFileError(
+                f"the checkpoint holds {len(saved)} chains; this fit runs {len(self._chains)}"
+            )
+        for chain, state in zip(self._chains, saved, strict=True):
+            chain.load_checkpoint_state(state)
 
     def sample(self, values: Mapping[str, torch.Tensor], num_draws: int) -> Draws:
         """Draws of the latents at θ = ``values``: ``ceil(num_draws / num_chains)`` per chain.

@@ -59,9 +59,10 @@ from pyro.optim import ClippedAdam, PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
 from pyro.params.param_store import StateDict
 
+from pyroem.checkpoint import copied
 from pyroem.diagnostics import independent_chains
 from pyroem.em import EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
-from pyroem.errors import NotSupportedError, PyroEMError, SpecError
+from pyroem.errors import FitFileError, NotSupportedError, PyroEMError, SpecError
 from pyroem.options import check_integer, with_defaults
 from pyroem.program.fit import initial_values, num_observations, program_init, resolve_seed
 from pyroem.program.model import ProgramModel
@@ -328,6 +329,41 @@ class _SVIEngine(Engine):
             state.scheduler.step()
         state.steps += 1
         return MStepResult(state)
+
+    def snapshot(self, state: _SVIState) -> dict[str, Any]:
+        """Copies of the parameter store (unconstrained values), the optimiser's state,
+        the global torch generator and the step count."""
+        store = pyro.get_param_store().get_state()["params"]
+        return {
+            "params": {name: value.detach().clone() for name, value in store.items()},
+            "optimizer": copied(state.svi.optim.get_state()),
+            "rng": torch.get_rng_state(),
+            "steps": state.steps,
+        }
+
+    def restore(self, snapshot: dict[str, Any], restart: int) -> _SVIState:
+        """A fresh start of ``restart`` (guide, optimiser), set to ``snapshot``."""
+        state: _SVIState = self.init(restart).params
+        saved: dict[str, torch.Tensor] = snapshot["params"]
+        store = pyro.get_param_store()
+        if set(saved) - set(store.keys()):
+            # The guide creates its parameters on its first run.
+            args, kwargs = self.program.model_args, self.program.model_kwargs
+            with poutine.block():
+                state.guide(*args, **kwargs)
+        current = store.get_state()["params"]
+        if set(saved) != set(current):
+            raise FitFileError(
+                f"the checkpoint holds the parameters {sorted(saved)}, but this guide and "
+                f"model have {sorted(current)}; resume with the original guide"
+            )
+        with torch.no_grad():
+            for name, value in saved.items():
+                current[name].copy_(value)
+        state.svi.optim.set_state(copied(snapshot["optimizer"]))
+        state.steps = int(snapshot["steps"])
+        torch.set_rng_state(snapshot["rng"])
+        return state
 
     def converged(self, objectives: list[float], info: list[Mapping[str, Any]], tol: float) -> bool:
         """The windowed rule of the module docstring."""
