@@ -237,6 +237,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write " + ", ".join(_OUTPUT_FILES) + " to DIR (rows numbered from 0)",
     )
+    fit_parser.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="write the fit's state to PATH as it runs (and on Ctrl-C); see --resume",
+    )
+    fit_parser.add_argument(
+        "--checkpoint-every",
+        type=_checkpoint_every,
+        default=10,
+        metavar="N",
+        help="write the checkpoint every N iterations, or every N seconds as e.g. 30s",
+    )
+    fit_parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --checkpoint if the file exists (the same command line gives "
+        "the same result as an uninterrupted run)",
+    )
 
     compare_parser = commands.add_parser(
         "compare",
@@ -268,6 +286,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", help="write comparison.csv and comparison.txt to DIR"
     )
     return parser
+
+
+def _checkpoint_every(text: str) -> int | str:
+    """``--checkpoint-every``: iterations as an integer, or seconds as ``30s``."""
+    return int(text) if text.strip().isdigit() else text
+
+
+def _checkpoint_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The checkpoint options of :func:`pyroem.fit` from ``pyroem fit``'s command line."""
+    if args.checkpoint is None:
+        if args.resume:
+            raise SpecError("--resume needs --checkpoint PATH, the file to resume from")
+        return {}
+    if len(args.components) > 1:
+        raise SpecError(
+            "--checkpoint holds one fit, but several --components fit one model each; "
+            "choose K first, then fit it with --checkpoint"
+        )
+    return {
+        "checkpoint": args.checkpoint,
+        "checkpoint_every": args.checkpoint_every,
+        "resume": args.resume,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -479,6 +520,7 @@ def _fit_command(args: argparse.Namespace) -> int:
     _family_hint(args, data)
     candidates = args.components
     options = _fit_options(args, args.method)
+    checkpoint = _checkpoint_options(args)
     _nuts_note(args, [args.method])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
@@ -493,7 +535,9 @@ def _fit_command(args: argparse.Namespace) -> int:
             )
             result = choice.fits[choice.best]
         else:
-            result = fit(_spec(args, candidates[0]), data, method=args.method, **options)
+            result = fit(
+                _spec(args, candidates[0]), data, method=args.method, **options, **checkpoint
+            )
     _warn(caught)
     if not args.quiet:
         print(_describe(name, data, names))

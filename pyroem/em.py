@@ -28,7 +28,14 @@ import numpy as np
 from tqdm import tqdm
 
 from pyroem import checkpoint as _checkpoint
-from pyroem.errors import ConvergenceWarning, DataError, NotSupportedError, PyroEMError, SpecError
+from pyroem.errors import (
+    ConvergenceWarning,
+    DataError,
+    FitFileError,
+    NotSupportedError,
+    PyroEMError,
+    SpecError,
+)
 
 __all__ = [
     "EMResult",
@@ -242,11 +249,8 @@ def run_em(
     failures: list[str] = []
     last_error: PyroEMError | None = None
     interrupted = False
-    first_restart = 0
     saver = _Saver.take(engine)
-    if saver is not None:
-        first_restart, best = saver.resume(engine, finals, failures)
-    for restart in range(first_restart, n_init):
+    for restart in range(n_init):
         label = f"{engine.name} restart {restart + 1}/{n_init}" if n_init > 1 else engine.name
         try:
             run = _run_once(engine, restart, tol, max_iter, progress, label, callback, saver)
@@ -258,8 +262,6 @@ def run_em(
             failures.append(f"restart {restart + 1}: {type(err).__name__}: {err}")
             finals.append(math.nan)
             last_error = err
-            if saver is not None:
-                saver.finished(finals, failures)
             continue
         if run is None:
             interrupted = True
@@ -267,10 +269,6 @@ def run_em(
         finals.append(float(run.history.objective[-1]))
         if best is None or finals[-1] > best.history.objective[-1]:
             best = run
-            if saver is not None:
-                saver.keep_best(run)
-        if saver is not None:
-            saver.finished(finals, failures)
         if run.interrupted:
             interrupted = True
             break
@@ -398,23 +396,43 @@ class _Resumed(NamedTuple):
     num_iterations: int
 
 
+_RECORD_KEYS = ("num_iterations", "converged", *History._fields, "info", "snapshot")
+
+
+def _checked(saved: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The restarts' records of a checkpoint, checked for their keys."""
+    records = saved.get("restarts")
+    if not isinstance(records, dict) or not all(
+        isinstance(restart, int)
+        and isinstance(record, dict)
+        and all(key in record for key in _RECORD_KEYS)
+        for restart, record in records.items()
+    ):
+        raise FitFileError(
+            "the checkpoint is damaged: its restarts' records are incomplete; delete it, "
+            "or resume=False to start afresh"
+        )
+    return dict(records)
+
+
 class _Saver:
     """Writes the checkpoints of one fit and resumes from one (:mod:`pyroem.checkpoint`).
 
-    The engine's snapshot is taken before every E-step; a checkpoint written after
-    iteration ``t`` holds the one taken before E-step ``t``, so resuming restores it and
-    reruns that E-step, which draws the same random numbers as the first time.
+    A checkpoint holds the last state of every restart run so far (a failed restart
+    has none, and reruns). The engine's snapshot is taken before every E-step; a state
+    written after iteration ``t`` holds the one taken before E-step ``t``, so resuming
+    restores it and reruns that E-step, which draws the same random numbers as the
+    first time. A resumed restart goes on while it has not converged and ``max_iter``
+    allows (a finished one is only scored and finished again).
     """
 
     def __init__(self, checkpoint: _checkpoint.Checkpoint, engine: Engine) -> None:
         self.checkpoint = checkpoint
         checkpoint.identity = {**checkpoint.identity, "engine": engine.name}
-        self.saved = checkpoint.read()
+        saved = checkpoint.read()
+        self.saved: dict[int, dict[str, Any]] = {} if saved is None else _checked(saved)
+        self.records = dict(self.saved)
         self.snapshots: dict[int, Any] = {}
-        self.finals: list[float] = []
-        self.failures: list[str] = []
-        self.best: dict[str, Any] | None = None
-        self.last_record: dict[str, Any] | None = None
 
     @classmethod
     def take(cls, engine: Engine) -> _Saver | None:
@@ -422,50 +440,26 @@ class _Saver:
         checkpoint = _checkpoint.active()
         return None if checkpoint is None else cls(checkpoint, engine)
 
-    def resume(self, engine: Engine, finals: list[float], failures: list[str]) -> tuple[int, Any]:
-        """Fill ``finals`` and ``failures`` from the checkpoint; the restart to go on
-        with, and the best finished run (rebuilt and finished again), or ``None``."""
-        if self.saved is None:
-            return 0, None
-        finals.extend(float(value) for value in self.saved["finals"])
-        failures.extend(self.saved["failures"])
-        self.finished(finals, failures)
-        self.best = self.saved["best"]
-        best = None
-        if self.best is not None:
-            params = engine.restore(self.best["snapshot"], self.best["restart"])
-            best = engine.finish(self._run(params, engine.e_step(params), self.best))
-        return int(self.saved["run"]["restart"]), best
-
-    @staticmethod
-    def _run(params: Any, last: EStepResult, record: dict[str, Any]) -> EMRun:
-        history = History(*(np.array(record[key], dtype=float) for key in History._fields))
-        return EMRun(
-            params,
-            last,
-            history,
-            bool(record["converged"]),
-            int(record["num_iterations"]),
-            list(record["info"]),
-            int(record["restart"]),
-        )
-
     def resumed_run(self, engine: Engine, restart: int) -> _Resumed | None:
-        """The saved run of ``restart``, restored and re-scored (``None``: start afresh)."""
-        if self.saved is None or self.saved["run"]["restart"] != restart:
+        """The saved state of ``restart``, restored and re-scored (``None``: none saved)."""
+        record = self.saved.pop(restart, None)
+        if record is None:
             return None
-        record = self.saved["run"]
-        self.saved = None
         params = engine.restore(record["snapshot"], restart)
         self.snapshots = {int(record["num_iterations"]): record["snapshot"]}
-        run = self._run(params, engine.e_step(params), record)
         lists = (
             [float(value) for value in record["objective"]],
             [float(value) for value in record["log_likelihood"]],
             [float(value) for value in record["elapsed"]],
-            run.info,
+            list(record["info"]),
         )
-        return _Resumed(params, run.last, lists, run.converged, run.num_iterations)
+        return _Resumed(
+            params,
+            engine.e_step(params),
+            lists,
+            bool(record["converged"]),
+            int(record["num_iterations"]),
+        )
 
     def before_e_step(self, engine: Engine, params: Any, iteration: int) -> None:
         """Keep the snapshot of ``params`` (and the one before, for an interruption)."""
@@ -485,8 +479,7 @@ class _Saver:
         info: list[Mapping[str, Any]],
     ) -> None:
         """Write the state after iteration ``iterations`` of ``restart``."""
-        self.last_record = {
-            "restart": restart,
+        self.records[restart] = {
             "num_iterations": iterations,
             "converged": converged,
             "objective": list(objectives),
@@ -495,20 +488,4 @@ class _Saver:
             "info": [dict(entry) for entry in info],
             "snapshot": self.snapshots[iterations],
         }
-        self.checkpoint.write(
-            {
-                "run": self.last_record,
-                "finals": self.finals,
-                "failures": self.failures,
-                "best": self.best,
-            }
-        )
-
-    def keep_best(self, run: EMRun) -> None:
-        """``run`` (just finished) is the best so far: later checkpoints carry it."""
-        assert self.last_record is not None and self.last_record["restart"] == run.restart
-        self.best = self.last_record
-
-    def finished(self, finals: list[float], failures: list[str]) -> None:
-        """Record the restarts finished so far."""
-        self.finals, self.failures = list(finals), list(failures)
+        self.checkpoint.write({"restarts": self.records})
