@@ -405,6 +405,29 @@ def _continued_state(
     return state
 
 
+def _every_component(previous: FitResult, num_components: int) -> dict[str, torch.Tensor]:
+    """``previous.params`` for all ``num_components`` components of its model: a component
+    it removed (``removed_components``) comes back with weight 0 (and the parameters of
+    the heaviest component, which no data point reads), so CAVI, which never removes
+    one, starts from the same model."""
+    params = previous.params
+    active = previous._internal.active.tolist()
+    if previous.spec.num_components != num_components or len(active) == num_components:
+        return params
+    heaviest = int(params["weights"].argmax())
+    index = torch.tensor(
+        [active.index(k) if k in active else heaviest for k in range(num_components)]
+    )
+    tied = getattr(previous.family, "covariance_type", None) == "tied"
+    expanded = {
+        name: value if tied and name == "covariances" else value[index]
+        for name, value in params.items()
+    }
+    expanded["weights"] = expanded["weights"].clone()
+    expanded["weights"][previous.removed_components] = 0.0
+    return expanded
+
+
 def _weights_factor(concentration: torch.Tensor) -> dict[str, torch.Tensor]:
     """``fit.variational["weights"]``: the Dirichlet's concentration, or the sticks'."""
     if concentration.ndim == 1:
@@ -507,7 +530,7 @@ def fit_mixture_cavi(
     factor = conjugate_factor(family)
     previous = init if isinstance(init, VariationalFit) else None
     if isinstance(init, FitResult):
-        init = init.params
+        init = _every_component(init, spec.num_components)
     if isinstance(init, dict):
         n_init = 1
     weights_prior = spec.weights_prior
