@@ -5,6 +5,8 @@ and the alternative where it does not."""
 from __future__ import annotations
 
 import inspect
+import os
+import tempfile
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 import pyroem
+from pyroem.checkpoint import Checkpoint
 from pyroem.errors import SpecError
 from pyroem.options import OPTIONS
 
@@ -111,8 +114,40 @@ def _check_effect(name: str, method: str, kind: str, capsys: Any) -> None:
         record, callback = _calls()
         fit = _fit(method, kind, callback=callback, max_iter=2, tol=0.0)
         assert record["calls"] == fit.num_iterations >= 1
+    elif name in ("checkpoint", "checkpoint_every", "resume"):
+        _check_checkpoint(name, method, kind)
     else:
         raise AssertionError(f"no check for option {name}")
+
+
+def _check_checkpoint(name: str, method: str, kind: str) -> None:
+    """``checkpoint`` writes the file, ``checkpoint_every`` writes it more often, and
+    ``resume`` continues from it (the start's elapsed time comes from the file)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "run.ckpt")
+        if name == "checkpoint":
+            _fit(method, kind, checkpoint=path)
+            assert os.path.exists(path)
+        elif name == "checkpoint_every":
+            writes: list[int] = []
+            original = Checkpoint.write
+
+            def counted(self: Checkpoint, state: dict[str, Any]) -> None:
+                writes.append(1)
+                original(self, state)
+
+            Checkpoint.write = counted  # type: ignore[method-assign]
+            try:
+                _fit(method, kind, checkpoint=path, checkpoint_every=1, max_iter=2, tol=0.0)
+            finally:
+                Checkpoint.write = original  # type: ignore[method-assign]
+            # After iterations 1 and 2, and when the run stops (the default: only then).
+            assert len(writes) == 3
+        else:
+            first = _fit(method, kind, checkpoint=path, max_iter=1, tol=0.0)
+            resumed = _fit(method, kind, checkpoint=path, resume=True, max_iter=2, tol=0.0)
+            assert resumed.history.elapsed[0] == first.history.elapsed[0]
+            assert resumed.num_iterations == 2
 
 
 _NON_DEFAULT = {
@@ -129,6 +164,9 @@ _NON_DEFAULT = {
     "m_step": "gradient",
     "gradient_steps": 3,
     "callback": print,
+    "checkpoint": "run.ckpt",
+    "checkpoint_every": 5,
+    "resume": True,
 }
 
 
