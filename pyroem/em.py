@@ -201,12 +201,15 @@ class Engine(ABC):
         E-step (the parameters, the engine's internal state, its random generators), as
         nested tuples, lists, dicts, NamedTuples of pyroem, tensors and numbers, none of
         which later steps change."""
-        raise NotSupportedError(f"{self.name} cannot write checkpoints")
+        raise NotSupportedError(
+            f"{self.name} cannot write checkpoints; fit without checkpoint= (or, for stepwise "
+            "EM, with stepwise=False)"
+        )
 
     def restore(self, snapshot: Any, restart: int) -> Any:
         """For resuming: set the engine to ``snapshot`` (taken in restart ``restart``) and
         return its parameters, ready for their E-step."""
-        raise NotSupportedError(f"{self.name} cannot resume from checkpoints")
+        raise NotSupportedError(f"{self.name} cannot resume from checkpoints; pass resume=False")
 
     def unconverged_message(self, run: EMRun) -> str | None:
         """The :class:`ConvergenceWarning` text for a kept run that did not converge
@@ -219,7 +222,7 @@ class Engine(ABC):
 
 
 # Errors that say the input is wrong: every restart would fail the same way.
-_INPUT_ERRORS = (SpecError, DataError, NotSupportedError)
+_INPUT_ERRORS = (SpecError, DataError, NotSupportedError, FitFileError)
 
 
 def run_em(
@@ -315,8 +318,8 @@ def _run_once(
 ) -> EMRun | None:
     """One run; ``None`` when interrupted before its first E-step completed."""
     start = time.perf_counter()
-    resumed = saver.resumed_run(engine, restart) if saver is not None else None
     try:
+        resumed = saver.resumed_run(engine, restart) if saver is not None else None
         if resumed is None:
             first = engine.init(restart)
             params = first.params
@@ -378,7 +381,10 @@ def _run_once(
             del objectives[iterations + 1 :], log_likelihoods[iterations + 1 :]
             del elapsed[iterations + 1 :], info[iterations + 1 :]
     if saver is not None:
-        saver.write(restart, iterations, converged, objectives, log_likelihoods, elapsed, info)
+        try:
+            saver.write(restart, iterations, converged, objectives, log_likelihoods, elapsed, info)
+        except KeyboardInterrupt:
+            interrupted = True  # the write is atomic: the previous checkpoint stays whole
     history = History(np.array(objectives), np.array(log_likelihoods), np.array(elapsed))
     return EMRun(params, current, history, converged, iterations, info, restart, interrupted)
 

@@ -25,7 +25,7 @@ import torch
 import pyroem
 from pyroem import cli
 from pyroem.em import Iteration
-from pyroem.errors import FitFileError, SpecError
+from pyroem.errors import FitFileError, NotSupportedError, SpecError
 
 POSITIVE = dist.constraints.positive
 
@@ -126,6 +126,23 @@ def test_fit_stopped_by_max_iter_continues_every_restart(tmp_path: Path) -> None
     # Both restarts went on from iteration 4: the fit is the uninterrupted one.
     _assert_same_fit(reference, resumed)
     assert reference.converged
+
+
+def test_streamed_fit_resumes_bit_for_bit(tmp_path: Path) -> None:
+    source = tmp_path / "data.npy"
+    np.save(source, _data())
+    reference, resumed = _interrupted_then_resumed(
+        tmp_path / "run.ckpt",
+        pyroem.Mixture(3),
+        (str(source),),
+        stop=(1, 4),
+        seed=0,
+        n_init=2,
+        chunk_size=50,
+    )
+    _assert_same_fit(reference, resumed)
+    with pytest.raises(NotSupportedError, match="stepwise cannot write checkpoints"):
+        pyroem.fit(pyroem.Mixture(3), str(source), stepwise=True, checkpoint=tmp_path / "step.ckpt")
 
 
 def test_checkpoint_every_seconds_writes_when_stopped(tmp_path: Path) -> None:
@@ -339,11 +356,12 @@ def test_writing_is_atomic(tmp_path: Path) -> None:
 
     checkpoint_module.np.savez = failing  # type: ignore[assignment]
     try:
-        with pytest.raises(KeyboardInterrupt):
-            _short_checkpoint(path, data)
+        stopped = _quiet(pyroem.fit, pyroem.Mixture(2), data, seed=0, max_iter=3, checkpoint=path)
     finally:
         checkpoint_module.np.savez = original
-    # The interrupted write left the previous checkpoint whole, and no temporary file.
+    # Ctrl-C while writing stops the fit cleanly; the interrupted write left the
+    # previous checkpoint whole, and no temporary file.
+    assert stopped.options["interrupted"]
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["run.ckpt"]
 
