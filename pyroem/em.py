@@ -206,6 +206,11 @@ class Engine(ABC):
             "EM, with stepwise=False)"
         )
 
+    def checkpoint_info(self, info: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """The per-iteration records a checkpoint keeps (default: all of them; an engine
+        may drop what only its last record needs)."""
+        return info
+
     def restore(self, snapshot: Any, restart: int) -> Any:
         """For resuming: set the engine to ``snapshot`` (taken in restart ``restart``) and
         return its parameters, ready for their E-step."""
@@ -433,7 +438,7 @@ class _Saver:
     """
 
     def __init__(self, checkpoint: _checkpoint.Checkpoint, engine: Engine) -> None:
-        self.checkpoint = checkpoint
+        self.checkpoint, self.engine = checkpoint, engine
         checkpoint.identity = {**checkpoint.identity, "engine": engine.name}
         saved = checkpoint.read()
         self.saved: dict[int, dict[str, Any]] = {} if saved is None else _checked(saved)
@@ -491,7 +496,7 @@ class _Saver:
             "objective": list(objectives),
             "log_likelihood": list(log_likelihoods),
             "elapsed": list(elapsed),
-            "info": [dict(entry) for entry in info],
+            "info": [dict(entry) for entry in self.engine.checkpoint_info(info)],
             "snapshot": self.snapshots[iterations],
         }
         self.checkpoint.write({"restarts": self.records})

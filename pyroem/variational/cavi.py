@@ -30,7 +30,7 @@ where :math:`\log Z(r) = \log \int p(θ) \prod_{n,k} p(x_n | θ_k)^{r_{nk}} dθ`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -185,6 +185,11 @@ class _CaviEngine(Engine):
     def snapshot(self, params: VariationalParams) -> dict[str, Any]:
         """``q(π, θ)`` (never changed in place) and the restarts' generator."""
         return {"params": params, "generator": self.generator.get_state()}
+
+    def checkpoint_info(self, info: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        """Only the last record's ``source`` (what :meth:`finish` reads) is kept."""
+        earlier = [{k: v for k, v in entry.items() if k != "source"} for entry in info[:-1]]
+        return [*earlier, *info[-1:]]
 
     def restore(self, snapshot: dict[str, Any], restart: int) -> VariationalParams:
         self.generator.set_state(snapshot["generator"])
