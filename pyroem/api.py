@@ -207,7 +207,9 @@ def fit(
             ``"random_from_data"``, a dict of parameters in ``fit.params`` form, or a
             previous fit. For a Pyro program: ``{site name: value}`` for any subset of
             the parameters (the rest: a prior draw for sample sites, the program's own
-            value for ``pyro.param`` sites), or a previous fit.
+            value for ``pyro.param`` sites), or a previous fit. SVI (``vb-em``) and
+            ``nuts`` on a Pyro program start by default from a short MAP-EM fit of it
+            (``init="map-em"``); ``init="prior"`` starts them from a prior draw.
         tol: convergence when the objective changes by less than ``tol`` per data point
             (for a ``Mixture`` under map-em, also the parameters' extrapolated relative
             distance to their limit; see the README).
@@ -603,7 +605,10 @@ def _fit_other(
 ) -> Any:
     """Every method but ``map-em``: CAVI for a ``Mixture`` under ``vb-em`` (unless a
     guide is asked for); otherwise the engine runs on the Pyro program (for a
-    ``Mixture``, ``spec.model(data)``, started from the ``Mixture``'s initialisation)."""
+    ``Mixture``, ``spec.model(data)``, started from the ``Mixture``'s initialisation;
+    a Pyro program under SVI or NUTS starts from a short MAP-EM fit unless ``init``
+    says otherwise, see :mod:`pyroem.program.start`)."""
+    program_start = not isinstance(model, Mixture)
     if isinstance(model, Mixture):
         # These methods need a proper posterior: prior="default" means mclust's there.
         model = model.with_proper_prior()
@@ -644,16 +649,27 @@ def _fit_other(
         else:
             init = values
         model, model_args, model_kwargs = program, (), None
+    start = None
+    if method in ("vb-em", "nuts") and program_start:
+        # A Pyro program: a short MAP-EM fit is the start unless init says otherwise.
+        from pyroem.program.start import resolve_start
+
+        init, start = resolve_start(model, model_args, model_kwargs, init, seed)
     common: dict[str, Any] = {"init": init, "seed": seed, "progress": progress, **options}
     em: dict[str, Any] = {"tol": tol, "max_iter": max_iter, "n_init": n_init, "callback": callback}
+    result: Any
     if method == "vb-em":
         from pyroem.variational.svi import fit_svi
 
-        return fit_svi(model, model_args, model_kwargs, **em, **common)
-    if method == "mcmc-em":
+        result = fit_svi(model, model_args, model_kwargs, **em, **common)
+    elif method == "mcmc-em":
         from pyroem.sampling.mcmc_em import fit_mcmc_em
 
         return fit_mcmc_em(model, model_args, model_kwargs, **em, **common)
-    from pyroem.bayes import fit_nuts
+    else:
+        from pyroem.bayes import fit_nuts
 
-    return fit_nuts(model, model_args, model_kwargs, **common)
+        result = fit_nuts(model, model_args, model_kwargs, **common)
+    if start is not None:
+        result.options["init"] = start
+    return result
