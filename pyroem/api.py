@@ -413,8 +413,10 @@ def _fit_checked(
     if isinstance(model, Mixture) and isinstance(result, ProgramFit):
         # Through its Pyro program, a Mixture's fit also gets the mixture interface.
         data = as_data(model_args[0], dtype=torch_dtype, device=device)
+        # Under the prior the program was fitted with (mclust's for prior="default").
+        used = model if method == "map-em" else model.with_proper_prior()
         try:
-            result.mixture_fit = mixture_fit_from_program(model, data, result, chunk_size)
+            result.mixture_fit = mixture_fit_from_program(used, data, result, chunk_size)
         except PyroEMError:
             # Parameters the mixture kernels refuse (e.g. a singular covariance):
             # the fit stays a program fit, and saves as one.

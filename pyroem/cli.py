@@ -639,7 +639,10 @@ def _fit_command(args: argparse.Namespace) -> int:
         print(result.summary())
     if args.out is not None:
         out = Path(args.out)
-        written = _write_outputs(out, result, data, source=name, feature_names=names)
+        declared = _spec(args, choice.best if len(candidates) > 1 else candidates[0])
+        written = _write_outputs(
+            out, result, data, source=name, feature_names=names, declared=declared
+        )
         if len(candidates) > 1:
             written += _write_selection(out, choice, args.method)
         if not args.quiet:
@@ -736,6 +739,14 @@ def _compare_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fitted_family(result: Any) -> Any:
+    """The bound family (prior resolved) a mixture fit used, or ``None``."""
+    family = getattr(result, "family", None)
+    if family is None and getattr(result, "mixture_fit", None) is not None:
+        family = result.mixture_fit.family
+    return family if family is not None and family.resolved is not None else None
+
+
 def _write_selection(out: Path, choice: Any, method: str) -> list[str]:
     """Write the model-selection table of several ``--components``: ``selection.csv``
     (one row per number of components) and ``selection.json`` (the table, the criterion,
@@ -776,6 +787,7 @@ def _write_outputs(
     *,
     source: str,
     feature_names: Sequence[str],
+    declared: Mixture | None = None,
 ) -> list[str]:
     """Write ``params.json``, ``history.csv``, ``assignments.csv`` and either ``fit.npz``
     (a fit :func:`pyroem.load` reads back) or, for methods with posterior draws,
@@ -787,6 +799,8 @@ def _write_outputs(
         data: the training data, ``(num_data, dim)``.
         source: the data's name (file path or bundled data set).
         feature_names: the ``dim`` column names.
+        declared: the mixture as the command line declared it (``"declared_model"``;
+            ``"model"`` holds it with the prior's numbers the fit used).
 
     Returns:
         The names of the files written.
@@ -794,14 +808,26 @@ def _write_outputs(
     from pyroem.results import FitResult
 
     out.mkdir(parents=True, exist_ok=True)
+    family = _fitted_family(result)
     spec = getattr(result, "spec", None)
+    if spec is None and getattr(result, "mixture_fit", None) is not None:
+        spec = result.mixture_fit.spec
+    declared = spec if declared is None else declared
+    model = None
+    if spec is not None:
+        # The prior as the fit used it: every number resolved from the data (the
+        # declaration, e.g. prior="default", is under "declared_model").
+        model = spec.to_config()
+        if family is not None:
+            model = {**model, "family": family.explicit().to_config()}
     report: dict[str, Any] = {
         "data": {
             "source": source,
             "num_data": int(data.shape[0]),
             "columns": list(feature_names),
         },
-        "model": spec.to_config() if spec is not None else None,
+        "model": model,
+        "declared_model": None if declared is None else declared.to_config(),
         "method": result.method,
         "options": result.options,
         "params": {key: value.tolist() for key, value in result.params.items()},

@@ -280,7 +280,11 @@ def test_every_option_reaches_fit(
     expected = _reference_fit(**options)
     report = json.loads((tmp_path / "params.json").read_text(encoding="utf-8"))
     _assert_params_equal(report["params"], expected)
-    assert report["model"] == expected.spec.to_config()
+    assert report["declared_model"] == expected.spec.to_config()
+    assert report["model"] == {
+        **expected.spec.to_config(),
+        "family": expected.family.explicit().to_config(),
+    }
     assert report["scores"]["log_joint"] == expected.log_joint()
     assert f"{expected.log_likelihood():.6f}" in out
     if not expected.converged:
