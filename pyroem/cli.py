@@ -492,6 +492,40 @@ def _check_writable(*directories: str | None) -> None:
             raise PermissionError(f"{path} is not writable")
 
 
+def _check_data_file(path: str | None) -> None:
+    """Read ``--data``'s first row (light: no torch): the file must exist and be UTF-8
+    text, and its first row must name the columns.
+
+    Raises:
+        DataError: naming the file and the remedy (exit status 2).
+    """
+    if path is None:
+        return
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            first = next((row for row in csv.reader(handle) if any(c.strip() for c in row)), [])
+    except FileNotFoundError:
+        raise DataError(f"cannot read {path}: no such file; check the path") from None
+    except IsADirectoryError:
+        raise DataError(f"cannot read {path}: it is a directory; pass a CSV file") from None
+    except UnicodeDecodeError:
+        raise DataError(f"cannot read {path}: not UTF-8 text; save it as a UTF-8 CSV") from None
+    except (OSError, csv.Error) as err:
+        message = " ".join(str(err).split())
+        raise DataError(f"cannot read {path}: {message}; check the file is a CSV file") from None
+    _check_header(path, [name.strip() for name in first])
+
+
+def _check_header(path: str, names: Sequence[str]) -> None:
+    """Raise if the column names read from ``path`` are all numbers (no header row)."""
+    if names and all(_is_number(name) for name in names):
+        raise DataError(
+            f"{path}: the first row ({', '.join(names[:4])}"
+            f"{', ...' if len(names) > 4 else ''}) is numbers, but it is read as the "
+            "column names; add a header row naming the columns (e.g. x0,x1,...)"
+        )
+
+
 def _say(kind: str, message: str) -> None:
     """Print ``pyroem: <kind>: <message>`` on one line of stderr."""
     print(f"pyroem: {kind}: {' '.join(message.split())}", file=sys.stderr)
@@ -508,12 +542,7 @@ def _load_data(args: argparse.Namespace) -> tuple[torch.Tensor, str, tuple[str, 
             raise DataError(f"--columns {args.columns!r} names no column; use --columns a,b")
     if args.data is not None:
         data, names = read_csv(args.data, columns)
-        if all(_is_number(name) for name in names):
-            raise DataError(
-                f"{args.data}: the first row ({', '.join(names[:4])}"
-                f"{', ...' if len(names) > 4 else ''}) is numbers, but it is read as the "
-                "column names; add a header row naming the columns (e.g. x0,x1,...)"
-            )
+        _check_header(args.data, names)
         return data, args.data, names
     dataset = load_dataset(args.dataset or DEFAULT_DATASET)
     data, names = dataset.data, dataset.feature_names
@@ -606,10 +635,12 @@ def _warn(caught: list[warnings.WarningMessage]) -> None:
 
 def _fit_command(args: argparse.Namespace) -> int:
     """``pyroem fit``: load, fit (choosing K if several are given), report, write."""
+    # The output directories and the data file are checked before torch is imported.
+    _check_writable(args.out, args.plots)
+    _check_data_file(args.data)
     from pyroem.api import fit
     from pyroem.selection import choose_components
 
-    _check_writable(args.out, args.plots)
     data, name, names = _load_data(args)
     _family_hint(args, data)
     candidates = args.components
@@ -680,11 +711,12 @@ def _plots(
 
 def _compare_command(args: argparse.Namespace) -> int:
     """``pyroem compare``: fit one model with every method, print and write one table."""
+    _check_writable(args.out, args.plots)
+    _check_data_file(args.data)
     from pyroem.api import fit
     from pyroem.comparison import compare, format_comparison
     from pyroem.selection import choose_components
 
-    _check_writable(args.out, args.plots)
     data, name, names = _load_data(args)
     _family_hint(args, data)
     _nuts_note(args, args.methods)

@@ -216,3 +216,33 @@ def test_compare_takes_a_range_and_writes_the_selection_table(
     assert f"number of components by bic with map-em: {best}" in out
     assert f"Mixture(num_components={best}" in out
     assert (tmp_path / "comparison.csv").exists()
+
+
+@pytest.mark.parametrize("command", ["fit", "compare"])
+@pytest.mark.parametrize("case", ["missing", "headerless", "out-under-a-file"])
+def test_data_file_and_out_are_checked_before_torch(
+    tmp_path: Path, command: str, case: str
+) -> None:
+    """A missing or headerless data file and an unwritable --out answer before torch is
+    imported (they took the ~10 s import first), in one line."""
+    numbers = tmp_path / "numbers.csv"
+    numbers.write_text("1.5,2.0\n2.5,3.0\n3.5,1.0\n", encoding="utf-8")
+    blocker = tmp_path / "file"
+    blocker.write_text("", encoding="utf-8")
+    argv, code, pattern = {
+        "missing": (["--data", str(tmp_path / "no.csv")], 2, r"no such file; check the path"),
+        "headerless": (["--data", str(numbers)], 2, r"first row \(1\.5, 2\.0\) is numbers"),
+        "out-under-a-file": (["--out", str(blocker / "out")], 1, r"cannot write"),
+    }[case]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    check = (
+        "import sys; from pyroem.cli import main; code = main(sys.argv[1:]); "
+        "print(code, 'torch' in sys.modules)"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", check, command, *argv], env=env, capture_output=True, text=True
+    )
+    assert completed.stdout.splitlines()[-1] == f"{code} False"
+    assert completed.stderr.count("\n") == 1, completed.stderr
+    assert re.search(pattern, completed.stderr), completed.stderr
