@@ -610,7 +610,7 @@ def _fit_other(
     ``Mixture``, ``spec.model(data)``, started from the ``Mixture``'s initialisation;
     a Pyro program under SVI or NUTS starts from a short MAP-EM fit unless ``init``
     says otherwise, see :mod:`pyroem.program.start`)."""
-    program_start = not isinstance(model, Mixture)
+    is_program = not isinstance(model, Mixture)
     if isinstance(model, Mixture):
         # These methods need a proper posterior: prior="default" means mclust's there.
         model = model.with_proper_prior()
@@ -652,11 +652,17 @@ def _fit_other(
             init = values
         model, model_args, model_kwargs = program, (), None
     start = None
-    if method in ("vb-em", "nuts") and program_start:
+    if method in ("vb-em", "nuts") and is_program:
         # A Pyro program: a short MAP-EM fit is the start unless init says otherwise.
-        from pyroem.program.start import resolve_start
+        from pyroem.program.start import INIT_CHOICES, raise_bad_init, resolve_start
 
-        init, start = resolve_start(model, model_args, model_kwargs, init, seed)
+        if not callable(options.get("guide")):
+            init, start = resolve_start(model, model_args, model_kwargs, init, seed)
+        elif init is None or isinstance(init, str):
+            # A guide function starts from its own pyro.param values: nothing to compute.
+            if init is not None and init not in INIT_CHOICES:
+                raise_bad_init(init)
+            init, start = None, "guide"
     common: dict[str, Any] = {"init": init, "seed": seed, "progress": progress, **options}
     em: dict[str, Any] = {"tol": tol, "max_iter": max_iter, "n_init": n_init, "callback": callback}
     result: Any

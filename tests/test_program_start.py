@@ -76,3 +76,32 @@ def test_prior_start_is_kept_on_request(data):
 def test_unknown_named_start_is_an_error(data):
     with pytest.raises(pyroem.errors.SpecError, match="init='map-em'"):
         pyroem.fit(mixture, data, method="vb-em", init="kmeans")
+
+
+def test_guide_function_starts_from_its_own_values(data, monkeypatch):
+    """A guide function has its own starting values: no MAP-EM start is run."""
+    import pyroem.program.fit as program_fit
+
+    def no_map_em(*args, **kwargs):
+        raise AssertionError("MAP-EM ran for a guide function")
+
+    monkeypatch.setattr(program_fit, "fit_program", no_map_em)
+
+    def guide(x, num_components=3):
+        pyro.sample("weights", dist.Dirichlet(pyro.param("alpha", torch.ones(3, dtype=x.dtype))))
+        with pyro.plate("components", num_components):
+            pyro.sample("locs", dist.Normal(pyro.param("m", x.new_tensor([2.0, 5.0, 8.0])), 0.1))
+            pyro.sample("variances", dist.Delta(pyro.param("v", x.new_ones(3))))
+
+    fit = pyroem.fit(
+        mixture,
+        data,
+        method="vb-em",
+        guide=guide,
+        seed=0,
+        max_iter=3,
+        window=0,
+        num_draws=5,
+        num_elbo_particles=2,
+    )
+    assert fit.options["init"] == "guide"

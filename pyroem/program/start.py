@@ -19,7 +19,14 @@ import torch
 
 from pyroem.errors import ConvergenceWarning, PyroEMError
 
-__all__ = ["INIT_CHOICES", "START_MAX_ITER", "START_RESTARTS", "START_TOL", "resolve_start"]
+__all__ = [
+    "INIT_CHOICES",
+    "START_MAX_ITER",
+    "START_RESTARTS",
+    "START_TOL",
+    "raise_bad_init",
+    "resolve_start",
+]
 
 START_RESTARTS = 20
 """MAP-EM restarts of the default start (each from a prior draw)."""
