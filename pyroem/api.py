@@ -211,7 +211,9 @@ def fit(
             ``"random_from_data"``, a dict of parameters in ``fit.params`` form, or a
             previous fit. For a Pyro program: ``{site name: value}`` for any subset of
             the parameters (the rest: a prior draw for sample sites, the program's own
-            value for ``pyro.param`` sites), or a previous fit.
+            value for ``pyro.param`` sites), or a previous fit. SVI (``vb-em``) and
+            ``nuts`` on a Pyro program start by default from a short MAP-EM fit of it
+            (``init="map-em"``); ``init="prior"`` starts them from a prior draw.
         tol: convergence when the objective changes by less than ``tol`` per data point
             (for a ``Mixture`` under map-em, also the parameters' extrapolated relative
             distance to their limit; see the README).
@@ -487,8 +489,10 @@ def _fit_checked(
     if isinstance(model, Mixture) and isinstance(result, ProgramFit):
         # Through its Pyro program, a Mixture's fit also gets the mixture interface.
         data = as_data(model_args[0], dtype=torch_dtype, device=device)
+        # Under the prior the program was fitted with (mclust's for prior="default").
+        used = model if method == "map-em" else model.with_proper_prior()
         try:
-            result.mixture_fit = mixture_fit_from_program(model, data, result, chunk_size)
+            result.mixture_fit = mixture_fit_from_program(used, data, result, chunk_size)
         except PyroEMError:
             # Parameters the mixture kernels refuse (e.g. a singular covariance):
             # the fit stays a program fit, and saves as one.
@@ -679,7 +683,10 @@ def _fit_other(
 ) -> Any:
     """Every method but ``map-em``: CAVI for a ``Mixture`` under ``vb-em`` (unless a
     guide is asked for); otherwise the engine runs on the Pyro program (for a
-    ``Mixture``, ``spec.model(data)``, started from the ``Mixture``'s initialisation)."""
+    ``Mixture``, ``spec.model(data)``, started from the ``Mixture``'s initialisation;
+    a Pyro program under SVI or NUTS starts from a short MAP-EM fit unless ``init``
+    says otherwise, see :mod:`pyroem.program.start`)."""
+    is_program = not isinstance(model, Mixture)
     if isinstance(model, Mixture):
         # These methods need a proper posterior: prior="default" means mclust's there.
         model = model.with_proper_prior()
@@ -720,16 +727,33 @@ def _fit_other(
         else:
             init = values
         model, model_args, model_kwargs = program, (), None
+    start = None
+    if method in ("vb-em", "nuts") and is_program:
+        # A Pyro program: a short MAP-EM fit is the start unless init says otherwise.
+        from pyroem.program.start import INIT_CHOICES, raise_bad_init, resolve_start
+
+        if not callable(options.get("guide")):
+            init, start = resolve_start(model, model_args, model_kwargs, init, seed)
+        elif init is None or isinstance(init, str):
+            # A guide function starts from its own pyro.param values: nothing to compute.
+            if init is not None and init not in INIT_CHOICES:
+                raise_bad_init(init)
+            init, start = None, "guide"
     common: dict[str, Any] = {"init": init, "seed": seed, "progress": progress, **options}
     em: dict[str, Any] = {"tol": tol, "max_iter": max_iter, "n_init": n_init, "callback": callback}
+    result: Any
     if method == "vb-em":
         from pyroem.variational.svi import fit_svi
 
-        return fit_svi(model, model_args, model_kwargs, **em, **common)
-    if method == "mcmc-em":
+        result = fit_svi(model, model_args, model_kwargs, **em, **common)
+    elif method == "mcmc-em":
         from pyroem.sampling.mcmc_em import fit_mcmc_em
 
         return fit_mcmc_em(model, model_args, model_kwargs, **em, **common)
-    from pyroem.bayes import fit_nuts
+    else:
+        from pyroem.bayes import fit_nuts
 
-    return fit_nuts(model, model_args, model_kwargs, **common)
+        result = fit_nuts(model, model_args, model_kwargs, **common)
+    if start is not None:
+        result.options["init"] = start
+    return result

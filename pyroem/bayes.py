@@ -489,8 +489,10 @@ class BayesFit(ProgramFit):
             f"  divergences        {diag.num_divergences}",
             f"  log-likelihood     {self._log_likelihood:.6f}  (at the posterior mean)",
             f"  problems           {'; '.join(self.problems) or 'none'}",
-            "",
         ]
+        if self.mixture_fit is not None:
+            lines.append(f"  prior              {self.mixture_fit.family.prior_repr()}")
+        lines.append("")
         assert self.draws is not None
         width = max(len(name) for name in self._values)
         for name, value in self._values.items():

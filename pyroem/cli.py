@@ -61,6 +61,21 @@ HEARTBEAT_SECONDS = 10.0
 #: NUTS defaults of the command: about a minute on the bundled data on one core.
 NUTS_DEFAULTS = {"num_chains": 2, "warmup_steps": 300, "num_samples": 300}
 
+#: mcmc-em's defaults (``pyroem.sampling.mcmc_em.MCMC_EM_OPTIONS``) for its options here.
+MCMC_EM_DEFAULTS = {
+    "num_samples": 100,
+    "warmup_steps": 200,
+    "num_chains": 4,
+    "schedule": "saem",
+    "max_samples": 20000,
+    "final_draws": 1000,
+}
+#: mcmc-em's schedules.
+MCMC_EM_SCHEDULES = ("saem", "mcem")
+#: The options that only mcmc-em takes (the sampling ones also apply to nuts).
+_MCMC_EM_ONLY = ("schedule", "max_samples", "burn_in", "final_draws")
+_SAMPLING = ("num_samples", "warmup_steps", "num_chains")
+
 _OUTPUT_FILES = (
     "params.json",
     "history.csv",
@@ -98,6 +113,31 @@ def _methods(text: str) -> list[str]:
             f"unknown method {unknown[0] if unknown else text!r}; choose from {','.join(METHODS)}"
         )
     return list(dict.fromkeys(methods))
+
+
+_NO_DEFAULT = (None, False, argparse.SUPPRESS)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown once: not for options whose help already states the default, nor
+    for options without one (``None``) or flags (``False``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or any(action.default is none for none in _NO_DEFAULT):
+            return text
+        return super()._get_help_string(action)
+
+
+def _non_negative(text: str) -> int:
+    """An integer >= 0 (``--warmup-steps``, ``--burn-in``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {text!r}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -183,24 +223,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shared.add_argument(
         "--num-samples",
-        type=int,
-        default=NUTS_DEFAULTS["num_samples"],
+        type=_positive,
         metavar="N",
-        help="nuts: draws per chain",
+        help="draws: per chain (nuts), per E-step at the start (mcmc-em) (default: "
+        f"nuts {NUTS_DEFAULTS['num_samples']}, mcmc-em {MCMC_EM_DEFAULTS['num_samples']})",
     )
     shared.add_argument(
         "--warmup-steps",
-        type=int,
-        default=NUTS_DEFAULTS["warmup_steps"],
+        type=_non_negative,
         metavar="N",
-        help="nuts: warm-up steps per chain",
+        help="warm-up steps: per chain (nuts), of each E-step chain for continuous latents "
+        f"(mcmc-em) (default: nuts {NUTS_DEFAULTS['warmup_steps']}, mcmc-em "
+        f"{MCMC_EM_DEFAULTS['warmup_steps']})",
     )
     shared.add_argument(
         "--num-chains",
-        type=int,
-        default=NUTS_DEFAULTS["num_chains"],
+        type=_positive,
         metavar="N",
-        help="nuts: chains",
+        help=f"chains: of nuts, of each mcmc-em E-step (default: nuts "
+        f"{NUTS_DEFAULTS['num_chains']}, mcmc-em {MCMC_EM_DEFAULTS['num_chains']})",
+    )
+    shared.add_argument(
+        "--schedule",
+        choices=MCMC_EM_SCHEDULES,
+        help="mcmc-em: 'saem' (stochastic approximation of the statistics) or 'mcem' "
+        f"(Monte Carlo EM, draws growing per E-step) (default: {MCMC_EM_DEFAULTS['schedule']})",
+    )
+    shared.add_argument(
+        "--max-samples",
+        type=_positive,
+        metavar="N",
+        help="mcmc-em with --schedule mcem: most draws per E-step "
+        f"(default: {MCMC_EM_DEFAULTS['max_samples']})",
+    )
+    shared.add_argument(
+        "--burn-in",
+        type=_non_negative,
+        metavar="N",
+        help="mcmc-em with --schedule saem: last burn-in iteration (step size 1) "
+        "(default: chosen from the parameters' changes)",
+    )
+    shared.add_argument(
+        "--final-draws",
+        type=_positive,
+        metavar="N",
+        help="mcmc-em: draws of the last E-step, at the final parameters "
+        f"(default: {MCMC_EM_DEFAULTS['final_draws']})",
     )
     shared.add_argument(
         "--quiet", action="store_true", help="print nothing but warnings and errors"
@@ -216,12 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
             "full-covariance Gaussian components by MAP-EM. Several --components (1..6) "
             "fit each and choose one by --criterion."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     fit_parser.add_argument(
         "--components",
         type=_components,
-        default=[2],
+        default="2",
         metavar="K",
         help="number of mixture components, or candidates to choose from (1..6 or 2,3,5)",
     )
@@ -235,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument(
         "--out",
         metavar="DIR",
-        help="write " + ", ".join(_OUTPUT_FILES) + " to DIR (rows numbered from 0)",
+        help="write " + ", ".join(_OUTPUT_FILES) + " to DIR (rows numbered from 0); with "
+        "several --components also selection.csv and selection.json (the model-selection "
+        "table)",
     )
     fit_parser.add_argument(
         "--checkpoint",
@@ -265,15 +335,23 @@ def build_parser() -> argparse.ArgumentParser:
             "iterations and every parameter with its credible interval, components aligned "
             "across methods."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     compare_parser.add_argument(
         "--components",
         type=_components,
-        default=[2],
+        default="2",
         metavar="K",
-        help="number of mixture components (one; the forms of fit --components are read, "
-        "and a range or list is an error naming 'fit --components' to choose K first)",
+        help="number of mixture components, or candidates (1..6 or 2,3,5): K is then "
+        "chosen by --criterion with the first of --methods, and the methods are compared "
+        "at that K",
+    )
+    compare_parser.add_argument(
+        "--criterion",
+        default="bic",
+        choices=CRITERIA,
+        help="how several --components are chosen between ('loo' needs vb-em or nuts "
+        "first in --methods)",
     )
     compare_parser.add_argument(
         "--methods",
@@ -283,7 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated methods to compare (default: all of " + ",".join(METHODS) + ")",
     )
     compare_parser.add_argument(
-        "--out", metavar="DIR", help="write comparison.csv and comparison.txt to DIR"
+        "--out",
+        metavar="DIR",
+        help="write comparison.csv and comparison.txt to DIR; with several --components "
+        "also selection.csv and selection.json (the model-selection table)",
     )
     return parser
 
@@ -331,6 +412,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(args_list)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
+    try:
+        _check_args(args)
+    except SpecError as err:
+        _say("error", f"{err} (see 'pyroem {args.command} --help')")
+        return 2
     if not args.quiet and not sys.stderr.isatty():
         sys.stderr = _Heartbeat(sys.stderr)
     try:
@@ -349,6 +435,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if isinstance(sys.stderr, _Heartbeat):
             sys.stderr = sys.stderr.stream
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Check how the options go together, before anything heavy is imported.
+
+    Raises:
+        SpecError: an option of a method that does not run, or values that contradict.
+    """
+    args.command = args.command or "fit"
+    methods = args.methods if args.command == "compare" else [args.method]
+    given = [name for name in _MCMC_EM_ONLY if getattr(args, name) is not None]
+    if given and "mcmc-em" not in methods:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        verb = "applies" if len(given) == 1 else "apply"
+        raise SpecError(f"{flags} {verb} to --method mcmc-em only; got {', '.join(methods)}")
+    given = [name for name in _SAMPLING if getattr(args, name) is not None]
+    if given and not {"mcmc-em", "nuts"} & set(methods):
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        verb = "applies" if len(given) == 1 else "apply"
+        raise SpecError(
+            f"{flags} {verb} to --method nuts and mcmc-em only; got {', '.join(methods)}"
+        )
+    if "mcmc-em" in methods:
+        if args.schedule != "mcem" and args.max_samples is not None:
+            raise SpecError("--max-samples applies to --schedule mcem only")
+        if args.schedule == "mcem" and args.burn_in is not None:
+            raise SpecError("--burn-in applies to --schedule saem only")
+        options = _mcmc_em_options(args)
+        if options.get("max_samples", MCMC_EM_DEFAULTS["max_samples"]) < options.get(
+            "num_samples", MCMC_EM_DEFAULTS["num_samples"]
+        ):
+            raise SpecError(
+                f"--max-samples ({options['max_samples']}) must be at least --num-samples "
+                f"({options.get('num_samples', MCMC_EM_DEFAULTS['num_samples'])})"
+            )
+    if len(args.components) > 1 and args.criterion == "loo" and methods[0] not in ("vb-em", "nuts"):
+        raise SpecError(
+            f"--criterion loo needs posterior draws, which {methods[0]} does not give; "
+            "choose K with --method vb-em or nuts (first in compare's --methods), or "
+            "--criterion bic"
+        )
+
+
+def _mcmc_em_options(args: argparse.Namespace) -> dict[str, Any]:
+    """mcmc-em's options given on the command line (the rest: its defaults)."""
+    names = (*_SAMPLING, *_MCMC_EM_ONLY)
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 class _Heartbeat:
@@ -400,6 +533,40 @@ def _check_writable(*directories: str | None) -> None:
             raise PermissionError(f"{path} is not writable")
 
 
+def _check_data_file(path: str | None) -> None:
+    """Read ``--data``'s first row (light: no torch): the file must exist and be UTF-8
+    text, and its first row must name the columns.
+
+    Raises:
+        DataError: naming the file and the remedy (exit status 2).
+    """
+    if path is None:
+        return
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            first = next((row for row in csv.reader(handle) if any(c.strip() for c in row)), [])
+    except FileNotFoundError:
+        raise DataError(f"cannot read {path}: no such file; check the path") from None
+    except IsADirectoryError:
+        raise DataError(f"cannot read {path}: it is a directory; pass a CSV file") from None
+    except UnicodeDecodeError:
+        raise DataError(f"cannot read {path}: not UTF-8 text; save it as a UTF-8 CSV") from None
+    except (OSError, csv.Error) as err:
+        message = " ".join(str(err).split())
+        raise DataError(f"cannot read {path}: {message}; check the file is a CSV file") from None
+    _check_header(path, [name.strip() for name in first])
+
+
+def _check_header(path: str, names: Sequence[str]) -> None:
+    """Raise if the column names read from ``path`` are all numbers (no header row)."""
+    if names and all(_is_number(name) for name in names):
+        raise DataError(
+            f"{path}: the first row ({', '.join(names[:4])}"
+            f"{', ...' if len(names) > 4 else ''}) is numbers, but it is read as the "
+            "column names; add a header row naming the columns (e.g. x0,x1,...)"
+        )
+
+
 def _say(kind: str, message: str) -> None:
     """Print ``pyroem: <kind>: <message>`` on one line of stderr."""
     print(f"pyroem: {kind}: {' '.join(message.split())}", file=sys.stderr)
@@ -416,12 +583,7 @@ def _load_data(args: argparse.Namespace) -> tuple[torch.Tensor, str, tuple[str, 
             raise DataError(f"--columns {args.columns!r} names no column; use --columns a,b")
     if args.data is not None:
         data, names = read_csv(args.data, columns)
-        if all(_is_number(name) for name in names):
-            raise DataError(
-                f"{args.data}: the first row ({', '.join(names[:4])}"
-                f"{', ...' if len(names) > 4 else ''}) is numbers, but it is read as the "
-                "column names; add a header row naming the columns (e.g. x0,x1,...)"
-            )
+        _check_header(args.data, names)
         return data, args.data, names
     dataset = load_dataset(args.dataset or DEFAULT_DATASET)
     data, names = dataset.data, dataset.feature_names
@@ -478,11 +640,12 @@ def _fit_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
     """The options of :func:`pyroem.fit` for ``method`` from the command line."""
     progress = not args.quiet
     nuts = {
-        "num_samples": args.num_samples,
-        "warmup_steps": args.warmup_steps,
-        "num_chains": args.num_chains,
+        name: NUTS_DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)
+        for name in _SAMPLING
     }
     em = {"n_init": args.n_init, "tol": args.tol, "max_iter": args.max_iter}
+    if method == "mcmc-em":
+        em.update(_mcmc_em_options(args))
     return {
         **(nuts if method == "nuts" else em),
         "seed": args.seed,
@@ -496,9 +659,10 @@ def _fit_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
 def _nuts_note(args: argparse.Namespace, methods: Sequence[str]) -> None:
     """Say which NUTS settings run (before the run, which takes the longest)."""
     if "nuts" in methods and not args.quiet:
+        nuts = _fit_options(args, "nuts")
         print(
-            f"nuts: {args.num_chains} chains x ({args.warmup_steps} warm-up + "
-            f"{args.num_samples} draws); more with --num-chains, --warmup-steps, "
+            f"nuts: {nuts['num_chains']} chains x ({nuts['warmup_steps']} warm-up + "
+            f"{nuts['num_samples']} draws); more with --num-chains, --warmup-steps, "
             "--num-samples",
             flush=True,
         )
@@ -512,10 +676,12 @@ def _warn(caught: list[warnings.WarningMessage]) -> None:
 
 def _fit_command(args: argparse.Namespace) -> int:
     """``pyroem fit``: load, fit (choosing K if several are given), report, write."""
+    # The output directories and the data file are checked before torch is imported.
+    _check_writable(args.out, args.plots)
+    _check_data_file(args.data)
     from pyroem.api import fit
     from pyroem.selection import choose_components
 
-    _check_writable(args.out, args.plots)
     data, name, names = _load_data(args)
     _family_hint(args, data)
     candidates = args.components
@@ -548,7 +714,12 @@ def _fit_command(args: argparse.Namespace) -> int:
         print(result.summary())
     if args.out is not None:
         out = Path(args.out)
-        written = _write_outputs(out, result, data, source=name, feature_names=names)
+        declared = _spec(args, choice.best if len(candidates) > 1 else candidates[0])
+        written = _write_outputs(
+            out, result, data, source=name, feature_names=names, declared=declared
+        )
+        if len(candidates) > 1:
+            written += _write_selection(out, choice, args.method)
         if not args.quiet:
             print(f"wrote {', '.join(written)} to {out}")
     if args.plots is not None:
@@ -584,32 +755,47 @@ def _plots(
 
 def _compare_command(args: argparse.Namespace) -> int:
     """``pyroem compare``: fit one model with every method, print and write one table."""
+    _check_writable(args.out, args.plots)
+    _check_data_file(args.data)
     from pyroem.api import fit
     from pyroem.comparison import compare, format_comparison
+    from pyroem.selection import choose_components
 
-    if len(args.components) > 1:
-        raise SpecError(
-            f"compare fits one model, so --components takes one number; got "
-            f"{','.join(map(str, args.components))}. Choose K first with "
-            f"'pyroem fit --components {args.components[0]}..{args.components[-1]}', "
-            "then compare at that K"
-        )
-    num_components = args.components[0]
-    _check_writable(args.out, args.plots)
     data, name, names = _load_data(args)
     _family_hint(args, data)
-    spec = _spec(args, num_components)
     _nuts_note(args, args.methods)
     fits = {}
+    choice = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
+        if len(args.components) > 1:
+            # K is chosen first, with the first method; the others fit that K.
+            first = args.methods[0]
+            choice = choose_components(
+                _spec(args, 1),
+                data,
+                args.components,
+                criterion=args.criterion,
+                method=first,
+                **_fit_options(args, first),
+            )
+            fits[first] = choice.fits[choice.best]
+        spec = _spec(args, args.components[0] if choice is None else choice.best)
         for method in args.methods:
-            fits[method] = fit(spec, data, method=method, **_fit_options(args, method))
+            if method not in fits:
+                fits[method] = fit(spec, data, method=method, **_fit_options(args, method))
         table = compare(fits)
     _warn(caught)
     text = format_comparison(table)
     if not args.quiet:
         print(_describe(name, data, names))
+        if choice is not None:
+            print(
+                f"number of components by {args.criterion} with {args.methods[0]}: "
+                f"{choice.best} ({choice.rule})"
+            )
+            print(choice.table.to_string())
+            print()
         print(f"model: {spec!r}")
         print(text)
     # The table is saved before any plot is drawn: to --out, else beside the plots.
@@ -619,11 +805,55 @@ def _compare_command(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         table.to_csv(out / "comparison.csv")
         (out / "comparison.txt").write_text(text + "\n", encoding="utf-8")
+        written = ["comparison.csv", "comparison.txt"]
+        if choice is not None:
+            written += _write_selection(out, choice, args.methods[0])
         if not args.quiet:
-            print(f"wrote comparison.csv, comparison.txt to {out}")
+            print(f"wrote {', '.join(written)} to {out}")
     if args.plots is not None:
         return _plots(args, fits, data, names, saved=target)
     return 0
+
+
+def _fitted_family(result: Any) -> Any:
+    """The bound family (prior resolved) a mixture fit used, or ``None``."""
+    family = getattr(result, "family", None)
+    if family is None and getattr(result, "mixture_fit", None) is not None:
+        family = result.mixture_fit.family
+    return family if family is not None and family.resolved is not None else None
+
+
+def _write_selection(out: Path, choice: Any, method: str) -> list[str]:
+    """Write the model-selection table of several ``--components``: ``selection.csv``
+    (one row per number of components) and ``selection.json`` (the table, the criterion,
+    the rule and the choice).
+
+    Returns:
+        The names of the files written.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    choice.table.to_csv(out / "selection.csv")
+    rows = [
+        {"num_components": int(k), **{key: _plain(value) for key, value in row.items()}}
+        for k, row in choice.table.iterrows()
+    ]
+    report = {
+        "criterion": choice.criterion,
+        "method": method,
+        "rule": choice.rule,
+        "chosen": int(choice.best),
+        "table": rows,
+    }
+    (out / "selection.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return ["selection.csv", "selection.json"]
+
+
+def _plain(value: Any) -> Any:
+    """A table cell as a JSON value (NumPy scalars to Python numbers, NaN to null)."""
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, float) and value != value:
+        return None
+    return value
 
 
 def _write_outputs(
@@ -633,6 +863,7 @@ def _write_outputs(
     *,
     source: str,
     feature_names: Sequence[str],
+    declared: Mixture | None = None,
 ) -> list[str]:
     """Write ``params.json``, ``history.csv``, ``assignments.csv`` and either ``fit.npz``
     (a fit :func:`pyroem.load` reads back) or, for methods with posterior draws,
@@ -644,6 +875,8 @@ def _write_outputs(
         data: the training data, ``(num_data, dim)``.
         source: the data's name (file path or bundled data set).
         feature_names: the ``dim`` column names.
+        declared: the mixture as the command line declared it (``"declared_model"``;
+            ``"model"`` holds it with the prior's numbers the fit used).
 
     Returns:
         The names of the files written.
@@ -651,14 +884,26 @@ def _write_outputs(
     from pyroem.results import FitResult
 
     out.mkdir(parents=True, exist_ok=True)
+    family = _fitted_family(result)
     spec = getattr(result, "spec", None)
+    if spec is None and getattr(result, "mixture_fit", None) is not None:
+        spec = result.mixture_fit.spec
+    declared = spec if declared is None else declared
+    model = None
+    if spec is not None:
+        # The prior as the fit used it: every number resolved from the data (the
+        # declaration, e.g. prior="default", is under "declared_model").
+        model = spec.to_config()
+        if family is not None:
+            model = {**model, "family": family.explicit().to_config()}
     report: dict[str, Any] = {
         "data": {
             "source": source,
             "num_data": int(data.shape[0]),
             "columns": list(feature_names),
         },
-        "model": spec.to_config() if spec is not None else None,
+        "model": model,
+        "declared_model": None if declared is None else declared.to_config(),
         "method": result.method,
         "options": result.options,
         "params": {key: value.tolist() for key, value in result.params.items()},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -190,8 +191,11 @@ class FitResult:
 
     def summary(self) -> str:
         """A readable table of the fit: scores, then parameters per component."""
+        # The model as fitted: its prior with the numbers resolved from the data.
+        fitted = copy.copy(self.spec)
+        fitted.family = self.family
         lines = [
-            f"pyroem {self.method} fit of {self.spec!r}",
+            f"pyroem {self.method} fit of {fitted!r}",
             f"  data points        {self.num_data}",
             f"  dimension          {self.family.dim}",
             f"  converged          {self.converged} after {self.num_iterations} iterations",

@@ -152,8 +152,10 @@ class ProgramFit:
             f"  log joint          {self._log_joint:.6f}",
             f"  BIC / AIC          {self.bic():.4f} / {self.aic():.4f}",
             f"  free parameters    {self.num_parameters}",
-            "",
         ]
+        if self.mixture_fit is not None:
+            lines.append(f"  prior              {self.mixture_fit.family.prior_repr()}")
+        lines.append("")
         width = max(len(name) for name in self._values) if self._values else 0
         for name, value in self._values.items():
             text = np.array2string(

@@ -18,6 +18,7 @@ of the Pyro program :meth:`pyroem.Mixture.model` returns.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -118,6 +119,38 @@ def _select(params: Any, index: torch.Tensor, shared: tuple[str, ...]) -> Any:
     )
 
 
+def _short(value: Any) -> str:
+    """A number or tensor in 4 significant digits (nested lists for tensors)."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 0:
+            return _short(float(value))
+        return "[" + ", ".join(_short(item) for item in value) + "]"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return repr(value)
+
+
+def _same_fields(prior: Any, named: Any) -> bool:
+    """Whether ``prior`` declares exactly the fields of ``named`` (``None``, numbers or
+    strings there; an array field of ``prior`` never matches)."""
+    return all(
+        type(getattr(prior, field.name)) is type(getattr(named, field.name))
+        and getattr(prior, field.name) == getattr(named, field.name)
+        for field in dataclasses.fields(named)
+    )
+
+
+def resolved_repr(prior_type: type, resolved: Any) -> str:
+    """``Name(field=value, ...)`` of a resolved prior (a named tuple, or one tensor for a
+    prior of one field), values in 4 significant digits."""
+    if hasattr(resolved, "_asdict"):
+        values = resolved._asdict()
+    else:
+        values = {dataclasses.fields(prior_type)[0].name: resolved}
+    fields = ", ".join(f"{key}={_short(value)}" for key, value in values.items())
+    return f"{prior_type.__name__}({fields})"
+
+
 def _plain_values(value: Any) -> Any:
     return value.tolist() if isinstance(value, torch.Tensor) else value
 
@@ -182,7 +215,23 @@ class Family(ABC):
 
     # ----- declaration -------------------------------------------------
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(prior={self.prior!r})"
+        return f"{type(self).__name__}(prior={self.prior_repr()})"
+
+    def prior_repr(self) -> str:
+        """The prior as shown: bound to data, the resolved numbers the fit uses; unbound,
+        the declaration, saying where its ``None`` fields come from."""
+        if self.prior is None:
+            return "None"
+        if self.resolved is not None:
+            return resolved_repr(self.prior_type, self.resolved)
+        return self._unbound_prior_repr()
+
+    def _unbound_prior_repr(self) -> str:
+        """An unbound prior: its fields, and a note if some come from the data."""
+        text = repr(self.prior)
+        if any(getattr(self.prior, field.name) is None for field in dataclasses.fields(self.prior)):
+            text += " (None fields: the family's default, resolved from the data when fitted)"
+        return text
 
     def to_config(self) -> dict[str, Any]:
         """JSON-serialisable description (family name, options, prior)."""
@@ -451,7 +500,22 @@ class Gaussian(Family):
 
     def __repr__(self) -> str:
         reg = f", reg_covar={self.reg_covar!r}" if self.reg_covar else ""
-        return f"Gaussian(covariance_type={self.covariance_type!r}, prior={self.prior!r}{reg})"
+        return f"Gaussian(covariance_type={self.covariance_type!r}, prior={self.prior_repr()}{reg})"
+
+    def _unbound_prior_repr(self) -> str:
+        prior = self.prior
+        if _same_fields(prior, NormalInverseWishart.weak()):
+            return (
+                "'default' (weak: covariances' prior worth 0.1 observations of "
+                "diag(resolution²), means' prior at the data mean worth "
+                "0.01·min(resolution/range)² observations; numbers from the data when fitted)"
+            )
+        if _same_fields(prior, NormalInverseWishart()):
+            return (
+                "'mclust' (Fraley-Raftery: mean = data mean, mean_precision=0.01, "
+                "dof = dim + 2, scale = cov(data) / K^(2/dim); numbers from the data when fitted)"
+            )
+        return super()._unbound_prior_repr()
 
     def _named_prior(self, name: str) -> Any:
         if name == "default":
@@ -1383,7 +1447,7 @@ class Categorical(Family):
         self.num_categories = num_categories
 
     def __repr__(self) -> str:
-        return f"Categorical(num_categories={self.num_categories!r}, prior={self.prior!r})"
+        return f"Categorical(num_categories={self.num_categories!r}, prior={self.prior_repr()})"
 
     def to_config(self) -> dict[str, Any]:
         return {**super().to_config(), "num_categories": self.num_categories}
