@@ -30,11 +30,12 @@ from torch.distributions import constraints
 
 from pyroem.errors import DataError, PyroEMError, SingularCovarianceError, SpecError
 from pyroem.mstep.conjugate import (
-    gamma_exponential_rate_mode,
-    gamma_poisson_rate_mode,
-    normal_mean_mode,
-    probabilities_mode,
-    scatter_about,
+    NIWPrior,
+    beta_mode,
+    dirichlet_mode,
+    gamma_mode,
+    niw_exponent,
+    niw_mode,
     weighted_mean,
 )
 from pyroem.spec.distributions import InverseWishart
@@ -536,14 +537,10 @@ class Gaussian(Family):
         if not dof > dim - 1:
             raise SpecError(f"prior dof must exceed dim - 1 = {dim - 1}; got {dof}")
         # The prior's pseudo-counts on each covariance: ν plus the powers of |Σ| that the
-        # Inverse-Wishart and the mean priors add (see m_step's denominators).
-        has_mean = float(kappa > 0)
-        pseudo = {
-            "full": dof + dim + 1 + has_mean,
-            "diag": dof + 2 + has_mean,
-            "spherical": (dof + 2 + dim * has_mean) / dim,
-            "tied": dof + dim + 1 + num_components * has_mean,
-        }[self.covariance_type]
+        # Inverse-Wishart and the mean priors add (per coordinate for spherical).
+        pseudo = dof + niw_exponent(self.covariance_type, dim, num_components, kappa > 0)
+        if self.covariance_type == "spherical":
+            pseudo /= dim
         if prior.weight is None:
             weight = 0.1 / pseudo
         else:
@@ -752,73 +749,24 @@ class Gaussian(Family):
 
     def m_step(self, stats: GaussianStats) -> GaussianParams:
         dim = self._require_bound()
-        prior: ResolvedNIW | None = self.resolved
         counts = stats.counts
-        # A prior of weight τ (log density times τ) is the prior with scale τΨ, mean
-        # precision τκ and τ times the pseudo-counts (ν plus the |Σ| powers).
         if self.reg_covar:
             # As scikit-learn: a component no data reaches keeps finite means.
             counts = counts + 10 * torch.finfo(counts.dtype).eps
-        weight = 1.0 if prior is None else prior.weight
-        kappa = 0.0 if prior is None else weight * prior.mean_precision
-        prior_mean = None if prior is None else prior.mean - self._center
-        means = normal_mean_mode(stats.sum_x, counts, prior_mean, kappa)
-        has_mean_prior = prior is not None and kappa > 0
-        deviation = means - prior_mean if has_mean_prior and prior_mean is not None else None
-        sample_means = weighted_mean(stats.sum_x, counts)
-        scatter = scatter_about(stats.scatter, sample_means - means, counts)
-        scale = None if prior is None else weight * prior.scale
-
+        prior = self._weighted_prior(counts.shape[0])
+        means, covariances = niw_mode(
+            prior, counts, stats.sum_x, stats.scatter, self.covariance_type
+        )
         if self.covariance_type in ("diag", "spherical"):
+            covariances = covariances + self.reg_covar
             if self.covariance_type == "diag":
-                if prior is None or scale is None:
-                    covariances = scatter / counts[:, None]
-                else:
-                    numer = scatter + torch.diagonal(scale)
-                    if deviation is not None:
-                        numer = numer + kappa * deviation.square()
-                    pseudo = weight * (prior.dof + 2 + has_mean_prior)
-                    covariances = numer / (counts[:, None] + pseudo)
-                covariances = covariances + self.reg_covar
                 self._check_variances(covariances, self._magnitude(stats), counts)
             else:
-                total = scatter.sum(-1)
-                if prior is None or scale is None:
-                    covariances = total / (counts * dim)
-                else:
-                    numer = total + torch.diagonal(scale).mean()
-                    if deviation is not None:
-                        numer = numer + kappa * deviation.square().sum(-1)
-                    pseudo = weight * (prior.dof + 2 + dim * has_mean_prior)
-                    covariances = numer / (counts * dim + pseudo)
-                covariances = covariances + self.reg_covar
                 magnitude = self._magnitude(stats).amax(-1, keepdim=True)
                 self._check_variances(covariances[:, None], magnitude, counts)
             params = GaussianParams(means + self._center, covariances)
             _check_finite_params(params, counts, self.name)
             return params
-
-        if self.covariance_type == "tied":
-            total = counts.sum()
-            pooled = scatter.sum(0)
-            if prior is None or scale is None:
-                covariances = pooled / total
-            else:
-                numer = pooled + scale
-                if deviation is not None:
-                    numer = numer + kappa * deviation.T @ deviation
-                num_mean_priors = means.shape[0] if has_mean_prior else 0
-                pseudo = weight * (prior.dof + dim + 1 + num_mean_priors)
-                covariances = numer / (total + pseudo)
-        else:
-            if prior is None or scale is None:
-                covariances = scatter / counts[:, None, None]
-            else:
-                numer = scatter + scale
-                if deviation is not None:
-                    numer = numer + kappa * deviation[:, :, None] * deviation[:, None, :]
-                denom = counts + weight * (prior.dof + dim + 1 + has_mean_prior)
-                covariances = numer / denom[:, None, None]
         if self.reg_covar:
             covariances = covariances + self.reg_covar * torch.eye(
                 dim, dtype=covariances.dtype, device=covariances.device
@@ -834,6 +782,20 @@ class Gaussian(Family):
             self._check_variances(variances, magnitude, counts)
         self._cholesky(covariances)
         return params
+
+    def _weighted_prior(self, num_components: int) -> NIWPrior | None:
+        """The prior in centred coordinates, its weight τ folded in: the log density
+        times τ is the prior with scale τΨ, mean precision τκ and τ times the pseudo-counts
+        ``ν + p + 1 + m`` of :func:`~pyroem.mstep.conjugate.niw_mode`."""
+        prior: ResolvedNIW | None = self.resolved
+        if prior is None:
+            return None
+        mean, kappa, dof, scale, weight = prior
+        if weight != 1.0:
+            dim = self._require_bound()
+            pseudo = niw_exponent(self.covariance_type, dim, num_components, kappa > 0)
+            kappa, dof, scale = weight * kappa, weight * (dof + pseudo) - pseudo, weight * scale
+        return NIWPrior(mean - self._center, kappa, dof, scale)
 
     def _magnitude(self, stats: GaussianStats) -> torch.Tensor:
         """Mean square of each component's data in the user's coordinates, ``(K, D)``."""
@@ -1154,9 +1116,7 @@ class Poisson(_VectorFamily):
         prior: ResolvedGamma | None = self.resolved
         concentration = None if prior is None else prior.concentration
         rate = None if prior is None else prior.rate
-        params = PoissonParams(
-            gamma_poisson_rate_mode(stats.sum_x, stats.counts, concentration, rate)
-        )
+        params = PoissonParams(gamma_mode(stats.sum_x, stats.counts[:, None], concentration, rate))
         _check_finite_params(params, stats.counts, self.name)
         return params
 
@@ -1231,7 +1191,9 @@ class Exponential(_VectorFamily):
         prior: ResolvedGamma | None = self.resolved
         concentration = None if prior is None else prior.concentration
         rate = None if prior is None else prior.rate
-        rates = gamma_exponential_rate_mode(stats.sum_x, stats.counts, concentration, rate)
+        rates = gamma_mode(
+            stats.counts[:, None].expand_as(stats.sum_x), stats.sum_x, concentration, rate
+        )
         params = ExponentialParams(rates)
         _check_finite_params(params, stats.counts, self.name)
         if not bool((rates > 0).all()):
@@ -1317,12 +1279,9 @@ class Bernoulli(_VectorFamily):
 
     def m_step(self, stats: RateStats) -> BernoulliParams:
         prior: ResolvedBeta | None = self.resolved
-        outcomes = torch.stack([stats.sum_x, stats.counts[:, None] - stats.sum_x], -1)
-        concentration = (
-            None if prior is None else torch.stack([prior.concentration1, prior.concentration0], -1)
-        )
-        probs = probabilities_mode(outcomes, stats.counts[:, None, None], concentration)[..., 0]
-        params = BernoulliParams(probs)
+        ones, zeros = (None, None) if prior is None else prior
+        trials = stats.counts[:, None].expand_as(stats.sum_x)
+        params = BernoulliParams(beta_mode(stats.sum_x, trials, ones, zeros))
         _check_finite_params(params, stats.counts, self.name)
         return params
 
@@ -1449,7 +1408,8 @@ class Categorical(Family):
     def m_step(self, stats: CategoricalStats) -> CategoricalParams:
         dim = self._require_bound()
         counts = stats.sum_onehot.view(-1, dim, self._categories())
-        probs = probabilities_mode(counts, stats.counts[:, None, None], self.resolved)
+        concentration = torch.ones(()) if self.resolved is None else self.resolved
+        probs = dirichlet_mode(counts, concentration.to(counts))
         params = CategoricalParams(probs)
         _check_finite_params(params, stats.counts, self.name)
         return params
