@@ -41,6 +41,7 @@ from pyroem.em import EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.errors import SpecError
 from pyroem.estep.enumerate import MixtureEStep, add_statistics, score_mixture
 from pyroem.initialization import initial_params, seeded_generator
+from pyroem.mstep.conjugate import dirichlet_expected_log
 from pyroem.options import check_integer, with_defaults
 from pyroem.results import FitResult
 from pyroem.spec.mixture import Mixture, MixtureParams
@@ -214,15 +215,9 @@ def expected_weights(concentration: torch.Tensor) -> tuple[torch.Tensor, torch.T
     :math:`E\log π_k = E\log v_k + Σ_{j<k} E\log(1 − v_j)`.
     """
     if concentration.ndim == 1:
-        total = concentration.sum()
-        return (
-            torch.special.digamma(concentration) - torch.special.digamma(total),
-            concentration / total,
-        )
+        return dirichlet_expected_log(concentration), concentration / concentration.sum()
     first, second = concentration.unbind(-1)
-    log_total = torch.special.digamma(first + second)
-    log_stick = torch.special.digamma(first) - log_total
-    log_rest = torch.special.digamma(second) - log_total
+    log_stick, log_rest = dirichlet_expected_log(concentration).unbind(-1)
     expected_log = log_stick + log_rest.cumsum(0) - log_rest
     mean = first / (first + second) * _before(second / (first + second))
     return expected_log, mean / mean.sum()
