@@ -294,5 +294,5 @@ class StackedUpdate:
             uses.append((use, site, estep.weight(use.site)))
         name = self.block.name
         prior = effective_prior(sites[name], self.block) if name in sites else None
-        new = _UPDATES[self.block.slot](current, uses, prior)
+        new = _UPDATES[self.block.slot](current, uses, prior, self.block.jacobian)
         return torch.where(torch.isfinite(new), new, current).detach()

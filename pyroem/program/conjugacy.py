@@ -34,7 +34,15 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
-from pyroem.mstep.conjugate import dirichlet_mode
+from pyroem.mstep.conjugate import (
+    beta_mode,
+    dirichlet_mode,
+    gamma_mode,
+    inverse_gamma_mode,
+    inverse_wishart_mode,
+    mvn_mean_mode,
+    normal_mean_mode,
+)
 from pyroem.program._compiled import ProgramRunner
 from pyroem.program.model import ProgramModel, sample_sites
 from pyroem.spec.distributions import InverseWishart
@@ -1077,8 +1085,7 @@ def closed_form_update(
             site = _patched_site(site, changes, blocks or {})
         uses.append((use, site, weight))
     prior = None if prior_site is None else effective_prior(prior_site, block)
-    update = _UPDATES[block.slot]
-    new = update(current, uses, prior)
+    new = _UPDATES[block.slot](current, uses, prior, block.jacobian)
     keep = ~torch.isfinite(new)
     return torch.where(keep, current, new).detach()
 
@@ -1120,39 +1127,32 @@ def effective_prior(site: Any, block: ClosedForm) -> Any:
     r"""The prior of a block as its closed form must see it.
 
     The log prior enters the log joint weighted by ``s = scale · mask`` of its site
-    (``poutine.scale``, ``poutine.mask``), and in the unconstrained space with the
-    log-Jacobian ``j·log θ`` (``j·log(1 − θ)`` too for a probability). Both keep the
-    conjugate form; the exponents move: a ``Beta``/``Dirichlet``/``Gamma``
-    concentration ``a`` becomes ``1 + s(a − 1) + j``, a ``Gamma`` rate ``s·b``, an
-    ``InverseGamma`` concentration ``s(a + 1) − 1 − j`` and rate ``s·b``, a ``Normal``
-    scale ``σ/√s`` (``j = 0`` on the real line). ``s = 0`` gives a flat prior.
+    (``poutine.scale``, ``poutine.mask``). That keeps the conjugate form; the exponents
+    move: a ``Beta``/``Dirichlet``/``Gamma`` concentration ``a`` becomes ``1 + s(a − 1)``,
+    a ``Gamma`` rate ``s·b``, an ``InverseGamma`` concentration ``s(a + 1) − 1`` and rate
+    ``s·b``, a ``Normal`` scale ``σ/√s``. ``s = 0`` gives a flat prior. (The
+    log-Jacobian of the unconstrained space is the modes' ``unconstrained`` option.)
     """
     prior = _unwrap(site["fn"])[0]
     weight = prior_weight(site)
-    shift = 1.0 if block.jacobian else 0.0
-    if weight is None and (not shift or isinstance(prior, dist.Normal | dist.MultivariateNormal)):
-        # No weight, and no Jacobian on the real line: the prior as declared.
+    if weight is None:
         return prior
     if not isinstance(prior, ADJUSTABLE_PRIORS):
         raise ValueError(f"no adjusted closed form for a {type(prior).__name__} prior")
-    s = torch.ones(()) if weight is None else weight
+    s = weight
     if isinstance(prior, dist.Beta):
         return _Prior(
             {
-                "concentration1": 1 + s * (prior.concentration1 - 1) + shift,
-                "concentration0": 1 + s * (prior.concentration0 - 1) + shift,
+                "concentration1": 1 + s * (prior.concentration1 - 1),
+                "concentration0": 1 + s * (prior.concentration0 - 1),
             }
         )
     if isinstance(prior, dist.Dirichlet):
-        return _Prior({"concentration": 1 + s * (prior.concentration - 1) + shift})
+        return _Prior({"concentration": 1 + s * (prior.concentration - 1)})
     if isinstance(prior, dist.Gamma):
-        return _Prior(
-            {"concentration": 1 + s * (prior.concentration - 1) + shift, "rate": s * prior.rate}
-        )
+        return _Prior({"concentration": 1 + s * (prior.concentration - 1), "rate": s * prior.rate})
     if isinstance(prior, dist.InverseGamma):
-        return _Prior(
-            {"concentration": s * (prior.concentration + 1) - 1 - shift, "rate": s * prior.rate}
-        )
+        return _Prior({"concentration": s * (prior.concentration + 1) - 1, "rate": s * prior.rate})
     return _Prior({"loc": prior.loc, "scale": prior.scale / s.sqrt()})
 
 
@@ -1160,7 +1160,16 @@ def _broadcast_prior(value: torch.Tensor, *params: torch.Tensor) -> list[torch.T
     return [p.expand(value.shape) for p in params]
 
 
-def _categorical(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor:
+def _flat_prior(value: torch.Tensor, prior: Any, *attrs: str) -> list[Any]:
+    """The prior's ``attrs`` broadcast to ``value`` and flattened; ``None`` each if flat."""
+    if prior is None:
+        return [None] * len(attrs)
+    return [p.reshape(-1) for p in _broadcast_prior(value, *(getattr(prior, a) for a in attrs))]
+
+
+def _categorical(
+    current: torch.Tensor, uses: list[Any], prior: Any, unconstrained: bool
+) -> torch.Tensor:
     num_values = current.shape[-1]
     rows = current.reshape(-1, num_values)
     counts = torch.zeros_like(rows)
@@ -1178,10 +1187,12 @@ def _categorical(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Te
         if prior is None
         else prior.concentration.expand(current.shape).reshape(rows.shape)
     )
-    return dirichlet_mode(counts, concentration).reshape(current.shape)
+    return dirichlet_mode(counts, concentration, unconstrained).reshape(current.shape)
 
 
-def _binary(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor:
+def _binary(
+    current: torch.Tensor, uses: list[Any], prior: Any, unconstrained: bool
+) -> torch.Tensor:
     flat = current.reshape(-1)
     successes = torch.zeros_like(flat)
     trials = torch.zeros_like(flat)
@@ -1196,18 +1207,13 @@ def _binary(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor:
         )
         successes += more_successes
         trials += more_trials
-    if prior is None:
-        a = b = torch.ones_like(flat)
-    else:
-        a, b = (
-            p.reshape(-1)
-            for p in _broadcast_prior(current, prior.concentration1, prior.concentration0)
-        )
-    new = (successes + (a - 1)) / (trials + (a - 1) + (b - 1))
-    return new.clamp(0, 1).reshape(current.shape)
+    a, b = _flat_prior(current, prior, "concentration1", "concentration0")
+    return beta_mode(successes, trials, a, b, unconstrained).reshape(current.shape)
 
 
-def _rate(current: torch.Tensor, uses: list[Any], prior: Any, slot: str) -> torch.Tensor:
+def _rate(
+    current: torch.Tensor, uses: list[Any], prior: Any, unconstrained: bool, slot: str
+) -> torch.Tensor:
     flat = current.reshape(-1)
     counts = torch.zeros_like(flat)
     totals = torch.zeros_like(flat)
@@ -1225,14 +1231,13 @@ def _rate(current: torch.Tensor, uses: list[Any], prior: Any, slot: str) -> torc
         more_counts, more_totals = _sums_by_row(flat.numel(), index, shape, *terms)
         counts += more_counts
         totals += more_totals
-    if prior is None:
-        a, b = torch.ones_like(flat), torch.zeros_like(flat)
-    else:
-        a, b = (p.reshape(-1) for p in _broadcast_prior(current, prior.concentration, prior.rate))
-    return ((counts + (a - 1)).clamp(min=0) / (totals + b)).reshape(current.shape)
+    a, b = _flat_prior(current, prior, "concentration", "rate")
+    return gamma_mode(counts, totals, a, b, unconstrained).reshape(current.shape)
 
 
-def _normal_loc(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor:
+def _normal_loc(
+    current: torch.Tensor, uses: list[Any], prior: Any, unconstrained: bool
+) -> torch.Tensor:
     flat = current.reshape(-1)
     precision = torch.zeros_like(flat)
     weighted = torch.zeros_like(flat)
@@ -1249,15 +1254,14 @@ def _normal_loc(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Ten
         )
         precision += more_precision
         weighted += more_weighted
-    if prior is not None:
-        mean, std = (p.reshape(-1) for p in _broadcast_prior(current, prior.loc, prior.scale))
-        prior_precision = std**-2
-        precision = precision + prior_precision
-        weighted = weighted + prior_precision * mean
-    return (weighted / precision).reshape(current.shape)
+    mean, std = _flat_prior(current, prior, "loc", "scale")
+    prior_precision = None if std is None else std**-2
+    return normal_mean_mode(weighted, precision, mean, prior_precision).reshape(current.shape)
 
 
-def _normal_scale(current: torch.Tensor, uses: list[Any], prior: Any, slot: str) -> torch.Tensor:
+def _normal_scale(
+    current: torch.Tensor, uses: list[Any], prior: Any, unconstrained: bool, slot: str
+) -> torch.Tensor:
     flat = current.reshape(-1)
     counts = torch.zeros_like(flat)
     squares = torch.zeros_like(flat)
@@ -1278,18 +1282,14 @@ def _normal_scale(current: torch.Tensor, uses: list[Any], prior: Any, slot: str)
         )
         counts += more_counts
         squares += more_squares
-    if slot == "normal-variance":
-        if prior is None:
-            return (squares / counts).reshape(current.shape)
-        a, b = (p.reshape(-1) for p in _broadcast_prior(current, prior.concentration, prior.rate))
-        return ((b + squares / 2) / (a + 1 + counts / 2)).reshape(current.shape)
-    if prior is None:
-        return (counts / squares).reshape(current.shape)
-    a, b = (p.reshape(-1) for p in _broadcast_prior(current, prior.concentration, prior.rate))
-    return ((a - 1 + counts / 2).clamp(min=0) / (b + squares / 2)).reshape(current.shape)
+    a, b = _flat_prior(current, prior, "concentration", "rate")
+    mode = inverse_gamma_mode if slot == "normal-variance" else gamma_mode
+    return mode(counts / 2, squares / 2, a, b, unconstrained).reshape(current.shape)
 
 
-def _mvn_loc(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor:
+def _mvn_loc(
+    current: torch.Tensor, uses: list[Any], prior: Any, unconstrained: bool
+) -> torch.Tensor:
     dim = current.shape[-1]
     rows = current.reshape(-1, dim)
     num_rows = rows.shape[0]
@@ -1320,6 +1320,7 @@ def _mvn_loc(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor
         precision = torch.cholesky_inverse(tril_flat)
         information += torch.einsum("rc,cij->rij", sum_w, precision)
         weighted += torch.einsum("cij,rcj->ri", precision, sum_wx)
+    mean = prior_precision = None
     if prior is not None:
         if isinstance(prior, dist.MultivariateNormal):
             prior_precision = torch.cholesky_inverse(prior.scale_tril)
@@ -1328,16 +1329,14 @@ def _mvn_loc(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor
         else:
             mean, std = _broadcast_prior(current, prior.loc, prior.scale)
             prior_precision = torch.diag_embed(std**-2)
-        prior_precision = prior_precision.reshape(-1, dim, dim)
-        information = information + prior_precision
-        weighted = weighted + (prior_precision @ mean.reshape(-1, dim, 1))[..., 0]
-    solution, info = torch.linalg.solve_ex(information, weighted)
-    # Rows without information (no data, flat prior) come back non-finite and keep their value.
-    solution[info > 0] = float("nan")
-    return solution.reshape(current.shape)
+        prior_precision, mean = prior_precision.reshape(-1, dim, dim), mean.reshape(-1, dim)
+    # Rows without information (no data, flat prior) come back NaN and keep their value.
+    return mvn_mean_mode(information, weighted, mean, prior_precision).reshape(current.shape)
 
 
-def _mvn_covariance(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor:
+def _mvn_covariance(
+    current: torch.Tensor, uses: list[Any], prior: Any, unconstrained: bool
+) -> torch.Tensor:
     dim = current.shape[-1]
     mats = current.reshape(-1, dim, dim)
     num_rows = mats.shape[0]
@@ -1360,24 +1359,22 @@ def _mvn_covariance(current: torch.Tensor, uses: list[Any], prior: Any) -> torch
             chosen = index == row
             r = residual[chosen]
             scatter[row] += (r * w[chosen, None]).mT @ r
-    if prior is None:
-        new = scatter / counts[:, None, None]
-    else:
+    df = psi = None
+    if prior is not None:
         df = prior.df.expand(current.shape[:-2]).reshape(-1)
         psi = prior.scale_matrix.expand(current.shape).reshape(-1, dim, dim)
-        new = (psi + scatter) / (df + counts + dim + 1)[:, None, None]
-    return new.reshape(current.shape)
+    return inverse_wishart_mode(scatter, counts, psi, df).reshape(current.shape)
 
 
 _UPDATES: dict[str, Any] = {
     "categorical": _categorical,
     "bernoulli": _binary,
     "binomial": _binary,
-    "poisson": lambda c, u, p: _rate(c, u, p, "poisson"),
-    "exponential": lambda c, u, p: _rate(c, u, p, "exponential"),
+    "poisson": lambda c, u, p, j: _rate(c, u, p, j, "poisson"),
+    "exponential": lambda c, u, p, j: _rate(c, u, p, j, "exponential"),
     "normal-loc": _normal_loc,
-    "normal-variance": lambda c, u, p: _normal_scale(c, u, p, "normal-variance"),
-    "normal-precision": lambda c, u, p: _normal_scale(c, u, p, "normal-precision"),
+    "normal-variance": lambda c, u, p, j: _normal_scale(c, u, p, j, "normal-variance"),
+    "normal-precision": lambda c, u, p, j: _normal_scale(c, u, p, j, "normal-precision"),
     "mvn-loc": _mvn_loc,
     "mvn-covariance": _mvn_covariance,
 }
