@@ -1,25 +1,13 @@
-r"""Conjugate pairs: posterior parameters from a prior and sufficient statistics.
+r"""Conjugate pairs, each written once: posterior parameters from prior + statistics.
 
-The one home of pyroem's closed forms. Each pair is written once, as the conjugate
-posterior's parameters given the prior's and the (weighted) sufficient statistics;
-the MAP-EM M-steps take its **mode** (``*_mode``), CAVI takes the posterior itself
-and its **expectations** (``*_expected_log``, means). Modes are of densities over
-the declared variable (no Jacobian), so e.g. the Dirichlet mode is
-``∝ N_k + α_k − 1``; with ``unconstrained=True`` they are modes of the density of
-the unconstrained coordinates :mod:`pyroem.program.space` maximises in (logit,
-stick-breaking, log), whose log-Jacobian raises each concentration by one.
-
-Modes are computed from prior and statistics, not from the posterior's parameters,
-so that statistics far smaller than the prior's pseudo-counts are not rounded away
-(``N + (α − 1)``, not ``(N + α) − 1``). A flat prior is ``None``. Pure torch.
-
-Pairs: Dirichlet–categorical (:func:`dirichlet_mode`), Beta–Bernoulli/binomial
-(:func:`beta_mode`), Gamma–Poisson/Exponential/Normal precision
-(:func:`gamma_posterior`, :func:`gamma_mode`), Inverse-Gamma–Normal variance
-(:func:`inverse_gamma_mode`), Normal–Normal with known variance
-(:func:`normal_mean_mode`, :func:`mvn_mean_mode`), Inverse-Wishart–MVN with known
-mean (:func:`inverse_wishart_mode`) and Normal–Inverse-Wishart in the four covariance
-forms of a Gaussian mixture (:func:`niw_posterior`, :func:`niw_mode`).
+MAP-EM M-steps (mixture families, the Pyro program's recognised closed forms) take the
+posterior's **mode** (``*_mode``), CAVI the posterior and its **expectations**. Modes are
+of densities over the declared variable (the Dirichlet mode is ``∝ N + α − 1``); with
+``unconstrained=True`` they are of the coordinates :mod:`pyroem.program.space` uses
+(logit, stick-breaking, log), whose log-Jacobian moves each concentration by one. They
+are computed from prior and statistics, ``N + (α − 1)`` rather than ``(N + α) − 1``, so
+that statistics far below the pseudo-counts are not rounded away. A flat prior is
+``None`` (maximum likelihood, no Jacobian). Pure torch.
 """
 
 from __future__ import annotations
@@ -56,26 +44,12 @@ __all__ = [
 Tensor = torch.Tensor
 
 
-# ---------------------------------------------------------------------------
-# Dirichlet–categorical and Beta–Bernoulli
-# ---------------------------------------------------------------------------
-
-
 def dirichlet_mode(counts: Tensor, concentration: Tensor, unconstrained: bool = False) -> Tensor:
-    r"""Mode of the posterior ``Dirichlet(concentration + counts)`` on the simplex (last dim).
+    r"""Mode of ``Dirichlet(α + N)`` (last dim): ``π_c ∝ max(N_c + α_c − 1, 0)``.
 
-    .. math:: \pi_c \propto \max(N_c + \alpha_c - 1, 0)
-
-    A zero entry means ``N_c + α_c − 1 ≤ 0``: with ``α_c < 1`` the density is
-    unbounded there, so callers must treat zeros as collapsed, not as a maximum.
-    ``unconstrained``: ``π_c ∝ N_c + α_c``, always inside the simplex.
-
-    Args:
-        counts: expected counts ``N``, shape ``(..., C)``.
-        concentration: ``α``, broadcastable to ``counts``.
-
-    Returns:
-        Probabilities, shape ``(..., C)``.
+    A zero entry means ``N_c + α_c − 1 ≤ 0``: with ``α_c < 1`` the density is unbounded
+    there, so callers must treat zeros as collapsed, not as a maximum.
+    ``unconstrained``: ``π_c ∝ N_c + α_c``. Shapes: counts ``(..., C)``, α broadcastable.
     """
     # counts + (α − 1), not (counts + α) − 1: the latter rounds counts below eps·α to 0,
     # which with α = 1 would drop a small but live component.
@@ -104,28 +78,13 @@ def beta_mode(
     concentration0: Tensor | None = None,
     unconstrained: bool = False,
 ) -> Tensor:
-    r"""Mode of a Bernoulli/binomial probability under ``Beta(a, b)`` (``None``: flat).
-
-    .. math:: p = \frac{s + a - 1}{n + (a - 1) + (b - 1)}
-
-    clipped to ``[0, 1]``; ``unconstrained``: ``(s + a) / (n + a + b)``.
-
-    Args:
-        successes: expected successes ``s``; trials: expected trials ``n`` (same shape).
-        concentration1, concentration0: ``a``, ``b``, broadcastable to ``successes``.
-    """
+    r"""Mode of :func:`beta_posterior`: ``(s + a − 1) / (n + a + b − 2)`` in ``[0, 1]``;
+    flat: ``s / n``; ``unconstrained`` (logit): ``(s + a) / (n + a + b)``."""
     if concentration1 is None or concentration0 is None:
-        if not unconstrained:
-            return (successes / trials).clamp(0, 1)
-        concentration1 = concentration0 = torch.ones_like(successes)
+        return (successes / trials).clamp(0, 1)
     excess1 = concentration1 - 1 + float(unconstrained)
     excess0 = concentration0 - 1 + float(unconstrained)
     return ((successes + excess1) / (trials + excess1 + excess0)).clamp(0, 1)
-
-
-# ---------------------------------------------------------------------------
-# Gamma–Poisson, Gamma–Exponential, Gamma–Normal precision, Inverse-Gamma–Normal variance
-# ---------------------------------------------------------------------------
 
 
 def gamma_posterior(
@@ -149,9 +108,7 @@ def gamma_mode(
     r"""Mode of :func:`gamma_posterior`: ``max(s + a − 1, 0) / (t + b)``; flat: ``s / t``;
     ``unconstrained`` (log coordinates): ``(s + a) / (t + b)``."""
     if concentration is None or rate is None:
-        if not unconstrained:
-            return shape_stat / rate_stat
-        concentration, rate = torch.ones_like(shape_stat), torch.zeros_like(rate_stat)
+        return shape_stat / rate_stat
     return (shape_stat + (concentration - 1 + float(unconstrained))).clamp(min=0) / (
         rate_stat + rate
     )
@@ -169,22 +126,13 @@ def inverse_gamma_mode(
     rate: Tensor | None = None,
     unconstrained: bool = False,
 ) -> Tensor:
-    r"""Mode of a Normal variance ``v`` under ``InverseGamma(a, b)``, likelihood
-    ``∝ v^{−s} e^{−t/v}`` (``s = Σ w / 2``, ``t = Σ w r² / 2``).
-
-    The posterior is ``InverseGamma(a + s, b + t)``, its mode ``(b + t) / (a + s + 1)``;
-    flat: ``t / s``; ``unconstrained`` (log coordinates): ``(b + t) / (a + s)``.
-    """
+    r"""Mode of a Normal variance under ``InverseGamma(a, b)`` and a likelihood
+    ``∝ v^{−s} e^{−t/v}`` (``s = Σ w/2``, ``t = Σ w r²/2``): the posterior is
+    ``InverseGamma(a + s, b + t)``, its mode ``(b + t) / (a + s + 1)``; flat: ``t / s``;
+    ``unconstrained`` (log): ``(b + t) / (a + s)``."""
     if concentration is None or rate is None:
-        if not unconstrained:
-            return rate_stat / shape_stat
-        concentration, rate = -torch.ones_like(shape_stat), torch.zeros_like(rate_stat)
+        return rate_stat / shape_stat
     return (rate + rate_stat) / (concentration + (1 - float(unconstrained)) + shape_stat)
-
-
-# ---------------------------------------------------------------------------
-# Normal–Normal (known covariance)
-# ---------------------------------------------------------------------------
 
 
 def normal_mean_mode(
@@ -193,17 +141,11 @@ def normal_mean_mode(
     prior_mean: Tensor | None = None,
     prior_precision: Tensor | float | None = None,
 ) -> Tensor:
-    r"""Mean (= mode) of a Normal mean's posterior under ``Normal(μ0, 1/λ0)``:
-
-    .. math:: \frac{λ_0 μ_0 + Σ_n w_n λ_n x_n}{λ_0 + Σ_n w_n λ_n}
-
-    with ``weighted_sum = Σ w λ x`` and ``precision_sum = Σ w λ`` (for a Gaussian
-    mixture's mean under ``μ ~ Normal(μ0, Σ/κ0)``: ``S_k``, ``N_k`` and ``κ0``, since the
-    update does not depend on Σ). No prior (or ``λ0 = 0``): ``weighted_sum / precision_sum``.
-    """
+    r"""Mean (= mode) of a Normal mean under ``Normal(μ0, 1/λ0)`` and known precisions
+    ``λ_n``: ``(λ0 μ0 + Σ w λ x) / (λ0 + Σ w λ)`` from ``weighted_sum = Σ w λ x`` and
+    ``precision_sum = Σ w λ``; flat: their ratio. (A Gaussian mixture's mean under
+    ``Normal(μ0, Σ/κ0)``: ``S_k``, ``N_k``, ``κ0``, whatever Σ.)"""
     if prior_mean is None or prior_precision is None:
-        return weighted_sum / precision_sum
-    if isinstance(prior_precision, float) and prior_precision == 0:
         return weighted_sum / precision_sum
     return (weighted_sum + prior_precision * prior_mean) / (precision_sum + prior_precision)
 
@@ -214,15 +156,9 @@ def mvn_mean_mode(
     prior_mean: Tensor | None = None,
     prior_precision: Tensor | None = None,
 ) -> Tensor:
-    r"""Multivariate :func:`normal_mean_mode`: ``(Λ0 + Σ w Λ)⁻¹ (Λ0 μ0 + Σ w Λ x)``.
-
-    Args:
-        information: ``Σ w Λ``, ``(R, D, D)``; weighted_sum: ``Σ w Λ x``, ``(R, D)``.
-        prior_mean: ``(R, D)``; prior_precision: ``Λ0``, ``(R, D, D)``.
-
-    Returns:
-        ``(R, D)``; rows whose total information is singular are NaN.
-    """
+    r"""Multivariate :func:`normal_mean_mode`, ``(Λ0 + Σ w Λ)⁻¹ (Λ0 μ0 + Σ w Λ x)``, from
+    ``information = Σ w Λ`` ``(R, D, D)`` and ``weighted_sum`` ``(R, D)``; prior mean
+    ``(R, D)``, precision ``(R, D, D)``. Rows with singular information are NaN."""
     if prior_mean is not None and prior_precision is not None:
         information = information + prior_precision
         weighted_sum = weighted_sum + (prior_precision @ prior_mean[..., None])[..., 0]
@@ -231,21 +167,12 @@ def mvn_mean_mode(
     return solution
 
 
-# ---------------------------------------------------------------------------
-# Inverse-Wishart–MVN (known mean) and Normal–Inverse-Wishart
-# ---------------------------------------------------------------------------
-
-
 def inverse_wishart_mode(
     scatter: Tensor, counts: Tensor, scale: Tensor | None = None, dof: Tensor | None = None
 ) -> Tensor:
-    r"""Mode of a covariance with known mean under ``InverseWishart(ν, Ψ)``:
-    ``(Ψ + S) / (N + ν + D + 1)``; flat: ``S / N``.
-
-    Args:
-        scatter: ``S = Σ w (x − μ)(x − μ)ᵀ``, ``(R, D, D)``; counts: ``N = Σ w``, ``(R,)``.
-        scale: ``Ψ``, ``(R, D, D)``; dof: ``ν``, ``(R,)``.
-    """
+    r"""Mode of a covariance with known mean under ``InverseWishart(ν, Ψ)``,
+    ``(Ψ + S) / (N + ν + D + 1)``; flat: ``S / N``. Scatter ``S = Σ w (x − μ)(x − μ)ᵀ`` and
+    Ψ ``(R, D, D)``, counts ``N = Σ w`` and ν ``(R,)``."""
     if scale is None or dof is None:
         return scatter / counts[:, None, None]
     return (scale + scatter) / (counts + (dof + scatter.shape[-1] + 1))[:, None, None]
@@ -260,12 +187,9 @@ def wishart_expected_log_det(dof: Tensor, dim: int) -> Tensor:
 
 
 class NIWPrior(NamedTuple):
-    r"""``Σ ~ InverseWishart(dof, scale)``, ``μ | Σ ~ Normal(mean, Σ / mean_precision)``.
-
-    ``scale`` is ``(D, D)``; the diag form reads its diagonal (an
-    ``InverseGamma(dof/2, scale_dd/2)`` per variance), the spherical form its mean
-    diagonal. ``mean_precision = 0``: a flat prior on the means.
-    """
+    r"""``Σ ~ InverseWishart(dof, scale)``, ``μ | Σ ~ Normal(mean, Σ / mean_precision)``;
+    ``scale`` ``(D, D)``, of which diag reads the diagonal (``InverseGamma(dof/2,
+    scale_dd/2)`` per variance), spherical its mean. ``mean_precision = 0``: flat means."""
 
     mean: Tensor
     mean_precision: float
@@ -274,11 +198,9 @@ class NIWPrior(NamedTuple):
 
 
 class NIWPosterior(NamedTuple):
-    r"""The posterior of :class:`NIWPrior`, per covariance form.
-
-    Shapes: mean ``(K, D)``, mean_precision ``(K,)``, dof ``(K,)`` (tied: ``()``),
-    scale full ``(K, D, D)``, tied ``(D, D)``, diag ``(K, D)``, spherical ``(K,)``.
-    """
+    r"""The posterior of :class:`NIWPrior`: mean ``(K, D)``, mean_precision ``(K,)``, dof
+    ``(K,)`` (tied ``()``), scale full ``(K, D, D)``, tied ``(D, D)``, diag ``(K, D)``,
+    spherical ``(K,)``."""
 
     mean: Tensor
     mean_precision: Tensor
@@ -314,25 +236,14 @@ def _niw_scale(
     scatter: Tensor,
     covariance_type: str,
 ) -> Tensor:
-    r"""``Ψ0 + Σ_n w_nk (x_n − m_k)(x_n − m_k)ᵀ + κ0 (m_k − μ0)(m_k − μ0)ᵀ`` in the form's shape."""
+    r"""``Ψ0 + Σ_n w_nk (x_n − m_k)(x_n − m_k)ᵀ + κ0 (m_k − μ0)(m_k − μ0)ᵀ``, form's shape."""
     scatter = scatter_about(scatter, weighted_mean(sum_x, counts) - means, counts)
-    deviation = None
     if prior is not None and prior.mean_precision > 0:
-        deviation = means - prior.mean
-    if covariance_type == "full":
-        extra = None if deviation is None else deviation[:, :, None] * deviation[:, None, :]
-    elif covariance_type == "tied":
-        scatter = scatter.sum(0)
-        extra = None if deviation is None else deviation.T @ deviation
-    elif covariance_type == "diag":
-        extra = None if deviation is None else deviation.square()
-    else:
-        scatter = scatter.sum(-1)
-        extra = None if deviation is None else deviation.square().sum(-1)
-    if prior is None:
-        return scatter
-    total = scatter + niw_prior_scale(prior.scale, covariance_type)
-    return total if extra is None else total + prior.mean_precision * extra
+        kappa = torch.full_like(counts, prior.mean_precision)
+        scatter = scatter_about(scatter, means - prior.mean, kappa)
+    if covariance_type in ("tied", "spherical"):
+        scatter = scatter.sum(0 if covariance_type == "tied" else -1)
+    return scatter if prior is None else scatter + niw_prior_scale(prior.scale, covariance_type)
 
 
 def _niw_counts(counts: Tensor, covariance_type: str, dim: int) -> Tensor:
@@ -342,28 +253,18 @@ def _niw_counts(counts: Tensor, covariance_type: str, dim: int) -> Tensor:
     return counts * dim if covariance_type == "spherical" else counts
 
 
-def _prior_mean(prior: NIWPrior | None) -> tuple[Tensor | None, float]:
-    if prior is None or prior.mean_precision == 0:
-        return None, 0.0
-    return prior.mean, float(prior.mean_precision)
-
-
 def niw_posterior(
     prior: NIWPrior, counts: Tensor, sum_x: Tensor, scatter: Tensor, covariance_type: str
 ) -> NIWPosterior:
-    r"""The Normal–Inverse-Wishart posterior of a Gaussian mixture's components.
-
-    .. math:: κ_k = κ_0 + N_k,\quad m_k = (κ_0 μ_0 + S_k) / κ_k,\quad ν_k = ν_0 + N_k,
-        \quad Ψ_k = Ψ_0 + Σ_n w_{nk} (x_n − m_k)(x_n − m_k)ᵀ + κ_0 (m_k − μ_0)(m_k − μ_0)ᵀ
-
-    (tied: one ``ν = ν0 + Σ N_k`` and ``Ψ`` summed over components; diag: per variance;
-    spherical: ``ν_k = ν0 + D N_k``, ``Ψ_k`` the trace).
+    r"""The Normal–Inverse-Wishart posterior of a Gaussian mixture's components:
+    ``κ_k = κ0 + N_k``, ``m_k = (κ0 μ0 + S_k) / κ_k``, ``ν_k = ν0 + N_k`` and
+    ``Ψ_k = Ψ0 + Σ_n w_nk (x_n − m_k)(x_n − m_k)ᵀ + κ0 (m_k − μ0)(m_k − μ0)ᵀ`` (tied: one
+    ``ν0 + Σ N_k`` and ``Ψ`` summed over components; diag: per variance; spherical:
+    ``ν0 + D N_k`` and the trace).
 
     Args:
-        prior: the prior (``mean_precision > 0``).
-        counts: ``N_k`` ``(K,)``; sum_x: ``S_k = Σ_n w_nk x_n`` ``(K, D)``.
-        scatter: each component's scatter about its weighted mean, ``(K, D, D)``
-            (diag, spherical: its diagonal ``(K, D)``).
+        counts: ``N_k`` ``(K,)``; sum_x: ``S_k = Σ_n w_nk x_n`` ``(K, D)``; scatter: about
+            each component's weighted mean, ``(K, D, D)`` (diag, spherical: ``(K, D)``).
         covariance_type: ``"full"``, ``"tied"``, ``"diag"`` or ``"spherical"``.
     """
     kappa = prior.mean_precision + counts
@@ -376,32 +277,21 @@ def niw_posterior(
 def niw_mode(
     prior: NIWPrior | None, counts: Tensor, sum_x: Tensor, scatter: Tensor, covariance_type: str
 ) -> tuple[Tensor, Tensor]:
-    r"""The joint mode ``(means, covariances)`` of :func:`niw_posterior`.
-
-    .. math:: \hat μ_k = m_k,\qquad \hat Σ_k = Ψ_k / (N_k + ν_0 + p + 1 + m)
-
-    where ``p`` is the Inverse-Wishart dimension (``D`` full/tied, 1 per variance) and
-    ``m`` the number of mean priors each covariance scales (1; tied ``K``; spherical
-    ``D``; 0 with ``mean_precision = 0``). ``prior=None``: maximum likelihood.
-
-    Returns:
-        means ``(K, D)`` and covariances shaped as :class:`NIWPosterior`'s scale.
-    """
+    r"""The joint mode of :func:`niw_posterior`: the means ``m_k`` ``(K, D)`` and covariances
+    ``Ψ_k / (N_k + ν0 + p + 1 + m)`` (:func:`niw_exponent`) shaped as its scale;
+    ``prior=None``: maximum likelihood."""
     dim = sum_x.shape[-1]
-    prior_mean, kappa = _prior_mean(prior)
-    means = normal_mean_mode(sum_x, counts[:, None], prior_mean, kappa)
-    scale = _niw_scale(prior, means, counts, sum_x, scatter, covariance_type)
     seen = _niw_counts(counts, covariance_type, dim)
-    if prior is not None:
-        seen = seen + (prior.dof + niw_exponent(covariance_type, dim, sum_x.shape[0], kappa > 0))
+    if prior is None:
+        means = sum_x / counts[:, None]
+        scale = _niw_scale(None, means, counts, sum_x, scatter, covariance_type)
+    else:
+        means, _, _, scale = niw_posterior(prior, counts, sum_x, scatter, covariance_type)
+        mean_prior = prior.mean_precision > 0
+        seen = seen + (prior.dof + niw_exponent(covariance_type, dim, sum_x.shape[0], mean_prior))
     if covariance_type == "full":
         return means, scale / seen[:, None, None]
     return means, scale / (seen[:, None] if covariance_type == "diag" else seen)
-
-
-# ---------------------------------------------------------------------------
-# Statistics shared by the Gaussian closed forms
-# ---------------------------------------------------------------------------
 
 
 def weighted_mean(sum_x: Tensor, counts: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import pyro
@@ -58,6 +58,8 @@ __all__ = [
     "prior_weight",
     "recognise",
 ]
+
+Tensor = torch.Tensor
 
 # Relative tolerance of the structural checks on the probes (float64 rounding only).
 _PROBE_RTOL = 1e-9
@@ -1167,9 +1169,7 @@ def _flat_prior(value: torch.Tensor, prior: Any, *attrs: str) -> list[Any]:
     return [p.reshape(-1) for p in _broadcast_prior(value, *(getattr(prior, a) for a in attrs))]
 
 
-def _categorical(
-    current: torch.Tensor, uses: list[Any], prior: Any, unconstrained: bool
-) -> torch.Tensor:
+def _categorical(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) -> Tensor:
     num_values = current.shape[-1]
     rows = current.reshape(-1, num_values)
     counts = torch.zeros_like(rows)
@@ -1190,98 +1190,74 @@ def _categorical(
     return dirichlet_mode(counts, concentration, unconstrained).reshape(current.shape)
 
 
-def _binary(
-    current: torch.Tensor, uses: list[Any], prior: Any, unconstrained: bool
-) -> torch.Tensor:
+_Terms = tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]
+
+
+def _row_sums(
+    current: Tensor, uses: list[Any], terms: Callable[[Any, Tensor, Tensor], _Terms]
+) -> list[Tensor]:
+    """Two weighted sums per parameter entry over all uses. ``terms(fn, x, θ[i])`` gives
+    the distribution's tensors the entries broadcast over and the factors of the two
+    products (each times the use's weight), from its family, value and parameter entries."""
     flat = current.reshape(-1)
-    successes = torch.zeros_like(flat)
-    trials = torch.zeros_like(flat)
+    sums = [torch.zeros_like(flat), torch.zeros_like(flat)]
     for use, site, weight in uses:
         fn, _ = _unwrap(site["fn"])
-        total = fn.total_count if isinstance(fn, dist.Binomial) else torch.ones(())
-        shape = _entry_shape(weight, use.event_ndims, site["value"], use.rows, total)
+        index = _compact(use.rows)
+        attrs, first, second = terms(fn, _compact(site["value"]), flat[index])
+        shape = _entry_shape(weight, use.event_ndims, site["value"], use.rows, *attrs)
         w = _use_weight(weight, use.event_ndims)
-        x, total = _compact(site["value"]), _compact(total)
-        more_successes, more_trials = _sums_by_row(
-            flat.numel(), use.rows, shape, (w, x), (w, total)
-        )
-        successes += more_successes
-        trials += more_trials
+        more = _sums_by_row(flat.numel(), index, shape, (w, *first), (w, *second))
+        for total, extra in zip(sums, more, strict=True):
+            total += extra
+    return sums
+
+
+def _binary(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) -> Tensor:
+    def terms(fn: Any, x: Tensor, theta: Tensor) -> _Terms:
+        total = fn.total_count if isinstance(fn, dist.Binomial) else torch.ones(())
+        return (total,), (x,), (_compact(total),)
+
+    successes, trials = _row_sums(current, uses, terms)
     a, b = _flat_prior(current, prior, "concentration1", "concentration0")
     return beta_mode(successes, trials, a, b, unconstrained).reshape(current.shape)
 
 
-def _rate(
-    current: torch.Tensor, uses: list[Any], prior: Any, unconstrained: bool, slot: str
-) -> torch.Tensor:
-    flat = current.reshape(-1)
-    counts = torch.zeros_like(flat)
-    totals = torch.zeros_like(flat)
-    for use, site, weight in uses:
-        fn, _ = _unwrap(site["fn"])
-        shape = _entry_shape(weight, use.event_ndims, site["value"], use.rows, fn.rate)
-        w = _use_weight(weight, use.event_ndims)
-        x = _compact(site["value"])
-        index = _compact(use.rows)
-        exposure = _compact(fn.rate) / flat[index]
+def _rate(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool, slot: str) -> Tensor:
+    def terms(fn: Any, x: Tensor, theta: Tensor) -> _Terms:
+        exposure = _compact(fn.rate) / theta
         if slot == "poisson":
-            terms: tuple[tuple[torch.Tensor, ...], ...] = ((w, x), (w, exposure))
-        else:
-            terms = ((w,), (w, exposure, x))
-        more_counts, more_totals = _sums_by_row(flat.numel(), index, shape, *terms)
-        counts += more_counts
-        totals += more_totals
+            return (fn.rate,), (x,), (exposure,)
+        return (fn.rate,), (), (exposure, x)
+
+    counts, totals = _row_sums(current, uses, terms)
     a, b = _flat_prior(current, prior, "concentration", "rate")
     return gamma_mode(counts, totals, a, b, unconstrained).reshape(current.shape)
 
 
-def _normal_loc(
-    current: torch.Tensor, uses: list[Any], prior: Any, unconstrained: bool
-) -> torch.Tensor:
-    flat = current.reshape(-1)
-    precision = torch.zeros_like(flat)
-    weighted = torch.zeros_like(flat)
-    for use, site, weight in uses:
-        fn, _ = _unwrap(site["fn"])
-        shape = _entry_shape(weight, use.event_ndims, site["value"], use.rows, fn.loc, fn.scale)
-        w = _use_weight(weight, use.event_ndims)
-        x = _compact(site["value"])
-        index = _compact(use.rows)
-        offset = _compact(fn.loc) - flat[index]
+def _normal_loc(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) -> Tensor:
+    def terms(fn: Any, x: Tensor, theta: Tensor) -> _Terms:
         inverse = 1 / _compact(fn.scale).square()
-        more_precision, more_weighted = _sums_by_row(
-            flat.numel(), index, shape, (w, inverse), (w, inverse, x - offset)
-        )
-        precision += more_precision
-        weighted += more_weighted
+        return (fn.loc, fn.scale), (inverse,), (inverse, x - (_compact(fn.loc) - theta))
+
+    precision, weighted = _row_sums(current, uses, terms)
     mean, std = _flat_prior(current, prior, "loc", "scale")
     prior_precision = None if std is None else std**-2
     return normal_mean_mode(weighted, precision, mean, prior_precision).reshape(current.shape)
 
 
 def _normal_scale(
-    current: torch.Tensor, uses: list[Any], prior: Any, unconstrained: bool, slot: str
-) -> torch.Tensor:
-    flat = current.reshape(-1)
-    counts = torch.zeros_like(flat)
-    squares = torch.zeros_like(flat)
-    for use, site, weight in uses:
-        fn, _ = _unwrap(site["fn"])
-        shape = _entry_shape(weight, use.event_ndims, site["value"], use.rows, fn.loc, fn.scale)
-        w = _use_weight(weight, use.event_ndims)
-        x = _compact(site["value"])
-        index = _compact(use.rows)
+    current: Tensor, uses: list[Any], prior: Any, unconstrained: bool, slot: str
+) -> Tensor:
+    def terms(fn: Any, x: Tensor, theta: Tensor) -> _Terms:
         loc, scale = _compact(fn.loc), _compact(fn.scale)
         # scale² = c·θ (variance) or scale⁻² = c·θ (precision); (x−loc)²/scale² = r²/(cθ) or r²cθ.
-        factor = flat[index] / scale.square()
+        factor = theta / scale.square()
         if slot == "normal-precision":
-            factor = 1 / (scale.square() * flat[index])
-        squares_of = (x - loc).square()
-        more_counts, more_squares = _sums_by_row(
-            flat.numel(), index, shape, (w,), (w, squares_of, factor)
-        )
-        counts += more_counts
-        squares += more_squares
+            factor = 1 / (scale.square() * theta)
+        return (fn.loc, fn.scale), (), ((x - loc).square(), factor)
+
+    counts, squares = _row_sums(current, uses, terms)
     a, b = _flat_prior(current, prior, "concentration", "rate")
     mode = inverse_gamma_mode if slot == "normal-variance" else gamma_mode
     return mode(counts / 2, squares / 2, a, b, unconstrained).reshape(current.shape)
@@ -1334,9 +1310,7 @@ def _mvn_loc(
     return mvn_mean_mode(information, weighted, mean, prior_precision).reshape(current.shape)
 
 
-def _mvn_covariance(
-    current: torch.Tensor, uses: list[Any], prior: Any, unconstrained: bool
-) -> torch.Tensor:
+def _mvn_covariance(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) -> Tensor:
     dim = current.shape[-1]
     mats = current.reshape(-1, dim, dim)
     num_rows = mats.shape[0]
