@@ -39,7 +39,12 @@ import torch
 from pyroem.diagnostics import independent_chains
 from pyroem.em import EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.errors import SpecError
-from pyroem.estep.enumerate import MixtureEStep, add_statistics, score_mixture
+from pyroem.estep.enumerate import (
+    MixtureEStep,
+    add_statistics,
+    normalise_log_joint,
+    score_mixture,
+)
 from pyroem.initialization import initial_params, seeded_generator
 from pyroem.mstep.conjugate import dirichlet_expected_log
 from pyroem.options import check_integer, with_defaults
@@ -88,24 +93,8 @@ class CaviStats(NamedTuple):
 
 
 def _responsibilities(joint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalise ``joint`` ``(n, K)`` (overwritten) into responsibilities.
-
-    Returns:
-        ``(resp, entropy)``: responsibilities ``(n, K)`` and ``−Σ r log r`` of the chunk.
-    """
-    finfo = torch.finfo(joint.dtype)
-    peak = joint.amax(dim=1, keepdim=True).clamp_(min=finfo.min)
-    joint.sub_(peak)
-    # As in the MAP E-step: responsibilities below e^cutoff of the row's largest
-    # (tiny·e⁸) are set to exactly zero (subnormal exponentials are slow), and the
-    # shifted logs stay finite.
-    cutoff = math.log(finfo.tiny) + 8
-    negligible = joint < cutoff
-    joint.clamp_(min=cutoff)
-    resp = joint.exp().masked_fill_(negligible, 0.0)
-    total = resp.sum(dim=1, keepdim=True)
-    resp.div_(total)
-    log_total = total.log_()
+    """Responsibilities ``(n, K)`` from ``joint`` (overwritten) and ``−Σ r log r``."""
+    resp, log_total, _ = normalise_log_joint(joint, dim=1, keep_joint=True)
     # log r = joint − log_total and Σ_k r = 1, so −Σ r log r = Σ_n log_total − Σ r·joint.
     entropy = log_total.sum() - torch.dot(resp.reshape(-1), joint.reshape(-1))
     return resp, entropy
