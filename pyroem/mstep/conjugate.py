@@ -31,6 +31,7 @@ __all__ = [
     "inverse_wishart_mode",
     "mvn_mean_mode",
     "niw_dim",
+    "niw_divide",
     "niw_exponent",
     "niw_mode",
     "niw_posterior",
@@ -90,11 +91,9 @@ def beta_mode(
 def gamma_posterior(
     shape_stat: Tensor, rate_stat: Tensor, concentration: Tensor, rate: Tensor
 ) -> tuple[Tensor, Tensor]:
-    r"""``Gamma(a + s, b + t)`` for a likelihood ``∝ λ^s e^{−λ t}``.
-
-    Poisson rates: ``s = Σ w x``, ``t = Σ w·exposure``; Exponential rates: ``s = Σ w``,
-    ``t = Σ w x``; Normal precisions: ``s = Σ w / 2``, ``t = Σ w r² / 2``.
-    """
+    r"""``Gamma(a + s, b + t)`` for a likelihood ``∝ λ^s e^{−λ t}``: Poisson rates
+    ``s = Σ w x``, ``t = Σ w·exposure``; Exponential ``s = Σ w``, ``t = Σ w x``; Normal
+    precisions ``s = Σ w/2``, ``t = Σ w r²/2``."""
     return concentration + shape_stat, rate + rate_stat
 
 
@@ -289,9 +288,16 @@ def niw_mode(
         means, _, _, scale = niw_posterior(prior, counts, sum_x, scatter, covariance_type)
         mean_prior = prior.mean_precision > 0
         seen = seen + (prior.dof + niw_exponent(covariance_type, dim, sum_x.shape[0], mean_prior))
+    return means, niw_divide(scale, seen, covariance_type)
+
+
+def niw_divide(scale: Tensor, divisor: Tensor, covariance_type: str) -> Tensor:
+    """``scale / divisor`` with one divisor per Inverse-Wishart factor, ``(K,)`` (tied
+    ``()``), broadcast over the form's scale: a covariance from ``Ψ`` and its pseudo-counts
+    (the mode's, or ``ν − p − 1`` for the posterior mean ``E[Σ]``)."""
     if covariance_type == "full":
-        return means, scale / seen[:, None, None]
-    return means, scale / (seen[:, None] if covariance_type == "diag" else seen)
+        return scale / divisor[:, None, None]
+    return scale / (divisor[:, None] if covariance_type == "diag" else divisor)
 
 
 def weighted_mean(sum_x: Tensor, counts: Tensor) -> Tensor:
@@ -301,19 +307,10 @@ def weighted_mean(sum_x: Tensor, counts: Tensor) -> Tensor:
 
 
 def scatter_about(scatter: Tensor, offsets: Tensor, counts: Tensor) -> Tensor:
-    r"""Scatter about other centres: ``Σ_n w_nk (x_n − μ_k)(x_n − μ_k)ᵀ``.
-
-    From the scatter ``S_k`` about each component's weighted mean ``m_k`` it is
-    ``S_k + N_k (m_k − μ_k)(m_k − μ_k)ᵀ``, with no cancellation.
-
-    Args:
-        scatter: ``S_k``, shape ``(K, D, D)``, or its diagonal ``(K, D)``.
-        offsets: ``m_k − μ_k``, shape ``(K, D)``.
-        counts: ``N_k``, shape ``(K,)``.
-
-    Returns:
-        Scatter matrices shaped as ``scatter``.
-    """
+    r"""Scatter about other centres, ``Σ_n w_nk (x_n − μ_k)(x_n − μ_k)ᵀ``, from the scatter
+    ``S_k`` ``(K, D, D)`` (or its diagonal ``(K, D)``) about each component's weighted mean
+    ``m_k``: ``S_k + N_k (m_k − μ_k)(m_k − μ_k)ᵀ`` (offsets ``m_k − μ_k`` ``(K, D)``, counts
+    ``N_k`` ``(K,)``), with no cancellation."""
     if scatter.ndim == 2:
         return scatter + counts[:, None] * offsets.square()
     outer = offsets[:, :, None] * offsets[:, None, :]

@@ -757,30 +757,23 @@ class Gaussian(Family):
         means, covariances = niw_mode(
             prior, counts, stats.sum_x, stats.scatter, self.covariance_type
         )
-        if self.covariance_type in ("diag", "spherical"):
-            covariances = covariances + self.reg_covar
-            if self.covariance_type == "diag":
-                self._check_variances(covariances, self._magnitude(stats), counts)
-            else:
-                magnitude = self._magnitude(stats).amax(-1, keepdim=True)
-                self._check_variances(covariances[:, None], magnitude, counts)
-            params = GaussianParams(means + self._center, covariances)
-            _check_finite_params(params, counts, self.name)
-            return params
-        if self.reg_covar:
-            covariances = covariances + self.reg_covar * torch.eye(
-                dim, dtype=covariances.dtype, device=covariances.device
-            )
+        matrix = self.covariance_type in ("full", "tied")
+        eye = torch.eye(dim, dtype=covariances.dtype, device=covariances.device)
+        covariances = covariances + self.reg_covar * (eye if matrix else 1.0)
         params = GaussianParams(means + self._center, covariances)
-        _check_finite_params(params, counts, self.name)
+        if matrix:  # a non-finite matrix is reported as such, before its variances
+            _check_finite_params(params, counts, self.name)
         magnitude = self._magnitude(stats)
         if self.covariance_type == "tied":
-            pooled_magnitude = (counts[:, None] * magnitude).sum(0) / counts.sum()
-            self._check_variances(torch.diagonal(covariances)[None], pooled_magnitude[None], counts)
+            magnitude = ((counts[:, None] * magnitude).sum(0) / counts.sum())[None]
+        elif self.covariance_type == "spherical":
+            magnitude = magnitude.amax(-1, keepdim=True)
+        variances = covariances.diagonal(0, -2, -1) if matrix else covariances
+        self._check_variances(variances.reshape(magnitude.shape), magnitude, counts)
+        if matrix:
+            self._cholesky(covariances)
         else:
-            variances = torch.diagonal(covariances, dim1=-2, dim2=-1)
-            self._check_variances(variances, magnitude, counts)
-        self._cholesky(covariances)
+            _check_finite_params(params, counts, self.name)
         return params
 
     def _weighted_prior(self, num_components: int) -> NIWPrior | None:

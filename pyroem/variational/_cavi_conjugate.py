@@ -33,6 +33,7 @@ from pyroem.mstep.conjugate import (
     gamma_expected_log,
     gamma_posterior,
     niw_dim,
+    niw_divide,
     niw_posterior,
     niw_prior_scale,
     wishart_expected_log_det,
@@ -211,14 +212,6 @@ class _GaussianFactor(ConjugateFactor):
         """``dof`` broadcastable against the scale: ``(K, 1)`` for diag, else as is."""
         return dof[:, None] if self.kind == "diag" else dof
 
-    def _covariance_shape(self, values: torch.Tensor, dof: torch.Tensor) -> torch.Tensor:
-        """``values / dof`` with the dof broadcast over the scale's shape."""
-        if self.kind == "full":
-            return values / dof[:, None, None]
-        if self.kind == "diag":
-            return values / dof[:, None]
-        return values / dof
-
     def expected_log_density(
         self,
         posterior: NIWPosterior,
@@ -231,7 +224,7 @@ class _GaussianFactor(ConjugateFactor):
         #   log N(x | m, cW) = L/c + (1 − 1/c)·(−D/2 log 2π − ½ log|W|) − D/2 log c.
         dim, p = self.dim, self.iw_dim
         dof, kappa = posterior.dof, posterior.mean_precision
-        covariance = self._covariance_shape(posterior.scale, dof)
+        covariance = niw_divide(posterior.scale, dof, self.kind)
         kernel = self.family.log_prob_fn(GaussianParams(posterior.mean + self.shift, covariance))
         # E log|Λ| + log|W| per Inverse-Wishart factor (log|W| = log|Ψ| − p log ν).
         per_factor = wishart_expected_log_det(dof, p) - p * dof.log()
@@ -254,10 +247,8 @@ class _GaussianFactor(ConjugateFactor):
         return gaussian
 
     def expected_params(self, posterior: NIWPosterior) -> GaussianParams:
-        dof = posterior.dof - self.iw_dim - 1
-        return GaussianParams(
-            posterior.mean + self.shift, self._covariance_shape(posterior.scale, dof)
-        )
+        expected = niw_divide(posterior.scale, posterior.dof - self.iw_dim - 1, self.kind)
+        return GaussianParams(posterior.mean + self.shift, expected)
 
     def sample(self, posterior: NIWPosterior, num_draws: int) -> dict[str, torch.Tensor]:
         mean, kappa, dof, scale = posterior
