@@ -995,6 +995,16 @@ class _VectorFamily(Family):
     def statistics(self, prepared: torch.Tensor, resp: torch.Tensor) -> RateStats:
         return RateStats(resp.sum(0), resp.T @ prepared)
 
+    # The conjugate mode from ``Σ w x``, ``Σ w`` (each ``(K, D)``) and the prior's parameters.
+    _mode: Callable[..., torch.Tensor]
+
+    def m_step(self, stats: RateStats) -> Any:
+        counts = stats.counts[:, None].expand_as(stats.sum_x)
+        prior = (None, None) if self.resolved is None else self.resolved
+        params = self.params_type(self._mode(stats.sum_x, counts, *prior))
+        _check_finite_params(params, stats.counts, self.name)
+        return params
+
     def num_parameters(self, num_components: int) -> int:
         return num_components * self._require_bound()
 
@@ -1105,13 +1115,7 @@ class Poisson(_VectorFamily):
 
         return poisson
 
-    def m_step(self, stats: RateStats) -> PoissonParams:
-        prior: ResolvedGamma | None = self.resolved
-        concentration = None if prior is None else prior.concentration
-        rate = None if prior is None else prior.rate
-        params = PoissonParams(gamma_mode(stats.sum_x, stats.counts[:, None], concentration, rate))
-        _check_finite_params(params, stats.counts, self.name)
-        return params
+    _mode = staticmethod(gamma_mode)
 
     def _check_support(self, value: torch.Tensor) -> None:
         if not bool((value >= 0).all()):
@@ -1180,16 +1184,13 @@ class Exponential(_VectorFamily):
 
         return exponential
 
+    @staticmethod
+    def _mode(sum_x: torch.Tensor, counts: torch.Tensor, *prior: Any) -> torch.Tensor:
+        return gamma_mode(counts, sum_x, *prior)
+
     def m_step(self, stats: RateStats) -> ExponentialParams:
-        prior: ResolvedGamma | None = self.resolved
-        concentration = None if prior is None else prior.concentration
-        rate = None if prior is None else prior.rate
-        rates = gamma_mode(
-            stats.counts[:, None].expand_as(stats.sum_x), stats.sum_x, concentration, rate
-        )
-        params = ExponentialParams(rates)
-        _check_finite_params(params, stats.counts, self.name)
-        if not bool((rates > 0).all()):
+        params: ExponentialParams = super().m_step(stats)
+        if not bool((params.rates > 0).all()):
             raise PyroEMError(
                 "an exponential component lost all its data (rate 0); use prior='default' "
                 "or fewer components"
@@ -1270,13 +1271,7 @@ class Bernoulli(_VectorFamily):
 
         return bernoulli
 
-    def m_step(self, stats: RateStats) -> BernoulliParams:
-        prior: ResolvedBeta | None = self.resolved
-        ones, zeros = (None, None) if prior is None else prior
-        trials = stats.counts[:, None].expand_as(stats.sum_x)
-        params = BernoulliParams(beta_mode(stats.sum_x, trials, ones, zeros))
-        _check_finite_params(params, stats.counts, self.name)
-        return params
+    _mode = staticmethod(beta_mode)
 
     def _check_support(self, value: torch.Tensor) -> None:
         if not bool(((value >= 0) & (value <= 1)).all()):
