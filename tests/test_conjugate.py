@@ -261,27 +261,27 @@ def _niw_statistics() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
 def _niw_log_joint(
     means: np.ndarray, covs: list[np.ndarray] | np.ndarray, kind: str, prior: cj.NIWPrior
 ) -> float:
-    """log NIW prior (pyroem's form for ``kind``) + weighted log-likelihood, with scipy."""
+    """``weight`` × log NIW prior (pyroem's form for ``kind``) + weighted log-likelihood."""
     mu0, kappa, nu = prior.mean.numpy(), prior.mean_precision, prior.dof
     psi = prior.scale.numpy()
-    total = 0.0
+    log_prior = log_lik = 0.0
     for k in range(2):
         if kind in ("full", "tied"):
             cov = covs[0] if kind == "tied" else covs[k]
             if kind == "full" or k == 0:
-                total += stats.invwishart.logpdf(cov, nu, psi)
-            total += stats.multivariate_normal.logpdf(means[k], mu0, cov / kappa)
-            total += _W[:, k] @ stats.multivariate_normal.logpdf(_X, means[k], cov)
+                log_prior += stats.invwishart.logpdf(cov, nu, psi)
+            log_prior += stats.multivariate_normal.logpdf(means[k], mu0, cov / kappa)
+            log_lik += _W[:, k] @ stats.multivariate_normal.logpdf(_X, means[k], cov)
             continue
         if kind == "diag":
             var = covs[k]
-            total += stats.invgamma.logpdf(var, nu / 2, scale=np.diag(psi) / 2).sum()
+            log_prior += stats.invgamma.logpdf(var, nu / 2, scale=np.diag(psi) / 2).sum()
         else:
             var = np.full(2, covs[k])
-            total += stats.invgamma.logpdf(covs[k], nu / 2, scale=np.diag(psi).mean() / 2)
-        total += stats.norm.logpdf(means[k], mu0, np.sqrt(var / kappa)).sum()
-        total += _W[:, k] @ stats.norm.logpdf(_X, means[k], np.sqrt(var)).sum(1)
-    return float(total)
+            log_prior += stats.invgamma.logpdf(covs[k], nu / 2, scale=np.diag(psi).mean() / 2)
+        log_prior += stats.norm.logpdf(means[k], mu0, np.sqrt(var / kappa)).sum()
+        log_lik += _W[:, k] @ stats.norm.logpdf(_X, means[k], np.sqrt(var)).sum(1)
+    return float(prior.weight * log_prior + log_lik)
 
 
 def _niw_unpack(u: np.ndarray, kind: str) -> tuple[np.ndarray, list[np.ndarray] | np.ndarray]:
@@ -297,14 +297,16 @@ def _niw_unpack(u: np.ndarray, kind: str) -> tuple[np.ndarray, list[np.ndarray] 
 _SIZES = {"full": 6, "tied": 3, "diag": 4, "spherical": 2}
 
 
+@pytest.mark.parametrize("weight", [1.0, 0.3])
 @pytest.mark.parametrize("kind", ["full", "tied", "diag", "spherical"])
-def test_niw_mode_maximises_the_posterior_density(kind: str) -> None:
+def test_niw_mode_maximises_the_posterior_density(kind: str, weight: float) -> None:
+    prior = _PRIOR._replace(weight=weight)  # the log prior counted ``weight`` times
     counts, sum_x, full, diag = _niw_statistics()
     scatter = full if kind in ("full", "tied") else diag
     start = np.concatenate([(sum_x / counts[:, None]).numpy().ravel(), np.zeros(_SIZES[kind])])
-    found = _maximise(lambda u: _niw_log_joint(*_niw_unpack(u, kind), kind, _PRIOR), start)
+    found = _maximise(lambda u: _niw_log_joint(*_niw_unpack(u, kind), kind, prior), start)
     found_means, found_covs = _niw_unpack(found, kind)
-    means, covs = cj.niw_mode(_PRIOR, counts, sum_x, scatter, kind)
+    means, covs = cj.niw_mode(prior, counts, sum_x, scatter, kind)
     np.testing.assert_allclose(means.numpy(), found_means, rtol=1e-5, atol=1e-7)
     expected = np.asarray(found_covs[0] if kind == "tied" else found_covs)
     np.testing.assert_allclose(covs.numpy(), expected, rtol=1e-5, atol=1e-7)

@@ -188,12 +188,15 @@ def wishart_expected_log_det(dof: Tensor, dim: int) -> Tensor:
 class NIWPrior(NamedTuple):
     r"""``Σ ~ InverseWishart(dof, scale)``, ``μ | Σ ~ Normal(mean, Σ / mean_precision)``;
     ``scale`` ``(D, D)``, of which diag reads the diagonal (``InverseGamma(dof/2,
-    scale_dd/2)`` per variance), spherical its mean. ``mean_precision = 0``: flat means."""
+    scale_dd/2)`` per variance), spherical its mean. ``mean_precision = 0``: flat means.
+    ``weight`` τ: the log density counts τ times, which is the same form with scale τΨ,
+    mean precision τκ and τ times the pseudo-counts ``ν + p + 1 + m`` (:func:`niw_exponent`)."""
 
     mean: Tensor
     mean_precision: float
     dof: float
     scale: Tensor
+    weight: float = 1.0
 
 
 class NIWPosterior(NamedTuple):
@@ -266,6 +269,15 @@ def niw_posterior(
             each component's weighted mean, ``(K, D, D)`` (diag, spherical: ``(K, D)``).
         covariance_type: ``"full"``, ``"tied"``, ``"diag"`` or ``"spherical"``.
     """
+    if prior.weight != 1.0:
+        tau, mean_prior = prior.weight, prior.mean_precision > 0
+        pseudo = niw_exponent(covariance_type, sum_x.shape[-1], sum_x.shape[0], mean_prior)
+        prior = NIWPrior(
+            prior.mean,
+            tau * prior.mean_precision,
+            tau * (prior.dof + pseudo) - pseudo,
+            tau * prior.scale,
+        )
     kappa = prior.mean_precision + counts
     means = normal_mean_mode(sum_x, counts[:, None], prior.mean, prior.mean_precision)
     scale = _niw_scale(prior, means, counts, sum_x, scatter, covariance_type)
@@ -280,14 +292,14 @@ def niw_mode(
     ``Ψ_k / (N_k + ν0 + p + 1 + m)`` (:func:`niw_exponent`) shaped as its scale;
     ``prior=None``: maximum likelihood."""
     dim = sum_x.shape[-1]
-    seen = _niw_counts(counts, covariance_type, dim)
     if prior is None:
         means = sum_x / counts[:, None]
         scale = _niw_scale(None, means, counts, sum_x, scatter, covariance_type)
+        seen = _niw_counts(counts, covariance_type, dim)
     else:
-        means, _, _, scale = niw_posterior(prior, counts, sum_x, scatter, covariance_type)
+        means, _, dof, scale = niw_posterior(prior, counts, sum_x, scatter, covariance_type)
         mean_prior = prior.mean_precision > 0
-        seen = seen + (prior.dof + niw_exponent(covariance_type, dim, sum_x.shape[0], mean_prior))
+        seen = dof + niw_exponent(covariance_type, dim, sum_x.shape[0], mean_prior)
     return means, niw_divide(scale, seen, covariance_type)
 
 

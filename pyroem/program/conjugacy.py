@@ -1263,9 +1263,7 @@ def _normal_scale(
     return mode(counts / 2, squares / 2, a, b, unconstrained).reshape(current.shape)
 
 
-def _mvn_loc(
-    current: torch.Tensor, uses: list[Any], prior: Any, unconstrained: bool
-) -> torch.Tensor:
+def _mvn_loc(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) -> Tensor:
     dim = current.shape[-1]
     rows = current.reshape(-1, dim)
     num_rows = rows.shape[0]

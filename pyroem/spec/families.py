@@ -408,14 +408,6 @@ def _resolution(data: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class ResolvedNIW(NamedTuple):
-    mean: torch.Tensor  # (D,)
-    mean_precision: float
-    dof: float
-    scale: torch.Tensor  # (D, D)
-    weight: float = 1.0
-
-
 class Gaussian(Family):
     """Gaussian components with ``covariance_type`` full, diag, spherical or tied.
 
@@ -526,7 +518,7 @@ class Gaussian(Family):
             raise SpecError(f"{self!r} is not bound to data; call family.bind(data, K) first")
         return self.shift
 
-    def _resolve_prior(self, data: torch.Tensor, num_components: int) -> ResolvedNIW:
+    def _resolve_prior(self, data: torch.Tensor, num_components: int) -> NIWPrior:
         prior: NormalInverseWishart = self.prior
         dim = data.shape[1]
         mean = data.mean(0) if prior.mean is None else _per_dim(prior.mean, data, dim, "prior mean")
@@ -585,7 +577,7 @@ class Gaussian(Family):
                 "prior scale must be positive definite (constant or collinear data columns make "
                 "the mclust scale singular: drop them, pass scale=, or use prior='default')"
             )
-        return ResolvedNIW(mean, kappa, dof, scale, weight)
+        return NIWPrior(mean, kappa, dof, scale, weight)
 
     # ----- kernels ------------------------------------------------------
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -753,7 +745,9 @@ class Gaussian(Family):
         if self.reg_covar:
             # As scikit-learn: a component no data reaches keeps finite means.
             counts = counts + 10 * torch.finfo(counts.dtype).eps
-        prior = self._weighted_prior(counts.shape[0])
+        prior: NIWPrior | None = self.resolved
+        if prior is not None:  # in centred coordinates
+            prior = prior._replace(mean=prior.mean - self._center)
         means, covariances = niw_mode(
             prior, counts, stats.sum_x, stats.scatter, self.covariance_type
         )
@@ -775,20 +769,6 @@ class Gaussian(Family):
         else:
             _check_finite_params(params, counts, self.name)
         return params
-
-    def _weighted_prior(self, num_components: int) -> NIWPrior | None:
-        """The prior in centred coordinates, its weight τ folded in: the log density
-        times τ is the prior with scale τΨ, mean precision τκ and τ times the pseudo-counts
-        ``ν + p + 1 + m`` of :func:`~pyroem.mstep.conjugate.niw_mode`."""
-        prior: ResolvedNIW | None = self.resolved
-        if prior is None:
-            return None
-        mean, kappa, dof, scale, weight = prior
-        if weight != 1.0:
-            dim = self._require_bound()
-            pseudo = niw_exponent(self.covariance_type, dim, num_components, kappa > 0)
-            kappa, dof, scale = weight * kappa, weight * (dof + pseudo) - pseudo, weight * scale
-        return NIWPrior(mean - self._center, kappa, dof, scale)
 
     def _magnitude(self, stats: GaussianStats) -> torch.Tensor:
         """Mean square of each component's data in the user's coordinates, ``(K, D)``."""
@@ -823,12 +803,12 @@ class Gaussian(Family):
             )
 
     def log_prior(self, params: GaussianParams) -> torch.Tensor:
-        prior: ResolvedNIW | None = self.resolved
+        prior: NIWPrior | None = self.resolved
         if prior is None:
             return params.means.new_zeros(())
         return prior.weight * self._log_prior_density(params, prior)
 
-    def _log_prior_density(self, params: GaussianParams, prior: ResolvedNIW) -> torch.Tensor:
+    def _log_prior_density(self, params: GaussianParams, prior: NIWPrior) -> torch.Tensor:
         """The Normal–Inverse-Wishart log density, before its weight."""
         total = params.means.new_zeros(())
         if self.covariance_type in ("full", "tied"):
@@ -895,7 +875,7 @@ class Gaussian(Family):
 
     def pyro_params(self, num_components: int, init: GaussianParams) -> GaussianParams:
         self._require_bound()
-        prior: ResolvedNIW | None = self.resolved
+        prior: NIWPrior | None = self.resolved
         positive = constraints.positive
         if prior is None:
             cov_constraint = (
@@ -913,7 +893,7 @@ class Gaussian(Family):
         return self._prior_sites(num_components, init, prior)
 
     def _prior_sites(
-        self, num_components: int, init: GaussianParams, prior: ResolvedNIW
+        self, num_components: int, init: GaussianParams, prior: NIWPrior
     ) -> GaussianParams:
         dim = self._require_bound()
         ones = torch.ones((), dtype=prior.scale.dtype, device=prior.scale.device)
