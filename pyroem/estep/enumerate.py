@@ -125,25 +125,19 @@ class MixtureEStep:
         return EStepResult(stats, float(objective), float(log_likelihood))
 
 
-# Responsibilities below e^cutoff of a row's largest are set to exactly zero: exp() of
-# arguments that underflow takes a slow path on CPU (and subnormal responsibilities slow
-# the statistics). The cutoff is float32's (tiny·e⁸, about 3.5e-35) in every wider dtype
-# too: which components no datum reaches, and so which are removed, must not depend on
-# the dtype (the terms dropped change a log-likelihood by under 1e-34 relative).
+# Responsibilities below e^cutoff of a row's largest are set to exactly zero (exp() of
+# underflowing arguments is slow on CPU, as are subnormal statistics). The cutoff is
+# float32's (tiny·e⁸, about 3.5e-35) in wider dtypes too, so which components no datum
+# reaches does not depend on the dtype (a log-likelihood moves by under 1e-34 relative).
 _CUTOFF = math.log(torch.finfo(torch.float32).tiny) + 8
 
 
 def normalise_log_joint(
     joint: torch.Tensor, dim: int, keep_joint: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Responsibilities from ``log π_k + log p(x_n | θ_k)`` (components along ``dim``), in
-    one in-place pass: the log-sum-exp and the normalised exponentials, exp once.
-
-    Returns:
-        ``(resp, log_total, peak)``: ``log p(x_n | θ) = log_total + peak`` (both kept
-        along ``dim``). ``joint`` is overwritten: by ``resp``, or with ``keep_joint`` by
-        ``joint − peak`` clamped at the cutoff (``log r = joint − log_total``).
-    """
+    """``(resp, log_total, peak)`` from ``log π_k + log p(x_n | θ_k)`` (components along
+    ``dim``) in one in-place pass, exp once: ``log p(x_n | θ) = log_total + peak``. ``joint``
+    is overwritten by ``resp``, or (``keep_joint``) by ``log r + log_total`` at the cutoff."""
     finfo = torch.finfo(joint.dtype)
     cutoff = max(math.log(finfo.tiny) + 8, _CUTOFF)
     peak = joint.amax(dim=dim, keepdim=True).clamp_(min=finfo.min)

@@ -45,13 +45,18 @@ __all__ = [
 Tensor = torch.Tensor
 
 
-def dirichlet_mode(counts: Tensor, concentration: Tensor, unconstrained: bool = False) -> Tensor:
+def dirichlet_mode(
+    counts: Tensor, concentration: Tensor | None, unconstrained: bool = False
+) -> Tensor:
     r"""Mode of ``Dirichlet(α + N)`` (last dim): ``π_c ∝ max(N_c + α_c − 1, 0)``.
 
     A zero entry means ``N_c + α_c − 1 ≤ 0``: with ``α_c < 1`` the density is unbounded
     there, so callers must treat zeros as collapsed, not as a maximum.
-    ``unconstrained``: ``π_c ∝ N_c + α_c``. Shapes: counts ``(..., C)``, α broadcastable.
+    ``unconstrained``: ``π_c ∝ N_c + α_c``. Shapes: counts ``(..., C)``, α broadcastable;
+    ``None``: flat, ``π_c ∝ N_c``.
     """
+    if concentration is None:
+        return counts / counts.sum(-1, keepdim=True)
     # counts + (α − 1), not (counts + α) − 1: the latter rounds counts below eps·α to 0,
     # which with α = 1 would drop a small but live component.
     unnormalised = (counts + (concentration - 1 + float(unconstrained))).clamp(min=0)

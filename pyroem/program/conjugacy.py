@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import pyro
@@ -1092,19 +1093,6 @@ def closed_form_update(
     return torch.where(keep, current, new).detach()
 
 
-class _Prior(NamedTuple):
-    """A conjugate prior's parameters as the closed forms read them (attribute names of
-    the distribution they stand for)."""
-
-    params: dict[str, torch.Tensor]
-
-    def __getattr__(self, attr: str) -> torch.Tensor:
-        try:
-            return self.params[attr]
-        except KeyError:
-            raise AttributeError(attr) from None
-
-
 # Prior families with conjugate closed forms whose parameters effective_prior adjusts.
 ADJUSTABLE_PRIORS = (dist.Beta, dist.Dirichlet, dist.Gamma, dist.InverseGamma, dist.Normal)
 
@@ -1143,19 +1131,17 @@ def effective_prior(site: Any, block: ClosedForm) -> Any:
         raise ValueError(f"no adjusted closed form for a {type(prior).__name__} prior")
     s = weight
     if isinstance(prior, dist.Beta):
-        return _Prior(
-            {
-                "concentration1": 1 + s * (prior.concentration1 - 1),
-                "concentration0": 1 + s * (prior.concentration0 - 1),
-            }
+        return SimpleNamespace(
+            concentration1=1 + s * (prior.concentration1 - 1),
+            concentration0=1 + s * (prior.concentration0 - 1),
         )
     if isinstance(prior, dist.Dirichlet):
-        return _Prior({"concentration": 1 + s * (prior.concentration - 1)})
+        return SimpleNamespace(concentration=1 + s * (prior.concentration - 1))
     if isinstance(prior, dist.Gamma):
-        return _Prior({"concentration": 1 + s * (prior.concentration - 1), "rate": s * prior.rate})
+        return SimpleNamespace(concentration=1 + s * (prior.concentration - 1), rate=s * prior.rate)
     if isinstance(prior, dist.InverseGamma):
-        return _Prior({"concentration": s * (prior.concentration + 1) - 1, "rate": s * prior.rate})
-    return _Prior({"loc": prior.loc, "scale": prior.scale / s.sqrt()})
+        return SimpleNamespace(concentration=s * (prior.concentration + 1) - 1, rate=s * prior.rate)
+    return SimpleNamespace(loc=prior.loc, scale=prior.scale / s.sqrt())
 
 
 def _broadcast_prior(value: torch.Tensor, *params: torch.Tensor) -> list[torch.Tensor]:
@@ -1182,11 +1168,8 @@ def _categorical(current: Tensor, uses: list[Any], prior: Any, unconstrained: bo
         w = w.expand(shape).sum_to_size(target).reshape(-1)
         keys = (index.expand(target).reshape(-1), value.expand(target).reshape(-1))
         counts.index_put_(keys, w, accumulate=True)
-    concentration = (
-        torch.ones_like(rows)
-        if prior is None
-        else prior.concentration.expand(current.shape).reshape(rows.shape)
-    )
+    (concentration,) = _flat_prior(current, prior, "concentration")
+    concentration = None if concentration is None else concentration.reshape(rows.shape)
     return dirichlet_mode(counts, concentration, unconstrained).reshape(current.shape)
 
 
@@ -1263,6 +1246,18 @@ def _normal_scale(
     return mode(counts / 2, squares / 2, a, b, unconstrained).reshape(current.shape)
 
 
+def _mvn_entries(
+    use: Use, site: Any, weight: Tensor
+) -> tuple[Any, tuple[int, ...], Tensor, Tensor]:
+    """A multivariate normal use's distribution, its entries' batch shape, and their
+    weights and parameter rows, each flattened ``(entries,)``."""
+    fn, _ = _unwrap(site["fn"])
+    w = weight.reshape((*weight.shape, *(1,) * use.event_ndims))
+    shapes = (site["value"].shape[:-1], fn.loc.shape[:-1], fn.scale_tril.shape[:-2])
+    batch = _broadcast_shape(w.shape, use.rows.shape, *shapes)
+    return fn, batch, w.expand(batch).reshape(-1), use.rows.expand(batch).reshape(-1)
+
+
 def _mvn_loc(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) -> Tensor:
     dim = current.shape[-1]
     rows = current.reshape(-1, dim)
@@ -1270,20 +1265,11 @@ def _mvn_loc(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) 
     information = torch.zeros(num_rows, dim, dim, dtype=current.dtype, device=current.device)
     weighted = torch.zeros_like(rows)
     for use, site, weight in uses:
-        fn, _ = _unwrap(site["fn"])
+        fn, batch, w, index = _mvn_entries(use, site, weight)
         tril = fn.scale_tril
-        batch = _broadcast_shape(
-            weight.reshape((*weight.shape, *(1,) * use.event_ndims)).shape,
-            use.rows.shape,
-            site["value"].shape[:-1],
-            fn.loc.shape[:-1],
-            tril.shape[:-2],
-        )
         # Group entries by (parameter row, covariance entry): precisions stay unexpanded.
         tril_flat = tril.reshape(-1, dim, dim)
         tril_id = torch.arange(tril_flat.shape[0]).reshape(tril.shape[:-2])
-        w = weight.reshape((*weight.shape, *(1,) * use.event_ndims)).expand(batch).reshape(-1)
-        index = use.rows.expand(batch).reshape(-1)
         cov_id = tril_id.expand(batch).reshape(-1)
         x = site["value"].expand(*batch, dim).reshape(-1, dim)
         offset = fn.loc.expand(*batch, dim).reshape(-1, dim) - rows[index]
@@ -1315,17 +1301,11 @@ def _mvn_covariance(current: Tensor, uses: list[Any], prior: Any, unconstrained:
     counts = torch.zeros(num_rows, dtype=current.dtype, device=current.device)
     scatter = torch.zeros_like(mats)
     for use, site, weight in uses:
-        fn, _ = _unwrap(site["fn"])
-        cov = fn.covariance_matrix
-        w = weight.reshape((*weight.shape, *(1,) * use.event_ndims))
-        batch = _broadcast_shape(
-            w.shape, use.rows.shape, site["value"].shape[:-1], fn.loc.shape[:-1], cov.shape[:-2]
-        )
-        index = use.rows.expand(batch).reshape(-1)
+        fn, batch, w, index = _mvn_entries(use, site, weight)
         # covariance = c·θ[i]; read c from the diagonal's first entry.
-        factor = (cov[..., 0, 0].expand(batch).reshape(-1)) / mats[index][:, 0, 0]
+        factor = (fn.covariance_matrix[..., 0, 0].expand(batch).reshape(-1)) / mats[index][:, 0, 0]
         residual = (site["value"] - fn.loc).expand(*batch, dim).reshape(-1, dim)
-        w = w.expand(batch).reshape(-1) / factor
+        w = w / factor
         counts += _scatter(num_rows, index, w * factor)
         for row in range(num_rows):
             chosen = index == row

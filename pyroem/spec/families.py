@@ -1376,9 +1376,7 @@ class Categorical(Family):
     def m_step(self, stats: CategoricalStats) -> CategoricalParams:
         dim = self._require_bound()
         counts = stats.sum_onehot.view(-1, dim, self._categories())
-        concentration = torch.ones(()) if self.resolved is None else self.resolved
-        probs = dirichlet_mode(counts, concentration.to(counts))
-        params = CategoricalParams(probs)
+        params = CategoricalParams(dirichlet_mode(counts, self.resolved))
         _check_finite_params(params, stats.counts, self.name)
         return params
 

@@ -156,7 +156,6 @@ class _GaussianFactor(ConjugateFactor):
         if family.shift is None:
             raise SpecError(f"{family!r} is not bound to data; call family.bind(data, K) first")
         self.shift = family.shift
-        self.prior_mean = prior.mean - self.shift
         self.kappa0 = float(prior.mean_precision)
         self.nu0 = float(prior.dof)
         if self.kappa0 <= 0:
@@ -176,7 +175,7 @@ class _GaussianFactor(ConjugateFactor):
                 f"covariance_type={self.kind!r}; got dof={self.nu0}. Raise dof (the default "
                 "is dim + 2)"
             )
-        self.prior = NIWPrior(self.prior_mean, self.kappa0, self.nu0, prior.scale)
+        self.prior = NIWPrior(prior.mean - self.shift, self.kappa0, self.nu0, prior.scale)
         scale0 = niw_prior_scale(prior.scale, self.kind)
         self.log_det_scale0 = (
             _log_det(torch.linalg.cholesky(scale0)) if self.matrix else scale0.log()
