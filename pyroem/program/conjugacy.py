@@ -35,15 +35,7 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
-from pyroem.mstep.conjugate import (
-    beta_mode,
-    dirichlet_mode,
-    gamma_mode,
-    inverse_gamma_mode,
-    inverse_wishart_mode,
-    mvn_mean_mode,
-    normal_mean_mode,
-)
+from pyroem.mstep import conjugate
 from pyroem.program._compiled import ProgramRunner
 from pyroem.program.model import ProgramModel, sample_sites
 from pyroem.spec.distributions import InverseWishart
@@ -1170,7 +1162,7 @@ def _categorical(current: Tensor, uses: list[Any], prior: Any, unconstrained: bo
         counts.index_put_(keys, w, accumulate=True)
     (concentration,) = _flat_prior(current, prior, "concentration")
     concentration = None if concentration is None else concentration.reshape(rows.shape)
-    return dirichlet_mode(counts, concentration, unconstrained).reshape(current.shape)
+    return conjugate.dirichlet_mode(counts, concentration, unconstrained).reshape(current.shape)
 
 
 _Terms = tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]
@@ -1203,7 +1195,7 @@ def _binary(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) -
 
     successes, trials = _row_sums(current, uses, terms)
     a, b = _flat_prior(current, prior, "concentration1", "concentration0")
-    return beta_mode(successes, trials, a, b, unconstrained).reshape(current.shape)
+    return conjugate.beta_mode(successes, trials, a, b, unconstrained).reshape(current.shape)
 
 
 def _rate(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool, slot: str) -> Tensor:
@@ -1215,7 +1207,7 @@ def _rate(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool, slo
 
     counts, totals = _row_sums(current, uses, terms)
     a, b = _flat_prior(current, prior, "concentration", "rate")
-    return gamma_mode(counts, totals, a, b, unconstrained).reshape(current.shape)
+    return conjugate.gamma_mode(counts, totals, a, b, unconstrained).reshape(current.shape)
 
 
 def _normal_loc(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) -> Tensor:
@@ -1226,7 +1218,9 @@ def _normal_loc(current: Tensor, uses: list[Any], prior: Any, unconstrained: boo
     precision, weighted = _row_sums(current, uses, terms)
     mean, std = _flat_prior(current, prior, "loc", "scale")
     prior_precision = None if std is None else std**-2
-    return normal_mean_mode(weighted, precision, mean, prior_precision).reshape(current.shape)
+    return conjugate.normal_mean_mode(weighted, precision, mean, prior_precision).reshape(
+        current.shape
+    )
 
 
 def _normal_scale(
@@ -1242,7 +1236,7 @@ def _normal_scale(
 
     counts, squares = _row_sums(current, uses, terms)
     a, b = _flat_prior(current, prior, "concentration", "rate")
-    mode = inverse_gamma_mode if slot == "normal-variance" else gamma_mode
+    mode = conjugate.inverse_gamma_mode if slot == "normal-variance" else conjugate.gamma_mode
     return mode(counts / 2, squares / 2, a, b, unconstrained).reshape(current.shape)
 
 
@@ -1291,7 +1285,9 @@ def _mvn_loc(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) 
             prior_precision = torch.diag_embed(std**-2)
         prior_precision, mean = prior_precision.reshape(-1, dim, dim), mean.reshape(-1, dim)
     # Rows without information (no data, flat prior) come back NaN and keep their value.
-    return mvn_mean_mode(information, weighted, mean, prior_precision).reshape(current.shape)
+    return conjugate.mvn_mean_mode(information, weighted, mean, prior_precision).reshape(
+        current.shape
+    )
 
 
 def _mvn_covariance(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) -> Tensor:
@@ -1315,7 +1311,7 @@ def _mvn_covariance(current: Tensor, uses: list[Any], prior: Any, unconstrained:
     if prior is not None:
         df = prior.df.expand(current.shape[:-2]).reshape(-1)
         psi = prior.scale_matrix.expand(current.shape).reshape(-1, dim, dim)
-    return inverse_wishart_mode(scatter, counts, psi, df).reshape(current.shape)
+    return conjugate.inverse_wishart_mode(scatter, counts, psi, df).reshape(current.shape)
 
 
 _UPDATES: dict[str, Any] = {

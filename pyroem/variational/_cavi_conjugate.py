@@ -25,19 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from pyroem.errors import SpecError
-from pyroem.mstep.conjugate import (
-    NIWPosterior,
-    NIWPrior,
-    beta_posterior,
-    dirichlet_expected_log,
-    gamma_expected_log,
-    gamma_posterior,
-    niw_dim,
-    niw_divide,
-    niw_posterior,
-    niw_prior_scale,
-    wishart_expected_log_det,
-)
+from pyroem.mstep import conjugate
 from pyroem.spec.distributions import InverseWishart
 from pyroem.spec.families import (
     Bernoulli,
@@ -62,7 +50,6 @@ __all__ = [
     "DirichletPosterior",
     "ExpectedLogDensity",
     "GammaPosterior",
-    "NIWPosterior",
     "conjugate_factor",
     "log_multivariate_beta",
 ]
@@ -167,7 +154,7 @@ class _GaussianFactor(ConjugateFactor):
         # Σ-dimension of the Inverse-Wishart: D for full/tied, 1 for each diag/spherical
         # variance. E_q[Σ] = Ψ / (ν − p − 1) needs ν > p + 1 for every component.
         self.matrix = self.kind in ("full", "tied")
-        self.iw_dim = niw_dim(self.kind, dim)
+        self.iw_dim = conjugate.niw_dim(self.kind, dim)
         if not self.nu0 > self.iw_dim + 1:
             raise SpecError(
                 f"vb-em reports the posterior mean of the covariances, E_q[Σ] = Ψ/(ν − "
@@ -175,23 +162,27 @@ class _GaussianFactor(ConjugateFactor):
                 f"covariance_type={self.kind!r}; got dof={self.nu0}. Raise dof (the default "
                 "is dim + 2)"
             )
-        self.prior = NIWPrior(prior.mean - self.shift, self.kappa0, self.nu0, prior.scale)
-        scale0 = niw_prior_scale(prior.scale, self.kind)
+        self.prior = conjugate.NIWPrior(prior.mean - self.shift, self.kappa0, self.nu0, prior.scale)
+        scale0 = conjugate.niw_prior_scale(prior.scale, self.kind)
         self.log_det_scale0 = (
             _log_det(torch.linalg.cholesky(scale0)) if self.matrix else scale0.log()
         )
 
-    def update(self, stats: GaussianStats) -> NIWPosterior:
-        return niw_posterior(self.prior, stats.counts, stats.sum_x, stats.scatter, self.kind)
+    def update(self, stats: GaussianStats) -> conjugate.NIWPosterior:
+        return conjugate.niw_posterior(
+            self.prior, stats.counts, stats.sum_x, stats.scatter, self.kind
+        )
 
-    def _log_det_scale(self, posterior: NIWPosterior) -> torch.Tensor:
+    def _log_det_scale(self, posterior: conjugate.NIWPosterior) -> torch.Tensor:
         """``log |Ψ|`` per Inverse-Wishart factor: full ``(K,)``, tied ``()``, diag
         ``(K, D)``, spherical ``(K,)``."""
         if self.matrix:
             return _log_det(torch.linalg.cholesky(posterior.scale))
         return posterior.scale.log()
 
-    def log_normaliser(self, posterior: NIWPosterior, stats: GaussianStats) -> torch.Tensor:
+    def log_normaliser(
+        self, posterior: conjugate.NIWPosterior, stats: GaussianStats
+    ) -> torch.Tensor:
         # log Z = −N D/2 log π + D/2 Σ_k log(κ0/κ_k) + Σ_factors [ν0/2 log|Ψ0| − ν/2 log|Ψ|
         #         + log Γ_p(ν/2) − log Γ_p(ν0/2)]   (p = Inverse-Wishart dimension)
         dim, p = self.dim, self.iw_dim
@@ -213,7 +204,7 @@ class _GaussianFactor(ConjugateFactor):
 
     def expected_log_density(
         self,
-        posterior: NIWPosterior,
+        posterior: conjugate.NIWPosterior,
         expected_log_weights: torch.Tensor,
         log_mean_weights: torch.Tensor,
     ) -> ExpectedLogDensity:
@@ -223,10 +214,10 @@ class _GaussianFactor(ConjugateFactor):
         #   log N(x | m, cW) = L/c + (1 − 1/c)·(−D/2 log 2π − ½ log|W|) − D/2 log c.
         dim, p = self.dim, self.iw_dim
         dof, kappa = posterior.dof, posterior.mean_precision
-        covariance = niw_divide(posterior.scale, dof, self.kind)
+        covariance = conjugate.niw_divide(posterior.scale, dof, self.kind)
         kernel = self.family.log_prob_fn(GaussianParams(posterior.mean + self.shift, covariance))
         # E log|Λ| + log|W| per Inverse-Wishart factor (log|W| = log|Ψ| − p log ν).
-        per_factor = wishart_expected_log_det(dof, p) - p * dof.log()
+        per_factor = conjugate.wishart_expected_log_det(dof, p) - p * dof.log()
         extra = 0.5 * (dim // p) * per_factor - 0.5 * dim / kappa + expected_log_weights
         log_det_scale = self._log_det_scale(posterior)
         if self.kind == "diag":
@@ -245,11 +236,11 @@ class _GaussianFactor(ConjugateFactor):
 
         return gaussian
 
-    def expected_params(self, posterior: NIWPosterior) -> GaussianParams:
-        expected = niw_divide(posterior.scale, posterior.dof - self.iw_dim - 1, self.kind)
+    def expected_params(self, posterior: conjugate.NIWPosterior) -> GaussianParams:
+        expected = conjugate.niw_divide(posterior.scale, posterior.dof - self.iw_dim - 1, self.kind)
         return GaussianParams(posterior.mean + self.shift, expected)
 
-    def sample(self, posterior: NIWPosterior, num_draws: int) -> dict[str, torch.Tensor]:
+    def sample(self, posterior: conjugate.NIWPosterior, num_draws: int) -> dict[str, torch.Tensor]:
         mean, kappa, dof, scale = posterior
         if self.matrix:
             covariances = InverseWishart(dof, scale).rsample((num_draws,))
@@ -266,7 +257,7 @@ class _GaussianFactor(ConjugateFactor):
         offsets = noise * (variances / kappa[:, None]).sqrt()
         return {"means": mean + self.shift + offsets, "covariances": covariances}
 
-    def to_user(self, posterior: NIWPosterior) -> dict[str, torch.Tensor]:
+    def to_user(self, posterior: conjugate.NIWPosterior) -> dict[str, torch.Tensor]:
         return {
             "mean": posterior.mean + self.shift,
             "mean_precision": posterior.mean_precision,
@@ -350,7 +341,9 @@ class _GammaFactor(ConjugateFactor):
     def update(self, stats: RateStats) -> GammaPosterior:
         counts = stats.counts[:, None]
         shape, rate = (stats.sum_x, counts) if self.poisson else (counts, stats.sum_x)
-        return GammaPosterior(*gamma_posterior(shape, rate, self.concentration0, self.rate0))
+        return GammaPosterior(
+            *conjugate.gamma_posterior(shape, rate, self.concentration0, self.rate0)
+        )
 
     def log_normaliser(self, posterior: GammaPosterior, stats: RateStats) -> torch.Tensor:
         return _log_gamma_normaliser(
@@ -365,7 +358,7 @@ class _GammaFactor(ConjugateFactor):
     ) -> ExpectedLogDensity:
         concentration, rate = posterior
         mean = concentration / rate
-        expected_log = gamma_expected_log(concentration, rate)
+        expected_log = conjugate.gamma_expected_log(concentration, rate)
         if self.poisson:
             # x log λ − λ (the −log x! is the data constant)
             total = -mean.sum(-1)
@@ -411,7 +404,7 @@ class _BetaFactor(ConjugateFactor):
     def update(self, stats: RateStats) -> BetaPosterior:
         trials = stats.counts[:, None]
         return BetaPosterior(
-            *beta_posterior(stats.sum_x, trials, self.concentration1, self.concentration0)
+            *conjugate.beta_posterior(stats.sum_x, trials, self.concentration1, self.concentration0)
         )
 
     def log_normaliser(self, posterior: BetaPosterior, stats: RateStats) -> torch.Tensor:
@@ -426,7 +419,7 @@ class _BetaFactor(ConjugateFactor):
         log_mean_weights: torch.Tensor,
     ) -> ExpectedLogDensity:
         ones, zeros = posterior
-        log_p, log_q = dirichlet_expected_log(torch.stack([ones, zeros], -1)).unbind(-1)
+        log_p, log_q = conjugate.dirichlet_expected_log(torch.stack([ones, zeros], -1)).unbind(-1)
         mean = ones / (ones + zeros)
         plug_p, plug_q = mean.log(), torch.log1p(-mean)
         return _linear_kernel(
@@ -475,7 +468,7 @@ class _DirichletFactor(ConjugateFactor):
         concentration = posterior.concentration
         num_components = concentration.shape[0]
         totals = concentration.sum(-1, keepdim=True)
-        expected_log = dirichlet_expected_log(concentration)
+        expected_log = conjugate.dirichlet_expected_log(concentration)
         plug_in = (concentration / totals).log()
         return _linear_kernel(
             expected_log.reshape(num_components, -1),

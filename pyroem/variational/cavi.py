@@ -39,14 +39,9 @@ import torch
 from pyroem.diagnostics import independent_chains
 from pyroem.em import EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.errors import SpecError
-from pyroem.estep.enumerate import (
-    MixtureEStep,
-    add_statistics,
-    normalise_log_joint,
-    score_mixture,
-)
+from pyroem.estep.enumerate import MixtureEStep, add_statistics, normalise_log_joint, score_mixture
 from pyroem.initialization import initial_params, seeded_generator
-from pyroem.mstep.conjugate import dirichlet_expected_log
+from pyroem.mstep.conjugate import NIWPosterior, dirichlet_expected_log
 from pyroem.options import check_integer, with_defaults
 from pyroem.results import FitResult
 from pyroem.spec.mixture import Mixture, MixtureParams
@@ -56,7 +51,6 @@ from pyroem.variational._cavi_conjugate import (
     DirichletPosterior,
     ExpectedLogDensity,
     GammaPosterior,
-    NIWPosterior,
     conjugate_factor,
     log_multivariate_beta,
 )
