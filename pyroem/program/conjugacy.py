@@ -1079,7 +1079,7 @@ def closed_form_update(
         if changes:
             site = _patched_site(site, changes, blocks or {})
         uses.append((use, site, weight))
-    prior = None if prior_site is None else effective_prior(prior_site, block)
+    prior = None if prior_site is None else effective_prior(prior_site)
     new = _UPDATES[block.slot](current, uses, prior, block.jacobian)
     keep = ~torch.isfinite(new)
     return torch.where(keep, current, new).detach()
@@ -1105,7 +1105,7 @@ def prior_weight(site: Any) -> torch.Tensor | None:
     return weight.reshape((*weight.shape, *(1,) * fn.event_dim))
 
 
-def effective_prior(site: Any, block: ClosedForm) -> Any:
+def effective_prior(site: Any) -> Any:
     r"""The prior of a block as its closed form must see it.
 
     The log prior enters the log joint weighted by ``s = scale · mask`` of its site
@@ -1116,12 +1116,11 @@ def effective_prior(site: Any, block: ClosedForm) -> Any:
     log-Jacobian of the unconstrained space is the modes' ``unconstrained`` option.)
     """
     prior = _unwrap(site["fn"])[0]
-    weight = prior_weight(site)
-    if weight is None:
+    s = prior_weight(site)
+    if s is None:
         return prior
     if not isinstance(prior, ADJUSTABLE_PRIORS):
         raise ValueError(f"no adjusted closed form for a {type(prior).__name__} prior")
-    s = weight
     if isinstance(prior, dist.Beta):
         return SimpleNamespace(
             concentration1=1 + s * (prior.concentration1 - 1),
