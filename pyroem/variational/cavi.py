@@ -86,14 +86,6 @@ class CaviStats(NamedTuple):
     entropy: torch.Tensor
 
 
-def _responsibilities(joint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Responsibilities ``(n, K)`` from ``joint`` (overwritten) and ``−Σ r log r``."""
-    resp, log_total, _ = normalise_log_joint(joint, dim=1, keep_joint=True)
-    # log r = joint − log_total and Σ_k r = 1, so −Σ r log r = Σ_n log_total − Σ r·joint.
-    entropy = log_total.sum() - torch.dot(resp.reshape(-1), joint.reshape(-1))
-    return resp, entropy
-
-
 class _CaviEngine(Engine):
     """CAVI on fixed data: the E-step updates ``q(z)``, the M-step ``q(π, θ)``.
 
@@ -180,10 +172,11 @@ class _CaviEngine(Engine):
         entropy = log_likelihood = params.weights_concentration.new_zeros(())
         for chunk in self.chunks:
             joint, plug_in = kernel(chunk)
-            resp, chunk_entropy = _responsibilities(joint)
+            resp, log_total, _ = normalise_log_joint(joint, dim=1, keep_joint=True)
             chunk_stats = self.factor.statistics(chunk, resp)
             stats = chunk_stats if stats is None else add_statistics(stats, chunk_stats)
-            entropy = entropy + chunk_entropy
+            # log r = joint − log_total, Σ_k r = 1: −Σ r log r = Σ_n log_total − Σ r·joint.
+            entropy = entropy + log_total.sum() - torch.dot(resp.reshape(-1), joint.reshape(-1))
             log_likelihood = log_likelihood + torch.logsumexp(plug_in, 1).sum()
         return EStepResult(
             CaviStats(stats, entropy), math.nan, float(log_likelihood) + self.data_constant
@@ -226,7 +219,7 @@ def _assignment_probs(
     out = []
     for chunk in chunks:
         joint, _ = kernel(chunk)
-        out.append(_responsibilities(joint)[0])
+        out.append(normalise_log_joint(joint, dim=1)[0])
     return torch.cat(out)
 
 
