@@ -197,7 +197,7 @@ def _mixture_pointwise(
 
     def pointwise(values: dict[str, torch.Tensor]) -> torch.Tensor:
         log_prob = family.log_prob_fn(family.params_type(**{f: values[f] for f in fields}))
-        return mixture_log_likelihood(log_prob, values["weights"].log(), chunks)
+        return mixture_log_likelihood(log_prob, values["weights"], chunks)[0]
 
     return pointwise
 

@@ -15,7 +15,7 @@ After this E-step the bound is tight: ``L(q, θ) = log p(x, θ)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import repeat
 from typing import Any
 
@@ -31,6 +31,7 @@ __all__ = [
     "MixtureEStep",
     "add_statistics",
     "mixture_log_likelihood",
+    "normalise_log_joint",
     "score_mixture",
 ]
 
@@ -107,27 +108,12 @@ class MixtureEStep:
         log_weights = params.weights.log()[:, None]
         stats = None
         log_likelihood = params.weights.new_zeros(())
-        finfo = torch.finfo(log_weights.dtype)
-        # exp() of arguments that underflow takes a slow path on CPU (and subnormal
-        # responsibilities slow the statistics), so a responsibility below e^cutoff times
-        # the row's largest is set to exactly zero. The cutoff is float32's (tiny·e⁸,
-        # about 3.5e-35) in every wider dtype too: which components no datum reaches, and
-        # so which are removed, must not depend on the dtype (the terms dropped change
-        # a log-likelihood by under 1e-34 relative).
-        cutoff = max(math.log(finfo.tiny), math.log(torch.finfo(torch.float32).tiny)) + 8
         weights = repeat(None) if self.chunk_weights is None else self.chunk_weights
         for chunk, row_weights in zip(self.chunks, weights, strict=False):
             # (K, n) layout: the reductions over components run across contiguous rows.
-            # logsumexp and the normalised exponentials in one pass, in place: exp once.
             joint, cache = kernels.log_prob(chunk)
-            joint.add_(log_weights)
-            peak = joint.amax(dim=0, keepdim=True).clamp_(min=finfo.min)
-            joint.sub_(peak)
-            negligible = joint < cutoff
-            resp = joint.clamp_(min=cutoff).exp_().masked_fill_(negligible, 0.0)
-            total = resp.sum(dim=0, keepdim=True)
-            resp.div_(total)
-            log_norm = total.log_().add_(peak)
+            resp, log_norm, peak = normalise_log_joint(joint.add_(log_weights), dim=0)
+            log_norm.add_(peak)
             if row_weights is not None:
                 resp.mul_(row_weights[None, :])
                 log_norm.mul_(row_weights[None, :])
@@ -139,32 +125,47 @@ class MixtureEStep:
         return EStepResult(stats, float(objective), float(log_likelihood))
 
 
+# Responsibilities below e^cutoff of a row's largest are set to exactly zero (exp() of
+# underflowing arguments is slow on CPU, as are subnormal statistics). The cutoff is
+# float32's (tiny·e⁸, about 3.5e-35) in wider dtypes too, so which components no datum
+# reaches does not depend on the dtype (a log-likelihood moves by under 1e-34 relative).
+_CUTOFF = math.log(torch.finfo(torch.float32).tiny) + 8
+
+
+def normalise_log_joint(
+    joint: torch.Tensor, dim: int, keep_joint: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(resp, log_total, peak)`` from ``log π_k + log p(x_n | θ_k)`` (components along
+    ``dim``) in one in-place pass, exp once: ``log p(x_n | θ) = log_total + peak``. ``joint``
+    is overwritten by ``resp``, or (``keep_joint``) by ``log r + log_total`` at the cutoff."""
+    finfo = torch.finfo(joint.dtype)
+    cutoff = max(math.log(finfo.tiny) + 8, _CUTOFF)
+    peak = joint.amax(dim=dim, keepdim=True).clamp_(min=finfo.min)
+    negligible = joint.sub_(peak) < cutoff
+    joint.clamp_(min=cutoff)
+    resp = (joint.exp() if keep_joint else joint.exp_()).masked_fill_(negligible, 0.0)
+    total = resp.sum(dim=dim, keepdim=True)
+    return resp.div_(total), total.log_(), peak
+
+
 def score_mixture(
     family: Family, params: MixtureParams, data: torch.Tensor, chunk_size: int = 65536
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pointwise log-likelihood ``(N,)`` and log-responsibilities ``(N, K)`` of ``data``.
-
-    Args:
-        family: the bound family.
-        params: mixture parameters.
-        data: ``(N, dim)``, validated.
-        chunk_size: rows per chunk.
-    """
-    log_prob = family.log_prob_fn(params.components)
-    log_weights = params.weights.log()
-    log_norms, log_resps = [], []
-    for chunk in data.split(chunk_size):
-        joint = log_prob(family.prepare(chunk)) + log_weights
-        log_norm = torch.logsumexp(joint, dim=1)
-        log_norms.append(log_norm)
-        log_resps.append(joint - log_norm[:, None])
-    return torch.cat(log_norms), torch.cat(log_resps)
+    """Pointwise log-likelihood ``(N,)`` and log-responsibilities ``(N, K)`` of validated
+    ``data`` ``(N, dim)`` under a bound family, ``chunk_size`` rows at a time."""
+    chunks = (family.prepare(chunk) for chunk in data.split(chunk_size))
+    return mixture_log_likelihood(family.log_prob_fn(params.components), params.weights, chunks)
 
 
 def mixture_log_likelihood(
-    log_prob: Callable[[Any], torch.Tensor], log_weights: torch.Tensor, chunks: list[Any]
-) -> torch.Tensor:
-    r"""``log p(x_n | θ) = logsumexp_k (log π_k + log p(x_n | θ_k))`` ``(N,)`` over prepared
-    data chunks, differentiable (the E-step's in-place pass computes the same numbers).
-    """
-    return torch.cat([torch.logsumexp(log_prob(chunk) + log_weights, dim=1) for chunk in chunks])
+    log_prob: Callable[[Any], torch.Tensor], weights: torch.Tensor, chunks: Iterable[Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``log p(x_n | θ) = logsumexp_k (log π_k + log p(x_n | θ_k))`` ``(N,)`` and the
+    log-responsibilities ``(N, K)`` over prepared data chunks, differentiable (the
+    E-step's in-place :func:`normalise_log_joint` computes the same numbers)."""
+    log_weights, log_norms, log_resps = weights.log(), [], []
+    for chunk in chunks:
+        joint = log_prob(chunk) + log_weights
+        log_norms.append(torch.logsumexp(joint, dim=1))
+        log_resps.append(joint - log_norms[-1][:, None])
+    return torch.cat(log_norms), torch.cat(log_resps)

@@ -293,6 +293,6 @@ class StackedUpdate:
                 site = _patched_site(site, changes, self.blocks)
             uses.append((use, site, estep.weight(use.site)))
         name = self.block.name
-        prior = effective_prior(sites[name], self.block) if name in sites else None
-        new = _UPDATES[self.block.slot](current, uses, prior)
+        prior = effective_prior(sites[name]) if name in sites else None
+        new = _UPDATES[self.block.slot](current, uses, prior, self.block.jacobian)
         return torch.where(torch.isfinite(new), new, current).detach()

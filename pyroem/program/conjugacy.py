@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import pyro
@@ -34,7 +35,7 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
-from pyroem.mstep.conjugate import dirichlet_mode
+from pyroem.mstep import conjugate
 from pyroem.program._compiled import ProgramRunner
 from pyroem.program.model import ProgramModel, sample_sites
 from pyroem.spec.distributions import InverseWishart
@@ -50,6 +51,8 @@ __all__ = [
     "prior_weight",
     "recognise",
 ]
+
+Tensor = torch.Tensor
 
 # Relative tolerance of the structural checks on the probes (float64 rounding only).
 _PROBE_RTOL = 1e-9
@@ -1076,24 +1079,10 @@ def closed_form_update(
         if changes:
             site = _patched_site(site, changes, blocks or {})
         uses.append((use, site, weight))
-    prior = None if prior_site is None else effective_prior(prior_site, block)
-    update = _UPDATES[block.slot]
-    new = update(current, uses, prior)
+    prior = None if prior_site is None else effective_prior(prior_site)
+    new = _UPDATES[block.slot](current, uses, prior, block.jacobian)
     keep = ~torch.isfinite(new)
     return torch.where(keep, current, new).detach()
-
-
-class _Prior(NamedTuple):
-    """A conjugate prior's parameters as the closed forms read them (attribute names of
-    the distribution they stand for)."""
-
-    params: dict[str, torch.Tensor]
-
-    def __getattr__(self, attr: str) -> torch.Tensor:
-        try:
-            return self.params[attr]
-        except KeyError:
-            raise AttributeError(attr) from None
 
 
 # Prior families with conjugate closed forms whose parameters effective_prior adjusts.
@@ -1116,51 +1105,48 @@ def prior_weight(site: Any) -> torch.Tensor | None:
     return weight.reshape((*weight.shape, *(1,) * fn.event_dim))
 
 
-def effective_prior(site: Any, block: ClosedForm) -> Any:
+def effective_prior(site: Any) -> Any:
     r"""The prior of a block as its closed form must see it.
 
     The log prior enters the log joint weighted by ``s = scale · mask`` of its site
-    (``poutine.scale``, ``poutine.mask``), and in the unconstrained space with the
-    log-Jacobian ``j·log θ`` (``j·log(1 − θ)`` too for a probability). Both keep the
-    conjugate form; the exponents move: a ``Beta``/``Dirichlet``/``Gamma``
-    concentration ``a`` becomes ``1 + s(a − 1) + j``, a ``Gamma`` rate ``s·b``, an
-    ``InverseGamma`` concentration ``s(a + 1) − 1 − j`` and rate ``s·b``, a ``Normal``
-    scale ``σ/√s`` (``j = 0`` on the real line). ``s = 0`` gives a flat prior.
+    (``poutine.scale``, ``poutine.mask``). That keeps the conjugate form; the exponents
+    move: a ``Beta``/``Dirichlet``/``Gamma`` concentration ``a`` becomes ``1 + s(a − 1)``,
+    a ``Gamma`` rate ``s·b``, an ``InverseGamma`` concentration ``s(a + 1) − 1`` and rate
+    ``s·b``, a ``Normal`` scale ``σ/√s``. ``s = 0`` gives a flat prior. (The
+    log-Jacobian of the unconstrained space is the modes' ``unconstrained`` option.)
     """
     prior = _unwrap(site["fn"])[0]
-    weight = prior_weight(site)
-    shift = 1.0 if block.jacobian else 0.0
-    if weight is None and (not shift or isinstance(prior, dist.Normal | dist.MultivariateNormal)):
-        # No weight, and no Jacobian on the real line: the prior as declared.
+    s = prior_weight(site)
+    if s is None:
         return prior
     if not isinstance(prior, ADJUSTABLE_PRIORS):
         raise ValueError(f"no adjusted closed form for a {type(prior).__name__} prior")
-    s = torch.ones(()) if weight is None else weight
     if isinstance(prior, dist.Beta):
-        return _Prior(
-            {
-                "concentration1": 1 + s * (prior.concentration1 - 1) + shift,
-                "concentration0": 1 + s * (prior.concentration0 - 1) + shift,
-            }
+        return SimpleNamespace(
+            concentration1=1 + s * (prior.concentration1 - 1),
+            concentration0=1 + s * (prior.concentration0 - 1),
         )
     if isinstance(prior, dist.Dirichlet):
-        return _Prior({"concentration": 1 + s * (prior.concentration - 1) + shift})
+        return SimpleNamespace(concentration=1 + s * (prior.concentration - 1))
     if isinstance(prior, dist.Gamma):
-        return _Prior(
-            {"concentration": 1 + s * (prior.concentration - 1) + shift, "rate": s * prior.rate}
-        )
+        return SimpleNamespace(concentration=1 + s * (prior.concentration - 1), rate=s * prior.rate)
     if isinstance(prior, dist.InverseGamma):
-        return _Prior(
-            {"concentration": s * (prior.concentration + 1) - 1 - shift, "rate": s * prior.rate}
-        )
-    return _Prior({"loc": prior.loc, "scale": prior.scale / s.sqrt()})
+        return SimpleNamespace(concentration=s * (prior.concentration + 1) - 1, rate=s * prior.rate)
+    return SimpleNamespace(loc=prior.loc, scale=prior.scale / s.sqrt())
 
 
 def _broadcast_prior(value: torch.Tensor, *params: torch.Tensor) -> list[torch.Tensor]:
     return [p.expand(value.shape) for p in params]
 
 
-def _categorical(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor:
+def _flat_prior(value: torch.Tensor, prior: Any, *attrs: str) -> list[Any]:
+    """The prior's ``attrs`` broadcast to ``value`` and flattened; ``None`` each if flat."""
+    if prior is None:
+        return [None] * len(attrs)
+    return [p.reshape(-1) for p in _broadcast_prior(value, *(getattr(prior, a) for a in attrs))]
+
+
+def _categorical(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) -> Tensor:
     num_values = current.shape[-1]
     rows = current.reshape(-1, num_values)
     counts = torch.zeros_like(rows)
@@ -1173,143 +1159,110 @@ def _categorical(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Te
         w = w.expand(shape).sum_to_size(target).reshape(-1)
         keys = (index.expand(target).reshape(-1), value.expand(target).reshape(-1))
         counts.index_put_(keys, w, accumulate=True)
-    concentration = (
-        torch.ones_like(rows)
-        if prior is None
-        else prior.concentration.expand(current.shape).reshape(rows.shape)
-    )
-    return dirichlet_mode(counts, concentration).reshape(current.shape)
+    (concentration,) = _flat_prior(current, prior, "concentration")
+    concentration = None if concentration is None else concentration.reshape(rows.shape)
+    return conjugate.dirichlet_mode(counts, concentration, unconstrained).reshape(current.shape)
 
 
-def _binary(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor:
+_Terms = tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]
+
+
+def _row_sums(
+    current: Tensor, uses: list[Any], terms: Callable[[Any, Tensor, Tensor], _Terms]
+) -> list[Tensor]:
+    """Two weighted sums per parameter entry over all uses. ``terms(fn, x, θ[i])`` gives
+    the distribution's tensors the entries broadcast over and the factors of the two
+    products (each times the use's weight), from its family, value and parameter entries."""
     flat = current.reshape(-1)
-    successes = torch.zeros_like(flat)
-    trials = torch.zeros_like(flat)
+    sums = [torch.zeros_like(flat), torch.zeros_like(flat)]
     for use, site, weight in uses:
         fn, _ = _unwrap(site["fn"])
+        index = _compact(use.rows)
+        attrs, first, second = terms(fn, _compact(site["value"]), flat[index])
+        shape = _entry_shape(weight, use.event_ndims, site["value"], use.rows, *attrs)
+        w = _use_weight(weight, use.event_ndims)
+        more = _sums_by_row(flat.numel(), index, shape, (w, *first), (w, *second))
+        for total, extra in zip(sums, more, strict=True):
+            total += extra
+    return sums
+
+
+def _binary(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) -> Tensor:
+    def terms(fn: Any, x: Tensor, theta: Tensor) -> _Terms:
         total = fn.total_count if isinstance(fn, dist.Binomial) else torch.ones(())
-        shape = _entry_shape(weight, use.event_ndims, site["value"], use.rows, total)
-        w = _use_weight(weight, use.event_ndims)
-        x, total = _compact(site["value"]), _compact(total)
-        more_successes, more_trials = _sums_by_row(
-            flat.numel(), use.rows, shape, (w, x), (w, total)
-        )
-        successes += more_successes
-        trials += more_trials
-    if prior is None:
-        a = b = torch.ones_like(flat)
-    else:
-        a, b = (
-            p.reshape(-1)
-            for p in _broadcast_prior(current, prior.concentration1, prior.concentration0)
-        )
-    new = (successes + (a - 1)) / (trials + (a - 1) + (b - 1))
-    return new.clamp(0, 1).reshape(current.shape)
+        return (total,), (x,), (_compact(total),)
+
+    successes, trials = _row_sums(current, uses, terms)
+    a, b = _flat_prior(current, prior, "concentration1", "concentration0")
+    return conjugate.beta_mode(successes, trials, a, b, unconstrained).reshape(current.shape)
 
 
-def _rate(current: torch.Tensor, uses: list[Any], prior: Any, slot: str) -> torch.Tensor:
-    flat = current.reshape(-1)
-    counts = torch.zeros_like(flat)
-    totals = torch.zeros_like(flat)
-    for use, site, weight in uses:
-        fn, _ = _unwrap(site["fn"])
-        shape = _entry_shape(weight, use.event_ndims, site["value"], use.rows, fn.rate)
-        w = _use_weight(weight, use.event_ndims)
-        x = _compact(site["value"])
-        index = _compact(use.rows)
-        exposure = _compact(fn.rate) / flat[index]
+def _rate(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool, slot: str) -> Tensor:
+    def terms(fn: Any, x: Tensor, theta: Tensor) -> _Terms:
+        exposure = _compact(fn.rate) / theta
         if slot == "poisson":
-            terms: tuple[tuple[torch.Tensor, ...], ...] = ((w, x), (w, exposure))
-        else:
-            terms = ((w,), (w, exposure, x))
-        more_counts, more_totals = _sums_by_row(flat.numel(), index, shape, *terms)
-        counts += more_counts
-        totals += more_totals
-    if prior is None:
-        a, b = torch.ones_like(flat), torch.zeros_like(flat)
-    else:
-        a, b = (p.reshape(-1) for p in _broadcast_prior(current, prior.concentration, prior.rate))
-    return ((counts + (a - 1)).clamp(min=0) / (totals + b)).reshape(current.shape)
+            return (fn.rate,), (x,), (exposure,)
+        return (fn.rate,), (), (exposure, x)
+
+    counts, totals = _row_sums(current, uses, terms)
+    a, b = _flat_prior(current, prior, "concentration", "rate")
+    return conjugate.gamma_mode(counts, totals, a, b, unconstrained).reshape(current.shape)
 
 
-def _normal_loc(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor:
-    flat = current.reshape(-1)
-    precision = torch.zeros_like(flat)
-    weighted = torch.zeros_like(flat)
-    for use, site, weight in uses:
-        fn, _ = _unwrap(site["fn"])
-        shape = _entry_shape(weight, use.event_ndims, site["value"], use.rows, fn.loc, fn.scale)
-        w = _use_weight(weight, use.event_ndims)
-        x = _compact(site["value"])
-        index = _compact(use.rows)
-        offset = _compact(fn.loc) - flat[index]
+def _normal_loc(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) -> Tensor:
+    def terms(fn: Any, x: Tensor, theta: Tensor) -> _Terms:
         inverse = 1 / _compact(fn.scale).square()
-        more_precision, more_weighted = _sums_by_row(
-            flat.numel(), index, shape, (w, inverse), (w, inverse, x - offset)
-        )
-        precision += more_precision
-        weighted += more_weighted
-    if prior is not None:
-        mean, std = (p.reshape(-1) for p in _broadcast_prior(current, prior.loc, prior.scale))
-        prior_precision = std**-2
-        precision = precision + prior_precision
-        weighted = weighted + prior_precision * mean
-    return (weighted / precision).reshape(current.shape)
+        return (fn.loc, fn.scale), (inverse,), (inverse, x - (_compact(fn.loc) - theta))
+
+    precision, weighted = _row_sums(current, uses, terms)
+    mean, std = _flat_prior(current, prior, "loc", "scale")
+    prior_precision = None if std is None else std**-2
+    return conjugate.normal_mean_mode(weighted, precision, mean, prior_precision).reshape(
+        current.shape
+    )
 
 
-def _normal_scale(current: torch.Tensor, uses: list[Any], prior: Any, slot: str) -> torch.Tensor:
-    flat = current.reshape(-1)
-    counts = torch.zeros_like(flat)
-    squares = torch.zeros_like(flat)
-    for use, site, weight in uses:
-        fn, _ = _unwrap(site["fn"])
-        shape = _entry_shape(weight, use.event_ndims, site["value"], use.rows, fn.loc, fn.scale)
-        w = _use_weight(weight, use.event_ndims)
-        x = _compact(site["value"])
-        index = _compact(use.rows)
+def _normal_scale(
+    current: Tensor, uses: list[Any], prior: Any, unconstrained: bool, slot: str
+) -> Tensor:
+    def terms(fn: Any, x: Tensor, theta: Tensor) -> _Terms:
         loc, scale = _compact(fn.loc), _compact(fn.scale)
         # scale² = c·θ (variance) or scale⁻² = c·θ (precision); (x−loc)²/scale² = r²/(cθ) or r²cθ.
-        factor = flat[index] / scale.square()
+        factor = theta / scale.square()
         if slot == "normal-precision":
-            factor = 1 / (scale.square() * flat[index])
-        squares_of = (x - loc).square()
-        more_counts, more_squares = _sums_by_row(
-            flat.numel(), index, shape, (w,), (w, squares_of, factor)
-        )
-        counts += more_counts
-        squares += more_squares
-    if slot == "normal-variance":
-        if prior is None:
-            return (squares / counts).reshape(current.shape)
-        a, b = (p.reshape(-1) for p in _broadcast_prior(current, prior.concentration, prior.rate))
-        return ((b + squares / 2) / (a + 1 + counts / 2)).reshape(current.shape)
-    if prior is None:
-        return (counts / squares).reshape(current.shape)
-    a, b = (p.reshape(-1) for p in _broadcast_prior(current, prior.concentration, prior.rate))
-    return ((a - 1 + counts / 2).clamp(min=0) / (b + squares / 2)).reshape(current.shape)
+            factor = 1 / (scale.square() * theta)
+        return (fn.loc, fn.scale), (), ((x - loc).square(), factor)
+
+    counts, squares = _row_sums(current, uses, terms)
+    a, b = _flat_prior(current, prior, "concentration", "rate")
+    mode = conjugate.inverse_gamma_mode if slot == "normal-variance" else conjugate.gamma_mode
+    return mode(counts / 2, squares / 2, a, b, unconstrained).reshape(current.shape)
 
 
-def _mvn_loc(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor:
+def _mvn_entries(
+    use: Use, site: Any, weight: Tensor
+) -> tuple[Any, tuple[int, ...], Tensor, Tensor]:
+    """A multivariate normal use's distribution, its entries' batch shape, and their
+    weights and parameter rows, each flattened ``(entries,)``."""
+    fn, _ = _unwrap(site["fn"])
+    w = weight.reshape((*weight.shape, *(1,) * use.event_ndims))
+    shapes = (site["value"].shape[:-1], fn.loc.shape[:-1], fn.scale_tril.shape[:-2])
+    batch = _broadcast_shape(w.shape, use.rows.shape, *shapes)
+    return fn, batch, w.expand(batch).reshape(-1), use.rows.expand(batch).reshape(-1)
+
+
+def _mvn_loc(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) -> Tensor:
     dim = current.shape[-1]
     rows = current.reshape(-1, dim)
     num_rows = rows.shape[0]
     information = torch.zeros(num_rows, dim, dim, dtype=current.dtype, device=current.device)
     weighted = torch.zeros_like(rows)
     for use, site, weight in uses:
-        fn, _ = _unwrap(site["fn"])
+        fn, batch, w, index = _mvn_entries(use, site, weight)
         tril = fn.scale_tril
-        batch = _broadcast_shape(
-            weight.reshape((*weight.shape, *(1,) * use.event_ndims)).shape,
-            use.rows.shape,
-            site["value"].shape[:-1],
-            fn.loc.shape[:-1],
-            tril.shape[:-2],
-        )
         # Group entries by (parameter row, covariance entry): precisions stay unexpanded.
         tril_flat = tril.reshape(-1, dim, dim)
         tril_id = torch.arange(tril_flat.shape[0]).reshape(tril.shape[:-2])
-        w = weight.reshape((*weight.shape, *(1,) * use.event_ndims)).expand(batch).reshape(-1)
-        index = use.rows.expand(batch).reshape(-1)
         cov_id = tril_id.expand(batch).reshape(-1)
         x = site["value"].expand(*batch, dim).reshape(-1, dim)
         offset = fn.loc.expand(*batch, dim).reshape(-1, dim) - rows[index]
@@ -1320,6 +1273,7 @@ def _mvn_loc(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor
         precision = torch.cholesky_inverse(tril_flat)
         information += torch.einsum("rc,cij->rij", sum_w, precision)
         weighted += torch.einsum("cij,rcj->ri", precision, sum_wx)
+    mean = prior_precision = None
     if prior is not None:
         if isinstance(prior, dist.MultivariateNormal):
             prior_precision = torch.cholesky_inverse(prior.scale_tril)
@@ -1328,56 +1282,46 @@ def _mvn_loc(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor
         else:
             mean, std = _broadcast_prior(current, prior.loc, prior.scale)
             prior_precision = torch.diag_embed(std**-2)
-        prior_precision = prior_precision.reshape(-1, dim, dim)
-        information = information + prior_precision
-        weighted = weighted + (prior_precision @ mean.reshape(-1, dim, 1))[..., 0]
-    solution, info = torch.linalg.solve_ex(information, weighted)
-    # Rows without information (no data, flat prior) come back non-finite and keep their value.
-    solution[info > 0] = float("nan")
-    return solution.reshape(current.shape)
+        prior_precision, mean = prior_precision.reshape(-1, dim, dim), mean.reshape(-1, dim)
+    # Rows without information (no data, flat prior) come back NaN and keep their value.
+    return conjugate.mvn_mean_mode(information, weighted, mean, prior_precision).reshape(
+        current.shape
+    )
 
 
-def _mvn_covariance(current: torch.Tensor, uses: list[Any], prior: Any) -> torch.Tensor:
+def _mvn_covariance(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) -> Tensor:
     dim = current.shape[-1]
     mats = current.reshape(-1, dim, dim)
     num_rows = mats.shape[0]
     counts = torch.zeros(num_rows, dtype=current.dtype, device=current.device)
     scatter = torch.zeros_like(mats)
     for use, site, weight in uses:
-        fn, _ = _unwrap(site["fn"])
-        cov = fn.covariance_matrix
-        w = weight.reshape((*weight.shape, *(1,) * use.event_ndims))
-        batch = _broadcast_shape(
-            w.shape, use.rows.shape, site["value"].shape[:-1], fn.loc.shape[:-1], cov.shape[:-2]
-        )
-        index = use.rows.expand(batch).reshape(-1)
+        fn, batch, w, index = _mvn_entries(use, site, weight)
         # covariance = c·θ[i]; read c from the diagonal's first entry.
-        factor = (cov[..., 0, 0].expand(batch).reshape(-1)) / mats[index][:, 0, 0]
+        factor = (fn.covariance_matrix[..., 0, 0].expand(batch).reshape(-1)) / mats[index][:, 0, 0]
         residual = (site["value"] - fn.loc).expand(*batch, dim).reshape(-1, dim)
-        w = w.expand(batch).reshape(-1) / factor
+        w = w / factor
         counts += _scatter(num_rows, index, w * factor)
         for row in range(num_rows):
             chosen = index == row
             r = residual[chosen]
             scatter[row] += (r * w[chosen, None]).mT @ r
-    if prior is None:
-        new = scatter / counts[:, None, None]
-    else:
+    df = psi = None
+    if prior is not None:
         df = prior.df.expand(current.shape[:-2]).reshape(-1)
         psi = prior.scale_matrix.expand(current.shape).reshape(-1, dim, dim)
-        new = (psi + scatter) / (df + counts + dim + 1)[:, None, None]
-    return new.reshape(current.shape)
+    return conjugate.inverse_wishart_mode(scatter, counts, psi, df).reshape(current.shape)
 
 
 _UPDATES: dict[str, Any] = {
     "categorical": _categorical,
     "bernoulli": _binary,
     "binomial": _binary,
-    "poisson": lambda c, u, p: _rate(c, u, p, "poisson"),
-    "exponential": lambda c, u, p: _rate(c, u, p, "exponential"),
+    "poisson": lambda c, u, p, j: _rate(c, u, p, j, "poisson"),
+    "exponential": lambda c, u, p, j: _rate(c, u, p, j, "exponential"),
     "normal-loc": _normal_loc,
-    "normal-variance": lambda c, u, p: _normal_scale(c, u, p, "normal-variance"),
-    "normal-precision": lambda c, u, p: _normal_scale(c, u, p, "normal-precision"),
+    "normal-variance": lambda c, u, p, j: _normal_scale(c, u, p, j, "normal-variance"),
+    "normal-precision": lambda c, u, p, j: _normal_scale(c, u, p, j, "normal-precision"),
     "mvn-loc": _mvn_loc,
     "mvn-covariance": _mvn_covariance,
 }

@@ -31,11 +31,12 @@ from torch.distributions import constraints
 
 from pyroem.errors import DataError, PyroEMError, SingularCovarianceError, SpecError
 from pyroem.mstep.conjugate import (
-    gamma_exponential_rate_mode,
-    gamma_poisson_rate_mode,
-    normal_mean_mode,
-    probabilities_mode,
-    scatter_about,
+    NIWPrior,
+    beta_mode,
+    dirichlet_mode,
+    gamma_mode,
+    niw_exponent,
+    niw_mode,
     weighted_mean,
 )
 from pyroem.spec.distributions import InverseWishart
@@ -456,14 +457,6 @@ def _resolution(data: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class ResolvedNIW(NamedTuple):
-    mean: torch.Tensor  # (D,)
-    mean_precision: float
-    dof: float
-    scale: torch.Tensor  # (D, D)
-    weight: float = 1.0
-
-
 class Gaussian(Family):
     """Gaussian components with ``covariance_type`` full, diag, spherical or tied.
 
@@ -589,7 +582,7 @@ class Gaussian(Family):
             raise SpecError(f"{self!r} is not bound to data; call family.bind(data, K) first")
         return self.shift
 
-    def _resolve_prior(self, data: torch.Tensor, num_components: int) -> ResolvedNIW:
+    def _resolve_prior(self, data: torch.Tensor, num_components: int) -> NIWPrior:
         prior: NormalInverseWishart = self.prior
         dim = data.shape[1]
         mean = data.mean(0) if prior.mean is None else _per_dim(prior.mean, data, dim, "prior mean")
@@ -600,14 +593,10 @@ class Gaussian(Family):
         if not dof > dim - 1:
             raise SpecError(f"prior dof must exceed dim - 1 = {dim - 1}; got {dof}")
         # The prior's pseudo-counts on each covariance: ν plus the powers of |Σ| that the
-        # Inverse-Wishart and the mean priors add (see m_step's denominators).
-        has_mean = float(kappa > 0)
-        pseudo = {
-            "full": dof + dim + 1 + has_mean,
-            "diag": dof + 2 + has_mean,
-            "spherical": (dof + 2 + dim * has_mean) / dim,
-            "tied": dof + dim + 1 + num_components * has_mean,
-        }[self.covariance_type]
+        # Inverse-Wishart and the mean priors add (per coordinate for spherical).
+        pseudo = dof + niw_exponent(self.covariance_type, dim, num_components, kappa > 0)
+        if self.covariance_type == "spherical":
+            pseudo /= dim
         if prior.weight is None:
             weight = 0.1 / pseudo
         else:
@@ -652,7 +641,7 @@ class Gaussian(Family):
                 "prior scale must be positive definite (constant or collinear data columns make "
                 "the mclust scale singular: drop them, pass scale=, or use prior='default')"
             )
-        return ResolvedNIW(mean, kappa, dof, scale, weight)
+        return NIWPrior(mean, kappa, dof, scale, weight)
 
     # ----- kernels ------------------------------------------------------
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -816,87 +805,33 @@ class Gaussian(Family):
 
     def m_step(self, stats: GaussianStats) -> GaussianParams:
         dim = self._require_bound()
-        prior: ResolvedNIW | None = self.resolved
         counts = stats.counts
-        # A prior of weight τ (log density times τ) is the prior with scale τΨ, mean
-        # precision τκ and τ times the pseudo-counts (ν plus the |Σ| powers).
         if self.reg_covar:
             # As scikit-learn: a component no data reaches keeps finite means.
             counts = counts + 10 * torch.finfo(counts.dtype).eps
-        weight = 1.0 if prior is None else prior.weight
-        kappa = 0.0 if prior is None else weight * prior.mean_precision
-        prior_mean = None if prior is None else prior.mean - self._center
-        means = normal_mean_mode(stats.sum_x, counts, prior_mean, kappa)
-        has_mean_prior = prior is not None and kappa > 0
-        deviation = means - prior_mean if has_mean_prior and prior_mean is not None else None
-        sample_means = weighted_mean(stats.sum_x, counts)
-        scatter = scatter_about(stats.scatter, sample_means - means, counts)
-        scale = None if prior is None else weight * prior.scale
-
-        if self.covariance_type in ("diag", "spherical"):
-            if self.covariance_type == "diag":
-                if prior is None or scale is None:
-                    covariances = scatter / counts[:, None]
-                else:
-                    numer = scatter + torch.diagonal(scale)
-                    if deviation is not None:
-                        numer = numer + kappa * deviation.square()
-                    pseudo = weight * (prior.dof + 2 + has_mean_prior)
-                    covariances = numer / (counts[:, None] + pseudo)
-                covariances = covariances + self.reg_covar
-                self._check_variances(covariances, self._magnitude(stats), counts)
-            else:
-                total = scatter.sum(-1)
-                if prior is None or scale is None:
-                    covariances = total / (counts * dim)
-                else:
-                    numer = total + torch.diagonal(scale).mean()
-                    if deviation is not None:
-                        numer = numer + kappa * deviation.square().sum(-1)
-                    pseudo = weight * (prior.dof + 2 + dim * has_mean_prior)
-                    covariances = numer / (counts * dim + pseudo)
-                covariances = covariances + self.reg_covar
-                magnitude = self._magnitude(stats).amax(-1, keepdim=True)
-                self._check_variances(covariances[:, None], magnitude, counts)
-            params = GaussianParams(means + self._center, covariances)
-            _check_finite_params(params, counts, self.name)
-            return params
-
-        if self.covariance_type == "tied":
-            total = counts.sum()
-            pooled = scatter.sum(0)
-            if prior is None or scale is None:
-                covariances = pooled / total
-            else:
-                numer = pooled + scale
-                if deviation is not None:
-                    numer = numer + kappa * deviation.T @ deviation
-                num_mean_priors = means.shape[0] if has_mean_prior else 0
-                pseudo = weight * (prior.dof + dim + 1 + num_mean_priors)
-                covariances = numer / (total + pseudo)
-        else:
-            if prior is None or scale is None:
-                covariances = scatter / counts[:, None, None]
-            else:
-                numer = scatter + scale
-                if deviation is not None:
-                    numer = numer + kappa * deviation[:, :, None] * deviation[:, None, :]
-                denom = counts + weight * (prior.dof + dim + 1 + has_mean_prior)
-                covariances = numer / denom[:, None, None]
-        if self.reg_covar:
-            covariances = covariances + self.reg_covar * torch.eye(
-                dim, dtype=covariances.dtype, device=covariances.device
-            )
+        prior: NIWPrior | None = self.resolved
+        if prior is not None:  # in centred coordinates
+            prior = prior._replace(mean=prior.mean - self._center)
+        means, covariances = niw_mode(
+            prior, counts, stats.sum_x, stats.scatter, self.covariance_type
+        )
+        matrix = self.covariance_type in ("full", "tied")
+        eye = torch.eye(dim, dtype=covariances.dtype, device=covariances.device)
+        covariances = covariances + self.reg_covar * (eye if matrix else 1.0)
         params = GaussianParams(means + self._center, covariances)
-        _check_finite_params(params, counts, self.name)
+        if matrix:  # a non-finite matrix is reported as such, before its variances
+            _check_finite_params(params, counts, self.name)
         magnitude = self._magnitude(stats)
         if self.covariance_type == "tied":
-            pooled_magnitude = (counts[:, None] * magnitude).sum(0) / counts.sum()
-            self._check_variances(torch.diagonal(covariances)[None], pooled_magnitude[None], counts)
+            magnitude = ((counts[:, None] * magnitude).sum(0) / counts.sum())[None]
+        elif self.covariance_type == "spherical":
+            magnitude = magnitude.amax(-1, keepdim=True)
+        variances = covariances.diagonal(0, -2, -1) if matrix else covariances
+        self._check_variances(variances.reshape(magnitude.shape), magnitude, counts)
+        if matrix:
+            self._cholesky(covariances)
         else:
-            variances = torch.diagonal(covariances, dim1=-2, dim2=-1)
-            self._check_variances(variances, magnitude, counts)
-        self._cholesky(covariances)
+            _check_finite_params(params, counts, self.name)
         return params
 
     def _magnitude(self, stats: GaussianStats) -> torch.Tensor:
@@ -932,12 +867,12 @@ class Gaussian(Family):
             )
 
     def log_prior(self, params: GaussianParams) -> torch.Tensor:
-        prior: ResolvedNIW | None = self.resolved
+        prior: NIWPrior | None = self.resolved
         if prior is None:
             return params.means.new_zeros(())
         return prior.weight * self._log_prior_density(params, prior)
 
-    def _log_prior_density(self, params: GaussianParams, prior: ResolvedNIW) -> torch.Tensor:
+    def _log_prior_density(self, params: GaussianParams, prior: NIWPrior) -> torch.Tensor:
         """The Normal–Inverse-Wishart log density, before its weight."""
         total = params.means.new_zeros(())
         if self.covariance_type in ("full", "tied"):
@@ -1004,7 +939,7 @@ class Gaussian(Family):
 
     def pyro_params(self, num_components: int, init: GaussianParams) -> GaussianParams:
         self._require_bound()
-        prior: ResolvedNIW | None = self.resolved
+        prior: NIWPrior | None = self.resolved
         positive = constraints.positive
         if prior is None:
             cov_constraint = (
@@ -1022,7 +957,7 @@ class Gaussian(Family):
         return self._prior_sites(num_components, init, prior)
 
     def _prior_sites(
-        self, num_components: int, init: GaussianParams, prior: ResolvedNIW
+        self, num_components: int, init: GaussianParams, prior: NIWPrior
     ) -> GaussianParams:
         dim = self._require_bound()
         ones = torch.ones((), dtype=prior.scale.dtype, device=prior.scale.device)
@@ -1103,6 +1038,16 @@ class _VectorFamily(Family):
 
     def statistics(self, prepared: torch.Tensor, resp: torch.Tensor) -> RateStats:
         return RateStats(resp.sum(0), resp.T @ prepared)
+
+    # The conjugate mode from ``Σ w x``, ``Σ w`` (each ``(K, D)``) and the prior's parameters.
+    _mode: Callable[..., torch.Tensor]
+
+    def m_step(self, stats: RateStats) -> Any:
+        counts = stats.counts[:, None].expand_as(stats.sum_x)
+        prior = (None, None) if self.resolved is None else self.resolved
+        params = self.params_type(self._mode(stats.sum_x, counts, *prior))
+        _check_finite_params(params, stats.counts, self.name)
+        return params
 
     def num_parameters(self, num_components: int) -> int:
         return num_components * self._require_bound()
@@ -1214,15 +1159,7 @@ class Poisson(_VectorFamily):
 
         return poisson
 
-    def m_step(self, stats: RateStats) -> PoissonParams:
-        prior: ResolvedGamma | None = self.resolved
-        concentration = None if prior is None else prior.concentration
-        rate = None if prior is None else prior.rate
-        params = PoissonParams(
-            gamma_poisson_rate_mode(stats.sum_x, stats.counts, concentration, rate)
-        )
-        _check_finite_params(params, stats.counts, self.name)
-        return params
+    _mode = staticmethod(gamma_mode)
 
     def _check_support(self, value: torch.Tensor) -> None:
         if not bool((value >= 0).all()):
@@ -1291,14 +1228,13 @@ class Exponential(_VectorFamily):
 
         return exponential
 
+    @staticmethod
+    def _mode(sum_x: torch.Tensor, counts: torch.Tensor, *prior: Any) -> torch.Tensor:
+        return gamma_mode(counts, sum_x, *prior)
+
     def m_step(self, stats: RateStats) -> ExponentialParams:
-        prior: ResolvedGamma | None = self.resolved
-        concentration = None if prior is None else prior.concentration
-        rate = None if prior is None else prior.rate
-        rates = gamma_exponential_rate_mode(stats.sum_x, stats.counts, concentration, rate)
-        params = ExponentialParams(rates)
-        _check_finite_params(params, stats.counts, self.name)
-        if not bool((rates > 0).all()):
+        params: ExponentialParams = super().m_step(stats)
+        if not bool((params.rates > 0).all()):
             raise PyroEMError(
                 "an exponential component lost all its data (rate 0); use prior='default' "
                 "or fewer components"
@@ -1379,16 +1315,7 @@ class Bernoulli(_VectorFamily):
 
         return bernoulli
 
-    def m_step(self, stats: RateStats) -> BernoulliParams:
-        prior: ResolvedBeta | None = self.resolved
-        outcomes = torch.stack([stats.sum_x, stats.counts[:, None] - stats.sum_x], -1)
-        concentration = (
-            None if prior is None else torch.stack([prior.concentration1, prior.concentration0], -1)
-        )
-        probs = probabilities_mode(outcomes, stats.counts[:, None, None], concentration)[..., 0]
-        params = BernoulliParams(probs)
-        _check_finite_params(params, stats.counts, self.name)
-        return params
+    _mode = staticmethod(beta_mode)
 
     def _check_support(self, value: torch.Tensor) -> None:
         if not bool(((value >= 0) & (value <= 1)).all()):
@@ -1513,8 +1440,7 @@ class Categorical(Family):
     def m_step(self, stats: CategoricalStats) -> CategoricalParams:
         dim = self._require_bound()
         counts = stats.sum_onehot.view(-1, dim, self._categories())
-        probs = probabilities_mode(counts, stats.counts[:, None, None], self.resolved)
-        params = CategoricalParams(probs)
+        params = CategoricalParams(dirichlet_mode(counts, self.resolved))
         _check_finite_params(params, stats.counts, self.name)
         return params
 

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from pyroem.errors import SpecError
-from pyroem.mstep.conjugate import scatter_about, weighted_mean
+from pyroem.mstep import conjugate
 from pyroem.spec.distributions import InverseWishart
 from pyroem.spec.families import (
     Bernoulli,
@@ -50,7 +50,6 @@ __all__ = [
     "DirichletPosterior",
     "ExpectedLogDensity",
     "GammaPosterior",
-    "NIWPosterior",
     "conjugate_factor",
     "log_multivariate_beta",
 ]
@@ -130,23 +129,6 @@ class ConjugateFactor(ABC):
 # ---------------------------------------------------------------------------
 
 
-class NIWPosterior(NamedTuple):
-    r"""``q(μ_k, Σ_k)``: ``Σ_k ~ InverseWishart(dof_k, scale_k)``,
-    ``μ_k | Σ_k ~ Normal(mean_k, Σ_k / mean_precision_k)``.
-
-    For diag each variance is ``InverseGamma(dof_k / 2, scale_kd / 2)`` and for
-    spherical the one variance is ``InverseGamma(dof_k / 2, scale_k / 2)``, as in the
-    prior. Shapes: mean ``(K, D)`` (about the family's shift), mean_precision ``(K,)``,
-    dof ``(K,)`` (tied: ``()``), scale full ``(K, D, D)``, tied ``(D, D)``, diag
-    ``(K, D)``, spherical ``(K,)``.
-    """
-
-    mean: torch.Tensor
-    mean_precision: torch.Tensor
-    dof: torch.Tensor
-    scale: torch.Tensor
-
-
 class _GaussianFactor(ConjugateFactor):
     """Normal–Inverse-Wishart posterior of every covariance type."""
 
@@ -161,7 +143,6 @@ class _GaussianFactor(ConjugateFactor):
         if family.shift is None:
             raise SpecError(f"{family!r} is not bound to data; call family.bind(data, K) first")
         self.shift = family.shift
-        self.prior_mean = prior.mean - self.shift
         self.kappa0 = float(prior.mean_precision)
         self.nu0 = float(prior.dof)
         if self.kappa0 <= 0:
@@ -173,7 +154,7 @@ class _GaussianFactor(ConjugateFactor):
         # Σ-dimension of the Inverse-Wishart: D for full/tied, 1 for each diag/spherical
         # variance. E_q[Σ] = Ψ / (ν − p − 1) needs ν > p + 1 for every component.
         self.matrix = self.kind in ("full", "tied")
-        self.iw_dim = dim if self.matrix else 1
+        self.iw_dim = conjugate.niw_dim(self.kind, dim)
         if not self.nu0 > self.iw_dim + 1:
             raise SpecError(
                 f"vb-em reports the posterior mean of the covariances, E_q[Σ] = Ψ/(ν − "
@@ -181,45 +162,27 @@ class _GaussianFactor(ConjugateFactor):
                 f"covariance_type={self.kind!r}; got dof={self.nu0}. Raise dof (the default "
                 "is dim + 2)"
             )
-        scale = prior.scale
-        if self.matrix:
-            self.scale0 = scale
-        elif self.kind == "diag":
-            self.scale0 = torch.diagonal(scale).clone()
-        else:
-            self.scale0 = torch.diagonal(scale).mean()
+        self.prior = conjugate.NIWPrior(prior.mean - self.shift, self.kappa0, self.nu0, prior.scale)
+        scale0 = conjugate.niw_prior_scale(prior.scale, self.kind)
         self.log_det_scale0 = (
-            _log_det(torch.linalg.cholesky(scale)) if self.matrix else self.scale0.log()
+            _log_det(torch.linalg.cholesky(scale0)) if self.matrix else scale0.log()
         )
 
-    def update(self, stats: GaussianStats) -> NIWPosterior:
-        counts = stats.counts
-        kappa = self.kappa0 + counts
-        mean = (self.kappa0 * self.prior_mean + stats.sum_x) / kappa[:, None]
-        deviation = mean - self.prior_mean
-        offsets = weighted_mean(stats.sum_x, counts) - mean
-        scatter = scatter_about(stats.scatter, offsets, counts)
-        if self.kind == "full":
-            outer = deviation[:, :, None] * deviation[:, None, :]
-            return NIWPosterior(
-                mean, kappa, self.nu0 + counts, self.scale0 + scatter + self.kappa0 * outer
-            )
-        if self.kind == "tied":
-            scale = self.scale0 + scatter.sum(0) + self.kappa0 * deviation.T @ deviation
-            return NIWPosterior(mean, kappa, self.nu0 + counts.sum(), scale)
-        quad = scatter + self.kappa0 * deviation.square()
-        if self.kind == "diag":
-            return NIWPosterior(mean, kappa, self.nu0 + counts, self.scale0 + quad)
-        return NIWPosterior(mean, kappa, self.nu0 + self.dim * counts, self.scale0 + quad.sum(-1))
+    def update(self, stats: GaussianStats) -> conjugate.NIWPosterior:
+        return conjugate.niw_posterior(
+            self.prior, stats.counts, stats.sum_x, stats.scatter, self.kind
+        )
 
-    def _log_det_scale(self, posterior: NIWPosterior) -> torch.Tensor:
+    def _log_det_scale(self, posterior: conjugate.NIWPosterior) -> torch.Tensor:
         """``log |Ψ|`` per Inverse-Wishart factor: full ``(K,)``, tied ``()``, diag
         ``(K, D)``, spherical ``(K,)``."""
         if self.matrix:
             return _log_det(torch.linalg.cholesky(posterior.scale))
         return posterior.scale.log()
 
-    def log_normaliser(self, posterior: NIWPosterior, stats: GaussianStats) -> torch.Tensor:
+    def log_normaliser(
+        self, posterior: conjugate.NIWPosterior, stats: GaussianStats
+    ) -> torch.Tensor:
         # log Z = −N D/2 log π + D/2 Σ_k log(κ0/κ_k) + Σ_factors [ν0/2 log|Ψ0| − ν/2 log|Ψ|
         #         + log Γ_p(ν/2) − log Γ_p(ν0/2)]   (p = Inverse-Wishart dimension)
         dim, p = self.dim, self.iw_dim
@@ -239,17 +202,9 @@ class _GaussianFactor(ConjugateFactor):
         """``dof`` broadcastable against the scale: ``(K, 1)`` for diag, else as is."""
         return dof[:, None] if self.kind == "diag" else dof
 
-    def _covariance_shape(self, values: torch.Tensor, dof: torch.Tensor) -> torch.Tensor:
-        """``values / dof`` with the dof broadcast over the scale's shape."""
-        if self.kind == "full":
-            return values / dof[:, None, None]
-        if self.kind == "diag":
-            return values / dof[:, None]
-        return values / dof
-
     def expected_log_density(
         self,
-        posterior: NIWPosterior,
+        posterior: conjugate.NIWPosterior,
         expected_log_weights: torch.Tensor,
         log_mean_weights: torch.Tensor,
     ) -> ExpectedLogDensity:
@@ -259,12 +214,10 @@ class _GaussianFactor(ConjugateFactor):
         #   log N(x | m, cW) = L/c + (1 − 1/c)·(−D/2 log 2π − ½ log|W|) − D/2 log c.
         dim, p = self.dim, self.iw_dim
         dof, kappa = posterior.dof, posterior.mean_precision
-        covariance = self._covariance_shape(posterior.scale, dof)
+        covariance = conjugate.niw_divide(posterior.scale, dof, self.kind)
         kernel = self.family.log_prob_fn(GaussianParams(posterior.mean + self.shift, covariance))
-        offsets = torch.arange(p, dtype=dof.dtype, device=dof.device)
-        # E log|Λ| + log|W| per Inverse-Wishart factor: Σ_i ψ((ν − i)/2) + p log 2 − p log ν.
-        per_factor = torch.special.digamma(0.5 * (dof[..., None] - offsets)).sum(-1)
-        per_factor = per_factor + p * math.log(2.0) - p * dof.log()
+        # E log|Λ| + log|W| per Inverse-Wishart factor (log|W| = log|Ψ| − p log ν).
+        per_factor = conjugate.wishart_expected_log_det(dof, p) - p * dof.log()
         extra = 0.5 * (dim // p) * per_factor - 0.5 * dim / kappa + expected_log_weights
         log_det_scale = self._log_det_scale(posterior)
         if self.kind == "diag":
@@ -283,13 +236,11 @@ class _GaussianFactor(ConjugateFactor):
 
         return gaussian
 
-    def expected_params(self, posterior: NIWPosterior) -> GaussianParams:
-        dof = posterior.dof - self.iw_dim - 1
-        return GaussianParams(
-            posterior.mean + self.shift, self._covariance_shape(posterior.scale, dof)
-        )
+    def expected_params(self, posterior: conjugate.NIWPosterior) -> GaussianParams:
+        expected = conjugate.niw_divide(posterior.scale, posterior.dof - self.iw_dim - 1, self.kind)
+        return GaussianParams(posterior.mean + self.shift, expected)
 
-    def sample(self, posterior: NIWPosterior, num_draws: int) -> dict[str, torch.Tensor]:
+    def sample(self, posterior: conjugate.NIWPosterior, num_draws: int) -> dict[str, torch.Tensor]:
         mean, kappa, dof, scale = posterior
         if self.matrix:
             covariances = InverseWishart(dof, scale).rsample((num_draws,))
@@ -306,7 +257,7 @@ class _GaussianFactor(ConjugateFactor):
         offsets = noise * (variances / kappa[:, None]).sqrt()
         return {"means": mean + self.shift + offsets, "covariances": covariances}
 
-    def to_user(self, posterior: NIWPosterior) -> dict[str, torch.Tensor]:
+    def to_user(self, posterior: conjugate.NIWPosterior) -> dict[str, torch.Tensor]:
         return {
             "mean": posterior.mean + self.shift,
             "mean_precision": posterior.mean_precision,
@@ -389,9 +340,10 @@ class _GammaFactor(ConjugateFactor):
 
     def update(self, stats: RateStats) -> GammaPosterior:
         counts = stats.counts[:, None]
-        if self.poisson:
-            return GammaPosterior(self.concentration0 + stats.sum_x, self.rate0 + counts)
-        return GammaPosterior(self.concentration0 + counts, self.rate0 + stats.sum_x)
+        shape, rate = (stats.sum_x, counts) if self.poisson else (counts, stats.sum_x)
+        return GammaPosterior(
+            *conjugate.gamma_posterior(shape, rate, self.concentration0, self.rate0)
+        )
 
     def log_normaliser(self, posterior: GammaPosterior, stats: RateStats) -> torch.Tensor:
         return _log_gamma_normaliser(
@@ -406,7 +358,7 @@ class _GammaFactor(ConjugateFactor):
     ) -> ExpectedLogDensity:
         concentration, rate = posterior
         mean = concentration / rate
-        expected_log = torch.special.digamma(concentration) - rate.log()
+        expected_log = conjugate.gamma_expected_log(concentration, rate)
         if self.poisson:
             # x log λ − λ (the −log x! is the data constant)
             total = -mean.sum(-1)
@@ -450,9 +402,9 @@ class _BetaFactor(ConjugateFactor):
         self.concentration0 = family.resolved.concentration0
 
     def update(self, stats: RateStats) -> BetaPosterior:
-        failures = stats.counts[:, None] - stats.sum_x
+        trials = stats.counts[:, None]
         return BetaPosterior(
-            self.concentration1 + stats.sum_x, self.concentration0 + failures.clamp(min=0)
+            *conjugate.beta_posterior(stats.sum_x, trials, self.concentration1, self.concentration0)
         )
 
     def log_normaliser(self, posterior: BetaPosterior, stats: RateStats) -> torch.Tensor:
@@ -467,9 +419,7 @@ class _BetaFactor(ConjugateFactor):
         log_mean_weights: torch.Tensor,
     ) -> ExpectedLogDensity:
         ones, zeros = posterior
-        digamma_total = torch.special.digamma(ones + zeros)
-        log_p = torch.special.digamma(ones) - digamma_total
-        log_q = torch.special.digamma(zeros) - digamma_total
+        log_p, log_q = conjugate.dirichlet_expected_log(torch.stack([ones, zeros], -1)).unbind(-1)
         mean = ones / (ones + zeros)
         plug_p, plug_q = mean.log(), torch.log1p(-mean)
         return _linear_kernel(
@@ -518,7 +468,7 @@ class _DirichletFactor(ConjugateFactor):
         concentration = posterior.concentration
         num_components = concentration.shape[0]
         totals = concentration.sum(-1, keepdim=True)
-        expected_log = torch.special.digamma(concentration) - torch.special.digamma(totals)
+        expected_log = conjugate.dirichlet_expected_log(concentration)
         plug_in = (concentration / totals).log()
         return _linear_kernel(
             expected_log.reshape(num_components, -1),

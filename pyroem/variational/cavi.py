@@ -40,8 +40,9 @@ from pyroem.checkpoint import to_device
 from pyroem.diagnostics import independent_chains
 from pyroem.em import EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.errors import SpecError
-from pyroem.estep.enumerate import MixtureEStep, add_statistics, score_mixture
+from pyroem.estep.enumerate import MixtureEStep, add_statistics, normalise_log_joint, score_mixture
 from pyroem.initialization import initial_params, seeded_generator
+from pyroem.mstep.conjugate import NIWPosterior, dirichlet_expected_log
 from pyroem.options import check_integer, with_defaults
 from pyroem.results import FitResult
 from pyroem.spec.mixture import Mixture, MixtureParams
@@ -51,7 +52,6 @@ from pyroem.variational._cavi_conjugate import (
     DirichletPosterior,
     ExpectedLogDensity,
     GammaPosterior,
-    NIWPosterior,
     conjugate_factor,
     log_multivariate_beta,
 )
@@ -85,30 +85,6 @@ class CaviStats(NamedTuple):
 
     stats: Any
     entropy: torch.Tensor
-
-
-def _responsibilities(joint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalise ``joint`` ``(n, K)`` (overwritten) into responsibilities.
-
-    Returns:
-        ``(resp, entropy)``: responsibilities ``(n, K)`` and ``−Σ r log r`` of the chunk.
-    """
-    finfo = torch.finfo(joint.dtype)
-    peak = joint.amax(dim=1, keepdim=True).clamp_(min=finfo.min)
-    joint.sub_(peak)
-    # As in the MAP E-step: responsibilities below e^cutoff of the row's largest
-    # (tiny·e⁸) are set to exactly zero (subnormal exponentials are slow), and the
-    # shifted logs stay finite.
-    cutoff = math.log(finfo.tiny) + 8
-    negligible = joint < cutoff
-    joint.clamp_(min=cutoff)
-    resp = joint.exp().masked_fill_(negligible, 0.0)
-    total = resp.sum(dim=1, keepdim=True)
-    resp.div_(total)
-    log_total = total.log_()
-    # log r = joint − log_total and Σ_k r = 1, so −Σ r log r = Σ_n log_total − Σ r·joint.
-    entropy = log_total.sum() - torch.dot(resp.reshape(-1), joint.reshape(-1))
-    return resp, entropy
 
 
 class _CaviEngine(Engine):
@@ -211,10 +187,11 @@ class _CaviEngine(Engine):
         entropy = log_likelihood = params.weights_concentration.new_zeros(())
         for chunk in self.chunks:
             joint, plug_in = kernel(chunk)
-            resp, chunk_entropy = _responsibilities(joint)
+            resp, log_total, _ = normalise_log_joint(joint, dim=1, keep_joint=True)
             chunk_stats = self.factor.statistics(chunk, resp)
             stats = chunk_stats if stats is None else add_statistics(stats, chunk_stats)
-            entropy = entropy + chunk_entropy
+            # log r = joint − log_total, Σ_k r = 1: −Σ r log r = Σ_n log_total − Σ r·joint.
+            entropy = entropy + log_total.sum() - torch.dot(resp.reshape(-1), joint.reshape(-1))
             log_likelihood = log_likelihood + torch.logsumexp(plug_in, 1).sum()
         return EStepResult(
             CaviStats(stats, entropy), math.nan, float(log_likelihood) + self.data_constant
@@ -229,15 +206,9 @@ def expected_weights(concentration: torch.Tensor) -> tuple[torch.Tensor, torch.T
     :math:`E\log π_k = E\log v_k + Σ_{j<k} E\log(1 − v_j)`.
     """
     if concentration.ndim == 1:
-        total = concentration.sum()
-        return (
-            torch.special.digamma(concentration) - torch.special.digamma(total),
-            concentration / total,
-        )
+        return dirichlet_expected_log(concentration), concentration / concentration.sum()
     first, second = concentration.unbind(-1)
-    log_total = torch.special.digamma(first + second)
-    log_stick = torch.special.digamma(first) - log_total
-    log_rest = torch.special.digamma(second) - log_total
+    log_stick, log_rest = dirichlet_expected_log(concentration).unbind(-1)
     expected_log = log_stick + log_rest.cumsum(0) - log_rest
     mean = first / (first + second) * _before(second / (first + second))
     return expected_log, mean / mean.sum()
@@ -263,7 +234,7 @@ def _assignment_probs(
     out = []
     for chunk in chunks:
         joint, _ = kernel(chunk)
-        out.append(_responsibilities(joint)[0])
+        out.append(normalise_log_joint(joint, dim=1)[0])
     return torch.cat(out)
 
 
