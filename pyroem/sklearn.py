@@ -109,7 +109,8 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
         raise NotImplementedError
 
     def _fit_options(self) -> dict[str, Any]:
-        return {}
+        # scikit-learn's tol is on the change of the mean log-likelihood alone.
+        return {"stop_rule": "objective"}
 
     # ----- fitting -----------------------------------------------------------------
     def _validate_data(self, X: Any, reset: bool) -> np.ndarray:
@@ -529,12 +530,15 @@ class BayesianGaussianMixture(_GaussianBase):
     scikit-learn) is vb-em's truncated stick-breaking prior; ``weight_concentration_``
     is then the sticks' Beta parameters ``(γ_1, γ_2)``.
 
-    Differences from scikit-learn, each named in the error it raises or the README:
-    ``degrees_of_freedom_prior=None``
-    resolves to ``n_features + 2`` for full and tied covariances (and 3 for diag and
-    spherical), because vb-em reports ``E_q[Σ]``, which needs ``dof > p + 1``;
-    ``reg_covar`` is accepted for compatibility and not used (the Wishart posterior is
-    proper without it); ``tol`` is on the change of the whole ELBO, as in scikit-learn.
+    The priors resolve as scikit-learn's (``degrees_of_freedom_prior=None`` is
+    ``n_features``; any value above ``n_features − 1`` is proper), ``reg_covar`` is added
+    to each component's covariance estimate in every update, and ``tol`` is on the
+    change of the whole ELBO, as in scikit-learn. For ``"tied"`` covariances scikit-learn
+    counts the shared precision's prior ``n_components`` times; the fit is pyroem's tied
+    model with ``dof = n_components·degrees_of_freedom_prior`` and scale
+    ``n_components·covariance_prior``, which is the same iteration, and
+    ``degrees_of_freedom_`` is reported on scikit-learn's scale. For ``D > 1``, diag and
+    spherical covariances are pyroem's Normal–Inverse-Gamma model, not scikit-learn's.
     """
 
     _method = "vb-em"
@@ -621,9 +625,8 @@ class BayesianGaussianMixture(_GaussianBase):
             if self.mean_prior is None
             else np.asarray(self.mean_prior, dtype=np.float64)
         )
-        matrix = kind in ("full", "tied")
         self.degrees_of_freedom_prior_ = (
-            float(dim + 2 if matrix else 3)
+            float(dim)
             if self.degrees_of_freedom_prior is None
             else float(self.degrees_of_freedom_prior)
         )
@@ -649,17 +652,22 @@ class BayesianGaussianMixture(_GaussianBase):
             scale = np.diag(scale)
         elif self.covariance_type == "spherical":
             scale = float(scale)
+        shared = self._tied_count()
         prior = NormalInverseWishart(
             mean=self.mean_prior_.tolist(),
             mean_precision=self.mean_precision_prior_,
-            dof=self.degrees_of_freedom_prior_,
-            scale=np.asarray(scale).tolist(),
+            dof=shared * self.degrees_of_freedom_prior_,
+            scale=(shared * np.asarray(scale)).tolist(),
         )
         return Mixture(
             self.n_components,
-            Gaussian(self.covariance_type, prior=prior),
+            Gaussian(self.covariance_type, prior=prior, reg_covar=float(self.reg_covar)),
             weights_prior=self.weight_concentration_prior_,
         )
+
+    def _tied_count(self) -> int:
+        """How often scikit-learn counts the covariance prior: ``n_components`` if tied."""
+        return self.n_components if self.covariance_type == "tied" else 1
 
     def _fit_options(self) -> dict[str, Any]:
         return {"num_draws": 0, "weights_prior_type": self.weight_concentration_prior_type}
@@ -702,7 +710,7 @@ class BayesianGaussianMixture(_GaussianBase):
         self.mean_precision_ = posterior["mean_precision"].numpy().astype(dtype)
         self.means_ = posterior["mean"].numpy().astype(dtype)
         dof = posterior["dof"].numpy()
-        self.degrees_of_freedom_ = dof.astype(dtype)
+        self.degrees_of_freedom_ = (dof / self._tied_count()).astype(dtype)
         scale = posterior["scale"].numpy()
         if self.covariance_type == "full":
             covariances = scale / dof[:, None, None]

@@ -194,3 +194,123 @@ def test_sample_weight_equals_scikit_learn_on_repeated_rows(covariance_type: str
     for name in ("weights_", "means_", "covariances_"):
         np.testing.assert_allclose(getattr(ours, name), getattr(theirs, name), rtol=1e-10)
     np.testing.assert_allclose(ours.lower_bounds_[:-1], theirs.lower_bounds_[1:], rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------
+# BayesianGaussianMixture against scikit-learn's from the same start
+# ---------------------------------------------------------------------------
+
+
+def _faithful() -> np.ndarray:
+    from pyroem.datasets import load_faithful
+
+    data = load_faithful().data.numpy()
+    return (data - data.mean(0)) / data.std(0)
+
+
+def _bayesian_start(covariance_type: str) -> dict[str, np.ndarray]:
+    covariances = {
+        "full": np.stack([0.3 * np.eye(2), 0.6 * np.eye(2) + 0.1, 0.4 * np.eye(2)]),
+        "tied": 0.5 * np.eye(2) + 0.05,
+    }[covariance_type]
+    means = np.array([[-1.2, -1.2], [0.1, 0.1], [1.0, 1.0]])
+    return {"weights": np.array([0.3, 0.3, 0.4]), "means": means, "covariances": covariances}
+
+
+def _scipy_responsibilities(data: np.ndarray, start: dict[str, np.ndarray]) -> np.ndarray:
+    from scipy.special import logsumexp
+    from scipy.stats import multivariate_normal
+
+    covariances = start["covariances"]
+    if covariances.ndim == 2:
+        covariances = np.repeat(covariances[None], 3, 0)
+    densities = [
+        multivariate_normal(mean, covariance).logpdf(data)
+        for mean, covariance in zip(start["means"], covariances, strict=True)
+    ]
+    log_joint = np.log(start["weights"]) + np.stack(densities, 1)
+    return np.exp(log_joint - logsumexp(log_joint, axis=1, keepdims=True))
+
+
+class _SklearnFromResponsibilities(mixture.BayesianGaussianMixture):
+    """scikit-learn's class whose first M-step uses given responsibilities."""
+
+    def __init__(self, start_resp: np.ndarray | None = None, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.start_resp = start_resp
+
+    def _initialize_parameters(
+        self, X: np.ndarray, random_state: object, xp: object = None
+    ) -> None:
+        self._initialize(X, self.start_resp)
+
+
+BAYESIAN_CASES = [
+    ("full", {}),  # scikit-learn's defaults: degrees_of_freedom_prior = D
+    ("full", {"degrees_of_freedom_prior": 1.3}),  # D − 1 < ν0 < D: E_q[Σ] may not exist
+    ("full", {"reg_covar": 1e-2}),
+    ("tied", {}),
+    ("tied", {"reg_covar": 1e-2}),
+]
+
+
+@pytest.mark.parametrize(("covariance_type", "options"), BAYESIAN_CASES)
+def test_bayesian_mixture_follows_scikit_learn_with_its_defaults(
+    covariance_type: str, options: dict[str, float]
+) -> None:
+    """From the same start (θ_0 for pyroem, its exact responsibilities for scikit-learn),
+    with scikit-learn's default priors, both run the same CAVI iteration: the variational
+    parameters and the lower bounds agree to round-off at every step."""
+    from scipy.special import multigammaln
+
+    from pyroem.sklearn import BayesianGaussianMixture
+
+    data = _faithful()
+    start = _bayesian_start(covariance_type)
+
+    class FromStart(BayesianGaussianMixture):
+        def _start(self, spec: object, family: object, tensor: object, seed: int) -> dict:
+            return dict(start)
+
+    iterations = 15
+    settings = {"n_components": 3, "covariance_type": covariance_type, "tol": 0.0, **options}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ours = FromStart(max_iter=iterations, **settings).fit(data)
+        # pyroem's first state is scikit-learn's first iteration, so one iteration more.
+        theirs = _SklearnFromResponsibilities(
+            start_resp=_scipy_responsibilities(data, start), max_iter=iterations + 1, **settings
+        ).fit(data)
+    for name in ("weights_", "means_", "covariances_", "precisions_", "degrees_of_freedom_"):
+        np.testing.assert_allclose(getattr(ours, name), getattr(theirs, name), rtol=1e-10)
+    np.testing.assert_allclose(ours.mean_precision_, theirs.mean_precision_, rtol=1e-10)
+    for sticks, expected in zip(
+        ours.weight_concentration_, theirs.weight_concentration_, strict=True
+    ):
+        np.testing.assert_allclose(sticks, expected, rtol=1e-10)
+    np.testing.assert_allclose(ours.predict_proba(data), theirs.predict_proba(data), atol=1e-10)
+    bounds = np.array([float(np.sum(bound)) for bound in theirs.lower_bounds_[1:]])
+    assert bounds[-1] - bounds[0] > 0.5  # the path moved
+    np.testing.assert_allclose(np.diff(ours.lower_bounds_), np.diff(bounds), rtol=1e-9)
+    if covariance_type == "full":
+        # scikit-learn's lower bound leaves out terms fixed by the prior and N: the
+        # Beta(1, α) normalisers −K log α of the sticks and, per component, the
+        # Normal–Wishart constants D/2 log κ0 + ν0/2 log|Ψ0| − log Γ_D(ν0/2)
+        # − ν0 D/2 log 2 + D(D − 1)/4 log π; and −N D/2 log 2π.
+        num_data, dim = data.shape
+        nu0, kappa0 = ours.degrees_of_freedom_prior_, ours.mean_precision_prior_
+        per_component = (
+            0.5 * dim * np.log(kappa0)
+            + 0.5 * nu0 * np.linalg.slogdet(ours.covariance_prior_)[1]
+            - multigammaln(nu0 / 2, dim)
+            - 0.5 * nu0 * dim * np.log(2)
+            + 0.25 * dim * (dim - 1) * np.log(np.pi)
+        )
+        omitted = (
+            3 * np.log(ours.weight_concentration_prior_)
+            - 0.5 * num_data * dim * np.log(2 * np.pi)
+            + 3 * per_component
+        )
+        assert ours.lower_bound_ == pytest.approx(theirs.lower_bound_ + omitted, rel=1e-12)
+    # pyroem.fit's params stay finite: E_q[Σ] when ν0 > D + 1, else E_q[Λ]⁻¹ = Ψ/ν.
+    assert np.isfinite(ours._result.params["covariances"].numpy()).all()

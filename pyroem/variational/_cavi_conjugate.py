@@ -130,6 +130,15 @@ class ConjugateFactor(ABC):
 # ---------------------------------------------------------------------------
 
 
+def _add_to_diagonal(scatter: torch.Tensor, amount: torch.Tensor, kind: str) -> torch.Tensor:
+    """``scatter`` (``(K, D, D)``, or its diagonals ``(K, D)``) with ``amount`` ``(K,)``
+    added to each component's diagonal."""
+    if scatter.ndim == 3:
+        eye = torch.eye(scatter.shape[-1], dtype=scatter.dtype, device=scatter.device)
+        return scatter + amount[:, None, None] * eye
+    return scatter + amount[:, None]
+
+
 class NIWPosterior(NamedTuple):
     r"""``q(μ_k, Σ_k)``: ``Σ_k ~ InverseWishart(dof_k, scale_k)``,
     ``μ_k | Σ_k ~ Normal(mean_k, Σ_k / mean_precision_k)``.
@@ -164,6 +173,7 @@ class _GaussianFactor(ConjugateFactor):
         self.prior_mean = prior.mean - self.shift
         self.kappa0 = float(prior.mean_precision)
         self.nu0 = float(prior.dof)
+        self.reg_covar = family.reg_covar
         if self.kappa0 <= 0:
             raise SpecError(
                 "vb-em needs a proper prior: the NormalInverseWishart prior has "
@@ -171,16 +181,14 @@ class _GaussianFactor(ConjugateFactor):
                 "distribution); use prior='default' or a positive mean_precision"
             )
         # Σ-dimension of the Inverse-Wishart: D for full/tied, 1 for each diag/spherical
-        # variance. E_q[Σ] = Ψ / (ν − p − 1) needs ν > p + 1 for every component.
+        # variance. q(Σ_k) is proper and E_q[Λ], E_q[log |Λ|] are finite for ν > p − 1,
+        # which the family's ν0 > D − 1 ensures; E_q[Σ] = Ψ/(ν − p − 1) needs ν > p + 1.
         self.matrix = self.kind in ("full", "tied")
         self.iw_dim = dim if self.matrix else 1
-        if not self.nu0 > self.iw_dim + 1:
-            raise SpecError(
-                f"vb-em reports the posterior mean of the covariances, E_q[Σ] = Ψ/(ν − "
-                f"{self.iw_dim} − 1), which needs prior dof > {self.iw_dim + 1} for "
-                f"covariance_type={self.kind!r}; got dof={self.nu0}. Raise dof (the default "
-                "is dim + 2)"
-            )
+        # The reported covariances: E_q[Σ] = Ψ/(ν − p − 1) when the prior makes it finite
+        # for every component (ν0 > p + 1), else E_q[Λ]⁻¹ = Ψ/ν (scikit-learn's
+        # covariances_), which every proper q has.
+        self.covariance_dof_offset = self.iw_dim + 1 if self.nu0 > self.iw_dim + 1 else 0
         scale = prior.scale
         if self.matrix:
             self.scale0 = scale
@@ -199,6 +207,10 @@ class _GaussianFactor(ConjugateFactor):
         deviation = mean - self.prior_mean
         offsets = weighted_mean(stats.sum_x, counts) - mean
         scatter = scatter_about(stats.scatter, offsets, counts)
+        if self.reg_covar:
+            # As scikit-learn's BayesianGaussianMixture: reg_covar on the diagonal of each
+            # component's covariance estimate, i.e. N_k·reg_covar on its scatter's diagonal.
+            scatter = _add_to_diagonal(scatter, self.reg_covar * counts, self.kind)
         if self.kind == "full":
             outer = deviation[:, :, None] * deviation[:, None, :]
             return NIWPosterior(
@@ -255,7 +267,8 @@ class _GaussianFactor(ConjugateFactor):
     ) -> ExpectedLogDensity:
         # With W = Ψ/ν (so W⁻¹ = E_q[Λ]) and L = log N(x | m, W), the expected log-density is
         #   E_q log N(x | μ, Σ) = L + ½(E_q log|Λ| + log|W|) − D/(2κ)
-        # and the density at E_q[Σ] = c W (c = ν/(ν − p − 1)) is an affine map of L:
+        # and the density at the reported covariance c W (c = ν/(ν − p − 1) for E_q[Σ],
+        # 1 for E_q[Λ]⁻¹) is an affine map of L:
         #   log N(x | m, cW) = L/c + (1 − 1/c)·(−D/2 log 2π − ½ log|W|) − D/2 log c.
         dim, p = self.dim, self.iw_dim
         dof, kappa = posterior.dof, posterior.mean_precision
@@ -272,7 +285,7 @@ class _GaussianFactor(ConjugateFactor):
         elif self.kind == "spherical":
             log_det_scale = dim * log_det_scale
         log_det_w = log_det_scale - dim * dof.log()
-        ratio = dof / (dof - p - 1)
+        ratio = dof / (dof - self.covariance_dof_offset)
         constant = -0.5 * dim * math.log(2 * math.pi) - 0.5 * log_det_w
         inverse = ratio.reciprocal().expand_as(kappa)
         offset = (1 - inverse) * constant - 0.5 * dim * ratio.log() + log_mean_weights
@@ -284,7 +297,7 @@ class _GaussianFactor(ConjugateFactor):
         return gaussian
 
     def expected_params(self, posterior: NIWPosterior) -> GaussianParams:
-        dof = posterior.dof - self.iw_dim - 1
+        dof = posterior.dof - self.covariance_dof_offset
         return GaussianParams(
             posterior.mean + self.shift, self._covariance_shape(posterior.scale, dof)
         )

@@ -260,7 +260,10 @@ class VariationalFit(FitResult):
     - ``params``: the posterior means under ``q``: ``weights`` ``E_q[π] = α̂/Σα̂``;
       gaussian ``means`` ``E_q[μ_k] = m_k`` and ``covariances``
       ``E_q[Σ_k] = Ψ_k / (ν_k − D − 1)`` (full, tied) or ``Ψ_k / (ν_k − 2)`` per variance
-      (diag, spherical); ``rates`` ``a/b``; ``probs`` ``E_q[p]``.
+      (diag, spherical) when the prior's ``dof`` exceeds ``D + 1`` (diag, spherical: 2),
+      else ``E_q[Λ_k]⁻¹ = Ψ_k / ν_k`` (``E_q[Σ_k]`` need not be finite then; any
+      ``dof > D − 1`` gives a proper ``q``); ``rates`` ``a/b``;
+      ``probs`` ``E_q[p]``.
       ``log_likelihood()``, ``bic()``, ``aic()``, ``score_samples()`` and ``log_joint()``
       (log-likelihood plus log prior) are evaluated at these expected parameters.
     - ``history.objective``: the ELBO after each iteration (entry 0: the first complete
@@ -489,7 +492,7 @@ def fit_mixture_cavi(
 
     Raises:
         SpecError: a flat prior (``prior=None`` or ``mean_precision=0``), which has no
-            posterior; a gaussian prior ``dof`` too small for ``E_q[Σ]`` to exist; an
+            posterior; a gaussian prior ``dof ≤ D − 1``; an
             unknown option.
     """
     num_draws, weight_threshold, prior_type = _check_cavi_options(dict(options))
