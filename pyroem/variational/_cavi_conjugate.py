@@ -120,8 +120,11 @@ class ConjugateFactor(ABC):
     def to_user(self, posterior: Any) -> dict[str, torch.Tensor]:
         """The parameters of ``q(θ)``, named like the fields of the prior object."""
 
-    def data_constant(self, prepared: torch.Tensor) -> torch.Tensor:
-        """``Σ_n log h(x_n)`` of a chunk: the base measure the kernels leave out."""
+    def data_constant(
+        self, prepared: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``Σ_n w_n log h(x_n)`` of a chunk (``w_n = 1`` without ``weights`` ``(n,)``):
+        the base measure the kernels leave out."""
         return prepared.new_zeros(())
 
 
@@ -448,10 +451,13 @@ class _GammaFactor(ConjugateFactor):
     def to_user(self, posterior: GammaPosterior) -> dict[str, torch.Tensor]:
         return dict(posterior._asdict())
 
-    def data_constant(self, prepared: torch.Tensor) -> torch.Tensor:
-        if self.poisson:
-            return -torch.lgamma(prepared + 1).sum()
-        return prepared.new_zeros(())
+    def data_constant(
+        self, prepared: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if not self.poisson:
+            return prepared.new_zeros(())
+        rows = -torch.lgamma(prepared + 1).reshape(prepared.shape[0], -1).sum(-1)
+        return rows.sum() if weights is None else torch.dot(rows, weights)
 
 
 class _BetaFactor(ConjugateFactor):

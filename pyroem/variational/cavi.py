@@ -86,11 +86,14 @@ class CaviStats(NamedTuple):
     entropy: torch.Tensor
 
 
-def _responsibilities(joint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _responsibilities(
+    joint: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalise ``joint`` ``(n, K)`` (overwritten) into responsibilities.
 
     Returns:
-        ``(resp, entropy)``: responsibilities ``(n, K)`` and ``−Σ r log r`` of the chunk.
+        ``(resp, entropy)``: responsibilities ``(n, K)`` and ``−Σ r log r`` of the chunk,
+        each row's counted ``weights_n`` times (frequency weights ``(n,)``, or once).
     """
     finfo = torch.finfo(joint.dtype)
     peak = joint.amax(dim=1, keepdim=True).clamp_(min=finfo.min)
@@ -106,7 +109,11 @@ def _responsibilities(joint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     resp.div_(total)
     log_total = total.log_()
     # log r = joint − log_total and Σ_k r = 1, so −Σ r log r = Σ_n log_total − Σ r·joint.
-    entropy = log_total.sum() - torch.dot(resp.reshape(-1), joint.reshape(-1))
+    if weights is None:
+        entropy = log_total.sum() - torch.dot(resp.reshape(-1), joint.reshape(-1))
+    else:
+        rows = log_total.reshape(-1) - (resp * joint).sum(1)
+        entropy = torch.dot(weights, rows)
     return resp, entropy
 
 
@@ -124,6 +131,7 @@ class _CaviEngine(Engine):
             truncated Dirichlet process.
         continued: the ``q(π, θ)`` of a previous fit to continue from (``None``: start
             from ``init``).
+        sample_weight: ``(num_data,)`` frequency weights, or ``None``.
     """
 
     name = "vb-em"
@@ -138,15 +146,28 @@ class _CaviEngine(Engine):
         chunk_size: int,
         weights_prior: torch.Tensor,
         continued: VariationalParams | None = None,
+        sample_weight: torch.Tensor | None = None,
     ) -> None:
         self.factor, self.spec, self.data, self.start = factor, spec, data, init
         self.generator = generator
         self.continued = continued
-        self.map_e_step = MixtureEStep(factor.family, spec.weights_prior, data, chunk_size)
+        self.map_e_step = MixtureEStep(
+            factor.family, spec.weights_prior, data, chunk_size, sample_weight
+        )
         self.chunks = self.map_e_step.chunks
-        self.num_data = data.shape[0]
+        chunk_weights = self.map_e_step.chunk_weights
+        self.chunk_weights: list[torch.Tensor | None] = (
+            [None] * len(self.chunks) if chunk_weights is None else list(chunk_weights)
+        )
+        # Weights are frequencies: the tolerance is per weighted row.
+        self.num_data = data.shape[0] if sample_weight is None else float(sample_weight.sum())
         self.weights_prior = weights_prior.to(self.chunks[0])
-        self.data_constant = float(sum(factor.data_constant(chunk) for chunk in self.chunks))
+        self.data_constant = float(
+            sum(
+                factor.data_constant(chunk, weights)
+                for chunk, weights in zip(self.chunks, self.chunk_weights, strict=True)
+            )
+        )
         self.log_beta_prior = log_multivariate_beta(self.weights_prior)
 
     def init(self, restart: int) -> MStepResult:
@@ -194,13 +215,17 @@ class _CaviEngine(Engine):
         kernel = _kernel(self.factor, params)
         stats = None
         entropy = log_likelihood = params.weights_concentration.new_zeros(())
-        for chunk in self.chunks:
+        for chunk, weights in zip(self.chunks, self.chunk_weights, strict=True):
             joint, plug_in = kernel(chunk)
-            resp, chunk_entropy = _responsibilities(joint)
+            resp, chunk_entropy = _responsibilities(joint, weights)
+            pointwise = torch.logsumexp(plug_in, 1)
+            if weights is not None:
+                resp = resp * weights[:, None]
+                pointwise = pointwise * weights
             chunk_stats = self.factor.statistics(chunk, resp)
             stats = chunk_stats if stats is None else add_statistics(stats, chunk_stats)
             entropy = entropy + chunk_entropy
-            log_likelihood = log_likelihood + torch.logsumexp(plug_in, 1).sum()
+            log_likelihood = log_likelihood + pointwise.sum()
         return EStepResult(
             CaviStats(stats, entropy), math.nan, float(log_likelihood) + self.data_constant
         )
@@ -454,6 +479,7 @@ def fit_mixture_cavi(
     chunk_size: int = 65536,
     progress: bool = False,
     callback: Callable[[Iteration], Any] | None = None,
+    sample_weight: torch.Tensor | None = None,
     **options: Any,
 ) -> VariationalFit:
     r"""Fit ``spec`` to ``data`` by closed-form mean-field VB (see the module docstring).
@@ -477,6 +503,10 @@ def fit_mixture_cavi(
         chunk_size: data rows per E-step chunk.
         progress: show a progress bar.
         callback: called after every iteration (see :func:`pyroem.fit`).
+        sample_weight: ``(num_data,)`` non-negative frequency weights: row ``n`` counts
+            ``w_n`` times in the statistics, the entropy of ``q(z)`` and the ELBO (so
+            integer weights give the fit on repeated rows); ``fit.log_likelihood()``
+            stays the unweighted sum, as for map-em.
         **options: ``num_draws`` (default 1000; 0 for none): draws from ``q(π, θ)`` into
             ``fit.draws``; ``weight_threshold`` (default 0.01): the expected weight above
             which a component counts as effective; ``weights_prior_type``:
@@ -514,7 +544,9 @@ def fit_mixture_cavi(
         weights_prior = torch.stack([torch.ones_like(weights_prior), weights_prior], dim=-1)
     generator = seeded_generator(seed)
     continued = _continued_state(previous, family, weights_prior)
-    engine = _CaviEngine(factor, spec, data, init, generator, chunk_size, weights_prior, continued)
+    engine = _CaviEngine(
+        factor, spec, data, init, generator, chunk_size, weights_prior, continued, sample_weight
+    )
     result = run_em(
         engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
     )
