@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 import warnings
 from numbers import Integral, Real
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -40,10 +40,13 @@ from pyroem.errors import (
     PyroEMError,
     SpecError,
 )
-from pyroem.estep.enumerate import score_mixture
+from pyroem.estep.enumerate import MixtureEStep, add_statistics, score_mixture
 from pyroem.initialization import initial_params
+from pyroem.mstep.mixture import mixture_m_step
 from pyroem.spec.families import Bernoulli, Categorical, Family, Gaussian, Poisson
 from pyroem.spec.mixture import Mixture, MixtureParams
+from pyroem.stepwise import _scale as scale_statistics
+from pyroem.stepwise import step_size
 
 __all__ = [
     "BayesianGaussianMixture",
@@ -137,6 +140,7 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
         """
         self._validate_params()
         X = self._validate_data(X, reset=True)
+        self.__dict__.pop("_stepwise", None)  # a later partial_fit continues from this fit
         weights = None if sample_weight is None else _check_weights(sample_weight, X.shape[0])
         if X.shape[0] < self.n_components:
             raise ValueError(
@@ -284,6 +288,119 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
         return tags
 
 
+# Step-size exponent of partial_fit: γ_t = (t + 2)^(−κ), as stepwise EM's default.
+PARTIAL_FIT_KAPPA = 0.7
+
+
+class _Stepwise(NamedTuple):
+    """What ``partial_fit`` keeps between calls."""
+
+    spec: Mixture
+    family: Family
+    params: MixtureParams
+    mean_stats: Any  # running statistics per row: s̄_t = (1 − γ_t) s̄_{t−1} + γ_t ŝ(B_t)/|B_t|
+    updates: int
+    rows_seen: int
+
+
+class _StepwiseEstimator(_MixtureEstimator):
+    """``partial_fit``: stepwise (online) EM, one update per call (:mod:`pyroem.stepwise`)."""
+
+    def partial_fit(self, X: Any, y: Any = None) -> Any:
+        r"""One stepwise-EM update from the minibatch ``X`` ``(n_samples, n_features)``;
+        returns ``self``.
+
+        The running statistics per row move towards the minibatch's,
+        ``s̄_t = (1 − γ_t) s̄_{t−1} + γ_t ŝ(X; θ_{t−1}) / n``, with
+        ``γ_t = (t + 2)^{−κ}`` (``κ`` = :data:`PARTIAL_FIT_KAPPA`; the first minibatch sets
+        ``s̄_1``), and the parameters are the closed-form M-step of ``n_seen·s̄_t``
+        (``n_seen``: the rows seen so far, so a prior weighs against all of them; the
+        maximum-likelihood ``GaussianMixture`` does not depend on that scale). Over
+        repeated passes the iterates approach a fixed point of batch EM
+        (Cappé & Moulines 2009). The first call initialises from its minibatch (which
+        needs ``n_samples >= n_components``) as ``fit`` does, unless the estimator was
+        fitted, whose parameters it continues from. ``n_iter_`` counts the updates;
+        ``lower_bound_`` is the minibatch's mean log-likelihood under ``θ_{t−1}``.
+        """
+        state: _Stepwise | None = getattr(self, "_stepwise", None)
+        fitted = state is not None or hasattr(self, "_bound_family")
+        X = self._validate_data(X, reset=not fitted)
+        data = torch.as_tensor(X, dtype=torch.float64)
+        if state is None:
+            state = self._start_stepwise(X, data, fitted)
+        estep = MixtureEStep(state.family, state.spec.weights_prior, data, 65536)(state.params)
+        batch_stats = scale_statistics(estep.stats, 1.0 / X.shape[0])
+        if state.mean_stats is None:
+            mean_stats = batch_stats
+        else:
+            gain = step_size(state.updates, PARTIAL_FIT_KAPPA)
+            mean_stats = add_statistics(
+                scale_statistics(state.mean_stats, 1.0 - gain),
+                scale_statistics(batch_stats, gain),
+            )
+        rows_seen = state.rows_seen + X.shape[0]
+        params = mixture_m_step(
+            state.family,
+            state.spec.weights_prior,
+            scale_statistics(mean_stats, float(rows_seen)),
+            state.params,
+        )
+        if params.active.shape != state.params.active.shape:
+            # A component collapsed: the statistics of the others go on.
+            keep = torch.nonzero(torch.isin(state.params.active, params.active)).reshape(-1)
+            mean_stats = state.family.select(mean_stats, keep)
+        self._stepwise = state._replace(
+            params=params, mean_stats=mean_stats, updates=state.updates + 1, rows_seen=rows_seen
+        )
+        self._set_fitted(_StepwiseResult(state.spec, state.family, params))
+        self.n_iter_ = state.updates + 1
+        self.lower_bound_ = float(estep.log_likelihood) / X.shape[0]
+        return self
+
+    def _start_stepwise(self, X: np.ndarray, data: torch.Tensor, fitted: bool) -> _Stepwise:
+        """The state before the first update: the fitted parameters, or an
+        initialisation from the first minibatch."""
+        if fitted:
+            spec = self._bound_family_spec()
+            return _Stepwise(spec, self._bound_family, self._mixture_params(), None, 0, 0)
+        self._validate_params()
+        if X.shape[0] < self.n_components:
+            raise ValueError(
+                "Expected n_samples >= n_components but got "
+                f"n_components = {self.n_components}, n_samples = {X.shape[0]}"
+            )
+        self._check_init_overrides(X.shape[1])
+        spec = self._spec(X.shape[1])
+        family = spec.bind(data)
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        start = self._start(spec, family, data, seed)
+        generator = torch.Generator().manual_seed(seed)
+        params = initial_params(spec, family, data, start, generator)
+        self._fit_dtype = X.dtype
+        return _Stepwise(spec, family, params, None, 0, 0)
+
+    def _bound_family_spec(self) -> Mixture:
+        return Mixture(self.n_components, self._bound_family)
+
+
+class _StepwiseResult(NamedTuple):
+    """The fields of a fit result that ``_set_fitted`` reads, for a stepwise iterate."""
+
+    spec: Mixture
+    family: Family
+    internal: MixtureParams
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        components = self.family.to_user(self.internal.components)
+        return {"weights": self.internal.weights, **components}
+
+    @property
+    def removed_components(self) -> list[int]:
+        alive = set(self.internal.active.tolist())
+        return [k for k in range(self.spec.num_components) if k not in alive]
+
+
 # ---------------------------------------------------------------------------
 # Gaussian
 # ---------------------------------------------------------------------------
@@ -410,7 +527,7 @@ class _GaussianBase(_MixtureEstimator):
         return start
 
 
-class GaussianMixture(_GaussianBase):
+class GaussianMixture(_GaussianBase, _StepwiseEstimator):
     """Gaussian mixture fitted by maximum likelihood (pyroem's ``map-em``, flat prior).
 
     Takes scikit-learn's ``GaussianMixture`` arguments and sets the same fitted
@@ -742,7 +859,7 @@ class BayesianGaussianMixture(_GaussianBase):
 # ---------------------------------------------------------------------------
 
 
-class _DiscreteMixture(_MixtureEstimator):
+class _DiscreteMixture(_StepwiseEstimator):
     """A mixture of one of pyroem's vector families fitted by ``map-em``.
 
     The fitted component parameters are one attribute (``rates_`` or ``probs_``)
