@@ -160,12 +160,29 @@ SKLEARN_TESTS = [
     "test_bayesian_mixture.py::test_bayesian_mixture_check_is_fitted",
     "test_bayesian_mixture.py::test_bayesian_mixture_mean_prior_initialisation",
     "test_bayesian_mixture.py::test_bayesian_mixture_weights_prior_initialisation",
+    "test_bayesian_mixture.py::test_bayesian_mixture_precisions_prior_initialisation",
+]
+
+
+# The same, each taking a minute or more on two cores (hundreds of warm-started fits).
+SLOW_SKLEARN_TESTS = [
+    "test_gaussian_mixture.py::test_monotonic_likelihood",
+    "test_bayesian_mixture.py::test_monotonic_likelihood",
 ]
 
 
 def test_scikit_learn_own_tests_pass_on_pyroem_classes() -> None:
+    _run_scikit_learn_tests(SKLEARN_TESTS)
+
+
+@pytest.mark.slow
+def test_scikit_learn_own_slow_tests_pass_on_pyroem_classes() -> None:
+    _run_scikit_learn_tests(SLOW_SKLEARN_TESTS)
+
+
+def _run_scikit_learn_tests(nodes: list[str]) -> None:
     tests = Path(sklearn.__file__).parent / "mixture" / "tests"
-    targets = [str(tests / node) for node in SKLEARN_TESTS]
+    targets = [str(tests / node) for node in nodes]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.pop("PYROEM_SKLEARN_ORIGINAL", None)
     command = [sys.executable, "-m", "pytest", "-p", "bench.sklearn_suite", "-q",
