@@ -12,7 +12,8 @@ They are thin: every fit is :func:`pyroem.fit` on a :class:`~pyroem.Mixture`
 (``map-em`` with a flat prior and ``reg_covar`` for ``GaussianMixture``, closed-form
 ``vb-em`` for ``BayesianGaussianMixture``); scoring uses the same kernels.
 ``PoissonMixture``, ``BernoulliMixture`` and ``CategoricalMixture`` give the other
-families the same shape.
+families the same shape. ``partial_fit`` (all but the Bayesian one) is one stepwise-EM
+update per call on running sufficient statistics (:mod:`pyroem.stepwise`).
 """
 
 from __future__ import annotations
@@ -328,6 +329,9 @@ class _StepwiseEstimator(_MixtureEstimator):
         data = torch.as_tensor(X, dtype=torch.float64)
         if state is None:
             state = self._start_stepwise(X, data, fitted)
+        # The family was bound to the first minibatch or the fitted data: e.g. a category
+        # code beyond the ones seen then is an error here, not an index out of range.
+        state.family.validate(data)
         estep = MixtureEStep(state.family, state.spec.weights_prior, data, 65536)(state.params)
         batch_stats = scale_statistics(estep.stats, 1.0 / X.shape[0])
         if state.mean_stats is None:

@@ -442,3 +442,7 @@ def test_partial_fit_is_deterministic_and_continues_a_fit() -> None:
         np.testing.assert_allclose(getattr(model, name), getattr(reference, name), rtol=1e-10)
     with pytest.raises(ValueError, match="features"):
         model.partial_fit(data[:, :1])
+    codes = np.random.default_rng(0).choice(3, (40, 2))
+    categorical = CategoricalMixture(2, random_state=0).partial_fit(codes)
+    with pytest.raises(ValueError, match="num_categories=3; raise num_categories"):
+        categorical.partial_fit(codes + 2)
