@@ -175,7 +175,7 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
                     data,
                     method=self._method,
                     init=start,
-                    tol=self._fit_tolerance(X.shape[0]),
+                    tol=self._fit_tolerance(X.shape[0] if weights is None else weights.sum()),
                     max_iter=self.max_iter,
                     seed=seed,
                     **options,
@@ -205,7 +205,7 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
         self.lower_bounds_ = self._lower_bounds(best, weights)
         return self.predict(X)
 
-    def _fit_tolerance(self, num_data: int) -> float:
+    def _fit_tolerance(self, num_data: float) -> float:
         return float(self.tol)
 
     def _lower_bound(self, result: Any, weights: np.ndarray | None) -> float:
@@ -447,6 +447,22 @@ def _check_weights(sample_weight: Any, num_rows: int) -> np.ndarray:
     if not weights.sum() > 0:
         raise ValueError("Sample weights must contain at least one non-zero number.")
     return weights
+
+
+def _frequency_covariance(X: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """The covariance of the rows of ``X``, row ``n`` counted ``weights_n`` times
+    (``np.cov`` of the repeated rows: divided by the count less one)."""
+    if weights is None:
+        return np.cov(X.T)
+    total = weights.sum()
+    if not total > 1:
+        raise ValueError(
+            "sample_weight must sum to more than 1 (at least two rows' worth) for the "
+            f"default covariance_prior, the data's covariance; got {total}. Pass "
+            "covariance_prior"
+        )
+    centred = X - np.average(X, axis=0, weights=weights)
+    return (weights[:, None] * centred).T @ centred / (total - 1)
 
 
 def _check_shape(value: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
@@ -729,8 +745,9 @@ class BayesianGaussianMixture(_GaussianBase):
     def _start(self, spec: Mixture, family: Family, data: torch.Tensor, seed: int) -> dict:
         return _MixtureEstimator._start(self, spec, family, data, seed)
 
-    def _resolve_priors(self, X: np.ndarray) -> None:
-        """The priors' values, scikit-learn's defaults where ``None``."""
+    def _resolve_priors(self, X: np.ndarray, weights: np.ndarray | None) -> None:
+        """The priors' values, scikit-learn's defaults where ``None`` (the data's mean
+        and covariance, with rows counted ``weights`` times)."""
         dim = X.shape[1]
         kind = self.covariance_type
         self.weight_concentration_prior_ = (
@@ -742,7 +759,7 @@ class BayesianGaussianMixture(_GaussianBase):
             1.0 if self.mean_precision_prior is None else float(self.mean_precision_prior)
         )
         self.mean_prior_ = (
-            X.mean(axis=0)
+            np.average(X, axis=0, weights=weights)
             if self.mean_prior is None
             else np.asarray(self.mean_prior, dtype=np.float64)
         )
@@ -752,7 +769,7 @@ class BayesianGaussianMixture(_GaussianBase):
             else float(self.degrees_of_freedom_prior)
         )
         if self.covariance_prior is None:
-            empirical = np.atleast_2d(np.cov(X.T))
+            empirical = np.atleast_2d(_frequency_covariance(X, weights))
             prior = {
                 "full": empirical,
                 "tied": empirical,
@@ -793,19 +810,22 @@ class BayesianGaussianMixture(_GaussianBase):
     def _fit_options(self) -> dict[str, Any]:
         return {"num_draws": 0, "weights_prior_type": self.weight_concentration_prior_type}
 
-    def fit(self, X: Any, y: Any = None) -> Any:  # type: ignore[override]
-        """Fit the mixture to ``X`` ``(n_samples, n_features)``; returns ``self``
-        (vb-em takes no ``sample_weight``)."""
-        self.fit_predict(X, y)
-        return self
+    def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None) -> np.ndarray:
+        """Fit, then return the most probable component of each row of ``X``.
 
-    def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:  # type: ignore[override]
+        ``sample_weight`` (which scikit-learn's ``BayesianGaussianMixture`` lacks) are
+        frequency weights, as for ``GaussianMixture``: ``pyroem.fit(..., method="vb-em",
+        sample_weight=)``, with the data-scaled default priors (``mean_prior``,
+        ``covariance_prior``) from the weighted rows, so integer weights give the fit on
+        repeated rows from the same start.
+        """
         self._validate_params()
         checked = self._validate_data(X, reset=True)
-        self._resolve_priors(np.asarray(checked, dtype=np.float64))
-        return super().fit_predict(X, y)
+        weights = None if sample_weight is None else _check_weights(sample_weight, len(checked))
+        self._resolve_priors(np.asarray(checked, dtype=np.float64), weights)
+        return super().fit_predict(X, y, sample_weight=sample_weight)
 
-    def _fit_tolerance(self, num_data: int) -> float:
+    def _fit_tolerance(self, num_data: float) -> float:
         return self.tol / num_data
 
     def _lower_bound(self, result: Any, weights: np.ndarray | None) -> float:

@@ -446,3 +446,33 @@ def test_partial_fit_is_deterministic_and_continues_a_fit() -> None:
     categorical = CategoricalMixture(2, random_state=0).partial_fit(codes)
     with pytest.raises(ValueError, match="num_categories=3; raise num_categories"):
         categorical.partial_fit(codes + 2)
+
+
+def test_bayesian_mixture_sample_weight_equals_scikit_learn_on_repeated_rows() -> None:
+    """Integer frequency weights (which scikit-learn's class lacks) give scikit-learn's
+    fit on the repeated rows from the same start, default priors included (their
+    data-scaled mean and covariance come from the weighted rows)."""
+    from pyroem.sklearn import BayesianGaussianMixture
+
+    data = _faithful()
+    counts = np.random.default_rng(5).integers(0, 4, size=data.shape[0])
+    repeated = np.repeat(data, counts, axis=0)
+    start = _bayesian_start("full")
+
+    class FromStart(BayesianGaussianMixture):
+        def _start(self, spec: object, family: object, tensor: object, seed: int) -> dict:
+            return dict(start)
+
+    settings = {"n_components": 3, "tol": 0.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ours = FromStart(max_iter=10, **settings).fit(data, sample_weight=counts)
+        theirs = _SklearnFromResponsibilities(
+            start_resp=_scipy_responsibilities(repeated, start), max_iter=11, **settings
+        ).fit(repeated)
+    np.testing.assert_allclose(ours.mean_prior_, theirs.mean_prior_, rtol=1e-12)
+    np.testing.assert_allclose(ours.covariance_prior_, theirs.covariance_prior_, rtol=1e-12)
+    for name in ("weights_", "means_", "covariances_", "degrees_of_freedom_"):
+        np.testing.assert_allclose(getattr(ours, name), getattr(theirs, name), rtol=1e-10)
+    bounds = np.array(theirs.lower_bounds_[1:])
+    np.testing.assert_allclose(np.diff(ours.lower_bounds_), np.diff(bounds), rtol=1e-9)
