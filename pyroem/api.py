@@ -235,9 +235,10 @@ def fit(
             log-likelihood, elapsed seconds), e.g. to log or save progress. Raising
             ``KeyboardInterrupt`` in it (or pressing Ctrl-C) stops the fit cleanly: the best
             state so far is returned, marked not converged.
-        sample_weight: ``map-em`` on a ``Mixture``: non-negative frequency weights
-            ``(num_data,)``; row ``n`` counts ``w_n`` times in the sufficient statistics and
-            in the objective (integer weights give the fit on repeated rows). The
+        sample_weight: ``map-em`` and closed-form ``vb-em`` on a ``Mixture``: non-negative
+            frequency weights ``(num_data,)``; row ``n`` counts ``w_n`` times in the
+            sufficient statistics and in the objective (the ELBO for vb-em; integer
+            weights give the fit on repeated rows). The
             initialisation (k-means++ etc.) does not use them; ``fit.log_likelihood()``
             stays the unweighted sum over rows.
         num_threads: torch threads for the fit, set on entry and restored on return
@@ -281,10 +282,12 @@ def fit(
         cavi = method == "vb-em" and "guide" not in method_options
         kind = "Mixture (CAVI)" if cavi else "Mixture"
     check_applicable(method, kind, {**given, "model_kwargs": model_kwargs or None})
-    if sample_weight is not None and (method != "map-em" or not isinstance(model, Mixture)):
+    weighable = kind == "Mixture (CAVI)" or (kind == "Mixture" and method == "map-em")
+    if sample_weight is not None and not weighable:
         raise NotSupportedError(
-            f"sample_weight is supported by method='map-em' on a pyroem.Mixture; got "
-            f"method={method!r} on {type(model).__name__}. Repeat rows instead"
+            f"sample_weight is supported by method='map-em' and closed-form 'vb-em' (no "
+            f"guide) on a pyroem.Mixture; got method={method!r} on {type(model).__name__}. "
+            "Repeat rows instead"
         )
     saver = _checkpoint(
         checkpoint,
@@ -445,6 +448,7 @@ def _fit_checked(
                 progress=progress,
                 callback=callback,
                 options=method_options,
+                sample_weight=sample_weight,
             )
         elif kind == "program":
             result = fit_program(
@@ -680,6 +684,7 @@ def _fit_other(
     progress: bool,
     callback: Callable[[Iteration], Any] | None,
     options: dict[str, Any],
+    sample_weight: Any = None,
 ) -> Any:
     """Every method but ``map-em``: CAVI for a ``Mixture`` under ``vb-em`` (unless a
     guide is asked for); otherwise the engine runs on the Pyro program (for a
@@ -709,6 +714,9 @@ def _fit_other(
                 chunk_size=chunk_size,
                 progress=progress,
                 callback=callback,
+                sample_weight=None
+                if sample_weight is None
+                else _check_sample_weight(sample_weight, data),
                 **options,
             )
         if method == "nuts":

@@ -12,7 +12,8 @@ They are thin: every fit is :func:`pyroem.fit` on a :class:`~pyroem.Mixture`
 (``map-em`` with a flat prior and ``reg_covar`` for ``GaussianMixture``, closed-form
 ``vb-em`` for ``BayesianGaussianMixture``); scoring uses the same kernels.
 ``PoissonMixture``, ``BernoulliMixture`` and ``CategoricalMixture`` give the other
-families the same shape.
+families the same shape. ``partial_fit`` (all but the Bayesian one) is one stepwise-EM
+update per call on running sufficient statistics (:mod:`pyroem.stepwise`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import time
 import warnings
 from numbers import Integral, Real
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -40,10 +41,13 @@ from pyroem.errors import (
     PyroEMError,
     SpecError,
 )
-from pyroem.estep.enumerate import score_mixture
+from pyroem.estep.enumerate import MixtureEStep, add_statistics, score_mixture
 from pyroem.initialization import initial_params
+from pyroem.mstep.mixture import mixture_m_step
 from pyroem.spec.families import Bernoulli, Categorical, Family, Gaussian, Poisson
 from pyroem.spec.mixture import Mixture, MixtureParams
+from pyroem.stepwise import _scale as scale_statistics
+from pyroem.stepwise import step_size
 
 __all__ = [
     "BayesianGaussianMixture",
@@ -109,7 +113,8 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
         raise NotImplementedError
 
     def _fit_options(self) -> dict[str, Any]:
-        return {}
+        # scikit-learn's tol is on the change of the mean log-likelihood alone.
+        return {"stop_rule": "objective"}
 
     # ----- fitting -----------------------------------------------------------------
     def _validate_data(self, X: Any, reset: bool) -> np.ndarray:
@@ -136,6 +141,7 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
         """
         self._validate_params()
         X = self._validate_data(X, reset=True)
+        self.__dict__.pop("_stepwise", None)  # a later partial_fit continues from this fit
         weights = None if sample_weight is None else _check_weights(sample_weight, X.shape[0])
         if X.shape[0] < self.n_components:
             raise ValueError(
@@ -169,7 +175,7 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
                     data,
                     method=self._method,
                     init=start,
-                    tol=self._fit_tolerance(X.shape[0]),
+                    tol=self._fit_tolerance(X.shape[0] if weights is None else weights.sum()),
                     max_iter=self.max_iter,
                     seed=seed,
                     **options,
@@ -199,7 +205,7 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
         self.lower_bounds_ = self._lower_bounds(best, weights)
         return self.predict(X)
 
-    def _fit_tolerance(self, num_data: int) -> float:
+    def _fit_tolerance(self, num_data: float) -> float:
         return float(self.tol)
 
     def _lower_bound(self, result: Any, weights: np.ndarray | None) -> float:
@@ -283,6 +289,122 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
         return tags
 
 
+# Step-size exponent of partial_fit: γ_t = (t + 2)^(−κ), as stepwise EM's default.
+PARTIAL_FIT_KAPPA = 0.7
+
+
+class _Stepwise(NamedTuple):
+    """What ``partial_fit`` keeps between calls."""
+
+    spec: Mixture
+    family: Family
+    params: MixtureParams
+    mean_stats: Any  # running statistics per row: s̄_t = (1 − γ_t) s̄_{t−1} + γ_t ŝ(B_t)/|B_t|
+    updates: int
+    rows_seen: int
+
+
+class _StepwiseEstimator(_MixtureEstimator):
+    """``partial_fit``: stepwise (online) EM, one update per call (:mod:`pyroem.stepwise`)."""
+
+    def partial_fit(self, X: Any, y: Any = None) -> Any:
+        r"""One stepwise-EM update from the minibatch ``X`` ``(n_samples, n_features)``;
+        returns ``self``.
+
+        The running statistics per row move towards the minibatch's,
+        ``s̄_t = (1 − γ_t) s̄_{t−1} + γ_t ŝ(X; θ_{t−1}) / n``, with
+        ``γ_t = (t + 2)^{−κ}`` (``κ`` = :data:`PARTIAL_FIT_KAPPA`; the first minibatch sets
+        ``s̄_1``), and the parameters are the closed-form M-step of ``n_seen·s̄_t``
+        (``n_seen``: the rows seen so far, so a prior weighs against all of them; the
+        maximum-likelihood ``GaussianMixture`` does not depend on that scale). Over
+        repeated passes the iterates approach a fixed point of batch EM
+        (Cappé & Moulines 2009). The first call initialises from its minibatch (which
+        needs ``n_samples >= n_components``) as ``fit`` does, unless the estimator was
+        fitted, whose parameters it continues from. ``n_iter_`` counts the updates;
+        ``lower_bound_`` is the minibatch's mean log-likelihood under ``θ_{t−1}``.
+        """
+        state: _Stepwise | None = getattr(self, "_stepwise", None)
+        fitted = state is not None or hasattr(self, "_bound_family")
+        X = self._validate_data(X, reset=not fitted)
+        data = torch.as_tensor(X, dtype=torch.float64)
+        if state is None:
+            state = self._start_stepwise(X, data, fitted)
+        # The family was bound to the first minibatch or the fitted data: e.g. a category
+        # code beyond the ones seen then is an error here, not an index out of range.
+        state.family.validate(data)
+        estep = MixtureEStep(state.family, state.spec.weights_prior, data, 65536)(state.params)
+        batch_stats = scale_statistics(estep.stats, 1.0 / X.shape[0])
+        if state.mean_stats is None:
+            mean_stats = batch_stats
+        else:
+            gain = step_size(state.updates, PARTIAL_FIT_KAPPA)
+            mean_stats = add_statistics(
+                scale_statistics(state.mean_stats, 1.0 - gain),
+                scale_statistics(batch_stats, gain),
+            )
+        rows_seen = state.rows_seen + X.shape[0]
+        params = mixture_m_step(
+            state.family,
+            state.spec.weights_prior,
+            scale_statistics(mean_stats, float(rows_seen)),
+            state.params,
+        )
+        if params.active.shape != state.params.active.shape:
+            # A component collapsed: the statistics of the others go on.
+            keep = torch.nonzero(torch.isin(state.params.active, params.active)).reshape(-1)
+            mean_stats = state.family.select(mean_stats, keep)
+        self._stepwise = state._replace(
+            params=params, mean_stats=mean_stats, updates=state.updates + 1, rows_seen=rows_seen
+        )
+        self._set_fitted(_StepwiseResult(state.spec, state.family, params))
+        self.n_iter_ = state.updates + 1
+        self.lower_bound_ = float(estep.log_likelihood) / X.shape[0]
+        return self
+
+    def _start_stepwise(self, X: np.ndarray, data: torch.Tensor, fitted: bool) -> _Stepwise:
+        """The state before the first update: the fitted parameters, or an
+        initialisation from the first minibatch."""
+        if fitted:
+            spec = self._bound_family_spec()
+            return _Stepwise(spec, self._bound_family, self._mixture_params(), None, 0, 0)
+        self._validate_params()
+        if X.shape[0] < self.n_components:
+            raise ValueError(
+                "Expected n_samples >= n_components but got "
+                f"n_components = {self.n_components}, n_samples = {X.shape[0]}"
+            )
+        self._check_init_overrides(X.shape[1])
+        spec = self._spec(X.shape[1])
+        family = spec.bind(data)
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        start = self._start(spec, family, data, seed)
+        generator = torch.Generator().manual_seed(seed)
+        params = initial_params(spec, family, data, start, generator)
+        self._fit_dtype = X.dtype
+        return _Stepwise(spec, family, params, None, 0, 0)
+
+    def _bound_family_spec(self) -> Mixture:
+        return Mixture(self.n_components, self._bound_family)
+
+
+class _StepwiseResult(NamedTuple):
+    """The fields of a fit result that ``_set_fitted`` reads, for a stepwise iterate."""
+
+    spec: Mixture
+    family: Family
+    internal: MixtureParams
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        components = self.family.to_user(self.internal.components)
+        return {"weights": self.internal.weights, **components}
+
+    @property
+    def removed_components(self) -> list[int]:
+        alive = set(self.internal.active.tolist())
+        return [k for k in range(self.spec.num_components) if k not in alive]
+
+
 # ---------------------------------------------------------------------------
 # Gaussian
 # ---------------------------------------------------------------------------
@@ -325,6 +447,22 @@ def _check_weights(sample_weight: Any, num_rows: int) -> np.ndarray:
     if not weights.sum() > 0:
         raise ValueError("Sample weights must contain at least one non-zero number.")
     return weights
+
+
+def _frequency_covariance(X: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """The covariance of the rows of ``X``, row ``n`` counted ``weights_n`` times
+    (``np.cov`` of the repeated rows: divided by the count less one)."""
+    if weights is None:
+        return np.cov(X.T)
+    total = weights.sum()
+    if not total > 1:
+        raise ValueError(
+            "sample_weight must sum to more than 1 (at least two rows' worth) for the "
+            f"default covariance_prior, the data's covariance; got {total}. Pass "
+            "covariance_prior"
+        )
+    centred = X - np.average(X, axis=0, weights=weights)
+    return (weights[:, None] * centred).T @ centred / (total - 1)
 
 
 def _check_shape(value: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
@@ -409,7 +547,7 @@ class _GaussianBase(_MixtureEstimator):
         return start
 
 
-class GaussianMixture(_GaussianBase):
+class GaussianMixture(_GaussianBase, _StepwiseEstimator):
     """Gaussian mixture fitted by maximum likelihood (pyroem's ``map-em``, flat prior).
 
     Takes scikit-learn's ``GaussianMixture`` arguments and sets the same fitted
@@ -529,12 +667,15 @@ class BayesianGaussianMixture(_GaussianBase):
     scikit-learn) is vb-em's truncated stick-breaking prior; ``weight_concentration_``
     is then the sticks' Beta parameters ``(γ_1, γ_2)``.
 
-    Differences from scikit-learn, each named in the error it raises or the README:
-    ``degrees_of_freedom_prior=None``
-    resolves to ``n_features + 2`` for full and tied covariances (and 3 for diag and
-    spherical), because vb-em reports ``E_q[Σ]``, which needs ``dof > p + 1``;
-    ``reg_covar`` is accepted for compatibility and not used (the Wishart posterior is
-    proper without it); ``tol`` is on the change of the whole ELBO, as in scikit-learn.
+    The priors resolve as scikit-learn's (``degrees_of_freedom_prior=None`` is
+    ``n_features``; any value above ``n_features − 1`` is proper), ``reg_covar`` is added
+    to each component's covariance estimate in every update, and ``tol`` is on the
+    change of the whole ELBO, as in scikit-learn. For ``"tied"`` covariances scikit-learn
+    counts the shared precision's prior ``n_components`` times; the fit is pyroem's tied
+    model with ``dof = n_components·degrees_of_freedom_prior`` and scale
+    ``n_components·covariance_prior``, which is the same iteration, and
+    ``degrees_of_freedom_`` is reported on scikit-learn's scale. For ``D > 1``, diag and
+    spherical covariances are pyroem's Normal–Inverse-Gamma model, not scikit-learn's.
     """
 
     _method = "vb-em"
@@ -604,8 +745,9 @@ class BayesianGaussianMixture(_GaussianBase):
     def _start(self, spec: Mixture, family: Family, data: torch.Tensor, seed: int) -> dict:
         return _MixtureEstimator._start(self, spec, family, data, seed)
 
-    def _resolve_priors(self, X: np.ndarray) -> None:
-        """The priors' values, scikit-learn's defaults where ``None``."""
+    def _resolve_priors(self, X: np.ndarray, weights: np.ndarray | None) -> None:
+        """The priors' values, scikit-learn's defaults where ``None`` (the data's mean
+        and covariance, with rows counted ``weights`` times)."""
         dim = X.shape[1]
         kind = self.covariance_type
         self.weight_concentration_prior_ = (
@@ -617,18 +759,17 @@ class BayesianGaussianMixture(_GaussianBase):
             1.0 if self.mean_precision_prior is None else float(self.mean_precision_prior)
         )
         self.mean_prior_ = (
-            X.mean(axis=0)
+            np.average(X, axis=0, weights=weights)
             if self.mean_prior is None
             else np.asarray(self.mean_prior, dtype=np.float64)
         )
-        matrix = kind in ("full", "tied")
         self.degrees_of_freedom_prior_ = (
-            float(dim + 2 if matrix else 3)
+            float(dim)
             if self.degrees_of_freedom_prior is None
             else float(self.degrees_of_freedom_prior)
         )
         if self.covariance_prior is None:
-            empirical = np.atleast_2d(np.cov(X.T))
+            empirical = np.atleast_2d(_frequency_covariance(X, weights))
             prior = {
                 "full": empirical,
                 "tied": empirical,
@@ -649,34 +790,42 @@ class BayesianGaussianMixture(_GaussianBase):
             scale = np.diag(scale)
         elif self.covariance_type == "spherical":
             scale = float(scale)
+        shared = self._tied_count()
         prior = NormalInverseWishart(
             mean=self.mean_prior_.tolist(),
             mean_precision=self.mean_precision_prior_,
-            dof=self.degrees_of_freedom_prior_,
-            scale=np.asarray(scale).tolist(),
+            dof=shared * self.degrees_of_freedom_prior_,
+            scale=(shared * np.asarray(scale)).tolist(),
         )
         return Mixture(
             self.n_components,
-            Gaussian(self.covariance_type, prior=prior),
+            Gaussian(self.covariance_type, prior=prior, reg_covar=float(self.reg_covar)),
             weights_prior=self.weight_concentration_prior_,
         )
+
+    def _tied_count(self) -> int:
+        """How often scikit-learn counts the covariance prior: ``n_components`` if tied."""
+        return self.n_components if self.covariance_type == "tied" else 1
 
     def _fit_options(self) -> dict[str, Any]:
         return {"num_draws": 0, "weights_prior_type": self.weight_concentration_prior_type}
 
-    def fit(self, X: Any, y: Any = None) -> Any:  # type: ignore[override]
-        """Fit the mixture to ``X`` ``(n_samples, n_features)``; returns ``self``
-        (vb-em takes no ``sample_weight``)."""
-        self.fit_predict(X, y)
-        return self
+    def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None) -> np.ndarray:
+        """Fit, then return the most probable component of each row of ``X``.
 
-    def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:  # type: ignore[override]
+        ``sample_weight`` (which scikit-learn's ``BayesianGaussianMixture`` lacks) are
+        frequency weights, as for ``GaussianMixture``: ``pyroem.fit(..., method="vb-em",
+        sample_weight=)``, with the data-scaled default priors (``mean_prior``,
+        ``covariance_prior``) from the weighted rows, so integer weights give the fit on
+        repeated rows from the same start.
+        """
         self._validate_params()
         checked = self._validate_data(X, reset=True)
-        self._resolve_priors(np.asarray(checked, dtype=np.float64))
-        return super().fit_predict(X, y)
+        weights = None if sample_weight is None else _check_weights(sample_weight, len(checked))
+        self._resolve_priors(np.asarray(checked, dtype=np.float64), weights)
+        return super().fit_predict(X, y, sample_weight=sample_weight)
 
-    def _fit_tolerance(self, num_data: int) -> float:
+    def _fit_tolerance(self, num_data: float) -> float:
         return self.tol / num_data
 
     def _lower_bound(self, result: Any, weights: np.ndarray | None) -> float:
@@ -702,7 +851,7 @@ class BayesianGaussianMixture(_GaussianBase):
         self.mean_precision_ = posterior["mean_precision"].numpy().astype(dtype)
         self.means_ = posterior["mean"].numpy().astype(dtype)
         dof = posterior["dof"].numpy()
-        self.degrees_of_freedom_ = dof.astype(dtype)
+        self.degrees_of_freedom_ = (dof / self._tied_count()).astype(dtype)
         scale = posterior["scale"].numpy()
         if self.covariance_type == "full":
             covariances = scale / dof[:, None, None]
@@ -734,7 +883,7 @@ class BayesianGaussianMixture(_GaussianBase):
 # ---------------------------------------------------------------------------
 
 
-class _DiscreteMixture(_MixtureEstimator):
+class _DiscreteMixture(_StepwiseEstimator):
     """A mixture of one of pyroem's vector families fitted by ``map-em``.
 
     The fitted component parameters are one attribute (``rates_`` or ``probs_``)

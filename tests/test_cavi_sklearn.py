@@ -264,8 +264,8 @@ def test_superfluous_components_collapse_like_sklearn() -> None:
     """K = 6 on Old Faithful with a sparse Dirichlet(0.01) prior: two clusters remain.
 
     The component prior is scikit-learn's default (mean 0 and covariance scale the
-    data's, mean_precision 1) except ``dof = D + 2``, since pyroem's posterior mean
-    ``E_q[Σ]`` needs ``dof > D + 1``. Both start from the same responsibilities and run
+    data's, mean_precision 1) except ``dof = D + 2``, so that pyroem's ``params`` are
+    the posterior means ``E_q[Σ]``. Both start from the same responsibilities and run
     to the same tolerance (scikit-learn's is on the bound, pyroem's per datum), so they
     stop at the same iteration of the same path and agree to round-off (``RTOL``).
     """

@@ -119,14 +119,26 @@ class ConjugateFactor(ABC):
     def to_user(self, posterior: Any) -> dict[str, torch.Tensor]:
         """The parameters of ``q(θ)``, named like the fields of the prior object."""
 
-    def data_constant(self, prepared: torch.Tensor) -> torch.Tensor:
-        """``Σ_n log h(x_n)`` of a chunk: the base measure the kernels leave out."""
+    def data_constant(
+        self, prepared: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``Σ_n w_n log h(x_n)`` of a chunk (``w_n = 1`` without ``weights`` ``(n,)``):
+        the base measure the kernels leave out."""
         return prepared.new_zeros(())
 
 
 # ---------------------------------------------------------------------------
 # Gaussian: Normal–Inverse-Wishart (full, tied) or Normal–Inverse-Gamma (diag, spherical)
 # ---------------------------------------------------------------------------
+
+
+def _add_to_diagonal(scatter: torch.Tensor, amount: torch.Tensor, kind: str) -> torch.Tensor:
+    """``scatter`` (``(K, D, D)``, or its diagonals ``(K, D)``) with ``amount`` ``(K,)``
+    added to each component's diagonal."""
+    if scatter.ndim == 3:
+        eye = torch.eye(scatter.shape[-1], dtype=scatter.dtype, device=scatter.device)
+        return scatter + amount[:, None, None] * eye
+    return scatter + amount[:, None]
 
 
 class _GaussianFactor(ConjugateFactor):
@@ -145,6 +157,7 @@ class _GaussianFactor(ConjugateFactor):
         self.shift = family.shift
         self.kappa0 = float(prior.mean_precision)
         self.nu0 = float(prior.dof)
+        self.reg_covar = family.reg_covar
         if self.kappa0 <= 0:
             raise SpecError(
                 "vb-em needs a proper prior: the NormalInverseWishart prior has "
@@ -152,16 +165,14 @@ class _GaussianFactor(ConjugateFactor):
                 "distribution); use prior='default' or a positive mean_precision"
             )
         # Σ-dimension of the Inverse-Wishart: D for full/tied, 1 for each diag/spherical
-        # variance. E_q[Σ] = Ψ / (ν − p − 1) needs ν > p + 1 for every component.
+        # variance. q(Σ_k) is proper and E_q[Λ], E_q[log |Λ|] are finite for ν > p − 1,
+        # which the family's ν0 > D − 1 ensures; E_q[Σ] = Ψ/(ν − p − 1) needs ν > p + 1.
         self.matrix = self.kind in ("full", "tied")
         self.iw_dim = conjugate.niw_dim(self.kind, dim)
-        if not self.nu0 > self.iw_dim + 1:
-            raise SpecError(
-                f"vb-em reports the posterior mean of the covariances, E_q[Σ] = Ψ/(ν − "
-                f"{self.iw_dim} − 1), which needs prior dof > {self.iw_dim + 1} for "
-                f"covariance_type={self.kind!r}; got dof={self.nu0}. Raise dof (the default "
-                "is dim + 2)"
-            )
+        # The reported covariances: E_q[Σ] = Ψ/(ν − p − 1) when the prior makes it finite
+        # for every component (ν0 > p + 1), else E_q[Λ]⁻¹ = Ψ/ν (scikit-learn's
+        # covariances_), which every proper q has.
+        self.covariance_dof_offset = self.iw_dim + 1 if self.nu0 > self.iw_dim + 1 else 0
         self.prior = conjugate.NIWPrior(prior.mean - self.shift, self.kappa0, self.nu0, prior.scale)
         scale0 = conjugate.niw_prior_scale(prior.scale, self.kind)
         self.log_det_scale0 = (
@@ -169,9 +180,12 @@ class _GaussianFactor(ConjugateFactor):
         )
 
     def update(self, stats: GaussianStats) -> conjugate.NIWPosterior:
-        return conjugate.niw_posterior(
-            self.prior, stats.counts, stats.sum_x, stats.scatter, self.kind
-        )
+        scatter = stats.scatter
+        if self.reg_covar:
+            # As scikit-learn's BayesianGaussianMixture: reg_covar on the diagonal of each
+            # component's covariance estimate, i.e. N_k·reg_covar on its scatter's diagonal.
+            scatter = _add_to_diagonal(scatter, self.reg_covar * stats.counts, self.kind)
+        return conjugate.niw_posterior(self.prior, stats.counts, stats.sum_x, scatter, self.kind)
 
     def _log_det_scale(self, posterior: conjugate.NIWPosterior) -> torch.Tensor:
         """``log |Ψ|`` per Inverse-Wishart factor: full ``(K,)``, tied ``()``, diag
@@ -210,7 +224,8 @@ class _GaussianFactor(ConjugateFactor):
     ) -> ExpectedLogDensity:
         # With W = Ψ/ν (so W⁻¹ = E_q[Λ]) and L = log N(x | m, W), the expected log-density is
         #   E_q log N(x | μ, Σ) = L + ½(E_q log|Λ| + log|W|) − D/(2κ)
-        # and the density at E_q[Σ] = c W (c = ν/(ν − p − 1)) is an affine map of L:
+        # and the density at the reported covariance c W (c = ν/(ν − p − 1) for E_q[Σ],
+        # 1 for E_q[Λ]⁻¹) is an affine map of L:
         #   log N(x | m, cW) = L/c + (1 − 1/c)·(−D/2 log 2π − ½ log|W|) − D/2 log c.
         dim, p = self.dim, self.iw_dim
         dof, kappa = posterior.dof, posterior.mean_precision
@@ -225,7 +240,7 @@ class _GaussianFactor(ConjugateFactor):
         elif self.kind == "spherical":
             log_det_scale = dim * log_det_scale
         log_det_w = log_det_scale - dim * dof.log()
-        ratio = dof / (dof - p - 1)
+        ratio = dof / (dof - self.covariance_dof_offset)
         constant = -0.5 * dim * math.log(2 * math.pi) - 0.5 * log_det_w
         inverse = ratio.reciprocal().expand_as(kappa)
         offset = (1 - inverse) * constant - 0.5 * dim * ratio.log() + log_mean_weights
@@ -237,7 +252,8 @@ class _GaussianFactor(ConjugateFactor):
         return gaussian
 
     def expected_params(self, posterior: conjugate.NIWPosterior) -> GaussianParams:
-        expected = conjugate.niw_divide(posterior.scale, posterior.dof - self.iw_dim - 1, self.kind)
+        dof = posterior.dof - self.covariance_dof_offset
+        expected = conjugate.niw_divide(posterior.scale, dof, self.kind)
         return GaussianParams(posterior.mean + self.shift, expected)
 
     def sample(self, posterior: conjugate.NIWPosterior, num_draws: int) -> dict[str, torch.Tensor]:
@@ -387,10 +403,13 @@ class _GammaFactor(ConjugateFactor):
     def to_user(self, posterior: GammaPosterior) -> dict[str, torch.Tensor]:
         return dict(posterior._asdict())
 
-    def data_constant(self, prepared: torch.Tensor) -> torch.Tensor:
-        if self.poisson:
-            return -torch.lgamma(prepared + 1).sum()
-        return prepared.new_zeros(())
+    def data_constant(
+        self, prepared: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if not self.poisson:
+            return prepared.new_zeros(())
+        rows = -torch.lgamma(prepared + 1).reshape(prepared.shape[0], -1).sum(-1)
+        return rows.sum() if weights is None else torch.dot(rows, weights)
 
 
 class _BetaFactor(ConjugateFactor):

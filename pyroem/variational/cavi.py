@@ -101,6 +101,7 @@ class _CaviEngine(Engine):
             truncated Dirichlet process.
         continued: the ``q(π, θ)`` of a previous fit to continue from (``None``: start
             from ``init``).
+        sample_weight: ``(num_data,)`` frequency weights, or ``None``.
     """
 
     name = "vb-em"
@@ -115,15 +116,28 @@ class _CaviEngine(Engine):
         chunk_size: int,
         weights_prior: torch.Tensor,
         continued: VariationalParams | None = None,
+        sample_weight: torch.Tensor | None = None,
     ) -> None:
         self.factor, self.spec, self.data, self.start = factor, spec, data, init
         self.generator = generator
         self.continued = continued
-        self.map_e_step = MixtureEStep(factor.family, spec.weights_prior, data, chunk_size)
+        self.map_e_step = MixtureEStep(
+            factor.family, spec.weights_prior, data, chunk_size, sample_weight
+        )
         self.chunks = self.map_e_step.chunks
-        self.num_data = data.shape[0]
+        chunk_weights = self.map_e_step.chunk_weights
+        self.chunk_weights: list[torch.Tensor | None] = (
+            [None] * len(self.chunks) if chunk_weights is None else list(chunk_weights)
+        )
+        # Weights are frequencies: the tolerance is per weighted row.
+        self.num_data = data.shape[0] if sample_weight is None else float(sample_weight.sum())
         self.weights_prior = weights_prior.to(self.chunks[0])
-        self.data_constant = float(sum(factor.data_constant(chunk) for chunk in self.chunks))
+        self.data_constant = float(
+            sum(
+                factor.data_constant(chunk, weights)
+                for chunk, weights in zip(self.chunks, self.chunk_weights, strict=True)
+            )
+        )
         self.log_beta_prior = log_multivariate_beta(self.weights_prior)
 
     def init(self, restart: int) -> MStepResult:
@@ -185,14 +199,22 @@ class _CaviEngine(Engine):
         kernel = _kernel(self.factor, params)
         stats = None
         entropy = log_likelihood = params.weights_concentration.new_zeros(())
-        for chunk in self.chunks:
+        for chunk, weights in zip(self.chunks, self.chunk_weights, strict=True):
             joint, plug_in = kernel(chunk)
             resp, log_total, _ = normalise_log_joint(joint, dim=1, keep_joint=True)
+            pointwise = torch.logsumexp(plug_in, 1)
+            # log r = joint − log_total, Σ_k r = 1: −Σ r log r = Σ_n log_total − Σ r·joint,
+            # each row counted weights_n times.
+            if weights is None:
+                chunk_entropy = log_total.sum() - torch.dot(resp.reshape(-1), joint.reshape(-1))
+            else:
+                chunk_entropy = torch.dot(weights, log_total.reshape(-1) - (resp * joint).sum(1))
+                resp = resp * weights[:, None]
+                pointwise = pointwise * weights
             chunk_stats = self.factor.statistics(chunk, resp)
             stats = chunk_stats if stats is None else add_statistics(stats, chunk_stats)
-            # log r = joint − log_total, Σ_k r = 1: −Σ r log r = Σ_n log_total − Σ r·joint.
-            entropy = entropy + log_total.sum() - torch.dot(resp.reshape(-1), joint.reshape(-1))
-            log_likelihood = log_likelihood + torch.logsumexp(plug_in, 1).sum()
+            entropy = entropy + chunk_entropy
+            log_likelihood = log_likelihood + pointwise.sum()
         return EStepResult(
             CaviStats(stats, entropy), math.nan, float(log_likelihood) + self.data_constant
         )
@@ -246,7 +268,10 @@ class VariationalFit(FitResult):
     - ``params``: the posterior means under ``q``: ``weights`` ``E_q[π] = α̂/Σα̂``;
       gaussian ``means`` ``E_q[μ_k] = m_k`` and ``covariances``
       ``E_q[Σ_k] = Ψ_k / (ν_k − D − 1)`` (full, tied) or ``Ψ_k / (ν_k − 2)`` per variance
-      (diag, spherical); ``rates`` ``a/b``; ``probs`` ``E_q[p]``.
+      (diag, spherical) when the prior's ``dof`` exceeds ``D + 1`` (diag, spherical: 2),
+      else ``E_q[Λ_k]⁻¹ = Ψ_k / ν_k`` (``E_q[Σ_k]`` need not be finite then; any
+      ``dof > D − 1`` gives a proper ``q``); ``rates`` ``a/b``;
+      ``probs`` ``E_q[p]``.
       ``log_likelihood()``, ``bic()``, ``aic()``, ``score_samples()`` and ``log_joint()``
       (log-likelihood plus log prior) are evaluated at these expected parameters.
     - ``history.objective``: the ELBO after each iteration (entry 0: the first complete
@@ -460,6 +485,7 @@ def fit_mixture_cavi(
     chunk_size: int = 65536,
     progress: bool = False,
     callback: Callable[[Iteration], Any] | None = None,
+    sample_weight: torch.Tensor | None = None,
     **options: Any,
 ) -> VariationalFit:
     r"""Fit ``spec`` to ``data`` by closed-form mean-field VB (see the module docstring).
@@ -483,6 +509,10 @@ def fit_mixture_cavi(
         chunk_size: data rows per E-step chunk.
         progress: show a progress bar.
         callback: called after every iteration (see :func:`pyroem.fit`).
+        sample_weight: ``(num_data,)`` non-negative frequency weights: row ``n`` counts
+            ``w_n`` times in the statistics, the entropy of ``q(z)`` and the ELBO (so
+            integer weights give the fit on repeated rows); ``fit.log_likelihood()``
+            stays the unweighted sum, as for map-em.
         **options: ``num_draws`` (default 1000; 0 for none): draws from ``q(π, θ)`` into
             ``fit.draws``; ``weight_threshold`` (default 0.01): the expected weight above
             which a component counts as effective; ``weights_prior_type``:
@@ -498,7 +528,7 @@ def fit_mixture_cavi(
 
     Raises:
         SpecError: a flat prior (``prior=None`` or ``mean_precision=0``), which has no
-            posterior; a gaussian prior ``dof`` too small for ``E_q[Σ]`` to exist; an
+            posterior; a gaussian prior ``dof ≤ D − 1``; an
             unknown option.
     """
     num_draws, weight_threshold, prior_type = _check_cavi_options(dict(options))
@@ -520,7 +550,9 @@ def fit_mixture_cavi(
         weights_prior = torch.stack([torch.ones_like(weights_prior), weights_prior], dim=-1)
     generator = seeded_generator(seed)
     continued = _continued_state(previous, family, weights_prior)
-    engine = _CaviEngine(factor, spec, data, init, generator, chunk_size, weights_prior, continued)
+    engine = _CaviEngine(
+        factor, spec, data, init, generator, chunk_size, weights_prior, continued, sample_weight
+    )
     result = run_em(
         engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
     )
