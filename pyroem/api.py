@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyroem.distributed import LOCAL, Collective, collective
 from pyroem.em import Iteration, run_em
 from pyroem.errors import DataError, NotSupportedError, PyroEMError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
@@ -184,6 +185,7 @@ def fit(
     callback: Callable[[Iteration], Any] | None = None,
     sample_weight: Any = None,
     num_threads: int | None = None,
+    distributed: bool | None = None,
     **method_options: Any,
 ) -> Any:
     r"""Fit a model by the EM variant ``method``.
@@ -238,6 +240,13 @@ def fit(
             (torch's setting is otherwise untouched). Default: one thread for a
             ``Mixture`` whose ``N·K·D`` is below :data:`SMALL_PROBLEM_WORK` (more threads
             only spin-wait there), otherwise torch's current setting.
+        distributed: split the fit over the ranks of a ``torch.distributed`` process
+            group (:mod:`pyroem.distributed`): ``None`` (default) when this process is in
+            an initialised group of several ranks, ``True`` also joins the group a
+            launcher (``torchrun``) set up, ``False`` never. Every rank passes the same
+            data (array, file, glob, memmap) and reads its shard; every rank returns the
+            same fit, equal to the single-process one. map-em (batch) and vb-em (CAVI) on
+            a ``Mixture``.
         **method_options: options of each method (see the README's section on each);
             an option the method does not know is an error. map-em on a ``Mixture``:
             ``stop_rule`` — ``"parameters"`` (default: the objective rule and the
@@ -271,6 +280,8 @@ def fit(
             f"sample_weight is supported by method='map-em' on a pyroem.Mixture; got "
             f"method={method!r} on {type(model).__name__}. Repeat rows instead"
         )
+    group = _collective(distributed, method, kind, method_options, device)
+    seed = group.broadcast_seed(seed)
     with _threads(_thread_count(num_threads, model, model_args)):
         return _fit_checked(
             model,
@@ -293,7 +304,33 @@ def fit(
             callback=callback,
             sample_weight=sample_weight,
             method_options=method_options,
+            group=group,
         )
+
+
+def _collective(
+    distributed: Any, method: str, kind: str, options: dict[str, Any], device: Any
+) -> Collective:
+    """The collectives of the fit (:func:`pyroem.distributed.collective`).
+
+    Raises:
+        NotSupportedError: a process group of several ranks for a fit that cannot be
+            split over them.
+    """
+    group = collective(distributed, device)
+    if group is LOCAL:
+        return group
+    supported = (method, kind) in (("map-em", "Mixture"), ("vb-em", "Mixture (CAVI)"))
+    if not supported or options.get("stepwise"):
+        model = "a Pyro program" if kind == "program" else f"a {kind}"
+        what = "stepwise EM" if supported else f"method={method!r} on {model}"
+        raise NotSupportedError(
+            f"this process is one of {group.world_size} ranks of a torch.distributed process "
+            f"group, but a distributed fit is written for batch map-em and vb-em (CAVI) on a "
+            f"pyroem.Mixture, not {what}: pass distributed=False to fit in each process "
+            "alone, or express the model as a pyroem.Mixture"
+        )
+    return group
 
 
 def _fit_checked(
@@ -318,6 +355,7 @@ def _fit_checked(
     callback: Callable[[Iteration], Any] | None,
     sample_weight: Any,
     method_options: dict[str, Any],
+    group: Collective,
 ) -> Any:
     """:func:`fit` once its options are checked and its threads set."""
     started = time.perf_counter()
@@ -344,6 +382,7 @@ def _fit_checked(
             chunk_size=chunk_size,
             progress=progress,
             callback=callback,
+            collective=group,
             **method_options,
         )
     else:
@@ -367,6 +406,7 @@ def _fit_checked(
                 progress=progress,
                 callback=callback,
                 options=method_options,
+                group=group,
             )
         elif kind == "program":
             result = fit_program(
@@ -402,6 +442,7 @@ def _fit_checked(
                 callback=callback,
                 stop_rule=method_options["stop_rule"],
                 sample_weight=sample_weight,
+                group=group,
             )
     result.runtime = time.perf_counter() - started
     columns = getattr(model_args[0], "columns", None) if len(model_args) == 1 else None
@@ -481,10 +522,15 @@ class _MixtureEngine(MixtureEngine):
         chunk_size: int,
         name: str,
         weights: torch.Tensor | None = None,
+        group: Collective = LOCAL,
     ) -> None:
         self.spec, self.family, self.init_data, self.start = spec, family, data, init
         self.generator = seeded_generator(seed)
-        self.estep = MixtureEStep(family, spec.weights_prior, data, chunk_size, weights)
+        # Every rank initialises from the whole data; its E-step reads its rows.
+        rows = group.rows(data.shape[0])
+        shard_weights = None if weights is None else weights[rows]
+        self.estep = MixtureEStep(family, spec.weights_prior, data[rows], chunk_size, shard_weights)
+        self.collective = group
         self.name = name
         # Weights are frequencies: the tolerance is per weighted row.
         self.num_data = data.shape[0] if weights is None else float(weights.sum())
@@ -507,6 +553,7 @@ def _fit_mixture(
     callback: Callable[[Iteration], Any] | None,
     stop_rule: str,
     sample_weight: Any = None,
+    group: Collective = LOCAL,
 ) -> FitResult:
     """MAP-EM on a ``Mixture`` by its fast tensor kernels."""
     if init is None:
@@ -522,7 +569,7 @@ def _fit_mixture(
     if isinstance(init, dict):
         n_init = 1
     weights = None if sample_weight is None else _check_sample_weight(sample_weight, data)
-    engine = _MixtureEngine(model, family, data, init, seed, chunk_size, method, weights)
+    engine = _MixtureEngine(model, family, data, init, seed, chunk_size, method, weights, group)
     engine.parameter_rule = stop_rule == "parameters"
     result = run_em(
         engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
@@ -538,6 +585,7 @@ def _fit_mixture(
         "chunk_size": chunk_size,
         "stop_rule": stop_rule,
         **result.record(),
+        **group.record(),
     }
     return FitResult(
         spec=model,
@@ -600,6 +648,7 @@ def _fit_other(
     progress: bool,
     callback: Callable[[Iteration], Any] | None,
     options: dict[str, Any],
+    group: Collective = LOCAL,
 ) -> Any:
     """Every method but ``map-em``: CAVI for a ``Mixture`` under ``vb-em`` (unless a
     guide is asked for); otherwise the engine runs on the Pyro program (for a
@@ -626,6 +675,7 @@ def _fit_other(
                 chunk_size=chunk_size,
                 progress=progress,
                 callback=callback,
+                collective=group,
                 **options,
             )
         if method == "nuts":

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from pyroem.distributed import LOCAL, Collective
 from pyroem.em import Engine, Iteration, run_em
 from pyroem.errors import DataError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
@@ -84,12 +85,14 @@ class _StreamEngine(MixtureEngine):
         init: Any,
         seed: int | None,
         name: str,
+        collective: Collective = LOCAL,
     ) -> None:
         self.spec, self.family, self.init_data, self.start = spec, family, sample, init
         self.generator = seeded_generator(seed)
         self.estep = ChunksEStep(family, spec.weights_prior, source, sample.dtype, sample.device)
         self.name = name
         self.num_data = num_data
+        self.collective = collective
 
 
 def _in_memory_source(data: torch.Tensor, chunk_size: int) -> ChunkSource:
@@ -118,6 +121,7 @@ def fit_mixture_large(
     passes: int = 5,
     shuffle: bool = True,
     reservoir_size: int = _RESERVOIR_SIZE,
+    collective: Collective = LOCAL,
 ) -> FitResult:
     """MAP-EM on a ``Mixture`` from a chunked source (``source``), or stepwise EM on a
     source or on in-memory ``data`` (``stepwise=True``; ``source`` is ``False``).
@@ -134,6 +138,9 @@ def fit_mixture_large(
             each pass (a source is read in its own order: shuffle it on disk).
         reservoir_size: most rows of the sample that resolves data-derived defaults and
             initialises (k-means++ etc.) a streamed fit.
+        collective: a distributed fit's collectives (:mod:`pyroem.distributed`): each
+            rank's E-step reads its shard of the source, the ranks' reservoir samples are
+            merged into one, and the final scoring pass reads the whole source.
         The other arguments: as for :func:`pyroem.fit`.
     """
     if method != "map-em":
@@ -155,17 +162,31 @@ def fit_mixture_large(
         tensor = as_data(data, dtype=dtype, device=device)
         family = model.bind(tensor)
         sample, num_data, held = tensor, tensor.shape[0], tensor
-        source = _in_memory_source(tensor, chunk_size)
+        source = shard = _in_memory_source(tensor, chunk_size)
     else:
         source = source.with_options(dtype, device)
-        found = scan(source, model.family.validate, reservoir_size, generator_seed)
-        if found.num_rows < model.num_components:
+        shard = source
+        if collective is LOCAL:
+            found = scan(source, model.family.validate, reservoir_size, generator_seed)
+            num_data, sample = found.num_rows, found.sample
+        else:
+            shard = source.shard(collective.rank, collective.world_size)
+            error = None
+            try:
+                found = scan(shard, model.family.validate, reservoir_size, generator_seed)
+            except DataError as err:
+                error = err
+            collective.check(error)
+            num_data, sample = collective.merge_samples(
+                found.num_rows, found.sample, reservoir_size, generator_seed
+            )
+        if num_data < model.num_components:
             raise SpecError(
                 f"num_components={model.num_components} exceeds the number of data points "
-                f"({found.num_rows}) in {source.description}; use fewer components or more data"
+                f"({num_data}) in {source.description}; use fewer components or more data"
             )
-        family = model.bind(found.sample)
-        sample, num_data, held = found.sample, found.num_rows, None
+        family = model.bind(sample)
+        held = None
     options: dict[str, Any] = {
         "n_init": n_init,
         "init": init if isinstance(init, str) else "params",
@@ -175,6 +196,7 @@ def fit_mixture_large(
     }
     if held is None:
         options.update(source=source.description, reservoir_size=reservoir_size)
+    options.update(collective.record())
     engine: Engine
     if stepwise:
         from pyroem.stepwise import StepwiseEngine
@@ -195,7 +217,9 @@ def fit_mixture_large(
         max_iter = passes
         options.update(stepwise=True, batch_size=batch_size, kappa=kappa, passes=passes)
     else:
-        engine = _StreamEngine(model, family, source, sample, num_data, init, seed, method)
+        engine = _StreamEngine(
+            model, family, shard, sample, num_data, init, seed, method, collective
+        )
         options["max_iter"] = max_iter
     result = run_em(
         engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from pyroem.diagnostics import independent_chains
+from pyroem.distributed import LOCAL, Collective
 from pyroem.em import EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.errors import SpecError
 from pyroem.estep.enumerate import MixtureEStep, add_statistics, score_mixture
@@ -124,6 +125,8 @@ class _CaviEngine(Engine):
             truncated Dirichlet process.
         continued: the ``q(π, θ)`` of a previous fit to continue from (``None``: start
             from ``init``).
+        collective: a distributed fit's collectives (:mod:`pyroem.distributed`): the
+            E-steps read this rank's rows of ``data`` and are combined over the ranks.
     """
 
     name = "vb-em"
@@ -138,15 +141,25 @@ class _CaviEngine(Engine):
         chunk_size: int,
         weights_prior: torch.Tensor,
         continued: VariationalParams | None = None,
+        collective: Collective = LOCAL,
     ) -> None:
         self.factor, self.spec, self.data, self.start = factor, spec, data, init
         self.generator = generator
         self.continued = continued
-        self.map_e_step = MixtureEStep(factor.family, spec.weights_prior, data, chunk_size)
+        self.collective = collective
+        shard = data[collective.rows(data.shape[0])]
+        self.map_e_step = MixtureEStep(factor.family, spec.weights_prior, shard, chunk_size)
         self.chunks = self.map_e_step.chunks
+        self.all_chunks = (
+            self.chunks
+            if collective is LOCAL
+            else [factor.family.prepare(chunk) for chunk in data.split(self.map_e_step.chunk_size)]
+        )
         self.num_data = data.shape[0]
         self.weights_prior = weights_prior.to(self.chunks[0])
-        self.data_constant = float(sum(factor.data_constant(chunk) for chunk in self.chunks))
+        # This rank's share of the data constant; the ELBO takes the whole data's.
+        self.shard_constant = float(sum(factor.data_constant(chunk) for chunk in self.chunks))
+        self.data_constant = collective.sum(self.shard_constant)
         self.log_beta_prior = log_multivariate_beta(self.weights_prior)
 
     def init(self, restart: int) -> MStepResult:
@@ -159,7 +172,8 @@ class _CaviEngine(Engine):
             start = initial_params(
                 self.spec, self.factor.family, self.data, self.start, self.generator
             )
-            first = self._update(self.map_e_step(start).stats)
+            start = self.collective.broadcast(start)
+            first = self._update(self.collective.reduce(self.map_e_step(start)).stats)
         return self.m_step(self.e_step(first).stats, first, 0)
 
     def _update(self, stats: Any) -> VariationalParams:
@@ -184,8 +198,8 @@ class _CaviEngine(Engine):
     def finish(self, run: EMRun) -> EMRun:
         """Adds ``(q(z) of the state, q(z) of the final q(π, θ))``, each ``(N, K)``: the
         first pairs with the reported ELBO, the second is what ``predict_proba`` gives."""
-        state = _assignment_probs(self.factor, run.info[-1]["source"], self.chunks)
-        final = _assignment_probs(self.factor, run.params, self.chunks)
+        state = _assignment_probs(self.factor, run.info[-1]["source"], self.all_chunks)
+        final = _assignment_probs(self.factor, run.params, self.all_chunks)
         return run._replace(extras=(state, final))
 
     def e_step(self, params: VariationalParams) -> EStepResult:
@@ -201,8 +215,10 @@ class _CaviEngine(Engine):
             stats = chunk_stats if stats is None else add_statistics(stats, chunk_stats)
             entropy = entropy + chunk_entropy
             log_likelihood = log_likelihood + torch.logsumexp(plug_in, 1).sum()
-        return EStepResult(
-            CaviStats(stats, entropy), math.nan, float(log_likelihood) + self.data_constant
+        return self.collective.reduce(
+            EStepResult(
+                CaviStats(stats, entropy), math.nan, float(log_likelihood) + self.shard_constant
+            )
         )
 
 
@@ -451,6 +467,7 @@ def fit_mixture_cavi(
     chunk_size: int = 65536,
     progress: bool = False,
     callback: Callable[[Iteration], Any] | None = None,
+    collective: Collective = LOCAL,
     **options: Any,
 ) -> VariationalFit:
     r"""Fit ``spec`` to ``data`` by closed-form mean-field VB (see the module docstring).
@@ -474,6 +491,7 @@ def fit_mixture_cavi(
         chunk_size: data rows per E-step chunk.
         progress: show a progress bar.
         callback: called after every iteration (see :func:`pyroem.fit`).
+        collective: a distributed fit's collectives (:mod:`pyroem.distributed`).
         **options: ``num_draws`` (default 1000; 0 for none): draws from ``q(π, θ)`` into
             ``fit.draws``; ``weight_threshold`` (default 0.01): the expected weight above
             which a component counts as effective; ``weights_prior_type``:
@@ -511,7 +529,9 @@ def fit_mixture_cavi(
         weights_prior = torch.stack([torch.ones_like(weights_prior), weights_prior], dim=-1)
     generator = seeded_generator(seed)
     continued = _continued_state(previous, family, weights_prior)
-    engine = _CaviEngine(factor, spec, data, init, generator, chunk_size, weights_prior, continued)
+    engine = _CaviEngine(
+        factor, spec, data, init, generator, chunk_size, weights_prior, continued, collective
+    )
     result = run_em(
         engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
     )
@@ -554,6 +574,7 @@ def fit_mixture_cavi(
         "weight_threshold": weight_threshold,
         "weights_prior_type": prior_type,
         **result.record(),
+        **collective.record(),
     }
     log_joint = log_likelihood + float(engine.map_e_step.log_prior(internal))
     return VariationalFit(
