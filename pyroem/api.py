@@ -360,7 +360,7 @@ def _fit_checked(
     """:func:`fit` once its options are checked and its threads set."""
     started = time.perf_counter()
     result: Any
-    large = _large_data(model, model_args, model_kwargs, chunk_size, method_options)
+    large = _large_data(model, model_args, model_kwargs, chunk_size, method, method_options)
     if large is not None:
         if sample_weight is not None:
             raise NotSupportedError(
@@ -490,6 +490,7 @@ def _large_data(
     model_args: tuple[Any, ...],
     model_kwargs: dict[str, Any] | None,
     chunk_size: int,
+    method: str,
     options: dict[str, Any],
 ) -> Any:
     """For a ``Mixture`` fitted from a chunked source (a file, a memmap, a function of
@@ -499,11 +500,16 @@ def _large_data(
     source = open_source(model_args[0], chunk_size)
     if source is None and not any(key in options for key in LARGE_DATA_OPTIONS):
         return None
-    unknown = sorted(set(options) - set(LARGE_DATA_OPTIONS))
+    known: tuple[str, ...] = LARGE_DATA_OPTIONS
+    if method == "vb-em" and source is not None:
+        from pyroem.variational.cavi import CAVI_OPTIONS
+
+        known = known + CAVI_OPTIONS
+    unknown = sorted(set(options) - set(known))
     if unknown:
         raise SpecError(
             f"unknown options for a streamed or stepwise fit: {unknown}; the options are "
-            f"{sorted(LARGE_DATA_OPTIONS)}"
+            f"{sorted(known)}"
         )
     return False if source is None else source
 

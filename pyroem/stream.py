@@ -11,7 +11,7 @@ the number of rows. The same entry point runs stepwise EM
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -27,7 +27,13 @@ from pyroem.sources import ChunkSource, scan
 from pyroem.spec.families import Family
 from pyroem.spec.mixture import Mixture, as_data
 
-__all__ = ["LARGE_DATA_OPTIONS", "ChunksEStep", "fit_mixture_large"]
+__all__ = [
+    "LARGE_DATA_OPTIONS",
+    "ChunksEStep",
+    "StreamedData",
+    "fit_mixture_large",
+    "open_streamed",
+]
 
 #: ``pyroem.fit`` options of this path (besides the common ones).
 LARGE_DATA_OPTIONS = ("stepwise", "batch_size", "kappa", "passes", "shuffle", "reservoir_size")
@@ -95,6 +101,63 @@ class _StreamEngine(MixtureEngine):
         self.collective = collective
 
 
+class StreamedData(NamedTuple):
+    """A source opened for a fit.
+
+    Attributes:
+        source: the whole source, handing chunks in the fit's dtype and device.
+        shard: the part of it this rank's E-step reads (the whole source in one process).
+        sample: the reservoir sample of the whole source (initialisation, data defaults).
+        num_data: rows in the whole source.
+    """
+
+    source: ChunkSource
+    shard: ChunkSource
+    sample: torch.Tensor
+    num_data: int
+
+
+def open_streamed(
+    model: Mixture,
+    source: ChunkSource,
+    dtype: torch.dtype,
+    device: Any,
+    reservoir_size: int,
+    seed: int,
+    collective: Collective = LOCAL,
+) -> StreamedData:
+    """The first pass over ``source``: validate, count and sample it (each rank its shard,
+    the samples merged into one; :mod:`pyroem.distributed`).
+
+    Raises:
+        DataError: data the family refuses, or an empty source (on every rank, when any
+            rank met it).
+        SpecError: fewer rows than components.
+    """
+    source = source.with_options(dtype, device)
+    shard = source
+    if collective is LOCAL:
+        found = scan(source, model.family.validate, reservoir_size, seed)
+        num_data, sample = found.num_rows, found.sample
+    else:
+        shard = source.shard(collective.rank, collective.world_size)
+        error = None
+        try:
+            found = scan(shard, model.family.validate, reservoir_size, seed)
+        except DataError as err:
+            error = err
+        collective.check(error)
+        num_data, sample = collective.merge_samples(
+            found.num_rows, found.sample, reservoir_size, seed
+        )
+    if num_data < model.num_components:
+        raise SpecError(
+            f"num_components={model.num_components} exceeds the number of data points "
+            f"({num_data}) in {source.description}; use fewer components or more data"
+        )
+    return StreamedData(source, shard, sample, num_data)
+
+
 def _in_memory_source(data: torch.Tensor, chunk_size: int) -> ChunkSource:
     return ChunkSource(lambda: [data], "the data", chunk_size, data.dtype, data.device)
 
@@ -122,6 +185,7 @@ def fit_mixture_large(
     shuffle: bool = True,
     reservoir_size: int = _RESERVOIR_SIZE,
     collective: Collective = LOCAL,
+    **cavi_options: Any,
 ) -> FitResult:
     """MAP-EM on a ``Mixture`` from a chunked source (``source``), or stepwise EM on a
     source or on in-memory ``data`` (``stepwise=True``; ``source`` is ``False``).
@@ -138,15 +202,20 @@ def fit_mixture_large(
             each pass (a source is read in its own order: shuffle it on disk).
         reservoir_size: most rows of the sample that resolves data-derived defaults and
             initialises (k-means++ etc.) a streamed fit.
+        cavi_options: vb-em's options (``num_draws`` etc.; see
+            :func:`~pyroem.variational.cavi.fit_mixture_cavi`).
         collective: a distributed fit's collectives (:mod:`pyroem.distributed`): each
             rank's E-step reads its shard of the source, the ranks' reservoir samples are
             merged into one, and the final scoring pass reads the whole source.
         The other arguments: as for :func:`pyroem.fit`.
     """
-    if method != "map-em":
+    cavi = method == "vb-em" and not stepwise and isinstance(source, ChunkSource)
+    if method != "map-em" and not cavi:
         raise SpecError(
-            f"streamed data and stepwise EM are supported for method='map-em' on a Mixture; "
-            f"got method={method!r}: load the data into memory for {method}, or use map-em"
+            f"streamed data are supported for method='map-em' and 'vb-em' (CAVI) on a Mixture, "
+            f"stepwise EM for map-em; got method={method!r}"
+            + (" with stepwise=True" if stepwise else "")
+            + f": load the data into memory for {method}, or use map-em"
         )
     check_integer("reservoir_size", reservoir_size, 1)
     if not isinstance(stepwise, bool):
@@ -164,27 +233,30 @@ def fit_mixture_large(
         sample, num_data, held = tensor, tensor.shape[0], tensor
         source = shard = _in_memory_source(tensor, chunk_size)
     else:
-        source = source.with_options(dtype, device)
-        shard = source
-        if collective is LOCAL:
-            found = scan(source, model.family.validate, reservoir_size, generator_seed)
-            num_data, sample = found.num_rows, found.sample
-        else:
-            shard = source.shard(collective.rank, collective.world_size)
-            error = None
-            try:
-                found = scan(shard, model.family.validate, reservoir_size, generator_seed)
-            except DataError as err:
-                error = err
-            collective.check(error)
-            num_data, sample = collective.merge_samples(
-                found.num_rows, found.sample, reservoir_size, generator_seed
+        streamed = open_streamed(
+            model, source, dtype, device, reservoir_size, generator_seed, collective
+        )
+        source, shard, sample, num_data = streamed
+        if method == "vb-em" and not stepwise:
+            from pyroem.variational.cavi import fit_mixture_cavi
+
+            fit = fit_mixture_cavi(
+                model.with_proper_prior(),
+                sample,
+                init=init,
+                n_init=n_init,
+                seed=seed,
+                tol=tol,
+                max_iter=max_iter,
+                chunk_size=chunk_size,
+                progress=progress,
+                callback=callback,
+                collective=collective,
+                streamed=streamed,
+                **cavi_options,
             )
-        if num_data < model.num_components:
-            raise SpecError(
-                f"num_components={model.num_components} exceeds the number of data points "
-                f"({num_data}) in {source.description}; use fewer components or more data"
-            )
+            fit.options.update(source=source.description, reservoir_size=reservoir_size)
+            return fit
         family = model.bind(sample)
         held = None
     options: dict[str, Any] = {

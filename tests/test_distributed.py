@@ -1,6 +1,6 @@
 """Distributed fits: two gloo processes on 127.0.0.1, each reading its shard, give the
-single-process fit (float64, to 1e-10) for MAP-EM (data in memory and streamed from
-files) and CAVI on a Mixture, and both ranks hold the same parameters; a streamed fit's
+single-process fit (float64, to 1e-10) for MAP-EM and CAVI on a Mixture (data in memory
+and streamed from files), and both ranks hold the same parameters; a streamed fit's
 ranks read only their shard of the files in every pass but the final scoring one."""
 
 import os
@@ -85,6 +85,14 @@ FITS = {
     "cavi": lambda folder: pyroem.fit(
         pyroem.Mixture(3, "gaussian"),
         np.load(f"{folder}/blobs.npy"),
+        method="vb-em",
+        chunk_size=50,
+        num_draws=0,
+        **COMMON,
+    ),
+    "cavi_streamed": lambda folder: pyroem.fit(
+        pyroem.Mixture(3, "gaussian"),
+        f"{folder}/part-*.npy",
         method="vb-em",
         chunk_size=50,
         num_draws=0,

@@ -39,12 +39,13 @@ import torch
 from pyroem.diagnostics import independent_chains
 from pyroem.distributed import LOCAL, Collective
 from pyroem.em import EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
-from pyroem.errors import SpecError
+from pyroem.errors import DataError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, add_statistics, score_mixture
 from pyroem.initialization import initial_params, seeded_generator
 from pyroem.options import check_integer, with_defaults
 from pyroem.results import FitResult
 from pyroem.spec.mixture import Mixture, MixtureParams
+from pyroem.stream import ChunksEStep, StreamedData
 from pyroem.variational._cavi_conjugate import (
     BetaPosterior,
     ConjugateFactor,
@@ -57,6 +58,7 @@ from pyroem.variational._cavi_conjugate import (
 )
 
 __all__ = [
+    "CAVI_OPTIONS",
     "DEFAULT_NUM_DRAWS",
     "DEFAULT_WEIGHT_THRESHOLD",
     "CaviStats",
@@ -127,6 +129,8 @@ class _CaviEngine(Engine):
             from ``init``).
         collective: a distributed fit's collectives (:mod:`pyroem.distributed`): the
             E-steps read this rank's rows of ``data`` and are combined over the ranks.
+        streamed: data read chunk by chunk from a source (``data`` is then its reservoir
+            sample, which the initialisation reads); its ``q(z)`` is not kept.
     """
 
     name = "vb-em"
@@ -142,21 +146,30 @@ class _CaviEngine(Engine):
         weights_prior: torch.Tensor,
         continued: VariationalParams | None = None,
         collective: Collective = LOCAL,
+        streamed: StreamedData | None = None,
     ) -> None:
         self.factor, self.spec, self.data, self.start = factor, spec, data, init
         self.generator = generator
         self.continued = continued
         self.collective = collective
-        shard = data[collective.rows(data.shape[0])]
-        self.map_e_step = MixtureEStep(factor.family, spec.weights_prior, shard, chunk_size)
+        self.streamed = streamed
+        self.map_e_step: MixtureEStep
+        if streamed is not None:
+            self.map_e_step = ChunksEStep(
+                factor.family, spec.weights_prior, streamed.shard, data.dtype, data.device
+            )
+            self.num_data = streamed.num_data
+        else:
+            shard = data[collective.rows(data.shape[0])]
+            self.map_e_step = MixtureEStep(factor.family, spec.weights_prior, shard, chunk_size)
+            self.num_data = data.shape[0]
         self.chunks = self.map_e_step.chunks
         self.all_chunks = (
             self.chunks
-            if collective is LOCAL
+            if collective is LOCAL or streamed is not None
             else [factor.family.prepare(chunk) for chunk in data.split(self.map_e_step.chunk_size)]
         )
-        self.num_data = data.shape[0]
-        self.weights_prior = weights_prior.to(self.chunks[0])
+        self.weights_prior = weights_prior.to(dtype=data.dtype, device=data.device)
         # This rank's share of the data constant; the ELBO takes the whole data's.
         self.shard_constant = float(sum(factor.data_constant(chunk) for chunk in self.chunks))
         self.data_constant = collective.sum(self.shard_constant)
@@ -197,7 +210,10 @@ class _CaviEngine(Engine):
 
     def finish(self, run: EMRun) -> EMRun:
         """Adds ``(q(z) of the state, q(z) of the final q(π, θ))``, each ``(N, K)``: the
-        first pairs with the reported ELBO, the second is what ``predict_proba`` gives."""
+        first pairs with the reported ELBO, the second is what ``predict_proba`` gives
+        (streamed data: neither, they would hold ``N · K`` numbers)."""
+        if self.streamed is not None:
+            return run
         state = _assignment_probs(self.factor, run.info[-1]["source"], self.all_chunks)
         final = _assignment_probs(self.factor, run.params, self.all_chunks)
         return run._replace(extras=(state, final))
@@ -361,9 +377,10 @@ class VariationalFit(FitResult):
         )
         for name, value in self._state.components._asdict().items():
             arrays[f"variational/components/{name}"] = value.detach().cpu().numpy()
-        arrays["variational/assignment_probs"] = (
-            self.variational["assignment"]["probs"].detach().cpu().numpy()
-        )
+        if "assignment" in self.variational:
+            arrays["variational/assignment_probs"] = (
+                self.variational["assignment"]["probs"].detach().cpu().numpy()
+            )
         meta["variational"] = {
             "posterior": type(self._state.components).__name__,
             "elbo": self.elbo,
@@ -432,6 +449,10 @@ def _draw_weights(concentration: torch.Tensor, num_draws: int) -> torch.Tensor:
 WEIGHTS_PRIOR_TYPES = ("dirichlet_distribution", "dirichlet_process")
 
 
+#: The options of vb-em on a Mixture (CAVI).
+CAVI_OPTIONS = ("num_draws", "weight_threshold", "weights_prior_type")
+
+
 def _check_cavi_options(options: dict[str, Any]) -> tuple[int, float, str]:
     given = with_defaults(
         "method='vb-em' on a Mixture",
@@ -468,6 +489,7 @@ def fit_mixture_cavi(
     progress: bool = False,
     callback: Callable[[Iteration], Any] | None = None,
     collective: Collective = LOCAL,
+    streamed: StreamedData | None = None,
     **options: Any,
 ) -> VariationalFit:
     r"""Fit ``spec`` to ``data`` by closed-form mean-field VB (see the module docstring).
@@ -492,6 +514,9 @@ def fit_mixture_cavi(
         progress: show a progress bar.
         callback: called after every iteration (see :func:`pyroem.fit`).
         collective: a distributed fit's collectives (:mod:`pyroem.distributed`).
+        streamed: the data read chunk by chunk from a source (:mod:`pyroem.stream`);
+            ``data`` is then its reservoir sample (data-derived defaults, initialisation),
+            and ``fit.variational`` holds no ``"assignment"`` (``q(z)`` of every row).
         **options: ``num_draws`` (default 1000; 0 for none): draws from ``q(π, θ)`` into
             ``fit.draws``; ``weight_threshold`` (default 0.01): the expected weight above
             which a component counts as effective; ``weights_prior_type``:
@@ -530,21 +555,34 @@ def fit_mixture_cavi(
     generator = seeded_generator(seed)
     continued = _continued_state(previous, family, weights_prior)
     engine = _CaviEngine(
-        factor, spec, data, init, generator, chunk_size, weights_prior, continued, collective
+        factor,
+        spec,
+        data,
+        init,
+        generator,
+        chunk_size,
+        weights_prior,
+        continued,
+        collective,
+        streamed,
     )
     result = run_em(
         engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
     )
     best = result.best
     state: VariationalParams = best.params
-    resp, final_resp = best.extras
     alpha = state.weights_concentration
     internal = MixtureParams(
         expected_weights(alpha)[1],
         factor.expected_params(state.components),
         torch.arange(spec.num_components, device=data.device),
     )
-    pointwise, _ = score_mixture(family, internal, data, chunk_size)
+    if streamed is None:
+        resp, final_resp = best.extras
+        pointwise, _ = score_mixture(family, internal, data, chunk_size)
+        labels = final_resp.argmax(-1)
+    else:
+        pointwise, labels = _score_streamed(factor, internal, state, streamed, chunk_size)
     log_likelihood = float(pointwise.sum())
     history = best.history
     draws = None
@@ -561,8 +599,9 @@ def fit_mixture_cavi(
     variational = {
         "weights": _weights_factor(alpha),
         "components": factor.to_user(state.components),
-        "assignment": {"probs": resp},
     }
+    if streamed is None:
+        variational["assignment"] = {"probs": resp}
     fit_options = {
         "n_init": n_init,
         "init": init if isinstance(init, str) else "params",
@@ -591,14 +630,42 @@ def fit_mixture_cavi(
         converged=best.converged,
         num_iterations=best.num_iterations,
         pointwise_log_likelihood=pointwise,
-        labels=final_resp.argmax(-1),
+        labels=labels,
         objective=log_joint,
         restart_objectives=result.restart_objectives,
         options=fit_options,
         draws=draws,
         sample_stats={"elbo": history.objective.copy()},
-        data=data,
+        data=data if streamed is None else None,
     )
+
+
+def _score_streamed(
+    factor: ConjugateFactor,
+    internal: MixtureParams,
+    state: VariationalParams,
+    streamed: StreamedData,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over a streamed fit's source: the pointwise log-likelihood at the expected
+    parameters and the most probable component under ``q``, ``(N,)`` each, filled in
+    place (16 bytes a row)."""
+    sample = streamed.sample
+    pointwise = torch.empty(streamed.num_data, dtype=sample.dtype, device=sample.device)
+    labels = torch.empty(streamed.num_data, dtype=torch.int64, device=sample.device)
+    row = 0
+    for chunk in streamed.source:
+        scores, _ = score_mixture(factor.family, internal, chunk, chunk_size)
+        probs = _assignment_probs(factor, state, [factor.family.prepare(chunk)])
+        pointwise[row : row + chunk.shape[0]] = scores
+        labels[row : row + chunk.shape[0]] = probs.argmax(-1)
+        row += chunk.shape[0]
+    if row != streamed.num_data:
+        raise DataError(
+            f"{streamed.source.description} gave {row} rows in the last pass but "
+            f"{streamed.num_data} in the first; a source must give the same data on every pass"
+        )
+    return pointwise, labels
 
 
 _POSTERIORS = {
@@ -631,8 +698,10 @@ def restore_variational_fit(
     variational = {
         "weights": _weights_factor(state.weights_concentration),
         "components": factor.to_user(components),
-        "assignment": {"probs": torch.from_numpy(archive["variational/assignment_probs"])},
     }
+    if "variational/assignment_probs" in archive:
+        probs = torch.from_numpy(archive["variational/assignment_probs"])
+        variational["assignment"] = {"probs": probs}
     return VariationalFit(
         variational=variational,
         elbo=float(saved["elbo"]),
