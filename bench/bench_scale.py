@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--folder", help="where the .npy files go (default: a temporary folder)")
     parser.add_argument("--skip", nargs="*", default=[], choices=("a", "b", "c"))
     parser.add_argument(
-        "--optimum-iterations", type=int, default=300, help="(b): batch EM's iterations"
+        "--optimum-iterations", type=int, default=500, help="(b): batch EM's iterations"
     )
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=options.folder) as name:

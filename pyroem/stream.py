@@ -33,6 +33,7 @@ __all__ = [
     "StreamedData",
     "fit_mixture_large",
     "open_streamed",
+    "score_rows",
 ]
 
 #: ``pyroem.fit`` options of this path (besides the common ones).
@@ -156,6 +157,43 @@ def open_streamed(
             f"({num_data}) in {source.description}; use fewer components or more data"
         )
     return StreamedData(source, shard, sample, num_data)
+
+
+def score_rows(
+    streamed: StreamedData,
+    score: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    collective: Collective = LOCAL,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final pass of a streamed fit: ``score(chunk)`` (a value and a label per row)
+    for every row of the source, ``(N,)`` each. Split over processes, each rank scores
+    its shard and the ranks' rows are gathered, when the shards are blocks of consecutive
+    rows; otherwise every rank reads the whole source.
+
+    Raises:
+        DataError: the source gave another number of rows than in its first pass.
+    """
+    sample, num_data = streamed.sample, streamed.num_data
+    if collective is not LOCAL and streamed.shard.ordered:
+        parts = [score(chunk) for chunk in streamed.shard]
+        pointwise = collective.gather_rows(torch.cat([part[0] for part in parts]))
+        labels = collective.gather_rows(torch.cat([part[1] for part in parts]))
+        row = pointwise.shape[0]
+    else:
+        # Filled in place: the fit keeps 16 bytes a row (no copy of the data).
+        pointwise = torch.empty(num_data, dtype=sample.dtype, device=sample.device)
+        labels = torch.empty(num_data, dtype=torch.int64, device=sample.device)
+        row = 0
+        for chunk in streamed.source:
+            scores, chunk_labels = score(chunk)
+            pointwise[row : row + chunk.shape[0]] = scores
+            labels[row : row + chunk.shape[0]] = chunk_labels
+            row += chunk.shape[0]
+    if row != num_data:
+        raise DataError(
+            f"{streamed.source.description} gave {row} rows in the last pass but {num_data} "
+            "in the first; a source must give the same data on every pass"
+        )
+    return pointwise, labels
 
 
 def _in_memory_source(data: torch.Tensor, chunk_size: int) -> ChunkSource:
@@ -297,20 +335,13 @@ def fit_mixture_large(
         engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
     )
     best = result.best
-    # Filled in place: the fit keeps 16 bytes a row (no copy of the data, no concatenation).
-    pointwise = torch.empty(num_data, dtype=sample.dtype, device=sample.device)
-    labels = torch.empty(num_data, dtype=torch.int64, device=sample.device)
-    row = 0
-    for chunk in source:
+
+    def score(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores, log_resp = score_mixture(family, best.params, chunk, chunk_size)
-        pointwise[row : row + chunk.shape[0]] = scores
-        labels[row : row + chunk.shape[0]] = log_resp.argmax(-1)
-        row += chunk.shape[0]
-    if row != num_data:
-        raise DataError(
-            f"{source.description} gave {row} rows in the last pass but {num_data} in the "
-            "first; a source must give the same data on every pass"
-        )
+        return scores, log_resp.argmax(-1)
+
+    streamed = StreamedData(source, shard, sample, num_data)
+    pointwise, labels = score_rows(streamed, score, collective)
     return FitResult(
         spec=model,
         family=family,

@@ -39,13 +39,13 @@ import torch
 from pyroem.diagnostics import independent_chains
 from pyroem.distributed import LOCAL, Collective
 from pyroem.em import EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
-from pyroem.errors import DataError, SpecError
+from pyroem.errors import SpecError
 from pyroem.estep.enumerate import MixtureEStep, add_statistics, score_mixture
 from pyroem.initialization import initial_params, seeded_generator
 from pyroem.options import check_integer, with_defaults
 from pyroem.results import FitResult
 from pyroem.spec.mixture import Mixture, MixtureParams
-from pyroem.stream import ChunksEStep, StreamedData
+from pyroem.stream import ChunksEStep, StreamedData, score_rows
 from pyroem.variational._cavi_conjugate import (
     BetaPosterior,
     ConjugateFactor,
@@ -582,7 +582,13 @@ def fit_mixture_cavi(
         pointwise, _ = score_mixture(family, internal, data, chunk_size)
         labels = final_resp.argmax(-1)
     else:
-        pointwise, labels = _score_streamed(factor, internal, state, streamed, chunk_size)
+
+        def score(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            scores, _ = score_mixture(factor.family, internal, chunk, chunk_size)
+            probs = _assignment_probs(factor, state, [factor.family.prepare(chunk)])
+            return scores, probs.argmax(-1)
+
+        pointwise, labels = score_rows(streamed, score, collective)
     log_likelihood = float(pointwise.sum())
     history = best.history
     draws = None
@@ -638,34 +644,6 @@ def fit_mixture_cavi(
         sample_stats={"elbo": history.objective.copy()},
         data=data if streamed is None else None,
     )
-
-
-def _score_streamed(
-    factor: ConjugateFactor,
-    internal: MixtureParams,
-    state: VariationalParams,
-    streamed: StreamedData,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass over a streamed fit's source: the pointwise log-likelihood at the expected
-    parameters and the most probable component under ``q``, ``(N,)`` each, filled in
-    place (16 bytes a row)."""
-    sample = streamed.sample
-    pointwise = torch.empty(streamed.num_data, dtype=sample.dtype, device=sample.device)
-    labels = torch.empty(streamed.num_data, dtype=torch.int64, device=sample.device)
-    row = 0
-    for chunk in streamed.source:
-        scores, _ = score_mixture(factor.family, internal, chunk, chunk_size)
-        probs = _assignment_probs(factor, state, [factor.family.prepare(chunk)])
-        pointwise[row : row + chunk.shape[0]] = scores
-        labels[row : row + chunk.shape[0]] = probs.argmax(-1)
-        row += chunk.shape[0]
-    if row != streamed.num_data:
-        raise DataError(
-            f"{streamed.source.description} gave {row} rows in the last pass but "
-            f"{streamed.num_data} in the first; a source must give the same data on every pass"
-        )
-    return pointwise, labels
 
 
 _POSTERIORS = {
