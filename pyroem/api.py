@@ -195,7 +195,8 @@ def fit(
             discrete latents can be enumerated; it is run as
             ``model(*model_args, **model_kwargs)``.
         *model_args: for a ``Mixture``, the data ``(num_data, dim)`` (array-like or
-            tensor), or a source read chunk by chunk (``map-em``): a ``.npy``, ``.csv`` or
+            tensor), or a source read chunk by chunk (``map-em``, CAVI ``vb-em``): a
+            ``.npy``, ``.csv`` or
             ``.parquet`` path, a glob or folder of them, an ``np.memmap``, a function
             returning a fresh iterator of arrays, or a torch ``DataLoader`` (see
             :mod:`pyroem.sources`); for a Pyro program, its positional arguments.

@@ -156,15 +156,17 @@ class Collective:
         """The E-step of the whole data from each rank's E-step of its shard.
 
         The statistics and the log-likelihood are combined over the ranks (one
-        collective); the objective's data term likewise, while its prior term, the
-        same on every rank, is counted once.
+        collective); the objective is their log-likelihood plus rank 0's prior term
+        (the same on every rank up to round-off), so every rank records the same bits
+        and takes the same stopping decision.
         """
         stats, local = result.stats, result.log_likelihood
-        flat = self._flat(stats, local)
+        prior = result.objective - local if self.rank == 0 else 0.0
+        flat = self._flat(stats, local, prior)
         if not _merges(stats):
             torch.distributed.all_reduce(flat)
             combined = _rebuild(stats, flat.cpu(), [0])
-            total = float(flat[-1])
+            total, prior = float(flat[-2]), float(flat[-1])
         else:
             parts = [torch.empty_like(flat) for _ in range(self.world_size)]
             torch.distributed.all_gather(parts, flat)
@@ -172,9 +174,9 @@ class Collective:
             for part in parts:
                 part_stats = _rebuild(stats, part.cpu(), [0])
                 combined = part_stats if combined is None else _combine(combined, part_stats)
-                total += float(part[-1])
-        objective = result.objective + (total - local)
-        return EStepResult(combined, objective, total, result.info)
+                total += float(part[-2])
+            prior = float(parts[0][-1])
+        return EStepResult(combined, total + prior, total, result.info)
 
     def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Every rank's ``rows`` ``(n_r, ...)`` one after another in rank order, on every
