@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pyroem.checkpoint import Checkpoint, checkpointing, identity_of
+from pyroem.distributed import LOCAL, Collective, collective
 from pyroem.em import Iteration, run_em
 from pyroem.errors import DataError, NotSupportedError, PyroEMError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
@@ -188,6 +189,7 @@ def fit(
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int | str = 10,
     resume: bool = False,
+    distributed: bool | None = None,
     **method_options: Any,
 ) -> Any:
     r"""Fit a model by the EM variant ``method``.
@@ -197,7 +199,8 @@ def fit(
             discrete latents can be enumerated; it is run as
             ``model(*model_args, **model_kwargs)``.
         *model_args: for a ``Mixture``, the data ``(num_data, dim)`` (array-like or
-            tensor), or a source read chunk by chunk (``map-em``): a ``.npy``, ``.csv`` or
+            tensor), or a source read chunk by chunk (``map-em``, CAVI ``vb-em``): a
+            ``.npy``, ``.csv`` or
             ``.parquet`` path, a glob or folder of them, an ``np.memmap``, a function
             returning a fresh iterator of arrays, or a torch ``DataLoader`` (see
             :mod:`pyroem.sources`); for a Pyro program, its positional arguments.
@@ -254,6 +257,13 @@ def fit(
             result equals the uninterrupted fit's, bit for bit (seeded fits). A
             checkpoint of another model, data, method or options is refused with a
             :class:`~pyroem.errors.FitFileError` naming what differs.
+        distributed: split the fit over the ranks of a ``torch.distributed`` process
+            group (:mod:`pyroem.distributed`): ``None`` (default) when this process is in
+            an initialised group of several ranks, ``True`` also joins the group a
+            launcher (``torchrun``) set up, ``False`` never. Every rank passes the same
+            data (array, file, glob, memmap) and reads its shard; every rank returns the
+            same fit, equal to the single-process one. map-em (batch) and vb-em (CAVI) on
+            a ``Mixture``.
         **method_options: options of each method (see the README's section on each);
             an option the method does not know is an error. map-em on a ``Mixture``:
             ``stop_rule`` — ``"parameters"`` (default: the objective rule and the
@@ -288,6 +298,14 @@ def fit(
             f"sample_weight is supported by method='map-em' and closed-form 'vb-em' (no "
             f"guide) on a pyroem.Mixture; got method={method!r} on {type(model).__name__}. "
             "Repeat rows instead"
+        )
+    group = _collective(distributed, method, kind, method_options, device)
+    seed = group.broadcast_seed(seed)
+    if checkpoint is not None and group is not LOCAL:
+        raise NotSupportedError(
+            "checkpoint= is written by one process, and this fit is split over "
+            f"{group.world_size} torch.distributed ranks: pass distributed=False, or leave "
+            "out checkpoint"
         )
     saver = _checkpoint(
         checkpoint,
@@ -332,6 +350,7 @@ def fit(
             callback=callback,
             sample_weight=sample_weight,
             method_options=method_options,
+            group=group,
         )
 
 
@@ -377,6 +396,31 @@ def _name_of(value: Any) -> str:
     return f"{module}.{getattr(value, '__qualname__', type(value).__qualname__)}"
 
 
+def _collective(
+    distributed: Any, method: str, kind: str, options: dict[str, Any], device: Any
+) -> Collective:
+    """The collectives of the fit (:func:`pyroem.distributed.collective`).
+
+    Raises:
+        NotSupportedError: a process group of several ranks for a fit that cannot be
+            split over them.
+    """
+    group = collective(distributed, device)
+    if group is LOCAL:
+        return group
+    supported = (method, kind) in (("map-em", "Mixture"), ("vb-em", "Mixture (CAVI)"))
+    if not supported or options.get("stepwise"):
+        model = "a Pyro program" if kind == "program" else f"a {kind}"
+        what = "stepwise EM" if supported else f"method={method!r} on {model}"
+        raise NotSupportedError(
+            f"this process is one of {group.world_size} ranks of a torch.distributed process "
+            f"group, but a distributed fit is written for batch map-em and vb-em (CAVI) on a "
+            f"pyroem.Mixture, not {what}: pass distributed=False to fit in each process "
+            "alone, or express the model as a pyroem.Mixture"
+        )
+    return group
+
+
 def _fit_checked(
     model: Any,
     model_args: tuple[Any, ...],
@@ -399,11 +443,12 @@ def _fit_checked(
     callback: Callable[[Iteration], Any] | None,
     sample_weight: Any,
     method_options: dict[str, Any],
+    group: Collective,
 ) -> Any:
     """:func:`fit` once its options are checked and its threads set."""
     started = time.perf_counter()
     result: Any
-    large = _large_data(model, model_args, model_kwargs, chunk_size, method_options)
+    large = _large_data(model, model_args, model_kwargs, chunk_size, method, method_options)
     if large is not None:
         if sample_weight is not None:
             raise NotSupportedError(
@@ -425,6 +470,7 @@ def _fit_checked(
             chunk_size=chunk_size,
             progress=progress,
             callback=callback,
+            collective=group,
             **method_options,
         )
     else:
@@ -449,6 +495,7 @@ def _fit_checked(
                 callback=callback,
                 options=method_options,
                 sample_weight=sample_weight,
+                group=group,
             )
         elif kind == "program":
             result = fit_program(
@@ -484,6 +531,7 @@ def _fit_checked(
                 callback=callback,
                 stop_rule=method_options["stop_rule"],
                 sample_weight=sample_weight,
+                group=group,
             )
     result.runtime = time.perf_counter() - started
     columns = getattr(model_args[0], "columns", None) if len(model_args) == 1 else None
@@ -533,6 +581,7 @@ def _large_data(
     model_args: tuple[Any, ...],
     model_kwargs: dict[str, Any] | None,
     chunk_size: int,
+    method: str,
     options: dict[str, Any],
 ) -> Any:
     """For a ``Mixture`` fitted from a chunked source (a file, a memmap, a function of
@@ -542,11 +591,16 @@ def _large_data(
     source = open_source(model_args[0], chunk_size)
     if source is None and not any(key in options for key in LARGE_DATA_OPTIONS):
         return None
-    unknown = sorted(set(options) - set(LARGE_DATA_OPTIONS))
+    known: tuple[str, ...] = LARGE_DATA_OPTIONS
+    if method == "vb-em" and source is not None:
+        from pyroem.variational.cavi import CAVI_OPTIONS
+
+        known = known + CAVI_OPTIONS
+    unknown = sorted(set(options) - set(known))
     if unknown:
         raise SpecError(
             f"unknown options for a streamed or stepwise fit: {unknown}; the options are "
-            f"{sorted(LARGE_DATA_OPTIONS)}"
+            f"{sorted(known)}"
         )
     return False if source is None else source
 
@@ -565,10 +619,15 @@ class _MixtureEngine(MixtureEngine):
         chunk_size: int,
         name: str,
         weights: torch.Tensor | None = None,
+        group: Collective = LOCAL,
     ) -> None:
         self.spec, self.family, self.init_data, self.start = spec, family, data, init
         self.generator = seeded_generator(seed)
-        self.estep = MixtureEStep(family, spec.weights_prior, data, chunk_size, weights)
+        # Every rank initialises from the whole data; its E-step reads its rows.
+        rows = group.rows(data.shape[0])
+        shard_weights = None if weights is None else weights[rows]
+        self.estep = MixtureEStep(family, spec.weights_prior, data[rows], chunk_size, shard_weights)
+        self.collective = group
         self.name = name
         # Weights are frequencies: the tolerance is per weighted row.
         self.num_data = data.shape[0] if weights is None else float(weights.sum())
@@ -591,6 +650,7 @@ def _fit_mixture(
     callback: Callable[[Iteration], Any] | None,
     stop_rule: str,
     sample_weight: Any = None,
+    group: Collective = LOCAL,
 ) -> FitResult:
     """MAP-EM on a ``Mixture`` by its fast tensor kernels."""
     if init is None:
@@ -606,7 +666,7 @@ def _fit_mixture(
     if isinstance(init, dict):
         n_init = 1
     weights = None if sample_weight is None else _check_sample_weight(sample_weight, data)
-    engine = _MixtureEngine(model, family, data, init, seed, chunk_size, method, weights)
+    engine = _MixtureEngine(model, family, data, init, seed, chunk_size, method, weights, group)
     engine.parameter_rule = stop_rule == "parameters"
     result = run_em(
         engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
@@ -622,6 +682,7 @@ def _fit_mixture(
         "chunk_size": chunk_size,
         "stop_rule": stop_rule,
         **result.record(),
+        **group.record(),
     }
     return FitResult(
         spec=model,
@@ -685,6 +746,7 @@ def _fit_other(
     callback: Callable[[Iteration], Any] | None,
     options: dict[str, Any],
     sample_weight: Any = None,
+    group: Collective = LOCAL,
 ) -> Any:
     """Every method but ``map-em``: CAVI for a ``Mixture`` under ``vb-em`` (unless a
     guide is asked for); otherwise the engine runs on the Pyro program (for a
@@ -717,6 +779,7 @@ def _fit_other(
                 sample_weight=None
                 if sample_weight is None
                 else _check_sample_weight(sample_weight, data),
+                collective=group,
                 **options,
             )
         if method == "nuts":

@@ -5,12 +5,21 @@
     pyroem fit                                    # Old Faithful, 2 full-covariance Gaussians
     pyroem fit --dataset iris --components 3 --covariance-type diag
     pyroem fit --data my.csv --columns x,y --components 4 --prior none --out results/
+    pyroem fit --data 'part-*.npy' --components 16 --out results/   # streamed, any size
+    torchrun --nproc_per_node 2 -m pyroem fit --data 'part-*.npy'   # split over 2 processes
     pyroem fit --components 1..6                  # choose K by BIC (or --criterion loo)
     pyroem fit --method vb-em --plots plots/      # any method; PNG plots
     pyroem compare --methods map-em,vb-em,nuts    # one model, several methods, one table
 
 A bare ``pyroem`` (or ``pyroem`` followed by options only) runs ``pyroem fit``.
 ``python -m pyroem`` is the same command.
+
+``--data`` is one CSV file read into memory, or data streamed chunk by chunk (memory
+does not grow with the rows; :mod:`pyroem.sources`): a ``.npy`` or ``.parquet`` file, a
+glob of ``.npy``/``.csv``/``.parquet`` files (quoted: ``'part-*.parquet'``) or a folder of
+them. A streamed fit prints one line per pass over the data. Launched by ``torchrun``
+(``WORLD_SIZE`` > 1 in the environment), the fit is split over the processes
+(:mod:`pyroem.distributed`): each reads its shard, and rank 0 alone prints and writes.
 
 Exit status: 0 on success; 2 for a bad command line or bad input (one line on
 stderr, ``pyroem: error: …``, never a traceback); 1 if the output files could not
@@ -158,7 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     shared = _Parser(add_help=False)
     source = shared.add_mutually_exclusive_group()
-    source.add_argument("--data", metavar="CSV", help="numeric CSV file with a header row")
+    source.add_argument(
+        "--data",
+        metavar="PATH",
+        help="numeric CSV file with a header row (read into memory), or data to stream: a "
+        ".npy/.parquet file, a quoted glob ('part-*.npy') or a folder of .npy/.csv/.parquet "
+        "files",
+    )
     source.add_argument(
         "--dataset",
         choices=DATASETS,
@@ -417,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpecError as err:
         _say("error", f"{err} (see 'pyroem {args.command} --help')")
         return 2
+    if _rank() > 0:
+        args.quiet = True  # rank 0 prints and writes
     if not args.quiet and not sys.stderr.isatty():
         sys.stderr = _Heartbeat(sys.stderr)
     try:
@@ -518,6 +535,73 @@ class _Heartbeat:
         return getattr(self.stream, name)
 
 
+def _rank() -> int:
+    """This process's rank when a launcher (``torchrun``) started several, else 0."""
+    return int(os.environ.get("RANK", "0")) if _launched() else 0
+
+
+def _launched() -> bool:
+    """Whether a launcher started this process as one of several (``WORLD_SIZE`` > 1)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+_STREAMED = (".npy", ".csv", ".parquet")
+
+
+def _streamed_files(args: argparse.Namespace) -> list[str] | None:
+    """The files of a streamed ``--data`` (anything but one CSV file), checked before
+    torch is imported; ``None`` for data read into memory.
+
+    Raises:
+        DataError: no such file, a glob matching nothing, a folder without data files, a
+            file of another kind, ``.parquet`` without pyarrow, or ``--columns`` (which
+            selects columns of one CSV file).
+    """
+    import glob
+    import importlib.util
+
+    path = args.data
+    if path is None:
+        return None
+    if os.path.isfile(path) and path.lower().endswith(".csv"):
+        return None
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(path, name)
+            for name in os.listdir(path)
+            if os.path.splitext(name)[1].lower() in _STREAMED
+        )
+        if not files:
+            raise DataError(f"--data {path}: the folder holds no {', '.join(_STREAMED)} file")
+    elif glob.has_magic(path):
+        files = sorted(glob.glob(path))
+        if not files:
+            raise DataError(f"--data {path!r}: no file matches the pattern")
+    elif os.path.exists(path):
+        files = [path]
+    else:
+        raise DataError(f"--data {path}: no such file; check the path")
+    other = [name for name in files if os.path.splitext(name)[1].lower() not in _STREAMED]
+    if other:
+        raise DataError(
+            f"--data {path}: {other[0]} is not a {', '.join(_STREAMED)} file; pyroem streams "
+            "those kinds (convert the file, or narrow the pattern)"
+        )
+    if any(name.lower().endswith(".parquet") for name in files) and (
+        importlib.util.find_spec("pyarrow") is None
+    ):
+        raise DataError(f"--data {path}: reading .parquet files needs pyarrow: pip install pyarrow")
+    if args.columns is not None:
+        raise DataError(
+            "--columns selects columns of one CSV file read into memory; streamed data "
+            f"({path}) is fitted on all its columns: write the columns to fit to the files"
+        )
+    return files
+
+
 def _check_writable(*directories: str | None) -> None:
     """Create the output directories and check they take files, before any fitting.
 
@@ -617,10 +701,20 @@ def _family_hint(args: argparse.Namespace, data: torch.Tensor) -> None:
         _say("warning", "every value is a count (an integer >= 0); --family poisson may fit")
 
 
-def _describe(name: str, data: torch.Tensor, names: Sequence[str]) -> str:
+def _describe(name: str, num_rows: int, names: Sequence[str]) -> str:
     """One line naming the data: source, shape and columns."""
     shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-    return f"data: {name} ({data.shape[0]} rows x {data.shape[1]} columns: {shown})"
+    return f"data: {name} ({num_rows} rows x {len(names)} columns: {shown})"
+
+
+def _pass_line(iteration: Any) -> None:
+    """A streamed fit's progress: one line on stderr per pass over the data."""
+    print(
+        f"pass {iteration.iteration}: objective {iteration.objective:.6f} "
+        f"({iteration.elapsed:.1f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _spec(args: argparse.Namespace, num_components: int) -> Mixture:
@@ -676,17 +770,30 @@ def _warn(caught: list[warnings.WarningMessage]) -> None:
 
 def _fit_command(args: argparse.Namespace) -> int:
     """``pyroem fit``: load, fit (choosing K if several are given), report, write."""
+    files = _streamed_files(args)
+    if files is not None and args.plots is not None:
+        raise DataError("--plots draws the data, so it needs one CSV file read into memory")
     # The output directories and the data file are checked before torch is imported.
-    _check_writable(args.out, args.plots)
-    _check_data_file(args.data)
+    if _rank() == 0:
+        _check_writable(args.out, args.plots)
+    if files is None:
+        _check_data_file(args.data)
     from pyroem.api import fit
     from pyroem.selection import choose_components
 
-    data, name, names = _load_data(args)
-    _family_hint(args, data)
     candidates = args.components
     options = _fit_options(args, args.method)
     checkpoint = _checkpoint_options(args)
+    data: Any
+    if files is None:
+        data, name, names = _load_data(args)
+        _family_hint(args, data)
+    else:
+        data, name = args.data, args.data
+        # One line per pass instead of a bar that a pass would hold still.
+        options.update(progress=False, callback=None if args.quiet else _pass_line)
+    if _launched():
+        options["distributed"] = True
     _nuts_note(args, [args.method])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
@@ -704,9 +811,13 @@ def _fit_command(args: argparse.Namespace) -> int:
             result = fit(
                 _spec(args, candidates[0]), data, method=args.method, **options, **checkpoint
             )
+    if files is not None:
+        names = tuple(f"x{column}" for column in range(result.family.dim))
+    if _rank() > 0:
+        return 0
     _warn(caught)
     if not args.quiet:
-        print(_describe(name, data, names))
+        print(_describe(name, result.num_data, names))
         if len(candidates) > 1:
             print(f"number of components by {args.criterion}: {choice.best} ({choice.rule})")
             print(choice.table.to_string())
@@ -716,7 +827,12 @@ def _fit_command(args: argparse.Namespace) -> int:
         out = Path(args.out)
         declared = _spec(args, choice.best if len(candidates) > 1 else candidates[0])
         written = _write_outputs(
-            out, result, data, source=name, feature_names=names, declared=declared
+            out,
+            result,
+            data if files is None else None,
+            source=name,
+            feature_names=names,
+            declared=declared,
         )
         if len(candidates) > 1:
             written += _write_selection(out, choice, args.method)
@@ -755,6 +871,11 @@ def _plots(
 
 def _compare_command(args: argparse.Namespace) -> int:
     """``pyroem compare``: fit one model with every method, print and write one table."""
+    if _streamed_files(args) is not None:
+        raise DataError(
+            "compare fits the data with every method, and only map-em streams data: give "
+            "one CSV file, or fit streamed data with 'pyroem fit'"
+        )
     _check_writable(args.out, args.plots)
     _check_data_file(args.data)
     from pyroem.api import fit
@@ -788,7 +909,7 @@ def _compare_command(args: argparse.Namespace) -> int:
     _warn(caught)
     text = format_comparison(table)
     if not args.quiet:
-        print(_describe(name, data, names))
+        print(_describe(name, data.shape[0], names))
         if choice is not None:
             print(
                 f"number of components by {args.criterion} with {args.methods[0]}: "
@@ -859,7 +980,7 @@ def _plain(value: Any) -> Any:
 def _write_outputs(
     out: Path,
     result: Any,
-    data: torch.Tensor,
+    data: torch.Tensor | None,
     *,
     source: str,
     feature_names: Sequence[str],
@@ -872,8 +993,8 @@ def _write_outputs(
     Args:
         out: the output directory (created if missing).
         result: the fit.
-        data: the training data, ``(num_data, dim)``.
-        source: the data's name (file path or bundled data set).
+        data: the training data, ``(num_data, dim)``; ``None``: streamed from ``source``.
+        source: the data's name (file path, pattern or bundled data set).
         feature_names: the ``dim`` column names.
         declared: the mixture as the command line declared it (``"declared_model"``;
             ``"model"`` holds it with the prior's numbers the fit used).
@@ -899,7 +1020,7 @@ def _write_outputs(
     report: dict[str, Any] = {
         "data": {
             "source": source,
-            "num_data": int(data.shape[0]),
+            "num_data": int(result.num_data if data is None else data.shape[0]),
             "columns": list(feature_names),
         },
         "model": model,
@@ -927,18 +1048,25 @@ def _write_outputs(
         ):
             writer.writerow([step, *(float(value) for value in values)])
 
-    if isinstance(result, FitResult):
-        probabilities = result.predict_proba(data)
+    if data is None:
+        from pyroem.sources import open_source
+
+        streamed = open_source(source, 65536)
+        assert streamed is not None
+        blocks: Any = (result.predict_proba(chunk) for chunk in streamed)
+    elif isinstance(result, FitResult):
+        blocks = [result.predict_proba(data)]
     else:
-        probabilities = result.marginals["assignment"]
-    best = probabilities.max(-1)
+        blocks = [result.marginals["assignment"]]
     with open(out / "assignments.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["row", "label", "responsibility"])
-        for row, (label, value) in enumerate(
-            zip(best.indices.tolist(), best.values.tolist(), strict=True)
-        ):
-            writer.writerow([row, label, value])
+        row = 0
+        for probabilities in blocks:
+            best = probabilities.max(-1)
+            for label, value in zip(best.indices.tolist(), best.values.tolist(), strict=True):
+                writer.writerow([row, label, value])
+                row += 1
 
     written = ["params.json", "history.csv", "assignments.csv"]
     if result.draws:

@@ -64,16 +64,48 @@ class ChunkSource:
         chunk_size: int,
         dtype: torch.dtype = torch.float64,
         device: Any = None,
+        shards: Callable[[int, int], Callable[[], Iterable[Any]] | None] | None = None,
+        ordered: bool = False,
     ) -> None:
         self.read = read
+        # A shard that is one block of consecutive rows: the shards in rank order are
+        # the source in its order.
+        self.ordered = ordered
         self.description = description
         self.chunk_size = chunk_size
         self.dtype = dtype
         self.device = device
+        self.shards = shards
 
     def with_options(self, dtype: torch.dtype, device: Any) -> ChunkSource:
         """This source, handing chunks in ``dtype`` on ``device``."""
-        return ChunkSource(self.read, self.description, self.chunk_size, dtype, device)
+        return ChunkSource(self.read, self.description, self.chunk_size, dtype, device, self.shards)
+
+    def shard(self, rank: int, world_size: int) -> ChunkSource:
+        """Rank ``rank``'s part of the source, of ``world_size`` disjoint parts that
+        together hold every row once (:mod:`pyroem.distributed`).
+
+        A ``.npy`` file or a whole memmap: rows ``[r N / W, (r + 1) N / W)``, read from
+        there; several files, at least ``W``: consecutive files, ``[r F / W, (r + 1) F /
+        W)``; anything else (fewer files than ranks, a function of chunks, a DataLoader):
+        every ``W``-th chunk the source gives, from the ``r``-th (every rank reads the
+        whole source then, and uses its share). The first kinds are blocks of consecutive
+        rows (``ordered``): the shards in rank order are the source in its order.
+        """
+        read = self.shards(rank, world_size) if self.shards is not None else None
+        ordered = read is not None
+        if read is None:
+            whole = self.read
+
+            def read() -> Iterator[Any]:
+                for index, raw in enumerate(whole()):
+                    if index % world_size == rank:
+                        yield raw
+
+        description = f"{self.description} (part {rank + 1} of {world_size})"
+        return ChunkSource(
+            read, description, self.chunk_size, self.dtype, self.device, ordered=ordered
+        )
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """The chunks of one pass, each a validated ``(n, dim)`` tensor, ``n ≤ chunk_size``."""
@@ -108,24 +140,40 @@ class Scan(NamedTuple):
     sample: torch.Tensor
 
 
+def _part(num_rows: int, part: tuple[int, int] | None) -> range:
+    """Rows ``[r N / W, (r + 1) N / W)`` of ``num_rows`` for ``part = (r, W)`` (all: ``None``)."""
+    if part is None:
+        return range(num_rows)
+    rank, world_size = part
+    return range(rank * num_rows // world_size, (rank + 1) * num_rows // world_size)
+
+
 def _read_rows(
-    path: str, offset: int, shape: tuple[int, int], dtype: np.dtype, chunk_size: int
+    path: str,
+    offset: int,
+    shape: tuple[int, int],
+    dtype: np.dtype,
+    chunk_size: int,
+    part: tuple[int, int] | None = None,
 ) -> Iterator[np.ndarray]:
-    """Row-major ``shape`` rows of ``dtype`` stored at ``offset`` of ``path``, by plain
-    reads of ``chunk_size`` rows: unlike a memory map, the pages read do not stay in the
-    process's resident memory."""
+    """Row-major ``shape`` rows of ``dtype`` stored at ``offset`` of ``path`` (rank
+    ``r``'s share of ``W`` for ``part = (r, W)``), by plain reads of ``chunk_size`` rows:
+    unlike a memory map, the pages read do not stay in the process's resident memory."""
     row_bytes = shape[1] * dtype.itemsize
+    selected = _part(shape[0], part)
     with open(path, "rb") as file:
-        file.seek(offset)
-        for start in range(0, shape[0], chunk_size):
-            rows = min(chunk_size, shape[0] - start)
+        file.seek(offset + selected.start * row_bytes)
+        for start in range(selected.start, selected.stop, chunk_size):
+            rows = min(chunk_size, selected.stop - start)
             buffer = bytearray(rows * row_bytes)  # writable, unlike bytes
             if file.readinto(buffer) != rows * row_bytes:
                 raise DataError(f"{path!r} is truncated: expected {shape[0]} rows")
             yield np.frombuffer(buffer, dtype=dtype).reshape(rows, shape[1])
 
 
-def _npy_reader(path: str, chunk_size: int) -> Callable[[], Iterator[np.ndarray]]:
+def _npy_reader(
+    path: str, chunk_size: int, part: tuple[int, int] | None = None
+) -> Callable[[], Iterator[np.ndarray]]:
     def read() -> Iterator[np.ndarray]:
         with open(path, "rb") as file:
             version = np.lib.format.read_magic(file)
@@ -136,15 +184,19 @@ def _npy_reader(path: str, chunk_size: int) -> Callable[[], Iterator[np.ndarray]
             plain = version in ((1, 0), (2, 0)) and not fortran and not dtype.hasobject
             offset = file.tell()
         if plain and len(shape) == 2:
-            yield from _read_rows(path, offset, shape, dtype, chunk_size)
+            yield from _read_rows(path, offset, shape, dtype, chunk_size, part)
         else:
             # Column-major or unusual files: through a memory map.
-            yield from _array_chunks(np.load(path, mmap_mode="r"), chunk_size, repr(path))
+            array = np.load(path, mmap_mode="r")
+            rows = _part(array.shape[0], part)
+            yield from _array_chunks(array[rows.start : rows.stop], chunk_size, repr(path))
 
     return read
 
 
-def _memmap_reader(array: np.memmap, chunk_size: int) -> Callable[[], Iterator[np.ndarray]]:
+def _memmap_reader(
+    array: np.memmap, chunk_size: int, part: tuple[int, int] | None = None
+) -> Callable[[], Iterator[np.ndarray]]:
     """A whole, row-major memmap is read from its file (pages do not stay resident);
     a view of one (a slice) through the mapping."""
     whole = isinstance(array.base, mmap.mmap) and array.flags.c_contiguous
@@ -155,9 +207,10 @@ def _memmap_reader(array: np.memmap, chunk_size: int) -> Callable[[], Iterator[n
             if array.mode != "r":
                 array.flush()
             shape = (int(array.shape[0]), int(array.shape[1]))
-            yield from _read_rows(filename, int(array.offset), shape, array.dtype, chunk_size)
+            yield from _read_rows(filename, int(array.offset), shape, array.dtype, chunk_size, part)
         else:
-            yield from _array_chunks(array, chunk_size, "the memmap")
+            rows = _part(array.shape[0], part)
+            yield from _array_chunks(array[rows.start : rows.stop], chunk_size, "the memmap")
 
     return read
 
@@ -233,6 +286,30 @@ def _files_reader(paths: list[str], chunk_size: int) -> Callable[[], Iterator[np
     return read
 
 
+def _files_source(paths: list[str], description: str, chunk_size: int) -> ChunkSource:
+    """The files in turn; a rank's shard: consecutive files (when there are enough)."""
+    if len(paths) == 1 and os.path.splitext(paths[0])[1].lower() == ".npy":
+        return _npy_source(paths[0], description, chunk_size)
+
+    def shards(rank: int, world_size: int) -> Callable[[], Iterator[np.ndarray]] | None:
+        if len(paths) < world_size:
+            return None
+        files = _part(len(paths), (rank, world_size))
+        return _files_reader(paths[files.start : files.stop], chunk_size)
+
+    return ChunkSource(_files_reader(paths, chunk_size), description, chunk_size, shards=shards)
+
+
+def _npy_source(path: str, description: str, chunk_size: int) -> ChunkSource:
+    """One ``.npy`` file; a rank's shard: its rows."""
+    _file_reader(path, chunk_size)  # checks the file exists
+
+    def shards(rank: int, world_size: int) -> Callable[[], Iterator[np.ndarray]]:
+        return _npy_reader(path, chunk_size, (rank, world_size))
+
+    return ChunkSource(_npy_reader(path, chunk_size), description, chunk_size, shards=shards)
+
+
 def _is_path(value: Any) -> bool:
     return isinstance(value, str | os.PathLike)
 
@@ -246,7 +323,13 @@ def open_source(data: Any, chunk_size: int) -> ChunkSource | None:
             matches nothing, or a one-shot iterator.
     """
     if isinstance(data, np.memmap):
-        return ChunkSource(_memmap_reader(data, chunk_size), "the memmap", chunk_size)
+        array = data
+        return ChunkSource(
+            _memmap_reader(array, chunk_size),
+            "the memmap",
+            chunk_size,
+            shards=lambda rank, size: _memmap_reader(array, chunk_size, (rank, size)),
+        )
     if _is_path(data):
         path = os.fspath(data)
         if os.path.isdir(path):
@@ -257,16 +340,16 @@ def open_source(data: Any, chunk_size: int) -> ChunkSource | None:
             )
             if not paths:
                 raise DataError(f"the folder {path!r} holds no {', '.join(_SUFFIXES)} file")
-            return ChunkSource(_files_reader(paths, chunk_size), repr(path), chunk_size)
+            return _files_source(paths, repr(path), chunk_size)
         if glob.has_magic(path):
             paths = sorted(glob.glob(path))
             if not paths:
                 raise DataError(f"no file matches {path!r}")
-            return ChunkSource(_files_reader(paths, chunk_size), repr(path), chunk_size)
-        return ChunkSource(_file_reader(path, chunk_size), repr(path), chunk_size)
+            return _files_source(paths, repr(path), chunk_size)
+        return _files_source([path], repr(path), chunk_size)
     if isinstance(data, list | tuple) and data and all(_is_path(item) for item in data):
         paths = [os.fspath(item) for item in data]
-        return ChunkSource(_files_reader(paths, chunk_size), "the list of files", chunk_size)
+        return _files_source(paths, "the list of files", chunk_size)
     if isinstance(data, torch.utils.data.DataLoader):
         loader = data
         return ChunkSource(lambda: iter(loader), "the DataLoader", chunk_size)

@@ -11,10 +11,11 @@ the number of rows. The same entry point runs stepwise EM
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from pyroem.distributed import LOCAL, Collective
 from pyroem.em import Engine, Iteration, run_em
 from pyroem.errors import DataError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
@@ -26,7 +27,14 @@ from pyroem.sources import ChunkSource, scan
 from pyroem.spec.families import Family
 from pyroem.spec.mixture import Mixture, as_data
 
-__all__ = ["LARGE_DATA_OPTIONS", "ChunksEStep", "fit_mixture_large"]
+__all__ = [
+    "LARGE_DATA_OPTIONS",
+    "ChunksEStep",
+    "StreamedData",
+    "fit_mixture_large",
+    "open_streamed",
+    "score_rows",
+]
 
 #: ``pyroem.fit`` options of this path (besides the common ones).
 LARGE_DATA_OPTIONS = ("stepwise", "batch_size", "kappa", "passes", "shuffle", "reservoir_size")
@@ -84,12 +92,108 @@ class _StreamEngine(MixtureEngine):
         init: Any,
         seed: int | None,
         name: str,
+        collective: Collective = LOCAL,
     ) -> None:
         self.spec, self.family, self.init_data, self.start = spec, family, sample, init
         self.generator = seeded_generator(seed)
         self.estep = ChunksEStep(family, spec.weights_prior, source, sample.dtype, sample.device)
         self.name = name
         self.num_data = num_data
+        self.collective = collective
+
+
+class StreamedData(NamedTuple):
+    """A source opened for a fit.
+
+    Attributes:
+        source: the whole source, handing chunks in the fit's dtype and device.
+        shard: the part of it this rank's E-step reads (the whole source in one process).
+        sample: the reservoir sample of the whole source (initialisation, data defaults).
+        num_data: rows in the whole source.
+    """
+
+    source: ChunkSource
+    shard: ChunkSource
+    sample: torch.Tensor
+    num_data: int
+
+
+def open_streamed(
+    model: Mixture,
+    source: ChunkSource,
+    dtype: torch.dtype,
+    device: Any,
+    reservoir_size: int,
+    seed: int,
+    collective: Collective = LOCAL,
+) -> StreamedData:
+    """The first pass over ``source``: validate, count and sample it (each rank its shard,
+    the samples merged into one; :mod:`pyroem.distributed`).
+
+    Raises:
+        DataError: data the family refuses, or an empty source (on every rank, when any
+            rank met it).
+        SpecError: fewer rows than components.
+    """
+    source = source.with_options(dtype, device)
+    shard = source
+    if collective is LOCAL:
+        found = scan(source, model.family.validate, reservoir_size, seed)
+        num_data, sample = found.num_rows, found.sample
+    else:
+        shard = source.shard(collective.rank, collective.world_size)
+        error = None
+        try:
+            found = scan(shard, model.family.validate, reservoir_size, seed)
+        except DataError as err:
+            error = err
+        collective.check(error)
+        num_data, sample = collective.merge_samples(
+            found.num_rows, found.sample, reservoir_size, seed
+        )
+    if num_data < model.num_components:
+        raise SpecError(
+            f"num_components={model.num_components} exceeds the number of data points "
+            f"({num_data}) in {source.description}; use fewer components or more data"
+        )
+    return StreamedData(source, shard, sample, num_data)
+
+
+def score_rows(
+    streamed: StreamedData,
+    score: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    collective: Collective = LOCAL,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final pass of a streamed fit: ``score(chunk)`` (a value and a label per row)
+    for every row of the source, ``(N,)`` each. Split over processes, each rank scores
+    its shard and the ranks' rows are gathered, when the shards are blocks of consecutive
+    rows; otherwise every rank reads the whole source.
+
+    Raises:
+        DataError: the source gave another number of rows than in its first pass.
+    """
+    sample, num_data = streamed.sample, streamed.num_data
+    if collective is not LOCAL and streamed.shard.ordered:
+        parts = [score(chunk) for chunk in streamed.shard]
+        pointwise = collective.gather_rows(torch.cat([part[0] for part in parts]))
+        labels = collective.gather_rows(torch.cat([part[1] for part in parts]))
+        row = pointwise.shape[0]
+    else:
+        # Filled in place: the fit keeps 16 bytes a row (no copy of the data).
+        pointwise = torch.empty(num_data, dtype=sample.dtype, device=sample.device)
+        labels = torch.empty(num_data, dtype=torch.int64, device=sample.device)
+        row = 0
+        for chunk in streamed.source:
+            scores, chunk_labels = score(chunk)
+            pointwise[row : row + chunk.shape[0]] = scores
+            labels[row : row + chunk.shape[0]] = chunk_labels
+            row += chunk.shape[0]
+    if row != num_data:
+        raise DataError(
+            f"{streamed.source.description} gave {row} rows in the last pass but {num_data} "
+            "in the first; a source must give the same data on every pass"
+        )
+    return pointwise, labels
 
 
 def _in_memory_source(data: torch.Tensor, chunk_size: int) -> ChunkSource:
@@ -118,6 +222,8 @@ def fit_mixture_large(
     passes: int = 5,
     shuffle: bool = True,
     reservoir_size: int = _RESERVOIR_SIZE,
+    collective: Collective = LOCAL,
+    **cavi_options: Any,
 ) -> FitResult:
     """MAP-EM on a ``Mixture`` from a chunked source (``source``), or stepwise EM on a
     source or on in-memory ``data`` (``stepwise=True``; ``source`` is ``False``).
@@ -134,12 +240,20 @@ def fit_mixture_large(
             each pass (a source is read in its own order: shuffle it on disk).
         reservoir_size: most rows of the sample that resolves data-derived defaults and
             initialises (k-means++ etc.) a streamed fit.
+        cavi_options: vb-em's options (``num_draws`` etc.; see
+            :func:`~pyroem.variational.cavi.fit_mixture_cavi`).
+        collective: a distributed fit's collectives (:mod:`pyroem.distributed`): each
+            rank's E-step reads its shard of the source, the ranks' reservoir samples are
+            merged into one, and the final scoring pass reads the whole source.
         The other arguments: as for :func:`pyroem.fit`.
     """
-    if method != "map-em":
+    cavi = method == "vb-em" and not stepwise and isinstance(source, ChunkSource)
+    if method != "map-em" and not cavi:
         raise SpecError(
-            f"streamed data and stepwise EM are supported for method='map-em' on a Mixture; "
-            f"got method={method!r}: load the data into memory for {method}, or use map-em"
+            f"streamed data are supported for method='map-em' and 'vb-em' (CAVI) on a Mixture, "
+            f"stepwise EM for map-em; got method={method!r}"
+            + (" with stepwise=True" if stepwise else "")
+            + f": load the data into memory for {method}, or use map-em"
         )
     check_integer("reservoir_size", reservoir_size, 1)
     if not isinstance(stepwise, bool):
@@ -155,17 +269,34 @@ def fit_mixture_large(
         tensor = as_data(data, dtype=dtype, device=device)
         family = model.bind(tensor)
         sample, num_data, held = tensor, tensor.shape[0], tensor
-        source = _in_memory_source(tensor, chunk_size)
+        source = shard = _in_memory_source(tensor, chunk_size)
     else:
-        source = source.with_options(dtype, device)
-        found = scan(source, model.family.validate, reservoir_size, generator_seed)
-        if found.num_rows < model.num_components:
-            raise SpecError(
-                f"num_components={model.num_components} exceeds the number of data points "
-                f"({found.num_rows}) in {source.description}; use fewer components or more data"
+        streamed = open_streamed(
+            model, source, dtype, device, reservoir_size, generator_seed, collective
+        )
+        source, shard, sample, num_data = streamed
+        if method == "vb-em" and not stepwise:
+            from pyroem.variational.cavi import fit_mixture_cavi
+
+            fit = fit_mixture_cavi(
+                model.with_proper_prior(),
+                sample,
+                init=init,
+                n_init=n_init,
+                seed=seed,
+                tol=tol,
+                max_iter=max_iter,
+                chunk_size=chunk_size,
+                progress=progress,
+                callback=callback,
+                collective=collective,
+                streamed=streamed,
+                **cavi_options,
             )
-        family = model.bind(found.sample)
-        sample, num_data, held = found.sample, found.num_rows, None
+            fit.options.update(source=source.description, reservoir_size=reservoir_size)
+            return fit
+        family = model.bind(sample)
+        held = None
     options: dict[str, Any] = {
         "n_init": n_init,
         "init": init if isinstance(init, str) else "params",
@@ -175,6 +306,7 @@ def fit_mixture_large(
     }
     if held is None:
         options.update(source=source.description, reservoir_size=reservoir_size)
+    options.update(collective.record())
     engine: Engine
     if stepwise:
         from pyroem.stepwise import StepwiseEngine
@@ -195,26 +327,21 @@ def fit_mixture_large(
         max_iter = passes
         options.update(stepwise=True, batch_size=batch_size, kappa=kappa, passes=passes)
     else:
-        engine = _StreamEngine(model, family, source, sample, num_data, init, seed, method)
+        engine = _StreamEngine(
+            model, family, shard, sample, num_data, init, seed, method, collective
+        )
         options["max_iter"] = max_iter
     result = run_em(
         engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
     )
     best = result.best
-    # Filled in place: the fit keeps 16 bytes a row (no copy of the data, no concatenation).
-    pointwise = torch.empty(num_data, dtype=sample.dtype, device=sample.device)
-    labels = torch.empty(num_data, dtype=torch.int64, device=sample.device)
-    row = 0
-    for chunk in source:
+
+    def score(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores, log_resp = score_mixture(family, best.params, chunk, chunk_size)
-        pointwise[row : row + chunk.shape[0]] = scores
-        labels[row : row + chunk.shape[0]] = log_resp.argmax(-1)
-        row += chunk.shape[0]
-    if row != num_data:
-        raise DataError(
-            f"{source.description} gave {row} rows in the last pass but {num_data} in the "
-            "first; a source must give the same data on every pass"
-        )
+        return scores, log_resp.argmax(-1)
+
+    streamed = StreamedData(source, shard, sample, num_data)
+    pointwise, labels = score_rows(streamed, score, collective)
     return FitResult(
         spec=model,
         family=family,

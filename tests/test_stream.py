@@ -187,7 +187,7 @@ def test_bad_sources_are_refused_with_a_remedy(tmp_path, data):
     with pytest.raises(DataError, match="same columns"):
         pyroem.fit(SPEC, lambda: iter([data[:10], data[10:, :1]]))
     with pytest.raises(SpecError, match="map-em"):
-        pyroem.fit(SPEC, lambda: iter([data]), method="vb-em")
+        pyroem.fit(SPEC, lambda: iter([data]), method="mcmc-em")
     with pytest.raises(SpecError, match="unknown options"):
         pyroem.fit(SPEC, lambda: iter([data]), learning_rate=0.1)
 

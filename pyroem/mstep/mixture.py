@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from pyroem.checkpoint import to_device
+from pyroem.distributed import LOCAL, Collective
 from pyroem.em import Engine, EStepResult, MStepResult
 from pyroem.errors import CollapsedComponentWarning
 from pyroem.initialization import initial_params
@@ -71,6 +72,8 @@ class MixtureEngine(Engine):
         start: the ``init`` option; generator: the restarts' random generator.
         parameter_rule: stop on the parameters too (``stop_rule="parameters"``), not on
             the objective alone.
+        collective: combines the ranks' E-steps of a distributed fit
+            (:mod:`pyroem.distributed`); the estep then reads this rank's shard.
     """
 
     spec: Mixture
@@ -80,14 +83,14 @@ class MixtureEngine(Engine):
     start: Any
     generator: torch.Generator
     parameter_rule = True
+    collective: Collective = LOCAL
 
     def init(self, restart: int) -> MStepResult:
-        return MStepResult(
-            initial_params(self.spec, self.family, self.init_data, self.start, self.generator)
-        )
+        start = initial_params(self.spec, self.family, self.init_data, self.start, self.generator)
+        return MStepResult(self.collective.broadcast(start))
 
     def e_step(self, params: Any) -> EStepResult:
-        return self.estep(params)
+        return self.collective.reduce(self.estep(params))
 
     def m_step(self, stats: Any, params: Any, iteration: int) -> MStepResult:
         new = mixture_m_step(self.family, self.spec.weights_prior, stats, params)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from pyroem.checkpoint import checkpointing
 from pyroem.errors import ConvergenceWarning, PyroEMError
 
 __all__ = [
@@ -72,7 +73,8 @@ def resolve_start(
     elif init is not None:
         return init, "params"
     try:
-        with warnings.catch_warnings(), torch.random.fork_rng():
+        # The start's own EM loop neither writes nor resumes the fit's checkpoint.
+        with warnings.catch_warnings(), torch.random.fork_rng(), checkpointing(None):
             warnings.simplefilter("ignore", ConvergenceWarning)
             start = fit_program(
                 model,

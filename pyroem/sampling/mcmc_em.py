@@ -649,8 +649,10 @@ class _MCMCEMEngine(Engine):
 
     def converged(self, objectives: list[float], info: list[Mapping[str, Any]], tol: float) -> bool:
         """With 95% confidence the last M-step gained less than ``tol · N`` on Q, once the
-        schedule allows stopping (see :mod:`pyroem.sampling.schedules`)."""
-        return bool(info[-1]["may_stop"]) and info[-1]["gain_upper"] < tol * self.num_data
+        schedule allows stopping (see :mod:`pyroem.sampling.schedules`). A bound below 0
+        counts as no gain, so ``tol=0`` runs ``max_iter`` iterations, as for every method."""
+        gain = max(info[-1]["gain_upper"], 0.0)
+        return bool(info[-1]["may_stop"]) and gain < tol * self.num_data
 
     def finish(self, run: EMRun) -> EMRun:
         """A final E-step at θ_T long enough for R-hat and ESS, and the scores there."""

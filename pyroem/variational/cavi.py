@@ -29,6 +29,7 @@ where :math:`\log Z(r) = \log \int p(θ) \prod_{n,k} p(x_n | θ_k)^{r_{nk}} dθ`
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -38,6 +39,7 @@ import torch
 
 from pyroem.checkpoint import to_device
 from pyroem.diagnostics import independent_chains
+from pyroem.distributed import LOCAL, Collective
 from pyroem.em import EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.errors import SpecError
 from pyroem.estep.enumerate import MixtureEStep, add_statistics, normalise_log_joint, score_mixture
@@ -46,6 +48,7 @@ from pyroem.mstep.conjugate import NIWPosterior, dirichlet_expected_log
 from pyroem.options import check_integer, with_defaults
 from pyroem.results import FitResult
 from pyroem.spec.mixture import Mixture, MixtureParams
+from pyroem.stream import ChunksEStep, StreamedData, score_rows
 from pyroem.variational._cavi_conjugate import (
     BetaPosterior,
     ConjugateFactor,
@@ -57,6 +60,7 @@ from pyroem.variational._cavi_conjugate import (
 )
 
 __all__ = [
+    "CAVI_OPTIONS",
     "DEFAULT_NUM_DRAWS",
     "DEFAULT_WEIGHT_THRESHOLD",
     "CaviStats",
@@ -102,6 +106,10 @@ class _CaviEngine(Engine):
         continued: the ``q(π, θ)`` of a previous fit to continue from (``None``: start
             from ``init``).
         sample_weight: ``(num_data,)`` frequency weights, or ``None``.
+        collective: a distributed fit's collectives (:mod:`pyroem.distributed`): the
+            E-steps read this rank's rows of ``data`` and are combined over the ranks.
+        streamed: data read chunk by chunk from a source (``data`` is then its reservoir
+            sample, which the initialisation reads); its ``q(z)`` is not kept.
     """
 
     name = "vb-em"
@@ -117,27 +125,50 @@ class _CaviEngine(Engine):
         weights_prior: torch.Tensor,
         continued: VariationalParams | None = None,
         sample_weight: torch.Tensor | None = None,
+        collective: Collective = LOCAL,
+        streamed: StreamedData | None = None,
     ) -> None:
         self.factor, self.spec, self.data, self.start = factor, spec, data, init
         self.generator = generator
         self.continued = continued
-        self.map_e_step = MixtureEStep(
-            factor.family, spec.weights_prior, data, chunk_size, sample_weight
-        )
+        self.collective = collective
+        self.streamed = streamed
+        self.map_e_step: MixtureEStep
+        if streamed is not None:
+            self.map_e_step = ChunksEStep(
+                factor.family, spec.weights_prior, streamed.shard, data.dtype, data.device
+            )
+            self.num_data = streamed.num_data
+        else:
+            rows = collective.rows(data.shape[0])
+            self.map_e_step = MixtureEStep(
+                factor.family,
+                spec.weights_prior,
+                data[rows],
+                chunk_size,
+                None if sample_weight is None else sample_weight[rows],
+            )
+            # Weights are frequencies: the tolerance is per weighted row.
+            self.num_data = data.shape[0] if sample_weight is None else float(sample_weight.sum())
         self.chunks = self.map_e_step.chunks
-        chunk_weights = self.map_e_step.chunk_weights
-        self.chunk_weights: list[torch.Tensor | None] = (
-            [None] * len(self.chunks) if chunk_weights is None else list(chunk_weights)
+        chunk_weights = getattr(self.map_e_step, "chunk_weights", None)
+        self.chunk_weights: list[torch.Tensor] | None = (
+            None if chunk_weights is None else list(chunk_weights)
         )
-        # Weights are frequencies: the tolerance is per weighted row.
-        self.num_data = data.shape[0] if sample_weight is None else float(sample_weight.sum())
-        self.weights_prior = weights_prior.to(self.chunks[0])
-        self.data_constant = float(
+        self.all_chunks = (
+            self.chunks
+            if collective is LOCAL or streamed is not None
+            else [factor.family.prepare(chunk) for chunk in data.split(self.map_e_step.chunk_size)]
+        )
+        self.weights_prior = weights_prior.to(dtype=data.dtype, device=data.device)
+        # This rank's share of the data constant; the ELBO takes the whole data's.
+        self.shard_constant = float(
             sum(
                 factor.data_constant(chunk, weights)
-                for chunk, weights in zip(self.chunks, self.chunk_weights, strict=True)
+                for chunk, weights in zip(self.chunks, self._weights(), strict=False)
             )
         )
+        self.data_constant = collective.sum(self.shard_constant)
         self.log_beta_prior = log_multivariate_beta(self.weights_prior)
 
     def init(self, restart: int) -> MStepResult:
@@ -150,7 +181,8 @@ class _CaviEngine(Engine):
             start = initial_params(
                 self.spec, self.factor.family, self.data, self.start, self.generator
             )
-            first = self._update(self.map_e_step(start).stats)
+            start = self.collective.broadcast(start)
+            first = self._update(self.collective.reduce(self.map_e_step(start)).stats)
         return self.m_step(self.e_step(first).stats, first, 0)
 
     def _update(self, stats: Any) -> VariationalParams:
@@ -188,10 +220,17 @@ class _CaviEngine(Engine):
 
     def finish(self, run: EMRun) -> EMRun:
         """Adds ``(q(z) of the state, q(z) of the final q(π, θ))``, each ``(N, K)``: the
-        first pairs with the reported ELBO, the second is what ``predict_proba`` gives."""
-        state = _assignment_probs(self.factor, run.info[-1]["source"], self.chunks)
-        final = _assignment_probs(self.factor, run.params, self.chunks)
+        first pairs with the reported ELBO, the second is what ``predict_proba`` gives
+        (streamed data: neither, they would hold ``N · K`` numbers)."""
+        if self.streamed is not None:
+            return run
+        state = _assignment_probs(self.factor, run.info[-1]["source"], self.all_chunks)
+        final = _assignment_probs(self.factor, run.params, self.all_chunks)
         return run._replace(extras=(state, final))
+
+    def _weights(self) -> Iterable[torch.Tensor | None]:
+        """Each chunk's frequency weights (``None`` for unweighted rows)."""
+        return itertools.repeat(None) if self.chunk_weights is None else self.chunk_weights
 
     def e_step(self, params: VariationalParams) -> EStepResult:
         """``q(z)`` from ``params``: its statistics and entropy, and the log-likelihood at
@@ -199,7 +238,7 @@ class _CaviEngine(Engine):
         kernel = _kernel(self.factor, params)
         stats = None
         entropy = log_likelihood = params.weights_concentration.new_zeros(())
-        for chunk, weights in zip(self.chunks, self.chunk_weights, strict=True):
+        for chunk, weights in zip(self.chunks, self._weights(), strict=False):
             joint, plug_in = kernel(chunk)
             resp, log_total, _ = normalise_log_joint(joint, dim=1, keep_joint=True)
             pointwise = torch.logsumexp(plug_in, 1)
@@ -215,8 +254,10 @@ class _CaviEngine(Engine):
             stats = chunk_stats if stats is None else add_statistics(stats, chunk_stats)
             entropy = entropy + chunk_entropy
             log_likelihood = log_likelihood + pointwise.sum()
-        return EStepResult(
-            CaviStats(stats, entropy), math.nan, float(log_likelihood) + self.data_constant
+        return self.collective.reduce(
+            EStepResult(
+                CaviStats(stats, entropy), math.nan, float(log_likelihood) + self.shard_constant
+            )
         )
 
 
@@ -356,9 +397,10 @@ class VariationalFit(FitResult):
         )
         for name, value in self._state.components._asdict().items():
             arrays[f"variational/components/{name}"] = value.detach().cpu().numpy()
-        arrays["variational/assignment_probs"] = (
-            self.variational["assignment"]["probs"].detach().cpu().numpy()
-        )
+        if "assignment" in self.variational:
+            arrays["variational/assignment_probs"] = (
+                self.variational["assignment"]["probs"].detach().cpu().numpy()
+            )
         meta["variational"] = {
             "posterior": type(self._state.components).__name__,
             "elbo": self.elbo,
@@ -450,6 +492,10 @@ def _draw_weights(concentration: torch.Tensor, num_draws: int) -> torch.Tensor:
 WEIGHTS_PRIOR_TYPES = ("dirichlet_distribution", "dirichlet_process")
 
 
+#: The options of vb-em on a Mixture (CAVI).
+CAVI_OPTIONS = ("num_draws", "weight_threshold", "weights_prior_type")
+
+
 def _check_cavi_options(options: dict[str, Any]) -> tuple[int, float, str]:
     given = with_defaults(
         "method='vb-em' on a Mixture",
@@ -486,6 +532,8 @@ def fit_mixture_cavi(
     progress: bool = False,
     callback: Callable[[Iteration], Any] | None = None,
     sample_weight: torch.Tensor | None = None,
+    collective: Collective = LOCAL,
+    streamed: StreamedData | None = None,
     **options: Any,
 ) -> VariationalFit:
     r"""Fit ``spec`` to ``data`` by closed-form mean-field VB (see the module docstring).
@@ -513,6 +561,10 @@ def fit_mixture_cavi(
             ``w_n`` times in the statistics, the entropy of ``q(z)`` and the ELBO (so
             integer weights give the fit on repeated rows); ``fit.log_likelihood()``
             stays the unweighted sum, as for map-em.
+        collective: a distributed fit's collectives (:mod:`pyroem.distributed`).
+        streamed: the data read chunk by chunk from a source (:mod:`pyroem.stream`);
+            ``data`` is then its reservoir sample (data-derived defaults, initialisation),
+            and ``fit.variational`` holds no ``"assignment"`` (``q(z)`` of every row).
         **options: ``num_draws`` (default 1000; 0 for none): draws from ``q(π, θ)`` into
             ``fit.draws``; ``weight_threshold`` (default 0.01): the expected weight above
             which a component counts as effective; ``weights_prior_type``:
@@ -551,21 +603,41 @@ def fit_mixture_cavi(
     generator = seeded_generator(seed)
     continued = _continued_state(previous, family, weights_prior)
     engine = _CaviEngine(
-        factor, spec, data, init, generator, chunk_size, weights_prior, continued, sample_weight
+        factor,
+        spec,
+        data,
+        init,
+        generator,
+        chunk_size,
+        weights_prior,
+        continued,
+        sample_weight,
+        collective,
+        streamed,
     )
     result = run_em(
         engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
     )
     best = result.best
     state: VariationalParams = best.params
-    resp, final_resp = best.extras
     alpha = state.weights_concentration
     internal = MixtureParams(
         expected_weights(alpha)[1],
         factor.expected_params(state.components),
         torch.arange(spec.num_components, device=data.device),
     )
-    pointwise, _ = score_mixture(family, internal, data, chunk_size)
+    if streamed is None:
+        resp, final_resp = best.extras
+        pointwise, _ = score_mixture(family, internal, data, chunk_size)
+        labels = final_resp.argmax(-1)
+    else:
+
+        def score(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            scores, _ = score_mixture(factor.family, internal, chunk, chunk_size)
+            probs = _assignment_probs(factor, state, [factor.family.prepare(chunk)])
+            return scores, probs.argmax(-1)
+
+        pointwise, labels = score_rows(streamed, score, collective)
     log_likelihood = float(pointwise.sum())
     history = best.history
     draws = None
@@ -582,8 +654,9 @@ def fit_mixture_cavi(
     variational = {
         "weights": _weights_factor(alpha),
         "components": factor.to_user(state.components),
-        "assignment": {"probs": resp},
     }
+    if streamed is None:
+        variational["assignment"] = {"probs": resp}
     fit_options = {
         "n_init": n_init,
         "init": init if isinstance(init, str) else "params",
@@ -595,6 +668,7 @@ def fit_mixture_cavi(
         "weight_threshold": weight_threshold,
         "weights_prior_type": prior_type,
         **result.record(),
+        **collective.record(),
     }
     log_joint = log_likelihood + float(engine.map_e_step.log_prior(internal))
     return VariationalFit(
@@ -611,13 +685,13 @@ def fit_mixture_cavi(
         converged=best.converged,
         num_iterations=best.num_iterations,
         pointwise_log_likelihood=pointwise,
-        labels=final_resp.argmax(-1),
+        labels=labels,
         objective=log_joint,
         restart_objectives=result.restart_objectives,
         options=fit_options,
         draws=draws,
         sample_stats={"elbo": history.objective.copy()},
-        data=data,
+        data=data if streamed is None else None,
     )
 
 
@@ -651,8 +725,10 @@ def restore_variational_fit(
     variational = {
         "weights": _weights_factor(state.weights_concentration),
         "components": factor.to_user(components),
-        "assignment": {"probs": torch.from_numpy(archive["variational/assignment_probs"])},
     }
+    if "variational/assignment_probs" in archive:
+        probs = torch.from_numpy(archive["variational/assignment_probs"])
+        variational["assignment"] = {"probs": probs}
     return VariationalFit(
         variational=variational,
         elbo=float(saved["elbo"]),

@@ -1,0 +1,226 @@
+"""Distributed fits: two gloo processes on 127.0.0.1, each reading its shard, give the
+single-process fit (float64, to 1e-10) for MAP-EM and CAVI on a Mixture (data in memory
+and streamed from files), and both ranks hold the same parameters; a streamed fit's
+ranks read only their shard of the files, in every pass."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pyroem
+import pyroem.sources
+from pyroem.errors import NotSupportedError, SpecError
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+
+    import numpy as np
+    import torch.distributed as dist
+
+    import pyroem
+    dist.init_process_group("gloo")
+    assert dist.get_world_size() == 2
+    out, folder = sys.argv[1], sys.argv[2]
+    sys.path.insert(0, sys.argv[3])
+    from test_distributed import FITS, count_rows_read
+
+    rows_read = count_rows_read()
+    result = {}
+    for name, run in FITS.items():
+        rows_read.clear()
+        fit = run(folder)
+        result[f"{name}/rows_read"] = np.array(sum(rows_read))
+        result[f"{name}/processes"] = np.array(fit.options.get("processes", 1))
+        for key, value in fit.params.items():
+            result[f"{name}/{key}"] = value.numpy()
+        result[f"{name}/objective"] = fit.history.objective
+        result[f"{name}/labels"] = fit.labels.numpy()
+    np.savez(f"{out}/rank{dist.get_rank()}.npz", **result)
+    dist.destroy_process_group()
+    """
+)
+
+
+def _blobs(num: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    centres = np.array([[-5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
+    return centres[rng.choice(3, size=num)] + rng.normal(size=(num, 2))
+
+
+def _counts(num: int) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return rng.poisson(np.array([[2.0, 9.0], [12.0, 1.0]])[rng.choice(2, size=num)])
+
+
+def _write_data(folder: Path) -> None:
+    data = _blobs(301)
+    np.save(folder / "blobs.npy", data)
+    np.save(folder / "part-0.npy", data[:100])
+    np.save(folder / "part-1.npy", data[100:220])
+    np.save(folder / "part-2.npy", data[220:])
+    np.save(folder / "counts.npy", _counts(200))
+
+
+GAUSSIAN = pyroem.Mixture(3, "gaussian", prior=None)
+COMMON = {"seed": 3, "tol": 1e-12, "max_iter": 300}
+
+FITS = {
+    "map_in_memory": lambda folder: pyroem.fit(
+        GAUSSIAN, np.load(f"{folder}/blobs.npy"), chunk_size=37, **COMMON
+    ),
+    "map_streamed": lambda folder: pyroem.fit(
+        GAUSSIAN, f"{folder}/part-*.npy", chunk_size=37, **COMMON
+    ),
+    "map_weighted": lambda folder: pyroem.fit(
+        GAUSSIAN,
+        np.load(f"{folder}/blobs.npy"),
+        sample_weight=np.arange(301) % 3 + 0.5,
+        chunk_size=37,
+        **COMMON,
+    ),
+    "map_poisson": lambda folder: pyroem.fit(
+        pyroem.Mixture(2, "poisson"), np.load(f"{folder}/counts.npy"), **COMMON
+    ),
+    "cavi": lambda folder: pyroem.fit(
+        pyroem.Mixture(3, "gaussian"),
+        np.load(f"{folder}/blobs.npy"),
+        method="vb-em",
+        chunk_size=50,
+        num_draws=0,
+        **COMMON,
+    ),
+    # 60 of the 301 rows initialise the fit: the ranks' reservoir samples are merged.
+    "map_sampled": lambda folder: pyroem.fit(
+        GAUSSIAN, f"{folder}/part-*.npy", chunk_size=37, reservoir_size=60, **COMMON
+    ),
+    "cavi_streamed": lambda folder: pyroem.fit(
+        pyroem.Mixture(3, "gaussian"),
+        f"{folder}/part-*.npy",
+        method="vb-em",
+        chunk_size=50,
+        num_draws=0,
+        **COMMON,
+    ),
+}
+
+
+def count_rows_read() -> list[int]:
+    """Count the rows every read of a ``.npy`` file gives (one entry per chunk)."""
+    from pyroem import sources
+
+    read_rows = sources._read_rows
+    counts: list[int] = []
+
+    def counting(*args, **kwargs):
+        for rows in read_rows(*args, **kwargs):
+            counts.append(rows.shape[0])
+            yield rows
+
+    sources._read_rows = counting
+    return counts
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _launch(tmp_path: Path, world_size: int = 2) -> list[dict[str, np.ndarray]]:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port = _free_port()
+    processes = []
+    for rank in range(world_size):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        here = str(Path(__file__).parent)
+        command = [sys.executable, str(script), str(tmp_path), str(tmp_path), here]
+        processes.append(
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
+    for process in processes:
+        output, _ = process.communicate(timeout=240)
+        assert process.returncode == 0, output.decode()[-3000:]
+    return [dict(np.load(tmp_path / f"rank{rank}.npz")) for rank in range(world_size)]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_give_the_single_process_fit(tmp_path, monkeypatch):
+    _write_data(tmp_path)
+    ranks = _launch(tmp_path)
+    assert ranks[0].keys() == ranks[1].keys()
+    for key in ranks[0]:
+        if key.endswith("rows_read"):
+            continue
+        # Every rank took the same M-steps: the same bits.
+        np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
+    monkeypatch.setattr("pyroem.sources._read_rows", pyroem.sources._read_rows)
+    rows_read = count_rows_read()
+    for name, run in FITS.items():
+        rows_read.clear()
+        single = run(str(tmp_path))
+        if name == "map_sampled":
+            # Another sample of the file than one process draws, so another start: the
+            # same maximum of the likelihood (well-separated clusters), ranks alike.
+            order = np.argsort(ranks[0][f"{name}/means"][:, 0])
+            reference = np.argsort(single.params["means"][:, 0].numpy())
+            for key, value in single.params.items():
+                np.testing.assert_allclose(
+                    ranks[0][f"{name}/{key}"][order], value.numpy()[reference], atol=1e-8
+                )
+            continue
+        if name == "map_streamed":
+            # Every pass of each rank reads its shard (100 and 201 of the 301 rows).
+            assert ranks[0][f"{name}/rows_read"] * 301 == sum(rows_read) * 100
+            assert ranks[1][f"{name}/rows_read"] * 301 == sum(rows_read) * 201
+        assert ranks[0][f"{name}/processes"] == 2, name
+        objective = ranks[0][f"{name}/objective"]
+        assert objective.shape == single.history.objective.shape, name
+        np.testing.assert_allclose(objective, single.history.objective, rtol=1e-12, err_msg=name)
+        np.testing.assert_array_equal(ranks[0][f"{name}/labels"], single.labels.numpy())
+        for key, value in single.params.items():
+            np.testing.assert_allclose(
+                ranks[0][f"{name}/{key}"], value.numpy(), rtol=0, atol=1e-10, err_msg=name
+            )
+
+
+def test_distributed_true_outside_a_process_group_says_how_to_launch():
+    with pytest.raises(SpecError, match="torchrun"):
+        pyroem.fit(GAUSSIAN, _blobs(50), distributed=True)
+    with pytest.raises(SpecError, match="distributed must be"):
+        pyroem.fit(GAUSSIAN, _blobs(50), distributed="yes")
+
+
+def test_a_process_group_refuses_what_it_cannot_split(tmp_path, monkeypatch):
+    # One gloo rank stands in for a group: the check reads the group's size.
+    import torch.distributed as dist
+
+    port = _free_port()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(dist, "get_world_size", lambda *args: 2)
+        with pytest.raises(NotSupportedError, match="distributed=False"):
+            pyroem.fit(GAUSSIAN, _blobs(50), method="mcmc-em")
+        with pytest.raises(NotSupportedError, match="stepwise"):
+            pyroem.fit(GAUSSIAN, _blobs(50), stepwise=True)
+        with pytest.raises(NotSupportedError, match="Pyro program"):
+            pyroem.fit(lambda data: None, torch.zeros(3))
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()
