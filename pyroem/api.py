@@ -24,7 +24,7 @@ from pyroem.program.fit import fit_program
 from pyroem.program.results import ProgramFit
 from pyroem.results import FitResult, mixture_fit_from_program
 from pyroem.sources import open_source
-from pyroem.spec.mixture import Mixture, as_data
+from pyroem.spec.mixture import Mixture, as_data, fill_missing
 from pyroem.stream import LARGE_DATA_OPTIONS, fit_mixture_large
 
 __all__ = ["METHODS", "SMALL_PROBLEM_WORK", "fit"]
@@ -482,7 +482,9 @@ class _MixtureEngine(MixtureEngine):
         name: str,
         weights: torch.Tensor | None = None,
     ) -> None:
-        self.spec, self.family, self.init_data, self.start = spec, family, data, init
+        # The initialisation reads the data with missing entries set to column medians.
+        self.spec, self.family, self.start = spec, family, init
+        self.init_data = fill_missing(data)
         self.generator = seeded_generator(seed)
         self.estep = MixtureEStep(family, spec.weights_prior, data, chunk_size, weights)
         self.name = name
@@ -515,7 +517,7 @@ def _fit_mixture(
         raise SpecError(
             f"fit(Mixture, data) takes exactly one data argument; got {len(model_args)}"
         )
-    data = as_data(model_args[0], dtype=dtype, device=device)
+    data = as_data(model_args[0], dtype=dtype, device=device, allow_missing=True)
     family = model.bind(data)
     if isinstance(init, FitResult):
         init = init.params

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from pyroem.em import EStepResult
-from pyroem.spec.families import Family
+from pyroem.estep.missing import missing_log_prob, split_missing
+from pyroem.spec.families import EStepKernels, Family
 from pyroem.spec.mixture import MixtureParams
 
 __all__ = [
@@ -67,6 +68,10 @@ class MixtureEStep:
             per chunk), but never below :data:`MIN_CHUNK_ROWS` rows.
         sample_weight: optional ``(num_data,)`` non-negative frequency weights: row ``n``
             counts ``w_n`` times in the statistics and the log-likelihood.
+
+    NaN entries of ``data`` are missing values, marginalised (see
+    :mod:`pyroem.estep.missing`): rows without any go through the family's fused
+    kernels as before, the others through its missing-data kernels.
     """
 
     # Per chunk, the rows' frequency weights (None: every row counts once).
@@ -86,6 +91,19 @@ class MixtureEStep:
         row_bytes = weights_prior.shape[0] * dim * data.element_size()
         rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(row_bytes, 1))
         self.chunk_size = min(chunk_size, rows)
+        missing = torch.isnan(data)
+        # Rows with missing entries: (prepared rows, pattern index, their weights).
+        self.missing_blocks: list[tuple[torch.Tensor, int | None, torch.Tensor | None]] = []
+        self.patterns: list[torch.Tensor] = []
+        if bool(missing.any()):
+            complete, self.patterns, blocks = split_missing(family, missing, self.chunk_size)
+            for block in blocks:
+                observed = None if block.pattern is None else self.patterns[block.pattern]
+                prepared = family.prepare_missing(data[block.rows], observed)
+                block_weights = None if sample_weight is None else sample_weight[block.rows]
+                self.missing_blocks.append((prepared, block.pattern, block_weights))
+            data = data[complete]
+            sample_weight = None if sample_weight is None else sample_weight[complete]
         self.chunks = [family.prepare(chunk) for chunk in data.split(self.chunk_size)]
         if sample_weight is not None:
             self.chunk_weights = list(sample_weight.to(data).split(self.chunk_size))
@@ -115,8 +133,11 @@ class MixtureEStep:
         # so which are removed, must not depend on the dtype (the terms dropped change
         # a log-likelihood by under 1e-34 relative).
         cutoff = max(math.log(finfo.tiny), math.log(torch.finfo(torch.float32).tiny)) + 8
-        weights = repeat(None) if self.chunk_weights is None else self.chunk_weights
-        for chunk, row_weights in zip(self.chunks, weights, strict=False):
+
+        def accumulate(
+            kernels: EStepKernels, chunk: torch.Tensor, row_weights: torch.Tensor | None
+        ) -> None:
+            nonlocal stats, log_likelihood
             # (K, n) layout: the reductions over components run across contiguous rows.
             # logsumexp and the normalised exponentials in one pass, in place: exp once.
             joint, cache = kernels.log_prob(chunk)
@@ -135,6 +156,18 @@ class MixtureEStep:
             del cache
             stats = chunk_stats if stats is None else add_statistics(stats, chunk_stats)
             log_likelihood = log_likelihood + log_norm.sum()
+
+        weights = repeat(None) if self.chunk_weights is None else self.chunk_weights
+        for chunk, row_weights in zip(self.chunks, weights, strict=False):
+            if chunk.shape[0] > 0:
+                accumulate(kernels, chunk, row_weights)
+        # Rows with missing entries: one set of kernels per missingness pattern.
+        built: dict[int | None, EStepKernels] = {}
+        for prepared, pattern, row_weights in self.missing_blocks:
+            if pattern not in built:
+                observed = None if pattern is None else self.patterns[pattern]
+                built[pattern] = self.family.missing_kernels(params.components, observed)
+            accumulate(built[pattern], prepared, row_weights)
         objective = log_likelihood + self.log_prior(params)
         return EStepResult(stats, float(objective), float(log_likelihood))
 
@@ -147,14 +180,17 @@ def score_mixture(
     Args:
         family: the bound family.
         params: mixture parameters.
-        data: ``(N, dim)``, validated.
+        data: ``(N, dim)``, validated; NaN entries are missing (marginalised).
         chunk_size: rows per chunk.
     """
     log_prob = family.log_prob_fn(params.components)
     log_weights = params.weights.log()
     log_norms, log_resps = [], []
     for chunk in data.split(chunk_size):
-        joint = log_prob(family.prepare(chunk)) + log_weights
+        if bool(torch.isnan(chunk).any()):
+            joint = missing_log_prob(family, params, chunk) + log_weights
+        else:
+            joint = log_prob(family.prepare(chunk)) + log_weights
         log_norm = torch.logsumexp(joint, dim=1)
         log_norms.append(log_norm)
         log_resps.append(joint - log_norm[:, None])

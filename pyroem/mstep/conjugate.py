@@ -122,13 +122,14 @@ def gamma_poisson_rate_mode(
 
     Args:
         sum_x: ``Σ_n w_nk x_n``, shape ``(K, D)``.
-        counts: ``N_k``, shape ``(K,)``.
+        counts: ``N_k``, shape ``(K,)``, or per coordinate ``(K, D)`` (missing entries).
         concentration: ``a ≥ 1``, shape ``(D,)`` or ``None``.
         rate: ``b``, shape ``(D,)`` or ``None``.
     """
+    totals = counts[:, None] if counts.ndim == 1 else counts
     if concentration is None or rate is None:
-        return sum_x / counts[:, None]
-    return (sum_x + (concentration - 1)) / (counts[:, None] + rate)
+        return sum_x / totals
+    return (sum_x + (concentration - 1)) / (totals + rate)
 
 
 def gamma_exponential_rate_mode(
@@ -141,10 +142,11 @@ def gamma_exponential_rate_mode(
 
     Args:
         sum_x: ``Σ_n w_nk x_n``, shape ``(K, D)``.
-        counts: ``N_k``, shape ``(K,)``.
+        counts: ``N_k``, shape ``(K,)``, or per coordinate ``(K, D)`` (missing entries).
         concentration: ``a ≥ 1``, shape ``(D,)`` or ``None``.
         rate: ``b``, shape ``(D,)`` or ``None``.
     """
+    totals = counts[:, None] if counts.ndim == 1 else counts
     if concentration is None or rate is None:
-        return counts[:, None] / sum_x
-    return (counts[:, None] + (concentration - 1)) / (sum_x + rate)
+        return totals / sum_x
+    return (totals + (concentration - 1)) / (sum_x + rate)
