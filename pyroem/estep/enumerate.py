@@ -104,7 +104,9 @@ class MixtureEStep:
                 self.missing_blocks.append((prepared, block.pattern, block_weights))
             data = data[complete]
             sample_weight = None if sample_weight is None else sample_weight[complete]
-        self.chunks = [family.prepare(chunk) for chunk in data.split(self.chunk_size)]
+        # No chunk where every row went to the missing-data blocks above.
+        chunks = data.split(self.chunk_size) if data.shape[0] > 0 else ()
+        self.chunks = [family.prepare(chunk) for chunk in chunks]
         if sample_weight is not None:
             self.chunk_weights = list(sample_weight.to(data).split(self.chunk_size))
         # The kernels' temporaries, reused from chunk to chunk and E-step to E-step.
@@ -159,8 +161,7 @@ class MixtureEStep:
 
         weights = repeat(None) if self.chunk_weights is None else self.chunk_weights
         for chunk, row_weights in zip(self.chunks, weights, strict=False):
-            if chunk.shape[0] > 0:
-                accumulate(kernels, chunk, row_weights)
+            accumulate(kernels, chunk, row_weights)
         # Rows with missing entries: one set of kernels per missingness pattern.
         built: dict[int | None, EStepKernels] = {}
         for prepared, pattern, row_weights in self.missing_blocks:
