@@ -886,18 +886,26 @@ class Gaussian(Family):
         def statistics(
             prepared: torch.Tensor, deviations: torch.Tensor, resp: torch.Tensor
         ) -> GaussianStats:
-            full = deviations.new_zeros(means.shape[0], dim, prepared.shape[0])
+            counts = resp.sum(1)
+            if diagonal:
+                # The missing coordinates' deviations are zero: their first moments are
+                # zero, their second the conditional variances.
+                moments = torch.bmm(
+                    resp[:, None, :], torch.cat([deviations, deviations.square()], 1).mT
+                )[:, 0]
+                first = means.new_zeros(means.shape)
+                second = means.new_zeros(means.shape)
+                first[:, parts.observed] = moments[:, : parts.observed.numel()]
+                second[:, parts.observed] = moments[:, parts.observed.numel() :]
+                second[:, parts.missing] = counts[:, None] * parts.covariance
+                return _moment_statistics(means, counts, first, second)
+            full = deviations.new_empty(means.shape[0], dim, prepared.shape[0])
             full[:, parts.observed] = deviations
             if parts.regression is not None:
                 full[:, parts.missing] = torch.bmm(parts.regression, deviations)
-            counts = resp.sum(1)
             first = torch.bmm(resp[:, None, :], full.mT)[:, 0]
-            if diagonal:
-                second = torch.bmm(resp[:, None, :], full.square().mT)[:, 0]
-                second[:, parts.missing] += counts[:, None] * parts.covariance
-            else:
-                second = torch.bmm(full * resp[:, None, :], full.mT)
-                second[block] += counts[:, None, None] * parts.covariance
+            second = torch.bmm(full * resp[:, None, :], full.mT)
+            second[block] += counts[:, None, None] * parts.covariance
             return _moment_statistics(means, counts, first, second)
 
         return EStepKernels(log_prob, statistics)
