@@ -8,7 +8,7 @@ import os
 import zipfile
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -52,6 +52,9 @@ class FitResult:
         removed_components: original indices of components removed because their
             weight collapsed (only with ``weights_prior < 1``).
     """
+
+    accepts_missing: ClassVar[bool] = True
+    """Whether scoring takes rows with missing entries (NaN), marginalised at ``params``."""
 
     def __init__(
         self,
@@ -121,7 +124,9 @@ class FitResult:
     # ----- scoring ------------------------------------------------------------
     def _data(self, data: Any) -> torch.Tensor:
         weights = self._internal.weights
-        tensor = as_data(data, dtype=weights.dtype, device=weights.device, allow_missing=True)
+        tensor = as_data(
+            data, dtype=weights.dtype, device=weights.device, allow_missing=self.accepts_missing
+        )
         if tensor.shape[1] != self.family.dim:
             raise DataError(
                 f"data has {tensor.shape[1]} columns but the model was fitted on "

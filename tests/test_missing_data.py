@@ -345,6 +345,11 @@ def test_unsupported_missing_data_is_a_clear_error(tmp_path: object) -> None:
     fit = pyroem.fit(spec, data, seed=0)
     with pytest.raises(pyroem.DataError, match=r"row\(s\) \[0\].*every entry missing"):
         fit.predict(np.full((1, 3), np.nan))
+    complete = data[~np.isnan(data).any(1)]
+    variational = pyroem.fit(spec, complete, method="vb-em", seed=0)
+    for score in (variational.predict, variational.score_samples, variational.impute):
+        with pytest.raises(pyroem.DataError, match=r"missing value\(s\) \(NaN\).*map-em"):
+            score(data)
     with pytest.raises(ValueError, match=r"Input X contains NaN"):
         BayesianGaussianMixture(n_components=2).fit(data)
     with pytest.raises(ValueError, match=r"every entry missing"):
