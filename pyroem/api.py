@@ -196,7 +196,10 @@ def fit(
             tensor), or a source read chunk by chunk (``map-em``): a ``.npy``, ``.csv`` or
             ``.parquet`` path, a glob or folder of them, an ``np.memmap``, a function
             returning a fresh iterator of arrays, or a torch ``DataLoader`` (see
-            :mod:`pyroem.sources`); for a Pyro program, its positional arguments.
+            :mod:`pyroem.sources`); for a Pyro program, its positional arguments. NaN
+            entries of in-memory data are missing values: ``map-em`` marginalises them
+            (every family; see the README's "Missing data"), the other methods refuse
+            them.
         method: ``"map-em"`` (exact E-step; closed-form conjugate M-steps, gradient
             steps where there is none), ``"vb-em"`` (closed-form mean-field VB for a
             ``Mixture``; SVI with a guide for a Pyro program, or for a ``Mixture`` given

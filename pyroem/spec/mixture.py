@@ -141,8 +141,9 @@ def fill_missing(data: torch.Tensor) -> torch.Tensor:
 MISSING_DATA_SUPPORT = (
     "Missing values (NaN) are supported by pyroem.fit(Mixture, data, method='map-em') with "
     "the data in memory (every family), by that fit's predict, predict_proba, score_samples "
-    "and impute, and by pyroem.sklearn's estimators; not by vb-em, mcmc-em, nuts, Pyro "
-    "programs, or streamed and stepwise fits"
+    "and impute, and by pyroem.sklearn's map-em estimators (GaussianMixture, PoissonMixture, "
+    "BernoulliMixture, CategoricalMixture); not by vb-em, mcmc-em, nuts, Pyro programs, or "
+    "streamed and stepwise fits"
 )
 """Where missing values are supported (quoted by the errors elsewhere)."""
 
