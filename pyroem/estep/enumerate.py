@@ -15,7 +15,7 @@ After this E-step the bound is tight: ``L(q, θ) = log p(x, θ)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import repeat
 from typing import Any
 
@@ -76,6 +76,10 @@ class MixtureEStep:
 
     # Per chunk, the rows' frequency weights (None: every row counts once).
     chunk_weights: list[torch.Tensor] | None = None
+    # Rows with missing entries: (prepared rows, pattern index, their weights), and the
+    # observed-coordinate patterns the indices refer to (none for complete data).
+    missing_blocks: Sequence[tuple[torch.Tensor, int | None, torch.Tensor | None]] = ()
+    patterns: Sequence[torch.Tensor] = ()
 
     def __init__(
         self,
@@ -92,16 +96,15 @@ class MixtureEStep:
         rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(row_bytes, 1))
         self.chunk_size = min(chunk_size, rows)
         missing = torch.isnan(data)
-        # Rows with missing entries: (prepared rows, pattern index, their weights).
-        self.missing_blocks: list[tuple[torch.Tensor, int | None, torch.Tensor | None]] = []
-        self.patterns: list[torch.Tensor] = []
         if bool(missing.any()):
             complete, self.patterns, blocks = split_missing(family, missing, self.chunk_size)
+            prepared_blocks = []
             for block in blocks:
                 observed = None if block.pattern is None else self.patterns[block.pattern]
                 prepared = family.prepare_missing(data[block.rows], observed)
                 block_weights = None if sample_weight is None else sample_weight[block.rows]
-                self.missing_blocks.append((prepared, block.pattern, block_weights))
+                prepared_blocks.append((prepared, block.pattern, block_weights))
+            self.missing_blocks = prepared_blocks
             data = data[complete]
             sample_weight = None if sample_weight is None else sample_weight[complete]
         # No chunk where every row went to the missing-data blocks above.
