@@ -26,7 +26,7 @@ from pyroem.program.fit import fit_program
 from pyroem.program.results import ProgramFit
 from pyroem.results import FitResult, mixture_fit_from_program
 from pyroem.sources import open_source
-from pyroem.spec.mixture import Mixture, as_data
+from pyroem.spec.mixture import Mixture, as_data, fill_missing
 from pyroem.stream import LARGE_DATA_OPTIONS, fit_mixture_large
 
 __all__ = ["METHODS", "SMALL_PROBLEM_WORK", "fit"]
@@ -203,7 +203,10 @@ def fit(
             ``.npy``, ``.csv`` or
             ``.parquet`` path, a glob or folder of them, an ``np.memmap``, a function
             returning a fresh iterator of arrays, or a torch ``DataLoader`` (see
-            :mod:`pyroem.sources`); for a Pyro program, its positional arguments.
+            :mod:`pyroem.sources`); for a Pyro program, its positional arguments. NaN
+            entries of in-memory data are missing values: ``map-em`` marginalises them
+            (every family; see the README's "Missing data"), the other methods refuse
+            them.
         method: ``"map-em"`` (exact E-step; closed-form conjugate M-steps, gradient
             steps where there is none), ``"vb-em"`` (closed-form mean-field VB for a
             ``Mixture``; SVI with a guide for a Pyro program, or for a ``Mixture`` given
@@ -621,7 +624,9 @@ class _MixtureEngine(MixtureEngine):
         weights: torch.Tensor | None = None,
         group: Collective = LOCAL,
     ) -> None:
-        self.spec, self.family, self.init_data, self.start = spec, family, data, init
+        # The initialisation reads the data with missing entries set to column medians.
+        self.spec, self.family, self.start = spec, family, init
+        self.init_data = fill_missing(data)
         self.generator = seeded_generator(seed)
         # Every rank initialises from the whole data; its E-step reads its rows.
         rows = group.rows(data.shape[0])
@@ -659,7 +664,7 @@ def _fit_mixture(
         raise SpecError(
             f"fit(Mixture, data) takes exactly one data argument; got {len(model_args)}"
         )
-    data = as_data(model_args[0], dtype=dtype, device=device)
+    data = as_data(model_args[0], dtype=dtype, device=device, allow_missing=True)
     family = model.bind(data)
     if isinstance(init, FitResult):
         init = init.params

@@ -59,7 +59,7 @@ METHODS = ("map-em", "vb-em", "mcmc-em", "nuts")
 #: The component families (``pyroem.spec.families.FAMILIES``).
 FAMILY_NAMES = ("bernoulli", "categorical", "exponential", "gaussian", "poisson")
 #: The bundled data sets (``pyroem.datasets.available_datasets()``).
-DATASETS = ("faithful", "iris", "discoveries", "verbagg", "sleepstudy")
+DATASETS = ("faithful", "iris", "discoveries", "verbagg", "sleepstudy", "airquality")
 
 #: The data set ``pyroem fit`` uses when given neither ``--data`` nor ``--dataset``.
 DEFAULT_DATASET = "faithful"

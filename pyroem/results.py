@@ -9,7 +9,7 @@ import os
 import zipfile
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from pyroem.errors import DataError, FitFileError, PyroEMError
 from pyroem.estep.enumerate import score_mixture
 from pyroem.program.model import ProgramModel
 from pyroem.spec.families import Family
-from pyroem.spec.mixture import Mixture, MixtureParams, as_data
+from pyroem.spec.mixture import Mixture, MixtureParams, as_data, fill_missing
 
 __all__ = ["FitResult", "load", "mixture_fit_from_program", "save_program_fit"]
 
@@ -53,6 +53,9 @@ class FitResult:
         removed_components: original indices of components removed because their
             weight collapsed (only with ``weights_prior < 1``).
     """
+
+    accepts_missing: ClassVar[bool] = True
+    """Whether scoring takes rows with missing entries (NaN), marginalised at ``params``."""
 
     def __init__(
         self,
@@ -122,13 +125,17 @@ class FitResult:
     # ----- scoring ------------------------------------------------------------
     def _data(self, data: Any) -> torch.Tensor:
         weights = self._internal.weights
-        tensor = as_data(data, dtype=weights.dtype, device=weights.device)
+        tensor = as_data(
+            data, dtype=weights.dtype, device=weights.device, allow_missing=self.accepts_missing
+        )
         if tensor.shape[1] != self.family.dim:
             raise DataError(
                 f"data has {tensor.shape[1]} columns but the model was fitted on "
                 f"{self.family.dim}; pass data with the training columns"
             )
-        self.family.validate(tensor)
+        # Missing entries (NaN) are marginalised; the observed ones must be in the support.
+        seen = ~torch.isnan(tensor).all(0)
+        self.family.validate(fill_missing(tensor[:, seen]))
         return tensor
 
     def _score(self, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +153,29 @@ class FitResult:
     def predict(self, data: Any) -> torch.Tensor:
         """Most probable component of each point, ``(N,)`` int64."""
         return self._score(data)[1].argmax(-1)
+
+    def impute(self, data: Any = None) -> torch.Tensor:
+        r"""``data`` with each missing entry (NaN) replaced by its conditional mean given the
+        row's observed entries under the fitted mixture,
+        :math:`\sum_k r_{nk}\, E[x_m | x_o, z = k]` (``r`` the responsibilities given
+        ``x_o``; for the gaussian family ``E[x_m | x_o, k] = μ_m + Σ_mo Σ_oo⁻¹(x_o − μ_o)``).
+        The categorical family fills in the most probable category instead.
+
+        Args:
+            data: ``(N, dim)`` with NaN where missing; ``None`` for the training data.
+
+        Returns:
+            A ``(N, dim)`` tensor; observed entries are returned unchanged.
+        """
+        if data is None:
+            if self.data is None:
+                raise DataError("this fit holds no training data (a loaded fit); pass data")
+            data = self.data
+        tensor = self._data(data)
+        if not bool(torch.isnan(tensor).any()):
+            return tensor.clone()
+        log_resp = self._score(tensor)[1]
+        return self.family.impute(self._internal.components, tensor, log_resp.exp())
 
     def log_likelihood(self, data: Any = None, *, pointwise: bool = False) -> Any:
         """Marginal log-likelihood ``Σ_n log Σ_k π_k p(x_n | θ_k)``.

@@ -45,7 +45,7 @@ from pyroem.estep.enumerate import MixtureEStep, add_statistics, score_mixture
 from pyroem.initialization import initial_params
 from pyroem.mstep.mixture import mixture_m_step
 from pyroem.spec.families import Bernoulli, Categorical, Family, Gaussian, Poisson
-from pyroem.spec.mixture import Mixture, MixtureParams
+from pyroem.spec.mixture import Mixture, MixtureParams, fill_missing
 from pyroem.stepwise import _scale as scale_statistics
 from pyroem.stepwise import step_size
 
@@ -86,6 +86,8 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
     }
     _method: ClassVar[str] = "map-em"
     _data_dtype: ClassVar[Any] = [np.float64, np.float32]
+    # map-em marginalises missing entries (NaN); vb-em needs complete data.
+    _allow_nan: ClassVar[bool] = True
 
     # ----- what subclasses supply ------------------------------------------------
     def _family(self) -> Family:
@@ -98,9 +100,11 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
         """Validate user-given starting values (weights_init, ...)."""
 
     def _start(self, spec: Mixture, family: Family, data: torch.Tensor, seed: int) -> dict:
-        """Starting parameters in ``fit.params`` form for one restart."""
+        """Starting parameters in ``fit.params`` form for one restart (missing entries
+        read as their column's median, as :func:`pyroem.fit` starts)."""
         generator = torch.Generator().manual_seed(seed)
-        start = initial_params(spec, family, data, _INIT_NAMES[self.init_params], generator)
+        init = _INIT_NAMES[self.init_params]
+        start = initial_params(spec, family, fill_missing(data), init, generator)
         return {"weights": start.weights, **family.to_user(start.components)}
 
     def _set_fitted(self, result: Any) -> None:
@@ -119,9 +123,22 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
     # ----- fitting -----------------------------------------------------------------
     def _validate_data(self, X: Any, reset: bool) -> np.ndarray:
         X = validate_data(
-            self, X, dtype=self._data_dtype, ensure_min_samples=2 if reset else 1, reset=reset
+            self,
+            X,
+            dtype=self._data_dtype,
+            ensure_min_samples=2 if reset else 1,
+            reset=reset,
+            ensure_all_finite="allow-nan" if self._allow_nan else True,
         )
-        return np.asarray(X)
+        X = np.asarray(X)
+        if self._allow_nan:
+            empty = np.flatnonzero(np.isnan(X).all(axis=1))
+            if empty.size:
+                raise ValueError(
+                    f"Input X has rows with every entry missing (NaN): {empty[:10].tolist()}; "
+                    "such a row carries no information, drop it"
+                )
+        return X
 
     def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> Any:
         """Fit the mixture to ``X`` ``(n_samples, n_features)``; returns ``self``.
@@ -286,6 +303,7 @@ class _MixtureEstimator(DensityMixin, BaseEstimator):
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
         tags.non_deterministic = False
+        tags.input_tags.allow_nan = self._allow_nan
         return tags
 
 
@@ -560,6 +578,12 @@ class GaussianMixture(_GaussianBase, _StepwiseEstimator):
     ``lower_bound_`` is the mean log-likelihood of the training rows under the
     returned parameters, and ``n_iter_`` counts M-steps: pyroem returns the
     parameters it last scored, not one M-step past them.
+
+    Missing entries (NaN) in ``X`` are marginalised, in ``fit`` and in ``predict``,
+    ``predict_proba``, ``score_samples`` and ``score`` (scikit-learn's ``allow_nan``
+    tag is set); a row with every entry missing is an error. The same holds for
+    ``PoissonMixture``, ``BernoulliMixture`` and ``CategoricalMixture``;
+    ``BayesianGaussianMixture`` (vb-em) needs complete data.
     """
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
@@ -679,6 +703,7 @@ class BayesianGaussianMixture(_GaussianBase):
     """
 
     _method = "vb-em"
+    _allow_nan = False
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         **_MixtureEstimator._parameter_constraints,
         "reg_covar": [Interval(Real, 0.0, None, closed="left")],

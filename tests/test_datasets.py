@@ -6,6 +6,7 @@ import csv
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,7 +131,7 @@ def test_verbagg_bad_kind(kind: str) -> None:
 
 def test_available_datasets_round_trip() -> None:
     names = available_datasets()
-    assert names == ("faithful", "iris", "discoveries", "verbagg", "sleepstudy")
+    assert names == ("faithful", "iris", "discoveries", "verbagg", "sleepstudy", "airquality")
     for name in names:
         ds = load_dataset(name)
         assert ds.name == name
@@ -344,3 +345,20 @@ def test_read_csv_duplicate_column(tmp_path: Path) -> None:
 def test_data_error_is_value_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         read_csv(tmp_path / "missing.csv")
+
+
+def test_airquality_keeps_its_missing_values() -> None:
+    ds = load_dataset("airquality")
+    assert ds.data.shape == (153, 4)
+    assert ds.feature_names == ("Ozone", "Solar.R", "Wind", "Temp")
+    missing = torch.isnan(ds.data)
+    assert missing.sum(0).tolist() == [37, 7, 0, 0]
+    assert int(missing.any(1).sum()) == 42
+    assert ds.data[0].tolist() == [41.0, 190.0, 7.4, 67.0]
+    # R: colMeans(airquality[1:4], na.rm = TRUE)
+    np.testing.assert_allclose(
+        ds.data.nanmean(0).numpy(), [42.12931, 185.9315, 9.957516, 77.88235], rtol=1e-6
+    )
+    assert ds.target is not None and ds.target_names is not None
+    assert torch.bincount(ds.target).tolist() == [31, 30, 31, 31, 30]
+    assert ds.target_names[ds.target[0]] == "May"

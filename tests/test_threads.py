@@ -64,7 +64,7 @@ def test_a_large_problem_keeps_torch_threads(monkeypatch: pytest.MonkeyPatch) ->
 @pytest.mark.usefixtures("two_threads")
 def test_threads_are_restored_when_the_fit_fails() -> None:
     data = _data()
-    data[3, 1] = np.nan
+    data[3, 1] = np.inf
     with pytest.raises(pyroem.DataError):
         pyroem.fit(pyroem.Mixture(2, prior="mclust"), data, num_threads=1)
     assert torch.get_num_threads() == 2

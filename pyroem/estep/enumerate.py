@@ -15,14 +15,15 @@ After this E-step the bound is tight: ``L(q, θ) = log p(x, θ)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from typing import Any
 
 import torch
 
 from pyroem.em import EStepResult
-from pyroem.spec.families import Family
+from pyroem.estep.missing import missing_log_prob, split_missing
+from pyroem.spec.families import EStepKernels, Family
 from pyroem.spec.mixture import MixtureParams
 
 __all__ = [
@@ -68,10 +69,18 @@ class MixtureEStep:
             per chunk), but never below :data:`MIN_CHUNK_ROWS` rows.
         sample_weight: optional ``(num_data,)`` non-negative frequency weights: row ``n``
             counts ``w_n`` times in the statistics and the log-likelihood.
+
+    NaN entries of ``data`` are missing values, marginalised (see
+    :mod:`pyroem.estep.missing`): rows without any go through the family's fused
+    kernels as before, the others through its missing-data kernels.
     """
 
     # Per chunk, the rows' frequency weights (None: every row counts once).
     chunk_weights: list[torch.Tensor] | None = None
+    # Rows with missing entries: (prepared rows, pattern index, their weights), and the
+    # observed-coordinate patterns the indices refer to (none for complete data).
+    missing_blocks: Sequence[tuple[torch.Tensor, int | None, torch.Tensor | None]] = ()
+    patterns: Sequence[torch.Tensor] = ()
 
     def __init__(
         self,
@@ -87,7 +96,21 @@ class MixtureEStep:
         row_bytes = weights_prior.shape[0] * dim * data.element_size()
         rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(row_bytes, 1))
         self.chunk_size = min(chunk_size, rows)
-        self.chunks = [family.prepare(chunk) for chunk in data.split(self.chunk_size)]
+        missing = torch.isnan(data)
+        if bool(missing.any()):
+            complete, self.patterns, blocks = split_missing(family, missing, self.chunk_size)
+            prepared_blocks = []
+            for block in blocks:
+                observed = None if block.pattern is None else self.patterns[block.pattern]
+                prepared = family.prepare_missing(data[block.rows], observed)
+                block_weights = None if sample_weight is None else sample_weight[block.rows]
+                prepared_blocks.append((prepared, block.pattern, block_weights))
+            self.missing_blocks = prepared_blocks
+            data = data[complete]
+            sample_weight = None if sample_weight is None else sample_weight[complete]
+        # No chunk where every row went to the missing-data blocks above.
+        chunks = data.split(self.chunk_size) if data.shape[0] > 0 else ()
+        self.chunks = [family.prepare(chunk) for chunk in chunks]
         if sample_weight is not None:
             self.chunk_weights = list(sample_weight.to(data).split(self.chunk_size))
         # The kernels' temporaries, reused from chunk to chunk and E-step to E-step.
@@ -108,8 +131,11 @@ class MixtureEStep:
         log_weights = params.weights.log()[:, None]
         stats = None
         log_likelihood = params.weights.new_zeros(())
-        weights = repeat(None) if self.chunk_weights is None else self.chunk_weights
-        for chunk, row_weights in zip(self.chunks, weights, strict=False):
+
+        def accumulate(
+            kernels: EStepKernels, chunk: torch.Tensor, row_weights: torch.Tensor | None
+        ) -> None:
+            nonlocal stats, log_likelihood
             # (K, n) layout: the reductions over components run across contiguous rows.
             joint, cache = kernels.log_prob(chunk)
             resp, log_norm, peak = normalise_log_joint(joint.add_(log_weights), dim=0)
@@ -121,6 +147,17 @@ class MixtureEStep:
             del cache
             stats = chunk_stats if stats is None else add_statistics(stats, chunk_stats)
             log_likelihood = log_likelihood + log_norm.sum()
+
+        weights = repeat(None) if self.chunk_weights is None else self.chunk_weights
+        for chunk, row_weights in zip(self.chunks, weights, strict=False):
+            accumulate(kernels, chunk, row_weights)
+        # Rows with missing entries: one set of kernels per missingness pattern.
+        built: dict[int | None, EStepKernels] = {}
+        for prepared, pattern, row_weights in self.missing_blocks:
+            if pattern not in built:
+                observed = None if pattern is None else self.patterns[pattern]
+                built[pattern] = self.family.missing_kernels(params.components, observed)
+            accumulate(built[pattern], prepared, row_weights)
         objective = log_likelihood + self.log_prior(params)
         return EStepResult(stats, float(objective), float(log_likelihood))
 
@@ -151,10 +188,22 @@ def normalise_log_joint(
 def score_mixture(
     family: Family, params: MixtureParams, data: torch.Tensor, chunk_size: int = 65536
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pointwise log-likelihood ``(N,)`` and log-responsibilities ``(N, K)`` of validated
-    ``data`` ``(N, dim)`` under a bound family, ``chunk_size`` rows at a time."""
-    chunks = (family.prepare(chunk) for chunk in data.split(chunk_size))
-    return mixture_log_likelihood(family.log_prob_fn(params.components), params.weights, chunks)
+    """Pointwise log-likelihood ``(N,)`` and log-responsibilities ``(N, K)`` of ``data``.
+
+    Args:
+        family: the bound family.
+        params: mixture parameters.
+        data: ``(N, dim)``, validated; NaN entries are missing (marginalised).
+        chunk_size: rows per chunk.
+    """
+    log_prob = family.log_prob_fn(params.components)
+
+    def chunk_log_prob(chunk: torch.Tensor) -> torch.Tensor:
+        if bool(torch.isnan(chunk).any()):
+            return missing_log_prob(family, params, chunk)
+        return log_prob(family.prepare(chunk))
+
+    return mixture_log_likelihood(chunk_log_prob, params.weights, data.split(chunk_size))
 
 
 def mixture_log_likelihood(

@@ -114,7 +114,8 @@ class MixtureEngine(Engine):
         if not objective or not self.parameter_rule:
             return objective
         change, before = info[-1]["change"], info[-2].get("change", math.nan)
-        if change == 0 or math.isnan(before):
+        # A zero change is below round-off (see relative_change): no rate to estimate.
+        if change == 0 or before == 0 or math.isnan(before):
             return change < tol
         rate = change / before
         return rate < 1 and change * rate / (1 - rate) < tol

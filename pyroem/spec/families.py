@@ -29,7 +29,13 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
-from pyroem.errors import DataError, PyroEMError, SingularCovarianceError, SpecError
+from pyroem.errors import (
+    DataError,
+    NotSupportedError,
+    PyroEMError,
+    SingularCovarianceError,
+    SpecError,
+)
 from pyroem.mstep.conjugate import (
     NIWPrior,
     beta_mode,
@@ -330,6 +336,33 @@ class Family(ABC):
 
         return EStepKernels(densities, statistics)
 
+    # ----- missing data (NaN entries, marginalised) -----------------------------
+    missing_by_pattern: ClassVar[bool] = False
+    """Whether rows with missing entries are grouped by their missingness pattern
+    (``observed`` below is then a ``(D,)`` bool pattern; otherwise ``None``, and the
+    kernels take rows of any pattern)."""
+
+    def prepare_missing(self, x: torch.Tensor, observed: torch.Tensor | None) -> torch.Tensor:
+        """Preprocess rows ``x`` ``(n, D)`` that hold NaN for :meth:`missing_kernels`."""
+        raise NotSupportedError(f"the {self.name} family does not support missing values")
+
+    def missing_kernels(self, params: Any, observed: torch.Tensor | None) -> EStepKernels:
+        """The E-step's kernels for rows with missing entries, in :meth:`estep_kernels`'
+        layout: each row's log-density of its observed entries, and statistics in which
+        a missing entry counts for nothing (for its own family's M-step)."""
+        raise NotSupportedError(f"the {self.name} family does not support missing values")
+
+    def impute(self, params: Any, data: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
+        """``data`` ``(n, D)`` with each NaN replaced by its conditional mean given the
+        row's observed entries, ``Σ_k r_nk E[x_d | k]`` (``resp`` ``(n, K)``)."""
+        means = self._component_means(params)
+        expected = resp @ means
+        return torch.where(torch.isnan(data), expected, data)
+
+    def _component_means(self, params: Any) -> torch.Tensor:
+        """Each component's mean ``(K, D)``."""
+        raise NotSupportedError(f"the {self.name} family does not support missing values")
+
     @abstractmethod
     def m_step(self, stats: Any) -> Any:
         """The closed-form maximiser of ``Q + log p(θ)``."""
@@ -434,6 +467,40 @@ class GaussianStats(NamedTuple):
         scatter = self.scatter + other.scatter
         scatter = scatter + factor.reshape(-1, *[1] * (scatter.ndim - 1)) * correction
         return GaussianStats(counts, self.sum_x + other.sum_x, scatter)
+
+
+def _moment_statistics(
+    means: torch.Tensor, counts: torch.Tensor, first: torch.Tensor, second: torch.Tensor
+) -> GaussianStats:
+    """Statistics from moments about the means ``μ_k`` ``(K, D)``: ``first = Σ r d``
+    ``(K, D)`` and ``second = Σ r d²`` ``(K, D)`` or ``Σ r d dᵀ`` ``(K, D, D)``
+    (``d = x − μ_k``), by the corrected two-pass formula ``S = second − first firstᵀ / N``."""
+    offsets = first / counts.clamp(min=torch.finfo(counts.dtype).tiny)[:, None]
+    if second.ndim == 2:
+        scatter = (second - first * offsets).clamp_(min=0)
+    else:
+        scatter = second - first[:, :, None] * offsets[:, None, :]
+        scatter = 0.5 * (scatter + scatter.mT)
+    return GaussianStats(counts, counts[:, None] * means + first, scatter)
+
+
+class _Conditionals(NamedTuple):
+    """The components given the coordinates ``observed`` of a missingness pattern:
+    ``observed`` ``(p,)`` and ``missing`` ``(q,)`` indices; ``centres`` ``(K, p, 1)`` the
+    observed means; ``whiten`` ``(K, p, p)`` ``L⁻¹`` of ``Σ_oo = L Lᵀ`` (full, tied) or
+    ``scales`` ``(K, p, 1)`` ``1/σ`` (diag, spherical); ``const`` ``(K, 1)`` the
+    log-normaliser of ``N(x_o | μ_o, Σ_oo)``; ``regression`` ``(K, q, p)``
+    ``Σ_mo Σ_oo⁻¹`` (``None`` for diagonal covariances, where it is zero);
+    ``covariance`` the conditional covariance of the missing coordinates,
+    ``Σ_mm − Σ_mo Σ_oo⁻¹ Σ_om`` ``(K, q, q)``, or its diagonal ``(K, q)``."""
+
+    observed: torch.Tensor
+    missing: torch.Tensor
+    centres: torch.Tensor
+    whiten: torch.Tensor
+    const: torch.Tensor
+    regression: torch.Tensor | None
+    covariance: torch.Tensor
 
 
 def _resolution(data: torch.Tensor) -> torch.Tensor:
@@ -730,7 +797,6 @@ class Gaussian(Family):
         num_components = means.shape[0]
         centres = means[:, :, None]
         log_2pi = math.log(2 * math.pi)
-        tiny = torch.finfo(means.dtype).tiny
 
         def scratch(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
             """An uninitialised ``shape`` tensor, from ``workspace`` where there is one."""
@@ -743,14 +809,7 @@ class Gaussian(Family):
             return held[:size].view(shape)
 
         def finish(counts: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> Any:
-            # first = Σ r d (K, D); second = Σ r d², or Σ r d dᵀ (K, D, D).
-            offsets = first / counts.clamp(min=tiny)[:, None]
-            if second.ndim == 2:
-                scatter = (second - first * offsets).clamp_(min=0)
-            else:
-                scatter = second - first[:, :, None] * offsets[:, None, :]
-                scatter = 0.5 * (scatter + scatter.mT)
-            return GaussianStats(counts, counts[:, None] * means + first, scatter)
+            return _moment_statistics(means, counts, first, second)
 
         if self.covariance_type in ("diag", "spherical"):
             variances = self._variances(params)  # (K, D)
@@ -802,6 +861,136 @@ class Gaussian(Family):
             return finish(resp.sum(1), first, second)
 
         return EStepKernels(matrix, matrix_statistics)
+
+    # ----- missing data -------------------------------------------------------
+    missing_by_pattern = True
+
+    def prepare_missing(self, x: torch.Tensor, observed: torch.Tensor | None) -> torch.Tensor:
+        """Rows sharing the missingness pattern ``observed`` ``(D,)`` bool: their observed
+        coordinates ``(n, p)``, about the family's centre."""
+        if observed is None:
+            raise PyroEMError("the gaussian family groups rows by missingness pattern")
+        return x[:, observed] - self._center[observed]
+
+    def _conditionals(self, params: GaussianParams, observed: torch.Tensor) -> _Conditionals:
+        """Marginal and conditional Gaussians of the pattern ``observed`` ``(D,)`` bool."""
+        dim = self._require_bound()
+        means = params.means - self._center
+        num_components = means.shape[0]
+        seen = torch.nonzero(observed).reshape(-1)
+        unseen = torch.nonzero(~observed).reshape(-1)
+        centres = means[:, seen, None]
+        log_2pi = math.log(2 * math.pi)
+        if self.covariance_type in ("diag", "spherical"):
+            variances = self._variances(params)
+            seen_variances = variances[:, seen]
+            const = -0.5 * (seen.numel() * log_2pi + seen_variances.log().sum(-1))
+            scales = seen_variances.rsqrt()[:, :, None]
+            return _Conditionals(
+                seen, unseen, centres, scales, const[:, None], None, variances[:, unseen]
+            )
+        covariances = params.covariances.expand(num_components, dim, dim)
+        rows = covariances[:, seen]
+        chol = self._cholesky(rows[:, :, seen])
+        eye = torch.eye(seen.numel(), dtype=means.dtype, device=means.device)
+        whiten = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+        const = -0.5 * seen.numel() * log_2pi - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        half = torch.bmm(whiten, rows[:, :, unseen])  # L⁻¹ Σ_om, (K, p, q)
+        regression = torch.bmm(half.mT, whiten)  # Σ_mo L⁻ᵀ L⁻¹ = Σ_mo Σ_oo⁻¹
+        conditional = covariances[:, unseen][:, :, unseen] - torch.bmm(half.mT, half)
+        conditional = 0.5 * (conditional + conditional.mT)
+        return _Conditionals(seen, unseen, centres, whiten, const[:, None], regression, conditional)
+
+    def _observed_deviations(
+        self, parts: _Conditionals, prepared: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log N(x_o | μ_o, Σ_oo) (K, n), x_o − μ_o (K, p, n))`` of a pattern's rows."""
+        deviations = prepared.T[None] - parts.centres
+        if parts.regression is None:
+            white = deviations * parts.whiten
+        else:
+            white = torch.bmm(parts.whiten, deviations)
+        return white.square_().sum(1).mul_(-0.5).add_(parts.const), deviations
+
+    def missing_kernels(
+        self, params: GaussianParams, observed: torch.Tensor | None
+    ) -> EStepKernels:
+        r"""The E-step's kernels for rows missing the coordinates outside ``observed``.
+
+        The log-density is the marginal ``log N(x_o | μ_o, Σ_oo)``. The statistics are
+        the expected complete-data ones (Ghahramani & Jordan, 1994): each missing block
+        is replaced by its conditional mean ``x̂_m = μ_m + Σ_mo Σ_oo⁻¹ (x_o − μ_o)`` and
+        its second moment gains the conditional covariance
+        ``Σ_mm − Σ_mo Σ_oo⁻¹ Σ_om``, so the M-step maximises the observed-data objective's
+        EM bound exactly. The moments are taken about ``μ_k`` and shifted by the same
+        corrected two-pass formula as :meth:`estep_kernels`.
+        """
+        if observed is None:
+            raise PyroEMError("the gaussian family groups rows by missingness pattern")
+        dim = self._require_bound()
+        parts = self._conditionals(params, observed)
+        means = params.means - self._center
+        diagonal = parts.regression is None
+        block = (slice(None), parts.missing[:, None], parts.missing)
+
+        def log_prob(prepared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._observed_deviations(parts, prepared)
+
+        def statistics(
+            prepared: torch.Tensor, deviations: torch.Tensor, resp: torch.Tensor
+        ) -> GaussianStats:
+            counts = resp.sum(1)
+            if diagonal:
+                # The missing coordinates' deviations are zero: their first moments are
+                # zero, their second the conditional variances.
+                moments = torch.bmm(
+                    resp[:, None, :], torch.cat([deviations, deviations.square()], 1).mT
+                )[:, 0]
+                first = means.new_zeros(means.shape)
+                second = means.new_zeros(means.shape)
+                first[:, parts.observed] = moments[:, : parts.observed.numel()]
+                second[:, parts.observed] = moments[:, parts.observed.numel() :]
+                second[:, parts.missing] = counts[:, None] * parts.covariance
+                return _moment_statistics(means, counts, first, second)
+            full = deviations.new_empty(means.shape[0], dim, prepared.shape[0])
+            full[:, parts.observed] = deviations
+            if parts.regression is not None:
+                full[:, parts.missing] = torch.bmm(parts.regression, deviations)
+            first = torch.bmm(resp[:, None, :], full.mT)[:, 0]
+            second = torch.bmm(full * resp[:, None, :], full.mT)
+            second[block] += counts[:, None, None] * parts.covariance
+            return _moment_statistics(means, counts, first, second)
+
+        return EStepKernels(log_prob, statistics)
+
+    def impute(
+        self, params: GaussianParams, data: torch.Tensor, resp: torch.Tensor
+    ) -> torch.Tensor:
+        """``data`` with each missing entry replaced by ``Σ_k r_nk E[x_m | x_o, k]``.
+
+        Args:
+            params: component parameters.
+            data: ``(n, D)`` with NaN where missing.
+            resp: responsibilities ``(n, K)`` given the observed entries.
+        """
+        missing = torch.isnan(data)
+        out = data.clone()
+        incomplete = torch.nonzero(missing.any(1)).reshape(-1)
+        patterns, inverse = torch.unique(~missing[incomplete], dim=0, return_inverse=True)
+        means = params.means - self._center
+        for index, observed in enumerate(patterns):
+            rows = incomplete[inverse == index]
+            parts = self._conditionals(params, observed)
+            expected = means[:, parts.missing, None]  # (K, q, 1)
+            if parts.regression is not None:
+                prepared = self.prepare_missing(data[rows], observed)
+                deviations = prepared.T[None] - parts.centres
+                expected = expected + torch.bmm(parts.regression, deviations)
+            else:
+                expected = expected.expand(-1, -1, rows.numel())
+            filled = torch.einsum("nk,kqn->nq", resp[rows], expected)
+            out[rows[:, None], parts.missing] = filled + self._center[parts.missing]
+        return out
 
     def m_step(self, stats: GaussianStats) -> GaussianParams:
         dim = self._require_bound()
@@ -1031,6 +1220,16 @@ def _require_integers(data: torch.Tensor, family: str, remedy: str) -> None:
         )
 
 
+class MaskedRateStats(NamedTuple):
+    """:class:`RateStats` of rows with missing entries, plus ``observed`` ``(K, D)``:
+    ``Σ_n w_nk o_nd``, the expected number of observed entries of each coordinate
+    (``o_nd = 1`` where ``x_nd`` is observed)."""
+
+    counts: torch.Tensor
+    sum_x: torch.Tensor
+    observed: torch.Tensor
+
+
 class _VectorFamily(Family):
     """Shared plumbing for families whose parameter is one ``(K, D)`` tensor."""
 
@@ -1043,11 +1242,44 @@ class _VectorFamily(Family):
     _mode: Callable[..., torch.Tensor]
 
     def m_step(self, stats: RateStats) -> Any:
-        counts = stats.counts[:, None].expand_as(stats.sum_x)
+        counts = self._totals(stats).expand_as(stats.sum_x)
         prior = (None, None) if self.resolved is None else self.resolved
         params = self.params_type(self._mode(stats.sum_x, counts, *prior))
         _check_finite_params(params, stats.counts, self.name)
         return params
+
+    @staticmethod
+    def _totals(stats: RateStats | MaskedRateStats) -> torch.Tensor:
+        """Observations behind each entry of ``sum_x``: ``(K, 1)``, or ``(K, D)``
+        per coordinate where entries are missing."""
+        if isinstance(stats, MaskedRateStats):
+            return stats.observed
+        return stats.counts[:, None]
+
+    def prepare_missing(self, x: torch.Tensor, observed: torch.Tensor | None) -> torch.Tensor:
+        """``[x with NaN set to 0, o]`` ``(n, 2D)``, ``o`` the 0/1 mask of observed entries."""
+        seen = ~torch.isnan(x)
+        return torch.cat([x.nan_to_num(nan=0.0), seen.to(x.dtype)], 1)
+
+    @abstractmethod
+    def _masked_log_prob(self, params: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``(x, o) ↦ Σ_d o_nd log p(x_nd | θ_kd)`` ``(n, K)``: the observed entries'
+        log-density (``x`` zero where missing)."""
+
+    def missing_kernels(self, params: Any, observed: torch.Tensor | None) -> EStepKernels:
+        """A missing entry drops out of its row's log-density and statistics: the
+        M-step divides each coordinate's sum by its own expected count of observations."""
+        dim = self._require_bound()
+        masked = self._masked_log_prob(params)
+
+        def log_prob(prepared: torch.Tensor) -> tuple[torch.Tensor, None]:
+            return masked(prepared[:, :dim], prepared[:, dim:]).T.contiguous(), None
+
+        def statistics(prepared: torch.Tensor, cache: Any, resp: torch.Tensor) -> Any:
+            sums = resp @ prepared
+            return MaskedRateStats(resp.sum(1), sums[:, :dim], sums[:, dim:])
+
+        return EStepKernels(log_prob, statistics)
 
     def num_parameters(self, num_components: int) -> int:
         return num_components * self._require_bound()
@@ -1161,6 +1393,18 @@ class Poisson(_VectorFamily):
 
     _mode = staticmethod(gamma_mode)
 
+    def _masked_log_prob(self, params: PoissonParams) -> Any:
+        log_rates = _safe_log(params.rates).T
+
+        def poisson(x: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+            log_norm = torch.lgamma(x + 1).sum(-1, keepdim=True)
+            return x @ log_rates - seen @ params.rates.T - log_norm
+
+        return poisson
+
+    def _component_means(self, params: PoissonParams) -> torch.Tensor:
+        return params.rates
+
     def _check_support(self, value: torch.Tensor) -> None:
         if not bool((value >= 0).all()):
             raise SpecError("init rates must be non-negative")
@@ -1227,6 +1471,17 @@ class Exponential(_VectorFamily):
             return log_rates - prepared @ rates_t
 
         return exponential
+
+    def _masked_log_prob(self, params: ExponentialParams) -> Any:
+        log_rates = params.rates.log().T
+
+        def exponential(x: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+            return seen @ log_rates - x @ params.rates.T
+
+        return exponential
+
+    def _component_means(self, params: ExponentialParams) -> torch.Tensor:
+        return params.rates.reciprocal()
 
     @staticmethod
     def _mode(sum_x: torch.Tensor, counts: torch.Tensor, *prior: Any) -> torch.Tensor:
@@ -1317,6 +1572,19 @@ class Bernoulli(_VectorFamily):
 
     _mode = staticmethod(beta_mode)
 
+    def _masked_log_prob(self, params: BernoulliParams) -> Any:
+        log_p = _safe_log(params.probs)
+        log_q = _safe_log(1 - params.probs)
+        logits_t = (log_p - log_q).T
+
+        def bernoulli(x: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+            return x @ logits_t + seen @ log_q.T
+
+        return bernoulli
+
+    def _component_means(self, params: BernoulliParams) -> torch.Tensor:
+        return params.probs
+
     def _check_support(self, value: torch.Tensor) -> None:
         if not bool(((value >= 0) & (value <= 1)).all()):
             raise SpecError("init probs must lie in [0, 1]")
@@ -1348,6 +1616,14 @@ class CategoricalParams(NamedTuple):
 
 class CategoricalStats(NamedTuple):
     """counts ``(K,)``; sum_onehot ``(K, D·C)`` (expected category counts)."""
+
+    counts: torch.Tensor
+    sum_onehot: torch.Tensor
+
+
+class MaskedCategoricalStats(NamedTuple):
+    """:class:`CategoricalStats` of rows with missing entries: each feature's expected
+    number of observations is the sum of its category counts."""
 
     counts: torch.Tensor
     sum_onehot: torch.Tensor
@@ -1436,6 +1712,32 @@ class Categorical(Family):
 
     def statistics(self, prepared: torch.Tensor, resp: torch.Tensor) -> CategoricalStats:
         return CategoricalStats(resp.sum(0), resp.T @ prepared)
+
+    def prepare_missing(self, x: torch.Tensor, observed: torch.Tensor | None) -> torch.Tensor:
+        """The one-hot codes of :meth:`prepare`, all zero for a missing entry."""
+        seen = ~torch.isnan(x)
+        onehot = torch.nn.functional.one_hot(x.nan_to_num(nan=0.0).long(), self._categories())
+        onehot = onehot * seen[:, :, None]
+        return onehot.reshape(x.shape[0], -1).to(x.dtype)
+
+    def missing_kernels(self, params: CategoricalParams, observed: torch.Tensor | None) -> Any:
+        """A missing entry's one-hot code is zero, so it drops out of the log-density and
+        of the category counts; the M-step normalises each feature by its own counts."""
+        log_probs = _safe_log(params.probs).reshape(params.probs.shape[0], -1)
+
+        def log_prob(prepared: torch.Tensor) -> tuple[torch.Tensor, None]:
+            return (log_probs @ prepared.T).contiguous(), None
+
+        def statistics(prepared: torch.Tensor, cache: Any, resp: torch.Tensor) -> Any:
+            return MaskedCategoricalStats(resp.sum(1), resp @ prepared)
+
+        return EStepKernels(log_prob, statistics)
+
+    def impute(self, params: CategoricalParams, data: torch.Tensor, resp: torch.Tensor) -> Any:
+        """``data`` with each missing code replaced by its most probable category given
+        the row's observed entries (argmax over ``c`` of ``Σ_k r_nk p_kdc``)."""
+        predictive = torch.einsum("nk,kdc->ndc", resp, params.probs)
+        return torch.where(torch.isnan(data), predictive.argmax(-1).to(data.dtype), data)
 
     def m_step(self, stats: CategoricalStats) -> CategoricalParams:
         dim = self._require_bound()

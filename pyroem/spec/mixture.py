@@ -15,7 +15,7 @@ import torch
 from pyroem.errors import DataError, SpecError
 from pyroem.spec.families import Family, family_from_config, make_family
 
-__all__ = ["Mixture", "MixtureParams", "as_data"]
+__all__ = ["MISSING_DATA_SUPPORT", "Mixture", "MixtureParams", "as_data", "fill_missing"]
 
 
 class MixtureParams(NamedTuple):
@@ -41,16 +41,26 @@ def _is_complex(data: Any) -> bool:
         return False
 
 
-def as_data(data: Any, dtype: torch.dtype = torch.float64, device: Any = None) -> torch.Tensor:
+def as_data(
+    data: Any,
+    dtype: torch.dtype = torch.float64,
+    device: Any = None,
+    *,
+    allow_missing: bool = False,
+) -> torch.Tensor:
     """Validate generic data requirements and return a ``(num_data, dim)`` tensor.
 
     Args:
         data: array-like (NumPy array, tensor, nested lists, pandas DataFrame).
         dtype: floating dtype of the result.
         device: torch device of the result (default: the data's own, or CPU).
+        allow_missing: let NaN entries (missing values) through, as map-em on a
+            :class:`Mixture` marginalises them; a row with every entry missing is
+            still an error.
 
     Raises:
-        DataError: not numeric, not two-dimensional, empty, or holding NaN/inf.
+        DataError: not numeric, not two-dimensional, empty, holding inf, holding NaN
+            where ``allow_missing`` is false, or a row with every entry missing.
     """
     if hasattr(data, "to_numpy") and not isinstance(data, torch.Tensor):
         data = data.to_numpy()
@@ -78,15 +88,64 @@ def as_data(data: Any, dtype: torch.dtype = torch.float64, device: Any = None) -
         )
     if tensor.shape[0] == 0 or tensor.shape[1] == 0:
         raise DataError(f"data is empty: shape {tuple(tensor.shape)}")
-    finite = torch.isfinite(tensor)
-    if not bool(finite.all()):
-        row, col = (int(i) for i in torch.nonzero(~finite)[0])
-        count = int((~finite).sum())
+    infinite = torch.isinf(tensor)
+    if bool(infinite.any()):
+        row, col = (int(i) for i in torch.nonzero(infinite)[0])
+        count = int(infinite.sum())
         raise DataError(
-            f"data holds {count} NaN/inf value(s), first at row {row} column {col}; "
-            "drop or impute them before fitting"
+            f"data holds {count} infinite value(s), first at row {row} column {col}; "
+            "drop or replace them before fitting"
         )
+    missing = torch.isnan(tensor)
+    if bool(missing.any()):
+        if not allow_missing:
+            row, col = (int(i) for i in torch.nonzero(missing)[0])
+            raise DataError(
+                f"data holds {int(missing.sum())} missing value(s) (NaN), first at row {row} "
+                f"column {col}. {MISSING_DATA_SUPPORT}; elsewhere drop or impute them first "
+                "(e.g. with fit.impute(data) of a map-em fit)"
+            )
+        empty = torch.nonzero(missing.all(1)).reshape(-1)
+        if empty.numel() > 0:
+            shown = empty[:10].tolist()
+            more = f" (and {empty.numel() - 10} more)" if empty.numel() > 10 else ""
+            raise DataError(
+                f"row(s) {shown}{more} of the data have every entry missing (NaN): such a "
+                "row carries no information; drop it"
+            )
     return tensor
+
+
+def fill_missing(data: torch.Tensor) -> torch.Tensor:
+    """``data`` with each NaN set to the median of its column's observed entries (an
+    observed value, so within every family's support); ``data`` itself when it has none.
+
+    It serves what needs one number per entry: validation, the data-derived default
+    priors and the initialisation. The fit itself marginalises missing entries.
+
+    Raises:
+        DataError: a column with every entry missing.
+    """
+    missing = torch.isnan(data)
+    if not bool(missing.any()):
+        return data
+    empty = torch.nonzero(missing.all(0)).reshape(-1)
+    if empty.numel() > 0:
+        raise DataError(
+            f"column(s) {empty.tolist()} of the data have every entry missing (NaN); drop them"
+        )
+    medians = data.nanmedian(0).values
+    return torch.where(missing, medians, data)
+
+
+MISSING_DATA_SUPPORT = (
+    "Missing values (NaN) are supported by pyroem.fit(Mixture, data, method='map-em') with "
+    "the data in memory (every family), by that fit's predict, predict_proba, score_samples "
+    "and impute, and by pyroem.sklearn's map-em estimators (GaussianMixture, PoissonMixture, "
+    "BernoulliMixture, CategoricalMixture); not by vb-em, mcmc-em, nuts, Pyro programs, or "
+    "streamed and stepwise fits"
+)
+"""Where missing values are supported (quoted by the errors elsewhere)."""
 
 
 class Mixture:
@@ -196,12 +255,17 @@ class Mixture:
                 f"num_components={self.num_components} exceeds the number of data points "
                 f"({data.shape[0]}); use fewer components or more data"
             )
-        self.family.validate(data)
+        self.family.validate(fill_missing(data))
 
     def bind(self, data: torch.Tensor) -> Family:
-        """The family bound to ``data`` (dimension fixed, default priors resolved)."""
+        """The family bound to ``data`` (dimension fixed, default priors resolved).
+
+        Where ``data`` has missing entries (NaN), the default priors are resolved from
+        the data with each missing entry set to its column's median (see
+        :func:`fill_missing`).
+        """
         self.check_data(data)
-        return self.family.bind(data, self.num_components)
+        return self.family.bind(fill_missing(data), self.num_components)
 
     # ----- the Pyro program ---------------------------------------------------
     def model(self, data: Any, params: dict[str, Any] | None = None) -> Callable[..., torch.Tensor]:

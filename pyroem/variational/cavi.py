@@ -302,7 +302,8 @@ def _assignment_probs(
 
 
 class VariationalFit(FitResult):
-    r"""A mixture fitted by closed-form mean-field VB (``method="vb-em"``).
+    r"""A mixture fitted by closed-form mean-field VB (``method="vb-em"``); its data,
+    new or old, must be complete (no NaN).
 
     Everything of :class:`~pyroem.results.FitResult` holds, with:
 
@@ -344,6 +345,8 @@ class VariationalFit(FitResult):
         elbo: the final ELBO, a lower bound on the log evidence ``log p(x)``.
         weight_threshold: expected weight a component needs to count as effective.
     """
+
+    accepts_missing = False
 
     def __init__(
         self,
