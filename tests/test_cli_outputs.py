@@ -59,10 +59,8 @@ def test_help_states_each_default_once(capsys: pytest.CaptureFixture[str], comma
     text = " ".join(" ".join(block.split()) for block in blocks)
     assert "--seed SEED random seed (default: 0)" in text
     assert "(default: 2)" in text  # --components, not the list [2]
-    assert (
-        "--dataset {faithful,iris,discoveries,verbagg,sleepstudy} a bundled data set "
-        "(default: faithful)" in text
-    )
+    choices = ",".join(cli.DATASETS)
+    assert f"--dataset {{{choices}}} a bundled data set (default: faithful)" in text
 
 
 @pytest.mark.slow
