@@ -51,22 +51,19 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pyro
-import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import SVI, TraceEnum_ELBO, config_enumerate
 from pyro.infer.autoguide import AutoDelta, init_to_value
-from pyro.ops.indexing import Vindex
 from pyro.optim import Adam  # type: ignore[attr-defined]
-from torch.distributions import biject_to, constraints
+from torch.distributions import biject_to
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyroem  # noqa: E402
-from pyroem.program import ProgramModel  # noqa: E402
-from pyroem.program.space import jacobian_sites  # noqa: E402
-from tests import test_pyro_examples as ex  # noqa: E402
+import pyroem
+from pyroem.program import ProgramModel
+from pyroem.program.space import jacobian_sites
+from tests import test_pyro_examples as ex
 
 HIDDEN = 3
 
@@ -79,7 +76,6 @@ class Case(NamedTuple):
     args: tuple[Any, ...]
     nesting: int
     init: dict[str, torch.Tensor]
-    options: dict[str, Any] = {}
 
 
 class Clocks(NamedTuple):
@@ -99,52 +95,6 @@ def _since(start: Clocks) -> Clocks:
 # ----- programs not in the tests --------------------------------------------------------
 
 
-def second_order_hmm(sequences: torch.Tensor, lengths: torch.Tensor) -> None:
-    """hmm.py's model_6: a second-order HMM (``pyro.markov(history=2)``), the full
-    ``hidden³`` transition tensor and the emissions as ``pyro.param`` sites."""
-    num_sequences, _, data_dim = sequences.shape
-    probs_x = pyro.param(
-        "probs_x",
-        lambda: torch.rand(HIDDEN, HIDDEN, HIDDEN).softmax(-1),
-        constraint=constraints.simplex,
-    )
-    probs_y = pyro.param(
-        "probs_y", lambda: torch.rand(HIDDEN, data_dim), constraint=constraints.unit_interval
-    )
-    tones_plate = pyro.plate("tones", data_dim, dim=-1)
-    with pyro.plate("sequences", num_sequences, dim=-2) as batch:
-        lengths = lengths[batch]
-        x_curr, x_prev = torch.tensor(0), torch.tensor(0)
-        for t in pyro.markov(range(int(lengths.max())), history=2):
-            with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
-                probs_x_t = Vindex(probs_x)[x_prev, x_curr]
-                x_prev, x_curr = x_curr, pyro.sample(
-                    f"x_{t}", dist.Categorical(probs_x_t), infer={"enumerate": "parallel"}
-                )
-                with tones_plate:
-                    pyro.sample(
-                        f"y_{t}",
-                        dist.Bernoulli(probs_y[x_curr.squeeze(-1)]),
-                        obs=sequences[batch, t],
-                    )
-
-
-def _mix_weights(beta: torch.Tensor) -> torch.Tensor:
-    beta1m_cumprod = (1 - beta).cumprod(-1)
-    return F.pad(beta, (0, 1), value=1) * F.pad(beta1m_cumprod, (1, 0), value=1)
-
-
-def dp_mixture(data: torch.Tensor, truncation: int = 6, alpha: float = 0.1) -> None:
-    """The DPMM tutorial's Gaussian model: stick-breaking weights, 2-D means."""
-    with pyro.plate("beta_plate", truncation - 1):
-        beta = pyro.sample("beta", dist.Beta(1.0, alpha))
-    with pyro.plate("mu_plate", truncation):
-        mu = pyro.sample("mu", dist.MultivariateNormal(torch.zeros(2), 5 * torch.eye(2)))
-    with pyro.plate("data", data.shape[0]):
-        z = pyro.sample("z", dist.Categorical(_mix_weights(beta)))
-        pyro.sample("obs", dist.MultivariateNormal(mu[z], torch.eye(2)), obs=data)
-
-
 def dp_data(per_cluster: int = 50) -> torch.Tensor:
     """The tutorial's four clusters of 2-D points."""
     generator = torch.Generator().manual_seed(0)
@@ -162,7 +112,7 @@ def tone_data(num_sequences: int, length: int, tones: int, seed: int = 0) -> tup
         stay = torch.rand(num_sequences, generator=generator) < 0.8
         jump = torch.randint(0, HIDDEN, (num_sequences,), generator=generator)
         states[:, t] = torch.where(stay, states[:, t - 1], jump)
-    sequences = (torch.rand(num_sequences, length, tones, generator=generator) < probs[states])
+    sequences = torch.rand(num_sequences, length, tones, generator=generator) < probs[states]
     lengths = torch.tensor([length - (i % 3) for i in range(num_sequences)])
     return sequences.double(), lengths
 
@@ -199,7 +149,13 @@ def cases(size: str) -> list[Case]:
         nesting = 1 if model is ex.loop_hmm else 2
         out.append(Case(label, model, tones, nesting, _prior_start(model, tones, 0)))
     out.append(
-        Case("hmm model_6", second_order_hmm, tones, 2, _prior_start(second_order_hmm, tones, 0))
+        Case(
+            "hmm model_6",
+            ex.second_order_hmm,
+            tones,
+            2,
+            _prior_start(ex.second_order_hmm, tones, 0),
+        )
     )
     mixture, hmm = ex._tutorial_programs()
     start = {**_prior_start(mixture[0], mixture[1], 0), **(ex._tutorial_start(0) or {})}
@@ -211,7 +167,13 @@ def cases(size: str) -> list[Case]:
     step[torch.rand(3, 2, 6, generator=generator) < 0.2] = ex.MISSING
     angle = torch.rand(3, 2, 6, generator=generator) * 6.2 - 3.1
     out.append(
-        Case("mixed-HMM", ex.mixed_hmm, (step, angle), 2, _prior_start(ex.mixed_hmm, (step, angle), 0))
+        Case(
+            "mixed-HMM",
+            ex.mixed_hmm,
+            (step, angle),
+            2,
+            _prior_start(ex.mixed_hmm, (step, angle), 0),
+        )
     )
 
     points = torch.cat(
@@ -229,7 +191,15 @@ def cases(size: str) -> list[Case]:
     out.append(Case("cjs per-period phi (N=30)", ex.survival_by_period, (history,), 1, start))
 
     data = dp_data()
-    out.append(Case("DPMM tutorial (N=200)", dp_mixture, (data,), 1, _prior_start(dp_mixture, (data,), 0)))
+    out.append(
+        Case(
+            "DPMM tutorial (N=200)",
+            ex.dp_mixture,
+            (data,),
+            1,
+            _prior_start(ex.dp_mixture, (data,), 0),
+        )
+    )
 
     counts = torch.cat(
         [
@@ -288,7 +258,7 @@ def fit_pyroem(case: Case, max_iter: int, tol: float, **options: Any) -> Any:
             seed=0,
             tol=tol,
             max_iter=max_iter,
-            **{**case.options, **options},
+            **options,
         )
 
 
@@ -492,7 +462,8 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         print(
             f"| {row.name} | {row.space} | {row.iterations} | {row.log_joint:.3f} | "
-            f"{row.pyro_gap:.0e} | {row.objective:.3f} | {row.svi_best:.3f} | {row.ratio_cpu} | {row.ratio_wall} |"
+            f"{row.pyro_gap:.0e} | {row.objective:.3f} | {row.svi_best:.3f} | "
+            f"{row.ratio_cpu} | {row.ratio_wall} |"
         )
 
 

@@ -184,6 +184,7 @@ def fit(
     callback: Callable[[Iteration], Any] | None = None,
     sample_weight: Any = None,
     num_threads: int | None = None,
+    accelerate: str | None = None,
     **method_options: Any,
 ) -> Any:
     r"""Fit a model by the EM variant ``method``.
@@ -238,6 +239,9 @@ def fit(
             (torch's setting is otherwise untouched). Default: one thread for a
             ``Mixture`` whose ``N·K·D`` is below :data:`SMALL_PROBLEM_WORK` (more threads
             only spin-wait there), otherwise torch's current setting.
+        accelerate: ``map-em`` on a Pyro program: ``"squarem"`` extrapolates the EM map
+            (SQUAREM, with a safeguard that keeps the objective monotone; see
+            :mod:`pyroem.acceleration`); ``None`` (default): plain EM.
         **method_options: options of each method (see the README's section on each);
             an option the method does not know is an error. map-em on a ``Mixture``:
             ``stop_rule`` — ``"parameters"`` (default: the objective rule and the
@@ -292,6 +296,7 @@ def fit(
             gradient_steps=gradient_steps,
             callback=callback,
             sample_weight=sample_weight,
+            accelerate=accelerate,
             method_options=method_options,
         )
 
@@ -317,6 +322,7 @@ def _fit_checked(
     gradient_steps: int,
     callback: Callable[[Iteration], Any] | None,
     sample_weight: Any,
+    accelerate: str | None,
     method_options: dict[str, Any],
 ) -> Any:
     """:func:`fit` once its options are checked and its threads set."""
@@ -384,6 +390,7 @@ def _fit_checked(
                 gradient_steps=gradient_steps,
                 callback=callback,
                 space=method_options["space"],
+                accelerate=accelerate,
             )
         else:
             result = _fit_mixture(

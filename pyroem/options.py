@@ -84,6 +84,11 @@ OPTIONS: dict[str, Option] = {
         50, _PROGRAM_M_STEP, "only gradient M-steps (Pyro programs, mcmc-em) take steps"
     ),
     "callback": Option(None, _EM, "nuts has no iterations; use progress=True"),
+    "accelerate": Option(
+        None,
+        {"map-em": "program"},
+        "SQUAREM extrapolates map-em's parameter map on a Pyro program only",
+    ),
 }
 
 

@@ -111,6 +111,8 @@ def _check_effect(name: str, method: str, kind: str, capsys: Any) -> None:
         record, callback = _calls()
         fit = _fit(method, kind, callback=callback, max_iter=2, tol=0.0)
         assert record["calls"] == fit.num_iterations >= 1
+    elif name == "accelerate":
+        assert _fit(method, kind, accelerate="squarem").options["accelerate"] == "squarem"
     else:
         raise AssertionError(f"no check for option {name}")
 
@@ -129,6 +131,7 @@ _NON_DEFAULT = {
     "m_step": "gradient",
     "gradient_steps": 3,
     "callback": print,
+    "accelerate": "squarem",
 }
 
 
