@@ -394,12 +394,15 @@ class ProgramModel:
             )
 
     # ----- running ------------------------------------------------------------------
-    def trace(self, values: Mapping[str, torch.Tensor]) -> poutine.Trace:
+    def trace(self, values: Mapping[str, torch.Tensor], validate: bool = False) -> poutine.Trace:
         """Run the program with parameters ``values``, discrete latents enumerated.
 
-        Pyro's argument validation is off here: the program, the data and the
-        starting values were validated once, when the sites were sorted, and EM only
-        moves parameters inside their supports (about a fifth of a run's time).
+        Pyro's argument validation is off here unless ``validate``: the program, the
+        data and the starting values were validated once, when the sites were sorted,
+        and EM only moves parameters inside their supports (about a fifth of a run's
+        time). A gradient step on a parameter whose support is wider than the argument
+        it feeds (a real ``pyro.param`` used as probabilities) is checked with
+        ``validate=True``: Pyro raises ``ValueError`` for an invalid argument.
 
         Returns:
             The trace, with ``log_prob`` terms computed and tensors packed.
@@ -409,7 +412,7 @@ class ProgramModel:
             raise SpecError(f"parameter values missing for sites {missing}")
         first_dim = -self.max_plate_nesting - 1
         program = poutine.enum(_Inject(values)(self.model), first_available_dim=first_dim)
-        with poutine.block(), pyro.validation_enabled(False):
+        with poutine.block(), pyro.validation_enabled(validate):
             try:
                 trace = poutine.trace(program).get_trace(*self.model_args, **self.model_kwargs)
             except (RuntimeError, IndexError) as err:
