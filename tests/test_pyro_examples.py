@@ -923,3 +923,70 @@ def test_real_parameters_used_as_probabilities_stay_valid() -> None:
     assert reference.m_step_kinds == {"probs": "flat-bernoulli", "weights": "flat-categorical"}
     assert fit.log_joint() <= reference.log_joint() + 1e-9
     assert fit.log_joint() == pytest.approx(reference.log_joint(), rel=1e-4)
+
+
+def dynamic_bayesian_network(sequences: torch.Tensor, lengths: torch.Tensor) -> None:
+    """Two discrete chains (the second's transition reads both, ``Vindex``) emitting
+    tones together, as in hmm.py's model_4; the first chain's transition rows and the
+    emissions are ``pyro.param`` sites left real (the default constraint), its start a
+    simplex ``pyro.param``, the second chain's transitions Dirichlet(0.7) rows."""
+    num_sequences, _, data_dim = sequences.shape
+    probs_start = pyro.param(
+        "probs_start", lambda: torch.tensor([0.6, 0.4]), constraint=constraints.simplex
+    )
+    probs_w = pyro.param("probs_w", lambda: torch.tensor([[0.7, 0.3], [0.2, 0.8]]))
+    probs_x = pyro.sample(
+        "probs_x", dist.Dirichlet(torch.full((2, HIDDEN, HIDDEN), 0.7)).to_event(2)
+    )
+    probs_y = pyro.param(
+        "probs_y", lambda: torch.linspace(0.1, 0.9, 2 * HIDDEN * data_dim).reshape(2, HIDDEN, -1)
+    )
+    tones_plate = pyro.plate("tones", data_dim, dim=-1)
+    with pyro.plate("sequences", num_sequences, dim=-2):
+        w: Any = None
+        x = torch.tensor(0)
+        for t in pyro.markov(range(sequences.shape[1])):
+            with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                w = pyro.sample(
+                    f"w_{t}",
+                    dist.Categorical(probs_start if w is None else probs_w[w]),
+                    infer={"enumerate": "parallel"},
+                )
+                x = pyro.sample(
+                    f"x_{t}",
+                    dist.Categorical(Vindex(probs_x)[w, x]),
+                    infer={"enumerate": "parallel"},
+                )
+                with tones_plate as tones:
+                    pyro.sample(
+                        f"y_{t}",
+                        dist.Bernoulli(Vindex(probs_y)[w, x, tones]),
+                        obs=sequences[:, t],
+                    )
+
+
+def test_dynamic_bayesian_network_fit_is_valid_for_pyro() -> None:
+    """Before, the emissions left [0, 1] (down to -0.017) and Pyro could not evaluate the
+    fit. Now the real sites used as probabilities stay valid, the simplex sites sum to 1
+    within 1e-12, the closed forms go only where the constraints match, and Pyro
+    (validating) gives the reported log joint."""
+    torch.set_default_dtype(torch.float64)
+    data = _tone_data(num_sequences=3, length=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pyroem.errors.ConvergenceWarning)
+        fit = pyroem.fit(dynamic_bayesian_network, *data, seed=0, max_iter=4, gradient_steps=10)
+    assert fit.m_step_kinds == {
+        "probs_start": "flat-categorical",
+        "probs_w": "gradient",
+        "probs_x": "dirichlet-categorical",
+        "probs_y": "gradient",
+    }
+    assert _monotone(fit.history.objective)
+    for name in ("probs_start", "probs_x"):
+        assert float((fit.params[name].sum(-1) - 1).abs().max()) < 1e-12, name
+    probs_y = fit.params["probs_y"]
+    assert bool(((probs_y >= 0) & (probs_y <= 1)).all())
+    assert bool((fit.params["probs_w"] >= 0).all())
+    with pyro.validation_enabled(True):
+        expected = float(pyro_log_joint(dynamic_bayesian_network, fit.params, 2, *data))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
