@@ -76,6 +76,7 @@ class Case(NamedTuple):
     args: tuple[Any, ...]
     nesting: int
     init: dict[str, torch.Tensor]
+    max_iter: int | None = None
 
 
 class Clocks(NamedTuple):
@@ -389,10 +390,11 @@ def _time_to(case: Case, history: Any, target: float, repeats: int, **options: A
 
 def bench_case(case: Case, options: argparse.Namespace) -> Row:
     fit_pyroem(case, 2, options.tol)  # warm-up
-    fit = fit_pyroem(case, options.max_iter, options.tol)
-    fast = fit_pyroem(case, options.max_iter, options.tol, accelerate="squarem")
-    tight = fit_pyroem(case, options.max_iter, 1e-10)
-    tight_fast = fit_pyroem(case, options.max_iter, 1e-10, accelerate="squarem")
+    max_iter = case.max_iter or options.max_iter
+    fit = fit_pyroem(case, max_iter, options.tol)
+    fast = fit_pyroem(case, max_iter, options.tol, accelerate="squarem")
+    tight = fit_pyroem(case, max_iter, 1e-10)
+    tight_fast = fit_pyroem(case, max_iter, 1e-10, accelerate="squarem")
     pyro.clear_param_store()
     program = ProgramModel(case.model, case.args, {})
     jacobian = (
@@ -432,13 +434,14 @@ def bench_case(case: Case, options: argparse.Namespace) -> Row:
     winner = min(done, key=lambda peer: peer.reached.cpu) if done else None  # type: ignore[union-attr]
     theirs = winner.reached if winner is not None else None
     print(
-        f"  {case.name}: pyroem {fit.num_iterations} it (tight {tight.num_iterations}), "
+        f"<!-- {case.name}: pyroem {fit.num_iterations} it (tight {tight.num_iterations}), "
         f"squarem {fast.num_iterations} it (tight {tight_fast.num_iterations}), space "
         f"{fit.options['space']}, times to target: pyroem {mine}, squarem {mine_fast}; SVI "
         + ", ".join(
             f"lr={p.learning_rate:g}: best {p.best:.4f} in {p.steps} steps, reached {p.reached}"
             for p in peers
-        ),
+        )
+        + " -->",
         flush=True,
     )
     return Row(
@@ -472,24 +475,23 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
-    rows = []
-    for case in cases(options.size):
-        if options.only and not any(part in case.name for part in options.only):
-            continue
-        rows.append(bench_case(case, options))
-    print()
     print(
         "| program | space | iters | iters (squarem) | log joint | rel. diff. from Pyro | "
         f"objective | SVI best objective | SVI/pyroem time to {options.rtol:g} (cpu) | (wall) "
-        "| (cpu, squarem) |"
+        "| (cpu, squarem) |",
+        flush=True,
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    for case in cases(options.size):
+        if options.only and not any(part in case.name for part in options.only):
+            continue
+        row = bench_case(case, options)
         print(
             f"| {row.name} | {row.space} | {row.iterations} | {row.squarem_iterations} | "
-            f"{row.log_joint:.3f} | "
-            f"{row.pyro_gap:.0e} | {row.objective:.3f} | {row.svi_best:.3f} | "
-            f"{row.ratio_cpu} | {row.ratio_wall} | {row.squarem_ratio_cpu} |"
+            f"{row.log_joint:.3f} | {row.pyro_gap:.0e} | {row.objective:.3f} | "
+            f"{row.svi_best:.3f} | {row.ratio_cpu} | {row.ratio_wall} | "
+            f"{row.squarem_ratio_cpu} |",
+            flush=True,
         )
 
 
