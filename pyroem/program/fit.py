@@ -478,7 +478,8 @@ def fit_program(
         raise SpecError(f"gradient_steps must be an integer >= 1; got {gradient_steps!r}")
     if accelerate not in ACCELERATIONS:
         raise SpecError(f"accelerate must be one of {ACCELERATIONS}; got {accelerate!r}")
-    program = ProgramModel(model, model_args, model_kwargs)
+    # The first trace below runs the program enumerated: no separate check for that.
+    program = ProgramModel(model, model_args, model_kwargs, check_enumeration=False)
     init = program_init(init)
     if isinstance(init, Mapping) and set(init) >= set(program.params):
         n_init = 1

@@ -195,6 +195,9 @@ class ProgramModel:
         model: the Pyro program (a callable).
         model_args: its positional arguments.
         model_kwargs: its keyword arguments.
+        check_enumeration: run the program once with its discrete latents enumerated,
+            so that one that cannot be is reported here; a caller whose next step is
+            such a run (:meth:`trace`, which reports the same way) turns it off.
 
     Raises:
         NotSupportedError: the program has a site MAP-EM cannot handle; the message
@@ -206,6 +209,7 @@ class ProgramModel:
         model: Callable[..., Any],
         model_args: tuple[Any, ...] = (),
         model_kwargs: Mapping[str, Any] | None = None,
+        check_enumeration: bool = True,
     ) -> None:
         if not callable(model):
             raise SpecError(
@@ -237,7 +241,7 @@ class ProgramModel:
             self.observed: list[str] = []
             self._sort_sites(trace)
             self._check_dtypes(trace)
-            if self.enumerated:
+            if self.enumerated and check_enumeration:
                 # Every method runs the program with its discrete latents enumerated: a
                 # program that cannot be is reported here, the same way for all of them.
                 self.trace({name: trace.nodes[name]["value"].detach() for name in self.params})
