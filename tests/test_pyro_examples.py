@@ -838,7 +838,10 @@ def _dp_points(per_cluster: int) -> torch.Tensor:
     return (centres[:, None, :] + noise).reshape(-1, 2)
 
 
-@pytest.mark.parametrize("index", [0, 1], ids=["dp-mixture", "tutorial-hmm"])
+@pytest.mark.parametrize(
+    "index",
+    [pytest.param(0, id="dp-mixture", marks=pytest.mark.slow), pytest.param(1, id="tutorial-hmm")],
+)
 def test_squarem_is_monotone_and_reaches_the_same_optimum_in_fewer_iterations(
     index: int,
 ) -> None:
