@@ -16,8 +16,8 @@ then takes one EM step from :math:`θ'` to stabilise. ``α = -1`` gives back
 only if its objective is at least that of :math:`θ_2` (else ``α`` moves halfway to
 ``-1``, twice, and then :math:`θ_2` itself is the result), so the objective recorded
 after each cycle never decreases. One cycle is one iteration of the EM loop; it
-costs three E-steps and three M-steps when the extrapolation is accepted, two when
-it is not.
+costs three E-steps and three M-steps when the extrapolation is accepted; each
+rejected jump costs one E-step.
 """
 
 from __future__ import annotations
