@@ -190,6 +190,7 @@ def fit(
     checkpoint_every: int | str = 10,
     resume: bool = False,
     distributed: bool | None = None,
+    accelerate: str | None = None,
     **method_options: Any,
 ) -> Any:
     r"""Fit a model by the EM variant ``method``.
@@ -267,6 +268,9 @@ def fit(
             data (array, file, glob, memmap) and reads its shard; every rank returns the
             same fit, equal to the single-process one. map-em (batch) and vb-em (CAVI) on
             a ``Mixture``.
+        accelerate: ``map-em`` on a Pyro program: ``"squarem"`` extrapolates the EM map
+            (SQUAREM, with a safeguard that keeps the objective monotone; see
+            :mod:`pyroem.acceleration`); ``None`` (default): plain EM.
         **method_options: options of each method (see the README's section on each);
             an option the method does not know is an error. map-em on a ``Mixture``:
             ``stop_rule`` — ``"parameters"`` (default: the objective rule and the
@@ -310,6 +314,11 @@ def fit(
             f"{group.world_size} torch.distributed ranks: pass distributed=False, or leave "
             "out checkpoint"
         )
+    if checkpoint is not None and accelerate is not None:
+        raise SpecError(
+            "checkpoint= is not written for accelerated fits: pass accelerate=None to "
+            "checkpoint, or leave out checkpoint to accelerate"
+        )
     saver = _checkpoint(
         checkpoint,
         checkpoint_every,
@@ -352,6 +361,7 @@ def fit(
             gradient_steps=gradient_steps,
             callback=callback,
             sample_weight=sample_weight,
+            accelerate=accelerate,
             method_options=method_options,
             group=group,
         )
@@ -445,6 +455,7 @@ def _fit_checked(
     gradient_steps: int,
     callback: Callable[[Iteration], Any] | None,
     sample_weight: Any,
+    accelerate: str | None,
     method_options: dict[str, Any],
     group: Collective,
 ) -> Any:
@@ -516,6 +527,7 @@ def _fit_checked(
                 gradient_steps=gradient_steps,
                 callback=callback,
                 space=method_options["space"],
+                accelerate=accelerate,
             )
         else:
             result = _fit_mixture(

@@ -92,6 +92,11 @@ OPTIONS: dict[str, Option] = {
     "checkpoint": Option(None, _CHECKPOINTED, _NO_CHECKPOINT),
     "checkpoint_every": Option(10, _CHECKPOINTED, _NO_CHECKPOINT),
     "resume": Option(False, _CHECKPOINTED, _NO_CHECKPOINT),
+    "accelerate": Option(
+        None,
+        {"map-em": "program"},
+        "SQUAREM extrapolates map-em's parameter map on a Pyro program only",
+    ),
 }
 
 

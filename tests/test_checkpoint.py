@@ -215,6 +215,18 @@ def test_interrupted_program_fit_resumes_bit_for_bit(tmp_path: Path) -> None:
     _assert_same_fit(reference, resumed)
 
 
+def test_accelerated_fit_refuses_a_checkpoint_before_fitting(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="accelerate=None"):
+        pyroem.fit(
+            _latent_mixture,
+            _program_data(),
+            method="map-em",
+            accelerate="squarem",
+            checkpoint=tmp_path / "run.ckpt",
+        )
+    assert not (tmp_path / "run.ckpt").exists()
+
+
 def test_interrupted_svi_fit_draws_the_same_stream(tmp_path: Path) -> None:
     reference, resumed = _interrupted_then_resumed(
         tmp_path / "run.ckpt",

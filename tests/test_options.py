@@ -116,6 +116,8 @@ def _check_effect(name: str, method: str, kind: str, capsys: Any) -> None:
         assert record["calls"] == fit.num_iterations >= 1
     elif name in ("checkpoint", "checkpoint_every", "resume"):
         _check_checkpoint(name, method, kind)
+    elif name == "accelerate":
+        assert _fit(method, kind, accelerate="squarem").options["accelerate"] == "squarem"
     else:
         raise AssertionError(f"no check for option {name}")
 
@@ -167,6 +169,7 @@ _NON_DEFAULT = {
     "checkpoint": "run.ckpt",
     "checkpoint_every": 5,
     "resume": True,
+    "accelerate": "squarem",
 }
 
 

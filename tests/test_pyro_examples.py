@@ -20,6 +20,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO, config_enumerate
 from pyro.ops.indexing import Vindex
@@ -776,3 +777,219 @@ def test_enumeration_tutorial_programs_fit_to_a_finite_optimum(index: int) -> No
     gradient = unconstrained_gradient(model, fit, max_plate_nesting, *args, jacobian=True)
     for name, grad in gradient.items():
         assert float(grad.abs().max()) < 1e-3, name
+
+
+# ----- acceleration -------------------------------------------------------------------
+
+
+def second_order_hmm(sequences: torch.Tensor, lengths: torch.Tensor) -> None:
+    """hmm.py's model_6: a second-order HMM (``pyro.markov(history=2)``), the full
+    ``hidden³`` transition tensor and the emissions as ``pyro.param`` sites."""
+    num_sequences, _, data_dim = sequences.shape
+    probs_x = pyro.param(
+        "probs_x",
+        lambda: torch.rand(HIDDEN, HIDDEN, HIDDEN).softmax(-1),
+        constraint=constraints.simplex,
+    )
+    probs_y = pyro.param(
+        "probs_y", lambda: torch.rand(HIDDEN, data_dim), constraint=constraints.unit_interval
+    )
+    tones_plate = pyro.plate("tones", data_dim, dim=-1)
+    with pyro.plate("sequences", num_sequences, dim=-2) as batch:
+        lengths = lengths[batch]
+        x_curr, x_prev = torch.tensor(0), torch.tensor(0)
+        for t in pyro.markov(range(int(lengths.max())), history=2):
+            with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                probs_x_t = Vindex(probs_x)[x_prev, x_curr]
+                x_prev, x_curr = (
+                    x_curr,
+                    pyro.sample(
+                        f"x_{t}", dist.Categorical(probs_x_t), infer={"enumerate": "parallel"}
+                    ),
+                )
+                with tones_plate:
+                    pyro.sample(
+                        f"y_{t}",
+                        dist.Bernoulli(probs_y[x_curr.squeeze(-1)]),
+                        obs=sequences[batch, t],
+                    )
+
+
+def _mix_weights(beta: torch.Tensor) -> torch.Tensor:
+    beta1m_cumprod = (1 - beta).cumprod(-1)
+    return F.pad(beta, (0, 1), value=1) * F.pad(beta1m_cumprod, (1, 0), value=1)
+
+
+def dp_mixture(data: torch.Tensor, truncation: int = 6, alpha: float = 0.1) -> None:
+    """The DPMM tutorial's Gaussian model: stick-breaking weights, 2-D means."""
+    with pyro.plate("beta_plate", truncation - 1):
+        beta = pyro.sample("beta", dist.Beta(1.0, alpha))
+    with pyro.plate("mu_plate", truncation):
+        mu = pyro.sample("mu", dist.MultivariateNormal(torch.zeros(2), 5 * torch.eye(2)))
+    with pyro.plate("data", data.shape[0]):
+        z = pyro.sample("z", dist.Categorical(_mix_weights(beta)))
+        pyro.sample("obs", dist.MultivariateNormal(mu[z], torch.eye(2)), obs=data)
+
+
+def _dp_points(per_cluster: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[-8.0, -8.0], [8.0, 8.0], [1.5, 2.0], [-0.5, 1.0]])
+    noise = torch.randn(4, per_cluster, 2, generator=generator)
+    return (centres[:, None, :] + noise).reshape(-1, 2)
+
+
+@pytest.mark.parametrize(
+    "index",
+    [pytest.param(0, id="dp-mixture", marks=pytest.mark.slow), pytest.param(1, id="tutorial-hmm")],
+)
+def test_squarem_is_monotone_and_reaches_the_same_optimum_in_fewer_iterations(
+    index: int,
+) -> None:
+    """``accelerate="squarem"`` on the DPMM tutorial's stick-breaking mixture (a gradient
+    block, a closed form, a Beta(1, 0.1) prior: unconstrained space) and on the
+    enumeration tutorial's HMM: the objective never decreases, the fit needs far fewer
+    iterations than plain EM, ends at least as high, Pyro's log joint agrees, and Pyro's
+    objective is stationary there."""
+    torch.set_default_dtype(torch.float64)
+    if index == 0:
+        model: Callable[..., None] = dp_mixture
+        args: tuple[Any, ...] = (_dp_points(10), 4)
+    else:
+        (model, args, _) = _tutorial_programs()[1]
+    fits = {
+        accelerate: pyroem.fit(model, *args, seed=1, tol=1e-9, max_iter=3000, accelerate=accelerate)
+        for accelerate in (None, "squarem")
+    }
+    plain, fast = fits[None], fits["squarem"]
+    assert plain.converged and fast.converged
+    assert fast.options["accelerate"] == "squarem"
+    assert _monotone(fast.history.objective)
+    assert fast.num_iterations * 3 < plain.num_iterations
+    assert fast.history.objective[-1] >= plain.history.objective[-1] - 1e-6
+    expected = float(pyro_log_joint(model, fast.params, 1, *args))
+    assert fast.log_joint() == pytest.approx(expected, rel=1e-9)
+    gradient = unconstrained_gradient(model, fast, 1, *args, jacobian=True)
+    for name, grad in gradient.items():
+        assert float(grad.abs().max()) < 1e-2, name
+
+
+def test_squarem_applies_to_programs_only() -> None:
+    with pytest.raises(SpecError, match="accelerate does not apply"):
+        pyroem.fit(pyroem.Mixture(2, "gaussian"), torch.randn(20, 1), accelerate="squarem")
+    with pytest.raises(SpecError, match="accelerate must be one of"):
+        pyroem.fit(tutorial_mixture, torch.randn(10), accelerate="anderson")
+
+
+# ----- parameters whose support is wider than their use --------------------------------
+
+
+def real_probability_mixture(data: torch.Tensor, constrained: bool = False) -> None:
+    """A Bernoulli mixture whose ``pyro.param`` sites are declared real (the default
+    constraint) yet used as probabilities; ``constrained``: the same program with
+    ``unit_interval`` and ``simplex`` constraints."""
+    probs = pyro.param(
+        "probs",
+        lambda: torch.tensor([[0.2, 0.5, 0.4], [0.5, 0.6, 0.7]]),
+        constraint=constraints.unit_interval if constrained else constraints.real,
+    )
+    weights = pyro.param(
+        "weights",
+        lambda: torch.tensor([0.5, 0.5]),
+        constraint=constraints.simplex if constrained else constraints.real,
+    )
+    with pyro.plate("data", len(data)):
+        z = pyro.sample("z", dist.Categorical(probs=weights))
+        pyro.sample("x", dist.Bernoulli(probs[z]).to_event(1), obs=data)
+
+
+def test_real_parameters_used_as_probabilities_stay_valid() -> None:
+    """No closed form for a real-constrained site used as probabilities, and the gradient
+    M-step no longer steps outside [0, 1] (before: probabilities down to -0.05, scored
+    without validation, which Pyro refuses to evaluate). The fit is monotone, Pyro
+    (validating) gives its log joint, and it is within 1e-4 of the optimum of the same
+    program with the constraints declared."""
+    torch.set_default_dtype(torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    data = torch.zeros(40, 3)
+    data[20:] = (torch.rand(20, 3, generator=generator) < 0.8).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pyroem.errors.ConvergenceWarning)
+        fit = pyroem.fit(real_probability_mixture, data, seed=0, tol=1e-10, max_iter=300)
+    assert fit.m_step_kinds == {"probs": "gradient", "weights": "gradient"}
+    assert _monotone(fit.history.objective)
+    probs, weights = fit.params["probs"], fit.params["weights"]
+    assert bool(((probs >= 0) & (probs <= 1)).all()) and bool((weights >= 0).all())
+    with pyro.validation_enabled(True):
+        expected = float(pyro_log_joint(real_probability_mixture, fit.params, 1, data))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+    reference = pyroem.fit(real_probability_mixture, data, True, seed=0, tol=1e-12)
+    assert reference.m_step_kinds == {"probs": "flat-bernoulli", "weights": "flat-categorical"}
+    assert fit.log_joint() <= reference.log_joint() + 1e-9
+    assert fit.log_joint() == pytest.approx(reference.log_joint(), rel=1e-4)
+
+
+def dynamic_bayesian_network(sequences: torch.Tensor, lengths: torch.Tensor) -> None:
+    """Two discrete chains (the second's transition reads both, ``Vindex``) emitting
+    tones together, as in hmm.py's model_4; the first chain's transition rows and the
+    emissions are ``pyro.param`` sites left real (the default constraint), its start a
+    simplex ``pyro.param``, the second chain's transitions Dirichlet(0.7) rows."""
+    num_sequences, _, data_dim = sequences.shape
+    probs_start = pyro.param(
+        "probs_start", lambda: torch.tensor([0.6, 0.4]), constraint=constraints.simplex
+    )
+    probs_w = pyro.param("probs_w", lambda: torch.tensor([[0.7, 0.3], [0.2, 0.8]]))
+    probs_x = pyro.sample(
+        "probs_x", dist.Dirichlet(torch.full((2, HIDDEN, HIDDEN), 0.7)).to_event(2)
+    )
+    probs_y = pyro.param(
+        "probs_y", lambda: torch.linspace(0.1, 0.9, 2 * HIDDEN * data_dim).reshape(2, HIDDEN, -1)
+    )
+    tones_plate = pyro.plate("tones", data_dim, dim=-1)
+    with pyro.plate("sequences", num_sequences, dim=-2):
+        w: Any = None
+        x = torch.tensor(0)
+        for t in pyro.markov(range(sequences.shape[1])):
+            with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                w = pyro.sample(
+                    f"w_{t}",
+                    dist.Categorical(probs_start if w is None else probs_w[w]),
+                    infer={"enumerate": "parallel"},
+                )
+                x = pyro.sample(
+                    f"x_{t}",
+                    dist.Categorical(Vindex(probs_x)[w, x]),
+                    infer={"enumerate": "parallel"},
+                )
+                with tones_plate as tones:
+                    pyro.sample(
+                        f"y_{t}",
+                        dist.Bernoulli(Vindex(probs_y)[w, x, tones]),
+                        obs=sequences[:, t],
+                    )
+
+
+def test_dynamic_bayesian_network_fit_is_valid_for_pyro() -> None:
+    """Before, the emissions left [0, 1] (down to -0.017) and Pyro could not evaluate the
+    fit. Now the real sites used as probabilities stay valid, the simplex sites sum to 1
+    within 1e-12, the closed forms go only where the constraints match, and Pyro
+    (validating) gives the reported log joint."""
+    torch.set_default_dtype(torch.float64)
+    data = _tone_data(num_sequences=3, length=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pyroem.errors.ConvergenceWarning)
+        fit = pyroem.fit(dynamic_bayesian_network, *data, seed=0, max_iter=4, gradient_steps=10)
+    assert fit.m_step_kinds == {
+        "probs_start": "flat-categorical",
+        "probs_w": "gradient",
+        "probs_x": "dirichlet-categorical",
+        "probs_y": "gradient",
+    }
+    assert _monotone(fit.history.objective)
+    for name in ("probs_start", "probs_x"):
+        assert float((fit.params[name].sum(-1) - 1).abs().max()) < 1e-12, name
+    probs_y = fit.params["probs_y"]
+    assert bool(((probs_y >= 0) & (probs_y <= 1)).all())
+    assert bool((fit.params["probs_w"] >= 0).all())
+    with pyro.validation_enabled(True):
+        expected = float(pyro_log_joint(dynamic_bayesian_network, fit.params, 2, *data))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)

@@ -12,6 +12,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
+from pyroem.acceleration import ACCELERATIONS, SquaremEngine
 from pyroem.em import Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.errors import DataError, SpecError
 from pyroem.program._compiled import CompiledEStep, CompiledProgram
@@ -36,6 +37,7 @@ from pyroem.program.space import (
     resolve_space,
     unbounded_error,
 )
+from pyroem.transforms import unconstraining
 
 __all__ = [
     "block_order",
@@ -416,6 +418,30 @@ class _Engine(Engine):
         return stats.marginals
 
 
+def _squarem(engine: _Engine) -> SquaremEngine:
+    """SQUAREM over the program's EM map, extrapolating in the unconstrained
+    coordinates of every parameter (so every extrapolated point is valid)."""
+    params = engine.program.params
+    transforms = {name: unconstraining(name, site.constraint) for name, site in params.items()}
+
+    def encode(values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([transforms[name](values[name]).reshape(-1) for name in params])
+
+    def decode(vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        values, offset = {}, 0
+        with torch.no_grad():
+            for name, transform in transforms.items():
+                shape = transform.forward_shape(params[name].shape)
+                size = math.prod(shape)
+                u = vector[offset : offset + size].reshape(shape)
+                values[name] = transform.inv(u).reshape(params[name].shape)
+                offset += size
+        return values
+
+    return SquaremEngine(engine, encode, decode)
+
+
 @contextmanager
 def _frozen_heap() -> Iterator[None]:
     """Move the existing objects to the collector's permanent generation for the block,
@@ -447,6 +473,7 @@ def fit_program(
     gradient_steps: int,
     callback: Callable[[Iteration], Any] | None = None,
     space: str = "auto",
+    accelerate: str | None = None,
 ) -> ProgramFit:
     """Fit a Pyro program by MAP-EM (see :func:`pyroem.fit`).
 
@@ -460,7 +487,10 @@ def fit_program(
     steps_ok = isinstance(gradient_steps, int) and not isinstance(gradient_steps, bool)
     if not steps_ok or gradient_steps < 1:
         raise SpecError(f"gradient_steps must be an integer >= 1; got {gradient_steps!r}")
-    program = ProgramModel(model, model_args, model_kwargs)
+    if accelerate not in ACCELERATIONS:
+        raise SpecError(f"accelerate must be one of {ACCELERATIONS}; got {accelerate!r}")
+    # The first trace below runs the program enumerated: no separate check for that.
+    program = ProgramModel(model, model_args, model_kwargs, check_enumeration=False)
     init = program_init(init)
     if isinstance(init, Mapping) and set(init) >= set(program.params):
         n_init = 1
@@ -490,8 +520,9 @@ def fit_program(
         method,
         jacobian,
     )
+    looped: Engine = engine if accelerate is None else _squarem(engine)
     result = run_em(
-        engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
+        looped, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
     )
     best = result.best
     # The fitted weights of pyro.module networks go into the networks themselves.
@@ -507,6 +538,7 @@ def fit_program(
         "m_step": m_step,
         "gradient_steps": gradient_steps,
         "space": space,
+        "accelerate": accelerate,
         **result.record(),
     }
     return ProgramFit(

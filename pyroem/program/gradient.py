@@ -6,6 +6,12 @@ covariance matrices the log-Cholesky entries), the other blocks held fixed. The
 step is accepted only if Q increased, so the log joint never decreases: this is
 generalized EM, and with enough inner steps it converges to the same fixed
 points as exact EM.
+
+A site's support may be wider than the distribution argument it feeds (a real
+``pyro.param`` used as Bernoulli or Categorical probabilities): L-BFGS can then step
+where the program is invalid and the log-density, computed without validation, is
+meaningless. The step is checked with Pyro's validation and, where it fails, cut back
+along the segment from the old values until it passes and Q has not decreased.
 """
 
 from __future__ import annotations
@@ -63,9 +69,9 @@ def gradient_m_step(
 
     jacobian_sites = [name for name in names if name in jacobian]
 
-    def objective(candidate: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def objective(candidate: Mapping[str, torch.Tensor], validate: bool = False) -> torch.Tensor:
         full = {**values, **candidate}
-        q = expected_log_joint(program, full, weights)
+        q = expected_log_joint(program, full, weights, validate)
         if jacobian_sites:
             q = q + log_jacobian(program, full, jacobian_sites)
         return q
@@ -104,14 +110,49 @@ def gradient_m_step(
         # A step outside the model's domain (e.g. a failed Cholesky): keep the old values.
         return {name: values[name] for name in names}
     with torch.no_grad():
-        candidate = {
-            name: constrained(name, u).detach().clone()
-            for name, u in zip(names, unconstrained, strict=True)
-        }
-        try:
-            after = float(objective(candidate))
-        except (ValueError, RuntimeError):
-            after = -math.inf
-    if math.isfinite(after) and after >= before:
-        return candidate
+        start = [transforms[name](values[name].detach()) for name in names if name not in modules]
+        end = [u.detach().clone() for u in unconstrained]
+        old_modules = {name: values[name].detach().clone() for name in names if name in modules}
+        for _ in range(_CUTBACKS):
+            candidate = {
+                name: constrained(name, u).detach().clone()
+                for name, u in zip(names, end, strict=True)
+            }
+            try:
+                after = float(objective(candidate, validate=True))
+            except (ValueError, RuntimeError):
+                after = math.nan
+            if math.isfinite(after) and after >= before:
+                return candidate
+            if not math.isnan(after):
+                # Valid but no better: L-BFGS's point is kept out.
+                break
+            end = _halfway(names, modules, start, end, old_modules)
+    for name in names:
+        if name in modules:
+            with torch.no_grad():
+                modules[name].copy_(values[name])
     return {name: values[name] for name in names}
+
+
+# Halvings of an invalid step before the old values are kept.
+_CUTBACKS = 30
+
+
+def _halfway(
+    names: list[str],
+    modules: Mapping[str, torch.Tensor],
+    start: list[torch.Tensor],
+    end: list[torch.Tensor],
+    old_modules: Mapping[str, torch.Tensor],
+) -> list[torch.Tensor]:
+    """The midpoints between the old unconstrained values and ``end``."""
+    starts = iter(start)
+    out = []
+    for name, u in zip(names, end, strict=True):
+        old = old_modules[name] if name in modules else next(starts)
+        middle = (old + u) / 2
+        if name in modules:
+            modules[name].copy_(middle)
+        out.append(middle)
+    return out

@@ -195,6 +195,9 @@ class ProgramModel:
         model: the Pyro program (a callable).
         model_args: its positional arguments.
         model_kwargs: its keyword arguments.
+        check_enumeration: run the program once with its discrete latents enumerated,
+            so that one that cannot be is reported here; a caller whose next step is
+            such a run (:meth:`trace`, which reports the same way) turns it off.
 
     Raises:
         NotSupportedError: the program has a site MAP-EM cannot handle; the message
@@ -206,6 +209,7 @@ class ProgramModel:
         model: Callable[..., Any],
         model_args: tuple[Any, ...] = (),
         model_kwargs: Mapping[str, Any] | None = None,
+        check_enumeration: bool = True,
     ) -> None:
         if not callable(model):
             raise SpecError(
@@ -237,7 +241,7 @@ class ProgramModel:
             self.observed: list[str] = []
             self._sort_sites(trace)
             self._check_dtypes(trace)
-            if self.enumerated:
+            if self.enumerated and check_enumeration:
                 # Every method runs the program with its discrete latents enumerated: a
                 # program that cannot be is reported here, the same way for all of them.
                 self.trace({name: trace.nodes[name]["value"].detach() for name in self.params})
@@ -394,12 +398,15 @@ class ProgramModel:
             )
 
     # ----- running ------------------------------------------------------------------
-    def trace(self, values: Mapping[str, torch.Tensor]) -> poutine.Trace:
+    def trace(self, values: Mapping[str, torch.Tensor], validate: bool = False) -> poutine.Trace:
         """Run the program with parameters ``values``, discrete latents enumerated.
 
-        Pyro's argument validation is off here: the program, the data and the
-        starting values were validated once, when the sites were sorted, and EM only
-        moves parameters inside their supports (about a fifth of a run's time).
+        Pyro's argument validation is off here unless ``validate``: the program, the
+        data and the starting values were validated once, when the sites were sorted,
+        and EM only moves parameters inside their supports (about a fifth of a run's
+        time). A gradient step on a parameter whose support is wider than the argument
+        it feeds (a real ``pyro.param`` used as probabilities) is checked with
+        ``validate=True``: Pyro raises ``ValueError`` for an invalid argument.
 
         Returns:
             The trace, with ``log_prob`` terms computed and tensors packed.
@@ -409,7 +416,7 @@ class ProgramModel:
             raise SpecError(f"parameter values missing for sites {missing}")
         first_dim = -self.max_plate_nesting - 1
         program = poutine.enum(_Inject(values)(self.model), first_available_dim=first_dim)
-        with poutine.block(), pyro.validation_enabled(False):
+        with poutine.block(), pyro.validation_enabled(validate):
             try:
                 trace = poutine.trace(program).get_trace(*self.model_args, **self.model_kwargs)
             except (RuntimeError, IndexError) as err:

@@ -235,12 +235,14 @@ def expected_log_joint(
     program: ProgramModel,
     values: Mapping[str, torch.Tensor],
     weights: Mapping[str, torch.Tensor],
+    validate: bool = False,
 ) -> torch.Tensor:
     """``Q(θ; θ_t)`` up to a constant: weighted log-probability tables plus log prior.
 
-    Differentiable in ``values``.
+    Differentiable in ``values``. ``validate``: with Pyro's argument validation
+    (``ValueError`` where a distribution's argument is outside its constraint).
     """
-    trace = program.trace(values)
+    trace = program.trace(values, validate)
     enum_symbols = _enum_symbols(trace)
     total = torch.zeros(())
     for name, site in sample_sites(trace):
