@@ -452,6 +452,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if isinstance(sys.stderr, _Heartbeat):
             sys.stderr = sys.stderr.stream
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under a launcher, wait for every rank and leave the process group the fit joined,
+    so no rank exits while another still talks to it (gloo aborts the process then)."""
+    torch = sys.modules.get("torch")
+    if not _launched() or torch is None:
+        return
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _check_args(args: argparse.Namespace) -> None:
