@@ -220,7 +220,18 @@ def _program_potential(
             skip_jit_warnings=True,
             init_strategy=init_to_sample,
         )[1]
-    return cast(Callable[[dict[str, torch.Tensor]], torch.Tensor], potential)
+    pyro_potential = cast(Callable[[dict[str, torch.Tensor]], torch.Tensor], potential)
+
+    def in_values_dtype(unconstrained: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Pyro's log density adds its plates' zero log-probabilities, made in torch's
+        # default dtype: a float32 program under the float64 default would get a float64
+        # potential, and NUTS would draw its momenta, and so move its chains, in float64.
+        energy = pyro_potential(unconstrained)
+        if not unconstrained:
+            return energy
+        return energy.to(next(iter(unconstrained.values())).dtype)
+
+    return in_values_dtype
 
 
 def _program_terms(

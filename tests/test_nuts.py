@@ -293,3 +293,27 @@ def test_full_bayes_and_mcmc_em_run_their_chains_through_one_driver(monkeypatch)
         )
     assert counts["kernel"] > 0
     assert counts["driver"] == counts["kernel"]
+
+
+def test_a_float32_program_is_sampled_in_float32_under_the_float64_default():
+    """Pyro's potential adds its plates' zero log-probabilities in torch's default dtype;
+    the chains still move in the program's float32 (they drew float64 momenta and
+    returned float64 draws), and the posterior is the exact conjugate one:
+    μ | y ~ N(Σy / (n + 1/100), 1 / (n + 1/100)) under μ ~ N(0, 10²), y_i ~ N(μ, 1)."""
+    y = torch.tensor([0.3, -0.5, 1.2, 0.8, 0.1, 0.9], dtype=torch.float32)
+
+    def normal_mean(y):
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 10.0))
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MCMCWarning)
+        fit = pyroem.fit(
+            normal_mean, y, method="nuts", seed=0, num_chains=2, num_samples=200, warmup_steps=100
+        )
+    assert fit.draws["mu"].dtype == torch.float32
+    precision = len(y) + 1 / 100
+    mean, sd = float(y.double().sum()) / precision, 1 / math.sqrt(precision)
+    ess = chain_diagnostics({"mu": fit.draws["mu"]}).min_ess_bulk
+    assert abs(float(fit.draws["mu"].double().mean()) - mean) < 4 * sd / math.sqrt(ess)

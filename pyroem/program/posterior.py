@@ -136,8 +136,9 @@ def log_joint_terms(
         log_probs = {name: site["unscaled_log_prob"] for name, site in sample_sites(trace)}
     enum_symbols = _enum_symbols(trace)
     log_factors: OrderedDict[frozenset[str], list[torch.Tensor]] = OrderedDict()
-    log_prior = torch.zeros(())
-    log_likelihood = torch.zeros(())
+    # Python zeros, not tensors of torch's default dtype: the sums keep the program's dtype.
+    log_prior: torch.Tensor | float = 0.0
+    log_likelihood: torch.Tensor | float = 0.0
     scales = set()
     for name, site in sample_sites(trace):
         scale = _site_scale(site)
@@ -165,7 +166,11 @@ def log_joint_terms(
         scale = common_scale(scales)
         contracted = contract_to_tensor(log_factors, set(enum_symbols), ring=LogRing())
         log_likelihood = log_likelihood + scale * contracted.sum()
-    return log_likelihood, log_prior
+    dtype = next(
+        (term.dtype for term in (log_likelihood, log_prior) if isinstance(term, torch.Tensor)),
+        torch.get_default_dtype(),
+    )
+    return torch.as_tensor(log_likelihood, dtype=dtype), torch.as_tensor(log_prior, dtype=dtype)
 
 
 def _marginal(program: ProgramModel, site: Any, weight: torch.Tensor) -> torch.Tensor:

@@ -371,26 +371,31 @@ def _importance_log_likelihood(
     names = program.latents
     flat = {name: draws[name].flatten(0, 1) for name in names}
     sizes = [flat[name][0].numel() for name in names]
-    points = torch.cat([flat[name].reshape(flat[name].shape[0], -1) for name in names], dim=1)
+    # The proposal and the weights in float64 whatever the program's dtype: the program
+    # is evaluated at the proposed points rounded to its dtype, and log q at those points.
+    wide = torch.float64
+    points = torch.cat(
+        [flat[name].reshape(flat[name].shape[0], -1).to(wide) for name in names], dim=1
+    )
     mean = points.mean(0)
     centred = points - mean
     num_points, dim = points.shape
     covariance = centred.T @ centred / max(num_points - 1, 1)
     if num_points < 2 * dim:
         covariance = torch.diag(torch.diagonal(covariance))
-    covariance = covariance + 1e-9 * torch.diagonal(covariance).mean() * torch.eye(dim)
+    covariance = covariance + 1e-9 * torch.diagonal(covariance).mean() * torch.eye(dim, dtype=wide)
     proposal = dist.MultivariateStudentT(
-        torch.tensor(_PROPOSAL_DF), mean, torch.linalg.cholesky(covariance)
+        torch.tensor(_PROPOSAL_DF, dtype=wide), mean, torch.linalg.cholesky(covariance)
     )
-    proposed = proposal.sample((num_samples,))
-    log_q = proposal.log_prob(proposed)
+    proposed = proposal.sample((num_samples,)).to(program.dtype)
+    log_q = proposal.log_prob(proposed.to(wide))
     unconstrained = {
         name: part.reshape(num_samples, *draws[name].shape[2:])
         for name, part in zip(names, proposed.split(sizes, dim=1), strict=True)
     }
     constrained, log_jacobian = constrain(sampler.transforms, unconstrained, 1)
     log_joint, log_prior = per_draw_log_joint(program, values, constrained)
-    log_weights = log_joint + log_jacobian - log_q
+    log_weights = log_joint.to(wide) + log_jacobian.to(wide) - log_q
     estimate = float(torch.logsumexp(log_weights, 0) - math.log(num_samples))
     scaled = (log_weights - log_weights.max()).exp()
     standard_error = float(scaled.std() / (scaled.mean() * math.sqrt(num_samples)))

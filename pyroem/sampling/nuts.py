@@ -270,11 +270,13 @@ class NUTSSampler:
 
     def _initial_point(self) -> dict[str, torch.Tensor]:
         """A random start, uniform on (-2, 2) in the unconstrained space (Pyro's
-        ``init_to_uniform``), redrawn until the log density is finite."""
+        ``init_to_uniform``), redrawn until the log density is finite; in the program's
+        dtype, so that the chains run in it whatever torch's default dtype is."""
         sites = self.program.latent_sites
         shapes = {name: self.transforms[name].forward_shape(sites[name].shape) for name in sites}
+        dtype = self.program.dtype
         for _ in range(100):
-            point = {name: 4 * torch.rand(shape) - 2 for name, shape in shapes.items()}
+            point = {name: 4 * torch.rand(shape, dtype=dtype) - 2 for name, shape in shapes.items()}
             with torch.no_grad():
                 if bool(torch.isfinite(self.potential(point))):
                     return point

@@ -157,6 +157,15 @@ class LatentProgram(ProgramModel):
             )
             for name in self.latents
         }
+        # The program's floating-point dtype (its data and parameters share one, see
+        # ProgramModel): the latents are drawn in it, whatever torch's default dtype is.
+        floating = [
+            trace.nodes[name]["value"]
+            for name in [*self.observed, *self.params, *self.latents]
+            if isinstance(trace.nodes[name]["value"], torch.Tensor)
+            and trace.nodes[name]["value"].is_floating_point()
+        ]
+        self.dtype = floating[0].dtype if floating else torch.get_default_dtype()
         return continuous, {name: trace.nodes[name]["value"].shape for name in self.enumerated}
 
 
@@ -371,7 +380,9 @@ def per_draw_log_joint(
     stacked = StackedProgram(program, draws)
     trace = stacked.trace(values)
     nesting = stacked.base_nesting
-    total = prior = torch.zeros(())
+    # Python zeros, not tensors of torch's default dtype: the sums keep the program's dtype.
+    total: torch.Tensor | float = 0.0
+    prior: torch.Tensor | float = 0.0
     for name, site in sample_sites(trace):
         log_prob = site["log_prob"]
         per_draw = log_prob.sum(tuple(range(-nesting, 0))) if nesting else log_prob
@@ -379,7 +390,11 @@ def per_draw_log_joint(
         if name in program.params:
             prior = prior + per_draw
     size = (stacked.num_draws,)
-    return total.detach().expand(size), prior.detach().expand(size)
+    dtype = total.dtype if isinstance(total, torch.Tensor) else program.dtype
+    return (
+        torch.as_tensor(total, dtype=dtype).detach().expand(size),
+        torch.as_tensor(prior, dtype=dtype).detach().expand(size),
+    )
 
 
 def check_stackable(program: LatentProgram, values: Mapping[str, torch.Tensor]) -> None:
