@@ -1,0 +1,222 @@
+"""The package's import structure: no import cycles, no imports hidden in functions.
+
+The graph is read from the source with :mod:`ast` (nothing is imported): an edge
+``a -> b`` for each ``import``/``from`` statement that runs when module ``a`` is
+imported (module level and class bodies, not ``if TYPE_CHECKING:`` blocks, not
+function bodies) and names pyroem module ``b``. A cycle in it means some module
+sees another half-initialised, depending on which one is imported first.
+
+An import inside a function usually hides such a cycle. The only ones allowed are
+listed in ``LOCAL_IMPORTS_ALLOWED``, each with its reason, and the list must match
+the code exactly, so that a new one fails here.
+"""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "pyroem"
+
+#: (importing module, imported module) -> why the import waits for the function call.
+LOCAL_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {
+    ("pyroem.alignment", "pyroem.bayes"): "holds an import cycle apart",
+    ("pyroem.alignment", "pyroem.program.results"): "holds an import cycle apart",
+    ("pyroem.alignment", "pyroem.results"): "holds an import cycle apart",
+    ("pyroem.alignment", "pyroem.spec.mixture"): "holds an import cycle apart",
+    ("pyroem.api", "pyroem.bayes"): "holds an import cycle apart",
+    ("pyroem.api", "pyroem.program.start"): "holds an import cycle apart",
+    ("pyroem.api", "pyroem.sampling.mcmc_em"): "holds an import cycle apart",
+    ("pyroem.api", "pyroem.variational.cavi"): "holds an import cycle apart",
+    ("pyroem.api", "pyroem.variational.svi"): "holds an import cycle apart",
+    ("pyroem.bayes", "pyroem.diagnostics"): "holds an import cycle apart",
+    ("pyroem.bayes", "pyroem.program.pointwise"): "holds an import cycle apart",
+    ("pyroem.checkpoint", "pyroem.results"): "holds an import cycle apart",
+    (
+        "pyroem.cli",
+        "pyroem.api",
+    ): "the command answers --help and argument errors before torch is imported",
+    (
+        "pyroem.cli",
+        "pyroem.comparison",
+    ): "the command answers --help and argument errors before torch is imported",
+    (
+        "pyroem.cli",
+        "pyroem.datasets",
+    ): "the command answers --help and argument errors before torch is imported",
+    (
+        "pyroem.cli",
+        "pyroem.plots",
+    ): "the command answers --help and argument errors before torch is imported",
+    (
+        "pyroem.cli",
+        "pyroem.results",
+    ): "the command answers --help and argument errors before torch is imported",
+    (
+        "pyroem.cli",
+        "pyroem.selection",
+    ): "the command answers --help and argument errors before torch is imported",
+    (
+        "pyroem.cli",
+        "pyroem.sources",
+    ): "the command answers --help and argument errors before torch is imported",
+    (
+        "pyroem.cli",
+        "pyroem.spec.mixture",
+    ): "the command answers --help and argument errors before torch is imported",
+    ("pyroem.comparison", "pyroem.alignment"): "holds an import cycle apart",
+    ("pyroem.comparison", "pyroem.diagnostics"): "holds an import cycle apart",
+    ("pyroem.diagnostics", "pyroem.alignment"): "holds an import cycle apart",
+    ("pyroem.diagnostics", "pyroem.estep.enumerate"): "holds an import cycle apart",
+    ("pyroem.diagnostics", "pyroem.program.model"): "holds an import cycle apart",
+    ("pyroem.diagnostics", "pyroem.program.pointwise"): "holds an import cycle apart",
+    ("pyroem.diagnostics", "pyroem.program.results"): "holds an import cycle apart",
+    ("pyroem.diagnostics", "pyroem.results"): "holds an import cycle apart",
+    ("pyroem.diagnostics", "pyroem.spec.mixture"): "holds an import cycle apart",
+    ("pyroem.plots", "pyroem.diagnostics"): "holds an import cycle apart",
+    ("pyroem.program.results", "pyroem.diagnostics"): "holds an import cycle apart",
+    ("pyroem.program.start", "pyroem.errors"): "holds an import cycle apart",
+    ("pyroem.program.start", "pyroem.program.fit"): "holds an import cycle apart",
+    ("pyroem.results", "pyroem.diagnostics"): "holds an import cycle apart",
+    ("pyroem.results", "pyroem.program.results"): "holds an import cycle apart",
+    ("pyroem.results", "pyroem.variational.cavi"): "holds an import cycle apart",
+    ("pyroem.sampling.mcmc_em", "pyroem.program.pointwise"): "holds an import cycle apart",
+    ("pyroem.selection", "pyroem.api"): "the command imports this module before torch is imported",
+    (
+        "pyroem.selection",
+        "pyroem.diagnostics",
+    ): "the command imports this module before torch is imported",
+    (
+        "pyroem.selection",
+        "pyroem.spec.mixture",
+    ): "the command imports this module before torch is imported",
+    ("pyroem.sklearn", "pyroem.spec.priors"): "holds an import cycle apart",
+    ("pyroem.spec.mixture", "pyroem.initialization"): "holds an import cycle apart",
+    ("pyroem.stream", "pyroem.stepwise"): "holds an import cycle apart",
+    ("pyroem.stream", "pyroem.variational.cavi"): "holds an import cycle apart",
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, ast.Module]:
+    return {
+        _module_name(path): ast.parse(path.read_text(), filename=str(path))
+        for path in sorted(PACKAGE.rglob("*.py"))
+    }
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _targets(node: ast.Import | ast.ImportFrom, module: str, names: set[str]) -> set[str]:
+    """The pyroem modules an import statement in ``module`` loads."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names if alias.name in names}
+    base = node.module or ""
+    if node.level:
+        package = module.split(".")
+        is_package = (PACKAGE / Path(*package[1:]) / "__init__.py").exists()
+        anchor = package if is_package else package[:-1]
+        anchor = anchor[: len(anchor) - (node.level - 1)]
+        base = ".".join([*anchor, base] if base else anchor)
+    found = {base} if base in names else set()
+    found |= {f"{base}.{alias.name}" for alias in node.names} & names
+    return found
+
+
+def _imports(
+    tree: ast.Module, module: str, names: set[str]
+) -> tuple[set[str], list[tuple[int, str]]]:
+    """Modules imported when ``module`` is, and ``(line, module)`` imported inside functions."""
+    top: set[str] = set()
+    local: list[tuple[int, str]] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            targets = _targets(node, module, names) - {module}
+            if in_function:
+                local.extend((node.lineno, target) for target in sorted(targets))
+            else:
+                top.update(targets)
+            return
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.orelse:
+                visit(child, in_function)
+            return
+        inside = in_function or isinstance(
+            node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+        )
+        for child in ast.iter_child_nodes(node):
+            visit(child, inside)
+
+    visit(tree, False)
+    return top, local
+
+
+def _structure() -> tuple[dict[str, set[str]], dict[tuple[str, str], list[int]]]:
+    modules = _modules()
+    names = set(modules)
+    graph: dict[str, set[str]] = {}
+    local: dict[tuple[str, str], list[int]] = {}
+    for module, tree in modules.items():
+        graph[module], found = _imports(tree, module, names)
+        for line, target in found:
+            local.setdefault((module, target), []).append(line)
+    return graph, local
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a list of modules (first = last), or ``None``."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return [*path[path.index(target) :], target]
+            if target not in state and (cycle := visit(target)) is not None:
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)) is not None:
+            return cycle
+    return None
+
+
+def test_find_cycle_reports_a_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _find_cycle(graph) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles() -> None:
+    graph, _ = _structure()
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_function_local_imports_are_exactly_the_allowed_ones() -> None:
+    _, local = _structure()
+    unlisted = {
+        f"{module}:{lines} imports {target}"
+        for (module, target), lines in local.items()
+        if (module, target) not in LOCAL_IMPORTS_ALLOWED
+    }
+    assert not unlisted, "imports inside functions (move them to the top):\n" + "\n".join(
+        sorted(unlisted)
+    )
+    stale = set(LOCAL_IMPORTS_ALLOWED) - set(local)
+    assert not stale, f"allowed local imports no longer in the code: {sorted(stale)}"
