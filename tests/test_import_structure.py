@@ -30,7 +30,6 @@ LOCAL_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {
     ("pyroem.api", "pyroem.variational.svi"): "holds an import cycle apart",
     ("pyroem.bayes", "pyroem.diagnostics"): "holds an import cycle apart",
     ("pyroem.bayes", "pyroem.program.pointwise"): "holds an import cycle apart",
-    ("pyroem.checkpoint", "pyroem.results"): "holds an import cycle apart",
     (
         "pyroem.cli",
         "pyroem.api",
