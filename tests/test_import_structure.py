@@ -89,7 +89,6 @@ LOCAL_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {
         "pyroem.spec.mixture",
     ): "the command imports this module before torch is imported",
     ("pyroem.sklearn", "pyroem.spec.priors"): "holds an import cycle apart",
-    ("pyroem.spec.mixture", "pyroem.initialization"): "holds an import cycle apart",
     ("pyroem.stream", "pyroem.stepwise"): "holds an import cycle apart",
     ("pyroem.stream", "pyroem.variational.cavi"): "holds an import cycle apart",
 }
