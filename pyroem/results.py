@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from pyroem.archive import read_arrays
+from pyroem.diagnostics import to_arviz
 from pyroem.em import History
 from pyroem.errors import DataError, FitFileError, PyroEMError
 from pyroem.estep.enumerate import score_mixture
@@ -206,8 +207,6 @@ class FitResult:
 
     def to_arviz(self, **options: Any) -> Any:
         """The fit as ``arviz.InferenceData`` (options: see :func:`pyroem.diagnostics.to_arviz`)."""
-        from pyroem.diagnostics import to_arviz
-
         return to_arviz(self, **options)
 
     # ----- display --------------------------------------------------------------
