@@ -10,7 +10,14 @@ import numpy as np
 
 from pyroem.errors import FitFileError
 
-__all__ = ["read_arrays"]
+__all__ = ["FORMAT_VERSION", "MIXTURE_FORMAT", "PROGRAM_FORMAT", "read_arrays"]
+
+#: The ``format`` of a saved Mixture fit's metadata.
+MIXTURE_FORMAT = "pyroem-fit"
+#: The ``format`` of a saved Pyro program's fit.
+PROGRAM_FORMAT = "pyroem-program-fit"
+#: The version of both formats this package writes and reads.
+FORMAT_VERSION = 1
 
 
 def read_arrays(where: str) -> dict[str, np.ndarray]:

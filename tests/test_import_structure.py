@@ -19,11 +19,6 @@ PACKAGE = ROOT / "pyroem"
 
 #: (importing module, imported module) -> why the import waits for the function call.
 LOCAL_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {
-    ("pyroem.api", "pyroem.bayes"): "holds an import cycle apart",
-    ("pyroem.api", "pyroem.program.start"): "holds an import cycle apart",
-    ("pyroem.api", "pyroem.sampling.mcmc_em"): "holds an import cycle apart",
-    ("pyroem.api", "pyroem.variational.cavi"): "holds an import cycle apart",
-    ("pyroem.api", "pyroem.variational.svi"): "holds an import cycle apart",
     (
         "pyroem.cli",
         "pyroem.api",
@@ -56,10 +51,6 @@ LOCAL_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {
         "pyroem.cli",
         "pyroem.spec.mixture",
     ): "the command answers --help and argument errors before torch is imported",
-    ("pyroem.program.start", "pyroem.errors"): "holds an import cycle apart",
-    ("pyroem.program.start", "pyroem.program.fit"): "holds an import cycle apart",
-    ("pyroem.results", "pyroem.program.results"): "holds an import cycle apart",
-    ("pyroem.results", "pyroem.variational.cavi"): "holds an import cycle apart",
     ("pyroem.selection", "pyroem.api"): "the command imports this module before torch is imported",
     (
         "pyroem.selection",
@@ -70,8 +61,6 @@ LOCAL_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {
         "pyroem.spec.mixture",
     ): "the command imports this module before torch is imported",
     ("pyroem.sklearn", "pyroem.spec.priors"): "holds an import cycle apart",
-    ("pyroem.stream", "pyroem.stepwise"): "holds an import cycle apart",
-    ("pyroem.stream", "pyroem.variational.cavi"): "holds an import cycle apart",
 }
 
 
