@@ -59,13 +59,8 @@ def _targets(node: ast.Import | ast.ImportFrom, module: str, names: set[str]) ->
     """The pyroem modules an import statement in ``module`` loads."""
     if isinstance(node, ast.Import):
         return {alias.name for alias in node.names if alias.name in names}
+    assert node.level == 0, f"{module} imports relatively (line {node.lineno}); name the module"
     base = node.module or ""
-    if node.level:
-        package = module.split(".")
-        is_package = (PACKAGE / Path(*package[1:]) / "__init__.py").exists()
-        anchor = package if is_package else package[:-1]
-        anchor = anchor[: len(anchor) - (node.level - 1)]
-        base = ".".join([*anchor, base] if base else anchor)
     found = {base} if base in names else set()
     found |= {f"{base}.{alias.name}" for alias in node.names} & names
     return found
@@ -139,6 +134,25 @@ def test_find_cycle_reports_a_cycle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _find_cycle(graph) == ["a", "b", "c", "a"]
     assert _find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_imports_tells_module_level_from_function_imports() -> None:
+    source = """
+from typing import TYPE_CHECKING
+import pyroem.a
+from pyroem import b
+if TYPE_CHECKING:
+    from pyroem.c import C
+class K:
+    from pyroem.d import D
+def f():
+    from pyroem.e import E
+    import numpy
+"""
+    names = {"pyroem", "pyroem.a", "pyroem.b", "pyroem.c", "pyroem.d", "pyroem.e"}
+    top, local = _imports(ast.parse(source), "pyroem.z", names)
+    assert top == {"pyroem.a", "pyroem", "pyroem.b", "pyroem.d"}
+    assert local == [(10, "pyroem.e")]
 
 
 def test_no_import_cycles() -> None:
