@@ -22,12 +22,7 @@ from pyroem.sources import ChunkSource, scan
 from pyroem.spec.families import Family
 from pyroem.spec.mixture import Mixture
 
-__all__ = [
-    "ChunksEStep",
-    "StreamedData",
-    "open_streamed",
-    "score_rows",
-]
+__all__ = ["ChunksEStep", "StreamedData", "open_streamed", "score_rows"]
 
 
 class _Prepared:
