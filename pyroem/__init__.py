@@ -36,9 +36,10 @@ if TYPE_CHECKING:
     from pyroem.bayes import BayesFit
     from pyroem.comparison import compare, format_comparison
     from pyroem.em import History
+    from pyroem.loading import load
     from pyroem.program import ProgramModel
     from pyroem.program.results import ProgramFit
-    from pyroem.results import FitResult, load
+    from pyroem.results import FitResult
     from pyroem.sampling.mcmc_em import MCMCEMFit
     from pyroem.selection import choose_components
     from pyroem.spec.distributions import InverseWishart
@@ -72,7 +73,7 @@ _LAZY = {
     "ProgramModel": "pyroem.program",
     "ProgramFit": "pyroem.program.results",
     "FitResult": "pyroem.results",
-    "load": "pyroem.results",
+    "load": "pyroem.loading",
     "MCMCEMFit": "pyroem.sampling.mcmc_em",
     "choose_components": "pyroem.selection",
     "InverseWishart": "pyroem.spec.distributions",

@@ -52,6 +52,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from pyroem.errors import SpecError
+from pyroem.fit_kinds import is_mixture_fit, is_program_fit
+from pyroem.spec.params import MixtureParams
 
 __all__ = [
     "Alignment",
@@ -334,16 +336,13 @@ def component_axes(fit: Any) -> dict[str, int]:
     Raises:
         SpecError: a Pyro program without a ``"components"`` plate (pass ``axes``).
     """
-    from pyroem.program.results import ProgramFit
-    from pyroem.results import FitResult
-
-    if isinstance(fit, FitResult):
+    if is_mixture_fit(fit):
         shared = set(fit.family.shared_params)
         return {
             "weights": 0,
             **{name: 0 for name in fit.params if name not in shared | {"weights"}},
         }
-    if isinstance(fit, ProgramFit):
+    if is_program_fit(fit):
         return program_component_axes(fit.program, fit.params)
     raise SpecError(f"expected a pyroem fit; got {type(fit).__name__}")
 
@@ -425,9 +424,8 @@ def align(
     aligned: Alignment | None = None
     if draws and all(name in draws for name in axes):
         aligned = align_draws(draws, axes, ref_values, reference_var=ref_var, per_draw=per_draw)
-        from pyroem.bayes import BayesFit
-
-        if isinstance(fit, BayesFit):
+        # A fit with draws of θ that derives its estimate from them (NUTS) rebuilds itself.
+        if callable(getattr(fit, "realigned", None)):
             return fit.realigned(aligned)
     if ref_values is None:
         if aligned is None:
@@ -470,17 +468,12 @@ def _relabel(
     labels: list[str] | None,
 ) -> Any:
     """A shallow copy of ``fit`` with one permutation applied to its point estimate."""
-    from pyroem.results import FitResult
-    from pyroem.spec.mixture import MixtureParams
-
     new = copy.copy(fit)
     index = torch.as_tensor(permutation, dtype=torch.long)
     inverse = torch.empty_like(index)
     inverse[index] = torch.arange(index.shape[0])
     discrete = (
-        _discrete_sites(fit, index.shape[0])
-        if labels is None or isinstance(fit, FitResult)
-        else labels
+        _discrete_sites(fit, index.shape[0]) if labels is None or is_mixture_fit(fit) else labels
     )
     if aligned is not None:
         new.draws = aligned.draws
@@ -494,7 +487,7 @@ def _relabel(
             elif name in discrete:
                 value = inverse.to(value.device)[value.long()].to(value.dtype)
             new.draws[name] = value
-    if isinstance(fit, FitResult):
+    if is_mixture_fit(fit):
         internal = fit._internal
         new._internal = MixtureParams(
             internal.weights[index],

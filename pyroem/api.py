@@ -14,20 +14,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyroem.bayes import fit_nuts
 from pyroem.checkpoint import Checkpoint, checkpointing, identity_of
 from pyroem.distributed import LOCAL, Collective, collective
 from pyroem.em import Iteration, run_em
 from pyroem.errors import DataError, NotSupportedError, PyroEMError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
 from pyroem.initialization import seeded_generator, site_values
+from pyroem.large_data import LARGE_DATA_OPTIONS, fit_mixture_large
 from pyroem.mstep.mixture import MixtureEngine
 from pyroem.options import OPTIONS, check_applicable, check_integer, with_defaults
 from pyroem.program.fit import fit_program
 from pyroem.program.results import ProgramFit
+from pyroem.program.start import INIT_CHOICES, raise_bad_init, resolve_start
 from pyroem.results import FitResult, mixture_fit_from_program
+from pyroem.sampling.mcmc_em import fit_mcmc_em
 from pyroem.sources import open_source
 from pyroem.spec.mixture import Mixture, as_data, fill_missing
-from pyroem.stream import LARGE_DATA_OPTIONS, fit_mixture_large
+from pyroem.variational.cavi import CAVI_OPTIONS, fit_mixture_cavi
+from pyroem.variational.svi import fit_svi
 
 __all__ = ["METHODS", "SMALL_PROBLEM_WORK", "fit"]
 
@@ -608,8 +613,6 @@ def _large_data(
         return None
     known: tuple[str, ...] = LARGE_DATA_OPTIONS
     if method == "vb-em" and source is not None:
-        from pyroem.variational.cavi import CAVI_OPTIONS
-
         known = known + CAVI_OPTIONS
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -780,8 +783,6 @@ def _fit_other(
             )
         data = as_data(model_args[0], dtype=dtype or torch.float64, device=device)
         if method == "vb-em" and "guide" not in options:
-            from pyroem.variational.cavi import fit_mixture_cavi
-
             return fit_mixture_cavi(
                 model,
                 data,
@@ -800,8 +801,6 @@ def _fit_other(
                 **options,
             )
         if method == "nuts":
-            from pyroem.bayes import fit_nuts
-
             # NUTS evaluates a Mixture's density with its own batched kernels.
             return fit_nuts(
                 model, (data,), None, init=init, seed=seed, progress=progress, **options
@@ -818,8 +817,6 @@ def _fit_other(
     start = None
     if method in ("vb-em", "nuts") and is_program:
         # A Pyro program: a short MAP-EM fit is the start unless init says otherwise.
-        from pyroem.program.start import INIT_CHOICES, raise_bad_init, resolve_start
-
         if not callable(options.get("guide")):
             init, start = resolve_start(model, model_args, model_kwargs, init, seed)
         elif init is None or isinstance(init, str):
@@ -831,16 +828,10 @@ def _fit_other(
     em: dict[str, Any] = {"tol": tol, "max_iter": max_iter, "n_init": n_init, "callback": callback}
     result: Any
     if method == "vb-em":
-        from pyroem.variational.svi import fit_svi
-
         result = fit_svi(model, model_args, model_kwargs, **em, **common)
     elif method == "mcmc-em":
-        from pyroem.sampling.mcmc_em import fit_mcmc_em
-
         return fit_mcmc_em(model, model_args, model_kwargs, **em, **common)
     else:
-        from pyroem.bayes import fit_nuts
-
         result = fit_nuts(model, model_args, model_kwargs, **common)
     if start is not None:
         result.options["init"] = start

@@ -41,7 +41,12 @@ from torch.distributions.transforms import Transform
 from tqdm import tqdm
 
 from pyroem.alignment import Alignment, align_draws, program_component_axes
-from pyroem.diagnostics import ChainDiagnostics, chain_diagnostics, chain_problems
+from pyroem.diagnostics import (
+    ChainDiagnostics,
+    chain_diagnostics,
+    chain_problems,
+    to_arviz,
+)
 from pyroem.em import History
 from pyroem.errors import MCMCWarning, NotSupportedError, SingularCovarianceError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, mixture_log_likelihood
@@ -49,6 +54,7 @@ from pyroem.initialization import site_values
 from pyroem.options import check_integer, with_defaults
 from pyroem.program.fit import initial_values, num_observations, program_init, resolve_seed
 from pyroem.program.model import ProgramModel
+from pyroem.program.pointwise import pointwise_log_likelihood_draws
 from pyroem.program.posterior import log_joint_terms, posterior
 from pyroem.program.results import ProgramFit
 from pyroem.sampling.nuts import NUTSChain
@@ -400,8 +406,6 @@ class BayesFit(ProgramFit):
             plate: the observation plate (default: see
                 :func:`pyroem.program.pointwise.observation_plate`).
         """
-        from pyroem.program.pointwise import pointwise_log_likelihood_draws
-
         assert self.draws is not None
         if self._pointwise_fn is None or plate not in (None, "data"):
             return pointwise_log_likelihood_draws(self.program, self.draws, {}, plate=plate)
@@ -478,8 +482,6 @@ class BayesFit(ProgramFit):
 
     def to_arviz(self, **options: Any) -> Any:
         """The fit as ``arviz.InferenceData`` (see :func:`pyroem.diagnostics.to_arviz`)."""
-        from pyroem.diagnostics import to_arviz
-
         return to_arviz(self, **options)
 
     def __repr__(self) -> str:

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyroem.archive import read_arrays
 from pyroem.errors import FitFileError, NotSupportedError, SpecError
 
 __all__ = [
@@ -252,10 +253,8 @@ class Checkpoint:
         """
         if not self.resume or not os.path.exists(self.path):
             return None
-        from pyroem.results import _read_arrays
-
         try:
-            arrays = _read_arrays(self.path)
+            arrays = read_arrays(self.path)
         except FitFileError as err:
             raise FitFileError(
                 f"checkpoint {self.path!r} cannot be read: {err}; delete it, or resume=False "

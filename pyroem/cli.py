@@ -42,9 +42,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyroem import __version__
+from pyroem.component_counts import CRITERIA, parse_components
 from pyroem.errors import DataError, PyroEMError, SpecError
-from pyroem.selection import CRITERIA, parse_components
 
+# Whatever imports torch (fitting, data sets, plots, sources) is imported inside the
+# function that needs it, so that --help and a bad argument are answered without waiting
+# for torch and Pyro (tests/test_cli.py checks that neither is imported then).
 if TYPE_CHECKING:
     import torch
 

@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pyroem.alignment import align_fits
+from pyroem.diagnostics import loo_table
 from pyroem.errors import SpecError
 
 __all__ = ["compare", "format_comparison", "labelled_fits"]
@@ -108,8 +110,6 @@ def compare(
     if not 0 < interval < 1:
         raise SpecError(f"interval must be in (0, 1); got {interval!r}")
     if align and len(labelled) > 1:
-        from pyroem.alignment import align_fits
-
         labelled = align_fits(labelled)
     # LOO averages over posterior draws of the parameters; draws of latents only (MCMC-EM's
     # E-step at the final θ) are not a posterior of θ.
@@ -118,8 +118,6 @@ def compare(
     }
     elpd: dict[str, tuple[float, float]] = {}
     if with_draws:
-        from pyroem.diagnostics import loo_table
-
         loo = loo_table(with_draws)
         elpd = {label: (loo.loc[label, "elpd_loo"], loo.loc[label, "se"]) for label in with_draws}
     columns: dict[tuple[str, str], dict[str, float]] = {}

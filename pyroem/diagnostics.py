@@ -21,7 +21,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from pyroem.alignment import align_fits
 from pyroem.errors import NotSupportedError, SpecError
+from pyroem.estep.enumerate import score_mixture
+from pyroem.fit_kinds import is_mixture_fit, is_program_fit
+from pyroem.program.model import _Inject
+from pyroem.program.pointwise import observation_plate, pointwise_log_likelihood_draws
+from pyroem.spec.params import MixtureParams
 
 __all__ = [
     "ChainDiagnostics",
@@ -240,9 +246,6 @@ class _Parts(NamedTuple):
 
 def _mixture_parts(fit: Any, log_likelihood: bool) -> _Parts:
     """Dims, pointwise log-likelihood and data of a Mixture ``FitResult``."""
-    from pyroem.estep.enumerate import score_mixture
-    from pyroem.spec.mixture import MixtureParams
-
     shared = set(fit.family.shared_params)
     params = fit.params
     dims = {
@@ -283,8 +286,6 @@ def _mixture_parts(fit: Any, log_likelihood: bool) -> _Parts:
 
 def _program_parts(fit: Any, obs_plate: str | None, log_likelihood: bool, progress: bool) -> _Parts:
     """Dims, pointwise log-likelihood and data of a ``ProgramFit``."""
-    from pyroem.program.pointwise import observation_plate, pointwise_log_likelihood_draws
-
     program = fit.program
     params = fit.params
     trace = program.trace(params)
@@ -434,8 +435,6 @@ def _program_predictive(fit: Any, generator: torch.Generator) -> dict[str, np.nd
     import pyro
     import pyro.poutine as poutine
 
-    from pyroem.program.model import _Inject
-
     program = fit.program
     thetas, shape = _predictive_thetas(fit)
     replicas: dict[str, list[np.ndarray]] = {name: [] for name in program.observed}
@@ -525,13 +524,10 @@ def to_arviz(
         ``arviz.InferenceData``; save it with ``idata.to_netcdf(path)``, read it back with
         :func:`from_netcdf`.
     """
-    from pyroem.program.results import ProgramFit
-    from pyroem.results import FitResult
-
     arviz = _arviz()
-    if isinstance(fit, FitResult):
+    if is_mixture_fit(fit):
         parts = _mixture_parts(fit, log_likelihood)
-    elif isinstance(fit, ProgramFit):
+    elif is_program_fit(fit):
         parts = _program_parts(fit, obs_plate, log_likelihood, progress)
     else:
         raise SpecError(f"to_arviz takes a pyroem fit; got {type(fit).__name__}")
@@ -617,7 +613,7 @@ def to_arviz(
         generator = torch.Generator().manual_seed(seed)
         replicas = (
             _mixture_predictive(fit, generator)
-            if isinstance(fit, FitResult)
+            if is_mixture_fit(fit)
             else _program_predictive(fit, generator)
         )
         if replicas:
@@ -747,8 +743,6 @@ def plot_forest(
     arviz = _arviz()
     plt = _pyplot()
     if align and len(fits) > 1:
-        from pyroem.alignment import align_fits
-
         fits = align_fits(fits)
     datasets = [
         to_arviz(fit, log_likelihood=False, posterior_predictive=False).posterior

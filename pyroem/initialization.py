@@ -11,7 +11,7 @@ import torch
 from pyroem.errors import SpecError
 from pyroem.estep.enumerate import add_statistics
 from pyroem.spec.families import Family
-from pyroem.spec.mixture import MixtureParams
+from pyroem.spec.params import MixtureParams
 
 if TYPE_CHECKING:
     from pyroem.spec.mixture import Mixture

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pyroem.comparison import labelled_fits
+from pyroem.diagnostics import plot_forest
 from pyroem.errors import SpecError
 
 __all__ = ["plot_components", "plot_objective", "plot_parameter_trace", "write_plots"]
@@ -340,7 +341,5 @@ def write_plots(
         if getattr(fit, "parameter_trace", None):
             save(plot_parameter_trace(fit)[0], f"trace-{slug}.png")
     if len(labelled) > 1 or any(fit.draws for fit in labelled.values()):
-        from pyroem.diagnostics import plot_forest
-
         save(plot_forest(labelled)[0], "forest.png")
     return written

@@ -17,18 +17,17 @@ Each candidate ``K`` is fitted with the same spec, data and options, then scored
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
+import pandas as pd
+
+from pyroem.api import fit
+from pyroem.component_counts import CRITERIA, parse_components
+from pyroem.diagnostics import loo_table
 from pyroem.errors import SpecError
+from pyroem.spec.mixture import Mixture
 
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from pyroem.spec.mixture import Mixture
-
-__all__ = ["ComponentChoice", "choose_components", "parse_components"]
-
-CRITERIA = ("bic", "aic", "loo")
+__all__ = ["CRITERIA", "ComponentChoice", "choose_components", "parse_components"]
 
 
 class ComponentChoice(NamedTuple):
@@ -50,27 +49,6 @@ class ComponentChoice(NamedTuple):
     fits: dict[int, Any]
     criterion: str
     rule: str
-
-
-def parse_components(text: str) -> list[int]:
-    """``"1..6"`` → ``[1, …, 6]``; ``"2,3,5"`` → ``[2, 3, 5]``; ``"4"`` → ``[4]``.
-
-    Raises:
-        SpecError: the text is not a range or list of positive integers.
-    """
-    try:
-        if ".." in text:
-            low, high = (int(part) for part in text.split(".."))
-            values = list(range(low, high + 1))
-        else:
-            values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise SpecError(
-            f"components {text!r} is not a positive integer, a range like 1..6 or a list like 2,3,5"
-        )
-    return sorted(set(values))
 
 
 def choose_components(
@@ -102,11 +80,6 @@ def choose_components(
             ``weights_prior`` (it cannot carry over to another ``K``), or ``"loo"``
             with a method that has no posterior draws.
     """
-    import pandas as pd
-
-    from pyroem.api import fit
-    from pyroem.spec.mixture import Mixture
-
     if criterion not in CRITERIA:
         raise SpecError(f"criterion must be one of {CRITERIA}; got {criterion!r}")
     candidates = sorted(set(components))
@@ -140,8 +113,6 @@ def choose_components(
         index=pd.Index(candidates, name="num_components"),
     )
     if criterion == "loo":
-        from pyroem.diagnostics import loo_table
-
         loo = loo_table({k: fits[k] for k in candidates})
         for column in ("elpd_loo", "se", "elpd_diff", "dse"):
             table[column] = loo[column]

@@ -46,6 +46,7 @@ from pyroem.initialization import initial_params
 from pyroem.mstep.mixture import mixture_m_step
 from pyroem.spec.families import Bernoulli, Categorical, Family, Gaussian, Poisson
 from pyroem.spec.mixture import Mixture, MixtureParams, fill_missing
+from pyroem.spec.priors import NormalInverseWishart
 from pyroem.stepwise import _scale as scale_statistics
 from pyroem.stepwise import step_size
 
@@ -808,8 +809,6 @@ class BayesianGaussianMixture(_GaussianBase):
         self.covariance_prior_ = prior
 
     def _spec(self, num_features: int) -> Mixture:
-        from pyroem.spec.priors import NormalInverseWishart
-
         scale: Any = self.covariance_prior_
         if self.covariance_type == "diag":
             scale = np.diag(scale)

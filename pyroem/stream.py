@@ -1,11 +1,11 @@
-r"""MAP-EM on a :class:`~pyroem.Mixture` whose data are read chunk by chunk.
+r"""The exact E-step of a :class:`~pyroem.Mixture` over data read chunk by chunk.
 
 The statistics of the exact E-step are sums over data points, so one pass over the
 chunks of a :class:`~pyroem.sources.ChunkSource` gives exactly the statistics the
-in-memory E-step computes: the fit is the same, and its memory is
-``O(chunk_size · K · dim)`` plus the reservoir sample the initialisation uses, whatever
-the number of rows. The same entry point runs stepwise EM
-(:mod:`pyroem.stepwise`) on a source or on in-memory data.
+in-memory E-step computes, in memory ``O(chunk_size · K · dim)`` whatever the number
+of rows. Here: that E-step, the opening of a source for a fit (its reservoir sample)
+and the final scoring pass. The fits built on them: :mod:`pyroem.large_data` (MAP-EM,
+stepwise EM), :mod:`pyroem.variational.cavi` (CAVI).
 """
 
 from __future__ import annotations
@@ -16,30 +16,13 @@ from typing import Any, NamedTuple
 import torch
 
 from pyroem.distributed import LOCAL, Collective
-from pyroem.em import Engine, Iteration, run_em
 from pyroem.errors import DataError, SpecError
-from pyroem.estep.enumerate import MixtureEStep, score_mixture
-from pyroem.initialization import seeded_generator
-from pyroem.mstep.mixture import MixtureEngine
-from pyroem.options import check_integer
-from pyroem.results import FitResult
+from pyroem.estep.enumerate import MixtureEStep
 from pyroem.sources import ChunkSource, scan
 from pyroem.spec.families import Family
-from pyroem.spec.mixture import Mixture, as_data
+from pyroem.spec.mixture import Mixture
 
-__all__ = [
-    "LARGE_DATA_OPTIONS",
-    "ChunksEStep",
-    "StreamedData",
-    "fit_mixture_large",
-    "open_streamed",
-    "score_rows",
-]
-
-#: ``pyroem.fit`` options of this path (besides the common ones).
-LARGE_DATA_OPTIONS = ("stepwise", "batch_size", "kappa", "passes", "shuffle", "reservoir_size")
-
-_RESERVOIR_SIZE = 100_000
+__all__ = ["ChunksEStep", "StreamedData", "open_streamed", "score_rows"]
 
 
 class _Prepared:
@@ -77,29 +60,6 @@ class ChunksEStep(MixtureEStep):
         self.weights_prior = weights_prior.to(dtype=dtype, device=device)
         self.chunks = _Prepared(family, chunks)  # type: ignore[assignment]
         self.workspace: dict[str, torch.Tensor] = {}
-
-
-class _StreamEngine(MixtureEngine):
-    """Batch MAP-EM over a source: each iteration reads every chunk once."""
-
-    def __init__(
-        self,
-        spec: Mixture,
-        family: Family,
-        source: ChunkSource,
-        sample: torch.Tensor,
-        num_data: int,
-        init: Any,
-        seed: int | None,
-        name: str,
-        collective: Collective = LOCAL,
-    ) -> None:
-        self.spec, self.family, self.init_data, self.start = spec, family, sample, init
-        self.generator = seeded_generator(seed)
-        self.estep = ChunksEStep(family, spec.weights_prior, source, sample.dtype, sample.device)
-        self.name = name
-        self.num_data = num_data
-        self.collective = collective
 
 
 class StreamedData(NamedTuple):
@@ -194,166 +154,3 @@ def score_rows(
             "in the first; a source must give the same data on every pass"
         )
     return pointwise, labels
-
-
-def _in_memory_source(data: torch.Tensor, chunk_size: int) -> ChunkSource:
-    return ChunkSource(lambda: [data], "the data", chunk_size, data.dtype, data.device)
-
-
-def fit_mixture_large(
-    model: Mixture,
-    data: Any,
-    source: ChunkSource | bool,
-    *,
-    method: str,
-    init: Any,
-    n_init: int,
-    seed: int | None,
-    tol: float,
-    max_iter: int,
-    dtype: torch.dtype,
-    device: Any,
-    chunk_size: int,
-    progress: bool,
-    callback: Callable[[Iteration], Any] | None,
-    stepwise: bool = False,
-    batch_size: int = 1024,
-    kappa: float = 0.7,
-    passes: int = 5,
-    shuffle: bool = True,
-    reservoir_size: int = _RESERVOIR_SIZE,
-    collective: Collective = LOCAL,
-    **cavi_options: Any,
-) -> FitResult:
-    """MAP-EM on a ``Mixture`` from a chunked source (``source``), or stepwise EM on a
-    source or on in-memory ``data`` (``stepwise=True``; ``source`` is ``False``).
-
-    Args:
-        model: the mixture.
-        data: the in-memory data when ``source`` is ``None``.
-        source: the chunked source, or ``False`` for in-memory ``data``.
-        stepwise: run stepwise (online) EM (:mod:`pyroem.stepwise`) instead of batch EM.
-        batch_size: stepwise EM's minibatch rows.
-        kappa: stepwise EM's step-size exponent, ``γ_t = (t + 2)^{-κ}``, ``κ ∈ (0.5, 1]``.
-        passes: stepwise EM's most passes over the data (``max_iter`` is batch EM's).
-        shuffle: stepwise EM on in-memory data visits the rows in a fresh random order
-            each pass (a source is read in its own order: shuffle it on disk).
-        reservoir_size: most rows of the sample that resolves data-derived defaults and
-            initialises (k-means++ etc.) a streamed fit.
-        cavi_options: vb-em's options (``num_draws`` etc.; see
-            :func:`~pyroem.variational.cavi.fit_mixture_cavi`).
-        collective: a distributed fit's collectives (:mod:`pyroem.distributed`): each
-            rank's E-step reads its shard of the source, the ranks' reservoir samples are
-            merged into one, and the final scoring pass reads the whole source.
-        The other arguments: as for :func:`pyroem.fit`.
-    """
-    cavi = method == "vb-em" and not stepwise and isinstance(source, ChunkSource)
-    if method != "map-em" and not cavi:
-        raise SpecError(
-            f"streamed data are supported for method='map-em' and 'vb-em' (CAVI) on a Mixture, "
-            f"stepwise EM for map-em; got method={method!r}"
-            + (" with stepwise=True" if stepwise else "")
-            + f": load the data into memory for {method}, or use map-em"
-        )
-    check_integer("reservoir_size", reservoir_size, 1)
-    if not isinstance(stepwise, bool):
-        raise SpecError(f"stepwise must be True or False; got {stepwise!r}")
-    if init is None:
-        init = "kmeans++"
-    if isinstance(init, FitResult):
-        init = init.params
-    if isinstance(init, dict):
-        n_init = 1
-    generator_seed = 0 if seed is None else seed
-    if not isinstance(source, ChunkSource):
-        tensor = as_data(data, dtype=dtype, device=device)
-        family = model.bind(tensor)
-        sample, num_data, held = tensor, tensor.shape[0], tensor
-        source = shard = _in_memory_source(tensor, chunk_size)
-    else:
-        streamed = open_streamed(
-            model, source, dtype, device, reservoir_size, generator_seed, collective
-        )
-        source, shard, sample, num_data = streamed
-        if method == "vb-em" and not stepwise:
-            from pyroem.variational.cavi import fit_mixture_cavi
-
-            fit = fit_mixture_cavi(
-                model.with_proper_prior(),
-                sample,
-                init=init,
-                n_init=n_init,
-                seed=seed,
-                tol=tol,
-                max_iter=max_iter,
-                chunk_size=chunk_size,
-                progress=progress,
-                callback=callback,
-                collective=collective,
-                streamed=streamed,
-                **cavi_options,
-            )
-            fit.options.update(source=source.description, reservoir_size=reservoir_size)
-            return fit
-        family = model.bind(sample)
-        held = None
-    options: dict[str, Any] = {
-        "n_init": n_init,
-        "init": init if isinstance(init, str) else "params",
-        "tol": tol,
-        "seed": seed,
-        "chunk_size": chunk_size,
-    }
-    if held is None:
-        options.update(source=source.description, reservoir_size=reservoir_size)
-    options.update(collective.record())
-    engine: Engine
-    if stepwise:
-        from pyroem.stepwise import StepwiseEngine
-
-        engine = StepwiseEngine(
-            model,
-            family,
-            source,
-            sample,
-            num_data,
-            init,
-            seed,
-            batch_size=batch_size,
-            kappa=kappa,
-            shuffle=shuffle and held is not None,
-            name=f"{method} stepwise",
-        )
-        max_iter = passes
-        options.update(stepwise=True, batch_size=batch_size, kappa=kappa, passes=passes)
-    else:
-        engine = _StreamEngine(
-            model, family, shard, sample, num_data, init, seed, method, collective
-        )
-        options["max_iter"] = max_iter
-    result = run_em(
-        engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
-    )
-    best = result.best
-
-    def score(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, log_resp = score_mixture(family, best.params, chunk, chunk_size)
-        return scores, log_resp.argmax(-1)
-
-    streamed = StreamedData(source, shard, sample, num_data)
-    pointwise, labels = score_rows(streamed, score, collective)
-    return FitResult(
-        spec=model,
-        family=family,
-        method=method,
-        internal=best.params,
-        history=best.history,
-        converged=best.converged,
-        num_iterations=best.num_iterations,
-        pointwise_log_likelihood=pointwise,
-        labels=labels,
-        objective=best.last.objective,
-        restart_objectives=result.restart_objectives,
-        options={**options, **result.record()},
-        data=held,
-    )

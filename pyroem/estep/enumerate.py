@@ -24,7 +24,7 @@ import torch
 from pyroem.em import EStepResult
 from pyroem.estep.missing import missing_log_prob, split_missing
 from pyroem.spec.families import EStepKernels, Family
-from pyroem.spec.mixture import MixtureParams
+from pyroem.spec.params import MixtureParams
 
 __all__ = [
     "CHUNK_BYTES",

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from pyroem.spec.families import Family
-from pyroem.spec.mixture import MixtureParams
+from pyroem.spec.params import MixtureParams
 
 __all__ = ["MissingBlock", "missing_log_prob", "split_missing"]
 

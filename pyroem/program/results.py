@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyroem.diagnostics import to_arviz
 from pyroem.em import History
 from pyroem.program.model import ProgramModel
 from pyroem.results import FitResult, save_program_fit
@@ -130,8 +131,6 @@ class ProgramFit:
 
     def to_arviz(self, **options: Any) -> Any:
         """The fit as ``arviz.InferenceData`` (options: see :func:`pyroem.diagnostics.to_arviz`)."""
-        from pyroem.diagnostics import to_arviz
-
         return to_arviz(self, **options)
 
     def __repr__(self) -> str:

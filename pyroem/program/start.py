@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from pyroem.checkpoint import checkpointing
-from pyroem.errors import ConvergenceWarning, PyroEMError
+from pyroem.errors import ConvergenceWarning, PyroEMError, SpecError
+from pyroem.program.fit import fit_program
 
 __all__ = [
     "INIT_CHOICES",
@@ -63,8 +64,6 @@ def resolve_start(
         ``"prior"``, ``"prior (map-em: …)"`` (MAP-EM could not fit the program; the
         reason) or ``"params"``.
     """
-    from pyroem.program.fit import fit_program
-
     if isinstance(init, str):
         if init not in INIT_CHOICES:
             raise_bad_init(init)
@@ -100,8 +99,6 @@ def resolve_start(
 
 def raise_bad_init(init: str) -> None:
     """Raise the error for an unknown named start."""
-    from pyroem.errors import SpecError
-
     raise SpecError(
         f"init={init!r} is not a start of a Pyro program; use init='map-em' (default: a "
         "short MAP-EM fit), init='prior' (a prior draw), a dict {site: value}, or a "

@@ -55,6 +55,7 @@ from pyroem.program.fit import (
 )
 from pyroem.program.gradient import gradient_m_step
 from pyroem.program.model import ProgramModel
+from pyroem.program.pointwise import pointwise_log_likelihood, pointwise_log_likelihood_draws
 from pyroem.program.posterior import expected_log_joint, posterior
 from pyroem.program.results import ProgramFit
 from pyroem.sampling.exact import Draws, ExactSampler
@@ -251,11 +252,6 @@ class MCMCEMFit(ProgramFit):
             plate: the observation plate (default: see
                 :func:`pyroem.program.pointwise.observation_plate`).
         """
-        from pyroem.program.pointwise import (
-            pointwise_log_likelihood,
-            pointwise_log_likelihood_draws,
-        )
-
         assert self.draws is not None
         continuous = {name: self.draws[name] for name in self.program.latents}  # type: ignore[attr-defined]
         if continuous:

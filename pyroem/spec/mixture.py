@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyro
@@ -13,19 +13,11 @@ import pyro.distributions as dist
 import torch
 
 from pyroem.errors import DataError, SpecError
+from pyroem.initialization import initial_params
 from pyroem.spec.families import Family, family_from_config, make_family
+from pyroem.spec.params import MixtureParams
 
 __all__ = ["MISSING_DATA_SUPPORT", "Mixture", "MixtureParams", "as_data", "fill_missing"]
-
-
-class MixtureParams(NamedTuple):
-    """Mixing weights ``(K,)``, the family's component parameters, and ``active``
-    ``(K,)``: the original index of each component (components whose weight
-    collapsed are removed, see ``weights_prior``)."""
-
-    weights: torch.Tensor
-    components: Any
-    active: torch.Tensor
 
 
 def _is_complex(data: Any) -> bool:
@@ -283,8 +275,6 @@ class Mixture:
         Returns:
             ``mixture_model(data=data)``: a callable Pyro model returning ``z``.
         """
-        from pyroem.initialization import initial_params
-
         # A floating tensor keeps its dtype (a float32 fit builds a float32 program).
         floating = isinstance(data, torch.Tensor) and data.is_floating_point()
         tensor = as_data(data, dtype=data.dtype if floating else torch.float64)

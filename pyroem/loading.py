@@ -1,0 +1,365 @@
+"""Reading a saved fit of any kind back (:func:`pyroem.load`), without pickle."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from pyroem.archive import FORMAT_VERSION, MIXTURE_FORMAT, PROGRAM_FORMAT, read_arrays
+from pyroem.em import History
+from pyroem.errors import FitFileError, PyroEMError
+from pyroem.program.model import ProgramModel
+from pyroem.program.results import ProgramFit
+from pyroem.results import FitResult
+from pyroem.spec.mixture import Mixture, MixtureParams
+from pyroem.variational.cavi import restore_variational_fit
+
+__all__ = ["load"]
+
+
+def load(
+    path: str | os.PathLike[str],
+    model: Callable[..., Any] | None = None,
+    *model_args: Any,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Any:
+    """Read a fit written by ``fit.save`` (never unpickles).
+
+    The whole archive is checked before anything is built: every array present,
+    of the saved dtype and of the shape the metadata implies (sizes bounded by the
+    bytes actually stored), finite, and the parameters inside their supports.
+
+    Args:
+        path: the ``.npz`` file.
+        model: for the fit of a Pyro program, the program (code is not saved), run as
+            ``model(*model_args, **model_kwargs)``; unused for a ``Mixture``.
+
+    Returns:
+        A :class:`FitResult` for a ``Mixture`` fitted by any method (a
+        :class:`~pyroem.VariationalFit` for CAVI), a
+        :class:`~pyroem.ProgramFit` for a Pyro program.
+
+    Raises:
+        FitFileError: the file is missing, not a pyroem fit, damaged or inconsistent;
+            the message names what is wrong.
+    """
+    where = os.fspath(path)
+    arrays = read_arrays(where)
+    if "meta" in arrays and _format_of(arrays["meta"]) == PROGRAM_FORMAT:
+        return _load_program_fit(arrays, where, model, model_args, model_kwargs)
+    meta = _read_meta(arrays, where)
+    try:
+        fields = _checked_fields(arrays, meta)
+    except FitFileError as err:
+        raise FitFileError(f"{where!r} is not a valid pyroem fit: {err}") from None
+    if "variational" in meta:
+        try:
+            result: FitResult = restore_variational_fit(arrays, meta["variational"], fields)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            raise FitFileError(
+                f"{where!r} is not a valid pyroem fit: its variational factors do not fit "
+                f"the model ({type(err).__name__}: {err})"
+            ) from err
+    else:
+        result = FitResult(**fields)
+    result.runtime = float(meta["runtime"])
+    return result
+
+
+def _format_of(meta: np.ndarray) -> Any:
+    try:
+        return json.loads(str(meta)).get("format")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _read_meta(
+    arrays: dict[str, np.ndarray],
+    where: str,
+    form: str = MIXTURE_FORMAT,
+    expected: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The metadata, checked for every key :func:`load` reads and its type."""
+    if "meta" not in arrays:
+        raise FitFileError(f"{where!r} is not a pyroem fit (no metadata)")
+    try:
+        meta = json.loads(str(arrays["meta"]))
+    except ValueError as err:
+        raise FitFileError(f"cannot read a pyroem fit from {where!r}: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != form:
+        raise FitFileError(f"{where!r} is not a pyroem fit")
+    if expected is None:
+        expected = {
+            "version": int,
+            "method": str,
+            "spec": dict,
+            "dim": int,
+            "dtype": str,
+            "converged": bool,
+            "num_iterations": int,
+            "objective": float,
+            "options": dict,
+        }
+    for key, kind in expected.items():
+        value = meta.get(key)
+        numeric = kind is float and isinstance(value, int | float) and not isinstance(value, bool)
+        if not (numeric or (isinstance(value, kind) and not (kind is int and value is True))):
+            raise FitFileError(
+                f"{where!r} is not a valid pyroem fit: metadata {key!r} should be a "
+                f"{kind.__name__}; got {value!r}"
+            )
+    if meta["version"] != FORMAT_VERSION:
+        raise FitFileError(
+            f"{where!r} was written in pyroem fit format {meta['version']}; this version "
+            f"reads format {FORMAT_VERSION}"
+        )
+    if meta.get("dtype", "float64") not in ("float32", "float64"):
+        raise FitFileError(f"{where!r}: dtype must be float32 or float64; got {meta['dtype']!r}")
+    runtime = meta.setdefault("runtime", math.nan)
+    if not isinstance(runtime, int | float) and runtime is not None:
+        raise FitFileError(f"{where!r}: metadata 'runtime' should be a number; got {runtime!r}")
+    if runtime is None:
+        meta["runtime"] = math.nan
+    return meta
+
+
+def _array(
+    arrays: dict[str, np.ndarray],
+    name: str,
+    dtype: Any,
+    shape: tuple[int, ...] | None = None,
+    ndim: int | None = None,
+    finite: bool = True,
+) -> np.ndarray:
+    """``arrays[name]``, checked for presence, dtype, shape and finiteness."""
+    if name not in arrays:
+        raise FitFileError(f"array {name!r} is missing")
+    value = arrays[name]
+    if value.dtype != np.dtype(dtype):
+        raise FitFileError(f"array {name!r} has dtype {value.dtype}; expected {np.dtype(dtype)}")
+    if shape is not None and value.shape != shape:
+        raise FitFileError(f"array {name!r} has shape {value.shape}; expected {shape}")
+    if ndim is not None and value.ndim != ndim:
+        raise FitFileError(f"array {name!r} has {value.ndim} dimensions; expected {ndim}")
+    if finite and value.dtype.kind == "f" and not np.isfinite(value).all():
+        raise FitFileError(f"array {name!r} holds NaN or infinite values")
+    return value
+
+
+def _checked_fields(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`FitResult` fields, each array checked against the metadata and the
+    parameters against their supports, before anything is built from them."""
+    float_type = np.dtype(meta["dtype"])
+    try:
+        spec = Mixture.from_config(meta["spec"])
+        family_config = meta["spec"]["family"]
+    except (PyroEMError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise FitFileError(
+            f"its model description is invalid ({type(err).__name__}: {err})"
+        ) from err
+    weights = _array(arrays, "weights", float_type, ndim=1)
+    num_active = weights.shape[0]
+    if not 1 <= num_active <= spec.num_components:
+        raise FitFileError(
+            f"it has {num_active} weights for a mixture of {spec.num_components} components"
+        )
+    if (weights < 0).any() or abs(float(weights.sum()) - 1) > 1e-4:
+        raise FitFileError("its weights are not probabilities (non-negative, summing to 1)")
+    active = _array(arrays, "active", np.int64, shape=(num_active,))
+    if (
+        len(set(active.tolist())) != num_active
+        or not ((active >= 0) & (active < spec.num_components)).all()
+    ):
+        raise FitFileError(
+            f"'active' must hold distinct components in 0..{spec.num_components - 1}"
+        )
+    names = spec.family.params_type._fields
+    saved = sorted(key.removeprefix("component/") for key in arrays if key.startswith("component/"))
+    if saved != sorted(names):
+        raise FitFileError(
+            f"the {family_config.get('family')!r} family has parameters {sorted(names)}; "
+            f"the file holds {saved}"
+        )
+    components = {name: _array(arrays, f"component/{name}", float_type) for name in names}
+    dim = meta["dim"]
+    # Every family's first parameter is (K, dim, ...): the arrays present bound dim.
+    first = components[names[0]]
+    if first.ndim < 2 or first.shape[1] != dim:
+        raise FitFileError(
+            f"its {names[0]} have shape {first.shape}, which does not hold dim={dim}"
+        )
+    shift = None
+    if "shift" in arrays:
+        shift = torch.from_numpy(_array(arrays, "shift", float_type, shape=(dim,)))
+    dtype = getattr(torch, meta["dtype"])
+    try:
+        family = spec.family.rebind(dim, shift, dtype)
+        family._check_user_params(
+            family.params_type(**{k: torch.from_numpy(v.copy()) for k, v in components.items()}),
+            num_active,
+        )
+    except (PyroEMError, ValueError, RuntimeError) as err:
+        raise FitFileError(f"its parameters are invalid: {err}") from None
+    pointwise = _array(arrays, "pointwise_log_likelihood", float_type, ndim=1)
+    labels = _array(arrays, "labels", np.int64, shape=pointwise.shape)
+    if labels.size and not ((labels >= 0) & (labels < num_active)).all():
+        raise FitFileError(f"its labels must lie in 0..{num_active - 1}")
+    restarts = _array(arrays, "restart_objectives", np.float64, ndim=1, finite=False)
+    history = [
+        _array(arrays, f"history/{name}", np.float64, ndim=1, finite=False)
+        for name in History._fields
+    ]
+    if len({len(entry) for entry in history}) != 1:
+        raise FitFileError("its history arrays differ in length")
+    draws = {
+        key.removeprefix("draws/"): torch.from_numpy(_array(arrays, key, arrays[key].dtype))
+        for key in arrays
+        if key.startswith("draws/")
+    }
+    params = {"weights": weights.shape, **{k: v.shape for k, v in components.items()}}
+    for name, value in draws.items():
+        expected = params.get(name)
+        if expected is not None and tuple(value.shape[2:]) != expected:
+            raise FitFileError(
+                f"draws of {name!r} have shape {tuple(value.shape)}; expected "
+                f"(num_chains, num_draws, *{expected})"
+            )
+    for key in arrays:
+        if key.startswith("variational/"):
+            _array(arrays, key, float_type)
+        known = ("component/", "history/", "draws/", "sample_stats/", "variational/")
+        if key not in _TOP_LEVEL and not key.startswith(known):
+            raise FitFileError(f"it holds an unknown array {key!r}")
+    sample_stats = {
+        key.removeprefix("sample_stats/"): arrays[key]
+        for key in arrays
+        if key.startswith("sample_stats/")
+    }
+    internal = MixtureParams(
+        torch.from_numpy(weights),
+        family.params_type(**{k: torch.from_numpy(v) for k, v in components.items()}),
+        torch.from_numpy(active),
+    )
+    return dict(
+        spec=spec,
+        family=family,
+        method=meta["method"],
+        internal=internal,
+        history=History(*history),
+        converged=meta["converged"],
+        num_iterations=meta["num_iterations"],
+        pointwise_log_likelihood=torch.from_numpy(pointwise),
+        labels=torch.from_numpy(labels),
+        objective=float(meta["objective"]),
+        restart_objectives=restarts.tolist(),
+        options=meta["options"],
+        draws=draws or None,
+        sample_stats=sample_stats,
+    )
+
+
+_TOP_LEVEL = (
+    "meta",
+    "weights",
+    "active",
+    "pointwise_log_likelihood",
+    "labels",
+    "restart_objectives",
+    "shift",
+)
+
+
+def _load_program_fit(
+    arrays: dict[str, np.ndarray],
+    where: str,
+    model: Callable[..., Any] | None,
+    model_args: tuple[Any, ...],
+    model_kwargs: dict[str, Any] | None,
+) -> Any:
+    """A :class:`~pyroem.ProgramFit` from its archive and the program, checked first."""
+    expected = {
+        "version": int,
+        "method": str,
+        "program": str,
+        "m_step_kinds": dict,
+        "log_likelihood": float,
+        "log_joint": float,
+        "converged": bool,
+        "num_iterations": int,
+        "num_data": int,
+        "options": dict,
+    }
+    meta = _read_meta(arrays, where, PROGRAM_FORMAT, expected)
+    if model is None:
+        raise FitFileError(
+            f"{where!r} holds a fit of the Pyro program {meta['program']}; its code is not "
+            f"saved: pass it, pyroem.load(path, {meta['program']}, *model_args)"
+        )
+    program = ProgramModel(model, model_args, model_kwargs)
+    try:
+        saved = sorted(k.removeprefix("params/") for k in arrays if k.startswith("params/"))
+        if saved != sorted(program.params):
+            raise FitFileError(
+                f"it holds parameters {saved}; the program given has {sorted(program.params)}"
+            )
+        values = {}
+        for name, site in program.params.items():
+            like = program.param_inits.get(name)
+            dtype = like.dtype if like is not None else torch.get_default_dtype()
+            value = torch.from_numpy(
+                _array(arrays, f"params/{name}", np.dtype(str(dtype).removeprefix("torch.")))
+            )
+            if value.shape != site.shape or not bool(site.constraint.check(value).all()):
+                raise FitFileError(
+                    f"parameter {name!r} (shape {tuple(value.shape)}) does not fit the "
+                    f"program's site (shape {tuple(site.shape)}, support {site.constraint})"
+                )
+            values[name] = value
+        marginals = {
+            k.removeprefix("marginals/"): torch.from_numpy(_array(arrays, k, arrays[k].dtype))
+            for k in arrays
+            if k.startswith("marginals/")
+        }
+        history = [
+            _array(arrays, f"history/{name}", np.float64, ndim=1, finite=False)
+            for name in History._fields
+        ]
+        if len({len(entry) for entry in history}) != 1:
+            raise FitFileError("its history arrays differ in length")
+        restarts = _array(arrays, "restart_objectives", np.float64, ndim=1, finite=False)
+        draws = {
+            k.removeprefix("draws/"): torch.from_numpy(_array(arrays, k, arrays[k].dtype))
+            for k in arrays
+            if k.startswith("draws/")
+        }
+    except FitFileError as err:
+        raise FitFileError(f"{where!r} is not a valid pyroem fit: {err}") from None
+    result = ProgramFit(
+        program=program,
+        method=meta["method"],
+        values=values,
+        m_step_kinds=meta["m_step_kinds"],
+        marginals=marginals,
+        log_likelihood=float(meta["log_likelihood"]),
+        log_joint=float(meta["log_joint"]),
+        history=History(*history),
+        converged=meta["converged"],
+        num_iterations=meta["num_iterations"],
+        num_data=meta["num_data"],
+        restart_objectives=restarts.tolist(),
+        options=meta["options"],
+        draws=draws or None,
+        sample_stats={
+            k.removeprefix("sample_stats/"): arrays[k]
+            for k in arrays
+            if k.startswith("sample_stats/")
+        },
+    )
+    result.runtime = float(meta["runtime"])
+    return result

@@ -1,0 +1,180 @@
+"""The package's import structure: no import cycles, no imports hidden in functions.
+
+The graph is read from the source with :mod:`ast` (nothing is imported): an edge
+``a -> b`` for each ``import``/``from`` statement that runs when module ``a`` is
+imported (module level and class bodies, not ``if TYPE_CHECKING:`` blocks, not
+function bodies) and names pyroem module ``b``. A cycle in it means some module
+sees another half-initialised, depending on which one is imported first.
+
+An import inside a function usually hides such a cycle. The only ones allowed are
+listed in ``LOCAL_IMPORTS_ALLOWED``, each with its reason, and the list must match
+the code exactly, so that a new one fails here.
+"""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "pyroem"
+
+#: Modules that import pyroem modules inside functions: the modules so imported, and why.
+LOCAL_IMPORTS_ALLOWED: dict[str, tuple[set[str], str]] = {
+    "pyroem.cli": (
+        {
+            "pyroem.api",
+            "pyroem.comparison",
+            "pyroem.datasets",
+            "pyroem.plots",
+            "pyroem.results",
+            "pyroem.selection",
+            "pyroem.sources",
+            "pyroem.spec.mixture",
+        },
+        "the command answers --help and bad arguments before torch is imported",
+    ),
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, ast.Module]:
+    return {
+        _module_name(path): ast.parse(path.read_text(), filename=str(path))
+        for path in sorted(PACKAGE.rglob("*.py"))
+    }
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _targets(node: ast.Import | ast.ImportFrom, module: str, names: set[str]) -> set[str]:
+    """The pyroem modules an import statement in ``module`` loads."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names if alias.name in names}
+    assert node.level == 0, f"{module} imports relatively (line {node.lineno}); name the module"
+    base = node.module or ""
+    found = {base} if base in names else set()
+    found |= {f"{base}.{alias.name}" for alias in node.names} & names
+    return found
+
+
+def _imports(
+    tree: ast.Module, module: str, names: set[str]
+) -> tuple[set[str], list[tuple[int, str]]]:
+    """Modules imported when ``module`` is, and ``(line, module)`` imported inside functions."""
+    top: set[str] = set()
+    local: list[tuple[int, str]] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            targets = _targets(node, module, names) - {module}
+            if in_function:
+                local.extend((node.lineno, target) for target in sorted(targets))
+            else:
+                top.update(targets)
+            return
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.orelse:
+                visit(child, in_function)
+            return
+        inside = in_function or isinstance(
+            node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+        )
+        for child in ast.iter_child_nodes(node):
+            visit(child, inside)
+
+    visit(tree, False)
+    return top, local
+
+
+def _structure() -> tuple[dict[str, set[str]], dict[tuple[str, str], list[int]]]:
+    modules = _modules()
+    names = set(modules)
+    graph: dict[str, set[str]] = {}
+    local: dict[tuple[str, str], list[int]] = {}
+    for module, tree in modules.items():
+        graph[module], found = _imports(tree, module, names)
+        for line, target in found:
+            local.setdefault((module, target), []).append(line)
+    return graph, local
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a list of modules (first = last), or ``None``."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return [*path[path.index(target) :], target]
+            if target not in state and (cycle := visit(target)) is not None:
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)) is not None:
+            return cycle
+    return None
+
+
+def test_find_cycle_reports_a_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _find_cycle(graph) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_imports_tells_module_level_from_function_imports() -> None:
+    source = """
+from typing import TYPE_CHECKING
+import pyroem.a
+from pyroem import b
+if TYPE_CHECKING:
+    from pyroem.c import C
+class K:
+    from pyroem.d import D
+def f():
+    from pyroem.e import E
+    import numpy
+"""
+    names = {"pyroem", "pyroem.a", "pyroem.b", "pyroem.c", "pyroem.d", "pyroem.e"}
+    top, local = _imports(ast.parse(source), "pyroem.z", names)
+    assert top == {"pyroem.a", "pyroem", "pyroem.b", "pyroem.d"}
+    assert local == [(10, "pyroem.e")]
+
+
+def test_no_import_cycles() -> None:
+    graph, _ = _structure()
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_function_local_imports_are_exactly_the_allowed_ones() -> None:
+    _, local = _structure()
+    allowed = {
+        (module, target)
+        for module, (targets, _) in LOCAL_IMPORTS_ALLOWED.items()
+        for target in targets
+    }
+    unlisted = {
+        f"{module}:{lines} imports {target}"
+        for (module, target), lines in local.items()
+        if (module, target) not in allowed
+    }
+    assert not unlisted, "imports inside functions (move them to the top):\n" + "\n".join(
+        sorted(unlisted)
+    )
+    stale = allowed - set(local)
+    assert not stale, f"allowed local imports no longer in the code: {sorted(stale)}"
