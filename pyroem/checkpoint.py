@@ -147,11 +147,22 @@ def _decode(record: Any, arrays: Mapping[str, np.ndarray]) -> Any:
     raise ValueError(f"unknown record kind {kind!r}")
 
 
+#: Modules renamed since checkpoints were first written: a record type named by its old
+#: module is read from the new one, so that older checkpoints still resume.
+_RENAMED_MODULES = {
+    "pyroem.variational._cavi_conjugate": "pyroem.variational.cavi_conjugate",
+    "pyroem.program._chain": "pyroem.program.chain",
+    "pyroem.program._compiled": "pyroem.program.compiled",
+    "pyroem.program._stacked": "pyroem.program.stacked",
+}
+
+
 def _named_type(name: str) -> Any:
     """A NamedTuple class of pyroem by ``module:qualname`` (nothing else is imported)."""
     module, _, qualname = name.partition(":")
     if not module.startswith("pyroem.") or "." in qualname:
         raise ValueError(f"{name!r} is not a pyroem record type")
+    module = _RENAMED_MODULES.get(module, module)
     kind = getattr(importlib.import_module(module), qualname)
     if not (isinstance(kind, type) and issubclass(kind, tuple) and hasattr(kind, "_fields")):
         raise ValueError(f"{name!r} is not a record type")

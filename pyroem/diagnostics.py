@@ -25,7 +25,7 @@ from pyroem.alignment import align_fits
 from pyroem.errors import NotSupportedError, SpecError
 from pyroem.estep.enumerate import score_mixture
 from pyroem.fit_kinds import is_mixture_fit, is_program_fit
-from pyroem.program.model import _Inject
+from pyroem.program.model import Inject
 from pyroem.program.pointwise import observation_plate, pointwise_log_likelihood_draws
 from pyroem.spec.params import MixtureParams
 
@@ -441,7 +441,7 @@ def _program_predictive(fit: Any, generator: torch.Generator) -> dict[str, np.nd
     with torch.no_grad(), torch.random.fork_rng(), pyro.validation_enabled(False):
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
         for values in thetas:
-            released = _Inject(values)(poutine.uncondition(program.model))
+            released = Inject(values)(poutine.uncondition(program.model))
             with poutine.block():
                 trace = poutine.trace(released).get_trace(
                     *program.model_args, **program.model_kwargs

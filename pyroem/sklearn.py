@@ -41,13 +41,17 @@ from pyroem.errors import (
     PyroEMError,
     SpecError,
 )
-from pyroem.estep.enumerate import MixtureEStep, add_statistics, score_mixture
+from pyroem.estep.enumerate import (
+    MixtureEStep,
+    add_statistics,
+    scale_statistics,
+    score_mixture,
+)
 from pyroem.initialization import initial_params
 from pyroem.mstep.mixture import mixture_m_step
 from pyroem.spec.families import Bernoulli, Categorical, Family, Gaussian, Poisson
 from pyroem.spec.mixture import Mixture, MixtureParams, fill_missing
 from pyroem.spec.priors import NormalInverseWishart
-from pyroem.stepwise import _scale as scale_statistics
 from pyroem.stepwise import step_size
 
 __all__ = [

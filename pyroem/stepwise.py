@@ -31,7 +31,7 @@ import torch
 
 from pyroem.em import EMRun, Engine, EStepResult, MStepResult
 from pyroem.errors import SpecError
-from pyroem.estep.enumerate import add_statistics
+from pyroem.estep.enumerate import add_statistics, scale_statistics
 from pyroem.initialization import initial_params, seeded_generator
 from pyroem.mstep.mixture import mixture_m_step
 from pyroem.options import check_integer
@@ -46,11 +46,6 @@ __all__ = ["StepwiseEngine", "step_size"]
 def step_size(t: int, kappa: float) -> float:
     """``γ_t = (t + 2)^{−κ}``, the weight of update ``t`` (``t = 1, 2, …``)."""
     return float((t + 2) ** (-kappa))
-
-
-def _scale(stats: Any, factor: float) -> Any:
-    """Statistics of the same data with every weight multiplied by ``factor``."""
-    return type(stats)(*(factor * value for value in stats))
 
 
 def _average(mean: MixtureParams, new: MixtureParams, count: int) -> MixtureParams:
@@ -158,12 +153,16 @@ class StepwiseEngine(Engine):
             batch_estep = ChunksEStep(
                 self.family, weights_prior, [batch], batch.dtype, batch.device
             )
-            estimate = _scale(batch_estep(self.current).stats, self.num_data / batch.shape[0])
+            estimate = scale_statistics(
+                batch_estep(self.current).stats, self.num_data / batch.shape[0]
+            )
             if self.stats is None:
                 self.stats = estimate
             else:
                 gain = step_size(self.updates, self.kappa)
-                self.stats = add_statistics(_scale(self.stats, 1.0 - gain), _scale(estimate, gain))
+                self.stats = add_statistics(
+                    scale_statistics(self.stats, 1.0 - gain), scale_statistics(estimate, gain)
+                )
             self.updates += 1
             before = self.current.active
             self.current = mixture_m_step(self.family, weights_prior, self.stats, self.current)

@@ -437,3 +437,34 @@ def test_vb_em_warm_start_from_a_fit_that_removed_a_component(covariance_type: s
     expected = alpha / (num_components * alpha + len(data))
     for component in removed:
         assert float(fit.params["weights"][component]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_checkpoint_naming_a_renamed_module_resumes(tmp_path: Path) -> None:
+    """Checkpoints written before ``variational._cavi_conjugate`` became
+    ``variational.cavi_conjugate`` name ``q(θ)``'s record type by the old module."""
+    rng = np.random.default_rng(0)
+    data = np.concatenate([rng.poisson(2.0, (40, 2)), rng.poisson(9.0, (40, 2))]).astype(float)
+    options: dict[str, Any] = {"method": "vb-em", "seed": 0, "progress": False}
+    path = tmp_path / "run.ckpt"
+    _quiet(pyroem.fit, pyroem.Mixture(2, "poisson"), data, max_iter=3, checkpoint=path, **options)
+    with np.load(path) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    meta = str(arrays["meta"])
+    new_name = "pyroem.variational.cavi_conjugate:GammaPosterior"
+    assert new_name in meta
+    arrays["meta"] = np.array(
+        meta.replace(new_name, "pyroem.variational._cavi_conjugate:GammaPosterior")
+    )
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+    resumed = _quiet(
+        pyroem.fit,
+        pyroem.Mixture(2, "poisson"),
+        data,
+        max_iter=50,
+        checkpoint=path,
+        resume=True,
+        **options,
+    )
+    reference = _quiet(pyroem.fit, pyroem.Mixture(2, "poisson"), data, max_iter=50, **options)
+    _assert_same_fit(reference, resumed)

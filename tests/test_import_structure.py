@@ -9,6 +9,11 @@ sees another half-initialised, depending on which one is imported first.
 An import inside a function usually hides such a cycle. The only ones allowed are
 listed in ``LOCAL_IMPORTS_ALLOWED``, each with its reason, and the list must match
 the code exactly, so that a new one fails here.
+
+A private name (one leading underscore, not a dunder) belongs to its module: no other
+pyroem module imports it or reads it as ``module._name``, and a private module
+(``pkg/_mod.py``) is imported by its own package's ``__init__`` only. A name shared
+between modules is public, with a docstring.
 """
 
 import ast
@@ -33,6 +38,11 @@ LOCAL_IMPORTS_ALLOWED: dict[str, tuple[set[str], str]] = {
         "the command answers --help and bad arguments before torch is imported",
     ),
 }
+
+
+#: Uses of another module's private name or of a private module, as
+#: ``"importer -> module:name"`` or ``"importer -> private.module"``, and why (none).
+PRIVATE_USES_ALLOWED: dict[str, str] = {}
 
 
 def _module_name(path: Path) -> str:
@@ -178,3 +188,82 @@ def test_function_local_imports_are_exactly_the_allowed_ones() -> None:
     )
     stale = allowed - set(local)
     assert not stale, f"allowed local imports no longer in the code: {sorted(stale)}"
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _private_uses(tree: ast.Module, module: str, names: set[str]) -> set[str]:
+    """The private names of other pyroem modules, and the private pyroem modules, that
+    ``module`` imports or reads as attributes of an imported module, anywhere in it."""
+    found: set[str] = set()
+    aliases: dict[str, str] = {}  # local name -> the pyroem module it is bound to
+
+    def private_module(target: str) -> None:
+        parent = target.rpartition(".")[0]
+        if target != module and module != parent and any(map(_is_private, target.split("."))):
+            found.add(f"{module} -> {target}")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in names:
+                    private_module(alias.name)
+                    if alias.asname:
+                        aliases[alias.asname] = alias.name
+        elif isinstance(node, ast.ImportFrom) and node.module in names:
+            private_module(node.module)
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                if full in names:
+                    private_module(full)
+                    aliases[alias.asname or alias.name] = full
+                elif _is_private(alias.name) and node.module != module:
+                    found.add(f"{module} -> {node.module}:{alias.name}")
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and aliases.get(node.value.id, module) != module
+            and _is_private(node.attr)
+        ):
+            found.add(f"{module} -> {aliases[node.value.id]}:{node.attr}")
+    return found
+
+
+def test_private_uses_are_found() -> None:
+    source = """
+import pyroem.a._hidden
+from pyroem.a import _helper, Public as _Alias, __version__
+from pyroem.b import _inner
+from pyroem import b, c as _c
+from pyroem.a._hidden import thing
+x = b._secret + _c._other + _c.public
+"""
+    names = {"pyroem", "pyroem.a", "pyroem.a._hidden", "pyroem.b", "pyroem.b._inner", "pyroem.c"}
+    assert _private_uses(ast.parse(source), "pyroem.z", names) == {
+        "pyroem.z -> pyroem.a._hidden",
+        "pyroem.z -> pyroem.a:_helper",
+        "pyroem.z -> pyroem.b._inner",
+        "pyroem.z -> pyroem.b:_secret",
+        "pyroem.z -> pyroem.c:_other",
+    }
+    # A package's __init__ may import its own private module; a module its own names.
+    init = "from pyroem.b import _inner\nfrom pyroem.b._inner import _detail\n"
+    assert _private_uses(ast.parse(init), "pyroem.b", names) == {
+        "pyroem.b -> pyroem.b._inner:_detail"
+    }
+
+
+def test_no_module_uses_another_modules_private_names() -> None:
+    modules = _modules()
+    names = set(modules)
+    found = set().union(*(_private_uses(tree, module, names) for module, tree in modules.items()))
+    unlisted = sorted(found - set(PRIVATE_USES_ALLOWED))
+    assert not unlisted, (
+        "private names or modules used across modules (make them public with a "
+        "docstring, or move them to their one user):\n" + "\n".join(unlisted)
+    )
+    stale = sorted(set(PRIVATE_USES_ALLOWED) - found)
+    assert not stale, f"allowed private uses no longer in the code: {stale}"

@@ -52,11 +52,11 @@ from torch.distributions import constraints
 
 import pyroem
 from pyroem.program import ProgramModel, conjugacy, posterior
-from pyroem.program._chain import Factor, build_chain_plan, log_evidence
-from pyroem.program._compiled import CompiledProgram, _stacked_tables, _table
-from pyroem.program._log_einsum import LogRing, einsum
-from pyroem.program._stacked import StackedUpdate
+from pyroem.program.chain import Factor, build_chain_plan, log_evidence
+from pyroem.program.compiled import CompiledProgram, _stacked_tables, _table
 from pyroem.program.fit import initial_values
+from pyroem.program.log_einsum import LogRing, einsum
+from pyroem.program.stacked import StackedUpdate
 
 fit_module = importlib.import_module("pyroem.program.fit")
 

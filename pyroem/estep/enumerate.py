@@ -33,6 +33,7 @@ __all__ = [
     "add_statistics",
     "mixture_log_likelihood",
     "normalise_log_joint",
+    "scale_statistics",
     "score_mixture",
 ]
 
@@ -47,6 +48,11 @@ def add_statistics(left: Any, right: Any) -> Any:
     if merge is not None:
         return merge(right)
     return type(left)(*(a + b for a, b in zip(left, right, strict=True)))
+
+
+def scale_statistics(stats: Any, factor: float) -> Any:
+    """Statistics of the same data with every weight multiplied by ``factor``."""
+    return type(stats)(*(factor * value for value in stats))
 
 
 CHUNK_BYTES = 4 * 2**20

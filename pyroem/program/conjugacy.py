@@ -36,7 +36,7 @@ import torch
 from torch.distributions import constraints
 
 from pyroem.mstep import conjugate
-from pyroem.program._compiled import ProgramRunner
+from pyroem.program.compiled import ProgramRunner, compact_view
 from pyroem.program.model import ProgramModel, sample_sites
 from pyroem.spec.distributions import InverseWishart
 
@@ -113,7 +113,7 @@ class ClosedForm(NamedTuple):
     jacobian: bool = False
 
 
-def _unwrap(fn: Any) -> tuple[Any, int]:
+def unwrap_distribution(fn: Any) -> tuple[Any, int]:
     """Strip ``Independent`` and ``expand`` wrappers; count reinterpreted dims."""
     event_ndims = 0
     while True:
@@ -173,17 +173,6 @@ def _probes(
         (rows * gain[:, None, None]).reshape(value.shape),
         (rows * random_gain[:, None, None]).reshape(value.shape),
     )
-
-
-def _compact(tensor: torch.Tensor) -> torch.Tensor:
-    """A view of ``tensor`` without its broadcast copies: size 1 along every expanded
-    (stride-0) dimension. It broadcasts back to ``tensor``."""
-    if tensor.is_contiguous():
-        return tensor  # no stride-0 dimension of size > 1
-    for dim, (size, stride) in enumerate(zip(tensor.shape, tensor.stride(), strict=True)):
-        if stride == 0 and size > 1:
-            tensor = tensor.narrow(dim, 0, 1)
-    return tensor
 
 
 def _broadcast_shape(*shapes: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
@@ -307,7 +296,7 @@ def _matrix_index(
     return index.expand(shape) if ok and dim == rows1.shape[-1] else None
 
 
-# Per known family (after ``_unwrap``), the attributes its log-density reads besides
+# Per known family (after ``unwrap_distribution``), the attributes its log-density reads besides
 # the value. Their changes between probe runs say how a parameter enters the site.
 _FAMILY_ATTRS: tuple[tuple[type, tuple[str, ...]], ...] = (
     (dist.Categorical, ("probs",)),
@@ -356,8 +345,8 @@ def _recognise_use(
     before: Any, after: Any, probe: tuple[torch.Tensor, torch.Tensor], kind: str
 ) -> Use | None:
     """Match one changed site against the known (family, parameter) forms."""
-    fn1, event_ndims = _unwrap(before["fn"])
-    fn2, _ = _unwrap(after["fn"])
+    fn1, event_ndims = unwrap_distribution(before["fn"])
+    fn2, _ = unwrap_distribution(after["fn"])
     first, second = _attrs_of(fn1), _attrs_of(fn2)
     if type(fn1) is not type(fn2) or first is None or second is None:
         return None
@@ -433,16 +422,16 @@ def _holds(
     """
     if fn1.family is not fn3.family:
         return False
-    rows, slot, shape = _compact(use.rows), use.slot, tuple(use.rows.shape)
+    rows, slot, shape = compact_view(use.rows), use.slot, tuple(use.rows.shape)
     flat1, flat3 = probe1.reshape(-1), probe3.reshape(-1)
 
     def same(attr: str) -> bool:
         first, third = getattr(fn1, attr), getattr(fn3, attr)
-        return _close_to(_compact(third), third.shape, _compact(first), first.shape)
+        return _close_to(compact_view(third), third.shape, compact_view(first), first.shape)
 
     def moved(attr: str, expected: torch.Tensor, expected_shape: tuple[int, ...]) -> bool:
         """``fn3.attr − fn1.attr`` (or the ratio for rates and scales) is ``expected``."""
-        first, third = _compact(getattr(fn1, attr)), _compact(getattr(fn3, attr))
+        first, third = compact_view(getattr(fn1, attr)), compact_view(getattr(fn3, attr))
         if attr == "loc":
             change = third - first
         elif attr == "scale":
@@ -455,9 +444,9 @@ def _holds(
     if slot == "categorical":
         width = probe3.shape[-1]
         expected = probe3.reshape(-1, width)[rows]
-        return _close_to(_compact(fn3.probs), fn3.probs.shape, expected, (*shape, width))
+        return _close_to(compact_view(fn3.probs), fn3.probs.shape, expected, (*shape, width))
     if slot in ("bernoulli", "binomial"):
-        return _close_to(_compact(fn3.probs), fn3.probs.shape, flat3[rows], shape)
+        return _close_to(compact_view(fn3.probs), fn3.probs.shape, flat3[rows], shape)
     if slot in ("poisson", "exponential"):
         return moved("rate", (flat3 / flat1)[rows], shape)
     if slot == "normal-loc":
@@ -480,7 +469,7 @@ def _recognise_prior(program: ProgramModel, name: str, slot: str, site: Any) -> 
     accepted, likelihood = _PRIORS[slot]
     if program.params[name].kind == "param":
         return f"flat-{likelihood}"
-    prior, _ = _unwrap(site["fn"])
+    prior, _ = unwrap_distribution(site["fn"])
     if not isinstance(prior, accepted):
         return None
     if prior_weight(site) is not None and not isinstance(prior, ADJUSTABLE_PRIORS):
@@ -656,7 +645,7 @@ def _reachability(run: _TrackedRun) -> _Reachability:
     sites, attrs = {}, {}
     with pyro.validation_enabled(False):
         for name, site in run.sites.items():
-            family = _unwrap(site["fn"])[0]
+            family = unwrap_distribution(site["fn"])[0]
             known = _family_attrs(family)
             if known is None:
                 table = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
@@ -744,7 +733,7 @@ def _recognise_jointly(
     failed: set[str] = set()
     for site_name in runner.names:
         sites = [run[site_name] for run in runs]
-        unwrapped = [_unwrap(site["fn"]) for site in sites]
+        unwrapped = [unwrap_distribution(site["fn"]) for site in sites]
         attrs = [_attrs_of(fn) for fn, _ in unwrapped]
         if any(a is None for a in attrs) or len({type(fn) for fn, _ in unwrapped}) > 1:
             owners = (reach.sites[site_name] if reach is not None else members) & members
@@ -823,7 +812,7 @@ def _equal(first: torch.Tensor, second: torch.Tensor) -> bool:
     are broadcast alike."""
     if first.shape != second.shape:
         return False
-    compact, other = _compact(first), _compact(second)
+    compact, other = compact_view(first), compact_view(second)
     if compact.shape == other.shape:
         return torch.equal(compact, other)
     return torch.equal(first, second)
@@ -837,7 +826,7 @@ def _compacted(attrs: Any) -> _Attrs:
     """Attributes without broadcast copies (small ones as they are: cheaper to stack)."""
     return _Attrs(
         attrs.family,
-        {attr: _compact(t) if t.numel() >= 1024 else t for attr, t in attrs.tensors.items()},
+        {attr: compact_view(t) if t.numel() >= 1024 else t for attr, t in attrs.tensors.items()},
     )
 
 
@@ -915,8 +904,8 @@ def _recognise_alone(
         if site_name == name or unchanged:
             continue
         use = _recognise_use(site, second, (probes[0], probes[1]), kind)
-        first_attrs = _attrs_of(_unwrap(site["fn"])[0])
-        third_attrs = _attrs_of(_unwrap(third["fn"])[0])
+        first_attrs = _attrs_of(unwrap_distribution(site["fn"])[0])
+        third_attrs = _attrs_of(unwrap_distribution(third["fn"])[0])
         if (
             use is None
             or first_attrs is None
@@ -937,7 +926,7 @@ def _recognise_alone(
 
 def _use_weight(weight: torch.Tensor, event_ndims: int) -> torch.Tensor:
     """A use's weight table, compacted, with its site's reinterpreted dims appended."""
-    weight = _compact(weight)
+    weight = compact_view(weight)
     return weight.reshape((*weight.shape, *(1,) * event_ndims))
 
 
@@ -964,7 +953,7 @@ def _sums_by_row(
     that are constant along a dimension (a parameter per component, the data per point)
     are never broadcast to the full entries.
     """
-    index = _compact(index)
+    index = compact_view(index)
     rank = len(shape)
     kept = (1,) * (rank - index.dim()) + tuple(index.shape)
     flat_index = index.expand(kept).reshape(-1)
@@ -1014,7 +1003,7 @@ SCALE_SLOTS = ("normal-variance", "normal-precision", "mvn-covariance")
 LOCATION_SLOTS = ("normal-loc", "mvn-loc")
 
 
-def _patched_site(
+def patched_site(
     site: Any, changes: Mapping[str, tuple[torch.Tensor, torch.Tensor]], blocks: Mapping[str, Any]
 ) -> Any:
     """A use site as it would be after the location updates in ``changes``.
@@ -1024,7 +1013,7 @@ def _patched_site(
     reads of a site, so it needs no new run of the program.
     """
     name = site["name"]
-    fn, _ = _unwrap(site["fn"])
+    fn, _ = unwrap_distribution(site["fn"])
     shift = None
     for other, (old, new) in changes.items():
         block = blocks.get(other)
@@ -1034,14 +1023,14 @@ def _patched_site(
             if use.site == name:
                 delta = new - old
                 width = 1 if block.slot == "normal-loc" else delta.shape[-1]
-                rows = delta.reshape(-1, width)[_compact(use.rows)]
+                rows = delta.reshape(-1, width)[compact_view(use.rows)]
                 step = rows[..., 0] if block.slot == "normal-loc" else rows
                 shift = step if shift is None else shift + step
     if shift is None and name not in changes:
         return site
     if shift is not None:
         if isinstance(fn, dist.Normal):
-            fn = dist.Normal(_compact(fn.loc) + shift, fn.scale, validate_args=False)
+            fn = dist.Normal(compact_view(fn.loc) + shift, fn.scale, validate_args=False)
         else:
             fn = dist.MultivariateNormal(fn.loc + shift, scale_tril=fn.scale_tril)
     value = changes[name][1] if name in changes else site["value"]
@@ -1064,7 +1053,7 @@ def closed_form_update(
         trace: a trace of the program at the current parameter values.
         weights: the E-step's Q weights.
         changes: for a scale block, ``{site: (old, new)}`` of location blocks updated
-            since ``trace`` was run (see :func:`_patched_site`).
+            since ``trace`` was run (see :func:`patched_site`).
         blocks: the recognised blocks by site, to read the changed locations' uses.
 
     Returns:
@@ -1077,10 +1066,10 @@ def closed_form_update(
         site = trace.nodes[use.site]
         weight = weights[use.site]
         if changes:
-            site = _patched_site(site, changes, blocks or {})
+            site = patched_site(site, changes, blocks or {})
         uses.append((use, site, weight))
     prior = None if prior_site is None else effective_prior(prior_site)
-    new = _UPDATES[block.slot](current, uses, prior, block.jacobian)
+    new = CONJUGATE_UPDATES[block.slot](current, uses, prior, block.jacobian)
     keep = ~torch.isfinite(new)
     return torch.where(keep, current, new).detach()
 
@@ -1115,7 +1104,7 @@ def effective_prior(site: Any) -> Any:
     ``s·b``, a ``Normal`` scale ``σ/√s``. ``s = 0`` gives a flat prior. (The
     log-Jacobian of the unconstrained space is the modes' ``unconstrained`` option.)
     """
-    prior = _unwrap(site["fn"])[0]
+    prior = unwrap_distribution(site["fn"])[0]
     s = prior_weight(site)
     if s is None:
         return prior
@@ -1153,8 +1142,8 @@ def _categorical(current: Tensor, uses: list[Any], prior: Any, unconstrained: bo
     for use, site, weight in uses:
         shape = _entry_shape(weight, use.event_ndims, site["value"], use.rows)
         w = _use_weight(weight, use.event_ndims)
-        value = _compact(site["value"]).long()
-        index = _compact(use.rows)
+        value = compact_view(site["value"]).long()
+        index = compact_view(use.rows)
         target = _broadcast_shape((1,) * len(shape), value.shape, index.shape)
         w = w.expand(shape).sum_to_size(target).reshape(-1)
         keys = (index.expand(target).reshape(-1), value.expand(target).reshape(-1))
@@ -1176,9 +1165,9 @@ def _row_sums(
     flat = current.reshape(-1)
     sums = [torch.zeros_like(flat), torch.zeros_like(flat)]
     for use, site, weight in uses:
-        fn, _ = _unwrap(site["fn"])
-        index = _compact(use.rows)
-        attrs, first, second = terms(fn, _compact(site["value"]), flat[index])
+        fn, _ = unwrap_distribution(site["fn"])
+        index = compact_view(use.rows)
+        attrs, first, second = terms(fn, compact_view(site["value"]), flat[index])
         shape = _entry_shape(weight, use.event_ndims, site["value"], use.rows, *attrs)
         w = _use_weight(weight, use.event_ndims)
         more = _sums_by_row(flat.numel(), index, shape, (w, *first), (w, *second))
@@ -1190,7 +1179,7 @@ def _row_sums(
 def _binary(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) -> Tensor:
     def terms(fn: Any, x: Tensor, theta: Tensor) -> _Terms:
         total = fn.total_count if isinstance(fn, dist.Binomial) else torch.ones(())
-        return (total,), (x,), (_compact(total),)
+        return (total,), (x,), (compact_view(total),)
 
     successes, trials = _row_sums(current, uses, terms)
     a, b = _flat_prior(current, prior, "concentration1", "concentration0")
@@ -1199,7 +1188,7 @@ def _binary(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) -
 
 def _rate(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool, slot: str) -> Tensor:
     def terms(fn: Any, x: Tensor, theta: Tensor) -> _Terms:
-        exposure = _compact(fn.rate) / theta
+        exposure = compact_view(fn.rate) / theta
         if slot == "poisson":
             return (fn.rate,), (x,), (exposure,)
         return (fn.rate,), (), (exposure, x)
@@ -1211,8 +1200,8 @@ def _rate(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool, slo
 
 def _normal_loc(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) -> Tensor:
     def terms(fn: Any, x: Tensor, theta: Tensor) -> _Terms:
-        inverse = 1 / _compact(fn.scale).square()
-        return (fn.loc, fn.scale), (inverse,), (inverse, x - (_compact(fn.loc) - theta))
+        inverse = 1 / compact_view(fn.scale).square()
+        return (fn.loc, fn.scale), (inverse,), (inverse, x - (compact_view(fn.loc) - theta))
 
     precision, weighted = _row_sums(current, uses, terms)
     mean, std = _flat_prior(current, prior, "loc", "scale")
@@ -1226,7 +1215,7 @@ def _normal_scale(
     current: Tensor, uses: list[Any], prior: Any, unconstrained: bool, slot: str
 ) -> Tensor:
     def terms(fn: Any, x: Tensor, theta: Tensor) -> _Terms:
-        loc, scale = _compact(fn.loc), _compact(fn.scale)
+        loc, scale = compact_view(fn.loc), compact_view(fn.scale)
         # scale² = c·θ (variance) or scale⁻² = c·θ (precision); (x−loc)²/scale² = r²/(cθ) or r²cθ.
         factor = theta / scale.square()
         if slot == "normal-precision":
@@ -1244,7 +1233,7 @@ def _mvn_entries(
 ) -> tuple[Any, tuple[int, ...], Tensor, Tensor]:
     """A multivariate normal use's distribution, its entries' batch shape, and their
     weights and parameter rows, each flattened ``(entries,)``."""
-    fn, _ = _unwrap(site["fn"])
+    fn, _ = unwrap_distribution(site["fn"])
     w = weight.reshape((*weight.shape, *(1,) * use.event_ndims))
     shapes = (site["value"].shape[:-1], fn.loc.shape[:-1], fn.scale_tril.shape[:-2])
     batch = _broadcast_shape(w.shape, use.rows.shape, *shapes)
@@ -1313,7 +1302,10 @@ def _mvn_covariance(current: Tensor, uses: list[Any], prior: Any, unconstrained:
     return conjugate.inverse_wishart_mode(scatter, counts, psi, df).reshape(current.shape)
 
 
-_UPDATES: dict[str, Any] = {
+#: The closed-form update of each block slot (``ClosedForm.slot``): called with the
+#: current value, its ``(use, site, weight)`` triples, the prior (or ``None``) and
+#: ``block.jacobian``, it returns the block's new value.
+CONJUGATE_UPDATES: dict[str, Any] = {
     "categorical": _categorical,
     "bernoulli": _binary,
     "binomial": _binary,

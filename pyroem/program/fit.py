@@ -15,20 +15,19 @@ import torch
 from pyroem.acceleration import ACCELERATIONS, SquaremEngine
 from pyroem.em import Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.errors import DataError, SpecError
-from pyroem.program._compiled import CompiledEStep, CompiledProgram
-from pyroem.program._stacked import StackedUpdate
+from pyroem.program.compiled import CompiledEStep, CompiledProgram
 from pyroem.program.conjugacy import (
     ADJUSTABLE_PRIORS,
     LOCATION_SLOTS,
     SCALE_SLOTS,
     ClosedForm,
-    _unwrap,
     closed_form_update,
     prior_weight,
     recognise,
+    unwrap_distribution,
 )
 from pyroem.program.gradient import gradient_m_step
-from pyroem.program.model import ProgramModel, _Inject, check_full_plates, sample_sites
+from pyroem.program.model import Inject, ProgramModel, check_full_plates, sample_sites
 from pyroem.program.posterior import posterior
 from pyroem.program.results import ProgramFit
 from pyroem.program.space import (
@@ -37,6 +36,7 @@ from pyroem.program.space import (
     resolve_space,
     unbounded_error,
 )
+from pyroem.program.stacked import StackedUpdate
 from pyroem.transforms import unconstraining
 
 __all__ = [
@@ -118,7 +118,7 @@ def initial_values(
     else:
         with torch.random.fork_rng(), pyro.get_param_store().scope(), poutine.block():
             torch.manual_seed(seed)
-            trace = poutine.trace(_Inject(fixed)(program.model)).get_trace(
+            trace = poutine.trace(Inject(fixed)(program.model)).get_trace(
                 *program.model_args, **program.model_kwargs
             )
         for name, site in sample_sites(trace):
@@ -257,7 +257,7 @@ def _adjust_blocks(
             adjusted[name] = block
             continue
         site = trace.nodes[name]
-        prior = _unwrap(site["fn"])[0]
+        prior = unwrap_distribution(site["fn"])[0]
         on_boundary = name in jacobian and block.slot not in LOCATION_SLOTS
         needs = prior_weight(site) is not None or on_boundary
         if needs and not isinstance(prior, ADJUSTABLE_PRIORS):

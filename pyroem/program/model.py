@@ -55,7 +55,7 @@ class ParamSite(NamedTuple):
     constraint: constraints.Constraint
 
 
-class _Inject(Messenger):
+class Inject(Messenger):
     """Sets parameter sites to given values: sample sites become observed (their
     log-probability is the log prior), ``pyro.param`` sites return the value."""
 
@@ -415,7 +415,7 @@ class ProgramModel:
         if missing:
             raise SpecError(f"parameter values missing for sites {missing}")
         first_dim = -self.max_plate_nesting - 1
-        program = poutine.enum(_Inject(values)(self.model), first_available_dim=first_dim)
+        program = poutine.enum(Inject(values)(self.model), first_available_dim=first_dim)
         with poutine.block(), pyro.validation_enabled(validate):
             try:
                 trace = poutine.trace(program).get_trace(*self.model_args, **self.model_kwargs)

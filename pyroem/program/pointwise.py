@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from pyroem.errors import NotSupportedError, SpecError
 from pyroem.program.model import ProgramModel, sample_sites
-from pyroem.program.posterior import _masked, _site_scale, common_scale
+from pyroem.program.posterior import common_scale, masked_log_prob, site_scale
 
 __all__ = ["observation_plate", "pointwise_log_likelihood", "pointwise_log_likelihood_draws"]
 
@@ -127,9 +127,13 @@ def pointwise_log_likelihood(
     for site_name, site in sample_sites(trace):
         if site_name in values:
             continue
-        scale = _site_scale(site)
+        scale = site_scale(site)
         enumerated = site["infer"].get("_enumerate_symbol") is not None
-        term = site["unscaled_log_prob"] if enumerated else _masked(site, site["unscaled_log_prob"])
+        term = (
+            site["unscaled_log_prob"]
+            if enumerated
+            else masked_log_prob(site, site["unscaled_log_prob"])
+        )
         if enum_symbols.isdisjoint(site["packed"]["unscaled_log_prob"]._pyro_dims):
             frame = next(f for f in _vectorized_plates(site) if f.name == name)
             total = total + scale * _keep_plate(term, frame.dim, size)

@@ -28,7 +28,7 @@ from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 
 from pyroem.errors import NotSupportedError
-from pyroem.program._log_einsum import LogRing
+from pyroem.program.log_einsum import LogRing
 from pyroem.program.model import ProgramModel, sample_sites
 
 __all__ = [
@@ -63,7 +63,12 @@ class Posterior(NamedTuple):
     trace: poutine.Trace
 
 
-def _site_scale(site: Any) -> float:
+def site_scale(site: Any) -> float:
+    """The site's scalar ``poutine.scale`` as a float.
+
+    Raises:
+        NotSupportedError: the scale is a tensor with dimensions.
+    """
     scale = site["scale"]
     if isinstance(scale, torch.Tensor):
         if scale.dim():
@@ -90,7 +95,8 @@ def common_scale(scales: set[float]) -> float:
     return scales.pop() if scales else 1.0
 
 
-def _masked(site: Any, log_prob: torch.Tensor) -> torch.Tensor:
+def masked_log_prob(site: Any, log_prob: torch.Tensor) -> torch.Tensor:
+    """``log_prob`` with the entries the site's ``poutine.mask`` turns off set to 0."""
     mask = site["mask"]
     if mask is None or mask is True:
         return log_prob
@@ -141,11 +147,11 @@ def log_joint_terms(
     log_likelihood: torch.Tensor | float = 0.0
     scales = set()
     for name, site in sample_sites(trace):
-        scale = _site_scale(site)
+        scale = site_scale(site)
         # As in Pyro's TraceEnum_ELBO, an enumerated site's own table is never masked:
         # masked it would be 0 for every value and add log(num_values) to the evidence.
         enumerated = site["infer"].get("_enumerate_symbol") is not None
-        term = log_probs[name] if enumerated else _masked(site, log_probs[name])
+        term = log_probs[name] if enumerated else masked_log_prob(site, log_probs[name])
         if name in program.params:
             log_prior = log_prior + scale * term.sum()
             continue
@@ -173,7 +179,7 @@ def log_joint_terms(
     return torch.as_tensor(log_likelihood, dtype=dtype), torch.as_tensor(log_prior, dtype=dtype)
 
 
-def _marginal(program: ProgramModel, site: Any, weight: torch.Tensor) -> torch.Tensor:
+def site_marginal(program: ProgramModel, site: Any, weight: torch.Tensor) -> torch.Tensor:
     """Sum a site's factor weights down to the marginal of its own value, shaped like
     the value would be without enumeration (its plates' dimensions, size-1 ones too)."""
     nesting = program.max_plate_nesting
@@ -186,7 +192,7 @@ def _marginal(program: ProgramModel, site: Any, weight: torch.Tensor) -> torch.T
     kept = max(plate_dims, default=0)
     # Dimensions left of the site's plates are all size 1 by now.
     batch = weight.shape[weight.dim() - 1 - kept : -1] if kept else ()
-    return weight.reshape(*batch, weight.shape[-1]) / _site_scale(site)
+    return weight.reshape(*batch, weight.shape[-1]) / site_scale(site)
 
 
 def posterior(
@@ -221,9 +227,9 @@ def posterior(
     weights = dict(zip(leaves, grads, strict=True))
     for name, term in param_terms.items():
         site = trace.nodes[name]
-        weights[name] = _masked(site, torch.full_like(term, _site_scale(site)))
+        weights[name] = masked_log_prob(site, torch.full_like(term, site_scale(site)))
     marginals = {
-        name: _marginal(program, trace.nodes[name], weights[name])
+        name: site_marginal(program, trace.nodes[name], weights[name])
         for name in program.enumerated
         if name in weights
     }
@@ -231,7 +237,7 @@ def posterior(
     # chain's transitions past a sequence's end do not count. Exact EM as long as no
     # unmasked site depends on a masked latent.
     for name in marginals:
-        weights[name] = _masked(trace.nodes[name], weights[name])
+        weights[name] = masked_log_prob(trace.nodes[name], weights[name])
     log_likelihood = log_likelihood.detach()
     return Posterior(log_likelihood, log_likelihood + log_prior.detach(), weights, marginals, trace)
 
@@ -254,6 +260,6 @@ def expected_log_joint(
         table = site["unscaled_log_prob"]
         # A mask that reads a latent is already in the weights (the posterior of its value).
         if not mask_reads_latents(site, enum_symbols):
-            table = _masked(site, table)
+            table = masked_log_prob(site, table)
         total = total + (weights[name] * table).sum()
     return total

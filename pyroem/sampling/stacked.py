@@ -35,7 +35,7 @@ import torch
 from torch.distributions import constraints
 
 from pyroem.errors import NotSupportedError, SpecError
-from pyroem.program.model import ProgramModel, _Inject, broadcast_error, sample_sites
+from pyroem.program.model import Inject, ProgramModel, broadcast_error, sample_sites
 
 __all__ = [
     "DRAWS_PLATE",
@@ -241,7 +241,7 @@ class StackedProgram(ProgramModel):
 
     def runnable(self, values: Mapping[str, torch.Tensor]) -> Callable[..., Any]:
         """The stacked program with parameters ``values``."""
-        return _Inject(values)(self.model)
+        return Inject(values)(self.model)
 
 
 def _mask_factor(site: Any, like: torch.Tensor) -> torch.Tensor:
@@ -405,7 +405,7 @@ def check_stackable(program: LatentProgram, values: Mapping[str, torch.Tensor]) 
             its latent values; the message says what to change.
     """
     with pyro.get_param_store().scope(), poutine.block(), pyro.validation_enabled(False):
-        prior = poutine.trace(_Inject(values)(program.model)).get_trace(
+        prior = poutine.trace(Inject(values)(program.model)).get_trace(
             *program.model_args, **program.model_kwargs
         )
     nodes: Any = prior.nodes

@@ -24,7 +24,7 @@ The state after each iteration is ``(q(z), q(π, θ))`` with ``q(π, θ)`` optim
 .. math:: \mathcal{L} = H(q(z)) + \log\frac{B(α + N)}{B(α)} + \log Z(r),
 
 where :math:`\log Z(r) = \log \int p(θ) \prod_{n,k} p(x_n | θ_k)^{r_{nk}} dθ`
-(:mod:`pyroem.variational._cavi_conjugate`). It never decreases.
+(:mod:`pyroem.variational.cavi_conjugate`). It never decreases.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from pyroem.options import check_integer, with_defaults
 from pyroem.results import FitResult
 from pyroem.spec.mixture import Mixture, MixtureParams
 from pyroem.stream import ChunksEStep, StreamedData, score_rows
-from pyroem.variational._cavi_conjugate import (
+from pyroem.variational.cavi_conjugate import (
     BetaPosterior,
     ConjugateFactor,
     DirichletPosterior,
@@ -77,7 +77,7 @@ class VariationalParams(NamedTuple):
     """``q(π) = Dirichlet(weights_concentration)`` ``(K,)``, or under the truncated
     Dirichlet-process prior the sticks' ``q(v_k) = Beta(γ_k1, γ_k2)`` as ``(K, 2)``, and
     the components' conjugate factor ``q(θ)`` (a posterior NamedTuple of
-    :mod:`pyroem.variational._cavi_conjugate`)."""
+    :mod:`pyroem.variational.cavi_conjugate`)."""
 
     weights_concentration: torch.Tensor
     components: Any

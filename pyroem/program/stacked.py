@@ -18,16 +18,15 @@ from typing import Any, NamedTuple
 import pyro.distributions as dist
 import torch
 
-from pyroem.program._compiled import CompiledEStep
+from pyroem.program.compiled import CompiledEStep, compact_view
 from pyroem.program.conjugacy import (
-    _UPDATES,
+    CONJUGATE_UPDATES,
     LOCATION_SLOTS,
     ClosedForm,
     Use,
-    _compact,
-    _patched_site,
-    _unwrap,
     effective_prior,
+    patched_site,
+    unwrap_distribution,
 )
 
 __all__ = ["StackedUpdate"]
@@ -83,7 +82,7 @@ def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     shape = tensors[0].shape
     if shape.numel() < _COMPACT_NUMEL:
         return torch.stack(list(tensors))
-    compact = [_compact(tensor) for tensor in tensors]
+    compact = [compact_view(tensor) for tensor in tensors]
     if any(
         t.shape != shape or c.shape != compact[0].shape
         for t, c in zip(tensors, compact, strict=True)
@@ -97,7 +96,7 @@ _COMPACT_NUMEL = 1024
 
 
 def _family(site: Any) -> Any:
-    return _unwrap(site["fn"])[0]
+    return unwrap_distribution(site["fn"])[0]
 
 
 def _cached(
@@ -261,7 +260,7 @@ class StackedUpdate:
             for other, rows in stack.shifts.items():
                 if other in changes:
                     old, new = changes[other]
-                    loc = _compact(loc) + (new - old).reshape(-1)[_compact(rows)]
+                    loc = compact_view(loc) + (new - old).reshape(-1)[compact_view(rows)]
             fn = dist.Normal(loc, params["scale"], validate_args=False)
         use = Use("", slot, stack.rows, stack.event_ndims)
         return use, {"value": value, "fn": fn}, self._weights(stack, estep)
@@ -290,9 +289,9 @@ class StackedUpdate:
         for use in self.single:
             site = sites[use.site]
             if changes:
-                site = _patched_site(site, changes, self.blocks)
+                site = patched_site(site, changes, self.blocks)
             uses.append((use, site, estep.weight(use.site)))
         name = self.block.name
         prior = effective_prior(sites[name]) if name in sites else None
-        new = _UPDATES[self.block.slot](current, uses, prior, self.block.jacobian)
+        new = CONJUGATE_UPDATES[self.block.slot](current, uses, prior, self.block.jacobian)
         return torch.where(torch.isfinite(new), new, current).detach()

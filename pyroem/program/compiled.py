@@ -18,7 +18,7 @@ inputs; only their bookkeeping is reused.
 
 The tables are then contracted as Pyro's ``TraceEnum_ELBO`` would (the log
 evidence, with scales and masks; an enumerated site's own table never masked):
-chain-structured models by :mod:`pyroem.program._chain` on stacked tables,
+chain-structured models by :mod:`pyroem.program.chain` on stacked tables,
 anything else by Pyro's ``contract_to_tensor``. One backward pass gives every
 table's weight in Q, as in :func:`pyroem.program.posterior`.
 """
@@ -39,15 +39,15 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions.utils import _sum_rightmost, probs_to_logits
 
-from pyroem.program._chain import ChainPlan, Factor, build_chain_plan, log_evidence
-from pyroem.program._log_einsum import LogRing
+from pyroem.program.chain import ChainPlan, Factor, build_chain_plan, log_evidence
+from pyroem.program.log_einsum import LogRing
 from pyroem.program.model import ProgramModel, sample_sites, set_param
 from pyroem.program.posterior import (
-    _marginal,
-    _masked,
-    _site_scale,
     common_scale,
     mask_reads_latents,
+    masked_log_prob,
+    site_marginal,
+    site_scale,
 )
 
 __all__ = ["CompiledEStep", "CompiledProgram", "ProgramRunner", "Recorder"]
@@ -143,7 +143,7 @@ def _signature(site: Any, enumerated: bool) -> tuple[Any, ...]:
         None if enumerated else site["value"].shape,
         site["cond_indep_stack"],
         _mask_key(site["mask"]),
-        _site_scale(site),
+        site_scale(site),
         infer.get("enumerate"),
         infer.get("_markov_scope"),
         infer.get("_markov_depth"),
@@ -212,11 +212,11 @@ def _table(site: Any) -> torch.Tensor:
         return fn.log_prob(value)
     if type(base) is dist.Categorical and "logits" not in base.__dict__:
         # The lazy ``logits`` of the broadcast ``probs``: one log per distinct entry.
-        base.__dict__["logits"] = probs_to_logits(_compact(base.probs)).expand(base.probs.shape)
+        base.__dict__["logits"] = probs_to_logits(compact_view(base.probs)).expand(base.probs.shape)
     attrs = _ELEMENTWISE.get(type(base))
     if attrs is None:
         return fn.log_prob(value)
-    params = [_compact(getattr(base, attr)) for attr in attrs]
+    params = [compact_view(getattr(base, attr)) for attr in attrs]
     if type(base) is dist.Normal:
         table = _normal_log_density(value, *params)
     else:
@@ -328,8 +328,11 @@ def _stacked_family_table(group: Sequence[Any]) -> torch.Tensor | None:
     return None
 
 
-def _compact(tensor: torch.Tensor) -> torch.Tensor:
-    """A view of ``tensor`` with size 1 along every expanded (stride-0) dimension."""
+def compact_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A view of ``tensor`` without its broadcast copies: size 1 along every expanded
+    (stride-0) dimension. It broadcasts back to ``tensor``."""
+    if tensor.is_contiguous():
+        return tensor  # no stride-0 dimension of size > 1
     for dim, (size, stride) in enumerate(zip(tensor.shape, tensor.stride(), strict=True)):
         if stride == 0 and size > 1:
             tensor = tensor.narrow(dim, 0, 1)
@@ -421,7 +424,7 @@ class CompiledProgram:
             if self.symbols.isdisjoint(dims):
                 self.free.append(name)
                 continue
-            scales.add(_site_scale(site))
+            scales.add(site_scale(site))
             self.dim_to_symbol[name] = site["infer"]["_dim_to_symbol"]
             plates = frozenset(
                 trace.plate_to_symbol[frame.name]
@@ -475,7 +478,7 @@ class CompiledProgram:
                 weight = estep.marginal_weights[key][position]
             else:
                 weight = estep.marginal_weights[name]
-            out[name] = _marginal(self.program, site, weight)
+            out[name] = site_marginal(self.program, site, weight)
         return out
 
     def run(self, values: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
@@ -512,9 +515,9 @@ class CompiledProgram:
         for names, terms in ((self.priors, prior_terms), (self.free, likelihood_terms)):
             for name in names:
                 site = sites[name]
-                scale = _site_scale(site)
-                terms.append(scale * _masked(site, tables[name]).sum())
-                weights[name] = _masked(site, torch.full_like(tables[name], scale))
+                scale = site_scale(site)
+                terms.append(scale * masked_log_prob(site, tables[name]).sum())
+                weights[name] = masked_log_prob(site, torch.full_like(tables[name], scale))
         stacks: dict[str, torch.Tensor] = {}
         marginal_weights: dict[str, torch.Tensor] = {}
         group_of: dict[str, tuple[str, int]] = {}
@@ -596,7 +599,7 @@ class CompiledProgram:
                 site = sites[name]
                 leaf = log_probs[name].detach().requires_grad_()
                 leaves[name] = leaf
-                term = leaf if name in enumerated else _masked(site, leaf)
+                term = leaf if name in enumerated else masked_log_prob(site, leaf)
                 term = packed.pack(term, self.dim_to_symbol[name])
                 log_factors.setdefault(self.ordinals[name], []).append(term)
             contracted = contract_to_tensor(log_factors, set(self.symbols), ring=LogRing())
@@ -607,7 +610,7 @@ class CompiledProgram:
         for name, grad in zip(leaves, grads, strict=True):
             if name in enumerated:
                 marginal_weights[name] = grad
-                grad = _masked(sites[name], grad)
+                grad = masked_log_prob(sites[name], grad)
             weights[name] = grad
         return value.detach()
 
