@@ -430,8 +430,8 @@ def test_closed_form_is_the_gradient_optimum(engine: str, name: str, tmp_path: P
 def test_svi_improves_beyond_its_monte_carlo_noise(engine: str, name: str) -> None:
     """SVI's ELBO is a one-draw estimate: single steps may go down, so monotonicity is not
     checked, and from a good start the gain can be smaller than the noise. Sound: the
-    mean of its last window is not below the mean of its first window by more than
-    three standard errors of the two windows' difference."""
+    mean of the last window is not below the ELBO at the start (one draw, with the
+    window's spread as its noise) by more than three standard errors of the difference."""
     torch.set_default_dtype(DTYPE)
     case = CASES_BY_NAME[name]
     fit = _quiet_fit(
@@ -440,9 +440,9 @@ def test_svi_improves_beyond_its_monte_carlo_noise(engine: str, name: str) -> No
     objective = np.asarray(fit.history.objective, dtype=float)
     assert np.isfinite(objective).all()
     window = 30
-    first, last = objective[:window], objective[-window:]
-    standard_error = math.sqrt(first.var(ddof=1) / window + last.var(ddof=1) / window)
-    assert last.mean() - first.mean() >= -3 * standard_error
+    last = objective[-window:]
+    standard_error = math.sqrt(last.var(ddof=1) * (1 + 1 / window))
+    assert last.mean() - objective[0] >= -3 * standard_error
 
 
 @pytest.mark.parametrize(("engine", "name"), _sweep("mcmc-em"))
