@@ -496,3 +496,26 @@ def test_stepwise_stays_within_its_step_size_of_batch(
     best = reference.log_likelihood()
     assert fit.log_likelihood() <= best + 1e-9 * abs(best)
     assert best - fit.log_likelihood() <= reference.num_parameters * last_step
+
+
+@pytest.mark.parametrize(("engine", "name"), [p for p in _sweep("map-em") if "program" in p.id])
+def test_gradient_m_step_cannot_improve_the_closed_form_optimum(
+    engine: str, name: str, tmp_path: Path
+) -> None:
+    """The same program fitted with ``m_step="gradient"`` from MAP-EM's fitted point: an
+    optimiser of Pyro's log joint finds no higher value (1e-8 relative: what the
+    closed-form run's tol=1e-12 stopping leaves, with room for the optimiser's rounding)."""
+    case = CASES_BY_NAME[name]
+    closed_form = _fit(engine, case, tmp_path)
+    gradient = _quiet_fit(
+        case.program,
+        case.data(),
+        m_step="gradient",
+        init=dict(closed_form.params),
+        seed=0,
+        tol=1e-12,
+        max_iter=50,
+    )
+    assert gradient.options["m_step"] == "gradient"
+    best = closed_form.log_joint()
+    assert gradient.log_joint() - best <= 1e-8 * abs(best)
