@@ -117,6 +117,41 @@ def _hmm_data(length: int, seed: int) -> torch.Tensor:
     return torch.tensor(values, dtype=DTYPE)
 
 
+def _exact_poisson_log_evidence(data: np.ndarray, concentration: float, rate: float) -> float:
+    """``log ∫ Π_n Poisson(x_n | λ) Gamma(λ | a, b) dλ`` per column, summed."""
+    total, num_data = data.sum(0), len(data)
+    per_column = (
+        concentration * np.log(rate)
+        - special.gammaln(concentration)
+        + special.gammaln(concentration + total)
+        - (concentration + total) * np.log(rate + num_data)
+        - special.gammaln(data + 1).sum(0)
+    )
+    return float(per_column.sum())
+
+
+def _exact_bernoulli_log_evidence(data: np.ndarray, ones: float, zeros: float) -> float:
+    """``log ∫ Π_n Bernoulli(x_n | p) Beta(p | a, b) dp`` per column, summed."""
+    successes = data.sum(0)
+    failures = len(data) - successes
+    per_column = special.betaln(ones + successes, zeros + failures) - special.betaln(ones, zeros)
+    return float(per_column.sum())
+
+
+def _exact_categorical_log_evidence(
+    data: np.ndarray, concentration: float, num_categories: int
+) -> float:
+    """``log ∫ Π_n Categorical(x_n | π) Dirichlet(π | α) dπ`` per column, summed."""
+    counts = np.stack([(data == c).sum(0) for c in range(num_categories)], -1)
+    total = num_categories * concentration
+    per_column = (
+        special.gammaln(total)
+        - special.gammaln(total + len(data))
+        + (special.gammaln(concentration + counts) - special.gammaln(concentration)).sum(-1)
+    )
+    return float(per_column.sum())
+
+
 # ----- the table ------------------------------------------------------------------------
 
 
@@ -131,6 +166,9 @@ class Case:
     program: Callable[..., None] | None = None
     family: str = ""
     covariance_type: str | None = None
+    #: The exact log evidence ``log p(x)``, where the variational family holds the
+    #: exact posterior (one component, conjugate prior).
+    log_evidence: Callable[[np.ndarray], float] | None = None
 
 
 def _mixture_data(
@@ -193,14 +231,29 @@ CASES: list[Case] = [
         )
         for ct in ("full", "diag", "spherical", "tied")
     ),
-    Case(
-        "poisson-one-component",
-        ("cavi",),
-        _mixture_data(
-            lambda: pyroem.Mixture(1, pyroem.Poisson(prior=pyroem.Gamma(2.0, 0.5))), 60, 3
-        ),
-        spec=lambda: pyroem.Mixture(1, pyroem.Poisson(prior=pyroem.Gamma(2.0, 0.5))),
-        family="poisson",
+    *(
+        Case(
+            f"{family.name}-one-component",
+            ("cavi",),
+            _mixture_data(lambda family=family: pyroem.Mixture(1, family), 60, 3),
+            spec=lambda family=family: pyroem.Mixture(1, family),
+            family=family.name,
+            log_evidence=evidence,
+        )
+        for family, evidence in (
+            (
+                pyroem.Poisson(prior=pyroem.Gamma(2.0, 0.5)),
+                lambda x: _exact_poisson_log_evidence(x, 2.0, 0.5),
+            ),
+            (
+                pyroem.Bernoulli(prior=pyroem.Beta(2.0, 3.0)),
+                lambda x: _exact_bernoulli_log_evidence(x, 2.0, 3.0),
+            ),
+            (
+                pyroem.Categorical(num_categories=3, prior=pyroem.Dirichlet(1.5)),
+                lambda x: _exact_categorical_log_evidence(x, 1.5, 3),
+            ),
+        )
     ),
     Case("gmm-program", ("map-em", "svi"), lambda: _two_clusters(80, 0), program=gmm_program),
     Case("hmm-program", ("map-em",), lambda: _hmm_data(30, 0), program=hmm_program),
@@ -324,25 +377,18 @@ def test_bound_is_tight_after_an_exact_e_step(engine: str, name: str, tmp_path: 
     assert float(fit.history.objective[-1]) == pytest.approx(expected, rel=1e-8)
 
 
-def _exact_poisson_log_evidence(data: np.ndarray, concentration: float, rate: float) -> float:
-    """``log ∫ Π_n Poisson(x_n | λ) Gamma(λ | a, b) dλ`` per column, summed."""
-    total, num_data = data.sum(0), len(data)
-    per_column = (
-        concentration * np.log(rate)
-        - special.gammaln(concentration)
-        + special.gammaln(concentration + total)
-        - (concentration + total) * np.log(rate + num_data)
-        - special.gammaln(data + 1).sum(0)
-    )
-    return float(per_column.sum())
-
-
-def test_cavi_elbo_is_the_log_evidence_when_q_can_be_exact(tmp_path: Path) -> None:
-    """One component, conjugate Gamma prior: q(λ) is the exact posterior, so the
-    ELBO = log p(x) − KL(q‖p(λ|x)) = log p(x)."""
-    case = CASES_BY_NAME["poisson-one-component"]
-    fit = _fit("cavi", case, tmp_path)
-    expected = _exact_poisson_log_evidence(case.data().numpy(), 2.0, 0.5)
+@pytest.mark.parametrize(
+    ("engine", "name"), [p for p in _sweep("cavi") if CASES_BY_NAME[p.values[1]].log_evidence]
+)
+def test_cavi_elbo_is_the_log_evidence_when_q_can_be_exact(
+    engine: str, name: str, tmp_path: Path
+) -> None:
+    """One component, conjugate prior: q(θ) is the exact posterior, so the
+    ELBO = log p(x) − KL(q‖p(θ|x)) = log p(x)."""
+    case = CASES_BY_NAME[name]
+    assert case.log_evidence is not None
+    fit = _fit(engine, case, tmp_path)
+    expected = case.log_evidence(case.data().numpy())
     assert float(fit.history.objective[-1]) == pytest.approx(expected, rel=BOUND_RTOL)
 
 
