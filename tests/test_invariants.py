@@ -9,16 +9,17 @@ generated. The invariants:
 
 1. **Monotone objective** (deterministic engines: MAP-EM, streamed MAP-EM, CAVI): the
    history never decreases beyond floating-point rounding.
-2. **Tight bound after an exact E-step**: MAP-EM's reported log-likelihood (Mixture)
-   or log joint (program) at the fitted parameters equals an independent computation
+2. **Tight bound after an exact E-step**: MAP-EM's (in memory and streamed) reported
+   log-likelihood (Mixture) or log joint (program) at the fitted parameters equals an
+   independent computation
    (NumPy/SciPy log-sum-exp of the mixture density; Pyro's ``-TraceEnum_ELBO`` with a
    guide that samples nothing); CAVI's ELBO on a one-component conjugate model, where
    the variational family holds the exact posterior, equals the exact log evidence.
 3. **Closed form = gradient optimum**: the gradient of the independent log joint at
    MAP-EM's fitted parameters vanishes (along the constraint's tangent space).
 
-The noisy engines get only what is sound for them: SVI's ELBO improves from its start
-by more than its Monte Carlo noise; MCMC-EM's parameter trace is finite and, started
+The noisy engines get only what is sound for them: SVI's final ELBO is not below its
+starting ELBO by more than its Monte Carlo noise; MCMC-EM's parameter trace is finite and, started
 at MAP-EM's optimum, its final log-likelihood stays at or below that optimum and
 within the cost of its Monte Carlo noise.
 """
@@ -53,8 +54,9 @@ DTYPE = torch.float64
 MONOTONE_RTOL = 1e-10
 #: The reported objective against an independent evaluation of the same density.
 BOUND_RTOL = 1e-9
-#: |∂ log p / ∂θ| · (1 + |θ|) relative to |log p|: MAP-EM stops at tol=1e-12, where the
-#: remaining ascent direction of a linearly converging EM is ~1e-6 relative.
+#: |∂ log p / ∂θ| · (1 + |θ|) relative to |log p|: at MAP-EM's tol=1e-12 stop it is
+#: measured at ≤ 5e-12 (Mixtures) and ≤ 6e-8 (programs); moving the fitted locations or
+#: rates by 1e-4 relative raises it above 1e-5.
 GRADIENT_RTOL = 1e-5
 
 
@@ -336,7 +338,8 @@ def _scipy_component_log_prob(case: Case, data: np.ndarray, params: dict[str, An
         else:
             probs = p["probs"][k]  # (D, C)
             index = data.astype(int)
-            columns.append(np.log(np.take_along_axis(probs.T, index, 0)).sum(-1))
+            with np.errstate(divide="ignore"):  # a category a component never emits
+                columns.append(np.log(np.take_along_axis(probs.T, index, 0)).sum(-1))
     return np.stack(columns, -1)
 
 
@@ -356,7 +359,7 @@ def pyro_log_joint(program: Callable[..., None], values: dict[str, torch.Tensor]
         return -elbo.differentiable_loss(conditioned, _empty_guide, *args)
 
 
-@pytest.mark.parametrize(("engine", "name"), _sweep("map-em"))
+@pytest.mark.parametrize(("engine", "name"), _sweep("map-em", "streamed"))
 def test_bound_is_tight_after_an_exact_e_step(engine: str, name: str, tmp_path: Path) -> None:
     """The objective MAP-EM reports at its final parameters is the exact one."""
     case = CASES_BY_NAME[name]
@@ -455,7 +458,7 @@ def _program_gradient(case: Case, data: torch.Tensor, fit: Any) -> dict[str, tor
     return {name: u.grad for name, u in leaves.items()}
 
 
-@pytest.mark.parametrize(("engine", "name"), _sweep("map-em"))
+@pytest.mark.parametrize(("engine", "name"), _sweep("map-em", "streamed"))
 def test_closed_form_is_the_gradient_optimum(engine: str, name: str, tmp_path: Path) -> None:
     case = CASES_BY_NAME[name]
     fit = _fit(engine, case, tmp_path)
