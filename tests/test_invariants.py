@@ -260,8 +260,10 @@ CASES: list[Case] = [
         )
     ),
     Case("gmm-program", ("map-em", "svi"), lambda: _two_clusters(80, 0), program=gmm_program),
-    Case("hmm-program", ("map-em",), lambda: _hmm_data(30, 0), program=hmm_program),
-    Case("student-program", ("map-em",), lambda: _two_clusters(80, 1), program=student_program),
+    Case("hmm-program", ("map-em", "svi"), lambda: _hmm_data(30, 0), program=hmm_program),
+    Case(
+        "student-program", ("map-em", "svi"), lambda: _two_clusters(80, 1), program=student_program
+    ),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}
 
