@@ -11,11 +11,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from scipy import special, stats
 
 import pyroem
+from pyroem.errors import NotSupportedError
 
 #: Short runs: the interface is checked, not the quality of the fit.
 OPTIONS = {
@@ -24,15 +27,7 @@ OPTIONS = {
     "mcmc-em": {"max_iter": 3, "num_samples": 20},
     "nuts": {"num_samples": 20, "warmup_steps": 20, "num_chains": 2},
 }
-MISSING = "Mixture fits by samplers lack predict/predict_proba/score_samples (issue 12, item 4)"
-METHODS = [
-    pytest.param(
-        method, marks=pytest.mark.xfail(raises=AttributeError, strict=True, reason=MISSING)
-    )
-    if method in ("mcmc-em", "nuts")
-    else method
-    for method in pyroem.METHODS
-]
+METHODS = list(pyroem.METHODS)
 
 
 def _scipy_joint(params: dict[str, torch.Tensor], data: np.ndarray) -> np.ndarray:
@@ -51,7 +46,15 @@ def test_methods_cover_the_registry() -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_answers_the_common_interface(method: str, tmp_path: Path) -> None:
+    default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
+    try:
+        _check_interface(method, tmp_path)
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
+def _check_interface(method: str, tmp_path: Path) -> None:
     spec = pyroem.Mixture(2)
     data, _ = spec.simulate(60, seed=1, dim=2)
     new, _ = spec.simulate(20, seed=2, dim=2)
@@ -63,10 +66,10 @@ def test_every_method_answers_the_common_interface(method: str, tmp_path: Path) 
         np.testing.assert_array_equal(fit.predict(new).numpy(), proba.argmax(-1))
         scores = fit.score_samples(new).numpy()
         assert scores.shape == (len(new),) and np.isfinite(scores).all()
-        if method == "map-em":
-            # A point estimate: the E-step is the exact posterior at the fitted parameters
-            # (vb-em's uses the variational expectations, held against scikit-learn's
-            # BayesianGaussianMixture in test_cavi_sklearn.py).
+        if method != "vb-em":
+            # Scored at the point estimate fit.params (nuts: the posterior mean): the exact
+            # posterior of z there (vb-em's uses the variational expectations, held
+            # against scikit-learn's BayesianGaussianMixture in test_cavi_sklearn.py).
             joint = _scipy_joint(fit.params, new.numpy())
             expected = np.exp(joint - special.logsumexp(joint, -1, keepdims=True))
             np.testing.assert_allclose(proba, expected, rtol=1e-9, atol=1e-300)
@@ -82,3 +85,15 @@ def test_every_method_answers_the_common_interface(method: str, tmp_path: Path) 
         assert torch.equal(loaded.predict(new), fit.predict(new))
         assert torch.equal(loaded.predict_proba(new), fit.predict_proba(new))
         assert torch.equal(loaded.score_samples(new), fit.score_samples(new))
+
+
+def test_a_program_fit_refuses_mixture_scores_clearly() -> None:
+    def program(x: torch.Tensor) -> None:
+        loc = pyro.param("loc", torch.tensor(0.0, dtype=x.dtype))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    fit = pyroem.fit(program, torch.tensor([0.5, 1.5, 2.5], dtype=torch.float64))
+    for name in ("predict", "predict_proba", "score_samples"):
+        with pytest.raises(NotSupportedError, match=r"pyroem\.Mixture"):
+            getattr(fit, name)(torch.zeros(2, 1))

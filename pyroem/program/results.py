@@ -11,6 +11,7 @@ import torch
 
 from pyroem.diagnostics import to_arviz
 from pyroem.em import History
+from pyroem.errors import NotSupportedError
 from pyroem.program.model import ProgramModel
 from pyroem.results import FitResult, save_program_fit
 from pyroem.transforms import unconstraining
@@ -128,6 +129,30 @@ class ProgramFit:
             self.mixture_fit.save(path)
         else:
             save_program_fit(self, path)
+
+    def _mixture(self, what: str) -> FitResult:
+        """The fit as a :class:`~pyroem.FitResult` (a ``Mixture``'s fit only)."""
+        if self.mixture_fit is None:
+            raise NotSupportedError(
+                f"{what} scores new data under a pyroem.Mixture; this is a fit of a Pyro "
+                "program: fit a pyroem.Mixture, or use fit.to_arviz() and Pyro's "
+                "Predictive with the fitted parameters"
+            )
+        return self.mixture_fit
+
+    def score_samples(self, data: Any) -> torch.Tensor:
+        """A ``Mixture``'s pointwise log-likelihood ``log p(x_n | θ)`` ``(N,)`` at the
+        fitted parameters ``fit.params`` (for nuts the posterior means of the aligned
+        draws, for mcmc-em and SVI the final estimate)."""
+        return self._mixture("score_samples").score_samples(data)
+
+    def predict_proba(self, data: Any) -> torch.Tensor:
+        """A ``Mixture``'s component probabilities ``(N, K)`` at ``fit.params``."""
+        return self._mixture("predict_proba").predict_proba(data)
+
+    def predict(self, data: Any) -> torch.Tensor:
+        """A ``Mixture``'s most probable component of each point ``(N,)`` at ``fit.params``."""
+        return self._mixture("predict").predict(data)
 
     def to_arviz(self, **options: Any) -> Any:
         """The fit as ``arviz.InferenceData`` (options: see :func:`pyroem.diagnostics.to_arviz`)."""
