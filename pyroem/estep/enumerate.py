@@ -122,6 +122,10 @@ class MixtureEStep:
         # The kernels' temporaries, reused from chunk to chunk and E-step to E-step.
         self.workspace: dict[str, torch.Tensor] = {}
 
+    def row_weights(self) -> Iterable[torch.Tensor | None]:
+        """Each chunk's frequency weights, ``None`` per chunk when every row counts once."""
+        return repeat(None) if self.chunk_weights is None else self.chunk_weights
+
     def log_prior(self, params: MixtureParams) -> torch.Tensor:
         """``log Dirichlet(π | α) + log p(θ)``; removed components are left out."""
         alpha = self.weights_prior[params.active]
@@ -154,8 +158,7 @@ class MixtureEStep:
             stats = chunk_stats if stats is None else add_statistics(stats, chunk_stats)
             log_likelihood = log_likelihood + log_norm.sum()
 
-        weights = repeat(None) if self.chunk_weights is None else self.chunk_weights
-        for chunk, row_weights in zip(self.chunks, weights, strict=False):
+        for chunk, row_weights in zip(self.chunks, self.row_weights(), strict=False):
             accumulate(kernels, chunk, row_weights)
         # Rows with missing entries: one set of kernels per missingness pattern.
         built: dict[int | None, EStepKernels] = {}

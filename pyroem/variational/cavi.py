@@ -29,7 +29,6 @@ where :math:`\log Z(r) = \log \int p(θ) \prod_{n,k} p(x_n | θ_k)^{r_{nk}} dθ`
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -151,10 +150,6 @@ class _CaviEngine(Engine):
             # Weights are frequencies: the tolerance is per weighted row.
             self.num_data = data.shape[0] if sample_weight is None else float(sample_weight.sum())
         self.chunks = self.map_e_step.chunks
-        chunk_weights = getattr(self.map_e_step, "chunk_weights", None)
-        self.chunk_weights: list[torch.Tensor] | None = (
-            None if chunk_weights is None else list(chunk_weights)
-        )
         self.all_chunks = (
             self.chunks
             if collective is LOCAL or streamed is not None
@@ -165,7 +160,7 @@ class _CaviEngine(Engine):
         self.shard_constant = float(
             sum(
                 factor.data_constant(chunk, weights)
-                for chunk, weights in zip(self.chunks, self._weights(), strict=False)
+                for chunk, weights in zip(self.chunks, self.map_e_step.row_weights(), strict=False)
             )
         )
         self.data_constant = collective.sum(self.shard_constant)
@@ -228,17 +223,13 @@ class _CaviEngine(Engine):
         final = _assignment_probs(self.factor, run.params, self.all_chunks)
         return run._replace(extras=(state, final))
 
-    def _weights(self) -> Iterable[torch.Tensor | None]:
-        """Each chunk's frequency weights (``None`` for unweighted rows)."""
-        return itertools.repeat(None) if self.chunk_weights is None else self.chunk_weights
-
     def e_step(self, params: VariationalParams) -> EStepResult:
         """``q(z)`` from ``params``: its statistics and entropy, and the log-likelihood at
         the expected parameters ``E_q[π, θ]`` (the objective comes with the M-step)."""
         kernel = _kernel(self.factor, params)
         stats = None
         entropy = log_likelihood = params.weights_concentration.new_zeros(())
-        for chunk, weights in zip(self.chunks, self._weights(), strict=False):
+        for chunk, weights in zip(self.chunks, self.map_e_step.row_weights(), strict=False):
             joint, plug_in = kernel(chunk)
             resp, log_total, _ = normalise_log_joint(joint, dim=1, keep_joint=True)
             pointwise = torch.logsumexp(plug_in, 1)
