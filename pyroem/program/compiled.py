@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import pyro
@@ -36,6 +36,7 @@ import torch
 from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 from torch.distributions.utils import _sum_rightmost, probs_to_logits
 
@@ -76,6 +77,11 @@ def _enumerated_value(fn: Any, reference: torch.Tensor) -> torch.Tensor | None:
     return value
 
 
+class _PrefixDone(BaseException):
+    """Stops a run once its first sites are recorded (a ``BaseException``, so that a
+    program's own ``except Exception`` does not catch it)."""
+
+
 class Recorder(Messenger):
     """Runs a program with parameter values set and enumerated sites at their
     enumerated values; records the sample sites and hides them from outer handlers.
@@ -87,11 +93,15 @@ class Recorder(Messenger):
     """
 
     def __init__(
-        self, values: Mapping[str, torch.Tensor], enumerated: Mapping[str, torch.Tensor]
+        self,
+        values: Mapping[str, torch.Tensor],
+        enumerated: Mapping[str, torch.Tensor],
+        limit: int | None = None,
     ) -> None:
         super().__init__()
         self.values = values
         self.enumerated = enumerated
+        self.limit = limit
         self.sites: list[Any] = []
         self.supports_match = True
 
@@ -119,6 +129,8 @@ class Recorder(Messenger):
                 msg["value"] = value
                 msg["done"] = True
         self.sites.append(msg)
+        if self.limit is not None and len(self.sites) >= self.limit:
+            raise _PrefixDone
 
     def _postprocess_message(self, msg: Any) -> None:
         return None
@@ -165,22 +177,39 @@ class ProgramRunner:
         self.names = [name for name, _ in sites]
         self.signatures = [_signature(site, name in enumerated) for name, site in sites]
         self.enumerated = {name: site["value"] for name, site in sites if name in enumerated}
+        # Called with the parameter values and sites of every complete run that matches.
+        self.watch: Callable[[Mapping[str, torch.Tensor], dict[str, Any]], None] | None = None
 
-    def run(self, values: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
+    def run(
+        self, values: Mapping[str, torch.Tensor], limit: int | None = None
+    ) -> dict[str, Any] | None:
         """Run the program at ``values``; its sample sites by name (Pyro messages), or
-        ``None`` if the run's structure differs from the first trace's."""
-        recorder = Recorder(values, self.enumerated)
+        ``None`` if the run's structure differs from the first trace's.
+
+        With ``limit`` the run stops once that many sample sites are recorded, and only
+        those are checked and returned (a run that records fewer is ``None``)."""
+        recorder = Recorder(values, self.enumerated, limit)
         program = self.program
-        with pyro.validation_enabled(False), recorder:
-            program.model(*program.model_args, **program.model_kwargs)
+        depth = len(_PYRO_STACK)
+        try:
+            with pyro.validation_enabled(False), recorder:
+                program.model(*program.model_args, **program.model_kwargs)
+        except _PrefixDone:
+            # The handlers the program entered left the stack as the exception passed
+            # (a markov loop's handler with its enclosing plate or with the recorder).
+            del _PYRO_STACK[depth:]
         sites = recorder.sites
-        if not recorder.supports_match or len(sites) != len(self.names):
+        expected = len(self.names) if limit is None else min(limit, len(self.names))
+        if not recorder.supports_match or len(sites) != expected:
             return None
         enumerated = self.enumerated
-        for site, signature in zip(sites, self.signatures, strict=True):
+        for site, signature in zip(sites, self.signatures[:expected], strict=True):
             if _signature(site, site["name"] in enumerated) != signature:
                 return None
-        return {site["name"]: site for site in sites}
+        named = {site["name"]: site for site in sites}
+        if limit is None and self.watch is not None:
+            self.watch(values, named)
+        return named
 
 
 # Tables smaller than this are computed as they are: reconstructing costs more.
@@ -356,7 +385,7 @@ class CompiledEStep(NamedTuple):
 
     log_likelihood: torch.Tensor
     log_joint: torch.Tensor
-    sites: dict[str, Any]
+    sites: Mapping[str, Any]
     stacks: dict[str, torch.Tensor]
     marginal_weights: dict[str, torch.Tensor]
     weights: dict[str, torch.Tensor]
@@ -461,6 +490,14 @@ class CompiledProgram:
                 enumerated_site, mask = keys[group.names[0]]
                 self.stacks.append(_Stack(group.names, mask, enumerated_site))
         self.factor_names = [factor.name for factor in factors]
+        self.in_stacks = frozenset(name for stack in self.stacks for name in stack.names)
+        self.replication: Replication | None = None
+        if _REPLICATED and self.plan is not None and self.supported:
+            first = {name: trace.nodes[name]["value"] for name in program.params}
+            replication = Replication(self, dict(sites), first)
+            if not replication.failed:
+                self.replication = replication
+                self.runner.watch = replication.watch
 
     def estimate_trace(self, trace: Any) -> CompiledEStep:
         """The E-step from a full trace (:meth:`ProgramModel.trace`) of the same structure."""
@@ -481,12 +518,26 @@ class CompiledProgram:
             out[name] = site_marginal(self.program, site, weight)
         return out
 
-    def run(self, values: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
-        """See :meth:`ProgramRunner.run`."""
+    def _replicating(self) -> Replication | None:
+        replication = self.replication
+        return replication if replication is not None and replication.active else None
+
+    def run(self, values: Mapping[str, torch.Tensor]) -> Mapping[str, Any] | None:
+        """See :meth:`ProgramRunner.run`; replicated chains run their prefix only."""
+        replication = self._replicating()
+        if replication is not None:
+            return replication.run(values)
         return self.runner.run(values)
 
     def __call__(self, values: Mapping[str, torch.Tensor]) -> CompiledEStep | None:
         """The E-step at ``values``, or ``None`` if the program's structure changed."""
+        replication = self._replicating()
+        if replication is not None:
+            view = replication.run(values)
+            if view is None:
+                return None
+            groups = replication.tables(view.prefix)
+            return self.estimate(view.prefix, groups=groups, view=view)
         sites = self.runner.run(values)
         if sites is None:
             return None
@@ -494,16 +545,22 @@ class CompiledProgram:
 
     # ----- the E-step ---------------------------------------------------------------
     def estimate(
-        self, sites: Mapping[str, Any], tables: Mapping[str, torch.Tensor] | None = None
+        self,
+        sites: Mapping[str, Any],
+        tables: Mapping[str, torch.Tensor] | None = None,
+        groups: Mapping[str, torch.Tensor] | None = None,
+        view: Mapping[str, Any] | None = None,
     ) -> CompiledEStep:
         """Contract the tables of one run and differentiate (see the module docstring).
 
         Args:
             sites: the run's sample sites.
             tables: their log-probability tables, if already computed (a full trace).
+            groups: the stacked tables of every stack, if already computed (a
+                replicated run: ``sites`` is then its prefix).
+            view: the sites the E-step hands on, if not ``sites``.
         """
-        stacked = self.stacks if tables is None else []
-        in_stacks = {name for stack in stacked for name in stack.names}
+        in_stacks = self.in_stacks if tables is None else frozenset()
         if tables is None:
             with pyro.validation_enabled(False):
                 tables = {
@@ -523,7 +580,7 @@ class CompiledProgram:
         group_of: dict[str, tuple[str, int]] = {}
         if self.plan is not None:
             likelihood_terms.append(
-                self._chain_estep(sites, tables, stacks, marginal_weights, group_of)
+                self._chain_estep(sites, tables, stacks, marginal_weights, group_of, groups)
             )
         elif self.factor_names:
             likelihood_terms.append(self._general_estep(sites, tables, weights, marginal_weights))
@@ -533,7 +590,7 @@ class CompiledProgram:
         return CompiledEStep(
             log_likelihood,
             log_likelihood + log_prior,
-            dict(sites),
+            dict(sites) if view is None else view,
             stacks,
             marginal_weights,
             weights,
@@ -555,13 +612,25 @@ class CompiledProgram:
         stacks: dict[str, torch.Tensor],
         marginal_weights: dict[str, torch.Tensor],
         group_of: dict[str, tuple[str, int]],
+        groups: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         assert self.plan is not None
         leaves = []
         stacked: dict[str, torch.Tensor] = {}
         masks = {}
+        replication = self.replication if groups is not None else None
         with torch.enable_grad():
-            for stack in self.stacks:
+            for position, stack in enumerate(self.stacks):
+                if groups is not None and replication is not None:
+                    replica = replication.replicas[position]
+                    leaf = groups[replica.key].detach()
+                    leaf.requires_grad_()
+                    leaves.append(leaf)
+                    masks[replica.key] = replica.mask
+                    stacked[replica.key] = (
+                        leaf if stack.enumerated else _apply_mask(leaf, replica.mask)
+                    )
+                    continue
                 if stack.names[0] in log_probs:
                     tables = [log_probs[name].detach() for name in stack.names]
                     leaf = tables[0].unsqueeze(0) if len(tables) == 1 else torch.stack(tables)
@@ -629,3 +698,299 @@ def _apply_mask(table: torch.Tensor, mask: Any) -> torch.Tensor:
     if mask is False:
         return torch.zeros_like(table)
     return torch.where(mask, table, torch.zeros((), dtype=table.dtype, device=table.device))
+
+
+# ----- replicated chains ----------------------------------------------------------------
+
+# Off, every E-step after the first reruns the whole program (the reference the
+# replicated path is tested against).
+_REPLICATED = True
+
+# Attribute values compared by equality when two distributions are compared.
+_PLAIN = (int, float, bool, str, type(None), torch.Size, torch.dtype, torch.device)
+
+
+def _same_distribution(first: Any, second: Any) -> bool:
+    """Do two distribution objects compute the same log-density?
+
+    Same type, and the same entries in their ``__dict__`` (tensors equal in shape and
+    value, nested distributions the same by this rule, plain values equal, anything
+    else the same object). Entries only one of them holds are lazily cached values
+    (``Categorical.logits`` computed from ``probs``), derived from the shared ones.
+    """
+    if type(first) is not type(second):
+        return False
+    own, other = first.__dict__, second.__dict__
+    for key in own.keys() & other.keys():
+        a, b = own[key], other[key]
+        if a is b:
+            continue
+        if isinstance(a, torch.Tensor):
+            if not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
+                return False
+            if not torch.equal(a.detach(), b.detach()):
+                return False
+        elif isinstance(a, torch.distributions.Distribution):
+            if not _same_distribution(a, b):
+                return False
+        elif isinstance(a, _PLAIN) or (
+            isinstance(a, tuple) and all(isinstance(item, _PLAIN) for item in a)
+        ):
+            if type(a) is not type(b) or a != b:
+                return False
+        else:
+            return False
+    return True
+
+
+def _same_mask(first: Any, second: Any) -> bool:
+    if isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor):
+        return first.shape == second.shape and torch.equal(first, second)
+    return first is second or (
+        not isinstance(first, torch.Tensor)
+        and not isinstance(second, torch.Tensor)
+        and first == second
+    )
+
+
+class _Replica(NamedTuple):
+    """One stack of tables computed from its first site (the representative).
+
+    Attributes:
+        key: the stack's key, its first site.
+        names: its sites.
+        shape: the stacked tables' shape, ``(n, *table_shape)``.
+        values: observed sites: their values stacked and padded so that the
+            representative's ``log_prob`` broadcasts them to ``shape``; else ``None``
+            (the sites share the representative's value, and so its table).
+        mask: the sites' masks stacked as the E-step applies them.
+    """
+
+    key: str
+    names: tuple[str, ...]
+    shape: tuple[int, ...]
+    values: torch.Tensor | None
+    mask: Any
+
+
+class Replication:
+    r"""Chains whose steps repeat one another, run from their first steps.
+
+    A ``pyro.markov`` loop of ``T`` steps writes ``T`` sites of each kind, and in a
+    time-homogeneous chain the ``t``-th transition is ``Categorical(trans[z_{t-1}])``
+    with the same table at every step, the ``t``-th emission ``Normal(locs[z_t], …)``
+    the same distribution up to its observed value. Every stack of tables the chain
+    contraction reads is then one distribution — that of the stack's first site —
+    evaluated at the stack's values, and the program need only run as far as the
+    last first site of a stack (the *prefix*: a few steps of the loop).
+
+    What is verified:
+
+    - on the first trace, every site of a stack has the distribution of the stack's
+      first site (same type, parameters equal entry for entry, no extra ``log_prob``
+      arguments), enumerated sites the same value, and the tables computed from the
+      first sites equal the trace's own;
+    - on the next complete run at other parameter values (the probe run of
+      :func:`~pyroem.program.conjugacy.recognise`, or else the second E-step), the
+      same for the distributions, and every observed value and mask equal to the
+      first trace's. Until then every E-step runs the whole program; if it fails, all
+      of them do, as without replication;
+    - on every run of the prefix, the structure check of :class:`ProgramRunner`
+      (sites, distribution types, shapes, plates, masks, scales, markov scopes) for
+      the prefix's sites.
+
+    The program is assumed to keep, at every parameter value, the repetition seen at
+    those two: a program whose steps differ only at some parameter values (control
+    flow on a parameter's value inside the loop, past the prefix) is outside this
+    check; ``pyroem.program.compiled._REPLICATED = False`` runs the whole program at
+    every E-step.
+
+    Args:
+        compiled: the compiled program (with a chain plan).
+        sites: the first trace's sample sites.
+        first: the parameter values of the first trace.
+    """
+
+    def __init__(
+        self, compiled: CompiledProgram, sites: Mapping[str, Any], first: Mapping[str, Any]
+    ) -> None:
+        self.compiled = compiled
+        self.first_sites = sites
+        self.first_values = {name: value.detach() for name, value in first.items()}
+        names = compiled.runner.names
+        self.representative: dict[str, str] = {}
+        for stack in compiled.stacks:
+            for name in stack.names[1:]:
+                self.representative[name] = stack.names[0]
+        last = max(i for i, name in enumerate(names) if name not in self.representative)
+        self.prefix = last + 1
+        self.verified = False
+        self.failed = self.prefix >= len(names) or not self._replicated(sites)
+        self.replicas: list[_Replica] = []
+        self._keys = {stack.names[0] for stack in compiled.stacks}
+        # Per tuple of sites (as the M-step stacks them): its stack's key, or None.
+        self._owners: dict[tuple[str, ...], str | None] = {}
+        self._values: dict[tuple[str, ...], torch.Tensor] = {}
+        if not self.failed:
+            self.replicas = [self._replica(stack) for stack in compiled.stacks]
+            self.failed = not self._tables_agree()
+
+    @property
+    def active(self) -> bool:
+        """Verified on a second run, so that E-steps run the prefix only."""
+        return self.verified and not self.failed
+
+    def _replicated(self, sites: Mapping[str, Any], observed: bool = False) -> bool:
+        """Does every stacked site repeat its stack's first site in this run?
+        ``observed``: also compare observed values and masks with the first trace's."""
+        enumerated = self.compiled.enumerated
+        for name, key in self.representative.items():
+            site, first = sites[name], sites[key]
+            if site["args"] or site["kwargs"] or first["args"] or first["kwargs"]:
+                return False
+            if not _same_distribution(site["fn"], first["fn"]):
+                return False
+            if name in enumerated:
+                if not torch.equal(site["value"], first["value"]):
+                    return False
+            elif observed:
+                reference = self.first_sites[name]
+                if not torch.equal(site["value"], reference["value"]):
+                    return False
+                if not _same_mask(site["mask"], reference["mask"]):
+                    return False
+        return True
+
+    def _replica(self, stack: _Stack) -> _Replica:
+        sites = self.first_sites
+        first = sites[stack.names[0]]
+        table = first["unscaled_log_prob"]
+        shape = (len(stack.names), *table.shape)
+        mask = self.compiled._stacked_masks(sites, stack, len(shape))
+        values = None
+        if not stack.enumerated and len(stack.names) > 1:
+            stacked = torch.stack([sites[name]["value"] for name in stack.names])
+            value_shape = stacked.shape[1:]
+            batch_dims = len(value_shape) - first["fn"].event_dim
+            pad = (1,) * max(table.dim() - batch_dims, 0)
+            values = stacked.reshape(len(stack.names), *pad, *value_shape)
+        return _Replica(stack.names[0], stack.names, shape, values, mask)
+
+    def tables(self, sites: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Every stack's tables, ``(n, *table_shape)``, from its first site in ``sites``."""
+        out = {}
+        with pyro.validation_enabled(False):
+            for replica in self.replicas:
+                site = sites[replica.key]
+                if replica.values is None:
+                    out[replica.key] = _table(site).unsqueeze(0).expand(replica.shape)
+                    continue
+                table = site["fn"].log_prob(replica.values)
+                if table.shape != replica.shape:
+                    table = table.expand(replica.shape)
+                out[replica.key] = table
+        return out
+
+    def _tables_agree(self) -> bool:
+        """Are the tables computed from the first sites the first trace's own?"""
+        try:
+            tables = self.tables(self.first_sites)
+        except (RuntimeError, ValueError, IndexError):
+            return False
+        for replica in self.replicas:
+            expected = torch.stack(
+                [self.first_sites[name]["unscaled_log_prob"] for name in replica.names]
+            )
+            actual = tables[replica.key]
+            if actual.shape != expected.shape:
+                return False
+            scale = torch.maximum(actual.abs(), expected.abs()).clamp(min=1.0)
+            near = (actual == expected) | ((actual - expected).abs() <= 1e-12 * scale)
+            if not bool(near.all()):
+                return False
+        return True
+
+    def watch(self, values: Mapping[str, torch.Tensor], sites: dict[str, Any]) -> None:
+        """Check a complete run (see the class docstring), if at other parameter values."""
+        if self.verified or self.failed:
+            return
+        moved = any(
+            not torch.equal(values[name].detach(), first)
+            for name, first in self.first_values.items()
+            if name in values
+        )
+        if not moved:
+            return
+        if self._replicated(sites, observed=True):
+            self.verified = True
+        else:
+            self.failed = True
+
+    def run(self, values: Mapping[str, torch.Tensor]) -> ReplicatedSites | None:
+        """The prefix of a run at ``values``, standing for the whole run; ``None`` if its
+        structure differs from the first trace's."""
+        prefix = self.compiled.runner.run(values, limit=self.prefix)
+        return None if prefix is None else ReplicatedSites(self, prefix)
+
+    def stacked(
+        self, names: tuple[str, ...], attr: str, prefix: Mapping[str, Any]
+    ) -> torch.Tensor | None:
+        """A value or distribution attribute of ``names`` stacked, ``(n, *shape)``, when
+        they are sites of one stack (else ``None``)."""
+        if names not in self._owners:
+            key = self.representative.get(names[0], names[0])
+            same = all(self.representative.get(name, name) == key for name in names)
+            self._owners[names] = key if same and key in self._keys else None
+        owner = self._owners[names]
+        if owner is None:
+            return None
+        key = owner
+        if attr == "value" and key not in self.compiled.enumerated:
+            # Observed values: the first trace's (verified), stacked once.
+            if names not in self._values:
+                self._values[names] = torch.stack(
+                    [self.first_sites[name]["value"] for name in names]
+                )
+            return self._values[names]
+        site = prefix[key]
+        if attr == "value":
+            tensor = site["value"]
+        else:
+            family = site["fn"]
+            while isinstance(family, dist.Independent | dist.ExpandedDistribution):
+                family = family.base_dist
+            tensor = getattr(family, attr)
+        return compact_view(tensor).unsqueeze(0).expand(len(names), *tensor.shape)
+
+
+class ReplicatedSites(Mapping[str, Any]):
+    """The sites of a run, from the run of its prefix (:class:`Replication`): a site
+    past the prefix is its stack's first site with its own name, value and mask."""
+
+    def __init__(self, replication: Replication, prefix: dict[str, Any]) -> None:
+        self.replication = replication
+        self.prefix = prefix
+
+    def __getitem__(self, name: str) -> Any:
+        site = self.prefix.get(name)
+        if site is not None:
+            return site
+        replication = self.replication
+        key = replication.representative[name]
+        first = replication.first_sites[name]
+        site = dict(self.prefix[key])
+        site["name"] = name
+        site["mask"] = first["mask"]
+        if name not in replication.compiled.enumerated:
+            site["value"] = first["value"]
+        return site
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.replication.compiled.runner.names)
+
+    def __len__(self) -> int:
+        return len(self.replication.compiled.runner.names)
+
+    def stacked(self, names: tuple[str, ...], attr: str) -> torch.Tensor | None:
+        """See :meth:`Replication.stacked`."""
+        return self.replication.stacked(names, attr, self.prefix)

@@ -380,7 +380,7 @@ class _Engine(Engine):
     ) -> Mapping[str, torch.Tensor]:
         """Closed forms on stacked uses; returns the weights for the gradient blocks."""
         assert self.compiled is not None
-        sites: dict[str, Any] | None = estep.sites
+        sites: Mapping[str, Any] | None = estep.sites
         changes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         cache: dict[Any, torch.Tensor] = {}
         for step, (name, again) in enumerate(zip(self.order, self.retrace, strict=True)):

@@ -105,7 +105,12 @@ def _cached(
     """The sites' values (``attr == "value"``) or distribution attribute, stacked once."""
     key = (names, attr)
     if key not in cache:
-        if attr == "value":
+        # Sites replicated from a few representatives give the stack without a site loop.
+        replicated = getattr(sites, "stacked", None)
+        shared = None if replicated is None else replicated(names, attr)
+        if shared is not None:
+            cache[key] = shared
+        elif attr == "value":
             cache[key] = _stack([sites[name]["value"] for name in names])
         else:
             cache[key] = _stack([getattr(_family(sites[name]), attr) for name in names])
@@ -138,6 +143,12 @@ class StackedUpdate:
             for other in blocks.values()
             if other is not None and other.slot in LOCATION_SLOTS and other.name != block.name
         ]
+        # Per location block, its uses by site (read once per use below, not searched).
+        self.on_site: dict[str, dict[str, list[Use]]] = {}
+        for other in locations:
+            by_site = self.on_site.setdefault(other.name, {})
+            for other_use in other.uses:
+                by_site.setdefault(other_use.site, []).append(other_use)
         grouped: dict[tuple[Any, ...], list[Use]] = {}
         for use in block.uses:
             key = self._key(use, sites[use.site], estep, locations)
@@ -162,7 +173,7 @@ class StackedUpdate:
         group = estep.group_of[use.site][0] if use.site in estep.group_of else None
         moved = []
         for other in locations:
-            on_site = [u for u in other.uses if u.site == use.site]
+            on_site = self.on_site[other.name].get(use.site, [])
             if len(on_site) > 1:
                 return None
             moved.append((other.name, on_site[0].rows.shape) if on_site else None)
@@ -203,9 +214,10 @@ class StackedUpdate:
             source = (key, None if whole else positions)
         shifts = {}
         for other in locations:
-            on_sites = {u.site: u for u in other.uses if u.site in names}
-            if on_sites:
-                stacked = _stack([on_sites[name].rows for name in names])
+            by_site = self.on_site[other.name]
+            if any(name in by_site for name in names):
+                # _key put sites with and without such a use in different stacks.
+                stacked = _stack([by_site[name][0].rows for name in names])
                 shifts[other.name] = _pad(stacked, rank)
         return _UseStack(
             names, rows, first.event_ndims, rank, rank - first.event_ndims, source, shifts
