@@ -273,15 +273,23 @@ def _stacked(group: _Group, stacked: torch.Tensor) -> torch.Tensor:
 
 
 def _log_matmul(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """``log(exp(first) @ exp(second))`` over the last two dimensions, stably."""
+    """``log(exp(first) @ exp(second))`` over the last two dimensions, stably.
+
+    As a matrix product of the exponentials, each row of ``first`` and column of
+    ``second`` shifted by its largest entry. Small products are checked: if an entry
+    came out so small that terms of its sum may have underflowed (or is zero: an
+    impossible pair of states, or terms more than ~700 nats apart), they are taken
+    again as a log-sum-exp over the outer sum, which loses nothing.
+    """
     size = first.shape[-1]
-    if math.prod(first.shape) * size <= _MAX_OUTER_NUMEL:
-        outer = first.unsqueeze(-1) + second.unsqueeze(-3)
-        return torch.logsumexp(outer.clamp(min=torch.finfo(outer.dtype).min), dim=-2)
     finfo = torch.finfo(first.dtype)
     first_shift = first.detach().amax(-1, keepdim=True).clamp(min=finfo.min)
     second_shift = second.detach().amax(-2, keepdim=True).clamp(min=finfo.min)
     product = torch.matmul((first - first_shift).exp(), (second - second_shift).exp())
+    small = math.prod(first.shape) * size <= _MAX_OUTER_NUMEL
+    if small and not bool(product.detach().amin() > size * finfo.tiny / finfo.eps):
+        outer = first.unsqueeze(-1) + second.unsqueeze(-3)
+        return torch.logsumexp(outer.clamp(min=finfo.min), dim=-2)
     return safe_log(product) + first_shift + second_shift
 
 

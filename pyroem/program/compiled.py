@@ -491,6 +491,11 @@ class CompiledProgram:
                 self.stacks.append(_Stack(group.names, mask, enumerated_site))
         self.factor_names = [factor.name for factor in factors]
         self.in_stacks = frozenset(name for stack in self.stacks for name in stack.names)
+        self.group_of = {
+            name: (stack.names[0], position)
+            for stack in self.stacks
+            for position, name in enumerate(stack.names)
+        }
         self.replication: Replication | None = None
         if _REPLICATED and self.plan is not None and self.supported:
             first = {name: trace.nodes[name]["value"] for name in program.params}
@@ -577,7 +582,8 @@ class CompiledProgram:
                 weights[name] = masked_log_prob(site, torch.full_like(tables[name], scale))
         stacks: dict[str, torch.Tensor] = {}
         marginal_weights: dict[str, torch.Tensor] = {}
-        group_of: dict[str, tuple[str, int]] = {}
+        # Read-only, shared by every E-step of this structure.
+        group_of: dict[str, tuple[str, int]] = self.group_of if self.plan is not None else {}
         if self.plan is not None:
             likelihood_terms.append(
                 self._chain_estep(sites, tables, stacks, marginal_weights, group_of, groups)
@@ -648,8 +654,6 @@ class CompiledProgram:
             key = stack.names[0]
             marginal_weights[key] = grad
             stacks[key] = _apply_mask(grad, masks[key]) if stack.enumerated else grad
-            for position, name in enumerate(stack.names):
-                group_of[name] = (key, position)
         return value.detach()
 
     def _general_estep(
@@ -828,9 +832,9 @@ class Replication:
         self.failed = self.prefix >= len(names) or not self._replicated(sites)
         self.replicas: list[_Replica] = []
         self._keys = {stack.names[0] for stack in compiled.stacks}
-        # Per tuple of sites (as the M-step stacks them): its stack's key, or None.
-        self._owners: dict[tuple[str, ...], str | None] = {}
-        self._values: dict[tuple[str, ...], torch.Tensor] = {}
+        # Per tuple of sites (as the M-step stacks them), by identity: the tuple, its
+        # stack's key (None if they are not one stack's sites), their observed values.
+        self._owners: dict[int, tuple[tuple[str, ...], str | None, torch.Tensor | None]] = {}
         if not self.failed:
             self.replicas = [self._replica(stack) for stack in compiled.stacks]
             self.failed = not self._tables_agree()
@@ -937,21 +941,25 @@ class Replication:
     ) -> torch.Tensor | None:
         """A value or distribution attribute of ``names`` stacked, ``(n, *shape)``, when
         they are sites of one stack (else ``None``)."""
-        if names not in self._owners:
+        # By the tuple's identity (hashing thousands of names costs more), the tuple
+        # kept with the entry so that its identity stays its own.
+        entry = self._owners.get(id(names))
+        if entry is None or entry[0] is not names:
             key = self.representative.get(names[0], names[0])
             same = all(self.representative.get(name, name) == key for name in names)
-            self._owners[names] = key if same and key in self._keys else None
-        owner = self._owners[names]
+            owner = key if same and key in self._keys else None
+            values = None
+            if owner is not None and owner not in self.compiled.enumerated:
+                # Observed values: the first trace's (verified), stacked once.
+                values = torch.stack([self.first_sites[name]["value"] for name in names])
+            entry = (names, owner, values)
+            self._owners[id(names)] = entry
+        _, owner, values = entry
         if owner is None:
             return None
         key = owner
-        if attr == "value" and key not in self.compiled.enumerated:
-            # Observed values: the first trace's (verified), stacked once.
-            if names not in self._values:
-                self._values[names] = torch.stack(
-                    [self.first_sites[name]["value"] for name in names]
-                )
-            return self._values[names]
+        if attr == "value" and values is not None:
+            return values
         site = prefix[key]
         if attr == "value":
             tensor = site["value"]

@@ -58,6 +58,7 @@ class _UseStack(NamedTuple):
             E-step group (``positions`` ``None`` for the whole group, in order).
         shifts: per location block that moves these sites' ``loc``, its row indices
             on them, stacked and padded like ``rows``.
+        members: ``names`` as a set.
     """
 
     names: tuple[str, ...]
@@ -67,6 +68,7 @@ class _UseStack(NamedTuple):
     weight_rank: int
     source: tuple[str, torch.Tensor | None] | None
     shifts: dict[str, torch.Tensor]
+    members: frozenset[str]
 
 
 def _pad(tensor: torch.Tensor, rank: int) -> torch.Tensor:
@@ -102,8 +104,11 @@ def _family(site: Any) -> Any:
 def _cached(
     cache: dict[Any, torch.Tensor], names: tuple[str, ...], attr: str, sites: Mapping[str, Any]
 ) -> torch.Tensor:
-    """The sites' values (``attr == "value"``) or distribution attribute, stacked once."""
-    key = (names, attr)
+    """The sites' values (``attr == "value"``) or distribution attribute, stacked once.
+
+    Keyed by the identity of ``names`` (a stack's own tuple, alive for the sweep):
+    hashing a tuple of thousands of names costs more than the lookup saves."""
+    key = (id(names), attr)
     if key not in cache:
         # Sites replicated from a few representatives give the stack without a site loop.
         replicated = getattr(sites, "stacked", None)
@@ -220,7 +225,14 @@ class StackedUpdate:
                 stacked = _stack([by_site[name][0].rows for name in names])
                 shifts[other.name] = _pad(stacked, rank)
         return _UseStack(
-            names, rows, first.event_ndims, rank, rank - first.event_ndims, source, shifts
+            names,
+            rows,
+            first.event_ndims,
+            rank,
+            rank - first.event_ndims,
+            source,
+            shifts,
+            frozenset(names),
         )
 
     def _weights(self, stack: _UseStack, estep: CompiledEStep) -> torch.Tensor:
@@ -242,7 +254,7 @@ class StackedUpdate:
         cache: dict[Any, torch.Tensor],
     ) -> tuple[Use, dict[str, Any], torch.Tensor]:
         slot = self.block.slot
-        if any(name in changes for name in stack.names):
+        if any(name in stack.members for name in changes):
             values = [
                 changes[name][1] if name in changes else sites[name]["value"]
                 for name in stack.names
@@ -300,7 +312,10 @@ class StackedUpdate:
         uses = [self._stacked_use(stack, estep, sites, changes, cache) for stack in self.stacks]
         for use in self.single:
             site = sites[use.site]
-            if changes:
+            moved = use.site in changes or any(
+                use.site in self.on_site.get(other, ()) for other in changes
+            )
+            if moved:
                 site = patched_site(site, changes, self.blocks)
             uses.append((use, site, estep.weight(use.site)))
         name = self.block.name
