@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import itertools
 import math
 import pstats
 import runpy
@@ -66,6 +67,7 @@ from pyro import poutine
 from pyro.infer import SVI, JitTraceEnum_ELBO, TraceEnum_ELBO
 from pyro.infer.autoguide import AutoDelta, init_to_value
 from pyro.optim import Adam  # type: ignore[attr-defined]
+from torch.distributions import constraints
 
 import pyroem
 from pyroem.program import ProgramModel, posterior
@@ -473,6 +475,171 @@ def compare(case: Case, options: argparse.Namespace) -> dict[float, float]:
     return ratios
 
 
+# ----- cost per iteration against hmmlearn and the declarative path -------------------
+
+
+def _iteration_costs(run: Callable[[Callable[[Any], None]], Any]) -> tuple[float, float, Any]:
+    """CPU seconds to the end of the first iteration (the one-off work included), the
+    median CPU seconds of the later iterations, and the fit; ``run(callback)`` fits."""
+    stamps: list[float] = []
+    started = time.process_time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pyroem.ConvergenceWarning)
+        fit = run(lambda _: stamps.append(time.process_time()))
+    steps = sorted(b - a for a, b in itertools.pairwise(stamps[1:]))
+    return stamps[0] - started, steps[len(steps) // 2], fit
+
+
+def long_hmm_costs(options: argparse.Namespace) -> float:
+    """A 1-D Gaussian HMM program (``models/hmm.py``, ``pyro.param`` sites) on one
+    sequence of ``--long-length`` steps with ``--long-states`` states, against
+    hmmlearn's Baum-Welch from the same start; returns pyroem / hmmlearn per iteration.
+
+    hmmlearn's time per iteration is ``(t(21 iterations) − t(1 iteration)) / 20``, the
+    median of ``--repeats`` pairs of fits (its first iteration includes its setup).
+    """
+    from hmmlearn.hmm import GaussianHMM
+
+    import pyroem.program.compiled as compiled
+
+    states, length = options.long_states, options.long_length
+    truth = {
+        "init_probs": torch.full((states,), 1.0 / states, dtype=torch.float64),
+        "transition_probs": 0.85 * torch.eye(states, dtype=torch.float64) + 0.15 / states,
+        "locs": torch.linspace(-3.0, 5.0, states, dtype=torch.float64).unsqueeze(-1),
+        "variances": torch.linspace(0.3, 1.0, states, dtype=torch.float64).unsqueeze(-1),
+    }
+    lengths = torch.tensor([length])
+    sequences, _ = HMM["simulate_gaussian_hmm"](lengths, **truth, seed=options.seed)
+    iterations = options.long_iterations
+
+    def fit_program(callback: Callable[[Any], None]) -> Any:
+        return pyroem.fit(
+            HMM["gaussian_hmm"],
+            sequences,
+            lengths,
+            states,
+            method="map-em",
+            max_iter=iterations,
+            tol=0.0,
+            seed=0,
+            callback=callback,
+        )
+
+    setup, per_iteration, fit = _iteration_costs(fit_program)
+    # The program's own start: uniform, rows half on staying put, quantiles, variance.
+    values = _observed_start(fit)
+    X = sequences[0].numpy()
+
+    def hmmlearn_seconds(n_iter: int) -> float:
+        model = GaussianHMM(
+            states, covariance_type="diag", init_params="", n_iter=n_iter, tol=-math.inf
+        )
+        model.startprob_ = values["init_probs"]
+        model.transmat_ = values["transition_probs"]
+        model.means_ = values["locs"]
+        model.covars_ = values["variances"]
+        started = time.process_time()
+        model.fit(X)
+        return time.process_time() - started
+
+    peer = sorted((hmmlearn_seconds(21) - hmmlearn_seconds(1)) / 20 for _ in range(options.repeats))
+    theirs = peer[len(peer) // 2]
+    print(
+        f"\n[hmm-long] Gaussian HMM program, S=1 T={length} K={states} D=1, float64, "
+        f"threads={torch.get_num_threads()}, CPU time"
+    )
+    print(
+        f"  pyroem map-em: one-off work + first iteration {setup:.3f} s, then "
+        f"{1e3 * per_iteration:.1f} ms per iteration (median of {iterations - 1})"
+    )
+    if options.old_path:
+        compiled._REPLICATED = False
+        try:
+            old_setup, old_iteration, _ = _iteration_costs(
+                lambda callback: pyroem.fit(
+                    HMM["gaussian_hmm"],
+                    sequences,
+                    lengths,
+                    states,
+                    method="map-em",
+                    max_iter=4,
+                    tol=0.0,
+                    seed=0,
+                    callback=callback,
+                )
+            )
+        finally:
+            compiled._REPLICATED = True
+        print(
+            f"  the same, running the whole program every E-step: {old_setup:.3f} s, then "
+            f"{1e3 * old_iteration:.1f} ms per iteration"
+        )
+    print(f"  hmmlearn GaussianHMM: {1e3 * theirs:.2f} ms per iteration (median of {len(peer)})")
+    ratio = per_iteration / theirs
+    print(f"  ratio pyroem / hmmlearn per iteration: {ratio:.2f}")
+    return ratio
+
+
+def _observed_start(fit: Any) -> dict[str, Any]:
+    """The starting parameters a fit began from, as numpy arrays (for hmmlearn)."""
+    program = fit.program
+    return {name: value.detach().numpy().copy() for name, value in program.param_inits.items()}
+
+
+def mixture_costs(options: argparse.Namespace) -> float:
+    """A diagonal Gaussian mixture as a Pyro program (``pyro.param`` sites: maximum
+    likelihood) against ``pyroem.Mixture(K, Gaussian("diag", prior=None))`` from the
+    same start; returns program / declarative per iteration."""
+    case = mixture_case(
+        options.num_data, options.dim, options.components, options.spread, options.seed
+    )
+    data, num_components = case.args
+    start = case.init
+
+    def program(data: torch.Tensor) -> None:
+        weights = pyro.param(
+            "weights", lambda: start["weights"].clone(), constraint=constraints.simplex
+        )
+        locs = pyro.param("locs", lambda: start["locs"].clone())
+        variances = pyro.param(
+            "variances", lambda: start["variances"].clone(), constraint=constraints.positive
+        )
+        with pyro.plate("data", data.shape[0]):
+            z = pyro.sample("z", dist.Categorical(weights), infer={"enumerate": "parallel"})
+            pyro.sample("obs", dist.Normal(locs[z], variances[z].sqrt()).to_event(1), obs=data)
+
+    iterations = options.long_iterations
+    common = {"method": "map-em", "max_iter": iterations, "tol": 0.0, "seed": 0}
+    setup, mine, fit = _iteration_costs(
+        lambda callback: pyroem.fit(program, data, callback=callback, **common)
+    )
+    spec = pyroem.Mixture(num_components, pyroem.Gaussian("diag", prior=None))
+    init = {
+        "weights": start["weights"],
+        "means": start["locs"],
+        "covariances": start["variances"],
+    }
+    other_setup, theirs, other = _iteration_costs(
+        lambda callback: pyroem.fit(spec, data, init=init, callback=callback, **common)
+    )
+    print(
+        f"\n[gmm-declarative] {case.description}, float64, threads={torch.get_num_threads()}, "
+        "CPU time"
+    )
+    print(
+        f"  program: first iteration {setup:.3f} s, then {1e3 * mine:.2f} ms per iteration; "
+        f"declarative Mixture: {other_setup:.3f} s, then {1e3 * theirs:.2f} ms"
+    )
+    print(
+        f"  log likelihood after {iterations} iterations: program "
+        f"{fit.log_likelihood():.8f}, declarative {other.log_likelihood():.8f}"
+    )
+    ratio = mine / theirs
+    print(f"  ratio program / declarative per iteration: {ratio:.2f}")
+    return ratio
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse options and run the comparisons."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -509,6 +676,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile pyroem's fit")
     parser.add_argument("--profile-lines", type=int, default=25)
     parser.add_argument("--quick", action="store_true", help="small problems, small budget")
+    parser.add_argument(
+        "--costs",
+        action="store_true",
+        help="instead: CPU time per iteration against hmmlearn (hmm-long) and against "
+        "the declarative Mixture (gmm-declarative)",
+    )
+    parser.add_argument("--long-length", type=int, default=10_000, help="hmm-long: T")
+    parser.add_argument("--long-states", type=int, default=4, help="hmm-long: K")
+    parser.add_argument("--long-iterations", type=int, default=15, help="costs: iterations")
+    parser.add_argument(
+        "--old-path", action="store_true", help="hmm-long: also time whole-program E-steps"
+    )
     options = parser.parse_args(argv)
     if options.quick:
         options.num_data, options.sequences, options.length = 1000, 2, 50
@@ -517,6 +696,10 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(options.threads)
     pyro.enable_validation(not options.no_validation)
+    if options.costs:
+        long_hmm_costs(options)
+        mixture_costs(options)
+        return
     for name in options.models:
         if name == "gmm":
             case = mixture_case(
