@@ -857,11 +857,11 @@ class Replication:
             if name in enumerated:
                 if not torch.equal(site["value"], first["value"]):
                     return False
-            elif observed:
+            if observed:
                 reference = self.first_sites[name]
-                if not torch.equal(site["value"], reference["value"]):
-                    return False
                 if not _same_mask(site["mask"], reference["mask"]):
+                    return False
+                if name not in enumerated and not torch.equal(site["value"], reference["value"]):
                     return False
         return True
 
