@@ -25,7 +25,6 @@ from pyroem.large_data import LARGE_DATA_OPTIONS, fit_mixture_large
 from pyroem.mstep.mixture import MixtureEngine
 from pyroem.options import OPTIONS, check_applicable, check_integer, with_defaults
 from pyroem.program.fit import fit_program
-from pyroem.program.results import ProgramFit
 from pyroem.program.start import INIT_CHOICES, raise_bad_init, resolve_start
 from pyroem.results import FitResult, mixture_fit_from_program
 from pyroem.sampling.mcmc_em import fit_mcmc_em
@@ -558,7 +557,7 @@ def _fit_checked(
     if columns is not None:
         # A DataFrame's column names label the fit's dimensions (to_arviz coordinates).
         result.feature_names = tuple(str(name) for name in columns)
-    if isinstance(model, Mixture) and isinstance(result, ProgramFit):
+    if isinstance(model, Mixture) and result.kind == "program":
         # Through its Pyro program, a Mixture's fit also gets the mixture interface.
         data = as_data(model_args[0], dtype=torch_dtype, device=device)
         # Under the prior the program was fitted with (mclust's for prior="default").

@@ -41,12 +41,7 @@ from torch.distributions.transforms import Transform
 from tqdm import tqdm
 
 from pyroem.alignment import Alignment, align_draws, program_component_axes
-from pyroem.diagnostics import (
-    ChainDiagnostics,
-    chain_diagnostics,
-    chain_problems,
-    to_arviz,
-)
+from pyroem.diagnostics import ChainDiagnostics, chain_diagnostics, chain_problems
 from pyroem.em import History
 from pyroem.errors import MCMCWarning, NotSupportedError, SingularCovarianceError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, mixture_log_likelihood
@@ -479,10 +474,6 @@ class BayesFit(ProgramFit):
         new.converged = not summary.problems
         new.permutations = alignment.permutations
         return new
-
-    def to_arviz(self, **options: Any) -> Any:
-        """The fit as ``arviz.InferenceData`` (see :func:`pyroem.diagnostics.to_arviz`)."""
-        return to_arviz(self, **options)
 
     def __repr__(self) -> str:
         return (

@@ -24,7 +24,6 @@ import torch
 from pyroem.alignment import align_fits
 from pyroem.errors import NotSupportedError, SpecError
 from pyroem.estep.enumerate import score_mixture
-from pyroem.fit_kinds import is_mixture_fit, is_program_fit
 from pyroem.program.model import Inject
 from pyroem.program.pointwise import observation_plate, pointwise_log_likelihood_draws
 from pyroem.spec.params import MixtureParams
@@ -525,9 +524,10 @@ def to_arviz(
         :func:`from_netcdf`.
     """
     arviz = _arviz()
-    if is_mixture_fit(fit):
+    kind = getattr(fit, "kind", None)
+    if kind == "mixture":
         parts = _mixture_parts(fit, log_likelihood)
-    elif is_program_fit(fit):
+    elif kind == "program":
         parts = _program_parts(fit, obs_plate, log_likelihood, progress)
     else:
         raise SpecError(f"to_arviz takes a pyroem fit; got {type(fit).__name__}")
@@ -613,7 +613,7 @@ def to_arviz(
         generator = torch.Generator().manual_seed(seed)
         replicas = (
             _mixture_predictive(fit, generator)
-            if is_mixture_fit(fit)
+            if fit.kind == "mixture"
             else _program_predictive(fit, generator)
         )
         if replicas:

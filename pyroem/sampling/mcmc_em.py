@@ -284,12 +284,12 @@ class MCMCEMFit(ProgramFit):
             )
         return "\n".join(lines)
 
-    def __repr__(self) -> str:
-        return (
-            f"MCMCEMFit(model={self.program.name}, schedule={self.schedule!r}, "
-            f"objective={self.history.objective[-1]:.6g}, converged={self.converged}, "
-            f"num_iterations={self.num_iterations})"
-        )
+    def _repr_fields(self) -> list[str]:
+        return [
+            f"model={self.program.name}",
+            f"schedule={self.schedule!r}",
+            f"objective={self.history.objective[-1]:.6g}",
+        ]
 
 
 def _m_step(

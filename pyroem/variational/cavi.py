@@ -383,7 +383,7 @@ class VariationalFit(FitResult):
         return self.predict_proba(data).argmax(-1)
 
     def _archive(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """:meth:`FitResult._archive` plus the factors of ``q``: ``q(π)``, ``q(θ)`` in its
+        """:class:`FitResult`'s arrays plus the factors of ``q``: ``q(π)``, ``q(θ)`` in its
         internal form (what :meth:`predict_proba` reads) and ``q(z)``."""
         arrays, meta = super()._archive()
         arrays["variational/weights_concentration"] = (
@@ -402,23 +402,22 @@ class VariationalFit(FitResult):
         }
         return arrays, meta
 
-    def __repr__(self) -> str:
-        return (
-            f"VariationalFit(spec={self.spec!r}, elbo={self.elbo:.6g}, "
-            f"effective_components={self.num_effective_components}, "
-            f"converged={self.converged}, num_iterations={self.num_iterations})"
-        )
+    def _repr_fields(self) -> list[str]:
+        return [
+            f"spec={self.spec!r}",
+            f"elbo={self.elbo:.6g}",
+            f"effective_components={self.num_effective_components}",
+        ]
 
-    def summary(self) -> str:
-        """:meth:`FitResult.summary` plus the ELBO and the effective components."""
-        lines = super().summary().split("\n")
+    def _summary_parts(self) -> tuple[str, list[str], list[str], list[str]]:
+        """:class:`FitResult`'s, with the ELBO and the effective components."""
+        title, head, notes, params = super()._summary_parts()
         extra = [
             f"  ELBO               {self.elbo:.6f}",
             f"  effective comps.   {self.num_effective_components} of {self.num_components} "
             f"(E_q[weight] > {self.weight_threshold:g})",
         ]
-        at = next(i for i, line in enumerate(lines) if line.startswith("  free parameters")) + 1
-        return "\n".join(lines[:at] + extra + lines[at:])
+        return title, head, extra + notes, params
 
 
 def _continued_state(

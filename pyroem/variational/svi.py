@@ -224,12 +224,12 @@ class SVIFit(ProgramFit):
         with pyro.get_param_store().scope(self.param_state) as state:
             yield state
 
-    def __repr__(self) -> str:
-        return (
-            f"SVIFit(model={self.program.name}, guide={self.options['guide']!r}, "
-            f"elbo={self.elbo:.6g}, converged={self.converged}, "
-            f"num_iterations={self.num_iterations})"
-        )
+    def _repr_fields(self) -> list[str]:
+        return [
+            f"model={self.program.name}",
+            f"guide={self.options['guide']!r}",
+            f"elbo={self.elbo:.6g}",
+        ]
 
 
 def _window_change(elbos: list[float], window: int) -> tuple[float, float]:
