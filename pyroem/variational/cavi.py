@@ -30,7 +30,8 @@ where :math:`\log Z(r) = \log \int p(θ) \prod_{n,k} p(x_n | θ_k)^{r_{nk}} dθ`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -39,12 +40,12 @@ import torch
 from pyroem.checkpoint import to_device
 from pyroem.diagnostics import independent_chains
 from pyroem.distributed import LOCAL, Collective
-from pyroem.em import EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
+from pyroem.em import EMRun, Engine, EStepResult, MStepResult, run_em
 from pyroem.errors import SpecError
 from pyroem.estep.enumerate import MixtureEStep, add_statistics, normalise_log_joint, score_mixture
 from pyroem.initialization import initial_params, seeded_generator
 from pyroem.mstep.conjugate import NIWPosterior, dirichlet_expected_log
-from pyroem.options import check_integer, with_defaults
+from pyroem.options import FitSettings, check_integer, with_defaults
 from pyroem.results import FitResult
 from pyroem.spec.mixture import Mixture, MixtureParams
 from pyroem.stream import ChunksEStep, StreamedData, score_rows
@@ -515,17 +516,9 @@ def _check_cavi_options(options: dict[str, Any]) -> tuple[int, float, str]:
 def fit_mixture_cavi(
     spec: Mixture,
     data: torch.Tensor,
+    settings: FitSettings,
     *,
-    init: Any = "kmeans++",
-    n_init: int = 1,
-    seed: int | None = None,
-    tol: float = 1e-6,
-    max_iter: int = 1000,
-    chunk_size: int = 65536,
-    progress: bool = False,
-    callback: Callable[[Iteration], Any] | None = None,
     sample_weight: torch.Tensor | None = None,
-    collective: Collective = LOCAL,
     streamed: StreamedData | None = None,
     **options: Any,
 ) -> VariationalFit:
@@ -539,22 +532,17 @@ def fit_mixture_cavi(
         spec: the mixture; it needs a proper prior (``prior="default"`` or a prior object,
             and for the gaussian family ``mean_precision > 0``).
         data: ``(num_data, dim)``, validated (see :func:`pyroem.spec.mixture.as_data`).
-        init: ``"kmeans++"``, ``"kmeans"``, ``"random"``, ``"random_from_data"``, a dict
+        settings: :func:`pyroem.fit`'s common options (``n_init``: the restart with the
+            highest final ELBO is kept; ``tol``: converged when the ELBO changes by less
+            than ``tol`` per data point; ``seed`` also seeds the draws). ``init``:
+            ``"kmeans++"``, ``"kmeans"``, ``"random"``, ``"random_from_data"``, a dict
             of parameters in ``fit.params`` form, or a previous fit. A previous vb-em fit
             of the same model on the same data is continued from its ``q(π, θ)``, so the
             ELBO goes on increasing from where it stopped.
-        n_init: restarts; the one with the highest final ELBO is kept.
-        seed: makes initialisation and the draws reproducible.
-        tol: converged when the ELBO changes by less than ``tol`` per data point.
-        max_iter: most iterations per restart.
-        chunk_size: data rows per E-step chunk.
-        progress: show a progress bar.
-        callback: called after every iteration (see :func:`pyroem.fit`).
         sample_weight: ``(num_data,)`` non-negative frequency weights: row ``n`` counts
             ``w_n`` times in the statistics, the entropy of ``q(z)`` and the ELBO (so
             integer weights give the fit on repeated rows); ``fit.log_likelihood()``
             stays the unweighted sum, as for map-em.
-        collective: a distributed fit's collectives (:mod:`pyroem.distributed`).
         streamed: the data read chunk by chunk from a source (:mod:`pyroem.stream`);
             ``data`` is then its reservoir sample (data-derived defaults, initialisation),
             and ``fit.variational`` holds no ``"assignment"`` (``q(z)`` of every row).
@@ -579,11 +567,11 @@ def fit_mixture_cavi(
     num_draws, weight_threshold, prior_type = _check_cavi_options(dict(options))
     family = spec.bind(data)
     factor = conjugate_factor(family)
+    init, chunk_size, collective = settings.init, settings.chunk_size, settings.collective
     previous = init if isinstance(init, VariationalFit) else None
     if isinstance(init, FitResult):
         init = _every_component(init, spec.num_components)
-    if isinstance(init, dict):
-        n_init = 1
+    settings = replace(settings, init=init, n_init=1 if isinstance(init, dict) else settings.n_init)
     weights_prior = spec.weights_prior
     if prior_type == "dirichlet_process":
         if not bool((weights_prior == weights_prior[0]).all()):
@@ -593,7 +581,7 @@ def fit_mixture_cavi(
             )
         # Sticks v_k ~ Beta(1, α), π_k = v_k Π_{j<k} (1 − v_j), truncated at K.
         weights_prior = torch.stack([torch.ones_like(weights_prior), weights_prior], dim=-1)
-    generator = seeded_generator(seed)
+    generator = seeded_generator(settings.seed)
     continued = _continued_state(previous, family, weights_prior)
     engine = _CaviEngine(
         factor,
@@ -608,9 +596,7 @@ def fit_mixture_cavi(
         collective,
         streamed,
     )
-    result = run_em(
-        engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
-    )
+    result = run_em(engine, **settings.loop())
     best = result.best
     state: VariationalParams = best.params
     alpha = state.weights_concentration
@@ -651,12 +637,7 @@ def fit_mixture_cavi(
     if streamed is None:
         variational["assignment"] = {"probs": resp}
     fit_options = {
-        "n_init": n_init,
-        "init": init if isinstance(init, str) else "params",
-        "tol": tol,
-        "max_iter": max_iter,
-        "seed": seed,
-        "chunk_size": chunk_size,
+        **settings.record(),
         "num_draws": num_draws,
         "weight_threshold": weight_threshold,
         "weights_prior_type": prior_type,
