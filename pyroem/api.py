@@ -353,7 +353,6 @@ def fit(
         max_iter=max_iter,
         seed=seed,
         dtype=torch_dtype,
-        dtype_given=dtype is not None,
         device=device,
         chunk_size=chunk_size,
         progress=progress,
@@ -466,16 +465,12 @@ def _fit_checked(
                 model_kwargs,
                 method=method,
                 init=settings.init,
-                n_init=settings.n_init,
                 seed=settings.seed,
-                tol=settings.tol,
-                max_iter=settings.max_iter,
-                progress=settings.progress,
                 m_step=settings.m_step,
                 gradient_steps=settings.gradient_steps,
-                callback=settings.callback,
                 space=method_options["space"],
                 accelerate=settings.accelerate,
+                **settings.loop(),
             )
         else:
             result = _fit_mixture(model, model_args, settings, method_options["stop_rule"])

@@ -149,8 +149,6 @@ class FitSettings:
 
     Attributes:
         dtype: the torch dtype of a ``Mixture``'s data.
-        dtype_given: whether ``dtype`` was given (a Pyro program otherwise computes in
-            its own tensors' dtype).
         collective: the fit's collectives (:mod:`pyroem.distributed`).
     """
 
@@ -161,7 +159,6 @@ class FitSettings:
     max_iter: int = 1000
     seed: int | None = None
     dtype: torch.dtype = torch.float64
-    dtype_given: bool = False
     device: Any = None
     chunk_size: int = 65536
     progress: bool = False
