@@ -330,7 +330,7 @@ def component_axes(fit: Any) -> dict[str, int]:
     """The component axis of every component-indexed parameter of a fit.
 
     Args:
-        fit: a :class:`~pyroem.FitResult` or a :class:`~pyroem.ProgramFit`.
+        fit: a :class:`~pyroem.Fit`.
 
     Raises:
         SpecError: a Pyro program without a ``"components"`` plate (pass ``axes``).

@@ -509,7 +509,7 @@ def to_arviz(
     given a DataFrame, integers elsewhere (component ``k`` is coordinate ``k``).
 
     Args:
-        fit: a :class:`~pyroem.FitResult` or :class:`~pyroem.ProgramFit` (any method).
+        fit: a :class:`~pyroem.Fit`: any model, any method.
         obs_plate: for a Pyro program, the plate whose entries are the observation units.
         log_likelihood: include the ``log_likelihood`` group.
         dims: dimension names per variable, overriding the defaults.
