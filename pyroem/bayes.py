@@ -475,6 +475,31 @@ class BayesFit(ProgramFit):
         new.permutations = alignment.permutations
         return new
 
+    def _archive(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """:class:`~pyroem.ProgramFit`'s, with the chains' diagnostics and the alignment."""
+        arrays, meta = super()._archive()
+        if self.permutations is not None:
+            arrays["permutations"] = np.asarray(self.permutations)
+        meta["diagnostics"] = [float(value) for value in self.diagnostics]
+        meta["problems"] = list(self.problems)
+        meta["component_axes"] = self.component_axes
+        return arrays, meta
+
+    @classmethod
+    def from_archive(
+        cls, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], fields: dict[str, Any]
+    ) -> BayesFit:
+        """A saved NUTS fit; :meth:`pointwise_log_likelihood` then runs the program
+        (the compiled mixture density is not saved)."""
+        return cls(
+            diagnostics=ChainDiagnostics.from_numbers(meta["diagnostics"]),
+            problems=[str(problem) for problem in meta["problems"]],
+            component_axes=meta["component_axes"],
+            permutations=arrays.get("permutations"),
+            pointwise=None,
+            **fields,
+        )
+
     def __repr__(self) -> str:
         return (
             f"BayesFit(model={self.program.name}, num_chains={self.num_chains}, "

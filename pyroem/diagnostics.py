@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -90,6 +90,12 @@ class ChainDiagnostics(NamedTuple):
     num_divergences: int
     num_chains: int
     num_draws: int
+
+    @classmethod
+    def from_numbers(cls, values: Sequence[float]) -> ChainDiagnostics:
+        """The diagnostics from their values in field order, as a saved fit holds them."""
+        rhat, bulk, tail, *counts = values
+        return cls(float(rhat), float(bulk), float(tail), *(int(count) for count in counts))
 
 
 def chain_diagnostics(draws: Mapping[str, Any], divergences: Any = None) -> ChainDiagnostics:
@@ -251,6 +257,8 @@ def _mixture_parts(fit: Any, log_likelihood: bool) -> _Parts:
         name: mixture_dims(name, value.dim(), per_component=name not in shared)
         for name, value in params.items()
     }
+    # The latent draws of a Mixture's program (MCMC-EM): one assignment per data point.
+    dims.update({name: ("data",) for name in fit.draws or {} if name not in params})
     pointwise = None
     if log_likelihood and _theta_draws(fit):
         if fit.data is None:

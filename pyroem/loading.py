@@ -12,13 +12,15 @@ import numpy as np
 import torch
 
 from pyroem.archive import FORMAT_VERSION, MIXTURE_FORMAT, PROGRAM_FORMAT, read_arrays
+from pyroem.bayes import BayesFit
 from pyroem.em import History
 from pyroem.errors import FitFileError, PyroEMError
-from pyroem.program.model import ProgramModel
 from pyroem.program.results import ProgramFit
 from pyroem.results import Fit, FitResult
+from pyroem.sampling.mcmc_em import MCMCEMFit
 from pyroem.spec.mixture import Mixture, MixtureParams
 from pyroem.variational.cavi import restore_variational_fit
+from pyroem.variational.svi import SVIFit
 
 __all__ = ["load"]
 
@@ -41,9 +43,11 @@ def load(
             ``model(*model_args, **model_kwargs)``; unused for a ``Mixture``.
 
     Returns:
-        A :class:`~pyroem.results.Fit`: a :class:`FitResult` for a ``Mixture`` fitted by
-        any method (a :class:`~pyroem.VariationalFit` for CAVI), a
-        :class:`~pyroem.ProgramFit` for a Pyro program.
+        A :class:`~pyroem.results.Fit` of the class that was saved: a :class:`FitResult`
+        for a ``Mixture`` fitted by any method (a :class:`~pyroem.VariationalFit` for
+        CAVI); for a Pyro program a :class:`~pyroem.ProgramFit`,
+        :class:`~pyroem.SVIFit`, :class:`~pyroem.MCMCEMFit` or :class:`~pyroem.BayesFit`
+        (what cannot be saved, such as an SVI fit's guide, raises an error on use).
 
     Raises:
         FitFileError: the file is missing, not a pyroem fit, damaged or inconsistent;
@@ -286,8 +290,12 @@ def _restore_program(
     model_args: tuple[Any, ...],
     model_kwargs: dict[str, Any] | None,
 ) -> ProgramFit:
-    """A :class:`~pyroem.ProgramFit` from its archive and the program, checked first."""
-    program = ProgramModel(model, model_args, model_kwargs)
+    """The saved kind of :class:`~pyroem.ProgramFit` from its archive and the program,
+    checked first (a file without its class, as older versions wrote, as a ProgramFit)."""
+    kind = _PROGRAM_CLASSES.get(meta.get("class", "ProgramFit"))
+    if kind is None:
+        raise FitFileError(f"it holds a fit of an unknown class {meta['class']!r}")
+    program = kind.rebuild_program(model, model_args, model_kwargs, meta["options"])
     saved = sorted(k.removeprefix("params/") for k in arrays if k.startswith("params/"))
     if saved != sorted(program.params):
         raise FitFileError(
@@ -311,7 +319,7 @@ def _restore_program(
         for k in arrays
         if k.startswith("marginals/")
     }
-    return ProgramFit(
+    fields = dict(
         program=program,
         values=values,
         m_step_kinds=meta["m_step_kinds"],
@@ -321,6 +329,18 @@ def _restore_program(
         num_data=meta["num_data"],
         **common,
     )
+    try:
+        return kind.from_archive(arrays, meta, fields)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise FitFileError(
+            f"its {kind.__name__} results are incomplete or invalid ({type(err).__name__}: {err})"
+        ) from err
+
+
+#: The program fits :func:`load` restores, by the class name their archive holds.
+_PROGRAM_CLASSES: dict[str, type[ProgramFit]] = {
+    kind.__name__: kind for kind in (ProgramFit, SVIFit, MCMCEMFit, BayesFit)
+}
 
 
 _COMMON_META = {

@@ -226,13 +226,16 @@ class Fit:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the fit to ``path`` (a ``.npz`` archive of arrays plus JSON metadata).
 
-        Nothing is pickled: :func:`pyroem.load` reads it back with ``allow_pickle=False``.
-        A ``Mixture`` fitted by any method is saved as its :class:`FitResult`, which
-        :func:`pyroem.load` restores with every parameter bit for bit, the draws and
+        Nothing is pickled: :func:`pyroem.load` reads it back with ``allow_pickle=False``
+        as the class that was saved. A ``Mixture`` fitted by any method is saved as its
+        :class:`FitResult`, restored with every parameter bit for bit, the draws and
         sample statistics where the method made them (and, for ``method="vb-em"``, the
-        variational factors); the data are not stored. For any other program the
-        parameters, marginals, history, draws and sample statistics are saved, and
+        variational factors of its :class:`~pyroem.VariationalFit`); the data are not
+        stored. For any other program the parameters, marginals, history, draws, sample
+        statistics and the method's own results (NUTS's and MCMC-EM's chain diagnostics,
+        MCMC-EM's parameter trace, SVI's ELBO) are saved, and
         ``pyroem.load(path, model, *model_args)`` rebuilds the fit given the program.
+        Code is not saved: a loaded :class:`~pyroem.SVIFit` has no guide.
         """
         saved = self.mixture or self
         arrays, meta = saved._archive()
@@ -246,6 +249,7 @@ class Fit:
         meta = {
             "format": saved.archive_format,
             "version": FORMAT_VERSION,
+            "class": type(saved).__name__,
             "method": saved.method,
             **meta,
             "converged": saved.converged,
@@ -443,7 +447,7 @@ def mixture_fit_from_program(
     )
     internal = MixtureParams(weights, components, torch.arange(spec.num_components))
     pointwise, log_resp = score_mixture(family, internal, data, chunk_size)
-    return FitResult(
+    view = FitResult(
         spec=spec,
         family=family,
         method=fit.method,
@@ -460,6 +464,8 @@ def mixture_fit_from_program(
         sample_stats=fit.sample_stats,
         data=data,
     )
+    view.runtime = fit.runtime
+    return view
 
 
 def _format_array(value: torch.Tensor) -> str:

@@ -7,8 +7,11 @@ must answer; ``save`` → ``pyroem.load`` must give the same predictions bit for
 
 from __future__ import annotations
 
+import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyro
@@ -138,6 +141,14 @@ def test_every_fit_is_one_kind_of_object_and_loads_back_as_it(method: str, tmp_p
         loaded = pyroem.load(tmp_path / "mixture.npz")
         saved = mixture.mixture
         assert isinstance(loaded, pyroem.Fit) and type(loaded) is type(saved)
+        # (Its repr shows the model as saved, with the prior's numbers resolved.)
+        assert loaded.summary() == saved.summary()
+        # The training data are not saved: the groups drawn from them are left out.
+        _assert_same_inference_data(
+            loaded.to_arviz(log_likelihood=False, posterior_predictive=False),
+            saved.to_arviz(log_likelihood=False, posterior_predictive=False),
+            skip=frozenset({"observed_data"}),
+        )
         assert loaded.method == method and loaded.num_iterations == mixture.num_iterations
         for name, value in saved.params.items():
             assert torch.equal(loaded.params[name], value), name
@@ -148,7 +159,17 @@ def test_every_fit_is_one_kind_of_object_and_loads_back_as_it(method: str, tmp_p
 
         program.save(tmp_path / "program.npz")
         restored = pyroem.load(tmp_path / "program.npz", _two_means, x)
-        assert isinstance(restored, pyroem.ProgramFit) and restored.method == method
+        assert type(restored) is type(program) and restored.method == method
+        assert restored.summary() == program.summary() and repr(restored) == repr(program)
+        _assert_same_inference_data(restored.to_arviz(), program.to_arviz())
+        if method == "vb-em":
+            # The guide is code, which is not saved: asked for, it says so.
+            for name in ("guide", "param_state"):
+                with pytest.raises(NotSupportedError, match="loaded from a file"):
+                    getattr(restored, name)
+            with pytest.raises(NotSupportedError, match="loaded from a file"):
+                with restored.scope():
+                    pass
         assert restored.params.keys() == program.params.keys()
         for name, value in program.params.items():
             assert torch.equal(restored.params[name], value), name
@@ -166,3 +187,63 @@ def test_every_fit_is_one_kind_of_object_and_loads_back_as_it(method: str, tmp_p
         np.testing.assert_allclose(restored.log_likelihood(), expected, rtol=1e-9)
     finally:
         torch.set_default_dtype(default_dtype)
+
+
+def _assert_same_inference_data(
+    actual: Any, expected: Any, skip: frozenset[str] = frozenset()
+) -> None:
+    """The same groups, variables, coordinates, values and attributes (but the time
+    ArviZ stamps each group with)."""
+    assert set(actual.groups()) - skip == set(expected.groups()) - skip
+    for group in set(expected.groups()) - skip:
+        got, want = actual[group], expected[group]
+        assert set(got.data_vars) == set(want.data_vars), group
+        for name in want.data_vars:
+            assert got[name].dims == want[name].dims, (group, name)
+            np.testing.assert_allclose(
+                got[name].values, want[name].values, rtol=1e-12, err_msg=f"{group}/{name}"
+            )
+        for dim, values in want.coords.items():
+            np.testing.assert_array_equal(got.coords[dim].values, values.values)
+        stamp = "created_at"
+        assert {k: v for k, v in got.attrs.items() if k != stamp} == {
+            k: v for k, v in want.attrs.items() if k != stamp
+        }, group
+
+
+@pytest.fixture
+def float64() -> Iterator[None]:
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(default_dtype)
+
+
+@pytest.mark.usefixtures("float64")
+def test_a_program_fit_saved_without_its_class_loads_as_a_program_fit(tmp_path: Path) -> None:
+    """An archive as earlier versions wrote it (no class, none of the method's own
+    results) still loads, as the common :class:`~pyroem.ProgramFit`."""
+    x = torch.tensor([-3.1, -2.7, -3.4, 2.9, 3.3, 3.0], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = pyroem.fit(_two_means, x, method="mcmc-em", seed=0, **OPTIONS["mcmc-em"])
+    fit.save(tmp_path / "new.npz")
+    with np.load(tmp_path / "new.npz", allow_pickle=False) as archive:
+        arrays = {
+            key: archive[key]
+            for key in archive.files
+            if not key.startswith(("diagnostics", "parameter_trace/"))
+        }
+    meta = json.loads(str(arrays["meta"]))
+    for key in ("class", "final_diagnostics", "problems", "schedule", "burn_in", "latents"):
+        del meta[key]
+    del meta["log_likelihood_se"]
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(tmp_path / "old.npz", **arrays)
+    old = pyroem.load(tmp_path / "old.npz", _two_means, x)
+    assert type(old) is pyroem.ProgramFit and old.method == "mcmc-em"
+    assert old.summary() == pyroem.ProgramFit.summary(fit)
+    for name, value in fit.params.items():
+        assert torch.equal(old.params[name], value), name
+    for name, value in fit.draws.items():
+        assert torch.equal(old.draws[name], value), name

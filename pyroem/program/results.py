@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -111,3 +112,23 @@ class ProgramFit(Fit):
             "num_data": self.num_data,
         }
         return arrays, meta
+
+    @classmethod
+    def rebuild_program(
+        cls,
+        model: Callable[..., Any],
+        model_args: tuple[Any, ...],
+        model_kwargs: Mapping[str, Any] | None,
+        options: Mapping[str, Any],
+    ) -> ProgramModel:
+        """The program as this kind of fit saw it, for :func:`pyroem.load` (``options``:
+        the saved fitting options)."""
+        return ProgramModel(model, model_args, model_kwargs)
+
+    @classmethod
+    def from_archive(
+        cls, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], fields: dict[str, Any]
+    ) -> ProgramFit:
+        """This kind of fit as :func:`pyroem.load` rebuilds it: ``fields`` are the checked
+        ones of every program fit, ``arrays`` and ``meta`` what :meth:`_archive` wrote."""
+        return cls(**fields)
