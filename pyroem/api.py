@@ -27,7 +27,7 @@ from pyroem.mstep.mixture import MixtureEngine
 from pyroem.options import OPTIONS, FitSettings, check_applicable, check_integer, with_defaults
 from pyroem.program.fit import fit_program
 from pyroem.program.start import INIT_CHOICES, raise_bad_init, resolve_start
-from pyroem.results import FitResult, mixture_fit_from_program
+from pyroem.results import Fit, FitResult, fit_start, mixture_fit_from_program
 from pyroem.sampling.mcmc_em import fit_mcmc_em
 from pyroem.sources import open_source
 from pyroem.spec.mixture import Mixture, as_data, fill_missing
@@ -577,8 +577,7 @@ def _fit_mixture(
         )
     data = as_data(model_args[0], dtype=settings.dtype, device=settings.device, allow_missing=True)
     family = model.bind(data)
-    if isinstance(init, FitResult):
-        init = init.params
+    init = fit_start(init)
     n_init = 1 if isinstance(init, dict) else settings.n_init
     settings = replace(settings, init=init, n_init=n_init)
     weights = settings.sample_weight
@@ -632,8 +631,7 @@ def _mixture_as_program(
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     """``spec.model(data)`` and its starting values in site form, from the
     ``Mixture``'s own initialisation (k-means++ by default)."""
-    if isinstance(init, FitResult):
-        init = init.params
+    init = fit_start(init)
     values = site_values(spec, spec.bind(data), data, init, seed)
     return spec.model(data, params=values), values
 
@@ -676,7 +674,7 @@ def _fit_other(
                 model, (data,), None, init=init, seed=seed, progress=settings.progress, **options
             )
         program, values = _mixture_as_program(model, data, init, seed)
-        if n_init > 1 and not isinstance(init, dict | FitResult):
+        if n_init > 1 and not isinstance(init, dict | Fit):
             # Each restart from the Mixture's own initialisation, seeded per restart.
             init = partial(site_values, model, model.bind(data), data, init)
         else:

@@ -52,6 +52,7 @@ from pyroem.program.model import ProgramModel
 from pyroem.program.pointwise import pointwise_log_likelihood_draws
 from pyroem.program.posterior import log_joint_terms, posterior
 from pyroem.program.results import ProgramFit
+from pyroem.results import fit_start
 from pyroem.sampling.nuts import NUTSChain
 from pyroem.spec.mixture import Mixture, MixtureParams, as_data
 from pyroem.transforms import constrain, unconstraining
@@ -629,10 +630,7 @@ def fit_nuts(
     """
     started = time.perf_counter()
     is_mixture = isinstance(model, Mixture)
-    if isinstance(init, ProgramFit):
-        init = init.params
-    elif hasattr(init, "params") and not isinstance(init, Mapping | str):
-        init = init.params
+    init = fit_start(init) if is_mixture else program_init(init)
     settings = _settings(options, has_init=init is not None or is_mixture)
     if is_mixture:
         program, start, family, data = _mixture_setup(model, model_args, model_kwargs, init, seed)
@@ -642,7 +640,6 @@ def fit_nuts(
         transforms = _unconstraining(program)
         potential = _potential(terms, transforms)
     else:
-        init = program_init(init)
         program = _SampledProgram(model, model_args, model_kwargs)
         _check_sampleable(program)
         terms = _program_terms(program)

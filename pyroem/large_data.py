@@ -21,7 +21,7 @@ from pyroem.estep.enumerate import score_mixture
 from pyroem.initialization import seeded_generator
 from pyroem.mstep.mixture import MixtureEngine
 from pyroem.options import FitSettings, check_integer
-from pyroem.results import FitResult
+from pyroem.results import FitResult, fit_start
 from pyroem.sources import ChunkSource
 from pyroem.spec.families import Family
 from pyroem.spec.mixture import Mixture, as_data
@@ -110,8 +110,7 @@ def fit_mixture_large(
     if not isinstance(stepwise, bool):
         raise SpecError(f"stepwise must be True or False; got {stepwise!r}")
     init = "kmeans++" if settings.init is None else settings.init
-    if isinstance(init, FitResult):
-        init = init.params
+    init = fit_start(init)
     settings = replace(settings, init=init, n_init=1 if isinstance(init, dict) else settings.n_init)
     generator_seed = 0 if settings.seed is None else settings.seed
     if not isinstance(source, ChunkSource):

@@ -21,7 +21,7 @@ from pyroem.estep.enumerate import score_mixture
 from pyroem.spec.families import Family
 from pyroem.spec.mixture import Mixture, MixtureParams, as_data, fill_missing
 
-__all__ = ["Fit", "FitResult", "mixture_fit_from_program"]
+__all__ = ["Fit", "FitResult", "fit_start", "mixture_fit_from_program"]
 
 
 class Fit:
@@ -413,6 +413,12 @@ class FitResult(Fit):
             "objective": self._log_joint,
         }
         return arrays, meta
+
+
+def fit_start(init: Any) -> Any:
+    """``init`` as starting values: a previous fit's parameters (for a ``Mixture``'s fit
+    by any method, in the mixture's form, :attr:`Fit.mixture`), anything else as given."""
+    return (init.mixture or init).params if isinstance(init, Fit) else init
 
 
 def _plain_options(options: dict[str, Any]) -> dict[str, Any]:

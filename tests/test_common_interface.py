@@ -247,3 +247,20 @@ def test_a_program_fit_saved_without_its_class_loads_as_a_program_fit(tmp_path: 
         assert torch.equal(old.params[name], value), name
     for name, value in fit.draws.items():
         assert torch.equal(old.draws[name], value), name
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("method", ["map-em", "vb-em"])
+def test_a_mixture_fit_by_any_method_starts_another(method: str) -> None:
+    """``init=`` takes a previous fit of the Mixture whatever its method (here MCMC-EM,
+    fitted through the Mixture's program): the same fit as from its parameters."""
+    spec = pyroem.Mixture(2)
+    data, _ = spec.simulate(40, seed=3, dim=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        previous = pyroem.fit(spec, data, method="mcmc-em", seed=0, **OPTIONS["mcmc-em"])
+        assert previous.kind == "program" and previous.mixture is not None
+        warm = pyroem.fit(spec, data, method=method, init=previous, max_iter=5)
+        given = pyroem.fit(spec, data, method=method, init=previous.mixture.params, max_iter=5)
+    for name, value in given.params.items():
+        assert torch.equal(warm.params[name], value), name

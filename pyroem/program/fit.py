@@ -37,6 +37,7 @@ from pyroem.program.space import (
     unbounded_error,
 )
 from pyroem.program.stacked import StackedUpdate
+from pyroem.results import Fit
 from pyroem.transforms import unconstraining
 
 __all__ = [
@@ -140,7 +141,7 @@ def program_init(init: Any) -> Mapping[str, Any] | Callable[[int], Any] | None:
     Raises:
         SpecError: anything else.
     """
-    if isinstance(init, ProgramFit):
+    if isinstance(init, Fit):
         return init.params
     if init is not None and not isinstance(init, Mapping) and not callable(init):
         raise SpecError(

@@ -46,7 +46,7 @@ from pyroem.estep.enumerate import MixtureEStep, add_statistics, normalise_log_j
 from pyroem.initialization import initial_params, seeded_generator
 from pyroem.mstep.conjugate import NIWPosterior, dirichlet_expected_log
 from pyroem.options import FitSettings, check_integer, with_defaults
-from pyroem.results import FitResult
+from pyroem.results import Fit, FitResult
 from pyroem.spec.mixture import Mixture, MixtureParams
 from pyroem.stream import ChunksEStep, StreamedData, score_rows
 from pyroem.variational.cavi_conjugate import (
@@ -422,14 +422,15 @@ class VariationalFit(FitResult):
 
 
 def _continued_state(
-    previous: VariationalFit | None, family: Any, weights_prior: torch.Tensor
+    previous: FitResult | None, family: Any, weights_prior: torch.Tensor
 ) -> VariationalParams | None:
     """A previous vb-em fit's ``q(π, θ)`` to continue from (a warm start), when it
     belongs to the same model: the same weights prior's shape, components and centring
-    of the data (else the fit restarts from its expected parameters)."""
-    if previous is None:
+    of the data (else the fit restarts from its expected parameters; a fit by another
+    method has no ``q``)."""
+    state = getattr(previous, "_state", None)
+    if previous is None or state is None:
         return None
-    state = previous._state
     if state.weights_concentration.shape != weights_prior.shape:
         return None
     old_shift, new_shift = previous.family.shift, family.shift
@@ -568,9 +569,9 @@ def fit_mixture_cavi(
     family = spec.bind(data)
     factor = conjugate_factor(family)
     init, chunk_size, collective = settings.init, settings.chunk_size, settings.collective
-    previous = init if isinstance(init, VariationalFit) else None
-    if isinstance(init, FitResult):
-        init = _every_component(init, spec.num_components)
+    previous = init.mixture if isinstance(init, Fit) else None
+    if previous is not None:
+        init = _every_component(previous, spec.num_components)
     settings = replace(settings, init=init, n_init=1 if isinstance(init, dict) else settings.n_init)
     weights_prior = spec.weights_prior
     if prior_type == "dirichlet_process":
