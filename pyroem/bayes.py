@@ -52,7 +52,7 @@ from pyroem.program.model import ProgramModel
 from pyroem.program.pointwise import pointwise_log_likelihood_draws
 from pyroem.program.posterior import log_joint_terms, posterior
 from pyroem.program.results import ProgramFit
-from pyroem.results import fit_start
+from pyroem.results import fit_start, format_array
 from pyroem.sampling.nuts import NUTSChain
 from pyroem.spec.mixture import Mixture, MixtureParams, as_data
 from pyroem.transforms import constrain, unconstraining
@@ -501,40 +501,39 @@ class BayesFit(ProgramFit):
             **fields,
         )
 
-    def __repr__(self) -> str:
-        return (
-            f"BayesFit(model={self.program.name}, num_chains={self.num_chains}, "
-            f"num_draws={self.num_draws}, max_rhat={self.diagnostics.max_rhat:.4f}, "
-            f"divergences={self.diagnostics.num_divergences})"
-        )
+    def _repr_fields(self) -> list[str]:
+        return [
+            f"model={self.program.name}",
+            f"num_chains={self.num_chains}",
+            f"num_draws={self.num_draws}",
+            f"max_rhat={self.diagnostics.max_rhat:.4f}",
+            f"divergences={self.diagnostics.num_divergences}",
+        ]
 
-    def summary(self) -> str:
-        """Chains, diagnostics and the posterior mean and sd of every parameter."""
+    def _summary_parts(self) -> tuple[str, list[str], list[str], list[str]]:
+        """:class:`~pyroem.ProgramFit`'s, with the chains, their diagnostics and the
+        posterior mean and sd of every parameter."""
+        title, head, notes, _ = super()._summary_parts()
         diag = self.diagnostics
-        lines = [
-            f"pyroem nuts fit of {self.program.name}",
+        head += [
             f"  chains x draws     {diag.num_chains} x {diag.num_draws}",
             f"  max R-hat          {diag.max_rhat:.4f}",
             f"  min ESS bulk/tail  {diag.min_ess_bulk:.0f} / {diag.min_ess_tail:.0f}",
             f"  divergences        {diag.num_divergences}",
-            f"  log-likelihood     {self._log_likelihood:.6f}  (at the posterior mean)",
-            f"  problems           {'; '.join(self.problems) or 'none'}",
         ]
-        if self.mixture_fit is not None:
-            lines.append(f"  prior              {self.mixture_fit.family.prior_repr()}")
-        lines.append("")
+        notes = [
+            "  scores             at the posterior mean",
+            f"  problems           {'; '.join(self.problems) or 'none'}",
+            *notes,
+        ]
         assert self.draws is not None
         width = max(len(name) for name in self._values)
-        for name, value in self._values.items():
-            sd = self.draws[name].double().flatten(0, 1).std(0)
-            mean_text = np.array2string(
-                value.detach().cpu().numpy(), precision=4, suppress_small=True, separator=", "
-            ).replace("\n", "")
-            sd_text = np.array2string(
-                sd.cpu().numpy(), precision=4, suppress_small=True, separator=", "
-            ).replace("\n", "")
-            lines.append(f"  {name:<{width}}  mean {mean_text}  sd {sd_text}")
-        return "\n".join(lines)
+        params = [
+            f"  {name:<{width}}  mean {format_array(value)}  "
+            f"sd {format_array(self.draws[name].double().flatten(0, 1).std(0))}"
+            for name, value in self._values.items()
+        ]
+        return title, head, notes, params
 
 
 class _Summary(NamedTuple):

@@ -21,7 +21,7 @@ from pyroem.estep.enumerate import score_mixture
 from pyroem.spec.families import Family
 from pyroem.spec.mixture import Mixture, MixtureParams, as_data, fill_missing
 
-__all__ = ["Fit", "FitResult", "fit_start", "mixture_fit_from_program"]
+__all__ = ["Fit", "FitResult", "fit_start", "format_array", "mixture_fit_from_program"]
 
 
 class Fit:
@@ -387,10 +387,10 @@ class FitResult(Fit):
                 if value.ndim == 0 or (name == "covariances" and tied):
                     cells.append("(shared)")
                 else:
-                    cells.append(_format_array(value[k]))
+                    cells.append(format_array(value[k]))
             table.append(f"  {k:>3}  {float(params['weights'][k]):8.4f}  " + "  ".join(cells))
         if tied:
-            table.append(f"  shared covariance: {_format_array(params['covariances'])}")
+            table.append(f"  shared covariance: {format_array(params['covariances'])}")
         return repr(fitted), head, notes, table
 
     # ----- persistence ------------------------------------------------------------
@@ -474,7 +474,8 @@ def mixture_fit_from_program(
     return view
 
 
-def _format_array(value: torch.Tensor) -> str:
+def format_array(value: torch.Tensor) -> str:
+    """``value`` on one line, to 4 digits (the summaries' parameter tables)."""
     return np.array2string(
         value.detach().cpu().numpy(), precision=4, suppress_small=True, separator=", "
     ).replace("\n", "")

@@ -11,7 +11,7 @@ import torch
 
 from pyroem.archive import PROGRAM_FORMAT
 from pyroem.program.model import ProgramModel
-from pyroem.results import Fit, FitResult
+from pyroem.results import Fit, FitResult, format_array
 from pyroem.transforms import unconstraining
 
 __all__ = ["ProgramFit"]
@@ -92,10 +92,7 @@ class ProgramFit(Fit):
         width = max(len(name) for name in self._values) if self._values else 0
         params = []
         for name, value in self._values.items():
-            text = np.array2string(
-                value.detach().cpu().numpy(), precision=4, suppress_small=True, separator=", "
-            ).replace("\n", "")
-            params.append(f"  {name:<{width}}  [{self.m_step_kinds[name]}]  {text}")
+            params.append(f"  {name:<{width}}  [{self.m_step_kinds[name]}]  {format_array(value)}")
         return f"the Pyro program {self.program.name}", head, notes, params
 
     def _archive(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
