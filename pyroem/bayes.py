@@ -370,6 +370,8 @@ class BayesFit(ProgramFit):
             ``(num_chains, num_samples, K)`` (``None``: not aligned).
     """
 
+    program_type = _SampledProgram
+
     def __init__(
         self,
         *,

@@ -264,3 +264,50 @@ def test_a_mixture_fit_by_any_method_starts_another(method: str) -> None:
         given = pyroem.fit(spec, data, method=method, init=previous.mixture.params, max_iter=5)
     for name, value in given.params.items():
         assert torch.equal(warm.params[name], value), name
+
+
+def _random_effects(y: torch.Tensor, prior: bool = False) -> None:
+    """A continuous latent per observation, which MAP-EM cannot sum out; its mean a
+    parameter, or with ``prior`` a latent too (for NUTS)."""
+    if prior:
+        loc = pyro.sample("loc", dist.Normal(torch.zeros((), dtype=y.dtype), 10.0))
+    else:
+        loc = pyro.param("loc", torch.zeros((), dtype=y.dtype))
+    with pyro.plate("data", len(y)):
+        effect = pyro.sample("effect", dist.Normal(loc, 1.0))
+        pyro.sample("y", dist.Normal(effect, 1.0), obs=y)
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        (
+            "mcmc-em",
+            {
+                **OPTIONS["mcmc-em"],
+                "num_chains": 2,
+                "warmup_steps": 20,
+                "final_draws": 20,
+                "log_likelihood_samples": 50,
+            },
+        ),
+        ("vb-em", {"max_iter": 50}),
+        ("nuts", OPTIONS["nuts"]),
+    ],
+)
+def test_a_program_with_local_latents_loads_back_as_its_class(
+    method: str, options: dict[str, Any], tmp_path: Path
+) -> None:
+    """The program is rebuilt as its method saw it (local continuous latents sampled or
+    covered by the guide), so the fit loads back whole."""
+    y = torch.randn(12, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prior = method == "nuts"
+        fit = pyroem.fit(_random_effects, y, prior, method=method, seed=0, **options)
+        fit.save(tmp_path / "fit.npz")
+        loaded = pyroem.load(tmp_path / "fit.npz", _random_effects, y, prior)
+        assert type(loaded) is type(fit)
+        assert loaded.summary() == fit.summary()
+        _assert_same_inference_data(loaded.to_arviz(), fit.to_arviz())

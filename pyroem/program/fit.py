@@ -550,10 +550,7 @@ def fit_program(
         marginals=marginals,
         log_likelihood=best.last.log_likelihood,
         log_joint=best.last.objective - engine.log_jacobian(best.params),
-        history=best.history,
-        converged=best.converged,
-        num_iterations=best.num_iterations,
         num_data=int(engine.num_data),
-        restart_objectives=result.restart_objectives,
+        **result.fit_fields(),
         options=options,
     )

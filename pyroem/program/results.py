@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ class ProgramFit(Fit):
 
     kind = "program"
     archive_format = PROGRAM_FORMAT
+    #: The class the method runs the program as.
+    program_type: ClassVar[type[ProgramModel]] = ProgramModel
 
     def __init__(
         self,
@@ -118,9 +120,10 @@ class ProgramFit(Fit):
         model_kwargs: Mapping[str, Any] | None,
         options: Mapping[str, Any],
     ) -> ProgramModel:
-        """The program as this kind of fit saw it, for :func:`pyroem.load` (``options``:
-        the saved fitting options)."""
-        return ProgramModel(model, model_args, model_kwargs)
+        """The program as this kind of fit saw it (:attr:`program_type`, with the latent
+        sites named in the saved ``options``), for :func:`pyroem.load`."""
+        latents = {"latents": options["latents"]} if "latents" in options else {}
+        return cls.program_type(model, model_args, model_kwargs, **latents)
 
     @classmethod
     def from_archive(

@@ -220,6 +220,8 @@ class MCMCEMFit(ProgramFit):
         log_likelihood_se: Monte Carlo standard error of ``log_likelihood()`` (0 when exact).
     """
 
+    program_type = LatentProgram
+
     def __init__(
         self,
         *,
@@ -301,17 +303,6 @@ class MCMCEMFit(ProgramFit):
             log_likelihood_se=self.log_likelihood_se,
         )
         return arrays, meta
-
-    @classmethod
-    def rebuild_program(
-        cls,
-        model: Callable[..., Any],
-        model_args: tuple[Any, ...],
-        model_kwargs: Mapping[str, Any] | None,
-        options: Mapping[str, Any],
-    ) -> ProgramModel:
-        """The program with the latent sites the fit was told of."""
-        return LatentProgram(model, model_args, model_kwargs, options.get("latents", ()))
 
     @classmethod
     def from_archive(
@@ -793,11 +784,8 @@ def _fit_result(engine: _MCMCEMEngine, result: EMResult, options: dict[str, Any]
         marginals=last.marginals,
         log_likelihood=final.log_likelihood,
         log_joint=final.log_joint,
-        history=best.history,
-        converged=best.converged,
-        num_iterations=best.num_iterations,
         num_data=engine.num_data,
-        restart_objectives=result.restart_objectives,
+        **result.fit_fields(),
         options={
             **options,
             **settings._asdict(),

@@ -203,6 +203,8 @@ class SVIFit(ProgramFit):
         local_latents: latent sites local to the data (covered by the guide).
     """
 
+    program_type = _SVIProgram
+
     def __init__(
         self,
         *,
@@ -243,17 +245,6 @@ class SVIFit(ProgramFit):
         arrays, meta = super()._archive()
         meta.update(elbo=self.elbo, elbo_stderr=self.elbo_stderr, local_latents=self.local_latents)
         return arrays, meta
-
-    @classmethod
-    def rebuild_program(
-        cls,
-        model: Callable[..., Any],
-        model_args: tuple[Any, ...],
-        model_kwargs: Mapping[str, Any] | None,
-        options: Mapping[str, Any],
-    ) -> ProgramModel:
-        """The program with its local continuous latents, which the guide covered."""
-        return _SVIProgram(model, model_args, model_kwargs)
 
     @classmethod
     def from_archive(
@@ -703,11 +694,8 @@ def fit_svi(
         marginals=post.marginals,
         log_likelihood=float(post.log_likelihood),
         log_joint=float(post.log_joint),
-        history=history,
-        converged=best.converged,
-        num_iterations=best.num_iterations,
         num_data=engine.num_data,
-        restart_objectives=result.restart_objectives,
+        **result.fit_fields(history),
         options=record,
         draws={name: independent_chains(value) for name, value in final.draws.items()},
         sample_stats={
