@@ -26,7 +26,7 @@ from pyroem.errors import NotSupportedError
 #: Short runs: the interface is checked, not the quality of the fit.
 OPTIONS = {
     "map-em": {},
-    "vb-em": {},
+    "vb-em": {"max_iter": 100, "num_draws": 200},
     "mcmc-em": {"max_iter": 3, "num_samples": 20},
     "nuts": {"num_samples": 20, "warmup_steps": 20, "num_chains": 2},
 }

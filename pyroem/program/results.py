@@ -120,10 +120,9 @@ class ProgramFit(Fit):
         model_kwargs: Mapping[str, Any] | None,
         options: Mapping[str, Any],
     ) -> ProgramModel:
-        """The program as this kind of fit saw it (:attr:`program_type`, with the latent
-        sites named in the saved ``options``), for :func:`pyroem.load`."""
-        latents = {"latents": options["latents"]} if "latents" in options else {}
-        return cls.program_type(model, model_args, model_kwargs, **latents)
+        """The program as this kind of fit saw it (:attr:`program_type`; ``options``: the
+        saved fitting options), for :func:`pyroem.load`."""
+        return cls.program_type(model, model_args, model_kwargs)
 
     @classmethod
     def from_archive(

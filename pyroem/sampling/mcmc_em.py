@@ -220,7 +220,16 @@ class MCMCEMFit(ProgramFit):
         log_likelihood_se: Monte Carlo standard error of ``log_likelihood()`` (0 when exact).
     """
 
-    program_type = LatentProgram
+    @classmethod
+    def rebuild_program(
+        cls,
+        model: Callable[..., Any],
+        model_args: tuple[Any, ...],
+        model_kwargs: Mapping[str, Any] | None,
+        options: Mapping[str, Any],
+    ) -> ProgramModel:
+        """The program with the latent sites the fit was told of."""
+        return LatentProgram(model, model_args, model_kwargs, options.get("latents", ()))
 
     def __init__(
         self,
