@@ -21,7 +21,7 @@ import torch
 from scipy import special, stats
 
 import pyroem
-from pyroem.errors import NotSupportedError
+from pyroem.errors import FitFileError, NotSupportedError
 
 #: Short runs: the interface is checked, not the quality of the fit.
 OPTIONS = {
@@ -235,9 +235,15 @@ def test_a_program_fit_saved_without_its_class_loads_as_a_program_fit(tmp_path: 
             if not key.startswith(("diagnostics", "parameter_trace/"))
         }
     meta = json.loads(str(arrays["meta"]))
-    for key in ("class", "final_diagnostics", "problems", "schedule", "burn_in", "latents"):
+    for key in ("final_diagnostics", "problems", "schedule", "burn_in", "latents"):
         del meta[key]
     del meta["log_likelihood_se"]
+    # Named MCMCEMFit but without its own results, the file is refused, and says why.
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(tmp_path / "damaged.npz", **arrays)
+    with pytest.raises(FitFileError, match="MCMCEMFit results are incomplete"):
+        pyroem.load(tmp_path / "damaged.npz", _two_means, x)
+    del meta["class"]
     arrays["meta"] = np.array(json.dumps(meta))
     np.savez(tmp_path / "old.npz", **arrays)
     old = pyroem.load(tmp_path / "old.npz", _two_means, x)
