@@ -55,11 +55,9 @@ def load(
     """
     where = os.fspath(path)
     arrays = read_arrays(where)
-    form = _format_of(arrays["meta"]) if "meta" in arrays else None
-    form = form if form in _KINDS else MIXTURE_FORMAT
-    expected, restore = _KINDS[form]
-    meta = _read_meta(arrays, where, form, expected)
-    if form == PROGRAM_FORMAT and model is None:
+    meta = _read_meta(arrays, where)
+    restore = _KINDS[meta["format"]][1]
+    if meta["format"] == PROGRAM_FORMAT and model is None:
         raise FitFileError(
             f"{where!r} holds a fit of the Pyro program {meta['program']}; its code is not "
             f"saved: pass it, pyroem.load(path, {meta['program']}, *model_args)"
@@ -103,19 +101,7 @@ def _common_fields(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[
     )
 
 
-def _format_of(meta: np.ndarray) -> Any:
-    try:
-        return json.loads(str(meta)).get("format")
-    except (ValueError, AttributeError):
-        return None
-
-
-def _read_meta(
-    arrays: dict[str, np.ndarray],
-    where: str,
-    form: str,
-    expected: dict[str, type],
-) -> dict[str, Any]:
+def _read_meta(arrays: dict[str, np.ndarray], where: str) -> dict[str, Any]:
     """The metadata, checked for every key :func:`load` reads and its type."""
     if "meta" not in arrays:
         raise FitFileError(f"{where!r} is not a pyroem fit (no metadata)")
@@ -123,8 +109,9 @@ def _read_meta(
         meta = json.loads(str(arrays["meta"]))
     except ValueError as err:
         raise FitFileError(f"cannot read a pyroem fit from {where!r}: {err}") from err
-    if not isinstance(meta, dict) or meta.get("format") != form:
+    if not isinstance(meta, dict) or str(meta.get("format")) not in _KINDS:
         raise FitFileError(f"{where!r} is not a pyroem fit")
+    expected = _KINDS[meta["format"]][0]
     for key, kind in expected.items():
         value = meta.get(key)
         numeric = kind is float and isinstance(value, int | float) and not isinstance(value, bool)
