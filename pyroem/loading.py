@@ -346,7 +346,6 @@ _KINDS: dict[str, tuple[dict[str, type], Callable[..., Fit]]] = {
             "dim": int,
             "dtype": str,
             "objective": float,
-            "options": dict,
         },
         _restore_mixture,
     ),

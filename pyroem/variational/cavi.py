@@ -379,10 +379,6 @@ class VariationalFit(FitResult):
         chunks = (self.family.prepare(chunk) for chunk in tensor.split(chunk_size))
         return _assignment_probs(self._factor, self._state, chunks)
 
-    def predict(self, data: Any) -> torch.Tensor:
-        """``argmax_k q(z_n = k)`` of new data, ``(N,)`` int64."""
-        return self.predict_proba(data).argmax(-1)
-
     def _archive(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """:class:`FitResult`'s arrays plus the factors of ``q``: ``q(π)``, ``q(θ)`` in its
         internal form (what :meth:`predict_proba` reads) and ``q(z)``."""
