@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from pyroem.loading import load
     from pyroem.program import ProgramModel
     from pyroem.program.results import ProgramFit
-    from pyroem.results import FitResult
+    from pyroem.results import Fit, FitResult
     from pyroem.sampling.mcmc_em import MCMCEMFit
     from pyroem.selection import choose_components
     from pyroem.spec.distributions import InverseWishart
@@ -72,6 +72,7 @@ _LAZY = {
     "History": "pyroem.em",
     "ProgramModel": "pyroem.program",
     "ProgramFit": "pyroem.program.results",
+    "Fit": "pyroem.results",
     "FitResult": "pyroem.results",
     "load": "pyroem.loading",
     "MCMCEMFit": "pyroem.sampling.mcmc_em",
@@ -123,6 +124,7 @@ __all__ = [
     "Dirichlet",
     "Exponential",
     "Family",
+    "Fit",
     "FitFileError",
     "FitResult",
     "Gamma",

@@ -52,7 +52,6 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from pyroem.errors import SpecError
-from pyroem.fit_kinds import is_mixture_fit, is_program_fit
 from pyroem.spec.params import MixtureParams
 
 __all__ = [
@@ -331,18 +330,18 @@ def component_axes(fit: Any) -> dict[str, int]:
     """The component axis of every component-indexed parameter of a fit.
 
     Args:
-        fit: a :class:`~pyroem.FitResult` or a :class:`~pyroem.ProgramFit`.
+        fit: a :class:`~pyroem.Fit`.
 
     Raises:
         SpecError: a Pyro program without a ``"components"`` plate (pass ``axes``).
     """
-    if is_mixture_fit(fit):
+    if getattr(fit, "kind", None) == "mixture":
         shared = set(fit.family.shared_params)
         return {
             "weights": 0,
             **{name: 0 for name in fit.params if name not in shared | {"weights"}},
         }
-    if is_program_fit(fit):
+    if getattr(fit, "kind", None) == "program":
         return program_component_axes(fit.program, fit.params)
     raise SpecError(f"expected a pyroem fit; got {type(fit).__name__}")
 
@@ -473,7 +472,7 @@ def _relabel(
     inverse = torch.empty_like(index)
     inverse[index] = torch.arange(index.shape[0])
     discrete = (
-        _discrete_sites(fit, index.shape[0]) if labels is None or is_mixture_fit(fit) else labels
+        _discrete_sites(fit, index.shape[0]) if labels is None or fit.kind == "mixture" else labels
     )
     if aligned is not None:
         new.draws = aligned.draws
@@ -487,7 +486,7 @@ def _relabel(
             elif name in discrete:
                 value = inverse.to(value.device)[value.long()].to(value.dtype)
             new.draws[name] = value
-    if is_mixture_fit(fit):
+    if fit.kind == "mixture":
         internal = fit._internal
         new._internal = MixtureParams(
             internal.weights[index],

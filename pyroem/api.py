@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -23,11 +24,10 @@ from pyroem.estep.enumerate import MixtureEStep, score_mixture
 from pyroem.initialization import seeded_generator, site_values
 from pyroem.large_data import LARGE_DATA_OPTIONS, fit_mixture_large
 from pyroem.mstep.mixture import MixtureEngine
-from pyroem.options import OPTIONS, check_applicable, check_integer, with_defaults
+from pyroem.options import OPTIONS, FitSettings, check_applicable, check_integer, with_defaults
 from pyroem.program.fit import fit_program
-from pyroem.program.results import ProgramFit
 from pyroem.program.start import INIT_CHOICES, raise_bad_init, resolve_start
-from pyroem.results import FitResult, mixture_fit_from_program
+from pyroem.results import Fit, FitResult, fit_start, mixture_fit_from_program
 from pyroem.sampling.mcmc_em import fit_mcmc_em
 from pyroem.sources import open_source
 from pyroem.spec.mixture import Mixture, as_data, fill_missing
@@ -345,31 +345,26 @@ def fit(
             **method_options,
         },
     )
+    settings = FitSettings(
+        method=method,
+        n_init=n_init,
+        init=init,
+        tol=tol,
+        max_iter=max_iter,
+        seed=seed,
+        dtype=torch_dtype,
+        device=device,
+        chunk_size=chunk_size,
+        progress=progress,
+        callback=callback,
+        m_step=m_step,
+        gradient_steps=gradient_steps,
+        sample_weight=sample_weight,
+        accelerate=accelerate,
+        collective=group,
+    )
     with _threads(_thread_count(num_threads, model, model_args)), checkpointing(saver):
-        return _fit_checked(
-            model,
-            model_args,
-            model_kwargs,
-            kind,
-            method=method,
-            n_init=n_init,
-            init=init,
-            tol=tol,
-            max_iter=max_iter,
-            seed=seed,
-            dtype=dtype,
-            torch_dtype=torch_dtype,
-            device=device,
-            chunk_size=chunk_size,
-            progress=progress,
-            m_step=m_step,
-            gradient_steps=gradient_steps,
-            callback=callback,
-            sample_weight=sample_weight,
-            accelerate=accelerate,
-            method_options=method_options,
-            group=group,
-        )
+        return _fit_checked(model, model_args, model_kwargs, kind, settings, method_options)
 
 
 def _checkpoint(
@@ -444,123 +439,49 @@ def _fit_checked(
     model_args: tuple[Any, ...],
     model_kwargs: dict[str, Any] | None,
     kind: str,
-    *,
-    method: str,
-    n_init: int,
-    init: Any,
-    tol: float,
-    max_iter: int,
-    seed: int | None,
-    dtype: Any,
-    torch_dtype: torch.dtype,
-    device: Any,
-    chunk_size: int,
-    progress: bool,
-    m_step: str,
-    gradient_steps: int,
-    callback: Callable[[Iteration], Any] | None,
-    sample_weight: Any,
-    accelerate: str | None,
+    settings: FitSettings,
     method_options: dict[str, Any],
-    group: Collective,
 ) -> Any:
     """:func:`fit` once its options are checked and its threads set."""
     started = time.perf_counter()
     result: Any
+    method, chunk_size = settings.method, settings.chunk_size
     large = _large_data(model, model_args, model_kwargs, chunk_size, method, method_options)
     if large is not None:
-        if sample_weight is not None:
+        if settings.sample_weight is not None:
             raise NotSupportedError(
                 "sample_weight is not supported for a streamed or stepwise fit; pass the "
                 "data in memory, or repeat rows"
             )
-        result = fit_mixture_large(
-            model,
-            model_args[0],
-            large,
-            method=method,
-            init=init,
-            n_init=n_init,
-            seed=seed,
-            tol=tol,
-            max_iter=max_iter,
-            dtype=torch_dtype,
-            device=device,
-            chunk_size=chunk_size,
-            progress=progress,
-            callback=callback,
-            collective=group,
-            **method_options,
-        )
+        result = fit_mixture_large(model, model_args[0], large, settings, **method_options)
     else:
-        method_options = _method_options(
-            method, kind, method_options, m_step, gradient_steps, chunk_size
-        )
+        method_options = _method_options(kind, method_options, settings)
         if method != "map-em":
-            result = _fit_other(
-                model,
-                model_args,
-                model_kwargs,
-                method=method,
-                init=init,
-                n_init=n_init,
-                seed=seed,
-                tol=tol,
-                max_iter=max_iter,
-                dtype=torch_dtype if dtype is not None else None,
-                device=device,
-                chunk_size=chunk_size,
-                progress=progress,
-                callback=callback,
-                options=method_options,
-                sample_weight=sample_weight,
-                group=group,
-            )
+            result = _fit_other(model, model_args, model_kwargs, settings, method_options)
         elif kind == "program":
             result = fit_program(
                 model,
                 model_args,
                 model_kwargs,
                 method=method,
-                init=init,
-                n_init=n_init,
-                seed=seed,
-                tol=tol,
-                max_iter=max_iter,
-                progress=progress,
-                m_step=m_step,
-                gradient_steps=gradient_steps,
-                callback=callback,
+                init=settings.init,
+                seed=settings.seed,
+                m_step=settings.m_step,
+                gradient_steps=settings.gradient_steps,
                 space=method_options["space"],
-                accelerate=accelerate,
+                accelerate=settings.accelerate,
+                **settings.loop(),
             )
         else:
-            result = _fit_mixture(
-                model,
-                model_args,
-                method=method,
-                init=init,
-                n_init=n_init,
-                seed=seed,
-                tol=tol,
-                max_iter=max_iter,
-                dtype=torch_dtype,
-                device=device,
-                chunk_size=chunk_size,
-                progress=progress,
-                callback=callback,
-                stop_rule=method_options["stop_rule"],
-                sample_weight=sample_weight,
-                group=group,
-            )
+            result = _fit_mixture(model, model_args, settings, method_options["stop_rule"])
     result.runtime = time.perf_counter() - started
     columns = getattr(model_args[0], "columns", None) if len(model_args) == 1 else None
     if columns is not None:
         # A DataFrame's column names label the fit's dimensions (to_arviz coordinates).
         result.feature_names = tuple(str(name) for name in columns)
-    if isinstance(model, Mixture) and isinstance(result, ProgramFit):
+    if isinstance(model, Mixture) and result.kind == "program":
         # Through its Pyro program, a Mixture's fit also gets the mixture interface.
-        data = as_data(model_args[0], dtype=torch_dtype, device=device)
+        data = as_data(model_args[0], dtype=settings.dtype, device=settings.device)
         # Under the prior the program was fitted with (mclust's for prior="default").
         used = model if method == "map-em" else model.with_proper_prior()
         try:
@@ -572,16 +493,10 @@ def _fit_checked(
     return result
 
 
-def _method_options(
-    method: str,
-    kind: str,
-    options: dict[str, Any],
-    m_step: str,
-    gradient_steps: int,
-    chunk_size: int,
-) -> dict[str, Any]:
+def _method_options(kind: str, options: dict[str, Any], settings: FitSettings) -> dict[str, Any]:
     """``method_options`` with the method's defaults, and the common options its engine
     also reads."""
+    method = settings.method
     if method == "map-em":
         known = {"stop_rule": "parameters"} if kind == "Mixture" else {"space": "auto"}
         options = with_defaults("method='map-em'", options, known)
@@ -590,9 +505,9 @@ def _method_options(
             raise SpecError(f"stop_rule must be one of {_STOP_RULES}; got {rule!r}")
     elif method == "mcmc-em":
         # MCMC-EM reuses the MAP-EM M-steps, so it takes their options too.
-        options = {"m_step": m_step, "gradient_steps": gradient_steps, **options}
+        options = {"m_step": settings.m_step, "gradient_steps": settings.gradient_steps, **options}
     elif method == "nuts" and kind == "Mixture":
-        options = {"chunk_size": chunk_size, **options}
+        options = {"chunk_size": settings.chunk_size, **options}
     return options
 
 
@@ -632,90 +547,61 @@ class _MixtureEngine(MixtureEngine):
         spec: Mixture,
         family: Any,
         data: torch.Tensor,
-        init: Any,
-        seed: int | None,
-        chunk_size: int,
-        name: str,
+        settings: FitSettings,
         weights: torch.Tensor | None = None,
-        group: Collective = LOCAL,
     ) -> None:
         # The initialisation reads the data with missing entries set to column medians.
-        self.spec, self.family, self.start = spec, family, init
+        self.spec, self.family, self.start = spec, family, settings.init
         self.init_data = fill_missing(data)
-        self.generator = seeded_generator(seed)
+        self.generator = seeded_generator(settings.seed)
         # Every rank initialises from the whole data; its E-step reads its rows.
+        group = self.collective = settings.collective
         rows = group.rows(data.shape[0])
         shard_weights = None if weights is None else weights[rows]
-        self.estep = MixtureEStep(family, spec.weights_prior, data[rows], chunk_size, shard_weights)
-        self.collective = group
-        self.name = name
+        self.estep = MixtureEStep(
+            family, spec.weights_prior, data[rows], settings.chunk_size, shard_weights
+        )
+        self.name = settings.method
         # Weights are frequencies: the tolerance is per weighted row.
         self.num_data = data.shape[0] if weights is None else float(weights.sum())
 
 
 def _fit_mixture(
-    model: Mixture,
-    model_args: tuple[Any, ...],
-    *,
-    method: str,
-    init: Any,
-    n_init: int,
-    seed: int | None,
-    tol: float,
-    max_iter: int,
-    dtype: torch.dtype,
-    device: Any,
-    chunk_size: int,
-    progress: bool,
-    callback: Callable[[Iteration], Any] | None,
-    stop_rule: str,
-    sample_weight: Any = None,
-    group: Collective = LOCAL,
+    model: Mixture, model_args: tuple[Any, ...], settings: FitSettings, stop_rule: str
 ) -> FitResult:
     """MAP-EM on a ``Mixture`` by its fast tensor kernels."""
-    if init is None:
-        init = "kmeans++"
+    init = "kmeans++" if settings.init is None else settings.init
     if len(model_args) != 1:
         raise SpecError(
             f"fit(Mixture, data) takes exactly one data argument; got {len(model_args)}"
         )
-    data = as_data(model_args[0], dtype=dtype, device=device, allow_missing=True)
+    data = as_data(model_args[0], dtype=settings.dtype, device=settings.device, allow_missing=True)
     family = model.bind(data)
-    if isinstance(init, FitResult):
-        init = init.params
-    if isinstance(init, dict):
-        n_init = 1
-    weights = None if sample_weight is None else _check_sample_weight(sample_weight, data)
-    engine = _MixtureEngine(model, family, data, init, seed, chunk_size, method, weights, group)
+    init = fit_start(init)
+    n_init = 1 if isinstance(init, dict) else settings.n_init
+    settings = replace(settings, init=init, n_init=n_init)
+    weights = settings.sample_weight
+    weights = None if weights is None else _check_sample_weight(weights, data)
+    engine = _MixtureEngine(model, family, data, settings, weights)
     engine.parameter_rule = stop_rule == "parameters"
-    result = run_em(
-        engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
-    )
+    result = run_em(engine, **settings.loop())
     best = result.best
-    pointwise, log_resp = score_mixture(family, best.params, data, chunk_size)
+    pointwise, log_resp = score_mixture(family, best.params, data, settings.chunk_size)
     options = {
-        "n_init": n_init,
-        "init": init if isinstance(init, str) else "params",
-        "tol": tol,
-        "max_iter": max_iter,
-        "seed": seed,
-        "chunk_size": chunk_size,
+        **settings.record(),
         "stop_rule": stop_rule,
         **result.record(),
-        **group.record(),
+        **settings.collective.record(),
     }
     return FitResult(
         spec=model,
         family=family,
-        method=method,
+        method=settings.method,
         internal=best.params,
-        history=best.history,
-        converged=best.converged,
-        num_iterations=best.num_iterations,
         pointwise_log_likelihood=pointwise,
         labels=log_resp.argmax(-1),
         objective=best.last.objective,
-        restart_objectives=result.restart_objectives,
+        **result.fit_fields(),
         options=options,
         data=data,
     )
@@ -742,8 +628,7 @@ def _mixture_as_program(
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     """``spec.model(data)`` and its starting values in site form, from the
     ``Mixture``'s own initialisation (k-means++ by default)."""
-    if isinstance(init, FitResult):
-        init = init.params
+    init = fit_start(init)
     values = site_values(spec, spec.bind(data), data, init, seed)
     return spec.model(data, params=values), values
 
@@ -752,27 +637,16 @@ def _fit_other(
     model: Any,
     model_args: tuple[Any, ...],
     model_kwargs: dict[str, Any] | None,
-    *,
-    method: str,
-    init: Any,
-    n_init: int,
-    seed: int | None,
-    tol: float,
-    max_iter: int,
-    dtype: torch.dtype | None,
-    device: Any,
-    chunk_size: int,
-    progress: bool,
-    callback: Callable[[Iteration], Any] | None,
+    settings: FitSettings,
     options: dict[str, Any],
-    sample_weight: Any = None,
-    group: Collective = LOCAL,
 ) -> Any:
     """Every method but ``map-em``: CAVI for a ``Mixture`` under ``vb-em`` (unless a
     guide is asked for); otherwise the engine runs on the Pyro program (for a
     ``Mixture``, ``spec.model(data)``, started from the ``Mixture``'s initialisation;
     a Pyro program under SVI or NUTS starts from a short MAP-EM fit unless ``init``
     says otherwise, see :mod:`pyroem.program.start`)."""
+    method, init, seed = settings.method, settings.init, settings.seed
+    n_init = settings.n_init
     is_program = not isinstance(model, Mixture)
     if isinstance(model, Mixture):
         # These methods need a proper posterior: prior="default" means mclust's there.
@@ -781,36 +655,25 @@ def _fit_other(
             raise SpecError(
                 f"fit(Mixture, data) takes exactly one data argument; got {len(model_args)}"
             )
-        data = as_data(model_args[0], dtype=dtype or torch.float64, device=device)
+        data = as_data(model_args[0], dtype=settings.dtype, device=settings.device)
         if method == "vb-em" and "guide" not in options:
+            weights = settings.sample_weight
             return fit_mixture_cavi(
                 model,
                 data,
-                init="kmeans++" if init is None else init,
-                n_init=n_init,
-                seed=seed,
-                tol=tol,
-                max_iter=max_iter,
-                chunk_size=chunk_size,
-                progress=progress,
-                callback=callback,
-                sample_weight=None
-                if sample_weight is None
-                else _check_sample_weight(sample_weight, data),
-                collective=group,
+                replace(settings, init="kmeans++" if init is None else init),
+                sample_weight=None if weights is None else _check_sample_weight(weights, data),
                 **options,
             )
         if method == "nuts":
             # NUTS evaluates a Mixture's density with its own batched kernels.
             return fit_nuts(
-                model, (data,), None, init=init, seed=seed, progress=progress, **options
+                model, (data,), None, init=init, seed=seed, progress=settings.progress, **options
             )
         program, values = _mixture_as_program(model, data, init, seed)
-        if n_init > 1 and not isinstance(init, dict | FitResult):
+        if n_init > 1 and not isinstance(init, dict | Fit):
             # Each restart from the Mixture's own initialisation, seeded per restart.
-            family = model.bind(data)
-            strategy = init
-            init = partial(site_values, model, family, data, strategy)
+            init = partial(site_values, model, model.bind(data), data, init)
         else:
             init = values
         model, model_args, model_kwargs = program, (), None
@@ -824,15 +687,14 @@ def _fit_other(
             if init is not None and init not in INIT_CHOICES:
                 raise_bad_init(init)
             init, start = None, "guide"
-    common: dict[str, Any] = {"init": init, "seed": seed, "progress": progress, **options}
-    em: dict[str, Any] = {"tol": tol, "max_iter": max_iter, "n_init": n_init, "callback": callback}
+    common: dict[str, Any] = {"init": init, "seed": seed, **options}
     result: Any
     if method == "vb-em":
-        result = fit_svi(model, model_args, model_kwargs, **em, **common)
+        result = fit_svi(model, model_args, model_kwargs, **settings.loop(), **common)
     elif method == "mcmc-em":
-        return fit_mcmc_em(model, model_args, model_kwargs, **em, **common)
+        return fit_mcmc_em(model, model_args, model_kwargs, **settings.loop(), **common)
     else:
-        result = fit_nuts(model, model_args, model_kwargs, **common)
+        result = fit_nuts(model, model_args, model_kwargs, progress=settings.progress, **common)
     if start is not None:
         result.options["init"] = start
     return result

@@ -41,12 +41,7 @@ from torch.distributions.transforms import Transform
 from tqdm import tqdm
 
 from pyroem.alignment import Alignment, align_draws, program_component_axes
-from pyroem.diagnostics import (
-    ChainDiagnostics,
-    chain_diagnostics,
-    chain_problems,
-    to_arviz,
-)
+from pyroem.diagnostics import ChainDiagnostics, chain_diagnostics, chain_problems
 from pyroem.em import History
 from pyroem.errors import MCMCWarning, NotSupportedError, SingularCovarianceError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, mixture_log_likelihood
@@ -57,6 +52,7 @@ from pyroem.program.model import ProgramModel
 from pyroem.program.pointwise import pointwise_log_likelihood_draws
 from pyroem.program.posterior import log_joint_terms, posterior
 from pyroem.program.results import ProgramFit
+from pyroem.results import fit_start, format_array
 from pyroem.sampling.nuts import NUTSChain
 from pyroem.spec.mixture import Mixture, MixtureParams, as_data
 from pyroem.transforms import constrain, unconstraining
@@ -374,6 +370,8 @@ class BayesFit(ProgramFit):
             ``(num_chains, num_samples, K)`` (``None``: not aligned).
     """
 
+    program_type = _SampledProgram
+
     def __init__(
         self,
         *,
@@ -480,44 +478,64 @@ class BayesFit(ProgramFit):
         new.permutations = alignment.permutations
         return new
 
-    def to_arviz(self, **options: Any) -> Any:
-        """The fit as ``arviz.InferenceData`` (see :func:`pyroem.diagnostics.to_arviz`)."""
-        return to_arviz(self, **options)
+    def _archive(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """:class:`~pyroem.ProgramFit`'s, with the chains' diagnostics and the alignment."""
+        arrays, meta = super()._archive()
+        if self.permutations is not None:
+            arrays["permutations"] = np.asarray(self.permutations)
+        meta["diagnostics"] = [float(value) for value in self.diagnostics]
+        meta["problems"] = list(self.problems)
+        meta["component_axes"] = self.component_axes
+        return arrays, meta
 
-    def __repr__(self) -> str:
-        return (
-            f"BayesFit(model={self.program.name}, num_chains={self.num_chains}, "
-            f"num_draws={self.num_draws}, max_rhat={self.diagnostics.max_rhat:.4f}, "
-            f"divergences={self.diagnostics.num_divergences})"
+    @classmethod
+    def from_archive(
+        cls, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], fields: dict[str, Any]
+    ) -> BayesFit:
+        """A saved NUTS fit; :meth:`pointwise_log_likelihood` then runs the program
+        (the compiled mixture density is not saved)."""
+        return cls(
+            diagnostics=ChainDiagnostics.from_numbers(meta["diagnostics"]),
+            problems=[str(problem) for problem in meta["problems"]],
+            component_axes=meta["component_axes"],
+            permutations=arrays.get("permutations"),
+            pointwise=None,
+            **fields,
         )
 
-    def summary(self) -> str:
-        """Chains, diagnostics and the posterior mean and sd of every parameter."""
+    def _repr_fields(self) -> list[str]:
+        return [
+            f"model={self.program.name}",
+            f"num_chains={self.num_chains}",
+            f"num_draws={self.num_draws}",
+            f"max_rhat={self.diagnostics.max_rhat:.4f}",
+            f"divergences={self.diagnostics.num_divergences}",
+        ]
+
+    def _summary_parts(self) -> tuple[str, list[str], list[str], list[str]]:
+        """:class:`~pyroem.ProgramFit`'s, with the chains, their diagnostics and the
+        posterior mean and sd of every parameter."""
+        title, head, notes, _ = super()._summary_parts()
         diag = self.diagnostics
-        lines = [
-            f"pyroem nuts fit of {self.program.name}",
+        head += [
             f"  chains x draws     {diag.num_chains} x {diag.num_draws}",
             f"  max R-hat          {diag.max_rhat:.4f}",
             f"  min ESS bulk/tail  {diag.min_ess_bulk:.0f} / {diag.min_ess_tail:.0f}",
             f"  divergences        {diag.num_divergences}",
-            f"  log-likelihood     {self._log_likelihood:.6f}  (at the posterior mean)",
-            f"  problems           {'; '.join(self.problems) or 'none'}",
         ]
-        if self.mixture_fit is not None:
-            lines.append(f"  prior              {self.mixture_fit.family.prior_repr()}")
-        lines.append("")
+        notes = [
+            "  scores             at the posterior mean",
+            f"  problems           {'; '.join(self.problems) or 'none'}",
+            *notes,
+        ]
         assert self.draws is not None
         width = max(len(name) for name in self._values)
-        for name, value in self._values.items():
-            sd = self.draws[name].double().flatten(0, 1).std(0)
-            mean_text = np.array2string(
-                value.detach().cpu().numpy(), precision=4, suppress_small=True, separator=", "
-            ).replace("\n", "")
-            sd_text = np.array2string(
-                sd.cpu().numpy(), precision=4, suppress_small=True, separator=", "
-            ).replace("\n", "")
-            lines.append(f"  {name:<{width}}  mean {mean_text}  sd {sd_text}")
-        return "\n".join(lines)
+        params = [
+            f"  {name:<{width}}  mean {format_array(value)}  "
+            f"sd {format_array(self.draws[name].double().flatten(0, 1).std(0))}"
+            for name, value in self._values.items()
+        ]
+        return title, head, notes, params
 
 
 class _Summary(NamedTuple):
@@ -613,10 +631,7 @@ def fit_nuts(
     """
     started = time.perf_counter()
     is_mixture = isinstance(model, Mixture)
-    if isinstance(init, ProgramFit):
-        init = init.params
-    elif hasattr(init, "params") and not isinstance(init, Mapping | str):
-        init = init.params
+    init = fit_start(init) if is_mixture else program_init(init)
     settings = _settings(options, has_init=init is not None or is_mixture)
     if is_mixture:
         program, start, family, data = _mixture_setup(model, model_args, model_kwargs, init, seed)
@@ -626,7 +641,6 @@ def fit_nuts(
         transforms = _unconstraining(program)
         potential = _potential(terms, transforms)
     else:
-        init = program_init(init)
         program = _SampledProgram(model, model_args, model_kwargs)
         _check_sampleable(program)
         terms = _program_terms(program)

@@ -954,9 +954,7 @@ def _compare_command(args: argparse.Namespace) -> int:
 
 def _fitted_family(result: Any) -> Any:
     """The bound family (prior resolved) a mixture fit used, or ``None``."""
-    family = getattr(result, "family", None)
-    if family is None and getattr(result, "mixture_fit", None) is not None:
-        family = result.mixture_fit.family
+    family = None if result.mixture is None else result.mixture.family
     return family if family is not None and family.resolved is not None else None
 
 
@@ -1018,13 +1016,9 @@ def _write_outputs(
     Returns:
         The names of the files written.
     """
-    from pyroem.results import FitResult
-
     out.mkdir(parents=True, exist_ok=True)
     family = _fitted_family(result)
-    spec = getattr(result, "spec", None)
-    if spec is None and getattr(result, "mixture_fit", None) is not None:
-        spec = result.mixture_fit.spec
+    spec = None if result.mixture is None else result.mixture.spec
     declared = spec if declared is None else declared
     model = None
     if spec is not None:
@@ -1070,7 +1064,7 @@ def _write_outputs(
         streamed = open_source(source, 65536)
         assert streamed is not None
         blocks: Any = (result.predict_proba(chunk) for chunk in streamed)
-    elif isinstance(result, FitResult):
+    elif result.kind == "mixture":
         blocks = [result.predict_proba(data)]
     else:
         blocks = [result.marginals["assignment"]]
@@ -1090,7 +1084,7 @@ def _write_outputs(
         coords = {dim: columns for dim in ("dim", "dim_row", "dim_col")}
         result.to_arviz(coords=coords).to_netcdf(str(out / "inference.nc"))
         written.append("inference.nc")
-    if isinstance(result, FitResult):
+    if result.kind == "mixture":
         result.save(out / "fit.npz")
         written.append("fit.npz")
     return written

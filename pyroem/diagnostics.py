@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -24,7 +24,6 @@ import torch
 from pyroem.alignment import align_fits
 from pyroem.errors import NotSupportedError, SpecError
 from pyroem.estep.enumerate import score_mixture
-from pyroem.fit_kinds import is_mixture_fit, is_program_fit
 from pyroem.program.model import Inject
 from pyroem.program.pointwise import observation_plate, pointwise_log_likelihood_draws
 from pyroem.spec.params import MixtureParams
@@ -91,6 +90,12 @@ class ChainDiagnostics(NamedTuple):
     num_divergences: int
     num_chains: int
     num_draws: int
+
+    @classmethod
+    def from_numbers(cls, values: Sequence[float]) -> ChainDiagnostics:
+        """The diagnostics from their values in field order, as a saved fit holds them."""
+        rhat, bulk, tail, *counts = values
+        return cls(float(rhat), float(bulk), float(tail), *(int(count) for count in counts))
 
 
 def chain_diagnostics(draws: Mapping[str, Any], divergences: Any = None) -> ChainDiagnostics:
@@ -252,6 +257,8 @@ def _mixture_parts(fit: Any, log_likelihood: bool) -> _Parts:
         name: mixture_dims(name, value.dim(), per_component=name not in shared)
         for name, value in params.items()
     }
+    # The latent draws of a Mixture's program (MCMC-EM): one assignment per data point.
+    dims.update({name: ("data",) for name in fit.draws or {} if name not in params})
     pointwise = None
     if log_likelihood and _theta_draws(fit):
         if fit.data is None:
@@ -510,7 +517,7 @@ def to_arviz(
     given a DataFrame, integers elsewhere (component ``k`` is coordinate ``k``).
 
     Args:
-        fit: a :class:`~pyroem.FitResult` or :class:`~pyroem.ProgramFit` (any method).
+        fit: a :class:`~pyroem.Fit`: any model, any method.
         obs_plate: for a Pyro program, the plate whose entries are the observation units.
         log_likelihood: include the ``log_likelihood`` group.
         dims: dimension names per variable, overriding the defaults.
@@ -525,9 +532,10 @@ def to_arviz(
         :func:`from_netcdf`.
     """
     arviz = _arviz()
-    if is_mixture_fit(fit):
+    kind = getattr(fit, "kind", None)
+    if kind == "mixture":
         parts = _mixture_parts(fit, log_likelihood)
-    elif is_program_fit(fit):
+    elif kind == "program":
         parts = _program_parts(fit, obs_plate, log_likelihood, progress)
     else:
         raise SpecError(f"to_arviz takes a pyroem fit; got {type(fit).__name__}")
@@ -613,7 +621,7 @@ def to_arviz(
         generator = torch.Generator().manual_seed(seed)
         replicas = (
             _mixture_predictive(fit, generator)
-            if is_mixture_fit(fit)
+            if fit.kind == "mixture"
             else _program_predictive(fit, generator)
         )
         if replicas:

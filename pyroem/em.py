@@ -153,6 +153,16 @@ class EMResult(NamedTuple):
     failures: list[str]
     interrupted: bool
 
+    def fit_fields(self, history: History | None = None) -> dict[str, Any]:
+        """What every :class:`~pyroem.Fit` takes from the kept run (``history`` in place
+        of its own where the engine amended it)."""
+        return {
+            "history": self.best.history if history is None else history,
+            "converged": self.best.converged,
+            "num_iterations": self.best.num_iterations,
+            "restart_objectives": self.restart_objectives,
+        }
+
     def record(self) -> dict[str, Any]:
         """What to add to a fit's options: failed restarts and interruption."""
         out: dict[str, Any] = {}

@@ -10,19 +10,18 @@ the number of rows. The same entry point runs stepwise EM
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from pyroem.distributed import LOCAL, Collective
-from pyroem.em import Engine, Iteration, run_em
+from pyroem.em import Engine, run_em
 from pyroem.errors import SpecError
 from pyroem.estep.enumerate import score_mixture
 from pyroem.initialization import seeded_generator
 from pyroem.mstep.mixture import MixtureEngine
-from pyroem.options import check_integer
-from pyroem.results import FitResult
+from pyroem.options import FitSettings, check_integer
+from pyroem.results import FitResult, fit_start
 from pyroem.sources import ChunkSource
 from pyroem.spec.families import Family
 from pyroem.spec.mixture import Mixture, as_data
@@ -48,17 +47,14 @@ class _StreamEngine(MixtureEngine):
         source: ChunkSource,
         sample: torch.Tensor,
         num_data: int,
-        init: Any,
-        seed: int | None,
-        name: str,
-        collective: Collective = LOCAL,
+        settings: FitSettings,
     ) -> None:
-        self.spec, self.family, self.init_data, self.start = spec, family, sample, init
-        self.generator = seeded_generator(seed)
+        self.spec, self.family, self.init_data, self.start = spec, family, sample, settings.init
+        self.generator = seeded_generator(settings.seed)
         self.estep = ChunksEStep(family, spec.weights_prior, source, sample.dtype, sample.device)
-        self.name = name
+        self.name = settings.method
         self.num_data = num_data
-        self.collective = collective
+        self.collective = settings.collective
 
 
 def _in_memory_source(data: torch.Tensor, chunk_size: int) -> ChunkSource:
@@ -69,25 +65,14 @@ def fit_mixture_large(
     model: Mixture,
     data: Any,
     source: ChunkSource | bool,
+    settings: FitSettings,
     *,
-    method: str,
-    init: Any,
-    n_init: int,
-    seed: int | None,
-    tol: float,
-    max_iter: int,
-    dtype: torch.dtype,
-    device: Any,
-    chunk_size: int,
-    progress: bool,
-    callback: Callable[[Iteration], Any] | None,
     stepwise: bool = False,
     batch_size: int = 1024,
     kappa: float = 0.7,
     passes: int = 5,
     shuffle: bool = True,
     reservoir_size: int = _RESERVOIR_SIZE,
-    collective: Collective = LOCAL,
     **cavi_options: Any,
 ) -> FitResult:
     """MAP-EM on a ``Mixture`` from a chunked source (``source``), or stepwise EM on a
@@ -107,11 +92,12 @@ def fit_mixture_large(
             initialises (k-means++ etc.) a streamed fit.
         cavi_options: vb-em's options (``num_draws`` etc.; see
             :func:`~pyroem.variational.cavi.fit_mixture_cavi`).
-        collective: a distributed fit's collectives (:mod:`pyroem.distributed`): each
-            rank's E-step reads its shard of the source, the ranks' reservoir samples are
-            merged into one, and the final scoring pass reads the whole source.
-        The other arguments: as for :func:`pyroem.fit`.
+        settings: :func:`pyroem.fit`'s common options. A distributed fit's collectives
+            (:mod:`pyroem.distributed`): each rank's E-step reads its shard of the
+            source, the ranks' reservoir samples are merged into one, and the final
+            scoring pass reads the whole source.
     """
+    method, chunk_size, collective = settings.method, settings.chunk_size, settings.collective
     cavi = method == "vb-em" and not stepwise and isinstance(source, ChunkSource)
     if method != "map-em" and not cavi:
         raise SpecError(
@@ -123,50 +109,35 @@ def fit_mixture_large(
     check_integer("reservoir_size", reservoir_size, 1)
     if not isinstance(stepwise, bool):
         raise SpecError(f"stepwise must be True or False; got {stepwise!r}")
-    if init is None:
-        init = "kmeans++"
-    if isinstance(init, FitResult):
-        init = init.params
-    if isinstance(init, dict):
-        n_init = 1
-    generator_seed = 0 if seed is None else seed
+    init = "kmeans++" if settings.init is None else settings.init
+    init = fit_start(init)
+    settings = replace(settings, init=init, n_init=1 if isinstance(init, dict) else settings.n_init)
+    generator_seed = 0 if settings.seed is None else settings.seed
     if not isinstance(source, ChunkSource):
-        tensor = as_data(data, dtype=dtype, device=device)
+        tensor = as_data(data, dtype=settings.dtype, device=settings.device)
         family = model.bind(tensor)
         sample, num_data, held = tensor, tensor.shape[0], tensor
         source = shard = _in_memory_source(tensor, chunk_size)
     else:
         streamed = open_streamed(
-            model, source, dtype, device, reservoir_size, generator_seed, collective
+            model,
+            source,
+            settings.dtype,
+            settings.device,
+            reservoir_size,
+            generator_seed,
+            collective,
         )
         source, shard, sample, num_data = streamed
         if method == "vb-em" and not stepwise:
             fit = fit_mixture_cavi(
-                model.with_proper_prior(),
-                sample,
-                init=init,
-                n_init=n_init,
-                seed=seed,
-                tol=tol,
-                max_iter=max_iter,
-                chunk_size=chunk_size,
-                progress=progress,
-                callback=callback,
-                collective=collective,
-                streamed=streamed,
-                **cavi_options,
+                model.with_proper_prior(), sample, settings, streamed=streamed, **cavi_options
             )
             fit.options.update(source=source.description, reservoir_size=reservoir_size)
             return fit
         family = model.bind(sample)
         held = None
-    options: dict[str, Any] = {
-        "n_init": n_init,
-        "init": init if isinstance(init, str) else "params",
-        "tol": tol,
-        "seed": seed,
-        "chunk_size": chunk_size,
-    }
+    options = settings.record()
     if held is None:
         options.update(source=source.description, reservoir_size=reservoir_size)
     options.update(collective.record())
@@ -179,22 +150,18 @@ def fit_mixture_large(
             sample,
             num_data,
             init,
-            seed,
+            settings.seed,
             batch_size=batch_size,
             kappa=kappa,
             shuffle=shuffle and held is not None,
             name=f"{method} stepwise",
         )
-        max_iter = passes
+        settings = replace(settings, max_iter=passes)
+        del options["max_iter"]
         options.update(stepwise=True, batch_size=batch_size, kappa=kappa, passes=passes)
     else:
-        engine = _StreamEngine(
-            model, family, shard, sample, num_data, init, seed, method, collective
-        )
-        options["max_iter"] = max_iter
-    result = run_em(
-        engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
-    )
+        engine = _StreamEngine(model, family, shard, sample, num_data, settings)
+    result = run_em(engine, **settings.loop())
     best = result.best
 
     def score(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,13 +175,10 @@ def fit_mixture_large(
         family=family,
         method=method,
         internal=best.params,
-        history=best.history,
-        converged=best.converged,
-        num_iterations=best.num_iterations,
         pointwise_log_likelihood=pointwise,
         labels=labels,
         objective=best.last.objective,
-        restart_objectives=result.restart_objectives,
+        **result.fit_fields(),
         options={**options, **result.record()},
         data=held,
     )

@@ -12,13 +12,15 @@ import numpy as np
 import torch
 
 from pyroem.archive import FORMAT_VERSION, MIXTURE_FORMAT, PROGRAM_FORMAT, read_arrays
+from pyroem.bayes import BayesFit
 from pyroem.em import History
 from pyroem.errors import FitFileError, PyroEMError
-from pyroem.program.model import ProgramModel
 from pyroem.program.results import ProgramFit
-from pyroem.results import FitResult
+from pyroem.results import Fit, FitResult
+from pyroem.sampling.mcmc_em import MCMCEMFit
 from pyroem.spec.mixture import Mixture, MixtureParams
 from pyroem.variational.cavi import restore_variational_fit
+from pyroem.variational.svi import SVIFit
 
 __all__ = ["load"]
 
@@ -28,7 +30,7 @@ def load(
     model: Callable[..., Any] | None = None,
     *model_args: Any,
     model_kwargs: dict[str, Any] | None = None,
-) -> Any:
+) -> Fit:
     """Read a fit written by ``fit.save`` (never unpickles).
 
     The whole archive is checked before anything is built: every array present,
@@ -41,9 +43,11 @@ def load(
             ``model(*model_args, **model_kwargs)``; unused for a ``Mixture``.
 
     Returns:
-        A :class:`FitResult` for a ``Mixture`` fitted by any method (a
-        :class:`~pyroem.VariationalFit` for CAVI), a
-        :class:`~pyroem.ProgramFit` for a Pyro program.
+        A :class:`~pyroem.results.Fit` of the class that was saved: a :class:`FitResult`
+        for a ``Mixture`` fitted by any method (a :class:`~pyroem.VariationalFit` for
+        CAVI); for a Pyro program a :class:`~pyroem.ProgramFit`,
+        :class:`~pyroem.SVIFit`, :class:`~pyroem.MCMCEMFit` or :class:`~pyroem.BayesFit`
+        (what cannot be saved, such as an SVI fit's guide, raises an error on use).
 
     Raises:
         FitFileError: the file is missing, not a pyroem fit, damaged or inconsistent;
@@ -51,40 +55,53 @@ def load(
     """
     where = os.fspath(path)
     arrays = read_arrays(where)
-    if "meta" in arrays and _format_of(arrays["meta"]) == PROGRAM_FORMAT:
-        return _load_program_fit(arrays, where, model, model_args, model_kwargs)
     meta = _read_meta(arrays, where)
+    restore = _KINDS[meta["format"]][1]
+    if meta["format"] == PROGRAM_FORMAT and model is None:
+        raise FitFileError(
+            f"{where!r} holds a fit of the Pyro program {meta['program']}; its code is not "
+            f"saved: pass it, pyroem.load(path, {meta['program']}, *model_args)"
+        )
     try:
-        fields = _checked_fields(arrays, meta)
+        common = _common_fields(arrays, meta)
+        result = restore(arrays, meta, common, model, model_args, model_kwargs)
     except FitFileError as err:
         raise FitFileError(f"{where!r} is not a valid pyroem fit: {err}") from None
-    if "variational" in meta:
-        try:
-            result: FitResult = restore_variational_fit(arrays, meta["variational"], fields)
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
-            raise FitFileError(
-                f"{where!r} is not a valid pyroem fit: its variational factors do not fit "
-                f"the model ({type(err).__name__}: {err})"
-            ) from err
-    else:
-        result = FitResult(**fields)
     result.runtime = float(meta["runtime"])
     return result
 
 
-def _format_of(meta: np.ndarray) -> Any:
-    try:
-        return json.loads(str(meta)).get("format")
-    except (ValueError, AttributeError):
-        return None
+def _common_fields(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`~pyroem.results.Fit` fields every kind of fit saves, checked."""
+    history = [
+        _array(arrays, f"history/{name}", np.float64, ndim=1, finite=False)
+        for name in History._fields
+    ]
+    if len({len(entry) for entry in history}) != 1:
+        raise FitFileError("its history arrays differ in length")
+    restarts = _array(arrays, "restart_objectives", np.float64, ndim=1, finite=False)
+    draws = {
+        key.removeprefix("draws/"): torch.from_numpy(_array(arrays, key, arrays[key].dtype))
+        for key in arrays
+        if key.startswith("draws/")
+    }
+    return dict(
+        method=meta["method"],
+        history=History(*history),
+        converged=meta["converged"],
+        num_iterations=meta["num_iterations"],
+        restart_objectives=restarts.tolist(),
+        options=meta["options"],
+        draws=draws or None,
+        sample_stats={
+            key.removeprefix("sample_stats/"): arrays[key]
+            for key in arrays
+            if key.startswith("sample_stats/")
+        },
+    )
 
 
-def _read_meta(
-    arrays: dict[str, np.ndarray],
-    where: str,
-    form: str = MIXTURE_FORMAT,
-    expected: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+def _read_meta(arrays: dict[str, np.ndarray], where: str) -> dict[str, Any]:
     """The metadata, checked for every key :func:`load` reads and its type."""
     if "meta" not in arrays:
         raise FitFileError(f"{where!r} is not a pyroem fit (no metadata)")
@@ -92,20 +109,9 @@ def _read_meta(
         meta = json.loads(str(arrays["meta"]))
     except ValueError as err:
         raise FitFileError(f"cannot read a pyroem fit from {where!r}: {err}") from err
-    if not isinstance(meta, dict) or meta.get("format") != form:
+    if not isinstance(meta, dict) or str(meta.get("format")) not in _KINDS:
         raise FitFileError(f"{where!r} is not a pyroem fit")
-    if expected is None:
-        expected = {
-            "version": int,
-            "method": str,
-            "spec": dict,
-            "dim": int,
-            "dtype": str,
-            "converged": bool,
-            "num_iterations": int,
-            "objective": float,
-            "options": dict,
-        }
+    expected = _KINDS[meta["format"]][0]
     for key, kind in expected.items():
         value = meta.get(key)
         numeric = kind is float and isinstance(value, int | float) and not isinstance(value, bool)
@@ -152,9 +158,12 @@ def _array(
     return value
 
 
-def _checked_fields(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, Any]:
-    """The :class:`FitResult` fields, each array checked against the metadata and the
-    parameters against their supports, before anything is built from them."""
+def _restore_mixture(
+    arrays: dict[str, np.ndarray], meta: dict[str, Any], common: dict[str, Any], *_: Any
+) -> FitResult:
+    """A ``Mixture``'s :class:`FitResult` (a :class:`~pyroem.VariationalFit` for CAVI),
+    each array checked against the metadata and the parameters against their supports
+    before anything is built from them."""
     float_type = np.dtype(meta["dtype"])
     try:
         spec = Mixture.from_config(meta["spec"])
@@ -210,18 +219,7 @@ def _checked_fields(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> dict
     labels = _array(arrays, "labels", np.int64, shape=pointwise.shape)
     if labels.size and not ((labels >= 0) & (labels < num_active)).all():
         raise FitFileError(f"its labels must lie in 0..{num_active - 1}")
-    restarts = _array(arrays, "restart_objectives", np.float64, ndim=1, finite=False)
-    history = [
-        _array(arrays, f"history/{name}", np.float64, ndim=1, finite=False)
-        for name in History._fields
-    ]
-    if len({len(entry) for entry in history}) != 1:
-        raise FitFileError("its history arrays differ in length")
-    draws = {
-        key.removeprefix("draws/"): torch.from_numpy(_array(arrays, key, arrays[key].dtype))
-        for key in arrays
-        if key.startswith("draws/")
-    }
+    draws = common["draws"] or {}
     params = {"weights": weights.shape, **{k: v.shape for k, v in components.items()}}
     for name, value in draws.items():
         expected = params.get(name)
@@ -236,32 +234,28 @@ def _checked_fields(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> dict
         known = ("component/", "history/", "draws/", "sample_stats/", "variational/")
         if key not in _TOP_LEVEL and not key.startswith(known):
             raise FitFileError(f"it holds an unknown array {key!r}")
-    sample_stats = {
-        key.removeprefix("sample_stats/"): arrays[key]
-        for key in arrays
-        if key.startswith("sample_stats/")
-    }
     internal = MixtureParams(
         torch.from_numpy(weights),
         family.params_type(**{k: torch.from_numpy(v) for k, v in components.items()}),
         torch.from_numpy(active),
     )
-    return dict(
+    fields = dict(
         spec=spec,
         family=family,
-        method=meta["method"],
         internal=internal,
-        history=History(*history),
-        converged=meta["converged"],
-        num_iterations=meta["num_iterations"],
         pointwise_log_likelihood=torch.from_numpy(pointwise),
         labels=torch.from_numpy(labels),
         objective=float(meta["objective"]),
-        restart_objectives=restarts.tolist(),
-        options=meta["options"],
-        draws=draws or None,
-        sample_stats=sample_stats,
+        **common,
     )
+    if "variational" not in meta:
+        return FitResult(**fields)
+    try:
+        return restore_variational_fit(arrays, meta["variational"], fields)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        raise FitFileError(
+            f"its variational factors do not fit the model ({type(err).__name__}: {err})"
+        ) from err
 
 
 _TOP_LEVEL = (
@@ -275,91 +269,95 @@ _TOP_LEVEL = (
 )
 
 
-def _load_program_fit(
+def _restore_program(
     arrays: dict[str, np.ndarray],
-    where: str,
-    model: Callable[..., Any] | None,
+    meta: dict[str, Any],
+    common: dict[str, Any],
+    model: Callable[..., Any],
     model_args: tuple[Any, ...],
     model_kwargs: dict[str, Any] | None,
-) -> Any:
-    """A :class:`~pyroem.ProgramFit` from its archive and the program, checked first."""
-    expected = {
-        "version": int,
-        "method": str,
-        "program": str,
-        "m_step_kinds": dict,
-        "log_likelihood": float,
-        "log_joint": float,
-        "converged": bool,
-        "num_iterations": int,
-        "num_data": int,
-        "options": dict,
-    }
-    meta = _read_meta(arrays, where, PROGRAM_FORMAT, expected)
-    if model is None:
+) -> ProgramFit:
+    """The saved kind of :class:`~pyroem.ProgramFit` from its archive and the program,
+    checked first (a file without its class, as older versions wrote, as a ProgramFit)."""
+    kind = _PROGRAM_CLASSES.get(meta.get("class", "ProgramFit"))
+    if kind is None:
+        raise FitFileError(f"it holds a fit of an unknown class {meta['class']!r}")
+    program = kind.rebuild_program(model, model_args, model_kwargs, meta["options"])
+    saved = sorted(k.removeprefix("params/") for k in arrays if k.startswith("params/"))
+    if saved != sorted(program.params):
         raise FitFileError(
-            f"{where!r} holds a fit of the Pyro program {meta['program']}; its code is not "
-            f"saved: pass it, pyroem.load(path, {meta['program']}, *model_args)"
+            f"it holds parameters {saved}; the program given has {sorted(program.params)}"
         )
-    program = ProgramModel(model, model_args, model_kwargs)
-    try:
-        saved = sorted(k.removeprefix("params/") for k in arrays if k.startswith("params/"))
-        if saved != sorted(program.params):
+    values = {}
+    for name, site in program.params.items():
+        like = program.param_inits.get(name)
+        dtype = like.dtype if like is not None else torch.get_default_dtype()
+        value = torch.from_numpy(
+            _array(arrays, f"params/{name}", np.dtype(str(dtype).removeprefix("torch.")))
+        )
+        if value.shape != site.shape or not bool(site.constraint.check(value).all()):
             raise FitFileError(
-                f"it holds parameters {saved}; the program given has {sorted(program.params)}"
+                f"parameter {name!r} (shape {tuple(value.shape)}) does not fit the "
+                f"program's site (shape {tuple(site.shape)}, support {site.constraint})"
             )
-        values = {}
-        for name, site in program.params.items():
-            like = program.param_inits.get(name)
-            dtype = like.dtype if like is not None else torch.get_default_dtype()
-            value = torch.from_numpy(
-                _array(arrays, f"params/{name}", np.dtype(str(dtype).removeprefix("torch.")))
-            )
-            if value.shape != site.shape or not bool(site.constraint.check(value).all()):
-                raise FitFileError(
-                    f"parameter {name!r} (shape {tuple(value.shape)}) does not fit the "
-                    f"program's site (shape {tuple(site.shape)}, support {site.constraint})"
-                )
-            values[name] = value
-        marginals = {
-            k.removeprefix("marginals/"): torch.from_numpy(_array(arrays, k, arrays[k].dtype))
-            for k in arrays
-            if k.startswith("marginals/")
-        }
-        history = [
-            _array(arrays, f"history/{name}", np.float64, ndim=1, finite=False)
-            for name in History._fields
-        ]
-        if len({len(entry) for entry in history}) != 1:
-            raise FitFileError("its history arrays differ in length")
-        restarts = _array(arrays, "restart_objectives", np.float64, ndim=1, finite=False)
-        draws = {
-            k.removeprefix("draws/"): torch.from_numpy(_array(arrays, k, arrays[k].dtype))
-            for k in arrays
-            if k.startswith("draws/")
-        }
-    except FitFileError as err:
-        raise FitFileError(f"{where!r} is not a valid pyroem fit: {err}") from None
-    result = ProgramFit(
+        values[name] = value
+    marginals = {
+        k.removeprefix("marginals/"): torch.from_numpy(_array(arrays, k, arrays[k].dtype))
+        for k in arrays
+        if k.startswith("marginals/")
+    }
+    fields = dict(
         program=program,
-        method=meta["method"],
         values=values,
         m_step_kinds=meta["m_step_kinds"],
         marginals=marginals,
         log_likelihood=float(meta["log_likelihood"]),
         log_joint=float(meta["log_joint"]),
-        history=History(*history),
-        converged=meta["converged"],
-        num_iterations=meta["num_iterations"],
         num_data=meta["num_data"],
-        restart_objectives=restarts.tolist(),
-        options=meta["options"],
-        draws=draws or None,
-        sample_stats={
-            k.removeprefix("sample_stats/"): arrays[k]
-            for k in arrays
-            if k.startswith("sample_stats/")
-        },
+        **common,
     )
-    result.runtime = float(meta["runtime"])
-    return result
+    try:
+        return kind.from_archive(arrays, meta, fields)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise FitFileError(
+            f"its {kind.__name__} results are incomplete or invalid ({type(err).__name__}: {err})"
+        ) from err
+
+
+#: The program fits :func:`load` restores, by the class name their archive holds.
+_PROGRAM_CLASSES: dict[str, type[ProgramFit]] = {
+    kind.__name__: kind for kind in (ProgramFit, SVIFit, MCMCEMFit, BayesFit)
+}
+
+
+_COMMON_META = {
+    "version": int,
+    "method": str,
+    "converged": bool,
+    "num_iterations": int,
+    "options": dict,
+}
+#: Each saved kind: the metadata it must hold (key → type), and how it is rebuilt.
+_KINDS: dict[str, tuple[dict[str, type], Callable[..., Fit]]] = {
+    MIXTURE_FORMAT: (
+        {
+            **_COMMON_META,
+            "spec": dict,
+            "dim": int,
+            "dtype": str,
+            "objective": float,
+        },
+        _restore_mixture,
+    ),
+    PROGRAM_FORMAT: (
+        {
+            **_COMMON_META,
+            "program": str,
+            "m_step_kinds": dict,
+            "log_likelihood": float,
+            "log_joint": float,
+            "num_data": int,
+        },
+        _restore_program,
+    ),
+}

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
+from pyroem.distributed import LOCAL, Collective
 from pyroem.errors import SpecError
 
-__all__ = ["OPTIONS", "Option", "check_applicable", "check_integer", "with_defaults"]
+__all__ = [
+    "OPTIONS",
+    "FitSettings",
+    "Option",
+    "check_applicable",
+    "check_integer",
+    "with_defaults",
+]
 
 
 def check_integer(name: str, value: Any, low: int) -> int:
@@ -131,3 +140,52 @@ def check_applicable(method: str, kind: str, given: Mapping[str, Any]) -> None:
             f"{name} does not apply to method={method!r} on {model}; it applies to {places}"
             + (f" ({option.otherwise})" if option.otherwise else "")
         )
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """The common options of one :func:`pyroem.fit` call, checked, as every method reads
+    them (see :func:`pyroem.fit` for each; its defaults).
+
+    Attributes:
+        dtype: the torch dtype of a ``Mixture``'s data.
+        collective: the fit's collectives (:mod:`pyroem.distributed`).
+    """
+
+    method: str = "map-em"
+    n_init: int = 1
+    init: Any = None
+    tol: float = 1e-6
+    max_iter: int = 1000
+    seed: int | None = None
+    dtype: torch.dtype = torch.float64
+    device: Any = None
+    chunk_size: int = 65536
+    progress: bool = False
+    callback: Callable[[Any], Any] | None = None
+    m_step: str = "auto"
+    gradient_steps: int = 50
+    sample_weight: Any = None
+    accelerate: str | None = None
+    collective: Collective = LOCAL
+
+    def loop(self) -> dict[str, Any]:
+        """The EM loop's settings, :func:`pyroem.em.run_em`'s keywords."""
+        return {
+            "n_init": self.n_init,
+            "tol": self.tol,
+            "max_iter": self.max_iter,
+            "progress": self.progress,
+            "callback": self.callback,
+        }
+
+    def record(self) -> dict[str, Any]:
+        """What a ``Mixture`` fit's ``options`` record of these settings."""
+        return {
+            "n_init": self.n_init,
+            "init": self.init if isinstance(self.init, str) else "params",
+            "tol": self.tol,
+            "max_iter": self.max_iter,
+            "seed": self.seed,
+            "chunk_size": self.chunk_size,
+        }

@@ -30,7 +30,6 @@ LOCAL_IMPORTS_ALLOWED: dict[str, tuple[set[str], str]] = {
             "pyroem.comparison",
             "pyroem.datasets",
             "pyroem.plots",
-            "pyroem.results",
             "pyroem.selection",
             "pyroem.sources",
             "pyroem.spec.mixture",

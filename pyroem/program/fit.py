@@ -37,6 +37,7 @@ from pyroem.program.space import (
     unbounded_error,
 )
 from pyroem.program.stacked import StackedUpdate
+from pyroem.results import Fit
 from pyroem.transforms import unconstraining
 
 __all__ = [
@@ -140,7 +141,7 @@ def program_init(init: Any) -> Mapping[str, Any] | Callable[[int], Any] | None:
     Raises:
         SpecError: anything else.
     """
-    if isinstance(init, ProgramFit):
+    if isinstance(init, Fit):
         return init.params
     if init is not None and not isinstance(init, Mapping) and not callable(init):
         raise SpecError(
@@ -549,10 +550,7 @@ def fit_program(
         marginals=marginals,
         log_likelihood=best.last.log_likelihood,
         log_joint=best.last.objective - engine.log_jacobian(best.params),
-        history=best.history,
-        converged=best.converged,
-        num_iterations=best.num_iterations,
         num_data=int(engine.num_data),
-        restart_objectives=result.restart_objectives,
+        **result.fit_fields(),
         options=options,
     )

@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import math
-import os
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from pyroem.diagnostics import to_arviz
-from pyroem.em import History
-from pyroem.errors import NotSupportedError
+from pyroem.archive import PROGRAM_FORMAT
 from pyroem.program.model import ProgramModel
-from pyroem.results import FitResult, save_program_fit
+from pyroem.results import Fit, FitResult, format_array
 from pyroem.transforms import unconstraining
 
 __all__ = ["ProgramFit"]
 
 
-class ProgramFit:
-    """A Pyro program fitted by EM.
+class ProgramFit(Fit):
+    """A Pyro program fitted by EM; everything of :class:`~pyroem.results.Fit` holds,
+    with:
 
     Attributes:
-        program: the :class:`~pyroem.program.ProgramModel` (sites sorted).
-        method: the EM variant.
+        program: the :class:`~pyroem.program.ProgramModel` (sites sorted; also ``model``).
         params: parameter values keyed by site name (copies).
         m_step_kinds: the M-step each parameter got: a recognised closed form
             (e.g. ``"dirichlet-categorical"``, ``"normal-mean"``,
@@ -33,62 +31,42 @@ class ProgramFit:
         marginals: posterior marginal probabilities of every enumerated site at the
             fitted parameters, ``(*value_shape, num_values)``.
         history: :class:`~pyroem.em.History` of the kept run (objective = log joint).
-        converged: whether the kept run met ``tol`` before ``max_iter``.
-        num_iterations: M-steps taken by the kept run.
         restart_objectives: final log joint of every restart.
-        draws: posterior draws keyed like ``params``, each
-            ``(num_chains, num_draws, *shape)`` (NUTS, MCMC-EM, a fitted guide's
-            draws, the variational posterior); ``None`` for MAP-EM.
-        sample_stats: per-iteration or per-draw statistics by name, each a NumPy
-            array (ELBO trace, chain diagnostics, NUTS statistics).
-        runtime: wall-clock seconds of the whole fit, restarts included (set by
-            :func:`pyroem.fit`; NaN for a loaded fit).
-        options: the fitting options.
+        mixture_fit: for a ``Mixture`` fitted through its program, the same fit as a
+            :class:`~pyroem.FitResult` (predictions, scores, and what ``save`` writes);
+            ``None`` for any other program.
     """
+
+    kind = "program"
+    archive_format = PROGRAM_FORMAT
+    #: The class the method runs the program as.
+    program_type: ClassVar[type[ProgramModel]] = ProgramModel
 
     def __init__(
         self,
         *,
         program: ProgramModel,
-        method: str,
         values: dict[str, torch.Tensor],
         m_step_kinds: dict[str, str],
         marginals: dict[str, torch.Tensor],
-        log_likelihood: float,
-        log_joint: float,
-        history: History,
-        converged: bool,
-        num_iterations: int,
-        num_data: int,
-        restart_objectives: list[float],
-        options: dict[str, Any],
-        draws: dict[str, torch.Tensor] | None = None,
-        sample_stats: dict[str, np.ndarray] | None = None,
+        **fit: Any,
     ) -> None:
+        super().__init__(model=program, **fit)
         self.program = program
-        self.method = method
         self._values = values
         self.m_step_kinds = m_step_kinds
         self.marginals = marginals
-        self._log_likelihood = log_likelihood
-        self._log_joint = log_joint
-        self.history = history
-        self.converged = converged
-        self.num_iterations = num_iterations
-        self.num_data = num_data
-        self.restart_objectives = restart_objectives
-        self.options = options
-        self.draws = draws
-        self.sample_stats = dict(sample_stats or {})
-        self.runtime = math.nan
-        # Set by pyroem.fit when the program is a Mixture's: the same fit as a
-        # FitResult (predictions, scores, and what save writes).
+        # Set by pyroem.fit when the program is a Mixture's.
         self.mixture_fit: FitResult | None = None
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
         """Fitted parameters by site name (copies; editing them does not change the fit)."""
         return {name: value.detach().clone() for name, value in self._values.items()}
+
+    @property
+    def mixture(self) -> FitResult | None:
+        return self.mixture_fit
 
     @property
     def num_parameters(self) -> int:
@@ -98,92 +76,58 @@ class ProgramFit:
             for name, site in self.program.params.items()
         )
 
-    def log_likelihood(self) -> float:
-        """``log p(x | θ)`` at the fitted parameters, discrete latents summed out."""
-        return self._log_likelihood
+    def _repr_fields(self) -> list[str]:
+        return [
+            f"model={self.program.name}",
+            f"method={self.method!r}",
+            f"log_joint={self._log_joint:.6g}",
+        ]
 
-    def log_joint(self) -> float:
-        """``log p(x, θ)``: the log-likelihood plus the log prior of the sample-site
-        parameters — the objective MAP-EM maximises."""
-        return self._log_joint
-
-    def bic(self) -> float:
-        """``−2 log L + p log N`` with N the number of observations; lower is better."""
-        return -2 * self._log_likelihood + self.num_parameters * math.log(self.num_data)
-
-    def aic(self) -> float:
-        """``−2 log L + 2p``; lower is better."""
-        return -2 * self._log_likelihood + 2 * self.num_parameters
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the fit to ``path`` (a ``.npz`` archive of arrays plus JSON metadata).
-
-        A ``Mixture`` fitted by any method is saved as its :class:`~pyroem.FitResult`,
-        which :func:`pyroem.load` restores with predictions; for any other program the
-        parameters, marginals, history, draws and sample statistics are saved, and
-        ``pyroem.load(path, model, *model_args)`` rebuilds the fit given the program.
-        Nothing is pickled.
-        """
-        if self.mixture_fit is not None:
-            self.mixture_fit.runtime = self.runtime
-            self.mixture_fit.save(path)
-        else:
-            save_program_fit(self, path)
-
-    def _mixture(self, what: str) -> FitResult:
-        """The fit as a :class:`~pyroem.FitResult` (a ``Mixture``'s fit only)."""
-        if self.mixture_fit is None:
-            raise NotSupportedError(
-                f"{what} scores new data under a pyroem.Mixture; this is a fit of a Pyro "
-                "program: fit a pyroem.Mixture, or use fit.to_arviz() and Pyro's "
-                "Predictive with the fitted parameters"
-            )
-        return self.mixture_fit
-
-    def score_samples(self, data: Any) -> torch.Tensor:
-        """A ``Mixture``'s pointwise log-likelihood ``log p(x_n | θ)`` ``(N,)`` at the
-        fitted parameters ``fit.params`` (for nuts the posterior means of the aligned
-        draws, for mcmc-em and SVI the final estimate)."""
-        return self._mixture("score_samples").score_samples(data)
-
-    def predict_proba(self, data: Any) -> torch.Tensor:
-        """A ``Mixture``'s component probabilities ``(N, K)`` at ``fit.params``."""
-        return self._mixture("predict_proba").predict_proba(data)
-
-    def predict(self, data: Any) -> torch.Tensor:
-        """A ``Mixture``'s most probable component of each point ``(N,)`` at ``fit.params``."""
-        return self._mixture("predict").predict(data)
-
-    def to_arviz(self, **options: Any) -> Any:
-        """The fit as ``arviz.InferenceData`` (options: see :func:`pyroem.diagnostics.to_arviz`)."""
-        return to_arviz(self, **options)
-
-    def __repr__(self) -> str:
-        return (
-            f"ProgramFit(model={self.program.name}, method={self.method!r}, "
-            f"log_joint={self._log_joint:.6g}, converged={self.converged}, "
-            f"num_iterations={self.num_iterations})"
-        )
-
-    def summary(self) -> str:
-        """A readable account of the fit: scores, M-step kinds, parameter values."""
-        lines = [
-            f"pyroem {self.method} fit of the Pyro program {self.program.name}",
+    def _summary_parts(self) -> tuple[str, list[str], list[str], list[str]]:
+        head = [
             f"  observations       {self.num_data}",
             f"  enumerated sites   {len(self.program.enumerated)}",
-            f"  converged          {self.converged} after {self.num_iterations} iterations",
-            f"  log-likelihood     {self._log_likelihood:.6f}",
-            f"  log joint          {self._log_joint:.6f}",
-            f"  BIC / AIC          {self.bic():.4f} / {self.aic():.4f}",
-            f"  free parameters    {self.num_parameters}",
         ]
+        notes = []
         if self.mixture_fit is not None:
-            lines.append(f"  prior              {self.mixture_fit.family.prior_repr()}")
-        lines.append("")
+            notes.append(f"  prior              {self.mixture_fit.family.prior_repr()}")
         width = max(len(name) for name in self._values) if self._values else 0
+        params = []
         for name, value in self._values.items():
-            text = np.array2string(
-                value.detach().cpu().numpy(), precision=4, suppress_small=True, separator=", "
-            ).replace("\n", "")
-            lines.append(f"  {name:<{width}}  [{self.m_step_kinds[name]}]  {text}")
-        return "\n".join(lines)
+            params.append(f"  {name:<{width}}  [{self.m_step_kinds[name]}]  {format_array(value)}")
+        return f"the Pyro program {self.program.name}", head, notes, params
+
+    def _archive(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays: dict[str, np.ndarray] = {}
+        for name, value in self.params.items():
+            arrays[f"params/{name}"] = value.detach().cpu().numpy()
+        for name, value in self.marginals.items():
+            arrays[f"marginals/{name}"] = value.detach().cpu().numpy()
+        meta = {
+            "program": self.program.name,
+            "m_step_kinds": dict(self.m_step_kinds),
+            "log_likelihood": self.log_likelihood(),
+            "log_joint": self.log_joint(),
+            "num_data": self.num_data,
+        }
+        return arrays, meta
+
+    @classmethod
+    def rebuild_program(
+        cls,
+        model: Callable[..., Any],
+        model_args: tuple[Any, ...],
+        model_kwargs: Mapping[str, Any] | None,
+        options: Mapping[str, Any],
+    ) -> ProgramModel:
+        """The program as this kind of fit saw it (:attr:`program_type`; ``options``: the
+        saved fitting options), for :func:`pyroem.load`."""
+        return cls.program_type(model, model_args, model_kwargs)
+
+    @classmethod
+    def from_archive(
+        cls, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], fields: dict[str, Any]
+    ) -> ProgramFit:
+        """This kind of fit as :func:`pyroem.load` rebuilds it: ``fields`` are the checked
+        ones of every program fit, ``arrays`` and ``meta`` what :meth:`_archive` wrote."""
+        return cls(**fields)

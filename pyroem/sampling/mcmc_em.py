@@ -220,6 +220,17 @@ class MCMCEMFit(ProgramFit):
         log_likelihood_se: Monte Carlo standard error of ``log_likelihood()`` (0 when exact).
     """
 
+    @classmethod
+    def rebuild_program(
+        cls,
+        model: Callable[..., Any],
+        model_args: tuple[Any, ...],
+        model_kwargs: Mapping[str, Any] | None,
+        options: Mapping[str, Any],
+    ) -> ProgramModel:
+        """The program with the latent sites the fit was told of."""
+        return LatentProgram(model, model_args, model_kwargs, options.get("latents", ()))
+
     def __init__(
         self,
         *,
@@ -284,12 +295,52 @@ class MCMCEMFit(ProgramFit):
             )
         return "\n".join(lines)
 
-    def __repr__(self) -> str:
-        return (
-            f"MCMCEMFit(model={self.program.name}, schedule={self.schedule!r}, "
-            f"objective={self.history.objective[-1]:.6g}, converged={self.converged}, "
-            f"num_iterations={self.num_iterations})"
+    def _archive(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """:class:`~pyroem.ProgramFit`'s, with the parameter trace and the chains'
+        diagnostics of every E-step."""
+        arrays, meta = super()._archive()
+        for name, value in self.parameter_trace.items():
+            arrays[f"parameter_trace/{name}"] = value.detach().cpu().numpy()
+        arrays["diagnostics"] = np.array(self.diagnostics, dtype=np.float64).reshape(-1, 6)
+        final = self.final_diagnostics
+        meta.update(
+            final_diagnostics=None if final is None else [float(value) for value in final],
+            problems=list(self.problems),
+            schedule=self.schedule,
+            burn_in=self.burn_in,
+            latents=list(self.latents),
+            log_likelihood_se=self.log_likelihood_se,
         )
+        return arrays, meta
+
+    @classmethod
+    def from_archive(
+        cls, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], fields: dict[str, Any]
+    ) -> MCMCEMFit:
+        """A saved MCMC-EM fit."""
+        final = meta["final_diagnostics"]
+        return cls(
+            diagnostics=[ChainDiagnostics.from_numbers(row) for row in arrays["diagnostics"]],
+            final_diagnostics=None if final is None else ChainDiagnostics.from_numbers(final),
+            problems=[str(problem) for problem in meta["problems"]],
+            parameter_trace={
+                key.removeprefix("parameter_trace/"): torch.from_numpy(value)
+                for key, value in arrays.items()
+                if key.startswith("parameter_trace/")
+            },
+            schedule=str(meta["schedule"]),
+            burn_in=meta["burn_in"],
+            latents=[str(name) for name in meta["latents"]],
+            log_likelihood_se=float(meta["log_likelihood_se"]),
+            **fields,
+        )
+
+    def _repr_fields(self) -> list[str]:
+        return [
+            f"model={self.program.name}",
+            f"schedule={self.schedule!r}",
+            f"objective={self.history.objective[-1]:.6g}",
+        ]
 
 
 def _m_step(
@@ -742,11 +793,8 @@ def _fit_result(engine: _MCMCEMEngine, result: EMResult, options: dict[str, Any]
         marginals=last.marginals,
         log_likelihood=final.log_likelihood,
         log_joint=final.log_joint,
-        history=best.history,
-        converged=best.converged,
-        num_iterations=best.num_iterations,
         num_data=engine.num_data,
-        restart_objectives=result.restart_objectives,
+        **result.fit_fields(),
         options={
             **options,
             **settings._asdict(),

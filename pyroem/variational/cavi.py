@@ -30,7 +30,8 @@ where :math:`\log Z(r) = \log \int p(θ) \prod_{n,k} p(x_n | θ_k)^{r_{nk}} dθ`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -39,13 +40,13 @@ import torch
 from pyroem.checkpoint import to_device
 from pyroem.diagnostics import independent_chains
 from pyroem.distributed import LOCAL, Collective
-from pyroem.em import EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
+from pyroem.em import EMRun, Engine, EStepResult, MStepResult, run_em
 from pyroem.errors import SpecError
 from pyroem.estep.enumerate import MixtureEStep, add_statistics, normalise_log_joint, score_mixture
 from pyroem.initialization import initial_params, seeded_generator
 from pyroem.mstep.conjugate import NIWPosterior, dirichlet_expected_log
-from pyroem.options import check_integer, with_defaults
-from pyroem.results import FitResult
+from pyroem.options import FitSettings, check_integer, with_defaults
+from pyroem.results import Fit, FitResult
 from pyroem.spec.mixture import Mixture, MixtureParams
 from pyroem.stream import ChunksEStep, StreamedData, score_rows
 from pyroem.variational.cavi_conjugate import (
@@ -378,12 +379,8 @@ class VariationalFit(FitResult):
         chunks = (self.family.prepare(chunk) for chunk in tensor.split(chunk_size))
         return _assignment_probs(self._factor, self._state, chunks)
 
-    def predict(self, data: Any) -> torch.Tensor:
-        """``argmax_k q(z_n = k)`` of new data, ``(N,)`` int64."""
-        return self.predict_proba(data).argmax(-1)
-
     def _archive(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """:meth:`FitResult._archive` plus the factors of ``q``: ``q(π)``, ``q(θ)`` in its
+        """:class:`FitResult`'s arrays plus the factors of ``q``: ``q(π)``, ``q(θ)`` in its
         internal form (what :meth:`predict_proba` reads) and ``q(z)``."""
         arrays, meta = super()._archive()
         arrays["variational/weights_concentration"] = (
@@ -402,34 +399,34 @@ class VariationalFit(FitResult):
         }
         return arrays, meta
 
-    def __repr__(self) -> str:
-        return (
-            f"VariationalFit(spec={self.spec!r}, elbo={self.elbo:.6g}, "
-            f"effective_components={self.num_effective_components}, "
-            f"converged={self.converged}, num_iterations={self.num_iterations})"
-        )
+    def _repr_fields(self) -> list[str]:
+        return [
+            f"spec={self.spec!r}",
+            f"elbo={self.elbo:.6g}",
+            f"effective_components={self.num_effective_components}",
+        ]
 
-    def summary(self) -> str:
-        """:meth:`FitResult.summary` plus the ELBO and the effective components."""
-        lines = super().summary().split("\n")
+    def _summary_parts(self) -> tuple[str, list[str], list[str], list[str]]:
+        """:class:`FitResult`'s, with the ELBO and the effective components."""
+        title, head, notes, params = super()._summary_parts()
         extra = [
             f"  ELBO               {self.elbo:.6f}",
             f"  effective comps.   {self.num_effective_components} of {self.num_components} "
             f"(E_q[weight] > {self.weight_threshold:g})",
         ]
-        at = next(i for i, line in enumerate(lines) if line.startswith("  free parameters")) + 1
-        return "\n".join(lines[:at] + extra + lines[at:])
+        return title, head, extra + notes, params
 
 
 def _continued_state(
-    previous: VariationalFit | None, family: Any, weights_prior: torch.Tensor
+    previous: FitResult | None, family: Any, weights_prior: torch.Tensor
 ) -> VariationalParams | None:
     """A previous vb-em fit's ``q(π, θ)`` to continue from (a warm start), when it
     belongs to the same model: the same weights prior's shape, components and centring
-    of the data (else the fit restarts from its expected parameters)."""
-    if previous is None:
+    of the data (else the fit restarts from its expected parameters; a fit by another
+    method has no ``q``)."""
+    state = getattr(previous, "_state", None)
+    if previous is None or state is None:
         return None
-    state = previous._state
     if state.weights_concentration.shape != weights_prior.shape:
         return None
     old_shift, new_shift = previous.family.shift, family.shift
@@ -516,17 +513,9 @@ def _check_cavi_options(options: dict[str, Any]) -> tuple[int, float, str]:
 def fit_mixture_cavi(
     spec: Mixture,
     data: torch.Tensor,
+    settings: FitSettings,
     *,
-    init: Any = "kmeans++",
-    n_init: int = 1,
-    seed: int | None = None,
-    tol: float = 1e-6,
-    max_iter: int = 1000,
-    chunk_size: int = 65536,
-    progress: bool = False,
-    callback: Callable[[Iteration], Any] | None = None,
     sample_weight: torch.Tensor | None = None,
-    collective: Collective = LOCAL,
     streamed: StreamedData | None = None,
     **options: Any,
 ) -> VariationalFit:
@@ -540,22 +529,17 @@ def fit_mixture_cavi(
         spec: the mixture; it needs a proper prior (``prior="default"`` or a prior object,
             and for the gaussian family ``mean_precision > 0``).
         data: ``(num_data, dim)``, validated (see :func:`pyroem.spec.mixture.as_data`).
-        init: ``"kmeans++"``, ``"kmeans"``, ``"random"``, ``"random_from_data"``, a dict
+        settings: :func:`pyroem.fit`'s common options (``n_init``: the restart with the
+            highest final ELBO is kept; ``tol``: converged when the ELBO changes by less
+            than ``tol`` per data point; ``seed`` also seeds the draws). ``init``:
+            ``"kmeans++"``, ``"kmeans"``, ``"random"``, ``"random_from_data"``, a dict
             of parameters in ``fit.params`` form, or a previous fit. A previous vb-em fit
             of the same model on the same data is continued from its ``q(π, θ)``, so the
             ELBO goes on increasing from where it stopped.
-        n_init: restarts; the one with the highest final ELBO is kept.
-        seed: makes initialisation and the draws reproducible.
-        tol: converged when the ELBO changes by less than ``tol`` per data point.
-        max_iter: most iterations per restart.
-        chunk_size: data rows per E-step chunk.
-        progress: show a progress bar.
-        callback: called after every iteration (see :func:`pyroem.fit`).
         sample_weight: ``(num_data,)`` non-negative frequency weights: row ``n`` counts
             ``w_n`` times in the statistics, the entropy of ``q(z)`` and the ELBO (so
             integer weights give the fit on repeated rows); ``fit.log_likelihood()``
             stays the unweighted sum, as for map-em.
-        collective: a distributed fit's collectives (:mod:`pyroem.distributed`).
         streamed: the data read chunk by chunk from a source (:mod:`pyroem.stream`);
             ``data`` is then its reservoir sample (data-derived defaults, initialisation),
             and ``fit.variational`` holds no ``"assignment"`` (``q(z)`` of every row).
@@ -580,11 +564,11 @@ def fit_mixture_cavi(
     num_draws, weight_threshold, prior_type = _check_cavi_options(dict(options))
     family = spec.bind(data)
     factor = conjugate_factor(family)
-    previous = init if isinstance(init, VariationalFit) else None
-    if isinstance(init, FitResult):
-        init = _every_component(init, spec.num_components)
-    if isinstance(init, dict):
-        n_init = 1
+    init, chunk_size, collective = settings.init, settings.chunk_size, settings.collective
+    previous = init.mixture if isinstance(init, Fit) else None
+    if previous is not None:
+        init = _every_component(previous, spec.num_components)
+    settings = replace(settings, init=init, n_init=1 if isinstance(init, dict) else settings.n_init)
     weights_prior = spec.weights_prior
     if prior_type == "dirichlet_process":
         if not bool((weights_prior == weights_prior[0]).all()):
@@ -594,7 +578,7 @@ def fit_mixture_cavi(
             )
         # Sticks v_k ~ Beta(1, α), π_k = v_k Π_{j<k} (1 − v_j), truncated at K.
         weights_prior = torch.stack([torch.ones_like(weights_prior), weights_prior], dim=-1)
-    generator = seeded_generator(seed)
+    generator = seeded_generator(settings.seed)
     continued = _continued_state(previous, family, weights_prior)
     engine = _CaviEngine(
         factor,
@@ -609,9 +593,7 @@ def fit_mixture_cavi(
         collective,
         streamed,
     )
-    result = run_em(
-        engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
-    )
+    result = run_em(engine, **settings.loop())
     best = result.best
     state: VariationalParams = best.params
     alpha = state.weights_concentration
@@ -652,12 +634,7 @@ def fit_mixture_cavi(
     if streamed is None:
         variational["assignment"] = {"probs": resp}
     fit_options = {
-        "n_init": n_init,
-        "init": init if isinstance(init, str) else "params",
-        "tol": tol,
-        "max_iter": max_iter,
-        "seed": seed,
-        "chunk_size": chunk_size,
+        **settings.record(),
         "num_draws": num_draws,
         "weight_threshold": weight_threshold,
         "weights_prior_type": prior_type,
@@ -675,13 +652,10 @@ def fit_mixture_cavi(
         family=family,
         method="vb-em",
         internal=internal,
-        history=history,
-        converged=best.converged,
-        num_iterations=best.num_iterations,
         pointwise_log_likelihood=pointwise,
         labels=labels,
         objective=log_joint,
-        restart_objectives=result.restart_objectives,
+        **result.fit_fields(history),
         options=fit_options,
         draws=draws,
         sample_stats={"elbo": history.objective.copy()},

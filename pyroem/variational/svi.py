@@ -190,6 +190,10 @@ class SVIFit(ProgramFit):
     - ``sample_stats``: ``"elbo"`` (= ``history.objective``) and ``"elbo_smoothed"``, the
       mean over the trailing window at each step, ``(T,)``.
 
+    A fit read back by :func:`pyroem.load` has all of this but the guide and its
+    parameter-store state (code and Pyro's parameter store are not saved): ``guide``,
+    ``param_state`` and :meth:`scope` raise :class:`~pyroem.errors.NotSupportedError`.
+
     Attributes:
         guide: the fitted guide (an autoguide, or the guide function given).
         param_state: its variational parameters and the program's ``pyro.param``
@@ -199,22 +203,62 @@ class SVIFit(ProgramFit):
         local_latents: latent sites local to the data (covered by the guide).
     """
 
+    program_type = _SVIProgram
+
     def __init__(
         self,
         *,
-        guide: Callable[..., Any],
-        param_state: StateDict,
+        guide: Callable[..., Any] | None,
+        param_state: StateDict | None,
         elbo: float,
         elbo_stderr: float,
         local_latents: list[str],
         **fit: Any,
     ) -> None:
         super().__init__(**fit)
-        self.guide = guide
-        self.param_state = param_state
+        self._guide = guide
+        self._param_state = param_state
         self.elbo = elbo
         self.elbo_stderr = elbo_stderr
         self.local_latents = local_latents
+
+    def _fitted(self, what: str) -> Any:
+        value = getattr(self, f"_{what}")
+        if value is None:
+            raise NotSupportedError(
+                f"this SVI fit was loaded from a file, which holds no {what} (code and "
+                "Pyro's parameter store are not saved); its params, draws, summary and "
+                "to_arviz() are there, or fit the model again for the guide"
+            )
+        return value
+
+    @property
+    def guide(self) -> Callable[..., Any]:
+        return self._fitted("guide")
+
+    @property
+    def param_state(self) -> StateDict:
+        return self._fitted("param_state")
+
+    def _archive(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """:class:`~pyroem.ProgramFit`'s, with the final ELBO; not the guide."""
+        arrays, meta = super()._archive()
+        meta.update(elbo=self.elbo, elbo_stderr=self.elbo_stderr, local_latents=self.local_latents)
+        return arrays, meta
+
+    @classmethod
+    def from_archive(
+        cls, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], fields: dict[str, Any]
+    ) -> SVIFit:
+        """A saved SVI fit, without its guide."""
+        return cls(
+            guide=None,
+            param_state=None,
+            elbo=float(meta["elbo"]),
+            elbo_stderr=float(meta["elbo_stderr"]),
+            local_latents=[str(name) for name in meta["local_latents"]],
+            **fields,
+        )
 
     @contextmanager
     def scope(self) -> Iterator[StateDict]:
@@ -224,12 +268,12 @@ class SVIFit(ProgramFit):
         with pyro.get_param_store().scope(self.param_state) as state:
             yield state
 
-    def __repr__(self) -> str:
-        return (
-            f"SVIFit(model={self.program.name}, guide={self.options['guide']!r}, "
-            f"elbo={self.elbo:.6g}, converged={self.converged}, "
-            f"num_iterations={self.num_iterations})"
-        )
+    def _repr_fields(self) -> list[str]:
+        return [
+            f"model={self.program.name}",
+            f"guide={self.options['guide']!r}",
+            f"elbo={self.elbo:.6g}",
+        ]
 
 
 def _window_change(elbos: list[float], window: int) -> tuple[float, float]:
@@ -650,11 +694,8 @@ def fit_svi(
         marginals=post.marginals,
         log_likelihood=float(post.log_likelihood),
         log_joint=float(post.log_joint),
-        history=history,
-        converged=best.converged,
-        num_iterations=best.num_iterations,
         num_data=engine.num_data,
-        restart_objectives=result.restart_objectives,
+        **result.fit_fields(history),
         options=record,
         draws={name: independent_chains(value) for name, value in final.draws.items()},
         sample_stats={
