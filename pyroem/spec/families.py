@@ -712,7 +712,10 @@ class Gaussian(Family):
 
     # ----- kernels ------------------------------------------------------
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return x - self._center
+        # The kernels only read the prepared rows: about a zero centre (every fresh fit)
+        # they are the data themselves, not a second copy of them.
+        center = self._center
+        return x if not bool(center.any()) else x - center
 
     def _variances(self, params: GaussianParams) -> torch.Tensor:
         """Per-dimension variances ``(K, D)`` for diag/spherical."""
