@@ -25,6 +25,20 @@ same tolerance it takes one M-step more; its ``lower_bound_`` is the
 log-likelihood at the parameters pyroem returns, and the two are compared, as are
 the per-iteration log-likelihoods of the fixed-length runs.
 
+Each case also prints the GFLOP/s an iteration achieves (full and tied: the
+``4·N·K·D²`` flops of the whitening and scatter products over the per-iteration CPU
+time) beside a GEMM probe (a 2048² torch matmul, float64 and float32) run in the
+same process at the same thread count, and the extra peak resident memory of one
+fixed-length fit of each library (Linux: the high-water mark reset through
+``/proc/self/clear_refs``, minus the resident size before the fit). Run it with
+``MALLOC_MMAP_THRESHOLD_=65536`` in the environment, so that freed large blocks go
+back to the system and each fit's peak is its own, not hidden in memory an earlier
+run left to the allocator.
+
+``--shape NxDxK`` (repeatable) runs several problem sizes; ``--no-convergence``
+skips the to-convergence timing (for the large shapes, where only the per-iteration
+cost is of interest).
+
 Run ``python bench/bench_gmm.py --help`` for the options.
 """
 
@@ -46,48 +60,10 @@ from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
 import pyroem
+from bench.problems import initial_params, simulate
 
 COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
 _HAS_NUM_THREADS = "num_threads" in inspect.signature(pyroem.fit).parameters
-
-
-def simulate(
-    num_data: int, dim: int, num_components: int, covariance_type: str, seed: int
-) -> np.ndarray:
-    """Well-separated Gaussian clusters with random covariances, ``(num_data, dim)``."""
-    rng = np.random.default_rng(seed)
-    means = 6.0 * rng.standard_normal((num_components, dim))
-    weights = rng.dirichlet(np.full(num_components, 5.0))
-    labels = rng.choice(num_components, size=num_data, p=weights)
-    noise = rng.standard_normal((num_data, dim))
-    if covariance_type in ("full", "tied"):
-        count = num_components if covariance_type == "full" else 1
-        factors = rng.standard_normal((count, dim, dim)) / np.sqrt(dim)
-        factors += np.eye(dim)
-        noise = np.einsum("nd,ned->ne", noise, factors[labels % count])
-    elif covariance_type == "diag":
-        noise *= rng.uniform(0.5, 1.5, (num_components, dim))[labels]
-    else:
-        noise *= rng.uniform(0.5, 1.5, num_components)[labels, None]
-    return means[labels] + noise
-
-
-def initial_params(
-    data: np.ndarray, num_components: int, covariance_type: str, seed: int
-) -> dict[str, np.ndarray]:
-    """Means at distinct random data points, the data covariance, equal weights."""
-    rng = np.random.default_rng(seed + 1)
-    dim = data.shape[1]
-    means = data[rng.choice(data.shape[0], num_components, replace=False)]
-    covariance = np.cov(data.T).reshape(dim, dim)
-    covariances = {
-        "full": np.repeat(covariance[None], num_components, axis=0),
-        "tied": covariance,
-        "diag": np.repeat(np.diag(covariance)[None], num_components, axis=0),
-        "spherical": np.full(num_components, np.diag(covariance).mean()),
-    }[covariance_type]
-    weights = np.full(num_components, 1.0 / num_components)
-    return {"weights": weights, "means": means, "covariances": covariances}
 
 
 def _precisions(covariances: np.ndarray, covariance_type: str) -> np.ndarray:
@@ -139,6 +115,47 @@ def fit_sklearn(
     return model.fit(data)
 
 
+def gemm_probe(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a ``size²`` torch matmul at the current thread count (median CPU time)."""
+    left = torch.randn(size, size, dtype=dtype)
+    right = torch.randn(size, size, dtype=dtype)
+    left @ right  # warm-up
+    times = []
+    for _ in range(repeats):
+        cpu = time.process_time()
+        left @ right
+        times.append(time.process_time() - cpu)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def _status_kib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    return float("nan")
+
+
+def peak_extra_mib(run: Callable[[], Any]) -> float:
+    """Peak resident memory of ``run()`` above the resident size before it, MiB (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # resets the high-water mark VmHWM to the current RSS
+    except OSError:
+        return float("nan")
+    before = _status_kib("VmRSS")
+    run()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def iteration_flops(num_data: int, dim: int, num_components: int, covariance_type: str) -> float:
+    """Flops of an iteration's matrix products: whitening ``2NKD²`` and scatter ``2NKD²``
+    (full, tied); the diagonal forms' ``≈ 6NKD``."""
+    if covariance_type in ("full", "tied"):
+        return 4.0 * num_data * num_components * dim * dim
+    return 6.0 * num_data * num_components * dim
+
+
 def median_times(
     runs: dict[str, Callable[[], Any]], repeats: int
 ) -> dict[str, tuple[float, float, Any]]:
@@ -175,6 +192,7 @@ def compare(
     iterations: int,
     repeats: int,
     seed: int,
+    convergence: bool = True,
 ) -> dict[str, float]:
     """Time and cross-check both libraries on one problem; print and return the numbers."""
     data = simulate(num_data, dim, num_components, covariance_type, seed)
@@ -191,13 +209,21 @@ def compare(
             },
             repeats,
         )
-        converged = median_times(
-            {
-                "pyroem": lambda: fit_pyroem(tensor, init, covariance_type, tol, max_iter),
-                "sklearn": lambda: fit_sklearn(data, init, covariance_type, tol, max_iter),
-            },
-            repeats,
-        )
+        runs = {
+            "pyroem": lambda: fit_pyroem(tensor, init, covariance_type, tol, max_iter),
+            "sklearn": lambda: fit_sklearn(data, init, covariance_type, tol, max_iter),
+        }
+        converged = median_times(runs if convergence else {}, repeats)
+        peaks = {
+            "pyroem": peak_extra_mib(
+                lambda: fit_pyroem(tensor, init, covariance_type, 0.0, iterations)
+            ),
+            "sklearn": peak_extra_mib(
+                lambda: fit_sklearn(data, init, covariance_type, 0.0, iterations)
+            ),
+        }
+    if not convergence:  # the fixed-length runs stand in
+        converged = fixed
     ours_fixed, ours_fixed_cpu, ours_run = fixed["pyroem"]
     theirs_fixed, theirs_fixed_cpu, theirs_run = fixed["sklearn"]
     ours_conv, ours_conv_cpu, ours = converged["pyroem"]
@@ -216,6 +242,9 @@ def compare(
     per_iter_cpu_ratio = ours_fixed_cpu / theirs_fixed_cpu
     conv_ratio = ours_conv / theirs_conv
     conv_cpu_ratio = ours_conv_cpu / theirs_conv_cpu
+    flops = iteration_flops(num_data, dim, num_components, covariance_type)
+    ours_gflops = flops * iterations / ours_fixed_cpu / 1e9
+    theirs_gflops = flops * iterations / theirs_fixed_cpu / 1e9
     print(
         f"[{covariance_type}] N={num_data} D={dim} K={num_components} tol={tol:g} "
         f"threads={torch.get_num_threads()} (medians of {repeats} runs)"
@@ -229,6 +258,22 @@ def compare(
         f"                           cpu:  pyroem {1e3 * ours_fixed_cpu / iterations:8.2f} ms   "
         f"sklearn {1e3 * theirs_fixed_cpu / iterations:8.2f} ms   ratio {per_iter_cpu_ratio:.3f}"
     )
+    print(f"  GFLOP/s (cpu time)       pyroem {ours_gflops:8.2f}      sklearn {theirs_gflops:8.2f}")
+    print(
+        f"  extra peak RSS           pyroem {peaks['pyroem']:8.1f} MiB  "
+        f"sklearn {peaks['sklearn']:8.1f} MiB  (one {iterations}-iteration fit each)"
+    )
+    if not convergence:
+        print(f"  per-iteration log-likelihood max rel. diff {trace_diff:.2e}")
+        return {
+            "per_iteration_ratio": per_iter_ratio,
+            "per_iteration_cpu_ratio": per_iter_cpu_ratio,
+            "pyroem_gflops": ours_gflops,
+            "sklearn_gflops": theirs_gflops,
+            "pyroem_peak_mib": peaks["pyroem"],
+            "sklearn_peak_mib": peaks["sklearn"],
+            "trace_relative_difference": trace_diff,
+        }
     print(
         f"  to convergence           wall: pyroem {ours_conv:8.3f} s    "
         f"sklearn {theirs_conv:8.3f} s    ratio {conv_ratio:.3f}"
@@ -253,7 +298,20 @@ def compare(
         "convergence_cpu_ratio": conv_cpu_ratio,
         "final_relative_difference": final_diff,
         "trace_relative_difference": trace_diff,
+        "pyroem_gflops": ours_gflops,
+        "sklearn_gflops": theirs_gflops,
+        "pyroem_peak_mib": peaks["pyroem"],
+        "sklearn_peak_mib": peaks["sklearn"],
     }
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    """``"100000x64x8"`` (``1e5x64x8`` too) → ``(N, D, K)``."""
+    try:
+        num, dim, components = (int(float(part)) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NxDxK, e.g. 1e5x64x8; got {text!r}") from None
+    return num, dim, components
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -271,6 +329,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--shape",
+        type=_shape,
+        action="append",
+        help="NxDxK, repeatable (e.g. --shape 1e5x64x8 --shape 1e6x16x16); "
+        "overrides --num-data, --dim and --components",
+    )
+    parser.add_argument(
+        "--no-convergence",
+        dest="convergence",
+        action="store_false",
+        help="skip the to-convergence timing",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         nargs="+",
@@ -280,21 +351,29 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     kinds = COVARIANCE_TYPES if args.covariance_type == "all" else (args.covariance_type,)
+    shapes = args.shape or [(args.num_data, args.dim, args.components)]
     for threads in dict.fromkeys(args.threads):
         torch.set_num_threads(threads)
         with threadpool_limits(limits=threads):
-            for kind in kinds:
-                compare(
-                    args.num_data,
-                    args.dim,
-                    args.components,
-                    kind,
-                    tol=args.tol,
-                    max_iter=args.max_iter,
-                    iterations=args.iterations,
-                    repeats=args.repeats,
-                    seed=args.seed,
-                )
+            print(
+                f"GEMM probe (torch 2048² matmul, {threads} thread(s), CPU time): "
+                f"float64 {gemm_probe(torch.float64):.1f} GFLOP/s, "
+                f"float32 {gemm_probe(torch.float32):.1f} GFLOP/s"
+            )
+            for num_data, dim, num_components in shapes:
+                for kind in kinds:
+                    compare(
+                        num_data,
+                        dim,
+                        num_components,
+                        kind,
+                        tol=args.tol,
+                        max_iter=args.max_iter,
+                        iterations=args.iterations,
+                        repeats=args.repeats,
+                        seed=args.seed,
+                        convergence=args.convergence,
+                    )
 
 
 if __name__ == "__main__":

@@ -72,3 +72,57 @@ def test_a_large_chunk_is_cut_by_bytes_with_the_brute_force_statistics(kind: str
     sums = result.stats.sum_x.numpy() + counts[:, None] * family.shift.numpy()
     np.testing.assert_allclose(sums / counts[:, None], component_means, rtol=1e-12)
     np.testing.assert_allclose(result.stats.scatter.numpy(), scatter, rtol=1e-9, atol=1e-9)
+
+
+def _mixture_problem(kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Data, weights, means and covariances (dense ``(K, D, D)``) away from the origin."""
+    generator = np.random.default_rng(5)
+    data = 20.0 + generator.normal(0.0, 1.5, (NUM_DATA, DIM))
+    means = 20.0 + 2.0 * generator.normal(size=(NUM_COMPONENTS, DIM))
+    factors = generator.normal(size=(NUM_COMPONENTS, DIM, DIM)) / np.sqrt(DIM)
+    covariances = np.einsum("kde,kfe->kdf", factors, factors) + np.eye(DIM)
+    if kind == "diag":
+        covariances = np.stack([np.diag(np.diagonal(c)) for c in covariances])
+    weights = generator.dirichlet(np.full(NUM_COMPONENTS, 3.0))
+    return data, weights, means, covariances
+
+
+@pytest.mark.parametrize("kind", ["full", "diag"])
+def test_scoring_is_cut_by_bytes_with_the_brute_force_scores(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyroem.estep.enumerate import score_mixture
+
+    data, weights, means, dense = _mixture_problem(kind)
+    joint = _log_densities(data, means, dense) + np.log(weights)
+    peak = joint.max(1, keepdims=True)
+    log_evidence = np.log(np.exp(joint - peak).sum(1)) + peak[:, 0]
+
+    tensor = torch.from_numpy(data)
+    spec = pyroem.Mixture(NUM_COMPONENTS, covariance_type=kind, prior=None)
+    family = spec.bind(tensor)
+    # Every chunk the scoring pass prepares: each bounds the kernels' temporaries.
+    seen: list[int] = []
+    prepare = type(family).prepare
+    monkeypatch.setattr(
+        type(family), "prepare", lambda self, x: seen.append(x.shape[0]) or prepare(self, x)
+    )
+    covariances = dense if kind == "full" else np.diagonal(dense, axis1=1, axis2=2).copy()
+    components = family.params_type(torch.from_numpy(means), torch.from_numpy(covariances))
+    params = MixtureParams(torch.from_numpy(weights), components, torch.arange(NUM_COMPONENTS))
+    pointwise, log_resp = score_mixture(family, params, tensor, chunk_size=65536)
+
+    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (NUM_COMPONENTS * DIM * 8))
+    assert rows < NUM_DATA
+    assert seen == [rows, rows, NUM_DATA - 2 * rows]
+    np.testing.assert_allclose(pointwise.numpy(), log_evidence, rtol=1e-12)
+    np.testing.assert_allclose(log_resp.numpy(), joint - log_evidence[:, None], atol=1e-9)
+
+
+def test_the_estep_reads_the_data_in_place_without_a_second_copy() -> None:
+    data, *_ = _mixture_problem("full")
+    tensor = torch.from_numpy(data)
+    spec = pyroem.Mixture(NUM_COMPONENTS, prior=None)
+    e_step = MixtureEStep(spec.bind(tensor), spec.weights_prior, tensor, chunk_size=65536)
+    storage = tensor.untyped_storage().data_ptr()
+    assert all(chunk.untyped_storage().data_ptr() == storage for chunk in e_step.chunks)

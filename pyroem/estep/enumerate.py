@@ -31,6 +31,7 @@ __all__ = [
     "MIN_CHUNK_ROWS",
     "MixtureEStep",
     "add_statistics",
+    "chunk_rows",
     "mixture_log_likelihood",
     "normalise_log_joint",
     "scale_statistics",
@@ -60,6 +61,14 @@ CHUNK_BYTES = 4 * 2**20
 
 MIN_CHUNK_ROWS = 4096
 """Fewest rows of a chunk cut by :data:`CHUNK_BYTES` (below it, overhead per chunk shows)."""
+
+
+def chunk_rows(num_components: int, dim: int, element_size: int, chunk_size: int) -> int:
+    """Rows per chunk: at most ``chunk_size``, and few enough that a ``(K, D, rows)``
+    kernel temporary stays near :data:`CHUNK_BYTES`, but never below
+    :data:`MIN_CHUNK_ROWS` rows."""
+    row_bytes = num_components * max(dim, 1) * element_size
+    return max(1, min(chunk_size, max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(row_bytes, 1))))
 
 
 class MixtureEStep:
@@ -99,9 +108,7 @@ class MixtureEStep:
         self.family = family
         self.weights_prior = weights_prior.to(dtype=data.dtype, device=data.device)
         dim = data.shape[1] if data.ndim > 1 else 1
-        row_bytes = weights_prior.shape[0] * dim * data.element_size()
-        rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(row_bytes, 1))
-        self.chunk_size = min(chunk_size, rows)
+        self.chunk_size = chunk_rows(weights_prior.shape[0], dim, data.element_size(), chunk_size)
         missing = torch.isnan(data)
         if bool(missing.any()):
             complete, self.patterns, blocks = split_missing(family, missing, self.chunk_size)
@@ -199,20 +206,51 @@ def score_mixture(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pointwise log-likelihood ``(N,)`` and log-responsibilities ``(N, K)`` of ``data``.
 
+    Chunk by chunk on the E-step's kernels, with chunks cut by bytes as the E-step's
+    (:func:`chunk_rows`) and the kernels' temporaries reused: beyond the two outputs,
+    memory does not grow with ``N``. Differentiable in ``params`` where they require
+    grad (then through :func:`mixture_log_likelihood`).
+
     Args:
         family: the bound family.
         params: mixture parameters.
         data: ``(N, dim)``, validated; NaN entries are missing (marginalised).
-        chunk_size: rows per chunk.
+        chunk_size: rows per chunk, at most.
     """
-    log_prob = family.log_prob_fn(params.components)
+    num_components = params.weights.shape[0]
+    dim = data.shape[1] if data.ndim > 1 else 1
+    rows = chunk_rows(num_components, dim, data.element_size(), chunk_size)
+    chunks = data.split(rows)
+    if torch.is_grad_enabled() and any(
+        value.requires_grad for value in (params.weights, *params.components)
+    ):
+        log_prob = family.log_prob_fn(params.components)
 
-    def chunk_log_prob(chunk: torch.Tensor) -> torch.Tensor:
-        if bool(torch.isnan(chunk).any()):
-            return missing_log_prob(family, params, chunk)
-        return log_prob(family.prepare(chunk))
+        def chunk_log_prob(chunk: torch.Tensor) -> torch.Tensor:
+            if bool(torch.isnan(chunk).any()):
+                return missing_log_prob(family, params, chunk)
+            return log_prob(family.prepare(chunk))
 
-    return mixture_log_likelihood(chunk_log_prob, params.weights, data.split(chunk_size))
+        return mixture_log_likelihood(chunk_log_prob, params.weights, chunks)
+    kernels = family.estep_kernels(params.components, {})
+    log_weights = params.weights.log()
+    dtype = torch.promote_types(data.dtype, log_weights.dtype)
+    log_norm = data.new_empty(data.shape[0], dtype=dtype)
+    log_resp = data.new_empty(data.shape[0], num_components, dtype=dtype)
+    start = 0
+    with torch.no_grad():
+        for chunk in chunks:
+            stop = start + chunk.shape[0]
+            if bool(torch.isnan(chunk).any()):
+                joint = missing_log_prob(family, params, chunk).T
+            else:
+                joint, cache = kernels.log_prob(family.prepare(chunk))
+                del cache
+            joint = joint.add_(log_weights[:, None])  # (K, n)
+            torch.logsumexp(joint, dim=0, out=log_norm[start:stop])
+            torch.sub(joint.T, log_norm[start:stop, None], out=log_resp[start:stop])
+            start = stop
+    return log_norm, log_resp
 
 
 def mixture_log_likelihood(
