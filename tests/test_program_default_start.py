@@ -148,7 +148,8 @@ def test_default_start_reaches_the_best_optimum_of_a_small_hmm() -> None:
     Dirichlet(0.9·I + 0.1) priors: MAP in the unconstrained space). From its one prior
     draw at seed 0 (``init="prior"``, before: the default) map-em stops at a stationary
     point more than 0.5 nats below the best of 8 L-BFGS runs on Pyro's objective; the
-    default start (short runs, then the best one continued) reaches it within 1e-6."""
+    default start (short runs, then the best one continued) reaches it (within 1e-6,
+    or higher)."""
     torch.set_default_dtype(torch.float64)
     data = _tone_data()
     supports = {
@@ -162,15 +163,17 @@ def test_default_start_reaches_the_best_optimum_of_a_small_hmm() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pyroem.ConvergenceWarning)
         pyro.clear_param_store()
-        single = pyroem.fit(batched_hmm, *data, seed=0, init="prior", tol=1e-10)
-        pyro.clear_param_store()
         fit = pyroem.fit(batched_hmm, *data, seed=0, tol=1e-10)
+    objective = float(fit.history.objective[-1])
+    # At least as high (a multi-start optimiser's best is a lower bound on the maximum).
+    assert objective >= reference - 1e-6 * abs(reference)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pyroem.ConvergenceWarning)
+        pyro.clear_param_store()
+        single = pyroem.fit(batched_hmm, *data, seed=0, init="prior", tol=1e-10)
     assert single.options["start"] == "prior" and fit.options["start"] == "short runs"
     assert single.options["space"] == fit.options["space"] == "unconstrained"
     assert float(single.history.objective[-1]) < reference - 0.5
-    objective = float(fit.history.objective[-1])
-    assert objective >= reference - 1e-6 * abs(reference)
-    assert objective <= reference + 1e-6 * abs(reference)
     # The kept run is monotone from its own start, and Pyro agrees on its log joint.
     history = fit.history.objective
     assert all(b >= a - 1e-9 * abs(a) for a, b in itertools.pairwise(history))
@@ -209,9 +212,9 @@ def _step_angle() -> tuple[torch.Tensor, torch.Tensor]:
 def test_gradient_m_steps_need_few_program_runs_on_the_mixed_hmm() -> None:
     """The mixed-HMM (every parameter a ``pyro.param`` without a closed form): ECME's
     quasi-Newton steps on the objective reach the optimum of L-BFGS on Pyro's own log
-    likelihood (within 1e-6) in at most 700 runs of the program (counted by wrapping
-    it). Before, each EM iteration ran up to 100 L-BFGS evaluations of Q, each a full
-    run, for about 60 iterations (about 3,000 runs) and stopped lower."""
+    likelihood (within 1e-6) in at most 250 runs of the program (counted by wrapping
+    it; 144 at the time of writing, in 3 iterations). Before, each EM iteration ran up
+    to 100 L-BFGS evaluations of Q, each a full run: 649 runs in 12 iterations."""
     torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
     data = _step_angle()
@@ -224,7 +227,7 @@ def test_gradient_m_steps_need_few_program_runs_on_the_mixed_hmm() -> None:
     pyro.clear_param_store()
     fit = pyroem.fit(counted, *data, seed=0)
     assert fit.converged
-    assert runs[0] <= 700
+    assert runs[0] <= 250
     supports = {
         "probs_e_group": constraints.simplex,
         "theta_group": constraints.real,
