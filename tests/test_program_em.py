@@ -760,7 +760,8 @@ def test_gradient_m_step_on_a_covariance_site() -> None:
 
 def test_gradient_and_closed_form_m_steps_reach_the_same_optimum() -> None:
     """On a well-separated two-component normal mixture, from one start, forcing the
-    gradient M-step everywhere and using the closed forms converge to one MAP."""
+    gradient M-step everywhere and using the closed forms converge to one MAP (up to the
+    components' labels)."""
     generator = torch.Generator().manual_seed(4)
     data = torch.cat(
         [
@@ -787,5 +788,12 @@ def test_gradient_and_closed_form_m_steps_reach_the_same_optimum() -> None:
     assert set(gradient.m_step_kinds.values()) == {"gradient"}
     assert auto.converged and gradient.converged
     assert gradient.log_joint() == pytest.approx(auto.log_joint(), rel=1e-6, abs=0)
+    # Quasi-Newton steps on the log joint may reach the same MAP with the labels swapped.
+    order = min(
+        ([0, 1], [1, 0]),
+        key=lambda order: float((gradient.params["locs"][order] - auto.params["locs"]).abs().sum()),
+    )
     for name, value in auto.params.items():
-        torch.testing.assert_close(gradient.params[name], value, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(
+            gradient.params[name][order], value, rtol=1e-5, atol=1e-7, msg=name
+        )

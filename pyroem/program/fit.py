@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import gc
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
 
 from pyroem.acceleration import ACCELERATIONS, SquaremEngine
-from pyroem.em import Engine, EStepResult, Iteration, MStepResult, run_em
-from pyroem.errors import DataError, SpecError
+from pyroem.checkpoint import checkpointing
+from pyroem.em import EMRun, Engine, EStepResult, History, Iteration, MStepResult, run_em
+from pyroem.errors import ConvergenceWarning, DataError, SpecError
 from pyroem.program.compiled import CompiledEStep, CompiledProgram
 from pyroem.program.conjugacy import (
     ADJUSTABLE_PRIORS,
@@ -26,7 +29,7 @@ from pyroem.program.conjugacy import (
     recognise,
     unwrap_distribution,
 )
-from pyroem.program.gradient import gradient_m_step
+from pyroem.program.gradient import MarginalObjective, ecme_m_step, gradient_m_step
 from pyroem.program.model import Inject, ProgramModel, check_full_plates, sample_sites
 from pyroem.program.posterior import posterior
 from pyroem.program.results import ProgramFit
@@ -41,6 +44,11 @@ from pyroem.results import Fit
 from pyroem.transforms import unconstraining
 
 __all__ = [
+    "SHORT_RUNS",
+    "SHORT_RUNS_MAX_DATA",
+    "SHORT_RUN_GRADIENT_STEPS",
+    "SHORT_RUN_MAX_ITER",
+    "SHORT_RUN_TOL",
     "block_order",
     "closed_form_sweep",
     "fit_program",
@@ -52,6 +60,21 @@ __all__ = [
 ]
 
 M_STEPS = ("auto", "gradient")
+
+SHORT_RUNS = 20
+"""Short EM runs of the default start of map-em on a small Pyro program (em-EM)."""
+
+SHORT_RUN_TOL = 1e-3
+"""Tolerance (objective change per data point) at which a short run stops."""
+
+SHORT_RUN_MAX_ITER = 50
+"""Most iterations of one short run."""
+
+SHORT_RUNS_MAX_DATA = 10_000
+"""Programs with at most this many observed data points start from short runs."""
+
+SHORT_RUN_GRADIENT_STEPS = 5
+"""Most L-BFGS iterations of a gradient M-step in a short run."""
 
 # Run E-steps through CompiledProgram while the program keeps its structure; off, every
 # E-step is a full trace (the reference the fast path is tested against).
@@ -134,6 +157,27 @@ def initial_values(
     return values
 
 
+def uniform_values(
+    program: ProgramModel, first: Mapping[str, torch.Tensor], seed: int, radius: float = 2.0
+) -> dict[str, torch.Tensor]:
+    """``first`` with every sample site redrawn uniformly in ``(-radius, radius)`` in its
+    unconstrained coordinates (:func:`pyroem.transforms.unconstraining`; Stan's and
+    Pyro's ``init_to_uniform``), from a generator seeded with ``seed``. ``pyro.param``
+    sites keep their values."""
+    generator = torch.Generator().manual_seed(seed)
+    values = dict(first)
+    for name, site in program.params.items():
+        if site.kind != "sample":
+            continue
+        like = first[name]
+        transform = unconstraining(name, site.constraint)
+        shape = transform.forward_shape(site.shape)
+        u = (torch.rand(shape, generator=generator, dtype=like.dtype) * 2 - 1) * radius
+        with torch.no_grad():
+            values[name] = transform.inv(u.to(like.device)).reshape(site.shape)
+    return values
+
+
 def program_init(init: Any) -> Mapping[str, Any] | Callable[[int], Any] | None:
     """A Pyro program's ``init``: ``{site name: value}``, ``None``, a previous fit (its
     parameters), or a callable ``seed -> {site name: value}`` (one start per restart).
@@ -145,8 +189,8 @@ def program_init(init: Any) -> Mapping[str, Any] | Callable[[int], Any] | None:
         return init.params
     if init is not None and not isinstance(init, Mapping) and not callable(init):
         raise SpecError(
-            "init for a Pyro program is a dict {site name: value} (or a previous fit); "
-            f"got {type(init).__name__}"
+            "init for a Pyro program is a dict {site name: value}, a previous fit, or "
+            f"'prior' (map-em from one prior draw); got {init!r}"
         )
     return init
 
@@ -306,8 +350,12 @@ class _Engine(Engine):
         usable = _COMPILED and layout.supported
         self.compiled: CompiledProgram | None = self.layout if usable else None
         self.updates: dict[str, StackedUpdate] = {}
+        # Set while the start's short runs, or the run continued from them, go on.
+        self.starts: list[dict[str, torch.Tensor]] | None = None
 
     def init(self, restart: int) -> MStepResult:
+        if self.starts is not None:
+            return MStepResult(self.starts[restart])
         return MStepResult(self.first if restart == 0 else self.restart_values(restart))
 
     def snapshot(self, values: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -357,15 +405,23 @@ class _Engine(Engine):
         """One ECM sweep: closed-form blocks in order, then the gradient blocks."""
         values = dict(values)
         if isinstance(stats, CompiledEStep):
-            weights = self._compiled_sweep(stats, values)
+            self._compiled_sweep(stats, values)
         else:
             weights = stats.weights
             closed_form_sweep(
                 self.program, self.found, self.order, self.retrace, stats.trace, weights, values
             )
         if self.gradient_sites:
-            values.update(
-                gradient_m_step(
+            # ECME: the gradient block climbs the objective itself (see ecme_m_step).
+            objective = MarginalObjective(self.program, self.compiled, self.jacobian)
+            update = ecme_m_step(
+                self.program, values, self.gradient_sites, objective, max_steps=self.gradient_steps
+            )
+            if objective.compiled is None:
+                self.compiled = None
+            if update is None:
+                weights = stats.all_weights() if isinstance(stats, CompiledEStep) else stats.weights
+                update = gradient_m_step(
                     self.program,
                     values,
                     weights,
@@ -373,13 +429,11 @@ class _Engine(Engine):
                     max_steps=self.gradient_steps,
                     jacobian=self.jacobian,
                 )
-            )
+            values.update(update)
         return MStepResult(values)
 
-    def _compiled_sweep(
-        self, estep: CompiledEStep, values: dict[str, torch.Tensor]
-    ) -> Mapping[str, torch.Tensor]:
-        """Closed forms on stacked uses; returns the weights for the gradient blocks."""
+    def _compiled_sweep(self, estep: CompiledEStep, values: dict[str, torch.Tensor]) -> None:
+        """Closed forms on stacked uses."""
         assert self.compiled is not None
         sites: Mapping[str, Any] | None = estep.sites
         changes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -402,7 +456,7 @@ class _Engine(Engine):
                     values,
                     start=step,
                 )
-                return weights
+                return
             block = self.found[name]
             assert block is not None
             if name not in self.updates:
@@ -410,7 +464,6 @@ class _Engine(Engine):
             new = self.updates[name](values[name], estep, sites, changes, cache)
             changes[name] = (values[name], new)
             values[name] = new
-        return estep.all_weights() if self.gradient_sites else {}
 
     def marginals(self, stats: Any) -> dict[str, torch.Tensor]:
         """Posterior marginals of the enumerated sites from a final E-step."""
@@ -441,6 +494,62 @@ def _squarem(engine: _Engine) -> SquaremEngine:
         return values
 
     return SquaremEngine(engine, encode, decode)
+
+
+def _short_runs(
+    engine: _Engine, looped: Engine, seed: int, max_iter: int
+) -> tuple[EMRun, list[float]]:
+    """em-EM's start (Biernacki, Celeux & Govaert 2003): :data:`SHORT_RUNS` runs, each to
+    :data:`SHORT_RUN_TOL` (at most :data:`SHORT_RUN_MAX_ITER` and ``max_iter``
+    iterations; gradient M-steps of at most :data:`SHORT_RUN_GRADIENT_STEPS` L-BFGS
+    iterations), from the prior draw at ``seed`` and from uniform draws in the
+    unconstrained coordinates (seeds ``seed + 1`` …); returns the run with the highest
+    objective, and every run's final objective (NaN: the run failed)."""
+    engine.starts = [engine.first] + [
+        uniform_values(engine.program, engine.first, seed + k) for k in range(1, SHORT_RUNS)
+    ]
+    steps = engine.gradient_steps
+    engine.gradient_steps = min(steps, SHORT_RUN_GRADIENT_STEPS)
+    try:
+        # The short runs neither write nor resume the fit's checkpoint, nor warn.
+        with warnings.catch_warnings(), checkpointing(None):
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            short = run_em(
+                looped,
+                n_init=SHORT_RUNS,
+                tol=SHORT_RUN_TOL,
+                max_iter=min(SHORT_RUN_MAX_ITER, max_iter),
+            )
+    finally:
+        engine.starts = None
+        engine.gradient_steps = steps
+    return short.best, list(short.restart_objectives)
+
+
+def _joined(first: EMRun, then: EMRun) -> EMRun:
+    """The short run ``first`` continued by ``then`` (which started at its end): one run."""
+    before, after = first.history, then.history
+    history = History(
+        np.concatenate([before.objective[:-1], after.objective]),
+        np.concatenate([before.log_likelihood[:-1], after.log_likelihood]),
+        np.concatenate([before.elapsed[:-1], after.elapsed + before.elapsed[-1]]),
+    )
+    return then._replace(
+        history=history,
+        num_iterations=first.num_iterations + then.num_iterations,
+        info=[*first.info[:-1], *then.info],
+    )
+
+
+def _short_run_start(
+    program: ProgramModel, init: Any, n_init: int, max_iter: int, num_data: int
+) -> bool:
+    """Does the fit start from short runs? Only by default: no ``init``, one run, some
+    iterations allowed, a sample site to draw, and a small program."""
+    drawn = any(site.kind == "sample" for site in program.params.values())
+    return (
+        init is None and n_init == 1 and max_iter > 0 and drawn and num_data <= SHORT_RUNS_MAX_DATA
+    )
 
 
 @contextmanager
@@ -492,7 +601,8 @@ def fit_program(
         raise SpecError(f"accelerate must be one of {ACCELERATIONS}; got {accelerate!r}")
     # The first trace below runs the program enumerated: no separate check for that.
     program = ProgramModel(model, model_args, model_kwargs, check_enumeration=False)
-    init = program_init(init)
+    single = isinstance(init, str) and init == "prior"
+    init = program_init(None if single else init)
     if isinstance(init, Mapping) and set(init) >= set(program.params):
         n_init = 1
     base_seed = resolve_seed(seed)
@@ -522,10 +632,20 @@ def fit_program(
         jacobian,
     )
     looped: Engine = engine if accelerate is None else _squarem(engine)
-    result = run_em(
-        looped, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
-    )
-    best = result.best
+    short: list[float] | None = None
+    short_run: EMRun | None = None
+    if not single and _short_run_start(program, init, n_init, max_iter, int(engine.num_data)):
+        short_run, short = _short_runs(engine, looped, base_seed, max_iter)
+        engine.starts = [short_run.params]
+    # The continued run's iterations count from the start of its short run.
+    remaining = max_iter - (short_run.num_iterations if short_run is not None else 0)
+    try:
+        result = run_em(
+            looped, n_init=n_init, tol=tol, max_iter=remaining, progress=progress, callback=callback
+        )
+    finally:
+        engine.starts = None
+    best = result.best if short_run is None else _joined(short_run, result.best)
     # The fitted weights of pyro.module networks go into the networks themselves.
     with torch.no_grad():
         for name, parameter in program.module_params.items():
@@ -540,6 +660,8 @@ def fit_program(
         "gradient_steps": gradient_steps,
         "space": space,
         "accelerate": accelerate,
+        "start": "prior" if short is None else "short runs",
+        **({} if short is None else {"short_run_objectives": short}),
         **result.record(),
     }
     return ProgramFit(
