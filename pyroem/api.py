@@ -612,7 +612,7 @@ def _large_data(
     if source is None and not any(key in options for key in LARGE_DATA_OPTIONS):
         return None
     known: tuple[str, ...] = LARGE_DATA_OPTIONS
-    if method == "vb-em" and source is not None:
+    if method == "vb-em":
         known = known + CAVI_OPTIONS
     unknown = sorted(set(options) - set(known))
     if unknown:

@@ -26,9 +26,9 @@ from pyroem.results import FitResult
 from pyroem.sources import ChunkSource
 from pyroem.spec.families import Family
 from pyroem.spec.mixture import Mixture, as_data
-from pyroem.stepwise import StepwiseEngine
+from pyroem.stepwise import StepwiseEngine, check_stepwise
 from pyroem.stream import ChunksEStep, StreamedData, open_streamed, score_rows
-from pyroem.variational.cavi import fit_mixture_cavi
+from pyroem.variational.cavi import StepwiseSettings, fit_mixture_cavi
 
 __all__ = ["LARGE_DATA_OPTIONS", "fit_mixture_large"]
 
@@ -112,17 +112,17 @@ def fit_mixture_large(
             merged into one, and the final scoring pass reads the whole source.
         The other arguments: as for :func:`pyroem.fit`.
     """
-    cavi = method == "vb-em" and not stepwise and isinstance(source, ChunkSource)
-    if method != "map-em" and not cavi:
+    if method not in ("map-em", "vb-em"):
         raise SpecError(
-            f"streamed data are supported for method='map-em' and 'vb-em' (CAVI) on a Mixture, "
-            f"stepwise EM for map-em; got method={method!r}"
-            + (" with stepwise=True" if stepwise else "")
-            + f": load the data into memory for {method}, or use map-em"
+            f"streamed data and stepwise EM are supported for method='map-em' and 'vb-em' "
+            f"(CAVI) on a Mixture; got method={method!r}: load the data into memory for "
+            f"{method}, or use map-em or vb-em"
         )
     check_integer("reservoir_size", reservoir_size, 1)
     if not isinstance(stepwise, bool):
         raise SpecError(f"stepwise must be True or False; got {stepwise!r}")
+    if stepwise:
+        check_stepwise(batch_size, kappa)
     if init is None:
         init = "kmeans++"
     if isinstance(init, FitResult):
@@ -130,9 +130,9 @@ def fit_mixture_large(
     if isinstance(init, dict):
         n_init = 1
     generator_seed = 0 if seed is None else seed
+    streamed: StreamedData | None = None
     if not isinstance(source, ChunkSource):
         tensor = as_data(data, dtype=dtype, device=device)
-        family = model.bind(tensor)
         sample, num_data, held = tensor, tensor.shape[0], tensor
         source = shard = _in_memory_source(tensor, chunk_size)
     else:
@@ -140,26 +140,31 @@ def fit_mixture_large(
             model, source, dtype, device, reservoir_size, generator_seed, collective
         )
         source, shard, sample, num_data = streamed
-        if method == "vb-em" and not stepwise:
-            fit = fit_mixture_cavi(
-                model.with_proper_prior(),
-                sample,
-                init=init,
-                n_init=n_init,
-                seed=seed,
-                tol=tol,
-                max_iter=max_iter,
-                chunk_size=chunk_size,
-                progress=progress,
-                callback=callback,
-                collective=collective,
-                streamed=streamed,
-                **cavi_options,
-            )
-            fit.options.update(source=source.description, reservoir_size=reservoir_size)
-            return fit
-        family = model.bind(sample)
         held = None
+    if method == "vb-em":
+        settings = None
+        if stepwise:
+            settings = StepwiseSettings(source, batch_size, kappa, shuffle and held is not None)
+        fit = fit_mixture_cavi(
+            model.with_proper_prior(),
+            sample,
+            init=init,
+            n_init=n_init,
+            seed=seed,
+            tol=tol,
+            max_iter=passes if stepwise else max_iter,
+            chunk_size=chunk_size,
+            progress=progress,
+            callback=callback,
+            collective=collective,
+            streamed=streamed,
+            stepwise=settings,
+            **cavi_options,
+        )
+        if streamed is not None:
+            fit.options.update(source=source.description, reservoir_size=reservoir_size)
+        return fit
+    family = model.bind(sample)
     options: dict[str, Any] = {
         "n_init": n_init,
         "init": init if isinstance(init, str) else "params",

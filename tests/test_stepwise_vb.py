@@ -1,0 +1,157 @@
+"""Stochastic variational inference (stepwise EM on CAVI's natural parameters) reaches
+the batch CAVI optimum, computed by scikit-learn's ``BayesianGaussianMixture``."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.mixture import BayesianGaussianMixture
+
+import pyroem
+from pyroem.errors import SpecError
+from pyroem.stepwise import step_size
+
+WEIGHTS = np.array([0.3, 0.3, 0.4])
+ALPHA0, KAPPA0, NU0 = 1.0, 0.5, 3.0
+
+
+def _blobs(seed: int, num: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = np.array([[-6.0, 0.0], [0.0, 6.0], [6.0, 0.0]])
+    labels = rng.choice(3, size=num, p=WEIGHTS)
+    return centres[labels] + rng.normal(size=(num, 2))
+
+
+def _spec() -> pyroem.Mixture:
+    prior = pyroem.NormalInverseWishart(
+        mean=np.zeros(2), mean_precision=KAPPA0, dof=NU0, scale=np.eye(2)
+    )
+    return pyroem.Mixture(3, "gaussian", prior=prior, weights_prior=ALPHA0)
+
+
+def _sklearn_optimum(data: np.ndarray) -> BayesianGaussianMixture:
+    """The batch CAVI optimum of the same model (the same Normal–Wishart prior, see
+    tests/test_cavi_sklearn.py), run to convergence."""
+    model = BayesianGaussianMixture(
+        n_components=3,
+        weight_concentration_prior_type="dirichlet_distribution",
+        weight_concentration_prior=ALPHA0,
+        mean_prior=np.zeros(2),
+        mean_precision_prior=KAPPA0,
+        degrees_of_freedom_prior=NU0,
+        covariance_prior=np.eye(2),
+        reg_covar=0.0,
+        tol=1e-12,
+        max_iter=1000,
+        random_state=0,
+    )
+    return model.fit(data)
+
+
+def _summaries(state, shift: torch.Tensor) -> dict[str, np.ndarray]:
+    """``E_q[π]``, the means ``m_k`` and ``Ψ_k/ν_k`` (scikit-learn's ``covariances_``) of a
+    ``q(π, θ)``, in the order of the means' first coordinate."""
+    alpha = state.weights_concentration.numpy()
+    mean, _, dof, scale = state.components
+    means = (mean + shift).numpy()
+    order = np.argsort(means[:, 0])
+    return {
+        "weights": (alpha / alpha.sum())[order],
+        "means": means[order],
+        "covariances": (scale / dof[:, None, None]).numpy()[order],
+    }
+
+
+@pytest.mark.parametrize("source", ["memory", "npy"])
+def test_stochastic_vi_reaches_the_batch_cavi_optimum(source, tmp_path):
+    r"""Three passes of stochastic VI (b = 100, κ = 0.7) on N = 4000 well-separated
+    points: the averaged ``q̄(π, θ)`` after the last pass is within the schedule's noise
+    of scikit-learn's batch CAVI optimum.
+
+    Tolerance: as tests/test_stepwise.py derives for stepwise MAP-EM. The natural
+    parameters of ``q(π, θ)`` are affine in the running statistics ``s``, whose
+    stationary noise about ``s*`` is ``(γ_t / 2) Var ξ`` with ξ a minibatch's sampling
+    noise; ``m_k = (κ0 m0 + N_k x̄_k)/(κ0 + N_k)``, ``E_q[π_k] = (α0 + N_k)/(3α0 + N)``
+    and ``Ψ_k/ν_k = (Ψ0 + S_k + …)/(ν0 + N_k)`` move with ``x̄_k``, ``N_k/N`` and
+    ``S_k/N_k`` as MAP-EM's parameters do (the prior's pseudo-counts, ≤ 3 of N_k ≥ 1200,
+    shrink the noise). So: 5·sqrt(γ_{t0}/2 · v), v = σ²/(b π_min) for a mean,
+    π(1 − π)/b for a weight and 2σ⁴/(b π_min) for a covariance entry, t0 = N/b the
+    first averaged update.
+    """
+    data = _blobs(3, 4000)
+    batch, kappa, passes = 100, 0.7, 3
+    given: object = data
+    if source == "npy":
+        np.save(tmp_path / "x.npy", data)
+        given = str(tmp_path / "x.npy")
+    averaged = []
+    fit = pyroem.fit(
+        _spec(),
+        given,
+        method="vb-em",
+        seed=1,
+        stepwise=True,
+        batch_size=batch,
+        kappa=kappa,
+        passes=passes,
+        tol=0.0,
+        num_draws=0,
+        callback=lambda step: averaged.append(step.params),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = _sklearn_optimum(data)
+    order = np.argsort(reference.means_[:, 0])
+
+    gamma = step_size(len(data) // batch, kappa)
+    pi_min = 0.3
+    tolerances = {
+        "means": 5 * math.sqrt(gamma / 2 / (batch * pi_min)),
+        "weights": 5 * math.sqrt(gamma / 2 * pi_min * (1 - pi_min) / batch),
+        "covariances": 5 * math.sqrt(gamma / 2 * 2 / (batch * pi_min)),
+    }
+    expected = {
+        "weights": reference.weights_[order],
+        "means": reference.means_[order],
+        "covariances": reference.covariances_[order],
+    }
+    assert len(averaged) == passes
+    shift = fit.family.shift
+    ours = _summaries(averaged[-1], shift)
+    for name, tol in tolerances.items():
+        np.testing.assert_allclose(ours[name], expected[name], rtol=0, atol=tol, err_msg=name)
+    # The reported state is one exact CAVI update from q̄: no farther from the optimum.
+    # (ν0 = 3 is not above p + 1 = 3, so fit.params["covariances"] is E_q[Λ]⁻¹ = Ψ/ν.)
+    reported = {name: value.numpy() for name, value in fit.params.items()}
+    mine = np.argsort(reported["means"][:, 0])
+    for name, tol in tolerances.items():
+        np.testing.assert_allclose(
+            reported[name][mine], expected[name], rtol=0, atol=tol, err_msg=name
+        )
+
+    # One exact ELBO per pass and the start; the last is the reported state's.
+    assert fit.history.objective.shape == (passes + 1,)
+    assert fit.num_iterations == passes
+    assert fit.options["stepwise"] is True
+    assert fit.elbo == fit.history.objective[-1]
+    exact = pyroem.fit(_spec(), data, method="vb-em", seed=1, tol=1e-12, num_draws=0)
+    batch_means = exact.params["means"].numpy()
+    np.testing.assert_allclose(
+        batch_means[np.argsort(batch_means[:, 0])], expected["means"], rtol=0, atol=1e-6
+    )
+    # At most the batch optimum, and within a second-order gap of it.
+    assert fit.elbo <= exact.elbo + 1e-9 * abs(exact.elbo)
+    assert exact.elbo - fit.elbo < 1e-3 * len(data)
+
+
+def test_stochastic_vi_options():
+    data = _blobs(0, 200)
+    for kappa in (0.5, 1.2):
+        with pytest.raises(SpecError, match="kappa"):
+            pyroem.fit(_spec(), data, method="vb-em", stepwise=True, kappa=kappa)
+    with pytest.raises(SpecError, match="batch_size"):
+        pyroem.fit(_spec(), data, method="vb-em", stepwise=True, batch_size=0)
+    with pytest.raises(SpecError, match="mcmc-em"):
+        pyroem.fit(_spec(), data, method="mcmc-em", stepwise=True)
