@@ -304,6 +304,14 @@ def fit(
         cavi = method == "vb-em" and "guide" not in method_options
         kind = "Mixture (CAVI)" if cavi else "Mixture"
     check_applicable(method, kind, {**given, "model_kwargs": model_kwargs or None})
+    large = sorted(key for key in LARGE_DATA_OPTIONS if key in method_options)
+    if kind == "program" and large:
+        raise NotSupportedError(
+            f"{large}: stepwise EM and streamed sources are written for a pyroem.Mixture "
+            "(map-em, and vb-em as stochastic VI), not for a Pyro program, which is fitted "
+            "by batch EM on data held in memory: leave out these options, or declare the "
+            "model as a pyroem.Mixture"
+        )
     weighable = kind == "Mixture (CAVI)" or (kind == "Mixture" and method == "map-em")
     if sample_weight is not None and not weighable:
         raise NotSupportedError(

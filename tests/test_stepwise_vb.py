@@ -155,3 +155,113 @@ def test_stochastic_vi_options():
         pyroem.fit(_spec(), data, method="vb-em", stepwise=True, batch_size=0)
     with pytest.raises(SpecError, match="mcmc-em"):
         pyroem.fit(_spec(), data, method="mcmc-em", stepwise=True)
+
+
+def test_stepwise_em_of_a_pyro_program_is_refused_naming_the_route():
+    import pyro
+    import pyro.distributions as dist
+    from pyro.infer import config_enumerate
+
+    @config_enumerate
+    def model(x):
+        w = pyro.sample("w", dist.Dirichlet(torch.ones(2, dtype=torch.float64)))
+        with pyro.plate("c", 2):
+            mu = pyro.sample("mu", dist.Normal(torch.zeros(2, dtype=torch.float64), 10.0))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(w))
+            pyro.sample("x", dist.Normal(mu[z], 1.0), obs=x)
+
+    data = torch.tensor(_blobs(0, 50)[:, 0])
+    for method in ("map-em", "vb-em"):
+        with pytest.raises(pyroem.errors.NotSupportedError, match=r"stepwise.*pyroem\.Mixture"):
+            pyroem.fit(model, data, method=method, stepwise=True, batch_size=10)
+
+
+def test_bayesian_gaussian_mixture_partial_fit_approaches_the_batch_optimum():
+    r"""Three passes of ``partial_fit`` over minibatches of b = 100 rows of N = 4000
+    end within the schedule's noise of scikit-learn's batch CAVI optimum.
+
+    Tolerance: the last iterate (no averaging) after T = 3N/b updates carries the
+    running statistics' stationary noise (γ_T / 2) Var ξ (tests/test_stepwise.py), so
+    5·sqrt(γ_T/2 · v) with v as in the test above. The weak priors (κ0 = Ψ0 = 0.01)
+    keep the difference between weighing them against n_seen = 3N rows and against N
+    below 0.01/1200 ≈ 1e-5, far inside it.
+    """
+    from pyroem.sklearn import PARTIAL_FIT_KAPPA
+    from pyroem.sklearn import BayesianGaussianMixture as Ours
+
+    data = _blobs(3, 4000)
+    settings = dict(
+        n_components=3,
+        weight_concentration_prior_type="dirichlet_distribution",
+        mean_precision_prior=0.01,
+        covariance_prior=0.01 * np.eye(2),
+        reg_covar=0.0,
+        random_state=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = BayesianGaussianMixture(tol=1e-12, max_iter=1000, **settings).fit(data)
+    batch, passes = 100, 3
+    online = Ours(**settings)
+    for _ in range(passes):
+        for start in range(0, len(data), batch):
+            online.partial_fit(data[start : start + batch])
+    updates = passes * len(data) // batch
+    assert online.n_iter_ == updates
+    gamma = step_size(updates - 1, PARTIAL_FIT_KAPPA)
+    pi_min = 0.3
+    tolerances = {
+        "means_": 5 * math.sqrt(gamma / 2 / (batch * pi_min)),
+        "weights_": 5 * math.sqrt(gamma / 2 * pi_min * (1 - pi_min) / batch),
+        "covariances_": 5 * math.sqrt(gamma / 2 * 2 / (batch * pi_min)),
+    }
+    theirs = np.argsort(reference.means_[:, 0])
+    ours = np.argsort(online.means_[:, 0])
+    for name, tol in tolerances.items():
+        np.testing.assert_allclose(
+            getattr(online, name)[ours], getattr(reference, name)[theirs], rtol=0, atol=tol
+        )
+    assert online.predict(data).shape == (len(data),)
+    np.testing.assert_allclose(online.predict_proba(data[:5]).sum(1), 1.0, rtol=1e-12)
+
+
+def test_bayesian_gaussian_mixture_partial_fit_continues_a_fit():
+    """After ``fit`` to convergence, the first ``partial_fit`` takes its minibatch's
+    statistics whole, scaled to the n rows it has seen: one CAVI iteration on the
+    minibatch from the fitted ``q(π, θ)``, which is scikit-learn's warm-started
+    iteration (``warm_start=True, max_iter=1``) on it, the priors fixed."""
+    from pyroem.sklearn import BayesianGaussianMixture as Ours
+
+    data = _blobs(4, 600)
+    settings = dict(
+        n_components=3,
+        weight_concentration_prior_type="dirichlet_distribution",
+        weight_concentration_prior=ALPHA0,
+        mean_prior=np.zeros(2),
+        mean_precision_prior=KAPPA0,
+        degrees_of_freedom_prior=NU0,
+        covariance_prior=np.eye(2),
+        reg_covar=0.0,
+        random_state=0,
+        tol=1e-12,
+        max_iter=2000,
+    )
+    minibatch = data[:300]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = BayesianGaussianMixture(**settings).fit(data)
+        before = reference.means_.copy()
+        reference.set_params(warm_start=True, max_iter=1).fit(minibatch)
+    model = Ours(**settings).fit(data)
+    model.partial_fit(minibatch)
+    assert model.n_iter_ == 1
+    assert np.abs(reference.means_ - before).max() > 1e-3  # the iteration moved it
+    theirs = np.argsort(reference.means_[:, 0])
+    ours = np.argsort(model.means_[:, 0])
+    for name in ("weights_", "means_", "covariances_", "mean_precision_", "degrees_of_freedom_"):
+        np.testing.assert_allclose(
+            getattr(model, name)[ours], getattr(reference, name)[theirs], rtol=1e-7, atol=1e-9
+        )
+    with pytest.raises(ValueError, match="features"):
+        model.partial_fit(data[:, :1])

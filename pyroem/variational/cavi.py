@@ -71,6 +71,7 @@ __all__ = [
     "DEFAULT_NUM_DRAWS",
     "DEFAULT_WEIGHT_THRESHOLD",
     "CaviStats",
+    "OnlineVariational",
     "StepwiseSettings",
     "VariationalFit",
     "VariationalParams",
@@ -390,6 +391,117 @@ class _StepwiseCaviEngine(_CaviEngine):
     def unconverged_message(self, run: EMRun) -> str | None:
         # Stochastic VI runs the passes it is given; reaching ``passes`` is expected.
         return None
+
+
+class OnlineVariational:
+    r"""Stochastic VI one minibatch at a time (``partial_fit`` of the variational
+    estimator): the state between calls and what a fitted estimator reads.
+
+    Each :meth:`update` with a minibatch ``X`` of ``n`` rows moves the running
+    statistics per row towards the minibatch's,
+    ``s̄_t = (1 − γ_t) s̄_{t−1} + γ_t ŝ(X; q_{t−1}) / n`` with ``γ_t = (t + 2)^{−κ}`` (the
+    first update sets ``s̄_1``), ``ŝ`` the statistics of the minibatch's optimal ``q(z)``
+    under ``q_{t−1}(π, θ)``, and sets ``q_t(π, θ)`` to CAVI's conjugate update of
+    ``n_seen · s̄_t`` (``n_seen``: the rows seen so far, so the prior weighs against all
+    of them, as stepwise MAP-EM's ``partial_fit`` does).
+
+    Args:
+        spec: the mixture (a proper prior).
+        family: its family, bound.
+        state: the starting ``q(π, θ)``.
+        weights_prior_type: ``"dirichlet_distribution"`` or ``"dirichlet_process"``.
+    """
+
+    def __init__(
+        self, spec: Mixture, family: Any, state: VariationalParams, weights_prior_type: str
+    ) -> None:
+        self.spec, self.family = spec, family
+        self.factor = conjugate_factor(family)
+        weights_prior = spec.weights_prior.to(state.weights_concentration)
+        if weights_prior_type == "dirichlet_process":
+            weights_prior = torch.stack([torch.ones_like(weights_prior), weights_prior], dim=-1)
+        self.weights_prior = weights_prior
+        self.state = state
+        self.mean_stats: Any = None
+        self.updates = 0
+        self.rows_seen = 0
+
+    @classmethod
+    def start(
+        cls, spec: Mixture, family: Any, data: torch.Tensor, params: MixtureParams, prior_type: str
+    ) -> OnlineVariational:
+        """The conjugate update of the exact responsibilities of ``params`` on ``data``
+        (as a vb-em fit starts)."""
+        stats = MixtureEStep(family, spec.weights_prior, data, 65536)(params).stats
+        online = cls(spec, family, VariationalParams(spec.weights_prior, None), prior_type)
+        online.state = online._update(stats)
+        return online
+
+    @classmethod
+    def continuing(cls, fit: VariationalFit) -> OnlineVariational:
+        """From a vb-em fit's ``q(π, θ)``."""
+        prior_type = str(fit.options.get("weights_prior_type", "dirichlet_distribution"))
+        return cls(fit.spec, fit.family, fit._state, prior_type)
+
+    def _update(self, stats: Any) -> VariationalParams:
+        counts = stats.counts
+        if self.weights_prior.ndim == 2:
+            beyond = counts.flip(0).cumsum(0).flip(0) - counts
+            counts = torch.stack([counts, beyond], dim=-1)
+        return VariationalParams(self.weights_prior + counts, self.factor.update(stats))
+
+    def update(self, data: torch.Tensor, kappa: float) -> float:
+        """One step from the minibatch ``data`` ``(n, dim)``; returns its mean
+        log-likelihood at ``E_{q_{t−1}}[π, θ]``."""
+        prepared = self.family.prepare(data)
+        joint, plug_in = _kernel(self.factor, self.state)(prepared)
+        log_likelihood = torch.logsumexp(plug_in, 1).sum() + self.factor.data_constant(prepared)
+        resp, _, _ = normalise_log_joint(joint, dim=1)
+        estimate = scale_statistics(self.factor.statistics(prepared, resp), 1.0 / data.shape[0])
+        if self.mean_stats is None:
+            self.mean_stats = estimate
+        else:
+            gain = step_size(self.updates, kappa)
+            self.mean_stats = add_statistics(
+                scale_statistics(self.mean_stats, 1.0 - gain), scale_statistics(estimate, gain)
+            )
+        self.updates += 1
+        self.rows_seen += data.shape[0]
+        self.state = self._update(scale_statistics(self.mean_stats, float(self.rows_seen)))
+        return float(log_likelihood) / data.shape[0]
+
+    @property
+    def internal(self) -> MixtureParams:
+        """``E_q[π, θ]``."""
+        alpha = self.state.weights_concentration
+        return MixtureParams(
+            expected_weights(alpha)[1],
+            self.factor.expected_params(self.state.components),
+            torch.arange(self.spec.num_components, device=alpha.device),
+        )
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """``E_q[π, θ]`` in user form, as ``fit.params``."""
+        internal = self.internal
+        return {"weights": internal.weights, **self.family.to_user(internal.components)}
+
+    @property
+    def variational(self) -> dict[str, Any]:
+        """``q(π)`` and ``q(θ)``, as ``fit.variational``."""
+        return {
+            "weights": _weights_factor(self.state.weights_concentration),
+            "components": self.factor.to_user(self.state.components),
+        }
+
+    def predict_proba(self, data: torch.Tensor) -> torch.Tensor:
+        """``q(z_n = k)`` of ``data`` under ``q(π, θ)``, ``(N, K)``."""
+        chunks = (self.family.prepare(chunk) for chunk in data.split(65536))
+        return _assignment_probs(self.factor, self.state, chunks)
+
+    def score_samples(self, data: torch.Tensor) -> torch.Tensor:
+        """``log p(x_n | E_q[π, θ])``, ``(N,)``."""
+        return score_mixture(self.family, self.internal, data)[0]
 
 
 def expected_weights(concentration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
