@@ -12,8 +12,9 @@ They are thin: every fit is :func:`pyroem.fit` on a :class:`~pyroem.Mixture`
 (``map-em`` with a flat prior and ``reg_covar`` for ``GaussianMixture``, closed-form
 ``vb-em`` for ``BayesianGaussianMixture``); scoring uses the same kernels.
 ``PoissonMixture``, ``BernoulliMixture`` and ``CategoricalMixture`` give the other
-families the same shape. ``partial_fit`` (all but the Bayesian one) is one stepwise-EM
-update per call on running sufficient statistics (:mod:`pyroem.stepwise`).
+families the same shape. ``partial_fit`` is one stepwise-EM update per call on running
+sufficient statistics (:mod:`pyroem.stepwise`); for ``BayesianGaussianMixture``, one
+step of stochastic VI on the natural parameters of ``q(π, θ)``.
 """
 
 from __future__ import annotations
