@@ -281,8 +281,9 @@ def fit(
             ``stop_rule`` — ``"parameters"`` (default: the objective rule and the
             parameters within ``tol`` of their extrapolated limit) or ``"objective"``;
             ``stepwise=True`` (stepwise EM, with ``batch_size``, ``kappa``, ``passes``,
-            ``shuffle``; see :mod:`pyroem.stepwise`) and, for a source, ``reservoir_size``
-            (rows of the sample that initialises it).
+            ``shuffle``; see :mod:`pyroem.stepwise`; under ``vb-em`` on a ``Mixture``,
+            stochastic VI) and, for a source, ``reservoir_size`` (rows of the sample
+            that initialises it).
 
     Returns:
         A :class:`~pyroem.results.FitResult` for a ``Mixture``, a

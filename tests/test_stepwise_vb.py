@@ -146,7 +146,7 @@ def test_stochastic_vi_reaches_the_batch_cavi_optimum(source, tmp_path):
     assert exact.elbo - fit.elbo < 1e-3 * len(data)
 
 
-def test_stochastic_vi_options():
+def test_stochastic_vi_options(tmp_path):
     data = _blobs(0, 200)
     for kappa in (0.5, 1.2):
         with pytest.raises(SpecError, match="kappa"):
@@ -155,6 +155,9 @@ def test_stochastic_vi_options():
         pyroem.fit(_spec(), data, method="vb-em", stepwise=True, batch_size=0)
     with pytest.raises(SpecError, match="mcmc-em"):
         pyroem.fit(_spec(), data, method="mcmc-em", stepwise=True)
+    # The running statistics are not checkpointed: a resume would lose them.
+    with pytest.raises(pyroem.errors.NotSupportedError, match="checkpoint"):
+        pyroem.fit(_spec(), data, method="vb-em", stepwise=True, checkpoint=tmp_path / "fit.ckpt")
 
 
 def test_stepwise_em_of_a_pyro_program_is_refused_naming_the_route():

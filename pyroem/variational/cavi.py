@@ -305,6 +305,8 @@ class _StepwiseCaviEngine(_CaviEngine):
     rows (all the data in memory, else the reservoir sample), scaled to ``N``.
     """
 
+    name = "vb-em stepwise"
+
     def __init__(self, *args: Any, stepwise: StepwiseSettings, chunk_size: int, **kw: Any):
         super().__init__(*args, **kw)
         self.stepwise = stepwise
@@ -391,6 +393,10 @@ class _StepwiseCaviEngine(_CaviEngine):
     def unconverged_message(self, run: EMRun) -> str | None:
         # Stochastic VI runs the passes it is given; reaching ``passes`` is expected.
         return None
+
+    def snapshot(self, params: VariationalParams) -> dict[str, Any]:
+        """Refused: the running statistics and their average are not checkpointed."""
+        return Engine.snapshot(self, params)
 
 
 class OnlineVariational:
