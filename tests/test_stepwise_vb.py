@@ -268,3 +268,69 @@ def test_bayesian_gaussian_mixture_partial_fit_continues_a_fit():
         )
     with pytest.raises(ValueError, match="features"):
         model.partial_fit(data[:, :1])
+
+
+def _poisson_cavi(counts: np.ndarray, start: np.ndarray, a0: float, b0: float, alpha0: float):
+    """Batch CAVI of a Poisson mixture with Gamma(a0, b0) rates and Dirichlet(α0)
+    weights, written out in NumPy (Bishop's updates for this conjugate pair), iterated
+    from the responsibilities ``start`` to its fixed point: ``(E_q[π], E_q[λ])``."""
+    from scipy.special import digamma
+
+    resp = start
+    x = counts[:, 0]
+    for _ in range(10_000):
+        n_k = resp.sum(0)
+        alpha, shape, rate = alpha0 + n_k, a0 + resp.T @ x, b0 + n_k
+        log_rho = (
+            digamma(alpha)
+            - digamma(alpha.sum())
+            + np.outer(x, digamma(shape) - np.log(rate))
+            - shape / rate
+        )
+        new = np.exp(log_rho - log_rho.max(1, keepdims=True))
+        new /= new.sum(1, keepdims=True)
+        if np.abs(new - resp).max() < 1e-14:
+            break
+        resp = new
+    return alpha / alpha.sum(), shape / rate
+
+
+def test_stochastic_vi_of_a_poisson_mixture_reaches_the_cavi_fixed_point():
+    r"""Stochastic VI on a two-component Poisson mixture (N = 4000, b = 100, 3 passes)
+    ends within the schedule's noise of batch CAVI's fixed point, computed independently
+    above: ``E_q[λ_k] = (a0 + Σ r x)/(b0 + N_k)`` moves with the component's mean count,
+    whose minibatch noise is λ/(b π_k) (Poisson), and ``E_q[π]`` as the Gaussian test's
+    weights; tolerance 5·sqrt(γ_{t0}/2 · v) ≈ 0.59 for the rates. The strong
+    Gamma(400, 40) prior (40 pseudo-observations at rate 10) pulls the fixed point's
+    rates to 3.23 and 15.02: statistics left at minibatch scale (N_k = 40 rows, not
+    1600) would put the first at 6.5."""
+    rng = np.random.default_rng(6)
+    labels = rng.random(4000) < 0.4
+    counts = np.where(labels, rng.poisson(3.0, 4000), rng.poisson(15.0, 4000))[:, None]
+    spec = pyroem.Mixture(
+        2, "poisson", prior=pyroem.Gamma(concentration=400.0, rate=40.0), weights_prior=1.0
+    )
+    averaged = []
+    pyroem.fit(
+        spec,
+        counts.astype(float),
+        method="vb-em",
+        seed=0,
+        stepwise=True,
+        batch_size=100,
+        passes=3,
+        tol=0.0,
+        num_draws=0,
+        callback=lambda step: averaged.append(step.params),
+    )
+    hard = np.stack([labels, ~labels], axis=1).astype(float)
+    weights, rates = _poisson_cavi(counts, hard, 400.0, 40.0, 1.0)
+    state = averaged[-1]
+    alpha = state.weights_concentration.numpy()
+    ours_rates = (state.components.concentration / state.components.rate).numpy()[:, 0]
+    mine, theirs = np.argsort(ours_rates), np.argsort(rates)
+    gamma = step_size(4000 // 100, 0.7)
+    rate_tol = 5 * math.sqrt(gamma / 2 * 15.0 / (100 * 0.4))
+    weight_tol = 5 * math.sqrt(gamma / 2 * 0.4 * 0.6 / 100)
+    np.testing.assert_allclose(ours_rates[mine], rates[theirs], rtol=0, atol=rate_tol)
+    np.testing.assert_allclose((alpha / alpha.sum())[mine], weights[theirs], atol=weight_tol)
