@@ -281,8 +281,9 @@ def fit(
             ``stop_rule`` — ``"parameters"`` (default: the objective rule and the
             parameters within ``tol`` of their extrapolated limit) or ``"objective"``;
             ``stepwise=True`` (stepwise EM, with ``batch_size``, ``kappa``, ``passes``,
-            ``shuffle``; see :mod:`pyroem.stepwise`) and, for a source, ``reservoir_size``
-            (rows of the sample that initialises it).
+            ``shuffle``; see :mod:`pyroem.stepwise`; under ``vb-em`` on a ``Mixture``,
+            stochastic VI) and, for a source, ``reservoir_size`` (rows of the sample
+            that initialises it).
 
     Returns:
         A :class:`~pyroem.results.FitResult` for a ``Mixture``, a
@@ -304,6 +305,14 @@ def fit(
         cavi = method == "vb-em" and "guide" not in method_options
         kind = "Mixture (CAVI)" if cavi else "Mixture"
     check_applicable(method, kind, {**given, "model_kwargs": model_kwargs or None})
+    large = sorted(key for key in LARGE_DATA_OPTIONS if key in method_options)
+    if kind == "program" and large:
+        raise NotSupportedError(
+            f"{large}: stepwise EM and streamed sources are written for a pyroem.Mixture "
+            "(map-em, and vb-em as stochastic VI), not for a Pyro program, which is fitted "
+            "by batch EM on data held in memory: leave out these options, or declare the "
+            "model as a pyroem.Mixture"
+        )
     weighable = kind == "Mixture (CAVI)" or (kind == "Mixture" and method == "map-em")
     if sample_weight is not None and not weighable:
         raise NotSupportedError(
@@ -527,7 +536,7 @@ def _large_data(
     if source is None and not any(key in options for key in LARGE_DATA_OPTIONS):
         return None
     known: tuple[str, ...] = LARGE_DATA_OPTIONS
-    if method == "vb-em" and source is not None:
+    if method == "vb-em":
         known = known + CAVI_OPTIONS
     unknown = sorted(set(options) - set(known))
     if unknown:

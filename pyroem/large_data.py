@@ -25,9 +25,9 @@ from pyroem.results import FitResult, fit_start
 from pyroem.sources import ChunkSource
 from pyroem.spec.families import Family
 from pyroem.spec.mixture import Mixture, as_data
-from pyroem.stepwise import StepwiseEngine
+from pyroem.stepwise import StepwiseEngine, check_stepwise
 from pyroem.stream import ChunksEStep, StreamedData, open_streamed, score_rows
-from pyroem.variational.cavi import fit_mixture_cavi
+from pyroem.variational.cavi import StepwiseSettings, fit_mixture_cavi
 
 __all__ = ["LARGE_DATA_OPTIONS", "fit_mixture_large"]
 
@@ -98,24 +98,24 @@ def fit_mixture_large(
             scoring pass reads the whole source.
     """
     method, chunk_size, collective = settings.method, settings.chunk_size, settings.collective
-    cavi = method == "vb-em" and not stepwise and isinstance(source, ChunkSource)
-    if method != "map-em" and not cavi:
+    if method not in ("map-em", "vb-em"):
         raise SpecError(
-            f"streamed data are supported for method='map-em' and 'vb-em' (CAVI) on a Mixture, "
-            f"stepwise EM for map-em; got method={method!r}"
-            + (" with stepwise=True" if stepwise else "")
-            + f": load the data into memory for {method}, or use map-em"
+            f"streamed data and stepwise EM are supported for method='map-em' and 'vb-em' "
+            f"(CAVI) on a Mixture; got method={method!r}: load the data into memory for "
+            f"{method}, or use map-em or vb-em"
         )
     check_integer("reservoir_size", reservoir_size, 1)
     if not isinstance(stepwise, bool):
         raise SpecError(f"stepwise must be True or False; got {stepwise!r}")
+    if stepwise:
+        check_stepwise(batch_size, kappa)
     init = "kmeans++" if settings.init is None else settings.init
     init = fit_start(init)
     settings = replace(settings, init=init, n_init=1 if isinstance(init, dict) else settings.n_init)
     generator_seed = 0 if settings.seed is None else settings.seed
+    streamed: StreamedData | None = None
     if not isinstance(source, ChunkSource):
         tensor = as_data(data, dtype=settings.dtype, device=settings.device)
-        family = model.bind(tensor)
         sample, num_data, held = tensor, tensor.shape[0], tensor
         source = shard = _in_memory_source(tensor, chunk_size)
     else:
@@ -129,14 +129,24 @@ def fit_mixture_large(
             collective,
         )
         source, shard, sample, num_data = streamed
-        if method == "vb-em" and not stepwise:
-            fit = fit_mixture_cavi(
-                model.with_proper_prior(), sample, settings, streamed=streamed, **cavi_options
-            )
-            fit.options.update(source=source.description, reservoir_size=reservoir_size)
-            return fit
-        family = model.bind(sample)
         held = None
+    if method == "vb-em":
+        online = None
+        if stepwise:
+            online = StepwiseSettings(source, batch_size, kappa, shuffle and held is not None)
+            settings = replace(settings, max_iter=passes)
+        fit = fit_mixture_cavi(
+            model.with_proper_prior(),
+            sample,
+            settings,
+            streamed=streamed,
+            stepwise=online,
+            **cavi_options,
+        )
+        if streamed is not None:
+            fit.options.update(source=source.description, reservoir_size=reservoir_size)
+        return fit
+    family = model.bind(sample)
     options = settings.record()
     if held is None:
         options.update(source=source.description, reservoir_size=reservoir_size)

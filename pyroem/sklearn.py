@@ -12,8 +12,9 @@ They are thin: every fit is :func:`pyroem.fit` on a :class:`~pyroem.Mixture`
 (``map-em`` with a flat prior and ``reg_covar`` for ``GaussianMixture``, closed-form
 ``vb-em`` for ``BayesianGaussianMixture``); scoring uses the same kernels.
 ``PoissonMixture``, ``BernoulliMixture`` and ``CategoricalMixture`` give the other
-families the same shape. ``partial_fit`` (all but the Bayesian one) is one stepwise-EM
-update per call on running sufficient statistics (:mod:`pyroem.stepwise`).
+families the same shape. ``partial_fit`` is one stepwise-EM update per call on running
+sufficient statistics (:mod:`pyroem.stepwise`); for ``BayesianGaussianMixture``, one
+step of stochastic VI on the natural parameters of ``q(π, θ)``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from pyroem.spec.families import Bernoulli, Categorical, Family, Gaussian, Poiss
 from pyroem.spec.mixture import Mixture, MixtureParams, fill_missing
 from pyroem.spec.priors import NormalInverseWishart
 from pyroem.stepwise import step_size
+from pyroem.variational.cavi import OnlineVariational
 
 __all__ = [
     "BayesianGaussianMixture",
@@ -851,7 +853,56 @@ class BayesianGaussianMixture(_GaussianBase):
         checked = self._validate_data(X, reset=True)
         weights = None if sample_weight is None else _check_weights(sample_weight, len(checked))
         self._resolve_priors(np.asarray(checked, dtype=np.float64), weights)
+        self.__dict__.pop("_online", None)  # a later partial_fit continues from this fit
         return super().fit_predict(X, y, sample_weight=sample_weight)
+
+    def partial_fit(self, X: Any, y: Any = None) -> Any:
+        r"""One step of stochastic variational inference from the minibatch ``X``
+        ``(n_samples, n_features)``; returns ``self``.
+
+        The running statistics per row of ``q(z)`` move towards the minibatch's,
+        ``s̄_t = (1 − γ_t) s̄_{t−1} + γ_t ŝ(X; q_{t−1}) / n``, ``γ_t = (t + 2)^{−κ}``
+        (``κ`` = :data:`PARTIAL_FIT_KAPPA`; the first minibatch sets ``s̄_1``), and
+        ``q(π, θ)`` is CAVI's conjugate update of ``n_seen·s̄_t`` (``n_seen``: the rows
+        seen so far): the natural-gradient step of stochastic VI
+        (:class:`~pyroem.variational.cavi.OnlineVariational`). The first call resolves
+        the default priors from its minibatch and starts as ``fit`` does (``q(π, θ)``
+        from the initial parameters' responsibilities on it), unless the estimator was
+        fitted, whose ``q(π, θ)`` it continues from. ``n_iter_`` counts the updates;
+        ``lower_bound_`` is the minibatch's mean log-likelihood at ``E_{q_{t−1}}[π, θ]``.
+        """
+        online: OnlineVariational | None = getattr(self, "_online", None)
+        fitted = online is not None or hasattr(self, "_result")
+        X = self._validate_data(X, reset=not fitted)
+        data = torch.as_tensor(X, dtype=torch.float64)
+        if online is None:
+            online = self._start_online(X, data, fitted)
+        online.family.validate(data)
+        self.lower_bound_ = online.update(data, PARTIAL_FIT_KAPPA)
+        self._online = online
+        self._set_fitted(online)
+        self.n_iter_ = online.updates
+        return self
+
+    def _start_online(self, X: np.ndarray, data: torch.Tensor, fitted: bool) -> OnlineVariational:
+        if fitted:
+            return OnlineVariational.continuing(self._result)
+        self._validate_params()
+        if X.shape[0] < self.n_components:
+            raise ValueError(
+                "Expected n_samples >= n_components but got "
+                f"n_components = {self.n_components}, n_samples = {X.shape[0]}"
+            )
+        self._check_init_overrides(X.shape[1])
+        self._resolve_priors(np.asarray(X, dtype=np.float64), None)
+        spec = self._spec(X.shape[1])
+        family = spec.bind(data)
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        start = self._start(spec, family, data, seed)
+        params = initial_params(spec, family, data, start, torch.Generator().manual_seed(seed))
+        self._fit_dtype = X.dtype
+        prior_type = str(self.weight_concentration_prior_type)
+        return OnlineVariational.start(spec, family, data, params, prior_type)
 
     def _fit_tolerance(self, num_data: float) -> float:
         return self.tol / num_data
@@ -890,7 +941,10 @@ class BayesianGaussianMixture(_GaussianBase):
         self._set_covariances(covariances.astype(dtype))
 
     def _warm_params(self) -> Any:
-        # The previous fit itself: vb-em continues from its q(π, θ).
+        # The previous fit itself: vb-em continues from its q(π, θ); after partial_fit,
+        # from its expected parameters.
+        if isinstance(self._result, OnlineVariational):
+            return self._result.params
         return self._result
 
     def _score(self, X: Any) -> tuple[np.ndarray, np.ndarray]:

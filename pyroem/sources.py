@@ -87,8 +87,10 @@ class ChunkSource:
 
         A ``.npy`` file or a whole memmap: rows ``[r N / W, (r + 1) N / W)``, read from
         there; several files, at least ``W``: consecutive files, ``[r F / W, (r + 1) F /
-        W)``; anything else (fewer files than ranks, a function of chunks, a DataLoader):
-        every ``W``-th chunk the source gives, from the ``r``-th (every rank reads the
+        W)``; fewer Parquet files than ranks: consecutive row groups of their ``G`` (when
+        ``G ≥ W``), ``[r G / W, (r + 1) G / W)``, read alone; anything else (fewer
+        other files than ranks, a function of chunks, a DataLoader): every ``W``-th
+        chunk the source gives, from the ``r``-th (every rank reads the
         whole source then, and uses its share). The first kinds are blocks of consecutive
         rows (``ordered``): the shards in rank order are the source in its order.
         """
@@ -243,7 +245,8 @@ def _csv_reader(path: str, chunk_size: int) -> Callable[[], Iterator[np.ndarray]
     return read
 
 
-def _parquet_reader(path: str, chunk_size: int) -> Callable[[], Iterator[np.ndarray]]:
+def _pyarrow_parquet(path: str) -> Any:
+    """``pyarrow.parquet``, or a :class:`DataError` saying how to get it."""
     try:
         import pyarrow.parquet as pq
     except ImportError as err:
@@ -251,11 +254,45 @@ def _parquet_reader(path: str, chunk_size: int) -> Callable[[], Iterator[np.ndar
             f"reading {path!r} needs pyarrow, which is not installed: pip install pyarrow "
             "(or convert the file to .npy or .csv)"
         ) from err
+    return pq
+
+
+def _parquet_reader(
+    path: str, chunk_size: int, row_groups: list[int] | None = None
+) -> Callable[[], Iterator[np.ndarray]]:
+    """The record batches of a Parquet file (of ``row_groups`` alone when given)."""
+    pq = _pyarrow_parquet(path)
 
     def read() -> Iterator[np.ndarray]:
         parquet = pq.ParquetFile(path)
-        for batch in parquet.iter_batches(batch_size=chunk_size):
+        for batch in parquet.iter_batches(batch_size=chunk_size, row_groups=row_groups):
             yield np.column_stack([column.to_numpy() for column in batch.columns])
+
+    return read
+
+
+def _row_groups_shard(
+    paths: list[str], chunk_size: int, rank: int, world_size: int
+) -> Callable[[], Iterator[np.ndarray]] | None:
+    """Rank ``rank``'s consecutive row groups ``[r G / W, (r + 1) G / W)`` of the ``G``
+    row groups of Parquet files, in order (``None`` when ``G < W``)."""
+    units = [
+        (path, group)
+        for path in paths
+        for group in range(_pyarrow_parquet(path).ParquetFile(path).num_row_groups)
+    ]
+    if len(units) < world_size:
+        return None
+    part = _part(len(units), (rank, world_size))
+    mine = units[part.start : part.stop]
+    readers = [
+        _parquet_reader(path, chunk_size, [group for name, group in mine if name == path])
+        for path in dict.fromkeys(name for name, _ in mine)
+    ]
+
+    def read() -> Iterator[np.ndarray]:
+        for reader in readers:
+            yield from reader()
 
     return read
 
@@ -287,13 +324,15 @@ def _files_reader(paths: list[str], chunk_size: int) -> Callable[[], Iterator[np
 
 
 def _files_source(paths: list[str], description: str, chunk_size: int) -> ChunkSource:
-    """The files in turn; a rank's shard: consecutive files (when there are enough)."""
+    """The files in turn; a rank's shard: consecutive files (when there are enough), or
+    consecutive row groups of fewer Parquet files."""
     if len(paths) == 1 and os.path.splitext(paths[0])[1].lower() == ".npy":
         return _npy_source(paths[0], description, chunk_size)
 
     def shards(rank: int, world_size: int) -> Callable[[], Iterator[np.ndarray]] | None:
         if len(paths) < world_size:
-            return None
+            parquet = all(os.path.splitext(path)[1].lower() == ".parquet" for path in paths)
+            return _row_groups_shard(paths, chunk_size, rank, world_size) if parquet else None
         files = _part(len(paths), (rank, world_size))
         return _files_reader(paths[files.start : files.stop], chunk_size)
 

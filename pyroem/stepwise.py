@@ -40,12 +40,50 @@ from pyroem.spec.families import Family
 from pyroem.spec.mixture import Mixture, MixtureParams
 from pyroem.stream import ChunksEStep
 
-__all__ = ["StepwiseEngine", "step_size"]
+__all__ = ["StepwiseEngine", "check_stepwise", "minibatches", "step_size"]
 
 
 def step_size(t: int, kappa: float) -> float:
     """``γ_t = (t + 2)^{−κ}``, the weight of update ``t`` (``t = 1, 2, …``)."""
     return float((t + 2) ** (-kappa))
+
+
+def minibatches(
+    source: ChunkSource, batch_size: int, shuffle: bool, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """One pass of minibatches of ``batch_size`` rows (the last may be smaller): the
+    rows in a fresh random order when ``shuffle`` (in-memory data: ``source`` then yields
+    the whole data as one chunk), else in the source's order."""
+    if shuffle:
+        for data in source:
+            order = torch.randperm(data.shape[0], generator=generator)
+            for index in order.split(batch_size):
+                yield data[index.to(data.device)]
+        return
+    pending: list[torch.Tensor] = []
+    held = 0
+    for chunk in source:
+        while chunk.shape[0]:
+            take = min(batch_size - held, chunk.shape[0])
+            pending.append(chunk[:take])
+            held += take
+            chunk = chunk[take:]
+            if held == batch_size:
+                yield torch.cat(pending) if len(pending) > 1 else pending[0]
+                pending, held = [], 0
+    if held:
+        yield torch.cat(pending)
+
+
+def check_stepwise(batch_size: Any, kappa: Any) -> None:
+    """Raises :class:`SpecError` unless ``batch_size`` is a positive integer and
+    ``κ ∈ (0.5, 1]``."""
+    check_integer("batch_size", batch_size, 1)
+    if isinstance(kappa, bool) or not isinstance(kappa, int | float) or not 0.5 < kappa <= 1:
+        raise SpecError(
+            f"kappa must be a number in (0.5, 1] (step sizes (t + 2)^-kappa must sum to "
+            f"infinity while their squares do not); got {kappa!r}"
+        )
 
 
 def _average(mean: MixtureParams, new: MixtureParams, count: int) -> MixtureParams:
@@ -94,12 +132,7 @@ class StepwiseEngine(Engine):
         shuffle: bool,
         name: str,
     ) -> None:
-        check_integer("batch_size", batch_size, 1)
-        if isinstance(kappa, bool) or not isinstance(kappa, int | float) or not 0.5 < kappa <= 1:
-            raise SpecError(
-                f"kappa must be a number in (0.5, 1] (step sizes (t + 2)^-kappa must sum to "
-                f"infinity while their squares do not); got {kappa!r}"
-            )
+        check_stepwise(batch_size, kappa)
         self.spec, self.family, self.source, self.sample = spec, family, source, sample
         self.start, self.batch_size, self.kappa, self.shuffle = init, batch_size, kappa, shuffle
         self.generator = seeded_generator(seed)
@@ -123,33 +156,11 @@ class StepwiseEngine(Engine):
     def e_step(self, params: Any) -> EStepResult:
         return self.estep(params)
 
-    def _minibatches(self) -> Iterator[torch.Tensor]:
-        """One pass of minibatches of ``batch_size`` rows (the last may be smaller)."""
-        if self.shuffle:
-            for data in self.source:  # in-memory: one chunk, the whole data
-                order = torch.randperm(data.shape[0], generator=self.generator)
-                for index in order.split(self.batch_size):
-                    yield data[index.to(data.device)]
-            return
-        pending: list[torch.Tensor] = []
-        held = 0
-        for chunk in self.source:
-            while chunk.shape[0]:
-                take = min(self.batch_size - held, chunk.shape[0])
-                pending.append(chunk[:take])
-                held += take
-                chunk = chunk[take:]
-                if held == self.batch_size:
-                    yield torch.cat(pending) if len(pending) > 1 else pending[0]
-                    pending, held = [], 0
-        if held:
-            yield torch.cat(pending)
-
     def m_step(self, stats: Any, params: Any, iteration: int) -> MStepResult:
         assert self.current is not None
         gain = 1.0
         weights_prior = self.spec.weights_prior
-        for batch in self._minibatches():
+        for batch in minibatches(self.source, self.batch_size, self.shuffle, self.generator):
             batch_estep = ChunksEStep(
                 self.family, weights_prior, [batch], batch.dtype, batch.device
             )

@@ -112,7 +112,7 @@ def test_step_size_schedule_and_options():
     with pytest.raises(SpecError, match="batch_size"):
         pyroem.fit(SPEC, data, stepwise=True, batch_size=0)
     with pytest.raises(SpecError, match="map-em"):
-        pyroem.fit(SPEC, data, method="vb-em", stepwise=True)
+        pyroem.fit(SPEC, data, method="nuts", stepwise=True)
 
 
 def test_stepwise_statistics_combine_exactly():

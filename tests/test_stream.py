@@ -197,3 +197,41 @@ def test_parquet_is_streamed_when_pyarrow_is_installed(data, reference, tmp_path
     path = tmp_path / "x.parquet"
     pd.DataFrame(data, columns=["a", "b"]).to_parquet(path, row_group_size=300)
     _same_fit(_stream_fit(str(path)), reference)
+
+
+def test_parquet_files_are_sharded_by_row_groups(tmp_path, monkeypatch):
+    """Fewer Parquet files than ranks: each rank reads only its consecutive row groups
+    (5 row groups of 60, 60, 60, 60, 30 rows over 2 ranks: groups 0-1 and 2-4), and the
+    shards in rank order are the file; more files than ranks: consecutive files."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    data = np.arange(540.0).reshape(270, 2)
+    path = tmp_path / "x.parquet"
+    pd.DataFrame(data, columns=["a", "b"]).to_parquet(path, row_group_size=60)
+    assert pq.ParquetFile(path).num_row_groups == 5
+    requested = []
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def recording(self, *args, **kwargs):
+        requested.append(kwargs.get("row_groups"))
+        return iter_batches(self, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", recording)
+    source = open_source(str(path), 50)
+    shards = [source.shard(rank, 2) for rank in range(2)]
+    rows = [torch.cat(list(shard)).numpy() for shard in shards]
+    np.testing.assert_array_equal(rows[0], data[:120])
+    np.testing.assert_array_equal(rows[1], data[120:])
+    assert requested == [[0, 1], [2, 3, 4]]
+    assert all(shard.ordered for shard in shards)
+    # Two files (row groups of 40, 40, 20 and 40, 40, 40, 40, 10 rows) over three ranks:
+    # groups [0, 2), [2, 5), [5, 8) of the eight.
+    pd.DataFrame(data[:100], columns=["a", "b"]).to_parquet(
+        tmp_path / "p-0.parquet", row_group_size=40
+    )
+    pd.DataFrame(data[100:], columns=["a", "b"]).to_parquet(
+        tmp_path / "p-1.parquet", row_group_size=40
+    )
+    source = open_source(str(tmp_path / "p-*.parquet"), 50)
+    parts = [torch.cat(list(source.shard(rank, 3))).numpy() for rank in range(3)]
+    np.testing.assert_array_equal(np.concatenate(parts), data)
+    assert [len(part) for part in parts] == [80, 100, 90]

@@ -67,7 +67,7 @@ def test_a_sampled_start_reaches_the_same_optimum(data, tmp_path):
     )
 
 
-def test_stepwise_cavi_is_refused_with_the_alternatives(tmp_path, data):
+def test_a_source_is_refused_for_mcmc_em_with_the_alternatives(tmp_path, data):
     np.save(tmp_path / "x.npy", data)
-    with pytest.raises(SpecError, match="stepwise EM for map-em"):
-        pyroem.fit(SPEC, str(tmp_path / "x.npy"), method="vb-em", stepwise=True)
+    with pytest.raises(SpecError, match="map-em or vb-em"):
+        pyroem.fit(SPEC, str(tmp_path / "x.npy"), method="mcmc-em")

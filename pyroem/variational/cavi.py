@@ -42,12 +42,20 @@ from pyroem.diagnostics import independent_chains
 from pyroem.distributed import LOCAL, Collective
 from pyroem.em import EMRun, Engine, EStepResult, MStepResult, run_em
 from pyroem.errors import SpecError
-from pyroem.estep.enumerate import MixtureEStep, add_statistics, normalise_log_joint, score_mixture
+from pyroem.estep.enumerate import (
+    MixtureEStep,
+    add_statistics,
+    normalise_log_joint,
+    scale_statistics,
+    score_mixture,
+)
 from pyroem.initialization import initial_params, seeded_generator
 from pyroem.mstep.conjugate import NIWPosterior, dirichlet_expected_log
 from pyroem.options import FitSettings, check_integer, with_defaults
 from pyroem.results import Fit, FitResult
+from pyroem.sources import ChunkSource
 from pyroem.spec.mixture import Mixture, MixtureParams
+from pyroem.stepwise import minibatches, step_size
 from pyroem.stream import ChunksEStep, StreamedData, score_rows
 from pyroem.variational.cavi_conjugate import (
     BetaPosterior,
@@ -64,6 +72,8 @@ __all__ = [
     "DEFAULT_NUM_DRAWS",
     "DEFAULT_WEIGHT_THRESHOLD",
     "CaviStats",
+    "OnlineVariational",
+    "StepwiseSettings",
     "VariationalFit",
     "VariationalParams",
     "fit_mixture_cavi",
@@ -251,6 +261,254 @@ class _CaviEngine(Engine):
                 CaviStats(stats, entropy), math.nan, float(log_likelihood) + self.shard_constant
             )
         )
+
+
+class StepwiseSettings(NamedTuple):
+    """Stochastic VI's settings (:class:`_StepwiseCaviEngine`).
+
+    Attributes:
+        source: the whole data, read in minibatches.
+        batch_size: rows per minibatch ``b``.
+        kappa: step-size exponent ``κ ∈ (0.5, 1]``.
+        shuffle: visit the rows in a fresh random order each pass (in-memory data).
+    """
+
+    source: ChunkSource
+    batch_size: int
+    kappa: float
+    shuffle: bool
+
+
+class _StepwiseCaviEngine(_CaviEngine):
+    r"""Stochastic variational inference: stepwise EM on CAVI's natural parameters.
+
+    ``q(π, θ)`` is conjugate, its natural parameters affine in the expected sufficient
+    statistics ``s`` of ``q(z)``; each minibatch ``B_t`` of ``b`` rows moves the running
+    statistics towards the minibatch's, scaled to the data size ``N``:
+
+    .. math::
+        s_t = (1 − γ_t)\, s_{t−1} + γ_t\, \frac{N}{|B_t|} \hat s(B_t; q_{t−1}),\qquad
+        γ_t = (t + 2)^{−κ},\qquad q_t(π, θ) = \text{update}(s_t),
+
+    with ``ŝ(B_t; q)`` the statistics of the optimal ``q(z_n)`` of the minibatch's rows
+    under ``q`` (the CAVI E-step) and ``update`` CAVI's M-step, so a step of the natural
+    parameters is the natural-gradient step of stochastic VI (Hoffman et al. 2013). The
+    first minibatch sets ``s_1``. As for stepwise MAP-EM (:mod:`pyroem.stepwise`), the
+    statistics of the iterates of the passes after the first are averaged
+    (Polyak–Ruppert; natural parameters are affine in them, so this averages those).
+
+    ``m_step`` is one pass of minibatch updates; ``e_step`` reads all the data (streamed)
+    with the averaged ``q̄(π, θ)``: the optimal ``q(z)`` and its statistics. The state
+    recorded after a pass is ``(q(z), update(q(z)))``, the one exact CAVI update from
+    ``q̄`` that this scoring pass makes possible, so its objective is CAVI's exact ELBO
+    in closed form; the fit reports the last such state. The start is the conjugate
+    update of the initial parameters' exact responsibilities on the initialisation's
+    rows (all the data in memory, else the reservoir sample), scaled to ``N``.
+    """
+
+    name = "vb-em stepwise"
+
+    def __init__(self, *args: Any, stepwise: StepwiseSettings, chunk_size: int, **kw: Any):
+        super().__init__(*args, **kw)
+        self.stepwise = stepwise
+        self.chunk_size = chunk_size
+        self._reset(None)
+
+    def _reset(self, current: VariationalParams | None) -> None:
+        self.current = current
+        self.stats: Any = None
+        self.mean: Any = None
+        self.updates = self.averaged = 0
+
+    def init(self, restart: int) -> MStepResult:
+        if self.continued is not None:
+            first = self.continued
+        else:
+            start = initial_params(
+                self.spec, self.factor.family, self.data, self.start, self.generator
+            )
+            rows = ChunksEStep(
+                self.factor.family,
+                self.spec.weights_prior,
+                self.data.split(self.chunk_size),
+                self.data.dtype,
+                self.data.device,
+            )
+            stats = scale_statistics(rows(start).stats, self.num_data / self.data.shape[0])
+            first = self._update(stats)
+        self._reset(first)
+        return MStepResult(first)
+
+    def e_step(self, params: VariationalParams) -> EStepResult:
+        """The base E-step, with the ELBO of ``(q(z), update(q(z)))`` as objective."""
+        scored = super().e_step(params)
+        state = super().m_step(scored.stats, params, 0)
+        assert state.objective is not None
+        return EStepResult(
+            scored.stats, state.objective, scored.log_likelihood, {**scored.info, **state.info}
+        )
+
+    def m_step(self, stats: CaviStats, params: VariationalParams, iteration: int) -> MStepResult:
+        """One pass of minibatch updates; the parameters are ``q̄(π, θ)``."""
+        assert self.current is not None
+        settings = self.stepwise
+        family = self.factor.family
+        gain = 1.0
+        batches = minibatches(
+            settings.source, settings.batch_size, settings.shuffle, self.generator
+        )
+        for batch in batches:
+            prepared = family.prepare(batch)
+            joint, _ = _kernel(self.factor, self.current)(prepared)
+            resp, _, _ = normalise_log_joint(joint, dim=1)
+            estimate = scale_statistics(
+                self.factor.statistics(prepared, resp), self.num_data / batch.shape[0]
+            )
+            if self.stats is None:
+                self.stats = estimate
+            else:
+                gain = step_size(self.updates, settings.kappa)
+                self.stats = add_statistics(
+                    scale_statistics(self.stats, 1.0 - gain), scale_statistics(estimate, gain)
+                )
+            self.updates += 1
+            self.current = self._update(self.stats)
+            if iteration > 1:
+                self.averaged += 1
+                if self.mean is None:
+                    self.mean = self.stats
+                else:
+                    weight = 1.0 / self.averaged
+                    self.mean = add_statistics(
+                        scale_statistics(self.mean, 1.0 - weight),
+                        scale_statistics(self.stats, weight),
+                    )
+        reported = self.current if self.mean is None else self._update(self.mean)
+        info = {"step_size": gain, "updates": self.updates, "averaged": self.averaged}
+        return MStepResult(reported, None, info)
+
+    def finish(self, run: EMRun) -> EMRun:
+        """The reported state: the CAVI update of the last scoring pass's ``q(z)``."""
+        return super().finish(run._replace(params=self._update(run.last.stats.stats)))
+
+    def unconverged_message(self, run: EMRun) -> str | None:
+        # Stochastic VI runs the passes it is given; reaching ``passes`` is expected.
+        return None
+
+    def snapshot(self, params: VariationalParams) -> dict[str, Any]:
+        """Refused: the running statistics and their average are not checkpointed."""
+        return Engine.snapshot(self, params)
+
+
+class OnlineVariational:
+    r"""Stochastic VI one minibatch at a time (``partial_fit`` of the variational
+    estimator): the state between calls and what a fitted estimator reads.
+
+    Each :meth:`update` with a minibatch ``X`` of ``n`` rows moves the running
+    statistics per row towards the minibatch's,
+    ``s̄_t = (1 − γ_t) s̄_{t−1} + γ_t ŝ(X; q_{t−1}) / n`` with ``γ_t = (t + 2)^{−κ}`` (the
+    first update sets ``s̄_1``), ``ŝ`` the statistics of the minibatch's optimal ``q(z)``
+    under ``q_{t−1}(π, θ)``, and sets ``q_t(π, θ)`` to CAVI's conjugate update of
+    ``n_seen · s̄_t`` (``n_seen``: the rows seen so far, so the prior weighs against all
+    of them, as stepwise MAP-EM's ``partial_fit`` does).
+
+    Args:
+        spec: the mixture (a proper prior).
+        family: its family, bound.
+        state: the starting ``q(π, θ)``.
+        weights_prior_type: ``"dirichlet_distribution"`` or ``"dirichlet_process"``.
+    """
+
+    def __init__(
+        self, spec: Mixture, family: Any, state: VariationalParams, weights_prior_type: str
+    ) -> None:
+        self.spec, self.family = spec, family
+        self.factor = conjugate_factor(family)
+        weights_prior = spec.weights_prior.to(state.weights_concentration)
+        if weights_prior_type == "dirichlet_process":
+            weights_prior = torch.stack([torch.ones_like(weights_prior), weights_prior], dim=-1)
+        self.weights_prior = weights_prior
+        self.state = state
+        self.mean_stats: Any = None
+        self.updates = 0
+        self.rows_seen = 0
+
+    @classmethod
+    def start(
+        cls, spec: Mixture, family: Any, data: torch.Tensor, params: MixtureParams, prior_type: str
+    ) -> OnlineVariational:
+        """The conjugate update of the exact responsibilities of ``params`` on ``data``
+        (as a vb-em fit starts)."""
+        stats = MixtureEStep(family, spec.weights_prior, data, 65536)(params).stats
+        online = cls(spec, family, VariationalParams(spec.weights_prior, None), prior_type)
+        online.state = online._update(stats)
+        return online
+
+    @classmethod
+    def continuing(cls, fit: VariationalFit) -> OnlineVariational:
+        """From a vb-em fit's ``q(π, θ)``."""
+        prior_type = str(fit.options.get("weights_prior_type", "dirichlet_distribution"))
+        return cls(fit.spec, fit.family, fit._state, prior_type)
+
+    def _update(self, stats: Any) -> VariationalParams:
+        counts = stats.counts
+        if self.weights_prior.ndim == 2:
+            beyond = counts.flip(0).cumsum(0).flip(0) - counts
+            counts = torch.stack([counts, beyond], dim=-1)
+        return VariationalParams(self.weights_prior + counts, self.factor.update(stats))
+
+    def update(self, data: torch.Tensor, kappa: float) -> float:
+        """One step from the minibatch ``data`` ``(n, dim)``; returns its mean
+        log-likelihood at ``E_{q_{t−1}}[π, θ]``."""
+        prepared = self.family.prepare(data)
+        joint, plug_in = _kernel(self.factor, self.state)(prepared)
+        log_likelihood = torch.logsumexp(plug_in, 1).sum() + self.factor.data_constant(prepared)
+        resp, _, _ = normalise_log_joint(joint, dim=1)
+        estimate = scale_statistics(self.factor.statistics(prepared, resp), 1.0 / data.shape[0])
+        if self.mean_stats is None:
+            self.mean_stats = estimate
+        else:
+            gain = step_size(self.updates, kappa)
+            self.mean_stats = add_statistics(
+                scale_statistics(self.mean_stats, 1.0 - gain), scale_statistics(estimate, gain)
+            )
+        self.updates += 1
+        self.rows_seen += data.shape[0]
+        self.state = self._update(scale_statistics(self.mean_stats, float(self.rows_seen)))
+        return float(log_likelihood) / data.shape[0]
+
+    @property
+    def internal(self) -> MixtureParams:
+        """``E_q[π, θ]``."""
+        alpha = self.state.weights_concentration
+        return MixtureParams(
+            expected_weights(alpha)[1],
+            self.factor.expected_params(self.state.components),
+            torch.arange(self.spec.num_components, device=alpha.device),
+        )
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """``E_q[π, θ]`` in user form, as ``fit.params``."""
+        internal = self.internal
+        return {"weights": internal.weights, **self.family.to_user(internal.components)}
+
+    @property
+    def variational(self) -> dict[str, Any]:
+        """``q(π)`` and ``q(θ)``, as ``fit.variational``."""
+        return {
+            "weights": _weights_factor(self.state.weights_concentration),
+            "components": self.factor.to_user(self.state.components),
+        }
+
+    def predict_proba(self, data: torch.Tensor) -> torch.Tensor:
+        """``q(z_n = k)`` of ``data`` under ``q(π, θ)``, ``(N, K)``."""
+        chunks = (self.family.prepare(chunk) for chunk in data.split(65536))
+        return _assignment_probs(self.factor, self.state, chunks)
+
+    def score_samples(self, data: torch.Tensor) -> torch.Tensor:
+        """``log p(x_n | E_q[π, θ])``, ``(N,)``."""
+        return score_mixture(self.family, self.internal, data)[0]
 
 
 def expected_weights(concentration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -517,6 +775,7 @@ def fit_mixture_cavi(
     *,
     sample_weight: torch.Tensor | None = None,
     streamed: StreamedData | None = None,
+    stepwise: StepwiseSettings | None = None,
     **options: Any,
 ) -> VariationalFit:
     r"""Fit ``spec`` to ``data`` by closed-form mean-field VB (see the module docstring).
@@ -543,6 +802,8 @@ def fit_mixture_cavi(
         streamed: the data read chunk by chunk from a source (:mod:`pyroem.stream`);
             ``data`` is then its reservoir sample (data-derived defaults, initialisation),
             and ``fit.variational`` holds no ``"assignment"`` (``q(z)`` of every row).
+        stepwise: run stochastic VI (:class:`_StepwiseCaviEngine`) with these settings:
+            ``max_iter`` is then the number of passes over the data.
         **options: ``num_draws`` (default 1000; 0 for none): draws from ``q(π, θ)`` into
             ``fit.draws``; ``weight_threshold`` (default 0.01): the expected weight above
             which a component counts as effective; ``weights_prior_type``:
@@ -580,19 +841,14 @@ def fit_mixture_cavi(
         weights_prior = torch.stack([torch.ones_like(weights_prior), weights_prior], dim=-1)
     generator = seeded_generator(settings.seed)
     continued = _continued_state(previous, family, weights_prior)
-    engine = _CaviEngine(
-        factor,
-        spec,
-        data,
-        init,
-        generator,
-        chunk_size,
-        weights_prior,
-        continued,
-        sample_weight,
-        collective,
-        streamed,
-    )
+    arguments = (factor, spec, data, init, generator, chunk_size, weights_prior, continued)
+    engine: _CaviEngine
+    if stepwise is None:
+        engine = _CaviEngine(*arguments, sample_weight, collective, streamed)
+    else:
+        engine = _StepwiseCaviEngine(
+            *arguments, streamed=streamed, stepwise=stepwise, chunk_size=chunk_size
+        )
     result = run_em(engine, **settings.loop())
     best = result.best
     state: VariationalParams = best.params
@@ -641,6 +897,14 @@ def fit_mixture_cavi(
         **result.record(),
         **collective.record(),
     }
+    if stepwise is not None:
+        fit_options.update(
+            stepwise=True,
+            batch_size=stepwise.batch_size,
+            kappa=stepwise.kappa,
+            passes=settings.max_iter,
+            shuffle=stepwise.shuffle,
+        )
     log_joint = log_likelihood + float(engine.map_e_step.log_prior(internal))
     return VariationalFit(
         variational=variational,
