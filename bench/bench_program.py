@@ -29,7 +29,7 @@ fit needed to reach that target: the median of ``--repeats`` such fits before th
 peer's runs and as many after (a shared machine's load drifts during the minutes the
 peer takes). The peer's clock runs over building the guide and the SVI steps only:
 every ``--eval-every`` steps its log joint is computed at its current parameters by
-``pyroem.program.posterior`` with the clock stopped. The ELBO the next step returns
+``pyroem.estep.program`` with the clock stopped. The ELBO the next step returns
 is the log joint at those same parameters, and the largest relative gap between the
 two is printed. A peer that never reaches a target within ``--max-steps`` or
 ``--max-seconds`` is reported as ``> budget``, and the ratio as a lower bound. A
@@ -70,7 +70,8 @@ from pyro.optim import Adam  # type: ignore[attr-defined]
 from torch.distributions import constraints
 
 import pyroem
-from pyroem.program import ProgramModel, posterior
+from pyroem.estep.program import posterior
+from pyroem.model.program import ProgramModel
 
 MODELS = ("gmm", "hmm")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -500,7 +501,7 @@ def long_hmm_costs(options: argparse.Namespace) -> float:
     """
     from hmmlearn.hmm import GaussianHMM
 
-    import pyroem.program.compiled as compiled
+    import pyroem.estep.compiled as compiled
 
     states, length = options.long_states, options.long_length
     truth = {

@@ -1,6 +1,6 @@
 """Pyro's own programs: pyroem map-em against SVI + AutoDelta on the same MAP problem.
 
-The programs follow Pyro's examples (written here; see ``tests/test_pyro_examples.py``
+The programs follow Pyro's examples (written here; see ``tests/engines/test_pyro_examples.py``
 for the sources): ``examples/hmm.py``'s model_0 … model_4 and model_6 on synthetic
 tones, the enumeration tutorial's mixture and HMM, the mixed-HMM, a mixture of
 diagonal normals written with masks that read the assignment, ``capture_recapture``'s
@@ -62,9 +62,9 @@ from torch.distributions import biject_to
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyroem
-from pyroem.program import ProgramModel
-from pyroem.program.fit import initial_values
-from pyroem.program.space import jacobian_sites
+from pyroem.engines.program_map import initial_values
+from pyroem.model.program import ProgramModel
+from pyroem.model.space import jacobian_sites
 from tests import test_pyro_examples as ex
 
 HIDDEN = 3

@@ -50,7 +50,7 @@ def _child(num_data: int, dim: int, num_components: int, init: str) -> None:
     import torch
 
     import pyroem
-    from pyroem.initialization import initial_params
+    from pyroem.engines.initialization import initial_params
 
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)

@@ -31,19 +31,17 @@ from pyroem.errors import (
 
 if TYPE_CHECKING:
     from pyroem import datasets, plots
-    from pyroem.alignment import align, align_fits
     from pyroem.api import METHODS, fit
-    from pyroem.bayes import BayesFit
-    from pyroem.comparison import compare, format_comparison
     from pyroem.em import History
-    from pyroem.loading import load
-    from pyroem.program import ProgramModel
-    from pyroem.program.results import ProgramFit
-    from pyroem.results import Fit, FitResult
-    from pyroem.sampling.mcmc_em import MCMCEMFit
-    from pyroem.selection import choose_components
-    from pyroem.spec.distributions import InverseWishart
-    from pyroem.spec.families import (
+    from pyroem.engines.bayes import BayesFit
+    from pyroem.engines.cavi import VariationalFit
+    from pyroem.engines.mcmc_em import MCMCEMFit
+    from pyroem.engines.svi import SVIFit
+    from pyroem.fits.core import Fit, FitResult
+    from pyroem.fits.loading import load
+    from pyroem.fits.program import ProgramFit
+    from pyroem.model.distributions import InverseWishart
+    from pyroem.model.families import (
         Bernoulli,
         Categorical,
         Exponential,
@@ -51,10 +49,12 @@ if TYPE_CHECKING:
         Gaussian,
         Poisson,
     )
-    from pyroem.spec.mixture import Mixture
-    from pyroem.spec.priors import Beta, Dirichlet, Gamma, NormalInverseWishart
-    from pyroem.variational.cavi import VariationalFit
-    from pyroem.variational.svi import SVIFit
+    from pyroem.model.mixture import Mixture
+    from pyroem.model.priors import Beta, Dirichlet, Gamma, NormalInverseWishart
+    from pyroem.model.program import ProgramModel
+    from pyroem.outputs.alignment import align, align_fits
+    from pyroem.outputs.comparison import compare, format_comparison
+    from pyroem.outputs.selection import choose_components
 
 #: Where each public name lives. They are imported on first use, so ``import pyroem``
 #: (and with it the ``pyroem`` command's argument parsing and ``--help``) does not
@@ -62,35 +62,35 @@ if TYPE_CHECKING:
 _LAZY = {
     "datasets": "pyroem.datasets",
     "plots": "pyroem.plots",
-    "align": "pyroem.alignment",
-    "align_fits": "pyroem.alignment",
+    "align": "pyroem.outputs.alignment",
+    "align_fits": "pyroem.outputs.alignment",
     "METHODS": "pyroem.api",
     "fit": "pyroem.api",
-    "BayesFit": "pyroem.bayes",
-    "compare": "pyroem.comparison",
-    "format_comparison": "pyroem.comparison",
+    "BayesFit": "pyroem.engines.bayes",
+    "compare": "pyroem.outputs.comparison",
+    "format_comparison": "pyroem.outputs.comparison",
     "History": "pyroem.em",
-    "ProgramModel": "pyroem.program",
-    "ProgramFit": "pyroem.program.results",
-    "Fit": "pyroem.results",
-    "FitResult": "pyroem.results",
-    "load": "pyroem.loading",
-    "MCMCEMFit": "pyroem.sampling.mcmc_em",
-    "choose_components": "pyroem.selection",
-    "InverseWishart": "pyroem.spec.distributions",
-    "Bernoulli": "pyroem.spec.families",
-    "Categorical": "pyroem.spec.families",
-    "Exponential": "pyroem.spec.families",
-    "Family": "pyroem.spec.families",
-    "Gaussian": "pyroem.spec.families",
-    "Poisson": "pyroem.spec.families",
-    "Mixture": "pyroem.spec.mixture",
-    "Beta": "pyroem.spec.priors",
-    "Dirichlet": "pyroem.spec.priors",
-    "Gamma": "pyroem.spec.priors",
-    "NormalInverseWishart": "pyroem.spec.priors",
-    "VariationalFit": "pyroem.variational.cavi",
-    "SVIFit": "pyroem.variational.svi",
+    "ProgramModel": "pyroem.model.program",
+    "ProgramFit": "pyroem.fits.program",
+    "Fit": "pyroem.fits.core",
+    "FitResult": "pyroem.fits.core",
+    "load": "pyroem.fits.loading",
+    "MCMCEMFit": "pyroem.engines.mcmc_em",
+    "choose_components": "pyroem.outputs.selection",
+    "InverseWishart": "pyroem.model.distributions",
+    "Bernoulli": "pyroem.model.families",
+    "Categorical": "pyroem.model.families",
+    "Exponential": "pyroem.model.families",
+    "Family": "pyroem.model.families",
+    "Gaussian": "pyroem.model.families",
+    "Poisson": "pyroem.model.families",
+    "Mixture": "pyroem.model.mixture",
+    "Beta": "pyroem.model.priors",
+    "Dirichlet": "pyroem.model.priors",
+    "Gamma": "pyroem.model.priors",
+    "NormalInverseWishart": "pyroem.model.priors",
+    "VariationalFit": "pyroem.engines.cavi",
+    "SVIFit": "pyroem.engines.svi",
 }
 
 

@@ -15,24 +15,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyroem.bayes import fit_nuts
-from pyroem.checkpoint import Checkpoint, checkpointing, identity_of
-from pyroem.distributed import LOCAL, Collective, collective
 from pyroem.em import Iteration, run_em
+from pyroem.engines.bayes import fit_nuts
+from pyroem.engines.cavi import CAVI_OPTIONS, fit_mixture_cavi
+from pyroem.engines.distributed import LOCAL, Collective, collective
+from pyroem.engines.initialization import seeded_generator, site_values
+from pyroem.engines.mcmc_em import fit_mcmc_em
+from pyroem.engines.program_map import fit_program
+from pyroem.engines.program_start import INIT_CHOICES, raise_bad_init, resolve_start
+from pyroem.engines.streamed import LARGE_DATA_OPTIONS, fit_mixture_large
+from pyroem.engines.svi import fit_svi
 from pyroem.errors import DataError, NotSupportedError, PyroEMError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
-from pyroem.initialization import seeded_generator, site_values
-from pyroem.large_data import LARGE_DATA_OPTIONS, fit_mixture_large
+from pyroem.fits.checkpoint import Checkpoint, checkpointing, identity_of
+from pyroem.fits.core import Fit, FitResult, fit_start, mixture_fit_from_program
+from pyroem.model.mixture import Mixture, as_data, fill_missing
 from pyroem.mstep.mixture import MixtureEngine
 from pyroem.options import OPTIONS, FitSettings, check_applicable, check_integer, with_defaults
-from pyroem.program.fit import fit_program
-from pyroem.program.start import INIT_CHOICES, raise_bad_init, resolve_start
-from pyroem.results import Fit, FitResult, fit_start, mixture_fit_from_program
-from pyroem.sampling.mcmc_em import fit_mcmc_em
 from pyroem.sources import open_source
-from pyroem.spec.mixture import Mixture, as_data, fill_missing
-from pyroem.variational.cavi import CAVI_OPTIONS, fit_mixture_cavi
-from pyroem.variational.svi import fit_svi
 
 __all__ = ["METHODS", "SMALL_PROBLEM_WORK", "fit"]
 
@@ -259,7 +259,7 @@ def fit(
             only spin-wait there), otherwise torch's current setting.
         checkpoint: EM methods: a file to write the loop's state to (atomically: a
             temporary file in the same folder, then renamed), every ``checkpoint_every``
-            iterations, when a restart stops and on Ctrl-C; see :mod:`pyroem.checkpoint`.
+            iterations, when a restart stops and on Ctrl-C; see :mod:`pyroem.fits.checkpoint`.
         checkpoint_every: an integer (iterations, default 10) or seconds as a string,
             e.g. ``"30s"``.
         resume: continue from ``checkpoint`` if that file exists (else start afresh): the
@@ -267,7 +267,7 @@ def fit(
             checkpoint of another model, data, method or options is refused with a
             :class:`~pyroem.errors.FitFileError` naming what differs.
         distributed: split the fit over the ranks of a ``torch.distributed`` process
-            group (:mod:`pyroem.distributed`): ``None`` (default) when this process is in
+            group (:mod:`pyroem.engines.distributed`): ``None`` (default) when this process is in
             an initialised group of several ranks, ``True`` also joins the group a
             launcher (``torchrun``) set up, ``False`` never. Every rank passes the same
             data (array, file, glob, memmap) and reads its shard; every rank returns the
@@ -275,18 +275,18 @@ def fit(
             a ``Mixture``.
         accelerate: ``map-em`` on a Pyro program: ``"squarem"`` extrapolates the EM map
             (SQUAREM, with a safeguard that keeps the objective monotone; see
-            :mod:`pyroem.acceleration`); ``None`` (default): plain EM.
+            :mod:`pyroem.engines.squarem`); ``None`` (default): plain EM.
         **method_options: options of each method (see the README's section on each);
             an option the method does not know is an error. map-em on a ``Mixture``:
             ``stop_rule`` — ``"parameters"`` (default: the objective rule and the
             parameters within ``tol`` of their extrapolated limit) or ``"objective"``;
             ``stepwise=True`` (stepwise EM, with ``batch_size``, ``kappa``, ``passes``,
-            ``shuffle``; see :mod:`pyroem.stepwise`; under ``vb-em`` on a ``Mixture``,
+            ``shuffle``; see :mod:`pyroem.engines.stepwise`; under ``vb-em`` on a ``Mixture``,
             stochastic VI) and, for a source, ``reservoir_size`` (rows of the sample
             that initialises it).
 
     Returns:
-        A :class:`~pyroem.results.FitResult` for a ``Mixture``, a
+        A :class:`~pyroem.fits.core.FitResult` for a ``Mixture``, a
         :class:`~pyroem.ProgramFit` for a Pyro program.
 
     The MAP-EM objective is the log joint of the Pyro program ``model.model(data)``:
@@ -385,7 +385,7 @@ def _checkpoint(
     model_kwargs: dict[str, Any] | None,
     options: dict[str, Any],
 ) -> Checkpoint | None:
-    """The fit's :class:`~pyroem.checkpoint.Checkpoint` (``None`` without ``checkpoint``),
+    """The fit's :class:`~pyroem.fits.checkpoint.Checkpoint` (``None`` without ``checkpoint``),
     naming the model, data and options a checkpoint must have been written for."""
     if not isinstance(resume, bool):
         raise SpecError(f"resume must be True or False; got {resume!r}")
@@ -421,7 +421,7 @@ def _name_of(value: Any) -> str:
 def _collective(
     distributed: Any, method: str, kind: str, options: dict[str, Any], device: Any
 ) -> Collective:
-    """The collectives of the fit (:func:`pyroem.distributed.collective`).
+    """The collectives of the fit (:func:`pyroem.engines.distributed.collective`).
 
     Raises:
         NotSupportedError: a process group of several ranks for a fit that cannot be
@@ -653,7 +653,7 @@ def _fit_other(
     guide is asked for); otherwise the engine runs on the Pyro program (for a
     ``Mixture``, ``spec.model(data)``, started from the ``Mixture``'s initialisation;
     a Pyro program under SVI or NUTS starts from a short MAP-EM fit unless ``init``
-    says otherwise, see :mod:`pyroem.program.start`)."""
+    says otherwise, see :mod:`pyroem.engines.program_start`)."""
     method, init, seed = settings.method, settings.init, settings.seed
     n_init = settings.n_init
     is_program = not isinstance(model, Mixture)

@@ -19,7 +19,7 @@ does not grow with the rows; :mod:`pyroem.sources`): a ``.npy`` or ``.parquet`` 
 glob of ``.npy``/``.csv``/``.parquet`` files (quoted: ``'part-*.parquet'``) or a folder of
 them. A streamed fit prints one line per pass over the data. Launched by ``torchrun``
 (``WORLD_SIZE`` > 1 in the environment), the fit is split over the processes
-(:mod:`pyroem.distributed`): each reads its shard, and rank 0 alone prints and writes.
+(:mod:`pyroem.engines.distributed`): each reads its shard, and rank 0 alone prints and writes.
 
 Exit status: 0 on success; 2 for a bad command line or bad input (one line on
 stderr, ``pyroem: error: …``, never a traceback); 1 if the output files could not
@@ -42,16 +42,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyroem import __version__
-from pyroem.component_counts import CRITERIA, parse_components
 from pyroem.errors import DataError, PyroEMError, SpecError
+from pyroem.outputs.component_counts import CRITERIA, parse_components
 
 # Whatever imports torch (fitting, data sets, plots, sources) is imported inside the
 # function that needs it, so that --help and a bad argument are answered without waiting
-# for torch and Pyro (tests/test_cli.py checks that neither is imported then).
+# for torch and Pyro (tests/interface/test_cli.py checks that neither is imported then).
 if TYPE_CHECKING:
     import torch
 
-    from pyroem.spec.mixture import Mixture
+    from pyroem.model.mixture import Mixture
 
 __all__ = ["build_parser", "main"]
 
@@ -59,7 +59,7 @@ __all__ = ["build_parser", "main"]
 # so its choices are spelled out here; a test holds them to the package's own lists.
 #: The methods (``pyroem.METHODS``).
 METHODS = ("map-em", "vb-em", "mcmc-em", "nuts")
-#: The component families (``pyroem.spec.families.FAMILIES``).
+#: The component families (``pyroem.model.families.FAMILIES``).
 FAMILY_NAMES = ("bernoulli", "categorical", "exponential", "gaussian", "poisson")
 #: The bundled data sets (``pyroem.datasets.available_datasets()``).
 DATASETS = ("faithful", "iris", "discoveries", "verbagg", "sleepstudy", "airquality")
@@ -73,7 +73,7 @@ HEARTBEAT_SECONDS = 10.0
 #: NUTS defaults of the command: about a minute on the bundled data on one core.
 NUTS_DEFAULTS = {"num_chains": 2, "warmup_steps": 300, "num_samples": 300}
 
-#: mcmc-em's defaults (``pyroem.sampling.mcmc_em.MCMC_EM_OPTIONS``) for its options here.
+#: mcmc-em's defaults (``pyroem.engines.mcmc_em.MCMC_EM_OPTIONS``) for its options here.
 MCMC_EM_DEFAULTS = {
     "num_samples": 100,
     "warmup_steps": 200,
@@ -735,7 +735,7 @@ def _pass_line(iteration: Any) -> None:
 
 def _spec(args: argparse.Namespace, num_components: int) -> Mixture:
     """The mixture the command line describes, with ``num_components`` components."""
-    from pyroem.spec.mixture import Mixture
+    from pyroem.model.mixture import Mixture
 
     return Mixture(
         num_components,
@@ -795,7 +795,7 @@ def _fit_command(args: argparse.Namespace) -> int:
     if files is None:
         _check_data_file(args.data)
     from pyroem.api import fit
-    from pyroem.selection import choose_components
+    from pyroem.outputs.selection import choose_components
 
     candidates = args.components
     options = _fit_options(args, args.method)
@@ -895,8 +895,8 @@ def _compare_command(args: argparse.Namespace) -> int:
     _check_writable(args.out, args.plots)
     _check_data_file(args.data)
     from pyroem.api import fit
-    from pyroem.comparison import compare, format_comparison
-    from pyroem.selection import choose_components
+    from pyroem.outputs.comparison import compare, format_comparison
+    from pyroem.outputs.selection import choose_components
 
     data, name, names = _load_data(args)
     _family_hint(args, data)

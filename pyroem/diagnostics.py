@@ -21,12 +21,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from pyroem.alignment import align_fits
 from pyroem.errors import NotSupportedError, SpecError
 from pyroem.estep.enumerate import score_mixture
-from pyroem.program.model import Inject
-from pyroem.program.pointwise import observation_plate, pointwise_log_likelihood_draws
-from pyroem.spec.params import MixtureParams
+from pyroem.model.params import MixtureParams
+from pyroem.model.program import Inject
+from pyroem.outputs.alignment import align_fits
+from pyroem.outputs.pointwise import observation_plate, pointwise_log_likelihood_draws
 
 __all__ = [
     "ChainDiagnostics",
@@ -501,7 +501,7 @@ def to_arviz(
       the group ArviZ refuses instead (:func:`loo` says why). A
       :class:`~pyroem.Mixture` fit names it ``obs`` over dimension ``data``; a Pyro
       program names it after its observed site (``log_likelihood`` when there are
-      several) over the observation plate (see :mod:`pyroem.program.pointwise`).
+      several) over the observation plate (see :mod:`pyroem.outputs.pointwise`).
     - ``posterior_predictive``: replicated data sets, named and shaped like
       ``observed_data`` with leading ``(chain, draw)``: for each of up to 200 draws of θ
       (every k-th draw of each chain) the discrete latents are drawn from their prior

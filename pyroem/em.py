@@ -11,7 +11,7 @@ variant restarts, records, reports and stops alike:
 - ``callback``: called after every iteration with an :class:`Iteration`;
 - Ctrl-C (``KeyboardInterrupt``) stops cleanly: the best state so far is returned,
   marked not converged;
-- checkpoints (:mod:`pyroem.checkpoint`): the loop's state is written as it goes, and a
+- checkpoints (:mod:`pyroem.fits.checkpoint`): the loop's state is written as it goes, and a
   fit resumed from it continues as if it had never stopped.
 """
 
@@ -27,7 +27,6 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from pyroem import checkpoint as _checkpoint
 from pyroem.errors import (
     ConvergenceWarning,
     DataError,
@@ -36,6 +35,7 @@ from pyroem.errors import (
     PyroEMError,
     SpecError,
 )
+from pyroem.fits import checkpoint as _checkpoint
 
 __all__ = [
     "EMResult",
@@ -437,7 +437,7 @@ def _checked(saved: dict[str, Any]) -> dict[int, dict[str, Any]]:
 
 
 class _Saver:
-    """Writes the checkpoints of one fit and resumes from one (:mod:`pyroem.checkpoint`).
+    """Writes the checkpoints of one fit and resumes from one (:mod:`pyroem.fits.checkpoint`).
 
     A checkpoint holds the last state of every restart run so far (a failed restart
     has none, and reruns). The engine's snapshot is taken before every E-step; a state

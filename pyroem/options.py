@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from pyroem.distributed import LOCAL, Collective
+from pyroem.engines.distributed import LOCAL, Collective
 from pyroem.errors import SpecError
 
 __all__ = [
@@ -149,7 +149,7 @@ class FitSettings:
 
     Attributes:
         dtype: the torch dtype of a ``Mixture``'s data.
-        collective: the fit's collectives (:mod:`pyroem.distributed`).
+        collective: the fit's collectives (:mod:`pyroem.engines.distributed`).
     """
 
     method: str = "map-em"

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyroem.comparison import labelled_fits
 from pyroem.diagnostics import plot_forest
 from pyroem.errors import SpecError
+from pyroem.outputs.comparison import labelled_fits
 
 __all__ = ["plot_components", "plot_objective", "plot_parameter_trace", "write_plots"]
 

@@ -13,7 +13,7 @@ They are thin: every fit is :func:`pyroem.fit` on a :class:`~pyroem.Mixture`
 ``vb-em`` for ``BayesianGaussianMixture``); scoring uses the same kernels.
 ``PoissonMixture``, ``BernoulliMixture`` and ``CategoricalMixture`` give the other
 families the same shape. ``partial_fit`` is one stepwise-EM update per call on running
-sufficient statistics (:mod:`pyroem.stepwise`); for ``BayesianGaussianMixture``, one
+sufficient statistics (:mod:`pyroem.engines.stepwise`); for ``BayesianGaussianMixture``, one
 step of stochastic VI on the natural parameters of ``q(π, θ)``.
 """
 
@@ -34,6 +34,9 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pyroem.api import fit as pyroem_fit
+from pyroem.engines.cavi import OnlineVariational
+from pyroem.engines.initialization import initial_params
+from pyroem.engines.stepwise import step_size
 from pyroem.errors import (
     CollapsedComponentWarning,
     ConvergenceWarning,
@@ -48,13 +51,10 @@ from pyroem.estep.enumerate import (
     scale_statistics,
     score_mixture,
 )
-from pyroem.initialization import initial_params
+from pyroem.model.families import Bernoulli, Categorical, Family, Gaussian, Poisson
+from pyroem.model.mixture import Mixture, MixtureParams, fill_missing
+from pyroem.model.priors import NormalInverseWishart
 from pyroem.mstep.mixture import mixture_m_step
-from pyroem.spec.families import Bernoulli, Categorical, Family, Gaussian, Poisson
-from pyroem.spec.mixture import Mixture, MixtureParams, fill_missing
-from pyroem.spec.priors import NormalInverseWishart
-from pyroem.stepwise import step_size
-from pyroem.variational.cavi import OnlineVariational
 
 __all__ = [
     "BayesianGaussianMixture",
@@ -330,7 +330,7 @@ class _Stepwise(NamedTuple):
 
 
 class _StepwiseEstimator(_MixtureEstimator):
-    """``partial_fit``: stepwise (online) EM, one update per call (:mod:`pyroem.stepwise`)."""
+    """``partial_fit``: stepwise (online) EM, one update per call."""
 
     def partial_fit(self, X: Any, y: Any = None) -> Any:
         r"""One stepwise-EM update from the minibatch ``X`` ``(n_samples, n_features)``;
@@ -865,7 +865,7 @@ class BayesianGaussianMixture(_GaussianBase):
         (``κ`` = :data:`PARTIAL_FIT_KAPPA`; the first minibatch sets ``s̄_1``), and
         ``q(π, θ)`` is CAVI's conjugate update of ``n_seen·s̄_t`` (``n_seen``: the rows
         seen so far): the natural-gradient step of stochastic VI
-        (:class:`~pyroem.variational.cavi.OnlineVariational`). The first call resolves
+        (:class:`~pyroem.engines.cavi.OnlineVariational`). The first call resolves
         the default priors from its minibatch and starts as ``fit`` does (``q(π, θ)``
         from the initial parameters' responsibilities on it), unless the estimator was
         fitted, whose ``q(π, θ)`` it continues from. ``n_iter_`` counts the updates;

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from pyroem.errors import DataError
-from pyroem.spec.mixture import as_data
+from pyroem.model.mixture import as_data
 
 __all__ = ["ChunkSource", "Scan", "open_source", "scan"]
 
@@ -83,7 +83,7 @@ class ChunkSource:
 
     def shard(self, rank: int, world_size: int) -> ChunkSource:
         """Rank ``rank``'s part of the source, of ``world_size`` disjoint parts that
-        together hold every row once (:mod:`pyroem.distributed`).
+        together hold every row once (:mod:`pyroem.engines.distributed`).
 
         A ``.npy`` file or a whole memmap: rows ``[r N / W, (r + 1) N / W)``, read from
         there; several files, at least ``W``: consecutive files, ``[r F / W, (r + 1) F /

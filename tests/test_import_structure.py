@@ -27,12 +27,12 @@ LOCAL_IMPORTS_ALLOWED: dict[str, tuple[set[str], str]] = {
     "pyroem.cli": (
         {
             "pyroem.api",
-            "pyroem.comparison",
+            "pyroem.outputs.comparison",
             "pyroem.datasets",
             "pyroem.plots",
-            "pyroem.selection",
+            "pyroem.outputs.selection",
             "pyroem.sources",
-            "pyroem.spec.mixture",
+            "pyroem.model.mixture",
         },
         "the command answers --help and bad arguments before torch is imported",
     ),

@@ -1,0 +1,1 @@
+"""E-steps: exact enumeration (mixtures, streams, programs, chains) and draws (exact, NUTS)."""

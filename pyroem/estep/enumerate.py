@@ -23,8 +23,8 @@ import torch
 
 from pyroem.em import EStepResult
 from pyroem.estep.missing import missing_log_prob, split_missing
-from pyroem.spec.families import EStepKernels, Family
-from pyroem.spec.params import MixtureParams
+from pyroem.model.families import EStepKernels, Family
+from pyroem.model.params import MixtureParams
 
 __all__ = [
     "CHUNK_BYTES",

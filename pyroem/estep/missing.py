@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 import torch
 
-from pyroem.spec.families import Family
-from pyroem.spec.params import MixtureParams
+from pyroem.model.families import Family
+from pyroem.model.params import MixtureParams
 
 __all__ = ["MissingBlock", "missing_log_prob", "split_missing"]
 

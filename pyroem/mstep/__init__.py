@@ -1,0 +1,1 @@
+"""M-steps: conjugate pairs, the mixture M-step, recognised closed forms, gradient steps."""

@@ -3,7 +3,7 @@ r"""Conjugate pairs, each written once: posterior parameters from prior + statis
 MAP-EM M-steps (mixture families, the Pyro program's recognised closed forms) take the
 posterior's **mode** (``*_mode``), CAVI the posterior and its **expectations**. Modes are
 of densities over the declared variable (the Dirichlet mode is ``∝ N + α − 1``); with
-``unconstrained=True`` they are of the coordinates :mod:`pyroem.program.space` uses
+``unconstrained=True`` they are of the coordinates :mod:`pyroem.model.space` uses
 (logit, stick-breaking, log), whose log-Jacobian moves each concentration by one. They
 are computed from prior and statistics, ``N + (α − 1)`` rather than ``(N + α) − 1``, so
 that statistics far below the pseudo-counts are not rounded away. A flat prior is

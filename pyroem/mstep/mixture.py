@@ -9,14 +9,14 @@ from typing import Any
 
 import torch
 
-from pyroem.checkpoint import to_device
-from pyroem.distributed import LOCAL, Collective
 from pyroem.em import Engine, EStepResult, MStepResult
+from pyroem.engines.distributed import LOCAL, Collective
+from pyroem.engines.initialization import initial_params
 from pyroem.errors import CollapsedComponentWarning
-from pyroem.initialization import initial_params
+from pyroem.fits.checkpoint import to_device
+from pyroem.model.families import Family
+from pyroem.model.mixture import Mixture, MixtureParams
 from pyroem.mstep.conjugate import dirichlet_mode
-from pyroem.spec.families import Family
-from pyroem.spec.mixture import Mixture, MixtureParams
 
 __all__ = ["mixture_m_step"]
 
@@ -73,7 +73,7 @@ class MixtureEngine(Engine):
         parameter_rule: stop on the parameters too (``stop_rule="parameters"``), not on
             the objective alone.
         collective: combines the ranks' E-steps of a distributed fit
-            (:mod:`pyroem.distributed`); the estep then reads this rank's shard.
+            (:mod:`pyroem.engines.distributed`); the estep then reads this rank's shard.
     """
 
     spec: Mixture

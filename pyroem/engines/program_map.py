@@ -1,0 +1,678 @@
+"""MAP-EM on a Pyro program: exact enumeration E-step, ECM M-step."""
+
+from __future__ import annotations
+
+import gc
+import math
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import torch
+
+from pyroem.em import EMRun, Engine, EStepResult, History, Iteration, MStepResult, run_em
+from pyroem.engines.squarem import ACCELERATIONS, SquaremEngine
+from pyroem.errors import ConvergenceWarning, DataError, SpecError
+from pyroem.estep.compiled import CompiledEStep, CompiledProgram
+from pyroem.estep.program import posterior
+from pyroem.fits.checkpoint import checkpointing
+from pyroem.fits.core import Fit
+from pyroem.fits.program import ProgramFit
+from pyroem.model.program import Inject, ProgramModel, check_full_plates, sample_sites
+from pyroem.model.space import (
+    jacobian_sites,
+    log_jacobian,
+    resolve_space,
+    unbounded_error,
+)
+from pyroem.model.transforms import unconstraining
+from pyroem.mstep.gradient import MarginalObjective, ecme_m_step, gradient_m_step
+from pyroem.mstep.recognised import (
+    ADJUSTABLE_PRIORS,
+    LOCATION_SLOTS,
+    SCALE_SLOTS,
+    ClosedForm,
+    closed_form_update,
+    prior_weight,
+    recognise,
+    unwrap_distribution,
+)
+from pyroem.mstep.stacked import StackedUpdate
+
+__all__ = [
+    "SHORT_RUNS",
+    "SHORT_RUNS_MAX_DATA",
+    "SHORT_RUN_GRADIENT_STEPS",
+    "SHORT_RUN_MAX_ITER",
+    "SHORT_RUN_TOL",
+    "block_order",
+    "closed_form_sweep",
+    "fit_program",
+    "initial_values",
+    "needs_trace",
+    "num_observations",
+    "program_init",
+    "resolve_seed",
+]
+
+M_STEPS = ("auto", "gradient")
+
+SHORT_RUNS = 20
+"""Short EM runs of the default start of map-em on a small Pyro program (em-EM)."""
+
+SHORT_RUN_TOL = 1e-3
+"""Tolerance (objective change per data point) at which a short run stops."""
+
+SHORT_RUN_MAX_ITER = 50
+"""Most iterations of one short run."""
+
+SHORT_RUNS_MAX_DATA = 10_000
+"""Programs with at most this many observed data points start from short runs."""
+
+SHORT_RUN_GRADIENT_STEPS = 5
+"""Most L-BFGS iterations of a gradient M-step in a short run."""
+
+# Run E-steps through CompiledProgram while the program keeps its structure; off, every
+# E-step is a full trace (the reference the fast path is tested against).
+_COMPILED = True
+
+
+def _as_value(name: str, value: Any, program: ProgramModel, like: torch.Tensor) -> torch.Tensor:
+    tensor = torch.as_tensor(value, dtype=like.dtype, device=like.device).detach().clone()
+    _check_init(name, tensor, program)
+    return tensor
+
+
+def _check_init(name: str, tensor: torch.Tensor, program: ProgramModel) -> None:
+    """Raise if ``init[name]`` has the wrong shape, non-finite entries or is outside
+    the site's support."""
+    site = program.params[name]
+    if tensor.shape != site.shape:
+        raise SpecError(
+            f"init[{name!r}] has shape {tuple(tensor.shape)}; the site's value has shape "
+            f"{tuple(site.shape)}"
+        )
+    if not bool(torch.isfinite(tensor).all()):
+        raise DataError(f"init[{name!r}] has NaN or infinite entries")
+    if not bool(site.constraint.check(tensor).all()):
+        shown = tensor.tolist() if tensor.numel() <= 6 else f"shape {tuple(tensor.shape)}"
+        raise SpecError(
+            f"init[{name!r}] = {shown} is outside the site's support {site.constraint}; give "
+            "a value inside it, or leave the site out of init to start from a prior draw"
+        )
+
+
+def _init_tensor(name: str, value: Any) -> torch.Tensor:
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise SpecError(f"init[{name!r}] must be a number or a tensor; got {value!r}") from err
+
+
+def initial_values(
+    program: ProgramModel, init: Mapping[str, Any] | Callable[[int], Any] | None, seed: int
+) -> dict[str, torch.Tensor]:
+    """Starting parameters: ``init`` where given (a callable is called with ``seed``);
+    otherwise a prior draw for sample sites (seeded, drawn given the ``init`` values)
+    and the program's value for ``pyro.param`` sites.
+
+    Raises:
+        SpecError: ``init`` names an unknown site, or a value of the wrong shape/support.
+    """
+    init = dict((init(seed) if callable(init) else init) or {})
+    unknown = sorted(set(init) - set(program.params))
+    if unknown:
+        raise SpecError(
+            f"init names sites that are not parameters of the model: {unknown}; "
+            f"the parameters are {list(program.params)}"
+        )
+    likes = dict(program.param_inits)
+    fixed = {name: _init_tensor(name, value) for name, value in init.items()}
+    for name, value in fixed.items():
+        # Before the program runs with them: an invalid value would fail inside it.
+        _check_init(name, value, program)
+    drawn = [name for name, site in program.params.items() if site.kind == "sample"]
+    if set(drawn) <= set(init):
+        # Nothing to draw: a run would only hand back the injected values.
+        likes.update({name: fixed[name].detach() for name in drawn})
+    else:
+        with torch.random.fork_rng(), pyro.get_param_store().scope(), poutine.block():
+            torch.manual_seed(seed)
+            trace = poutine.trace(Inject(fixed)(program.model)).get_trace(
+                *program.model_args, **program.model_kwargs
+            )
+        for name, site in sample_sites(trace):
+            if name in program.params:
+                likes[name] = site["value"].detach()
+    values = {}
+    for name in program.params:
+        if name in init:
+            values[name] = _as_value(name, init[name], program, likes[name])
+        else:
+            values[name] = likes[name].clone()
+    return values
+
+
+def uniform_values(
+    program: ProgramModel, first: Mapping[str, torch.Tensor], seed: int, radius: float = 2.0
+) -> dict[str, torch.Tensor]:
+    """``first`` with every sample site redrawn uniformly in ``(-radius, radius)`` in its
+    unconstrained coordinates (:func:`pyroem.model.transforms.unconstraining`; Stan's and
+    Pyro's ``init_to_uniform``), from a generator seeded with ``seed``. ``pyro.param``
+    sites keep their values."""
+    generator = torch.Generator().manual_seed(seed)
+    values = dict(first)
+    for name, site in program.params.items():
+        if site.kind != "sample":
+            continue
+        like = first[name]
+        transform = unconstraining(name, site.constraint)
+        shape = transform.forward_shape(site.shape)
+        u = (torch.rand(shape, generator=generator, dtype=like.dtype) * 2 - 1) * radius
+        with torch.no_grad():
+            values[name] = transform.inv(u.to(like.device)).reshape(site.shape)
+    return values
+
+
+def program_init(init: Any) -> Mapping[str, Any] | Callable[[int], Any] | None:
+    """A Pyro program's ``init``: ``{site name: value}``, ``None``, a previous fit (its
+    parameters), or a callable ``seed -> {site name: value}`` (one start per restart).
+
+    Raises:
+        SpecError: anything else.
+    """
+    if isinstance(init, Fit):
+        return init.params
+    if init is not None and not isinstance(init, Mapping) and not callable(init):
+        raise SpecError(
+            "init for a Pyro program is a dict {site name: value}, a previous fit, or "
+            f"'prior' (map-em from one prior draw); got {init!r}"
+        )
+    return init
+
+
+def resolve_seed(seed: int | None) -> int:
+    """``seed``, or a fresh one from torch's global generator when it is ``None``."""
+    return int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
+
+
+def num_observations(trace: Any, program: ProgramModel) -> int:
+    """``N`` of the convergence tolerance: the observed data points of a trace, each
+    observed site counted by its batch entries (its event dimensions are one point)."""
+    total = 0
+    for name in program.observed:
+        if name not in trace.nodes:
+            # Observed only in some runs (control flow on the parameters).
+            continue
+        site = trace.nodes[name]
+        value = site["value"]
+        total += math.prod(value.shape[: value.dim() - site["fn"].event_dim])
+    return max(total, 1)
+
+
+def block_order(program: ProgramModel, blocks: Mapping[str, ClosedForm | None]) -> list[str]:
+    """Closed-form blocks in update order: locations first, then children before parents.
+
+    A location block goes before the scale blocks of the same sites, as in
+    scikit-learn's and hmmlearn's M-steps; and a mean whose prior depends on a
+    covariance goes before that covariance, which for Normal–Inverse-Wishart
+    priors makes one ECM sweep the joint mode.
+    """
+    order = [name for name in reversed(list(program.params)) if blocks[name] is not None]
+    return sorted(order, key=lambda name: blocks[name].slot not in LOCATION_SLOTS)  # type: ignore[union-attr]
+
+
+def needs_trace(blocks: Mapping[str, ClosedForm | None], order: list[str]) -> list[bool]:
+    """Before each block: must the program run again, because an earlier block in the
+    sweep changed a site this block reads? A scale block reads changed locations and
+    changed parameter values without a new run (see ``closed_form_update``)."""
+    touched: dict[str, set[str]] = {}
+    needs = []
+    for name in order:
+        block = blocks[name]
+        assert block is not None
+        sites = {use.site for use in block.uses}
+        tags = set().union(*(touched.get(site, set()) for site in sites))
+        patchable = block.slot in SCALE_SLOTS and tags <= {"location", "value"}
+        again = bool(tags) and not patchable
+        needs.append(again)
+        if again:
+            touched = {}
+        for site in sites:
+            touched.setdefault(site, set()).add(
+                "location" if block.slot in LOCATION_SLOTS else "other"
+            )
+        touched.setdefault(name, set()).add("value")
+    return needs
+
+
+def closed_form_sweep(
+    program: ProgramModel,
+    blocks: Mapping[str, ClosedForm | None],
+    order: list[str],
+    retrace: list[bool],
+    trace: Any,
+    weights: Mapping[str, torch.Tensor],
+    values: dict[str, torch.Tensor],
+    start: int = 0,
+) -> None:
+    """The closed-form blocks of one ECM sweep, from block ``start`` of ``order`` on,
+    updating ``values`` in place.
+
+    Args:
+        program: the program.
+        blocks: the recognised blocks by site.
+        order: :func:`block_order`; ``retrace``: :func:`needs_trace` of that order.
+        trace: a full trace of the program at ``values``.
+        weights: the weight of every table in Q (exact posterior marginals, or Monte
+            Carlo frequencies).
+        values: the parameter values.
+        start: the first block to update.
+    """
+    changes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for step, (name, again) in enumerate(zip(order, retrace, strict=True)):
+        if step < start:
+            continue
+        if again and step > start:
+            trace = program.trace(values)
+            changes = {}
+        block = blocks[name]
+        assert block is not None
+        new = closed_form_update(program, block, trace, weights, changes, blocks)
+        changes[name] = (values[name], new)
+        values[name] = new
+
+
+def _adjust_blocks(
+    program: ProgramModel,
+    found: dict[str, ClosedForm | None],
+    trace: Any,
+    jacobian: list[str],
+) -> dict[str, ClosedForm | None]:
+    """The recognised blocks, told whether they carry the log-Jacobian; a block whose
+    prior is weighted (``poutine.scale``/``mask``) or moved by the Jacobian in a way no
+    closed form here adjusts for goes to the gradient M-step."""
+    adjusted: dict[str, ClosedForm | None] = {}
+    for name, block in found.items():
+        if block is None or program.params[name].kind != "sample":
+            adjusted[name] = block
+            continue
+        site = trace.nodes[name]
+        prior = unwrap_distribution(site["fn"])[0]
+        on_boundary = name in jacobian and block.slot not in LOCATION_SLOTS
+        needs = prior_weight(site) is not None or on_boundary
+        if needs and not isinstance(prior, ADJUSTABLE_PRIORS):
+            adjusted[name] = None
+        else:
+            adjusted[name] = block._replace(jacobian=name in jacobian)
+    return adjusted
+
+
+class _Engine(Engine):
+    """MAP-EM on a Pyro program: the exact E-step and one ECM sweep as M-step.
+
+    While the program keeps the structure of its first trace, an E-step is a light
+    run of the program plus a compiled contraction (:class:`CompiledProgram`) and
+    the closed forms read stacked uses (:class:`StackedUpdate`); the numbers are
+    those of :func:`posterior` and :func:`closed_form_update`. A run whose structure
+    differs switches the fit, from there on, to those full functions.
+    """
+
+    def __init__(
+        self,
+        program: ProgramModel,
+        found: dict[str, ClosedForm | None],
+        gradient_steps: int,
+        first: dict[str, torch.Tensor],
+        first_trace: Any,
+        layout: CompiledProgram,
+        restart_values: Callable[[int], dict[str, torch.Tensor]],
+        name: str,
+        jacobian: list[str],
+    ) -> None:
+        self.name = name
+        self.num_data = num_observations(first_trace, program)
+        self.restart_values = restart_values
+        self.program = program
+        self.jacobian = jacobian
+        self.found = found
+        self.gradient_steps = gradient_steps
+        self.first = first
+        self.first_trace = first_trace
+        self.order = block_order(program, found)
+        self.retrace = needs_trace(found, self.order)
+        self.gradient_sites = [name for name in program.params if found[name] is None]
+        self.layout = layout
+        usable = _COMPILED and layout.supported
+        self.compiled: CompiledProgram | None = self.layout if usable else None
+        self.updates: dict[str, StackedUpdate] = {}
+        # Set while the start's short runs, or the run continued from them, go on.
+        self.starts: list[dict[str, torch.Tensor]] | None = None
+
+    def init(self, restart: int) -> MStepResult:
+        if self.starts is not None:
+            return MStepResult(self.starts[restart])
+        return MStepResult(self.first if restart == 0 else self.restart_values(restart))
+
+    def snapshot(self, values: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The parameters (never changed in place) and whether the compiled path holds."""
+        return {"params": dict(values), "compiled": self.compiled is not None}
+
+    def restore(self, snapshot: dict[str, Any], restart: int) -> dict[str, torch.Tensor]:
+        if not snapshot["compiled"]:
+            self.compiled = None
+        return {
+            name: value.to(self.first[name].device) for name, value in snapshot["params"].items()
+        }
+
+    def e_step(self, values: dict[str, torch.Tensor]) -> EStepResult:
+        """The E-step at ``values``: compiled while the structure holds, else full."""
+        if self.compiled is not None:
+            estep: CompiledEStep | None
+            if values is self.first:
+                estep = self.compiled.estimate_trace(self.first_trace)
+            else:
+                estep = self.compiled(values)
+            if estep is not None:
+                log_likelihood, log_joint = float(estep.log_likelihood), float(estep.log_joint)
+                return self._estep(estep, log_likelihood, log_joint, values)
+            self.compiled = None
+        trace = self.first_trace if values is self.first else None
+        post = posterior(self.program, values, trace)
+        return self._estep(post, float(post.log_likelihood), float(post.log_joint), values)
+
+    def _estep(
+        self, stats: Any, log_likelihood: float, log_joint: float, values: dict[str, torch.Tensor]
+    ) -> EStepResult:
+        """The E-step with its objective: the log joint, plus the log-Jacobian in the
+        unconstrained space."""
+        if log_joint == math.inf:
+            raise unbounded_error(self.program, self.first_trace)
+        return EStepResult(stats, log_joint + self.log_jacobian(values), log_likelihood)
+
+    def log_jacobian(self, values: Mapping[str, torch.Tensor]) -> float:
+        """The objective less the log joint (0 in the constrained space)."""
+        if not self.jacobian:
+            return 0.0
+        with torch.no_grad():
+            return float(log_jacobian(self.program, values, self.jacobian))
+
+    def m_step(self, stats: Any, values: dict[str, torch.Tensor], iteration: int) -> MStepResult:
+        """One ECM sweep: closed-form blocks in order, then the gradient blocks."""
+        values = dict(values)
+        if isinstance(stats, CompiledEStep):
+            self._compiled_sweep(stats, values)
+        else:
+            weights = stats.weights
+            closed_form_sweep(
+                self.program, self.found, self.order, self.retrace, stats.trace, weights, values
+            )
+        if self.gradient_sites:
+            # ECME: the gradient block climbs the objective itself (see ecme_m_step).
+            objective = MarginalObjective(self.program, self.compiled, self.jacobian)
+            update = ecme_m_step(
+                self.program, values, self.gradient_sites, objective, max_steps=self.gradient_steps
+            )
+            if objective.compiled is None:
+                self.compiled = None
+            if update is None:
+                weights = stats.all_weights() if isinstance(stats, CompiledEStep) else stats.weights
+                update = gradient_m_step(
+                    self.program,
+                    values,
+                    weights,
+                    self.gradient_sites,
+                    max_steps=self.gradient_steps,
+                    jacobian=self.jacobian,
+                )
+            values.update(update)
+        return MStepResult(values)
+
+    def _compiled_sweep(self, estep: CompiledEStep, values: dict[str, torch.Tensor]) -> None:
+        """Closed forms on stacked uses."""
+        assert self.compiled is not None
+        sites: Mapping[str, Any] | None = estep.sites
+        changes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        cache: dict[Any, torch.Tensor] = {}
+        for step, (name, again) in enumerate(zip(self.order, self.retrace, strict=True)):
+            if again:
+                sites = self.compiled.run(values)
+                changes = {}
+                cache = {}
+            if sites is None:
+                self.compiled = None
+                weights = estep.all_weights()
+                closed_form_sweep(
+                    self.program,
+                    self.found,
+                    self.order,
+                    self.retrace,
+                    self.program.trace(values),
+                    weights,
+                    values,
+                    start=step,
+                )
+                return
+            block = self.found[name]
+            assert block is not None
+            if name not in self.updates:
+                self.updates[name] = StackedUpdate(block, self.found, sites, estep)
+            new = self.updates[name](values[name], estep, sites, changes, cache)
+            changes[name] = (values[name], new)
+            values[name] = new
+
+    def marginals(self, stats: Any) -> dict[str, torch.Tensor]:
+        """Posterior marginals of the enumerated sites from a final E-step."""
+        if isinstance(stats, CompiledEStep):
+            return self.layout.marginals(stats)
+        return stats.marginals
+
+
+def _squarem(engine: _Engine) -> SquaremEngine:
+    """SQUAREM over the program's EM map, extrapolating in the unconstrained
+    coordinates of every parameter (so every extrapolated point is valid)."""
+    params = engine.program.params
+    transforms = {name: unconstraining(name, site.constraint) for name, site in params.items()}
+
+    def encode(values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([transforms[name](values[name]).reshape(-1) for name in params])
+
+    def decode(vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        values, offset = {}, 0
+        with torch.no_grad():
+            for name, transform in transforms.items():
+                shape = transform.forward_shape(params[name].shape)
+                size = math.prod(shape)
+                u = vector[offset : offset + size].reshape(shape)
+                values[name] = transform.inv(u).reshape(params[name].shape)
+                offset += size
+        return values
+
+    return SquaremEngine(engine, encode, decode)
+
+
+def _short_runs(
+    engine: _Engine, looped: Engine, seed: int, max_iter: int
+) -> tuple[EMRun, list[float]]:
+    """em-EM's start (Biernacki, Celeux & Govaert 2003): :data:`SHORT_RUNS` runs, each to
+    :data:`SHORT_RUN_TOL` (at most :data:`SHORT_RUN_MAX_ITER` and ``max_iter``
+    iterations; gradient M-steps of at most :data:`SHORT_RUN_GRADIENT_STEPS` L-BFGS
+    iterations), from the prior draw at ``seed`` and from uniform draws in the
+    unconstrained coordinates (seeds ``seed + 1`` …); returns the run with the highest
+    objective, and every run's final objective (NaN: the run failed)."""
+    engine.starts = [engine.first] + [
+        uniform_values(engine.program, engine.first, seed + k) for k in range(1, SHORT_RUNS)
+    ]
+    steps = engine.gradient_steps
+    engine.gradient_steps = min(steps, SHORT_RUN_GRADIENT_STEPS)
+    try:
+        # The short runs neither write nor resume the fit's checkpoint, nor warn.
+        with warnings.catch_warnings(), checkpointing(None):
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            short = run_em(
+                looped,
+                n_init=SHORT_RUNS,
+                tol=SHORT_RUN_TOL,
+                max_iter=min(SHORT_RUN_MAX_ITER, max_iter),
+            )
+    finally:
+        engine.starts = None
+        engine.gradient_steps = steps
+    return short.best, list(short.restart_objectives)
+
+
+def _joined(first: EMRun, then: EMRun) -> EMRun:
+    """The short run ``first`` continued by ``then`` (which started at its end): one run."""
+    before, after = first.history, then.history
+    history = History(
+        np.concatenate([before.objective[:-1], after.objective]),
+        np.concatenate([before.log_likelihood[:-1], after.log_likelihood]),
+        np.concatenate([before.elapsed[:-1], after.elapsed + before.elapsed[-1]]),
+    )
+    return then._replace(
+        history=history,
+        num_iterations=first.num_iterations + then.num_iterations,
+        info=[*first.info[:-1], *then.info],
+    )
+
+
+def _short_run_start(
+    program: ProgramModel, init: Any, n_init: int, max_iter: int, num_data: int
+) -> bool:
+    """Does the fit start from short runs? Only by default: no ``init``, one run, some
+    iterations allowed, a sample site to draw, and a small program."""
+    drawn = any(site.kind == "sample" for site in program.params.values())
+    return (
+        init is None and n_init == 1 and max_iter > 0 and drawn and num_data <= SHORT_RUNS_MAX_DATA
+    )
+
+
+@contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """Move the existing objects to the collector's permanent generation for the block,
+    unless something else already froze objects (then leave the collector alone)."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@_frozen_heap()
+def fit_program(
+    model: Callable[..., Any],
+    model_args: tuple[Any, ...],
+    model_kwargs: Mapping[str, Any] | None,
+    *,
+    method: str,
+    init: Any,
+    n_init: int,
+    seed: int | None,
+    tol: float,
+    max_iter: int,
+    progress: bool,
+    m_step: str,
+    gradient_steps: int,
+    callback: Callable[[Iteration], Any] | None = None,
+    space: str = "auto",
+    accelerate: str | None = None,
+) -> ProgramFit:
+    """Fit a Pyro program by MAP-EM (see :func:`pyroem.fit`).
+
+    While it runs, the objects that existed before are kept out of the garbage
+    collector's full collections (:func:`gc.freeze`; undone at the end): an EM
+    iteration reruns the program and allocates much, and each full collection would
+    otherwise rescan every object of the interpreter (torch, Pyro, the user's data).
+    """
+    if m_step not in M_STEPS:
+        raise SpecError(f"m_step must be one of {M_STEPS}; got {m_step!r}")
+    steps_ok = isinstance(gradient_steps, int) and not isinstance(gradient_steps, bool)
+    if not steps_ok or gradient_steps < 1:
+        raise SpecError(f"gradient_steps must be an integer >= 1; got {gradient_steps!r}")
+    if accelerate not in ACCELERATIONS:
+        raise SpecError(f"accelerate must be one of {ACCELERATIONS}; got {accelerate!r}")
+    # The first trace below runs the program enumerated: no separate check for that.
+    program = ProgramModel(model, model_args, model_kwargs, check_enumeration=False)
+    single = isinstance(init, str) and init == "prior"
+    init = program_init(None if single else init)
+    if isinstance(init, Mapping) and set(init) >= set(program.params):
+        n_init = 1
+    base_seed = resolve_seed(seed)
+    first = initial_values(program, init, base_seed)
+    first_trace = program.trace(first)
+    check_full_plates(first_trace)
+    # The structure of the first trace, read once: the E-steps and the probes rerun it.
+    layout = CompiledProgram(program, first_trace)
+    found = (
+        recognise(program, first, first_trace, runner=layout.runner)
+        if m_step == "auto"
+        else dict.fromkeys(program.params)
+    )
+    space = resolve_space(space, program, first_trace)
+    jacobian = jacobian_sites(program, first_trace) if space == "unconstrained" else []
+    found = _adjust_blocks(program, found, first_trace, jacobian)
+    kinds = {name: "gradient" if block is None else block.kind for name, block in found.items()}
+    engine = _Engine(
+        program,
+        found,
+        gradient_steps,
+        first,
+        first_trace,
+        layout,
+        lambda restart: initial_values(program, init, base_seed + restart),
+        method,
+        jacobian,
+    )
+    looped: Engine = engine if accelerate is None else _squarem(engine)
+    short: list[float] | None = None
+    short_run: EMRun | None = None
+    if not single and _short_run_start(program, init, n_init, max_iter, int(engine.num_data)):
+        short_run, short = _short_runs(engine, looped, base_seed, max_iter)
+        engine.starts = [short_run.params]
+    # The continued run's iterations count from the start of its short run.
+    remaining = max_iter - (short_run.num_iterations if short_run is not None else 0)
+    try:
+        result = run_em(
+            looped, n_init=n_init, tol=tol, max_iter=remaining, progress=progress, callback=callback
+        )
+    finally:
+        engine.starts = None
+    best = result.best if short_run is None else _joined(short_run, result.best)
+    # The fitted weights of pyro.module networks go into the networks themselves.
+    with torch.no_grad():
+        for name, parameter in program.module_params.items():
+            parameter.copy_(best.params[name])
+    marginals = engine.marginals(best.last.stats)
+    options = {
+        "n_init": n_init,
+        "tol": tol,
+        "max_iter": max_iter,
+        "seed": seed,
+        "m_step": m_step,
+        "gradient_steps": gradient_steps,
+        "space": space,
+        "accelerate": accelerate,
+        "start": "prior" if short is None else "short runs",
+        **({} if short is None else {"short_run_objectives": short}),
+        **result.record(),
+    }
+    return ProgramFit(
+        program=program,
+        method=method,
+        values=best.params,
+        m_step_kinds=kinds,
+        marginals=marginals,
+        log_likelihood=best.last.log_likelihood,
+        log_joint=best.last.objective - engine.log_jacobian(best.params),
+        num_data=int(engine.num_data),
+        **result.fit_fields(),
+        options=options,
+    )

@@ -1,0 +1,1 @@
+"""Fit results, the files they are saved in, and checkpoints of running fits."""

@@ -1,0 +1,352 @@
+r"""The gradient M-step (generalized EM) for blocks without a closed form.
+
+L-BFGS maximises :math:`Q(θ; θ_t)` over the block's sites in the unconstrained
+space (:func:`pyroem.model.transforms.unconstraining` of each site's support; for
+covariance matrices the log-Cholesky entries), the other blocks held fixed. The
+step is accepted only if Q increased, so the log joint never decreases: this is
+generalized EM, and with enough inner steps it converges to the same fixed
+points as exact EM.
+
+A site's support may be wider than the distribution argument it feeds (a real
+``pyro.param`` used as Bernoulli or Categorical probabilities): L-BFGS can then step
+where the program is invalid and the log-density, computed without validation, is
+meaningless. The step is checked with Pyro's validation and, where it fails, cut back
+along the segment from the old values until it passes and Q has not decreased.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+import pyro
+import torch
+
+from pyroem.estep.compiled import CompiledProgram
+from pyroem.estep.program import expected_log_joint, masked_log_prob, posterior
+from pyroem.model.program import ProgramModel, sample_sites
+from pyroem.model.space import log_jacobian
+from pyroem.model.transforms import unconstraining
+
+__all__ = ["MarginalObjective", "ecme_m_step", "gradient_m_step"]
+
+
+def gradient_m_step(
+    program: ProgramModel,
+    values: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+    names: list[str],
+    *,
+    max_steps: int = 50,
+    jacobian: Collection[str] = (),
+) -> dict[str, torch.Tensor]:
+    """Increase Q over the sites ``names`` by L-BFGS; keep the old values if Q did not rise.
+
+    Args:
+        program: the program.
+        values: current values of every parameter (constrained).
+        weights: the E-step's Q weights.
+        names: the sites of this block.
+        max_steps: L-BFGS iterations (function evaluations are bounded at 2× that).
+        jacobian: sites of the block whose log-Jacobian is part of the objective (MAP in
+            the unconstrained space, :mod:`pyroem.model.space`).
+
+    Returns:
+        New values of the block's sites.
+    """
+    transforms = {name: unconstraining(name, program.params[name].constraint) for name in names}
+    modules = program.module_params
+    for name in names:
+        if name in modules:
+            # A network reads its own parameter: optimise that tensor in place.
+            with torch.no_grad():
+                modules[name].copy_(values[name])
+    # Contiguous copies: L-BFGS flattens gradients with .view, which a strided value breaks.
+    unconstrained = [
+        modules[name]
+        if name in modules
+        else transforms[name](values[name].detach()).contiguous().clone().requires_grad_()
+        for name in names
+    ]
+
+    jacobian_sites = [name for name in names if name in jacobian]
+
+    def objective(candidate: Mapping[str, torch.Tensor], validate: bool = False) -> torch.Tensor:
+        full = {**values, **candidate}
+        q = expected_log_joint(program, full, weights, validate)
+        if jacobian_sites:
+            q = q + log_jacobian(program, full, jacobian_sites)
+        return q
+
+    def constrained(name: str, u: torch.Tensor) -> torch.Tensor:
+        return u if name in modules else transforms[name].inv(u)
+
+    def q_value() -> torch.Tensor:
+        update = {name: constrained(name, u) for name, u in zip(names, unconstrained, strict=True)}
+        return objective(update)
+
+    with torch.no_grad():
+        before = float(q_value())
+    optimizer = torch.optim.LBFGS(
+        unconstrained,
+        lr=1.0,
+        max_iter=max_steps,
+        max_eval=2 * max_steps,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        with torch.enable_grad():
+            loss = -q_value()
+            if torch.isfinite(loss):
+                loss.backward()
+        return loss
+
+    try:
+        optimizer.step(closure)
+    except (ValueError, RuntimeError):
+        # A step outside the model's domain (e.g. a failed Cholesky): keep the old values.
+        return {name: values[name] for name in names}
+    with torch.no_grad():
+        start = [transforms[name](values[name].detach()) for name in names if name not in modules]
+        end = [u.detach().clone() for u in unconstrained]
+        old_modules = {name: values[name].detach().clone() for name in names if name in modules}
+        for _ in range(_CUTBACKS):
+            candidate = {
+                name: constrained(name, u).detach().clone()
+                for name, u in zip(names, end, strict=True)
+            }
+            try:
+                after = float(objective(candidate, validate=True))
+            except (ValueError, RuntimeError):
+                after = math.nan
+            if math.isfinite(after) and after >= before:
+                return candidate
+            if not math.isnan(after):
+                # Valid but no better: L-BFGS's point is kept out.
+                break
+            end = _halfway(names, modules, start, end, old_modules)
+    for name in names:
+        if name in modules:
+            with torch.no_grad():
+                modules[name].copy_(values[name])
+    return {name: values[name] for name in names}
+
+
+# Halvings of an invalid step before the old values are kept.
+_CUTBACKS = 30
+
+
+def _halfway(
+    names: list[str],
+    modules: Mapping[str, torch.Tensor],
+    start: list[torch.Tensor],
+    end: list[torch.Tensor],
+    old_modules: Mapping[str, torch.Tensor],
+) -> list[torch.Tensor]:
+    """The midpoints between the old unconstrained values and ``end``."""
+    starts = iter(start)
+    out = []
+    for name, u in zip(names, end, strict=True):
+        old = old_modules[name] if name in modules else next(starts)
+        middle = (old + u) / 2
+        if name in modules:
+            modules[name].copy_(middle)
+        out.append(middle)
+    return out
+
+
+class MarginalObjective:
+    r"""The fit's objective at given parameters, with its gradient: for ECME.
+
+    Calling it with values (some of them requiring gradients) returns a scalar whose
+    value is the objective (the log joint with the discrete latents summed out, plus
+    the log-Jacobian of ``jacobian``'s sites) and whose gradient is the objective's.
+    The gradient comes from Fisher's identity,
+    :math:`∇_θ \log p(x, θ) = ∇_{θ'} Q(θ'; θ)|_{θ'=θ}`: one run of the program at θ gives
+    the E-step's weights (the contraction, without gradients through it) and, from the
+    same run's log-probability tables, Q at θ with its gradient. The returned scalar is
+    ``objective + Q − stop_gradient(Q)``.
+
+    While the program keeps its structure, the run is the compiled E-step's light run
+    (:class:`~pyroem.estep.compiled.CompiledProgram`); otherwise a full trace and
+    :func:`~pyroem.estep.program.posterior`.
+
+    Args:
+        program: the program.
+        compiled: the fit's compiled E-step, or ``None`` (full traces).
+        jacobian: the sites whose log-Jacobian is part of the objective.
+    """
+
+    def __init__(
+        self, program: ProgramModel, compiled: CompiledProgram | None, jacobian: Collection[str]
+    ) -> None:
+        self.program = program
+        self.compiled = compiled
+        self.jacobian = list(jacobian)
+        # Program runs so far (each a compiled run or a full trace).
+        self.runs = 0
+
+    def __call__(self, values: Mapping[str, torch.Tensor], validate: bool = False) -> torch.Tensor:
+        self.runs += 1
+        total = None
+        if self.compiled is not None and not validate:
+            sites = self.compiled.run(values)
+            if sites is not None:
+                estep = self.compiled.estimate(sites)
+                weights = estep.all_weights()
+                with pyro.validation_enabled(False):
+                    q = _q_from_sites(sites, weights)
+                total = estep.log_joint + (q - q.detach())
+            else:
+                self.compiled = None
+        if total is None:
+            trace = self.program.trace(values, validate)
+            post = posterior(self.program, values, trace)
+            q = _q_from_sites(dict(sample_sites(trace)), post.weights, trace=True)
+            total = post.log_joint + (q - q.detach())
+        if self.jacobian:
+            total = total + log_jacobian(self.program, values, self.jacobian)
+        return total
+
+
+def _q_from_sites(
+    sites: Mapping[str, Any], weights: Mapping[str, torch.Tensor], trace: bool = False
+) -> torch.Tensor:
+    """Q from a run's sites: ``Σ weight × masked log-probability table``."""
+    total: Any = 0.0
+    for name, site in sites.items():
+        weight = weights.get(name)
+        if weight is None:
+            continue
+        table = site["unscaled_log_prob"] if trace else site["fn"].log_prob(site["value"])
+        total = total + (weight * masked_log_prob(site, table)).sum()
+    return torch.as_tensor(total)
+
+
+def ecme_m_step(
+    program: ProgramModel,
+    values: Mapping[str, torch.Tensor],
+    names: list[str],
+    objective: Callable[..., torch.Tensor],
+    *,
+    max_steps: int = 50,
+) -> dict[str, torch.Tensor] | None:
+    r"""ECME's conditional step (Liu & Rubin 1994): increase the objective itself, not
+    Q, over the sites ``names`` (the other blocks fixed) by L-BFGS in their
+    unconstrained coordinates; keep the old values unless the objective rose.
+
+    Q's gradient at the E-step's point equals the objective's, so a gradient step on
+    either starts the same way; the objective is the function EM climbs, and
+    quasi-Newton steps on it converge in far fewer program runs than ascent on a Q
+    that the next E-step replaces. Each evaluation is one run of the program
+    (:class:`MarginalObjective`). The result is accepted only if its objective, with
+    Pyro's argument validation on, is at least the old one: the objective never
+    decreases. Where L-BFGS stepped where the program is invalid (a parameter whose
+    support is wider than its use) or ended no higher, the step returns ``None`` and the
+    caller takes :func:`gradient_m_step`'s step on Q (which cuts an invalid step back).
+
+    Args:
+        program: the program.
+        values: current values of every parameter (constrained).
+        names: the sites of this block.
+        objective: a :class:`MarginalObjective`.
+        max_steps: L-BFGS iterations (evaluations are bounded at 2× that).
+
+    Returns:
+        New values of the block's sites, or ``None`` (no valid point as high as the old).
+    """
+    with torch.no_grad():
+        before = float(objective(values))
+    return _lbfgs_ascent(program, values, names, objective, before, max_steps)
+
+
+def _lbfgs_ascent(
+    program: ProgramModel,
+    values: Mapping[str, torch.Tensor],
+    names: list[str],
+    objective: Callable[..., torch.Tensor],
+    before: float,
+    max_steps: int,
+) -> dict[str, torch.Tensor] | None:
+    """L-BFGS on ``objective(values with names replaced)`` from ``values`` (whose
+    objective is ``before``); the accepted values (``None`` if none was)."""
+    transforms = {name: unconstraining(name, program.params[name].constraint) for name in names}
+    modules = program.module_params
+    for name in names:
+        if name in modules:
+            with torch.no_grad():
+                modules[name].copy_(values[name])
+    unconstrained = [
+        modules[name]
+        if name in modules
+        else transforms[name](values[name].detach()).contiguous().clone().requires_grad_()
+        for name in names
+    ]
+
+    def constrained(name: str, u: torch.Tensor) -> torch.Tensor:
+        return u if name in modules else transforms[name].inv(u)
+
+    def at(us: list[torch.Tensor], validate: bool = False) -> torch.Tensor:
+        update = {name: constrained(name, u) for name, u in zip(names, us, strict=True)}
+        return objective({**values, **update}, validate)
+
+    optimizer = torch.optim.LBFGS(
+        unconstrained,
+        lr=1.0,
+        max_iter=max_steps,
+        max_eval=2 * max_steps,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+
+    outside = []
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        with torch.enable_grad():
+            loss = -at(unconstrained)
+            if torch.isfinite(loss):
+                loss.backward()
+            else:
+                outside.append(True)
+        return loss.detach()
+
+    try:
+        optimizer.step(closure)
+    except (ValueError, RuntimeError):
+        outside.append(True)
+    if outside:
+        # L-BFGS stepped where the program is invalid: its path says little.
+        _restore(names, modules, values)
+        return None
+    with torch.no_grad():
+        end = [u.detach().clone() for u in unconstrained]
+        try:
+            after = float(at(end, validate=True))
+        except (ValueError, RuntimeError):
+            after = math.nan
+    if math.isfinite(after) and after >= before:
+        return {
+            name: constrained(name, u).detach().clone() for name, u in zip(names, end, strict=True)
+        }
+    _restore(names, modules, values)
+    return None
+
+
+def _restore(
+    names: list[str], modules: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The old values of the block (written back into any network)."""
+    for name in names:
+        if name in modules:
+            with torch.no_grad():
+                modules[name].copy_(values[name])
+    return {name: values[name] for name in names}

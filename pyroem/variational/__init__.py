@@ -1,1 +1,0 @@
-"""Variational EM: closed-form mean-field VB (CAVI) and SVI with a guide."""

@@ -1,0 +1,128 @@
+"""The E-step cuts large chunks by bytes, and its statistics stay those of a brute
+force in NumPy (log-densities, responsibilities, per-component weighted scatters)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pyroem
+from pyroem.estep.enumerate import CHUNK_BYTES, MIN_CHUNK_ROWS, MixtureEStep
+from pyroem.model.mixture import MixtureParams
+
+NUM_DATA, DIM, NUM_COMPONENTS = 9000, 32, 8
+
+
+def _log_densities(data: np.ndarray, means: np.ndarray, covariances: np.ndarray) -> np.ndarray:
+    """``log N(x_n | μ_k, Σ_k)`` ``(N, K)`` from the textbook formula."""
+    out = np.empty((data.shape[0], means.shape[0]))
+    for k, (mean, covariance) in enumerate(zip(means, covariances, strict=True)):
+        deviations = data - mean
+        mahalanobis = np.einsum("nd,nd->n", deviations, np.linalg.solve(covariance, deviations.T).T)
+        log_det = np.linalg.slogdet(covariance)[1]
+        out[:, k] = -0.5 * (mahalanobis + log_det + data.shape[1] * np.log(2 * np.pi))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["full", "diag"])
+def test_a_large_chunk_is_cut_by_bytes_with_the_brute_force_statistics(kind: str) -> None:
+    generator = np.random.default_rng(3)
+    # Data 50 spreads from the origin; the current means far from where the
+    # responsibilities put each component's mean, so the moments about them must be
+    # shifted exactly.
+    data = 50.0 + generator.normal(0.0, 1.0, (NUM_DATA, DIM)) * generator.uniform(0.5, 2.0, DIM)
+    means = 50.0 + 3.0 * generator.normal(size=(NUM_COMPONENTS, DIM))
+    variances = generator.uniform(1.0, 4.0, (NUM_COMPONENTS, DIM))
+    if kind == "full":
+        factors = generator.normal(size=(NUM_COMPONENTS, DIM, DIM)) / np.sqrt(DIM)
+        covariances = np.einsum("kde,kfe->kdf", factors, factors) + np.eye(DIM)
+        dense = covariances
+    else:
+        covariances = variances
+        dense = np.stack([np.diag(v) for v in variances])
+    weights = generator.dirichlet(np.full(NUM_COMPONENTS, 3.0))
+
+    # Brute force.
+    joint = _log_densities(data, means, dense) + np.log(weights)
+    peak = joint.max(1, keepdims=True)
+    log_evidence = float((np.log(np.exp(joint - peak).sum(1)) + peak[:, 0]).sum())
+    resp = np.exp(joint - peak)
+    resp /= resp.sum(1, keepdims=True)
+    counts = resp.sum(0)
+    component_means = resp.T @ data / counts[:, None]
+    deviations = data[None] - component_means[:, None]  # (K, N, D)
+    scatter = np.einsum("nk,knd,kne->kde", resp, deviations, deviations)
+    if kind == "diag":
+        scatter = np.diagonal(scatter, axis1=1, axis2=2)
+
+    tensor = torch.from_numpy(data)
+    spec = pyroem.Mixture(NUM_COMPONENTS, covariance_type=kind, prior=None)
+    family = spec.bind(tensor)
+    e_step = MixtureEStep(family, spec.weights_prior, tensor, chunk_size=65536)
+    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (NUM_COMPONENTS * DIM * 8))
+    assert rows < NUM_DATA
+    assert [len(chunk) for chunk in e_step.chunks] == [rows, rows, NUM_DATA - 2 * rows]
+
+    components = family.params_type(torch.from_numpy(means), torch.from_numpy(covariances))
+    params = MixtureParams(torch.from_numpy(weights), components, torch.arange(NUM_COMPONENTS))
+    result = e_step(params)
+    np.testing.assert_allclose(result.log_likelihood, log_evidence, rtol=1e-12)
+    np.testing.assert_allclose(result.stats.counts.numpy(), counts, rtol=1e-10)
+    sums = result.stats.sum_x.numpy() + counts[:, None] * family.shift.numpy()
+    np.testing.assert_allclose(sums / counts[:, None], component_means, rtol=1e-12)
+    np.testing.assert_allclose(result.stats.scatter.numpy(), scatter, rtol=1e-9, atol=1e-9)
+
+
+def _mixture_problem(kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Data, weights, means and covariances (dense ``(K, D, D)``) away from the origin."""
+    generator = np.random.default_rng(5)
+    data = 20.0 + generator.normal(0.0, 1.5, (NUM_DATA, DIM))
+    means = 20.0 + 2.0 * generator.normal(size=(NUM_COMPONENTS, DIM))
+    factors = generator.normal(size=(NUM_COMPONENTS, DIM, DIM)) / np.sqrt(DIM)
+    covariances = np.einsum("kde,kfe->kdf", factors, factors) + np.eye(DIM)
+    if kind == "diag":
+        covariances = np.stack([np.diag(np.diagonal(c)) for c in covariances])
+    weights = generator.dirichlet(np.full(NUM_COMPONENTS, 3.0))
+    return data, weights, means, covariances
+
+
+@pytest.mark.parametrize("kind", ["full", "diag"])
+def test_scoring_is_cut_by_bytes_with_the_brute_force_scores(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyroem.estep.enumerate import score_mixture
+
+    data, weights, means, dense = _mixture_problem(kind)
+    joint = _log_densities(data, means, dense) + np.log(weights)
+    peak = joint.max(1, keepdims=True)
+    log_evidence = np.log(np.exp(joint - peak).sum(1)) + peak[:, 0]
+
+    tensor = torch.from_numpy(data)
+    spec = pyroem.Mixture(NUM_COMPONENTS, covariance_type=kind, prior=None)
+    family = spec.bind(tensor)
+    # Every chunk the scoring pass prepares: each bounds the kernels' temporaries.
+    seen: list[int] = []
+    prepare = type(family).prepare
+    monkeypatch.setattr(
+        type(family), "prepare", lambda self, x: seen.append(x.shape[0]) or prepare(self, x)
+    )
+    covariances = dense if kind == "full" else np.diagonal(dense, axis1=1, axis2=2).copy()
+    components = family.params_type(torch.from_numpy(means), torch.from_numpy(covariances))
+    params = MixtureParams(torch.from_numpy(weights), components, torch.arange(NUM_COMPONENTS))
+    pointwise, log_resp = score_mixture(family, params, tensor, chunk_size=65536)
+
+    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (NUM_COMPONENTS * DIM * 8))
+    assert rows < NUM_DATA
+    assert seen == [rows, rows, NUM_DATA - 2 * rows]
+    np.testing.assert_allclose(pointwise.numpy(), log_evidence, rtol=1e-12)
+    np.testing.assert_allclose(log_resp.numpy(), joint - log_evidence[:, None], atol=1e-9)
+
+
+def test_the_estep_reads_the_data_in_place_without_a_second_copy() -> None:
+    data, *_ = _mixture_problem("full")
+    tensor = torch.from_numpy(data)
+    spec = pyroem.Mixture(NUM_COMPONENTS, prior=None)
+    e_step = MixtureEStep(spec.bind(tensor), spec.weights_prior, tensor, chunk_size=65536)
+    storage = tensor.untyped_storage().data_ptr()
+    assert all(chunk.untyped_storage().data_ptr() == storage for chunk in e_step.chunks)
