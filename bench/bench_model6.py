@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyroem
 from bench.bench_programs import _copy, _prior_start, tone_data
-from tests.test_pyro_examples import second_order_hmm
+from tests.engines.test_pyro_examples import second_order_hmm
 
 
 def _fit(args: tuple[Any, ...], init: Any, **options: Any) -> tuple[Any, float]:

@@ -65,7 +65,7 @@ import pyroem
 from pyroem.engines.program_map import initial_values
 from pyroem.model.program import ProgramModel
 from pyroem.model.space import jacobian_sites
-from tests import test_pyro_examples as ex
+from tests.engines import test_pyro_examples as ex
 
 HIDDEN = 3
 

@@ -19,7 +19,10 @@ import pytest
 import torch
 from pyro.distributions import constraints
 from pyro.infer import TraceEnum_ELBO, config_enumerate
-from tests.test_pyro_examples import (
+from torch.distributions import biject_to
+
+import pyroem
+from tests.engines.test_pyro_examples import (
     HIDDEN,
     MISSING,
     _tone_data,
@@ -27,9 +30,6 @@ from tests.test_pyro_examples import (
     mixed_hmm,
     pyro_log_joint,
 )
-from torch.distributions import biject_to
-
-import pyroem
 
 
 def _pyro_optimum(
