@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 _CHILD = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 import numpy as np
 import torch
 import pyroem
@@ -71,7 +71,11 @@ if mode != "baseline":
     if rank == 0:
         np.savez(out, **{key: value.numpy() for key, value in fit.params.items()})
 result["seconds"] = time.perf_counter() - start
-result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's own peak. (ru_maxrss is not: Linux carries the parent's peak
+# RSS across fork and exec, and the parent wrote the file through a memory map.)
+with open("/proc/self/status") as status:
+    peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+result["peak_rss_mb"] = peak / 1024
 if rank == 0:
     print(json.dumps(result))
 """

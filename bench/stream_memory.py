@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 import pyroem
 mode, path = sys.argv[1], sys.argv[2]
@@ -35,7 +35,10 @@ else:
     fit = pyroem.fit(spec, source, seed=0, max_iter=iters, tol=0.0, chunk_size=chunk)
     out = {"log_likelihood": fit.log_likelihood(), "iterations": fit.num_iterations}
 out["seconds"] = time.perf_counter() - start
-out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's own peak (ru_maxrss carries the parent's across fork and exec).
+with open("/proc/self/status") as status:
+    peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+out["peak_rss_mb"] = peak / 1024
 print(json.dumps(out))
 """
 
