@@ -9,12 +9,11 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
 
-from pyroem.em import EMRun, Engine, EStepResult, History, Iteration, MStepResult, run_em
+from pyroem.em import EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.engines.squarem import ACCELERATIONS, SquaremEngine
 from pyroem.errors import ConvergenceWarning, DataError, SpecError
 from pyroem.estep.compiled import CompiledEStep, CompiledProgram
@@ -526,21 +525,6 @@ def _short_runs(
     return short.best, list(short.restart_objectives)
 
 
-def _joined(first: EMRun, then: EMRun) -> EMRun:
-    """The short run ``first`` continued by ``then`` (which started at its end): one run."""
-    before, after = first.history, then.history
-    history = History(
-        np.concatenate([before.objective[:-1], after.objective]),
-        np.concatenate([before.log_likelihood[:-1], after.log_likelihood]),
-        np.concatenate([before.elapsed[:-1], after.elapsed + before.elapsed[-1]]),
-    )
-    return then._replace(
-        history=history,
-        num_iterations=first.num_iterations + then.num_iterations,
-        info=[*first.info[:-1], *then.info],
-    )
-
-
 def _short_run_start(
     program: ProgramModel, init: Any, n_init: int, max_iter: int, num_data: int
 ) -> bool:
@@ -637,15 +621,15 @@ def fit_program(
     if not single and _short_run_start(program, init, n_init, max_iter, int(engine.num_data)):
         short_run, short = _short_runs(engine, looped, base_seed, max_iter)
         engine.starts = [short_run.params]
-    # The continued run's iterations count from the start of its short run.
-    remaining = max_iter - (short_run.num_iterations if short_run is not None else 0)
+    # The short runs are the start (as k-means++ is a Mixture's): max_iter, the history,
+    # callbacks and checkpoints count the continued run's iterations.
     try:
         result = run_em(
-            looped, n_init=n_init, tol=tol, max_iter=remaining, progress=progress, callback=callback
+            looped, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
         )
     finally:
         engine.starts = None
-    best = result.best if short_run is None else _joined(short_run, result.best)
+    best = result.best
     # The fitted weights of pyro.module networks go into the networks themselves.
     with torch.no_grad():
         for name, parameter in program.module_params.items():

@@ -109,7 +109,7 @@ def test_benchmark_runs_and_agrees_with_sklearn(
     separated that most responsibilities underflow (log-responsibilities far below -708),
     which the E-step sets to zero."""
     pytest.importorskip("sklearn")
-    compare = runpy.run_path(str(ROOT / "bench" / "bench_gmm.py"), run_name="bench")["compare"]
+    compare = runpy.run_path(str(ROOT / "bench" / "bench_gmm.py"), run_name="bench_gmm")["compare"]
     numbers = compare(
         3000, 8, 4, covariance_type, tol=1e-6, max_iter=200, iterations=5, repeats=1, seed=1
     )
