@@ -55,20 +55,7 @@ def gradient_m_step(
     Returns:
         New values of the block's sites.
     """
-    transforms = {name: unconstraining(name, program.params[name].constraint) for name in names}
-    modules = program.module_params
-    for name in names:
-        if name in modules:
-            # A network reads its own parameter: optimise that tensor in place.
-            with torch.no_grad():
-                modules[name].copy_(values[name])
-    # Contiguous copies: L-BFGS flattens gradients with .view, which a strided value breaks.
-    unconstrained = [
-        modules[name]
-        if name in modules
-        else transforms[name](values[name].detach()).contiguous().clone().requires_grad_()
-        for name in names
-    ]
+    transforms, modules, unconstrained = _unconstrained_start(program, values, names)
 
     jacobian_sites = [name for name in names if name in jacobian]
 
@@ -276,18 +263,7 @@ def _lbfgs_ascent(
 ) -> dict[str, torch.Tensor] | None:
     """L-BFGS on ``objective(values with names replaced)`` from ``values`` (whose
     objective is ``before``); the accepted values (``None`` if none was)."""
-    transforms = {name: unconstraining(name, program.params[name].constraint) for name in names}
-    modules = program.module_params
-    for name in names:
-        if name in modules:
-            with torch.no_grad():
-                modules[name].copy_(values[name])
-    unconstrained = [
-        modules[name]
-        if name in modules
-        else transforms[name](values[name].detach()).contiguous().clone().requires_grad_()
-        for name in names
-    ]
+    transforms, modules, unconstrained = _unconstrained_start(program, values, names)
 
     def constrained(name: str, u: torch.Tensor) -> torch.Tensor:
         return u if name in modules else transforms[name].inv(u)
@@ -339,6 +315,28 @@ def _lbfgs_ascent(
         }
     _restore(names, modules, values)
     return None
+
+
+def _unconstrained_start(
+    program: ProgramModel, values: Mapping[str, torch.Tensor], names: list[str]
+) -> tuple[dict[str, Any], dict[str, torch.nn.Parameter], list[Any]]:
+    """The block's transforms, its networks' own parameters, and the leaf tensors L-BFGS
+    moves: a network's parameter in place (set to ``values``), every other site as a
+    contiguous unconstrained copy (L-BFGS flattens gradients with .view, which a strided
+    value breaks)."""
+    transforms = {name: unconstraining(name, program.params[name].constraint) for name in names}
+    modules = program.module_params
+    for name in names:
+        if name in modules:
+            with torch.no_grad():
+                modules[name].copy_(values[name])
+    unconstrained = [
+        modules[name]
+        if name in modules
+        else transforms[name](values[name].detach()).contiguous().clone().requires_grad_()
+        for name in names
+    ]
+    return transforms, modules, unconstrained
 
 
 def _restore(
