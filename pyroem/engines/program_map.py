@@ -13,7 +13,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
-from pyroem.em import EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
+from pyroem.em import Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.engines.squarem import ACCELERATIONS, SquaremEngine
 from pyroem.errors import ConvergenceWarning, DataError, SpecError
 from pyroem.estep.compiled import CompiledEStep, CompiledProgram
@@ -497,13 +497,13 @@ def _squarem(engine: _Engine) -> SquaremEngine:
 
 def _short_runs(
     engine: _Engine, looped: Engine, seed: int, max_iter: int
-) -> tuple[EMRun, list[float]]:
+) -> tuple[dict[str, torch.Tensor], list[float]]:
     """em-EM's start (Biernacki, Celeux & Govaert 2003): :data:`SHORT_RUNS` runs, each to
     :data:`SHORT_RUN_TOL` (at most :data:`SHORT_RUN_MAX_ITER` and ``max_iter``
     iterations; gradient M-steps of at most :data:`SHORT_RUN_GRADIENT_STEPS` L-BFGS
     iterations), from the prior draw at ``seed`` and from uniform draws in the
-    unconstrained coordinates (seeds ``seed + 1`` …); returns the run with the highest
-    objective, and every run's final objective (NaN: the run failed)."""
+    unconstrained coordinates (seeds ``seed + 1`` …); returns the end point of the run with
+    the highest objective, and every run's final objective (NaN: the run failed)."""
     engine.starts = [engine.first] + [
         uniform_values(engine.program, engine.first, seed + k) for k in range(1, SHORT_RUNS)
     ]
@@ -522,7 +522,7 @@ def _short_runs(
     finally:
         engine.starts = None
         engine.gradient_steps = steps
-    return short.best, list(short.restart_objectives)
+    return short.best.params, list(short.restart_objectives)
 
 
 def _short_run_start(
@@ -617,10 +617,9 @@ def fit_program(
     )
     looped: Engine = engine if accelerate is None else _squarem(engine)
     short: list[float] | None = None
-    short_run: EMRun | None = None
     if not single and _short_run_start(program, init, n_init, max_iter, int(engine.num_data)):
-        short_run, short = _short_runs(engine, looped, base_seed, max_iter)
-        engine.starts = [short_run.params]
+        start, short = _short_runs(engine, looped, base_seed, max_iter)
+        engine.starts = [start]
     # The short runs are the start (as k-means++ is a Mixture's): max_iter, the history,
     # callbacks and checkpoints count the continued run's iterations.
     try:
