@@ -9,6 +9,7 @@
     torchrun --nproc_per_node 2 -m pyroem fit --data 'part-*.npy'   # split over 2 processes
     pyroem fit --components 1..6                  # choose K by BIC (or --criterion loo)
     pyroem fit --method vb-em --plots plots/      # any method; PNG plots
+    pyroem fit --data 'part-*.npy' --stepwise --passes 2 --batch-size 4096   # stepwise EM
     pyroem compare --methods map-em,vb-em,nuts    # one model, several methods, one table
 
 A bare ``pyroem`` (or ``pyroem`` followed by options only) runs ``pyroem fit``.
@@ -17,7 +18,10 @@ A bare ``pyroem`` (or ``pyroem`` followed by options only) runs ``pyroem fit``.
 ``--data`` is one CSV file read into memory, or data streamed chunk by chunk (memory
 does not grow with the rows; :mod:`pyroem.sources`): a ``.npy`` or ``.parquet`` file, a
 glob of ``.npy``/``.csv``/``.parquet`` files (quoted: ``'part-*.parquet'``) or a folder of
-them. A streamed fit prints one line per pass over the data. Launched by ``torchrun``
+them. A streamed fit prints one line per pass over the data. ``--stepwise`` fits by
+stepwise (online) EM (:mod:`pyroem.engines.stepwise`; under ``--method vb-em``, stochastic
+VI): ``--passes`` passes of minibatches of ``--batch-size`` rows with step sizes
+``(t + 2)^-kappa``, on a CSV file read into memory or on streamed data. Launched by ``torchrun``
 (``WORLD_SIZE`` > 1 in the environment), the fit is split over the processes
 (:mod:`pyroem.engines.distributed`): each reads its shard, and rank 0 alone prints and writes.
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -87,6 +92,12 @@ MCMC_EM_SCHEDULES = ("saem", "mcem")
 #: The options that only mcmc-em takes (the sampling ones also apply to nuts).
 _MCMC_EM_ONLY = ("schedule", "max_samples", "burn_in", "final_draws")
 _SAMPLING = ("num_samples", "warmup_steps", "num_chains")
+#: Stepwise EM's defaults (``pyroem.engines.streamed.fit_mixture_large``), for the help.
+STEPWISE_DEFAULTS = {"batch_size": 1024, "kappa": 0.7, "passes": 5}
+#: The methods that fit by stepwise EM (vb-em: stochastic VI).
+STEPWISE_METHODS = ("map-em", "vb-em")
+#: The options that only ``--stepwise`` takes.
+_STEPWISE_ONLY = ("batch_size", "kappa", "passes", "no_shuffle")
 
 _OUTPUT_FILES = (
     "params.json",
@@ -113,6 +124,20 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return value
+
+
+def _kappa(text: str) -> float:
+    """``--kappa``: a number in (0.5, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.5 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a number in (0.5, 1] (step sizes (t + 2)^-kappa must sum to infinity "
+            f"while their squares do not); got {text!r}"
+        )
     return value
 
 
@@ -326,6 +351,39 @@ def build_parser() -> argparse.ArgumentParser:
         "table)",
     )
     fit_parser.add_argument(
+        "--stepwise",
+        action="store_true",
+        help="fit by stepwise (online) EM: running sufficient statistics updated from "
+        "minibatches, for data too large to pass over many times (map-em; vb-em: "
+        "stochastic VI)",
+    )
+    fit_parser.add_argument(
+        "--batch-size",
+        type=_positive,
+        metavar="N",
+        help=f"--stepwise: rows per minibatch (default: {STEPWISE_DEFAULTS['batch_size']})",
+    )
+    fit_parser.add_argument(
+        "--kappa",
+        type=_kappa,
+        metavar="K",
+        help="--stepwise: step-size exponent, step t has weight (t + 2)^-K, K in (0.5, 1] "
+        f"(default: {STEPWISE_DEFAULTS['kappa']})",
+    )
+    fit_parser.add_argument(
+        "--passes",
+        type=_positive,
+        metavar="N",
+        help="--stepwise: passes over the data, instead of --max-iter "
+        f"(default: {STEPWISE_DEFAULTS['passes']})",
+    )
+    fit_parser.add_argument(
+        "--no-shuffle",
+        action="store_true",
+        help="--stepwise on a CSV file read into memory: visit the rows in file order "
+        "(default: a fresh random order each pass; streamed data are read in their order)",
+    )
+    fit_parser.add_argument(
         "--checkpoint",
         metavar="PATH",
         help="write the fit's state to PATH as it runs (and on Ctrl-C); see --resume",
@@ -503,12 +561,48 @@ def _check_args(args: argparse.Namespace) -> None:
                 f"--max-samples ({options['max_samples']}) must be at least --num-samples "
                 f"({options.get('num_samples', MCMC_EM_DEFAULTS['num_samples'])})"
             )
+    if args.command == "fit":
+        _check_stepwise(args)
     if len(args.components) > 1 and args.criterion == "loo" and methods[0] not in ("vb-em", "nuts"):
         raise SpecError(
             f"--criterion loo needs posterior draws, which {methods[0]} does not give; "
             "choose K with --method vb-em or nuts (first in compare's --methods), or "
             "--criterion bic"
         )
+
+
+def _check_stepwise(args: argparse.Namespace) -> None:
+    """``--stepwise`` with a method that has it, and its options only with it.
+
+    Raises:
+        SpecError: naming the flag and what to change.
+    """
+    given = [name for name in _STEPWISE_ONLY if getattr(args, name) not in (None, False)]
+    if given and not args.stepwise:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        verb = "applies" if len(given) == 1 else "apply"
+        raise SpecError(f"{flags} {verb} to --stepwise only; add --stepwise, or leave {flags} out")
+    if args.stepwise and args.method not in STEPWISE_METHODS:
+        raise SpecError(
+            f"--stepwise runs --method map-em (stepwise EM) or vb-em (stochastic VI) on "
+            f"closed-form statistics; got --method {args.method}: choose map-em or vb-em, or "
+            "leave out --stepwise"
+        )
+    if args.stepwise and args.checkpoint is not None:
+        raise SpecError("--checkpoint is not written for --stepwise fits: leave out one of them")
+
+
+def _stepwise_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The stepwise options of :func:`pyroem.fit` from ``pyroem fit``'s command line."""
+    if args.command != "fit" or not args.stepwise:
+        return {}
+    options: dict[str, Any] = {"stepwise": True}
+    for name in ("batch_size", "kappa", "passes"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.no_shuffle:
+        options["shuffle"] = False
+    return options
 
 
 def _mcmc_em_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -756,6 +850,7 @@ def _fit_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
     em = {"n_init": args.n_init, "tol": args.tol, "max_iter": args.max_iter}
     if method == "mcmc-em":
         em.update(_mcmc_em_options(args))
+    em.update(_stepwise_options(args))
     return {
         **(nuts if method == "nuts" else em),
         "seed": args.seed,
