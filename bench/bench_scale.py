@@ -4,7 +4,8 @@ A K-component full-covariance Gaussian mixture on N × D rows written to a ``.np
 (float32 by default, to halve the disk), every fit in a fresh process:
 
 (a) batch MAP-EM streamed from the file: seconds per pass and peak RSS at each N
-    (flat in N: the fit holds chunks, the reservoir sample and 16 bytes a row);
+    (flat in N: the fit holds chunks and the reservoir sample; no per-row values, which
+    it computes on demand from the file);
 (b) stepwise EM on the smallest N: the gap of the log joint per point to the batch
     optimum after 1 and 2 passes (batch EM's own gap after 1 and 2 iterations beside it);
     with ``--method vb-em``, stochastic VI's ELBO against batch CAVI's;
@@ -14,6 +15,7 @@ A K-component full-covariance Gaussian mixture on N × D rows written to a ``.np
 
     python bench/bench_scale.py                                  # N = 1e6, 1e7; D = K = 16
     python bench/bench_scale.py --rows 200000 1000000 --passes 2 # a small run
+    python bench/bench_scale.py --rows 1000000 10000000 --passes 1 --skip b c  # memory
 
 Seconds per pass exclude the first E-step (which includes the initialisation on the
 reservoir sample); the scan pass and the final scoring pass are in the total seconds.

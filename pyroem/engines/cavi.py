@@ -50,7 +50,7 @@ from pyroem.estep.enumerate import (
     scale_statistics,
     score_mixture,
 )
-from pyroem.estep.stream import ChunksEStep, StreamedData, score_rows
+from pyroem.estep.stream import ChunksEStep, StreamedData, score_totals
 from pyroem.fits.checkpoint import to_device
 from pyroem.fits.core import Fit, FitResult
 from pyroem.model.mixture import Mixture, MixtureParams
@@ -632,10 +632,14 @@ class VariationalFit(FitResult):
 
     def predict_proba(self, data: Any) -> torch.Tensor:
         """Responsibilities ``q(z_n = k)`` of new data under the fitted ``q(π, θ)``, ``(N, K)``."""
-        tensor = self._data(data)
         chunk_size = int(self.options.get("chunk_size", 65536))
-        chunks = (self.family.prepare(chunk) for chunk in tensor.split(chunk_size))
-        return _assignment_probs(self._factor, self._state, chunks)
+        parts = []
+        # A source is read chunk by chunk (FitResult._chunks); only the result is held.
+        for block in self._chunks(data):
+            tensor = self._data(block)
+            chunks = (self.family.prepare(chunk) for chunk in tensor.split(chunk_size))
+            parts.append(_assignment_probs(self._factor, self._state, chunks))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _archive(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """:class:`FitResult`'s arrays plus the factors of ``q``: ``q(π)``, ``q(θ)`` in its
@@ -858,19 +862,26 @@ def fit_mixture_cavi(
         factor.expected_params(state.components),
         torch.arange(spec.num_components, device=data.device),
     )
+    rows: dict[str, Any]
     if streamed is None:
         resp, final_resp = best.extras
         pointwise, _ = score_mixture(family, internal, data, chunk_size)
-        labels = final_resp.argmax(-1)
+        rows = dict(pointwise_log_likelihood=pointwise, labels=final_resp.argmax(-1))
+        log_likelihood = float(pointwise.sum())
     else:
 
-        def score(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            scores, _ = score_mixture(factor.family, internal, chunk, chunk_size)
-            probs = _assignment_probs(factor, state, [factor.family.prepare(chunk)])
-            return scores, probs.argmax(-1)
+        def score(chunk: torch.Tensor) -> torch.Tensor:
+            return score_mixture(factor.family, internal, chunk, chunk_size)[0]
 
-        pointwise, labels = score_rows(streamed, score, collective)
-    log_likelihood = float(pointwise.sum())
+        # No per-row values are kept (memory flat in N): labels are computed on demand.
+        num_rows, log_likelihood = score_totals(streamed, score, collective)
+        rows = dict(
+            pointwise_log_likelihood=None,
+            labels=None,
+            source=streamed.source,
+            num_data=num_rows,
+            log_likelihood=log_likelihood,
+        )
     history = best.history
     draws = None
     if num_draws:
@@ -916,8 +927,7 @@ def fit_mixture_cavi(
         family=family,
         method="vb-em",
         internal=internal,
-        pointwise_log_likelihood=pointwise,
-        labels=labels,
+        **rows,
         objective=log_joint,
         **result.fit_fields(history),
         options=fit_options,

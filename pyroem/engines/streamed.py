@@ -21,7 +21,7 @@ from pyroem.engines.initialization import seeded_generator
 from pyroem.engines.stepwise import StepwiseEngine, check_stepwise
 from pyroem.errors import SpecError
 from pyroem.estep.enumerate import score_mixture
-from pyroem.estep.stream import ChunksEStep, StreamedData, open_streamed, score_rows
+from pyroem.estep.stream import ChunksEStep, StreamedData, open_streamed, score_totals
 from pyroem.fits.core import FitResult, fit_start
 from pyroem.model.families import Family
 from pyroem.model.mixture import Mixture, as_data
@@ -174,20 +174,31 @@ def fit_mixture_large(
     result = run_em(engine, **settings.loop())
     best = result.best
 
-    def score(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, log_resp = score_mixture(family, best.params, chunk, chunk_size)
-        return scores, log_resp.argmax(-1)
+    def score(chunk: torch.Tensor) -> torch.Tensor:
+        return score_mixture(family, best.params, chunk, chunk_size)[0]
 
-    streamed = StreamedData(source, shard, sample, num_data)
-    pointwise, labels = score_rows(streamed, score, collective)
+    if held is None:
+        # Per-row values (labels, pointwise log-likelihood) are not kept: memory stays
+        # flat in N; the fit computes them from the source on demand.
+        rows: dict[str, Any] = dict(
+            pointwise_log_likelihood=None,
+            labels=None,
+            source=source,
+            num_data=num_data,
+            log_likelihood=score_totals(
+                StreamedData(source, shard, sample, num_data), score, collective
+            )[1],
+        )
+    else:
+        pointwise, log_resp = score_mixture(family, best.params, held, chunk_size)
+        rows = dict(pointwise_log_likelihood=pointwise, labels=log_resp.argmax(-1))
     return FitResult(
         spec=model,
         family=family,
         method=method,
         internal=best.params,
-        pointwise_log_likelihood=pointwise,
-        labels=labels,
         objective=best.last.objective,
+        **rows,
         **result.fit_fields(),
         options={**options, **result.record()},
         data=held,

@@ -22,7 +22,7 @@ from pyroem.model.families import Family
 from pyroem.model.mixture import Mixture
 from pyroem.sources import ChunkSource, scan
 
-__all__ = ["ChunksEStep", "StreamedData", "open_streamed", "score_rows"]
+__all__ = ["ChunksEStep", "StreamedData", "open_streamed", "score_totals"]
 
 
 class _Prepared:
@@ -119,38 +119,28 @@ def open_streamed(
     return StreamedData(source, shard, sample, num_data)
 
 
-def score_rows(
+def score_totals(
     streamed: StreamedData,
-    score: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    score: Callable[[torch.Tensor], torch.Tensor],
     collective: Collective = LOCAL,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The final pass of a streamed fit: ``score(chunk)`` (a value and a label per row)
-    for every row of the source, ``(N,)`` each. Split over processes, each rank scores
-    its shard and the ranks' rows are gathered, when the shards are blocks of consecutive
-    rows; otherwise every rank reads the whole source.
+) -> tuple[int, float]:
+    """The final pass of a streamed fit: the rows and the sum of ``score(chunk)`` (a
+    value per row, e.g. the log-likelihood) over the whole source, each rank reading its
+    shard and the totals summed over the ranks. No per-row value is kept, so memory does
+    not grow with the rows; the fit computes them on demand from the source.
 
     Raises:
         DataError: the source gave another number of rows than in its first pass.
     """
-    sample, num_data = streamed.sample, streamed.num_data
-    if collective is not LOCAL and streamed.shard.ordered:
-        parts = [score(chunk) for chunk in streamed.shard]
-        pointwise = collective.gather_rows(torch.cat([part[0] for part in parts]))
-        labels = collective.gather_rows(torch.cat([part[1] for part in parts]))
-        row = pointwise.shape[0]
-    else:
-        # Filled in place: the fit keeps 16 bytes a row (no copy of the data).
-        pointwise = torch.empty(num_data, dtype=sample.dtype, device=sample.device)
-        labels = torch.empty(num_data, dtype=torch.int64, device=sample.device)
-        row = 0
-        for chunk in streamed.source:
-            scores, chunk_labels = score(chunk)
-            pointwise[row : row + chunk.shape[0]] = scores
-            labels[row : row + chunk.shape[0]] = chunk_labels
-            row += chunk.shape[0]
-    if row != num_data:
+    rows, total = 0, 0.0
+    for chunk in streamed.shard if collective is not LOCAL else streamed.source:
+        rows += chunk.shape[0]
+        total += float(score(chunk).sum(dtype=torch.float64))
+    if collective is not LOCAL:
+        rows, total = round(collective.sum(float(rows))), collective.sum(total)
+    if rows != streamed.num_data:
         raise DataError(
-            f"{streamed.source.description} gave {row} rows in the last pass but {num_data} "
-            "in the first; a source must give the same data on every pass"
+            f"{streamed.source.description} gave {rows} rows in the last pass but "
+            f"{streamed.num_data} in the first; a source must give the same data on every pass"
         )
-    return pointwise, labels
+    return rows, total

@@ -20,6 +20,7 @@ from pyroem.estep.enumerate import score_mixture
 from pyroem.fits.archive import FORMAT_VERSION, MIXTURE_FORMAT
 from pyroem.model.families import Family
 from pyroem.model.mixture import Mixture, MixtureParams, as_data, fill_missing
+from pyroem.sources import ChunkSource, open_source
 
 __all__ = ["Fit", "FitResult", "fit_start", "format_array", "mixture_fit_from_program"]
 
@@ -113,7 +114,7 @@ class Fit:
         if data is None and not pointwise:
             return self._log_likelihood
         mixture = self._scorer("log_likelihood(data)")
-        values = mixture._pointwise if data is None else mixture.score_samples(data)
+        values = mixture._pointwise_values() if data is None else mixture.score_samples(data)
         return values.clone() if pointwise else float(values.sum())
 
     def log_joint(self) -> float:
@@ -274,8 +275,12 @@ class FitResult(Fit):
         params: user-facing parameters: ``"weights"`` ``(K,)`` plus the family's
             (gaussian: ``"means"``, ``"covariances"``; poisson/exponential: ``"rates"``;
             bernoulli: ``"probs"`` ``(K, D)``; categorical: ``"probs"`` ``(K, D, C)``).
-        labels: most probable component of each training point, ``(N,)``.
+        labels: most probable component of each training point, ``(N,)``. A fit of a
+            streamed source holds no per-row values: ``labels`` and
+            ``log_likelihood(pointwise=True)`` re-read the source chunk by chunk.
         data: the training data ``(num_data, dim)`` (``None`` for a loaded fit).
+        source: the streamed source a fit read chunk by chunk (``None`` for data held
+            in memory, and for a loaded fit).
         removed_components: original indices of components removed because their
             weight collapsed (only with ``weights_prior < 1``).
     """
@@ -291,25 +296,57 @@ class FitResult(Fit):
         spec: Mixture,
         family: Family,
         internal: MixtureParams,
-        pointwise_log_likelihood: torch.Tensor,
-        labels: torch.Tensor,
+        pointwise_log_likelihood: torch.Tensor | None,
+        labels: torch.Tensor | None,
         objective: float,
         data: torch.Tensor | None = None,
+        source: ChunkSource | None = None,
         **fit: Any,
     ) -> None:
-        super().__init__(
-            model=spec,
-            num_data=int(pointwise_log_likelihood.shape[0]),
-            log_likelihood=float(pointwise_log_likelihood.sum()),
-            log_joint=objective,
-            **fit,
-        )
+        # Without per-row values (a streamed fit), ``num_data`` and ``log_likelihood``
+        # come in ``fit``.
+        if pointwise_log_likelihood is not None:
+            fit.update(
+                num_data=int(pointwise_log_likelihood.shape[0]),
+                log_likelihood=float(pointwise_log_likelihood.sum()),
+            )
+        super().__init__(model=spec, log_joint=objective, **fit)
         self.spec = spec
         self.family = family
         self._internal = internal
         self._pointwise = pointwise_log_likelihood
-        self.labels = labels
+        self._labels = labels
         self.data = data
+        self.source = source
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Most probable component of each training point, ``(N,)`` (a streamed fit's
+        computed now, chunk by chunk from its source)."""
+        if self._labels is None:
+            return self.predict(self._training_source("labels"))
+        return self._labels
+
+    @labels.setter
+    def labels(self, value: torch.Tensor | None) -> None:
+        self._labels = value
+
+    def _pointwise_values(self) -> torch.Tensor:
+        """The training data's pointwise log-likelihood, ``(N,)``."""
+        if self._pointwise is None:
+            return self.score_samples(self._training_source("log_likelihood(pointwise=True)"))
+        return self._pointwise
+
+    def _training_source(self, what: str) -> ChunkSource:
+        """The source a streamed fit read, or an error naming the route."""
+        if self.source is None:
+            raise NotSupportedError(
+                f"{what}: this fit of a streamed source keeps no per-row values (memory "
+                "does not grow with the rows) and, loaded from a file, no source to "
+                "re-read: pass the data, e.g. fit.predict(path) or fit.score_samples(path), "
+                "which read it chunk by chunk"
+            )
+        return self.source
 
     @property
     def mixture(self) -> FitResult:
@@ -358,7 +395,27 @@ class FitResult(Fit):
 
     def _score(self, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
         chunk_size = int(self.options.get("chunk_size", 65536))
-        return score_mixture(self.family, self._internal, self._data(data), chunk_size)
+        parts = [
+            score_mixture(self.family, self._internal, self._data(chunk), chunk_size)
+            for chunk in self._chunks(data)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            raise DataError("the source gave no rows; pass data with at least one row")
+        return torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
+
+    def _chunks(self, data: Any) -> Any:
+        """``data`` as one block when held in memory; a source (a file, a glob, a memmap,
+        a function of chunks, a :class:`~pyroem.sources.ChunkSource`) chunk by chunk, in
+        the fit's dtype and device, so only the per-row results are held."""
+        source = data if isinstance(data, ChunkSource) else None
+        if source is None and not isinstance(data, torch.Tensor | np.ndarray):
+            source = open_source(data, int(self.options.get("chunk_size", 65536)))
+        if source is None:
+            return [data]
+        weights = self._internal.weights
+        return source.with_options(weights.dtype, weights.device)
 
     # ----- display --------------------------------------------------------------
     def _repr_fields(self) -> list[str]:
@@ -398,9 +455,10 @@ class FitResult(Fit):
         arrays: dict[str, np.ndarray] = {
             "weights": self._internal.weights.cpu().numpy(),
             "active": self._internal.active.cpu().numpy(),
-            "pointwise_log_likelihood": self._pointwise.cpu().numpy(),
-            "labels": self.labels.cpu().numpy(),
         }
+        if self._pointwise is not None and self._labels is not None:
+            arrays["pointwise_log_likelihood"] = self._pointwise.cpu().numpy()
+            arrays["labels"] = self._labels.cpu().numpy()
         for name, value in self._internal.components._asdict().items():
             arrays[f"component/{name}"] = value.detach().cpu().numpy()
         shift = getattr(self.family, "shift", None)
@@ -412,6 +470,9 @@ class FitResult(Fit):
             "dtype": str(self._internal.weights.dtype).removeprefix("torch."),
             "objective": self._log_joint,
         }
+        if self._pointwise is None:
+            # A streamed fit: its totals, not per-row values.
+            meta["rows"] = {"num_data": self.num_data, "log_likelihood": self._log_likelihood}
         return arrays, meta
 
 

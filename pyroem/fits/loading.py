@@ -215,10 +215,23 @@ def _restore_mixture(
         )
     except (PyroEMError, ValueError, RuntimeError) as err:
         raise FitFileError(f"its parameters are invalid: {err}") from None
-    pointwise = _array(arrays, "pointwise_log_likelihood", float_type, ndim=1)
-    labels = _array(arrays, "labels", np.int64, shape=pointwise.shape)
-    if labels.size and not ((labels >= 0) & (labels < num_active)).all():
-        raise FitFileError(f"its labels must lie in 0..{num_active - 1}")
+    rows = meta.get("rows")
+    pointwise = labels = None
+    if isinstance(rows, dict):
+        # A streamed fit's totals (it keeps no per-row values).
+        try:
+            common.update(
+                num_data=int(rows["num_data"]), log_likelihood=float(rows["log_likelihood"])
+            )
+        except (KeyError, TypeError, ValueError):
+            raise FitFileError(
+                f"its rows record {rows!r} is not num_data and log_likelihood"
+            ) from None
+    else:
+        pointwise = _array(arrays, "pointwise_log_likelihood", float_type, ndim=1)
+        labels = _array(arrays, "labels", np.int64, shape=pointwise.shape)
+        if labels.size and not ((labels >= 0) & (labels < num_active)).all():
+            raise FitFileError(f"its labels must lie in 0..{num_active - 1}")
     draws = common["draws"] or {}
     params = {"weights": weights.shape, **{k: v.shape for k, v in components.items()}}
     for name, value in draws.items():
@@ -243,8 +256,8 @@ def _restore_mixture(
         spec=spec,
         family=family,
         internal=internal,
-        pointwise_log_likelihood=torch.from_numpy(pointwise),
-        labels=torch.from_numpy(labels),
+        pointwise_log_likelihood=None if pointwise is None else torch.from_numpy(pointwise),
+        labels=None if labels is None else torch.from_numpy(labels),
         objective=float(meta["objective"]),
         **common,
     )

@@ -493,7 +493,8 @@ def _relabel(
             fit.family.select(internal.components, index),
             internal.active[index],
         )
-        new.labels = inverse[fit.labels]
+        if fit._labels is not None:  # a streamed fit's follow its parameters
+            new.labels = inverse[fit._labels]
         return new
     new._values = permute_components(fit._values, permutation, axes)
     new.marginals = {

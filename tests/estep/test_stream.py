@@ -114,9 +114,12 @@ def test_function_of_chunks_and_dataloader_give_the_in_memory_fit(data, referenc
         calls.append(1)
         return iter(np.array_split(data, 9))
 
-    _same_fit(_stream_fit(chunks), reference)
+    fit = _stream_fit(chunks)
     # One pass for the scan, one per E-step, one for the final scores.
     assert len(calls) == reference.num_iterations + 3
+    _same_fit(fit, reference)
+    # The labels are not kept but computed on demand: one more pass.
+    assert len(calls) == reference.num_iterations + 4
     dataset = torch.utils.data.TensorDataset(torch.as_tensor(data))
     loader = torch.utils.data.DataLoader(dataset, batch_size=100, shuffle=False)
     _same_fit(_stream_fit(loader), reference)
