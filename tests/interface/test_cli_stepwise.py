@@ -130,3 +130,13 @@ def test_stepwise_usage_errors_come_before_torch_is_imported(extra, message):
     )
     assert completed.stdout.split() == ["2", "False"], completed.stderr
     assert message in completed.stderr
+
+
+def test_stepwise_defaults_in_the_help_are_the_api_defaults():
+    import inspect
+
+    from pyroem.cli import STEPWISE_DEFAULTS
+    from pyroem.engines.streamed import fit_mixture_large
+
+    parameters = inspect.signature(fit_mixture_large).parameters
+    assert STEPWISE_DEFAULTS == {name: parameters[name].default for name in STEPWISE_DEFAULTS}
