@@ -430,15 +430,16 @@ def _collective(
     group = collective(distributed, device)
     if group is LOCAL:
         return group
-    supported = (method, kind) in (("map-em", "Mixture"), ("vb-em", "Mixture (CAVI)"))
+    split = (("map-em", "Mixture"), ("vb-em", "Mixture (CAVI)"), ("map-em", "program"))
+    supported = (method, kind) in split
     if not supported or options.get("stepwise"):
         model = "a Pyro program" if kind == "program" else f"a {kind}"
         what = "stepwise EM" if supported else f"method={method!r} on {model}"
         raise NotSupportedError(
             f"this process is one of {group.world_size} ranks of a torch.distributed process "
             f"group, but a distributed fit is written for batch map-em and vb-em (CAVI) on a "
-            f"pyroem.Mixture, not {what}: pass distributed=False to fit in each process "
-            "alone, or express the model as a pyroem.Mixture"
+            f"pyroem.Mixture and batch map-em on a Pyro program, not {what}: pass "
+            "distributed=False to fit in each process alone"
         )
     return group
 
@@ -479,6 +480,7 @@ def _fit_checked(
                 gradient_steps=settings.gradient_steps,
                 space=method_options["space"],
                 accelerate=settings.accelerate,
+                collective=settings.collective,
                 **settings.loop(),
             )
         else:

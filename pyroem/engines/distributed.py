@@ -14,6 +14,12 @@ whole data, so every rank takes the same M-step and holds the same parameters.
   gets the same bits.
 - **Starting points.** Rank 0's starting parameters of every restart are broadcast; a
   seed is broadcast when none is given, so the restarts' draws agree.
+- **Pyro programs** (map-em). Each rank passes :func:`pyroem.fit` its own shard of the
+  data (the program's plates sized by the shard). The E-step (program runs, tables,
+  forward-backward) is per rank; the objective is the ranks' log-likelihoods summed plus
+  rank 0's prior term; each closed-form update sums its weighted statistics over the ranks
+  (:func:`pyroem.mstep.recognised.summed_over_shards`) before the prior joins them, so
+  every rank takes the closed form of the whole data.
 - **Shards.** In-memory data is passed whole on every rank (e.g. a memmap or a loaded
   array) and rank ``r`` takes rows ``[r N / W, (r + 1) N / W)``; a source
   (:mod:`pyroem.sources`) is split by :meth:`~pyroem.sources.ChunkSource.shard`. The
@@ -136,6 +142,13 @@ class Collective:
         buffer = torch.tensor([value], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(buffer)
         return float(buffer)
+
+    def sum_tensors(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``tensors`` summed over the ranks (one ``all_reduce`` in float64), each back in
+        its own dtype and device."""
+        flat = self._flat(tuple(tensors))
+        torch.distributed.all_reduce(flat)
+        return list(_rebuild(tuple(tensors), flat.cpu(), [0]))
 
     def broadcast(self, tree: Any) -> Any:
         """Rank 0's values of ``tree`` (nested tuples of tensors of the same shapes on
@@ -266,6 +279,9 @@ class _Local(Collective):
 
     def broadcast(self, tree: Any) -> Any:
         return tree
+
+    def sum_tensors(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return tensors
 
     def broadcast_seed(self, seed: int | None) -> int | None:  # type: ignore[override]
         return seed

@@ -14,8 +14,9 @@ import pyro.poutine as poutine
 import torch
 
 from pyroem.em import Engine, EStepResult, Iteration, MStepResult, run_em
+from pyroem.engines.distributed import LOCAL, Collective
 from pyroem.engines.squarem import ACCELERATIONS, SquaremEngine
-from pyroem.errors import ConvergenceWarning, DataError, SpecError
+from pyroem.errors import ConvergenceWarning, DataError, NotSupportedError, SpecError
 from pyroem.estep.compiled import CompiledEStep, CompiledProgram
 from pyroem.estep.program import posterior
 from pyroem.fits.checkpoint import checkpointing
@@ -38,6 +39,7 @@ from pyroem.mstep.recognised import (
     closed_form_update,
     prior_weight,
     recognise,
+    summed_over_shards,
     unwrap_distribution,
 )
 from pyroem.mstep.stacked import StackedUpdate
@@ -332,9 +334,12 @@ class _Engine(Engine):
         restart_values: Callable[[int], dict[str, torch.Tensor]],
         name: str,
         jacobian: list[str],
+        collective: Collective = LOCAL,
     ) -> None:
         self.name = name
-        self.num_data = num_observations(first_trace, program)
+        self.collective = collective
+        # N of the whole data (every rank's shard), so the ranks stop together.
+        self.num_data = collective.sum(num_observations(first_trace, program))
         self.restart_values = restart_values
         self.program = program
         self.jacobian = jacobian
@@ -391,7 +396,12 @@ class _Engine(Engine):
         unconstrained space."""
         if log_joint == math.inf:
             raise unbounded_error(self.program, self.first_trace)
-        return EStepResult(stats, log_joint + self.log_jacobian(values), log_likelihood)
+        result = EStepResult(stats, log_joint + self.log_jacobian(values), log_likelihood)
+        if self.collective is LOCAL:
+            return result
+        # The ranks' log-likelihoods summed, plus the prior terms of rank 0.
+        total = self.collective.reduce(result._replace(stats=None))
+        return total._replace(stats=stats)
 
     def log_jacobian(self, values: Mapping[str, torch.Tensor]) -> float:
         """The objective less the log joint (0 in the constrained space)."""
@@ -403,13 +413,14 @@ class _Engine(Engine):
     def m_step(self, stats: Any, values: dict[str, torch.Tensor], iteration: int) -> MStepResult:
         """One ECM sweep: closed-form blocks in order, then the gradient blocks."""
         values = dict(values)
-        if isinstance(stats, CompiledEStep):
-            self._compiled_sweep(stats, values)
-        else:
-            weights = stats.weights
-            closed_form_sweep(
-                self.program, self.found, self.order, self.retrace, stats.trace, weights, values
-            )
+        with _shard_sums(self.collective):
+            if isinstance(stats, CompiledEStep):
+                self._compiled_sweep(stats, values)
+            else:
+                weights = stats.weights
+                closed_form_sweep(
+                    self.program, self.found, self.order, self.retrace, stats.trace, weights, values
+                )
         if self.gradient_sites:
             # ECME: the gradient block climbs the objective itself (see ecme_m_step).
             objective = MarginalObjective(self.program, self.compiled, self.jacobian)
@@ -469,6 +480,56 @@ class _Engine(Engine):
         if isinstance(stats, CompiledEStep):
             return self.layout.marginals(stats)
         return stats.marginals
+
+
+@contextmanager
+def _shard_sums(group: Collective) -> Iterator[None]:
+    """The closed forms' statistics summed over the ranks of a distributed fit."""
+    if group is LOCAL:
+        yield
+        return
+    with summed_over_shards(group.sum_tensors):
+        yield
+
+
+def _broadcast_values(
+    group: Collective, program: ProgramModel, values: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Rank 0's parameter values on every rank."""
+    if group is LOCAL:
+        return values
+    names = list(program.params)
+    shared = group.broadcast(tuple(values[name] for name in names))
+    return dict(zip(names, shared, strict=True))
+
+
+def _check_distributed(
+    program: ProgramModel, found: Mapping[str, ClosedForm | None], accelerate: str | None
+) -> None:
+    """Raise unless the fit splits exactly over shards of the data: every parameter has a
+    closed form read by data sites only (their statistics are sums over the shards)."""
+    gradient = [name for name, block in found.items() if block is None]
+    if gradient:
+        raise NotSupportedError(
+            f"a distributed fit of a Pyro program takes closed-form M-steps only; the "
+            f"parameters {gradient} have none (they would take gradient M-steps): pass "
+            "distributed=False to fit in each process alone, or give them conjugate priors "
+            "the closed forms recognise"
+        )
+    for name, block in found.items():
+        assert block is not None
+        shared = sorted({use.site for use in block.uses if use.site in program.params})
+        if shared:
+            raise NotSupportedError(
+                f"a distributed fit of a Pyro program sums each closed form's statistics over "
+                f"the ranks' data, but {name!r} is read by the parameters {shared}, which "
+                "every rank holds whole: pass distributed=False to fit in each process alone"
+            )
+    if accelerate is not None:
+        raise NotSupportedError(
+            f"accelerate={accelerate!r} is not written for a distributed fit of a Pyro "
+            "program: pass accelerate=None, or distributed=False"
+        )
 
 
 def _squarem(engine: _Engine) -> SquaremEngine:
@@ -568,6 +629,7 @@ def fit_program(
     callback: Callable[[Iteration], Any] | None = None,
     space: str = "auto",
     accelerate: str | None = None,
+    collective: Collective = LOCAL,
 ) -> ProgramFit:
     """Fit a Pyro program by MAP-EM (see :func:`pyroem.fit`).
 
@@ -575,6 +637,10 @@ def fit_program(
     collector's full collections (:func:`gc.freeze`; undone at the end): an EM
     iteration reruns the program and allocates much, and each full collection would
     otherwise rescan every object of the interpreter (torch, Pyro, the user's data).
+
+    In a distributed fit (``collective`` of several ranks) each rank's program holds its
+    own shard of the data; the ranks' starts are rank 0's, their objectives and closed-form
+    statistics are summed over the ranks, and every rank returns the same parameters.
     """
     if m_step not in M_STEPS:
         raise SpecError(f"m_step must be one of {M_STEPS}; got {m_step!r}")
@@ -590,7 +656,7 @@ def fit_program(
     if isinstance(init, Mapping) and set(init) >= set(program.params):
         n_init = 1
     base_seed = resolve_seed(seed)
-    first = initial_values(program, init, base_seed)
+    first = _broadcast_values(collective, program, initial_values(program, init, base_seed))
     first_trace = program.trace(first)
     check_full_plates(first_trace)
     # The structure of the first trace, read once: the E-steps and the probes rerun it.
@@ -603,6 +669,8 @@ def fit_program(
     space = resolve_space(space, program, first_trace)
     jacobian = jacobian_sites(program, first_trace) if space == "unconstrained" else []
     found = _adjust_blocks(program, found, first_trace, jacobian)
+    if collective is not LOCAL:
+        _check_distributed(program, found, accelerate)
     kinds = {name: "gradient" if block is None else block.kind for name, block in found.items()}
     engine = _Engine(
         program,
@@ -611,9 +679,12 @@ def fit_program(
         first,
         first_trace,
         layout,
-        lambda restart: initial_values(program, init, base_seed + restart),
+        lambda restart: _broadcast_values(
+            collective, program, initial_values(program, init, base_seed + restart)
+        ),
         method,
         jacobian,
+        collective,
     )
     looped: Engine = engine if accelerate is None else _squarem(engine)
     short: list[float] | None = None
@@ -646,6 +717,7 @@ def fit_program(
         "start": "prior" if short is None else "short runs",
         **({} if short is None else {"short_run_objectives": short}),
         **result.record(),
+        **collective.record(),
     }
     return ProgramFit(
         program=program,

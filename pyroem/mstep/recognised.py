@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from types import SimpleNamespace
 from typing import Any, NamedTuple
 
@@ -50,6 +52,7 @@ __all__ = [
     "effective_prior",
     "prior_weight",
     "recognise",
+    "summed_over_shards",
 ]
 
 Tensor = torch.Tensor
@@ -999,6 +1002,34 @@ def _scatter(num_rows: int, index: torch.Tensor, values: torch.Tensor) -> torch.
     return out.index_add_(0, index, values)
 
 
+# How the closed forms sum their weighted statistics over the shards of a distributed
+# fit (None: one process holds all the data).
+_SHARD_SUMS: ContextVar[Callable[[list[torch.Tensor]], list[torch.Tensor]] | None] = ContextVar(
+    "shard_sums", default=None
+)
+
+
+@contextmanager
+def summed_over_shards(
+    reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+) -> Iterator[None]:
+    """Within the block, every closed form's weighted sums over its uses (counts, moments,
+    scatter matrices: the data terms, before the prior joins them) are passed through
+    ``reduce``, which returns them summed over the shards of the data (one all-reduce
+    per block): each shard's process then takes the closed form of the whole data."""
+    token = _SHARD_SUMS.set(reduce)
+    try:
+        yield
+    finally:
+        _SHARD_SUMS.reset(token)
+
+
+def _over_shards(*sums: torch.Tensor) -> list[torch.Tensor]:
+    """``sums`` summed over the shards (:func:`summed_over_shards`); as they are otherwise."""
+    reduce = _SHARD_SUMS.get()
+    return list(sums) if reduce is None else reduce(list(sums))
+
+
 SCALE_SLOTS = ("normal-variance", "normal-precision", "mvn-covariance")
 LOCATION_SLOTS = ("normal-loc", "mvn-loc")
 
@@ -1148,6 +1179,7 @@ def _categorical(current: Tensor, uses: list[Any], prior: Any, unconstrained: bo
         w = w.expand(shape).sum_to_size(target).reshape(-1)
         keys = (index.expand(target).reshape(-1), value.expand(target).reshape(-1))
         counts.index_put_(keys, w, accumulate=True)
+    (counts,) = _over_shards(counts)
     (concentration,) = _flat_prior(current, prior, "concentration")
     concentration = None if concentration is None else concentration.reshape(rows.shape)
     return conjugate.dirichlet_mode(counts, concentration, unconstrained).reshape(current.shape)
@@ -1173,7 +1205,7 @@ def _row_sums(
         more = _sums_by_row(flat.numel(), index, shape, (w, *first), (w, *second))
         for total, extra in zip(sums, more, strict=True):
             total += extra
-    return sums
+    return _over_shards(*sums)
 
 
 def _binary(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) -> Tensor:
@@ -1262,6 +1294,7 @@ def _mvn_loc(current: Tensor, uses: list[Any], prior: Any, unconstrained: bool) 
         precision = torch.cholesky_inverse(tril_flat)
         information += torch.einsum("rc,cij->rij", sum_w, precision)
         weighted += torch.einsum("cij,rcj->ri", precision, sum_wx)
+    information, weighted = _over_shards(information, weighted)
     mean = prior_precision = None
     if prior is not None:
         if isinstance(prior, dist.MultivariateNormal):
@@ -1295,6 +1328,7 @@ def _mvn_covariance(current: Tensor, uses: list[Any], prior: Any, unconstrained:
             chosen = index == row
             r = residual[chosen]
             scatter[row] += (r * w[chosen, None]).mT @ r
+    counts, scatter = _over_shards(counts, scatter)
     df = psi = None
     if prior is not None:
         df = prior.df.expand(current.shape[:-2]).reshape(-1)

@@ -1,7 +1,8 @@
 """Distributed fits: two gloo processes on 127.0.0.1, each reading its shard, give the
 single-process fit (float64, to 1e-10) for MAP-EM and CAVI on a Mixture (data in memory
-and streamed from files), and both ranks hold the same parameters; a streamed fit's
-ranks read only their shard of the files, in every pass."""
+and streamed from files) and for MAP-EM on a Pyro program (each rank passing its shard),
+and both ranks hold the same parameters; a streamed fit's ranks read only their shard of
+the files, in every pass."""
 
 import importlib.util
 import os
@@ -12,6 +13,8 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 
@@ -48,6 +51,81 @@ WORKER = textwrap.dedent(
     dist.destroy_process_group()
     """
 )
+
+
+PROGRAM_WORKER = textwrap.dedent(
+    """
+    import sys
+
+    import numpy as np
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    out = sys.argv[1]
+    sys.path.insert(0, sys.argv[3])
+    from test_distributed import PROGRAM_FITS, program_data
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    data = program_data()
+    shard = data[rank * len(data) // size : (rank + 1) * len(data) // size]
+    result = {}
+    for name, run in PROGRAM_FITS.items():
+        fit = run(shard)
+        result[f"{name}/processes"] = np.array(fit.options.get("processes", 1))
+        result[f"{name}/num_data"] = np.array(fit.num_data)
+        for key, value in fit.params.items():
+            result[f"{name}/{key}"] = value.numpy()
+        result[f"{name}/objective"] = fit.history.objective
+    np.savez(f"{out}/rank{rank}.npz", **result)
+    dist.destroy_process_group()
+    """
+)
+
+
+def program_data() -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    return torch.tensor(np.array([-4.0, 0.0, 4.0])[rng.choice(3, size=200)] + rng.normal(size=200))
+
+
+def mixture_program(data: torch.Tensor) -> None:
+    """Three Normal components: Dirichlet weights, Normal locations, an inverse-gamma
+    variance, and an enumerated assignment per data point."""
+    f64 = torch.float64
+    weights = pyro.sample("weights", dist.Dirichlet(torch.full((3,), 2.0, dtype=f64)))
+    variance = pyro.sample("variance", dist.InverseGamma(torch.tensor(2.0, dtype=f64), 2.0))
+    with pyro.plate("components", 3):
+        locs = pyro.sample("locs", dist.Normal(torch.tensor(0.0, dtype=f64), 10.0))
+    with pyro.plate("data", len(data)):
+        assignment = pyro.sample("assignment", dist.Categorical(weights))
+        pyro.sample("obs", dist.Normal(locs[assignment], variance.sqrt()), obs=data)
+
+
+def gradient_program(data: torch.Tensor) -> None:
+    """A location with a closed form, a scale without one (a half-Cauchy prior)."""
+    loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 10.0))
+    scale = pyro.sample("scale", dist.HalfCauchy(torch.tensor(1.0, dtype=torch.float64)))
+    with pyro.plate("data", len(data)):
+        pyro.sample("obs", dist.Normal(loc, scale), obs=data)
+
+
+def hierarchical_program(data: torch.Tensor) -> None:
+    """Component locations drawn around a common centre (a parameter read by a parameter)."""
+    centre = pyro.sample("centre", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 10.0))
+    with pyro.plate("components", 2):
+        locs = pyro.sample("locs", dist.Normal(centre, 3.0))
+    with pyro.plate("data", len(data)):
+        assignment = pyro.sample("assignment", dist.Categorical(torch.ones(2) / 2))
+        pyro.sample("obs", dist.Normal(locs[assignment], 1.0), obs=data)
+
+
+PROGRAM_COMMON = {"seed": 3, "tol": 1e-12, "max_iter": 200}
+
+PROGRAM_FITS = {
+    # The default start: short runs from prior and uniform draws (em-EM).
+    "short_runs": lambda data: pyroem.fit(mixture_program, data, **PROGRAM_COMMON),
+    # Three restarts, each from a prior draw of rank 0.
+    "restarts": lambda data: pyroem.fit(mixture_program, data, n_init=3, **PROGRAM_COMMON),
+}
 
 
 def _blobs(num: int) -> np.ndarray:
@@ -159,9 +237,11 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _launch(tmp_path: Path, world_size: int = 2) -> list[dict[str, np.ndarray]]:
+def _launch(
+    tmp_path: Path, world_size: int = 2, worker: str = WORKER
+) -> list[dict[str, np.ndarray]]:
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(worker)
     port = _free_port()
     processes = []
     for rank in range(world_size):
@@ -225,6 +305,26 @@ def test_two_gloo_ranks_give_the_single_process_fit(tmp_path, monkeypatch):
             )
 
 
+@pytest.mark.slow
+def test_two_gloo_ranks_give_the_single_process_fit_of_a_pyro_program(tmp_path):
+    ranks = _launch(tmp_path, worker=PROGRAM_WORKER)
+    for key in ranks[0]:
+        # Every rank took the same M-steps: the same bits.
+        np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
+    data = program_data()
+    for name, run in PROGRAM_FITS.items():
+        single = run(data)
+        assert ranks[0][f"{name}/processes"] == 2, name
+        assert ranks[0][f"{name}/num_data"] == single.num_data == 200, name
+        objective = ranks[0][f"{name}/objective"]
+        assert objective.shape == single.history.objective.shape, name
+        np.testing.assert_allclose(objective, single.history.objective, rtol=1e-12, err_msg=name)
+        for key, value in single.params.items():
+            np.testing.assert_allclose(
+                ranks[0][f"{name}/{key}"], value.numpy(), rtol=0, atol=1e-10, err_msg=name
+            )
+
+
 def test_distributed_true_outside_a_process_group_says_how_to_launch():
     with pytest.raises(SpecError, match="torchrun"):
         pyroem.fit(GAUSSIAN, _blobs(50), distributed=True)
@@ -245,7 +345,14 @@ def test_a_process_group_refuses_what_it_cannot_split(tmp_path, monkeypatch):
         with pytest.raises(NotSupportedError, match="stepwise"):
             pyroem.fit(GAUSSIAN, _blobs(50), stepwise=True)
         with pytest.raises(NotSupportedError, match="Pyro program"):
-            pyroem.fit(lambda data: None, torch.zeros(3))
+            pyroem.fit(lambda data: None, torch.zeros(3), method="mcmc-em")
+        data = program_data()[:20]
+        with pytest.raises(NotSupportedError, match=r"\['scale'\] have none"):
+            pyroem.fit(gradient_program, data, init="prior")
+        with pytest.raises(NotSupportedError, match=r"'centre'.*read by the parameters"):
+            pyroem.fit(hierarchical_program, data, init="prior")
+        with pytest.raises(NotSupportedError, match="accelerate='squarem'"):
+            pyroem.fit(mixture_program, data, init="prior", accelerate="squarem")
     finally:
         monkeypatch.undo()
         dist.destroy_process_group()
