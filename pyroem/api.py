@@ -272,7 +272,8 @@ def fit(
             launcher (``torchrun``) set up, ``False`` never. Every rank passes the same
             data (array, file, glob, memmap) and reads its shard; every rank returns the
             same fit, equal to the single-process one. map-em (batch) and vb-em (CAVI) on
-            a ``Mixture``.
+            a ``Mixture``; map-em on a Pyro program whose parameters all have closed
+            forms, each rank passing its own shard of the data.
         accelerate: ``map-em`` on a Pyro program: ``"squarem"`` extrapolates the EM map
             (SQUAREM, with a safeguard that keeps the objective monotone; see
             :mod:`pyroem.engines.squarem`); ``None`` (default): plain EM.

@@ -215,7 +215,10 @@ class Collective:
         if error is not None:
             raise error
         if float(flag) > 0:
-            raise DataError("another rank of the process group failed reading its data shard")
+            raise DataError(
+                "another rank of the process group failed (reading its data shard, or checking "
+                "the fit); that rank's error names the cause"
+            )
 
     def merge_samples(
         self, num_rows: int, sample: torch.Tensor, reservoir_size: int, seed: int

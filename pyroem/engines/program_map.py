@@ -670,7 +670,13 @@ def fit_program(
     jacobian = jacobian_sites(program, first_trace) if space == "unconstrained" else []
     found = _adjust_blocks(program, found, first_trace, jacobian)
     if collective is not LOCAL:
-        _check_distributed(program, found, accelerate)
+        refused = None
+        try:
+            _check_distributed(program, found, accelerate)
+        except NotSupportedError as err:
+            refused = err
+        # Every rank raises when one does (its shard may have read the program otherwise).
+        collective.check(refused)
     kinds = {name: "gradient" if block is None else block.kind for name, block in found.items()}
     engine = _Engine(
         program,
