@@ -63,14 +63,15 @@ PROGRAM_WORKER = textwrap.dedent(
     dist.init_process_group("gloo")
     out = sys.argv[1]
     sys.path.insert(0, sys.argv[3])
-    from test_distributed import PROGRAM_FITS, program_data
+    from test_distributed import PROGRAM_FITS
 
     rank, size = dist.get_rank(), dist.get_world_size()
-    data = program_data()
-    shard = data[rank * len(data) // size : (rank + 1) * len(data) // size]
     result = {}
-    for name, run in PROGRAM_FITS.items():
-        fit = run(shard)
+    for name, (data, run) in PROGRAM_FITS.items():
+        # The data points (or sequences) are the last dimension: each rank takes its half.
+        data = data()
+        num = data.shape[-1]
+        fit = run(data[..., rank * num // size : (rank + 1) * num // size])
         result[f"{name}/processes"] = np.array(fit.options.get("processes", 1))
         result[f"{name}/num_data"] = np.array(fit.num_data)
         for key, value in fit.params.items():
@@ -118,13 +119,39 @@ def hierarchical_program(data: torch.Tensor) -> None:
         pyro.sample("obs", dist.Normal(locs[assignment], 1.0), obs=data)
 
 
+def sequence_data() -> torch.Tensor:
+    """20 steps of 40 sequences, ``(steps, sequences)``."""
+    rng = np.random.default_rng(1)
+    states = np.where(rng.random((20, 40)) < 0.5, -2.0, 2.0)
+    return torch.tensor(states + rng.normal(size=(20, 40)))
+
+
+def hmm_program(data: torch.Tensor) -> None:
+    """A two-state Gaussian HMM over the sequences (forward-backward per rank)."""
+    f64 = torch.float64
+    transitions = pyro.sample(
+        "transitions", dist.Dirichlet(torch.full((2, 2), 2.0, dtype=f64)).to_event(1)
+    )
+    with pyro.plate("states", 2):
+        locs = pyro.sample("locs", dist.Normal(torch.tensor(0.0, dtype=f64), 10.0))
+    with pyro.plate("sequences", data.shape[1]):
+        state = torch.zeros(data.shape[1], dtype=torch.long)
+        for step in pyro.markov(range(data.shape[0])):
+            state = pyro.sample(f"state_{step}", dist.Categorical(transitions[state]))
+            pyro.sample(f"obs_{step}", dist.Normal(locs[state], 1.0), obs=data[step])
+
+
 PROGRAM_COMMON = {"seed": 3, "tol": 1e-12, "max_iter": 200}
 
 PROGRAM_FITS = {
     # The default start: short runs from prior and uniform draws (em-EM).
-    "short_runs": lambda data: pyroem.fit(mixture_program, data, **PROGRAM_COMMON),
+    "short_runs": (program_data, lambda data: pyroem.fit(mixture_program, data, **PROGRAM_COMMON)),
     # Three restarts, each from a prior draw of rank 0.
-    "restarts": lambda data: pyroem.fit(mixture_program, data, n_init=3, **PROGRAM_COMMON),
+    "restarts": (
+        program_data,
+        lambda data: pyroem.fit(mixture_program, data, n_init=3, **PROGRAM_COMMON),
+    ),
+    "hmm": (sequence_data, lambda data: pyroem.fit(hmm_program, data, **PROGRAM_COMMON)),
 }
 
 
@@ -311,11 +338,10 @@ def test_two_gloo_ranks_give_the_single_process_fit_of_a_pyro_program(tmp_path):
     for key in ranks[0]:
         # Every rank took the same M-steps: the same bits.
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
-    data = program_data()
-    for name, run in PROGRAM_FITS.items():
-        single = run(data)
+    for name, (data, run) in PROGRAM_FITS.items():
+        single = run(data())
         assert ranks[0][f"{name}/processes"] == 2, name
-        assert ranks[0][f"{name}/num_data"] == single.num_data == 200, name
+        assert ranks[0][f"{name}/num_data"] == single.num_data == data().numel(), name
         objective = ranks[0][f"{name}/objective"]
         assert objective.shape == single.history.objective.shape, name
         np.testing.assert_allclose(objective, single.history.objective, rtol=1e-12, err_msg=name)
