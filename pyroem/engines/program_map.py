@@ -596,7 +596,7 @@ def fit_program(
     # The structure of the first trace, read once: the E-steps and the probes rerun it.
     layout = CompiledProgram(program, first_trace)
     found = (
-        recognise(program, first, first_trace, runner=layout.runner)
+        recognise(program, first, first_trace, runner=layout.runner, replication=layout.replication)
         if m_step == "auto"
         else dict.fromkeys(program.params)
     )
