@@ -479,16 +479,43 @@ def compare(case: Case, options: argparse.Namespace) -> dict[float, float]:
 # ----- cost per iteration against hmmlearn and the declarative path -------------------
 
 
-def _iteration_costs(run: Callable[[Callable[[Any], None]], Any]) -> tuple[float, float, Any]:
-    """CPU seconds to the end of the first iteration (the one-off work included), the
-    median CPU seconds of the later iterations, and the fit; ``run(callback)`` fits."""
-    stamps: list[float] = []
-    started = time.process_time()
+class _Costs(NamedTuple):
+    """Seconds to the end of the first iteration (the one-off work included) and the
+    median seconds of the later iterations, in CPU and wall time; and the fit."""
+
+    setup: float
+    iteration: float
+    setup_wall: float
+    iteration_wall: float
+    fit: Any
+
+    def line(self) -> str:
+        return (
+            f"one-off work + first iteration {self.setup:.3f} s CPU ({self.setup_wall:.3f} s "
+            f"wall), then {1e3 * self.iteration:.2f} ms CPU ({1e3 * self.iteration_wall:.2f} "
+            "ms wall) per iteration"
+        )
+
+
+def _iteration_costs(run: Callable[[Callable[[Any], None]], Any]) -> _Costs:
+    """The costs of a fit (see :class:`_Costs`); ``run(callback)`` fits."""
+    stamps: list[tuple[float, float]] = []
+    started = time.process_time(), time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pyroem.ConvergenceWarning)
-        fit = run(lambda _: stamps.append(time.process_time()))
-    steps = sorted(b - a for a, b in itertools.pairwise(stamps[1:]))
-    return stamps[0] - started, steps[len(steps) // 2], fit
+        fit = run(lambda _: stamps.append((time.process_time(), time.perf_counter())))
+
+    def median_step(clock: int) -> float:
+        steps = sorted(b[clock] - a[clock] for a, b in itertools.pairwise(stamps[1:]))
+        return steps[len(steps) // 2]
+
+    return _Costs(
+        stamps[0][0] - started[0],
+        median_step(0),
+        stamps[0][1] - started[1],
+        median_step(1),
+        fit,
+    )
 
 
 def long_hmm_costs(options: argparse.Namespace) -> float:
@@ -514,9 +541,25 @@ def long_hmm_costs(options: argparse.Namespace) -> float:
     sequences, _ = HMM["simulate_gaussian_hmm"](lengths, **truth, seed=options.seed)
     iterations = options.long_iterations
 
+    # Complete runs of the program (a run of a chain's first steps only stops early),
+    # counted to the end of the first iteration.
+    complete_runs, runs_at_first = [0], []
+
+    def counted_hmm(*args: Any, **kwargs: Any) -> None:
+        HMM["gaussian_hmm"](*args, **kwargs)
+        complete_runs[0] += 1
+
+    def counted(callback: Callable[[Any], None]) -> Callable[[Any], None]:
+        def call(iteration: Any) -> None:
+            if not runs_at_first:
+                runs_at_first.append(complete_runs[0])
+            callback(iteration)
+
+        return call
+
     def fit_program(callback: Callable[[Any], None]) -> Any:
         return pyroem.fit(
-            HMM["gaussian_hmm"],
+            counted_hmm,
             sequences,
             lengths,
             states,
@@ -527,7 +570,8 @@ def long_hmm_costs(options: argparse.Namespace) -> float:
             callback=callback,
         )
 
-    setup, per_iteration, fit = _iteration_costs(fit_program)
+    costs = _iteration_costs(lambda callback: fit_program(counted(callback)))
+    per_iteration, fit = costs.iteration, costs.fit
     # The program's own start: uniform, rows half on staying put, quantiles, variance.
     values = _observed_start(fit)
     X = sequences[0].numpy()
@@ -550,14 +594,12 @@ def long_hmm_costs(options: argparse.Namespace) -> float:
         f"\n[hmm-long] Gaussian HMM program, S=1 T={length} K={states} D=1, float64, "
         f"threads={torch.get_num_threads()}, CPU time"
     )
-    print(
-        f"  pyroem map-em: one-off work + first iteration {setup:.3f} s, then "
-        f"{1e3 * per_iteration:.1f} ms per iteration (median of {iterations - 1})"
-    )
+    print(f"  pyroem map-em: {costs.line()} (median of {iterations - 1})")
+    print(f"  complete runs of the program to the end of the first iteration: {runs_at_first[0]}")
     if options.old_path:
         compiled._REPLICATED = False
         try:
-            old_setup, old_iteration, _ = _iteration_costs(
+            old = _iteration_costs(
                 lambda callback: pyroem.fit(
                     HMM["gaussian_hmm"],
                     sequences,
@@ -572,10 +614,7 @@ def long_hmm_costs(options: argparse.Namespace) -> float:
             )
         finally:
             compiled._REPLICATED = True
-        print(
-            f"  the same, running the whole program every E-step: {old_setup:.3f} s, then "
-            f"{1e3 * old_iteration:.1f} ms per iteration"
-        )
+        print(f"  the same, running the whole program every E-step: {old.line()}")
     print(f"  hmmlearn GaussianHMM: {1e3 * theirs:.2f} ms per iteration (median of {len(peer)})")
     ratio = per_iteration / theirs
     print(f"  ratio pyroem / hmmlearn per iteration: {ratio:.2f}")
@@ -612,26 +651,24 @@ def mixture_costs(options: argparse.Namespace) -> float:
 
     iterations = options.long_iterations
     common = {"method": "map-em", "max_iter": iterations, "tol": 0.0, "seed": 0}
-    setup, mine, fit = _iteration_costs(
-        lambda callback: pyroem.fit(program, data, callback=callback, **common)
-    )
+    ours = _iteration_costs(lambda callback: pyroem.fit(program, data, callback=callback, **common))
+    mine, fit = ours.iteration, ours.fit
     spec = pyroem.Mixture(num_components, pyroem.Gaussian("diag", prior=None))
     init = {
         "weights": start["weights"],
         "means": start["locs"],
         "covariances": start["variances"],
     }
-    other_setup, theirs, other = _iteration_costs(
+    declarative = _iteration_costs(
         lambda callback: pyroem.fit(spec, data, init=init, callback=callback, **common)
     )
+    theirs, other = declarative.iteration, declarative.fit
     print(
         f"\n[gmm-declarative] {case.description}, float64, threads={torch.get_num_threads()}, "
         "CPU time"
     )
-    print(
-        f"  program: first iteration {setup:.3f} s, then {1e3 * mine:.2f} ms per iteration; "
-        f"declarative Mixture: {other_setup:.3f} s, then {1e3 * theirs:.2f} ms"
-    )
+    print(f"  program: {ours.line()}")
+    print(f"  declarative Mixture: {declarative.line()}")
     print(
         f"  log likelihood after {iterations} iterations: program "
         f"{fit.log_likelihood():.8f}, declarative {other.log_likelihood():.8f}"

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 from pyro.ops.special import safe_log
 
-__all__ = ["ChainPlan", "Factor", "build_chain_plan", "log_evidence"]
+__all__ = ["ChainPlan", "Factor", "build_chain_plan", "log_evidence", "mixture_log_evidence"]
 
 # Largest (entries) batched outer sum a log-matmul step may materialise.
 _MAX_OUTER_NUMEL = 1 << 20
@@ -99,6 +99,11 @@ class ChainPlan(NamedTuple):
     """How to compute the log evidence from stacked tables; see :func:`build_chain_plan`."""
 
     components: tuple[_Component, ...]
+
+    @property
+    def mixture(self) -> bool:
+        """Every chain has one latent (a mixture per chain)."""
+        return all(component.length == 1 for component in self.components)
 
     @property
     def groups(self) -> list[_Group]:
@@ -352,3 +357,55 @@ def log_evidence(plan: ChainPlan, stacks: Mapping[str, torch.Tensor]) -> torch.T
         total = value.sum() if total is None else total + value.sum()
     assert total is not None
     return total
+
+
+def _unstacked(group: _Group, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The gradient of :func:`_stacked` at a stacked tensor of ``shape``: ``grad``, of
+    the layout ``(n, *batch or 1, K)``, taken back to ``shape``."""
+    summed = [size for d, size in enumerate(shape) if d not in group.extra]
+    squeezed = (shape[0], *group.squeezed[1:])
+    permuted = [squeezed[d] for d in group.perm]
+    inverse = sorted(range(len(group.perm)), key=group.perm.__getitem__)
+    out = grad.reshape(permuted).permute(inverse).reshape(summed)
+    for d in group.extra:
+        out = out.unsqueeze(d)
+    return out.expand(shape)
+
+
+def mixture_log_evidence(
+    plan: ChainPlan, stacks: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    r""":func:`log_evidence` and its gradient in ``stacks``, for plans whose chains are
+    all of length one (mixtures: one latent per chain); ``None`` for other plans.
+
+    The gradient of :math:`\log \sum_z \exp u(z)` in every table added into
+    :math:`u` is the posterior :math:`\exp(u - \log Z)`, summed over the dimensions
+    the table is broadcast along: written out, it needs no autograd graph.
+    """
+    if not plan.mixture:
+        return None
+    total = None
+    grads: dict[str, torch.Tensor] = {}
+    for component in plan.components:
+        shape = (1, *component.batch, component.num_states)
+        unary = _accumulate(component.unary, stacks, shape)
+        start = unary[0]
+        finite = torch.finfo(start.dtype).min
+        clamped = start.clamp(min=finite)
+        lse = torch.logsumexp(clamped, dim=-1, keepdim=True)
+        value = lse.sum()
+        total = value if total is None else total + value
+        posterior = (clamped - lse).exp_()
+        # Clamped entries pass no gradient.
+        posterior = posterior.masked_fill_(start < finite, 0.0).unsqueeze(0)
+        for group in component.unary:
+            stacked = stacks[group.names[0]]
+            view = (stacked.shape[0], *group.view[1:])
+            if group.full:
+                grad = posterior.sum_to_size(view)
+            else:
+                times = group.times.to(posterior.device)
+                grad = posterior.index_select(0, times).sum_to_size(view)
+            grads[group.names[0]] = _unstacked(group, grad, stacked.shape)
+    assert total is not None
+    return total, grads

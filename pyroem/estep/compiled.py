@@ -40,7 +40,13 @@ from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 from torch.distributions.utils import _sum_rightmost, probs_to_logits
 
-from pyroem.estep.chain import ChainPlan, Factor, build_chain_plan, log_evidence
+from pyroem.estep.chain import (
+    ChainPlan,
+    Factor,
+    build_chain_plan,
+    log_evidence,
+    mixture_log_evidence,
+)
 from pyroem.estep.log_einsum import LogRing
 from pyroem.estep.program import (
     common_scale,
@@ -625,12 +631,14 @@ class CompiledProgram:
         stacked: dict[str, torch.Tensor] = {}
         masks = {}
         replication = self.replication if groups is not None else None
+        # Mixtures (chains of one latent): the gradient written out, no autograd graph.
+        tracked = not (_MIXTURE_WEIGHTS and self.plan.mixture)
         with torch.enable_grad():
             for position, stack in enumerate(self.stacks):
                 if groups is not None and replication is not None:
                     replica = replication.replicas[position]
                     leaf = groups[replica.key].detach()
-                    leaf.requires_grad_()
+                    leaf.requires_grad_(tracked)
                     leaves.append(leaf)
                     masks[replica.key] = replica.mask
                     stacked[replica.key] = (
@@ -643,18 +651,45 @@ class CompiledProgram:
                 else:
                     with pyro.validation_enabled(False):
                         leaf = _stacked_tables(sites, stack.names).detach()
-                leaf.requires_grad_()
+                leaf.requires_grad_(tracked)
                 leaves.append(leaf)
                 mask = self._stacked_masks(sites, stack, leaf.dim())
                 masks[stack.names[0]] = mask
                 stacked[stack.names[0]] = leaf if stack.enumerated else _apply_mask(leaf, mask)
-            value = self.scale * log_evidence(self.plan, stacked)
-            grads = torch.autograd.grad(value, leaves)
+            if tracked:
+                value = self.scale * log_evidence(self.plan, stacked)
+                grads = torch.autograd.grad(value, leaves)
+            else:
+                value, grads = self._mixture_weights(stacked, leaves, masks)
         for stack, grad in zip(self.stacks, grads, strict=True):
             key = stack.names[0]
             marginal_weights[key] = grad
             stacks[key] = _apply_mask(grad, masks[key]) if stack.enumerated else grad
         return value.detach()
+
+    def _mixture_weights(
+        self,
+        stacked: Mapping[str, torch.Tensor],
+        leaves: Sequence[torch.Tensor],
+        masks: Mapping[str, Any],
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """:meth:`_chain_estep`'s log evidence and gradients in ``leaves`` for a mixture
+        plan, without autograd (:func:`~pyroem.estep.chain.mixture_log_evidence`)."""
+        assert self.plan is not None
+        found = mixture_log_evidence(self.plan, stacked)
+        assert found is not None
+        evidence, weights = found
+        grads = []
+        for stack, leaf in zip(self.stacks, leaves, strict=True):
+            key = stack.names[0]
+            grad = weights[key]
+            if not stack.enumerated:
+                # The masked table passes its gradient where the mask holds.
+                grad = _apply_mask(grad, masks[key])
+            if self.scale != 1.0:
+                grad = grad * self.scale
+            grads.append(grad.sum_to_size(leaf.shape).contiguous())
+        return self.scale * evidence, tuple(grads)
 
     def _general_estep(
         self,
@@ -703,6 +738,10 @@ def _apply_mask(table: torch.Tensor, mask: Any) -> torch.Tensor:
         return torch.zeros_like(table)
     return torch.where(mask, table, torch.zeros((), dtype=table.dtype, device=table.device))
 
+
+# Off, mixture plans take their E-step weights from autograd like any chain (the
+# reference the written-out gradient is tested against).
+_MIXTURE_WEIGHTS = True
 
 # ----- replicated chains ----------------------------------------------------------------
 

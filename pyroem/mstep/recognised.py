@@ -37,7 +37,7 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
-from pyroem.estep.compiled import ProgramRunner, compact_view
+from pyroem.estep.compiled import ProgramRunner, Replication, compact_view
 from pyroem.model.distributions import InverseWishart
 from pyroem.model.program import ProgramModel, sample_sites
 from pyroem.mstep import conjugate
@@ -488,6 +488,7 @@ def recognise(
     values: Mapping[str, torch.Tensor],
     trace: Any = None,
     runner: ProgramRunner | None = None,
+    replication: Replication | None = None,
 ) -> dict[str, ClosedForm | None]:
     """Find the closed-form block of every parameter site, by probing.
 
@@ -497,11 +498,19 @@ def recognise(
     which parameters reach which sites (:func:`_probe_groups`). A group whose joint runs
     do not cleanly separate falls back to probing each parameter alone with full traces.
 
+    With ``replication`` (chains whose steps repeat their first steps, as verified on
+    the first trace), the first probe run, a complete one, checks the repetition at
+    other parameter values (:meth:`Replication.watch`); once it holds, every other
+    probe runs the chains' first steps only, the probes read those steps' sites, and
+    each later step of a stack gets its first site's use under its own name (the
+    replicated E-step computes that step's table from the same distribution).
+
     Args:
         program: the program.
         values: valid parameter values to probe around (the starting point).
         trace: the program's trace at ``values``, if already run.
         runner: a :class:`ProgramRunner` of that trace, if already built.
+        replication: the first trace's replicated chains, if any (with ``runner``).
 
     Returns:
         ``{site: ClosedForm or None}``; ``None`` means the gradient M-step.
@@ -525,13 +534,19 @@ def recognise(
     runner = ProgramRunner(program, base_trace) if runner is None else runner
     names = list(candidates)
     second = {**values, **{name: candidates[name].values[1] for name in names}}
+    # A complete run: it also checks the replication, if any (Replication.watch).
     tracked_run = _tracked_run(runner, second, list(program.params))
-    reach = None if tracked_run is None else _reachability(tracked_run)
+    prefix = None
+    if replication is not None and replication.active:
+        prefix = replication.prefix
+    reach = None if tracked_run is None else _reachability(tracked_run, prefix)
     for group in _probe_groups(names, reach):
         shared = tracked_run if group == names else None
         result = _recognise_jointly(
-            program, values, base_trace, runner, group, candidates, reach, shared
+            program, values, base_trace, runner, group, candidates, reach, shared, prefix
         )
+        if result is not None and prefix is not None and replication is not None:
+            result = _replicated_uses(result, runner.names, replication.representative)
         if result is None:
             result = {
                 name: _recognise_alone(program, values, base_trace, name, candidates[name])
@@ -539,6 +554,33 @@ def recognise(
             }
         found.update(result)
     return found
+
+
+def _replicated_uses(
+    found: dict[str, ClosedForm | None],
+    names: list[str],
+    representative: Mapping[str, str],
+) -> dict[str, ClosedForm | None]:
+    """Blocks found on a prefix, with every later step of a stack using its parameter
+    as the stack's first site does (in the order of the program's sites)."""
+    out: dict[str, ClosedForm | None] = {}
+    for name, block in found.items():
+        if block is None:
+            out[name] = None
+            continue
+        own = {use.site: use for use in block.uses}
+        uses = []
+        for site in names:
+            use = own.get(site)
+            if use is None:
+                key = representative.get(site)
+                first = None if key is None else own.get(key)
+                if first is None:
+                    continue
+                use = Use(site, first.slot, first.rows, first.event_ndims)
+            uses.append(use)
+        out[name] = block._replace(uses=tuple(uses))
+    return out
 
 
 def _tracked_run(
@@ -640,14 +682,16 @@ class _Reachability(NamedTuple):
     attrs: dict[str, dict[str, _Reach]]
 
 
-def _reachability(run: _TrackedRun) -> _Reachability:
-    """Read the autograd graph of a :func:`_tracked_run`: for each site, which parameters
-    its table reads (tables computed here only for families without named attributes),
-    and for each attribute of a known family, which parameters it reads."""
+def _reachability(run: _TrackedRun, prefix: int | None = None) -> _Reachability:
+    """Read the autograd graph of a :func:`_tracked_run`: for each site (the first
+    ``prefix`` only, if given), which parameters its table reads (tables computed here
+    only for families without named attributes), and for each attribute of a known
+    family, which parameters it reads."""
     memo: dict[Any, _Reach] = {}
     sites, attrs = {}, {}
+    items = list(run.sites.items())
     with pyro.validation_enabled(False):
-        for name, site in run.sites.items():
+        for name, site in items if prefix is None else items[:prefix]:
             family = unwrap_distribution(site["fn"])[0]
             known = _family_attrs(family)
             if known is None:
@@ -710,22 +754,26 @@ def _recognise_jointly(
     candidates: Mapping[str, _Probe],
     reach: _Reachability | None,
     second: _TrackedRun | None = None,
+    prefix: int | None = None,
 ) -> dict[str, ClosedForm | None] | None:
     """Probe a group of parameters in shared light runs; ``None`` if a change in the
     runs cannot be attributed to one member (then each is probed alone). ``second``:
-    the group's second run, if already made."""
+    the group's second run, if already made; ``prefix``: probe the first ``prefix``
+    sites only (see :func:`recognise`)."""
     kinds = {name: candidates[name].kind for name in group}
     probes = {name: candidates[name].values for name in group}
-    runs: list[dict[str, Any]] = []
+    runs: list[Mapping[str, Any]] = []
     for step in range(3):
         if step == 0 and all(candidates[name].reuse for name in group):
-            runs.append(dict(sample_sites(trace)))
+            runs.append(trace.nodes)
             continue
         if step == 1 and second is not None:
             runs.append(second.sites)
             continue
         try:
-            run = runner.run({**values, **{name: probes[name][step] for name in group}})
+            run = runner.run(
+                {**values, **{name: probes[name][step] for name in group}}, limit=prefix
+            )
         except (ValueError, RuntimeError):
             return None
         if run is None:
@@ -734,7 +782,7 @@ def _recognise_jointly(
     members = set(group)
     moved_sites: dict[str, list[_Candidate]] = {name: [] for name in group}
     failed: set[str] = set()
-    for site_name in runner.names:
+    for site_name in runner.names if prefix is None else runner.names[:prefix]:
         sites = [run[site_name] for run in runs]
         unwrapped = [unwrap_distribution(site["fn"]) for site in sites]
         attrs = [_attrs_of(fn) for fn, _ in unwrapped]

@@ -17,7 +17,9 @@ executes, and hold the fits to independent references:
   covariate (told apart on the first trace) — run the whole program every time and
   give the numbers of that path;
 - a program that catches exceptions inside its loop is stopped all the same, and the
-  Pyro handler stack is left empty.
+  Pyro handler stack is left empty;
+- the setup runs the whole program three times (sorting the sites, the first trace,
+  the first closed-form probe); the other probes run the loop's first steps.
 """
 
 from __future__ import annotations
@@ -222,6 +224,44 @@ def test_replicated_chain_runs_few_steps_and_matches_hmmlearn_and_pyro(
         elbo = TraceEnum_ELBO(max_plate_nesting=1)
         log_likelihood = -elbo.loss(fixed, lambda *_, **__: None, sequences, LENGTHS)
     assert fast.log_likelihood() == pytest.approx(log_likelihood, rel=1e-9)
+
+
+def _hmmlearn_history(sequences: torch.Tensor, iterations: int) -> list[float]:
+    """hmmlearn's Baum-Welch from ``START``: the log likelihood before every iteration
+    and after the last."""
+    X = _concatenated(sequences)
+    reference = GaussianHMM(
+        NUM_STATES,
+        covariance_type="diag",
+        init_params="",
+        n_iter=iterations,
+        tol=-np.inf,
+        min_covar=0.0,
+        means_weight=0.0,
+        covars_prior=0.0,
+        covars_weight=1.0,
+    )
+    reference.startprob_ = START["init_probs"].numpy().copy()
+    reference.transmat_ = START["transition_probs"].numpy().copy()
+    reference.means_ = START["locs"].numpy()[:, None].copy()
+    reference.covars_ = START["variances"].numpy()[:, None].copy()
+    reference.fit(X, LENGTHS.numpy())
+    return [*reference.monitor_.history, reference.score(X, LENGTHS.numpy())]
+
+
+def test_setup_runs_the_whole_program_three_times() -> None:
+    # Sorting the sites, the first (enumerated) trace, and the first closed-form probe,
+    # which also checks the steps repeat at other values; the other probes and the first
+    # iteration run the loop's first steps only.
+    counter, steps = Counter(), []
+    sequences = _sequences()
+    fit = _fit(counted_hmm(counter), sequences, steps, counter, 3)
+    max_length = int(LENGTHS.max())
+    assert steps[0] <= 3 * max_length + 12, steps
+    # Every block still found in closed form from the probed first steps.
+    assert "gradient" not in fit.m_step_kinds.values(), fit.m_step_kinds
+    expected = _hmmlearn_history(sequences, 3)
+    np.testing.assert_allclose(fit.history.log_likelihood, expected, rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("option", ["drift", "covariate"])
