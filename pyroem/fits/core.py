@@ -410,7 +410,9 @@ class FitResult(Fit):
         a function of chunks, a :class:`~pyroem.sources.ChunkSource`) chunk by chunk, in
         the fit's dtype and device, so only the per-row results are held."""
         source = data if isinstance(data, ChunkSource) else None
-        if source is None and not isinstance(data, torch.Tensor | np.ndarray):
+        if source is None and (
+            isinstance(data, np.memmap) or not isinstance(data, torch.Tensor | np.ndarray)
+        ):
             source = open_source(data, int(self.options.get("chunk_size", 65536)))
         if source is None:
             return [data]
