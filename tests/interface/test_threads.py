@@ -58,6 +58,28 @@ def test_a_small_mixture_runs_on_one_thread_by_default() -> None:
 
 
 @pytest.mark.usefixtures("two_threads")
+@pytest.mark.filterwarnings("ignore::pyroem.errors.MCMCWarning")
+@pytest.mark.filterwarnings("ignore::pyroem.ConvergenceWarning")
+def test_a_small_mixture_fitted_through_its_program_runs_on_one_thread() -> None:
+    """mcmc-em runs a ``Mixture`` as a Pyro program; the ``Mixture``'s rule still holds."""
+    seen: list[int] = []
+    options = {"schedule": "mcem", "num_samples": 4, "max_samples": 8, "final_draws": 4}
+    pyroem.fit(
+        pyroem.Mixture(2, prior="mclust"),
+        _data(),
+        method="mcmc-em",
+        seed=0,
+        max_iter=2,
+        num_chains=1,
+        warmup_steps=4,
+        callback=lambda iteration: seen.append(torch.get_num_threads()),
+        **options,
+    )
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.usefixtures("two_threads")
 def test_a_large_problem_keeps_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pyroem.api, "SMALL_PROBLEM_WORK", 100)  # 120·2·2 is above it
     assert set(_threads_seen()) == {2}
