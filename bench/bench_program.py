@@ -36,7 +36,9 @@ two is printed. A peer that never reaches a target within ``--max-steps`` or
 learning rate is abandoned once its clock has passed the best time of every target it
 has not reached (it can no longer be the best one).
 
-Both run in float64, in this process, with ``--threads`` torch threads; both get one
+Both run in float64, in this process, with ``--threads`` torch threads (pyroem's fits
+within that setting take their default ``num_threads``, one thread on these programs'
+small tensors; ``--costs --fit-threads N`` sets it); both get one
 untimed warm-up run first, and Pyro's validation (on by default; ``--no-validation``
 turns it off for both; pyroem turns it off inside its loop regardless, having
 validated the program once). ``--profile`` prints where pyroem's time goes.
@@ -568,6 +570,7 @@ def long_hmm_costs(options: argparse.Namespace) -> float:
             tol=0.0,
             seed=0,
             callback=callback,
+            num_threads=options.fit_threads,
         )
 
     costs = _iteration_costs(lambda callback: fit_program(counted(callback)))
@@ -592,7 +595,7 @@ def long_hmm_costs(options: argparse.Namespace) -> float:
     theirs = peer[len(peer) // 2]
     print(
         f"\n[hmm-long] Gaussian HMM program, S=1 T={length} K={states} D=1, float64, "
-        f"threads={torch.get_num_threads()}, CPU time"
+        f"threads={torch.get_num_threads()}, fit threads={_fit_threads(options)}, CPU time"
     )
     print(f"  pyroem map-em: {costs.line()} (median of {iterations - 1})")
     print(f"  complete runs of the program to the end of the first iteration: {runs_at_first[0]}")
@@ -610,6 +613,7 @@ def long_hmm_costs(options: argparse.Namespace) -> float:
                     tol=0.0,
                     seed=0,
                     callback=callback,
+                    num_threads=options.fit_threads,
                 )
             )
         finally:
@@ -619,6 +623,11 @@ def long_hmm_costs(options: argparse.Namespace) -> float:
     ratio = per_iteration / theirs
     print(f"  ratio pyroem / hmmlearn per iteration: {ratio:.2f}")
     return ratio
+
+
+def _fit_threads(options: argparse.Namespace) -> str:
+    """``--fit-threads``, or pyroem's default choice when it is not given."""
+    return "default" if options.fit_threads is None else str(options.fit_threads)
 
 
 def _observed_start(fit: Any) -> dict[str, Any]:
@@ -651,6 +660,7 @@ def mixture_costs(options: argparse.Namespace) -> float:
 
     iterations = options.long_iterations
     common = {"method": "map-em", "max_iter": iterations, "tol": 0.0, "seed": 0}
+    common["num_threads"] = options.fit_threads
     ours = _iteration_costs(lambda callback: pyroem.fit(program, data, callback=callback, **common))
     mine, fit = ours.iteration, ours.fit
     spec = pyroem.Mixture(num_components, pyroem.Gaussian("diag", prior=None))
@@ -665,7 +675,7 @@ def mixture_costs(options: argparse.Namespace) -> float:
     theirs, other = declarative.iteration, declarative.fit
     print(
         f"\n[gmm-declarative] {case.description}, float64, threads={torch.get_num_threads()}, "
-        "CPU time"
+        f"fit threads={_fit_threads(options)}, CPU time"
     )
     print(f"  program: {ours.line()}")
     print(f"  declarative Mixture: {declarative.line()}")
@@ -706,6 +716,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=1, help="SVI steps between scorings")
     parser.add_argument("--peer-jit", action="store_true", help="JitTraceEnum_ELBO for SVI")
     parser.add_argument("--threads", type=int, choices=(1, 2), default=1)
+    parser.add_argument(
+        "--fit-threads",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        help="costs: pyroem.fit's num_threads (default: pyroem's choice under --threads)",
+    )
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -735,6 +752,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(options.threads)
     pyro.enable_validation(not options.no_validation)
     if options.costs:
+        with open("/proc/loadavg", encoding="utf-8") as load:
+            print(f"load average: {load.read().strip()}")
         long_hmm_costs(options)
         mixture_costs(options)
         return

@@ -1,11 +1,14 @@
 """``num_threads``: the fit runs on the threads asked for (one by default on a small
-problem) and leaves torch's thread setting as it found it."""
+problem, a ``Mixture`` or a Pyro program) and leaves torch's thread setting as it found
+it."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 
@@ -55,6 +58,28 @@ def test_a_small_mixture_runs_on_one_thread_by_default() -> None:
 
 
 @pytest.mark.usefixtures("two_threads")
+@pytest.mark.filterwarnings("ignore::pyroem.errors.MCMCWarning")
+@pytest.mark.filterwarnings("ignore::pyroem.ConvergenceWarning")
+def test_a_small_mixture_fitted_through_its_program_runs_on_one_thread() -> None:
+    """mcmc-em runs a ``Mixture`` as a Pyro program; the ``Mixture``'s rule still holds."""
+    seen: list[int] = []
+    options = {"schedule": "mcem", "num_samples": 4, "max_samples": 8, "final_draws": 4}
+    pyroem.fit(
+        pyroem.Mixture(2, prior="mclust"),
+        _data(),
+        method="mcmc-em",
+        seed=0,
+        max_iter=2,
+        num_chains=1,
+        warmup_steps=4,
+        callback=lambda iteration: seen.append(torch.get_num_threads()),
+        **options,
+    )
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.usefixtures("two_threads")
 def test_a_large_problem_keeps_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pyroem.api, "SMALL_PROBLEM_WORK", 100)  # 120·2·2 is above it
     assert set(_threads_seen()) == {2}
@@ -68,6 +93,55 @@ def test_threads_are_restored_when_the_fit_fails() -> None:
     with pytest.raises(pyroem.DataError):
         pyroem.fit(pyroem.Mixture(2, prior="mclust"), data, num_threads=1)
     assert torch.get_num_threads() == 2
+
+
+def _program_threads_seen(method: str, **options: object) -> list[int]:
+    """The torch threads each run of a two-component mixture program saw during the
+    fit; ``options`` go to :func:`pyroem.fit` (``model_kwargs`` reach the program)."""
+    seen: list[int] = []
+
+    def program(data: torch.Tensor, unused: object = None) -> None:
+        seen.append(torch.get_num_threads())
+        weights = pyro.sample("weights", dist.Dirichlet(data.new_ones(2)))
+        with pyro.plate("components", 2):
+            locs = pyro.sample("locs", dist.Normal(data.new_zeros(()), 10.0))
+        with pyro.plate("data", data.shape[0]):
+            z = pyro.sample("z", dist.Categorical(weights), infer={"enumerate": "parallel"})
+            pyro.sample("obs", dist.Normal(locs[z], 1.0), obs=data)
+
+    data = torch.tensor(_data()[:, 0])
+    pyroem.fit(program, data, method=method, seed=0, max_iter=3, **options)
+    return seen
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.filterwarnings("ignore::pyroem.ConvergenceWarning")
+@pytest.mark.parametrize("method", ["map-em", "vb-em"])
+def test_a_program_with_small_tensors_runs_on_one_thread_by_default(method: str) -> None:
+    seen = _program_threads_seen(method)
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == 2
+    assert 120 < pyroem.api.SMALL_PROGRAM_NUMEL
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_a_program_with_a_large_tensor_keeps_torch_threads() -> None:
+    # The largest tensor counts wherever it is among the arguments, here inside a dict
+    # of model_kwargs: 2**22 elements reach the threshold.
+    large = {"table": [torch.zeros(pyroem.api.SMALL_PROGRAM_NUMEL, dtype=torch.bool)]}
+    seen = _program_threads_seen("map-em", model_kwargs={"unused": large})
+    assert seen and set(seen) == {2}
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_num_threads_is_honoured_on_a_program() -> None:
+    seen = _program_threads_seen("map-em", num_threads=2)
+    assert seen and set(seen) == {2}
+    torch.set_num_threads(3)
+    seen = _program_threads_seen("map-em", num_threads=1)
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == 3
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
