@@ -36,6 +36,14 @@ from pyroem.errors import (
     SingularCovarianceError,
     SpecError,
 )
+from pyroem.estep.gaussian_features import (
+    feature_log_prob,
+    feature_loss,
+    feature_statistics,
+    feature_weights,
+    features_pay,
+    max_feature_loss,
+)
 from pyroem.model.distributions import InverseWishart
 from pyroem.model.priors import Beta, Dirichlet, Gamma, NormalInverseWishart, prior_from_config
 from pyroem.mstep.conjugate import (
@@ -852,17 +860,29 @@ class Gaussian(Family):
         const = (-0.5 * dim * log_2pi - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1))[..., None]
         # A contiguous batch: a transposed or expanded (stride 0) one makes bmm copy or loop.
         whiten = whiten.expand(num_components, dim, dim).contiguous()
+        # The quadratic-feature kernel where a chunk's rounding bound allows it (it halves
+        # the flops), whitening x − μ_k elsewhere (exact wherever the data sit).
+        weights = feature_weights(means, whiten, const.reshape(-1).expand(num_components))
+        max_loss = max_feature_loss(means.dtype) if features_pay(num_components, dim) else -1.0
 
-        def matrix(prepared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def matrix(prepared: torch.Tensor) -> tuple[torch.Tensor, Any]:
+            rows = transposed(prepared)
+            centre = rows.mean(1)
+            centred = torch.sub(rows, centre[:, None], out=scratch("centred", rows.shape, rows))
+            if feature_loss(weights, centred, centre) <= max_loss:
+                joint = scratch("joint", (num_components, rows.shape[1]), rows)
+                return feature_log_prob(weights, centred, centre, joint), (centred, centre)
             shape = (num_components, dim, prepared.shape[0])
             deviations = scratch("deviations", shape, prepared)
-            torch.sub(transposed(prepared)[None], centres, out=deviations)
+            torch.sub(rows[None], centres, out=deviations)
             white = torch.bmm(whiten, deviations, out=scratch("white", shape, prepared))
             return white.square_().sum(1).mul_(-0.5).add_(const), deviations
 
-        def matrix_statistics(
-            prepared: torch.Tensor, deviations: torch.Tensor, resp: torch.Tensor
-        ) -> GaussianStats:
+        def matrix_statistics(prepared: torch.Tensor, cache: Any, resp: torch.Tensor) -> Any:
+            if isinstance(cache, tuple):
+                centred, centre = cache
+                return GaussianStats(*feature_statistics(weights, centred, centre, resp))
+            deviations = cache
             weighted = scratch("white", deviations.shape, prepared)  # free again
             torch.mul(deviations, resp[:, None, :], out=weighted)
             second = torch.bmm(weighted, deviations.mT)  # (K, D, D)
