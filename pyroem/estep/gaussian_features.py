@@ -28,7 +28,9 @@ import torch
 
 __all__ = [
     "FEATURE_BLOCK_BYTES",
+    "FEATURE_STORE_BYTES",
     "FeatureWeights",
+    "feature_count",
     "feature_log_prob",
     "feature_loss",
     "feature_statistics",
@@ -40,6 +42,11 @@ __all__ = [
 FEATURE_BLOCK_BYTES = 2**20
 """Bytes of a block of features ``(P, rows)``: small enough to stay in cache between
 the feature build and the product that reads it."""
+
+
+FEATURE_STORE_BYTES = 32 * 2**20
+"""Largest ``(P, n)`` features of a chunk kept from the log-densities for the statistics
+(beyond it they are built twice, block by block, rather than streamed from memory)."""
 
 
 def features_pay(num_components: int, dim: int) -> bool:
@@ -113,53 +120,79 @@ def _block_rows(num_features: int, element_size: int) -> int:
     return max(16, FEATURE_BLOCK_BYTES // (num_features * element_size))
 
 
+def feature_count(dim: int) -> int:
+    """``P = 1 + D + D(D+1)/2``, the length of ``φ``."""
+    return 1 + dim + dim * (dim + 1) // 2
+
+
 def _features(
-    weights: FeatureWeights, block: torch.Tensor, buffer: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``φ`` ``(P, m)`` of a block ``(D, m)`` and its quadratic rows, in ``buffer``
-    ``(P + T, ≥ m)``."""
+    weights: FeatureWeights, block: torch.Tensor, out: torch.Tensor, spare: torch.Tensor
+) -> torch.Tensor:
+    """``φ`` of a block ``(D, m)`` into ``out`` ``(P, m)``, with ``spare`` ``(2T, ≥ m)``."""
     dim, width = block.shape
-    num_features = 1 + dim + weights.rows.shape[0]
-    out, spare = buffer[:num_features, :width], buffer[num_features:, :width]
-    quadratic = out[dim + 1 :]
+    first, second = spare[: weights.rows.shape[0], :width], spare[weights.rows.shape[0] :, :width]
     out[0].fill_(1.0)
     out[1 : dim + 1].copy_(block)
     # Row gathers into preallocated rows: several times faster than advanced indexing.
-    torch.index_select(block, 0, weights.rows, out=quadratic)
-    torch.index_select(block, 0, weights.cols, out=spare)
-    return out, quadratic.mul_(spare)
+    torch.index_select(block, 0, weights.rows, out=first)
+    torch.index_select(block, 0, weights.cols, out=second)
+    torch.mul(first, second, out=out[dim + 1 :])
+    return out
 
 
 def feature_log_prob(
-    weights: FeatureWeights, centred: torch.Tensor, centre: torch.Tensor, out: torch.Tensor
+    weights: FeatureWeights,
+    centred: torch.Tensor,
+    centre: torch.Tensor,
+    out: torch.Tensor,
+    store: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Log-densities ``(K, n)`` into ``out``, from the chunk about its centre ``(D, n)``."""
+    """Log-densities ``(K, n)`` into ``out``, from the chunk about its centre ``(D, n)``.
+
+    ``store``: a ``(P, n)`` buffer that keeps the features for :func:`feature_statistics`
+    (which otherwise builds them again, block by block)."""
     coefficients = _coefficients(weights, centre)
     num_features = coefficients.shape[1]
-    step = _block_rows(num_features, centred.element_size())
-    buffer = centred.new_empty(num_features + weights.rows.shape[0], min(step, centred.shape[1]))
-    scores = centred.new_empty(coefficients.shape[0], buffer.shape[1])
-    for start in range(0, centred.shape[1], step):
-        features = _features(weights, centred[:, start : start + step], buffer)[0]
+    width = min(_block_rows(num_features, centred.element_size()), centred.shape[1])
+    spare = centred.new_empty(2 * weights.rows.shape[0], width)
+    buffer = centred.new_empty(num_features, width) if store is None else None
+    scores = centred.new_empty(coefficients.shape[0], width)
+    for start in range(0, centred.shape[1], width):
+        block = centred[:, start : start + width]
+        if store is None:
+            target = buffer[:, : block.shape[1]]  # type: ignore[index]
+        else:
+            target = store[:, start : start + width]
+        features = _features(weights, block, target, spare)
         # Into a contiguous block: BLAS writes a strided slice of out through a copy anyway.
-        block = torch.mm(coefficients, features, out=scores[:, : features.shape[1]])
-        out[:, start : start + step].copy_(block)
+        scores_block = torch.mm(coefficients, features, out=scores[:, : block.shape[1]])
+        out[:, start : start + width].copy_(scores_block)
     return out
 
 
 def feature_statistics(
-    weights: FeatureWeights, centred: torch.Tensor, centre: torch.Tensor, resp: torch.Tensor
+    weights: FeatureWeights,
+    centred: torch.Tensor,
+    centre: torch.Tensor,
+    resp: torch.Tensor,
+    store: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(counts (K,), sum_x (K, D), scatter (K, D, D))`` of the chunk about its centre
-    ``(D, n)`` under responsibilities ``(K, n)``; ``sum_x`` about the origin."""
+    ``(D, n)`` under responsibilities ``(K, n)``; ``sum_x`` about the origin. ``store``:
+    the features :func:`feature_log_prob` kept, if it kept them."""
     num_components, dim = weights.means.shape
-    num_features = 1 + dim + weights.rows.shape[0]
-    step = _block_rows(num_features, centred.element_size())
-    buffer = centred.new_empty(num_features + weights.rows.shape[0], min(step, centred.shape[1]))
-    moments = centred.new_zeros(num_components, num_features)
-    for start in range(0, centred.shape[1], step):
-        features = _features(weights, centred[:, start : start + step], buffer)[0]
-        moments.addmm_(resp[:, start : start + step], features.T)
+    if store is not None:
+        moments = resp @ store.T
+    else:
+        num_features = feature_count(dim)
+        width = min(_block_rows(num_features, centred.element_size()), centred.shape[1])
+        spare = centred.new_empty(2 * weights.rows.shape[0], width)
+        buffer = centred.new_empty(num_features, width)
+        moments = centred.new_zeros(num_components, num_features)
+        for start in range(0, centred.shape[1], width):
+            block = centred[:, start : start + width]
+            features = _features(weights, block, buffer[:, : block.shape[1]], spare)
+            moments.addmm_(resp[:, start : start + width], features.T)
     counts, first = moments[:, 0], moments[:, 1 : dim + 1]
     second = moments.new_empty(num_components, dim, dim)
     second[:, weights.rows, weights.cols] = moments[:, dim + 1 :]

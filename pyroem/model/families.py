@@ -37,6 +37,8 @@ from pyroem.errors import (
     SpecError,
 )
 from pyroem.estep.gaussian_features import (
+    FEATURE_STORE_BYTES,
+    feature_count,
     feature_log_prob,
     feature_loss,
     feature_statistics,
@@ -864,6 +866,7 @@ class Gaussian(Family):
         # the flops), whitening x − μ_k elsewhere (exact wherever the data sit).
         weights = feature_weights(means, whiten, const.reshape(-1).expand(num_components))
         max_loss = max_feature_loss(means.dtype) if features_pay(num_components, dim) else -1.0
+        kept_features = feature_count(dim)
 
         def matrix(prepared: torch.Tensor) -> tuple[torch.Tensor, Any]:
             rows = transposed(prepared)
@@ -871,7 +874,11 @@ class Gaussian(Family):
             centred = torch.sub(rows, centre[:, None], out=scratch("centred", rows.shape, rows))
             if feature_loss(weights, centred, centre) <= max_loss:
                 joint = scratch("joint", (num_components, rows.shape[1]), rows)
-                return feature_log_prob(weights, centred, centre, joint), (centred, centre)
+                store = None
+                if kept_features * rows.shape[1] * rows.element_size() <= FEATURE_STORE_BYTES:
+                    store = scratch("features", (kept_features, rows.shape[1]), rows)
+                joint = feature_log_prob(weights, centred, centre, joint, store)
+                return joint, (centred, centre, store)
             shape = (num_components, dim, prepared.shape[0])
             deviations = scratch("deviations", shape, prepared)
             torch.sub(rows[None], centres, out=deviations)
@@ -880,8 +887,8 @@ class Gaussian(Family):
 
         def matrix_statistics(prepared: torch.Tensor, cache: Any, resp: torch.Tensor) -> Any:
             if isinstance(cache, tuple):
-                centred, centre = cache
-                return GaussianStats(*feature_statistics(weights, centred, centre, resp))
+                centred, centre, store = cache
+                return GaussianStats(*feature_statistics(weights, centred, centre, resp, store))
             deviations = cache
             weighted = scratch("white", deviations.shape, prepared)  # free again
             torch.mul(deviations, resp[:, None, :], out=weighted)
