@@ -146,7 +146,7 @@ class Fit:
         """A ``Mixture``'s pointwise log-likelihood ``log p(x_n | θ)`` (z summed out),
         ``(N,)``, at ``fit.params`` (for nuts the posterior means of the aligned draws,
         for mcmc-em and SVI the final estimate)."""
-        return self._scorer("score_samples")._score(data)[0]
+        return self._scorer("score_samples")._score(data, log_resp=False)[0]
 
     def predict_proba(self, data: Any) -> torch.Tensor:
         """A ``Mixture``'s posterior component probabilities (responsibilities), ``(N, K)``."""
@@ -154,7 +154,7 @@ class Fit:
 
     def predict(self, data: Any) -> torch.Tensor:
         """A ``Mixture``'s most probable component of each point, ``(N,)`` int64."""
-        return self.predict_proba(data).argmax(-1)
+        return self._scorer("predict")._score(data)[1].argmax(-1)
 
     def impute(self, data: Any = None) -> torch.Tensor:
         r"""``data`` with each missing entry (NaN) replaced by its conditional mean given the
@@ -353,12 +353,14 @@ class FitResult(Fit):
             )
         # Missing entries (NaN) are marginalised; the observed ones must be in the support.
         seen = ~torch.isnan(tensor).all(0)
-        self.family.validate(fill_missing(tensor[:, seen]))
+        # Indexing copies the data: only where a column is wholly missing.
+        self.family.validate(fill_missing(tensor if bool(seen.all()) else tensor[:, seen]))
         return tensor
 
-    def _score(self, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _score(self, data: Any, log_resp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         chunk_size = int(self.options.get("chunk_size", 65536))
-        return score_mixture(self.family, self._internal, self._data(data), chunk_size)
+        tensor = self._data(data)
+        return score_mixture(self.family, self._internal, tensor, chunk_size, log_resp)
 
     # ----- display --------------------------------------------------------------
     def _repr_fields(self) -> list[str]:

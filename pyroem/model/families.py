@@ -629,7 +629,9 @@ class Gaussian(Family):
         them, and a column whose spread is below ``sqrt(tiny / eps)`` has a variance
         lost to underflow (neither is collinearity)."""
         finfo = torch.finfo(data.dtype)
-        largest = float(data.abs().max())
+        # Column extremes, not |data|: no copy of the data.
+        lowest, highest = torch.aminmax(data, dim=0)
+        largest = float(torch.maximum(-lowest, highest).max())
         if largest > math.sqrt(finfo.max / data.numel()):
             raise DataError(
                 f"data values reach {largest:.3g}; their squares overflow {data.dtype} "
@@ -637,7 +639,7 @@ class Gaussian(Family):
                 f"{math.sqrt(finfo.max / data.numel()):.3g}): rescale the data, e.g. "
                 "divide it by its standard deviation, before fitting"
             )
-        spread = data.amax(0) - data.amin(0)
+        spread = highest - lowest
         tiny = (spread > 0) & (spread < math.sqrt(finfo.tiny / finfo.eps))
         if bool(tiny.any()):
             column = int(torch.nonzero(tiny)[0])
