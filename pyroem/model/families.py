@@ -872,9 +872,11 @@ class Gaussian(Family):
 
         def matrix(prepared: torch.Tensor) -> tuple[torch.Tensor, Any]:
             rows = transposed(prepared)
-            centre = rows.mean(1)
-            centred = torch.sub(rows, centre[:, None], out=scratch("centred", rows.shape, rows))
-            if feature_loss(weights, centred, centre) <= max_loss:
+            if max_loss >= 0:
+                centre = rows.mean(1)
+                centred = scratch("centred", rows.shape, rows)
+                torch.sub(rows, centre[:, None], out=centred)
+            if max_loss >= 0 and feature_loss(weights, centred, centre) <= max_loss:
                 joint = scratch("joint", (num_components, rows.shape[1]), rows)
                 store = None
                 if kept_features * rows.shape[1] * rows.element_size() <= FEATURE_STORE_BYTES:
