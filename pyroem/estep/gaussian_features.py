@@ -79,6 +79,17 @@ class FeatureWeights(NamedTuple):
     rows: torch.Tensor
     cols: torch.Tensor
 
+    def take(self, index: torch.Tensor) -> FeatureWeights:
+        """The components ``index``."""
+        return FeatureWeights(
+            self.means[index],
+            self.precisions[index],
+            self.const[index],
+            self.largest[index],
+            self.rows,
+            self.cols,
+        )
+
 
 def feature_weights(
     means: torch.Tensor, whiten: torch.Tensor, const: torch.Tensor
@@ -93,17 +104,19 @@ def feature_weights(
     return FeatureWeights(means, precisions, const, largest, rows, cols)
 
 
-def feature_loss(weights: FeatureWeights, centred: torch.Tensor, centre: torch.Tensor) -> float:
-    r"""``max_k λ_max(Λ_k)·(max_n |y_n|² + |μ_k − c|²)``: the factor by which the
-    features' rounding exceeds the whitening kernel's in a log-density (in units of
-    ``eps``) and in a scatter (relative to the component's smallest variance).
+def feature_loss(
+    weights: FeatureWeights, centred: torch.Tensor, centre: torch.Tensor
+) -> torch.Tensor:
+    r"""``λ_max(Λ_k)·(max_n |y_n|² + |μ_k − c|²)`` ``(K,)``: the factor by which the
+    features' rounding exceeds the whitening kernel's in component ``k``'s log-density
+    (in units of ``eps``) and in its scatter (relative to its smallest variance).
 
     Args:
         centred: the chunk about its centre, ``y`` ``(D, n)``; centre: ``c`` ``(D,)``.
     """
     spread = centred.square().sum(0).max()
     offsets = (weights.means - centre).square().sum(1)
-    return float((weights.largest * (spread + offsets)).max())
+    return weights.largest * (spread + offsets)
 
 
 def _coefficients(weights: FeatureWeights, centre: torch.Tensor) -> torch.Tensor:

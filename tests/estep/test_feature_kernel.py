@@ -49,14 +49,14 @@ def _e_step(data: np.ndarray, weights: np.ndarray, means: np.ndarray, covariance
     return e_step(params)
 
 
-def _chunk_loss(data: np.ndarray, means: np.ndarray, covariances: np.ndarray) -> float:
-    """The guard's bound for the whole data as one chunk."""
+def _chunk_loss(data: np.ndarray, means: np.ndarray, covariances: np.ndarray) -> np.ndarray:
+    """The guard's bound ``(K,)`` for the whole data as one chunk."""
     whiten = torch.linalg.inv(torch.linalg.cholesky(torch.from_numpy(covariances)))
     const = torch.zeros(NUM_COMPONENTS, dtype=torch.float64)
     weights = gaussian_features.feature_weights(torch.from_numpy(means), whiten, const)
     rows = torch.from_numpy(data).T
     centre = rows.mean(1)
-    return gaussian_features.feature_loss(weights, rows - centre[:, None], centre)
+    return gaussian_features.feature_loss(weights, rows - centre[:, None], centre).numpy()
 
 
 def _assert_brute_force(result, data, weights, means, covariances, rtol: float) -> None:
@@ -93,7 +93,7 @@ def test_the_feature_kernel_gives_the_brute_force_statistics(offset: float) -> N
     weights = generator.dirichlet(np.full(NUM_COMPONENTS, 5.0))
     assert gaussian_features.features_pay(NUM_COMPONENTS, dim)
     loss = _chunk_loss(data, means, covariances)
-    assert loss <= gaussian_features.max_feature_loss(torch.float64)
+    assert (loss <= gaussian_features.max_feature_loss(torch.float64)).all()
     result = _e_step(data, weights, means, covariances)
     _assert_brute_force(result, data, weights, means, covariances, rtol=1e-12)
 
@@ -112,6 +112,29 @@ def test_the_guard_whitens_chunks_where_features_would_cancel() -> None:
     means += 1e-3 * generator.normal(size=means.shape)
     covariances = _covariances(generator, dim, 1e-2)
     weights = np.full(NUM_COMPONENTS, 1.0 / NUM_COMPONENTS)
-    assert _chunk_loss(data, means, covariances) > gaussian_features.max_feature_loss(torch.float64)
+    loss = _chunk_loss(data, means, covariances)
+    assert (loss > gaussian_features.max_feature_loss(torch.float64)).all()
+    result = _e_step(data, weights, means, covariances)
+    _assert_brute_force(result, data, weights, means, covariances, rtol=1e-10)
+
+
+def test_each_component_takes_the_kernel_its_own_bound_allows() -> None:
+    # Four broad clusters and four tight ones (spread 1e-4) in the same region: the
+    # features suit the broad components only (about the chunk's centre the tight ones'
+    # second moments are ~1e9 times their variances).
+    generator = np.random.default_rng(2)
+    dim = 4
+    centres = 3.0 * generator.normal(size=(NUM_COMPONENTS, dim))
+    spreads = np.repeat([1.0, 1e-4], NUM_COMPONENTS // 2)
+    labels = np.repeat(np.arange(NUM_COMPONENTS), 250)
+    data = centres[labels] + spreads[labels, None] * generator.normal(size=(labels.size, dim))
+    means = np.stack([data[labels == k].mean(0) for k in range(NUM_COMPONENTS)])
+    means += 0.1 * spreads[:, None] * generator.normal(size=means.shape)
+    covariances = _covariances(generator, dim, 1.0) * spreads[:, None, None] ** 2
+    weights = np.full(NUM_COMPONENTS, 1.0 / NUM_COMPONENTS)
+    fast = _chunk_loss(data, means, covariances) <= gaussian_features.max_feature_loss(
+        torch.float64
+    )
+    np.testing.assert_array_equal(fast, spreads == 1.0)
     result = _e_step(data, weights, means, covariances)
     _assert_brute_force(result, data, weights, means, covariances, rtol=1e-10)
