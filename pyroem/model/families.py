@@ -629,8 +629,8 @@ class Gaussian(Family):
         them, and a column whose spread is below ``sqrt(tiny / eps)`` has a variance
         lost to underflow (neither is collinearity)."""
         finfo = torch.finfo(data.dtype)
-        # Column extremes, not |data|: no copy of the data.
-        lowest, highest = torch.aminmax(data, dim=0)
+        # Column extremes, not |data|: no copy of the data (aminmax over rows is slower).
+        lowest, highest = data.amin(0), data.amax(0)
         largest = float(torch.maximum(-lowest, highest).max())
         if largest > math.sqrt(finfo.max / data.numel()):
             raise DataError(
