@@ -154,7 +154,7 @@ class Fit:
 
     def predict(self, data: Any) -> torch.Tensor:
         """A ``Mixture``'s most probable component of each point, ``(N,)`` int64."""
-        return self._scorer("predict")._score(data)[1].argmax(-1)
+        return self.predict_proba(data).argmax(-1)
 
     def impute(self, data: Any = None) -> torch.Tensor:
         r"""``data`` with each missing entry (NaN) replaced by its conditional mean given the
