@@ -156,6 +156,24 @@ def iteration_flops(num_data: int, dim: int, num_components: int, covariance_typ
     return 6.0 * num_data * num_components * dim
 
 
+# Each run's CPU seconds per repeat, from the last median_times call.
+CPU_TIMES: dict[str, list[float]] = {}
+
+
+def _spread(values: list[float]) -> str:
+    """``min/median/max``."""
+    return "/".join(f"{v:.3f}" for v in (min(values), statistics.median(values), max(values)))
+
+
+def _load() -> str:
+    """The 1-, 5- and 15-minute load averages (Linux), or ``?``."""
+    try:
+        with open("/proc/loadavg") as handle:
+            return " ".join(handle.read().split()[:3])
+    except OSError:
+        return "?"
+
+
 def median_times(
     runs: dict[str, Callable[[], Any]], repeats: int
 ) -> dict[str, tuple[float, float, Any]]:
@@ -171,6 +189,8 @@ def median_times(
             wall, cpu = time.perf_counter(), time.process_time()
             results[name] = run()
             times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    CPU_TIMES.clear()
+    CPU_TIMES.update({name: [c for _, c in pairs] for name, pairs in times.items()})
     return {
         name: (
             statistics.median(w for w, _ in pairs),
@@ -209,6 +229,8 @@ def compare(
             },
             repeats,
         )
+        # Per repeat, the two libraries' runs took turns: their ratio, repeat by repeat.
+        cpu_ratios = [a / b for a, b in zip(CPU_TIMES["pyroem"], CPU_TIMES["sklearn"], strict=True)]
         runs = {
             "pyroem": lambda: fit_pyroem(tensor, init, covariance_type, tol, max_iter),
             "sklearn": lambda: fit_sklearn(data, init, covariance_type, tol, max_iter),
@@ -258,6 +280,7 @@ def compare(
         f"                           cpu:  pyroem {1e3 * ours_fixed_cpu / iterations:8.2f} ms   "
         f"sklearn {1e3 * theirs_fixed_cpu / iterations:8.2f} ms   ratio {per_iter_cpu_ratio:.3f}"
     )
+    print(f"  cpu ratio per repeat     min/median/max {_spread(cpu_ratios)}   load {_load()}")
     print(f"  GFLOP/s (cpu time)       pyroem {ours_gflops:8.2f}      sklearn {theirs_gflops:8.2f}")
     print(
         f"  extra peak RSS           pyroem {peaks['pyroem']:8.1f} MiB  "

@@ -202,7 +202,11 @@ def normalise_log_joint(
 
 
 def score_mixture(
-    family: Family, params: MixtureParams, data: torch.Tensor, chunk_size: int = 65536
+    family: Family,
+    params: MixtureParams,
+    data: torch.Tensor,
+    chunk_size: int = 65536,
+    log_resp: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pointwise log-likelihood ``(N,)`` and log-responsibilities ``(N, K)`` of ``data``.
 
@@ -216,6 +220,8 @@ def score_mixture(
         params: mixture parameters.
         data: ``(N, dim)``, validated; NaN entries are missing (marginalised).
         chunk_size: rows per chunk, at most.
+        log_resp: compute the log-responsibilities; ``False``: an empty ``(0, K)`` in
+            their place (the pointwise values alone, without an ``(N, K)`` output).
     """
     num_components = params.weights.shape[0]
     dim = data.shape[1] if data.ndim > 1 else 1
@@ -236,7 +242,8 @@ def score_mixture(
     log_weights = params.weights.log()
     dtype = torch.promote_types(data.dtype, log_weights.dtype)
     log_norm = data.new_empty(data.shape[0], dtype=dtype)
-    log_resp = data.new_empty(data.shape[0], num_components, dtype=dtype)
+    resp_rows = data.shape[0] if log_resp else 0
+    log_resps = data.new_empty(resp_rows, num_components, dtype=dtype)
     start = 0
     with torch.no_grad():
         for chunk in chunks:
@@ -248,9 +255,10 @@ def score_mixture(
                 del cache
             joint = joint.add_(log_weights[:, None])  # (K, n)
             torch.logsumexp(joint, dim=0, out=log_norm[start:stop])
-            torch.sub(joint.T, log_norm[start:stop, None], out=log_resp[start:stop])
+            if log_resp:
+                torch.sub(joint.T, log_norm[start:stop, None], out=log_resps[start:stop])
             start = stop
-    return log_norm, log_resp
+    return log_norm, log_resps
 
 
 def mixture_log_likelihood(

@@ -147,7 +147,7 @@ class Fit:
         """A ``Mixture``'s pointwise log-likelihood ``log p(x_n | θ)`` (z summed out),
         ``(N,)``, at ``fit.params`` (for nuts the posterior means of the aligned draws,
         for mcmc-em and SVI the final estimate)."""
-        return self._scorer("score_samples")._score(data)[0]
+        return self._scorer("score_samples")._score(data, log_resp=False)[0]
 
     def predict_proba(self, data: Any) -> torch.Tensor:
         """A ``Mixture``'s posterior component probabilities (responsibilities), ``(N, K)``."""
@@ -390,13 +390,14 @@ class FitResult(Fit):
             )
         # Missing entries (NaN) are marginalised; the observed ones must be in the support.
         seen = ~torch.isnan(tensor).all(0)
-        self.family.validate(fill_missing(tensor[:, seen]))
+        # Indexing copies the data: only where a column is wholly missing.
+        self.family.validate(fill_missing(tensor if bool(seen.all()) else tensor[:, seen]))
         return tensor
 
-    def _score(self, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _score(self, data: Any, log_resp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         chunk_size = int(self.options.get("chunk_size", 65536))
         parts = [
-            score_mixture(self.family, self._internal, self._data(chunk), chunk_size)
+            score_mixture(self.family, self._internal, self._data(chunk), chunk_size, log_resp)
             for chunk in self._chunks(data)
         ]
         if len(parts) == 1:

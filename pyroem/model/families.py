@@ -36,6 +36,16 @@ from pyroem.errors import (
     SingularCovarianceError,
     SpecError,
 )
+from pyroem.estep.gaussian_features import (
+    FEATURE_STORE_BYTES,
+    feature_count,
+    feature_log_prob,
+    feature_loss,
+    feature_statistics,
+    feature_weights,
+    features_pay,
+    max_feature_loss,
+)
 from pyroem.model.distributions import InverseWishart
 from pyroem.model.priors import Beta, Dirichlet, Gamma, NormalInverseWishart, prior_from_config
 from pyroem.mstep.conjugate import (
@@ -619,7 +629,9 @@ class Gaussian(Family):
         them, and a column whose spread is below ``sqrt(tiny / eps)`` has a variance
         lost to underflow (neither is collinearity)."""
         finfo = torch.finfo(data.dtype)
-        largest = float(data.abs().max())
+        # Column extremes, not |data|: no copy of the data (aminmax over rows is slower).
+        lowest, highest = data.amin(0), data.amax(0)
+        largest = float(torch.maximum(-lowest, highest).max())
         if largest > math.sqrt(finfo.max / data.numel()):
             raise DataError(
                 f"data values reach {largest:.3g}; their squares overflow {data.dtype} "
@@ -627,7 +639,7 @@ class Gaussian(Family):
                 f"{math.sqrt(finfo.max / data.numel()):.3g}): rescale the data, e.g. "
                 "divide it by its standard deviation, before fitting"
             )
-        spread = data.amax(0) - data.amin(0)
+        spread = highest - lowest
         tiny = (spread > 0) & (spread < math.sqrt(finfo.tiny / finfo.eps))
         if bool(tiny.any()):
             column = int(torch.nonzero(tiny)[0])
@@ -852,22 +864,76 @@ class Gaussian(Family):
         const = (-0.5 * dim * log_2pi - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1))[..., None]
         # A contiguous batch: a transposed or expanded (stride 0) one makes bmm copy or loop.
         whiten = whiten.expand(num_components, dim, dim).contiguous()
+        # The quadratic-feature kernel where a chunk's rounding bound allows it (it halves
+        # the flops), whitening x − μ_k elsewhere (exact wherever the data sit).
+        weights = feature_weights(means, whiten, const.reshape(-1).expand(num_components))
+        max_loss = max_feature_loss(means.dtype) if features_pay(num_components, dim) else -1.0
+        kept_features = feature_count(dim)
 
-        def matrix(prepared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            shape = (num_components, dim, prepared.shape[0])
-            deviations = scratch("deviations", shape, prepared)
-            torch.sub(transposed(prepared)[None], centres, out=deviations)
-            white = torch.bmm(whiten, deviations, out=scratch("white", shape, prepared))
-            return white.square_().sum(1).mul_(-0.5).add_(const), deviations
+        def whitened(
+            rows: torch.Tensor, index: torch.Tensor | None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            """Log-densities and deviations of the components ``index`` (None: all)."""
+            parts = (whiten, centres, const)
+            if index is not None:
+                parts = tuple(part[index] for part in parts)  # type: ignore[assignment]
+            shape = (parts[0].shape[0], dim, rows.shape[1])
+            deviations = scratch("deviations", shape, rows)
+            torch.sub(rows[None], parts[1], out=deviations)
+            white = torch.bmm(parts[0], deviations, out=scratch("white", shape, rows))
+            return white.square_().sum(1).mul_(-0.5).add_(parts[2]), deviations
 
-        def matrix_statistics(
-            prepared: torch.Tensor, deviations: torch.Tensor, resp: torch.Tensor
+        def whitened_statistics(
+            deviations: torch.Tensor, resp: torch.Tensor, index: torch.Tensor | None
         ) -> GaussianStats:
-            weighted = scratch("white", deviations.shape, prepared)  # free again
+            weighted = scratch("white", deviations.shape, deviations)  # free again
             torch.mul(deviations, resp[:, None, :], out=weighted)
             second = torch.bmm(weighted, deviations.mT)  # (K, D, D)
             first = torch.bmm(resp[:, None, :], deviations.mT)[:, 0]  # (K, D)
-            return finish(resp.sum(1), first, second)
+            centres_k = means if index is None else means[index]
+            return _moment_statistics(centres_k, resp.sum(1), first, second)
+
+        def matrix(prepared: torch.Tensor) -> tuple[torch.Tensor, Any]:
+            rows = transposed(prepared)
+            if max_loss < 0:
+                return whitened(rows, None)
+            centre = rows.mean(1)
+            centred = scratch("centred", rows.shape, rows)
+            torch.sub(rows, centre[:, None], out=centred)
+            # Per component: each takes the features only where its own bound allows.
+            fast = feature_loss(weights, centred, centre) <= max_loss
+            if not bool(fast.any()):
+                return whitened(rows, None)
+            store = None
+            if kept_features * rows.shape[1] * rows.element_size() <= FEATURE_STORE_BYTES:
+                store = scratch("features", (kept_features, rows.shape[1]), rows)
+            joint = scratch("joint", (num_components, rows.shape[1]), rows)
+            if bool(fast.all()):
+                joint = feature_log_prob(weights, centred, centre, joint, store)
+                return joint, (None, None, centred, centre, store, None)
+            good, bad = torch.nonzero(fast)[:, 0], torch.nonzero(~fast)[:, 0]
+            part = feature_log_prob(
+                weights.take(good), centred, centre, joint[: good.shape[0]], store
+            )
+            rest, deviations = whitened(rows, bad)
+            log_prob = torch.empty_like(joint)
+            log_prob[good], log_prob[bad] = part, rest
+            return log_prob, (good, bad, centred, centre, store, deviations)
+
+        def matrix_statistics(prepared: torch.Tensor, cache: Any, resp: torch.Tensor) -> Any:
+            if not isinstance(cache, tuple):
+                return whitened_statistics(cache, resp, None)
+            good, bad, centred, centre, store, deviations = cache
+            if good is None:
+                return GaussianStats(*feature_statistics(weights, centred, centre, resp, store))
+            fast = feature_statistics(weights.take(good), centred, centre, resp[good], store)
+            slow = whitened_statistics(deviations, resp[bad], bad)
+            parts = []
+            for first, second in zip(fast, slow, strict=True):
+                joined = first.new_empty((num_components, *first.shape[1:]))
+                joined[good], joined[bad] = first, second
+                parts.append(joined)
+            return GaussianStats(*parts)
 
         return EStepKernels(matrix, matrix_statistics)
 

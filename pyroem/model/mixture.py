@@ -80,8 +80,9 @@ def as_data(
         )
     if tensor.shape[0] == 0 or tensor.shape[1] == 0:
         raise DataError(f"data is empty: shape {tuple(tensor.shape)}")
-    infinite = torch.isinf(tensor)
-    if bool(infinite.any()):
+    # Chunk by chunk: torch.isinf takes |x|, a float copy of the whole data.
+    if any(bool(torch.isinf(rows).any()) for rows in tensor.split(65536)):
+        infinite = torch.isinf(tensor)
         row, col = (int(i) for i in torch.nonzero(infinite)[0])
         count = int(infinite.sum())
         raise DataError(

@@ -1,0 +1,140 @@
+"""The quadratic-feature kernel of full covariances: the E-step's statistics stay those
+of a brute force in NumPy where it runs, and its guard sends the chunks where its
+cancellation would lose digits to the whitening kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pyroem
+from pyroem.estep import gaussian_features
+from pyroem.estep.enumerate import MixtureEStep
+from pyroem.model.mixture import MixtureParams
+
+NUM_COMPONENTS = 8
+
+
+def _brute_force(
+    data: np.ndarray, weights: np.ndarray, means: np.ndarray, covariances: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """Log-likelihood, counts, component means and scatters from the textbook formulas."""
+    joint = np.empty((data.shape[0], means.shape[0]))
+    for k, (mean, covariance) in enumerate(zip(means, covariances, strict=True)):
+        deviations = data - mean
+        solved = np.linalg.solve(covariance, deviations.T).T
+        mahalanobis = np.einsum("nd,nd->n", deviations, solved)
+        log_det = np.linalg.slogdet(covariance)[1]
+        joint[:, k] = -0.5 * (mahalanobis + log_det + data.shape[1] * np.log(2 * np.pi))
+    joint += np.log(weights)
+    peak = joint.max(1, keepdims=True)
+    log_likelihood = float((np.log(np.exp(joint - peak).sum(1)) + peak[:, 0]).sum())
+    resp = np.exp(joint - peak)
+    resp /= resp.sum(1, keepdims=True)
+    counts = resp.sum(0)
+    component_means = resp.T @ data / counts[:, None]
+    deviations = data[None] - component_means[:, None]
+    scatter = np.einsum("nk,knd,kne->kde", resp, deviations, deviations)
+    return log_likelihood, counts, component_means, scatter
+
+
+def _e_step(data: np.ndarray, weights: np.ndarray, means: np.ndarray, covariances: np.ndarray):
+    tensor = torch.from_numpy(data)
+    spec = pyroem.Mixture(NUM_COMPONENTS, covariance_type="full", prior=None)
+    family = spec.bind(tensor)
+    e_step = MixtureEStep(family, spec.weights_prior, tensor, chunk_size=65536)
+    components = family.params_type(torch.from_numpy(means), torch.from_numpy(covariances))
+    params = MixtureParams(torch.from_numpy(weights), components, torch.arange(NUM_COMPONENTS))
+    return e_step(params)
+
+
+def _chunk_loss(data: np.ndarray, means: np.ndarray, covariances: np.ndarray) -> np.ndarray:
+    """The guard's bound ``(K,)`` for the whole data as one chunk."""
+    whiten = torch.linalg.inv(torch.linalg.cholesky(torch.from_numpy(covariances)))
+    const = torch.zeros(NUM_COMPONENTS, dtype=torch.float64)
+    weights = gaussian_features.feature_weights(torch.from_numpy(means), whiten, const)
+    rows = torch.from_numpy(data).T
+    centre = rows.mean(1)
+    return gaussian_features.feature_loss(weights, rows - centre[:, None], centre).numpy()
+
+
+def _assert_brute_force(result, data, weights, means, covariances, rtol: float) -> None:
+    log_likelihood, counts, component_means, scatter = _brute_force(
+        data, weights, means, covariances
+    )
+    np.testing.assert_allclose(result.log_likelihood, log_likelihood, rtol=1e-12)
+    np.testing.assert_allclose(result.stats.counts.numpy(), counts, rtol=rtol)
+    sums = result.stats.sum_x.numpy()
+    np.testing.assert_allclose(sums / counts[:, None], component_means, rtol=rtol)
+    # Each scatter relative to its own largest variance.
+    largest = np.diagonal(scatter, axis1=1, axis2=2).max(1)[:, None, None]
+    np.testing.assert_allclose(
+        result.stats.scatter.numpy() / largest, scatter / largest, rtol=0, atol=rtol
+    )
+
+
+def _covariances(generator: np.random.Generator, dim: int, scale: float) -> np.ndarray:
+    factors = generator.normal(size=(NUM_COMPONENTS, dim, dim)) / np.sqrt(dim)
+    return scale**2 * (np.einsum("kde,kfe->kdf", factors, factors) + np.eye(dim))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6])
+def test_the_feature_kernel_gives_the_brute_force_statistics(offset: float) -> None:
+    # Well-conditioned clusters, far from the origin or not: the chunk's own centre
+    # keeps the features small, so the guard takes the fast kernel.
+    generator = np.random.default_rng(0)
+    dim = 6
+    centres = offset + 4.0 * generator.normal(size=(NUM_COMPONENTS, dim))
+    labels = generator.integers(NUM_COMPONENTS, size=3000)
+    data = centres[labels] + generator.normal(size=(3000, dim))
+    means = centres + 0.5 * generator.normal(size=centres.shape)
+    covariances = _covariances(generator, dim, 1.0)
+    weights = generator.dirichlet(np.full(NUM_COMPONENTS, 5.0))
+    assert gaussian_features.features_pay(NUM_COMPONENTS, dim)
+    loss = _chunk_loss(data, means, covariances)
+    assert (loss <= gaussian_features.max_feature_loss(torch.float64)).all()
+    result = _e_step(data, weights, means, covariances)
+    _assert_brute_force(result, data, weights, means, covariances, rtol=1e-12)
+
+
+def test_the_guard_whitens_chunks_where_features_would_cancel() -> None:
+    # Two groups of tight clusters 1e4 apart in one chunk: about the chunk's centre the
+    # second moments are ~1e7 times each cluster's spread (1e-2): raw features would
+    # keep fewer than 3 of 16 digits of the scatters.
+    generator = np.random.default_rng(1)
+    dim = 5
+    centres = 0.05 * generator.normal(size=(NUM_COMPONENTS, dim))
+    centres[NUM_COMPONENTS // 2 :] += 1e4
+    labels = np.repeat(np.arange(NUM_COMPONENTS), 200)
+    data = centres[labels] + 1e-2 * generator.normal(size=(labels.size, dim))
+    means = np.stack([data[labels == k].mean(0) for k in range(NUM_COMPONENTS)])
+    means += 1e-3 * generator.normal(size=means.shape)
+    covariances = _covariances(generator, dim, 1e-2)
+    weights = np.full(NUM_COMPONENTS, 1.0 / NUM_COMPONENTS)
+    loss = _chunk_loss(data, means, covariances)
+    assert (loss > gaussian_features.max_feature_loss(torch.float64)).all()
+    result = _e_step(data, weights, means, covariances)
+    _assert_brute_force(result, data, weights, means, covariances, rtol=1e-10)
+
+
+def test_each_component_takes_the_kernel_its_own_bound_allows() -> None:
+    # Four broad clusters and four tight ones (spread 1e-4) in the same region: the
+    # features suit the broad components only (about the chunk's centre the tight ones'
+    # second moments are ~1e9 times their variances).
+    generator = np.random.default_rng(2)
+    dim = 4
+    centres = 3.0 * generator.normal(size=(NUM_COMPONENTS, dim))
+    spreads = np.repeat([1.0, 1e-4], NUM_COMPONENTS // 2)
+    labels = np.repeat(np.arange(NUM_COMPONENTS), 250)
+    data = centres[labels] + spreads[labels, None] * generator.normal(size=(labels.size, dim))
+    means = np.stack([data[labels == k].mean(0) for k in range(NUM_COMPONENTS)])
+    means += 0.1 * spreads[:, None] * generator.normal(size=means.shape)
+    covariances = _covariances(generator, dim, 1.0) * spreads[:, None, None] ** 2
+    weights = np.full(NUM_COMPONENTS, 1.0 / NUM_COMPONENTS)
+    fast = _chunk_loss(data, means, covariances) <= gaussian_features.max_feature_loss(
+        torch.float64
+    )
+    np.testing.assert_array_equal(fast, spreads == 1.0)
+    result = _e_step(data, weights, means, covariances)
+    _assert_brute_force(result, data, weights, means, covariances, rtol=1e-10)
