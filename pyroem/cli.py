@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--passes",
         type=_positive,
         metavar="N",
-        help="--stepwise: passes over the data, instead of --max-iter "
+        help="--stepwise: passes over the data (--max-iter and --tol do not apply) "
         f"(default: {STEPWISE_DEFAULTS['passes']})",
     )
     fit_parser.add_argument(
@@ -1177,7 +1177,12 @@ def _write_outputs(
     if result.draws:
         columns = list(feature_names)
         coords = {dim: columns for dim in ("dim", "dim_row", "dim_col")}
-        result.to_arviz(coords=coords).to_netcdf(str(out / "inference.nc"))
+        # A fit of a streamed source keeps no data: its draws' pointwise log-likelihood
+        # (draws x rows) is left out of inference.nc.
+        pointwise = result.kind != "mixture" or result.data is not None
+        result.to_arviz(coords=coords, log_likelihood=pointwise).to_netcdf(
+            str(out / "inference.nc")
+        )
         written.append("inference.nc")
     if result.kind == "mixture":
         result.save(out / "fit.npz")

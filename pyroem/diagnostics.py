@@ -263,8 +263,9 @@ def _mixture_parts(fit: Any, log_likelihood: bool) -> _Parts:
     if log_likelihood and _theta_draws(fit):
         if fit.data is None:
             raise SpecError(
-                "this fit has no training data (a loaded fit), so the pointwise "
-                "log-likelihood of its draws cannot be computed; pass log_likelihood=False"
+                "this fit holds no training data (a loaded fit, or a fit of a streamed "
+                "source, which keeps no per-row values), so the pointwise log-likelihood "
+                "of its draws cannot be computed; pass log_likelihood=False"
             )
         else:
             num_chains, num_draws = next(iter(fit.draws.values())).shape[:2]

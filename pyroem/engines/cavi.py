@@ -614,6 +614,13 @@ class VariationalFit(FitResult):
         self.weight_threshold = weight_threshold
         self._state = state
         self._factor = factor
+        # Component order of the outputs: q's state keeps the order it was fitted in, and
+        # a relabelled fit (pyroem.align) reads its columns in the new order.
+        self._order: torch.Tensor | None = None
+
+    def _reordered(self, index: torch.Tensor) -> None:
+        """Read q's components in the order ``index`` from now on (see :func:`pyroem.align`)."""
+        self._order = index if self._order is None else self._order[index]
 
     @property
     def effective_components(self) -> list[int]:
@@ -639,7 +646,8 @@ class VariationalFit(FitResult):
             tensor = self._data(block)
             chunks = (self.family.prepare(chunk) for chunk in tensor.split(chunk_size))
             parts.append(_assignment_probs(self._factor, self._state, chunks))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        probs = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return probs if self._order is None else probs[:, self._order.to(probs.device)]
 
     def _archive(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """:class:`FitResult`'s arrays plus the factors of ``q``: ``q(π)``, ``q(θ)`` in its
@@ -659,6 +667,8 @@ class VariationalFit(FitResult):
             "elbo": self.elbo,
             "weight_threshold": self.weight_threshold,
         }
+        if self._order is not None:
+            meta["variational"]["order"] = self._order.tolist()
         return arrays, meta
 
     def _repr_fields(self) -> list[str]:
@@ -971,7 +981,7 @@ def restore_variational_fit(
     if "variational/assignment_probs" in archive:
         probs = torch.from_numpy(archive["variational/assignment_probs"])
         variational["assignment"] = {"probs": probs}
-    return VariationalFit(
+    fit = VariationalFit(
         variational=variational,
         elbo=float(saved["elbo"]),
         weight_threshold=float(saved["weight_threshold"]),
@@ -979,3 +989,6 @@ def restore_variational_fit(
         factor=factor,
         **fields,
     )
+    if "order" in saved:
+        fit._reordered(torch.tensor(saved["order"], dtype=torch.long))
+    return fit

@@ -504,10 +504,35 @@ def _broadcast_values(
 
 
 def _check_distributed(
-    program: ProgramModel, found: Mapping[str, ClosedForm | None], accelerate: str | None
+    program: ProgramModel,
+    found: Mapping[str, ClosedForm | None],
+    accelerate: str | None,
+    first_trace: Any,
 ) -> None:
-    """Raise unless the fit splits exactly over shards of the data: every parameter has a
-    closed form read by data sites only (their statistics are sums over the shards)."""
+    """Raise unless the fit splits exactly over shards of the data: every observed or
+    enumerated site lies in a plate of data (one that holds no parameter), and every
+    parameter has a closed form read by such sites only (their statistics are sums over
+    the shards)."""
+    nodes = first_trace.nodes
+    parameter_plates = {
+        frame.name for name in program.params for frame in nodes[name]["cond_indep_stack"]
+    }
+    plates = {frame.name for site in nodes.values() for frame in site.get("cond_indep_stack", ())}
+    unsharded = [
+        name
+        for name, site in nodes.items()
+        if site["type"] == "sample"
+        and name not in program.params
+        and name not in plates  # a plate's own record
+        and not any(frame.name not in parameter_plates for frame in site["cond_indep_stack"])
+    ]
+    if unsharded:
+        raise NotSupportedError(
+            f"a distributed fit of a Pyro program splits the data over the ranks by its "
+            f"plates, but the sites {unsharded} lie in no plate of data points (each rank "
+            "would count them once): put them inside the plate over the data, or pass "
+            "distributed=False to fit in each process alone"
+        )
     gradient = [name for name, block in found.items() if block is None]
     if gradient:
         raise NotSupportedError(
@@ -703,7 +728,7 @@ def fit_program(
     if collective is not LOCAL:
         refused = None
         try:
-            _check_distributed(program, found, accelerate)
+            _check_distributed(program, found, accelerate, first_trace)
         except NotSupportedError as err:
             refused = err
         # Every rank raises when one does (its shard may have read the program otherwise).

@@ -151,7 +151,7 @@ class Fit:
 
     def predict_proba(self, data: Any) -> torch.Tensor:
         """A ``Mixture``'s posterior component probabilities (responsibilities), ``(N, K)``."""
-        return self._scorer("predict_proba")._score(data)[1].exp()
+        return self._scorer("predict_proba")._score(data)[1].exp_()  # a fresh tensor
 
     def predict(self, data: Any) -> torch.Tensor:
         """A ``Mixture``'s most probable component of each point, ``(N,)`` int64."""
@@ -319,6 +319,11 @@ class FitResult(Fit):
         self.data = data
         self.source = source
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A pickled fit leaves out the source it streamed (an open reader), as a saved
+        one does: per-row values then need the data passed again."""
+        return {**self.__dict__, "source": None}
+
     @property
     def labels(self) -> torch.Tensor:
         """Most probable component of each training point, ``(N,)`` (a streamed fit's
@@ -330,6 +335,10 @@ class FitResult(Fit):
     @labels.setter
     def labels(self, value: torch.Tensor | None) -> None:
         self._labels = value
+
+    def _reordered(self, index: torch.Tensor) -> None:
+        """Hook for :func:`pyroem.align`: a fit whose outputs read more than ``params``
+        (a variational fit's ``q``) reads its components in the order ``index``."""
 
     def _pointwise_values(self) -> torch.Tensor:
         """The training data's pointwise log-likelihood, ``(N,)``."""

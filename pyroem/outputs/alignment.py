@@ -412,8 +412,9 @@ def align(
 
     Returns:
         A relabelled shallow copy: point estimate, draws, most probable labels
-        (``FitResult.labels``) and marginals follow the new order; method-specific
-        extras are left as they are.
+        (``FitResult.labels``), predictions (``predict``, ``predict_proba``) and
+        marginals follow the new order; method-specific extras (a variational fit's
+        ``variational`` factors) are left as they are.
     """
     axes = dict(component_axes(fit) if axes is None else axes)
     params = fit.params
@@ -493,7 +494,8 @@ def _relabel(
             fit.family.select(internal.components, index),
             internal.active[index],
         )
-        if fit._labels is not None:  # a streamed fit's follow its parameters
+        new._reordered(index)
+        if fit._labels is not None:  # a streamed fit's are computed from its parameters
             new.labels = inverse[fit._labels]
         return new
     new._values = permute_components(fit._values, permutation, axes)

@@ -119,6 +119,16 @@ def hierarchical_program(data: torch.Tensor) -> None:
         pyro.sample("obs", dist.Normal(locs[assignment], 1.0), obs=data)
 
 
+def global_latent_program(data: torch.Tensor) -> None:
+    """One assignment shared by every data point: a latent outside the data plate."""
+    weights = pyro.sample("weights", dist.Dirichlet(torch.full((2,), 2.0, dtype=torch.float64)))
+    with pyro.plate("components", 2):
+        locs = pyro.sample("locs", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 10.0))
+    assignment = pyro.sample("assignment", dist.Categorical(weights))
+    with pyro.plate("data", len(data)):
+        pyro.sample("obs", dist.Normal(locs[assignment], 1.0), obs=data)
+
+
 def sequence_data() -> torch.Tensor:
     """20 steps of 40 sequences, ``(steps, sequences)``."""
     rng = np.random.default_rng(1)
@@ -377,6 +387,8 @@ def test_a_process_group_refuses_what_it_cannot_split(tmp_path, monkeypatch):
             pyroem.fit(gradient_program, data, init="prior")
         with pytest.raises(NotSupportedError, match=r"'centre'.*read by the parameters"):
             pyroem.fit(hierarchical_program, data, init="prior")
+        with pytest.raises(NotSupportedError, match=r"\['assignment'\] lie in no plate"):
+            pyroem.fit(global_latent_program, data, init="prior")
         with pytest.raises(NotSupportedError, match="accelerate='squarem'"):
             pyroem.fit(mixture_program, data, init="prior", accelerate="squarem")
     finally:

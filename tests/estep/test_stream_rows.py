@@ -106,3 +106,21 @@ def test_streamed_fit_holds_no_per_row_array_and_computes_them_on_demand(method,
     with pytest.raises(NotSupportedError, match=r"fit.predict\(path\)"):
         _ = loaded.labels
     assert torch.equal(loaded.predict(str(path)), held.predict(data))
+
+
+def test_a_streamed_fit_pickles_without_its_source(tmp_path):
+    import pickle
+
+    generator = np.random.default_rng(5)
+    data = np.concatenate([generator.normal(-4, 1, (150, 2)), generator.normal(4, 1, (150, 2))])
+    path = tmp_path / "data.npy"
+    np.save(path, data)
+    fit = pyroem.fit(pyroem.Mixture(2), str(path), seed=0)
+    copy = pickle.loads(pickle.dumps(fit))
+    assert copy.source is None
+    reference = pyroem.fit(pyroem.Mixture(2), data, seed=0)
+    np.testing.assert_allclose(
+        copy.score_samples(data).numpy(), reference.score_samples(data).numpy(), rtol=1e-12
+    )
+    with pytest.raises(NotSupportedError, match=r"fit\.predict"):
+        _ = copy.labels

@@ -140,3 +140,23 @@ def test_stepwise_defaults_in_the_help_are_the_api_defaults():
 
     parameters = inspect.signature(fit_mixture_large).parameters
     assert STEPWISE_DEFAULTS == {name: parameters[name].default for name in STEPWISE_DEFAULTS}
+
+
+def test_cli_stochastic_vi_on_streamed_files_writes_its_outputs(tmp_path):
+    # A streamed vb-em fit keeps no data: inference.nc is written without the draws'
+    # pointwise log-likelihood instead of failing after the fit.
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for index, rows in enumerate(np.array_split(_blobs(1000), 2)):
+        np.save(folder / f"part-{index}.npy", rows)
+    out = tmp_path / "out"
+    options = [*COMMON[:2], *COMMON[4:]]  # vb-em needs a prior: the default one
+    command = ["fit", "--data", str(folder / "part-*.npy"), *options, *STEPWISE]
+    assert main([*command, "--method", "vb-em", "--out", str(out)]) == 0
+    import arviz as az
+
+    inference = az.from_netcdf(str(out / "inference.nc"))
+    assert "posterior" in inference.groups()
+    assert "log_likelihood" not in inference.groups()
+    weights = np.sort(inference.posterior["weights"].mean(("chain", "draw")).values)
+    np.testing.assert_allclose(weights, np.sort(WEIGHTS), atol=0.05)

@@ -183,3 +183,33 @@ def test_align_fits_orders_every_fit_like_the_first():
     assert aligned["a"] is first
     for name, value in first.params.items():
         torch.testing.assert_close(aligned["b"].params[name], value, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_relabelled_variational_fit_predicts_in_its_new_order(tmp_path, streamed):
+    # Three blobs far apart: each point's component is the one whose (aligned) mean is
+    # nearest, whatever order the fit holds its components in.
+    generator = np.random.default_rng(3)
+    centres = np.array([[-8.0, 0.0], [0.0, 8.0], [8.0, 0.0]])
+    data = np.concatenate([generator.normal(c, 0.5, size=(60, 2)) for c in centres])
+    path = tmp_path / "data.npy"
+    np.save(path, data)
+    fit = pyroem.fit(
+        pyroem.Mixture(3, family="gaussian"),
+        str(path) if streamed else data,
+        method="vb-em",
+        seed=0,
+    )
+    order = [2, 0, 1]
+    reference = {name: value[order] for name, value in fit.params.items()}
+    aligned = pyroem.align(fit, reference)
+    means = aligned.params["means"].numpy()
+    nearest = np.argmin(((data[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
+    np.testing.assert_array_equal(aligned.predict(data).numpy(), nearest)
+    np.testing.assert_array_equal(aligned.labels.numpy(), nearest)
+    probs = aligned.predict_proba(data).numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-12)
+    np.testing.assert_array_equal(probs.argmax(1), nearest)
+    saved = tmp_path / "fit.npz"
+    aligned.save(saved)
+    np.testing.assert_array_equal(pyroem.load(saved).predict(data).numpy(), nearest)
