@@ -833,7 +833,8 @@ class Replication:
       first site (same type, parameters equal entry for entry, no extra ``log_prob``
       arguments), enumerated sites the same value, and the tables computed from the
       first sites equal the trace's own;
-    - on the next complete run at other parameter values (the probe run of
+    - on the next complete run at other parameter values, every one moved and no two
+      equal (the probe run of
       :func:`~pyroem.mstep.recognised.recognise`, or else the second E-step), the
       same for the distributions, and every observed value and mask equal to the
       first trace's. Until then every E-step runs the whole program; if it fails, all
@@ -966,10 +967,30 @@ class Replication:
         )
         if not moved:
             return
-        if self._replicated(sites, observed=True):
-            self.verified = True
-        else:
+        # Any run can show that the steps differ; only a generic one that they repeat.
+        if not self._replicated(sites, observed=True):
             self.failed = True
+        elif self._generic(values):
+            self.verified = True
+
+    def _generic(self, values: Mapping[str, torch.Tensor]) -> bool:
+        """Can a run at ``values`` tell the chain's steps apart? Every parameter moved
+        from its first value, and no two parameters equal: steps that read different
+        parameters (a survival probability per period) have equal distributions
+        wherever those parameters are equal, so such a run verifies nothing."""
+        current = [
+            values[name].detach() for name, first in self.first_values.items() if name in values
+        ]
+        if len(current) < len(self.first_values):
+            return False
+        for value, first in zip(current, self.first_values.values(), strict=True):
+            if torch.equal(value, first):
+                return False
+        for i, value in enumerate(current):
+            for other in current[:i]:
+                if value.shape == other.shape and torch.equal(value, other):
+                    return False
+        return True
 
     def run(self, values: Mapping[str, torch.Tensor]) -> ReplicatedSites | None:
         """The prefix of a run at ``values``, standing for the whole run; ``None`` if its

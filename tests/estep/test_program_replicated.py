@@ -311,3 +311,26 @@ def test_program_that_catches_exceptions_is_stopped_after_its_prefix() -> None:
     assert np.diff(steps)[2:].max() <= 3
     reference = _fit(counted_hmm(Counter()), sequences, [], Counter())
     _same_fit(fit, reference)
+
+
+def test_steps_reading_equal_parameters_are_not_taken_for_repeats() -> None:
+    # Pyro's cjs model_2 form: a survival probability phi_t per period. Started with every
+    # phi_t equal, the loop's steps have equal distributions on the first trace and at any
+    # value where the phi_t agree, yet they read different parameters: the chain must not
+    # be run from its first steps. The fit is checked against Pyro's own log joint.
+    from tests.engines.test_pyro_examples import pyro_log_joint, survival_by_period
+
+    torch.set_default_dtype(torch.float64)
+    generator = torch.Generator().manual_seed(4)
+    alive = torch.ones(30, 4)
+    for t in range(1, 4):
+        alive[:, t] = alive[:, t - 1] * (torch.rand(30, generator=generator) < 0.7)
+    history = alive * (torch.rand(30, 4, generator=generator) < 0.6)
+    history[:, 0] = 1
+    start = {"rho": torch.tensor(0.5), **{f"phi_{t}": torch.tensor(0.5) for t in (1, 2, 3)}}
+    for max_iter in (1, 50):
+        fit = pyroem.fit(survival_by_period, history, init=dict(start), max_iter=max_iter)
+        values = {name: value.detach().clone() for name, value in fit.params.items()}
+        expected = float(pyro_log_joint(survival_by_period, values, 1, history))
+        assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+        assert fit.history.objective[-1] == pytest.approx(expected, rel=1e-9)
