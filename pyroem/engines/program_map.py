@@ -185,16 +185,21 @@ def initial_values(
 
 
 def uniform_values(
-    program: ProgramModel, first: Mapping[str, torch.Tensor], seed: int, radius: float = 2.0
+    program: ProgramModel,
+    first: Mapping[str, torch.Tensor],
+    seed: int,
+    sites: list[str] | None = None,
+    radius: float = 2.0,
 ) -> dict[str, torch.Tensor]:
-    """``first`` with every drawn site redrawn uniformly in ``(-radius, radius)`` in its
-    unconstrained coordinates (:func:`pyroem.model.transforms.unconstraining`; Stan's and
-    Pyro's ``init_to_uniform``), from a generator seeded with ``seed``. The drawn sites
-    are :func:`drawn_sites`: the sample sites, or, in a program without any, its
-    ``pyro.param`` sites (the weights of ``pyro.module`` networks keep their values)."""
+    """``first`` with every site of ``sites`` (default: the sample sites) redrawn
+    uniformly in ``(-radius, radius)`` in its unconstrained coordinates
+    (:func:`pyroem.model.transforms.unconstraining`; Stan's and Pyro's
+    ``init_to_uniform``), from a generator seeded with ``seed``."""
+    if sites is None:
+        sites = [name for name, site in program.params.items() if site.kind == "sample"]
     generator = torch.Generator().manual_seed(seed)
     values = dict(first)
-    for name in drawn_sites(program):
+    for name in sites:
         site = program.params[name]
         like = first[name]
         transform = unconstraining(name, site.constraint)
@@ -205,20 +210,36 @@ def uniform_values(
     return values
 
 
-def drawn_sites(program: ProgramModel) -> list[str]:
-    """The sites the short runs start from draws of: the ``pyro.sample`` parameters; in a
-    program with none, the ``pyro.param`` sites with a declared constraint other than
-    ``real`` (a simplex, an interval, positive), whose own initial value is then one
-    start among the draws. A ``real`` site (Pyro's default constraint: it may be used as
-    a probability all the same) and the weights of ``pyro.module`` networks keep their
-    values: the constraint does not say where they are valid."""
+def drawn_sites(program: ProgramModel, seed: int) -> list[str]:
+    """The sites the short runs start from draws of: the ``pyro.sample`` parameters.
+
+    In a program with none, the ``pyro.param`` sites whose initial value is itself
+    random (the program draws it: another run, with its own parameter store and torch
+    seeded with ``seed + 1``, gives another value, as hmm.py's ``torch.rand`` starts do)
+    and whose declared constraint is not ``real`` (a simplex, an interval, positive); the
+    program's own values are then one start among the draws. A fixed initial value is a
+    start the author chose, kept as it is; a ``real`` site (Pyro's default constraint:
+    it may be used as a probability all the same) and the weights of ``pyro.module``
+    networks keep their values, since the constraint does not say where they are
+    valid."""
     samples = [name for name, site in program.params.items() if site.kind == "sample"]
     if samples:
         return samples
-    return [
+    candidates = [
         name
         for name, site in program.params.items()
         if name not in program.module_params and not _is_real(site.constraint)
+    ]
+    if not candidates:
+        return []
+    with torch.random.fork_rng(), pyro.get_param_store().scope(), poutine.block():
+        torch.manual_seed(seed + 1)
+        trace = poutine.trace(program.model).get_trace(*program.model_args, **program.model_kwargs)
+    return [
+        name
+        for name in candidates
+        if name in trace.nodes
+        and not torch.equal(trace.nodes[name]["value"].detach(), program.param_inits[name])
     ]
 
 
@@ -577,13 +598,15 @@ _INPUT_ERRORS = (SpecError, DataError, NotSupportedError, FitFileError)
 
 
 def _short_runs(
-    engine: _Engine, seed: int, max_iter: int
+    engine: _Engine, seed: int, max_iter: int, sites: list[str]
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """em-EM's start (Biernacki, Celeux & Govaert 2003) with a stopping rule: up to
     :data:`SHORT_RUNS` runs, one after another, each to :data:`SHORT_RUN_TOL` (at most
     :data:`SHORT_RUN_MAX_ITER` and ``max_iter`` iterations; gradient M-steps of at most
-    :data:`SHORT_RUN_GRADIENT_STEPS` L-BFGS iterations), from the prior draw at ``seed``
-    and from uniform draws in the unconstrained coordinates (seeds ``seed + 1`` …).
+    :data:`SHORT_RUN_GRADIENT_STEPS` L-BFGS iterations), from the first start (the prior
+    draw at ``seed`` and the program's ``pyro.param`` values) and from uniform draws of
+    ``sites`` (:func:`drawn_sites`) in their unconstrained coordinates (seeds ``seed + 1``
+    …).
 
     The runs stop early once :data:`SHORT_RUNS_AGREE` of them have found the best
     optimum so far: their limits (:func:`run_limit`, where each run is heading) are
@@ -617,7 +640,7 @@ def _short_runs(
                 if k == 0:
                     engine.starts = [engine.first]
                 else:
-                    engine.starts = [uniform_values(engine.program, engine.first, seed + k)]
+                    engine.starts = [uniform_values(engine.program, engine.first, seed + k, sites)]
                 try:
                     run = run_em(
                         engine,
@@ -654,14 +677,14 @@ def _short_runs(
 
 
 def _short_run_start(
-    program: ProgramModel, init: Any, n_init: int, max_iter: int, num_data: int
-) -> bool:
-    """Does the fit start from short runs? Only by default: no ``init``, one run, some
-    iterations allowed, a site to draw (:func:`drawn_sites`), and a small program."""
-    drawn = bool(drawn_sites(program))
-    return (
-        init is None and n_init == 1 and max_iter > 0 and drawn and num_data <= SHORT_RUNS_MAX_DATA
-    )
+    program: ProgramModel, init: Any, n_init: int, max_iter: int, num_data: int, seed: int
+) -> list[str]:
+    """The sites the short runs draw (:func:`drawn_sites`), or none where the fit does
+    not start from short runs: only by default (no ``init``, one run, some iterations
+    allowed) and on a small program."""
+    if init is not None or n_init != 1 or max_iter <= 0 or num_data > SHORT_RUNS_MAX_DATA:
+        return []
+    return drawn_sites(program, seed)
 
 
 @contextmanager
@@ -745,8 +768,13 @@ def fit_program(
     )
     looped: Engine = engine if accelerate is None else _squarem(engine)
     short: list[float] | None = None
-    if not single and _short_run_start(program, init, n_init, max_iter, int(engine.num_data)):
-        start, short = _short_runs(engine, base_seed, max_iter)
+    drawn = (
+        []
+        if single
+        else _short_run_start(program, init, n_init, max_iter, int(engine.num_data), base_seed)
+    )
+    if drawn:
+        start, short = _short_runs(engine, base_seed, max_iter, drawn)
         engine.starts = [start]
     # The short runs are the start (as k-means++ is a Mixture's): max_iter, the history,
     # callbacks and checkpoints count the continued run's iterations.
