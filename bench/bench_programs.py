@@ -414,7 +414,8 @@ def _time_to(case: Case, history: Any, target: float, repeats: int, **options: A
     samples = []
     for _ in range(repeats):
         start = _now()
-        fit = fit_pyroem(case, reached[0], 1e-12, **options)
+        # At least one iteration: with max_iter=0 a default start has no short runs.
+        fit = fit_pyroem(case, max(reached[0], 1), 1e-12, **options)
         if float(max(fit.history.objective)) < target:
             # A default start's short runs are capped by max_iter too and may pick
             # another run: time the whole fit instead (an upper bound).
