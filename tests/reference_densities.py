@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributions as td
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
 
 import pyroem
 
@@ -108,3 +110,20 @@ def component_log_prob(
     if family == "bernoulli":
         return td.Bernoulli(probs=params["probs"]).log_prob(points).sum(-1)
     return td.Categorical(probs=params["probs"]).log_prob(points.long()).sum(-1)
+
+
+def gaussian_mixture_pointwise(data: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+    """``log p(x_n | θ)`` of a full-covariance Gaussian mixture by SciPy, ``(num_data,)``."""
+    terms = np.stack(
+        [
+            np.log(w) + multivariate_normal(m, c).logpdf(data)
+            for w, m, c in zip(
+                params["weights"].numpy(),
+                params["means"].numpy(),
+                params["covariances"].numpy(),
+                strict=True,
+            )
+        ],
+        axis=1,
+    )
+    return logsumexp(terms, axis=1)

@@ -581,16 +581,22 @@ def survival_by_period(capture_history: torch.Tensor) -> None:
         seen |= capture_history[:, t].bool()
 
 
-def test_per_period_parameters_in_a_markov_loop_are_fitted() -> None:
-    """``phi_t`` has one value per period, shared by every animal: a parameter, not a
-    latent local to the data (refused before). The fit is Pyro's stationary point."""
-    torch.set_default_dtype(torch.float64)
-    generator = torch.Generator().manual_seed(0)
+def capture_history(seed: int) -> torch.Tensor:
+    """30 animals over 4 periods: survival 0.7 a period, capture 0.6, all marked at 0."""
+    generator = torch.Generator().manual_seed(seed)
     alive = torch.ones(30, 4)
     for t in range(1, 4):
         alive[:, t] = alive[:, t - 1] * (torch.rand(30, generator=generator) < 0.7)
     history = alive * (torch.rand(30, 4, generator=generator) < 0.6)
     history[:, 0] = 1
+    return history
+
+
+def test_per_period_parameters_in_a_markov_loop_are_fitted() -> None:
+    """``phi_t`` has one value per period, shared by every animal: a parameter, not a
+    latent local to the data (refused before). The fit is Pyro's stationary point."""
+    torch.set_default_dtype(torch.float64)
+    history = capture_history(0)
     fit = pyroem.fit(survival_by_period, history, seed=0, tol=1e-11, max_iter=2000)
     assert set(fit.params) == {"rho", "phi_1", "phi_2", "phi_3"}
     assert _monotone(fit.history.objective)

@@ -41,6 +41,7 @@ from pyro.poutine.runtime import _PYRO_STACK
 from torch.distributions import constraints
 
 import pyroem
+from tests.engines.test_pyro_examples import capture_history, pyro_log_joint, survival_by_period
 
 compiled_module = importlib.import_module("pyroem.estep.compiled")
 
@@ -188,22 +189,7 @@ def test_replicated_chain_runs_few_steps_and_matches_hmmlearn_and_pyro(
     _same_fit(fast, full)
 
     X = _concatenated(sequences)
-    reference = GaussianHMM(
-        NUM_STATES,
-        covariance_type="diag",
-        init_params="",
-        n_iter=NUM_ITERATIONS,
-        tol=-np.inf,
-        min_covar=0.0,
-        means_weight=0.0,
-        covars_prior=0.0,
-        covars_weight=1.0,
-    )
-    reference.startprob_ = START["init_probs"].numpy().copy()
-    reference.transmat_ = START["transition_probs"].numpy().copy()
-    reference.means_ = START["locs"].numpy()[:, None].copy()
-    reference.covars_ = START["variances"].numpy()[:, None].copy()
-    reference.fit(X, LENGTHS.numpy())
+    reference = _hmmlearn_fit(sequences, NUM_ITERATIONS)
     expected = [*reference.monitor_.history, reference.score(X, LENGTHS.numpy())]
     assert expected[-1] - expected[0] > 10.0  # EM moved
     np.testing.assert_allclose(fast.history.log_likelihood, expected, rtol=1e-9, atol=0)
@@ -226,10 +212,8 @@ def test_replicated_chain_runs_few_steps_and_matches_hmmlearn_and_pyro(
     assert fast.log_likelihood() == pytest.approx(log_likelihood, rel=1e-9)
 
 
-def _hmmlearn_history(sequences: torch.Tensor, iterations: int) -> list[float]:
-    """hmmlearn's Baum-Welch from ``START``: the log likelihood before every iteration
-    and after the last."""
-    X = _concatenated(sequences)
+def _hmmlearn_fit(sequences: torch.Tensor, iterations: int) -> GaussianHMM:
+    """hmmlearn's Baum-Welch from ``START``, ``iterations`` iterations, no priors."""
     reference = GaussianHMM(
         NUM_STATES,
         covariance_type="diag",
@@ -245,8 +229,14 @@ def _hmmlearn_history(sequences: torch.Tensor, iterations: int) -> list[float]:
     reference.transmat_ = START["transition_probs"].numpy().copy()
     reference.means_ = START["locs"].numpy()[:, None].copy()
     reference.covars_ = START["variances"].numpy()[:, None].copy()
-    reference.fit(X, LENGTHS.numpy())
-    return [*reference.monitor_.history, reference.score(X, LENGTHS.numpy())]
+    reference.fit(_concatenated(sequences), LENGTHS.numpy())
+    return reference
+
+
+def _hmmlearn_history(sequences: torch.Tensor, iterations: int) -> list[float]:
+    """hmmlearn's log likelihood before every iteration and after the last."""
+    reference = _hmmlearn_fit(sequences, iterations)
+    return [*reference.monitor_.history, reference.score(_concatenated(sequences), LENGTHS.numpy())]
 
 
 def test_setup_runs_the_whole_program_three_times() -> None:
@@ -318,15 +308,8 @@ def test_steps_reading_equal_parameters_are_not_taken_for_repeats() -> None:
     # phi_t equal, the loop's steps have equal distributions on the first trace and at any
     # value where the phi_t agree, yet they read different parameters: the chain must not
     # be run from its first steps. The fit is checked against Pyro's own log joint.
-    from tests.engines.test_pyro_examples import pyro_log_joint, survival_by_period
-
     torch.set_default_dtype(torch.float64)
-    generator = torch.Generator().manual_seed(4)
-    alive = torch.ones(30, 4)
-    for t in range(1, 4):
-        alive[:, t] = alive[:, t - 1] * (torch.rand(30, generator=generator) < 0.7)
-    history = alive * (torch.rand(30, 4, generator=generator) < 0.6)
-    history[:, 0] = 1
+    history = capture_history(4)
     start = {"rho": torch.tensor(0.5), **{f"phi_{t}": torch.tensor(0.5) for t in (1, 2, 3)}}
     for max_iter in (1, 50):
         fit = pyroem.fit(survival_by_period, history, init=dict(start), max_iter=max_iter)
