@@ -12,6 +12,8 @@ from typing import Any
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK
 from torch.distributions import constraints
 
 from pyroem.em import Engine, EStepResult, Iteration, MStepResult, run_em
@@ -234,15 +236,44 @@ def drawn_sites(program: ProgramModel, seed: int) -> list[str]:
     ]
     if not candidates:
         return []
+    watcher = _ParamWatcher(candidates)
     with torch.random.fork_rng(), pyro.get_param_store().scope(), poutine.block():
         torch.manual_seed(seed + 1)
-        trace = poutine.trace(program.model).get_trace(*program.model_args, **program.model_kwargs)
+        depth = len(_PYRO_STACK)
+        try:
+            with watcher:
+                program.model(*program.model_args, **program.model_kwargs)
+        except _ParamsSeen:
+            # The handlers the program entered left the stack as the exception passed.
+            del _PYRO_STACK[depth:]
     return [
         name
-        for name in candidates
-        if name in trace.nodes
-        and not torch.equal(trace.nodes[name]["value"].detach(), program.param_inits[name])
+        for name, value in watcher.values.items()
+        if not torch.equal(value, program.param_inits[name])
     ]
+
+
+class _ParamsSeen(BaseException):
+    """Stops a run once the watched ``pyro.param`` sites have their values (a
+    ``BaseException``, so that a program's own ``except Exception`` does not catch it)."""
+
+
+class _ParamWatcher(Messenger):
+    """Records the initial values of ``names`` and stops the program once all are seen:
+    a 10,000-step loop after the declarations need not run."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__()
+        self.left = set(names)
+        self.values: dict[str, torch.Tensor] = {}
+
+    def _pyro_post_param(self, msg: Any) -> None:
+        name = msg["name"]
+        if name in self.left:
+            self.values[name] = msg["value"].detach().clone()
+            self.left.discard(name)
+            if not self.left:
+                raise _ParamsSeen
 
 
 def _is_real(constraint: Any) -> bool:

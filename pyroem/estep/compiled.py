@@ -833,8 +833,8 @@ class Replication:
       first site (same type, parameters equal entry for entry, no extra ``log_prob``
       arguments), enumerated sites the same value, and the tables computed from the
       first sites equal the trace's own;
-    - on the next complete run at other parameter values, every one moved and no two
-      equal (the probe run of
+    - on the next complete run at other parameter values, no two parameters equal
+      (the probe run of
       :func:`~pyroem.mstep.recognised.recognise`, or else the second E-step), the
       same for the distributions, and every observed value and mask equal to the
       first trace's. Until then every E-step runs the whole program; if it fails, all
@@ -974,18 +974,13 @@ class Replication:
             self.verified = True
 
     def _generic(self, values: Mapping[str, torch.Tensor]) -> bool:
-        """Can a run at ``values`` tell the chain's steps apart? Every parameter moved
-        from its first value, and no two parameters equal: steps that read different
-        parameters (a survival probability per period) have equal distributions
-        wherever those parameters are equal, so such a run verifies nothing."""
-        current = [
-            values[name].detach() for name, first in self.first_values.items() if name in values
-        ]
-        if len(current) < len(self.first_values):
+        """Can a run at ``values`` tell the chain's steps apart? No two parameters are
+        equal: steps that read different parameters (a survival probability per
+        period) have equal distributions wherever those parameters are equal, so such
+        a run verifies nothing."""
+        if any(name not in values for name in self.first_values):
             return False
-        for value, first in zip(current, self.first_values.values(), strict=True):
-            if torch.equal(value, first):
-                return False
+        current = [values[name].detach() for name in self.first_values]
         for i, value in enumerate(current):
             for other in current[:i]:
                 if value.shape == other.shape and torch.equal(value, other):

@@ -324,6 +324,12 @@ class FitResult(Fit):
         one does: per-row values then need the data passed again."""
         return {**self.__dict__, "source": None}
 
+    def __copy__(self) -> FitResult:
+        """A shallow copy keeps the source (``__getstate__`` is for pickling)."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
     @property
     def labels(self) -> torch.Tensor:
         """Most probable component of each training point, ``(N,)`` (a streamed fit's
