@@ -191,22 +191,6 @@ class Collective:
             prior = float(parts[0][-1])
         return EStepResult(combined, total + prior, total, result.info)
 
-    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``rows`` ``(n_r, ...)`` one after another in rank order, on every
-        rank (exact for floats and for integers below 2**53)."""
-        size = torch.tensor([rows.shape[0]], device=self.device)
-        sizes = [torch.empty_like(size) for _ in range(self.world_size)]
-        torch.distributed.all_gather(sizes, size)
-        counts = [int(count) for count in sizes]
-        padded = torch.zeros(
-            (max(counts), *rows.shape[1:]), dtype=torch.float64, device=self.device
-        )
-        padded[: rows.shape[0]] = rows.to(self.device, torch.float64)
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, padded)
-        gathered = torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
-        return gathered.to(dtype=rows.dtype, device=rows.device)
-
     def check(self, error: BaseException | None) -> None:
         """Raise on every rank when any rank met ``error`` (so no rank waits forever on a
         collective the failing one never reaches)."""
