@@ -248,9 +248,11 @@ def run_em(
     max_iter: int,
     progress: bool = False,
     callback: Callable[[Iteration], Any] | None = None,
+    enough: Callable[[list[EMRun | None]], bool] | None = None,
 ) -> EMResult:
     """Run ``n_init`` restarts of ``engine`` and keep the one with the highest final
-    objective (after ``finish``).
+    objective (after ``finish``). ``enough``: a stopping rule, called with the restarts
+    run so far (``None`` where one failed) after each; ``True`` ends the restarts.
 
     A restart that raises a numerical :class:`~pyroem.errors.PyroEMError` (not an
     input error) is recorded in ``failures`` and skipped. A ``KeyboardInterrupt``
@@ -263,6 +265,7 @@ def run_em(
         KeyboardInterrupt: interrupted before any iteration completed.
     """
     best: EMRun | None = None
+    runs: list[EMRun | None] = []
     finals: list[float] = []
     failures: list[str] = []
     last_error: PyroEMError | None = None
@@ -279,7 +282,10 @@ def run_em(
         except PyroEMError as err:
             failures.append(f"restart {restart + 1}: {type(err).__name__}: {err}")
             finals.append(math.nan)
+            runs.append(None)
             last_error = err
+            if enough is not None and enough(runs):
+                break
             continue
         if run is None:
             interrupted = True
@@ -290,6 +296,9 @@ def run_em(
         if run.interrupted:
             interrupted = True
             break
+        runs.append(run)
+        if enough is not None and enough(runs):
+            break
     if best is None:
         if interrupted:
             raise KeyboardInterrupt
@@ -297,7 +306,7 @@ def run_em(
         if n_init == 1:
             raise last_error
         raise type(last_error)(
-            f"every one of the {n_init} restarts failed ("
+            f"every one of the {len(finals)} restarts failed ("
             + "; ".join(failures)
             + "); the last error says what to change"
         ) from last_error
@@ -310,7 +319,8 @@ def run_em(
         )
     elif failures:
         warnings.warn(
-            f"{len(failures)} of {n_init} restarts failed and were skipped: " + "; ".join(failures),
+            f"{len(failures)} of {len(finals)} restarts failed and were skipped: "
+            + "; ".join(failures),
             ConvergenceWarning,
             stacklevel=3,
         )

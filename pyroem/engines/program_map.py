@@ -22,9 +22,7 @@ from pyroem.engines.squarem import ACCELERATIONS, SquaremEngine
 from pyroem.errors import (
     ConvergenceWarning,
     DataError,
-    FitFileError,
     NotSupportedError,
-    PyroEMError,
     SpecError,
 )
 from pyroem.estep.compiled import CompiledEStep, CompiledProgram
@@ -711,9 +709,6 @@ def agreeing_runs(limits: list[float], tolerance: float) -> int:
     return sum(best - value <= tolerance for value in finite)
 
 
-_INPUT_ERRORS = (SpecError, DataError, NotSupportedError, FitFileError)
-
-
 def _short_runs(
     engine: _Engine, seed: int, max_iter: int, sites: list[str]
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
@@ -741,56 +736,32 @@ def _short_runs(
     Returns the end point of the run with the highest objective, and every run's final
     objective (NaN: the run failed).
     """
+    engine.starts = [engine.first] + [
+        uniform_values(engine.program, engine.first, seed + k, sites) for k in range(1, SHORT_RUNS)
+    ]
     steps = engine.gradient_steps
     engine.gradient_steps = min(steps, SHORT_RUN_GRADIENT_STEPS)
     tolerance = SHORT_RUN_AGREE_TOL * engine.num_data
-    finals: list[float] = []
-    limits: list[float] = []
-    best: dict[str, torch.Tensor] | None = None
-    failures: list[str] = []
-    last_error: PyroEMError | None = None
+
+    def enough(runs: list[Any]) -> bool:
+        limits = [math.nan if run is None else run_limit(run.history.objective) for run in runs]
+        return agreeing_runs(limits, tolerance) >= SHORT_RUNS_AGREE
+
     try:
         # The short runs neither write nor resume the fit's checkpoint, nor warn.
         with warnings.catch_warnings(), checkpointing(None):
             warnings.simplefilter("ignore", ConvergenceWarning)
-            for k in range(SHORT_RUNS):
-                if k == 0:
-                    engine.starts = [engine.first]
-                else:
-                    engine.starts = [uniform_values(engine.program, engine.first, seed + k, sites)]
-                try:
-                    run = run_em(
-                        engine,
-                        n_init=1,
-                        tol=SHORT_RUN_TOL,
-                        max_iter=min(SHORT_RUN_MAX_ITER, max_iter),
-                    ).best
-                except _INPUT_ERRORS:
-                    raise
-                except PyroEMError as err:
-                    failures.append(f"short run {k + 1}: {type(err).__name__}: {err}")
-                    finals.append(math.nan)
-                    limits.append(math.nan)
-                    last_error = err
-                    continue
-                final = float(run.history.objective[-1])
-                if best is None or final > max(value for value in finals if math.isfinite(value)):
-                    best = run.params
-                finals.append(final)
-                limits.append(run_limit(run.history.objective))
-                if agreeing_runs(limits, tolerance) >= SHORT_RUNS_AGREE:
-                    break
+            short = run_em(
+                engine,
+                n_init=SHORT_RUNS,
+                tol=SHORT_RUN_TOL,
+                max_iter=min(SHORT_RUN_MAX_ITER, max_iter),
+                enough=enough,
+            )
     finally:
         engine.starts = None
         engine.gradient_steps = steps
-    if best is None:
-        assert last_error is not None
-        raise type(last_error)(
-            f"every one of the {len(failures)} short runs of the default start failed ("
-            + "; ".join(failures)
-            + "); the last error says what to change"
-        ) from last_error
-    return best, finals
+    return short.best.params, list(short.restart_objectives)
 
 
 def _short_run_start(
