@@ -65,8 +65,12 @@ class ChunkSource:
         dtype: torch.dtype = torch.float64,
         device: Any = None,
         shards: Callable[[int, int], Callable[[], Iterable[Any]] | None] | None = None,
+        ordered: bool = False,
     ) -> None:
         self.read = read
+        # A shard that is one block of consecutive rows: the shards in rank order are
+        # the source in its order.
+        self.ordered = ordered
         self.description = description
         self.chunk_size = chunk_size
         self.dtype = dtype
@@ -87,9 +91,11 @@ class ChunkSource:
         ``G ≥ W``), ``[r G / W, (r + 1) G / W)``, read alone; anything else (fewer
         other files than ranks, a function of chunks, a DataLoader): every ``W``-th
         chunk the source gives, from the ``r``-th (every rank reads the
-        whole source then, and uses its share).
+        whole source then, and uses its share). The first kinds are blocks of consecutive
+        rows (``ordered``): the shards in rank order are the source in its order.
         """
         read = self.shards(rank, world_size) if self.shards is not None else None
+        ordered = read is not None
         if read is None:
             whole = self.read
 
@@ -99,7 +105,9 @@ class ChunkSource:
                         yield raw
 
         description = f"{self.description} (part {rank + 1} of {world_size})"
-        return ChunkSource(read, description, self.chunk_size, self.dtype, self.device)
+        return ChunkSource(
+            read, description, self.chunk_size, self.dtype, self.device, ordered=ordered
+        )
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """The chunks of one pass, each a validated ``(n, dim)`` tensor, ``n ≤ chunk_size``."""
