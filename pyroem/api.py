@@ -306,8 +306,10 @@ def fit(
             launcher (``torchrun``) set up, ``False`` never. Every rank passes the same
             data (array, file, glob, memmap) and reads its shard; every rank returns the
             same fit, equal to the single-process one. map-em (batch) and vb-em (CAVI) on
-            a ``Mixture``; map-em on a Pyro program whose parameters all have closed
-            forms, each rank passing its own shard of the data.
+            a ``Mixture``, and mcmc-em on one in memory; map-em on a Pyro program whose
+            parameters all have closed forms, each rank passing its own shard of the
+            data, and mcmc-em on one whose one latent is a discrete site per data point
+            (each rank drawing its shard's, see :mod:`pyroem.engines.mcmc_em`).
         accelerate: ``map-em`` on a Pyro program: ``"squarem"`` extrapolates the EM map
             (SQUAREM, with a safeguard that keeps the objective monotone; see
             :mod:`pyroem.engines.squarem`); ``None`` (default): plain EM.
@@ -466,16 +468,22 @@ def _collective(
     group = collective(distributed, device)
     if group is LOCAL:
         return group
-    split = (("map-em", "Mixture"), ("vb-em", "Mixture (CAVI)"), ("map-em", "program"))
+    split = (
+        ("map-em", "Mixture"),
+        ("vb-em", "Mixture (CAVI)"),
+        ("map-em", "program"),
+        ("mcmc-em", "Mixture"),
+        ("mcmc-em", "program"),
+    )
     supported = (method, kind) in split
     if not supported or options.get("stepwise"):
         model = "a Pyro program" if kind == "program" else f"a {kind}"
         what = "stepwise EM" if supported else f"method={method!r} on {model}"
         raise NotSupportedError(
             f"this process is one of {group.world_size} ranks of a torch.distributed process "
-            f"group, but a distributed fit is written for batch map-em and vb-em (CAVI) on a "
-            f"pyroem.Mixture and batch map-em on a Pyro program, not {what}: pass "
-            "distributed=False to fit in each process alone"
+            f"group, but a distributed fit is written for batch map-em, vb-em (CAVI) and "
+            f"mcmc-em on a pyroem.Mixture and batch map-em and mcmc-em on a Pyro program, "
+            f"not {what}: pass distributed=False to fit in each process alone"
         )
     return group
 
@@ -724,6 +732,10 @@ def _fit_other(
         else:
             init = values
         model, model_args, model_kwargs = program, (), None
+        if method == "mcmc-em" and settings.collective is not LOCAL:
+            # The program of the whole data (its default prior is the whole data's) and
+            # its start, run by each rank on its own rows.
+            model_args = (data[settings.collective.rows(data.shape[0])],)
     start = None
     if method in ("vb-em", "nuts") and is_program:
         # A Pyro program: a short MAP-EM fit is the start unless init says otherwise.
@@ -739,7 +751,14 @@ def _fit_other(
     if method == "vb-em":
         result = fit_svi(model, model_args, model_kwargs, **settings.loop(), **common)
     elif method == "mcmc-em":
-        return fit_mcmc_em(model, model_args, model_kwargs, **settings.loop(), **common)
+        return fit_mcmc_em(
+            model,
+            model_args,
+            model_kwargs,
+            **settings.loop(),
+            collective=settings.collective,
+            **common,
+        )
     else:
         result = fit_nuts(model, model_args, model_kwargs, progress=settings.progress, **common)
     if start is not None:

@@ -20,6 +20,14 @@ whole data, so every rank takes the same M-step and holds the same parameters.
   rank 0's prior term; each closed-form update sums its weighted statistics over the ranks
   (:func:`pyroem.mstep.recognised.summed_over_shards`) before the prior joins them, so
   every rank takes the closed form of the whole data.
+- **MCMC-EM** (exact draws of one discrete latent per data point, a mixture's
+  assignment). Each rank draws the latents of its own rows, from generators keyed on
+  the global row (:class:`~pyroem.estep.exact_draws.KeyedSampler`, its offset from
+  :meth:`Collective.row_offset`), so the ranks draw what one process draws; the
+  Monte Carlo statistics go through the closed forms' sums as for map-em, and the
+  schedule reads the objective, the M-step's gain and its per-draw gains summed over
+  the ranks (prior terms once), so every rank takes the same step sizes, draw counts
+  and stopping decision.
 - **Shards.** In-memory data is passed whole on every rank (e.g. a memmap or a loaded
   array) and rank ``r`` takes rows ``[r N / W, (r + 1) N / W)``; a source
   (:mod:`pyroem.sources`) is split by :meth:`~pyroem.sources.ChunkSource.shard`. The
@@ -136,6 +144,14 @@ class Collective:
         return slice(
             self.rank * num_rows // self.world_size, (self.rank + 1) * num_rows // self.world_size
         )
+
+    def row_offset(self, num_rows: int) -> int:
+        """The global row of this rank's first row, when rank ``r`` holds ``num_rows``
+        rows following those of ranks ``0 … r - 1``."""
+        sizes = torch.zeros(self.world_size, dtype=torch.int64, device=self.device)
+        sizes[self.rank] = num_rows
+        torch.distributed.all_reduce(sizes)
+        return int(sizes[: self.rank].sum())
 
     def sum(self, value: float) -> float:
         """``value`` summed over the ranks (float64)."""
@@ -260,6 +276,9 @@ class _Local(Collective):
 
     def rows(self, num_rows: int) -> slice:
         return slice(0, num_rows)
+
+    def row_offset(self, num_rows: int) -> int:
+        return 0
 
     def sum(self, value: float) -> float:
         return value

@@ -20,6 +20,17 @@ and a check on the exact ones:
   number of draws, or SAEM; convergence is declared by a test on the M-step's gain
   that accounts for Monte Carlo noise.
 
+**Processes.** Inside a ``torch.distributed`` process group each rank holds a shard of
+the data points and draws their latents only; this is written for programs whose one
+latent is a discrete site per data point (a mixture's assignment), drawn from
+generators keyed on the global row (:class:`~pyroem.estep.exact_draws.KeyedSampler`,
+also used in one process), so the ranks draw exactly what one process draws. The
+closed forms sum their Monte Carlo statistics over the ranks (float64), and the
+objective, the M-step's gain and the per-draw gains the schedule reads are summed over
+the ranks too (the prior once): step sizes, draw counts and stopping are the same on
+every rank. Other latents (NUTS-drawn continuous ones, chains and other jointly drawn
+discrete ones) are refused there with :class:`~pyroem.errors.NotSupportedError`.
+
 Parameters θ are as for MAP-EM: ``pyro.param`` sites (maximum likelihood) and
 global latent sample sites (MAP under their prior). Latent variables are the
 discrete sites, the continuous sample sites local to the data, and the sites named
@@ -40,8 +51,12 @@ import torch
 
 from pyroem.diagnostics import ChainDiagnostics, chain_diagnostics, chain_problems
 from pyroem.em import EMResult, EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
+from pyroem.engines.distributed import LOCAL, Collective
 from pyroem.engines.mcmc_schedules import Gain, MCEMSchedule, MonteCarloQ, SAEMSchedule
 from pyroem.engines.program_map import (
+    _broadcast_values,
+    _check_distributed,
+    _shard_sums,
     block_order,
     closed_form_sweep,
     initial_values,
@@ -51,7 +66,7 @@ from pyroem.engines.program_map import (
     resolve_seed,
 )
 from pyroem.errors import MCMCWarning, NotSupportedError, SpecError
-from pyroem.estep.exact_draws import Draws, ExactSampler
+from pyroem.estep.exact_draws import Draws, ExactSampler, KeyedSampler, keyed_site
 from pyroem.estep.nuts import NUTSSampler
 from pyroem.estep.program import expected_log_joint, posterior
 from pyroem.estep.stacked_draws import (
@@ -375,6 +390,7 @@ class _EStep(NamedTuple):
     log_likelihood: float
     trace: Any
     marginals: dict[str, torch.Tensor]
+    log_prior: float = 0.0
 
 
 def _frequencies(
@@ -461,6 +477,7 @@ def fit_mcmc_em(
     progress: bool,
     n_init: int = 1,
     callback: Callable[[Iteration], Any] | None = None,
+    collective: Collective = LOCAL,
     **options: Any,
 ) -> MCMCEMFit:
     """Fit a Pyro program by MCMC-EM (see :func:`pyroem.fit` and the module docstring).
@@ -480,6 +497,8 @@ def fit_mcmc_em(
         n_init: restarts (restart ``r`` from a new draw, seeded ``seed + r``, with a new
             sampler and schedule); the one with the highest final objective is kept.
         callback: called after every iteration (see :func:`pyroem.fit`).
+        collective: a distributed fit's collectives (see the module docstring): each
+            rank's program holds its own shard of the data points.
         **options: see :data:`MCMC_EM_OPTIONS` and the README.
 
     Returns:
@@ -504,7 +523,7 @@ def fit_mcmc_em(
     base_seed = resolve_seed(seed)
     with torch.random.fork_rng(), pyro.validation_enabled(False):
         torch.manual_seed(base_seed)
-        engine = _MCMCEMEngine(program, settings, init, base_seed, tol)
+        engine = _MCMCEMEngine(program, settings, init, base_seed, tol, collective)
         result = run_em(
             engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
         )
@@ -563,14 +582,22 @@ def _gain(
     new: dict[str, torch.Tensor],
     step: _EStep,
     objective_q: MonteCarloQ,
+    collective: Collective = LOCAL,
 ) -> Gain:
     """The M-step's gain on Q_t and its Monte Carlo standard error (see
-    :mod:`pyroem.engines.mcmc_schedules`)."""
+    :mod:`pyroem.engines.mcmc_schedules`); in a distributed fit, of the whole data
+    (the ranks' gains summed, the prior's change once)."""
     with torch.no_grad():
         delta = float(
             expected_log_joint(target, new, weights) - expected_log_joint(target, old, weights)
         )
-    gains = per_draw_log_joint(program, new, step.draws.flat())[0] - step.per_draw
+    joint, prior = per_draw_log_joint(program, new, step.draws.flat())
+    if collective is not LOCAL:
+        change = float(prior[0]) - step.log_prior
+        local = torch.cat([joint - prior, torch.tensor([delta - change], dtype=joint.dtype)])
+        (summed,) = collective.sum_tensors([local])
+        joint, delta = summed[:-1] + prior, float(summed[-1]) + change
+    gains = joint - step.per_draw
     spread = float(gains.std()) if gains.numel() > 1 else 0.0
     if spread == 0:
         return Gain(delta, 0.0)
@@ -602,27 +629,57 @@ class _MCMCEMEngine(Engine):
         init: Mapping[str, Any] | Callable[[int], Any] | None,
         base_seed: int,
         tol: float,
+        collective: Collective = LOCAL,
     ) -> None:
         self.program, self.settings, self.start, self.base_seed = program, settings, init, base_seed
-        self.tol = tol
-        self.first = initial_values(program, init, base_seed)
+        self.tol, self.collective = tol, collective
+        self.first = _broadcast_values(
+            collective, program, initial_values(program, init, base_seed)
+        )
         check_stackable(program, self.first)
         first_trace = program.trace(self.first)
-        self.num_data = num_observations(first_trace, program)
+        # N of the whole data (every rank's shard), so the ranks stop together.
+        self.num_data = collective.sum(num_observations(first_trace, program))
         nodes: Any = first_trace.nodes
         self.supports = {name: nodes[name]["value"].reshape(-1) for name in program.enumerated}
         self.sampler = _sampler(program, self.first, settings)
         self.schedule = _schedule(settings)
         self.blocks = _closed_forms(program, self.first, settings, first_trace)
         self.objective_q = MonteCarloQ(program)
+        site, reason = keyed_site(program, first_trace)
+        if collective is not LOCAL:
+            refused = None
+            try:
+                if site is None:
+                    raise NotSupportedError(
+                        f"method='mcmc-em' over torch.distributed ranks draws one discrete latent "
+                        f"per data point on each rank's rows, but in the model {program.name} "
+                        f"{reason}: pass distributed=False to fit in each process alone"
+                    )
+                _check_distributed(program, self.blocks, None, first_trace, parameter_uses=True)
+            except NotSupportedError as err:
+                refused = err
+            # Every rank raises when one does.
+            collective.check(refused)
+        self.keyed: KeyedSampler | None = None
+        if site is not None:
+            offset = collective.row_offset(program.discrete_shapes[site][0])
+            self.keyed = KeyedSampler(program, site, self.supports[site], offset)
+        # The keys of the draws: the restart and its E-steps so far.
+        self.restart, self.e_steps = 0, 0
 
     def init(self, restart: int) -> MStepResult:
         """Restart 0 starts where the recognition probed; restart ``r`` from a new draw
         (seeded ``seed + r``), with a new sampler and schedule."""
         values = self.first
+        self.restart, self.e_steps = restart, 0
         if restart:
             torch.manual_seed(self.base_seed + restart)
-            values = initial_values(self.program, self.start, self.base_seed + restart)
+            values = _broadcast_values(
+                self.collective,
+                self.program,
+                initial_values(self.program, self.start, self.base_seed + restart),
+            )
             self.sampler = _sampler(self.program, values, self.settings)
             self.schedule = _schedule(self.settings)
         self.objective_q = MonteCarloQ(self.program)
@@ -642,6 +699,7 @@ class _MCMCEMEngine(Engine):
             },
             "chains": sampler.checkpoint_state() if isinstance(sampler, NUTSSampler) else None,
             "rng": torch.get_rng_state(),
+            "e_steps": self.e_steps,
         }
 
     def restore(self, snapshot: dict[str, Any], restart: int) -> dict[str, torch.Tensor]:
@@ -652,14 +710,27 @@ class _MCMCEMEngine(Engine):
         if isinstance(self.sampler, NUTSSampler):
             self.sampler.load_checkpoint_state(snapshot["chains"])
         torch.set_rng_state(snapshot["rng"])
+        self.e_steps = snapshot.get("e_steps", 0)
         return dict(snapshot["params"])
 
     def e_step(self, params: dict[str, torch.Tensor], num_draws: int | None = None) -> EStepResult:
         """Draws of the latents at θ = ``params``; the objective is the exact log joint
         where every latent is discrete, else the Monte Carlo ``Q̂(θ; θ)``."""
-        program = self.program
-        draws = self.sampler.sample(params, num_draws or self.schedule.num_samples)
-        per_draw = per_draw_log_joint(program, params, draws.flat())[0]
+        program, collective = self.program, self.collective
+        num_draws = num_draws or self.schedule.num_samples
+        post = None
+        if self.keyed is not None:
+            post = posterior(program, params)
+            # Non-negative keys: a negative seed is read as its 64-bit two's complement.
+            key = (self.base_seed & (2**64 - 1), self.restart, self.e_steps)
+            draws = self.keyed.sample(post.marginals[self.keyed.site], num_draws, key)
+        else:
+            draws = self.sampler.sample(params, num_draws)
+        self.e_steps += 1
+        per_draw, prior = per_draw_log_joint(program, params, draws.flat())
+        if collective is not LOCAL:
+            # Each draw's log joint of the whole data: the ranks' shards, the prior once.
+            per_draw = collective.sum_tensors([per_draw - prior])[0] + prior
         info = {
             "values": params,
             "diagnostics": draws.diagnostics,
@@ -671,15 +742,14 @@ class _MCMCEMEngine(Engine):
             frequencies = _frequencies(program, draws, self.supports, per_draw.dtype)
             step = _EStep(draws, per_draw, float(per_draw.mean()), math.nan, None, frequencies)
         else:
-            post = posterior(program, params)
-            step = _EStep(
-                draws,
-                per_draw,
-                float(post.log_joint),
-                float(post.log_likelihood),
-                post.trace,
-                post.marginals,
-            )
+            post = posterior(program, params) if post is None else post
+            log_joint, log_likelihood = float(post.log_joint), float(post.log_likelihood)
+            if collective is not LOCAL:
+                # The ranks' log-likelihoods summed, plus the prior term of rank 0.
+                total = collective.reduce(EStepResult(None, log_joint, log_likelihood, {}))
+                log_joint, log_likelihood = total.objective, total.log_likelihood
+            step = _EStep(draws, per_draw, log_joint, log_likelihood, post.trace, post.marginals)
+        step = step._replace(log_prior=float(prior[0]))
         return EStepResult(step, step.objective, step.log_likelihood, info)
 
     def m_step(self, stats: _EStep, params: dict[str, torch.Tensor], iteration: int) -> MStepResult:
@@ -687,8 +757,20 @@ class _MCMCEMEngine(Engine):
         gamma = self.schedule.step_size(iteration)
         self.objective_q.add(stats.draws, gamma, stats.trace)
         target, weights = self.objective_q.target(params)
-        new = _m_step(target, self.blocks, params, weights, self.settings.gradient_steps)
-        gain = _gain(self.program, target, weights, params, new, stats, self.objective_q)
+        counted = weights
+        if self.collective.rank:
+            # A parameter's table read by another's closed form (a mean's prior read by
+            # the covariance's) is the same on every rank: rank 0 alone counts it in the
+            # sums over the ranks, the others their data only.
+            counted = {
+                name: torch.zeros_like(value) if name in self.program.params else value
+                for name, value in weights.items()
+            }
+        with _shard_sums(self.collective):
+            new = _m_step(target, self.blocks, params, counted, self.settings.gradient_steps)
+        gain = _gain(
+            self.program, target, weights, params, new, stats, self.objective_q, self.collective
+        )
         self.schedule.update(iteration, gain)
         info = {
             "step_size": gamma,
@@ -799,6 +881,7 @@ def _fit_result(engine: _MCMCEMEngine, result: EMResult, options: dict[str, Any]
             **options,
             **settings._asdict(),
             **result.record(),
+            **engine.collective.record(),
         },
         draws={**last.draws.continuous, **last.draws.discrete},
         sample_stats=stats,

@@ -610,11 +610,13 @@ def _check_distributed(
     found: Mapping[str, ClosedForm | None],
     accelerate: str | None,
     first_trace: Any,
+    parameter_uses: bool = False,
 ) -> None:
     """Raise unless the fit splits exactly over shards of the data: every observed or
     enumerated site lies in a plate of data (one that holds no parameter), and every
     parameter has a closed form read by such sites only (their statistics are sums over
-    the shards)."""
+    the shards); ``parameter_uses``: the caller counts parameter sites read by closed
+    forms on one rank only, so they are allowed."""
     nodes = first_trace.nodes
     parameter_plates = {
         frame.name for name in program.params for frame in nodes[name]["cond_indep_stack"]
@@ -645,6 +647,8 @@ def _check_distributed(
         )
     for name, block in found.items():
         assert block is not None
+        if parameter_uses:
+            break
         shared = sorted({use.site for use in block.uses if use.site in program.params})
         if shared:
             raise NotSupportedError(

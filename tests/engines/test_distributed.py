@@ -377,11 +377,11 @@ def test_a_process_group_refuses_what_it_cannot_split(tmp_path, monkeypatch):
     try:
         monkeypatch.setattr(dist, "get_world_size", lambda *args: 2)
         with pytest.raises(NotSupportedError, match="distributed=False"):
-            pyroem.fit(GAUSSIAN, _blobs(50), method="mcmc-em")
+            pyroem.fit(GAUSSIAN, _blobs(50), method="nuts")
         with pytest.raises(NotSupportedError, match="stepwise"):
             pyroem.fit(GAUSSIAN, _blobs(50), stepwise=True)
         with pytest.raises(NotSupportedError, match="Pyro program"):
-            pyroem.fit(lambda data: None, torch.zeros(3), method="mcmc-em")
+            pyroem.fit(lambda data: None, torch.zeros(3), method="nuts")
         data = program_data()[:20]
         with pytest.raises(NotSupportedError, match=r"\['scale'\] have none"):
             pyroem.fit(gradient_program, data, init="prior")
