@@ -54,6 +54,7 @@ for name, (data, shard, run) in FITS.items():
     result[f"{name}/objective"] = fit.history.objective
     for key in ("step_size", "num_samples", "delta_q", "delta_q_se"):
         result[f"{name}/{key}"] = fit.sample_stats[key]
+    result[f"{name}/draws"] = fit.draws["assignment"].numpy()
 np.savez(f"{out}/rank{rank}.npz", **result)
 dist.destroy_process_group()
 """
@@ -88,6 +89,8 @@ FITS = {
 def test_two_gloo_ranks_give_the_single_process_mcmc_em_fit(tmp_path):
     ranks = _launch(tmp_path, worker=WORKER)
     for key in ranks[0]:
+        if key.endswith("/draws"):
+            continue
         # Every rank took the same M-steps and schedule: the same bits.
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
     for name, (data, _, run) in FITS.items():
@@ -107,6 +110,10 @@ def test_two_gloo_ranks_give_the_single_process_mcmc_em_fit(tmp_path):
             np.testing.assert_allclose(
                 ranks[0][f"{name}/{key}"], value.numpy(), rtol=0, atol=1e-10, err_msg=name
             )
+        # Each rank holds the last draws of its own rows: together, one process's draws.
+        shards = [rank[f"{name}/draws"] for rank in ranks]
+        assert shards[0].shape[-1] == shards[1].shape[-1] == single.num_data // 2, name
+        np.testing.assert_array_equal(np.concatenate(shards, -1), single.draws["assignment"])
     # The schedules did what they are for: SAEM left its burn-in, MCEM grew its draws.
     assert ranks[0]["mixture_saem/step_size"][-1] < 1
     assert ranks[0]["program_mcem/num_samples"][-1] > 20
