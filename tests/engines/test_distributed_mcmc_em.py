@@ -1,8 +1,8 @@
 """MCMC-EM over torch.distributed: two gloo processes on 127.0.0.1, each drawing the
 latents of its own rows, give the single-process fit to 1e-10 in float64 (a Mixture
-passed whole to every rank, a Pyro mixture program whose rows each rank passes), with
-the same schedule (step sizes, draws per E-step, stopping); the keyed draws follow the
-exact posterior and do not depend on how the rows are split."""
+passed whole to every rank, with restarts too; a Pyro mixture program whose rows each
+rank passes), with the same schedule (step sizes, draws per E-step, stopping); the
+keyed draws follow the exact posterior and do not depend on how the rows are split."""
 
 import warnings
 
@@ -67,7 +67,15 @@ def mixture_data() -> np.ndarray:
 
 
 SPEC = pyroem.Mixture(2, "gaussian", covariance_type="diag")
+FULL = pyroem.Mixture(3, "gaussian", covariance_type="full")
 COMMON = {"method": "mcmc-em", "seed": 7, "num_samples": 20}
+
+
+def mixture_restarts(data: np.ndarray) -> pyroem.Fit:
+    # tol=0: six iterations of each restart.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return pyroem.fit(FULL, data, n_init=2, max_iter=6, tol=0, **COMMON)
 
 
 def program_mcem(data: torch.Tensor) -> pyroem.Fit:
@@ -80,6 +88,8 @@ def program_mcem(data: torch.Tensor) -> pyroem.Fit:
 FITS = {
     # A Mixture passed whole on every rank: rank 0's start, each rank draws its rows.
     "mixture_saem": (mixture_data, False, lambda data: pyroem.fit(SPEC, data, **COMMON)),
+    # Full covariances (their closed form reads the means' prior) and two restarts.
+    "mixture_restarts": (mixture_data, False, mixture_restarts),
     # A Pyro program, each rank passing its rows; MCEM's draws grow with the noise.
     "program_mcem": (program_data, True, program_mcem),
 }
