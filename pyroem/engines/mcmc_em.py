@@ -10,7 +10,10 @@ and a check on the exact ones:
 
 - **E-step** (:mod:`pyroem.estep.exact_draws`, :mod:`pyroem.estep.nuts`): discrete
   latents are drawn exactly from their joint conditional posterior (forward
-  filtering, backward sampling through Pyro's enumeration); continuous latents by
+  filtering, backward sampling through Pyro's enumeration; where the one latent is a
+  discrete site per data point, such as a mixture's assignment, by inversion of each
+  point's posterior with uniforms keyed on its row, see
+  :class:`~pyroem.estep.exact_draws.KeyedSampler`); continuous latents by
   Pyro's NUTS with θ held fixed, chains warm-started from the previous iteration's
   state, step size and mass matrix, discrete latents then drawn exactly given each
   draw.
@@ -200,7 +203,7 @@ class MCMCEMFit(ProgramFit):
     - ``params``: the final θ_T.
     - ``draws``: the last E-step's latent draws (at θ_T), every latent site (continuous
       and discrete) ``(num_chains, num_draws, *shape)``; exact discrete draws form one
-      chain.
+      chain. In a distributed fit, those of this rank's data points (as ``marginals``).
     - ``history.objective``: where every latent is discrete, the exact log joint
       ``log p(x, θ_t)`` (z summed out by enumeration; ``history.log_likelihood`` exact
       too). With continuous latents, the Monte Carlo estimate
