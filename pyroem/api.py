@@ -319,7 +319,15 @@ def fit(
             ``stepwise=True`` (stepwise EM, with ``batch_size``, ``kappa``, ``passes``,
             ``shuffle``; see :mod:`pyroem.engines.stepwise`; under ``vb-em`` on a ``Mixture``,
             stochastic VI) and, for a source, ``reservoir_size`` (rows of the sample
-            that initialises it).
+            that initialises it). map-em on a Pyro program: ``space`` and
+            ``stepwise=True`` with ``kappa``, ``passes``, ``shuffle`` and ``batch_size``
+            (the subsample size of the program's subsampling plate, its default), for a
+            program whose plate over the data subsamples
+            (``pyro.plate(name, N, subsample_size=b)``) and whose parameters all have
+            closed forms: the E-step on each subsample, scaled ``N/b`` by the plate, and
+            running averages of the closed forms' data sums (see
+            :mod:`pyroem.engines.program_stepwise`). Batch map-em refuses a subsampling
+            plate with :class:`~pyroem.errors.NotSupportedError`.
 
     Returns:
         A :class:`~pyroem.fits.core.FitResult` for a ``Mixture``, a

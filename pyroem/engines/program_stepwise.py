@@ -173,6 +173,14 @@ def check_stepwise_program(
         )
 
 
+def _sample_sites(trace: Any) -> frozenset[str]:
+    return frozenset(
+        name
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    )
+
+
 class _RunningSums:
     """The closed forms' data sums (in the order the sweep asks for them), moved towards
     each minibatch's by the step size ``gain``."""
@@ -240,6 +248,7 @@ class ProgramStepwiseEngine(Engine):
         self.num_data = engine.num_data * plate.size / plate.batch
         self.generator = seeded_generator(seed)
         self.marginals: dict[str, torch.Tensor] = {}
+        self.sites = _sample_sites(engine.first_trace)
         self._reset({})
 
     def _reset(self, values: dict[str, torch.Tensor]) -> None:
@@ -330,6 +339,7 @@ class ProgramStepwiseEngine(Engine):
         for indices, _ in _batches(order, batch, filler):
             plate.indices = indices
             post = posterior(self.program, self.current)
+            self._check_sites(post.trace)
             if self.updates:
                 gain = step_size(self.updates, options.kappa)
             self.running.start(gain)
@@ -353,6 +363,20 @@ class ProgramStepwiseEngine(Engine):
             dict(reported),
             info={"step_size": gain, "updates": self.updates, "averaged": self.averaged},
         )
+
+    def _check_sites(self, trace: Any) -> None:
+        """The closed forms read the sites of the first subsample's run: a subsample
+        whose run has other sites (a loop over its own longest sequence) is refused."""
+        sites = _sample_sites(trace)
+        if sites != self.sites:
+            changed = sorted(sites ^ self.sites)
+            raise NotSupportedError(
+                f"the sites of {self.program.name} depend on the subsample of plate "
+                f"{self.plate.name!r} (present in some subsamples only: {changed[:5]}); "
+                "stepwise EM's closed forms read the same sites in every subsample: loop "
+                "over the longest length of all the data (e.g. range(max_length), not "
+                "range(lengths[index].max())) and mask the steps past each length"
+            )
 
     def unconverged_message(self, run: EMRun) -> str | None:
         # Stepwise EM runs the passes it is given; reaching ``passes`` is expected.

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import pytest
 import torch
 from hmmlearn.hmm import GaussianHMM
@@ -20,6 +21,7 @@ from torch.distributions import constraints
 import pyroem
 from pyroem.engines.stepwise import step_size
 from pyroem.errors import NotSupportedError, SpecError
+from tests.engines.test_pyro_examples import pyro_log_joint
 
 KAPPA = 0.7
 
@@ -244,3 +246,55 @@ def test_stepwise_refusals_name_the_cause() -> None:
         pyroem.fit(mixture, data, model_kwargs={"batch": 50}, stepwise=True, kappa=0.4)
     with pytest.raises(NotSupportedError, match="stepwise=True"):
         pyroem.fit(mixture, data, model_kwargs={"batch": 50}, batch_size=50)
+
+
+def minibatch_hmm(
+    sequences: torch.Tensor,
+    lengths: torch.Tensor,
+    batch_size: int | None = None,
+    own_length: bool = False,
+) -> None:
+    """hmm.py's vectorised first model in minibatch mode: Dirichlet and Beta priors, a
+    tones plate inside the subsampled sequences plate, the steps past each length masked
+    (``own_length``: the loop runs to the subsample's longest sequence, as hmm.py does)."""
+    num_sequences, max_length, data_dim = sequences.shape
+    probs_x = pyro.sample("probs_x", dist.Dirichlet(0.9 * torch.eye(3) + 0.1).to_event(1))
+    probs_y = pyro.sample("probs_y", dist.Beta(0.1, 0.9).expand([3, data_dim]).to_event(2))
+    tones = pyro.plate("tones", data_dim, dim=-1)
+    with pyro.plate("sequences", num_sequences, batch_size, dim=-2) as batch:
+        lengths = lengths[batch]
+        steps = int(lengths.max()) if own_length else max_length
+        x = 0
+        for t in pyro.markov(range(steps)):
+            with poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                x = pyro.sample(
+                    f"x_{t}", dist.Categorical(probs_x[x]), infer={"enumerate": "parallel"}
+                )
+                with tones:
+                    pyro.sample(
+                        f"y_{t}", dist.Bernoulli(probs_y[x.squeeze(-1)]), obs=sequences[batch, t]
+                    )
+
+
+def _tones(num: int, generator: torch.Generator) -> torch.Tensor:
+    return (torch.rand(num, 12, 5, generator=generator) < 0.2).double()
+
+
+def test_minibatch_hmm_objective_is_pyros_log_joint() -> None:
+    """Conjugate priors, masks and a plate inside the subsampled one: the log joint the
+    fit reports after its passes (90 sequences, 20 per subsample, the last short) is
+    Pyro's TraceEnum_ELBO log joint over all sequences at the fitted parameters."""
+    torch.set_default_dtype(torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    sequences = _tones(90, generator)
+    lengths = torch.tensor([12 - 3 * (i % 2) for i in range(90)])
+    fit = pyroem.fit(minibatch_hmm, sequences, lengths, 20, seed=0, stepwise=True, passes=2)
+    assert fit.m_step_kinds == {"probs_x": "dirichlet-categorical", "probs_y": "beta-bernoulli"}
+    expected = float(pyro_log_joint(minibatch_hmm, fit.params, 2, sequences, lengths, None))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-10)
+    # A loop to the subsample's own longest sequence changes the sites between
+    # subsamples: refused, naming the fix.
+    lengths = torch.randint(2, 12, (90,), generator=generator)
+    lengths[0] = 12
+    with pytest.raises(NotSupportedError, match=r"range\(max_length\)"):
+        pyroem.fit(minibatch_hmm, sequences, lengths, 20, True, stepwise=True, passes=2)
