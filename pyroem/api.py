@@ -321,10 +321,11 @@ def fit(
             stochastic VI) and, for a source, ``reservoir_size`` (rows of the sample
             that initialises it). map-em on a Pyro program: ``space`` and
             ``stepwise=True`` with ``kappa``, ``passes``, ``shuffle`` and ``batch_size``
-            (the subsample size of the program's subsampling plate, its default), for a
+            (default: the subsample size of the program's subsampling plate), for a
             program whose plate over the data subsamples
-            (``pyro.plate(name, N, subsample_size=b)``) and whose parameters all have
-            closed forms: the E-step on each subsample, scaled ``N/b`` by the plate, and
+            (``pyro.plate(name, N, subsample_size=b)``), or, given ``batch_size``, whose
+            plate over the data indexes the data by its indices, and whose parameters
+            all have closed forms: the E-step on each subsample, scaled ``N/b`` by the plate, and
             running averages of the closed forms' data sums (see
             :mod:`pyroem.engines.program_stepwise`). Batch map-em refuses a subsampling
             plate with :class:`~pyroem.errors.NotSupportedError`.

@@ -22,6 +22,8 @@ from pyroem.engines.program_stepwise import (
     ProgramStepwiseEngine,
     StepwiseOptions,
     check_stepwise_program,
+    minibatch_error,
+    minibatch_plate,
     stepwise_plate,
 )
 from pyroem.engines.squarem import ACCELERATIONS, SquaremEngine
@@ -869,7 +871,7 @@ def fit_program(
         # The first trace below runs the program enumerated: no separate check for that.
         program = ProgramModel(model, model_args, model_kwargs, check_enumeration=False)
         plate = None if stepwise is None else stepwise_plate(program, stepwise)
-        if plate is not None and accelerate is not None:
+        if stepwise is not None and accelerate is not None:
             raise SpecError(
                 f"accelerate={accelerate!r} extrapolates batch EM's map; stepwise EM moves "
                 "by its step sizes: pass accelerate=None, or leave out stepwise"
@@ -881,6 +883,13 @@ def fit_program(
         base_seed = resolve_seed(seed)
         first = _broadcast_values(collective, program, initial_values(program, init, base_seed))
         first_trace = program.trace(first)
+        if stepwise is not None and plate is None:
+            # No plate subsamples: pyroem minibatches the plate over the data.
+            plate = minibatch_plate(program, stepwise, first_trace)
+            try:
+                first_trace = program.trace(first)
+            except (ValueError, RuntimeError, IndexError, NotSupportedError) as err:
+                raise minibatch_error(plate, program, err) from err
         if plate is None:
             check_full_plates(first_trace)
         # The structure of the first trace, read once: the E-steps and the probes rerun it.

@@ -44,7 +44,15 @@ from pyroem.model.program import ProgramModel
 from pyroem.mstep.recognised import summed_over_shards
 from pyroem.options import check_integer
 
-__all__ = ["PlateSubsamples", "ProgramStepwiseEngine", "StepwiseOptions", "stepwise_plate"]
+__all__ = [
+    "PlateSubsamples",
+    "ProgramStepwiseEngine",
+    "StepwiseOptions",
+    "check_stepwise_program",
+    "minibatch_error",
+    "minibatch_plate",
+    "stepwise_plate",
+]
 
 
 class StepwiseOptions(NamedTuple):
@@ -86,25 +94,31 @@ class PlateSubsamples(Messenger):
                 msg["mask"] = keep if mask is None or mask is True else mask & keep
 
 
-def stepwise_plate(program: ProgramModel, options: StepwiseOptions) -> PlateSubsamples:
+def stepwise_plate(program: ProgramModel, options: StepwiseOptions) -> PlateSubsamples | None:
     """The subsampling plate of a program fitted by stepwise EM, its subsamples from here
-    on chosen by the returned handler (the program is wrapped in it).
+    on chosen by the returned handler (the program is wrapped in it); ``None`` when no
+    plate subsamples and ``batch_size`` is given: :func:`minibatch_plate` then picks the
+    plate over the data from the first trace.
 
     Raises:
         SpecError: bad options (``batch_size`` other than the plate's subsample size).
-        NotSupportedError: no plate subsamples, or several do.
+        NotSupportedError: no plate subsamples and no ``batch_size``, or several plates do.
     """
     check_integer("passes", options.passes, 1)
     if not isinstance(options.shuffle, bool):
         raise SpecError(f"shuffle must be True or False; got {options.shuffle!r}")
     plates = program.subsampled
     if not plates:
+        if options.batch_size is not None:
+            check_stepwise(options.batch_size, options.kappa)
+            return None
         raise NotSupportedError(
             f"stepwise EM on a Pyro program reads its data in the subsamples of its data "
-            f"plate, but no plate of {program.name} subsamples: declare the plate over the "
-            "data points as pyro.plate(name, N, subsample_size=batch_size), index the data "
-            "with the indices it yields, and observe data[indices]; or leave out stepwise "
-            "for batch EM"
+            f"plate, but no plate of {program.name} subsamples and no batch_size is given: "
+            "pass batch_size=b (pyroem then hands the plate over the data points "
+            "subsamples of b entries; the program must observe data[indices], indexed by "
+            "the plate's indices), or declare that plate as pyro.plate(name, N, "
+            "subsample_size=b); or leave out stepwise for batch EM"
         )
     if len(plates) > 1:
         raise NotSupportedError(
@@ -124,6 +138,59 @@ def stepwise_plate(program: ProgramModel, options: StepwiseOptions) -> PlateSubs
     handler = PlateSubsamples(name, size, batch)
     program.model = handler(program.model)
     return handler
+
+
+def minibatch_plate(program: ProgramModel, options: StepwiseOptions, trace: Any) -> PlateSubsamples:
+    """The plate over the data points of a program none of whose plates subsamples,
+    from its first (full) trace: the one vectorized plate that holds every observed and
+    every enumerated site and no parameter. From here on the returned handler hands it
+    subsamples of ``batch_size`` entries (the program is wrapped in it).
+
+    Raises:
+        NotSupportedError: no such plate, or several.
+        SpecError: ``batch_size`` not smaller than the plate.
+    """
+    assert options.batch_size is not None
+    sizes = {
+        name: int(site["fn"].size)
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and site_is_subsample(site)
+    }
+    candidates = set(sizes)
+    for name in [*program.observed, *program.enumerated]:
+        if name in trace.nodes:
+            stack = trace.nodes[name]["cond_indep_stack"]
+            candidates &= {frame.name for frame in stack if frame.vectorized}
+    for name in program.params:
+        candidates -= {frame.name for frame in trace.nodes[name]["cond_indep_stack"]}
+    if len(candidates) != 1:
+        found = f"the plates {sorted(candidates)} all do" if candidates else "none does"
+        raise NotSupportedError(
+            f"stepwise EM with batch_size={options.batch_size} minibatches the one plate "
+            f"of {program.name} that holds every observation and latent and no parameter, "
+            f"but {found}: declare the plate to minibatch as pyro.plate(name, N, "
+            "subsample_size=b), observing data[indices]"
+        )
+    name = candidates.pop()
+    if options.batch_size >= sizes[name]:
+        raise SpecError(
+            f"batch_size={options.batch_size} must be smaller than the {sizes[name]} "
+            f"entries of plate {name!r}; for minibatches of all of it, leave out stepwise"
+        )
+    handler = PlateSubsamples(name, sizes[name], options.batch_size)
+    program.model = handler(program.model)
+    return handler
+
+
+def minibatch_error(plate: PlateSubsamples, program: ProgramModel, err: Exception) -> Exception:
+    """The error of a program that fails when pyroem hands its plate a subsample."""
+    return NotSupportedError(
+        f"stepwise EM hands the plate {plate.name!r} of {program.name} subsamples of "
+        f"{plate.batch} of its {plate.size} entries, and the program failed on one "
+        f"({type(err).__name__}: {err}): index the data with the plate's indices "
+        "(with pyro.plate(name, N) as indices: ... obs=data[indices]), or declare the "
+        "plate with subsample_size"
+    )
 
 
 def check_stepwise_program(

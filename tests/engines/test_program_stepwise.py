@@ -50,10 +50,32 @@ def _mixture_log_likelihood(data: np.ndarray, params: dict[str, torch.Tensor]) -
     return float(logsumexp(terms, axis=1).sum())
 
 
-def test_mixture_program_stepwise_reaches_scikit_learn_optimum() -> None:
+def full_plate_mixture(data: torch.Tensor) -> None:
+    """:func:`mixture` with a plate that does not subsample, its data indexed by it."""
+    weights = pyro.param("weights", torch.ones(3) / 3, constraint=constraints.simplex)
+    locs = pyro.param("locs", torch.tensor([-3.0, 1.0, 3.0]))
+    variances = pyro.param("variances", torch.ones(3), constraint=constraints.positive)
+    with pyro.plate("data", len(data)) as index:
+        z = pyro.sample("z", dist.Categorical(weights))
+        pyro.sample("x", dist.Normal(locs[z], variances[z].sqrt()), obs=data[index])
+
+
+def unindexed_mixture(data: torch.Tensor) -> None:
+    """:func:`full_plate_mixture` observing all the data whatever the plate's indices."""
+    weights = pyro.param("weights", torch.ones(3) / 3, constraint=constraints.simplex)
+    locs = pyro.param("locs", torch.tensor([-3.0, 1.0, 3.0]))
+    with pyro.plate("data", len(data)):
+        z = pyro.sample("z", dist.Categorical(weights))
+        pyro.sample("x", dist.Normal(locs[z], 1.0), obs=data)
+
+
+@pytest.mark.parametrize("route", ["subsample_size", "batch_size"])
+def test_mixture_program_stepwise_reaches_scikit_learn_optimum(route: str) -> None:
     r"""Three passes (b = 100 of N = 4050 points, κ = 0.7) reach scikit-learn's batch EM
     optimum within the noise the schedule leaves; every pass's objective is the exact
     log-likelihood over all N points (the last subsample of each pass is short: 50).
+    The program's plate subsamples (``subsample_size``), or pyroem minibatches a plate
+    that does not (``batch_size``).
 
     The tolerance is that of tests/engines/test_stepwise.py, derived there: the running
     statistics near the optimum are an AR(1) recursion with stationary variance
@@ -65,8 +87,16 @@ def test_mixture_program_stepwise_reaches_scikit_learn_optimum() -> None:
     torch.set_default_dtype(torch.float64)
     data = _mixture_data(4050)
     batch = 100
-    fit = pyroem.fit(mixture, data, model_kwargs={"batch": batch}, seed=0, stepwise=True, passes=3)
+    if route == "subsample_size":
+        fit = pyroem.fit(
+            mixture, data, model_kwargs={"batch": batch}, seed=0, stepwise=True, passes=3
+        )
+    else:
+        fit = pyroem.fit(
+            full_plate_mixture, data, seed=0, stepwise=True, batch_size=batch, passes=3
+        )
     assert fit.options["stepwise"] and fit.options["subsampled_plate"] == "data"
+    assert fit.options["batch_size"] == batch
     gmm = GaussianMixture(3, reg_covar=0.0, tol=1e-12, max_iter=1000, random_state=0)
     gmm.fit(data.numpy()[:, None])
     theirs = np.argsort(gmm.means_[:, 0])
@@ -240,6 +270,10 @@ def test_stepwise_refusals_name_the_cause() -> None:
         pyroem.fit(gradient_mixture, data, model_kwargs={"batch": 50}, stepwise=True)
     with pytest.raises(NotSupportedError, match="no plate of mixture subsamples"):
         pyroem.fit(mixture, data, stepwise=True)
+    with pytest.raises(NotSupportedError, match=r"obs=data\[indices\]"):
+        pyroem.fit(unindexed_mixture, data, stepwise=True, batch_size=50)
+    with pytest.raises(SpecError, match="must be smaller than the 200 entries"):
+        pyroem.fit(full_plate_mixture, data, stepwise=True, batch_size=200)
     with pytest.raises(SpecError, match="batch_size=40, but the plate 'data' subsamples 50"):
         pyroem.fit(mixture, data, model_kwargs={"batch": 50}, stepwise=True, batch_size=40)
     with pytest.raises(SpecError, match="kappa must be a number in"):
