@@ -959,12 +959,15 @@ def fit_program(
         )
     finally:
         engine.starts = None
+        if plate is not None:
+            # The fit's program runs its plate as written again (pointwise values etc.).
+            plate.release()
     best = result.best
     # The fitted weights of pyro.module networks go into the networks themselves.
     with torch.no_grad():
         for name, parameter in program.module_params.items():
             parameter.copy_(best.params[name])
-    marginals = engine.marginals(best.last.stats) if online is None else online.marginals
+    marginals = engine.marginals(best.last.stats) if online is None else best.last.stats
     options = {
         "n_init": n_init,
         "tol": tol,

@@ -67,6 +67,7 @@ class StepwiseOptions(NamedTuple):
 class PlateSubsamples(Messenger):
     """Hands the plate ``name`` the subsample ``indices``; with ``kept`` set, only its
     first ``kept`` entries count: the observed sites in the plate are masked beyond them.
+    With ``indices`` ``None`` (:meth:`release`) it does nothing.
 
     Args:
         name: the plate.
@@ -77,10 +78,16 @@ class PlateSubsamples(Messenger):
     def __init__(self, name: str, size: int, batch: int) -> None:
         super().__init__()
         self.name, self.size, self.batch = name, size, batch
-        self.indices = torch.arange(batch)
+        self.indices: torch.Tensor | None = torch.arange(batch)
         self.kept: int | None = None
 
+    def release(self) -> None:
+        """Leave the plate to the program from here on (after the fit)."""
+        self.indices, self.kept = None, None
+
     def _pyro_sample(self, msg: Any) -> None:
+        if self.indices is None:
+            return
         if msg["name"] == self.name and site_is_subsample(msg):
             msg["value"] = self.indices.to(msg["fn"].device)
             return
@@ -314,7 +321,6 @@ class ProgramStepwiseEngine(Engine):
         self.name = f"{engine.name} stepwise"
         self.num_data = engine.num_data * plate.size / plate.batch
         self.generator = seeded_generator(seed)
-        self.marginals: dict[str, torch.Tensor] = {}
         self.sites = _sample_sites(engine.first_trace)
         self._reset({})
 
@@ -331,7 +337,8 @@ class ProgramStepwiseEngine(Engine):
         return start
 
     def e_step(self, values: dict[str, torch.Tensor]) -> EStepResult:
-        """The exact objective over all ``N`` entries, by consecutive subsamples."""
+        """The exact objective over all ``N`` entries, by consecutive subsamples, with
+        the posterior marginals of the enumerated sites at every entry as statistics."""
         plate = self.plate
         log_likelihood = 0.0
         log_prior = 0.0
@@ -354,9 +361,9 @@ class ProgramStepwiseEngine(Engine):
                 f"the log-likelihood of {self.program.name} is not finite at the current "
                 "parameters: check the data and the priors"
             )
-        self.marginals = marginals
         objective = log_likelihood + log_prior + self.base.log_jacobian(values)
-        return EStepResult(None, objective, log_likelihood)
+        # The statistics the loop keeps are the posterior marginals of every entry.
+        return EStepResult(marginals, objective, log_likelihood)
 
     def _collect(
         self,
