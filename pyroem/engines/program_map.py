@@ -22,6 +22,7 @@ from pyroem.engines.program_stepwise import (
     ProgramStepwiseEngine,
     StepwiseOptions,
     check_stepwise_program,
+    check_uses_fixed,
     minibatch_error,
     minibatch_plate,
     stepwise_plate,
@@ -914,6 +915,7 @@ def fit_program(
         collective.check(refused)
     if plate is not None:
         check_stepwise_program(program, found, first_trace, plate)
+        check_uses_fixed(program, found, first, plate, first_trace)
     kinds = {name: "gradient" if block is None else block.kind for name, block in found.items()}
     engine = _Engine(
         program,

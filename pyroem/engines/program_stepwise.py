@@ -41,7 +41,7 @@ from pyroem.engines.stepwise import check_stepwise, step_size
 from pyroem.errors import NotSupportedError, SpecError
 from pyroem.estep.program import posterior
 from pyroem.model.program import ProgramModel
-from pyroem.mstep.recognised import summed_over_shards
+from pyroem.mstep.recognised import recognise, summed_over_shards
 from pyroem.options import check_integer
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "ProgramStepwiseEngine",
     "StepwiseOptions",
     "check_stepwise_program",
+    "check_uses_fixed",
     "minibatch_error",
     "minibatch_plate",
     "stepwise_plate",
@@ -255,6 +256,68 @@ def _sample_sites(trace: Any) -> frozenset[str]:
     )
 
 
+def _check_sites(
+    program: ProgramModel, plate: PlateSubsamples, first: frozenset[str], trace: Any
+) -> None:
+    """The closed forms read the sites of the first subsample's run: a subsample whose
+    run has other sites (a loop over its own longest sequence) is refused."""
+    sites = _sample_sites(trace)
+    if sites != first:
+        changed = sorted(sites ^ first)
+        raise NotSupportedError(
+            f"the sites of {program.name} depend on the subsample of plate {plate.name!r} "
+            f"(present in some subsamples only: {changed[:5]}); stepwise EM's closed forms "
+            "read the same sites in every subsample: loop over the longest length of all "
+            "the data (e.g. range(max_length), not range(lengths[index].max())) and mask "
+            "the steps past each length"
+        )
+
+
+def _same_uses(block: Any, other: Any) -> bool:
+    if other is None or other.slot != block.slot or len(other.uses) != len(block.uses):
+        return False
+    return all(
+        a.site == b.site and a.slot == b.slot and torch.equal(a.rows, b.rows)
+        for a, b in zip(block.uses, other.uses, strict=True)
+    )
+
+
+def check_uses_fixed(
+    program: ProgramModel,
+    found: Mapping[str, Any],
+    values: Mapping[str, torch.Tensor],
+    plate: PlateSubsamples,
+    first_trace: Any,
+) -> None:
+    """Raise unless the closed forms read their parameters' rows the same way in another
+    subsample (the plate's last entries) as in the first: the running sums add up each
+    subsample's sums row by row, so the rows an entry reads must not depend on the data
+    (a parameter indexed by a group id observed with the data)."""
+    if all(block is None for block in found.values()):
+        return
+    first = plate.indices
+    plate.indices = torch.arange(plate.size - plate.batch, plate.size)
+    try:
+        trace = program.trace(values)
+        _check_sites(program, plate, _sample_sites(first_trace), trace)
+        again = recognise(program, values, trace)
+    finally:
+        plate.indices = first
+    changed = [
+        name
+        for name, block in found.items()
+        if block is not None and not _same_uses(block, again.get(name))
+    ]
+    if changed:
+        raise NotSupportedError(
+            f"stepwise EM on a Pyro program keeps running sums of each closed form's "
+            f"statistics per parameter row, but which rows of {changed} a site reads "
+            f"depends on the subsample of plate {plate.name!r} (e.g. a parameter indexed "
+            "by an id observed with the data): fit it by batch EM (leave out stepwise and "
+            "subsampling)"
+        )
+
+
 class _RunningSums:
     """The closed forms' data sums (in the order the sweep asks for them), moved towards
     each minibatch's by the step size ``gain``."""
@@ -439,18 +502,7 @@ class ProgramStepwiseEngine(Engine):
         )
 
     def _check_sites(self, trace: Any) -> None:
-        """The closed forms read the sites of the first subsample's run: a subsample
-        whose run has other sites (a loop over its own longest sequence) is refused."""
-        sites = _sample_sites(trace)
-        if sites != self.sites:
-            changed = sorted(sites ^ self.sites)
-            raise NotSupportedError(
-                f"the sites of {self.program.name} depend on the subsample of plate "
-                f"{self.plate.name!r} (present in some subsamples only: {changed[:5]}); "
-                "stepwise EM's closed forms read the same sites in every subsample: loop "
-                "over the longest length of all the data (e.g. range(max_length), not "
-                "range(lengths[index].max())) and mask the steps past each length"
-            )
+        _check_sites(self.program, self.plate, self.sites, trace)
 
     def unconverged_message(self, run: EMRun) -> str | None:
         # Stepwise EM runs the passes it is given; reaching ``passes`` is expected.

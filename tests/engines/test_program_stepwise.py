@@ -332,3 +332,22 @@ def test_minibatch_hmm_objective_is_pyros_log_joint() -> None:
     lengths[0] = 12
     with pytest.raises(NotSupportedError, match=r"range\(max_length\)"):
         pyroem.fit(minibatch_hmm, sequences, lengths, 20, True, stepwise=True, passes=2)
+
+
+def group_means(x: torch.Tensor, group: torch.Tensor, batch: int | None = None) -> None:
+    """A mean per group, each point reading its group's by an id observed with it."""
+    locs = pyro.param("locs", torch.zeros(3))
+    with pyro.plate("data", len(x), subsample_size=batch) as index:
+        pyro.sample("x", dist.Normal(locs[group[index]], 1.0), obs=x[index])
+
+
+def test_rows_read_by_data_ids_are_refused() -> None:
+    """Which mean a point reads depends on its group id, so on the subsample: the closed
+    form's rows recognised on the first subsample would be applied to all of them (a
+    silent wrong answer: 7.7, 0, 0 for group means 0, 3, 6). Refused, naming the site."""
+    torch.set_default_dtype(torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    group = torch.arange(300) // 100
+    x = torch.randn(300, generator=generator) + 3.0 * group
+    with pytest.raises(NotSupportedError, match=r"which rows of \['locs'\] a site reads"):
+        pyroem.fit(group_means, x, group, 30, stepwise=True, seed=0)
