@@ -351,3 +351,60 @@ def test_rows_read_by_data_ids_are_refused() -> None:
     x = torch.randn(300, generator=generator) + 3.0 * group
     with pytest.raises(NotSupportedError, match=r"which rows of \['locs'\] a site reads"):
         pyroem.fit(group_means, x, group, 30, stepwise=True, seed=0)
+
+
+def two_normals(data: torch.Tensor, batch: int | None = None) -> None:
+    """Two Gaussian components, maximum likelihood, the data plate subsampled."""
+    weights = pyro.param("weights", torch.tensor([0.5, 0.5]), constraint=constraints.simplex)
+    locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+    variances = pyro.param("variances", torch.tensor([1.0, 2.0]), constraint=constraints.positive)
+    with pyro.plate("data", len(data), subsample_size=batch) as index:
+        z = pyro.sample("z", dist.Categorical(weights))
+        pyro.sample("x", dist.Normal(locs[z], variances[z].sqrt()), obs=data[index])
+
+
+def test_one_pass_follows_the_stepwise_recursion() -> None:
+    r"""One pass in order (N = 12, b = 4) against the recursion written out in NumPy:
+    per subsample, responsibilities at the current parameters, the closed forms' data
+    sums scaled by N/b (the means' precision-weighted sums, then the variances' squared
+    residuals about the new means, the weights' counts), s ← (1 − γ_t) s + γ_t ŝ with
+    γ_t = (t + 2)^(−κ) after the first subsample sets s, and the maximum-likelihood
+    values of the running sums. After one pass the fit reports the last iterate."""
+    torch.set_default_dtype(torch.float64)
+    x = np.array([-2.1, -1.4, 0.3, 1.9, 2.4, -0.8, 3.1, -2.6, 0.9, 1.2, -1.7, 2.8])
+    kappa, batch = 0.6, 4
+    fit = pyroem.fit(
+        two_normals,
+        torch.tensor(x),
+        model_kwargs={"batch": batch},
+        stepwise=True,
+        passes=1,
+        shuffle=False,
+        kappa=kappa,
+    )
+    weights, locs, variances = np.array([0.5, 0.5]), np.array([-1.0, 1.0]), np.array([1.0, 2.0])
+    sums: list[np.ndarray] = []
+    running: list[np.ndarray] = []
+    scale = len(x) / batch
+
+    def moved(old: list[np.ndarray], new: list[np.ndarray], gain: float) -> list[np.ndarray]:
+        return [(1 - gain) * s + gain * e for s, e in zip(old, new, strict=True)]
+
+    for t, start in enumerate(range(0, len(x), batch)):
+        b = x[start : start + batch, None]
+        joint = np.log(weights) + norm.logpdf(b, locs, np.sqrt(variances))
+        resp = np.exp(joint - logsumexp(joint, axis=1, keepdims=True))
+        # The means' closed form: precision-weighted sums (at the current variances).
+        estimate = [scale * resp.sum(0) / variances, scale * (resp * b).sum(0) / variances]
+        gain = step_size(t, kappa)
+        sums = estimate if t == 0 else moved(sums, estimate, gain)
+        new_locs = sums[1] / sums[0]
+        # The variances' and the weights': counts and squared residuals about the new means.
+        counts = scale * resp.sum(0)
+        more = [counts, scale * (resp * (b - new_locs) ** 2).sum(0), counts]
+        running = more if t == 0 else moved(running, more, gain)
+        locs, variances = new_locs, running[1] / running[0]
+        weights = running[2] / running[2].sum()
+    np.testing.assert_allclose(fit.params["locs"].numpy(), locs, rtol=1e-10)
+    np.testing.assert_allclose(fit.params["variances"].numpy(), variances, rtol=1e-10)
+    np.testing.assert_allclose(fit.params["weights"].numpy(), weights, rtol=1e-10)
