@@ -256,6 +256,15 @@ def _sample_sites(trace: Any) -> frozenset[str]:
     )
 
 
+def _plate_dim(trace: Any, name: str) -> int:
+    """The batch dimension of plate ``name`` (negative), 0 if no site lies in it."""
+    for site in trace.nodes.values():
+        for frame in site.get("cond_indep_stack", ()):
+            if frame.name == name and frame.dim is not None:
+                return int(frame.dim)
+    return 0
+
+
 def _check_sites(
     program: ProgramModel, plate: PlateSubsamples, first: frozenset[str], trace: Any
 ) -> None:
@@ -385,6 +394,7 @@ class ProgramStepwiseEngine(Engine):
         self.num_data = engine.num_data * plate.size / plate.batch
         self.generator = seeded_generator(seed)
         self.sites = _sample_sites(engine.first_trace)
+        self.plate_dim = _plate_dim(engine.first_trace, plate.name)
         self._reset({})
 
     def _reset(self, values: dict[str, torch.Tensor]) -> None:
@@ -437,7 +447,7 @@ class ProgramStepwiseEngine(Engine):
     ) -> None:
         """Place a subsample's posterior marginals at its entries of the plate (sites
         whose marginals do not run along the plate are left out)."""
-        dim = self._plate_dim()
+        dim = self.plate_dim
         for name, table in marginals.items():
             axis = table.dim() - 1 + dim
             if dim >= 0 or axis < 0 or table.shape[axis] != self.plate.batch:
@@ -447,14 +457,6 @@ class ProgramStepwiseEngine(Engine):
                 shape[axis] = self.plate.size
                 out[name] = table.new_zeros(shape)
             out[name].index_copy_(axis, indices[:kept], table.narrow(axis, 0, kept))
-
-    def _plate_dim(self) -> int:
-        trace = self.base.first_trace
-        for site in trace.nodes.values():
-            for frame in site.get("cond_indep_stack", ()):
-                if frame.name == self.plate.name and frame.dim is not None:
-                    return int(frame.dim)
-        return 0
 
     def m_step(self, stats: Any, values: Any, iteration: int) -> MStepResult:
         """One pass of minibatch updates."""
