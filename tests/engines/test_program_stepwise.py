@@ -408,3 +408,15 @@ def test_one_pass_follows_the_stepwise_recursion() -> None:
     np.testing.assert_allclose(fit.params["locs"].numpy(), locs, rtol=1e-10)
     np.testing.assert_allclose(fit.params["variances"].numpy(), variances, rtol=1e-10)
     np.testing.assert_allclose(fit.params["weights"].numpy(), weights, rtol=1e-10)
+
+
+def test_program_stepwise_defaults_are_the_mixture_ones() -> None:
+    """kappa, passes and shuffle default as for a Mixture's stepwise EM."""
+    import inspect
+
+    from pyroem.api import _PROGRAM_OPTIONS
+    from pyroem.engines.streamed import fit_mixture_large
+
+    parameters = inspect.signature(fit_mixture_large).parameters
+    for name in ("kappa", "passes", "shuffle"):
+        assert _PROGRAM_OPTIONS[name] == parameters[name].default
