@@ -351,11 +351,15 @@ def fit(
         kind = "Mixture (CAVI)" if cavi else "Mixture"
     check_applicable(method, kind, {**given, "model_kwargs": model_kwargs or None})
     large = sorted(key for key in LARGE_DATA_OPTIONS if key in method_options)
-    stepwise_program = method == "map-em" and method_options.get("stepwise") is True
-    if kind == "program" and large and not (stepwise_program and "reservoir_size" not in large):
+    switch = method_options.get("stepwise")
+    stepwise_program = method == "map-em" and (
+        (switch is True and "reservoir_size" not in large)
+        or (switch is False and large == ["stepwise"])
+    )
+    if kind == "program" and large and not stepwise_program:
         raise NotSupportedError(
             f"{large}: on a Pyro program, stepwise EM is map-em with stepwise=True (and "
-            "batch_size, kappa, passes, shuffle) over a plate that subsamples; streamed "
+            "batch_size, kappa, passes, shuffle) over the plate of its data points; streamed "
             "sources and the other methods' stepwise forms are written for a "
             "pyroem.Mixture: pass method='map-em', stepwise=True, or leave out these "
             "options, or declare the model as a pyroem.Mixture"
