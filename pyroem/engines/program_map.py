@@ -21,7 +21,8 @@ from pyroem.engines.distributed import LOCAL, Collective
 from pyroem.engines.program_stepwise import (
     ProgramStepwiseEngine,
     StepwiseOptions,
-    check_stepwise_program,
+    check_closed_forms,
+    check_stepwise_plate,
     check_uses_fixed,
     minibatch_error,
     minibatch_plate,
@@ -893,6 +894,8 @@ def fit_program(
                 raise minibatch_error(plate, program, err) from err
         if plate is None:
             check_full_plates(first_trace)
+        else:
+            check_stepwise_plate(program, first_trace, plate)
         # The structure of the first trace, read once: the E-steps and the probes rerun it.
         layout = CompiledProgram(program, first_trace)
         found = (
@@ -914,7 +917,7 @@ def fit_program(
         # Every rank raises when one does (its shard may have read the program otherwise).
         collective.check(refused)
     if plate is not None:
-        check_stepwise_program(program, found, first_trace, plate)
+        check_closed_forms(found)
         check_uses_fixed(program, found, first, plate, first_trace)
     kinds = {name: "gradient" if block is None else block.kind for name, block in found.items()}
     engine = _Engine(

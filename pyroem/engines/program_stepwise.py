@@ -48,7 +48,8 @@ __all__ = [
     "PlateSubsamples",
     "ProgramStepwiseEngine",
     "StepwiseOptions",
-    "check_stepwise_program",
+    "check_closed_forms",
+    "check_stepwise_plate",
     "check_uses_fixed",
     "minibatch_error",
     "minibatch_plate",
@@ -201,12 +202,9 @@ def minibatch_error(plate: PlateSubsamples, program: ProgramModel, err: Exceptio
     )
 
 
-def check_stepwise_program(
-    program: ProgramModel, found: Mapping[str, Any], trace: Any, plate: PlateSubsamples
-) -> None:
-    """Raise unless stepwise EM can run on the program: every parameter has a closed
-    form, the subsampled plate is vectorized, no parameter lies in it, and every observed
-    site does."""
+def check_closed_forms(found: Mapping[str, Any]) -> None:
+    """Raise unless every parameter has a closed form (stepwise EM keeps running
+    averages of their data sums)."""
     gradient = [name for name, block in found.items() if block is None]
     if gradient:
         raise NotSupportedError(
@@ -216,6 +214,10 @@ def check_stepwise_program(
             "without subsample_size)"
         )
 
+
+def check_stepwise_plate(program: ProgramModel, trace: Any, plate: PlateSubsamples) -> None:
+    """Raise unless the subsampled plate is vectorized, no parameter lies in it, and
+    every observed and enumerated site does."""
     frames = [
         frame
         for site in trace.nodes.values()
@@ -234,17 +236,23 @@ def check_stepwise_program(
         return any(frame.name == plate.name for frame in trace.nodes[name]["cond_indep_stack"])
 
     local = [name for name in program.params if in_plate(name)]
-    outside = [name for name in program.observed if name in trace.nodes and not in_plate(name)]
+    # A discrete latent outside the plate couples all the subsamples: its posterior is
+    # no sum over them, nor is the log-likelihood.
+    outside = [
+        name
+        for name in [*program.observed, *program.enumerated]
+        if name in trace.nodes and not in_plate(name)
+    ]
     if local or outside:
         what = (
             f"the parameters {local} lie in it (one value per entry)"
             if local
-            else f"the observed sites {outside} lie outside it"
+            else f"the observed or enumerated sites {outside} lie outside it"
         )
         raise NotSupportedError(
             f"stepwise EM on a Pyro program subsamples the plate {plate.name!r}, which must "
-            f"hold every observation and no parameter, but {what}: move them, or leave out "
-            "stepwise"
+            f"hold every observation and discrete latent and no parameter, but {what}: move "
+            "them, or leave out stepwise"
         )
 
 

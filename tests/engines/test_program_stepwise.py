@@ -420,3 +420,18 @@ def test_program_stepwise_defaults_are_the_mixture_ones() -> None:
     parameters = inspect.signature(fit_mixture_large).parameters
     for name in ("kappa", "passes", "shuffle"):
         assert _PROGRAM_OPTIONS[name] == parameters[name].default
+
+
+def global_switch(data: torch.Tensor, batch: int | None = None) -> None:
+    """One discrete latent for all the data: which of two means they share."""
+    locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+    which = pyro.sample("which", dist.Categorical(torch.tensor([0.5, 0.5])))
+    with pyro.plate("data", len(data), subsample_size=batch) as index:
+        pyro.sample("x", dist.Normal(locs[which], 1.0), obs=data[index])
+
+
+def test_discrete_latent_outside_the_plate_is_refused() -> None:
+    """Its posterior couples all the subsamples, and log p(x) is no sum over them."""
+    torch.set_default_dtype(torch.float64)
+    with pytest.raises(NotSupportedError, match=r"enumerated sites \['which'\] lie outside"):
+        pyroem.fit(global_switch, _mixture_data(200), model_kwargs={"batch": 50}, stepwise=True)
