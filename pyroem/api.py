@@ -23,6 +23,7 @@ from pyroem.engines.initialization import seeded_generator, site_values
 from pyroem.engines.mcmc_em import fit_mcmc_em
 from pyroem.engines.program_map import fit_program
 from pyroem.engines.program_start import INIT_CHOICES, raise_bad_init, resolve_start
+from pyroem.engines.program_stepwise import StepwiseOptions
 from pyroem.engines.streamed import LARGE_DATA_OPTIONS, fit_mixture_large
 from pyroem.engines.svi import fit_svi
 from pyroem.errors import DataError, NotSupportedError, PyroEMError, SpecError
@@ -320,7 +321,16 @@ def fit(
             ``stepwise=True`` (stepwise EM, with ``batch_size``, ``kappa``, ``passes``,
             ``shuffle``; see :mod:`pyroem.engines.stepwise`; under ``vb-em`` on a ``Mixture``,
             stochastic VI) and, for a source, ``reservoir_size`` (rows of the sample
-            that initialises it).
+            that initialises it). map-em on a Pyro program: ``space`` and
+            ``stepwise=True`` with ``kappa``, ``passes``, ``shuffle`` and ``batch_size``
+            (default: the subsample size of the program's subsampling plate), for a
+            program whose plate over the data subsamples
+            (``pyro.plate(name, N, subsample_size=b)``), or, given ``batch_size``, whose
+            plate over the data indexes the data by its indices, and whose parameters
+            all have closed forms: the E-step on each subsample, scaled ``N/b`` by the plate, and
+            running averages of the closed forms' data sums (see
+            :mod:`pyroem.engines.program_stepwise`). Batch map-em refuses a subsampling
+            plate with :class:`~pyroem.errors.NotSupportedError`.
 
     Returns:
         A :class:`~pyroem.fits.core.FitResult` for a ``Mixture``, a
@@ -343,12 +353,18 @@ def fit(
         kind = "Mixture (CAVI)" if cavi else "Mixture"
     check_applicable(method, kind, {**given, "model_kwargs": model_kwargs or None})
     large = sorted(key for key in LARGE_DATA_OPTIONS if key in method_options)
-    if kind == "program" and large:
+    switch = method_options.get("stepwise")
+    stepwise_program = method == "map-em" and (
+        (switch is True and "reservoir_size" not in large)
+        or (switch is False and large == ["stepwise"])
+    )
+    if kind == "program" and large and not stepwise_program:
         raise NotSupportedError(
-            f"{large}: stepwise EM and streamed sources are written for a pyroem.Mixture "
-            "(map-em, and vb-em as stochastic VI), not for a Pyro program, which is fitted "
-            "by batch EM on data held in memory: leave out these options, or declare the "
-            "model as a pyroem.Mixture"
+            f"{large}: on a Pyro program, stepwise EM is map-em with stepwise=True (and "
+            "batch_size, kappa, passes, shuffle) over the plate of its data points; streamed "
+            "sources and the other methods' stepwise forms are written for a "
+            "pyroem.Mixture: pass method='map-em', stepwise=True, or leave out these "
+            "options, or declare the model as a pyroem.Mixture"
         )
     weighable = kind == "Mixture (CAVI)" or (kind == "Mixture" and method == "map-em")
     if sample_weight is not None and not weighable:
@@ -513,6 +529,9 @@ def _fit_checked(
         if method != "map-em":
             result = _fit_other(model, model_args, model_kwargs, settings, method_options)
         elif kind == "program":
+            stepwise = method_options["stepwise"]
+            if not isinstance(stepwise, bool):
+                raise SpecError(f"stepwise must be True or False; got {stepwise!r}")
             result = fit_program(
                 model,
                 model_args,
@@ -525,6 +544,9 @@ def _fit_checked(
                 space=method_options["space"],
                 accelerate=settings.accelerate,
                 collective=settings.collective,
+                stepwise=StepwiseOptions(*(method_options[key] for key in StepwiseOptions._fields))
+                if stepwise
+                else None,
                 **settings.loop(),
             )
         else:
@@ -548,12 +570,23 @@ def _fit_checked(
     return result
 
 
+# map-em's options on a Pyro program, with their defaults (stepwise EM's as a Mixture's).
+_PROGRAM_OPTIONS = {
+    "space": "auto",
+    "stepwise": False,
+    "batch_size": None,
+    "kappa": 0.7,
+    "passes": 5,
+    "shuffle": True,
+}
+
+
 def _method_options(kind: str, options: dict[str, Any], settings: FitSettings) -> dict[str, Any]:
     """``method_options`` with the method's defaults, and the common options its engine
     also reads."""
     method = settings.method
     if method == "map-em":
-        known = {"stop_rule": "parameters"} if kind == "Mixture" else {"space": "auto"}
+        known = {"stop_rule": "parameters"} if kind == "Mixture" else dict(_PROGRAM_OPTIONS)
         options = with_defaults("method='map-em'", options, known)
         rule = options.get("stop_rule", "parameters")
         if rule not in _STOP_RULES:

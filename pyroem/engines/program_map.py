@@ -18,6 +18,16 @@ from torch.distributions import constraints
 
 from pyroem.em import Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.engines.distributed import LOCAL, Collective
+from pyroem.engines.program_stepwise import (
+    ProgramStepwiseEngine,
+    StepwiseOptions,
+    check_closed_forms,
+    check_stepwise_plate,
+    check_uses_fixed,
+    minibatch_error,
+    minibatch_plate,
+    stepwise_plate,
+)
 from pyroem.engines.squarem import ACCELERATIONS, SquaremEngine
 from pyroem.errors import (
     ConvergenceWarning,
@@ -840,6 +850,7 @@ def fit_program(
     space: str = "auto",
     accelerate: str | None = None,
     collective: Collective = LOCAL,
+    stepwise: StepwiseOptions | None = None,
 ) -> ProgramFit:
     """Fit a Pyro program by MAP-EM (see :func:`pyroem.fit`).
 
@@ -851,6 +862,9 @@ def fit_program(
     In a distributed fit (``collective`` of several ranks) each rank's program holds its
     own shard of the data; the ranks' starts are rank 0's, their objectives and closed-form
     statistics are summed over the ranks, and every rank returns the same parameters.
+
+    With ``stepwise``, the program's subsampling plate is fitted by stepwise EM
+    (:mod:`pyroem.engines.program_stepwise`): ``max_iter`` is ignored for its ``passes``.
     """
     if m_step not in M_STEPS:
         raise SpecError(f"m_step must be one of {M_STEPS}; got {m_step!r}")
@@ -862,6 +876,12 @@ def fit_program(
     with _paused_collector():
         # The first trace below runs the program enumerated: no separate check for that.
         program = ProgramModel(model, model_args, model_kwargs, check_enumeration=False)
+        plate = None if stepwise is None else stepwise_plate(program, stepwise)
+        if stepwise is not None and accelerate is not None:
+            raise SpecError(
+                f"accelerate={accelerate!r} extrapolates batch EM's map; stepwise EM moves "
+                "by its step sizes: pass accelerate=None, or leave out stepwise"
+            )
         single = isinstance(init, str) and init == "prior"
         init = program_init(None if single else init)
         if isinstance(init, Mapping) and set(init) >= set(program.params):
@@ -869,7 +889,17 @@ def fit_program(
         base_seed = resolve_seed(seed)
         first = _broadcast_values(collective, program, initial_values(program, init, base_seed))
         first_trace = program.trace(first)
-        check_full_plates(first_trace)
+        if stepwise is not None and plate is None:
+            # No plate subsamples: pyroem minibatches the plate over the data.
+            plate = minibatch_plate(program, stepwise, first_trace)
+            try:
+                first_trace = program.trace(first)
+            except (ValueError, RuntimeError, IndexError, NotSupportedError) as err:
+                raise minibatch_error(plate, program, err) from err
+        if plate is None:
+            check_full_plates(first_trace)
+        else:
+            check_stepwise_plate(program, first_trace, plate)
         # The structure of the first trace, read once: the E-steps and the probes rerun it.
         layout = CompiledProgram(program, first_trace)
         found = (
@@ -890,6 +920,9 @@ def fit_program(
             refused = err
         # Every rank raises when one does (its shard may have read the program otherwise).
         collective.check(refused)
+    if plate is not None:
+        check_closed_forms(found)
+        check_uses_fixed(program, found, first, plate, first_trace)
     kinds = {name: "gradient" if block is None else block.kind for name, block in found.items()}
     engine = _Engine(
         program,
@@ -906,10 +939,22 @@ def fit_program(
         collective,
     )
     looped: Engine = engine if accelerate is None else _squarem(engine)
+    online: ProgramStepwiseEngine | None = None
+    if plate is not None and stepwise is not None:
+        online = looped = ProgramStepwiseEngine(
+            engine,
+            plate,
+            stepwise._replace(batch_size=plate.batch),
+            base_seed,
+            lambda trace, weights, values: closed_form_sweep(
+                program, found, engine.order, engine.retrace, trace, weights, values
+            ),
+        )
+        max_iter = stepwise.passes
     short: list[float] | None = None
     drawn = (
         []
-        if single
+        if single or online is not None
         else _short_run_start(program, init, n_init, max_iter, int(engine.num_data), base_seed)
     )
     if drawn:
@@ -923,12 +968,15 @@ def fit_program(
         )
     finally:
         engine.starts = None
+        if plate is not None:
+            # The fit's program runs its plate as written again (pointwise values etc.).
+            plate.release()
     best = result.best
     # The fitted weights of pyro.module networks go into the networks themselves.
     with torch.no_grad():
         for name, parameter in program.module_params.items():
             parameter.copy_(best.params[name])
-    marginals = engine.marginals(best.last.stats)
+    marginals = engine.marginals(best.last.stats) if online is None else best.last.stats
     options = {
         "n_init": n_init,
         "tol": tol,
@@ -938,6 +986,15 @@ def fit_program(
         "gradient_steps": gradient_steps,
         "space": space,
         "accelerate": accelerate,
+        **(
+            {}
+            if online is None
+            else {
+                "stepwise": True,
+                **online.options._asdict(),
+                "subsampled_plate": online.plate.name,
+            }
+        ),
         "start": "prior" if short is None else "short runs",
         **({} if short is None else {"short_run_objectives": short}),
         **result.record(),
@@ -951,7 +1008,7 @@ def fit_program(
         marginals=marginals,
         log_likelihood=best.last.log_likelihood,
         log_joint=best.last.objective - engine.log_jacobian(best.params),
-        num_data=int(engine.num_data),
+        num_data=int(engine.num_data if online is None else online.num_data),
         **result.fit_fields(),
         options=options,
     )

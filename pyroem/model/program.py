@@ -148,24 +148,38 @@ def _check_observed(name: str, site: Any) -> None:
         )
 
 
+def _subsample_taken(site: Any) -> tuple[int, int] | None:
+    """``(size, subsample size)`` of a plate's subsample site that takes fewer entries
+    than the plate has, else ``None``."""
+    size = getattr(site["fn"], "size", None)
+    taken = site["value"].numel() if isinstance(site["value"], torch.Tensor) else size
+    if size is not None and taken is not None and taken < size:
+        return int(size), int(taken)
+    return None
+
+
 def check_full_plates(trace: poutine.Trace) -> None:
     """Every plate must hand the program all of its data: an exact E-step sums over every
     data point, and a subsample would change from one run of the program to the next.
 
     Raises:
-        NotSupportedError: a plate subsamples; the message names it.
+        NotSupportedError: a plate subsamples; the message names it and the two routes
+            (stepwise EM on the subsamples, or no subsampling).
     """
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or not site_is_subsample(site):
             continue
-        size = getattr(site["fn"], "size", None)
-        taken = site["value"].numel() if isinstance(site["value"], torch.Tensor) else size
-        if size is not None and taken is not None and taken < size:
+        taken = _subsample_taken(site)
+        if taken is not None:
+            size, batch = taken
             raise NotSupportedError(
-                f"plate {name!r} subsamples {taken} of its {size} entries (subsample_size "
-                "or a batch size); map-em's E-step is exact over all the data, so every run "
-                "of the program must see all of it: run the program without subsampling "
-                "(e.g. batch_size=None)"
+                f"plate {name!r} subsamples {batch} of its {size} entries (subsample_size "
+                "or a batch size); batch map-em's E-step is exact over all the data, so "
+                "every run of the program must see all of it. Either fit it by stepwise EM "
+                f"on the subsamples: pyroem.fit(..., method='map-em', stepwise=True), which "
+                f"scales each subsample by {size}/{batch} as Pyro does (closed-form M-steps "
+                "only); or run the program without subsampling (e.g. batch_size=None, "
+                "subsample_size=None)"
             )
 
 
@@ -239,6 +253,8 @@ class ProgramModel:
             self.module_params: dict[str, torch.nn.Parameter] = {}
             self.enumerated: list[str] = []
             self.observed: list[str] = []
+            # Plates that subsample: {name: (size, subsample size)}.
+            self.subsampled: dict[str, tuple[int, int]] = {}
             self._sort_sites(trace)
             self._check_dtypes(trace)
             if self.enumerated and check_enumeration:
@@ -267,6 +283,9 @@ class ProgramModel:
         for name, node in trace.nodes.items():
             site: Any = node
             if site["type"] == "sample" and site_is_subsample(site):
+                taken = _subsample_taken(site)
+                if taken is not None:
+                    self.subsampled[name] = taken
                 continue
             if site["type"] == "param":
                 parameter = module_parameter(site)
