@@ -58,8 +58,14 @@ __all__ = ["MixtureEStep", "MixtureKernel"]
 _FAST = True
 
 # The kernel's log-likelihood and posterior agree with the compiled E-step's to this
-# (relative to the log-likelihood's size; absolute for probabilities).
+# (relative to the log-likelihood's size; absolute for probabilities), or to 64 units
+# of rounding of a coarser dtype.
 _CHECK_TOL = 1e-9
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return max(_CHECK_TOL, 64 * torch.finfo(dtype).eps)
+
 
 _SLOTS = frozenset({"categorical", "normal-loc", "normal-variance"})
 
@@ -353,7 +359,7 @@ class MixtureKernel:
             tables.append((self._normal_table(normal, first)[0], sites[name]))
         for table, site in tables:
             expected = site["unscaled_log_prob"].detach()
-            tol = _CHECK_TOL * expected.abs().clamp(min=1.0)
+            tol = _tolerance(expected.dtype) * expected.abs().clamp(min=1.0)
             if not bool(((table - expected).abs() <= tol).all()):
                 return False
         return True
@@ -421,13 +427,14 @@ class MixtureKernel:
 
     def agrees(self, estep: MixtureEStep, compiled: CompiledEStep) -> bool:
         """Do the kernel's and the compiled E-step's log-likelihood and posterior agree?"""
+        tol = _tolerance(estep.posterior.dtype)
         reference = float(compiled.log_likelihood)
-        if abs(float(estep.log_likelihood) - reference) > _CHECK_TOL * max(1.0, abs(reference)):
+        if abs(float(estep.log_likelihood) - reference) > tol * max(1.0, abs(reference)):
             return False
         weight = compiled.weight(self.latent)
         if weight.shape != estep.posterior.shape:
             return False
-        return bool(((estep.posterior - weight).abs() <= _CHECK_TOL).all())
+        return bool(((estep.posterior - weight).abs() <= tol).all())
 
     # ----- the M-step ---------------------------------------------------------------
     def m_step(self, estep: MixtureEStep, values: dict[str, torch.Tensor]) -> None:
