@@ -13,8 +13,9 @@ from the recognised parameter forms, and runs the program only to check itself a
   refuses: the program runs every iteration, and the fit is the declarative one on the
   unmasked points (the mask) or on all of them (a common scale multiplies the log
   likelihood and leaves the maximum where it was);
-- a program whose distributions leave the recognised form after some runs: the
-  check notices, and the fit's log likelihood is Pyro's at the fitted values.
+- a program whose distributions leave the recognised form after some runs, or at the
+  last run only: the check notices (the last one by fitting again), and the fit's log
+  likelihood is Pyro's at the fitted values.
 """
 
 from __future__ import annotations
@@ -181,5 +182,18 @@ def test_program_leaving_the_recognised_form_is_caught_by_the_check() -> None:
     fit, later_runs = _fit(program, data)
     # A check found the difference: from there on the program ran at every E-step.
     assert later_runs > 20
+    expected = _pyro_log_likelihood(program, fit, data)
+    assert fit.log_likelihood() == pytest.approx(expected, rel=1e-9)
+
+
+def test_program_leaving_the_form_at_the_last_check_is_fitted_again() -> None:
+    data = _data(2)
+    unchanged = _Counted(2)
+    _fit(unchanged, data)
+    # Only the last run, the check of the last E-step, sees the shifted program: the fit
+    # is made again with the program run at every E-step.
+    program = _Counted(2, shift_after=unchanged.runs - 1)
+    fit, later_runs = _fit(program, data)
+    assert later_runs > ITERATIONS
     expected = _pyro_log_likelihood(program, fit, data)
     assert fit.log_likelihood() == pytest.approx(expected, rel=1e-9)
