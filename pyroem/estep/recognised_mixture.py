@@ -30,11 +30,14 @@ distributions leave the recognised forms only at parameter values between two
 checks is outside this guard, as it is outside the closed forms' own;
 ``pyroem.estep.recognised_mixture._FAST = False`` runs the program at every E-step.
 
-Refused (the compiled path runs as before): priors on the parameters (``pyro.sample``
-parameter sites), gradient M-steps, the unconstrained space, ``poutine.mask`` or
-``poutine.scale`` on any site, sites that do not depend on the latent, more than one
-enumerated site, observed sites other than (``Independent``) ``Normal``, and blocks
-other than ``categorical``, ``normal-loc`` and ``normal-variance``.
+Parameters may be ``pyro.param`` sites or ``pyro.sample`` sites with their conjugate
+priors (``Dirichlet``, ``Normal``, ``InverseGamma``), whose log density joins the log
+joint. Refused (the compiled path runs as before): gradient M-steps, the
+unconstrained space, ``poutine.mask`` or ``poutine.scale`` on any site, sites that do
+not depend on the latent, more than one enumerated site, latent probabilities that
+differ between data points, observed sites other than (``Independent``) ``Normal``,
+locations or variances that differ between data points beyond the latent's index,
+and blocks other than ``categorical``, ``normal-loc`` and ``normal-variance``.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from torch.distributions.utils import probs_to_logits
 from pyroem.estep.compiled import CompiledEStep, CompiledProgram, compact_view
 from pyroem.model.program import ProgramModel, sample_sites
 from pyroem.mstep import conjugate
-from pyroem.mstep.recognised import ClosedForm
+from pyroem.mstep.recognised import ClosedForm, unwrap_distribution
 
 __all__ = ["MixtureEStep", "MixtureKernel"]
 
@@ -67,7 +70,18 @@ def _tolerance(dtype: torch.dtype) -> float:
     return max(_CHECK_TOL, 64 * torch.finfo(dtype).eps)
 
 
-_SLOTS = frozenset({"categorical", "normal-loc", "normal-variance"})
+# The closed forms the kernel takes, and the conjugate prior each takes.
+_PRIOR_TYPES: dict[str, type] = {
+    "categorical": dist.Dirichlet,
+    "normal-loc": dist.Normal,
+    "normal-variance": dist.InverseGamma,
+}
+# The prior's parameters each closed form reads.
+_PRIOR_ATTRS = {
+    "categorical": ("concentration",),
+    "normal-loc": ("loc", "scale"),
+    "normal-variance": ("concentration", "rate"),
+}
 
 
 class MixtureEStep(NamedTuple):
@@ -75,7 +89,7 @@ class MixtureEStep(NamedTuple):
 
     Attributes:
         log_likelihood: :math:`\\log p(x | θ)`, 0-dim.
-        log_joint: equal to it (no priors), 0-dim.
+        log_joint: plus the log prior of the ``pyro.sample`` parameters, 0-dim.
         posterior: the latent's posterior, ``(num_components, num_data)``, the layout
             of its weight table in the compiled E-step.
         values: the parameter values.
@@ -89,6 +103,14 @@ class MixtureEStep(NamedTuple):
     posterior: torch.Tensor
     values: Mapping[str, torch.Tensor]
     deviations: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+class _Prior(NamedTuple):
+    """A parameter's prior: its distribution (for the log prior) and the parameters its
+    closed form reads, broadcast to the parameter and flattened."""
+
+    fn: Any
+    params: tuple[torch.Tensor, ...]
 
 
 class _Normal(NamedTuple):
@@ -149,6 +171,7 @@ class MixtureKernel:
         weights_row: the row of that parameter its probabilities are.
         support: its values in the order of the enumerated dimension, ``(K,)``.
         normals: the observed sites.
+        priors: the priors of the ``pyro.sample`` parameters.
     """
 
     def __init__(
@@ -161,8 +184,10 @@ class MixtureKernel:
         weights_row: int,
         support: torch.Tensor,
         normals: Sequence[_Normal],
+        priors: Mapping[str, _Prior],
     ) -> None:
         self.compiled = compiled
+        self.priors = dict(priors)
         self.order = list(order)
         self.blocks = dict(blocks)
         self.latent = latent
@@ -197,16 +222,21 @@ class MixtureKernel:
         plan = compiled.plan
         if not _FAST or plan is None or not plan.mixture or not compiled.supported:
             return None
-        if compiled.priors or compiled.free or compiled.scale != 1.0:
-            return None
-        if any(param.kind != "param" for param in program.params.values()):
+        if compiled.free or compiled.scale != 1.0:
             return None
         blocks: dict[str, ClosedForm] = {}
         for name, block in found.items():
-            if block is None or block.slot not in _SLOTS or block.jacobian:
+            if block is None or block.slot not in _PRIOR_TYPES or block.jacobian:
                 return None
             blocks[name] = block
         sites = dict(sample_sites(trace))
+        priors = {}
+        for name, param in program.params.items():
+            if param.kind != "param":
+                prior = cls._prior(sites[name], blocks[name].slot, first[name])
+                if prior is None:
+                    return None
+                priors[name] = prior
         names = [name for name in sites if name not in program.params]
         enumerated = [name for name in names if name in compiled.enumerated]
         if len(enumerated) != 1:
@@ -249,8 +279,25 @@ class MixtureKernel:
             weights_row,
             support,
             normals,
+            priors,
         )
         return kernel if kernel._tables_agree(sites, names, first) else None
+
+    @staticmethod
+    def _prior(site: Any, slot: str, value: torch.Tensor) -> _Prior | None:
+        """A parameter's conjugate prior, unmasked and unscaled; else ``None``."""
+        if site["mask"] is not None or site["scale"] != 1.0 or site["args"] or site["kwargs"]:
+            return None
+        prior, _ = unwrap_distribution(site["fn"])
+        if type(prior) is not _PRIOR_TYPES[slot]:
+            return None
+        params = []
+        for attr in _PRIOR_ATTRS[slot]:
+            tensor = getattr(prior, attr).detach()
+            if tensor.dim() > value.dim() or tensor.dtype != value.dtype:
+                return None
+            params.append(tensor.expand(value.shape).reshape(-1))
+        return _Prior(site["fn"], tuple(params))
 
     @staticmethod
     def _latent(
@@ -409,12 +456,16 @@ class MixtureKernel:
         lse = torch.logsumexp(clamped, dim=0, keepdim=True)
         posterior = (clamped - lse).exp_().masked_fill_(joint < finite, 0.0)
         log_likelihood = lse.sum()
-        return MixtureEStep(log_likelihood, log_likelihood, posterior, values, tuple(deviations))
+        log_joint = log_likelihood
+        for name, prior in self.priors.items():
+            log_joint = log_joint + prior.fn.log_prob(values[name].detach()).sum()
+        return MixtureEStep(log_likelihood, log_joint, posterior, values, tuple(deviations))
 
     def __call__(self, values: Mapping[str, torch.Tensor]) -> MixtureEStep | CompiledEStep | None:
         """The E-step at ``values``: the kernel's, checked against the compiled E-step
-        at its 1st, 2nd, 4th, … call; the compiled one (or ``None`` where the
-        program's structure changed) once a check fails."""
+        (log likelihood, log joint, posterior) at its 1st, 2nd, 4th, … call; the
+        compiled one (or ``None`` where the program's structure changed) once a check
+        fails."""
         self.count += 1
         estep = self.estimate(values)
         if self.count & (self.count - 1):
@@ -426,11 +477,17 @@ class MixtureKernel:
         return estep
 
     def agrees(self, estep: MixtureEStep, compiled: CompiledEStep) -> bool:
-        """Do the kernel's and the compiled E-step's log-likelihood and posterior agree?"""
+        """Do the kernel's and the compiled E-step's log likelihood, log joint and
+        posterior agree?"""
         tol = _tolerance(estep.posterior.dtype)
-        reference = float(compiled.log_likelihood)
-        if abs(float(estep.log_likelihood) - reference) > tol * max(1.0, abs(reference)):
-            return False
+        pairs = (
+            (estep.log_likelihood, compiled.log_likelihood),
+            (estep.log_joint, compiled.log_joint),
+        )
+        for found, expected in pairs:
+            reference = float(expected)
+            if abs(float(found) - reference) > tol * max(1.0, abs(reference)):
+                return False
         weight = compiled.weight(self.latent)
         if weight.shape != estep.posterior.shape:
             return False
@@ -458,18 +515,20 @@ class MixtureKernel:
             block = self.blocks[name]
             current = values[name].detach()
             if block.slot == "categorical":
-                new = self._categorical(current, counts)
+                new = self._categorical(name, current, counts)
             elif block.slot == "normal-loc":
                 new = self._location(name, current, counts, moments, values)
             else:
                 new = self._variance(name, current, counts, moments, values)
             values[name] = torch.where(torch.isfinite(new), new, current)
 
-    def _categorical(self, current: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _categorical(self, name: str, current: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         num_values = current.shape[-1]
         table = torch.zeros_like(current.reshape(-1, num_values))
         table[self.weights_row].index_add_(0, self.support, counts)
-        return conjugate.dirichlet_mode(table, None).reshape(current.shape)
+        prior = self.priors.get(name)
+        concentration = None if prior is None else prior.params[0].reshape(table.shape)
+        return conjugate.dirichlet_mode(table, concentration).reshape(current.shape)
 
     def _location(
         self,
@@ -490,7 +549,13 @@ class MixtureKernel:
             centred = first + counts[:, None] * (loc - normal.loc_offset)
             precision += _row_sums(size, normal.loc_rows, counts[:, None] / variance)
             weighted += _row_sums(size, normal.loc_rows, centred / variance)
-        return conjugate.normal_mean_mode(weighted, precision).reshape(current.shape)
+        prior = self.priors.get(name)
+        if prior is None:
+            return conjugate.normal_mean_mode(weighted, precision).reshape(current.shape)
+        mean, scale = prior.params
+        return conjugate.normal_mean_mode(weighted, precision, mean, scale**-2).reshape(
+            current.shape
+        )
 
     def _variance(
         self,
@@ -512,4 +577,6 @@ class MixtureKernel:
                 residual = residual / normal.variance_factor
             total += _row_sums(size, normal.variance_rows, counts[:, None].expand_as(residual))
             squares += _row_sums(size, normal.variance_rows, residual)
-        return conjugate.inverse_gamma_mode(total / 2, squares / 2).reshape(current.shape)
+        prior = self.priors.get(name)
+        a, b = (None, None) if prior is None else prior.params
+        return conjugate.inverse_gamma_mode(total / 2, squares / 2, a, b).reshape(current.shape)

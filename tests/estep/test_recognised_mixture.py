@@ -104,7 +104,7 @@ class _Counted:
         self.runs += 1
 
 
-def _fit(program: Callable[..., None], data: torch.Tensor) -> tuple[Any, int]:
+def _fit(program: Callable[..., None], data: torch.Tensor, **options: Any) -> tuple[Any, int]:
     """The fit, and the program's complete runs after its first iteration."""
     runs_at_first: list[int] = []
 
@@ -115,7 +115,13 @@ def _fit(program: Callable[..., None], data: torch.Tensor) -> tuple[Any, int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pyroem.ConvergenceWarning)
         fit = pyroem.fit(
-            program, data, method="map-em", max_iter=ITERATIONS, tol=0.0, callback=callback
+            program,
+            data,
+            method="map-em",
+            max_iter=ITERATIONS,
+            tol=0.0,
+            callback=callback,
+            **options,
         )
     return fit, program.runs - runs_at_first[0]  # type: ignore[attr-defined]
 
@@ -197,3 +203,58 @@ def test_program_leaving_the_form_at_the_last_check_is_fitted_again() -> None:
     assert later_runs > ITERATIONS
     expected = _pyro_log_likelihood(program, fit, data)
     assert fit.log_likelihood() == pytest.approx(expected, rel=1e-9)
+
+
+def _map_mixture(data: torch.Tensor) -> None:
+    """The mixture with conjugate priors on its parameters (MAP)."""
+    _map_mixture.runs += 1  # type: ignore[attr-defined]
+    weights = pyro.sample("weights", dist.Dirichlet(torch.full((NUM_COMPONENTS,), 2.0)))
+    with pyro.plate("components", NUM_COMPONENTS):
+        locs = pyro.sample("locs", dist.Normal(torch.zeros(2), 3.0).to_event(1))
+        variances = pyro.sample(
+            "variances", dist.InverseGamma(torch.full((2,), 2.0), torch.ones(2)).to_event(1)
+        )
+    with pyro.plate("data", data.shape[0]):
+        z = pyro.sample("z", dist.Categorical(weights), infer={"enumerate": "parallel"})
+        pyro.sample("obs", dist.Normal(locs[z], variances[z].sqrt()).to_event(1), obs=data)
+
+
+def _numpy_map_sweeps(x: np.ndarray, start: dict[str, np.ndarray], sweeps: int) -> list[dict]:
+    """MAP-ECM for :func:`_map_mixture` written out in NumPy: responsibilities, then the
+    conjugate modes of the locations, the variances (about the new locations) and the
+    weights, in that order."""
+    weights, locs, variances = start["weights"], start["locs"], start["variances"]
+    out = []
+    for _ in range(sweeps):
+        log = (
+            np.log(weights)
+            - 0.5 * np.log(2 * np.pi * variances).sum(-1)
+            - 0.5 * (((x[:, None, :] - locs) ** 2) / variances).sum(-1)
+        )
+        top = log.max(1, keepdims=True)
+        resp = np.exp(log - top)
+        resp /= resp.sum(1, keepdims=True)
+        counts = resp.sum(0)
+        locs = (resp.T @ x / variances) / (counts[:, None] / variances + 1 / 9.0)
+        squares = np.einsum("nk,nkd->kd", resp, (x[:, None, :] - locs) ** 2)
+        variances = (1.0 + squares / 2) / (2.0 + 1 + counts[:, None] / 2)
+        weights = (counts + 1.0) / (counts + 1.0).sum()
+        out.append({"weights": weights, "locs": locs, "variances": variances})
+    return out
+
+
+def test_map_mixture_program_iterates_without_running_the_program() -> None:
+    data = _data(2)
+    start = _start(2)
+    _map_mixture.runs = 0  # type: ignore[attr-defined]
+    fit, later_runs = _fit(_map_mixture, data, init=start)
+    assert later_runs <= 8 < ITERATIONS - 1
+    x = data.numpy()
+    expected = _numpy_map_sweeps(x, {k: v.numpy() for k, v in start.items()}, ITERATIONS)[-1]
+    for name, value in expected.items():
+        np.testing.assert_allclose(fit.params[name], value, rtol=1e-9, atol=1e-12)
+    with pyro.get_param_store().scope():
+        conditioned = poutine.condition(_map_mixture, data=dict(fit.params.items()))
+        elbo = TraceEnum_ELBO(max_plate_nesting=1)
+        log_joint = -elbo.loss(conditioned, lambda *_: None, data)
+    assert fit.log_joint() == pytest.approx(log_joint, rel=1e-9)
