@@ -37,6 +37,7 @@ from pyroem.errors import (
 )
 from pyroem.estep.compiled import CompiledEStep, CompiledProgram
 from pyroem.estep.program import posterior
+from pyroem.estep.recognised_mixture import MixtureEStep, MixtureKernel
 from pyroem.fits.checkpoint import checkpointing
 from pyroem.fits.core import Fit
 from pyroem.fits.program import ProgramFit
@@ -466,10 +467,18 @@ class _Engine(Engine):
         usable = _COMPILED and layout.supported
         self.compiled: CompiledProgram | None = self.layout if usable else None
         self.updates: dict[str, StackedUpdate] = {}
+        # A recognised mixture's E-steps and sweeps without runs of the program.
+        self.kernel = (
+            MixtureKernel.build(program, layout, found, self.order, first, first_trace)
+            if self.compiled is not None and collective is LOCAL and not jacobian
+            else None
+        )
         # Set while the start's short runs, or the run continued from them, go on.
         self.starts: list[dict[str, torch.Tensor]] | None = None
 
     def init(self, restart: int) -> MStepResult:
+        if self.kernel is not None:
+            self.kernel.count = 0  # every run checks its own first E-steps
         if self.starts is not None:
             return MStepResult(self.starts[restart])
         return MStepResult(self.first if restart == 0 else self.restart_values(restart))
@@ -491,6 +500,13 @@ class _Engine(Engine):
             estep: CompiledEStep | None
             if values is self.first:
                 estep = self.compiled.estimate_trace(self.first_trace)
+            elif self.kernel is not None and self.kernel.active:
+                found = self.kernel(values)
+                if isinstance(found, MixtureEStep):
+                    return self._estep(
+                        found, float(found.log_likelihood), float(found.log_joint), values
+                    )
+                estep = found
             else:
                 estep = self.compiled(values)
             if estep is not None:
@@ -526,7 +542,10 @@ class _Engine(Engine):
         """One ECM sweep: closed-form blocks in order, then the gradient blocks."""
         values = dict(values)
         with _shard_sums(self.collective):
-            if isinstance(stats, CompiledEStep):
+            if isinstance(stats, MixtureEStep):
+                assert self.kernel is not None
+                self.kernel.m_step(stats, values)
+            elif isinstance(stats, CompiledEStep):
                 self._compiled_sweep(stats, values)
             else:
                 weights = stats.weights
@@ -587,8 +606,17 @@ class _Engine(Engine):
             changes[name] = (values[name], new)
             values[name] = new
 
-    def marginals(self, stats: Any) -> dict[str, torch.Tensor]:
-        """Posterior marginals of the enumerated sites from a final E-step."""
+    def marginals(self, stats: Any) -> dict[str, torch.Tensor] | None:
+        """Posterior marginals of the enumerated sites from a final E-step; ``None``
+        when that E-step was the mixture kernel's and the program's own E-step at the
+        same values disagrees with it (the kernel is then off: fit again)."""
+        if isinstance(stats, MixtureEStep):
+            assert self.kernel is not None
+            estep = self.layout(stats.values)
+            if estep is None or not self.kernel.agrees(stats, estep):
+                self.kernel.active = False
+                return None
+            stats = estep
         if isinstance(stats, CompiledEStep):
             return self.layout.marginals(stats)
         return stats.marginals
@@ -966,6 +994,22 @@ def fit_program(
         result = run_em(
             looped, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
         )
+        last = result.best.last.stats
+        # A stepwise fit's statistics are the posterior marginals of every entry already.
+        marginals = last if online is not None else engine.marginals(last)
+        if marginals is None:
+            # The mixture kernel's last E-step disagreed with the program's: fit again
+            # with the program run at every E-step.
+            result = run_em(
+                looped,
+                n_init=n_init,
+                tol=tol,
+                max_iter=max_iter,
+                progress=progress,
+                callback=callback,
+            )
+            marginals = engine.marginals(result.best.last.stats)
+            assert marginals is not None
     finally:
         engine.starts = None
         if plate is not None:
@@ -976,7 +1020,6 @@ def fit_program(
     with torch.no_grad():
         for name, parameter in program.module_params.items():
             parameter.copy_(best.params[name])
-    marginals = engine.marginals(best.last.stats) if online is None else best.last.stats
     options = {
         "n_init": n_init,
         "tol": tol,
