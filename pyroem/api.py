@@ -306,8 +306,11 @@ def fit(
             launcher (``torchrun``) set up, ``False`` never. Every rank passes the same
             data (array, file, glob, memmap) and reads its shard; every rank returns the
             same fit, equal to the single-process one. map-em (batch) and vb-em (CAVI) on
-            a ``Mixture``; map-em on a Pyro program whose parameters all have closed
-            forms, each rank passing its own shard of the data.
+            a ``Mixture``; map-em on a Pyro program, each rank passing its own shard of
+            the data: closed-form M-steps sum their statistics over the ranks, gradient
+            M-steps (ECME, Q's L-BFGS steps, ``pyro.module`` weights) their values and
+            gradients; refused for a closed form that reads another parameter, and with
+            ``accelerate=``.
         accelerate: ``map-em`` on a Pyro program: ``"squarem"`` extrapolates the EM map
             (SQUAREM, with a safeguard that keeps the objective monotone; see
             :mod:`pyroem.engines.squarem`); ``None`` (default): plain EM.

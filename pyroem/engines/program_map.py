@@ -524,10 +524,22 @@ class _Engine(Engine):
                     self.program, self.found, self.order, self.retrace, stats.trace, weights, values
                 )
         if self.gradient_sites:
+            # In a distributed fit each rank's objective and Q cover its shard, rank 0's
+            # with the prior and Jacobian terms; values and gradients are summed over the
+            # ranks, so every rank takes the same steps.
+            group = self.collective
+            shards = None if group is LOCAL else group.sum_tensors
+            priors = group.rank == 0
+            jacobian = self.jacobian if priors else []
             # ECME: the gradient block climbs the objective itself (see ecme_m_step).
-            objective = MarginalObjective(self.program, self.compiled, self.jacobian)
+            objective = MarginalObjective(self.program, self.compiled, jacobian, priors)
             update = ecme_m_step(
-                self.program, values, self.gradient_sites, objective, max_steps=self.gradient_steps
+                self.program,
+                values,
+                self.gradient_sites,
+                objective,
+                max_steps=self.gradient_steps,
+                shards=shards,
             )
             if objective.compiled is None:
                 self.compiled = None
@@ -539,7 +551,9 @@ class _Engine(Engine):
                     weights,
                     self.gradient_sites,
                     max_steps=self.gradient_steps,
-                    jacobian=self.jacobian,
+                    jacobian=jacobian,
+                    priors=priors,
+                    shards=shards,
                 )
             values.update(update)
         return MStepResult(values)
@@ -613,8 +627,9 @@ def _check_distributed(
 ) -> None:
     """Raise unless the fit splits exactly over shards of the data: every observed or
     enumerated site lies in a plate of data (one that holds no parameter), and every
-    parameter has a closed form read by such sites only (their statistics are sums over
-    the shards)."""
+    closed form is read by such sites only (their statistics are sums over the shards).
+    Parameters without a closed form take gradient steps on the ranks' summed objective
+    and Q (their values and gradients are sums over the shards)."""
     nodes = first_trace.nodes
     parameter_plates = {
         frame.name for name in program.params for frame in nodes[name]["cond_indep_stack"]
@@ -635,16 +650,9 @@ def _check_distributed(
             "would count them once): put them inside the plate over the data, or pass "
             "distributed=False to fit in each process alone"
         )
-    gradient = [name for name, block in found.items() if block is None]
-    if gradient:
-        raise NotSupportedError(
-            f"a distributed fit of a Pyro program takes closed-form M-steps only; the "
-            f"parameters {gradient} have none (they would take gradient M-steps): pass "
-            "distributed=False to fit in each process alone, or give them conjugate priors "
-            "the closed forms recognise"
-        )
     for name, block in found.items():
-        assert block is not None
+        if block is None:
+            continue
         shared = sorted({use.site for use in block.uses if use.site in program.params})
         if shared:
             raise NotSupportedError(
@@ -845,8 +853,9 @@ def fit_program(
     otherwise rescan every object of the interpreter (torch, Pyro, the user's data).
 
     In a distributed fit (``collective`` of several ranks) each rank's program holds its
-    own shard of the data; the ranks' starts are rank 0's, their objectives and closed-form
-    statistics are summed over the ranks, and every rank returns the same parameters.
+    own shard of the data; the ranks' starts are rank 0's, their objectives, closed-form
+    statistics and gradient M-steps' values and gradients are summed over the ranks, and
+    every rank returns the same parameters.
     """
     if m_step not in M_STEPS:
         raise SpecError(f"m_step must be one of {M_STEPS}; got {m_step!r}")
