@@ -309,8 +309,8 @@ def fit(
             a ``Mixture``; map-em on a Pyro program, each rank passing its own shard of
             the data: closed-form M-steps sum their statistics over the ranks, gradient
             M-steps (ECME, Q's L-BFGS steps, ``pyro.module`` weights) their values and
-            gradients; refused for a closed form that reads another parameter, and with
-            ``accelerate=``.
+            gradients, SQUAREM (``accelerate=``) scores its points on every rank;
+            refused for a closed form that reads another parameter.
         accelerate: ``map-em`` on a Pyro program: ``"squarem"`` extrapolates the EM map
             (SQUAREM, with a safeguard that keeps the objective monotone; see
             :mod:`pyroem.engines.squarem`); ``None`` (default): plain EM.

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from pyroem.em import EStepResult
-from pyroem.errors import DataError, SpecError
+from pyroem.errors import DataError, FitFileError, NotSupportedError, PyroEMError, SpecError
 
 __all__ = ["LOCAL", "Collective", "collective", "in_process_group"]
 
@@ -207,6 +207,27 @@ class Collective:
                 "the fit); that rank's error names the cause"
             )
 
+    def agree(self, error: BaseException | None) -> None:
+        """Raise on every rank when any rank met ``error``, an error of the same kind on
+        every rank, so that every rank takes the same branch where a caller catches some
+        kinds and not others (SQUAREM drops an extrapolated point the program cannot
+        score, ``run_em`` skips a restart that failed numerically, an input error ends
+        the fit). A rank whose own error is of the gravest kind met raises its own;
+        the others raise a stand-in naming the failing rank's error."""
+        kind = 0 if error is None else _failure_kind(error)
+        flag = torch.tensor([kind], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        worst = int(flag)
+        if worst == 0:
+            return
+        if error is not None and kind == worst:
+            raise error
+        message = (
+            "another rank of the process group failed at the same step of the fit (its "
+            "error names the cause); every rank stops that step with it"
+        )
+        raise (DataError, PyroEMError, RuntimeError)[3 - worst](message)
+
     def merge_samples(
         self, num_rows: int, sample: torch.Tensor, reservoir_size: int, seed: int
     ) -> tuple[int, torch.Tensor]:
@@ -255,6 +276,15 @@ class Collective:
         return total, merged
 
 
+def _failure_kind(error: BaseException) -> int:
+    """How grave ``error`` is for the loop around it: 3 an input error (ends the fit),
+    2 a numerical :class:`~pyroem.errors.PyroEMError` (ends a restart), 1 anything else
+    (a program that cannot be evaluated there)."""
+    if isinstance(error, (SpecError, DataError, NotSupportedError, FitFileError)):
+        return 3
+    return 2 if isinstance(error, PyroEMError) else 1
+
+
 class _Local(Collective):
     """One process: every collective is the identity."""
 
@@ -280,6 +310,10 @@ class _Local(Collective):
         return result
 
     def check(self, error: BaseException | None) -> None:
+        if error is not None:
+            raise error
+
+    def agree(self, error: BaseException | None) -> None:
         if error is not None:
             raise error
 

@@ -476,7 +476,25 @@ class _Engine(Engine):
         }
 
     def e_step(self, values: dict[str, torch.Tensor]) -> EStepResult:
-        """The E-step at ``values``: compiled while the structure holds, else full."""
+        """The E-step at ``values``: compiled while the structure holds, else full. In a
+        distributed fit the ranks' objectives are summed (:meth:`Collective.reduce`),
+        and where one rank's E-step fails every rank raises an error of the same kind
+        (:meth:`Collective.agree`), so every rank takes the same branch."""
+        if self.collective is LOCAL:
+            return self._local_e_step(values)
+        error, result = None, None
+        try:
+            result = self._local_e_step(values)
+        except Exception as err:  # every rank raises it, below
+            error = err
+        self.collective.agree(error)
+        assert result is not None
+        # The ranks' log-likelihoods summed, plus the prior terms of rank 0.
+        total = self.collective.reduce(result._replace(stats=None))
+        return total._replace(stats=result.stats)
+
+    def _local_e_step(self, values: dict[str, torch.Tensor]) -> EStepResult:
+        """This rank's E-step (the whole fit's in one process)."""
         if self.compiled is not None:
             estep: CompiledEStep | None
             if values is self.first:
@@ -498,12 +516,7 @@ class _Engine(Engine):
         unconstrained space."""
         if log_joint == math.inf:
             raise unbounded_error(self.program, self.first_trace)
-        result = EStepResult(stats, log_joint + self.log_jacobian(values), log_likelihood)
-        if self.collective is LOCAL:
-            return result
-        # The ranks' log-likelihoods summed, plus the prior terms of rank 0.
-        total = self.collective.reduce(result._replace(stats=None))
-        return total._replace(stats=stats)
+        return EStepResult(stats, log_joint + self.log_jacobian(values), log_likelihood)
 
     def log_jacobian(self, values: Mapping[str, torch.Tensor]) -> float:
         """The objective less the log joint (0 in the constrained space)."""
@@ -622,7 +635,6 @@ def _broadcast_values(
 def _check_distributed(
     program: ProgramModel,
     found: Mapping[str, ClosedForm | None],
-    accelerate: str | None,
     first_trace: Any,
 ) -> None:
     """Raise unless the fit splits exactly over shards of the data: every observed or
@@ -660,11 +672,6 @@ def _check_distributed(
                 f"the ranks' data, but {name!r} is read by the parameters {shared}, which "
                 "every rank holds whole: pass distributed=False to fit in each process alone"
             )
-    if accelerate is not None:
-        raise NotSupportedError(
-            f"accelerate={accelerate!r} is not written for a distributed fit of a Pyro "
-            "program: pass accelerate=None, or distributed=False"
-        )
 
 
 def _squarem(engine: _Engine) -> SquaremEngine:
@@ -890,7 +897,7 @@ def fit_program(
     if collective is not LOCAL:
         refused = None
         try:
-            _check_distributed(program, found, accelerate, first_trace)
+            _check_distributed(program, found, first_trace)
         except NotSupportedError as err:
             refused = err
         # Every rank raises when one does (its shard may have read the program otherwise).
