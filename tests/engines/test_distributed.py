@@ -509,3 +509,58 @@ def test_two_gloo_ranks_give_the_single_process_fit_with_gradient_m_steps(tmp_pa
             np.testing.assert_allclose(
                 ranks[0][f"{name}/{key}"], value.numpy(), rtol=0, atol=1e-7, err_msg=name
             )
+
+
+AGREE_WORKER = textwrap.dedent(
+    """
+    import sys
+
+    import numpy as np
+    import torch.distributed as dist
+
+    from pyroem.engines.distributed import Collective
+    from pyroem.errors import DataError, SingularCovarianceError
+
+    dist.init_process_group("gloo")
+    group = Collective()
+    rank = group.rank
+    cases = {
+        # (rank 0's error, rank 1's error)
+        "none": (None, None),
+        "program": (None, ValueError("outside the support")),
+        "numerical": (SingularCovarianceError("singular"), ValueError("outside the support")),
+        "input": (ValueError("outside the support"), DataError("bad shard")),
+    }
+    result = {}
+    for name, errors in cases.items():
+        try:
+            group.agree(errors[rank])
+            result[name] = "none"
+        except Exception as err:
+            own = err is errors[rank]
+            result[name] = ("own " if own else "stand-in ") + type(err).__name__
+    np.savez(f"{sys.argv[1]}/rank{rank}.npz", **{k: np.array(v) for k, v in result.items()})
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_rank_is_a_failure_of_the_same_kind_on_every_rank(tmp_path):
+    """Where one rank's step fails, every rank raises an error of the gravest kind met (an
+    input error ends the fit, a numerical one a restart, any other drops SQUAREM's point),
+    so the ranks take the same branch and none waits on a collective."""
+    ranks = _launch(tmp_path, worker=AGREE_WORKER)
+    seen = [{name: str(value) for name, value in rank.items()} for rank in ranks]
+    assert seen[0] == {
+        "none": "none",
+        "program": "stand-in RuntimeError",
+        "numerical": "own SingularCovarianceError",
+        "input": "stand-in DataError",
+    }
+    assert seen[1] == {
+        "none": "none",
+        "program": "own ValueError",
+        "numerical": "stand-in PyroEMError",
+        "input": "own DataError",
+    }
