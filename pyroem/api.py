@@ -310,7 +310,7 @@ def fit(
             the data: closed-form M-steps sum their statistics over the ranks, gradient
             M-steps (ECME, Q's L-BFGS steps, ``pyro.module`` weights) their values and
             gradients, SQUAREM (``accelerate=``) scores its points on every rank;
-            refused for a closed form that reads another parameter.
+            refused for a closed form read both by the data and by another parameter.
         accelerate: ``map-em`` on a Pyro program: ``"squarem"`` extrapolates the EM map
             (SQUAREM, with a safeguard that keeps the objective monotone; see
             :mod:`pyroem.engines.squarem`); ``None`` (default): plain EM.

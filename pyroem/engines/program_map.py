@@ -6,7 +6,7 @@ import gc
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pyro
@@ -385,9 +385,28 @@ def closed_form_sweep(
             changes = {}
         block = blocks[name]
         assert block is not None
-        new = closed_form_update(program, block, trace, weights, changes, blocks)
+        with _held_whole(program, block):
+            new = closed_form_update(program, block, trace, weights, changes, blocks)
         changes[name] = (values[name], new)
         values[name] = new
+
+
+def _read_by_parameters(program: ProgramModel, block: ClosedForm) -> bool:
+    """Is ``block`` read by parameters only (a hierarchical prior's hyperparameter)?"""
+    return all(use.site in program.params for use in block.uses)
+
+
+def _as_they_are(sums: list[torch.Tensor]) -> list[torch.Tensor]:
+    return sums
+
+
+def _held_whole(program: ProgramModel, block: ClosedForm) -> Any:
+    """A block read by parameters only has the same statistics on every rank of a
+    distributed fit (every rank holds the parameters whole): they are not summed over
+    the ranks."""
+    if _read_by_parameters(program, block):
+        return summed_over_shards(_as_they_are)
+    return nullcontext()
 
 
 def _adjust_blocks(
@@ -600,7 +619,8 @@ class _Engine(Engine):
             assert block is not None
             if name not in self.updates:
                 self.updates[name] = StackedUpdate(block, self.found, sites, estep)
-            new = self.updates[name](values[name], estep, sites, changes, cache)
+            with _held_whole(self.program, block):
+                new = self.updates[name](values[name], estep, sites, changes, cache)
             changes[name] = (values[name], new)
             values[name] = new
 
@@ -639,7 +659,9 @@ def _check_distributed(
 ) -> None:
     """Raise unless the fit splits exactly over shards of the data: every observed or
     enumerated site lies in a plate of data (one that holds no parameter), and every
-    closed form is read by such sites only (their statistics are sums over the shards).
+    closed form is read by such sites only (their statistics are sums over the shards)
+    or by parameters only (a hierarchical prior's hyperparameter: the same statistics
+    on every rank).
     Parameters without a closed form take gradient steps on the ranks' summed objective
     and Q (their values and gradients are sums over the shards)."""
     nodes = first_trace.nodes
@@ -663,14 +685,15 @@ def _check_distributed(
             "distributed=False to fit in each process alone"
         )
     for name, block in found.items():
-        if block is None:
+        if block is None or _read_by_parameters(program, block):
             continue
         shared = sorted({use.site for use in block.uses if use.site in program.params})
         if shared:
             raise NotSupportedError(
                 f"a distributed fit of a Pyro program sums each closed form's statistics over "
                 f"the ranks' data, but {name!r} is read by the parameters {shared}, which "
-                "every rank holds whole: pass distributed=False to fit in each process alone"
+                "every rank holds whole, as well as by the data: pass distributed=False to "
+                "fit in each process alone"
             )
 
 
