@@ -469,7 +469,12 @@ def _collective(
     group = collective(distributed, device)
     if group is LOCAL:
         return group
-    split = (("map-em", "Mixture"), ("vb-em", "Mixture (CAVI)"), ("map-em", "program"))
+    split = (
+        ("map-em", "Mixture"),
+        ("vb-em", "Mixture (CAVI)"),
+        ("map-em", "program"),
+        ("vb-em", "program"),
+    )
     supported = (method, kind) in split
     if not supported or options.get("stepwise"):
         model = "a Pyro program" if kind == "program" else f"a {kind}"
@@ -477,7 +482,7 @@ def _collective(
         raise NotSupportedError(
             f"this process is one of {group.world_size} ranks of a torch.distributed process "
             f"group, but a distributed fit is written for batch map-em and vb-em (CAVI) on a "
-            f"pyroem.Mixture and batch map-em on a Pyro program, not {what}: pass "
+            f"pyroem.Mixture and map-em and vb-em (SVI) on a Pyro program, not {what}: pass "
             "distributed=False to fit in each process alone"
         )
     return group
@@ -731,7 +736,8 @@ def _fit_other(
     if method in ("vb-em", "nuts") and is_program:
         # A Pyro program: a short MAP-EM fit is the start unless init says otherwise.
         if not callable(options.get("guide")):
-            init, start = resolve_start(model, model_args, model_kwargs, init, seed)
+            group = settings.collective if method == "vb-em" else LOCAL
+            init, start = resolve_start(model, model_args, model_kwargs, init, seed, group)
         elif init is None or isinstance(init, str):
             # A guide function starts from its own pyro.param values: nothing to compute.
             if init is not None and init not in INIT_CHOICES:
@@ -740,7 +746,14 @@ def _fit_other(
     common: dict[str, Any] = {"init": init, "seed": seed, **options}
     result: Any
     if method == "vb-em":
-        result = fit_svi(model, model_args, model_kwargs, **settings.loop(), **common)
+        result = fit_svi(
+            model,
+            model_args,
+            model_kwargs,
+            **settings.loop(),
+            collective=settings.collective,
+            **common,
+        )
     elif method == "mcmc-em":
         return fit_mcmc_em(model, model_args, model_kwargs, **settings.loop(), **common)
     else:

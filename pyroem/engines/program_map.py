@@ -63,6 +63,7 @@ __all__ = [
     "SHORT_RUN_TOL",
     "agreeing_runs",
     "block_order",
+    "broadcast_values",
     "closed_form_sweep",
     "drawn_sites",
     "fit_program",
@@ -73,6 +74,7 @@ __all__ = [
     "resolve_seed",
     "run_limit",
     "uniform_values",
+    "unsharded_sites",
 ]
 
 M_STEPS = ("auto", "gradient")
@@ -641,7 +643,7 @@ def _shard_sums(group: Collective) -> Iterator[None]:
         yield
 
 
-def _broadcast_values(
+def broadcast_values(
     group: Collective, program: ProgramModel, values: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Rank 0's parameter values on every rank."""
@@ -650,6 +652,24 @@ def _broadcast_values(
     names = list(program.params)
     shared = group.broadcast(tuple(values[name] for name in names))
     return dict(zip(names, shared, strict=True))
+
+
+def unsharded_sites(program: ProgramModel, trace: Any) -> list[str]:
+    """The observed or latent sites of ``trace`` that lie in no plate of data points (a
+    plate that holds no parameter): each rank of a distributed fit would count them."""
+    nodes = trace.nodes
+    parameter_plates = {
+        frame.name for name in program.params for frame in nodes[name]["cond_indep_stack"]
+    }
+    plates = {frame.name for site in nodes.values() for frame in site.get("cond_indep_stack", ())}
+    return [
+        name
+        for name, site in nodes.items()
+        if site["type"] == "sample"
+        and name not in program.params
+        and name not in plates  # a plate's own record
+        and not any(frame.name not in parameter_plates for frame in site["cond_indep_stack"])
+    ]
 
 
 def _check_distributed(
@@ -664,19 +684,7 @@ def _check_distributed(
     on every rank).
     Parameters without a closed form take gradient steps on the ranks' summed objective
     and Q (their values and gradients are sums over the shards)."""
-    nodes = first_trace.nodes
-    parameter_plates = {
-        frame.name for name in program.params for frame in nodes[name]["cond_indep_stack"]
-    }
-    plates = {frame.name for site in nodes.values() for frame in site.get("cond_indep_stack", ())}
-    unsharded = [
-        name
-        for name, site in nodes.items()
-        if site["type"] == "sample"
-        and name not in program.params
-        and name not in plates  # a plate's own record
-        and not any(frame.name not in parameter_plates for frame in site["cond_indep_stack"])
-    ]
+    unsharded = unsharded_sites(program, first_trace)
     if unsharded:
         raise NotSupportedError(
             f"a distributed fit of a Pyro program splits the data over the ranks by its "
@@ -902,7 +910,7 @@ def fit_program(
         if isinstance(init, Mapping) and set(init) >= set(program.params):
             n_init = 1
         base_seed = resolve_seed(seed)
-        first = _broadcast_values(collective, program, initial_values(program, init, base_seed))
+        first = broadcast_values(collective, program, initial_values(program, init, base_seed))
         first_trace = program.trace(first)
         check_full_plates(first_trace)
         # The structure of the first trace, read once: the E-steps and the probes rerun it.
@@ -933,7 +941,7 @@ def fit_program(
         first,
         first_trace,
         layout,
-        lambda restart: _broadcast_values(
+        lambda restart: broadcast_values(
             collective, program, initial_values(program, init, base_seed + restart)
         ),
         method,

@@ -581,3 +581,41 @@ def test_a_failure_on_one_rank_is_a_failure_of_the_same_kind_on_every_rank(tmp_p
         "numerical": "stand-in PyroEMError",
         "input": "own DataError",
     }
+
+
+# ----- SVI over ranks -------------------------------------------------------------------
+
+SVI_COMMON = {"method": "vb-em", "seed": 3, "max_iter": 80, "window": 0, "num_draws": 10}
+
+SVI_FITS = {
+    # AutoDelta from the default start (a MAP-EM fit, itself split over the ranks).
+    "delta": (
+        program_data,
+        lambda data: pyroem.fit(
+            mixture_program, data, guide="delta", learning_rate=0.02, **SVI_COMMON
+        ),
+    ),
+}
+
+SVI_WORKER = PROGRAM_WORKER.replace("PROGRAM_FITS", "SVI_FITS")
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_give_the_single_process_svi_fit(tmp_path):
+    """Data-parallel SVI with AutoDelta: each rank's ELBO covers its shard, the global
+    sites' prior terms on rank 0 only, ELBOs and gradients summed: the single-process
+    fit (its MAP-EM start split over the ranks too), every rank the same bits."""
+    ranks = _launch(tmp_path, worker=SVI_WORKER)
+    for key in ranks[0]:
+        np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
+    for name, (data, run) in SVI_FITS.items():
+        single = run(data())
+        assert ranks[0][f"{name}/processes"] == 2, name
+        assert ranks[0][f"{name}/num_data"] == single.num_data == data().numel(), name
+        objective = ranks[0][f"{name}/objective"]
+        assert objective.shape == single.history.objective.shape == (81,), name
+        np.testing.assert_allclose(objective, single.history.objective, rtol=1e-12, err_msg=name)
+        for key, value in single.params.items():
+            np.testing.assert_allclose(
+                ranks[0][f"{name}/{key}"], value.numpy(), rtol=0, atol=1e-10, err_msg=name
+            )
