@@ -305,12 +305,15 @@ def fit(
             an initialised group of several ranks, ``True`` also joins the group a
             launcher (``torchrun``) set up, ``False`` never. Every rank passes the same
             data (array, file, glob, memmap) and reads its shard; every rank returns the
-            same fit, equal to the single-process one. map-em (batch) and vb-em (CAVI) on
+            same fit, equal to the single-process one (with gradient M-steps, to the
+            round-off L-BFGS's end point carries, about 1e-9). map-em (batch) and vb-em (CAVI) on
             a ``Mixture``; map-em on a Pyro program, each rank passing its own shard of
             the data: closed-form M-steps sum their statistics over the ranks, gradient
             M-steps (ECME, Q's L-BFGS steps, ``pyro.module`` weights) their values and
             gradients, SQUAREM (``accelerate=``) scores its points on every rank;
-            refused for a closed form read both by the data and by another parameter.
+            refused for a closed form read both by the data and by another parameter;
+            vb-em (SVI with an autoguide) on a Pyro program, each rank's ELBO covering its
+            shard and the global terms counted once, ELBO and gradients summed.
         accelerate: ``map-em`` on a Pyro program: ``"squarem"`` extrapolates the EM map
             (SQUAREM, with a safeguard that keeps the objective monotone; see
             :mod:`pyroem.engines.squarem`); ``None`` (default): plain EM.

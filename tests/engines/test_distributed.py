@@ -123,6 +123,14 @@ def shared_centre_program(data: torch.Tensor) -> None:
         pyro.sample("shifted", dist.Normal(centre, 5.0), obs=data)
 
 
+def local_latent_program(data: torch.Tensor) -> None:
+    """A continuous latent per data point (its guide would differ per shard)."""
+    loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 10.0))
+    with pyro.plate("data", len(data)):
+        offset = pyro.sample("offset", dist.Normal(loc, 1.0))
+        pyro.sample("obs", dist.Normal(offset, 1.0), obs=data)
+
+
 def global_latent_program(data: torch.Tensor) -> None:
     """One assignment shared by every data point: a latent outside the data plate."""
     weights = pyro.sample("weights", dist.Dirichlet(torch.full((2,), 2.0, dtype=torch.float64)))
@@ -401,6 +409,13 @@ def test_a_process_group_refuses_what_it_cannot_split(tmp_path, monkeypatch):
             pyroem.fit(shared_centre_program, data, init="prior")
         with pytest.raises(NotSupportedError, match=r"\['assignment'\] lie in no plate"):
             pyroem.fit(global_latent_program, data, init="prior")
+        svi = {"method": "vb-em", "guide": "delta", "init": "prior", "max_iter": 2}
+        with pytest.raises(NotSupportedError, match=r"\['assignment'\], in no plate"):
+            pyroem.fit(global_latent_program, data, **svi)
+        with pytest.raises(NotSupportedError, match="guide function"):
+            pyroem.fit(mixture_program, data, **{**svi, "guide": lambda data: None})
+        with pytest.raises(NotSupportedError, match=r"\['offset'\], local to the data"):
+            pyroem.fit(local_latent_program, data, **svi)
     finally:
         monkeypatch.undo()
         dist.destroy_process_group()
