@@ -396,10 +396,18 @@ class _SVIEngine(Engine):
         # the data and the guide, and later steps move parameters only inside their
         # supports (the checks are about half of a step's time).
         checks = nullcontext() if state.steps == 0 else pyro.validation_enabled(False)
+        error = None
         with checks, poutine.trace(param_only=True) as capture:
-            loss = state.svi.loss_and_grads(state.svi.model, state.svi.guide, *args, **kwargs)
+            try:
+                loss = state.svi.loss_and_grads(state.svi.model, state.svi.guide, *args, **kwargs)
+            except Exception as err:
+                if self.collective is LOCAL:
+                    raise
+                error = err
         nodes: Any = capture.trace.nodes
         if self.collective is not LOCAL:
+            # A step that fails on one rank fails on every rank (none waits for it).
+            self.collective.agree(error)
             loss = self._summed(float(loss), nodes)
         elbo = -float(loss)
         if not math.isfinite(elbo):
