@@ -357,8 +357,7 @@ class _SVIEngine(Engine):
         self.collective = collective
         self.first = broadcast_values(collective, program, initial_values(program, init, base_seed))
         # N of the whole data (every rank's shard), so the ranks stop together.
-        self.first_trace = program.trace(self.first)
-        self.num_data = int(collective.sum(num_observations(self.first_trace, program)))
+        self.num_data = int(collective.sum(num_observations(program.trace(self.first), program)))
         self.model = BijectiveSupports(_bijective_sites(program))(program.model)
         self.latents = [name for name, site in program.params.items() if site.kind == "sample"]
         # The model and guide the ELBO reads: rank 0 counts the global terms for all.
@@ -732,9 +731,11 @@ def fit_svi(
     init = program_init(init)
     if isinstance(init, Mapping) and set(init) >= set(program.params):
         n_init = 1
-    engine = _SVIEngine(settings, program, init, resolve_seed(seed), max_iter, collective)
+    base_seed = resolve_seed(seed)
     if collective is not LOCAL:
-        _check_distributed(settings, program, engine.first_trace, collective)
+        # Before the engine broadcasts the start (whose local latents differ per rank).
+        _check_distributed(settings, program, init, base_seed, collective)
+    engine = _SVIEngine(settings, program, init, base_seed, max_iter, collective)
     with torch.random.fork_rng(), pyro.get_param_store().scope():
         result = run_em(
             engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
@@ -745,8 +746,10 @@ def fit_svi(
     assert state.param_state is not None
     post = posterior(program, final.values)
     # The whole data's log-likelihood; the prior terms are the same on every rank.
-    log_likelihood = collective.sum(float(post.log_likelihood))
-    log_joint = log_likelihood + float(post.log_joint - post.log_likelihood)
+    log_likelihood, log_joint = float(post.log_likelihood), float(post.log_joint)
+    if collective is not LOCAL:
+        log_likelihood = collective.sum(log_likelihood)
+        log_joint = log_likelihood + float(post.log_joint - post.log_likelihood)
     history = best.history
     history.log_likelihood[-1] = log_likelihood
     guide_name = settings.guide if isinstance(settings.guide, str) else "guide"
@@ -796,20 +799,23 @@ def fit_svi(
 
 
 def _check_distributed(
-    settings: SVIOptions, program: _SVIProgram, trace: Any, collective: Collective
+    settings: SVIOptions, program: _SVIProgram, init: Any, seed: int, collective: Collective
 ) -> None:
     """Raise on every rank unless the ELBO splits over the ranks' shards: an autoguide
     (its parameters are the global sites', the same on every rank), no continuous latent
     local to the data (its guide would differ per shard), every observed or enumerated
     site in a plate of data points."""
     refused = None
-    unsharded = unsharded_sites(program, trace)
     if not isinstance(settings.guide, str):
         refused = "a guide function (whose parameters may be local to the data)"
     elif program.local_latents:
         refused = f"the continuous latents {program.local_latents}, local to the data"
-    elif unsharded:
-        refused = f"the sites {unsharded}, in no plate of data points (each rank would count them)"
+    else:
+        unsharded = unsharded_sites(program, program.trace(initial_values(program, init, seed)))
+        if unsharded:
+            refused = (
+                f"the sites {unsharded}, in no plate of data points (each rank would count them)"
+            )
     error = None
     if refused is not None:
         error = NotSupportedError(
