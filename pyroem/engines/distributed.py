@@ -24,7 +24,7 @@ whole data, so every rank takes the same M-step and holds the same parameters.
   L-BFGS, :mod:`pyroem.mstep.gradient`) sums each evaluation's value and gradient over
   the ranks (:meth:`Collective.sum_tensors`; prior and log-Jacobian terms on rank 0), so
   every rank takes the same steps.
-- **SVI on a Pyro program** (vb-em with an autoguide): each rank's ELBO covers its
+- **SVI on a Pyro program** (vb-em, ``guide="delta"``): each rank's ELBO covers its
   shard, the global sites' prior and guide terms on rank 0; ELBO and gradients are
   summed every step (:mod:`pyroem.engines.svi`).
 - **Shards.** In-memory data is passed whole on every rank (e.g. a memmap or a loaded

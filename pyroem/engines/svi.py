@@ -33,7 +33,7 @@ fitted guide (a guide's own point for ``guide="delta"``). Covariance-matrix site
 a bijection from ``D(D+1)/2`` unconstrained numbers (the log-Cholesky factor, see
 :mod:`pyroem.model.transforms`), which Pyro lacks.
 
-Data-parallel SVI: inside a ``torch.distributed`` process group
+Data-parallel SVI (``guide="delta"``): inside a ``torch.distributed`` process group
 (:mod:`pyroem.engines.distributed`) each rank passes its shard of the data; its ELBO
 covers that shard, with the global sites' prior terms and the guide's terms counted on
 rank 0 only (masked on the others); every step's ELBO and gradients are summed over the
@@ -722,8 +722,8 @@ def fit_svi(
     Raises:
         SpecError: an unknown or invalid option, or a bad ``init``.
         NotSupportedError: a latent site no guide can cover; in a distributed fit, a
-            guide function, a continuous latent local to the data, or a site in no plate
-            of data points.
+            guide other than ``"delta"``, a continuous latent local to the data, or a site
+            in no plate of data points.
         PyroEMError: the ELBO became NaN or infinite (the steps diverged).
     """
     settings = _check_options(options)
@@ -801,13 +801,18 @@ def fit_svi(
 def _check_distributed(
     settings: SVIOptions, program: _SVIProgram, init: Any, seed: int, collective: Collective
 ) -> None:
-    """Raise on every rank unless the ELBO splits over the ranks' shards: an autoguide
-    (its parameters are the global sites', the same on every rank), no continuous latent
-    local to the data (its guide would differ per shard), every observed or enumerated
-    site in a plate of data points."""
+    """Raise on every rank unless the ELBO splits over the ranks' shards: the point guide
+    (``AutoDelta``: its parameters are the global sites', the same on every rank, and it
+    draws nothing), no continuous latent local to the data (its guide would differ per
+    shard), every observed or enumerated site in a plate of data points."""
     refused = None
     if not isinstance(settings.guide, str):
         refused = "a guide function (whose parameters may be local to the data)"
+    elif settings.guide != "delta":
+        refused = (
+            f"guide={settings.guide!r}, whose draws are not written to be the same on every "
+            "rank (guide='delta' is)"
+        )
     elif program.local_latents:
         refused = f"the continuous latents {program.local_latents}, local to the data"
     else:
@@ -820,7 +825,7 @@ def _check_distributed(
     if refused is not None:
         error = NotSupportedError(
             f"a distributed SVI fit sums the ranks' ELBOs over their shards of the data, "
-            f"with an autoguide over the global sites; this program has {refused}: pass "
+            f"with guide='delta' over the global sites; this fit has {refused}: pass "
             "distributed=False to fit in each process alone"
         )
     collective.check(error)

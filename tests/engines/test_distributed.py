@@ -414,6 +414,8 @@ def test_a_process_group_refuses_what_it_cannot_split(tmp_path, monkeypatch):
             pyroem.fit(global_latent_program, data, **svi)
         with pytest.raises(NotSupportedError, match="guide function"):
             pyroem.fit(mixture_program, data, **{**svi, "guide": lambda data: None})
+        with pytest.raises(NotSupportedError, match="guide='normal'"):
+            pyroem.fit(mixture_program, data, **{**svi, "guide": "normal"})
         with pytest.raises(NotSupportedError, match=r"\['offset'\], local to the data"):
             pyroem.fit(local_latent_program, data, **svi)
     finally:
