@@ -311,7 +311,6 @@ def fit(
             the data: closed-form M-steps sum their statistics over the ranks, gradient
             M-steps (ECME, Q's L-BFGS steps, ``pyro.module`` weights) their values and
             gradients, SQUAREM (``accelerate=``) scores its points on every rank;
-            refused for a closed form read both by the data and by another parameter;
             vb-em (SVI, ``guide="delta"``) on a Pyro program, each rank's ELBO covering its
             shard and the global terms counted once, ELBO and gradients summed.
         accelerate: ``map-em`` on a Pyro program: ``"squarem"`` extrapolates the EM map

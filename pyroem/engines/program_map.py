@@ -364,6 +364,7 @@ def closed_form_sweep(
     weights: Mapping[str, torch.Tensor],
     values: dict[str, torch.Tensor],
     start: int = 0,
+    parameters_once: bool = False,
 ) -> None:
     """The closed-form blocks of one ECM sweep, from block ``start`` of ``order`` on,
     updating ``values`` in place.
@@ -377,6 +378,10 @@ def closed_form_sweep(
             Carlo frequencies).
         values: the parameter values.
         start: the first block to update.
+        parameters_once: in a distributed fit, whether ``weights`` count the parameter
+            sites on one rank only (zero on the others), so that every block's
+            statistics are summed over the ranks; otherwise a block read by parameters
+            only takes its statistics as they are (the same on every rank).
     """
     changes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for step, (name, again) in enumerate(zip(order, retrace, strict=True)):
@@ -387,7 +392,7 @@ def closed_form_sweep(
             changes = {}
         block = blocks[name]
         assert block is not None
-        with _held_whole(program, block):
+        with nullcontext() if parameters_once else _held_whole(program, block):
             new = closed_form_update(program, block, trace, weights, changes, blocks)
         changes[name] = (values[name], new)
         values[name] = new
@@ -396,6 +401,16 @@ def closed_form_sweep(
 def _read_by_parameters(program: ProgramModel, block: ClosedForm) -> bool:
     """Is ``block`` read by parameters only (a hierarchical prior's hyperparameter)?"""
     return all(use.site in program.params for use in block.uses)
+
+
+def _read_by_both(program: ProgramModel, block: ClosedForm | None) -> bool:
+    """Is ``block`` read by parameters (every rank holds them whole) and by the data
+    (each rank holds its shard)?"""
+    if block is None:
+        return False
+    return not _read_by_parameters(program, block) and any(
+        use.site in program.params for use in block.uses
+    )
 
 
 def _as_they_are(sums: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -474,7 +489,12 @@ class _Engine(Engine):
         self.retrace = needs_trace(found, self.order)
         self.gradient_sites = [name for name in program.params if found[name] is None]
         self.layout = layout
-        usable = _COMPILED and layout.supported
+        # A closed form read by both parameters and data, in a distributed fit: the
+        # parameters' weights count on rank 0 only (see m_step), on full traces.
+        self.parameters_once = collective is not LOCAL and any(
+            _read_by_both(program, block) for block in found.values()
+        )
+        usable = _COMPILED and layout.supported and not self.parameters_once
         self.compiled: CompiledProgram | None = self.layout if usable else None
         self.updates: dict[str, StackedUpdate] = {}
         # Set while the start's short runs, or the run continued from them, go on.
@@ -554,8 +574,21 @@ class _Engine(Engine):
                 self._compiled_sweep(stats, values)
             else:
                 weights = stats.weights
+                if self.parameters_once and self.collective.rank != 0:
+                    # Summed over the ranks, the parameters' uses count once (rank 0's).
+                    weights = {
+                        name: torch.zeros_like(weight) if name in self.program.params else weight
+                        for name, weight in weights.items()
+                    }
                 closed_form_sweep(
-                    self.program, self.found, self.order, self.retrace, stats.trace, weights, values
+                    self.program,
+                    self.found,
+                    self.order,
+                    self.retrace,
+                    stats.trace,
+                    weights,
+                    values,
+                    parameters_once=self.parameters_once,
                 )
         if self.gradient_sites:
             # In a distributed fit each rank's objective and Q cover its shard, rank 0's
@@ -672,18 +705,14 @@ def unsharded_sites(program: ProgramModel, trace: Any) -> list[str]:
     ]
 
 
-def _check_distributed(
-    program: ProgramModel,
-    found: Mapping[str, ClosedForm | None],
-    first_trace: Any,
-) -> None:
+def _check_distributed(program: ProgramModel, first_trace: Any) -> None:
     """Raise unless the fit splits exactly over shards of the data: every observed or
-    enumerated site lies in a plate of data (one that holds no parameter), and every
-    closed form is read by such sites only (their statistics are sums over the shards)
-    or by parameters only (a hierarchical prior's hyperparameter: the same statistics
-    on every rank).
-    Parameters without a closed form take gradient steps on the ranks' summed objective
-    and Q (their values and gradients are sums over the shards)."""
+    enumerated site lies in a plate of data (one that holds no parameter). Closed forms
+    sum their statistics over the shards (a hierarchical prior's hyperparameter read by
+    parameters only takes the same statistics on every rank; one read by both counts the
+    parameters' uses on rank 0 only). Parameters without a closed form take gradient
+    steps on the ranks' summed objective and Q (their values and gradients are sums over
+    the shards)."""
     unsharded = unsharded_sites(program, first_trace)
     if unsharded:
         raise NotSupportedError(
@@ -692,17 +721,6 @@ def _check_distributed(
             "would count them once): put them inside the plate over the data, or pass "
             "distributed=False to fit in each process alone"
         )
-    for name, block in found.items():
-        if block is None or _read_by_parameters(program, block):
-            continue
-        shared = sorted({use.site for use in block.uses if use.site in program.params})
-        if shared:
-            raise NotSupportedError(
-                f"a distributed fit of a Pyro program sums each closed form's statistics over "
-                f"the ranks' data, but {name!r} is read by the parameters {shared}, which "
-                "every rank holds whole, as well as by the data: pass distributed=False to "
-                "fit in each process alone"
-            )
 
 
 def _squarem(engine: _Engine) -> SquaremEngine:
@@ -928,7 +946,7 @@ def fit_program(
     if collective is not LOCAL:
         refused = None
         try:
-            _check_distributed(program, found, first_trace)
+            _check_distributed(program, first_trace)
         except NotSupportedError as err:
             refused = err
         # Every rank raises when one does (its shard may have read the program otherwise).
