@@ -20,7 +20,8 @@ whole data, so every rank takes the same M-step and holds the same parameters.
   rank 0's prior term; each closed-form update sums its weighted statistics over the ranks
   (:func:`pyroem.mstep.recognised.summed_over_shards`) before the prior joins them, so
   every rank takes the closed form of the whole data (a hyperparameter read by parameters
-  only has the same statistics on every rank: they are not summed). A gradient M-step (ECME or Q's
+  only has the same statistics on every rank: they are not summed; one read by parameters
+  and data counts the parameters' uses on rank 0 only). A gradient M-step (ECME or Q's
   L-BFGS, :mod:`pyroem.mstep.gradient`) sums each evaluation's value and gradient over
   the ranks (:meth:`Collective.sum_tensors`; prior and log-Jacobian terms on rank 0), so
   every rank takes the same steps.
