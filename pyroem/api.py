@@ -306,10 +306,16 @@ def fit(
             an initialised group of several ranks, ``True`` also joins the group a
             launcher (``torchrun``) set up, ``False`` never. Every rank passes the same
             data (array, file, glob, memmap) and reads its shard; every rank returns the
-            same fit, equal to the single-process one. map-em (batch) and vb-em (CAVI) on
-            a ``Mixture``, and mcmc-em on one in memory; map-em on a Pyro program whose
-            parameters all have closed forms, each rank passing its own shard of the
-            data, and mcmc-em on one whose one latent is a discrete site per data point
+            same fit, equal to the single-process one (with gradient M-steps, to the
+            round-off L-BFGS's end point carries, about 1e-9). map-em (batch) and vb-em
+            (CAVI) on a ``Mixture``, and mcmc-em on one in memory; map-em on a Pyro
+            program, each rank passing its own shard of the data: closed-form M-steps sum
+            their statistics over the ranks, gradient M-steps (ECME, Q's L-BFGS steps,
+            ``pyro.module`` weights) their values and gradients, SQUAREM (``accelerate=``)
+            scores its points on every rank; vb-em (SVI, ``guide="delta"``) on a Pyro
+            program, each rank's ELBO covering its shard and the global terms counted
+            once, ELBO and gradients summed; mcmc-em on a Pyro program whose one latent
+            is a discrete site per data point and whose parameters all have closed forms
             (each rank drawing its shard's, see :mod:`pyroem.engines.mcmc_em`).
         accelerate: ``map-em`` on a Pyro program: ``"squarem"`` extrapolates the EM map
             (SQUAREM, with a safeguard that keeps the objective monotone; see
@@ -490,6 +496,7 @@ def _collective(
         ("map-em", "program"),
         ("mcmc-em", "Mixture"),
         ("mcmc-em", "program"),
+        ("vb-em", "program"),
     )
     supported = (method, kind) in split
     if not supported or options.get("stepwise"):
@@ -498,8 +505,8 @@ def _collective(
         raise NotSupportedError(
             f"this process is one of {group.world_size} ranks of a torch.distributed process "
             f"group, but a distributed fit is written for batch map-em, vb-em (CAVI) and "
-            f"mcmc-em on a pyroem.Mixture and batch map-em and mcmc-em on a Pyro program, "
-            f"not {what}: pass distributed=False to fit in each process alone"
+            f"mcmc-em on a pyroem.Mixture and batch map-em, vb-em (SVI) and mcmc-em on a "
+            f"Pyro program, not {what}: pass distributed=False to fit in each process alone"
         )
     return group
 
@@ -773,7 +780,8 @@ def _fit_other(
     if method in ("vb-em", "nuts") and is_program:
         # A Pyro program: a short MAP-EM fit is the start unless init says otherwise.
         if not callable(options.get("guide")):
-            init, start = resolve_start(model, model_args, model_kwargs, init, seed)
+            group = settings.collective if method == "vb-em" else LOCAL
+            init, start = resolve_start(model, model_args, model_kwargs, init, seed, group)
         elif init is None or isinstance(init, str):
             # A guide function starts from its own pyro.param values: nothing to compute.
             if init is not None and init not in INIT_CHOICES:
@@ -782,7 +790,14 @@ def _fit_other(
     common: dict[str, Any] = {"init": init, "seed": seed, **options}
     result: Any
     if method == "vb-em":
-        result = fit_svi(model, model_args, model_kwargs, **settings.loop(), **common)
+        result = fit_svi(
+            model,
+            model_args,
+            model_kwargs,
+            **settings.loop(),
+            collective=settings.collective,
+            **common,
+        )
     elif method == "mcmc-em":
         return fit_mcmc_em(
             model,

@@ -19,7 +19,12 @@ whole data, so every rank takes the same M-step and holds the same parameters.
   forward-backward) is per rank; the objective is the ranks' log-likelihoods summed plus
   rank 0's prior term; each closed-form update sums its weighted statistics over the ranks
   (:func:`pyroem.mstep.recognised.summed_over_shards`) before the prior joins them, so
-  every rank takes the closed form of the whole data.
+  every rank takes the closed form of the whole data (a hyperparameter read by parameters
+  only has the same statistics on every rank: they are not summed; one read by parameters
+  and data counts the parameters' uses on rank 0 only). A gradient M-step (ECME or Q's
+  L-BFGS, :mod:`pyroem.mstep.gradient`) sums each evaluation's value and gradient over
+  the ranks (:meth:`Collective.sum_tensors`; prior and log-Jacobian terms on rank 0), so
+  every rank takes the same steps.
 - **MCMC-EM** (exact draws of one discrete latent per data point, a mixture's
   assignment). Each rank draws the latents of its own rows, from generators keyed on
   the global row (:class:`~pyroem.estep.exact_draws.KeyedSampler`, its offset from
@@ -28,6 +33,9 @@ whole data, so every rank takes the same M-step and holds the same parameters.
   schedule reads the objective, the M-step's gain and its per-draw gains summed over
   the ranks (prior terms once), so every rank takes the same step sizes, draw counts
   and stopping decision.
+- **SVI on a Pyro program** (vb-em, ``guide="delta"``): each rank's ELBO covers its
+  shard, the global sites' prior and guide terms on rank 0; ELBO and gradients are
+  summed every step (:mod:`pyroem.engines.svi`).
 - **Shards.** In-memory data is passed whole on every rank (e.g. a memmap or a loaded
   array) and rank ``r`` takes rows ``[r N / W, (r + 1) N / W)``; a source
   (:mod:`pyroem.sources`) is split by :meth:`~pyroem.sources.ChunkSource.shard`. The
@@ -49,7 +57,7 @@ import numpy as np
 import torch
 
 from pyroem.em import EStepResult
-from pyroem.errors import DataError, SpecError
+from pyroem.errors import DataError, FitFileError, NotSupportedError, PyroEMError, SpecError
 
 __all__ = ["LOCAL", "Collective", "collective", "in_process_group"]
 
@@ -220,6 +228,27 @@ class Collective:
                 "the fit); that rank's error names the cause"
             )
 
+    def agree(self, error: BaseException | None) -> None:
+        """Raise on every rank when any rank met ``error``, an error of the same kind on
+        every rank, so that every rank takes the same branch where a caller catches some
+        kinds and not others (SQUAREM drops an extrapolated point the program cannot
+        score, ``run_em`` skips a restart that failed numerically, an input error ends
+        the fit). A rank whose own error is of the gravest kind met raises its own;
+        the others raise a stand-in naming the failing rank's error."""
+        kind = 0 if error is None else _failure_kind(error)
+        flag = torch.tensor([kind], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        worst = int(flag)
+        if worst == 0:
+            return
+        if error is not None and kind == worst:
+            raise error
+        message = (
+            "another rank of the process group failed at the same step of the fit (its "
+            "error names the cause); every rank stops that step with it"
+        )
+        raise (DataError, PyroEMError, RuntimeError)[3 - worst](message)
+
     def merge_samples(
         self, num_rows: int, sample: torch.Tensor, reservoir_size: int, seed: int
     ) -> tuple[int, torch.Tensor]:
@@ -268,6 +297,15 @@ class Collective:
         return total, merged
 
 
+def _failure_kind(error: BaseException) -> int:
+    """How grave ``error`` is for the loop around it: 3 an input error (ends the fit),
+    2 a numerical :class:`~pyroem.errors.PyroEMError` (ends a restart), 1 anything else
+    (a program that cannot be evaluated there)."""
+    if isinstance(error, (SpecError, DataError, NotSupportedError, FitFileError)):
+        return 3
+    return 2 if isinstance(error, PyroEMError) else 1
+
+
 class _Local(Collective):
     """One process: every collective is the identity."""
 
@@ -296,6 +334,10 @@ class _Local(Collective):
         return result
 
     def check(self, error: BaseException | None) -> None:
+        if error is not None:
+            raise error
+
+    def agree(self, error: BaseException | None) -> None:
         if error is not None:
             raise error
 

@@ -57,9 +57,9 @@ from pyroem.em import EMResult, EMRun, Engine, EStepResult, Iteration, MStepResu
 from pyroem.engines.distributed import LOCAL, Collective
 from pyroem.engines.mcmc_schedules import Gain, MCEMSchedule, MonteCarloQ, SAEMSchedule
 from pyroem.engines.program_map import (
-    _broadcast_values,
     _check_distributed,
     _shard_sums,
+    broadcast_values,
     block_order,
     closed_form_sweep,
     initial_values,
@@ -636,7 +636,7 @@ class _MCMCEMEngine(Engine):
     ) -> None:
         self.program, self.settings, self.start, self.base_seed = program, settings, init, base_seed
         self.tol, self.collective = tol, collective
-        self.first = _broadcast_values(
+        self.first = broadcast_values(
             collective, program, initial_values(program, init, base_seed)
         )
         check_stackable(program, self.first)
@@ -659,7 +659,15 @@ class _MCMCEMEngine(Engine):
                         f"per data point on each rank's rows, but in the model {program.name} "
                         f"{reason}: pass distributed=False to fit in each process alone"
                     )
-                _check_distributed(program, self.blocks, None, first_trace, parameter_uses=True)
+                _check_distributed(program, first_trace)
+                gradient = [name for name, block in self.blocks.items() if block is None]
+                if gradient:
+                    raise NotSupportedError(
+                        f"method='mcmc-em' over torch.distributed ranks takes closed-form "
+                        f"M-steps only; the parameters {gradient} have none (they would take "
+                        "gradient M-steps): pass distributed=False to fit in each process "
+                        "alone, or give them conjugate priors the closed forms recognise"
+                    )
             except NotSupportedError as err:
                 refused = err
             # Every rank raises when one does.
@@ -678,7 +686,7 @@ class _MCMCEMEngine(Engine):
         self.restart, self.e_steps = restart, 0
         if restart:
             torch.manual_seed(self.base_seed + restart)
-            values = _broadcast_values(
+            values = broadcast_values(
                 self.collective,
                 self.program,
                 initial_values(self.program, self.start, self.base_seed + restart),

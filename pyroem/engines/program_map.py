@@ -6,7 +6,7 @@ import gc
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pyro
@@ -74,6 +74,7 @@ __all__ = [
     "SHORT_RUN_TOL",
     "agreeing_runs",
     "block_order",
+    "broadcast_values",
     "closed_form_sweep",
     "drawn_sites",
     "fit_program",
@@ -84,6 +85,7 @@ __all__ = [
     "resolve_seed",
     "run_limit",
     "uniform_values",
+    "unsharded_sites",
 ]
 
 M_STEPS = ("auto", "gradient")
@@ -373,6 +375,7 @@ def closed_form_sweep(
     weights: Mapping[str, torch.Tensor],
     values: dict[str, torch.Tensor],
     start: int = 0,
+    parameters_once: bool = False,
 ) -> None:
     """The closed-form blocks of one ECM sweep, from block ``start`` of ``order`` on,
     updating ``values`` in place.
@@ -386,6 +389,10 @@ def closed_form_sweep(
             Carlo frequencies).
         values: the parameter values.
         start: the first block to update.
+        parameters_once: in a distributed fit, whether ``weights`` count the parameter
+            sites on one rank only (zero on the others), so that every block's
+            statistics are summed over the ranks; otherwise a block read by parameters
+            only takes its statistics as they are (the same on every rank).
     """
     changes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for step, (name, again) in enumerate(zip(order, retrace, strict=True)):
@@ -396,9 +403,38 @@ def closed_form_sweep(
             changes = {}
         block = blocks[name]
         assert block is not None
-        new = closed_form_update(program, block, trace, weights, changes, blocks)
+        with nullcontext() if parameters_once else _held_whole(program, block):
+            new = closed_form_update(program, block, trace, weights, changes, blocks)
         changes[name] = (values[name], new)
         values[name] = new
+
+
+def _read_by_parameters(program: ProgramModel, block: ClosedForm) -> bool:
+    """Is ``block`` read by parameters only (a hierarchical prior's hyperparameter)?"""
+    return all(use.site in program.params for use in block.uses)
+
+
+def _read_by_both(program: ProgramModel, block: ClosedForm | None) -> bool:
+    """Is ``block`` read by parameters (every rank holds them whole) and by the data
+    (each rank holds its shard)?"""
+    if block is None:
+        return False
+    return not _read_by_parameters(program, block) and any(
+        use.site in program.params for use in block.uses
+    )
+
+
+def _as_they_are(sums: list[torch.Tensor]) -> list[torch.Tensor]:
+    return sums
+
+
+def _held_whole(program: ProgramModel, block: ClosedForm) -> Any:
+    """A block read by parameters only has the same statistics on every rank of a
+    distributed fit (every rank holds the parameters whole): they are not summed over
+    the ranks."""
+    if _read_by_parameters(program, block):
+        return summed_over_shards(_as_they_are)
+    return nullcontext()
 
 
 def _adjust_blocks(
@@ -464,7 +500,12 @@ class _Engine(Engine):
         self.retrace = needs_trace(found, self.order)
         self.gradient_sites = [name for name in program.params if found[name] is None]
         self.layout = layout
-        usable = _COMPILED and layout.supported
+        # A closed form read by both parameters and data, in a distributed fit: the
+        # parameters' weights count on rank 0 only (see m_step), on full traces.
+        self.parameters_once = collective is not LOCAL and any(
+            _read_by_both(program, block) for block in found.values()
+        )
+        usable = _COMPILED and layout.supported and not self.parameters_once
         self.compiled: CompiledProgram | None = self.layout if usable else None
         self.updates: dict[str, StackedUpdate] = {}
         # A recognised mixture's E-steps and sweeps without runs of the program.
@@ -495,7 +536,25 @@ class _Engine(Engine):
         }
 
     def e_step(self, values: dict[str, torch.Tensor]) -> EStepResult:
-        """The E-step at ``values``: compiled while the structure holds, else full."""
+        """The E-step at ``values``: compiled while the structure holds, else full. In a
+        distributed fit the ranks' objectives are summed (:meth:`Collective.reduce`),
+        and where one rank's E-step fails every rank raises an error of the same kind
+        (:meth:`Collective.agree`), so every rank takes the same branch."""
+        if self.collective is LOCAL:
+            return self._local_e_step(values)
+        error, result = None, None
+        try:
+            result = self._local_e_step(values)
+        except Exception as err:  # every rank raises it, below
+            error = err
+        self.collective.agree(error)
+        assert result is not None
+        # The ranks' log-likelihoods summed, plus the prior terms of rank 0.
+        total = self.collective.reduce(result._replace(stats=None))
+        return total._replace(stats=result.stats)
+
+    def _local_e_step(self, values: dict[str, torch.Tensor]) -> EStepResult:
+        """This rank's E-step (the whole fit's in one process)."""
         if self.compiled is not None:
             estep: CompiledEStep | None
             if values is self.first:
@@ -524,12 +583,7 @@ class _Engine(Engine):
         unconstrained space."""
         if log_joint == math.inf:
             raise unbounded_error(self.program, self.first_trace)
-        result = EStepResult(stats, log_joint + self.log_jacobian(values), log_likelihood)
-        if self.collective is LOCAL:
-            return result
-        # The ranks' log-likelihoods summed, plus the prior terms of rank 0.
-        total = self.collective.reduce(result._replace(stats=None))
-        return total._replace(stats=stats)
+        return EStepResult(stats, log_joint + self.log_jacobian(values), log_likelihood)
 
     def log_jacobian(self, values: Mapping[str, torch.Tensor]) -> float:
         """The objective less the log joint (0 in the constrained space)."""
@@ -549,14 +603,39 @@ class _Engine(Engine):
                 self._compiled_sweep(stats, values)
             else:
                 weights = stats.weights
+                if self.parameters_once and self.collective.rank != 0:
+                    # Summed over the ranks, the parameters' uses count once (rank 0's).
+                    weights = {
+                        name: torch.zeros_like(weight) if name in self.program.params else weight
+                        for name, weight in weights.items()
+                    }
                 closed_form_sweep(
-                    self.program, self.found, self.order, self.retrace, stats.trace, weights, values
+                    self.program,
+                    self.found,
+                    self.order,
+                    self.retrace,
+                    stats.trace,
+                    weights,
+                    values,
+                    parameters_once=self.parameters_once,
                 )
         if self.gradient_sites:
+            # In a distributed fit each rank's objective and Q cover its shard, rank 0's
+            # with the prior and Jacobian terms; values and gradients are summed over the
+            # ranks, so every rank takes the same steps.
+            group = self.collective
+            shards = None if group is LOCAL else group.sum_tensors
+            priors = group.rank == 0
+            jacobian = self.jacobian if priors else []
             # ECME: the gradient block climbs the objective itself (see ecme_m_step).
-            objective = MarginalObjective(self.program, self.compiled, self.jacobian)
+            objective = MarginalObjective(self.program, self.compiled, jacobian, priors)
             update = ecme_m_step(
-                self.program, values, self.gradient_sites, objective, max_steps=self.gradient_steps
+                self.program,
+                values,
+                self.gradient_sites,
+                objective,
+                max_steps=self.gradient_steps,
+                shards=shards,
             )
             if objective.compiled is None:
                 self.compiled = None
@@ -568,7 +647,9 @@ class _Engine(Engine):
                     weights,
                     self.gradient_sites,
                     max_steps=self.gradient_steps,
-                    jacobian=self.jacobian,
+                    jacobian=jacobian,
+                    priors=priors,
+                    shards=shards,
                 )
             values.update(update)
         return MStepResult(values)
@@ -602,7 +683,8 @@ class _Engine(Engine):
             assert block is not None
             if name not in self.updates:
                 self.updates[name] = StackedUpdate(block, self.found, sites, estep)
-            new = self.updates[name](values[name], estep, sites, changes, cache)
+            with _held_whole(self.program, block):
+                new = self.updates[name](values[name], estep, sites, changes, cache)
             changes[name] = (values[name], new)
             values[name] = new
 
@@ -632,7 +714,7 @@ def _shard_sums(group: Collective) -> Iterator[None]:
         yield
 
 
-def _broadcast_values(
+def broadcast_values(
     group: Collective, program: ProgramModel, values: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Rank 0's parameter values on every rank."""
@@ -643,24 +725,15 @@ def _broadcast_values(
     return dict(zip(names, shared, strict=True))
 
 
-def _check_distributed(
-    program: ProgramModel,
-    found: Mapping[str, ClosedForm | None],
-    accelerate: str | None,
-    first_trace: Any,
-    parameter_uses: bool = False,
-) -> None:
-    """Raise unless the fit splits exactly over shards of the data: every observed or
-    enumerated site lies in a plate of data (one that holds no parameter), and every
-    parameter has a closed form read by such sites only (their statistics are sums over
-    the shards); ``parameter_uses``: the caller counts parameter sites read by closed
-    forms on one rank only, so they are allowed."""
-    nodes = first_trace.nodes
+def unsharded_sites(program: ProgramModel, trace: Any) -> list[str]:
+    """The observed or latent sites of ``trace`` that lie in no plate of data points (a
+    plate that holds no parameter): each rank of a distributed fit would count them."""
+    nodes = trace.nodes
     parameter_plates = {
         frame.name for name in program.params for frame in nodes[name]["cond_indep_stack"]
     }
     plates = {frame.name for site in nodes.values() for frame in site.get("cond_indep_stack", ())}
-    unsharded = [
+    return [
         name
         for name, site in nodes.items()
         if site["type"] == "sample"
@@ -668,36 +741,23 @@ def _check_distributed(
         and name not in plates  # a plate's own record
         and not any(frame.name not in parameter_plates for frame in site["cond_indep_stack"])
     ]
+
+
+def _check_distributed(program: ProgramModel, first_trace: Any) -> None:
+    """Raise unless the fit splits exactly over shards of the data: every observed or
+    enumerated site lies in a plate of data (one that holds no parameter). Closed forms
+    sum their statistics over the shards (a hierarchical prior's hyperparameter read by
+    parameters only takes the same statistics on every rank; one read by both counts the
+    parameters' uses on rank 0 only). Parameters without a closed form take gradient
+    steps on the ranks' summed objective and Q (their values and gradients are sums over
+    the shards)."""
+    unsharded = unsharded_sites(program, first_trace)
     if unsharded:
         raise NotSupportedError(
             f"a distributed fit of a Pyro program splits the data over the ranks by its "
             f"plates, but the sites {unsharded} lie in no plate of data points (each rank "
             "would count them once): put them inside the plate over the data, or pass "
             "distributed=False to fit in each process alone"
-        )
-    gradient = [name for name, block in found.items() if block is None]
-    if gradient:
-        raise NotSupportedError(
-            f"a distributed fit of a Pyro program takes closed-form M-steps only; the "
-            f"parameters {gradient} have none (they would take gradient M-steps): pass "
-            "distributed=False to fit in each process alone, or give them conjugate priors "
-            "the closed forms recognise"
-        )
-    for name, block in found.items():
-        assert block is not None
-        if parameter_uses:
-            break
-        shared = sorted({use.site for use in block.uses if use.site in program.params})
-        if shared:
-            raise NotSupportedError(
-                f"a distributed fit of a Pyro program sums each closed form's statistics over "
-                f"the ranks' data, but {name!r} is read by the parameters {shared}, which "
-                "every rank holds whole: pass distributed=False to fit in each process alone"
-            )
-    if accelerate is not None:
-        raise NotSupportedError(
-            f"accelerate={accelerate!r} is not written for a distributed fit of a Pyro "
-            "program: pass accelerate=None, or distributed=False"
         )
 
 
@@ -888,8 +948,9 @@ def fit_program(
     otherwise rescan every object of the interpreter (torch, Pyro, the user's data).
 
     In a distributed fit (``collective`` of several ranks) each rank's program holds its
-    own shard of the data; the ranks' starts are rank 0's, their objectives and closed-form
-    statistics are summed over the ranks, and every rank returns the same parameters.
+    own shard of the data; the ranks' starts are rank 0's, their objectives, closed-form
+    statistics and gradient M-steps' values and gradients are summed over the ranks, and
+    every rank returns the same parameters.
 
     With ``stepwise``, the program's subsampling plate is fitted by stepwise EM
     (:mod:`pyroem.engines.program_stepwise`): ``max_iter`` is ignored for its ``passes``.
@@ -915,7 +976,7 @@ def fit_program(
         if isinstance(init, Mapping) and set(init) >= set(program.params):
             n_init = 1
         base_seed = resolve_seed(seed)
-        first = _broadcast_values(collective, program, initial_values(program, init, base_seed))
+        first = broadcast_values(collective, program, initial_values(program, init, base_seed))
         first_trace = program.trace(first)
         if stepwise is not None and plate is None:
             # No plate subsamples: pyroem minibatches the plate over the data.
@@ -943,7 +1004,7 @@ def fit_program(
     if collective is not LOCAL:
         refused = None
         try:
-            _check_distributed(program, found, accelerate, first_trace)
+            _check_distributed(program, first_trace)
         except NotSupportedError as err:
             refused = err
         # Every rank raises when one does (its shard may have read the program otherwise).
@@ -959,7 +1020,7 @@ def fit_program(
         first,
         first_trace,
         layout,
-        lambda restart: _broadcast_values(
+        lambda restart: broadcast_values(
             collective, program, initial_values(program, init, base_seed + restart)
         ),
         method,

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from pyroem.engines.distributed import LOCAL, Collective
 from pyroem.engines.program_map import fit_program
 from pyroem.errors import ConvergenceWarning, PyroEMError, SpecError
 from pyroem.fits.checkpoint import checkpointing
@@ -49,6 +50,7 @@ def resolve_start(
     model_kwargs: Mapping[str, Any] | None,
     init: Any,
     seed: int | None,
+    collective: Collective = LOCAL,
 ) -> tuple[Any, str]:
     """The ``init`` SVI or NUTS runs with, and how it was chosen.
 
@@ -57,6 +59,8 @@ def resolve_start(
         init: ``None`` or ``"map-em"`` (the default start), ``"prior"`` (a prior draw),
             or anything else a program takes as ``init`` (returned as it is).
         seed: seeds the MAP-EM restarts.
+        collective: the ranks of a distributed fit (the MAP-EM start is split over them
+            too); one process by default.
 
     Returns:
         ``(init, record)``: ``init`` as a function of the seed returning the site values
@@ -88,6 +92,7 @@ def resolve_start(
                 progress=False,
                 m_step="auto",
                 gradient_steps=50,
+                collective=collective,
             )
     except PyroEMError as err:
         return None, f"prior (map-em: {str(err).splitlines()[0]})"

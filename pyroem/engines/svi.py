@@ -32,6 +32,13 @@ The point estimate reported in ``params`` is the mean of ``num_draws`` draws fro
 fitted guide (a guide's own point for ``guide="delta"``). Covariance-matrix sites get
 a bijection from ``D(D+1)/2`` unconstrained numbers (the log-Cholesky factor, see
 :mod:`pyroem.model.transforms`), which Pyro lacks.
+
+Data-parallel SVI (``guide="delta"``): inside a ``torch.distributed`` process group
+(:mod:`pyroem.engines.distributed`) each rank passes its shard of the data; its ELBO
+covers that shard, with the global sites' prior terms and the guide's terms counted on
+rank 0 only (masked on the others); every step's ELBO and gradients are summed over the
+ranks (one ``all_reduce`` in float64), so every rank takes the same optimiser step. The
+start is rank 0's, broadcast.
 """
 
 from __future__ import annotations
@@ -58,10 +65,19 @@ from pyro.infer.util import zero_grads
 from pyro.optim import ClippedAdam, PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
 from pyro.params.param_store import StateDict
+from pyro.poutine.messenger import Messenger
 
 from pyroem.diagnostics import independent_chains
 from pyroem.em import EMRun, Engine, EStepResult, Iteration, MStepResult, run_em
-from pyroem.engines.program_map import initial_values, num_observations, program_init, resolve_seed
+from pyroem.engines.distributed import LOCAL, Collective
+from pyroem.engines.program_map import (
+    broadcast_values,
+    initial_values,
+    num_observations,
+    program_init,
+    resolve_seed,
+    unsharded_sites,
+)
 from pyroem.errors import FitFileError, NotSupportedError, PyroEMError, SpecError
 from pyroem.estep.program import posterior
 from pyroem.fits.checkpoint import copied
@@ -287,6 +303,20 @@ def _window_change(elbos: list[float], window: int) -> tuple[float, float]:
     return change, stderr
 
 
+class _TermsOff(Messenger):
+    """Masks the log-density terms of the sample sites ``names`` (every sample site
+    when ``None``): on the ranks of a distributed fit other than rank 0, the global
+    sites' prior terms and the guide's terms, which rank 0 counts once for all."""
+
+    def __init__(self, names: set[str] | None = None) -> None:
+        super().__init__()
+        self.names = names
+
+    def _pyro_sample(self, msg: Any) -> None:
+        if self.names is None or msg["name"] in self.names:
+            msg["mask"] = False
+
+
 class _SVIState:
     """One restart's guide and optimiser; its parameters live in Pyro's parameter store
     (snapshot into ``param_state`` when the run ends)."""
@@ -320,19 +350,32 @@ class _SVIEngine(Engine):
         init: Mapping[str, Any] | Callable[[int], Any] | None,
         base_seed: int,
         max_iter: int,
+        collective: Collective = LOCAL,
     ) -> None:
         self.settings, self.program, self.start, self.base_seed = settings, program, init, base_seed
         self.max_iter = max_iter
-        self.first = initial_values(program, init, base_seed)
-        self.num_data = num_observations(program.trace(self.first), program)
+        self.collective = collective
+        self.first = broadcast_values(collective, program, initial_values(program, init, base_seed))
+        # N of the whole data (every rank's shard), so the ranks stop together.
+        self.num_data = int(collective.sum(num_observations(program.trace(self.first), program)))
         self.model = BijectiveSupports(_bijective_sites(program))(program.model)
         self.latents = [name for name, site in program.params.items() if site.kind == "sample"]
+        # The model and guide the ELBO reads: rank 0 counts the global terms for all.
+        self.elbo_model = self.model
+        self.elbo_guide: Callable[[Callable[..., Any]], Callable[..., Any]] = lambda guide: guide
+        if collective.rank != 0:
+            self.elbo_model = _TermsOff(set(self.latents))(self.model)
+            self.elbo_guide = lambda guide: _TermsOff()(guide)
 
     def init(self, restart: int) -> MStepResult:
         start = (
             self.first
             if restart == 0
-            else initial_values(self.program, self.start, self.base_seed + restart)
+            else broadcast_values(
+                self.collective,
+                self.program,
+                initial_values(self.program, self.start, self.base_seed + restart),
+            )
         )
         pyro.clear_param_store()
         torch.manual_seed(self.base_seed + restart)
@@ -341,7 +384,8 @@ class _SVIEngine(Engine):
                 pyro.param(name, start[name], constraint=site.constraint)
         guide = _make_guide(self.settings, self.model, self.program, start)
         optimizer, scheduler = _make_optimizer(self.settings, self.max_iter)
-        svi = SVI(self.model, guide, optimizer, _elbo(self.program, self.settings.num_particles))
+        elbo = _elbo(self.program, self.settings.num_particles)
+        svi = SVI(self.elbo_model, self.elbo_guide(guide), optimizer, elbo)
         return MStepResult(_SVIState(guide, svi, scheduler))
 
     def e_step(self, state: _SVIState) -> EStepResult:
@@ -351,17 +395,39 @@ class _SVIEngine(Engine):
         # the data and the guide, and later steps move parameters only inside their
         # supports (the checks are about half of a step's time).
         checks = nullcontext() if state.steps == 0 else pyro.validation_enabled(False)
+        error = None
         with checks, poutine.trace(param_only=True) as capture:
-            loss = state.svi.loss_and_grads(state.svi.model, state.svi.guide, *args, **kwargs)
+            try:
+                loss = state.svi.loss_and_grads(state.svi.model, state.svi.guide, *args, **kwargs)
+            except Exception as err:
+                if self.collective is LOCAL:
+                    raise
+                error = err
+        nodes: Any = capture.trace.nodes
+        if self.collective is not LOCAL:
+            # A step that fails on one rank fails on every rank (none waits for it).
+            self.collective.agree(error)
+            loss = self._summed(float(loss), nodes)
         elbo = -float(loss)
         if not math.isfinite(elbo):
             raise PyroEMError(
                 f"the ELBO became {elbo} at SVI step {state.steps + 1}: the steps diverged; "
                 "lower learning_rate, use optimizer='clipped_adam', or start closer (init=...)"
             )
-        nodes: Any = capture.trace.nodes
         params = {site["value"].unconstrained() for site in nodes.values()}
         return EStepResult(params, elbo, math.nan)
+
+    def _summed(self, loss: float, nodes: Any) -> float:
+        """The loss and the parameters' gradients summed over the ranks (one collective,
+        the parameters in the order of their names, the same on every rank)."""
+        names = sorted(nodes)
+        leaves = [nodes[name]["value"].unconstrained() for name in names]
+        grads = [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves]
+        own = torch.tensor(loss, dtype=torch.float64)
+        summed = self.collective.sum_tensors([own, *grads])
+        for leaf, grad in zip(leaves, summed[1:], strict=True):
+            leaf.grad = grad
+        return float(summed[0])
 
     def m_step(self, stats: set[torch.Tensor], params: _SVIState, iteration: int) -> MStepResult:
         """One optimiser step on the gradient of the last E-step (``stats``: the
@@ -423,7 +489,11 @@ class _SVIEngine(Engine):
         state: _SVIState = run.params
         zero_grads(run.last.stats)
         elbo, stderr = _final_elbo(
-            self.model, state.guide, self.program, self.settings.num_elbo_particles
+            self.elbo_model,
+            state.svi.guide,
+            self.program,
+            1 if isinstance(state.guide, AutoDelta) else self.settings.num_elbo_particles,
+            self.collective,
         )
         draws = _draw(state.guide, self.program, self.latents, self.settings.num_draws)
         if isinstance(state.guide, AutoDelta):
@@ -518,9 +588,14 @@ def _elbo(program: ProgramModel, num_particles: int) -> Trace_ELBO | TraceEnum_E
 
 
 def _final_elbo(
-    model: Callable[..., Any], guide: Callable[..., Any], program: ProgramModel, num_particles: int
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    program: ProgramModel,
+    num_particles: int,
+    collective: Collective = LOCAL,
 ) -> tuple[float, float]:
-    """The ELBO from ``num_particles`` independent particles, and its standard error.
+    """The ELBO from ``num_particles`` independent particles, and its standard error;
+    in a distributed fit each particle's ELBO summed over the ranks.
 
     A point guide makes the ELBO deterministic (the discrete latents are summed out):
     one particle is exact.
@@ -535,6 +610,9 @@ def _final_elbo(
                 for _ in range(num_particles)
             ]
         )
+    if collective is not LOCAL:
+        (summed,) = collective.sum_tensors([torch.tensor(values, dtype=torch.float64)])
+        values = summed.numpy()
     stderr = float(values.std(ddof=1) / math.sqrt(num_particles)) if num_particles > 1 else 0.0
     return float(values.mean()), stderr
 
@@ -596,6 +674,7 @@ def fit_svi(
     progress: bool,
     n_init: int = 1,
     callback: Callable[[Iteration], Any] | None = None,
+    collective: Collective = LOCAL,
     **options: Any,
 ) -> SVIFit:
     r"""Fit a Pyro program by SVI, discrete latents enumerated inside the ELBO.
@@ -617,6 +696,8 @@ def fit_svi(
         n_init: restarts (a new start and guide each, seeded ``seed + r``); the one with
             the highest final ELBO is kept.
         callback: called after every step (see :func:`pyroem.fit`).
+        collective: the ranks of a distributed fit (each passing its shard of the data;
+            see the module docstring); one process by default.
         **options: ``guide`` — ``"normal"`` (default; ``AutoNormal``: independent
             normals on the unconstrained space), ``"delta"`` (``AutoDelta``: a point,
             i.e. MAP by gradient ascent), ``"mvn"`` (``AutoMultivariateNormal``: one
@@ -640,7 +721,9 @@ def fit_svi(
 
     Raises:
         SpecError: an unknown or invalid option, or a bad ``init``.
-        NotSupportedError: a latent site no guide can cover.
+        NotSupportedError: a latent site no guide can cover; in a distributed fit, a
+            guide other than ``"delta"``, a continuous latent local to the data, or a site
+            in no plate of data points.
         PyroEMError: the ELBO became NaN or infinite (the steps diverged).
     """
     settings = _check_options(options)
@@ -648,7 +731,11 @@ def fit_svi(
     init = program_init(init)
     if isinstance(init, Mapping) and set(init) >= set(program.params):
         n_init = 1
-    engine = _SVIEngine(settings, program, init, resolve_seed(seed), max_iter)
+    base_seed = resolve_seed(seed)
+    if collective is not LOCAL:
+        # Before the engine broadcasts the start (whose local latents differ per rank).
+        _check_distributed(settings, program, init, base_seed, collective)
+    engine = _SVIEngine(settings, program, init, base_seed, max_iter, collective)
     with torch.random.fork_rng(), pyro.get_param_store().scope():
         result = run_em(
             engine, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
@@ -658,8 +745,13 @@ def fit_svi(
     final: _SVIResult = best.extras
     assert state.param_state is not None
     post = posterior(program, final.values)
+    # The whole data's log-likelihood; the prior terms are the same on every rank.
+    log_likelihood, log_joint = float(post.log_likelihood), float(post.log_joint)
+    if collective is not LOCAL:
+        log_likelihood = collective.sum(log_likelihood)
+        log_joint = log_likelihood + float(post.log_joint - post.log_likelihood)
     history = best.history
-    history.log_likelihood[-1] = float(post.log_likelihood)
+    history.log_likelihood[-1] = log_likelihood
     guide_name = settings.guide if isinstance(settings.guide, str) else "guide"
     kinds = {
         name: f"svi-{guide_name}" if site.kind == "sample" else "svi-ml"
@@ -680,6 +772,7 @@ def fit_svi(
         "seed": seed,
         "n_init": n_init,
         **result.record(),
+        **collective.record(),
     }
     return SVIFit(
         guide=state.guide,
@@ -692,8 +785,8 @@ def fit_svi(
         values=final.values,
         m_step_kinds=kinds,
         marginals=post.marginals,
-        log_likelihood=float(post.log_likelihood),
-        log_joint=float(post.log_joint),
+        log_likelihood=log_likelihood,
+        log_joint=log_joint,
         num_data=engine.num_data,
         **result.fit_fields(history),
         options=record,
@@ -703,3 +796,36 @@ def fit_svi(
             "elbo_smoothed": _smoothed(list(final.raw_elbos), max(settings.window, 1)),
         },
     )
+
+
+def _check_distributed(
+    settings: SVIOptions, program: _SVIProgram, init: Any, seed: int, collective: Collective
+) -> None:
+    """Raise on every rank unless the ELBO splits over the ranks' shards: the point guide
+    (``AutoDelta``: its parameters are the global sites', the same on every rank, and it
+    draws nothing), no continuous latent local to the data (its guide would differ per
+    shard), every observed or enumerated site in a plate of data points."""
+    refused = None
+    if not isinstance(settings.guide, str):
+        refused = "a guide function (whose parameters may be local to the data)"
+    elif settings.guide != "delta":
+        refused = (
+            f"guide={settings.guide!r}, whose draws are not written to be the same on every "
+            "rank (guide='delta' is)"
+        )
+    elif program.local_latents:
+        refused = f"the continuous latents {program.local_latents}, local to the data"
+    else:
+        unsharded = unsharded_sites(program, program.trace(initial_values(program, init, seed)))
+        if unsharded:
+            refused = (
+                f"the sites {unsharded}, in no plate of data points (each rank would count them)"
+            )
+    error = None
+    if refused is not None:
+        error = NotSupportedError(
+            f"a distributed SVI fit sums the ranks' ELBOs over their shards of the data, "
+            f"with guide='delta' over the global sites; this fit has {refused}: pass "
+            "distributed=False to fit in each process alone"
+        )
+    collective.check(error)

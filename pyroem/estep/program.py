@@ -247,16 +247,21 @@ def expected_log_joint(
     values: Mapping[str, torch.Tensor],
     weights: Mapping[str, torch.Tensor],
     validate: bool = False,
+    priors: bool = True,
 ) -> torch.Tensor:
     """``Q(θ; θ_t)`` up to a constant: weighted log-probability tables plus log prior.
 
     Differentiable in ``values``. ``validate``: with Pyro's argument validation
     (``ValueError`` where a distribution's argument is outside its constraint).
+    ``priors=False`` leaves out the parameters' own prior terms (the ranks of a
+    distributed fit other than rank 0, which counts them once).
     """
     trace = program.trace(values, validate)
     enum_symbols = _enum_symbols(trace)
     total = torch.zeros(())
     for name, site in sample_sites(trace):
+        if not priors and name in program.params:
+            continue
         table = site["unscaled_log_prob"]
         # A mask that reads a latent is already in the weights (the posterior of its value).
         if not mask_reads_latents(site, enum_symbols):

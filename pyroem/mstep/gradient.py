@@ -12,12 +12,20 @@ A site's support may be wider than the distribution argument it feeds (a real
 where the program is invalid and the log-density, computed without validation, is
 meaningless. The step is checked with Pyro's validation and, where it fails, cut back
 along the segment from the old values until it passes and Q has not decreased.
+
+In a fit split over the ranks of a ``torch.distributed`` process group
+(:mod:`pyroem.engines.distributed`), each rank's Q and objective cover its shard of the
+data, with the parameters' prior and log-Jacobian terms on rank 0 only (``priors``).
+Every value and gradient L-BFGS reads, and every value an accept or reject decision
+reads, is summed over the ranks (``shards``: one ``all_reduce`` in float64 per program
+run), so every rank takes the same steps; an error on one rank is a NaN on all.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import pyro
@@ -29,7 +37,11 @@ from pyroem.model.program import ProgramModel, sample_sites
 from pyroem.model.space import log_jacobian
 from pyroem.model.transforms import unconstraining
 
-__all__ = ["MarginalObjective", "ecme_m_step", "gradient_m_step"]
+__all__ = ["MarginalObjective", "ShardSum", "ecme_m_step", "gradient_m_step"]
+
+ShardSum = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+"""Tensors summed over the ranks of a distributed fit
+(:meth:`pyroem.engines.distributed.Collective.sum_tensors`)."""
 
 
 def gradient_m_step(
@@ -40,6 +52,8 @@ def gradient_m_step(
     *,
     max_steps: int = 50,
     jacobian: Collection[str] = (),
+    priors: bool = True,
+    shards: ShardSum | None = None,
 ) -> dict[str, torch.Tensor]:
     """Increase Q over the sites ``names`` by L-BFGS; keep the old values if Q did not rise.
 
@@ -51,6 +65,10 @@ def gradient_m_step(
         max_steps: L-BFGS iterations (function evaluations are bounded at 2× that).
         jacobian: sites of the block whose log-Jacobian is part of the objective (MAP in
             the unconstrained space, :mod:`pyroem.model.space`).
+        priors: whether Q holds the parameters' own prior terms (``False`` on the ranks
+            of a distributed fit other than rank 0).
+        shards: in a distributed fit, the sum over the ranks of Q's values and
+            gradients; ``None`` in one process.
 
     Returns:
         New values of the block's sites.
@@ -61,7 +79,7 @@ def gradient_m_step(
 
     def objective(candidate: Mapping[str, torch.Tensor], validate: bool = False) -> torch.Tensor:
         full = {**values, **candidate}
-        q = expected_log_joint(program, full, weights, validate)
+        q = expected_log_joint(program, full, weights, validate, priors)
         if jacobian_sites:
             q = q + log_jacobian(program, full, jacobian_sites)
         return q
@@ -74,7 +92,7 @@ def gradient_m_step(
         return objective(update)
 
     with torch.no_grad():
-        before = float(q_value())
+        before = _total(q_value, shards)
     optimizer = torch.optim.LBFGS(
         unconstrained,
         lr=1.0,
@@ -89,6 +107,8 @@ def gradient_m_step(
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         with torch.enable_grad():
+            if shards is not None:
+                return _summed_loss(lambda: -q_value(), unconstrained, shards)
             loss = -q_value()
             if torch.isfinite(loss):
                 loss.backward()
@@ -108,10 +128,7 @@ def gradient_m_step(
                 name: constrained(name, u).detach().clone()
                 for name, u in zip(names, end, strict=True)
             }
-            try:
-                after = float(objective(candidate, validate=True))
-            except (ValueError, RuntimeError):
-                after = math.nan
+            after = _checked(functools.partial(objective, candidate, validate=True), shards)
             if math.isfinite(after) and after >= before:
                 return candidate
             if not math.isnan(after):
@@ -127,6 +144,48 @@ def gradient_m_step(
 
 # Halvings of an invalid step before the old values are kept.
 _CUTBACKS = 30
+
+
+def _total(evaluate: Callable[[], torch.Tensor], shards: ShardSum | None) -> float:
+    """``evaluate()`` as a float, summed over the ranks when ``shards`` is given (where a
+    rank's evaluation fails, the sum is NaN on every rank, so none waits for it)."""
+    if shards is None:
+        return float(evaluate())
+    try:
+        local = evaluate().detach().reshape(())
+    except (ValueError, RuntimeError):
+        local = torch.tensor(math.nan, dtype=torch.float64)
+    return float(shards([local])[0])
+
+
+def _checked(evaluate: Callable[[], torch.Tensor], shards: ShardSum | None) -> float:
+    """:func:`_total` with Pyro's validation errors as NaN (the program is invalid there)."""
+    try:
+        return _total(evaluate, shards)
+    except (ValueError, RuntimeError):
+        return math.nan
+
+
+def _summed_loss(
+    loss_of: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor], shards: ShardSum
+) -> torch.Tensor:
+    """An L-BFGS closure's loss in a distributed fit: this rank's loss and its gradient
+    (``.grad`` of ``leaves``), both summed over the ranks in one collective. A failed or
+    non-finite evaluation on any rank gives every rank a non-finite loss and zero
+    gradients, as a non-finite loss does in one process."""
+    try:
+        loss = loss_of()
+    except (ValueError, RuntimeError):
+        loss = torch.tensor(math.nan, dtype=torch.float64)
+    if loss.requires_grad and bool(torch.isfinite(loss)):
+        loss.backward()
+    grads = [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves]
+    summed = shards([loss.detach().reshape(()), *grads])
+    total = summed[0]
+    finite = bool(torch.isfinite(total))
+    for leaf, grad in zip(leaves, summed[1:], strict=True):
+        leaf.grad = grad.detach() if finite else torch.zeros_like(leaf)
+    return total
 
 
 def _halfway(
@@ -168,14 +227,21 @@ class MarginalObjective:
         program: the program.
         compiled: the fit's compiled E-step, or ``None`` (full traces).
         jacobian: the sites whose log-Jacobian is part of the objective.
+        priors: whether the objective holds the parameters' own prior terms (``False``:
+            the log-likelihood only, on the ranks of a distributed fit other than rank 0).
     """
 
     def __init__(
-        self, program: ProgramModel, compiled: CompiledProgram | None, jacobian: Collection[str]
+        self,
+        program: ProgramModel,
+        compiled: CompiledProgram | None,
+        jacobian: Collection[str],
+        priors: bool = True,
     ) -> None:
         self.program = program
         self.compiled = compiled
         self.jacobian = list(jacobian)
+        self.priors = priors
         # Program runs so far (each a compiled run or a full trace).
         self.runs = 0
 
@@ -188,18 +254,27 @@ class MarginalObjective:
                 estep = self.compiled.estimate(sites)
                 weights = estep.all_weights()
                 with pyro.validation_enabled(False):
-                    q = _q_from_sites(sites, weights)
-                total = estep.log_joint + (q - q.detach())
+                    q = _q_from_sites(sites, self._without_priors(weights))
+                value = estep.log_joint if self.priors else estep.log_likelihood
+                total = value + (q - q.detach())
             else:
                 self.compiled = None
         if total is None:
             trace = self.program.trace(values, validate)
             post = posterior(self.program, values, trace)
-            q = _q_from_sites(dict(sample_sites(trace)), post.weights, trace=True)
-            total = post.log_joint + (q - q.detach())
+            q = _q_from_sites(
+                dict(sample_sites(trace)), self._without_priors(post.weights), trace=True
+            )
+            total = (post.log_joint if self.priors else post.log_likelihood) + (q - q.detach())
         if self.jacobian:
             total = total + log_jacobian(self.program, values, self.jacobian)
         return total
+
+    def _without_priors(self, weights: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """``weights``, less the parameters' own prior sites unless ``priors``."""
+        if self.priors:
+            return weights
+        return {name: w for name, w in weights.items() if name not in self.program.params}
 
 
 def _q_from_sites(
@@ -223,6 +298,7 @@ def ecme_m_step(
     objective: Callable[..., torch.Tensor],
     *,
     max_steps: int = 50,
+    shards: ShardSum | None = None,
 ) -> dict[str, torch.Tensor] | None:
     r"""ECME's conditional step (Liu & Rubin 1994): increase the objective itself, not
     Q, over the sites ``names`` (the other blocks fixed) by L-BFGS in their
@@ -244,13 +320,16 @@ def ecme_m_step(
         names: the sites of this block.
         objective: a :class:`MarginalObjective`.
         max_steps: L-BFGS iterations (evaluations are bounded at 2× that).
+        shards: in a distributed fit, the sum over the ranks of the objective's values
+            and gradients (each rank's ``objective`` covers its shard); ``None`` in one
+            process.
 
     Returns:
         New values of the block's sites, or ``None`` (no valid point as high as the old).
     """
     with torch.no_grad():
-        before = float(objective(values))
-    return _lbfgs_ascent(program, values, names, objective, before, max_steps)
+        before = _total(lambda: objective(values), shards)
+    return _lbfgs_ascent(program, values, names, objective, before, max_steps, shards)
 
 
 def _lbfgs_ascent(
@@ -260,6 +339,7 @@ def _lbfgs_ascent(
     objective: Callable[..., torch.Tensor],
     before: float,
     max_steps: int,
+    shards: ShardSum | None = None,
 ) -> dict[str, torch.Tensor] | None:
     """L-BFGS on ``objective(values with names replaced)`` from ``values`` (whose
     objective is ``before``); the accepted values (``None`` if none was)."""
@@ -287,6 +367,12 @@ def _lbfgs_ascent(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
+        if shards is not None:
+            with torch.enable_grad():
+                total = _summed_loss(lambda: -at(unconstrained), unconstrained, shards)
+            if not bool(torch.isfinite(total)):
+                outside.append(True)
+            return total
         with torch.enable_grad():
             loss = -at(unconstrained)
             if torch.isfinite(loss):
@@ -305,10 +391,7 @@ def _lbfgs_ascent(
         return None
     with torch.no_grad():
         end = [u.detach().clone() for u in unconstrained]
-        try:
-            after = float(at(end, validate=True))
-        except (ValueError, RuntimeError):
-            after = math.nan
+        after = _checked(lambda: at(end, validate=True), shards)
     if math.isfinite(after) and after >= before:
         return {
             name: constrained(name, u).detach().clone() for name, u in zip(names, end, strict=True)
