@@ -59,8 +59,8 @@ from pyroem.engines.mcmc_schedules import Gain, MCEMSchedule, MonteCarloQ, SAEMS
 from pyroem.engines.program_map import (
     _check_distributed,
     _shard_sums,
-    broadcast_values,
     block_order,
+    broadcast_values,
     closed_form_sweep,
     initial_values,
     needs_trace,
@@ -636,9 +636,7 @@ class _MCMCEMEngine(Engine):
     ) -> None:
         self.program, self.settings, self.start, self.base_seed = program, settings, init, base_seed
         self.tol, self.collective = tol, collective
-        self.first = broadcast_values(
-            collective, program, initial_values(program, init, base_seed)
-        )
+        self.first = broadcast_values(collective, program, initial_values(program, init, base_seed))
         check_stackable(program, self.first)
         first_trace = program.trace(self.first)
         # N of the whole data (every rank's shard), so the ranks stop together.
