@@ -370,13 +370,24 @@ def test_two_gloo_ranks_give_the_single_process_fit(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_give_the_single_process_fit_of_a_pyro_program(tmp_path):
+def test_two_gloo_ranks_give_the_single_process_fit_of_a_pyro_program(tmp_path, monkeypatch):
+    from pyroem.estep import recognised_mixture
+
     ranks = _launch(tmp_path, worker=PROGRAM_WORKER)
     for key in ranks[0]:
         # Every rank took the same M-steps: the same bits.
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
     for name, (data, run) in PROGRAM_FITS.items():
-        single = run(data())
+        # The ranks run the program at every E-step; one process computes a recognised
+        # mixture's E-steps from its parameter forms instead, whose other rounding moves
+        # SQUAREM's end point by ~1e-9. The reference runs the program as the ranks do,
+        # and the kernel's fit is checked against it to that precision.
+        kernel = run(data())
+        with monkeypatch.context() as patch:
+            patch.setattr(recognised_mixture, "_FAST", False)
+            single = run(data())
+        for key, value in single.params.items():
+            np.testing.assert_allclose(kernel.params[key], value, rtol=0, atol=1e-8, err_msg=name)
         assert ranks[0][f"{name}/processes"] == 2, name
         # Two observed sites per data point in the shared-centre program.
         observed = 2 if name == "shared_centre" else 1
