@@ -367,15 +367,19 @@ def _m_step(
     values: Mapping[str, torch.Tensor],
     weights: Mapping[str, torch.Tensor],
     gradient_steps: int,
+    parameters_once: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One ECM sweep on Q: each closed-form block in MAP-EM's order, the program run
     again where an earlier block changed what the next one reads, then the gradient
-    M-step."""
+    M-step. ``parameters_once``: ``weights`` count the parameter sites on one rank of a
+    distributed fit only (see :func:`~pyroem.engines.program_map.closed_form_sweep`)."""
     values = dict(values)
     order = block_order(program, blocks)
     retrace = needs_trace(blocks, order)
     trace = program.trace(values)
-    closed_form_sweep(program, blocks, order, retrace, trace, weights, values)
+    closed_form_sweep(
+        program, blocks, order, retrace, trace, weights, values, parameters_once=parameters_once
+    )
     gradient_sites = [name for name in program.params if blocks[name] is None]
     if gradient_sites:
         values.update(
@@ -776,7 +780,14 @@ class _MCMCEMEngine(Engine):
                 for name, value in weights.items()
             }
         with _shard_sums(self.collective):
-            new = _m_step(target, self.blocks, params, counted, self.settings.gradient_steps)
+            new = _m_step(
+                target,
+                self.blocks,
+                params,
+                counted,
+                self.settings.gradient_steps,
+                parameters_once=self.collective is not LOCAL,
+            )
         gain = _gain(
             self.program, target, weights, params, new, stats, self.objective_q, self.collective
         )

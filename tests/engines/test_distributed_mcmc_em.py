@@ -17,6 +17,7 @@ from test_distributed import (
     _free_port,
     _launch,
     global_latent_program,
+    hierarchical_program,
     hmm_program,
     mixture_program,
     program_data,
@@ -85,6 +86,12 @@ def program_mcem(data: torch.Tensor) -> pyroem.Fit:
         return pyroem.fit(mixture_program, data, schedule="mcem", max_iter=30, tol=1e-6, **COMMON)
 
 
+def hierarchical_mcem(data: torch.Tensor) -> pyroem.Fit:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return pyroem.fit(hierarchical_program, data, max_iter=8, tol=0, **COMMON)
+
+
 FITS = {
     # A Mixture passed whole on every rank: rank 0's start, each rank draws its rows.
     "mixture_saem": (mixture_data, False, lambda data: pyroem.fit(SPEC, data, **COMMON)),
@@ -92,6 +99,9 @@ FITS = {
     "mixture_restarts": (mixture_data, False, mixture_restarts),
     # A Pyro program, each rank passing its rows; MCEM's draws grow with the noise.
     "program_mcem": (program_data, True, program_mcem),
+    # A centre read by the component locations only: its closed form's statistics are
+    # summed over the ranks with the locations' uses counted by rank 0 alone.
+    "hierarchical": (program_data, True, hierarchical_mcem),
 }
 
 
