@@ -233,8 +233,9 @@ class Collective:
         every rank, so that every rank takes the same branch where a caller catches some
         kinds and not others (SQUAREM drops an extrapolated point the program cannot
         score, ``run_em`` skips a restart that failed numerically, an input error ends
-        the fit). A rank whose own error is of the gravest kind met raises its own;
-        the others raise a stand-in naming the failing rank's error."""
+        the fit, any other error ends it too). A rank whose own error is of the gravest
+        kind met raises its own; the others raise a stand-in naming the failing rank's
+        error."""
         kind = 0 if error is None else _failure_kind(error)
         flag = torch.tensor([kind], dtype=torch.int64, device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -247,7 +248,7 @@ class Collective:
             "another rank of the process group failed at the same step of the fit (its "
             "error names the cause); every rank stops that step with it"
         )
-        raise (DataError, PyroEMError, RuntimeError)[3 - worst](message)
+        raise (DataError, PyroEMError, RankFailure, RuntimeError)[4 - worst](message)
 
     def merge_samples(
         self, num_rows: int, sample: torch.Tensor, reservoir_size: int, seed: int
@@ -297,13 +298,21 @@ class Collective:
         return total, merged
 
 
+class RankFailure(Exception):
+    """Another rank's error that no loop catches (an ``IndexError``, a ``TypeError``...
+    of the program): every rank ends the fit with it."""
+
+
 def _failure_kind(error: BaseException) -> int:
-    """How grave ``error`` is for the loop around it: 3 an input error (ends the fit),
-    2 a numerical :class:`~pyroem.errors.PyroEMError` (ends a restart), 1 anything else
-    (a program that cannot be evaluated there)."""
+    """How grave ``error`` is for the loop around it: 4 an input error (ends the fit),
+    3 a numerical :class:`~pyroem.errors.PyroEMError` (ends a restart), 2 an error no
+    loop catches (ends the fit), 1 a ``ValueError`` or ``RuntimeError`` (a program that
+    cannot be evaluated there: a line search or SQUAREM steps back)."""
     if isinstance(error, (SpecError, DataError, NotSupportedError, FitFileError)):
+        return 4
+    if isinstance(error, PyroEMError):
         return 3
-    return 2 if isinstance(error, PyroEMError) else 1
+    return 1 if isinstance(error, (ValueError, RuntimeError)) else 2
 
 
 class _Local(Collective):

@@ -31,6 +31,7 @@ from typing import Any
 import pyro
 import torch
 
+from pyroem.engines.distributed import RankFailure
 from pyroem.estep.compiled import CompiledProgram
 from pyroem.estep.program import expected_log_joint, masked_log_prob, posterior
 from pyroem.model.program import ProgramModel, sample_sites
@@ -151,11 +152,33 @@ def _total(evaluate: Callable[[], torch.Tensor], shards: ShardSum | None) -> flo
     rank's evaluation fails, the sum is NaN on every rank, so none waits for it)."""
     if shards is None:
         return float(evaluate())
+    failed: Exception | None = None
     try:
         local = evaluate().detach().reshape(())
     except (ValueError, RuntimeError):
         local = torch.tensor(math.nan, dtype=torch.float64)
-    return float(shards([local])[0])
+    except Exception as err:  # every rank ends the fit with it, below
+        failed, local = err, torch.tensor(math.nan, dtype=torch.float64)
+    summed = shards([local, _failed_flag(failed)])
+    _end_on_failure(failed, summed[1])
+    return float(summed[0])
+
+
+def _failed_flag(failed: Exception | None) -> torch.Tensor:
+    """1 where this rank's evaluation raised an error no loop catches, else 0."""
+    return torch.tensor(0.0 if failed is None else 1.0, dtype=torch.float64)
+
+
+def _end_on_failure(failed: Exception | None, flags: torch.Tensor) -> None:
+    """Raise on every rank where a rank's evaluation raised an error no loop catches:
+    that rank its own error, the others a stand-in (none waits for the failing rank)."""
+    if failed is not None:
+        raise failed
+    if float(flags) > 0:
+        raise RankFailure(
+            "another rank of the process group failed while evaluating the objective for a "
+            "gradient M-step (its error names the cause); every rank ends the fit with it"
+        )
 
 
 def _checked(evaluate: Callable[[], torch.Tensor], shards: ShardSum | None) -> float:
@@ -173,14 +196,19 @@ def _summed_loss(
     (``.grad`` of ``leaves``), both summed over the ranks in one collective. A failed or
     non-finite evaluation on any rank gives every rank a non-finite loss and zero
     gradients, as a non-finite loss does in one process."""
+    failed: Exception | None = None
     try:
         loss = loss_of()
     except (ValueError, RuntimeError):
         loss = torch.tensor(math.nan, dtype=torch.float64)
+    except Exception as err:  # every rank ends the fit with it, below
+        failed, loss = err, torch.tensor(math.nan, dtype=torch.float64)
     if loss.requires_grad and bool(torch.isfinite(loss)):
         loss.backward()
     grads = [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves]
-    summed = shards([loss.detach().reshape(()), *grads])
+    summed = shards([loss.detach().reshape(()), _failed_flag(failed), *grads])
+    _end_on_failure(failed, summed[1])
+    summed = [summed[0], *summed[2:]]
     total = summed[0]
     finite = bool(torch.isfinite(total))
     for leaf, grad in zip(leaves, summed[1:], strict=True):

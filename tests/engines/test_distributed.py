@@ -5,6 +5,7 @@ and both ranks hold the same parameters; a streamed fit's ranks read only their 
 the files, in every pass."""
 
 import importlib.util
+import math
 import os
 import socket
 import subprocess
@@ -580,6 +581,7 @@ AGREE_WORKER = textwrap.dedent(
         "program": (None, ValueError("outside the support")),
         "numerical": (SingularCovarianceError("singular"), ValueError("outside the support")),
         "input": (ValueError("outside the support"), DataError("bad shard")),
+        "uncaught": (ValueError("outside the support"), IndexError("out of range")),
     }
     result = {}
     for name, errors in cases.items():
@@ -598,7 +600,8 @@ AGREE_WORKER = textwrap.dedent(
 @pytest.mark.slow
 def test_a_failure_on_one_rank_is_a_failure_of_the_same_kind_on_every_rank(tmp_path):
     """Where one rank's step fails, every rank raises an error of the gravest kind met (an
-    input error ends the fit, a numerical one a restart, any other drops SQUAREM's point),
+    input error ends the fit, a numerical one a restart, an uncaught one the fit, a
+    ValueError or RuntimeError drops SQUAREM's point),
     so the ranks take the same branch and none waits on a collective."""
     ranks = _launch(tmp_path, worker=AGREE_WORKER)
     seen = [{name: str(value) for name, value in rank.items()} for rank in ranks]
@@ -607,12 +610,16 @@ def test_a_failure_on_one_rank_is_a_failure_of_the_same_kind_on_every_rank(tmp_p
         "program": "stand-in RuntimeError",
         "numerical": "own SingularCovarianceError",
         "input": "stand-in DataError",
+        # An error no loop catches ends the fit on every rank (SQUAREM would have caught
+        # a RuntimeError stand-in, and waited on a rank that had left).
+        "uncaught": "stand-in RankFailure",
     }
     assert seen[1] == {
         "none": "none",
         "program": "own ValueError",
         "numerical": "stand-in PyroEMError",
         "input": "own DataError",
+        "uncaught": "own IndexError",
     }
 
 
@@ -652,3 +659,42 @@ def test_two_gloo_ranks_give_the_single_process_svi_fit(tmp_path):
             np.testing.assert_allclose(
                 ranks[0][f"{name}/{key}"], value.numpy(), rtol=0, atol=1e-10, err_msg=name
             )
+
+
+def test_a_gradient_evaluation_that_fails_uncaught_on_one_rank_ends_every_rank():
+    """An error no loop catches (here an IndexError of the program) on one rank still
+    joins the collective of the L-BFGS evaluation, so every rank ends the fit: the
+    failing rank with its own error, the others with a stand-in (none waits)."""
+    from pyroem.engines.distributed import RankFailure
+    from pyroem.mstep import gradient
+
+    calls = []
+
+    def other_rank_failed(tensors):
+        # The sum over two ranks where the other rank's evaluation raised uncaught.
+        calls.append(len(tensors))
+        return [tensors[0] + 1.0, tensors[1] + 1.0, *tensors[2:]]
+
+    def fine():
+        return torch.tensor(2.0, dtype=torch.float64)
+
+    def broken():
+        raise IndexError("index 5 is out of bounds")
+
+    with pytest.raises(RankFailure, match="another rank"):
+        gradient._total(fine, other_rank_failed)
+    with pytest.raises(IndexError):
+        gradient._total(broken, lambda tensors: list(tensors))
+    leaf = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RankFailure, match="another rank"):
+        gradient._summed_loss(lambda: (leaf**2).sum(), [leaf], other_rank_failed)
+    with pytest.raises(IndexError):
+        gradient._summed_loss(broken, [leaf], lambda tensors: list(tensors))
+    # Every call reached the collective before raising.
+    assert calls == [2, 3]
+    # A ValueError stays a NaN (a line search steps back), as in one process.
+
+    def invalid():
+        raise ValueError("outside the support")
+
+    assert math.isnan(gradient._total(invalid, lambda tensors: list(tensors)))
