@@ -33,6 +33,7 @@ from pyroem.errors import (
     ConvergenceWarning,
     DataError,
     NotSupportedError,
+    PyroEMError,
     SpecError,
 )
 from pyroem.estep.compiled import CompiledEStep, CompiledProgram
@@ -47,6 +48,7 @@ from pyroem.model.space import (
     log_jacobian,
     resolve_space,
     unbounded_error,
+    unbounded_priors,
 )
 from pyroem.model.transforms import unconstraining
 from pyroem.mstep.gradient import MarginalObjective, ecme_m_step, gradient_m_step
@@ -581,9 +583,29 @@ class _Engine(Engine):
     ) -> EStepResult:
         """The E-step with its objective: the log joint, plus the log-Jacobian in the
         unconstrained space."""
-        if log_joint == math.inf:
-            raise unbounded_error(self.program, self.first_trace)
+        if not math.isfinite(log_joint):
+            raise self._not_finite(log_joint, values)
         return EStepResult(stats, log_joint + self.log_jacobian(values), log_likelihood)
+
+    def _not_finite(self, log_joint: float, values: Mapping[str, torch.Tensor]) -> Exception:
+        """The error for a log joint that is not finite at ``values``: a prior unbounded at
+        the edge of its support (an input error), or a likelihood that left the finite
+        values, e.g. a variance that collapsed onto one data point (ends the restart)."""
+        if log_joint == math.inf and unbounded_priors(self.program, self.first_trace):
+            return unbounded_error(self.program, self.first_trace)
+        edges = sorted(
+            name
+            for name, value in values.items()
+            if value.is_floating_point() and bool((value == 0).any())
+        )
+        at = f"; parameters with entries at 0: {edges}" if edges else ""
+        return PyroEMError(
+            f"the log joint of {self.program.name} is {log_joint} at the current parameters"
+            f"{at}. A scale or variance that shrank to 0 around one data point (an unbounded "
+            "likelihood), or a probability of 0 where data lie, ends this start: give the "
+            "scale a prior (e.g. InverseGamma) or a lower bound, start elsewhere (init=), or "
+            "fit more restarts (n_init=)"
+        )
 
     def log_jacobian(self, values: Mapping[str, torch.Tensor]) -> float:
         """The objective less the log joint (0 in the constrained space)."""

@@ -726,3 +726,33 @@ def test_random_effects_of_a_pyro_param_model_are_sampled_by_default() -> None:
         )
     assert sorted(fit.params) == ["mu", "sigma", "tau"]
     assert fit.draws["b"].shape[-1] == 3
+
+
+def test_a_program_variance_collapsing_onto_one_point_is_an_error_not_nan():
+    """A component that captures one outlying point shrinks its variance to 0: the
+    likelihood is unbounded there and the log joint is NaN. The fit ends that start with
+    an error naming the parameter and the remedies, instead of returning NaN."""
+    data = torch.cat([torch.linspace(-2.0, 2.0, 60, dtype=torch.float64), torch.tensor([50.0])])
+
+    def model() -> None:
+        weights = pyro.param(
+            "w", torch.ones(3, dtype=torch.float64) / 3, constraint=dist.constraints.simplex
+        )
+        locs = pyro.param("locs", torch.tensor([-1.0, 1.0, 49.0], dtype=torch.float64))
+        var = pyro.param(
+            "var", torch.ones(3, dtype=torch.float64), constraint=dist.constraints.positive
+        )
+        with pyro.plate("data", len(data)):
+            z = pyro.sample("z", dist.Categorical(weights), infer={"enumerate": "parallel"})
+            pyro.sample("obs", dist.Normal(locs[z], var[z].sqrt()), obs=data)
+
+    start = {
+        "w": torch.ones(3, dtype=torch.float64) / 3,
+        "locs": torch.tensor([-1.0, 1.0, 49.0], dtype=torch.float64),
+        "var": torch.ones(3, dtype=torch.float64),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(PyroEMError, match=r"is nan.*\['var'\].*prior") as caught:
+            pyroem.fit(model, method="map-em", init=start, max_iter=50)
+    assert not isinstance(caught.value, SpecError)
