@@ -53,6 +53,7 @@ from pyroem.mstep.recognised import (
 from pyroem.mstep.stacked import StackedUpdate
 
 __all__ = [
+    "INNER_TOL_FRACTION",
     "SHORT_RUNS",
     "SHORT_RUNS_AGREE",
     "SHORT_RUNS_MAX_DATA",
@@ -104,6 +105,10 @@ runs of hmm.py's model_1 (240 points) heading to optima 0.07 nats apart agreed."
 SHORT_RUN_MAX_RATE = 0.8
 """Cap on the rate of linear convergence of a short run's limit estimate
 (:func:`run_limit`): the limit lies at most ``rate / (1 - rate) = 4`` last gains on."""
+
+INNER_TOL_FRACTION = 0.1
+"""A gradient M-step's L-BFGS stops once its gains fall below this fraction of the
+fit's ``tol × N`` (see :func:`~pyroem.mstep.gradient.ecme_m_step`)."""
 
 # Run E-steps through CompiledProgram while the program keeps its structure; off, every
 # E-step is a full trace (the reference the fast path is tested against).
@@ -456,6 +461,9 @@ class _Engine(Engine):
         usable = _COMPILED and layout.supported
         self.compiled: CompiledProgram | None = self.layout if usable else None
         self.updates: dict[str, StackedUpdate] = {}
+        # The fit's tolerance per data point (0 while the short runs go on): a gradient
+        # M-step stops where its gains fall below a tenth of tol × N.
+        self.tol = 0.0
         # Set while the start's short runs, or the run continued from them, go on.
         self.starts: list[dict[str, torch.Tensor]] | None = None
 
@@ -527,7 +535,12 @@ class _Engine(Engine):
             # ECME: the gradient block climbs the objective itself (see ecme_m_step).
             objective = MarginalObjective(self.program, self.compiled, self.jacobian)
             update = ecme_m_step(
-                self.program, values, self.gradient_sites, objective, max_steps=self.gradient_steps
+                self.program,
+                values,
+                self.gradient_sites,
+                objective,
+                max_steps=self.gradient_steps,
+                tolerance=max(INNER_TOL_FRACTION * self.tol * float(self.num_data), 1e-15),
             )
             if objective.compiled is None:
                 self.compiled = None
@@ -739,8 +752,11 @@ def _short_runs(
     engine.starts = [engine.first] + [
         uniform_values(engine.program, engine.first, seed + k, sites) for k in range(1, SHORT_RUNS)
     ]
-    steps = engine.gradient_steps
+    steps, fit_tol = engine.gradient_steps, engine.tol
     engine.gradient_steps = min(steps, SHORT_RUN_GRADIENT_STEPS)
+    # Their gradient M-steps stop at SHORT_RUN_GRADIENT_STEPS only: the runs' limits are
+    # compared to a tighter tolerance than theirs (SHORT_RUN_AGREE_TOL).
+    engine.tol = 0.0
     tolerance = SHORT_RUN_AGREE_TOL * engine.num_data
 
     def enough(runs: list[Any]) -> bool:
@@ -761,6 +777,7 @@ def _short_runs(
     finally:
         engine.starts = None
         engine.gradient_steps = steps
+        engine.tol = fit_tol
     return short.best.params, list(short.restart_objectives)
 
 
@@ -901,6 +918,7 @@ def fit_program(
         jacobian,
         collective,
     )
+    engine.tol = tol
     looped: Engine = engine if accelerate is None else _squarem(engine)
     short: list[float] | None = None
     drawn = (

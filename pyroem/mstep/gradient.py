@@ -223,6 +223,7 @@ def ecme_m_step(
     objective: Callable[..., torch.Tensor],
     *,
     max_steps: int = 50,
+    tolerance: float = 1e-15,
 ) -> dict[str, torch.Tensor] | None:
     r"""ECME's conditional step (Liu & Rubin 1994): increase the objective itself, not
     Q, over the sites ``names`` (the other blocks fixed) by L-BFGS in their
@@ -244,13 +245,16 @@ def ecme_m_step(
         names: the sites of this block.
         objective: a :class:`MarginalObjective`.
         max_steps: L-BFGS iterations (evaluations are bounded at 2× that).
+        tolerance: L-BFGS stops once an iteration changed the objective, or every
+            unconstrained coordinate, by less than this. The fit passes a tenth of the
+            smallest change of its objective that it counts as progress (``tol × N``): a
+            conditional step's last digits below that are lost in the next E-step, and
+            on a smooth objective L-BFGS otherwise spends most of its runs there.
 
     Returns:
         New values of the block's sites, or ``None`` (no valid point as high as the old).
     """
-    with torch.no_grad():
-        before = float(objective(values))
-    return _lbfgs_ascent(program, values, names, objective, before, max_steps)
+    return _lbfgs_ascent(program, values, names, objective, max_steps, tolerance)
 
 
 def _lbfgs_ascent(
@@ -258,11 +262,16 @@ def _lbfgs_ascent(
     values: Mapping[str, torch.Tensor],
     names: list[str],
     objective: Callable[..., torch.Tensor],
-    before: float,
     max_steps: int,
+    tolerance: float = 1e-15,
 ) -> dict[str, torch.Tensor] | None:
-    """L-BFGS on ``objective(values with names replaced)`` from ``values`` (whose
-    objective is ``before``); the accepted values (``None`` if none was)."""
+    """L-BFGS on ``objective(values with names replaced)`` from ``values`` to
+    ``tolerance`` (see :func:`ecme_m_step`); the accepted values (``None`` if none was).
+
+    The objective at the start is L-BFGS's first evaluation (no separate run): at the
+    values mapped to the unconstrained coordinates and back. An end no higher than that
+    keeps the old values themselves, so a round trip's last bits never lower the
+    objective."""
     transforms, modules, unconstrained = _unconstrained_start(program, values, names)
 
     def constrained(name: str, u: torch.Tensor) -> torch.Tensor:
@@ -278,17 +287,20 @@ def _lbfgs_ascent(
         max_iter=max_steps,
         max_eval=2 * max_steps,
         tolerance_grad=1e-12,
-        tolerance_change=1e-15,
+        tolerance_change=tolerance,
         history_size=20,
         line_search_fn="strong_wolfe",
     )
 
     outside = []
+    # The objective of every evaluation; the first is at the start.
+    seen: list[float] = []
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         with torch.enable_grad():
             loss = -at(unconstrained)
+            seen.append(-float(loss))
             if torch.isfinite(loss):
                 loss.backward()
             else:
@@ -299,17 +311,21 @@ def _lbfgs_ascent(
         optimizer.step(closure)
     except (ValueError, RuntimeError):
         outside.append(True)
-    if outside:
+    if outside or not seen:
         # L-BFGS stepped where the program is invalid: its path says little.
         _restore(names, modules, values)
         return None
+    before = seen[0]
+    if max(seen) <= before:
+        # No evaluation rose above the start: the old values stay.
+        return _restore(names, modules, values)
     with torch.no_grad():
         end = [u.detach().clone() for u in unconstrained]
         try:
             after = float(at(end, validate=True))
         except (ValueError, RuntimeError):
             after = math.nan
-    if math.isfinite(after) and after >= before:
+    if math.isfinite(after) and after > before:
         return {
             name: constrained(name, u).detach().clone() for name, u in zip(names, end, strict=True)
         }
