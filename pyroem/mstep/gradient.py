@@ -23,7 +23,7 @@ from typing import Any
 import pyro
 import torch
 
-from pyroem.estep.compiled import CompiledProgram
+from pyroem.estep.compiled import CompiledProgram, table_of
 from pyroem.estep.program import expected_log_joint, masked_log_prob, posterior
 from pyroem.model.program import ProgramModel, sample_sites
 from pyroem.model.space import log_jacobian
@@ -178,17 +178,35 @@ class MarginalObjective:
         self.jacobian = list(jacobian)
         # Program runs so far (each a compiled run or a full trace).
         self.runs = 0
+        # The values and compiled E-step of the last validated evaluation: the E-step at
+        # an accepted point (the fit's next E-step, when the values are those).
+        self.validated: tuple[Mapping[str, torch.Tensor], Any] | None = None
 
     def __call__(self, values: Mapping[str, torch.Tensor], validate: bool = False) -> torch.Tensor:
         self.runs += 1
         total = None
-        if self.compiled is not None and not validate:
+        if validate and self.compiled is not None and not self.compiled.replicating:
+            # A compiled run with Pyro's validation: the objective without its gradient.
+            estep = self.compiled(values, validate=True)
+            if estep is not None:
+                self.validated = (dict(values), estep)
+                total = estep.log_joint
+            else:
+                self.compiled = None
+        elif self.compiled is not None and not validate:
             sites = self.compiled.run(values)
             if sites is not None:
-                estep = self.compiled.estimate(sites)
+                tables = None
+                if not self.compiled.replicating:
+                    # Each site's log-probability table once: Q's (with its gradient)
+                    # and, detached, the contraction's.
+                    with pyro.validation_enabled(False):
+                        tables = {name: table_of(site) for name, site in sites.items()}
+                detached = None if tables is None else {n: t.detach() for n, t in tables.items()}
+                estep = self.compiled.estimate(sites, detached)
                 weights = estep.all_weights()
                 with pyro.validation_enabled(False):
-                    q = _q_from_sites(sites, weights)
+                    q = _q_from_sites(sites, weights, tables=tables)
                 total = estep.log_joint + (q - q.detach())
             else:
                 self.compiled = None
@@ -203,15 +221,24 @@ class MarginalObjective:
 
 
 def _q_from_sites(
-    sites: Mapping[str, Any], weights: Mapping[str, torch.Tensor], trace: bool = False
+    sites: Mapping[str, Any],
+    weights: Mapping[str, torch.Tensor],
+    trace: bool = False,
+    tables: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Q from a run's sites: ``Σ weight × masked log-probability table``."""
+    """Q from a run's sites: ``Σ weight × masked log-probability table`` (the tables
+    ``tables`` where given)."""
     total: Any = 0.0
     for name, site in sites.items():
         weight = weights.get(name)
         if weight is None:
             continue
-        table = site["unscaled_log_prob"] if trace else site["fn"].log_prob(site["value"])
+        if tables is not None:
+            table = tables[name]
+        elif trace:
+            table = site["unscaled_log_prob"]
+        else:
+            table = site["fn"].log_prob(site["value"])
         total = total + (weight * masked_log_prob(site, table)).sum()
     return torch.as_tensor(total)
 
@@ -320,15 +347,16 @@ def _lbfgs_ascent(
         # No evaluation rose above the start: the old values stay.
         return _restore(names, modules, values)
     with torch.no_grad():
-        end = [u.detach().clone() for u in unconstrained]
+        candidate = {
+            name: constrained(name, u).detach().clone()
+            for name, u in zip(names, unconstrained, strict=True)
+        }
         try:
-            after = float(at(end, validate=True))
+            after = float(objective({**values, **candidate}, True))
         except (ValueError, RuntimeError):
             after = math.nan
     if math.isfinite(after) and after > before:
-        return {
-            name: constrained(name, u).detach().clone() for name, u in zip(names, end, strict=True)
-        }
+        return candidate
     _restore(names, modules, values)
     return None
 
