@@ -327,7 +327,7 @@ def _lbfgs_ascent(
         optimizer.zero_grad()
         with torch.enable_grad():
             loss = -at(unconstrained)
-            seen.append(-float(loss))
+            seen.append(-float(loss.detach()))
             if torch.isfinite(loss):
                 loss.backward()
             else:
