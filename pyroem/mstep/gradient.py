@@ -295,9 +295,10 @@ def _lbfgs_ascent(
     """L-BFGS on ``objective(values with names replaced)`` from ``values`` to
     ``tolerance`` (see :func:`ecme_m_step`); the accepted values (``None`` if none was).
 
-    The objective at the start is L-BFGS's first evaluation (no separate run), taken at
-    the old values themselves (bit for bit, not mapped to the unconstrained coordinates
-    and back) with the gradient of the unconstrained map; an end must rise above it."""
+    The objective at the start is L-BFGS's first evaluation (no separate run): at the
+    values mapped to the unconstrained coordinates and back. An end no higher than that
+    keeps the old values themselves, so a round trip's last bits never lower the
+    objective."""
     transforms, modules, unconstrained = _unconstrained_start(program, values, names)
 
     def constrained(name: str, u: torch.Tensor) -> torch.Tensor:
@@ -306,15 +307,6 @@ def _lbfgs_ascent(
     def at(us: list[torch.Tensor], validate: bool = False) -> torch.Tensor:
         update = {name: constrained(name, u) for name, u in zip(names, us, strict=True)}
         return objective({**values, **update}, validate)
-
-    def at_start() -> torch.Tensor:
-        """The objective at the old values, differentiable in the unconstrained start."""
-        update = {}
-        for name, u in zip(names, unconstrained, strict=True):
-            value = constrained(name, u)
-            # x + (y - y) is x exactly; the gradient is y's.
-            update[name] = value if name in modules else values[name] + (value - value.detach())
-        return objective({**values, **update})
 
     optimizer = torch.optim.LBFGS(
         unconstrained,
@@ -334,7 +326,7 @@ def _lbfgs_ascent(
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         with torch.enable_grad():
-            loss = -(at(unconstrained) if seen else at_start())
+            loss = -at(unconstrained)
             seen.append(-float(loss.detach()))
             if torch.isfinite(loss):
                 loss.backward()
