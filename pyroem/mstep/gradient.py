@@ -296,9 +296,9 @@ def _lbfgs_ascent(
     ``tolerance`` (see :func:`ecme_m_step`); the accepted values (``None`` if none was).
 
     The objective at the start is L-BFGS's first evaluation (no separate run): at the
-    values mapped to the unconstrained coordinates and back. An end no higher than that
-    keeps the old values themselves, so a round trip's last bits never lower the
-    objective."""
+    values mapped to the unconstrained coordinates and back, which can differ from the
+    old values' own in the last bits. An end must rise above it; where no evaluation
+    did, the old values themselves are kept."""
     transforms, modules, unconstrained = _unconstrained_start(program, values, names)
 
     def constrained(name: str, u: torch.Tensor) -> torch.Tensor:
