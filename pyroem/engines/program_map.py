@@ -66,6 +66,7 @@ from pyroem.mstep.recognised import (
 from pyroem.mstep.stacked import StackedUpdate
 
 __all__ = [
+    "INNER_TOL_FRACTION",
     "SHORT_RUNS",
     "SHORT_RUNS_AGREE",
     "SHORT_RUNS_MAX_DATA",
@@ -119,6 +120,10 @@ runs of hmm.py's model_1 (240 points) heading to optima 0.07 nats apart agreed."
 SHORT_RUN_MAX_RATE = 0.8
 """Cap on the rate of linear convergence of a short run's limit estimate
 (:func:`run_limit`): the limit lies at most ``rate / (1 - rate) = 4`` last gains on."""
+
+INNER_TOL_FRACTION = 0.1
+"""A gradient M-step's L-BFGS stops once its gains fall below this fraction of the
+fit's ``tol × N`` (see :func:`~pyroem.mstep.gradient.ecme_m_step`)."""
 
 # Run E-steps through CompiledProgram while the program keeps its structure; off, every
 # E-step is a full trace (the reference the fast path is tested against).
@@ -516,6 +521,11 @@ class _Engine(Engine):
             if self.compiled is not None and collective is LOCAL and not jacobian
             else None
         )
+        # The values and compiled E-step of the last M-step's validated end point.
+        self.ready: tuple[Mapping[str, torch.Tensor], CompiledEStep] | None = None
+        # The fit's tolerance per data point (0 while the short runs go on): a gradient
+        # M-step stops where its gains fall below a tenth of tol × N.
+        self.tol = 0.0
         # Set while the start's short runs, or the run continued from them, go on.
         self.starts: list[dict[str, torch.Tensor]] | None = None
 
@@ -559,8 +569,12 @@ class _Engine(Engine):
         """This rank's E-step (the whole fit's in one process)."""
         if self.compiled is not None:
             estep: CompiledEStep | None
+            ready, self.ready = self.ready, None
             if values is self.first:
                 estep = self.compiled.estimate_trace(self.first_trace)
+            elif ready is not None and _same_values(ready[0], values):
+                # The gradient M-step's check of its end point ran the program there.
+                estep = ready[1]
             elif self.kernel is not None and self.kernel.active:
                 found = self.kernel(values)
                 if isinstance(found, MixtureEStep):
@@ -658,9 +672,12 @@ class _Engine(Engine):
                 objective,
                 max_steps=self.gradient_steps,
                 shards=shards,
+                tolerance=max(INNER_TOL_FRACTION * self.tol * float(self.num_data), 1e-15),
             )
             if objective.compiled is None:
                 self.compiled = None
+            elif update is not None and objective.validated is not None:
+                self.ready = objective.validated
             if update is None:
                 weights = stats.all_weights() if isinstance(stats, CompiledEStep) else stats.weights
                 update = gradient_m_step(
@@ -724,6 +741,11 @@ class _Engine(Engine):
         if isinstance(stats, CompiledEStep):
             return self.layout.marginals(stats)
         return stats.marginals
+
+
+def _same_values(seen: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``values`` hold the very tensors of ``seen`` (never changed in place)."""
+    return seen.keys() == values.keys() and all(seen[name] is values[name] for name in seen)
 
 
 @contextmanager
@@ -863,8 +885,11 @@ def _short_runs(
     engine.starts = [engine.first] + [
         uniform_values(engine.program, engine.first, seed + k, sites) for k in range(1, SHORT_RUNS)
     ]
-    steps = engine.gradient_steps
+    steps, fit_tol = engine.gradient_steps, engine.tol
     engine.gradient_steps = min(steps, SHORT_RUN_GRADIENT_STEPS)
+    # Their gradient M-steps stop at SHORT_RUN_GRADIENT_STEPS only: the runs' limits are
+    # compared to a tighter tolerance than theirs (SHORT_RUN_AGREE_TOL).
+    engine.tol = 0.0
     tolerance = SHORT_RUN_AGREE_TOL * engine.num_data
 
     def enough(runs: list[Any]) -> bool:
@@ -885,6 +910,7 @@ def _short_runs(
     finally:
         engine.starts = None
         engine.gradient_steps = steps
+        engine.tol = fit_tol
     return short.best.params, list(short.restart_objectives)
 
 
@@ -1049,6 +1075,7 @@ def fit_program(
         jacobian,
         collective,
     )
+    engine.tol = tol
     looped: Engine = engine if accelerate is None else _squarem(engine)
     online: ProgramStepwiseEngine | None = None
     if plate is not None and stepwise is not None:

@@ -57,7 +57,7 @@ from pyroem.estep.program import (
 )
 from pyroem.model.program import ProgramModel, sample_sites, set_param
 
-__all__ = ["CompiledEStep", "CompiledProgram", "ProgramRunner", "Recorder"]
+__all__ = ["CompiledEStep", "CompiledProgram", "ProgramRunner", "Recorder", "table_of"]
 
 
 def _enumerated_value(fn: Any, reference: torch.Tensor) -> torch.Tensor | None:
@@ -187,18 +187,20 @@ class ProgramRunner:
         self.watch: Callable[[Mapping[str, torch.Tensor], dict[str, Any]], None] | None = None
 
     def run(
-        self, values: Mapping[str, torch.Tensor], limit: int | None = None
+        self, values: Mapping[str, torch.Tensor], limit: int | None = None, validate: bool = False
     ) -> dict[str, Any] | None:
         """Run the program at ``values``; its sample sites by name (Pyro messages), or
         ``None`` if the run's structure differs from the first trace's.
 
         With ``limit`` the run stops once that many sample sites are recorded, and only
-        those are checked and returned (a run that records fewer is ``None``)."""
+        those are checked and returned (a run that records fewer is ``None``). With
+        ``validate`` Pyro validates the distributions' arguments as the program builds
+        them (``ValueError`` for an invalid one), as :meth:`ProgramModel.trace` does."""
         recorder = Recorder(values, self.enumerated, limit)
         program = self.program
         depth = len(_PYRO_STACK)
         try:
-            with pyro.validation_enabled(False), recorder:
+            with pyro.validation_enabled(validate), recorder:
                 program.model(*program.model_args, **program.model_kwargs)
         except _PrefixDone:
             # The handlers the program entered left the stack as the exception passed
@@ -258,6 +260,12 @@ def _table(site: Any) -> torch.Tensor:
         table = type(base)(*params, validate_args=False).log_prob(value)
     full = _broadcast_shape(base.batch_shape, value.shape)
     return _sum_event(table.expand(full), reinterpreted)
+
+
+def table_of(site: Any) -> torch.Tensor:
+    """A site's log-probability table, ``fn.log_prob(value)`` bit for bit (as the
+    E-step computes it)."""
+    return _table(site)
 
 
 def _sum_event(table: torch.Tensor, reinterpreted: int) -> torch.Tensor:
@@ -533,6 +541,11 @@ class CompiledProgram:
         replication = self.replication
         return replication if replication is not None and replication.active else None
 
+    @property
+    def replicating(self) -> bool:
+        """Whether runs are replicated (:meth:`run` returns a chain's prefix only)."""
+        return self._replicating() is not None
+
     def run(self, values: Mapping[str, torch.Tensor]) -> Mapping[str, Any] | None:
         """See :meth:`ProgramRunner.run`; replicated chains run their prefix only."""
         replication = self._replicating()
@@ -540,8 +553,12 @@ class CompiledProgram:
             return replication.run(values)
         return self.runner.run(values)
 
-    def __call__(self, values: Mapping[str, torch.Tensor]) -> CompiledEStep | None:
-        """The E-step at ``values``, or ``None`` if the program's structure changed."""
+    def __call__(
+        self, values: Mapping[str, torch.Tensor], validate: bool = False
+    ) -> CompiledEStep | None:
+        """The E-step at ``values``, or ``None`` if the program's structure changed
+        (``validate``: see :meth:`ProgramRunner.run`; replicated runs are not validated,
+        callers trace those in full)."""
         replication = self._replicating()
         if replication is not None:
             view = replication.run(values)
@@ -549,7 +566,7 @@ class CompiledProgram:
                 return None
             groups = replication.tables(view.prefix)
             return self.estimate(view.prefix, groups=groups, view=view)
-        sites = self.runner.run(values)
+        sites = self.runner.run(values, validate=validate)
         if sites is None:
             return None
         return self.estimate(sites)

@@ -32,7 +32,7 @@ import pyro
 import torch
 
 from pyroem.engines.distributed import RankFailure
-from pyroem.estep.compiled import CompiledProgram
+from pyroem.estep.compiled import CompiledProgram, table_of
 from pyroem.estep.program import expected_log_joint, masked_log_prob, posterior
 from pyroem.model.program import ProgramModel, sample_sites
 from pyroem.model.space import log_jacobian
@@ -272,17 +272,35 @@ class MarginalObjective:
         self.priors = priors
         # Program runs so far (each a compiled run or a full trace).
         self.runs = 0
+        # The values and compiled E-step of the last validated evaluation: the E-step at
+        # an accepted point (the fit's next E-step, when the values are those).
+        self.validated: tuple[Mapping[str, torch.Tensor], Any] | None = None
 
     def __call__(self, values: Mapping[str, torch.Tensor], validate: bool = False) -> torch.Tensor:
         self.runs += 1
         total = None
-        if self.compiled is not None and not validate:
+        if validate and self.compiled is not None and not self.compiled.replicating:
+            # A compiled run with Pyro's validation: the objective without its gradient.
+            estep = self.compiled(values, validate=True)
+            if estep is not None:
+                self.validated = (dict(values), estep)
+                total = estep.log_joint if self.priors else estep.log_likelihood
+            else:
+                self.compiled = None
+        elif self.compiled is not None and not validate:
             sites = self.compiled.run(values)
             if sites is not None:
-                estep = self.compiled.estimate(sites)
+                tables = None
+                if not self.compiled.replicating:
+                    # Each site's log-probability table once: Q's (with its gradient)
+                    # and, detached, the contraction's.
+                    with pyro.validation_enabled(False):
+                        tables = {name: table_of(site) for name, site in sites.items()}
+                detached = None if tables is None else {n: t.detach() for n, t in tables.items()}
+                estep = self.compiled.estimate(sites, detached)
                 weights = estep.all_weights()
                 with pyro.validation_enabled(False):
-                    q = _q_from_sites(sites, self._without_priors(weights))
+                    q = _q_from_sites(sites, self._without_priors(weights), tables=tables)
                 value = estep.log_joint if self.priors else estep.log_likelihood
                 total = value + (q - q.detach())
             else:
@@ -306,15 +324,24 @@ class MarginalObjective:
 
 
 def _q_from_sites(
-    sites: Mapping[str, Any], weights: Mapping[str, torch.Tensor], trace: bool = False
+    sites: Mapping[str, Any],
+    weights: Mapping[str, torch.Tensor],
+    trace: bool = False,
+    tables: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Q from a run's sites: ``Σ weight × masked log-probability table``."""
+    """Q from a run's sites: ``Σ weight × masked log-probability table`` (the tables
+    ``tables`` where given)."""
     total: Any = 0.0
     for name, site in sites.items():
         weight = weights.get(name)
         if weight is None:
             continue
-        table = site["unscaled_log_prob"] if trace else site["fn"].log_prob(site["value"])
+        if tables is not None:
+            table = tables[name]
+        elif trace:
+            table = site["unscaled_log_prob"]
+        else:
+            table = site["fn"].log_prob(site["value"])
         total = total + (weight * masked_log_prob(site, table)).sum()
     return torch.as_tensor(total)
 
@@ -327,6 +354,7 @@ def ecme_m_step(
     *,
     max_steps: int = 50,
     shards: ShardSum | None = None,
+    tolerance: float = 1e-15,
 ) -> dict[str, torch.Tensor] | None:
     r"""ECME's conditional step (Liu & Rubin 1994): increase the objective itself, not
     Q, over the sites ``names`` (the other blocks fixed) by L-BFGS in their
@@ -351,13 +379,16 @@ def ecme_m_step(
         shards: in a distributed fit, the sum over the ranks of the objective's values
             and gradients (each rank's ``objective`` covers its shard); ``None`` in one
             process.
+        tolerance: L-BFGS stops once an iteration changed the objective, or every
+            unconstrained coordinate, by less than this. The fit passes a tenth of the
+            smallest change of its objective that it counts as progress (``tol × N``): a
+            conditional step's last digits below that are lost in the next E-step, and
+            on a smooth objective L-BFGS otherwise spends most of its runs there.
 
     Returns:
         New values of the block's sites, or ``None`` (no valid point as high as the old).
     """
-    with torch.no_grad():
-        before = _total(lambda: objective(values), shards)
-    return _lbfgs_ascent(program, values, names, objective, before, max_steps, shards)
+    return _lbfgs_ascent(program, values, names, objective, max_steps, tolerance, shards)
 
 
 def _lbfgs_ascent(
@@ -365,12 +396,17 @@ def _lbfgs_ascent(
     values: Mapping[str, torch.Tensor],
     names: list[str],
     objective: Callable[..., torch.Tensor],
-    before: float,
     max_steps: int,
+    tolerance: float = 1e-15,
     shards: ShardSum | None = None,
 ) -> dict[str, torch.Tensor] | None:
-    """L-BFGS on ``objective(values with names replaced)`` from ``values`` (whose
-    objective is ``before``); the accepted values (``None`` if none was)."""
+    """L-BFGS on ``objective(values with names replaced)`` from ``values`` to
+    ``tolerance`` (see :func:`ecme_m_step`); the accepted values (``None`` if none was).
+
+    The objective at the start is L-BFGS's first evaluation (no separate run): at the
+    values mapped to the unconstrained coordinates and back, which can differ from the
+    old values' own in the last bits. An end must rise above it; where no evaluation
+    did, the old values themselves are kept."""
     transforms, modules, unconstrained = _unconstrained_start(program, values, names)
 
     def constrained(name: str, u: torch.Tensor) -> torch.Tensor:
@@ -386,23 +422,27 @@ def _lbfgs_ascent(
         max_iter=max_steps,
         max_eval=2 * max_steps,
         tolerance_grad=1e-12,
-        tolerance_change=1e-15,
+        tolerance_change=tolerance,
         history_size=20,
         line_search_fn="strong_wolfe",
     )
 
     outside = []
+    # The objective of every evaluation; the first is at the start.
+    seen: list[float] = []
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         if shards is not None:
             with torch.enable_grad():
                 total = _summed_loss(lambda: -at(unconstrained), unconstrained, shards)
+            seen.append(-float(total))
             if not bool(torch.isfinite(total)):
                 outside.append(True)
             return total
         with torch.enable_grad():
             loss = -at(unconstrained)
+            seen.append(-float(loss.detach()))
             if torch.isfinite(loss):
                 loss.backward()
             else:
@@ -413,17 +453,22 @@ def _lbfgs_ascent(
         optimizer.step(closure)
     except (ValueError, RuntimeError):
         outside.append(True)
-    if outside:
+    if outside or not seen:
         # L-BFGS stepped where the program is invalid: its path says little.
         _restore(names, modules, values)
         return None
+    before = seen[0]
+    if max(seen) <= before:
+        # No evaluation rose above the start: the old values stay.
+        return _restore(names, modules, values)
     with torch.no_grad():
-        end = [u.detach().clone() for u in unconstrained]
-        after = _checked(lambda: at(end, validate=True), shards)
-    if math.isfinite(after) and after >= before:
-        return {
-            name: constrained(name, u).detach().clone() for name, u in zip(names, end, strict=True)
+        candidate = {
+            name: constrained(name, u).detach().clone()
+            for name, u in zip(names, unconstrained, strict=True)
         }
+        after = _checked(lambda: objective({**values, **candidate}, True), shards)
+    if math.isfinite(after) and after > before:
+        return candidate
     _restore(names, modules, values)
     return None
 
