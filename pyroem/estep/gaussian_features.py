@@ -138,18 +138,17 @@ def feature_count(dim: int) -> int:
     return 1 + dim + dim * (dim + 1) // 2
 
 
-def _features(
-    weights: FeatureWeights, block: torch.Tensor, out: torch.Tensor, spare: torch.Tensor
-) -> torch.Tensor:
-    """``φ`` of a block ``(D, m)`` into ``out`` ``(P, m)``, with ``spare`` ``(2T, ≥ m)``."""
-    dim, width = block.shape
-    first, second = spare[: weights.rows.shape[0], :width], spare[weights.rows.shape[0] :, :width]
+def _features(block: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``φ`` of a block ``(D, m)`` into ``out`` ``(P, m)``: the products ``y_i y_j``
+    (``i ≤ j``) in the upper triangle's row-major order, row ``i``'s ``D − i`` of them as
+    one broadcast product ``y_i · y_{i:}`` written in place (no gathered copies)."""
+    dim = block.shape[0]
     out[0].fill_(1.0)
     out[1 : dim + 1].copy_(block)
-    # Row gathers into preallocated rows: several times faster than advanced indexing.
-    torch.index_select(block, 0, weights.rows, out=first)
-    torch.index_select(block, 0, weights.cols, out=second)
-    torch.mul(first, second, out=out[dim + 1 :])
+    offset = dim + 1
+    for row in range(dim):
+        torch.mul(block[row:], block[row], out=out[offset : offset + dim - row])
+        offset += dim - row
     return out
 
 
@@ -167,7 +166,6 @@ def feature_log_prob(
     coefficients = _coefficients(weights, centre)
     num_features = coefficients.shape[1]
     width = min(_block_rows(num_features, centred.element_size()), centred.shape[1])
-    spare = centred.new_empty(2 * weights.rows.shape[0], width)
     buffer = centred.new_empty(num_features, width) if store is None else None
     scores = centred.new_empty(coefficients.shape[0], width)
     for start in range(0, centred.shape[1], width):
@@ -176,7 +174,7 @@ def feature_log_prob(
             target = buffer[:, : block.shape[1]]  # type: ignore[index]
         else:
             target = store[:, start : start + width]
-        features = _features(weights, block, target, spare)
+        features = _features(block, target)
         # Into a contiguous block: BLAS writes a strided slice of out through a copy anyway.
         scores_block = torch.mm(coefficients, features, out=scores[:, : block.shape[1]])
         out[:, start : start + width].copy_(scores_block)
@@ -199,12 +197,11 @@ def feature_statistics(
     else:
         num_features = feature_count(dim)
         width = min(_block_rows(num_features, centred.element_size()), centred.shape[1])
-        spare = centred.new_empty(2 * weights.rows.shape[0], width)
         buffer = centred.new_empty(num_features, width)
         moments = centred.new_zeros(num_components, num_features)
         for start in range(0, centred.shape[1], width):
             block = centred[:, start : start + width]
-            features = _features(weights, block, buffer[:, : block.shape[1]], spare)
+            features = _features(block, buffer[:, : block.shape[1]])
             moments.addmm_(resp[:, start : start + width], features.T)
     counts, first = moments[:, 0], moments[:, 1 : dim + 1]
     second = moments.new_empty(num_components, dim, dim)

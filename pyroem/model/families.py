@@ -21,7 +21,7 @@ import copy
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, NamedTuple
 
 import pyro
@@ -479,6 +479,26 @@ class GaussianStats(NamedTuple):
         return GaussianStats(counts, self.sum_x + other.sum_x, scatter)
 
 
+WHITEN_BLOCK_BYTES = 2 * 2**20
+"""Bytes of a ``(K, D, width)`` block of deviations in the whitening kernel: small
+enough to stay in cache between the subtraction, the product and the reductions."""
+
+
+def _deviation_blocks(
+    rows: torch.Tensor, centres: torch.Tensor, scratch: Callable[..., torch.Tensor]
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(columns, x − μ_k (K, D, width))`` over column blocks of ``rows`` ``(D, n)``,
+    each block's deviations written into the same ``scratch`` buffer."""
+    count, dim = centres.shape[0], rows.shape[0]
+    size = rows.shape[1]
+    width = max(64, WHITEN_BLOCK_BYTES // max(count * dim * rows.element_size(), 1))
+    for start in range(0, size, width):
+        block = slice(start, min(start + width, size))
+        shape = (count, dim, block.stop - block.start)
+        deviations = scratch("deviations", shape, rows)
+        yield block, torch.sub(rows[None, :, block], centres, out=deviations)
+
+
 def _moment_statistics(
     means: torch.Tensor, counts: torch.Tensor, first: torch.Tensor, second: torch.Tensor
 ) -> GaussianStats:
@@ -873,25 +893,36 @@ class Gaussian(Family):
         def whitened(
             rows: torch.Tensor, index: torch.Tensor | None
         ) -> tuple[torch.Tensor, torch.Tensor]:
-            """Log-densities and deviations of the components ``index`` (None: all)."""
+            """Log-densities of the components ``index`` (None: all), and the rows
+            their statistics whiten again (see :func:`whitened_statistics`)."""
             parts = (whiten, centres, const)
             if index is not None:
                 parts = tuple(part[index] for part in parts)  # type: ignore[assignment]
-            shape = (parts[0].shape[0], dim, rows.shape[1])
-            deviations = scratch("deviations", shape, rows)
-            torch.sub(rows[None], parts[1], out=deviations)
-            white = torch.bmm(parts[0], deviations, out=scratch("white", shape, rows))
-            return white.square_().sum(1).mul_(-0.5).add_(parts[2]), deviations
+            count, size = parts[0].shape[0], rows.shape[1]
+            out = scratch("whitened", (count, size), rows)
+            # Column blocks whose (K, D, width) temporaries stay in cache.
+            for block, deviations in _deviation_blocks(rows, parts[1], scratch):
+                width = block.stop - block.start
+                shape = (count, dim, width)
+                white = torch.bmm(parts[0], deviations, out=scratch("white", shape, rows))
+                torch.sum(white.square_(), 1, out=out[:, block])
+            return out.mul_(-0.5).add_(parts[2]), rows
 
         def whitened_statistics(
-            deviations: torch.Tensor, resp: torch.Tensor, index: torch.Tensor | None
+            rows: torch.Tensor, resp: torch.Tensor, index: torch.Tensor | None
         ) -> GaussianStats:
-            weighted = scratch("white", deviations.shape, deviations)  # free again
-            torch.mul(deviations, resp[:, None, :], out=weighted)
-            second = torch.bmm(weighted, deviations.mT)  # (K, D, D)
-            first = torch.bmm(resp[:, None, :], deviations.mT)[:, 0]  # (K, D)
-            centres_k = means if index is None else means[index]
-            return _moment_statistics(centres_k, resp.sum(1), first, second)
+            """Moments about ``μ_k`` block by block, the deviations formed again in
+            cache rather than kept from the log-densities as a ``(K, D, n)`` tensor."""
+            centres_k = centres if index is None else centres[index]
+            count = centres_k.shape[0]
+            second = rows.new_zeros(count, dim, dim)
+            first = rows.new_zeros(count, dim)
+            for block, deviations in _deviation_blocks(rows, centres_k, scratch):
+                weighted = scratch("white", deviations.shape, rows)
+                torch.mul(deviations, resp[:, None, block], out=weighted)
+                second.baddbmm_(weighted, deviations.mT)  # (K, D, D)
+                first.add_(weighted.sum(2))
+            return _moment_statistics(centres_k[:, :, 0], resp.sum(1), first, second)
 
         def matrix(prepared: torch.Tensor) -> tuple[torch.Tensor, Any]:
             rows = transposed(prepared)
@@ -915,19 +946,19 @@ class Gaussian(Family):
             part = feature_log_prob(
                 weights.take(good), centred, centre, joint[: good.shape[0]], store
             )
-            rest, deviations = whitened(rows, bad)
+            rest, _ = whitened(rows, bad)
             log_prob = torch.empty_like(joint)
             log_prob[good], log_prob[bad] = part, rest
-            return log_prob, (good, bad, centred, centre, store, deviations)
+            return log_prob, (good, bad, centred, centre, store, rows)
 
         def matrix_statistics(prepared: torch.Tensor, cache: Any, resp: torch.Tensor) -> Any:
             if not isinstance(cache, tuple):
                 return whitened_statistics(cache, resp, None)
-            good, bad, centred, centre, store, deviations = cache
+            good, bad, centred, centre, store, rows = cache
             if good is None:
                 return GaussianStats(*feature_statistics(weights, centred, centre, resp, store))
             fast = feature_statistics(weights.take(good), centred, centre, resp[good], store)
-            slow = whitened_statistics(deviations, resp[bad], bad)
+            slow = whitened_statistics(rows, resp[bad], bad)
             parts = []
             for first, second in zip(fast, slow, strict=True):
                 joined = first.new_empty((num_components, *first.shape[1:]))

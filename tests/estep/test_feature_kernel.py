@@ -11,6 +11,7 @@ import torch
 import pyroem
 from pyroem.estep import gaussian_features
 from pyroem.estep.enumerate import MixtureEStep
+from pyroem.model import families
 from pyroem.model.mixture import MixtureParams
 
 NUM_COMPONENTS = 8
@@ -39,13 +40,28 @@ def _brute_force(
     return log_likelihood, counts, component_means, scatter
 
 
-def _e_step(data: np.ndarray, weights: np.ndarray, means: np.ndarray, covariances: np.ndarray):
-    tensor = torch.from_numpy(data)
+def _e_step_and_params(
+    data: np.ndarray,
+    weights: np.ndarray,
+    means: np.ndarray,
+    covariances: np.ndarray,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[MixtureEStep, MixtureParams]:
+    tensor = torch.from_numpy(data).to(dtype)
     spec = pyroem.Mixture(NUM_COMPONENTS, covariance_type="full", prior=None)
     family = spec.bind(tensor)
     e_step = MixtureEStep(family, spec.weights_prior, tensor, chunk_size=65536)
-    components = family.params_type(torch.from_numpy(means), torch.from_numpy(covariances))
-    params = MixtureParams(torch.from_numpy(weights), components, torch.arange(NUM_COMPONENTS))
+    components = family.params_type(
+        torch.from_numpy(means).to(dtype), torch.from_numpy(covariances).to(dtype)
+    )
+    params = MixtureParams(
+        torch.from_numpy(weights).to(dtype), components, torch.arange(NUM_COMPONENTS)
+    )
+    return e_step, params
+
+
+def _e_step(data: np.ndarray, weights: np.ndarray, means: np.ndarray, covariances: np.ndarray):
+    e_step, params = _e_step_and_params(data, weights, means, covariances)
     return e_step(params)
 
 
@@ -138,3 +154,33 @@ def test_each_component_takes_the_kernel_its_own_bound_allows() -> None:
     np.testing.assert_array_equal(fast, spreads == 1.0)
     result = _e_step(data, weights, means, covariances)
     _assert_brute_force(result, data, weights, means, covariances, rtol=1e-10)
+
+
+def test_the_whitening_kernel_works_in_cache_sized_blocks() -> None:
+    # K = 8, D = 64 (beyond the features' range): one chunk of 3,000 rows is whitened
+    # in blocks of about WHITEN_BLOCK_BYTES, its statistics summed block by block, and
+    # no (K, D, n) tensor of deviations is kept from the log-densities to the statistics.
+    generator = np.random.default_rng(3)
+    dim, size = 64, 3000
+    centres = 3.0 * generator.normal(size=(NUM_COMPONENTS, dim))
+    labels = generator.integers(NUM_COMPONENTS, size=size)
+    data = centres[labels] + generator.normal(size=(size, dim))
+    means = centres + 0.3 * generator.normal(size=centres.shape)
+    covariances = _covariances(generator, dim, 1.0)
+    weights = generator.dirichlet(np.full(NUM_COMPONENTS, 5.0))
+    assert not gaussian_features.features_pay(NUM_COMPONENTS, dim)
+    e_step, params = _e_step_and_params(data, weights, means, covariances)
+    assert len(e_step.chunks) == 1
+    result = e_step(params)
+    _assert_brute_force(result, data, weights, means, covariances, rtol=1e-12)
+    # The deviations of the whole chunk would take NUM_COMPONENTS * dim * size * 8 bytes
+    # (12 MiB); beside the chunk's own (D, n) copy, every temporary kept is at most one
+    # block's.
+    block_bytes = families.WHITEN_BLOCK_BYTES
+    assert NUM_COMPONENTS * dim * size * 8 > 4 * block_bytes
+    held = {
+        name: value.numel() * value.element_size()
+        for name, value in e_step.workspace.items()
+        if name != "rows"
+    }
+    assert held and max(held.values()) <= block_bytes, held
