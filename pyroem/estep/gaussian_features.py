@@ -33,6 +33,7 @@ __all__ = [
     "feature_count",
     "feature_log_prob",
     "feature_loss",
+    "feature_loss_floor",
     "feature_statistics",
     "feature_weights",
     "features_pay",
@@ -117,6 +118,19 @@ def feature_loss(
     spread = centred.square().sum(0).max()
     offsets = (weights.means - centre).square().sum(1)
     return weights.largest * (spread + offsets)
+
+
+def feature_loss_floor(
+    weights: FeatureWeights, rows: torch.Tensor, centre: torch.Tensor
+) -> torch.Tensor:
+    r"""A lower bound ``(K,)`` on :func:`feature_loss` from the chunk ``(D, n)`` itself,
+    without centring it: ``max_n |y_n|² ≥ max_i max_n y_{n,i}²``, the largest squared
+    distance of a coordinate's range from the centre (one read of the chunk, no
+    ``(D, n)`` temporary)."""
+    low, high = rows.aminmax(dim=1)
+    reach = torch.maximum(high - centre, centre - low).square().max()
+    offsets = (weights.means - centre).square().sum(1)
+    return weights.largest * (reach + offsets)
 
 
 def _coefficients(weights: FeatureWeights, centre: torch.Tensor) -> torch.Tensor:

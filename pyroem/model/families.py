@@ -41,6 +41,7 @@ from pyroem.estep.gaussian_features import (
     feature_count,
     feature_log_prob,
     feature_loss,
+    feature_loss_floor,
     feature_statistics,
     feature_weights,
     features_pay,
@@ -929,6 +930,10 @@ class Gaussian(Family):
             if max_loss < 0:
                 return whitened(rows, None)
             centre = rows.mean(1)
+            # The bound from below, from each coordinate's range: a chunk no component
+            # can take the features in (most chunks in float32) is never centred.
+            if not bool((feature_loss_floor(weights, rows, centre) <= max_loss).any()):
+                return whitened(rows, None)
             centred = scratch("centred", rows.shape, rows)
             torch.sub(rows, centre[:, None], out=centred)
             # Per component: each takes the features only where its own bound allows.

@@ -184,3 +184,51 @@ def test_the_whitening_kernel_works_in_cache_sized_blocks() -> None:
         if name != "rows"
     }
     assert held and max(held.values()) <= block_bytes, held
+
+
+def test_float32_chunks_no_component_can_take_the_features_are_never_centred() -> None:
+    # Clusters 8 apart in float32: even the bound from below, from each coordinate's
+    # range, exceeds float32's limit (eps^(-1/3), about 200) for every component, so
+    # the chunk goes to the whitening kernel without a centred copy or the exact bound.
+    generator = np.random.default_rng(4)
+    dim, size = 6, 3000
+    centres = 8.0 * generator.normal(size=(NUM_COMPONENTS, dim))
+    labels = generator.integers(NUM_COMPONENTS, size=size)
+    data = centres[labels] + generator.normal(size=(size, dim))
+    means = centres + 0.5 * generator.normal(size=centres.shape)
+    covariances = _covariances(generator, dim, 1.0)
+    weights = generator.dirichlet(np.full(NUM_COMPONENTS, 5.0))
+    e_step, params = _e_step_and_params(data, weights, means, covariances, torch.float32)
+    rows = e_step.chunks[0].T
+    centre = rows.mean(1)
+    features = gaussian_features.feature_weights(
+        params.components.means,
+        torch.linalg.inv(torch.linalg.cholesky(params.components.covariances)),
+        torch.zeros(NUM_COMPONENTS),
+    )
+    floor = gaussian_features.feature_loss_floor(features, rows, centre)
+    exact = gaussian_features.feature_loss(features, rows - centre[:, None], centre)
+    assert (floor <= exact).all()
+    assert (floor > gaussian_features.max_feature_loss(torch.float32)).all()
+    result = e_step(params)
+    assert "centred" not in e_step.workspace
+    # Against the float64 brute force on the values float32 holds: each log-density is
+    # a length-D dot product of whitened values (rounding <= D eps each step); 8 D eps
+    # covers the few steps, relative to each quantity's own scale.
+    eps = float(torch.finfo(torch.float32).eps)
+    rtol = 8 * dim * eps
+
+    def held(array: np.ndarray) -> np.ndarray:
+        return array.astype(np.float32).astype(np.float64)
+
+    reference = _brute_force(held(data), held(weights), held(means), held(covariances))
+    log_likelihood, counts, component_means, scatter = reference
+    assert abs(result.log_likelihood - log_likelihood) <= rtol * abs(log_likelihood)
+    np.testing.assert_allclose(result.stats.counts.double().numpy(), counts, rtol=rtol)
+    sums = result.stats.sum_x.double().numpy()
+    scale = np.abs(data).max()
+    np.testing.assert_allclose(sums / counts[:, None], component_means, rtol=0, atol=rtol * scale)
+    largest = np.diagonal(scatter, axis1=1, axis2=2).max(1)[:, None, None]
+    np.testing.assert_allclose(
+        result.stats.scatter.double().numpy() / largest, scatter / largest, rtol=0, atol=rtol
+    )
