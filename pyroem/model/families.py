@@ -38,10 +38,14 @@ from pyroem.errors import (
 )
 from pyroem.estep.gaussian_features import (
     FEATURE_STORE_BYTES,
+    feature_block_rows,
+    feature_coefficients,
     feature_count,
     feature_log_prob,
     feature_loss,
     feature_loss_floor,
+    feature_moment_statistics,
+    feature_rows,
     feature_statistics,
     feature_weights,
     features_pay,
@@ -84,6 +88,11 @@ class EStepKernels(NamedTuple):
 
     log_prob: Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
     statistics: Callable[[torch.Tensor, Any, torch.Tensor], Any]
+    # Optional: ``fused(prepared, log_weights (K, 1), row_weights, responsibilities)``
+    # → ``(statistics, log-likelihood)`` of the chunk in one pass, with
+    # ``responsibilities(log_joint, row_weights) → (resp, log p(x_n) (1, n))`` the
+    # E-step's normalisation, so that it can run block by block in cache.
+    fused: Callable[..., tuple[Any, torch.Tensor]] | None = None
 
 
 def _safe_log(x: torch.Tensor) -> torch.Tensor:
@@ -925,53 +934,114 @@ class Gaussian(Family):
                 first.add_(weighted.sum(2))
             return _moment_statistics(centres_k[:, :, 0], resp.sum(1), first, second)
 
-        def matrix(prepared: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        def plan(prepared: torch.Tensor) -> tuple[torch.Tensor, Any]:
+            """The chunk as ``(D, n)`` and, where the features pay, ``(centred, centre,
+            failing components or None)``; ``None`` where it is whitened."""
             rows = transposed(prepared)
             if max_loss < 0:
-                return whitened(rows, None)
+                return rows, None
             centre = rows.mean(1)
             # The bound from below, from each coordinate's range: a chunk no component
             # can take the features in (most chunks in float32) is never centred.
             if not bool((feature_loss_floor(weights, rows, centre) <= max_loss).any()):
-                return whitened(rows, None)
+                return rows, None
             centred = scratch("centred", rows.shape, rows)
             torch.sub(rows, centre[:, None], out=centred)
             # Per component: each takes the features only where its own bound allows.
             fast = feature_loss(weights, centred, centre) <= max_loss
-            if not bool(fast.any()):
+            passing = int(fast.sum())
+            # The features' products cost about half of whitening every component
+            # (K = D = 16, float64: 2.1 against 4.1 ms a 4,096-row chunk), so they pay
+            # while at least half the components pass.
+            if 2 * passing < num_components:
+                return rows, None
+            bad = None if passing == num_components else torch.nonzero(~fast)[:, 0]
+            return rows, (centred, centre, bad)
+
+        def matrix(prepared: torch.Tensor) -> tuple[torch.Tensor, Any]:
+            rows, features = plan(prepared)
+            if features is None:
                 return whitened(rows, None)
+            centred, centre, bad = features
             store = None
             if kept_features * rows.shape[1] * rows.element_size() <= FEATURE_STORE_BYTES:
                 store = scratch("features", (kept_features, rows.shape[1]), rows)
             joint = scratch("joint", (num_components, rows.shape[1]), rows)
-            if bool(fast.all()):
-                joint = feature_log_prob(weights, centred, centre, joint, store)
-                return joint, (None, None, centred, centre, store, None)
-            good, bad = torch.nonzero(fast)[:, 0], torch.nonzero(~fast)[:, 0]
-            part = feature_log_prob(
-                weights.take(good), centred, centre, joint[: good.shape[0]], store
-            )
-            rest, _ = whitened(rows, bad)
-            log_prob = torch.empty_like(joint)
-            log_prob[good], log_prob[bad] = part, rest
-            return log_prob, (good, bad, centred, centre, store, rows)
+            # Every component in the one product (a subset of rows runs the product no
+            # faster), the failing ones' rows then replaced by their whitened values.
+            joint = feature_log_prob(weights, centred, centre, joint, store)
+            if bad is not None:
+                joint[bad] = whitened(rows, bad)[0]
+            return joint, (bad, centred, centre, store, rows)
+
+        def fused(
+            prepared: torch.Tensor,
+            log_weights: torch.Tensor,
+            row_weights: torch.Tensor | None,
+            responsibilities: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+        ) -> tuple[GaussianStats, torch.Tensor]:
+            """Statistics and log-likelihood of a chunk, block by block: each block's
+            features (and failing components' deviations) built once and read, still in
+            cache, by the log-densities, the normalisation and the moments."""
+            rows, features = plan(prepared)
+            if features is None:
+                joint, _ = whitened(rows, None)
+                resp, log_norm = responsibilities(joint.add_(log_weights), row_weights)
+                return whitened_statistics(rows, resp, None), log_norm.sum()
+            centred, centre, bad = features
+            coefficients = feature_coefficients(weights, centre)
+            size = rows.shape[1]
+            width = feature_block_rows(kept_features, rows.element_size())
+            moments = rows.new_zeros(num_components, kept_features)
+            total = rows.new_zeros(())
+            if bad is not None:
+                parts = (whiten[bad], centres[bad], const[bad])
+                failing = bad.shape[0]
+                first = rows.new_zeros(failing, dim)
+                second = rows.new_zeros(failing, dim, dim)
+            for start in range(0, size, width):
+                block = slice(start, min(start + width, size))
+                count = block.stop - block.start
+                phi = scratch("block", (kept_features, count), rows)
+                feature_rows(centred[:, block], phi)
+                joint = torch.mm(
+                    coefficients, phi, out=scratch("joint", (num_components, count), rows)
+                )
+                if bad is not None:
+                    shape = (failing, dim, count)
+                    deviations = scratch("deviations", shape, rows)
+                    torch.sub(rows[None, :, block], parts[1], out=deviations)
+                    white = torch.bmm(parts[0], deviations, out=scratch("white", shape, rows))
+                    joint[bad] = white.square_().sum(1).mul_(-0.5).add_(parts[2])
+                weights_block = None if row_weights is None else row_weights[block]
+                resp, log_norm = responsibilities(joint.add_(log_weights), weights_block)
+                total += log_norm.sum()
+                moments.addmm_(resp, phi.T)
+                if bad is not None:
+                    weighted = torch.mul(deviations, resp[bad][:, None, :], out=white)
+                    second.baddbmm_(weighted, deviations.mT)
+                    first.add_(weighted.sum(2))
+            stats = GaussianStats(*feature_moment_statistics(weights, moments, centre))
+            if bad is not None:
+                counts = stats.counts[bad]
+                slow = _moment_statistics(parts[1][:, :, 0], counts, first, second)
+                for joined, replaced in zip(stats, slow, strict=True):
+                    joined[bad] = replaced
+            return stats, total
 
         def matrix_statistics(prepared: torch.Tensor, cache: Any, resp: torch.Tensor) -> Any:
             if not isinstance(cache, tuple):
                 return whitened_statistics(cache, resp, None)
-            good, bad, centred, centre, store, rows = cache
-            if good is None:
-                return GaussianStats(*feature_statistics(weights, centred, centre, resp, store))
-            fast = feature_statistics(weights.take(good), centred, centre, resp[good], store)
+            bad, centred, centre, store, rows = cache
+            stats = GaussianStats(*feature_statistics(weights, centred, centre, resp, store))
+            if bad is None:
+                return stats
             slow = whitened_statistics(rows, resp[bad], bad)
-            parts = []
-            for first, second in zip(fast, slow, strict=True):
-                joined = first.new_empty((num_components, *first.shape[1:]))
-                joined[good], joined[bad] = first, second
-                parts.append(joined)
-            return GaussianStats(*parts)
+            for joined, replaced in zip(stats, slow, strict=True):
+                joined[bad] = replaced
+            return stats
 
-        return EStepKernels(matrix, matrix_statistics)
+        return EStepKernels(matrix, matrix_statistics, fused)
 
     # ----- missing data -------------------------------------------------------
     missing_by_pattern = True

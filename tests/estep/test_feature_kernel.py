@@ -18,9 +18,15 @@ NUM_COMPONENTS = 8
 
 
 def _brute_force(
-    data: np.ndarray, weights: np.ndarray, means: np.ndarray, covariances: np.ndarray
+    data: np.ndarray,
+    weights: np.ndarray,
+    means: np.ndarray,
+    covariances: np.ndarray,
+    row_weights: np.ndarray | None = None,
 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-    """Log-likelihood, counts, component means and scatters from the textbook formulas."""
+    """Log-likelihood, counts, component means and scatters from the textbook formulas
+    (each row counted ``row_weights`` times, if given)."""
+    frequency = np.ones(data.shape[0]) if row_weights is None else row_weights
     joint = np.empty((data.shape[0], means.shape[0]))
     for k, (mean, covariance) in enumerate(zip(means, covariances, strict=True)):
         deviations = data - mean
@@ -30,9 +36,10 @@ def _brute_force(
         joint[:, k] = -0.5 * (mahalanobis + log_det + data.shape[1] * np.log(2 * np.pi))
     joint += np.log(weights)
     peak = joint.max(1, keepdims=True)
-    log_likelihood = float((np.log(np.exp(joint - peak).sum(1)) + peak[:, 0]).sum())
+    log_likelihood = float((frequency * (np.log(np.exp(joint - peak).sum(1)) + peak[:, 0])).sum())
     resp = np.exp(joint - peak)
     resp /= resp.sum(1, keepdims=True)
+    resp *= frequency[:, None]
     counts = resp.sum(0)
     component_means = resp.T @ data / counts[:, None]
     deviations = data[None] - component_means[:, None]
@@ -231,4 +238,54 @@ def test_float32_chunks_no_component_can_take_the_features_are_never_centred() -
     largest = np.diagonal(scatter, axis1=1, axis2=2).max(1)[:, None, None]
     np.testing.assert_allclose(
         result.stats.scatter.double().numpy() / largest, scatter / largest, rtol=0, atol=rtol
+    )
+
+
+def test_weighted_chunks_with_failing_components_run_fused_in_cache() -> None:
+    # Four broad and four tight components (half pass the bound), rows with frequency
+    # weights, 5,000 rows in one chunk (four blocks of features): the log-densities,
+    # responsibilities and moments run block by block over the features and the
+    # failing components' deviations, with no (P, n) array of the chunk's features
+    # kept; the statistics and the weighted log-likelihood stay the brute force's.
+    generator = np.random.default_rng(5)
+    dim, size = 12, 5000
+    centres = 3.0 * generator.normal(size=(NUM_COMPONENTS, dim))
+    spreads = np.repeat([1.0, 1e-4], NUM_COMPONENTS // 2)
+    labels = generator.integers(NUM_COMPONENTS, size=size)
+    data = centres[labels] + spreads[labels, None] * generator.normal(size=(size, dim))
+    means = np.stack([data[labels == k].mean(0) for k in range(NUM_COMPONENTS)])
+    means += 0.1 * spreads[:, None] * generator.normal(size=means.shape)
+    covariances = _covariances(generator, dim, 1.0) * spreads[:, None, None] ** 2
+    weights = generator.dirichlet(np.full(NUM_COMPONENTS, 5.0))
+    frequency = generator.integers(0, 4, size=size).astype(np.float64)
+    loss = _chunk_loss(data, means, covariances)
+    assert (loss <= gaussian_features.max_feature_loss(torch.float64)).sum() == 4
+    tensor = torch.from_numpy(data)
+    spec = pyroem.Mixture(NUM_COMPONENTS, covariance_type="full", prior=None)
+    family = spec.bind(tensor)
+    e_step = MixtureEStep(
+        family,
+        spec.weights_prior,
+        tensor,
+        chunk_size=65536,
+        sample_weight=torch.from_numpy(frequency),
+    )
+    assert len(e_step.chunks) == 1 and e_step.chunks[0].shape[0] == size
+    components = family.params_type(torch.from_numpy(means), torch.from_numpy(covariances))
+    params = MixtureParams(torch.from_numpy(weights), components, torch.arange(NUM_COMPONENTS))
+    result = e_step(params)
+    num_features = gaussian_features.feature_count(dim)
+    assert gaussian_features.feature_block_rows(num_features, 8) * 3 < size
+    held = {name: value.numel() for name, value in e_step.workspace.items()}
+    assert max(held.values()) < num_features * size, held
+    log_likelihood, counts, component_means, scatter = _brute_force(
+        data, weights, means, covariances, frequency
+    )
+    np.testing.assert_allclose(result.log_likelihood, log_likelihood, rtol=1e-12)
+    np.testing.assert_allclose(result.stats.counts.numpy(), counts, rtol=1e-10)
+    sums = result.stats.sum_x.numpy()
+    np.testing.assert_allclose(sums / counts[:, None], component_means, rtol=1e-10)
+    largest = np.diagonal(scatter, axis1=1, axis2=2).max(1)[:, None, None]
+    np.testing.assert_allclose(
+        result.stats.scatter.numpy() / largest, scatter / largest, rtol=0, atol=1e-10
     )
