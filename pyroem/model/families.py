@@ -994,24 +994,36 @@ class Gaussian(Family):
             width = feature_block_rows(kept_features, rows.element_size())
             moments = rows.new_zeros(num_components, kept_features)
             total = rows.new_zeros(())
+            failing = 0 if bad is None else bad.shape[0]
             if bad is not None:
                 parts = (whiten[bad], centres[bad], const[bad])
-                failing = bad.shape[0]
                 first = rows.new_zeros(failing, dim)
                 second = rows.new_zeros(failing, dim, dim)
+            # Flat buffers, viewed block by block (a short last block included).
+            width = min(width, size)
+            buffers = [
+                scratch(name, (length * width,), rows)
+                for name, length in (
+                    ("block", kept_features),
+                    ("joint", num_components),
+                    ("deviations", failing * dim),
+                    ("white", failing * dim),
+                )
+            ]
             for start in range(0, size, width):
                 block = slice(start, min(start + width, size))
                 count = block.stop - block.start
-                phi = scratch("block", (kept_features, count), rows)
+                phi = buffers[0][: kept_features * count].view(kept_features, count)
                 feature_rows(centred[:, block], phi)
-                joint = torch.mm(
-                    coefficients, phi, out=scratch("joint", (num_components, count), rows)
-                )
+                joint = buffers[1][: num_components * count].view(num_components, count)
+                torch.mm(coefficients, phi, out=joint)
                 if bad is not None:
                     shape = (failing, dim, count)
-                    deviations = scratch("deviations", shape, rows)
+                    deviations = buffers[2][: failing * dim * count].view(shape)
                     torch.sub(rows[None, :, block], parts[1], out=deviations)
-                    white = torch.bmm(parts[0], deviations, out=scratch("white", shape, rows))
+                    white = torch.bmm(
+                        parts[0], deviations, out=buffers[3][: failing * dim * count].view(shape)
+                    )
                     joint[bad] = white.square_().sum(1).mul_(-0.5).add_(parts[2])
                 weights_block = None if row_weights is None else row_weights[block]
                 resp, log_norm = responsibilities(joint.add_(log_weights), weights_block)
