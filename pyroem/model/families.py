@@ -981,30 +981,35 @@ class Gaussian(Family):
             responsibilities: Callable[..., tuple[torch.Tensor, torch.Tensor]],
         ) -> tuple[GaussianStats, torch.Tensor]:
             """Statistics and log-likelihood of a chunk, block by block: each block's
-            features (and failing components' deviations) built once and read, still in
+            features and whitened components' deviations built once and read, still in
             cache, by the log-densities, the normalisation and the moments."""
             rows, features = plan(prepared)
-            if features is None:
-                joint, _ = whitened(rows, None)
-                resp, log_norm = responsibilities(joint.add_(log_weights), row_weights)
-                return whitened_statistics(rows, resp, None), log_norm.sum()
-            centred, centre, bad = features
-            coefficients = feature_coefficients(weights, centre)
             size = rows.shape[1]
-            width = feature_block_rows(kept_features, rows.element_size())
-            moments = rows.new_zeros(num_components, kept_features)
             total = rows.new_zeros(())
-            failing = 0 if bad is None else bad.shape[0]
+            # The components whitened: all (no features), the failing ones, or none.
+            every = features is None
+            bad = None if every else features[2]
+            failing = num_components if every else 0 if bad is None else bad.shape[0]
+            parts = (whiten, centres, const)
             if bad is not None:
-                parts = (whiten[bad], centres[bad], const[bad])
-                first = rows.new_zeros(failing, dim)
-                second = rows.new_zeros(failing, dim, dim)
-            # Flat buffers, viewed block by block (a short last block included).
+                parts = tuple(part[bad] for part in parts)  # type: ignore[assignment]
+            first = rows.new_zeros(failing, dim)
+            second = rows.new_zeros(failing, dim, dim)
+            if every:
+                counts = rows.new_zeros(num_components)
+                row_bytes = num_components * dim * rows.element_size()
+                width = max(64, WHITEN_BLOCK_BYTES // row_bytes)
+            else:
+                centred, centre = features[0], features[1]
+                coefficients = feature_coefficients(weights, centre)
+                moments = rows.new_zeros(num_components, kept_features)
+                width = feature_block_rows(kept_features, rows.element_size())
             width = min(width, size)
+            # Flat buffers, viewed block by block (a short last block included).
             buffers = [
                 scratch(name, (length * width,), rows)
                 for name, length in (
-                    ("block", kept_features),
+                    ("block", 0 if every else kept_features),
                     ("joint", num_components),
                     ("deviations", failing * dim),
                     ("white", failing * dim),
@@ -1013,30 +1018,38 @@ class Gaussian(Family):
             for start in range(0, size, width):
                 block = slice(start, min(start + width, size))
                 count = block.stop - block.start
-                phi = buffers[0][: kept_features * count].view(kept_features, count)
-                feature_rows(centred[:, block], phi)
                 joint = buffers[1][: num_components * count].view(num_components, count)
-                torch.mm(coefficients, phi, out=joint)
-                if bad is not None:
+                if not every:
+                    phi = buffers[0][: kept_features * count].view(kept_features, count)
+                    torch.mm(coefficients, feature_rows(centred[:, block], phi), out=joint)
+                if failing:
                     shape = (failing, dim, count)
                     deviations = buffers[2][: failing * dim * count].view(shape)
                     torch.sub(rows[None, :, block], parts[1], out=deviations)
-                    white = torch.bmm(
-                        parts[0], deviations, out=buffers[3][: failing * dim * count].view(shape)
-                    )
-                    joint[bad] = white.square_().sum(1).mul_(-0.5).add_(parts[2])
+                    white = buffers[3][: failing * dim * count].view(shape)
+                    torch.bmm(parts[0], deviations, out=white)
+                    if every:
+                        torch.sum(white.square_(), 1, out=joint)
+                        joint.mul_(-0.5).add_(parts[2])
+                    else:
+                        joint[bad] = white.square_().sum(1).mul_(-0.5).add_(parts[2])
                 weights_block = None if row_weights is None else row_weights[block]
                 resp, log_norm = responsibilities(joint.add_(log_weights), weights_block)
                 total += log_norm.sum()
-                moments.addmm_(resp, phi.T)
-                if bad is not None:
-                    weighted = torch.mul(deviations, resp[bad][:, None, :], out=white)
+                if not every:
+                    moments.addmm_(resp, phi.T)
+                if failing:
+                    part = resp if every else resp[bad]
+                    weighted = torch.mul(deviations, part[:, None, :], out=white)
                     second.baddbmm_(weighted, deviations.mT)
                     first.add_(weighted.sum(2))
+                    if every:
+                        counts.add_(part.sum(1))
+            if every:
+                return _moment_statistics(parts[1][:, :, 0], counts, first, second), total
             stats = GaussianStats(*feature_moment_statistics(weights, moments, centre))
             if bad is not None:
-                counts = stats.counts[bad]
-                slow = _moment_statistics(parts[1][:, :, 0], counts, first, second)
+                slow = _moment_statistics(parts[1][:, :, 0], stats.counts[bad], first, second)
                 for joined, replaced in zip(stats, slow, strict=True):
                     joined[bad] = replaced
             return stats, total
