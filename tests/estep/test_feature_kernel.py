@@ -10,7 +10,7 @@ import torch
 
 import pyroem
 from pyroem.estep import gaussian_features
-from pyroem.estep.enumerate import MixtureEStep
+from pyroem.estep.enumerate import MixtureEStep, score_mixture
 from pyroem.model import families
 from pyroem.model.mixture import MixtureParams
 
@@ -288,4 +288,37 @@ def test_weighted_chunks_with_failing_components_run_fused_in_cache() -> None:
     largest = np.diagonal(scatter, axis1=1, axis2=2).max(1)[:, None, None]
     np.testing.assert_allclose(
         result.stats.scatter.numpy() / largest, scatter / largest, rtol=0, atol=1e-10
+    )
+
+
+def test_scoring_with_failing_components_gives_the_brute_force_values() -> None:
+    # Scoring reads the log-densities alone (no statistics): the features for every
+    # component in one product, the four tight components' rows then whitened.
+    generator = np.random.default_rng(6)
+    dim, size = 6, 2000
+    centres = 3.0 * generator.normal(size=(NUM_COMPONENTS, dim))
+    spreads = np.repeat([1.0, 1e-4], NUM_COMPONENTS // 2)
+    labels = generator.integers(NUM_COMPONENTS, size=size)
+    data = centres[labels] + spreads[labels, None] * generator.normal(size=(size, dim))
+    means = np.stack([data[labels == k].mean(0) for k in range(NUM_COMPONENTS)])
+    means += 0.1 * spreads[:, None] * generator.normal(size=means.shape)
+    covariances = _covariances(generator, dim, 1.0) * spreads[:, None, None] ** 2
+    weights = generator.dirichlet(np.full(NUM_COMPONENTS, 5.0))
+    loss = _chunk_loss(data, means, covariances)
+    assert (loss <= gaussian_features.max_feature_loss(torch.float64)).sum() == 4
+    e_step, params = _e_step_and_params(data, weights, means, covariances)
+    pointwise, log_resp = score_mixture(e_step.family, params, torch.from_numpy(data))
+    joint = np.empty((size, NUM_COMPONENTS))
+    for k, (mean, covariance) in enumerate(zip(means, covariances, strict=True)):
+        deviations = data - mean
+        solved = np.linalg.solve(covariance, deviations.T).T
+        mahalanobis = np.einsum("nd,nd->n", deviations, solved)
+        log_det = np.linalg.slogdet(covariance)[1]
+        joint[:, k] = np.log(weights[k]) - 0.5 * (mahalanobis + log_det + dim * np.log(2 * np.pi))
+    peak = joint.max(1, keepdims=True)
+    expected = np.log(np.exp(joint - peak).sum(1)) + peak[:, 0]
+    np.testing.assert_allclose(pointwise.numpy(), expected, rtol=1e-12, atol=1e-9)
+    # Responsibilities above float64's resolution agree to 1e-9 absolute.
+    np.testing.assert_allclose(
+        np.exp(log_resp.numpy()), np.exp(joint - expected[:, None]), rtol=0, atol=1e-9
     )
