@@ -153,17 +153,19 @@ class MixtureEStep:
             kernels: EStepKernels, chunk: torch.Tensor, row_weights: torch.Tensor | None
         ) -> None:
             nonlocal stats, log_likelihood
-            # (K, n) layout: the reductions over components run across contiguous rows.
-            joint, cache = kernels.log_prob(chunk)
-            resp, log_norm, peak = normalise_log_joint(joint.add_(log_weights), dim=0)
-            log_norm.add_(peak)
-            if row_weights is not None:
-                resp.mul_(row_weights[None, :])
-                log_norm.mul_(row_weights[None, :])
-            chunk_stats = kernels.statistics(chunk, cache, resp)
-            del cache
+            if kernels.fused is not None:
+                chunk_stats, chunk_log_likelihood = kernels.fused(
+                    chunk, log_weights, row_weights, responsibilities
+                )
+            else:
+                # (K, n) layout: the reductions over components run across contiguous rows.
+                joint, cache = kernels.log_prob(chunk)
+                resp, log_norm = responsibilities(joint.add_(log_weights), row_weights)
+                chunk_stats = kernels.statistics(chunk, cache, resp)
+                del cache
+                chunk_log_likelihood = log_norm.sum()
             stats = chunk_stats if stats is None else add_statistics(stats, chunk_stats)
-            log_likelihood = log_likelihood + log_norm.sum()
+            log_likelihood = log_likelihood + chunk_log_likelihood
 
         for chunk, row_weights in zip(self.chunks, self.row_weights(), strict=False):
             accumulate(kernels, chunk, row_weights)
@@ -199,6 +201,19 @@ def normalise_log_joint(
     resp = (joint.exp() if keep_joint else joint.exp_()).masked_fill_(negligible, 0.0)
     total = resp.sum(dim=dim, keepdim=True)
     return resp.div_(total), total.log_(), peak
+
+
+def responsibilities(
+    log_joint: torch.Tensor, row_weights: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(resp (K, n), log p(x_n) (1, n))`` from ``log π_k + log p(x_n | θ_k)``
+    ``(K, n)``, overwritten by ``resp``; both times the rows' frequency weights, if any."""
+    resp, log_norm, peak = normalise_log_joint(log_joint, dim=0)
+    log_norm.add_(peak)
+    if row_weights is not None:
+        resp.mul_(row_weights[None, :])
+        log_norm.mul_(row_weights[None, :])
+    return resp, log_norm
 
 
 def score_mixture(

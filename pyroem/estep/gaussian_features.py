@@ -30,9 +30,14 @@ __all__ = [
     "FEATURE_BLOCK_BYTES",
     "FEATURE_STORE_BYTES",
     "FeatureWeights",
+    "feature_block_rows",
+    "feature_coefficients",
     "feature_count",
     "feature_log_prob",
     "feature_loss",
+    "feature_loss_floor",
+    "feature_moment_statistics",
+    "feature_rows",
     "feature_statistics",
     "feature_weights",
     "features_pay",
@@ -119,7 +124,21 @@ def feature_loss(
     return weights.largest * (spread + offsets)
 
 
-def _coefficients(weights: FeatureWeights, centre: torch.Tensor) -> torch.Tensor:
+def feature_loss_floor(
+    weights: FeatureWeights, rows: torch.Tensor, centre: torch.Tensor
+) -> torch.Tensor:
+    r"""A lower bound ``(K,)`` on :func:`feature_loss` from the chunk ``(D, n)`` itself,
+    without centring it: ``max_n |y_n|² ≥ max_i max_n y_{n,i}²``, the largest squared
+    distance of a coordinate's range from the centre (one read of the chunk, no
+    ``(D, n)`` temporary)."""
+    # amax and amin apart: aminmax along a dimension runs ten times slower here.
+    low, high = rows.amin(1), rows.amax(1)
+    reach = torch.maximum(high - centre, centre - low).square().max()
+    offsets = (weights.means - centre).square().sum(1)
+    return weights.largest * (reach + offsets)
+
+
+def feature_coefficients(weights: FeatureWeights, centre: torch.Tensor) -> torch.Tensor:
     """``W`` ``(K, P)`` with ``log N(x | μ_k, Σ_k) = W_k · φ(x − c)``."""
     offsets = weights.means - centre  # (K, D)
     linear = (weights.precisions @ offsets[:, :, None])[:, :, 0]  # Λ b
@@ -129,7 +148,8 @@ def _coefficients(weights: FeatureWeights, centre: torch.Tensor) -> torch.Tensor
     return torch.cat([intercept[:, None], linear, quadratic], dim=1)
 
 
-def _block_rows(num_features: int, element_size: int) -> int:
+def feature_block_rows(num_features: int, element_size: int) -> int:
+    """Rows of a block of features ``(P, rows)`` that takes :data:`FEATURE_BLOCK_BYTES`."""
     return max(16, FEATURE_BLOCK_BYTES // (num_features * element_size))
 
 
@@ -138,18 +158,17 @@ def feature_count(dim: int) -> int:
     return 1 + dim + dim * (dim + 1) // 2
 
 
-def _features(
-    weights: FeatureWeights, block: torch.Tensor, out: torch.Tensor, spare: torch.Tensor
-) -> torch.Tensor:
-    """``φ`` of a block ``(D, m)`` into ``out`` ``(P, m)``, with ``spare`` ``(2T, ≥ m)``."""
-    dim, width = block.shape
-    first, second = spare[: weights.rows.shape[0], :width], spare[weights.rows.shape[0] :, :width]
+def feature_rows(block: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``φ`` of a block ``(D, m)`` into ``out`` ``(P, m)``: the products ``y_i y_j``
+    (``i ≤ j``) in the upper triangle's row-major order, row ``i``'s ``D − i`` of them as
+    one broadcast product ``y_i · y_{i:}`` written in place (no gathered copies)."""
+    dim = block.shape[0]
     out[0].fill_(1.0)
     out[1 : dim + 1].copy_(block)
-    # Row gathers into preallocated rows: several times faster than advanced indexing.
-    torch.index_select(block, 0, weights.rows, out=first)
-    torch.index_select(block, 0, weights.cols, out=second)
-    torch.mul(first, second, out=out[dim + 1 :])
+    offset = dim + 1
+    for row in range(dim):
+        torch.mul(block[row:], block[row], out=out[offset : offset + dim - row])
+        offset += dim - row
     return out
 
 
@@ -164,10 +183,9 @@ def feature_log_prob(
 
     ``store``: a ``(P, n)`` buffer that keeps the features for :func:`feature_statistics`
     (which otherwise builds them again, block by block)."""
-    coefficients = _coefficients(weights, centre)
+    coefficients = feature_coefficients(weights, centre)
     num_features = coefficients.shape[1]
-    width = min(_block_rows(num_features, centred.element_size()), centred.shape[1])
-    spare = centred.new_empty(2 * weights.rows.shape[0], width)
+    width = min(feature_block_rows(num_features, centred.element_size()), centred.shape[1])
     buffer = centred.new_empty(num_features, width) if store is None else None
     scores = centred.new_empty(coefficients.shape[0], width)
     for start in range(0, centred.shape[1], width):
@@ -176,7 +194,7 @@ def feature_log_prob(
             target = buffer[:, : block.shape[1]]  # type: ignore[index]
         else:
             target = store[:, start : start + width]
-        features = _features(weights, block, target, spare)
+        features = feature_rows(block, target)
         # Into a contiguous block: BLAS writes a strided slice of out through a copy anyway.
         scores_block = torch.mm(coefficients, features, out=scores[:, : block.shape[1]])
         out[:, start : start + width].copy_(scores_block)
@@ -198,14 +216,21 @@ def feature_statistics(
         moments = resp @ store.T
     else:
         num_features = feature_count(dim)
-        width = min(_block_rows(num_features, centred.element_size()), centred.shape[1])
-        spare = centred.new_empty(2 * weights.rows.shape[0], width)
+        width = min(feature_block_rows(num_features, centred.element_size()), centred.shape[1])
         buffer = centred.new_empty(num_features, width)
         moments = centred.new_zeros(num_components, num_features)
         for start in range(0, centred.shape[1], width):
             block = centred[:, start : start + width]
-            features = _features(weights, block, buffer[:, : block.shape[1]], spare)
+            features = feature_rows(block, buffer[:, : block.shape[1]])
             moments.addmm_(resp[:, start : start + width], features.T)
+    return feature_moment_statistics(weights, moments, centre)
+
+
+def feature_moment_statistics(
+    weights: FeatureWeights, moments: torch.Tensor, centre: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(counts, sum_x, scatter)`` from the moments ``r φᵀ`` ``(K, P)`` about ``c``."""
+    num_components, dim = weights.means.shape
     counts, first = moments[:, 0], moments[:, 1 : dim + 1]
     second = moments.new_empty(num_components, dim, dim)
     second[:, weights.rows, weights.cols] = moments[:, dim + 1 :]

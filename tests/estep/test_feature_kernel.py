@@ -10,16 +10,23 @@ import torch
 
 import pyroem
 from pyroem.estep import gaussian_features
-from pyroem.estep.enumerate import MixtureEStep
+from pyroem.estep.enumerate import MixtureEStep, score_mixture
+from pyroem.model import families
 from pyroem.model.mixture import MixtureParams
 
 NUM_COMPONENTS = 8
 
 
 def _brute_force(
-    data: np.ndarray, weights: np.ndarray, means: np.ndarray, covariances: np.ndarray
+    data: np.ndarray,
+    weights: np.ndarray,
+    means: np.ndarray,
+    covariances: np.ndarray,
+    row_weights: np.ndarray | None = None,
 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-    """Log-likelihood, counts, component means and scatters from the textbook formulas."""
+    """Log-likelihood, counts, component means and scatters from the textbook formulas
+    (each row counted ``row_weights`` times, if given)."""
+    frequency = np.ones(data.shape[0]) if row_weights is None else row_weights
     joint = np.empty((data.shape[0], means.shape[0]))
     for k, (mean, covariance) in enumerate(zip(means, covariances, strict=True)):
         deviations = data - mean
@@ -29,9 +36,10 @@ def _brute_force(
         joint[:, k] = -0.5 * (mahalanobis + log_det + data.shape[1] * np.log(2 * np.pi))
     joint += np.log(weights)
     peak = joint.max(1, keepdims=True)
-    log_likelihood = float((np.log(np.exp(joint - peak).sum(1)) + peak[:, 0]).sum())
+    log_likelihood = float((frequency * (np.log(np.exp(joint - peak).sum(1)) + peak[:, 0])).sum())
     resp = np.exp(joint - peak)
     resp /= resp.sum(1, keepdims=True)
+    resp *= frequency[:, None]
     counts = resp.sum(0)
     component_means = resp.T @ data / counts[:, None]
     deviations = data[None] - component_means[:, None]
@@ -39,13 +47,28 @@ def _brute_force(
     return log_likelihood, counts, component_means, scatter
 
 
-def _e_step(data: np.ndarray, weights: np.ndarray, means: np.ndarray, covariances: np.ndarray):
-    tensor = torch.from_numpy(data)
+def _e_step_and_params(
+    data: np.ndarray,
+    weights: np.ndarray,
+    means: np.ndarray,
+    covariances: np.ndarray,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[MixtureEStep, MixtureParams]:
+    tensor = torch.from_numpy(data).to(dtype)
     spec = pyroem.Mixture(NUM_COMPONENTS, covariance_type="full", prior=None)
     family = spec.bind(tensor)
     e_step = MixtureEStep(family, spec.weights_prior, tensor, chunk_size=65536)
-    components = family.params_type(torch.from_numpy(means), torch.from_numpy(covariances))
-    params = MixtureParams(torch.from_numpy(weights), components, torch.arange(NUM_COMPONENTS))
+    components = family.params_type(
+        torch.from_numpy(means).to(dtype), torch.from_numpy(covariances).to(dtype)
+    )
+    params = MixtureParams(
+        torch.from_numpy(weights).to(dtype), components, torch.arange(NUM_COMPONENTS)
+    )
+    return e_step, params
+
+
+def _e_step(data: np.ndarray, weights: np.ndarray, means: np.ndarray, covariances: np.ndarray):
+    e_step, params = _e_step_and_params(data, weights, means, covariances)
     return e_step(params)
 
 
@@ -138,3 +161,164 @@ def test_each_component_takes_the_kernel_its_own_bound_allows() -> None:
     np.testing.assert_array_equal(fast, spreads == 1.0)
     result = _e_step(data, weights, means, covariances)
     _assert_brute_force(result, data, weights, means, covariances, rtol=1e-10)
+
+
+def test_the_whitening_kernel_works_in_cache_sized_blocks() -> None:
+    # K = 8, D = 64 (beyond the features' range): one chunk of 3,000 rows is whitened
+    # in blocks of about WHITEN_BLOCK_BYTES, its statistics summed block by block, and
+    # no (K, D, n) tensor of deviations is kept from the log-densities to the statistics.
+    generator = np.random.default_rng(3)
+    dim, size = 64, 3000
+    centres = 3.0 * generator.normal(size=(NUM_COMPONENTS, dim))
+    labels = generator.integers(NUM_COMPONENTS, size=size)
+    data = centres[labels] + generator.normal(size=(size, dim))
+    means = centres + 0.3 * generator.normal(size=centres.shape)
+    covariances = _covariances(generator, dim, 1.0)
+    weights = generator.dirichlet(np.full(NUM_COMPONENTS, 5.0))
+    assert not gaussian_features.features_pay(NUM_COMPONENTS, dim)
+    e_step, params = _e_step_and_params(data, weights, means, covariances)
+    assert len(e_step.chunks) == 1
+    result = e_step(params)
+    _assert_brute_force(result, data, weights, means, covariances, rtol=1e-12)
+    # The deviations of the whole chunk would take NUM_COMPONENTS * dim * size * 8 bytes
+    # (12 MiB); beside the chunk's own (D, n) copy, every temporary kept is at most one
+    # block's.
+    block_bytes = families.WHITEN_BLOCK_BYTES
+    assert NUM_COMPONENTS * dim * size * 8 > 4 * block_bytes
+    held = {
+        name: value.numel() * value.element_size()
+        for name, value in e_step.workspace.items()
+        if name != "rows"
+    }
+    assert held and max(held.values()) <= block_bytes, held
+
+
+def test_float32_chunks_no_component_can_take_the_features_are_never_centred() -> None:
+    # Clusters 8 apart in float32: even the bound from below, from each coordinate's
+    # range, exceeds float32's limit (eps^(-1/3), about 200) for every component, so
+    # the chunk goes to the whitening kernel without a centred copy or the exact bound.
+    generator = np.random.default_rng(4)
+    dim, size = 6, 3000
+    centres = 8.0 * generator.normal(size=(NUM_COMPONENTS, dim))
+    labels = generator.integers(NUM_COMPONENTS, size=size)
+    data = centres[labels] + generator.normal(size=(size, dim))
+    means = centres + 0.5 * generator.normal(size=centres.shape)
+    covariances = _covariances(generator, dim, 1.0)
+    weights = generator.dirichlet(np.full(NUM_COMPONENTS, 5.0))
+    e_step, params = _e_step_and_params(data, weights, means, covariances, torch.float32)
+    rows = e_step.chunks[0].T
+    centre = rows.mean(1)
+    features = gaussian_features.feature_weights(
+        params.components.means,
+        torch.linalg.inv(torch.linalg.cholesky(params.components.covariances)),
+        torch.zeros(NUM_COMPONENTS),
+    )
+    floor = gaussian_features.feature_loss_floor(features, rows, centre)
+    exact = gaussian_features.feature_loss(features, rows - centre[:, None], centre)
+    assert (floor <= exact).all()
+    assert (floor > gaussian_features.max_feature_loss(torch.float32)).all()
+    result = e_step(params)
+    assert "centred" not in e_step.workspace
+    # Against the float64 brute force on the values float32 holds: each log-density is
+    # a length-D dot product of whitened values (rounding <= D eps each step); 8 D eps
+    # covers the few steps, relative to each quantity's own scale.
+    eps = float(torch.finfo(torch.float32).eps)
+    rtol = 8 * dim * eps
+
+    def held(array: np.ndarray) -> np.ndarray:
+        return array.astype(np.float32).astype(np.float64)
+
+    reference = _brute_force(held(data), held(weights), held(means), held(covariances))
+    log_likelihood, counts, component_means, scatter = reference
+    assert abs(result.log_likelihood - log_likelihood) <= rtol * abs(log_likelihood)
+    np.testing.assert_allclose(result.stats.counts.double().numpy(), counts, rtol=rtol)
+    sums = result.stats.sum_x.double().numpy()
+    scale = np.abs(data).max()
+    np.testing.assert_allclose(sums / counts[:, None], component_means, rtol=0, atol=rtol * scale)
+    largest = np.diagonal(scatter, axis1=1, axis2=2).max(1)[:, None, None]
+    np.testing.assert_allclose(
+        result.stats.scatter.double().numpy() / largest, scatter / largest, rtol=0, atol=rtol
+    )
+
+
+def test_weighted_chunks_with_failing_components_run_fused_in_cache() -> None:
+    # Four broad and four tight components (half pass the bound), rows with frequency
+    # weights, 5,000 rows in one chunk (four blocks of features): the log-densities,
+    # responsibilities and moments run block by block over the features and the
+    # failing components' deviations, with no (P, n) array of the chunk's features
+    # kept; the statistics and the weighted log-likelihood stay the brute force's.
+    generator = np.random.default_rng(5)
+    dim, size = 12, 5000
+    centres = 3.0 * generator.normal(size=(NUM_COMPONENTS, dim))
+    spreads = np.repeat([1.0, 1e-4], NUM_COMPONENTS // 2)
+    labels = generator.integers(NUM_COMPONENTS, size=size)
+    data = centres[labels] + spreads[labels, None] * generator.normal(size=(size, dim))
+    means = np.stack([data[labels == k].mean(0) for k in range(NUM_COMPONENTS)])
+    means += 0.1 * spreads[:, None] * generator.normal(size=means.shape)
+    covariances = _covariances(generator, dim, 1.0) * spreads[:, None, None] ** 2
+    weights = generator.dirichlet(np.full(NUM_COMPONENTS, 5.0))
+    frequency = generator.integers(0, 4, size=size).astype(np.float64)
+    loss = _chunk_loss(data, means, covariances)
+    assert (loss <= gaussian_features.max_feature_loss(torch.float64)).sum() == 4
+    tensor = torch.from_numpy(data)
+    spec = pyroem.Mixture(NUM_COMPONENTS, covariance_type="full", prior=None)
+    family = spec.bind(tensor)
+    e_step = MixtureEStep(
+        family,
+        spec.weights_prior,
+        tensor,
+        chunk_size=65536,
+        sample_weight=torch.from_numpy(frequency),
+    )
+    assert len(e_step.chunks) == 1 and e_step.chunks[0].shape[0] == size
+    components = family.params_type(torch.from_numpy(means), torch.from_numpy(covariances))
+    params = MixtureParams(torch.from_numpy(weights), components, torch.arange(NUM_COMPONENTS))
+    result = e_step(params)
+    num_features = gaussian_features.feature_count(dim)
+    assert gaussian_features.feature_block_rows(num_features, 8) * 3 < size
+    held = {name: value.numel() for name, value in e_step.workspace.items()}
+    assert max(held.values()) < num_features * size, held
+    log_likelihood, counts, component_means, scatter = _brute_force(
+        data, weights, means, covariances, frequency
+    )
+    np.testing.assert_allclose(result.log_likelihood, log_likelihood, rtol=1e-12)
+    np.testing.assert_allclose(result.stats.counts.numpy(), counts, rtol=1e-10)
+    sums = result.stats.sum_x.numpy()
+    np.testing.assert_allclose(sums / counts[:, None], component_means, rtol=1e-10)
+    largest = np.diagonal(scatter, axis1=1, axis2=2).max(1)[:, None, None]
+    np.testing.assert_allclose(
+        result.stats.scatter.numpy() / largest, scatter / largest, rtol=0, atol=1e-10
+    )
+
+
+def test_scoring_with_failing_components_gives_the_brute_force_values() -> None:
+    # Scoring reads the log-densities alone (no statistics): the features for every
+    # component in one product, the four tight components' rows then whitened.
+    generator = np.random.default_rng(6)
+    dim, size = 6, 2000
+    centres = 3.0 * generator.normal(size=(NUM_COMPONENTS, dim))
+    spreads = np.repeat([1.0, 1e-4], NUM_COMPONENTS // 2)
+    labels = generator.integers(NUM_COMPONENTS, size=size)
+    data = centres[labels] + spreads[labels, None] * generator.normal(size=(size, dim))
+    means = np.stack([data[labels == k].mean(0) for k in range(NUM_COMPONENTS)])
+    means += 0.1 * spreads[:, None] * generator.normal(size=means.shape)
+    covariances = _covariances(generator, dim, 1.0) * spreads[:, None, None] ** 2
+    weights = generator.dirichlet(np.full(NUM_COMPONENTS, 5.0))
+    loss = _chunk_loss(data, means, covariances)
+    assert (loss <= gaussian_features.max_feature_loss(torch.float64)).sum() == 4
+    e_step, params = _e_step_and_params(data, weights, means, covariances)
+    pointwise, log_resp = score_mixture(e_step.family, params, torch.from_numpy(data))
+    joint = np.empty((size, NUM_COMPONENTS))
+    for k, (mean, covariance) in enumerate(zip(means, covariances, strict=True)):
+        deviations = data - mean
+        solved = np.linalg.solve(covariance, deviations.T).T
+        mahalanobis = np.einsum("nd,nd->n", deviations, solved)
+        log_det = np.linalg.slogdet(covariance)[1]
+        joint[:, k] = np.log(weights[k]) - 0.5 * (mahalanobis + log_det + dim * np.log(2 * np.pi))
+    peak = joint.max(1, keepdims=True)
+    expected = np.log(np.exp(joint - peak).sum(1)) + peak[:, 0]
+    np.testing.assert_allclose(pointwise.numpy(), expected, rtol=1e-12, atol=1e-9)
+    # Responsibilities above float64's resolution agree to 1e-9 absolute.
+    np.testing.assert_allclose(
+        np.exp(log_resp.numpy()), np.exp(joint - expected[:, None]), rtol=0, atol=1e-9
+    )
