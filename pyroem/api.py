@@ -25,7 +25,7 @@ from pyroem.engines.program_map import fit_program
 from pyroem.engines.program_start import INIT_CHOICES, raise_bad_init, resolve_start
 from pyroem.engines.program_stepwise import StepwiseOptions
 from pyroem.engines.streamed import LARGE_DATA_OPTIONS, fit_mixture_large
-from pyroem.engines.svi import fit_svi
+from pyroem.engines.svi import check_guide_over_ranks, fit_svi
 from pyroem.errors import DataError, NotSupportedError, PyroEMError, SpecError
 from pyroem.estep.enumerate import MixtureEStep, score_mixture
 from pyroem.fits.checkpoint import Checkpoint, checkpointing, identity_of
@@ -779,6 +779,9 @@ def _fit_other(
     start = None
     if method in ("vb-em", "nuts") and is_program:
         # A Pyro program: a short MAP-EM fit is the start unless init says otherwise.
+        if method == "vb-em":
+            # Refused guides before the start's MAP-EM fit is spent on them.
+            check_guide_over_ranks(options.get("guide", "normal"), settings.collective)
         if not callable(options.get("guide")):
             group = settings.collective if method == "vb-em" else LOCAL
             init, start = resolve_start(model, model_args, model_kwargs, init, seed, group)

@@ -798,6 +798,34 @@ def fit_svi(
     )
 
 
+def _refused_guide(guide: Any) -> str | None:
+    """Why a distributed SVI fit cannot take ``guide`` (``None``: it can)."""
+    if not isinstance(guide, str):
+        return "a guide function (whose parameters may be local to the data)"
+    if guide != "delta":
+        return (
+            f"guide={guide!r}, whose draws are not written to be the same on every rank "
+            "(guide='delta' is)"
+        )
+    return None
+
+
+def _distributed_error(refused: str) -> NotSupportedError:
+    return NotSupportedError(
+        f"a distributed SVI fit sums the ranks' ELBOs over their shards of the data, "
+        f"with guide='delta' over the global sites; this fit has {refused}: pass "
+        "distributed=False to fit in each process alone"
+    )
+
+
+def check_guide_over_ranks(guide: Any, collective: Collective) -> None:
+    """Raise before any work where a distributed SVI fit cannot take ``guide`` (every
+    rank is passed the same options, so every rank raises)."""
+    refused = None if collective is LOCAL else _refused_guide(guide)
+    if refused is not None:
+        raise _distributed_error(refused)
+
+
 def _check_distributed(
     settings: SVIOptions, program: _SVIProgram, init: Any, seed: int, collective: Collective
 ) -> None:
@@ -805,27 +833,14 @@ def _check_distributed(
     (``AutoDelta``: its parameters are the global sites', the same on every rank, and it
     draws nothing), no continuous latent local to the data (its guide would differ per
     shard), every observed or enumerated site in a plate of data points."""
-    refused = None
-    if not isinstance(settings.guide, str):
-        refused = "a guide function (whose parameters may be local to the data)"
-    elif settings.guide != "delta":
-        refused = (
-            f"guide={settings.guide!r}, whose draws are not written to be the same on every "
-            "rank (guide='delta' is)"
-        )
-    elif program.local_latents:
+    refused = _refused_guide(settings.guide)
+    if refused is None and program.local_latents:
         refused = f"the continuous latents {program.local_latents}, local to the data"
-    else:
+    elif refused is None:
         unsharded = unsharded_sites(program, program.trace(initial_values(program, init, seed)))
         if unsharded:
             refused = (
                 f"the sites {unsharded}, in no plate of data points (each rank would count them)"
             )
-    error = None
-    if refused is not None:
-        error = NotSupportedError(
-            f"a distributed SVI fit sums the ranks' ELBOs over their shards of the data, "
-            f"with guide='delta' over the global sites; this fit has {refused}: pass "
-            "distributed=False to fit in each process alone"
-        )
+    error = None if refused is None else _distributed_error(refused)
     collective.check(error)

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import pyroem
+import pyroem.api as api_module
 import pyroem.sources
 from pyroem.errors import NotSupportedError, SpecError
 
@@ -433,8 +434,17 @@ def test_a_process_group_refuses_what_it_cannot_split(tmp_path, monkeypatch):
             pyroem.fit(mixture_program, data, **{**svi, "guide": lambda data: None})
         with pytest.raises(NotSupportedError, match="guide='normal'"):
             pyroem.fit(mixture_program, data, **{**svi, "guide": "normal"})
+
         with pytest.raises(NotSupportedError, match=r"\['offset'\], local to the data"):
             pyroem.fit(local_latent_program, data, **svi)
+
+        # The default guide is refused before the default start's MAP-EM fit is run.
+        def no_start(*args, **kwargs):
+            raise AssertionError("the start was computed for a refused guide")
+
+        monkeypatch.setattr(api_module, "resolve_start", no_start)
+        with pytest.raises(NotSupportedError, match="guide='normal'"):
+            pyroem.fit(mixture_program, data, method="vb-em")
     finally:
         monkeypatch.undo()
         dist.destroy_process_group()
