@@ -145,6 +145,8 @@ def gradient_m_step(
 
 # Halvings of an invalid step before the old values are kept.
 _CUTBACKS = 30
+# L-BFGS iterations between two checks of an ECME step's gain.
+_LBFGS_ROUND = 5
 
 
 def _total(evaluate: Callable[[], torch.Tensor], shards: ShardSum | None) -> float:
@@ -379,8 +381,8 @@ def ecme_m_step(
         shards: in a distributed fit, the sum over the ranks of the objective's values
             and gradients (each rank's ``objective`` covers its shard); ``None`` in one
             process.
-        tolerance: L-BFGS stops once an iteration changed the objective, or every
-            unconstrained coordinate, by less than this. The fit passes a tenth of the
+        tolerance: L-BFGS stops after a round of iterations (five) that raised the
+            objective by less than this. The fit passes a tenth of the
             smallest change of its objective that it counts as progress (``tol × N``): a
             conditional step's last digits below that are lost in the next E-step, and
             on a smooth objective L-BFGS otherwise spends most of its runs there.
@@ -416,13 +418,17 @@ def _lbfgs_ascent(
         update = {name: constrained(name, u) for name, u in zip(names, us, strict=True)}
         return objective({**values, **update}, validate)
 
+    # L-BFGS runs in rounds of a few iterations (its state carries over) and stops after
+    # a round that gained less than ``tolerance``: torch's own ``tolerance_change`` also
+    # bounds the slope and the step length, in other units, so it stays tiny.
+    per_round = min(_LBFGS_ROUND, max_steps)
     optimizer = torch.optim.LBFGS(
         unconstrained,
         lr=1.0,
-        max_iter=max_steps,
-        max_eval=2 * max_steps,
+        max_iter=per_round,
+        max_eval=2 * per_round,
         tolerance_grad=1e-12,
-        tolerance_change=tolerance,
+        tolerance_change=1e-15,
         history_size=20,
         line_search_fn="strong_wolfe",
     )
@@ -450,7 +456,11 @@ def _lbfgs_ascent(
         return loss.detach()
 
     try:
-        optimizer.step(closure)
+        for _ in range(0, max_steps, per_round):
+            best = max(seen, default=-math.inf)
+            optimizer.step(closure)
+            if outside or not seen or not max(seen) - best >= tolerance:
+                break
     except (ValueError, RuntimeError):
         outside.append(True)
     if outside or not seen:

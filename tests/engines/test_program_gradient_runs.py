@@ -90,3 +90,28 @@ def test_gradient_m_steps_run_no_full_trace_and_reach_pyros_optimum(
     assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
     constraints = {name: site.constraint for name, site in fit.program.params.items()}
     assert fit.log_joint() == pytest.approx(_pyro_optimum(counts, constraints), rel=1e-8)
+
+
+def test_an_ecme_step_takes_a_gain_above_its_tolerance_on_a_shallow_start():
+    """The tolerance of an ECME step is a gain of the objective: a start whose slope is
+    below it, but whose optimum lies far above it, is still climbed (torch's own
+    ``tolerance_change`` also bounds the slope, and at this tolerance froze the block)."""
+    from types import SimpleNamespace
+
+    from torch.distributions import constraints
+
+    from pyroem.mstep.gradient import ecme_m_step
+
+    site = SimpleNamespace(constraint=constraints.real)
+    program: Any = SimpleNamespace(params={"x": site}, module_params={})
+    curvature, optimum = 1e-3, 100.0
+
+    def objective(values: dict[str, torch.Tensor], validate: bool = False) -> torch.Tensor:
+        # Slope 0.1 at x = 0, a gain of 5 at the optimum.
+        return -0.5 * curvature * (values["x"] - optimum) ** 2
+
+    start = {"x": torch.tensor(0.0, dtype=torch.float64)}
+    step = ecme_m_step(program, start, ["x"], objective, max_steps=50, tolerance=0.1)
+    assert step is not None
+    # The exact maximiser of the quadratic, to L-BFGS's precision on it.
+    assert float(step["x"]) == pytest.approx(optimum, abs=1e-6)
