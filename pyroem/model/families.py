@@ -894,6 +894,8 @@ class Gaussian(Family):
         const = (-0.5 * dim * log_2pi - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1))[..., None]
         # A contiguous batch: a transposed or expanded (stride 0) one makes bmm copy or loop.
         whiten = whiten.expand(num_components, dim, dim).contiguous()
+        # One constant per component (tied covariances share one).
+        const = const.reshape(-1, 1).expand(num_components, 1).contiguous()
         # The quadratic-feature kernel where a chunk's rounding bound allows it (it halves
         # the flops), whitening x − μ_k elsewhere (exact wherever the data sit).
         weights = feature_weights(means, whiten, const.reshape(-1).expand(num_components))

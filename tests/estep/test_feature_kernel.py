@@ -322,3 +322,26 @@ def test_scoring_with_failing_components_gives_the_brute_force_values() -> None:
     np.testing.assert_allclose(
         np.exp(log_resp.numpy()), np.exp(joint - expected[:, None]), rtol=0, atol=1e-9
     )
+
+
+def test_tied_covariances_with_failing_components_give_the_brute_force_statistics() -> None:
+    # One covariance shared by every component (its constant too); the far half of the
+    # components fails the rounding bound on every chunk, so their rows are whitened.
+    generator = np.random.default_rng(7)
+    dim, size = 5, 2000
+    data = 0.5 * generator.normal(size=(size, dim))
+    means = 0.3 * generator.normal(size=(NUM_COMPONENTS, dim))
+    means[NUM_COMPONENTS // 2 :] += 20.0
+    covariance = 1e-3 * np.eye(dim)
+    weights = np.full(NUM_COMPONENTS, 1.0 / NUM_COMPONENTS)
+    tensor = torch.from_numpy(data)
+    spec = pyroem.Mixture(NUM_COMPONENTS, covariance_type="tied", prior=None)
+    family = spec.bind(tensor)
+    components = family.params_type(torch.from_numpy(means), torch.from_numpy(covariance))
+    params = MixtureParams(torch.from_numpy(weights), components, torch.arange(NUM_COMPONENTS))
+    shared = np.broadcast_to(covariance, (NUM_COMPONENTS, dim, dim))
+    expected = _brute_force(data, weights, means, shared)[0]
+    result = MixtureEStep(family, spec.weights_prior, tensor, chunk_size=512)(params)
+    assert float(result.log_likelihood) == pytest.approx(expected, rel=1e-12)
+    pointwise = score_mixture(family, params, tensor)[0]
+    assert float(pointwise.sum()) == pytest.approx(expected, rel=1e-12)
