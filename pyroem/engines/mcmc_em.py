@@ -57,16 +57,16 @@ from pyroem.em import EMResult, EMRun, Engine, EStepResult, Iteration, MStepResu
 from pyroem.engines.distributed import LOCAL, Collective
 from pyroem.engines.mcmc_schedules import Gain, MCEMSchedule, MonteCarloQ, SAEMSchedule
 from pyroem.engines.program_map import (
-    _check_distributed,
-    _shard_sums,
     block_order,
     broadcast_values,
+    check_sharded,
     closed_form_sweep,
     initial_values,
     needs_trace,
     num_observations,
     program_init,
     resolve_seed,
+    summed_over_ranks,
 )
 from pyroem.errors import MCMCWarning, NotSupportedError, SpecError
 from pyroem.estep.exact_draws import Draws, ExactSampler, KeyedSampler, keyed_site
@@ -661,7 +661,7 @@ class _MCMCEMEngine(Engine):
                         f"per data point on each rank's rows, but in the model {program.name} "
                         f"{reason}: pass distributed=False to fit in each process alone"
                     )
-                _check_distributed(program, first_trace)
+                check_sharded(program, first_trace)
                 gradient = [name for name, block in self.blocks.items() if block is None]
                 if gradient:
                     raise NotSupportedError(
@@ -779,7 +779,7 @@ class _MCMCEMEngine(Engine):
                 name: torch.zeros_like(value) if name in self.program.params else value
                 for name, value in weights.items()
             }
-        with _shard_sums(self.collective):
+        with summed_over_ranks(self.collective):
             new = _m_step(
                 target,
                 self.blocks,

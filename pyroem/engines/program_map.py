@@ -78,6 +78,7 @@ __all__ = [
     "agreeing_runs",
     "block_order",
     "broadcast_values",
+    "check_sharded",
     "closed_form_sweep",
     "drawn_sites",
     "fit_program",
@@ -87,6 +88,7 @@ __all__ = [
     "program_init",
     "resolve_seed",
     "run_limit",
+    "summed_over_ranks",
     "uniform_values",
     "unsharded_sites",
 ]
@@ -631,7 +633,7 @@ class _Engine(Engine):
     def m_step(self, stats: Any, values: dict[str, torch.Tensor], iteration: int) -> MStepResult:
         """One ECM sweep: closed-form blocks in order, then the gradient blocks."""
         values = dict(values)
-        with _shard_sums(self.collective):
+        with summed_over_ranks(self.collective):
             if isinstance(stats, MixtureEStep):
                 assert self.kernel is not None
                 self.kernel.m_step(stats, values)
@@ -749,7 +751,7 @@ def _same_values(seen: Mapping[str, torch.Tensor], values: Mapping[str, torch.Te
 
 
 @contextmanager
-def _shard_sums(group: Collective) -> Iterator[None]:
+def summed_over_ranks(group: Collective) -> Iterator[None]:
     """The closed forms' statistics summed over the ranks of a distributed fit."""
     if group is LOCAL:
         yield
@@ -787,7 +789,7 @@ def unsharded_sites(program: ProgramModel, trace: Any) -> list[str]:
     ]
 
 
-def _check_distributed(program: ProgramModel, first_trace: Any) -> None:
+def check_sharded(program: ProgramModel, first_trace: Any) -> None:
     """Raise unless the fit splits exactly over shards of the data: every observed or
     enumerated site lies in a plate of data (one that holds no parameter). Closed forms
     sum their statistics over the shards (a hierarchical prior's hyperparameter read by
@@ -1052,7 +1054,7 @@ def fit_program(
     if collective is not LOCAL:
         refused = None
         try:
-            _check_distributed(program, first_trace)
+            check_sharded(program, first_trace)
         except NotSupportedError as err:
             refused = err
         # Every rank raises when one does (its shard may have read the program otherwise).
