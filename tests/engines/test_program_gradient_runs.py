@@ -13,18 +13,8 @@ from torch.distributions import biject_to
 
 import pyroem
 from pyroem.model.program import ProgramModel
+from tests.engines.test_program_short_runs import _counts
 from tests.engines.test_pyro_examples import pyro_log_joint, zero_inflated_mixture
-
-
-def _counts() -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    return torch.cat(
-        [
-            torch.poisson(torch.full((30,), 2.0), generator=generator),
-            torch.poisson(torch.full((30,), 9.0), generator=generator),
-            torch.zeros(10),
-        ]
-    )
 
 
 def _start() -> dict[str, torch.Tensor]:
