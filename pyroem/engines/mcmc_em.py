@@ -61,6 +61,7 @@ from pyroem.engines.program_map import (
     broadcast_values,
     check_sharded,
     closed_form_sweep,
+    counted_once,
     initial_values,
     needs_trace,
     num_observations,
@@ -770,15 +771,9 @@ class _MCMCEMEngine(Engine):
         gamma = self.schedule.step_size(iteration)
         self.objective_q.add(stats.draws, gamma, stats.trace)
         target, weights = self.objective_q.target(params)
-        counted = weights
-        if self.collective.rank:
-            # A parameter's table read by another's closed form (a mean's prior read by
-            # the covariance's) is the same on every rank: rank 0 alone counts it in the
-            # sums over the ranks, the others their data only.
-            counted = {
-                name: torch.zeros_like(value) if name in self.program.params else value
-                for name, value in weights.items()
-            }
+        # A parameter's table read by another's closed form is the same on every rank:
+        # rank 0 alone counts it in the sums over the ranks, the others their data only.
+        counted = counted_once(self.program, weights, self.collective)
         with summed_over_ranks(self.collective):
             new = _m_step(
                 target,

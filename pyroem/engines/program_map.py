@@ -80,6 +80,7 @@ __all__ = [
     "broadcast_values",
     "check_sharded",
     "closed_form_sweep",
+    "counted_once",
     "drawn_sites",
     "fit_program",
     "initial_values",
@@ -418,6 +419,21 @@ def closed_form_sweep(
         values[name] = new
 
 
+def counted_once(
+    program: ProgramModel, weights: Mapping[str, torch.Tensor], collective: Collective
+) -> Mapping[str, torch.Tensor]:
+    """``weights`` with the parameter sites' own weights zero on every rank but rank 0:
+    summed over the ranks, a parameter's uses in a closed form (a mean's prior read by a
+    covariance's, a centre read by the locations) count once, while the data's count on
+    every rank's shard."""
+    if collective.rank == 0:
+        return weights
+    return {
+        name: torch.zeros_like(weight) if name in program.params else weight
+        for name, weight in weights.items()
+    }
+
+
 def _read_by_parameters(program: ProgramModel, block: ClosedForm) -> bool:
     """Is ``block`` read by parameters only (a hierarchical prior's hyperparameter)?"""
     return all(use.site in program.params for use in block.uses)
@@ -641,12 +657,8 @@ class _Engine(Engine):
                 self._compiled_sweep(stats, values)
             else:
                 weights = stats.weights
-                if self.parameters_once and self.collective.rank != 0:
-                    # Summed over the ranks, the parameters' uses count once (rank 0's).
-                    weights = {
-                        name: torch.zeros_like(weight) if name in self.program.params else weight
-                        for name, weight in weights.items()
-                    }
+                if self.parameters_once:
+                    weights = counted_once(self.program, weights, self.collective)
                 closed_form_sweep(
                     self.program,
                     self.found,
