@@ -154,16 +154,23 @@ def _total(evaluate: Callable[[], torch.Tensor], shards: ShardSum | None) -> flo
     rank's evaluation fails, the sum is NaN on every rank, so none waits for it)."""
     if shards is None:
         return float(evaluate())
-    failed: Exception | None = None
+    local, failed = _evaluated(evaluate)
+    total, flags = shards([local.detach().reshape(()), _failed_flag(failed)])
+    _end_on_failure(failed, flags)
+    return float(total)
+
+
+def _evaluated(evaluate: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Exception | None]:
+    """This rank's ``evaluate()``, NaN where the program is invalid there (a
+    ``ValueError`` or ``RuntimeError``), and an error no loop catches, kept for
+    :func:`_end_on_failure` once the ranks have met."""
+    nan = torch.tensor(math.nan, dtype=torch.float64)
     try:
-        local = evaluate().detach().reshape(())
+        return evaluate(), None
     except (ValueError, RuntimeError):
-        local = torch.tensor(math.nan, dtype=torch.float64)
-    except Exception as err:  # every rank ends the fit with it, below
-        failed, local = err, torch.tensor(math.nan, dtype=torch.float64)
-    summed = shards([local, _failed_flag(failed)])
-    _end_on_failure(failed, summed[1])
-    return float(summed[0])
+        return nan, None
+    except Exception as err:  # every rank ends the fit with it, after the collective
+        return nan, err
 
 
 def _failed_flag(failed: Exception | None) -> torch.Tensor:
@@ -198,22 +205,14 @@ def _summed_loss(
     (``.grad`` of ``leaves``), both summed over the ranks in one collective. A failed or
     non-finite evaluation on any rank gives every rank a non-finite loss and zero
     gradients, as a non-finite loss does in one process."""
-    failed: Exception | None = None
-    try:
-        loss = loss_of()
-    except (ValueError, RuntimeError):
-        loss = torch.tensor(math.nan, dtype=torch.float64)
-    except Exception as err:  # every rank ends the fit with it, below
-        failed, loss = err, torch.tensor(math.nan, dtype=torch.float64)
+    loss, failed = _evaluated(loss_of)
     if loss.requires_grad and bool(torch.isfinite(loss)):
         loss.backward()
     grads = [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves]
-    summed = shards([loss.detach().reshape(()), _failed_flag(failed), *grads])
-    _end_on_failure(failed, summed[1])
-    summed = [summed[0], *summed[2:]]
-    total = summed[0]
+    total, flags, *summed = shards([loss.detach().reshape(()), _failed_flag(failed), *grads])
+    _end_on_failure(failed, flags)
     finite = bool(torch.isfinite(total))
-    for leaf, grad in zip(leaves, summed[1:], strict=True):
+    for leaf, grad in zip(leaves, summed, strict=True):
         leaf.grad = grad.detach() if finite else torch.zeros_like(leaf)
     return total
 
