@@ -51,6 +51,7 @@ import torch
 from torch.distributions.utils import probs_to_logits
 
 from pyroem.estep.compiled import CompiledEStep, CompiledProgram, compact_view
+from pyroem.estep.enumerate import responsibilities
 from pyroem.model.program import ProgramModel, sample_sites
 from pyroem.mstep import conjugate
 from pyroem.mstep.recognised import ClosedForm, unwrap_distribution
@@ -451,11 +452,9 @@ class MixtureKernel:
             table, loc, buffer = self._normal_table(normal, values)
             joint = joint + table
             deviations.append((loc, buffer))
-        finite = torch.finfo(joint.dtype).min
-        clamped = joint.clamp(min=finite)
-        lse = torch.logsumexp(clamped, dim=0, keepdim=True)
-        posterior = (clamped - lse).exp_().masked_fill_(joint < finite, 0.0)
-        log_likelihood = lse.sum()
+        # The declarative path's normalisation, in place in ``joint``.
+        posterior, log_norm = responsibilities(joint, None)
+        log_likelihood = log_norm.sum()
         log_joint = log_likelihood
         for name, prior in self.priors.items():
             log_joint = log_joint + prior.fn.log_prob(values[name].detach()).sum()
