@@ -37,7 +37,7 @@ from pyro.poutine.util import site_is_subsample
 
 from pyroem.em import EMRun, Engine, EStepResult, MStepResult
 from pyroem.engines.initialization import seeded_generator
-from pyroem.engines.stepwise import check_stepwise, step_size
+from pyroem.engines.stepwise import check_stepwise, running_mean, step_size
 from pyroem.errors import NotSupportedError, SpecError
 from pyroem.estep.program import posterior
 from pyroem.model.program import ProgramModel
@@ -500,9 +500,8 @@ class ProgramStepwiseEngine(Engine):
                 if self.mean is None:
                     self.mean = dict(current)
                 else:
-                    count = self.averaged
                     self.mean = {
-                        name: mean + (current[name] - mean) / count
+                        name: running_mean(mean, current[name], self.averaged)
                         for name, mean in self.mean.items()
                     }
         reported = self.current if self.mean is None else self.mean

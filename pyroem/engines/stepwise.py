@@ -86,16 +86,23 @@ def check_stepwise(batch_size: Any, kappa: Any) -> None:
         )
 
 
+def running_mean(mean: torch.Tensor, new: torch.Tensor, count: int) -> torch.Tensor:
+    """The Polyak–Ruppert running mean of ``count`` iterates, updated with the ``count``-th.
+
+    Args:
+        mean: the mean of the first ``count - 1`` iterates (any shape).
+        new: the ``count``-th iterate (the shape of ``mean``).
+        count: how many iterates the returned mean covers (at least 1).
+    """
+    return mean + (new - mean) / count
+
+
 def _average(mean: MixtureParams, new: MixtureParams, count: int) -> MixtureParams:
-    """The running mean of ``count`` iterates, updated with the ``count``-th."""
-
-    def step(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a + (b - a) / count
-
+    """The running mean of ``count`` mixture iterates, updated with the ``count``-th."""
     components = type(new.components)(
-        *(step(a, b) for a, b in zip(mean.components, new.components, strict=True))
+        *(running_mean(a, b, count) for a, b in zip(mean.components, new.components, strict=True))
     )
-    return MixtureParams(step(mean.weights, new.weights), components, new.active)
+    return MixtureParams(running_mean(mean.weights, new.weights, count), components, new.active)
 
 
 class StepwiseEngine(Engine):
