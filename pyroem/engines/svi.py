@@ -722,8 +722,9 @@ def fit_svi(
     Raises:
         SpecError: an unknown or invalid option, or a bad ``init``.
         NotSupportedError: a latent site no guide can cover; in a distributed fit, a
-            guide other than ``"delta"``, a continuous latent local to the data, or a site
-            in no plate of data points.
+            continuous latent local to the data, or a site in no plate of data points
+            (the guide is checked by :func:`check_guide_over_ranks`, which
+            :func:`pyroem.fit` calls before it computes the start).
         PyroEMError: the ELBO became NaN or infinite (the steps diverged).
     """
     settings = _check_options(options)
@@ -734,7 +735,7 @@ def fit_svi(
     base_seed = resolve_seed(seed)
     if collective is not LOCAL:
         # Before the engine broadcasts the start (whose local latents differ per rank).
-        _check_distributed(settings, program, init, base_seed, collective)
+        _check_distributed(program, init, base_seed, collective)
     engine = _SVIEngine(settings, program, init, base_seed, max_iter, collective)
     with torch.random.fork_rng(), pyro.get_param_store().scope():
         result = run_em(
@@ -826,17 +827,15 @@ def check_guide_over_ranks(guide: Any, collective: Collective) -> None:
         raise _distributed_error(refused)
 
 
-def _check_distributed(
-    settings: SVIOptions, program: _SVIProgram, init: Any, seed: int, collective: Collective
-) -> None:
-    """Raise on every rank unless the ELBO splits over the ranks' shards: the point guide
-    (``AutoDelta``: its parameters are the global sites', the same on every rank, and it
-    draws nothing), no continuous latent local to the data (its guide would differ per
-    shard), every observed or enumerated site in a plate of data points."""
-    refused = _refused_guide(settings.guide)
-    if refused is None and program.local_latents:
+def _check_distributed(program: _SVIProgram, init: Any, seed: int, collective: Collective) -> None:
+    """Raise on every rank unless the ELBO splits over the ranks' shards: no continuous
+    latent local to the data (its guide would differ per shard), every observed or
+    enumerated site in a plate of data points. The guide is checked before, by
+    :func:`check_guide_over_ranks`."""
+    refused = None
+    if program.local_latents:
         refused = f"the continuous latents {program.local_latents}, local to the data"
-    elif refused is None:
+    else:
         unsharded = unsharded_sites(program, program.trace(initial_values(program, init, seed)))
         if unsharded:
             refused = (
