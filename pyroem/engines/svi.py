@@ -84,6 +84,7 @@ from pyroem.fits.checkpoint import copied
 from pyroem.fits.program import ProgramFit
 from pyroem.model.program import ProgramModel
 from pyroem.model.transforms import BijectiveSupports, needs_bijection
+from pyroem.mstep.gradient import summed_loss
 from pyroem.options import check_integer, with_defaults
 
 __all__ = ["GUIDES", "OPTIMIZERS", "SVIFit", "SVIOptions", "fit_svi"]
@@ -383,10 +384,23 @@ class _SVIEngine(Engine):
             if site.kind == "param":
                 pyro.param(name, start[name], constraint=site.constraint)
         guide = _make_guide(self.settings, self.model, self.program, start)
+        if self.collective is not LOCAL:
+            self._create_parameters(guide)
         optimizer, scheduler = _make_optimizer(self.settings, self.max_iter)
         elbo = _elbo(self.program, self.settings.num_particles)
         svi = SVI(self.elbo_model, self.elbo_guide(guide), optimizer, elbo)
         return MStepResult(_SVIState(guide, svi, scheduler))
+
+    def _create_parameters(self, guide: Callable[..., Any]) -> None:
+        """Run ``guide`` once so that its parameters exist before the first step: every
+        rank then sums the gradients of the same parameters, even where a step fails."""
+        error = None
+        try:
+            with poutine.block():
+                guide(*self.program.model_args, **self.program.model_kwargs)
+        except Exception as err:
+            error = err
+        self.collective.agree(error)
 
     def e_step(self, state: _SVIState) -> EStepResult:
         """The ELBO estimate (``num_particles`` particles) and its gradient."""
@@ -395,19 +409,20 @@ class _SVIEngine(Engine):
         # the data and the guide, and later steps move parameters only inside their
         # supports (the checks are about half of a step's time).
         checks = nullcontext() if state.steps == 0 else pyro.validation_enabled(False)
-        error = None
+
+        def loss_and_grads() -> torch.Tensor:
+            loss = state.svi.loss_and_grads(state.svi.model, state.svi.guide, *args, **kwargs)
+            return torch.tensor(float(loss), dtype=torch.float64)
+
         with checks, poutine.trace(param_only=True) as capture:
-            try:
-                loss = state.svi.loss_and_grads(state.svi.model, state.svi.guide, *args, **kwargs)
-            except Exception as err:
-                if self.collective is LOCAL:
-                    raise
-                error = err
+            if self.collective is LOCAL:
+                loss = loss_and_grads()
+            else:
+                # Every parameter, in the order of their names (the same on every rank).
+                leaves = [leaf for _, leaf in sorted(pyro.get_param_store().named_parameters())]
+                # A step that fails on one rank fails on every rank (none waits for it).
+                loss = summed_loss(loss_and_grads, leaves, self.collective.sum_tensors, invalid=())
         nodes: Any = capture.trace.nodes
-        if self.collective is not LOCAL:
-            # A step that fails on one rank fails on every rank (none waits for it).
-            self.collective.agree(error)
-            loss = self._summed(float(loss), nodes)
         elbo = -float(loss)
         if not math.isfinite(elbo):
             raise PyroEMError(
@@ -416,18 +431,6 @@ class _SVIEngine(Engine):
             )
         params = {site["value"].unconstrained() for site in nodes.values()}
         return EStepResult(params, elbo, math.nan)
-
-    def _summed(self, loss: float, nodes: Any) -> float:
-        """The loss and the parameters' gradients summed over the ranks (one collective,
-        the parameters in the order of their names, the same on every rank)."""
-        names = sorted(nodes)
-        leaves = [nodes[name]["value"].unconstrained() for name in names]
-        grads = [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves]
-        own = torch.tensor(loss, dtype=torch.float64)
-        summed = self.collective.sum_tensors([own, *grads])
-        for leaf, grad in zip(leaves, summed[1:], strict=True):
-            leaf.grad = grad
-        return float(summed[0])
 
     def m_step(self, stats: set[torch.Tensor], params: _SVIState, iteration: int) -> MStepResult:
         """One optimiser step on the gradient of the last E-step (``stats``: the

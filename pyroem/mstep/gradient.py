@@ -38,7 +38,7 @@ from pyroem.model.program import ProgramModel, sample_sites
 from pyroem.model.space import log_jacobian
 from pyroem.model.transforms import unconstraining
 
-__all__ = ["MarginalObjective", "ShardSum", "ecme_m_step", "gradient_m_step"]
+__all__ = ["MarginalObjective", "ShardSum", "ecme_m_step", "gradient_m_step", "summed_loss"]
 
 ShardSum = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 """Tensors summed over the ranks of a distributed fit
@@ -109,7 +109,7 @@ def gradient_m_step(
         optimizer.zero_grad()
         with torch.enable_grad():
             if shards is not None:
-                return _summed_loss(lambda: -q_value(), unconstrained, shards)
+                return summed_loss(lambda: -q_value(), unconstrained, shards)
             loss = -q_value()
             if torch.isfinite(loss):
                 loss.backward()
@@ -160,14 +160,21 @@ def _total(evaluate: Callable[[], torch.Tensor], shards: ShardSum | None) -> flo
     return float(total)
 
 
-def _evaluated(evaluate: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Exception | None]:
-    """This rank's ``evaluate()``, NaN where the program is invalid there (a
-    ``ValueError`` or ``RuntimeError``), and an error no loop catches, kept for
-    :func:`_end_on_failure` once the ranks have met."""
+#: The errors of a program evaluated where it is invalid (Pyro's validation, a failed
+#: Cholesky): the value there is NaN.
+_INVALID: tuple[type[Exception], ...] = (ValueError, RuntimeError)
+
+
+def _evaluated(
+    evaluate: Callable[[], torch.Tensor], invalid: tuple[type[Exception], ...] = _INVALID
+) -> tuple[torch.Tensor, Exception | None]:
+    """This rank's ``evaluate()``, NaN where the program is invalid there (an error of
+    the kinds ``invalid``), and any other error, kept for :func:`_end_on_failure` once
+    the ranks have met."""
     nan = torch.tensor(math.nan, dtype=torch.float64)
     try:
         return evaluate(), None
-    except (ValueError, RuntimeError):
+    except invalid:
         return nan, None
     except Exception as err:  # every rank ends the fit with it, after the collective
         return nan, err
@@ -198,14 +205,35 @@ def _checked(evaluate: Callable[[], torch.Tensor], shards: ShardSum | None) -> f
         return math.nan
 
 
-def _summed_loss(
-    loss_of: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor], shards: ShardSum
+def summed_loss(
+    loss_of: Callable[[], torch.Tensor],
+    leaves: Sequence[torch.Tensor],
+    shards: ShardSum,
+    *,
+    invalid: tuple[type[Exception], ...] = _INVALID,
 ) -> torch.Tensor:
-    """An L-BFGS closure's loss in a distributed fit: this rank's loss and its gradient
-    (``.grad`` of ``leaves``), both summed over the ranks in one collective. A failed or
-    non-finite evaluation on any rank gives every rank a non-finite loss and zero
-    gradients, as a non-finite loss does in one process."""
-    loss, failed = _evaluated(loss_of)
+    """A loss and its gradient in a distributed fit (an L-BFGS closure's, an SVI step's):
+    this rank's loss and the ``.grad`` of ``leaves``, both summed over the ranks in one
+    collective, with a flag for a failed evaluation.
+
+    ``loss_of`` returns this rank's loss, a scalar tensor; where it requires grad it is
+    differentiated here, else ``loss_of`` has set the leaves' gradients itself. An error of
+    the kinds ``invalid`` (the program is invalid there) or a non-finite loss on any rank
+    gives every rank a non-finite loss and zero gradients, as a non-finite loss does in one
+    process; any other error ends the fit on every rank: the failing rank raises its own,
+    the others a :class:`~pyroem.engines.distributed.RankFailure` (none waits for it).
+
+    Args:
+        loss_of: this rank's loss, ``()``.
+        leaves: the tensors whose gradients are summed, the same shapes and order on
+            every rank.
+        shards: the sum over the ranks.
+        invalid: the errors that mean the program cannot be evaluated there.
+
+    Returns:
+        The loss summed over the ranks, ``()``; the leaves hold the summed gradients.
+    """
+    loss, failed = _evaluated(loss_of, invalid)
     if loss.requires_grad and bool(torch.isfinite(loss)):
         loss.backward()
     grads = [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves]
@@ -440,7 +468,7 @@ def _lbfgs_ascent(
         optimizer.zero_grad()
         if shards is not None:
             with torch.enable_grad():
-                total = _summed_loss(lambda: -at(unconstrained), unconstrained, shards)
+                total = summed_loss(lambda: -at(unconstrained), unconstrained, shards)
             seen.append(-float(total))
             if not bool(torch.isfinite(total)):
                 outside.append(True)

@@ -697,9 +697,9 @@ def test_a_gradient_evaluation_that_fails_uncaught_on_one_rank_ends_every_rank()
         gradient._total(broken, lambda tensors: list(tensors))
     leaf = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     with pytest.raises(RankFailure, match="another rank"):
-        gradient._summed_loss(lambda: (leaf**2).sum(), [leaf], other_rank_failed)
+        gradient.summed_loss(lambda: (leaf**2).sum(), [leaf], other_rank_failed)
     with pytest.raises(IndexError):
-        gradient._summed_loss(broken, [leaf], lambda tensors: list(tensors))
+        gradient.summed_loss(broken, [leaf], lambda tensors: list(tensors))
     # Every call reached the collective before raising.
     assert calls == [2, 3]
     # A ValueError stays a NaN (a line search steps back), as in one process.
