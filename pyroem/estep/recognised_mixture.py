@@ -42,7 +42,6 @@ and blocks other than ``categorical``, ``normal-loc`` and ``normal-variance``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -51,6 +50,7 @@ import torch
 from torch.distributions.utils import probs_to_logits
 
 from pyroem.estep.compiled import CompiledEStep, CompiledProgram, compact_view
+from pyroem.estep.diagonal_normal import diagonal_normal_moments, diagonal_normal_table
 from pyroem.estep.enumerate import responsibilities
 from pyroem.model.program import ProgramModel, sample_sites
 from pyroem.mstep import conjugate
@@ -437,12 +437,7 @@ class MixtureKernel:
         loc, variance = self._moments(normal, values)
         dim, num_data = normal.data.shape
         buffer = normal.data.new_empty(loc.shape[0], 2 * dim, num_data)
-        deviations, squares = buffer[:, :dim], buffer[:, dim:]
-        torch.sub(normal.data[None], loc[:, :, None], out=deviations)
-        torch.square(deviations, out=squares)
-        halves = (-0.5 * variance.reciprocal())[:, None, :]
-        const = -0.5 * (dim * math.log(2 * math.pi) + variance.log().sum(-1, keepdim=True))
-        return torch.bmm(halves, squares)[:, 0].add_(const), loc, buffer
+        return diagonal_normal_table(normal.data, loc, variance, buffer), loc, buffer
 
     def estimate(self, values: Mapping[str, torch.Tensor]) -> MixtureEStep:
         """The E-step at ``values``, from the recognised forms alone."""
@@ -507,9 +502,7 @@ class MixtureKernel:
         counts = posterior.sum(1)
         moments = []
         for loc, buffer in estep.deviations:
-            dim = loc.shape[-1]
-            both = torch.bmm(posterior[:, None, :], buffer.mT)[:, 0]
-            moments.append((loc, both[:, :dim], both[:, dim:]))
+            moments.append((loc, *diagonal_normal_moments(buffer, posterior)))
         for name in self.order:
             block = self.blocks[name]
             current = values[name].detach()

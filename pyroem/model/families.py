@@ -36,6 +36,7 @@ from pyroem.errors import (
     SingularCovarianceError,
     SpecError,
 )
+from pyroem.estep.diagonal_normal import diagonal_normal_moments, diagonal_normal_table
 from pyroem.estep.gaussian_features import (
     FEATURE_STORE_BYTES,
     feature_block_rows,
@@ -864,27 +865,17 @@ class Gaussian(Family):
 
         if self.covariance_type in ("diag", "spherical"):
             variances = self._variances(params)  # (K, D)
-            halves = (-0.5 * variances.reciprocal())[:, None, :]  # (K, 1, D)
-            const = (-0.5 * (dim * log_2pi + variances.log().sum(-1)))[:, None]
 
             def diagonal(prepared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                # One buffer holds the deviations and their squares, so both moments
-                # come from one batched product with the responsibilities; the weighted
-                # sum over dimensions is a batched product too.
                 shape = (num_components, 2 * dim, prepared.shape[0])
                 buffer = scratch("buffer", shape, prepared)
-                deviations, squares = buffer[:, :dim], buffer[:, dim:]
-                torch.sub(transposed(prepared)[None], centres, out=deviations)
-                torch.square(deviations, out=squares)
-                return torch.bmm(halves, squares)[:, 0].add_(const), buffer
+                table = diagonal_normal_table(transposed(prepared), means, variances, buffer)
+                return table, buffer
 
             def diagonal_statistics(
                 prepared: torch.Tensor, buffer: torch.Tensor, resp: torch.Tensor
             ) -> GaussianStats:
-                # (K, 1, n) @ (K, n, 2D): several times faster than the (K, 2D, n) @ (K, n, 1)
-                # matrix-vector form, which BLAS runs as n-long dot products per row.
-                moments = torch.bmm(resp[:, None, :], buffer.mT)[:, 0]  # (K, 2D)
-                return finish(resp.sum(1), moments[:, :dim], moments[:, dim:])
+                return finish(resp.sum(1), *diagonal_normal_moments(buffer, resp))
 
             return EStepKernels(diagonal, diagonal_statistics)
 
