@@ -236,19 +236,9 @@ class Collective:
         the fit, any other error ends it too). A rank whose own error is of the gravest
         kind met raises its own; the others raise a stand-in naming the failing rank's
         error."""
-        kind = 0 if error is None else _failure_kind(error)
-        flag = torch.tensor([kind], dtype=torch.int64, device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        worst = int(flag)
-        if worst == 0:
-            return
-        if error is not None and kind == worst:
-            raise error
-        message = (
-            "another rank of the process group failed at the same step of the fit (its "
-            "error names the cause); every rank stops that step with it"
-        )
-        raise (DataError, PyroEMError, RankFailure, RuntimeError)[4 - worst](message)
+        flags = failure_flags(error).to(self.device)
+        torch.distributed.all_reduce(flags)
+        raise_agreed(error, flags.cpu())
 
     def merge_samples(
         self, num_rows: int, sample: torch.Tensor, reservoir_size: int, seed: int
@@ -301,6 +291,35 @@ class Collective:
 class RankFailure(Exception):
     """Another rank's error that no loop catches (an ``IndexError``, a ``TypeError``...
     of the program): every rank ends the fit with it."""
+
+
+def failure_flags(error: BaseException | None) -> torch.Tensor:
+    """This rank's flags for :func:`raise_agreed`: one per kind of failure (see
+    :func:`_failure_kind`, the mildest first), 1 for the kind of ``error``, ``(4,)``.
+    Summed over the ranks (alone, or beside other tensors in one ``all_reduce``), they
+    count the ranks that met each kind."""
+    flags = torch.zeros(4, dtype=torch.float64)
+    if error is not None:
+        flags[_failure_kind(error) - 1] = 1.0
+    return flags
+
+
+def raise_agreed(error: BaseException | None, flags: torch.Tensor) -> None:
+    """Raise on every rank when any rank met an error (``flags``: the ranks'
+    :func:`failure_flags` summed), one of the gravest kind met: a rank whose own
+    ``error`` is of that kind raises its own; the others raise a stand-in naming the
+    failing rank's error (see :meth:`Collective.agree`)."""
+    met = torch.nonzero(flags.reshape(-1) > 0)
+    if met.numel() == 0:
+        return
+    worst = int(met.max()) + 1
+    if error is not None and _failure_kind(error) == worst:
+        raise error
+    message = (
+        "another rank of the process group failed at the same step of the fit (its "
+        "error names the cause); every rank stops that step with it"
+    )
+    raise (DataError, PyroEMError, RankFailure, RuntimeError)[4 - worst](message)
 
 
 def _failure_kind(error: BaseException) -> int:

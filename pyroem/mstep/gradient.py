@@ -31,7 +31,7 @@ from typing import Any
 import pyro
 import torch
 
-from pyroem.engines.distributed import RankFailure
+from pyroem.engines.distributed import failure_flags, raise_agreed
 from pyroem.estep.compiled import CompiledProgram, table_of
 from pyroem.estep.program import expected_log_joint, masked_log_prob, posterior
 from pyroem.model.program import ProgramModel, sample_sites
@@ -155,8 +155,8 @@ def _total(evaluate: Callable[[], torch.Tensor], shards: ShardSum | None) -> flo
     if shards is None:
         return float(evaluate())
     local, failed = _evaluated(evaluate)
-    total, flags = shards([local.detach().reshape(()), _failed_flag(failed)])
-    _end_on_failure(failed, flags)
+    total, flags = shards([local.detach().reshape(()), failure_flags(failed)])
+    raise_agreed(failed, flags)
     return float(total)
 
 
@@ -169,8 +169,8 @@ def _evaluated(
     evaluate: Callable[[], torch.Tensor], invalid: tuple[type[Exception], ...] = _INVALID
 ) -> tuple[torch.Tensor, Exception | None]:
     """This rank's ``evaluate()``, NaN where the program is invalid there (an error of
-    the kinds ``invalid``), and any other error, kept for :func:`_end_on_failure` once
-    the ranks have met."""
+    the kinds ``invalid``), and any other error, kept for
+    :func:`~pyroem.engines.distributed.raise_agreed` once the ranks have met."""
     nan = torch.tensor(math.nan, dtype=torch.float64)
     try:
         return evaluate(), None
@@ -178,23 +178,6 @@ def _evaluated(
         return nan, None
     except Exception as err:  # every rank ends the fit with it, after the collective
         return nan, err
-
-
-def _failed_flag(failed: Exception | None) -> torch.Tensor:
-    """1 where this rank's evaluation raised an error no loop catches, else 0."""
-    return torch.tensor(0.0 if failed is None else 1.0, dtype=torch.float64)
-
-
-def _end_on_failure(failed: Exception | None, flags: torch.Tensor) -> None:
-    """Raise on every rank where a rank's evaluation raised an error no loop catches:
-    that rank its own error, the others a stand-in (none waits for the failing rank)."""
-    if failed is not None:
-        raise failed
-    if float(flags) > 0:
-        raise RankFailure(
-            "another rank of the process group failed while evaluating the objective for a "
-            "gradient M-step (its error names the cause); every rank ends the fit with it"
-        )
 
 
 def _checked(evaluate: Callable[[], torch.Tensor], shards: ShardSum | None) -> float:
@@ -214,14 +197,15 @@ def summed_loss(
 ) -> torch.Tensor:
     """A loss and its gradient in a distributed fit (an L-BFGS closure's, an SVI step's):
     this rank's loss and the ``.grad`` of ``leaves``, both summed over the ranks in one
-    collective, with a flag for a failed evaluation.
+    collective, with the flags of a failed evaluation.
 
     ``loss_of`` returns this rank's loss, a scalar tensor; where it requires grad it is
     differentiated here, else ``loss_of`` has set the leaves' gradients itself. An error of
     the kinds ``invalid`` (the program is invalid there) or a non-finite loss on any rank
     gives every rank a non-finite loss and zero gradients, as a non-finite loss does in one
-    process; any other error ends the fit on every rank: the failing rank raises its own,
-    the others a :class:`~pyroem.engines.distributed.RankFailure` (none waits for it).
+    process; any other error makes every rank raise an error of the same kind (none
+    waits for the failing rank): the failing rank its own, the others a stand-in, as
+    :meth:`~pyroem.engines.distributed.Collective.agree` does.
 
     Args:
         loss_of: this rank's loss, ``()``.
@@ -237,8 +221,8 @@ def summed_loss(
     if loss.requires_grad and bool(torch.isfinite(loss)):
         loss.backward()
     grads = [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves]
-    total, flags, *summed = shards([loss.detach().reshape(()), _failed_flag(failed), *grads])
-    _end_on_failure(failed, flags)
+    total, flags, *summed = shards([loss.detach().reshape(()), failure_flags(failed), *grads])
+    raise_agreed(failed, flags)
     finite = bool(torch.isfinite(total))
     for leaf, grad in zip(leaves, summed, strict=True):
         leaf.grad = grad.detach() if finite else torch.zeros_like(leaf)

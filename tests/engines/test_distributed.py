@@ -671,11 +671,79 @@ def test_two_gloo_ranks_give_the_single_process_svi_fit(tmp_path):
             )
 
 
+SVI_FAILURE_WORKER = textwrap.dedent(
+    """
+    import sys
+    import warnings
+
+    import numpy as np
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    sys.path.insert(0, sys.argv[3])
+    import pyroem
+    from pyroem.errors import SingularCovarianceError
+    from test_distributed import mixture_program, program_data
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    data = program_data()
+    data = data[rank * len(data) // size : (rank + 1) * len(data) // size]
+    cases = {
+        "program": ValueError("outside the support"),
+        "numerical": SingularCovarianceError("singular"),
+        "uncaught": IndexError("out of range"),
+    }
+    result = {}
+    for name, error in cases.items():
+        steps = []
+
+        def program(data):
+            # Rank 1's program fails at the third SVI step, rank 0's never.
+            if rank == 1 and len(steps) == 2:
+                raise error
+            mixture_program(data)
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pyroem.fit(
+                    program, data, method="vb-em", guide="delta", init="prior", max_iter=5,
+                    callback=steps.append,
+                )
+            result[name] = "none"
+        except Exception as err:
+            result[name] = type(err).__name__
+    np.savez(f"{sys.argv[1]}/rank{rank}.npz", **{k: np.array(v) for k, v in result.items()})
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+def test_an_svi_step_that_fails_on_one_rank_fails_alike_on_every_rank(tmp_path):
+    """An SVI step whose program fails on one rank: every rank raises an error of the
+    kind Collective.agree gives (tested above), in the collective that sums the
+    step's loss and gradients, so the ranks take the same branch and none waits."""
+    ranks = _launch(tmp_path, worker=SVI_FAILURE_WORKER)
+    seen = [{name: str(value) for name, value in rank.items()} for rank in ranks]
+    assert seen[0] == {
+        "program": "RuntimeError",
+        # A numerical error ends the restart on every rank: here the only one.
+        "numerical": "PyroEMError",
+        "uncaught": "RankFailure",
+    }
+    assert seen[1] == {
+        "program": "ValueError",
+        "numerical": "SingularCovarianceError",
+        "uncaught": "IndexError",
+    }
+
+
 def test_a_gradient_evaluation_that_fails_uncaught_on_one_rank_ends_every_rank():
     """An error no loop catches (here an IndexError of the program) on one rank still
     joins the collective of the L-BFGS evaluation, so every rank ends the fit: the
     failing rank with its own error, the others with a stand-in (none waits)."""
-    from pyroem.engines.distributed import RankFailure
+    from pyroem.engines.distributed import RankFailure, failure_flags
     from pyroem.mstep import gradient
 
     calls = []
@@ -683,7 +751,8 @@ def test_a_gradient_evaluation_that_fails_uncaught_on_one_rank_ends_every_rank()
     def other_rank_failed(tensors):
         # The sum over two ranks where the other rank's evaluation raised uncaught.
         calls.append(len(tensors))
-        return [tensors[0] + 1.0, tensors[1] + 1.0, *tensors[2:]]
+        other = failure_flags(IndexError("out of range"))
+        return [tensors[0] + 1.0, tensors[1] + other, *tensors[2:]]
 
     def fine():
         return torch.tensor(2.0, dtype=torch.float64)
