@@ -607,14 +607,19 @@ AGREE_WORKER = textwrap.dedent(
 )
 
 
+def _errors_seen(tmp_path: Path, worker: str) -> list[dict[str, str]]:
+    """What each of two ranks running ``worker`` met, case by case."""
+    ranks = _launch(tmp_path, worker=worker)
+    return [{name: str(value) for name, value in rank.items()} for rank in ranks]
+
+
 @pytest.mark.slow
 def test_a_failure_on_one_rank_is_a_failure_of_the_same_kind_on_every_rank(tmp_path):
     """Where one rank's step fails, every rank raises an error of the gravest kind met (an
     input error ends the fit, a numerical one a restart, an uncaught one the fit, a
     ValueError or RuntimeError drops SQUAREM's point),
     so the ranks take the same branch and none waits on a collective."""
-    ranks = _launch(tmp_path, worker=AGREE_WORKER)
-    seen = [{name: str(value) for name, value in rank.items()} for rank in ranks]
+    seen = _errors_seen(tmp_path, AGREE_WORKER)
     assert seen[0] == {
         "none": "none",
         "program": "stand-in RuntimeError",
@@ -724,8 +729,7 @@ def test_an_svi_step_that_fails_on_one_rank_fails_alike_on_every_rank(tmp_path):
     """An SVI step whose program fails on one rank: every rank raises an error of the
     kind Collective.agree gives (tested above), in the collective that sums the
     step's loss and gradients, so the ranks take the same branch and none waits."""
-    ranks = _launch(tmp_path, worker=SVI_FAILURE_WORKER)
-    seen = [{name: str(value) for name, value in rank.items()} for rank in ranks]
+    seen = _errors_seen(tmp_path, SVI_FAILURE_WORKER)
     assert seen[0] == {
         "program": "RuntimeError",
         # A numerical error ends the restart on every rank: here the only one.
