@@ -278,9 +278,7 @@ def fit(
             :class:`~pyroem.em.Iteration` (restart, iteration, params, objective,
             log-likelihood, elapsed seconds), e.g. to log or save progress. Raising
             ``KeyboardInterrupt`` in it (or pressing Ctrl-C) stops the fit cleanly: the best
-            state so far is returned, marked not converged. A mixture program iterated by
-            the recognised-mixture kernel passes its iterations on once its last check
-            has passed (see the README), so the callback sees only the run it reports.
+            state so far is returned, marked not converged.
         sample_weight: ``map-em`` and closed-form ``vb-em`` on a ``Mixture``: non-negative
             frequency weights ``(num_data,)``; row ``n`` counts ``w_n`` times in the
             sufficient statistics and in the objective (the ELBO for vb-em; integer

@@ -16,7 +16,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
 from torch.distributions import constraints
 
-from pyroem.em import EMResult, Engine, EStepResult, Iteration, MStepResult, run_em
+from pyroem.em import Engine, EStepResult, Iteration, MStepResult, run_em
 from pyroem.engines.distributed import LOCAL, Collective
 from pyroem.engines.program_stepwise import (
     ProgramStepwiseEngine,
@@ -757,57 +757,6 @@ class _Engine(Engine):
         return stats.marginals
 
 
-class _HeldCallback:
-    """A fit's callback, held while the mixture kernel gives the E-steps.
-
-    The kernel's last E-step is checked against the program's once the loop has ended;
-    where they disagree, the fit runs again with the program run at every E-step. So
-    the iterations are held while the kernel is on, and passed on (in order) once they
-    stand: when the kernel turns off during the run (which then goes on with the
-    program's E-steps), or when the last check has passed; they are dropped when it
-    fails, and the callback sees only the run the fit reports. A held iteration at which
-    the callback raises ``KeyboardInterrupt`` is kept in ``stopped`` (the fit then runs
-    to there again and stops, as it would have at once).
-    """
-
-    def __init__(self, callback: Callable[[Iteration], Any], kernel: MixtureKernel) -> None:
-        self.callback, self.kernel = callback, kernel
-        self.held: list[Iteration] = []
-        self.stopped: tuple[int, int] | None = None
-
-    def __call__(self, iteration: Iteration) -> None:
-        if self.stopped is not None:
-            raise KeyboardInterrupt
-        if self.kernel.active:
-            self.held.append(iteration)
-            return
-        if self.release(keep=True) is not None:
-            raise KeyboardInterrupt
-        self.callback(iteration)
-
-    def release(self, keep: bool) -> tuple[int, int] | None:
-        """Pass the held iterations on (``keep``) or drop them; the restart and iteration
-        at which the callback raised ``KeyboardInterrupt``, if it did."""
-        held, self.held = self.held, []
-        for iteration in held if keep and self.stopped is None else ():
-            try:
-                self.callback(iteration)
-            except KeyboardInterrupt:
-                self.stopped = (iteration.restart, iteration.iteration)
-                break
-        return self.stopped
-
-
-def _stop_at(restart: int, iteration: int) -> Callable[[Iteration], None]:
-    """A callback that stops the fit after ``iteration`` of ``restart``."""
-
-    def stop(state: Iteration) -> None:
-        if (state.restart, state.iteration) == (restart, iteration):
-            raise KeyboardInterrupt
-
-    return stop
-
-
 def _same_values(seen: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]) -> bool:
     """Whether ``values`` hold the very tensors of ``seen`` (never changed in place)."""
     return seen.keys() == values.keys() and all(seen[name] is values[name] for name in seen)
@@ -1165,41 +1114,26 @@ def fit_program(
         engine.starts = [start]
     # The short runs are the start (as k-means++ is a Mixture's): max_iter, the history,
     # callbacks and checkpoints count the continued run's iterations.
-    held = None
-    if callback is not None and online is None and engine.kernel is not None:
-        callback = held = _HeldCallback(callback, engine.kernel)
-
-    def fitted(callback: Callable[[Iteration], Any] | None) -> tuple[EMResult, Any]:
-        """The loop's result, and the posterior marginals of its kept run (``None``: the
-        mixture kernel's last E-step disagreed with the program's)."""
+    try:
         result = run_em(
             looped, n_init=n_init, tol=tol, max_iter=max_iter, progress=progress, callback=callback
         )
         last = result.best.last.stats
         # A stepwise fit's statistics are the posterior marginals of every entry already.
-        return result, last if online is not None else engine.marginals(last)
-
-    try:
-        result, marginals = fitted(callback)
-        if held is not None:
-            stop = held.release(keep=marginals is not None)
-            if stop is not None:
-                # The callback stopped the fit at an iteration it saw late: the same
-                # run again (the kernel is deterministic, and on at the start as it
-                # was), stopped there.
-                held.kernel.active = True
-                callback = _stop_at(*stop)
-                result, marginals = fitted(callback)
+        marginals = last if online is not None else engine.marginals(last)
         if marginals is None:
             # The mixture kernel's last E-step disagreed with the program's: fit again
-            # with the program run at every E-step (the callback sees this fit only).
-            result, marginals = fitted(callback)
+            # with the program run at every E-step.
+            result = run_em(
+                looped,
+                n_init=n_init,
+                tol=tol,
+                max_iter=max_iter,
+                progress=progress,
+                callback=callback,
+            )
+            marginals = engine.marginals(result.best.last.stats)
             assert marginals is not None
-    except BaseException:
-        if held is not None:
-            # The iterations before the error, as a callback called at once would have seen.
-            held.release(keep=True)
-        raise
     finally:
         engine.starts = None
         if plate is not None:
