@@ -1026,7 +1026,14 @@ def fit_program(
         raise SpecError(f"accelerate must be one of {ACCELERATIONS}; got {accelerate!r}")
     with _paused_collector():
         # The first trace below runs the program enumerated: no separate check for that.
-        program = ProgramModel(model, model_args, model_kwargs, check_enumeration=False)
+        # Where it can, the run that sorts the sites is that first trace.
+        program = ProgramModel(
+            model,
+            model_args,
+            model_kwargs,
+            check_enumeration=False,
+            sort_enumerated=stepwise is None,
+        )
         plate = None if stepwise is None else stepwise_plate(program, stepwise)
         if stepwise is not None and accelerate is not None:
             raise SpecError(
@@ -1039,7 +1046,9 @@ def fit_program(
             n_init = 1
         base_seed = resolve_seed(seed)
         first = broadcast_values(collective, program, initial_values(program, init, base_seed))
-        first_trace = program.trace(first)
+        first_trace = program.sorting_trace(first)
+        if first_trace is None:
+            first_trace = program.trace(first)
         if stepwise is not None and plate is None:
             # No plate subsamples: pyroem minibatches the plate over the data.
             plate = minibatch_plate(program, stepwise, first_trace)
