@@ -209,6 +209,14 @@ class _NotFirstTrace(BaseException):
     ``BaseException``, so that a program's own ``except Exception`` does not catch it)."""
 
 
+def _random_states() -> list[torch.Tensor]:
+    """The states of torch's random number generators (CPU, and CUDA once started)."""
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states.extend(torch.cuda.get_rng_state_all())
+    return states
+
+
 class _EnumerateWhileSorting(EnumMessenger):
     """Pyro's parallel enumeration, its first dimension chosen at the first enumerated
     site: left of every plate seen so far. The run is a trace :meth:`ProgramModel.trace`
@@ -228,17 +236,20 @@ class _EnumerateWhileSorting(EnumMessenger):
         self.nesting = 0
         self.first_dim: int | None = None
         self.drew = False
-        self._random_state = torch.get_rng_state()
+        self._random_states = _random_states()
 
     def __enter__(self) -> _EnumerateWhileSorting:
         # No dimension allocated yet: the sites before the first enumerated one see none.
         _ENUM_ALLOCATOR.set_first_available_dim(-1)
-        self._random_state = torch.get_rng_state()
+        self._random_states = _random_states()
         super().__enter__()
         return self
 
     def _drawn_since(self) -> bool:
-        return not torch.equal(torch.get_rng_state(), self._random_state)
+        now, before = _random_states(), self._random_states
+        return len(now) != len(before) or not all(
+            torch.equal(a, b) for a, b in zip(now, before, strict=True)
+        )
 
     def finished(self) -> bool:
         """Was nothing random drawn since the last parameter (see :attr:`drew`)?"""
@@ -264,7 +275,7 @@ class _EnumerateWhileSorting(EnumMessenger):
 
     def _pyro_post_param(self, msg: Any) -> None:
         # What the parameter's initial value drew is drawn by the sorting run too.
-        self._random_state = torch.get_rng_state()
+        self._random_states = _random_states()
 
 
 class _DetachedParams(Messenger):
