@@ -534,6 +534,11 @@ def long_hmm_costs(options: argparse.Namespace) -> float:
 
     hmmlearn's time per iteration is ``(t(21 iterations) − t(1 iteration)) / 20``, the
     median of ``--repeats`` pairs of fits (its first iteration includes its setup).
+    pyroem's one-off work to the end of its first iteration is timed over
+    ``--setup-repeats`` fits (``--old-setup``: alternated with fits that sort the
+    sites on a run of their own), and one run of the program is split into what
+    the user's code costs with no handler and what Pyro's trace, validation and
+    enumeration add (:func:`_one_run_costs`).
     """
     from hmmlearn.hmm import GaussianHMM
 
@@ -582,6 +587,7 @@ def long_hmm_costs(options: argparse.Namespace) -> float:
 
     costs = _iteration_costs(lambda callback: fit_program(counted(callback)))
     per_iteration, fit = costs.iteration, costs.fit
+    setups = _setup_costs(fit_program, options.setup_repeats, options.old_setup)
     # The program's own start: uniform, rows half on staying put, quantiles, variance.
     values = _observed_start(fit)
     X = sequences[0].numpy()
@@ -606,6 +612,11 @@ def long_hmm_costs(options: argparse.Namespace) -> float:
     )
     print(f"  pyroem map-em: {costs.line()} (median of {iterations - 1})")
     print(f"  complete runs of the program to the end of the first iteration: {runs_at_first[0]}")
+    for label, seconds in setups.items():
+        print(f"  one-off work + first iteration, {label}: {_spread(seconds)}")
+    print(f"  one run of the program ({options.setup_repeats} each):")
+    for label, seconds in _one_run_costs(sequences, lengths, states, options.setup_repeats):
+        print(f"    {label}: {_spread(seconds)}")
     if options.old_path:
         compiled._REPLICATED = False
         try:
@@ -630,6 +641,85 @@ def long_hmm_costs(options: argparse.Namespace) -> float:
     ratio = per_iteration / theirs
     print(f"  ratio pyroem / hmmlearn per iteration: {ratio:.2f}")
     return ratio
+
+
+def _spread(seconds: list[tuple[float, float]]) -> str:
+    """``min / median / max`` of CPU and of wall seconds."""
+
+    def three(values: list[float]) -> str:
+        ordered = sorted(values)
+        return " / ".join(f"{v:.2f}" for v in (ordered[0], ordered[len(ordered) // 2], ordered[-1]))
+
+    return (
+        f"CPU {three([cpu for cpu, _ in seconds])} s, wall {three([wall for _, wall in seconds])} "
+        "s (min / median / max)"
+    )
+
+
+def _setup_costs(
+    fit_program: Callable[[Callable[[Any], None]], Any], repeats: int, old: bool
+) -> dict[str, list[tuple[float, float]]]:
+    """CPU and wall seconds from the call of ``fit`` to the end of its first iteration,
+    ``repeats`` times; with ``old`` also with the sites sorted on a run of their own
+    (``program_map._SORT_ENUMERATED = False``), the two alternated."""
+    import pyroem.engines.program_map as program_map
+
+    labels = {True: "sorting run = first trace", False: "sorting run of its own"}
+    out: dict[str, list[tuple[float, float]]] = {label: [] for label in labels.values()}
+    for _ in range(repeats):
+        for merged in (True, False) if old else (True,):
+            program_map._SORT_ENUMERATED = merged
+            try:
+                costs = _iteration_costs(fit_program)
+            finally:
+                program_map._SORT_ENUMERATED = True
+            out[labels[merged]].append((costs.setup, costs.setup_wall))
+    return {label: seconds for label, seconds in out.items() if seconds}
+
+
+def _one_run_costs(
+    sequences: torch.Tensor, lengths: torch.Tensor, states: int, repeats: int
+) -> list[tuple[str, list[tuple[float, float]]]]:
+    """CPU and wall seconds of one run of the HMM program, ``repeats`` times each: called
+    with no handler (the user's code and Pyro's primitives with an empty stack, which
+    draw the states), under ``poutine.trace`` with Pyro's validation off and on, and as
+    pyroem's first trace (enumerated, scored and packed: :meth:`ProgramModel.trace`)."""
+    model = HMM["gaussian_hmm"]
+    args = (sequences, lengths, states)
+    program = ProgramModel(model, args)
+    values = {name: value.clone() for name, value in program.param_inits.items()}
+
+    def bare(validate: bool) -> Callable[[], Any]:
+        def run() -> None:
+            with pyro.validation_enabled(validate):
+                model(*args)
+
+        return run
+
+    def traced(validate: bool) -> Callable[[], Any]:
+        def run() -> Any:
+            with pyro.validation_enabled(validate):
+                return poutine.trace(model).get_trace(*args)
+
+        return run
+
+    cases: list[tuple[str, Callable[[], Any]]] = [
+        ("no handlers, validation off", bare(False)),
+        ("no handlers, validation on", bare(True)),
+        ("poutine.trace, validation off", traced(False)),
+        ("poutine.trace, validation on", traced(True)),
+        ("enumerated, scored, packed (pyroem's first trace)", lambda: program.trace(values)),
+    ]
+    out = []
+    for label, run in cases:
+        seconds = []
+        for _ in range(repeats):
+            with pyro.get_param_store().scope(), torch.random.fork_rng():
+                started = time.process_time(), time.perf_counter()
+                run()
+                seconds.append((time.process_time() - started[0], time.perf_counter() - started[1]))
+        out.append((label, seconds))
+    return out
 
 
 def _fit_threads(options: argparse.Namespace) -> str:
@@ -759,6 +849,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--long-iterations", type=int, default=15, help="costs: iterations")
     parser.add_argument(
         "--old-path", action="store_true", help="hmm-long: also time whole-program E-steps"
+    )
+    parser.add_argument(
+        "--setup-repeats", type=int, default=3, help="hmm-long: fits timed to the first iteration"
+    )
+    parser.add_argument(
+        "--old-setup",
+        action="store_true",
+        help="hmm-long: also time the setup with the sites sorted on a run of their own",
     )
     options = parser.parse_args(argv)
     if options.quick:

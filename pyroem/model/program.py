@@ -22,7 +22,9 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer.enum import config_enumerate
+from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _ENUM_ALLOCATOR, _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
 
@@ -202,6 +204,97 @@ def _plate_nesting(trace: poutine.Trace) -> int:
     return max(dims, default=0)
 
 
+class _NotFirstTrace(BaseException):
+    """Stops a sorting run that cannot also be the first enumerated trace (a
+    ``BaseException``, so that a program's own ``except Exception`` does not catch it)."""
+
+
+def _random_states() -> list[torch.Tensor]:
+    """The states of torch's random number generators (CPU, and CUDA once started)."""
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states.extend(torch.cuda.get_rng_state_all())
+    return states
+
+
+class _EnumerateWhileSorting(EnumMessenger):
+    """Pyro's parallel enumeration, its first dimension chosen at the first enumerated
+    site: left of every plate seen so far. The run is a trace :meth:`ProgramModel.trace`
+    would give if no plate seen later nests deeper (checked on the finished trace).
+
+    Stops the run (:class:`_NotFirstTrace`) at a latent it would sample (a continuous
+    one, or one not marked for parallel enumeration: that trace draws it, this one
+    must not) and at a parameter of a torch module. Notes (:attr:`drew`) whether the
+    program drew random numbers other than in the initial values of ``pyro.param``
+    sites: the sorting run draws those (a parameter's initial value), but a subsample
+    or a draw in the program's body would be drawn anew by :meth:`ProgramModel.trace`,
+    from the caller's random state.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(first_available_dim=None)
+        self.nesting = 0
+        self.first_dim: int | None = None
+        self.drew = False
+        self._random_states = _random_states()
+
+    def __enter__(self) -> _EnumerateWhileSorting:
+        # No dimension allocated yet: the sites before the first enumerated one see none.
+        _ENUM_ALLOCATOR.set_first_available_dim(-1)
+        self._random_states = _random_states()
+        super().__enter__()
+        return self
+
+    def _drawn_since(self) -> bool:
+        now, before = _random_states(), self._random_states
+        return len(now) != len(before) or not all(
+            torch.equal(a, b) for a, b in zip(now, before, strict=True)
+        )
+
+    def finished(self) -> bool:
+        """Was nothing random drawn since the last parameter (see :attr:`drew`)?"""
+        self.drew = self.drew or self._drawn_since()
+        return not self.drew
+
+    def _pyro_sample(self, msg: Any) -> None:
+        for frame in msg["cond_indep_stack"]:
+            if frame.vectorized and frame.dim is not None:
+                self.nesting = max(self.nesting, -frame.dim)
+        if not (msg["is_observed"] or msg["done"] or site_is_subsample(msg)):
+            if msg["infer"].get("enumerate") != "parallel":
+                raise _NotFirstTrace
+            if self.first_dim is None:
+                self.first_dim = -self.nesting - 1
+                _ENUM_ALLOCATOR.set_first_available_dim(self.first_dim)
+        super()._pyro_sample(msg)
+
+    def _pyro_param(self, msg: Any) -> None:
+        if module_parameter(msg) is not None:
+            raise _NotFirstTrace
+        self.drew = self.drew or self._drawn_since()
+
+    def _pyro_post_param(self, msg: Any) -> None:
+        # What the parameter's initial value drew is drawn by the sorting run too.
+        self._random_states = _random_states()
+
+
+class _DetachedParams(Messenger):
+    """Hands ``pyro.param`` values to the program and the trace detached (copies)."""
+
+    def _pyro_post_param(self, msg: Any) -> None:
+        value: Any = msg["value"]
+        msg["value"] = value.detach().clone()
+
+
+def _unvalidated(fn: Any) -> None:
+    """Turn off argument validation in a distribution and the ones it wraps, as if
+    built with validation off."""
+    while fn is not None:
+        if hasattr(fn, "_validate_args"):
+            fn._validate_args = False
+        fn = getattr(fn, "base_dist", None)
+
+
 class ProgramModel:
     """A Pyro program with its sites sorted, ready to be run with parameter values.
 
@@ -212,6 +305,12 @@ class ProgramModel:
         check_enumeration: run the program once with its discrete latents enumerated,
             so that one that cannot be is reported here; a caller whose next step is
             such a run (:meth:`trace`, which reports the same way) turns it off.
+        sort_enumerated: sort the sites on a run with the discrete latents enumerated,
+            which then serves as the first trace (:meth:`sorting_trace`) where it is
+            the trace :meth:`trace` would give; otherwise (latents it would sample,
+            plates nested deeper than those before the first discrete latent, a
+            module's parameters, random numbers drawn other than in parameters' initial
+            values, an error) the sites are sorted on an ordinary run as without it.
 
     Raises:
         NotSupportedError: the program has a site MAP-EM cannot handle; the message
@@ -224,6 +323,7 @@ class ProgramModel:
         model_args: tuple[Any, ...] = (),
         model_kwargs: Mapping[str, Any] | None = None,
         check_enumeration: bool = True,
+        sort_enumerated: bool = False,
     ) -> None:
         if not callable(model):
             raise SpecError(
@@ -236,14 +336,20 @@ class ProgramModel:
         self.name = getattr(model, "__name__", type(model).__name__)
         # The trial runs draw latents from the prior: on a forked RNG, so that sorting
         # the sites leaves the caller's random state as it was.
+        self._sorting_trace: poutine.Trace | None = None
         with torch.random.fork_rng(), pyro.get_param_store().scope(), poutine.block():
-            try:
-                trace = poutine.trace(self.model).get_trace(*self.model_args, **self.model_kwargs)
-            except Exception as err:
-                raise SpecError(
-                    f"running the model {self.name}(*model_args, **model_kwargs) failed: "
-                    f"{type(err).__name__}: {err}"
-                ) from err
+            trace = self._enumerated_run() if sort_enumerated else None
+            self._sorting_trace = trace
+            if trace is None:
+                try:
+                    trace = poutine.trace(self.model).get_trace(
+                        *self.model_args, **self.model_kwargs
+                    )
+                except Exception as err:
+                    raise SpecError(
+                        f"running the model {self.name}(*model_args, **model_kwargs) failed: "
+                        f"{type(err).__name__}: {err}"
+                    ) from err
             self.max_plate_nesting = _plate_nesting(trace)
             self.params: dict[str, ParamSite] = {}
             self.param_inits: dict[str, torch.Tensor] = {}
@@ -257,15 +363,67 @@ class ProgramModel:
             self.subsampled: dict[str, tuple[int, int]] = {}
             self._sort_sites(trace)
             self._check_dtypes(trace)
-            if self.enumerated and check_enumeration:
+            if self.enumerated and check_enumeration and self._sorting_trace is None:
                 # Every method runs the program with its discrete latents enumerated: a
                 # program that cannot be is reported here, the same way for all of them.
-                self.trace({name: trace.nodes[name]["value"].detach() for name in self.params})
+                nodes: Any = trace.nodes
+                self.trace({name: nodes[name]["value"].detach() for name in self.params})
         if not self.observed:
             raise SpecError(
                 f"the model {self.name} has no observed sites; pass the data to the model "
                 "and observe it with pyro.sample(..., obs=data)"
             )
+
+    def _enumerated_run(self) -> poutine.Trace | None:
+        """The sorting run with the discrete latents enumerated (see ``sort_enumerated``),
+        log-probabilities computed and tensors packed; ``None`` where it is not the
+        trace :meth:`trace` would give at the program's own parameter values. The random
+        state and parameter store are left as they were found."""
+        random_state = torch.get_rng_state()
+        enumerate_ = _EnumerateWhileSorting()
+        depth = len(_PYRO_STACK)
+        traced = poutine.trace(enumerate_(self.model))
+        try:
+            with pyro.get_param_store().scope(), _DetachedParams():
+                trace = traced.get_trace(*self.model_args, **self.model_kwargs)
+                nesting = _plate_nesting(trace)
+                if enumerate_.first_dim not in (None, -nesting - 1) or not enumerate_.finished():
+                    return None
+                for site in trace.nodes.values():
+                    if site["type"] == "sample":
+                        # Built as validated as the program asked (the sorting run's
+                        # check); scored as :meth:`trace` scores, without validation.
+                        _unvalidated(site["fn"])
+                trace.compute_log_prob()
+                trace.pack_tensors()
+        except (_NotFirstTrace, Exception):
+            del _PYRO_STACK[depth:]
+            return None
+        finally:
+            torch.set_rng_state(random_state)
+        return trace
+
+    def sorting_trace(self, values: Mapping[str, torch.Tensor]) -> poutine.Trace | None:
+        """The enumerated sorting run (``sort_enumerated``) as :meth:`trace` at ``values``
+        would give it, if ``values`` are the parameter values it ran with, else
+        ``None``; handed out once."""
+        trace, self._sorting_trace = self._sorting_trace, None
+        if trace is None:
+            return None
+        for name in self.params:
+            own: Any = trace.nodes[name]["value"]
+            value = values.get(name)
+            if not (
+                isinstance(value, torch.Tensor)
+                and value.shape == own.shape
+                and value.dtype == own.dtype
+                and value.device == own.device
+                and torch.equal(value, own)
+            ):
+                return None
+        for name in self.params:
+            trace.nodes[name]["value"] = values[name]
+        return trace
 
     # ----- site classification --------------------------------------------------
     def _sort_sites(self, trace: poutine.Trace) -> None:

@@ -183,8 +183,9 @@ def test_masked_or_scaled_mixture_program_runs_every_iteration(wrap: str) -> Non
 def test_program_leaving_the_recognised_form_is_caught_by_the_check() -> None:
     data = _data(2)
     # Recognition and the first checks see the program in its recognised form; from
-    # its 8th run on every location is shifted, which the kernel alone would not see.
-    program = _Counted(2, shift_after=8)
+    # its 8th run on (7 runs before it: setup and checks) every location is shifted,
+    # which the kernel alone would not see.
+    program = _Counted(2, shift_after=7)
     fit, later_runs = _fit(program, data)
     # A check found the difference: from there on the program ran at every E-step.
     assert later_runs > 20
