@@ -1098,8 +1098,6 @@ class Gaussian(Family):
         log_prob, moments, fused_moments = small_kernels(components, scratch)
 
         def finish(counts: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> Any:
-            if lower is None:
-                second = second.diagonal(dim1=-2, dim2=-1)
             return _moment_statistics(means, counts, first, second)
 
         def statistics(prepared: torch.Tensor, cache: Any, resp: torch.Tensor) -> GaussianStats:
