@@ -2,13 +2,13 @@
 
 For each ``NxDxK`` shape and covariance type, in one process and at one thread count:
 
-- pyroem: CPU seconds of each MAP-EM iteration (M-step then E-step, float64, flat
+- pyroem: CPU seconds of each MAP-EM iteration (M-step then E-step, ``--dtype``, flat
   priors), read by a per-iteration callback; min/median/max over ``--iterations``;
 - scikit-learn: CPU seconds of each ``_e_step`` + ``_m_step`` pair of a
   ``GaussianMixture`` on the same data from the same start (``reg_covar=0``);
-- the memory bound: the bytes of the data (``N·D·8``, read once an iteration) over the
-  bandwidth of a memcpy probe (a 256 MiB ``copy_``, counted as read + write) run in the
-  same process; "passes" is pyroem's median iteration over that bound.
+- the memory bound: the bytes of the data (``N·D`` elements, read once an iteration)
+  over the bandwidth of a memcpy probe (a 256 MiB ``copy_``, counted as read + write,
+  best of 10) run in the same process; "passes" is pyroem's median iteration over it.
 
 Run ``OMP_NUM_THREADS=1 python bench/bench_small_dim.py --threads 1 2``.
 """
@@ -30,7 +30,7 @@ import pyroem
 from bench.problems import initial_params, simulate
 
 
-def memcpy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+def memcpy_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
     """Bytes per second of a large ``copy_`` (read + write), best of ``repeats``."""
     source = torch.ones(megabytes * 2**20 // 8, dtype=torch.float64)
     target = torch.empty_like(source)
@@ -43,7 +43,11 @@ def memcpy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
 
 
 def pyroem_iterations(
-    data: np.ndarray, init: dict[str, np.ndarray], covariance_type: str, iterations: int
+    data: np.ndarray,
+    init: dict[str, np.ndarray],
+    covariance_type: str,
+    iterations: int,
+    dtype: torch.dtype = torch.float64,
 ) -> list[float]:
     """CPU seconds of each iteration of a fixed-length MAP-EM fit."""
     stamps: list[float] = []
@@ -60,7 +64,7 @@ def pyroem_iterations(
             init=start,
             tol=0.0,
             max_iter=iterations,
-            dtype=torch.float64,
+            dtype=dtype,
             num_threads=torch.get_num_threads(),
             callback=lambda _: stamps.append(time.process_time()),
         )
@@ -110,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dtype", choices=["float64", "float32"], default="float64", help="both libraries' data"
+    )
     args = parser.parse_args(argv)
     shapes = args.shape or ["1e6x2x3"]
     for threads in args.threads:
@@ -122,7 +129,10 @@ def main(argv: list[str] | None = None) -> None:
                 for covariance_type in args.covariance_type:
                     data = simulate(num, dim, count, covariance_type, args.seed)
                     init = initial_params(data, count, covariance_type, args.seed)
-                    ours = pyroem_iterations(data, init, covariance_type, args.iterations)
+                    data = data.astype(args.dtype)
+                    ours = pyroem_iterations(
+                        data, init, covariance_type, args.iterations, getattr(torch, args.dtype)
+                    )
                     theirs = sklearn_iterations(data, init, covariance_type, args.iterations)
                     bound = data.nbytes / bandwidth
                     print(

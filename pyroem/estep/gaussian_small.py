@@ -105,9 +105,19 @@ def small_kernels(
     def buffers(chunk: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
         """Block width and two ``(K, 2D, width)`` buffers: the deviations (and, for
         diagonal covariances, their squares after them), and the whitened values."""
-        width = min(small_block_rows(num_components, dim, chunk.element_size()), chunk.shape[0])
+        size = chunk.shape[0]
+        width = small_block_rows(num_components, dim, chunk.element_size())
+        # Blocks of equal width: no short last block paying a whole block's dispatch.
+        width = -(-size // -(-size // width))
         shape = (num_components, 2 * dim, width)
         return width, scratch("small_deviations", shape, chunk), scratch("small_work", shape, chunk)
+
+    def deviations(chunk: torch.Tensor, block: slice, held: torch.Tensor) -> torch.Tensor:
+        """``x − μ_k`` ``(K, D, count)`` of the rows ``block``, into ``held``."""
+        count = block.stop - block.start
+        # From the strided (count, D) rows directly: a transposed copy first (whole, or
+        # column by column) runs no faster.
+        return torch.sub(chunk[block].T[None], centres3, out=held[:, :dim, :count])
 
     def log_density(
         chunk: torch.Tensor,
@@ -119,9 +129,8 @@ def small_kernels(
     ) -> torch.Tensor:
         """``offset_k − ½ |W_k (x − μ_k)|²`` ``(K, count)`` of the rows ``block`` into
         ``out``, their deviations (and squares) left in ``held``."""
-        count = block.stop - block.start
-        # From the strided (count, D) rows directly: a transposed copy costs more.
-        deviation = torch.sub(chunk[block].T[None], centres3, out=held[:, :dim, :count])
+        deviation = deviations(chunk, block, held)
+        count = deviation.shape[2]
         if lower is None:
             squares = torch.square(deviation, out=held[:, dim:, :count])
             torch.bmm(halves, squares, out=out[:, None, :])
@@ -172,7 +181,7 @@ def small_kernels(
         for start in range(0, size, width):
             block = slice(start, min(start + width, size))
             count = block.stop - block.start
-            deviation = torch.sub(chunk[block].T[None], centres3, out=held[:, :dim, :count])
+            deviation = deviations(chunk, block, held)
             if lower is None:
                 torch.square(deviation, out=held[:, dim:, :count])
             accumulate(held, work, resp[:, block], sums)
