@@ -1097,15 +1097,12 @@ class Gaussian(Family):
         components = SmallGaussian(means, diagonal, lower, const)
         log_prob, moments, fused_moments = small_kernels(components, scratch)
 
-        def finish(counts: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> Any:
-            return _moment_statistics(means, counts, first, second)
-
         def statistics(prepared: torch.Tensor, cache: Any, resp: torch.Tensor) -> GaussianStats:
-            return finish(*moments(prepared, cache, resp))
+            return _moment_statistics(means, *moments(prepared, cache, resp))
 
         def fused(*args: Any) -> tuple[GaussianStats, torch.Tensor]:
             chunk_moments, log_likelihood = fused_moments(*args)
-            return finish(*chunk_moments), log_likelihood
+            return _moment_statistics(means, *chunk_moments), log_likelihood
 
         return EStepKernels(log_prob, statistics, fused)
 
