@@ -51,7 +51,7 @@ from pyroem.estep.gaussian_features import (
     features_pay,
     max_feature_loss,
 )
-from pyroem.estep.gaussian_small import SMALL_MAX_DIM, SmallGaussian, small_kernels
+from pyroem.estep.gaussian_small import SmallGaussian, small_kernels, takes_small_kernel
 from pyroem.model.distributions import InverseWishart
 from pyroem.model.priors import Beta, Dirichlet, Gamma, NormalInverseWishart, prior_from_config
 from pyroem.mstep.conjugate import (
@@ -863,7 +863,7 @@ class Gaussian(Family):
         def finish(counts: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> Any:
             return _moment_statistics(means, counts, first, second)
 
-        if dim <= SMALL_MAX_DIM:
+        if takes_small_kernel(num_components, dim, self.covariance_type in ("diag", "spherical")):
             return self._small_kernels(params, means, scratch)
 
         if self.covariance_type in ("diag", "spherical"):

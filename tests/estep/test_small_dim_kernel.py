@@ -68,15 +68,21 @@ def _reference(
 
 
 def _problem(
-    kind: str, dim: int, offset: float, spread: float = 1.0, seed: int = 0
+    kind: str,
+    dim: int,
+    offset: float,
+    spread: float = 1.0,
+    seed: int = 0,
+    count: int = NUM_COMPONENTS,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Data, weights, means, covariances (in ``kind``'s shape) and frequency weights."""
+    """Data, weights, means, covariances (in ``kind``'s shape) and frequency weights of
+    ``count`` components."""
     generator = np.random.default_rng(seed)
-    centres = offset + 4.0 * spread * generator.normal(size=(NUM_COMPONENTS, dim))
-    labels = generator.integers(NUM_COMPONENTS, size=NUM_DATA)
+    centres = offset + 4.0 * spread * generator.normal(size=(count, dim))
+    labels = generator.integers(count, size=NUM_DATA)
     data = centres[labels] + spread * generator.normal(size=(NUM_DATA, dim))
     means = centres + 0.3 * spread * generator.normal(size=centres.shape)
-    factors = generator.normal(size=(NUM_COMPONENTS, dim, dim)) / np.sqrt(dim)
+    factors = generator.normal(size=(count, dim, dim)) / np.sqrt(dim)
     full = spread**2 * (factors @ factors.transpose(0, 2, 1) + np.eye(dim))
     covariances = {
         "full": full,
@@ -84,7 +90,7 @@ def _problem(
         "diag": np.diagonal(full, axis1=1, axis2=2).copy(),
         "spherical": np.diagonal(full, axis1=1, axis2=2).mean(1),
     }[kind]
-    weights = generator.dirichlet(np.full(NUM_COMPONENTS, 5.0))
+    weights = generator.dirichlet(np.full(count, 5.0))
     frequency = generator.integers(1, 4, size=NUM_DATA).astype(np.float64)
     return data, weights, means, covariances, frequency
 
@@ -100,7 +106,8 @@ def _run(
 ):
     """The E-step's result and the scoring's ``(log p(x_n), log r)`` on the data."""
     tensor = torch.from_numpy(data).to(dtype)
-    spec = pyroem.Mixture(NUM_COMPONENTS, covariance_type=kind, prior=None)
+    count = len(weights)
+    spec = pyroem.Mixture(count, covariance_type=kind, prior=None)
     family = spec.bind(tensor)
     e_step = MixtureEStep(
         family,
@@ -112,9 +119,7 @@ def _run(
     components = family.params_type(
         torch.from_numpy(means).to(dtype), torch.from_numpy(covariances).to(dtype)
     )
-    params = MixtureParams(
-        torch.from_numpy(weights).to(dtype), components, torch.arange(NUM_COMPONENTS)
-    )
+    params = MixtureParams(torch.from_numpy(weights).to(dtype), components, torch.arange(count))
     return e_step(params), score_mixture(family, params, tensor, chunk_size=400)
 
 
@@ -209,9 +214,25 @@ def test_the_small_kernel_keeps_the_digits_of_clusters_far_from_the_origin(
     _check(result, scores, reference, 2, kind, rtol=1e-6)
 
 
-def test_five_dimensions_take_the_other_kernels(small_blocks: list[int]) -> None:
-    data, weights, means, covariances, frequency = _problem("full", 5, offset=0.0)
+@pytest.mark.parametrize(("dim", "count"), [(5, 3), (4, 8)])
+def test_the_other_kernels_take_five_dimensions_and_the_feature_kernel_case(
+    dim: int, count: int, small_blocks: list[int]
+) -> None:
+    # Full covariances: from D = 5, and at D = 4 with K >= 8, where the quadratic-feature
+    # kernel is the faster one.
+    data, weights, means, covariances, frequency = _problem("full", dim, 0.0, count=count)
     result, scores = _run("full", data, weights, means, covariances, frequency, torch.float64)
     assert small_blocks == []
     reference = _reference(data, weights, means, covariances, frequency)
-    _check(result, scores, reference, 5, "full", rtol=1e-12)
+    _check(result, scores, reference, dim, "full", rtol=1e-12)
+
+
+def test_diagonal_covariances_take_the_small_kernel_with_many_components(
+    small_blocks: list[int],
+) -> None:
+    data, weights, means, covariances, frequency = _problem("diag", 4, 0.0, count=8)
+    result, scores = _run("diag", data, weights, means, covariances, frequency, torch.float64)
+    assert set(small_blocks) == {4}
+    full = np.stack([np.diag(row) for row in covariances])
+    reference = _reference(data, weights, means, full, frequency)
+    _check(result, scores, reference, 4, "diag", rtol=1e-12)
