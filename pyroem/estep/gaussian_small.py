@@ -1,20 +1,22 @@
 r"""The Gaussian mixture E-step at small dimension (``D ≤ 4``), fused block by block.
 
-At small ``D`` a whitening product ``L_k⁻¹ (x − μ_k)`` has an inner dimension of two
-or three: batched matrix products run far below their speed, and each of the E-step's
-steps (deviations, whitening, quadratic form, normalisation, moments) is a pass over
-memory. Here every step is a handful of elementwise operations over ``(K, rows)``
-blocks small enough to stay in cache from the first step to the last:
+At small ``D`` a whitening product ``L_k⁻¹ (x − μ_k)`` has an inner dimension of one
+to four, where batched matrix products run far below their speed. Here the E-step is a
+handful of elementwise operations over ``(K, rows)`` blocks, each block's temporaries
+read again by the next step while they are still in cache:
 
 - deviations ``d = x − μ_k`` ``(K, D, rows)``, about each component's own mean as in
-  the other kernels (exact wherever the data sit, however far from the origin);
-- the whitened deviations written out per coordinate, ``u_i = Σ_{j≤i} W_{k,ij} d_j``
-  (``W = L⁻¹``, lower triangular; diagonal covariances: ``u_i = d_i / σ_{k,i}``), and
+  the other kernels (exact wherever the data sit, however far from the origin), read
+  from the rows as stored;
+- full and tied covariances: the whitened deviations written out per coordinate,
+  ``u_i = Σ_{j≤i} W_{k,ij} d_j`` (``W = L⁻¹``, lower triangular), and
   ``log π_k + log N(x | μ_k, Σ_k) = c_k − ½ Σ_i u_i²`` accumulated in place;
+  diagonal covariances: the squares ``d²`` beside ``d`` in one buffer, and the
+  quadratic form one batched product with ``−½/σ²``;
 - the caller's normalisation into responsibilities ``r``;
-- the moments about ``μ_k``, ``Σ r``, ``Σ r d`` and ``Σ r d dᵀ``, as one batched
-  product of ``r·[d; 1]`` with ``[d; 1]`` (the row of ones carries the counts and the
-  first moments), accumulated over the blocks.
+- the moments about ``μ_k`` accumulated over the blocks: ``Σ r``, ``Σ r d`` and
+  ``Σ r d dᵀ`` (a batched product of ``r d`` with ``d``), or for diagonal covariances
+  ``Σ r d`` and ``Σ r d²`` as one batched product of ``r`` with ``[d; d²]``.
 
 The moments are turned into statistics by the corrected two-pass formula of the
 other kernels (``S = Σ r d dᵀ − (Σ r d)(Σ r d)ᵀ / N``).
@@ -78,7 +80,7 @@ def takes_small_kernel(num_components: int, dim: int, diagonal: bool) -> bool:
 def small_block_rows(num_components: int, dim: int, element_size: int) -> int:
     """Rows of a block whose temporaries take about :data:`SMALL_BLOCK_BYTES`: two
     ``(K, 2D, rows)`` buffers (deviations and their squares or whitened values) and the
-    log-densities with the normaliser's mask, ``2K``."""
+    log-densities with a temporary of the normalisation, ``2K``."""
     row_bytes = (4 * num_components * dim + 2 * num_components) * element_size
     return max(256, SMALL_BLOCK_BYTES // row_bytes)
 
@@ -118,7 +120,8 @@ def small_kernels(
         size = chunk.shape[0]
         width = small_block_rows(num_components, dim, chunk.element_size())
         # Blocks of equal width: no short last block paying a whole block's dispatch.
-        width = -(-size // -(-size // width))
+        blocks = max(1, -(-size // width))
+        width = max(1, -(-size // blocks))
         shape = (num_components, 2 * dim, width)
         return width, scratch("small_deviations", shape, chunk), scratch("small_work", shape, chunk)
 
