@@ -180,7 +180,7 @@ class MixtureEStep:
         return EStepResult(stats, float(objective), float(log_likelihood))
 
 
-# Responsibilities below e^cutoff of a row's largest are set to exactly zero (exp() of
+# Responsibilities at or below e^cutoff of a row's largest are set to exactly zero (exp() of
 # underflowing arguments is slow on CPU, as are subnormal statistics). The cutoff is
 # float32's (tiny·e⁸, about 3.5e-35) in wider dtypes too, so which components no datum
 # reaches does not depend on the dtype (a log-likelihood moves by under 1e-34 relative).
@@ -196,9 +196,11 @@ def normalise_log_joint(
     finfo = torch.finfo(joint.dtype)
     cutoff = max(math.log(finfo.tiny) + 8, _CUTOFF)
     peak = joint.amax(dim=dim, keepdim=True).clamp_(min=finfo.min)
-    negligible = joint.sub_(peak) < cutoff
-    joint.clamp_(min=cutoff)
-    resp = (joint.exp() if keep_joint else joint.exp_()).masked_fill_(negligible, 0.0)
+    joint.sub_(peak).clamp_(min=cutoff)
+    # Zero at and below e^cutoff after the exp: one pass, where a mask of the
+    # arguments below the cutoff and a masked fill took three times as long.
+    resp = joint.exp() if keep_joint else joint.exp_()
+    torch.nn.functional.threshold(resp, math.exp(cutoff), 0.0, inplace=True)
     total = resp.sum(dim=dim, keepdim=True)
     return resp.div_(total), total.log_(), peak
 

@@ -52,6 +52,7 @@ from pyroem.estep.gaussian_features import (
     features_pay,
     max_feature_loss,
 )
+from pyroem.estep.gaussian_small import SmallGaussian, small_kernels, takes_small_kernel
 from pyroem.model.distributions import InverseWishart
 from pyroem.model.priors import Beta, Dirichlet, Gamma, NormalInverseWishart, prior_from_config
 from pyroem.mstep.conjugate import (
@@ -863,6 +864,9 @@ class Gaussian(Family):
         def finish(counts: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> Any:
             return _moment_statistics(means, counts, first, second)
 
+        if takes_small_kernel(num_components, dim, self.covariance_type in ("diag", "spherical")):
+            return self._small_kernels(params, means, scratch)
+
         if self.covariance_type in ("diag", "spherical"):
             variances = self._variances(params)  # (K, D)
 
@@ -1060,6 +1064,38 @@ class Gaussian(Family):
             return stats
 
         return EStepKernels(matrix, matrix_statistics, fused)
+
+    def _small_kernels(
+        self, params: GaussianParams, means: torch.Tensor, scratch: Callable[..., torch.Tensor]
+    ) -> EStepKernels:
+        """:mod:`pyroem.estep.gaussian_small`'s kernels (``D ≤ 4``), about the means
+        ``(K, D)`` (already about the centre)."""
+        num_components, dim = means.shape
+        log_2pi = math.log(2 * math.pi)
+        lower = None
+        if self.covariance_type in ("diag", "spherical"):
+            variances = self._variances(params)
+            diagonal = variances.rsqrt()
+            const = -0.5 * (dim * log_2pi + variances.log().sum(-1))
+        else:
+            chol = self._cholesky(params.covariances)
+            eye = torch.eye(dim, dtype=means.dtype, device=means.device)
+            whiten = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+            lower = whiten.expand(num_components, dim, dim)
+            diagonal = lower.diagonal(dim1=-2, dim2=-1).contiguous()
+            log_det = chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+            const = (-0.5 * dim * log_2pi - log_det).expand(num_components).contiguous()
+        components = SmallGaussian(means, diagonal, lower, const)
+        log_prob, moments, fused_moments = small_kernels(components, scratch)
+
+        def statistics(prepared: torch.Tensor, cache: Any, resp: torch.Tensor) -> GaussianStats:
+            return _moment_statistics(means, *moments(prepared, cache, resp))
+
+        def fused(*args: Any) -> tuple[GaussianStats, torch.Tensor]:
+            chunk_moments, log_likelihood = fused_moments(*args)
+            return _moment_statistics(means, *chunk_moments), log_likelihood
+
+        return EStepKernels(log_prob, statistics, fused)
 
     # ----- missing data -------------------------------------------------------
     missing_by_pattern = True
