@@ -46,6 +46,7 @@ from pyroem.estep.gaussian_features import (
     feature_loss_floor,
     feature_moment_statistics,
     feature_rows,
+    feature_shifts,
     feature_statistics,
     feature_weights,
     features_pay,
@@ -901,6 +902,7 @@ class Gaussian(Family):
         weights = feature_weights(means, whiten, const.reshape(-1).expand(num_components))
         max_loss = max_feature_loss(means.dtype) if features_pay(num_components, dim) else -1.0
         kept_features = feature_count(dim)
+        wrapped = dim + feature_shifts(dim) - 1  # rows of feature_rows' wrapped block
 
         def whitened(
             rows: torch.Tensor, index: torch.Tensor | None
@@ -1012,6 +1014,7 @@ class Gaussian(Family):
                 scratch(name, (length * width,), rows)
                 for name, length in (
                     ("block", 0 if every else kept_features),
+                    ("wrap", 0 if every else wrapped),
                     ("joint", num_components),
                     ("deviations", failing * dim),
                     ("white", failing * dim),
@@ -1020,15 +1023,16 @@ class Gaussian(Family):
             for start in range(0, size, width):
                 block = slice(start, min(start + width, size))
                 count = block.stop - block.start
-                joint = buffers[1][: num_components * count].view(num_components, count)
+                joint = buffers[2][: num_components * count].view(num_components, count)
                 if not every:
                     phi = buffers[0][: kept_features * count].view(kept_features, count)
-                    torch.mm(coefficients, feature_rows(centred[:, block], phi), out=joint)
+                    wrap = buffers[1][: wrapped * count].view(wrapped, count)
+                    torch.mm(coefficients, feature_rows(centred[:, block], phi, wrap), out=joint)
                 if failing:
                     shape = (failing, dim, count)
-                    deviations = buffers[2][: failing * dim * count].view(shape)
+                    deviations = buffers[3][: failing * dim * count].view(shape)
                     torch.sub(rows[None, :, block], parts[1], out=deviations)
-                    white = buffers[3][: failing * dim * count].view(shape)
+                    white = buffers[4][: failing * dim * count].view(shape)
                     torch.bmm(parts[0], deviations, out=white)
                     if every:
                         torch.sum(white.square_(), 1, out=joint)

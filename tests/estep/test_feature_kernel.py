@@ -346,3 +346,38 @@ def test_tied_covariances_with_failing_components_give_the_brute_force_statistic
     assert float(result.log_likelihood) == pytest.approx(expected, rel=1e-12)
     pointwise = score_mixture(family, params, tensor)[0]
     assert float(pointwise.sum()) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 5, 7, 8])
+def test_the_features_are_every_pair_once_and_give_the_gaussian_log_density(dim: int) -> None:
+    # The quadratic features come shift by shift from one broadcast product (odd and
+    # even D, where the half shift is built apart): each unordered pair of coordinates
+    # once, and W·φ equals SciPy's multivariate normal log-density.
+    from scipy.stats import multivariate_normal
+
+    generator = np.random.default_rng(7)
+    size = 53
+    data = generator.normal(size=(size, dim)) + 2.0
+    means = data[:3] + 0.1
+    covariances = np.stack([_covariances(generator, dim, 1.0)[k] for k in range(3)])
+    rows, cols = gaussian_features.feature_pairs(dim)
+    pairs = sorted(zip(rows.tolist(), cols.tolist(), strict=True))
+    assert sorted((min(i, j), max(i, j)) for i, j in pairs) == [
+        (i, j) for i in range(dim) for j in range(i, dim)
+    ]
+    chunk = torch.from_numpy(data).T
+    centre = chunk.mean(1)
+    centred = chunk - centre[:, None]
+    features = torch.empty(gaussian_features.feature_count(dim), size, dtype=torch.float64)
+    # Into a strided slice of a wider buffer, as the kept features are written.
+    wider = torch.zeros(features.shape[0], size + 9, dtype=torch.float64)
+    gaussian_features.feature_rows(centred, wider[:, 4 : 4 + size])
+    gaussian_features.feature_rows(centred, features)
+    np.testing.assert_array_equal(wider[:, 4 : 4 + size].numpy(), features.numpy())
+    whiten = torch.linalg.inv(torch.linalg.cholesky(torch.from_numpy(covariances)))
+    log_det = np.linalg.slogdet(covariances)[1]
+    const = torch.from_numpy(-0.5 * (dim * np.log(2 * np.pi) + log_det))
+    weights = gaussian_features.feature_weights(torch.from_numpy(means), whiten, const)
+    log_prob = gaussian_features.feature_coefficients(weights, centre) @ features
+    expected = [multivariate_normal(means[k], covariances[k]).logpdf(data) for k in range(3)]
+    np.testing.assert_allclose(log_prob.numpy(), np.reshape(expected, (3, size)), rtol=1e-12)
