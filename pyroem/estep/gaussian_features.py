@@ -45,6 +45,7 @@ __all__ = [
     "feature_weights",
     "features_pay",
     "max_feature_loss",
+    "moment_losses",
 ]
 
 FEATURE_BLOCK_BYTES = 2**20
@@ -69,6 +70,17 @@ def max_feature_loss(dtype: torch.dtype) -> float:
     """The largest :func:`feature_loss` the feature kernel is taken at: ``eps^(-1/3)``
     (float64 about 1.6e5, keeping ≥ 10 of 16 digits; float32 about 200, keeping 5 of 7)."""
     return float(torch.finfo(dtype).eps) ** (-1.0 / 3.0)
+
+
+def moment_losses(weights: FeatureWeights, moments: torch.Tensor) -> torch.Tensor:
+    r"""``λ_max(Λ_k)·Σ_n r_nk |y_n|² / N_k`` ``(K,)`` from the moments ``r φᵀ`` ``(K, P)``:
+    the factor by which rounding in the features' moments grows in component ``k``'s
+    scatter relative to its smallest variance (the responsibility-weighted form of
+    :func:`feature_loss`, read once the responsibilities are known; 0 where ``N_k = 0``)."""
+    dim = weights.means.shape[1]
+    counts = moments[:, 0]
+    spread = moments[:, dim + 1 : 2 * dim + 1].sum(1)
+    return weights.largest * spread / counts.clamp(min=torch.finfo(counts.dtype).tiny)
 
 
 class FeatureWeights(NamedTuple):

@@ -381,3 +381,49 @@ def test_the_features_are_every_pair_once_and_give_the_gaussian_log_density(dim:
     log_prob = gaussian_features.feature_coefficients(weights, centre) @ features
     expected = [multivariate_normal(means[k], covariances[k]).logpdf(data) for k in range(3)]
     np.testing.assert_allclose(log_prob.numpy(), np.reshape(expected, (3, size)), rtol=1e-12)
+
+
+def test_failing_components_take_the_features_moments_where_confirmed(monkeypatch) -> None:
+    # Four broad clusters near the origin and one far away (so that the chunk's largest
+    # |y|² is ~2,000) pass the chunk bound; three components with a thin direction fail
+    # it but are predicted to keep their moments' accuracy (λ_max(|μ_k − c|² + tr Σ_k)
+    # within it): they are whitened for their log-densities only and take the features'
+    # moments, which moment_losses confirms for two tight ones. The third sits at the
+    # chunk's centre with broad variances but takes a cluster 30 away (its weighted
+    # mean far from the centre), so its moments are refused once the chunk is done and
+    # the chunk runs again with them whitened. Every statistic stays the brute force's.
+    generator = np.random.default_rng(8)
+    dim, size = 5, 3000
+    centres = np.zeros((NUM_COMPONENTS, dim))
+    centres[:4] = 3.0 * generator.normal(size=(4, dim))
+    centres[4:7] = np.array([10.0, 10.0, 30.0])[:, None] * np.eye(dim)[:3]
+    centres[7] = 45.0 * np.ones(dim) / np.sqrt(dim)
+    thin = np.array([1.0] * 4 + [0.05])
+    spreads = np.ones((NUM_COMPONENTS, dim))
+    spreads[4:6] = 0.08
+    spreads[6] = thin
+    labels = generator.integers(NUM_COMPONENTS, size=size)
+    data = centres[labels] + spreads[labels] * generator.normal(size=(size, dim))
+    means = np.stack([data[labels == k].mean(0) for k in range(NUM_COMPONENTS)])
+    covariances = _covariances(generator, dim, 1.0)
+    covariances[4:6] *= 0.08**2
+    # At the centre, but on its cluster's line in the thin direction.
+    means[6, :4] = data.mean(0)[:4]
+    covariances[6] = np.diag([25.0] * 4 + [0.05**2])
+    weights = np.full(NUM_COMPONENTS, 1.0 / NUM_COMPONENTS)
+    loss = _chunk_loss(data, means, covariances)
+    limit = gaussian_features.max_feature_loss(torch.float64)
+    np.testing.assert_array_equal(loss > limit, [False] * 4 + [True] * 3 + [False])
+    seen = []
+
+    def recorded(weights, moments):
+        losses = gaussian_features.moment_losses(weights, moments)
+        seen.append(losses.numpy().copy())
+        return losses
+
+    monkeypatch.setattr(families, "moment_losses", recorded)
+    result = _e_step(data, weights, means, covariances)
+    # One check of the one chunk: components 4 and 5 confirmed, 6 refused.
+    assert len(seen) == 1
+    np.testing.assert_array_equal(seen[0][4:7] <= limit, [True, True, False])
+    _assert_brute_force(result, data, weights, means, covariances, rtol=1e-10)
