@@ -7,9 +7,9 @@ About a centre ``c`` (the chunk's mean), with ``y = x − c``, ``b_k = μ_k − 
     \log N(x | μ_k, Σ_k) = a_k + (Λ_k b_k)ᵀ y − ½ Σ_i Λ_{k,ii} y_i² − Σ_{i<j} Λ_{k,ij} y_i y_j,
 
 a linear function of the features ``φ(y) = [1, y, y_i y_j]`` (each unordered pair
-``i, j`` once, see :func:`feature_pairs`): the ``(K, n)``
-log-densities are one product ``W φ``, and the statistics (counts, first moments and
-the upper triangle of the second moments about ``c``) one product ``r φᵀ``. That is
+``i, j`` once, see :func:`feature_pairs`): the ``(K, n)`` log-densities are one product
+``W φ``, and the statistics (counts, first moments and each distinct second moment
+about ``c``) one product ``r φᵀ``. That is
 half the flops of whitening ``x − μ_k`` and forming ``Σ r d dᵀ`` per component, with no
 ``(K, D, n)`` temporary.
 
@@ -18,7 +18,10 @@ log-density is of size one, and the second moments about ``c`` of size
 ``|m_k − c|²`` where the scatter is of size ``σ_k²``. :func:`feature_loss` bounds the
 factor by which rounding grows, per chunk, and the caller takes this kernel only where
 it is below :func:`max_feature_loss` (otherwise it whitens ``x − μ_k``, exact to the
-dtype's precision wherever the data sit).
+dtype's precision wherever the data sit). The moments alone need less: their rounding
+grows by :func:`moment_losses`, the responsibility-weighted mean of the same bound,
+which the caller reads once a chunk is done to keep the features' moments of a
+component whose log-densities it whitened.
 """
 
 from __future__ import annotations
