@@ -49,6 +49,7 @@ __all__ = [
     "features_pay",
     "max_feature_loss",
     "moment_losses",
+    "wrapped_feature_rows",
 ]
 
 FEATURE_BLOCK_BYTES = 2**20
@@ -203,21 +204,30 @@ def feature_rows(
     block: torch.Tensor, out: torch.Tensor, wrap: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``φ`` of a block ``(D, m)`` into ``out`` ``(P, m)``, the products in
-    :func:`feature_pairs`' order: every full shift's ``D`` products in one broadcast
-    product of the block with a strided view of it wrapped around (``wrap``: a
-    ``(D + shifts − 1, m)`` buffer for it, or None to allocate one), so the build costs
-    a handful of operations whatever ``D`` (row by row it took ``D``, and their per-call
-    overhead was most of the build in cache-sized blocks)."""
+    :func:`feature_pairs`' order (see :func:`wrapped_feature_rows`), the block first
+    copied into ``wrap``, a ``(D + shifts − 1, m)`` buffer (None: one is allocated)."""
     dim, width = block.shape
     shifts = feature_shifts(dim)
-    out[0].fill_(1.0)
-    out[1 : dim + 1].copy_(block)
     if wrap is None:
         wrap = block.new_empty(dim + shifts - 1, width)
     wrap[:dim].copy_(block)
     wrap[dim:].copy_(block[: shifts - 1])
+    return wrapped_feature_rows(wrap, dim, out)
+
+
+def wrapped_feature_rows(wrapped: torch.Tensor, dim: int, out: torch.Tensor) -> torch.Tensor:
+    """``φ`` into ``out`` ``(P, m)`` of a block given wrapped around, ``(D + shifts − 1, m)``
+    (its first ``shifts − 1`` rows again after its ``D``, see :func:`feature_shifts`):
+    every full shift's ``D`` products in one broadcast product of the block with a
+    strided view of the wrapped rows, so the build costs a handful of operations
+    whatever ``D`` (row by row it took ``D``, and their per-call overhead was most of
+    the build in cache-sized blocks)."""
+    shifts = feature_shifts(dim)
+    block = wrapped[:dim]
+    out[0].fill_(1.0)
+    out[1 : dim + 1].copy_(block)
     # (shifts, D, m) with [s, i] = y_{(i+s) mod D}: windows of D rows, one row apart.
-    shifted = wrap.unfold(0, dim, 1).permute(0, 2, 1)
+    shifted = wrapped.unfold(0, dim, 1).permute(0, 2, 1)
     full = dim + 1 + shifts * dim
     torch.mul(block[None], shifted, out=out[dim + 1 : full].unflatten(0, (shifts, dim)))
     if dim % 2 == 0:

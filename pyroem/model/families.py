@@ -45,13 +45,13 @@ from pyroem.estep.gaussian_features import (
     feature_loss,
     feature_loss_floor,
     feature_moment_statistics,
-    feature_rows,
     feature_shifts,
     feature_statistics,
     feature_weights,
     features_pay,
     max_feature_loss,
     moment_losses,
+    wrapped_feature_rows,
 )
 from pyroem.model.distributions import InverseWishart
 from pyroem.model.priors import Beta, Dirichlet, Gamma, NormalInverseWishart, prior_from_config
@@ -961,8 +961,11 @@ class Gaussian(Family):
             floor = feature_loss_floor(weights, rows, centre)
             if 2 * int((floor <= max_loss).sum()) < num_components:
                 return rows, None
-            centred = scratch("centred", rows.shape, rows)
-            torch.sub(rows, centre[:, None], out=centred)
+            # Wrapped around (its first rows again after its D, see wrapped_feature_rows)
+            # once per chunk, so that no block copies itself to build its features.
+            extended = scratch("centred", (wrapped, rows.shape[1]), rows)
+            centred = torch.sub(rows, centre[:, None], out=extended[:dim])
+            extended[dim:].copy_(extended[: wrapped - dim])
             # Per component: each takes the features only where its own bound allows.
             loss = feature_loss(weights, centred, centre)
             fast = loss <= max_loss
@@ -983,13 +986,13 @@ class Gaussian(Family):
                 if bool(near.any()):
                     checked = torch.nonzero(near)[:, 0]
             bad = None if passing == num_components else torch.nonzero(~fast)[:, 0]
-            return rows, (centred, centre, bad, checked)
+            return rows, (centred, centre, bad, checked, extended)
 
         def matrix(prepared: torch.Tensor) -> tuple[torch.Tensor, Any]:
             rows, features = plan(prepared)
             if features is None:
                 return whitened(rows, None)
-            centred, centre, bad, _ = features
+            centred, centre, bad = features[:3]
             store = None
             if kept_features * rows.shape[1] * rows.element_size() <= FEATURE_STORE_BYTES:
                 store = scratch("features", (kept_features, rows.shape[1]), rows)
@@ -1024,7 +1027,7 @@ class Gaussian(Family):
             kept = moment_losses(weights, moments)[checked] <= max_loss
             if bool(kept.all()):
                 return stats, total
-            features = (*features[:3], checked[kept] if bool(kept.any()) else None)
+            features = (*features[:3], checked[kept] if bool(kept.any()) else None, features[4])
             return sweep(rows, features, log_weights, row_weights, responsibilities)[:2]
 
         def sweep(
@@ -1053,13 +1056,14 @@ class Gaussian(Family):
                 parts = tuple(part[bad] for part in parts)  # type: ignore[assignment]
             first = rows.new_zeros(scattered, dim)
             second = rows.new_zeros(scattered, dim, dim)
+            apart = None if bad is None else bad[:scattered]  # their moments whitened
             moments = rows.new_zeros(num_components, 0 if every else kept_features)
             if every:
                 counts = rows.new_zeros(num_components)
                 row_bytes = num_components * dim * rows.element_size()
                 width = max(64, WHITEN_BLOCK_BYTES // row_bytes)
             else:
-                centred, centre = features[0], features[1]
+                centre, extended = features[1], features[4]
                 coefficients = feature_coefficients(weights, centre)
                 width = feature_block_rows(kept_features, rows.element_size())
             width = min(width, size)
@@ -1068,7 +1072,6 @@ class Gaussian(Family):
                 scratch(name, (length * width,), rows)
                 for name, length in (
                     ("block", 0 if every else kept_features),
-                    ("wrap", 0 if every else wrapped),
                     ("joint", num_components),
                     ("deviations", failing * dim),
                     ("white", failing * dim),
@@ -1077,16 +1080,16 @@ class Gaussian(Family):
             for start in range(0, size, width):
                 block = slice(start, min(start + width, size))
                 count = block.stop - block.start
-                joint = buffers[2][: num_components * count].view(num_components, count)
+                joint = buffers[1][: num_components * count].view(num_components, count)
                 if not every:
                     phi = buffers[0][: kept_features * count].view(kept_features, count)
-                    wrap = buffers[1][: wrapped * count].view(wrapped, count)
-                    torch.mm(coefficients, feature_rows(centred[:, block], phi, wrap), out=joint)
+                    features_block = wrapped_feature_rows(extended[:, block], dim, phi)
+                    torch.mm(coefficients, features_block, out=joint)
                 if failing:
                     shape = (failing, dim, count)
-                    deviations = buffers[3][: failing * dim * count].view(shape)
+                    deviations = buffers[2][: failing * dim * count].view(shape)
                     torch.sub(rows[None, :, block], parts[1], out=deviations)
-                    white = buffers[4][: failing * dim * count].view(shape)
+                    white = buffers[3][: failing * dim * count].view(shape)
                     torch.bmm(parts[0], deviations, out=white)
                     if every:
                         torch.sum(white.square_(), 1, out=joint)
@@ -1099,8 +1102,9 @@ class Gaussian(Family):
                 if not every:
                     moments.addmm_(resp, phi.T)
                 if scattered:
-                    part = resp if every else resp[bad[:scattered]]  # type: ignore[index]
-                    deviations = deviations[:scattered]
+                    part = resp if apart is None else resp[apart]
+                    if scattered < failing:
+                        deviations = deviations[:scattered]
                     weighted = torch.mul(deviations, part[:, None, :], out=white[:scattered])
                     second.baddbmm_(weighted, deviations.mT)
                     first.add_(weighted.sum(2))
@@ -1110,8 +1114,7 @@ class Gaussian(Family):
             if every:
                 return _moment_statistics(centres_k, counts, first, second), total, moments
             stats = GaussianStats(*feature_moment_statistics(weights, moments, centre))
-            if scattered:
-                apart = bad[:scattered]  # type: ignore[index]
+            if apart is not None and scattered:
                 slow = _moment_statistics(centres_k, stats.counts[apart], first, second)
                 for joined, replaced in zip(stats, slow, strict=True):
                     joined[apart] = replaced
