@@ -903,7 +903,7 @@ class Gaussian(Family):
         weights = feature_weights(means, whiten, const.reshape(-1).expand(num_components))
         max_loss = max_feature_loss(means.dtype) if features_pay(num_components, dim) else -1.0
         kept_features = feature_count(dim)
-        wrapped = dim + feature_shifts(dim) - 1  # rows of feature_rows' wrapped block
+        wrapped = dim + feature_shifts(dim) - 1  # rows of a chunk wrapped around
 
         def whitened(
             rows: torch.Tensor, index: torch.Tensor | None
@@ -945,8 +945,8 @@ class Gaussian(Family):
 
         def plan(prepared: torch.Tensor, moments: bool = False) -> tuple[torch.Tensor, Any]:
             """The chunk as ``(D, n)`` and, where the features pay, ``(centred, centre,
-            failing components or None, checked components or None)``; ``None`` where
-            it is whitened.
+            failing components or None, checked components or None, centred wrapped
+            around (D + shifts − 1, n))``; ``None`` where it is whitened.
 
             ``moments``: the failing components whose moments are predicted to keep the
             features' accuracy are *checked* (a subset of the failing ones): whitened for
