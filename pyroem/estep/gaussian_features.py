@@ -6,9 +6,10 @@ About a centre ``c`` (the chunk's mean), with ``y = x − c``, ``b_k = μ_k − 
 .. math::
     \log N(x | μ_k, Σ_k) = a_k + (Λ_k b_k)ᵀ y − ½ Σ_i Λ_{k,ii} y_i² − Σ_{i<j} Λ_{k,ij} y_i y_j,
 
-a linear function of the features ``φ(y) = [1, y, y_i y_j (i ≤ j)]``: the ``(K, n)``
-log-densities are one product ``W φ``, and the statistics (counts, first moments and
-the upper triangle of the second moments about ``c``) one product ``r φᵀ``. That is
+a linear function of the features ``φ(y) = [1, y, y_i y_j]`` (each unordered pair
+``i, j`` once, see :func:`feature_pairs`): the ``(K, n)`` log-densities are one product
+``W φ``, and the statistics (counts, first moments and each distinct second moment
+about ``c``) one product ``r φᵀ``. That is
 half the flops of whitening ``x − μ_k`` and forming ``Σ r d dᵀ`` per component, with no
 ``(K, D, n)`` temporary.
 
@@ -17,7 +18,10 @@ log-density is of size one, and the second moments about ``c`` of size
 ``|m_k − c|²`` where the scatter is of size ``σ_k²``. :func:`feature_loss` bounds the
 factor by which rounding grows, per chunk, and the caller takes this kernel only where
 it is below :func:`max_feature_loss` (otherwise it whitens ``x − μ_k``, exact to the
-dtype's precision wherever the data sit).
+dtype's precision wherever the data sit). The moments alone need less: their rounding
+grows by :func:`moment_losses`, the responsibility-weighted mean of the same bound,
+which the caller reads once a chunk is done to keep the features' moments of a
+component whose log-densities it whitened.
 """
 
 from __future__ import annotations
@@ -37,11 +41,15 @@ __all__ = [
     "feature_loss",
     "feature_loss_floor",
     "feature_moment_statistics",
+    "feature_pairs",
     "feature_rows",
+    "feature_shifts",
     "feature_statistics",
     "feature_weights",
     "features_pay",
     "max_feature_loss",
+    "moment_losses",
+    "wrapped_feature_rows",
 ]
 
 FEATURE_BLOCK_BYTES = 2**20
@@ -68,13 +76,24 @@ def max_feature_loss(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) ** (-1.0 / 3.0)
 
 
+def moment_losses(weights: FeatureWeights, moments: torch.Tensor) -> torch.Tensor:
+    r"""``λ_max(Λ_k)·Σ_n r_nk |y_n|² / N_k`` ``(K,)`` from the moments ``r φᵀ`` ``(K, P)``:
+    the factor by which rounding in the features' moments grows in component ``k``'s
+    scatter relative to its smallest variance (the responsibility-weighted form of
+    :func:`feature_loss`, read once the responsibilities are known; 0 where ``N_k = 0``)."""
+    dim = weights.means.shape[1]
+    counts = moments[:, 0]
+    spread = moments[:, dim + 1 : 2 * dim + 1].sum(1)
+    return weights.largest * spread / counts.clamp(min=torch.finfo(counts.dtype).tiny)
+
+
 class FeatureWeights(NamedTuple):
     """What the feature kernel needs from the parameters.
 
     Attributes:
         means: ``(K, D)``; precisions: ``Λ_k`` ``(K, D, D)``; const: the log-normalisers
-            ``(K,)``; largest: ``λ_max(Λ_k)`` ``(K,)``; rows, cols: the upper triangle's
-            indices ``(T,)``, ``T = D(D+1)/2``.
+            ``(K,)``; largest: ``λ_max(Λ_k)`` ``(K,)``; rows, cols: the pairs of the
+            quadratic features (:func:`feature_pairs`) ``(T,)``, ``T = D(D+1)/2``.
     """
 
     means: torch.Tensor
@@ -105,7 +124,7 @@ def feature_weights(
     precisions = whiten.mT @ whiten
     # λ_max(Λ) = 1 / σ_min(L)²: from the singular values of L⁻¹.
     largest = torch.linalg.matrix_norm(whiten, ord=2).square()
-    rows, cols = torch.triu_indices(dim, dim, device=means.device)
+    rows, cols = feature_pairs(dim, means.device)
     return FeatureWeights(means, precisions, const, largest, rows, cols)
 
 
@@ -158,17 +177,61 @@ def feature_count(dim: int) -> int:
     return 1 + dim + dim * (dim + 1) // 2
 
 
-def feature_rows(block: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``φ`` of a block ``(D, m)`` into ``out`` ``(P, m)``: the products ``y_i y_j``
-    (``i ≤ j``) in the upper triangle's row-major order, row ``i``'s ``D − i`` of them as
-    one broadcast product ``y_i · y_{i:}`` written in place (no gathered copies)."""
-    dim = block.shape[0]
+def feature_shifts(dim: int) -> int:
+    """Cyclic shifts ``s = 0 … ⌊(D − 1)/2⌋`` whose products ``y_i y_{(i+s) mod D}`` over
+    every ``i`` are each a full row of ``D`` features (see :func:`feature_pairs`)."""
+    return (dim - 1) // 2 + 1
+
+
+def feature_pairs(
+    dim: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(i, j)`` ``(T,)`` each of the quadratic features ``y_i y_j``, in :func:`feature_rows`'
+    order: shift by shift, ``j = (i + s) mod D`` for every ``i`` (each unordered pair at
+    cyclic distance ``s < D/2`` once), then for even ``D`` the half shift ``j = i + D/2``,
+    ``i < D/2`` (each of those pairs once): ``T = D(D+1)/2`` pairs, none twice."""
+    index = torch.arange(dim, device=device)
+    shifts = torch.arange(feature_shifts(dim), device=device)
+    rows = index.repeat(shifts.shape[0])
+    cols = ((index[None, :] + shifts[:, None]) % dim).reshape(-1)
+    if dim % 2 == 0:
+        half = torch.arange(dim // 2, device=device)
+        rows, cols = torch.cat([rows, half]), torch.cat([cols, half + dim // 2])
+    return rows, cols
+
+
+def feature_rows(
+    block: torch.Tensor, out: torch.Tensor, wrap: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``φ`` of a block ``(D, m)`` into ``out`` ``(P, m)``, the products in
+    :func:`feature_pairs`' order (see :func:`wrapped_feature_rows`), the block first
+    copied into ``wrap``, a ``(D + shifts − 1, m)`` buffer (None: one is allocated)."""
+    dim, width = block.shape
+    shifts = feature_shifts(dim)
+    if wrap is None:
+        wrap = block.new_empty(dim + shifts - 1, width)
+    wrap[:dim].copy_(block)
+    wrap[dim:].copy_(block[: shifts - 1])
+    return wrapped_feature_rows(wrap, dim, out)
+
+
+def wrapped_feature_rows(wrapped: torch.Tensor, dim: int, out: torch.Tensor) -> torch.Tensor:
+    """``φ`` into ``out`` ``(P, m)`` of a block given wrapped around, ``(D + shifts − 1, m)``
+    (its first ``shifts − 1`` rows again after its ``D``, see :func:`feature_shifts`):
+    every full shift's ``D`` products in one broadcast product of the block with a
+    strided view of the wrapped rows, so the build costs a handful of operations
+    whatever ``D`` (row by row it took ``D``, and their per-call overhead was most of
+    the build in cache-sized blocks)."""
+    shifts = feature_shifts(dim)
+    block = wrapped[:dim]
     out[0].fill_(1.0)
     out[1 : dim + 1].copy_(block)
-    offset = dim + 1
-    for row in range(dim):
-        torch.mul(block[row:], block[row], out=out[offset : offset + dim - row])
-        offset += dim - row
+    # (shifts, D, m) with [s, i] = y_{(i+s) mod D}: windows of D rows, one row apart.
+    shifted = wrapped.unfold(0, dim, 1).permute(0, 2, 1)
+    full = dim + 1 + shifts * dim
+    torch.mul(block[None], shifted, out=out[dim + 1 : full].unflatten(0, (shifts, dim)))
+    if dim % 2 == 0:
+        torch.mul(block[: dim // 2], block[dim // 2 :], out=out[full:])
     return out
 
 
@@ -187,6 +250,7 @@ def feature_log_prob(
     num_features = coefficients.shape[1]
     width = min(feature_block_rows(num_features, centred.element_size()), centred.shape[1])
     buffer = centred.new_empty(num_features, width) if store is None else None
+    wrap = centred.new_empty(centred.shape[0] + feature_shifts(centred.shape[0]) - 1, width)
     scores = centred.new_empty(coefficients.shape[0], width)
     for start in range(0, centred.shape[1], width):
         block = centred[:, start : start + width]
@@ -194,7 +258,7 @@ def feature_log_prob(
             target = buffer[:, : block.shape[1]]  # type: ignore[index]
         else:
             target = store[:, start : start + width]
-        features = feature_rows(block, target)
+        features = feature_rows(block, target, wrap[:, : block.shape[1]])
         # Into a contiguous block: BLAS writes a strided slice of out through a copy anyway.
         scores_block = torch.mm(coefficients, features, out=scores[:, : block.shape[1]])
         out[:, start : start + width].copy_(scores_block)
@@ -218,10 +282,12 @@ def feature_statistics(
         num_features = feature_count(dim)
         width = min(feature_block_rows(num_features, centred.element_size()), centred.shape[1])
         buffer = centred.new_empty(num_features, width)
+        wrap = centred.new_empty(dim + feature_shifts(dim) - 1, width)
         moments = centred.new_zeros(num_components, num_features)
         for start in range(0, centred.shape[1], width):
             block = centred[:, start : start + width]
-            features = feature_rows(block, buffer[:, : block.shape[1]])
+            count = block.shape[1]
+            features = feature_rows(block, buffer[:, :count], wrap[:, :count])
             moments.addmm_(resp[:, start : start + width], features.T)
     return feature_moment_statistics(weights, moments, centre)
 

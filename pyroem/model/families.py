@@ -46,11 +46,13 @@ from pyroem.estep.gaussian_features import (
     feature_loss,
     feature_loss_floor,
     feature_moment_statistics,
-    feature_rows,
+    feature_shifts,
     feature_statistics,
     feature_weights,
     features_pay,
     max_feature_loss,
+    moment_losses,
+    wrapped_feature_rows,
 )
 from pyroem.estep.gaussian_small import SmallGaussian, small_kernels, takes_small_kernel
 from pyroem.model.distributions import InverseWishart
@@ -896,6 +898,7 @@ class Gaussian(Family):
         weights = feature_weights(means, whiten, const.reshape(-1).expand(num_components))
         max_loss = max_feature_loss(means.dtype) if features_pay(num_components, dim) else -1.0
         kept_features = feature_count(dim)
+        wrapped = dim + feature_shifts(dim) - 1  # rows of a chunk wrapped around
 
         def whitened(
             rows: torch.Tensor, index: torch.Tensor | None
@@ -931,35 +934,60 @@ class Gaussian(Family):
                 first.add_(weighted.sum(2))
             return _moment_statistics(centres_k[:, :, 0], resp.sum(1), first, second)
 
-        def plan(prepared: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        # tr Σ_k: with |μ_k − c|², the mean |y_n|² of a component's rows (what its moments
+        # cancel by, see :func:`moment_losses`, checked once the chunk is done).
+        spreads = chol.square().sum((-2, -1)).expand(num_components)
+
+        def plan(prepared: torch.Tensor, moments: bool = False) -> tuple[torch.Tensor, Any]:
             """The chunk as ``(D, n)`` and, where the features pay, ``(centred, centre,
-            failing components or None)``; ``None`` where it is whitened."""
+            failing components or None, checked components or None, centred wrapped
+            around (D + shifts − 1, n))``; ``None`` where it is whitened.
+
+            ``moments``: the failing components whose moments are predicted to keep the
+            features' accuracy are *checked* (a subset of the failing ones): whitened for
+            their log-densities, their moments read from the features' product where
+            :func:`moment_losses` confirms them once the responsibilities are known."""
             rows = transposed(prepared)
             if max_loss < 0:
                 return rows, None
             centre = rows.mean(1)
-            # The bound from below, from each coordinate's range: a chunk no component
-            # can take the features in (most chunks in float32) is never centred.
-            if not bool((feature_loss_floor(weights, rows, centre) <= max_loss).any()):
+            # The bound from below, from each coordinate's range: a chunk where fewer
+            # than half the components can pass (most chunks in float32) is never centred.
+            floor = feature_loss_floor(weights, rows, centre)
+            if 2 * int((floor <= max_loss).sum()) < num_components:
                 return rows, None
-            centred = scratch("centred", rows.shape, rows)
-            torch.sub(rows, centre[:, None], out=centred)
+            # Wrapped around (its first rows again after its D, see wrapped_feature_rows)
+            # once per chunk, so that no block copies itself to build its features.
+            extended = scratch("centred", (wrapped, rows.shape[1]), rows)
+            centred = torch.sub(rows, centre[:, None], out=extended[:dim])
+            extended[dim:].copy_(extended[: wrapped - dim])
             # Per component: each takes the features only where its own bound allows.
-            fast = feature_loss(weights, centred, centre) <= max_loss
+            loss = feature_loss(weights, centred, centre)
+            fast = loss <= max_loss
             passing = int(fast.sum())
             # The features' products cost about half of whitening every component
             # (K = D = 16, float64: 2.1 against 4.1 ms a 4,096-row chunk), so they pay
             # while at least half the components pass.
             if 2 * passing < num_components:
                 return rows, None
+            checked = None
+            if moments and passing < num_components:
+                # Failing components whose moments are predicted to keep the features'
+                # accuracy (a row at mean distance from the centre, |μ_k − c|² + tr Σ_k,
+                # within the bound) are whitened for their log-densities only.
+                offsets = (weights.means - centre).square().sum(1)
+                predicted = weights.largest * (offsets + spreads) <= max_loss
+                near = ~fast & predicted
+                if bool(near.any()):
+                    checked = torch.nonzero(near)[:, 0]
             bad = None if passing == num_components else torch.nonzero(~fast)[:, 0]
-            return rows, (centred, centre, bad)
+            return rows, (centred, centre, bad, checked, extended)
 
         def matrix(prepared: torch.Tensor) -> tuple[torch.Tensor, Any]:
             rows, features = plan(prepared)
             if features is None:
                 return whitened(rows, None)
-            centred, centre, bad = features
+            centred, centre, bad = features[:3]
             store = None
             if kept_features * rows.shape[1] * rows.element_size() <= FEATURE_STORE_BYTES:
                 store = scratch("features", (kept_features, rows.shape[1]), rows)
@@ -979,27 +1007,59 @@ class Gaussian(Family):
         ) -> tuple[GaussianStats, torch.Tensor]:
             """Statistics and log-likelihood of a chunk, block by block: each block's
             features and whitened components' deviations built once and read, still in
-            cache, by the log-densities, the normalisation and the moments."""
-            rows, features = plan(prepared)
+            cache, by the log-densities, the normalisation and the moments.
+
+            Checked components (see ``plan``) keep their features' moments only where
+            :func:`moment_losses` confirms them; otherwise the chunk runs again with
+            their moments whitened too."""
+            rows, features = plan(prepared, moments=True)
+            stats, total, moments = sweep(
+                rows, features, log_weights, row_weights, responsibilities
+            )
+            if features is None or features[3] is None:
+                return stats, total
+            checked = features[3]
+            kept = moment_losses(weights, moments)[checked] <= max_loss
+            if bool(kept.all()):
+                return stats, total
+            features = (*features[:3], checked[kept] if bool(kept.any()) else None, features[4])
+            return sweep(rows, features, log_weights, row_weights, responsibilities)[:2]
+
+        def sweep(
+            rows: torch.Tensor,
+            features: Any,
+            log_weights: torch.Tensor,
+            row_weights: torch.Tensor | None,
+            responsibilities: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+        ) -> tuple[GaussianStats, torch.Tensor, torch.Tensor]:
+            """One pass of :func:`fused` over the chunk ``rows`` ``(D, n)`` as planned
+            (``features`` None: every component whitened), and the features' moments
+            ``(K, P)`` (``(K, 0)`` without features)."""
             size = rows.shape[1]
             total = rows.new_zeros(())
-            # The components whitened: all (no features), the failing ones, or none.
+            # The components whitened: all (no features), the failing ones, or none;
+            # those whose moments are whitened too first (all but the checked ones).
             every = features is None
             bad = None if every else features[2]
+            if bad is not None and features[3] is not None:
+                checked = features[3]
+                bad = torch.cat([bad[~torch.isin(bad, checked)], checked])
             failing = num_components if every else 0 if bad is None else bad.shape[0]
+            scattered = failing if every or features[3] is None else failing - features[3].shape[0]
             parts = (whiten, centres, const)
             if bad is not None:
                 parts = tuple(part[bad] for part in parts)  # type: ignore[assignment]
-            first = rows.new_zeros(failing, dim)
-            second = rows.new_zeros(failing, dim, dim)
+            first = rows.new_zeros(scattered, dim)
+            second = rows.new_zeros(scattered, dim, dim)
+            apart = None if bad is None else bad[:scattered]  # their moments whitened
+            moments = rows.new_zeros(num_components, 0 if every else kept_features)
             if every:
                 counts = rows.new_zeros(num_components)
                 row_bytes = num_components * dim * rows.element_size()
                 width = max(64, WHITEN_BLOCK_BYTES // row_bytes)
             else:
-                centred, centre = features[0], features[1]
+                centre, extended = features[1], features[4]
                 coefficients = feature_coefficients(weights, centre)
-                moments = rows.new_zeros(num_components, kept_features)
                 width = feature_block_rows(kept_features, rows.element_size())
             width = min(width, size)
             # Flat buffers, viewed block by block (a short last block included).
@@ -1018,7 +1078,8 @@ class Gaussian(Family):
                 joint = buffers[1][: num_components * count].view(num_components, count)
                 if not every:
                     phi = buffers[0][: kept_features * count].view(kept_features, count)
-                    torch.mm(coefficients, feature_rows(centred[:, block], phi), out=joint)
+                    features_block = wrapped_feature_rows(extended[:, block], dim, phi)
+                    torch.mm(coefficients, features_block, out=joint)
                 if failing:
                     shape = (failing, dim, count)
                     deviations = buffers[2][: failing * dim * count].view(shape)
@@ -1035,21 +1096,24 @@ class Gaussian(Family):
                 total += log_norm.sum()
                 if not every:
                     moments.addmm_(resp, phi.T)
-                if failing:
-                    part = resp if every else resp[bad]
-                    weighted = torch.mul(deviations, part[:, None, :], out=white)
+                if scattered:
+                    part = resp if apart is None else resp[apart]
+                    if scattered < failing:
+                        deviations = deviations[:scattered]
+                    weighted = torch.mul(deviations, part[:, None, :], out=white[:scattered])
                     second.baddbmm_(weighted, deviations.mT)
                     first.add_(weighted.sum(2))
                     if every:
                         counts.add_(part.sum(1))
+            centres_k = parts[1][:scattered, :, 0]
             if every:
-                return _moment_statistics(parts[1][:, :, 0], counts, first, second), total
+                return _moment_statistics(centres_k, counts, first, second), total, moments
             stats = GaussianStats(*feature_moment_statistics(weights, moments, centre))
-            if bad is not None:
-                slow = _moment_statistics(parts[1][:, :, 0], stats.counts[bad], first, second)
+            if apart is not None and scattered:
+                slow = _moment_statistics(centres_k, stats.counts[apart], first, second)
                 for joined, replaced in zip(stats, slow, strict=True):
-                    joined[bad] = replaced
-            return stats, total
+                    joined[apart] = replaced
+            return stats, total, moments
 
         def matrix_statistics(prepared: torch.Tensor, cache: Any, resp: torch.Tensor) -> Any:
             if not isinstance(cache, tuple):

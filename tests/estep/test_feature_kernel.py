@@ -346,3 +346,84 @@ def test_tied_covariances_with_failing_components_give_the_brute_force_statistic
     assert float(result.log_likelihood) == pytest.approx(expected, rel=1e-12)
     pointwise = score_mixture(family, params, tensor)[0]
     assert float(pointwise.sum()) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 5, 7, 8])
+def test_the_features_are_every_pair_once_and_give_the_gaussian_log_density(dim: int) -> None:
+    # The quadratic features come shift by shift from one broadcast product (odd and
+    # even D, where the half shift is built apart): each unordered pair of coordinates
+    # once, and W·φ equals SciPy's multivariate normal log-density.
+    from scipy.stats import multivariate_normal
+
+    generator = np.random.default_rng(7)
+    size = 53
+    data = generator.normal(size=(size, dim)) + 2.0
+    means = data[:3] + 0.1
+    covariances = np.stack([_covariances(generator, dim, 1.0)[k] for k in range(3)])
+    rows, cols = gaussian_features.feature_pairs(dim)
+    pairs = sorted(zip(rows.tolist(), cols.tolist(), strict=True))
+    assert sorted((min(i, j), max(i, j)) for i, j in pairs) == [
+        (i, j) for i in range(dim) for j in range(i, dim)
+    ]
+    chunk = torch.from_numpy(data).T
+    centre = chunk.mean(1)
+    centred = chunk - centre[:, None]
+    features = torch.empty(gaussian_features.feature_count(dim), size, dtype=torch.float64)
+    # Into a strided slice of a wider buffer, as the kept features are written.
+    wider = torch.zeros(features.shape[0], size + 9, dtype=torch.float64)
+    gaussian_features.feature_rows(centred, wider[:, 4 : 4 + size])
+    gaussian_features.feature_rows(centred, features)
+    np.testing.assert_array_equal(wider[:, 4 : 4 + size].numpy(), features.numpy())
+    whiten = torch.linalg.inv(torch.linalg.cholesky(torch.from_numpy(covariances)))
+    log_det = np.linalg.slogdet(covariances)[1]
+    const = torch.from_numpy(-0.5 * (dim * np.log(2 * np.pi) + log_det))
+    weights = gaussian_features.feature_weights(torch.from_numpy(means), whiten, const)
+    log_prob = gaussian_features.feature_coefficients(weights, centre) @ features
+    expected = [multivariate_normal(means[k], covariances[k]).logpdf(data) for k in range(3)]
+    np.testing.assert_allclose(log_prob.numpy(), np.reshape(expected, (3, size)), rtol=1e-12)
+
+
+def test_failing_components_take_the_features_moments_where_confirmed(monkeypatch) -> None:
+    # Four broad clusters near the origin and one far away (so that the chunk's largest
+    # |y|² is ~2,000) pass the chunk bound; three components with a thin direction fail
+    # it but are predicted to keep their moments' accuracy (λ_max(|μ_k − c|² + tr Σ_k)
+    # within it): they are whitened for their log-densities only and take the features'
+    # moments, which moment_losses confirms for two tight ones. The third sits at the
+    # chunk's centre with broad variances but takes a cluster 30 away (its weighted
+    # mean far from the centre), so its moments are refused once the chunk is done and
+    # the chunk runs again with them whitened. Every statistic stays the brute force's.
+    generator = np.random.default_rng(8)
+    dim, size = 5, 3000
+    centres = np.zeros((NUM_COMPONENTS, dim))
+    centres[:4] = 3.0 * generator.normal(size=(4, dim))
+    centres[4:7] = np.array([10.0, 10.0, 30.0])[:, None] * np.eye(dim)[:3]
+    centres[7] = 45.0 * np.ones(dim) / np.sqrt(dim)
+    thin = np.array([1.0] * 4 + [0.05])
+    spreads = np.ones((NUM_COMPONENTS, dim))
+    spreads[4:6] = 0.08
+    spreads[6] = thin
+    labels = generator.integers(NUM_COMPONENTS, size=size)
+    data = centres[labels] + spreads[labels] * generator.normal(size=(size, dim))
+    means = np.stack([data[labels == k].mean(0) for k in range(NUM_COMPONENTS)])
+    covariances = _covariances(generator, dim, 1.0)
+    covariances[4:6] *= 0.08**2
+    # At the centre, but on its cluster's line in the thin direction.
+    means[6, :4] = data.mean(0)[:4]
+    covariances[6] = np.diag([25.0] * 4 + [0.05**2])
+    weights = np.full(NUM_COMPONENTS, 1.0 / NUM_COMPONENTS)
+    loss = _chunk_loss(data, means, covariances)
+    limit = gaussian_features.max_feature_loss(torch.float64)
+    np.testing.assert_array_equal(loss > limit, [False] * 4 + [True] * 3 + [False])
+    seen = []
+
+    def recorded(weights, moments):
+        losses = gaussian_features.moment_losses(weights, moments)
+        seen.append(losses.numpy().copy())
+        return losses
+
+    monkeypatch.setattr(families, "moment_losses", recorded)
+    result = _e_step(data, weights, means, covariances)
+    # One check of the one chunk: components 4 and 5 confirmed, 6 refused.
+    assert len(seen) == 1
+    np.testing.assert_array_equal(seen[0][4:7] <= limit, [True, True, False])
+    _assert_brute_force(result, data, weights, means, covariances, rtol=1e-10)
