@@ -102,7 +102,7 @@ OPTIONS: dict[str, Option] = {
     "checkpoint_every": Option(10, _CHECKPOINTED, _NO_CHECKPOINT),
     "resume": Option(False, _CHECKPOINTED, _NO_CHECKPOINT),
     "accelerate": Option(
-        None,
+        "auto",
         {"map-em": "program"},
         "SQUAREM extrapolates map-em's parameter map on a Pyro program only",
     ),
@@ -166,7 +166,7 @@ class FitSettings:
     m_step: str = "auto"
     gradient_steps: int = 50
     sample_weight: Any = None
-    accelerate: str | None = None
+    accelerate: str | None = "auto"
     collective: Collective = LOCAL
 
     def loop(self) -> dict[str, Any]:
