@@ -128,6 +128,8 @@ def check_applicable(method: str, kind: str, given: Mapping[str, Any]) -> None:
             and value == option.default
         ):
             continue
+        if name == "accelerate" and value is None:
+            continue  # plain EM: what every other fit runs
         where = option.applies.get(method)
         if where == "any" or where == kind or (where == "Mixture" and kind.startswith(where)):
             continue

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -126,3 +127,17 @@ def test_squarem_jumps_stay_inside_what_the_program_accepts() -> None:
     assert reference.m_step_kinds == {"probs": "flat-bernoulli", "weights": "flat-categorical"}
     assert fit.log_joint() <= reference.log_joint() + 1e-9
     assert fit.log_joint() == pytest.approx(reference.log_joint(), rel=1e-4)
+
+
+def test_plain_em_is_accepted_wherever_the_default_is() -> None:
+    """``accelerate=None`` (plain EM) was the default; with ``"auto"`` the default, a
+    ``Mixture`` fit passing ``None`` still runs (the same fit as leaving the option
+    out), while ``"squarem"`` there is refused."""
+    torch.set_default_dtype(torch.float64)
+    data = torch.cat([torch.randn(20, 1) - 3, torch.randn(20, 1) + 3])
+    spec = pyroem.Mixture(2, "gaussian")
+    plain = pyroem.fit(spec, data, accelerate=None, seed=0)
+    default = pyroem.fit(spec, data, seed=0)
+    assert np.array_equal(plain.history.objective, default.history.objective)
+    with pytest.raises(pyroem.errors.SpecError, match="accelerate does not apply"):
+        pyroem.fit(spec, data, accelerate="squarem", seed=0)
