@@ -19,7 +19,10 @@ that objective exactly; SVI's steps return it, so it is scored for free.
 
 Columns:
 
-- ``iters``: pyroem's iterations at its default ``tol`` (1e-6 per observation);
+- ``iters``: pyroem's iterations at its default ``tol`` (1e-6 per observation) and
+  its other defaults (``accelerate="auto"``: on a program with gradient M-steps, a
+  SQUAREM cycle counts as one iteration once plain EM has slowed down); ``iters
+  (squarem)`` and ``(cpu, squarem)``: the same with ``accelerate="squarem"``;
 - ``log joint``: pyroem's ``fit.log_joint()`` at the default ``tol``;
   ``|Δ Pyro|``: its relative difference from Pyro's ``−TraceEnum_ELBO`` at the
   fitted values;

@@ -227,7 +227,7 @@ def fit(
     checkpoint_every: int | str = 10,
     resume: bool = False,
     distributed: bool | None = None,
-    accelerate: str | None = None,
+    accelerate: str | None = "auto",
     **method_options: Any,
 ) -> Any:
     r"""Fit a model by the EM variant ``method``.
@@ -319,7 +319,10 @@ def fit(
             (each rank drawing its shard's, see :mod:`pyroem.engines.mcmc_em`).
         accelerate: ``map-em`` on a Pyro program: ``"squarem"`` extrapolates the EM map
             (SQUAREM, with a safeguard that keeps the objective monotone; see
-            :mod:`pyroem.engines.squarem`); ``None`` (default): plain EM.
+            :mod:`pyroem.engines.squarem`); ``"auto"`` (default): on a program with
+            gradient M-steps, plain EM until it slows down (a gain more than half the
+            one before), SQUAREM from then on, and plain EM on other programs, with a
+            checkpoint, and under stepwise EM; ``None``: plain EM.
         **method_options: options of each method (see the README's section on each);
             an option the method does not know is an error. map-em on a ``Mixture``:
             ``stop_rule`` — ``"parameters"`` (default: the objective rule and the
@@ -387,6 +390,8 @@ def fit(
             f"{group.world_size} torch.distributed ranks: pass distributed=False, or leave "
             "out checkpoint"
         )
+    if checkpoint is not None and accelerate == "auto":
+        accelerate = None  # a checkpointed fit is plain EM
     if checkpoint is not None and accelerate is not None:
         raise SpecError(
             "checkpoint= is not written for accelerated fits: pass accelerate=None to "

@@ -102,7 +102,7 @@ OPTIONS: dict[str, Option] = {
     "checkpoint_every": Option(10, _CHECKPOINTED, _NO_CHECKPOINT),
     "resume": Option(False, _CHECKPOINTED, _NO_CHECKPOINT),
     "accelerate": Option(
-        None,
+        "auto",
         {"map-em": "program"},
         "SQUAREM extrapolates map-em's parameter map on a Pyro program only",
     ),
@@ -128,6 +128,8 @@ def check_applicable(method: str, kind: str, given: Mapping[str, Any]) -> None:
             and value == option.default
         ):
             continue
+        if name == "accelerate" and value is None:
+            continue  # plain EM: what every other fit runs
         where = option.applies.get(method)
         if where == "any" or where == kind or (where == "Mixture" and kind.startswith(where)):
             continue
@@ -166,7 +168,7 @@ class FitSettings:
     m_step: str = "auto"
     gradient_steps: int = 50
     sample_weight: Any = None
-    accelerate: str | None = None
+    accelerate: str | None = "auto"
     collective: Collective = LOCAL
 
     def loop(self) -> dict[str, Any]:

@@ -124,6 +124,11 @@ SHORT_RUN_MAX_RATE = 0.8
 """Cap on the rate of linear convergence of a short run's limit estimate
 (:func:`run_limit`): the limit lies at most ``rate / (1 - rate) = 4`` last gains on."""
 
+AUTO_SWITCH_RATE = 0.5
+"""``accelerate="auto"``: a program with gradient M-steps switches from plain EM to
+SQUAREM once a gain is more than this fraction of the one before (see
+:class:`~pyroem.engines.squarem.SquaremEngine`)."""
+
 INNER_TOL_FRACTION = 0.1
 """A gradient M-step's L-BFGS stops once its gains fall below this fraction of the
 fit's ``tol × N`` (see :func:`~pyroem.mstep.gradient.ecme_m_step`)."""
@@ -570,16 +575,20 @@ class _Engine(Engine):
             name: value.to(self.first[name].device) for name, value in snapshot["params"].items()
         }
 
-    def e_step(self, values: dict[str, torch.Tensor]) -> EStepResult:
+    def e_step(self, values: dict[str, torch.Tensor], validate: bool = False) -> EStepResult:
         """The E-step at ``values``: compiled while the structure holds, else full. In a
         distributed fit the ranks' objectives are summed (:meth:`Collective.reduce`),
         and where one rank's E-step fails every rank raises an error of the same kind
-        (:meth:`Collective.agree`), so every rank takes the same branch."""
+        (:meth:`Collective.agree`), so every rank takes the same branch.
+
+        ``validate``: the program runs with Pyro's argument checks, which raise
+        ``ValueError`` where a value lies outside what its distribution accepts (a
+        SQUAREM jump of a real ``pyro.param`` used as probabilities)."""
         if self.collective is LOCAL:
-            return self._local_e_step(values)
+            return self._local_e_step(values, validate)
         error, result = None, None
         try:
-            result = self._local_e_step(values)
+            result = self._local_e_step(values, validate)
         except Exception as err:  # every rank raises it, below
             error = err
         self.collective.agree(error)
@@ -588,8 +597,20 @@ class _Engine(Engine):
         total = self.collective.reduce(result._replace(stats=None))
         return total._replace(stats=result.stats)
 
-    def _local_e_step(self, values: dict[str, torch.Tensor]) -> EStepResult:
+    def _local_e_step(self, values: dict[str, torch.Tensor], validate: bool = False) -> EStepResult:
         """This rank's E-step (the whole fit's in one process)."""
+        if validate:
+            self.ready = None
+            if self.compiled is not None and not self.compiled.replicating:
+                checked = self.compiled(values, validate=True)
+                if checked is not None:
+                    log_likelihood, log_joint = (
+                        float(checked.log_likelihood),
+                        float(checked.log_joint),
+                    )
+                    return self._estep(checked, log_likelihood, log_joint, values)
+            post = posterior(self.program, values, self.program.trace(values, validate=True))
+            return self._estep(post, float(post.log_likelihood), float(post.log_joint), values)
         if self.compiled is not None:
             estep: CompiledEStep | None
             ready, self.ready = self.ready, None
@@ -824,7 +845,7 @@ def check_sharded(program: ProgramModel, first_trace: Any) -> None:
         )
 
 
-def _squarem(engine: _Engine) -> SquaremEngine:
+def _squarem(engine: _Engine, switch_rate: float | None = None) -> SquaremEngine:
     """SQUAREM over the program's EM map, extrapolating in the unconstrained
     coordinates of every parameter (so every extrapolated point is valid)."""
     params = engine.program.params
@@ -845,7 +866,11 @@ def _squarem(engine: _Engine) -> SquaremEngine:
                 offset += size
         return values
 
-    return SquaremEngine(engine, encode, decode)
+    # A jump is scored with Pyro's argument checks: a parameter whose declared support is
+    # wider than its use (a real pyro.param used as probabilities) can jump outside it.
+    return SquaremEngine(
+        engine, encode, decode, switch_rate, lambda values: engine.e_step(values, validate=True)
+    )
 
 
 def run_limit(objectives: Any) -> float:
@@ -934,12 +959,21 @@ def _short_runs(
 
 
 def _short_run_start(
-    program: ProgramModel, init: Any, n_init: int, max_iter: int, num_data: int, seed: int
+    engine: _Engine, init: Any, n_init: int, max_iter: int, seed: int
 ) -> list[str]:
     """The sites the short runs draw (:func:`drawn_sites`), or none where the fit does
     not start from short runs: only by default (no ``init``, one run, some iterations
-    allowed) and on a small program."""
+    allowed), on a small program, and where every parameter has a closed form.
+
+    A program with gradient M-steps starts from the prior draw instead: each of its
+    iterations costs one program run plus several for L-BFGS (about ten on the DPMM
+    tutorial and the zero-inflated mixture of ``bench/bench_programs.py``), so twenty
+    short runs cost several times the fit they start; there, they also picked a lower
+    optimum (DPMM: -867.449 against -866.864 from the prior draw)."""
+    program, num_data = engine.program, int(engine.num_data)
     if init is not None or n_init != 1 or max_iter <= 0 or num_data > SHORT_RUNS_MAX_DATA:
+        return []
+    if engine.gradient_sites:
         return []
     return drawn_sites(program, seed)
 
@@ -1040,6 +1074,8 @@ def fit_program(
             sort_enumerated=_SORT_ENUMERATED and stepwise is None,
         )
         plate = None if stepwise is None else stepwise_plate(program, stepwise)
+        if stepwise is not None and accelerate == "auto":
+            accelerate = None
         if stepwise is not None and accelerate is not None:
             raise SpecError(
                 f"accelerate={accelerate!r} extrapolates batch EM's map; stepwise EM moves "
@@ -1104,7 +1140,13 @@ def fit_program(
         collective,
     )
     engine.tol = tol
-    looped: Engine = engine if accelerate is None else _squarem(engine)
+    looped: Engine = engine
+    if accelerate == "squarem":
+        looped = _squarem(engine)
+    elif accelerate == "auto" and engine.gradient_sites:
+        # An iteration with gradient M-steps costs several program runs: once plain EM
+        # slows down, SQUAREM's fewer iterations pay for its extra E-steps.
+        looped = _squarem(engine, AUTO_SWITCH_RATE)
     online: ProgramStepwiseEngine | None = None
     if plate is not None and stepwise is not None:
         online = looped = ProgramStepwiseEngine(
@@ -1121,7 +1163,7 @@ def fit_program(
     drawn = (
         []
         if single or online is not None
-        else _short_run_start(program, init, n_init, max_iter, int(engine.num_data), base_seed)
+        else _short_run_start(engine, init, n_init, max_iter, base_seed)
     )
     if drawn:
         start, short = _short_runs(engine, base_seed, max_iter, drawn)

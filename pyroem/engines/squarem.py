@@ -18,6 +18,11 @@ only if its objective is at least that of :math:`θ_2` (else ``α`` moves halfwa
 after each cycle never decreases. One cycle is one iteration of the EM loop; it
 costs three E-steps and three M-steps when the extrapolation is accepted; each
 rejected jump costs one E-step.
+
+With ``switch_rate`` (``accelerate="auto"``) the engine takes plain EM steps until the
+run slows down: once a gain is more than ``switch_rate`` times the one before (EM's rate
+of linear convergence, the fraction of missing information, is high), it runs SQUAREM
+cycles from there on. A run that converges fast stays plain EM, step for step.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pyroem.errors import DataError, NotSupportedError, PyroEMError, SpecError
 __all__ = ["ACCELERATIONS", "SquaremEngine"]
 
 #: The values of the ``accelerate`` option.
-ACCELERATIONS = (None, "squarem")
+ACCELERATIONS = (None, "squarem", "auto")
 
 # Halvings of α towards -1 before the plain double EM step is kept.
 _BACKTRACKS = 2
@@ -47,6 +52,12 @@ class SquaremEngine(Engine):
         inner: the engine to accelerate.
         encode: parameters → one flat unconstrained vector.
         decode: a flat vector → parameters (valid for every vector).
+        switch_rate: ``None``: every M-step is a SQUAREM cycle; a rate in ``[0, 1)``:
+            plain EM steps until a gain exceeds ``switch_rate`` times the one before,
+            SQUAREM cycles from then on (in each restart).
+        score: the E-step of an extrapolated point (``inner.e_step`` by default); it
+            raises ``ValueError`` (the jump is then rejected) where the point is
+            outside what the model accepts.
 
     The E-step of the cycle's result is computed inside the cycle and handed back by
     the next :meth:`e_step` call, so a cycle's E-steps are not repeated.
@@ -57,8 +68,14 @@ class SquaremEngine(Engine):
         inner: Engine,
         encode: Callable[[Any], torch.Tensor],
         decode: Callable[[torch.Tensor], Any],
+        switch_rate: float | None = None,
+        score: Callable[[Any], EStepResult] | None = None,
     ) -> None:
         self.inner = inner
+        self.switch_rate = switch_rate
+        self.score = inner.e_step if score is None else score
+        self._objectives: list[float] = []
+        self._engaged = switch_rate is None
         self.encode = encode
         self.decode = decode
         self.name = inner.name
@@ -67,12 +84,25 @@ class SquaremEngine(Engine):
 
     def init(self, restart: int) -> MStepResult:
         self._cached = None
+        self._objectives = []
+        self._engaged = self.switch_rate is None
         return self.inner.init(restart)
 
     def e_step(self, params: Any) -> EStepResult:
         if self._cached is not None and self._cached[0] is params:
-            return self._cached[1]
-        return self.inner.e_step(params)
+            scored = self._cached[1]
+        else:
+            scored = self.inner.e_step(params)
+        self._objectives.append(scored.objective)
+        return scored
+
+    def _slow(self) -> bool:
+        """Whether plain EM's last gain is more than ``switch_rate`` times the one before."""
+        if len(self._objectives) < 3 or self.switch_rate is None:
+            return False
+        gain = self._objectives[-1] - self._objectives[-2]
+        before = self._objectives[-2] - self._objectives[-3]
+        return before > 0 and gain > self.switch_rate * before
 
     def converged(self, objectives: list[float], info: list[Any], tol: float) -> bool:
         return self.inner.converged(objectives, info, tol)
@@ -91,7 +121,7 @@ class SquaremEngine(Engine):
     def _try(self, params: Any) -> EStepResult | None:
         """The E-step of an extrapolated point; ``None`` where the model cannot score it."""
         try:
-            scored = self.inner.e_step(params)
+            scored = self.score(params)
         except (SpecError, DataError, NotSupportedError):
             raise
         except (PyroEMError, ValueError, RuntimeError):
@@ -100,6 +130,10 @@ class SquaremEngine(Engine):
 
     def m_step(self, stats: Any, params: Any, iteration: int) -> MStepResult:
         """One SQUAREM cycle from ``params`` (whose E-step gave ``stats``)."""
+        if not self._engaged:
+            self._engaged = self._slow()
+            if not self._engaged:
+                return self.inner.m_step(stats, params, iteration)
         first, first_e = self._em(stats, params, iteration)
         second, second_e = self._em(first_e.stats, first, iteration)
         result, result_e, accepted = second, second_e, False

@@ -82,6 +82,9 @@ def _lbfgs_from(
 
     pyro.clear_param_store()
     optimizer.step(closure)
+    for u in us.values():
+        # An identity transform (a real site) would hand back u itself, still requiring grad.
+        u.requires_grad_(False)
     with torch.no_grad():
         return float(objective())
 
