@@ -738,6 +738,8 @@ def fit_svi(
     base_seed = resolve_seed(seed)
     if collective is not LOCAL:
         # Before the engine broadcasts the start (whose local latents differ per rank).
+        # pyroem.fit checks the guide before it computes a start; a direct call here.
+        check_guide_over_ranks(settings.guide, collective)
         _check_distributed(program, init, base_seed, collective)
     engine = _SVIEngine(settings, program, init, base_seed, max_iter, collective)
     with torch.random.fork_rng(), pyro.get_param_store().scope():

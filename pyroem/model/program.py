@@ -15,9 +15,11 @@ cannot fit exactly, and the error names the site and the method to use instead.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
@@ -210,10 +212,15 @@ class _NotFirstTrace(BaseException):
 
 
 def _random_states() -> list[torch.Tensor]:
-    """The states of torch's random number generators (CPU, and CUDA once started)."""
+    """The states of the global random number generators a program may draw from:
+    torch's (CPU, and CUDA once started), NumPy's and Python's ``random`` (a
+    ``torch.Generator`` or NumPy ``Generator`` of the program's own is not seen)."""
     states = [torch.get_rng_state()]
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states.extend(torch.cuda.get_rng_state_all())
+    _, keys, position, gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
+    states.append(torch.from_numpy(np.append(keys.astype(np.float64), [position, gauss, cached])))
+    states.append(torch.tensor(random.getstate()[1], dtype=torch.float64))
     return states
 
 

@@ -22,6 +22,8 @@ import torch
 import pyroem
 import pyroem.api as api_module
 import pyroem.sources
+from pyroem.engines.distributed import Collective
+from pyroem.engines.svi import fit_svi
 from pyroem.errors import NotSupportedError, SpecError
 
 WORKER = textwrap.dedent(
@@ -434,6 +436,12 @@ def test_a_process_group_refuses_what_it_cannot_split(tmp_path, monkeypatch):
             pyroem.fit(mixture_program, data, **{**svi, "guide": lambda data: None})
         with pytest.raises(NotSupportedError, match="guide='normal'"):
             pyroem.fit(mixture_program, data, **{**svi, "guide": "normal"})
+        # The engine called directly (it is exported) refuses it too.
+        with pytest.raises(NotSupportedError, match="guide='normal'"):
+            fit_svi(
+                mixture_program, (data,), None, tol=0.0, max_iter=2, init=None, seed=0,
+                progress=False, collective=Collective(), guide="normal",
+            )  # fmt: skip
 
         with pytest.raises(NotSupportedError, match=r"\['offset'\], local to the data"):
             pyroem.fit(local_latent_program, data, **svi)

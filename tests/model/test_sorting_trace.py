@@ -18,8 +18,10 @@ gives with the program's own ``max_plate_nesting`` (``poutine.enum`` with
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -76,6 +78,26 @@ def _noisy(data: torch.Tensor) -> None:
         pyro.sample("obs", dist.Normal(locs[z] + shift, 1.0), obs=data)
 
 
+def _numpy_noisy(data: torch.Tensor) -> None:
+    """A mixture that draws from NumPy's global generator in its body."""
+    weights = _weights()
+    locs = pyro.param("locs", lambda: torch.tensor([-1.0, 1.0]))
+    shift = 0.0 * float(np.random.normal())  # noqa: NPY002
+    with pyro.plate("data", data.shape[0]):
+        z = pyro.sample("z", dist.Categorical(weights))
+        pyro.sample("obs", dist.Normal(locs[z] + shift, 1.0), obs=data)
+
+
+def _python_noisy(data: torch.Tensor) -> None:
+    """A mixture that draws from Python's ``random`` in its body."""
+    weights = _weights()
+    locs = pyro.param("locs", lambda: torch.tensor([-1.0, 1.0]))
+    shift = 0.0 * random.random()
+    with pyro.plate("data", data.shape[0]):
+        z = pyro.sample("z", dist.Categorical(weights))
+        pyro.sample("obs", dist.Normal(locs[z] + shift, 1.0), obs=data)
+
+
 def _latent_locs(data: torch.Tensor) -> None:
     """A mixture with a prior on its means: a latent parameter the sorting run samples."""
     weights = _weights()
@@ -127,7 +149,9 @@ def test_sorting_trace_is_pyros_enumerated_trace() -> None:
 
 
 @pytest.mark.parametrize(
-    "model", [_features, _noisy, _latent_locs], ids=["late-plate", "body-draw", "latent"]
+    "model",
+    [_features, _noisy, _numpy_noisy, _python_noisy, _latent_locs],
+    ids=["late-plate", "body-draw", "numpy-draw", "python-random-draw", "latent"],
 )
 def test_sorting_trace_is_not_handed_out_where_it_differs(model: Callable[..., None]) -> None:
     data = torch.randn(5) if model is not _features else torch.randn(5, 3)
