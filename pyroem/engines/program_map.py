@@ -866,11 +866,29 @@ def _squarem(engine: _Engine, switch_rate: float | None = None) -> SquaremEngine
                 offset += size
         return values
 
-    # A jump is scored with Pyro's argument checks: a parameter whose declared support is
-    # wider than its use (a real pyro.param used as probabilities) can jump outside it.
-    return SquaremEngine(
-        engine, encode, decode, switch_rate, lambda values: engine.e_step(values, validate=True)
-    )
+    if not any(_declared_real(site.constraint) for site in params.values()):
+        return SquaremEngine(engine, encode, decode, switch_rate)
+
+    def checked(values: dict[str, torch.Tensor]) -> EStepResult:
+        # A real-declared parameter used as, say, probabilities can jump outside what
+        # its use accepts: such jumps are scored with Pyro's argument checks, and a jump
+        # the program cannot run at (its error, on every rank) is rejected, not fatal.
+        try:
+            return engine.e_step(values, validate=True)
+        except (NotSupportedError, DataError) as error:
+            message = f"the program cannot be run at the extrapolated point: {error}"
+            raise ValueError(message) from error
+
+    return SquaremEngine(engine, encode, decode, switch_rate, checked)
+
+
+def _declared_real(constraint: Any) -> bool:
+    """Whether a parameter declared with ``constraint`` is unconstrained (``real``,
+    ``real_vector``, or ``independent(real)``): SQUAREM's jumps in its coordinates are
+    not bounded by any support its uses may have."""
+    while isinstance(constraint, constraints.independent):
+        constraint = constraint.base_constraint
+    return constraint is constraints.real
 
 
 def run_limit(objectives: Any) -> float:

@@ -218,8 +218,10 @@ def _random_states() -> list[torch.Tensor]:
     states = [torch.get_rng_state()]
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states.extend(torch.cuda.get_rng_state_all())
-    _, keys, position, gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
-    states.append(torch.from_numpy(np.append(keys.astype(np.float64), [position, gauss, cached])))
+    legacy: Any = np.random.get_state(legacy=True)  # noqa: NPY002
+    _, keys, position, gauss, cached = legacy
+    numbers = np.append(np.asarray(keys, np.float64), [position, gauss, cached])
+    states.append(torch.from_numpy(numbers))
     states.append(torch.tensor(random.getstate()[1], dtype=torch.float64))
     return states
 

@@ -447,10 +447,10 @@ def _fit(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], **options: A
         return pyroem.fit(model, *args, model_kwargs=kwargs, seed=0, **options)
 
 
-def _assert_same_fit(fast: Any, full: Any) -> None:
+def _assert_same_fit(fast: Any, full: Any, rtol: float = TOL) -> None:
     assert fast.num_iterations == full.num_iterations
-    np.testing.assert_allclose(fast.history.objective, full.history.objective, rtol=TOL)
-    np.testing.assert_allclose(fast.history.log_likelihood, full.history.log_likelihood, rtol=TOL)
+    np.testing.assert_allclose(fast.history.objective, full.history.objective, rtol=rtol)
+    np.testing.assert_allclose(fast.history.log_likelihood, full.history.log_likelihood, rtol=rtol)
     for name, value in full.params.items():
         _close(fast.params[name], value, 1e-10)
     for name, marginal in full.marginals.items():
@@ -490,7 +490,10 @@ def test_fit_equals_a_fit_without_the_fast_paths(
     fast = _fit(model, args, kwargs, tol=0.0, **options)
     monkeypatch.setattr(fit_module, "_COMPILED", False)
     full = _fit(model, args, kwargs, tol=0.0, **options)
-    _assert_same_fit(fast, full)
+    # Gradient M-steps: L-BFGS reads Q's gradient, whose last digits differ between the
+    # paths, so a step may land about 1e-11 apart in the parameters (compared to 1e-10):
+    # from the prior-draw start, 2.2e-12 relative in one iteration's log-likelihood.
+    _assert_same_fit(fast, full, rtol=1e-11 if name == "gradient-block" else TOL)
 
 
 def test_branching_fit_crosses_its_branch() -> None:
