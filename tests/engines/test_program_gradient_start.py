@@ -23,6 +23,7 @@ from tests.engines.test_program_default_start import _pyro_optimum, _uniform_sta
 from tests.engines.test_program_short_runs import _counts
 from tests.engines.test_pyro_examples import (
     _dp_points,
+    check_real_probability_fit,
     dp_mixture,
     pyro_log_joint,
     real_probability_mixture,
@@ -117,16 +118,7 @@ def test_squarem_jumps_stay_inside_what_the_program_accepts() -> None:
         fit = pyroem.fit(
             real_probability_mixture, data, seed=0, tol=1e-10, max_iter=300, accelerate="squarem"
         )
-    assert _monotone(fit.history.objective)
-    probs, weights = fit.params["probs"], fit.params["weights"]
-    assert bool(((probs >= 0) & (probs <= 1)).all()) and bool((weights >= 0).all())
-    with pyro.validation_enabled(True):
-        expected = float(pyro_log_joint(real_probability_mixture, fit.params, 1, data))
-    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
-    reference = pyroem.fit(real_probability_mixture, data, True, seed=0, tol=1e-12)
-    assert reference.m_step_kinds == {"probs": "flat-bernoulli", "weights": "flat-categorical"}
-    assert fit.log_joint() <= reference.log_joint() + 1e-9
-    assert fit.log_joint() == pytest.approx(reference.log_joint(), rel=1e-4)
+    check_real_probability_fit(fit, data)
 
 
 def test_plain_em_is_accepted_wherever_the_default_is() -> None:

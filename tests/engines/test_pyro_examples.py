@@ -922,6 +922,13 @@ def test_real_parameters_used_as_probabilities_stay_valid() -> None:
         warnings.simplefilter("ignore", pyroem.errors.ConvergenceWarning)
         fit = pyroem.fit(real_probability_mixture, data, seed=0, tol=1e-10, max_iter=300)
     assert fit.m_step_kinds == {"probs": "gradient", "weights": "gradient"}
+    check_real_probability_fit(fit, data)
+
+
+def check_real_probability_fit(fit: Any, data: torch.Tensor) -> None:
+    """A fit of :func:`real_probability_mixture`: monotone, its probabilities and weights
+    valid, Pyro (validating) gives its log joint, and it is within 1e-4 of (and not
+    above) the optimum of the same program with the constraints declared."""
     assert _monotone(fit.history.objective)
     probs, weights = fit.params["probs"], fit.params["weights"]
     assert bool(((probs >= 0) & (probs <= 1)).all()) and bool((weights >= 0).all())
