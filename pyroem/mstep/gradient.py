@@ -117,8 +117,9 @@ def gradient_m_step(
 
     try:
         optimizer.step(closure)
-    except (ValueError, RuntimeError):
-        # A step outside the model's domain (e.g. a failed Cholesky): keep the old values.
+    except (ValueError, RuntimeError, IndexError):
+        # A step outside the model's domain (e.g. a failed Cholesky; IndexError: torch's
+        # strong-Wolfe search after a non-finite trial): keep the old values.
         return {name: values[name] for name in names}
     with torch.no_grad():
         start = [transforms[name](values[name].detach()) for name in names if name not in modules]
@@ -147,6 +148,9 @@ def gradient_m_step(
 _CUTBACKS = 30
 # L-BFGS iterations between two checks of an ECME step's gain.
 _LBFGS_ROUND = 5
+
+# First-step scales of L-BFGS's attempts on a block (see :func:`_lbfgs_ascent`).
+_LEARNING_RATES = (1.0, 0.1, 0.01)
 
 
 def _total(evaluate: Callable[[], torch.Tensor], shards: ShardSum | None) -> float:
@@ -433,48 +437,74 @@ def _lbfgs_ascent(
     # a round that gained less than ``tolerance``: torch's own ``tolerance_change`` also
     # bounds the slope and the step length, in other units, so it stays tiny.
     per_round = min(_LBFGS_ROUND, max_steps)
-    optimizer = torch.optim.LBFGS(
-        unconstrained,
-        lr=1.0,
-        max_iter=per_round,
-        max_eval=2 * per_round,
-        tolerance_grad=1e-12,
-        tolerance_change=1e-15,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-    )
-
-    outside = []
+    outside: list[bool] = []
     # The objective of every evaluation; the first is at the start.
     seen: list[float] = []
+    # The highest finite evaluation's point (unconstrained), where it rose above the start.
+    highest: list[torch.Tensor] = []
+
+    def note(value: float) -> None:
+        seen.append(value)
+        if math.isfinite(value) and value > max(seen[:-1], default=math.inf):
+            highest[:] = [u.detach().clone() for u in unconstrained]
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         if shards is not None:
             with torch.enable_grad():
                 total = summed_loss(lambda: -at(unconstrained), unconstrained, shards)
-            seen.append(-float(total))
+            note(-float(total))
             if not bool(torch.isfinite(total)):
                 outside.append(True)
             return total
         with torch.enable_grad():
             loss = -at(unconstrained)
-            seen.append(-float(loss.detach()))
+            note(-float(loss.detach()))
             if torch.isfinite(loss):
                 loss.backward()
             else:
                 outside.append(True)
         return loss.detach()
 
-    try:
-        for _ in range(0, max_steps, per_round):
-            best = max(seen, default=-math.inf)
-            optimizer.step(closure)
-            if outside or not seen or not max(seen) - best >= tolerance:
-                break
-    except (ValueError, RuntimeError):
-        outside.append(True)
-    if outside or not seen:
+    # Where L-BFGS steps where the program is invalid before any point above the start,
+    # it starts again from the old values with first steps 10 and 100 times shorter.
+    for learning_rate in _LEARNING_RATES:
+        outside.clear()
+        seen.clear()
+        optimizer = torch.optim.LBFGS(
+            unconstrained,
+            lr=learning_rate,
+            max_iter=per_round,
+            max_eval=2 * per_round,
+            tolerance_grad=1e-12,
+            tolerance_change=1e-15,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+        )
+        try:
+            for _ in range(0, max_steps, per_round):
+                best = max(seen, default=-math.inf)
+                optimizer.step(closure)
+                if outside or not seen or not max(seen) - best >= tolerance:
+                    break
+        except (ValueError, RuntimeError, IndexError):
+            # IndexError: torch's strong-Wolfe search after a non-finite trial.
+            outside.append(True)
+        if not outside or highest:
+            break
+        _restore(names, modules, values)
+        with torch.no_grad():
+            for name, u in zip(names, unconstrained, strict=True):
+                if name not in modules:
+                    u.copy_(transforms[name](values[name].detach()))
+    if outside and highest:
+        # L-BFGS stepped where the program is invalid after a point above the start:
+        # that point is the candidate (checked below as any end point is).
+        with torch.no_grad():
+            for u, point in zip(unconstrained, highest, strict=True):
+                u.copy_(point)
+        seen[:] = [seen[0], max(value for value in seen if math.isfinite(value))]
+    elif outside or not seen:
         # L-BFGS stepped where the program is invalid: its path says little.
         _restore(names, modules, values)
         return None

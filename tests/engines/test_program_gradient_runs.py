@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
-from torch.distributions import biject_to
+from torch.distributions import biject_to, constraints
 
 import pyroem
 from pyroem.model.program import ProgramModel
@@ -105,3 +108,46 @@ def test_an_ecme_step_takes_a_gain_above_its_tolerance_on_a_shallow_start():
     assert step is not None
     # The exact maximiser of the quadratic, to L-BFGS's precision on it.
     assert float(step["x"]) == pytest.approx(optimum, abs=1e-6)
+
+
+def _bounded_scale_hmm(data: torch.Tensor) -> None:
+    """A Gaussian HMM whose emission scale ``2 sqrt(1 - rho^2) + 0.3`` is defined for
+    ``|rho| <= 1`` only, with ``rho`` declared real: L-BFGS's line search on it steps
+    where the program's log joint is NaN."""
+    rho = pyro.param("rho", torch.tensor(0.1, dtype=torch.float64))
+    scale = (1 - rho**2).sqrt() * 2 + 0.3
+    trans = pyro.param(
+        "trans",
+        torch.tensor([[0.8, 0.2], [0.3, 0.7]], dtype=torch.float64),
+        constraint=constraints.simplex,
+    )
+    locs = pyro.param("locs", torch.tensor([-1.0, 1.0], dtype=torch.float64))
+    with pyro.plate("sequences", data.shape[0]):
+        state = torch.zeros(data.shape[0], dtype=torch.long)
+        for t in pyro.markov(range(data.shape[1])):
+            state = pyro.sample(f"state_{t}", dist.Categorical(trans[state]))
+            pyro.sample(f"x_{t}", dist.Normal(locs[state], scale), obs=data[:, t])
+
+
+@pytest.mark.filterwarnings("ignore::pyroem.ConvergenceWarning")
+def test_a_gradient_block_whose_line_search_leaves_the_domain_still_climbs() -> None:
+    # Before: torch's strong-Wolfe search raised IndexError after its first trial step
+    # (rho = 1.1, a NaN log joint), which ended the fit. Now the block starts again with
+    # shorter first steps and keeps its highest finite point.
+    torch.set_default_dtype(torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    signs = torch.where(torch.rand(4, 40, generator=generator) < 0.5, -2.0, 2.0)
+    data = (0.35 * torch.randn(4, 40, generator=generator) + signs).double()
+    fit = pyroem.fit(_bounded_scale_hmm, data, seed=0, accelerate=None, tol=1e-9, max_iter=30)
+    assert fit.m_step_kinds["rho"] == "gradient"
+    objectives = np.asarray(fit.history.objective)
+    assert np.all(np.diff(objectives) >= -1e-9 * np.abs(objectives[1:]))
+    params = {name: value.detach() for name, value in fit.params.items()}
+    expected = float(pyro_log_joint(_bounded_scale_hmm, params, 1, data))
+    assert fit.log_joint() == pytest.approx(expected, rel=1e-9)
+    # Pyro's gradient at the start points to larger rho (smaller scales fit the 0.35
+    # spread about each mean): rho moved that way, inside its domain.
+    start = {**params, "rho": torch.tensor(0.1, dtype=torch.float64).requires_grad_()}
+    pyro_log_joint(_bounded_scale_hmm, start, 1, data).backward()
+    assert float(start["rho"].grad) > 0
+    assert 0.5 < float(fit.params["rho"]) < 1.0
