@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyroem.em import Iteration, run_em
+from pyroem.em import EStepResult, Iteration, MStepResult, run_em
 from pyroem.engines.bayes import fit_nuts
 from pyroem.engines.cavi import CAVI_OPTIONS, fit_mixture_cavi
 from pyroem.engines.distributed import LOCAL, Collective, collective
@@ -27,7 +27,7 @@ from pyroem.engines.program_stepwise import StepwiseOptions
 from pyroem.engines.streamed import LARGE_DATA_OPTIONS, fit_mixture_large
 from pyroem.engines.svi import check_guide_over_ranks, fit_svi
 from pyroem.errors import DataError, NotSupportedError, PyroEMError, SpecError
-from pyroem.estep.enumerate import MixtureEStep, score_mixture
+from pyroem.estep.enumerate import MixtureEStep, score_labels
 from pyroem.fits.checkpoint import Checkpoint, checkpointing, identity_of
 from pyroem.fits.core import Fit, FitResult, fit_start, mixture_fit_from_program
 from pyroem.model.mixture import Mixture, as_data, fill_missing
@@ -642,6 +642,8 @@ class _MixtureEngine(MixtureEngine):
     """MAP-EM on a ``Mixture`` held in memory: the chunked exact E-step and the
     closed-form M-step."""
 
+    estep: MixtureEStep
+
     def __init__(
         self,
         spec: Mixture,
@@ -664,6 +666,43 @@ class _MixtureEngine(MixtureEngine):
         self.name = settings.method
         # Weights are frequencies: the tolerance is per weighted row.
         self.num_data = data.shape[0] if weights is None else float(weights.sum())
+        # An E-step likely to be the run's last keeps each row's log-likelihood and
+        # label for the result (one rank holds its own rows only: none kept there).
+        self.max_iter, self.tol, self.keeps = settings.max_iter, settings.tol, group is LOCAL
+        self.keep_next = False
+        self.objectives: list[float] = []
+        self.changes: list[float] = []
+
+    def init(self, restart: int) -> MStepResult:
+        self.objectives, self.changes = [], []
+        self.keep_next = self.max_iter <= 0
+        return super().init(restart)
+
+    def e_step(self, params: Any) -> EStepResult:
+        if not self.keeps:
+            return super().e_step(params)
+        result = self.collective.reduce(self.estep(params, keep=self.keep_next))
+        self.objectives.append(result.objective)
+        return result
+
+    def m_step(self, stats: Any, params: Any, iteration: int) -> MStepResult:
+        step = super().m_step(stats, params, iteration)
+        self.changes.append(step.info["change"])
+        self.keep_next = iteration >= self.max_iter or self._converges_next()
+        return step
+
+    def _converges_next(self) -> bool:
+        """Whether the next E-step's objective is predicted to stop the run: the last
+        objective change times EM's linear rate (the ratio of the last two changes),
+        with this step's parameter change, under :meth:`converged`'s own rule."""
+        objectives = self.objectives[-3:]
+        if len(objectives) < 3:
+            return False
+        before, last = objectives[1] - objectives[0], objectives[2] - objectives[1]
+        rate = min(abs(last / before), 1.0) if before != 0 else 1.0
+        predicted = [*objectives, objectives[2] + rate * last]
+        info = [{"change": change} for change in self.changes[-2:]]
+        return len(info) == 2 and self.converged(predicted, info, self.tol)
 
 
 def _fit_mixture(
@@ -686,7 +725,11 @@ def _fit_mixture(
     engine.parameter_rule = stop_rule == "parameters"
     result = run_em(engine, **settings.loop())
     best = result.best
-    pointwise, log_resp = score_mixture(family, best.params, data, settings.chunk_size)
+    kept = engine.estep.kept
+    if kept is not None and kept.params is best.params:
+        pointwise, labels = kept.pointwise, kept.labels
+    else:
+        pointwise, labels = score_labels(family, best.params, data, settings.chunk_size)
     options = {
         **settings.record(),
         "stop_rule": stop_rule,
@@ -699,7 +742,7 @@ def _fit_mixture(
         method=settings.method,
         internal=best.params,
         pointwise_log_likelihood=pointwise,
-        labels=log_resp.argmax(-1),
+        labels=labels,
         objective=best.last.objective,
         **result.fit_fields(),
         options=options,

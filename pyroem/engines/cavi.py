@@ -157,6 +157,7 @@ class _CaviEngine(Engine):
                 data[rows],
                 chunk_size,
                 None if sample_weight is None else sample_weight[rows],
+                fused=False,  # the chunks go through the plain statistics below
             )
             # Weights are frequencies: the tolerance is per weighted row.
             self.num_data = data.shape[0] if sample_weight is None else float(sample_weight.sum())

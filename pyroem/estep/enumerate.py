@@ -15,9 +15,9 @@ After this E-step the bound is tight: ``L(q, θ) = log p(x, θ)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import repeat
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -29,12 +29,14 @@ from pyroem.model.params import MixtureParams
 __all__ = [
     "CHUNK_BYTES",
     "MIN_CHUNK_ROWS",
+    "KeptScores",
     "MixtureEStep",
     "add_statistics",
     "chunk_rows",
     "mixture_log_likelihood",
     "normalise_log_joint",
     "scale_statistics",
+    "score_labels",
     "score_mixture",
 ]
 
@@ -57,17 +59,17 @@ def scale_statistics(stats: Any, factor: float) -> Any:
 
 
 CHUNK_BYTES = 4 * 2**20
-"""Target size of the E-step's largest per-chunk temporary, ``(K, D, rows)``."""
+"""Target size of the E-step's largest per-chunk temporary (``(K, D, rows)`` unless the
+family says otherwise, see ``Family.chunk_row_bytes``)."""
 
 MIN_CHUNK_ROWS = 4096
 """Fewest rows of a chunk cut by :data:`CHUNK_BYTES` (below it, overhead per chunk shows)."""
 
 
-def chunk_rows(num_components: int, dim: int, element_size: int, chunk_size: int) -> int:
-    """Rows per chunk: at most ``chunk_size``, and few enough that a ``(K, D, rows)``
-    kernel temporary stays near :data:`CHUNK_BYTES`, but never below
-    :data:`MIN_CHUNK_ROWS` rows."""
-    row_bytes = num_components * max(dim, 1) * element_size
+def chunk_rows(row_bytes: int, chunk_size: int) -> int:
+    """Rows per chunk: at most ``chunk_size``, and few enough that the kernels' largest
+    per-chunk temporary, ``row_bytes`` a row, stays near :data:`CHUNK_BYTES`, but never
+    below :data:`MIN_CHUNK_ROWS` rows."""
     return max(1, min(chunk_size, max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(row_bytes, 1))))
 
 
@@ -97,6 +99,9 @@ class MixtureEStep:
     missing_blocks: Sequence[tuple[torch.Tensor, int | None, torch.Tensor | None]] = ()
     patterns: Sequence[torch.Tensor] = ()
 
+    # The per-row scores of the last E-step asked to keep them (see __call__).
+    kept: KeptScores | None = None
+
     def __init__(
         self,
         family: Family,
@@ -104,14 +109,19 @@ class MixtureEStep:
         data: torch.Tensor,
         chunk_size: int,
         sample_weight: torch.Tensor | None = None,
+        fused: bool = True,
     ) -> None:
         self.family = family
         self.weights_prior = weights_prior.to(dtype=data.dtype, device=data.device)
+        num_components, size = weights_prior.shape[0], data.element_size()
         dim = data.shape[1] if data.ndim > 1 else 1
-        self.chunk_size = chunk_rows(weights_prior.shape[0], dim, data.element_size(), chunk_size)
+        row_bytes = family.chunk_row_bytes(num_components, dim, size, fused)
+        self.chunk_size = chunk_rows(row_bytes, chunk_size)
         missing = torch.isnan(data)
         if bool(missing.any()):
-            complete, self.patterns, blocks = split_missing(family, missing, self.chunk_size)
+            block_bytes = family.chunk_row_bytes(num_components, dim, size, fused=False)
+            blocks_rows = chunk_rows(block_bytes, chunk_size)
+            complete, self.patterns, blocks = split_missing(family, missing, blocks_rows)
             prepared_blocks = []
             for block in blocks:
                 observed = None if block.pattern is None else self.patterns[block.pattern]
@@ -143,32 +153,54 @@ class MixtureEStep:
             log_weights_prior = dirichlet.log_prob(params.weights)
         return log_weights_prior + self.family.log_prior(params.components)
 
-    def __call__(self, params: MixtureParams) -> EStepResult:
+    def __call__(self, params: MixtureParams, keep: bool = False) -> EStepResult:
+        """The statistics and objective at ``params``. ``keep``: also keep each row's
+        ``log p(x_n | θ)`` and label (its most probable component) in :attr:`kept`, so
+        that the fit's result needs no scoring pass of its own where this E-step was
+        its last (rows with missing entries: not kept, :attr:`kept` is ``None``)."""
         kernels = self.family.estep_kernels(params.components, self.workspace)
         log_weights = params.weights.log()[:, None]
         stats = None
         log_likelihood = params.weights.new_zeros(())
+        self.kept = None
+        keep = keep and not self.missing_blocks
+        if keep:
+            num_rows = sum(chunk.shape[0] for chunk in self.chunks)
+            pointwise = log_weights.new_empty(num_rows)
+            labels = torch.empty(num_rows, dtype=torch.long, device=log_weights.device)
 
         def accumulate(
-            kernels: EStepKernels, chunk: torch.Tensor, row_weights: torch.Tensor | None
+            kernels: EStepKernels,
+            chunk: torch.Tensor,
+            row_weights: torch.Tensor | None,
+            normalise: Callable[..., tuple[torch.Tensor, torch.Tensor]] = responsibilities,
         ) -> None:
             nonlocal stats, log_likelihood
             if kernels.fused is not None:
                 chunk_stats, chunk_log_likelihood = kernels.fused(
-                    chunk, log_weights, row_weights, responsibilities
+                    chunk, log_weights, row_weights, normalise
                 )
             else:
                 # (K, n) layout: the reductions over components run across contiguous rows.
                 joint, cache = kernels.log_prob(chunk)
-                resp, log_norm = responsibilities(joint.add_(log_weights), row_weights)
+                resp, log_norm = normalise(joint.add_(log_weights), row_weights)
                 chunk_stats = kernels.statistics(chunk, cache, resp)
                 del cache
                 chunk_log_likelihood = log_norm.sum()
             stats = chunk_stats if stats is None else add_statistics(stats, chunk_stats)
             log_likelihood = log_likelihood + chunk_log_likelihood
 
+        start = 0
         for chunk, row_weights in zip(self.chunks, self.row_weights(), strict=False):
-            accumulate(kernels, chunk, row_weights)
+            if not keep:
+                accumulate(kernels, chunk, row_weights)
+                continue
+            stop = start + chunk.shape[0]
+            keeping = _keeping(pointwise[start:stop], labels[start:stop])
+            accumulate(kernels, chunk, row_weights, keeping)
+            start = stop
+        if keep:
+            self.kept = KeptScores(params, pointwise, labels)
         # Rows with missing entries: one set of kernels per missingness pattern.
         built: dict[int | None, EStepKernels] = {}
         for prepared, pattern, row_weights in self.missing_blocks:
@@ -203,6 +235,43 @@ def normalise_log_joint(
     torch.nn.functional.threshold(resp, math.exp(cutoff), 0.0, inplace=True)
     total = resp.sum(dim=dim, keepdim=True)
     return resp.div_(total), total.log_(), peak
+
+
+class KeptScores(NamedTuple):
+    """Each row's ``log p(x_n | θ)`` ``(N,)`` and label ``(N,)`` at ``params``, kept by
+    an E-step (see :meth:`MixtureEStep.__call__`)."""
+
+    params: MixtureParams
+    pointwise: torch.Tensor
+    labels: torch.Tensor
+
+
+def _keeping(
+    pointwise: torch.Tensor, labels: torch.Tensor
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`responsibilities` for one chunk that also writes each row's ``log p(x_n)``
+    (before any frequency weight) and label into the chunk's ``pointwise`` and
+    ``labels``: the kernels call it on the chunk's rows in order, and a chunk run again
+    starts again from its first row (the position wraps around)."""
+    position = 0
+    size = pointwise.shape[0]
+
+    def normalise(
+        log_joint: torch.Tensor, row_weights: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal position
+        stop = position + log_joint.shape[1]
+        # The first of equal largest, as argmax gives (which runs several times slower).
+        labels[position:stop] = torch.max(log_joint, 0).indices
+        resp, log_norm = responsibilities(log_joint, None)
+        pointwise[position:stop] = log_norm[0]
+        if row_weights is not None:
+            resp.mul_(row_weights[None, :])
+            log_norm.mul_(row_weights[None, :])
+        position = stop % size
+        return resp, log_norm
+
+    return normalise
 
 
 def responsibilities(
@@ -241,9 +310,6 @@ def score_mixture(
             their place (the pointwise values alone, without an ``(N, K)`` output).
     """
     num_components = params.weights.shape[0]
-    dim = data.shape[1] if data.ndim > 1 else 1
-    rows = chunk_rows(num_components, dim, data.element_size(), chunk_size)
-    chunks = data.split(rows)
     if torch.is_grad_enabled() and any(
         value.requires_grad for value in (params.weights, *params.components)
     ):
@@ -254,28 +320,74 @@ def score_mixture(
                 return missing_log_prob(family, params, chunk)
             return log_prob(family.prepare(chunk))
 
-        return mixture_log_likelihood(chunk_log_prob, params.weights, chunks)
-    kernels = family.estep_kernels(params.components, {})
-    log_weights = params.weights.log()
-    dtype = torch.promote_types(data.dtype, log_weights.dtype)
+        return mixture_log_likelihood(
+            chunk_log_prob, params.weights, _scoring_chunks(family, params, data, chunk_size)
+        )
+    dtype = torch.promote_types(data.dtype, params.weights.dtype)
     log_norm = data.new_empty(data.shape[0], dtype=dtype)
     resp_rows = data.shape[0] if log_resp else 0
     log_resps = data.new_empty(resp_rows, num_components, dtype=dtype)
-    start = 0
     with torch.no_grad():
-        for chunk in chunks:
-            stop = start + chunk.shape[0]
-            if bool(torch.isnan(chunk).any()):
-                joint = missing_log_prob(family, params, chunk).T
-            else:
-                joint, cache = kernels.log_prob(family.prepare(chunk))
-                del cache
-            joint = joint.add_(log_weights[:, None])  # (K, n)
-            torch.logsumexp(joint, dim=0, out=log_norm[start:stop])
+        for rows, joint in _scored_chunks(family, params, data, chunk_size):
             if log_resp:
-                torch.sub(joint.T, log_norm[start:stop, None], out=log_resps[start:stop])
-            start = stop
+                torch.logsumexp(joint, dim=0, out=log_norm[rows])
+                torch.sub(joint.T, log_norm[rows, None], out=log_resps[rows])
+            else:
+                _, log_total, peak = normalise_log_joint(joint, dim=0)
+                torch.add(log_total[0], peak[0], out=log_norm[rows])
     return log_norm, log_resps
+
+
+def score_labels(
+    family: Family, params: MixtureParams, data: torch.Tensor, chunk_size: int = 65536
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pointwise log-likelihood ``(N,)`` and labels ``(N,)`` (each row's most probable
+    component) of ``data``: :func:`score_mixture`'s pass without its ``(N, K)`` output."""
+    dtype = torch.promote_types(data.dtype, params.weights.dtype)
+    log_norm = data.new_empty(data.shape[0], dtype=dtype)
+    labels = torch.empty(data.shape[0], dtype=torch.long, device=data.device)
+    with torch.no_grad():
+        for rows, joint in _scored_chunks(family, params, data, chunk_size):
+            # The first of equal largest, as argmax gives (which runs several times slower).
+            labels[rows] = torch.max(joint, 0).indices
+            _, log_total, peak = normalise_log_joint(joint, dim=0)
+            torch.add(log_total[0], peak[0], out=log_norm[rows])
+    return log_norm, labels
+
+
+def _scoring_chunks(
+    family: Family, params: MixtureParams, data: torch.Tensor, chunk_size: int
+) -> Iterator[torch.Tensor]:
+    """``data`` in chunks cut by bytes as the E-step's (:func:`chunk_rows`): those with
+    missing entries (NaN) cut again for the missing-data kernels."""
+    num_components = params.weights.shape[0]
+    dim, size = data.shape[1] if data.ndim > 1 else 1, data.element_size()
+    rows = chunk_rows(family.chunk_row_bytes(num_components, dim, size), chunk_size)
+    missing_rows = chunk_rows(family.chunk_row_bytes(num_components, dim, size, False), chunk_size)
+    for chunk in data.split(rows):
+        if missing_rows < rows and bool(torch.isnan(chunk).any()):
+            yield from chunk.split(missing_rows)
+        else:
+            yield chunk
+
+
+def _scored_chunks(
+    family: Family, params: MixtureParams, data: torch.Tensor, chunk_size: int
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Each chunk's rows of ``data`` and their ``log π_k + log p(x_n | θ_k)`` ``(K, n)``,
+    on the E-step's kernels, their temporaries reused."""
+    kernels = family.estep_kernels(params.components, {})
+    log_weights = params.weights.log()[:, None]
+    start = 0
+    for chunk in _scoring_chunks(family, params, data, chunk_size):
+        stop = start + chunk.shape[0]
+        if bool(torch.isnan(chunk).any()):
+            joint = missing_log_prob(family, params, chunk).T
+        else:
+            joint, cache = kernels.log_prob(family.prepare(chunk))
+            del cache
+        yield slice(start, stop), joint.add_(log_weights)  # (K, n)
+        start = stop
 
 
 def mixture_log_likelihood(

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import pyroem
+import pyroem.estep.enumerate as enumerate_module
 from pyroem.estep.enumerate import CHUNK_BYTES, MIN_CHUNK_ROWS, MixtureEStep
 from pyroem.model.mixture import MixtureParams
 
@@ -25,6 +26,20 @@ def _log_densities(data: np.ndarray, means: np.ndarray, covariances: np.ndarray)
     return out
 
 
+def _expected_rows(family: object, fused: bool = True) -> int:
+    """Rows of a chunk cut by the family's bytes a row (full covariances hold ``(K, rows)``
+    and ``(D + shifts, rows)`` arrays a chunk, diagonal ones a ``(K, 2D, rows)`` table)."""
+    row_bytes = family.chunk_row_bytes(NUM_COMPONENTS, DIM, 8, fused)  # type: ignore[attr-defined]
+    return max(MIN_CHUNK_ROWS, enumerate_module.CHUNK_BYTES // row_bytes)
+
+
+@pytest.fixture
+def small_chunk_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of a quarter of the bytes, so that these data take several."""
+    monkeypatch.setattr(enumerate_module, "CHUNK_BYTES", CHUNK_BYTES // 4)
+
+
+@pytest.mark.usefixtures("small_chunk_bytes")
 @pytest.mark.parametrize("kind", ["full", "diag"])
 def test_a_large_chunk_is_cut_by_bytes_with_the_brute_force_statistics(kind: str) -> None:
     generator = np.random.default_rng(3)
@@ -60,7 +75,7 @@ def test_a_large_chunk_is_cut_by_bytes_with_the_brute_force_statistics(kind: str
     spec = pyroem.Mixture(NUM_COMPONENTS, covariance_type=kind, prior=None)
     family = spec.bind(tensor)
     e_step = MixtureEStep(family, spec.weights_prior, tensor, chunk_size=65536)
-    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (NUM_COMPONENTS * DIM * 8))
+    rows = _expected_rows(family)
     assert rows < NUM_DATA
     assert [len(chunk) for chunk in e_step.chunks] == [rows, rows, NUM_DATA - 2 * rows]
 
@@ -87,6 +102,7 @@ def _mixture_problem(kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     return data, weights, means, covariances
 
 
+@pytest.mark.usefixtures("small_chunk_bytes")
 @pytest.mark.parametrize("kind", ["full", "diag"])
 def test_scoring_is_cut_by_bytes_with_the_brute_force_scores(
     kind: str, monkeypatch: pytest.MonkeyPatch
@@ -112,7 +128,7 @@ def test_scoring_is_cut_by_bytes_with_the_brute_force_scores(
     params = MixtureParams(torch.from_numpy(weights), components, torch.arange(NUM_COMPONENTS))
     pointwise, log_resp = score_mixture(family, params, tensor, chunk_size=65536)
 
-    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (NUM_COMPONENTS * DIM * 8))
+    rows = _expected_rows(family)
     assert rows < NUM_DATA
     assert seen == [rows, rows, NUM_DATA - 2 * rows]
     np.testing.assert_allclose(pointwise.numpy(), log_evidence, rtol=1e-12)
@@ -126,3 +142,18 @@ def test_the_estep_reads_the_data_in_place_without_a_second_copy() -> None:
     e_step = MixtureEStep(spec.bind(tensor), spec.weights_prior, tensor, chunk_size=65536)
     storage = tensor.untyped_storage().data_ptr()
     assert all(chunk.untyped_storage().data_ptr() == storage for chunk in e_step.chunks)
+
+
+def test_chunks_for_the_plain_statistics_keep_the_component_by_dimension_rule() -> None:
+    # Full covariances run the E-step's chunks block by block (features or whitening):
+    # a chunk holds (K, rows) and (D + shifts, rows) arrays, so its chunks are longer
+    # than those of the plain statistics (CAVI's), which hold (K, D, rows) ones.
+    data, *_ = _mixture_problem("full")
+    tensor = torch.from_numpy(np.concatenate([data] * 3))
+    spec = pyroem.Mixture(NUM_COMPONENTS, prior=None)
+    family = spec.bind(tensor)
+    fused = MixtureEStep(family, spec.weights_prior, tensor, chunk_size=65536)
+    plain = MixtureEStep(family, spec.weights_prior, tensor, chunk_size=65536, fused=False)
+    assert plain.chunk_size == max(MIN_CHUNK_ROWS, CHUNK_BYTES // (NUM_COMPONENTS * DIM * 8))
+    assert fused.chunk_size == _expected_rows(family) > plain.chunk_size
+    assert sum(len(chunk) for chunk in fused.chunks) == tensor.shape[0]

@@ -228,8 +228,10 @@ def test_log_likelihood_forms_agree(fits: dict[str, Any], case: str) -> None:
     pointwise = result.log_likelihood(pointwise=True)
     assert pointwise.shape == (train.shape[0],)
     assert float(pointwise.sum()) == result.log_likelihood()
-    assert result.log_likelihood(train) == result.log_likelihood()
-    assert torch.equal(result.score_samples(train), pointwise)
+    # The fit's own values come from its last E-step's kernels, score_samples' from the
+    # scoring kernels: the same numbers to rounding (a few units in the last place).
+    assert result.log_likelihood(train) == pytest.approx(result.log_likelihood(), rel=1e-14)
+    torch.testing.assert_close(result.score_samples(train), pointwise, rtol=1e-14, atol=0)
     assert float(result.score_samples(new).sum()) == result.log_likelihood(new)
     assert result.history.log_likelihood[-1] == pytest.approx(result.log_likelihood(), rel=1e-12)
     assert result.history.objective[-1] == result.log_joint()
