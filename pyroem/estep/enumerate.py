@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 
 from pyroem.em import EStepResult
-from pyroem.estep.missing import missing_log_prob, split_missing
+from pyroem.estep.missing import has_nan, missing_log_prob, split_missing
 from pyroem.model.families import EStepKernels, Family
 from pyroem.model.params import MixtureParams
 
@@ -117,8 +117,8 @@ class MixtureEStep:
         dim = data.shape[1] if data.ndim > 1 else 1
         row_bytes = family.chunk_row_bytes(num_components, dim, size, fused)
         self.chunk_size = chunk_rows(row_bytes, chunk_size)
-        missing = torch.isnan(data)
-        if bool(missing.any()):
+        if has_nan(data):
+            missing = torch.isnan(data)
             block_bytes = family.chunk_row_bytes(num_components, dim, size, fused=False)
             blocks_rows = chunk_rows(block_bytes, chunk_size)
             complete, self.patterns, blocks = split_missing(family, missing, blocks_rows)
@@ -316,7 +316,7 @@ def score_mixture(
         log_prob = family.log_prob_fn(params.components)
 
         def chunk_log_prob(chunk: torch.Tensor) -> torch.Tensor:
-            if bool(torch.isnan(chunk).any()):
+            if has_nan(chunk):
                 return missing_log_prob(family, params, chunk)
             return log_prob(family.prepare(chunk))
 
@@ -365,7 +365,7 @@ def _scoring_chunks(
     rows = chunk_rows(family.chunk_row_bytes(num_components, dim, size), chunk_size)
     missing_rows = chunk_rows(family.chunk_row_bytes(num_components, dim, size, False), chunk_size)
     for chunk in data.split(rows):
-        if missing_rows < rows and bool(torch.isnan(chunk).any()):
+        if missing_rows < rows and has_nan(chunk):
             yield from chunk.split(missing_rows)
         else:
             yield chunk
@@ -381,7 +381,7 @@ def _scored_chunks(
     start = 0
     for chunk in _scoring_chunks(family, params, data, chunk_size):
         stop = start + chunk.shape[0]
-        if bool(torch.isnan(chunk).any()):
+        if has_nan(chunk):
             joint = missing_log_prob(family, params, chunk).T
         else:
             joint, cache = kernels.log_prob(family.prepare(chunk))

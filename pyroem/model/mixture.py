@@ -14,6 +14,7 @@ import torch
 
 from pyroem.engines.initialization import initial_params
 from pyroem.errors import DataError, SpecError
+from pyroem.estep.missing import has_nan
 from pyroem.model.families import Family, family_from_config, make_family
 from pyroem.model.params import MixtureParams
 
@@ -89,8 +90,8 @@ def as_data(
             f"data holds {count} infinite value(s), first at row {row} column {col}; "
             "drop or replace them before fitting"
         )
-    missing = torch.isnan(tensor)
-    if bool(missing.any()):
+    if has_nan(tensor):
+        missing = torch.isnan(tensor)
         if not allow_missing:
             row, col = (int(i) for i in torch.nonzero(missing)[0])
             raise DataError(
@@ -119,9 +120,9 @@ def fill_missing(data: torch.Tensor) -> torch.Tensor:
     Raises:
         DataError: a column with every entry missing.
     """
-    missing = torch.isnan(data)
-    if not bool(missing.any()):
+    if not has_nan(data):
         return data
+    missing = torch.isnan(data)
     empty = torch.nonzero(missing.all(0)).reshape(-1)
     if empty.numel() > 0:
         raise DataError(
@@ -243,12 +244,15 @@ class Mixture:
     # ----- binding ----------------------------------------------------------
     def check_data(self, data: torch.Tensor) -> None:
         """Raise :class:`DataError` if ``data`` cannot be fitted with this spec."""
+        self._check_size(data)
+        self.family.validate(fill_missing(data))
+
+    def _check_size(self, data: torch.Tensor) -> None:
         if data.shape[0] < self.num_components:
             raise DataError(
                 f"num_components={self.num_components} exceeds the number of data points "
                 f"({data.shape[0]}); use fewer components or more data"
             )
-        self.family.validate(fill_missing(data))
 
     def bind(self, data: torch.Tensor) -> Family:
         """The family bound to ``data`` (dimension fixed, default priors resolved).
@@ -257,7 +261,8 @@ class Mixture:
         the data with each missing entry set to its column's median (see
         :func:`fill_missing`).
         """
-        self.check_data(data)
+        self._check_size(data)
+        # The family validates the data as it binds (one pass of checks, not two).
         return self.family.bind(fill_missing(data), self.num_components)
 
     # ----- the Pyro program ---------------------------------------------------

@@ -377,3 +377,15 @@ def test_airquality_fits_in_float64_and_float32() -> None:
     imputed = fits[0].impute()
     assert not torch.isnan(imputed).any()
     assert torch.equal(imputed[~torch.isnan(data)], data[~torch.isnan(data)])
+
+
+def test_the_quick_missing_value_check_is_exact() -> None:
+    from pyroem.estep.missing import has_nan
+
+    assert has_nan(torch.tensor([[1.0, 2.0], [float("nan"), 4.0]]))
+    assert not has_nan(torch.zeros(5, 3, dtype=torch.float32))
+    assert not has_nan(torch.arange(6).reshape(3, 2))
+    # Finite values whose sum overflows to infinities of both signs (a NaN sum): no NaN.
+    large = torch.tensor([[1e308, 1e308], [-1e308, -1e308]], dtype=torch.float64)
+    assert bool(torch.isnan(large.sum())) or bool(torch.isinf(large.sum()))
+    assert not has_nan(large)
