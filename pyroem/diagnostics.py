@@ -284,7 +284,7 @@ def _mixture_parts(fit: Any, log_likelihood: bool) -> _Parts:
                             fit.family.params_type(**{f: values[f] for f in fields}),
                             torch.arange(values["weights"].shape[0]),
                         )
-                        score = score_mixture(fit.family, internal, fit.data, chunk_size)[0]
+                        score = score_mixture(fit.family, internal, fit.data, chunk_size, False)[0]
                         rows[chain, draw] = _as_numpy(score)
             pointwise = rows
     observed = {} if fit.data is None else {"obs": _as_numpy(fit.data)}

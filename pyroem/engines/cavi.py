@@ -509,7 +509,7 @@ class OnlineVariational:
 
     def score_samples(self, data: torch.Tensor) -> torch.Tensor:
         """``log p(x_n | E_q[π, θ])``, ``(N,)``."""
-        return score_mixture(self.family, self.internal, data)[0]
+        return score_mixture(self.family, self.internal, data, log_resp=False)[0]
 
 
 def expected_weights(concentration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -876,13 +876,13 @@ def fit_mixture_cavi(
     rows: dict[str, Any]
     if streamed is None:
         resp, final_resp = best.extras
-        pointwise, _ = score_mixture(family, internal, data, chunk_size)
+        pointwise, _ = score_mixture(family, internal, data, chunk_size, False)
         rows = dict(pointwise_log_likelihood=pointwise, labels=final_resp.argmax(-1))
         log_likelihood = float(pointwise.sum())
     else:
 
         def score(chunk: torch.Tensor) -> torch.Tensor:
-            return score_mixture(factor.family, internal, chunk, chunk_size)[0]
+            return score_mixture(factor.family, internal, chunk, chunk_size, False)[0]
 
         # No per-row values are kept (memory flat in N): labels are computed on demand.
         num_rows, log_likelihood = score_totals(streamed, score, collective)

@@ -20,7 +20,7 @@ from pyroem.engines.cavi import StepwiseSettings, fit_mixture_cavi
 from pyroem.engines.initialization import seeded_generator
 from pyroem.engines.stepwise import StepwiseEngine, check_stepwise
 from pyroem.errors import SpecError
-from pyroem.estep.enumerate import score_mixture
+from pyroem.estep.enumerate import score_labels, score_mixture
 from pyroem.estep.stream import ChunksEStep, StreamedData, open_streamed, score_totals
 from pyroem.fits.core import FitResult, fit_start
 from pyroem.model.families import Family
@@ -175,7 +175,7 @@ def fit_mixture_large(
     best = result.best
 
     def score(chunk: torch.Tensor) -> torch.Tensor:
-        return score_mixture(family, best.params, chunk, chunk_size)[0]
+        return score_mixture(family, best.params, chunk, chunk_size, False)[0]
 
     if held is None:
         # Per-row values (labels, pointwise log-likelihood) are not kept: memory stays
@@ -190,8 +190,8 @@ def fit_mixture_large(
             )[1],
         )
     else:
-        pointwise, log_resp = score_mixture(family, best.params, held, chunk_size)
-        rows = dict(pointwise_log_likelihood=pointwise, labels=log_resp.argmax(-1))
+        pointwise, labels = score_labels(family, best.params, held, chunk_size)
+        rows = dict(pointwise_log_likelihood=pointwise, labels=labels)
     return FitResult(
         spec=model,
         family=family,
