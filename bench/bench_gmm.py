@@ -73,9 +73,14 @@ def _precisions(covariances: np.ndarray, covariance_type: str) -> np.ndarray:
 
 
 def fit_pyroem(
-    data: torch.Tensor, init: dict[str, np.ndarray], covariance_type: str, tol: float, max_iter: int
+    data: torch.Tensor,
+    init: dict[str, np.ndarray],
+    covariance_type: str,
+    tol: float,
+    max_iter: int,
+    dtype: torch.dtype = torch.float64,
 ) -> pyroem.FitResult:
-    """Maximum-likelihood MAP-EM (flat priors, float64) from ``init``."""
+    """Maximum-likelihood MAP-EM (flat priors, float64 unless ``dtype``) from ``init``."""
     spec = pyroem.Mixture(
         len(init["weights"]), "gaussian", covariance_type=covariance_type, prior=None
     )
@@ -89,7 +94,7 @@ def fit_pyroem(
         init=start,
         tol=tol,
         max_iter=max_iter,
-        dtype=torch.float64,
+        dtype=dtype,
         stop_rule="objective",  # scikit-learn's rule, so that both stop alike
         **threads,
     )
@@ -213,8 +218,10 @@ def compare(
     repeats: int,
     seed: int,
     convergence: bool = True,
+    float32: bool = False,
 ) -> dict[str, float]:
-    """Time and cross-check both libraries on one problem; print and return the numbers."""
+    """Time and cross-check both libraries on one problem; print and return the numbers
+    (``float32``: pyroem's float32 fit too, beside the float64 ones)."""
     data = simulate(num_data, dim, num_components, covariance_type, seed)
     tensor = torch.from_numpy(data)
     init = initial_params(data, num_components, covariance_type, seed)
@@ -222,15 +229,19 @@ def compare(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SklearnConvergenceWarning)
         warnings.simplefilter("ignore", pyroem.ConvergenceWarning)
-        fixed = median_times(
-            {
-                "pyroem": lambda: fit_pyroem(tensor, init, covariance_type, 0.0, iterations),
-                "sklearn": lambda: fit_sklearn(data, init, covariance_type, 0.0, iterations),
-            },
-            repeats,
-        )
+        fixed_runs = {
+            "pyroem": lambda: fit_pyroem(tensor, init, covariance_type, 0.0, iterations),
+            "sklearn": lambda: fit_sklearn(data, init, covariance_type, 0.0, iterations),
+        }
+        if float32:
+            fixed_runs["pyroem float32"] = lambda: fit_pyroem(
+                tensor, init, covariance_type, 0.0, iterations, torch.float32
+            )
+        fixed = median_times(fixed_runs, repeats)
         # Per repeat, the two libraries' runs took turns: their ratio, repeat by repeat.
         cpu_ratios = [a / b for a, b in zip(CPU_TIMES["pyroem"], CPU_TIMES["sklearn"], strict=True)]
+        single = CPU_TIMES.get("pyroem float32", [])
+        speedups = [a / b for a, b in zip(CPU_TIMES["pyroem"], single, strict=False)]
         runs = {
             "pyroem": lambda: fit_pyroem(tensor, init, covariance_type, tol, max_iter),
             "sklearn": lambda: fit_sklearn(data, init, covariance_type, tol, max_iter),
@@ -281,6 +292,12 @@ def compare(
         f"sklearn {1e3 * theirs_fixed_cpu / iterations:8.2f} ms   ratio {per_iter_cpu_ratio:.3f}"
     )
     print(f"  cpu ratio per repeat     min/median/max {_spread(cpu_ratios)}   load {_load()}")
+    if speedups:
+        single_cpu = statistics.median(single) / iterations
+        print(
+            f"  pyroem float32 cpu       {1e3 * single_cpu:8.2f} ms per iteration; float64/float32 "
+            f"per repeat min/median/max {_spread(speedups)}"
+        )
     print(f"  GFLOP/s (cpu time)       pyroem {ours_gflops:8.2f}      sklearn {theirs_gflops:8.2f}")
     print(
         f"  extra peak RSS           pyroem {peaks['pyroem']:8.1f} MiB  "
@@ -365,6 +382,11 @@ def main(argv: list[str] | None = None) -> None:
         help="skip the to-convergence timing",
     )
     parser.add_argument(
+        "--float32",
+        action="store_true",
+        help="also time pyroem in float32 and print its speed-up over float64",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         nargs="+",
@@ -396,6 +418,7 @@ def main(argv: list[str] | None = None) -> None:
                         repeats=args.repeats,
                         seed=args.seed,
                         convergence=args.convergence,
+                        float32=args.float32,
                     )
 
 
