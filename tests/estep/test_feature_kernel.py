@@ -241,9 +241,9 @@ def test_float32_chunks_no_component_can_take_the_features_are_never_centred() -
     )
 
 
-def test_weighted_chunks_with_failing_components_run_fused_in_cache() -> None:
+def test_weighted_chunks_with_failing_components_run_fused_in_cache(monkeypatch) -> None:
     # Four broad and four tight components (half pass the bound), rows with frequency
-    # weights, 5,000 rows in one chunk (four blocks of features): the log-densities,
+    # weights, 5,000 rows in one chunk (four blocks of features of 1 MiB): the log-densities,
     # responsibilities and moments run block by block over the features and the
     # failing components' deviations, with no (P, n) array of the chunk's features
     # kept; the statistics and the weighted log-likelihood stay the brute force's.
@@ -258,6 +258,7 @@ def test_weighted_chunks_with_failing_components_run_fused_in_cache() -> None:
     covariances = _covariances(generator, dim, 1.0) * spreads[:, None, None] ** 2
     weights = generator.dirichlet(np.full(NUM_COMPONENTS, 5.0))
     frequency = generator.integers(0, 4, size=size).astype(np.float64)
+    monkeypatch.setattr(gaussian_features, "FEATURE_BLOCK_BYTES", 2**20)
     loss = _chunk_loss(data, means, covariances)
     assert (loss <= gaussian_features.max_feature_loss(torch.float64)).sum() == 4
     tensor = torch.from_numpy(data)
