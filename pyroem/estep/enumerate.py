@@ -315,14 +315,15 @@ def score_mixture(
     ):
         log_prob = family.log_prob_fn(params.components)
 
-        def chunk_log_prob(chunk: torch.Tensor) -> torch.Tensor:
-            if has_nan(chunk):
+        def chunk_log_prob(part: tuple[torch.Tensor, bool]) -> torch.Tensor:
+            chunk, missing = part
+            if missing:
                 return missing_log_prob(family, params, chunk)
             return log_prob(family.prepare(chunk))
 
-        return mixture_log_likelihood(
-            chunk_log_prob, params.weights, _scoring_chunks(family, params, data, chunk_size)
-        )
+        # log_prob_fn's kernels hold (K, D, rows) temporaries: chunks by that rule.
+        chunks = _scoring_chunks(family, params, data, chunk_size, fused=False)
+        return mixture_log_likelihood(chunk_log_prob, params.weights, chunks)
     dtype = torch.promote_types(data.dtype, params.weights.dtype)
     log_norm = data.new_empty(data.shape[0], dtype=dtype)
     resp_rows = data.shape[0] if log_resp else 0
@@ -356,19 +357,20 @@ def score_labels(
 
 
 def _scoring_chunks(
-    family: Family, params: MixtureParams, data: torch.Tensor, chunk_size: int
-) -> Iterator[torch.Tensor]:
-    """``data`` in chunks cut by bytes as the E-step's (:func:`chunk_rows`): those with
-    missing entries (NaN) cut again for the missing-data kernels."""
+    family: Family, params: MixtureParams, data: torch.Tensor, chunk_size: int, fused: bool = True
+) -> Iterator[tuple[torch.Tensor, bool]]:
+    """``data`` in chunks cut by bytes as the E-step's (:func:`chunk_rows`; ``fused``:
+    for the E-step's kernels, else for the plain ones), each with whether it has missing
+    entries (NaN): those are cut again for the missing-data kernels."""
     num_components = params.weights.shape[0]
     dim, size = data.shape[1] if data.ndim > 1 else 1, data.element_size()
-    rows = chunk_rows(family.chunk_row_bytes(num_components, dim, size), chunk_size)
+    rows = chunk_rows(family.chunk_row_bytes(num_components, dim, size, fused), chunk_size)
     missing_rows = chunk_rows(family.chunk_row_bytes(num_components, dim, size, False), chunk_size)
     for chunk in data.split(rows):
-        if missing_rows < rows and has_nan(chunk):
-            yield from chunk.split(missing_rows)
+        if not has_nan(chunk):
+            yield chunk, False
         else:
-            yield chunk
+            yield from ((part, True) for part in chunk.split(missing_rows))
 
 
 def _scored_chunks(
@@ -379,9 +381,9 @@ def _scored_chunks(
     kernels = family.estep_kernels(params.components, {})
     log_weights = params.weights.log()[:, None]
     start = 0
-    for chunk in _scoring_chunks(family, params, data, chunk_size):
+    for chunk, missing in _scoring_chunks(family, params, data, chunk_size):
         stop = start + chunk.shape[0]
-        if has_nan(chunk):
+        if missing:
             joint = missing_log_prob(family, params, chunk).T
         else:
             joint, cache = kernels.log_prob(family.prepare(chunk))

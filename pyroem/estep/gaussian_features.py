@@ -32,7 +32,6 @@ import torch
 
 __all__ = [
     "FEATURE_BLOCK_BYTES",
-    "FEATURE_STORE_BYTES",
     "FeatureWeights",
     "feature_block_rows",
     "feature_coefficients",
@@ -57,11 +56,6 @@ FEATURE_BLOCK_BYTES = 2 * 2**20
 the feature build and the product that reads it, large enough that the per-block calls
 cost little (one thread, float64, E-step alone: 2 MiB blocks took 0.88-0.99 the time of
 1 MiB ones at K, D = 16, 16 / 8, 16 / 16, 8 / 16, 32 and 1.00 at 8, 48)."""
-
-
-FEATURE_STORE_BYTES = 32 * 2**20
-"""Largest ``(P, n)`` features of a chunk kept from the log-densities for the statistics
-(beyond it they are built twice, block by block, rather than streamed from memory)."""
 
 
 def features_pay(num_components: int, dim: int) -> bool:

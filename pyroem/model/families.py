@@ -38,7 +38,6 @@ from pyroem.errors import (
 )
 from pyroem.estep.diagonal_normal import diagonal_normal_moments, diagonal_normal_table
 from pyroem.estep.gaussian_features import (
-    FEATURE_STORE_BYTES,
     feature_block_rows,
     feature_coefficients,
     feature_count,
@@ -1015,9 +1014,9 @@ class Gaussian(Family):
             if features is None:
                 return whitened(rows, None)
             centred, centre, bad = features[:3]
+            # No (P, n) store of the features: scoring reads the log-densities only, and
+            # the E-step takes the fused kernel (the statistics build them again).
             store = None
-            if kept_features * rows.shape[1] * rows.element_size() <= FEATURE_STORE_BYTES:
-                store = scratch("features", (kept_features, rows.shape[1]), rows)
             joint = scratch("joint", (num_components, rows.shape[1]), rows)
             # Every component in the one product (a subset of rows runs the product no
             # faster), the failing ones' rows then replaced by their whitened values.

@@ -155,5 +155,6 @@ def test_chunks_for_the_plain_statistics_keep_the_component_by_dimension_rule() 
     fused = MixtureEStep(family, spec.weights_prior, tensor, chunk_size=65536)
     plain = MixtureEStep(family, spec.weights_prior, tensor, chunk_size=65536, fused=False)
     assert plain.chunk_size == max(MIN_CHUNK_ROWS, CHUNK_BYTES // (NUM_COMPONENTS * DIM * 8))
-    assert fused.chunk_size == _expected_rows(family) > plain.chunk_size
+    # (D + ⌊(D − 1)/2⌋, rows): the chunk about its centre wrapped around, D = 32 > K = 8.
+    assert fused.chunk_size == CHUNK_BYTES // ((DIM + (DIM - 1) // 2) * 8) > plain.chunk_size
     assert sum(len(chunk) for chunk in fused.chunks) == tensor.shape[0]

@@ -241,7 +241,9 @@ def test_float32_chunks_no_component_can_take_the_features_are_never_centred() -
     )
 
 
-def test_weighted_chunks_with_failing_components_run_fused_in_cache(monkeypatch) -> None:
+def test_weighted_chunks_with_failing_components_run_fused_in_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # Four broad and four tight components (half pass the bound), rows with frequency
     # weights, 5,000 rows in one chunk (four blocks of features of 1 MiB): the log-densities,
     # responsibilities and moments run block by block over the features and the

@@ -13,7 +13,8 @@ import torch
 
 import pyroem
 import pyroem.api
-from pyroem.estep.enumerate import MixtureEStep
+from pyroem.estep import gaussian_features, gaussian_small
+from pyroem.estep.enumerate import MIN_CHUNK_ROWS, MixtureEStep
 from pyroem.model import families
 from pyroem.model.mixture import MixtureParams
 
@@ -81,13 +82,18 @@ def test_a_fit_to_max_iter_keeps_its_last_e_steps_scores(
     kind: str, dim: int, count: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The features (full, tied with 8 components), the small-dimension kernel and the
-    # diagonal table: each keeps the rows' scores of the E-step at iteration max_iter.
-    data = _blobs(dim, count, 3000, seed=dim + count)
+    # diagonal table: each keeps the rows' scores of the E-step at iteration max_iter,
+    # over several chunks (the fewest rows a chunk takes) and several blocks a chunk.
+    monkeypatch.setattr(gaussian_features, "FEATURE_BLOCK_BYTES", 2**16)
+    monkeypatch.setattr(gaussian_small, "SMALL_BLOCK_BYTES", 2**16)
+    data = _blobs(dim, count, 2 * MIN_CHUNK_ROWS + 900, seed=dim + count)
     calls = _counting(monkeypatch)
     spec = pyroem.Mixture(count, covariance_type=kind, prior=None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pyroem.ConvergenceWarning)
-        fit = pyroem.fit(spec, torch.from_numpy(data), tol=0.0, max_iter=4, seed=0)
+        fit = pyroem.fit(
+            spec, torch.from_numpy(data), tol=0.0, max_iter=4, seed=0, chunk_size=MIN_CHUNK_ROWS
+        )
     assert fit.num_iterations == 4
     assert calls == []
     _check_scores(fit, data, kind)
@@ -139,6 +145,23 @@ def test_a_fit_whose_last_e_step_was_not_predicted_is_scored_again(
     _check_scores(fit, data, "full")
 
 
+def test_rows_with_missing_entries_are_scored_by_a_pass_of_their_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The E-step keeps nothing where rows have missing entries (they run in blocks by
+    # pattern): the fit scores its rows once, the labels those of its own predictions.
+    data = _blobs(3, 3, 1200, seed=12)
+    data[::7, 1] = np.nan
+    calls = _counting(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pyroem.ConvergenceWarning)
+        fit = pyroem.fit(
+            pyroem.Mixture(3, prior=None), torch.from_numpy(data), tol=0.0, max_iter=3, seed=0
+        )
+    assert calls == [1]
+    assert torch.equal(fit.labels, fit.predict(torch.from_numpy(data)))
+
+
 def test_a_chunk_run_again_keeps_each_rows_scores_once(monkeypatch: pytest.MonkeyPatch) -> None:
     # Seven broad clusters, one far away (the chunk's largest |x - c|^2 is about 1,500),
     # and a thin component at the chunk's centre: it fails the chunk's rounding bound but
@@ -164,6 +187,8 @@ def test_a_chunk_run_again_keeps_each_rows_scores_once(monkeypatch: pytest.Monke
         return torch.full((moments.shape[0],), torch.inf, dtype=moments.dtype)
 
     monkeypatch.setattr(families, "moment_losses", refuse)
+    # Several blocks of features in the one chunk, each pass over them in order.
+    monkeypatch.setattr(gaussian_features, "FEATURE_BLOCK_BYTES", 2**15)
     tensor = torch.from_numpy(data)
     spec = pyroem.Mixture(count, prior=None)
     family = spec.bind(tensor)
