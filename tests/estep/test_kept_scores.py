@@ -17,32 +17,18 @@ from pyroem.estep import gaussian_features, gaussian_small
 from pyroem.estep.enumerate import MIN_CHUNK_ROWS, MixtureEStep
 from pyroem.model import families
 from pyroem.model.mixture import MixtureParams
+from tests.reference_densities import component_log_prob
 
 
 def _brute_force_scores(
-    data: np.ndarray, weights: np.ndarray, means: np.ndarray, covariances: np.ndarray
+    data: np.ndarray, params: dict[str, torch.Tensor], kind: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``log p(x_n)`` ``(N,)`` and ``argmax_k log π_k p(x_n | θ_k)`` ``(N,)``."""
-    joint = np.empty((data.shape[0], means.shape[0]))
-    for k, (mean, covariance) in enumerate(zip(means, covariances, strict=True)):
-        deviations = data - mean
-        solved = np.linalg.solve(covariance, deviations.T).T
-        mahalanobis = np.einsum("nd,nd->n", deviations, solved)
-        log_det = np.linalg.slogdet(covariance)[1]
-        joint[:, k] = -0.5 * (mahalanobis + log_det + data.shape[1] * np.log(2 * np.pi))
-    joint += np.log(weights)
+    """``log p(x_n)`` ``(N,)`` and ``argmax_k log π_k p(x_n | θ_k)`` ``(N,)`` from torch's
+    own densities in float64."""
+    log_densities = component_log_prob("gaussian", kind, torch.from_numpy(data), params)
+    joint = (log_densities + params["weights"].log()).numpy()
     peak = joint.max(1)
     return np.log(np.exp(joint - peak[:, None]).sum(1)) + peak, joint.argmax(1)
-
-
-def _dense(covariances: np.ndarray, kind: str, dim: int, count: int) -> np.ndarray:
-    if kind == "full":
-        return covariances
-    if kind == "tied":
-        return np.repeat(covariances[None], count, 0)
-    if kind == "diag":
-        return np.stack([np.diag(row) for row in covariances])
-    return np.stack([value * np.eye(dim) for value in covariances])
 
 
 def _blobs(dim: int, count: int, size: int, seed: int) -> np.ndarray:
@@ -53,10 +39,7 @@ def _blobs(dim: int, count: int, size: int, seed: int) -> np.ndarray:
 
 
 def _check_scores(fit: pyroem.FitResult, data: np.ndarray, kind: str) -> None:
-    params = {name: value.numpy() for name, value in fit.params.items()}
-    count, dim = params["means"].shape
-    dense = _dense(params["covariances"], kind, dim, count)
-    pointwise, labels = _brute_force_scores(data, params["weights"], params["means"], dense)
+    pointwise, labels = _brute_force_scores(data, fit.params, kind)
     np.testing.assert_allclose(fit.log_likelihood(pointwise=True).numpy(), pointwise, rtol=1e-12)
     np.testing.assert_array_equal(fit.labels.numpy(), labels)
 
@@ -197,7 +180,13 @@ def test_a_chunk_run_again_keeps_each_rows_scores_once(monkeypatch: pytest.Monke
     params = MixtureParams(torch.from_numpy(weights), components, torch.arange(count))
     result = e_step(params, keep=True)
     assert len(refused) == 1  # the one chunk checked, refused and run again
-    pointwise, best = _brute_force_scores(data, weights, means, covariances)
+    truth = {
+        name: torch.from_numpy(value)
+        for name, value in zip(
+            ("weights", "means", "covariances"), (weights, means, covariances), strict=True
+        )
+    }
+    pointwise, best = _brute_force_scores(data, truth, "full")
     assert e_step.kept is not None and e_step.kept.params is params
     np.testing.assert_allclose(e_step.kept.pointwise.numpy(), pointwise, rtol=1e-12)
     np.testing.assert_array_equal(e_step.kept.labels.numpy(), best)
