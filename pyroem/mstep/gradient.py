@@ -94,16 +94,7 @@ def gradient_m_step(
 
     with torch.no_grad():
         before = _total(q_value, shards)
-    optimizer = torch.optim.LBFGS(
-        unconstrained,
-        lr=1.0,
-        max_iter=max_steps,
-        max_eval=2 * max_steps,
-        tolerance_grad=1e-12,
-        tolerance_change=1e-15,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-    )
+    optimizer = _lbfgs(unconstrained, 1.0, max_steps)
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -151,6 +142,21 @@ _LBFGS_ROUND = 5
 
 # First-step scales of L-BFGS's attempts on a block (see :func:`_lbfgs_ascent`).
 _LEARNING_RATES = (1.0, 0.1, 0.01)
+
+
+def _lbfgs(params: list[torch.Tensor], learning_rate: float, steps: int) -> torch.optim.LBFGS:
+    """L-BFGS with a strong-Wolfe line search for ``steps`` iterations (twice as many
+    evaluations) and tolerances below rounding: the callers stop it themselves."""
+    return torch.optim.LBFGS(
+        params,
+        lr=learning_rate,
+        max_iter=steps,
+        max_eval=2 * steps,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
 
 def _total(evaluate: Callable[[], torch.Tensor], shards: ShardSum | None) -> float:
@@ -471,16 +477,7 @@ def _lbfgs_ascent(
     for learning_rate in _LEARNING_RATES:
         outside.clear()
         seen.clear()
-        optimizer = torch.optim.LBFGS(
-            unconstrained,
-            lr=learning_rate,
-            max_iter=per_round,
-            max_eval=2 * per_round,
-            tolerance_grad=1e-12,
-            tolerance_change=1e-15,
-            history_size=20,
-            line_search_fn="strong_wolfe",
-        )
+        optimizer = _lbfgs(unconstrained, learning_rate, per_round)
         try:
             for _ in range(0, max_steps, per_round):
                 best = max(seen, default=-math.inf)
