@@ -68,34 +68,25 @@ def _features(data: torch.Tensor) -> None:
             pyro.sample("obs", dist.Normal(loc, 1.0), obs=data.T)
 
 
-def _noisy(data: torch.Tensor) -> None:
-    """A mixture that draws a random number in its body (every run draws anew)."""
-    weights = _weights()
-    locs = pyro.param("locs", lambda: torch.tensor([-1.0, 1.0]))
-    shift = 0.0 * torch.rand(())
-    with pyro.plate("data", data.shape[0]):
-        z = pyro.sample("z", dist.Categorical(weights))
-        pyro.sample("obs", dist.Normal(locs[z] + shift, 1.0), obs=data)
+def _drawing(draw: Callable[[], float], source: str) -> Callable[[torch.Tensor], None]:
+    """A mixture that draws a random number from ``source`` in its body (every run draws
+    anew, though the number is multiplied by zero)."""
+
+    def model(data: torch.Tensor) -> None:
+        weights = _weights()
+        locs = pyro.param("locs", lambda: torch.tensor([-1.0, 1.0]))
+        shift = 0.0 * float(draw())
+        with pyro.plate("data", data.shape[0]):
+            z = pyro.sample("z", dist.Categorical(weights))
+            pyro.sample("obs", dist.Normal(locs[z] + shift, 1.0), obs=data)
+
+    model.__name__ = f"_{source}_noisy"
+    return model
 
 
-def _numpy_noisy(data: torch.Tensor) -> None:
-    """A mixture that draws from NumPy's global generator in its body."""
-    weights = _weights()
-    locs = pyro.param("locs", lambda: torch.tensor([-1.0, 1.0]))
-    shift = 0.0 * float(np.random.normal())  # noqa: NPY002
-    with pyro.plate("data", data.shape[0]):
-        z = pyro.sample("z", dist.Categorical(weights))
-        pyro.sample("obs", dist.Normal(locs[z] + shift, 1.0), obs=data)
-
-
-def _python_noisy(data: torch.Tensor) -> None:
-    """A mixture that draws from Python's ``random`` in its body."""
-    weights = _weights()
-    locs = pyro.param("locs", lambda: torch.tensor([-1.0, 1.0]))
-    shift = 0.0 * random.random()
-    with pyro.plate("data", data.shape[0]):
-        z = pyro.sample("z", dist.Categorical(weights))
-        pyro.sample("obs", dist.Normal(locs[z] + shift, 1.0), obs=data)
+_noisy = _drawing(lambda: float(torch.rand(())), "torch")
+_numpy_noisy = _drawing(lambda: float(np.random.normal()), "numpy")  # noqa: NPY002
+_python_noisy = _drawing(random.random, "python")
 
 
 def _latent_locs(data: torch.Tensor) -> None:
