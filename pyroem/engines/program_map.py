@@ -1227,6 +1227,8 @@ def fit_program(
         "gradient_steps": gradient_steps,
         "space": space,
         "accelerate": accelerate,
+        # The kept run's iterations taken as SQUAREM cycles ("auto" may take none).
+        "squarem_cycles": sum("squarem_alpha" in step for step in best.info),
         **(
             {}
             if online is None

@@ -69,6 +69,8 @@ def test_dpmm_default_fit_starts_from_the_prior_draw_and_reaches_lbfgs() -> None
     fit, runs, start = _default_fit(dp_mixture, data)
     assert fit.options["start"] == "prior"
     assert fit.options["accelerate"] == "auto"
+    # Plain EM steps first, SQUAREM cycles once a gain is more than half the one before.
+    assert 0 < fit.options["squarem_cycles"] < fit.num_iterations
     assert runs <= 900
     assert fit.converged and _monotone(fit.history.objective)
     supports = {"beta": constraints.unit_interval, "mu": constraints.real}

@@ -98,6 +98,7 @@ def test_jumps_of_parameters_declared_with_their_support_keep_the_short_runs() -
     # complete runs made 16 over these 6 cycles.
     assert runs.complete <= 3, runs.complete
     assert fit.num_iterations == 6
+    assert fit.options["squarem_cycles"] == 6  # every M-step a cycle
     objectives = list(fit.history.objective)
     assert all(b >= a - 1e-9 * abs(a) for a, b in itertools.pairwise(objectives))
     counted = Runs()
