@@ -236,25 +236,18 @@ def feature_log_prob(
     centred: torch.Tensor,
     centre: torch.Tensor,
     out: torch.Tensor,
-    store: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Log-densities ``(K, n)`` into ``out``, from the chunk about its centre ``(D, n)``.
-
-    ``store``: a ``(P, n)`` buffer that keeps the features for :func:`feature_statistics`
-    (which otherwise builds them again, block by block)."""
+    """Log-densities ``(K, n)`` into ``out``, from the chunk about its centre ``(D, n)``,
+    block by block (no ``(P, n)`` features of the chunk are kept)."""
     coefficients = feature_coefficients(weights, centre)
     num_features = coefficients.shape[1]
     width = min(feature_block_rows(num_features, centred.element_size()), centred.shape[1])
-    buffer = centred.new_empty(num_features, width) if store is None else None
+    buffer = centred.new_empty(num_features, width)
     wrap = centred.new_empty(centred.shape[0] + feature_shifts(centred.shape[0]) - 1, width)
     scores = centred.new_empty(coefficients.shape[0], width)
     for start in range(0, centred.shape[1], width):
         block = centred[:, start : start + width]
-        if store is None:
-            target = buffer[:, : block.shape[1]]  # type: ignore[index]
-        else:
-            target = store[:, start : start + width]
-        features = feature_rows(block, target, wrap[:, : block.shape[1]])
+        features = feature_rows(block, buffer[:, : block.shape[1]], wrap[:, : block.shape[1]])
         # Into a contiguous block: BLAS writes a strided slice of out through a copy anyway.
         scores_block = torch.mm(coefficients, features, out=scores[:, : block.shape[1]])
         out[:, start : start + width].copy_(scores_block)
@@ -266,25 +259,21 @@ def feature_statistics(
     centred: torch.Tensor,
     centre: torch.Tensor,
     resp: torch.Tensor,
-    store: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(counts (K,), sum_x (K, D), scatter (K, D, D))`` of the chunk about its centre
-    ``(D, n)`` under responsibilities ``(K, n)``; ``sum_x`` about the origin. ``store``:
-    the features :func:`feature_log_prob` kept, if it kept them."""
+    ``(D, n)`` under responsibilities ``(K, n)``; ``sum_x`` about the origin. The features
+    are built block by block."""
     num_components, dim = weights.means.shape
-    if store is not None:
-        moments = resp @ store.T
-    else:
-        num_features = feature_count(dim)
-        width = min(feature_block_rows(num_features, centred.element_size()), centred.shape[1])
-        buffer = centred.new_empty(num_features, width)
-        wrap = centred.new_empty(dim + feature_shifts(dim) - 1, width)
-        moments = centred.new_zeros(num_components, num_features)
-        for start in range(0, centred.shape[1], width):
-            block = centred[:, start : start + width]
-            count = block.shape[1]
-            features = feature_rows(block, buffer[:, :count], wrap[:, :count])
-            moments.addmm_(resp[:, start : start + width], features.T)
+    num_features = feature_count(dim)
+    width = min(feature_block_rows(num_features, centred.element_size()), centred.shape[1])
+    buffer = centred.new_empty(num_features, width)
+    wrap = centred.new_empty(dim + feature_shifts(dim) - 1, width)
+    moments = centred.new_zeros(num_components, num_features)
+    for start in range(0, centred.shape[1], width):
+        block = centred[:, start : start + width]
+        count = block.shape[1]
+        features = feature_rows(block, buffer[:, :count], wrap[:, :count])
+        moments.addmm_(resp[:, start : start + width], features.T)
     return feature_moment_statistics(weights, moments, centre)
 
 

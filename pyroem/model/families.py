@@ -1014,16 +1014,13 @@ class Gaussian(Family):
             if features is None:
                 return whitened(rows, None)
             centred, centre, bad = features[:3]
-            # No (P, n) store of the features: scoring reads the log-densities only, and
-            # the E-step takes the fused kernel (the statistics build them again).
-            store = None
             joint = scratch("joint", (num_components, rows.shape[1]), rows)
             # Every component in the one product (a subset of rows runs the product no
             # faster), the failing ones' rows then replaced by their whitened values.
-            joint = feature_log_prob(weights, centred, centre, joint, store)
+            joint = feature_log_prob(weights, centred, centre, joint)
             if bad is not None:
                 joint[bad] = whitened(rows, bad)[0]
-            return joint, (bad, centred, centre, store, rows)
+            return joint, (bad, centred, centre, rows)
 
         def fused(
             prepared: torch.Tensor,
@@ -1144,8 +1141,8 @@ class Gaussian(Family):
         def matrix_statistics(prepared: torch.Tensor, cache: Any, resp: torch.Tensor) -> Any:
             if not isinstance(cache, tuple):
                 return whitened_statistics(cache, resp, None)
-            bad, centred, centre, store, rows = cache
-            stats = GaussianStats(*feature_statistics(weights, centred, centre, resp, store))
+            bad, centred, centre, rows = cache
+            stats = GaussianStats(*feature_statistics(weights, centred, centre, resp))
             if bad is None:
                 return stats
             slow = whitened_statistics(rows, resp[bad], bad)

@@ -242,18 +242,6 @@ class Mixture:
         return twin
 
     # ----- binding ----------------------------------------------------------
-    def check_data(self, data: torch.Tensor) -> None:
-        """Raise :class:`DataError` if ``data`` cannot be fitted with this spec."""
-        self._check_size(data)
-        self.family.validate(fill_missing(data))
-
-    def _check_size(self, data: torch.Tensor) -> None:
-        if data.shape[0] < self.num_components:
-            raise DataError(
-                f"num_components={self.num_components} exceeds the number of data points "
-                f"({data.shape[0]}); use fewer components or more data"
-            )
-
     def bind(self, data: torch.Tensor) -> Family:
         """The family bound to ``data`` (dimension fixed, default priors resolved).
 
@@ -261,8 +249,12 @@ class Mixture:
         the data with each missing entry set to its column's median (see
         :func:`fill_missing`).
         """
-        self._check_size(data)
-        # The family validates the data as it binds (one pass of checks, not two).
+        if data.shape[0] < self.num_components:
+            raise DataError(
+                f"num_components={self.num_components} exceeds the number of data points "
+                f"({data.shape[0]}); use fewer components or more data"
+            )
+        # The family validates the data (its support) as it binds.
         return self.family.bind(fill_missing(data), self.num_components)
 
     # ----- the Pyro program ---------------------------------------------------
