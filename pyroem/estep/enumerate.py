@@ -192,12 +192,11 @@ class MixtureEStep:
 
         start = 0
         for chunk, row_weights in zip(self.chunks, self.row_weights(), strict=False):
-            if not keep:
-                accumulate(kernels, chunk, row_weights)
-                continue
             stop = start + chunk.shape[0]
-            keeping = _keeping(pointwise[start:stop], labels[start:stop])
-            accumulate(kernels, chunk, row_weights, keeping)
+            normalise = (
+                _keeping(pointwise[start:stop], labels[start:stop]) if keep else responsibilities
+            )
+            accumulate(kernels, chunk, row_weights, normalise)
             start = stop
         if keep:
             self.kept = KeptScores(params, pointwise, labels)
@@ -261,8 +260,7 @@ def _keeping(
     ) -> tuple[torch.Tensor, torch.Tensor]:
         nonlocal position
         stop = position + log_joint.shape[1]
-        # The first of equal largest, as argmax gives (which runs several times slower).
-        labels[position:stop] = torch.max(log_joint, 0).indices
+        labels[position:stop] = _labels(log_joint)
         resp, log_norm = responsibilities(log_joint, None)
         pointwise[position:stop] = log_norm[0]
         if row_weights is not None:
@@ -272,6 +270,12 @@ def _keeping(
         return resp, log_norm
 
     return normalise
+
+
+def _labels(log_joint: torch.Tensor) -> torch.Tensor:
+    """Each row's most probable component from ``log π_k + log p(x_n | θ_k)`` ``(K, n)``:
+    the first of equal largest, as argmax gives (which runs several times slower)."""
+    return torch.max(log_joint, 0).indices
 
 
 def responsibilities(
@@ -322,7 +326,7 @@ def score_mixture(
             return log_prob(family.prepare(chunk))
 
         # log_prob_fn's kernels hold (K, D, rows) temporaries: chunks by that rule.
-        chunks = _scoring_chunks(family, params, data, chunk_size, fused=False)
+        chunks = _scoring_chunks(family, num_components, data, chunk_size, fused=False)
         return mixture_log_likelihood(chunk_log_prob, params.weights, chunks)
     dtype = torch.promote_types(data.dtype, params.weights.dtype)
     log_norm = data.new_empty(data.shape[0], dtype=dtype)
@@ -334,8 +338,7 @@ def score_mixture(
                 torch.logsumexp(joint, dim=0, out=log_norm[rows])
                 torch.sub(joint.T, log_norm[rows, None], out=log_resps[rows])
             else:
-                _, log_total, peak = normalise_log_joint(joint, dim=0)
-                torch.add(log_total[0], peak[0], out=log_norm[rows])
+                log_norm[rows] = responsibilities(joint, None)[1][0]
     return log_norm, log_resps
 
 
@@ -349,20 +352,17 @@ def score_labels(
     labels = torch.empty(data.shape[0], dtype=torch.long, device=data.device)
     with torch.no_grad():
         for rows, joint in _scored_chunks(family, params, data, chunk_size):
-            # The first of equal largest, as argmax gives (which runs several times slower).
-            labels[rows] = torch.max(joint, 0).indices
-            _, log_total, peak = normalise_log_joint(joint, dim=0)
-            torch.add(log_total[0], peak[0], out=log_norm[rows])
+            labels[rows] = _labels(joint)
+            log_norm[rows] = responsibilities(joint, None)[1][0]
     return log_norm, labels
 
 
 def _scoring_chunks(
-    family: Family, params: MixtureParams, data: torch.Tensor, chunk_size: int, fused: bool = True
+    family: Family, num_components: int, data: torch.Tensor, chunk_size: int, fused: bool = True
 ) -> Iterator[tuple[torch.Tensor, bool]]:
     """``data`` in chunks cut by bytes as the E-step's (:func:`chunk_rows`; ``fused``:
     for the E-step's kernels, else for the plain ones), each with whether it has missing
     entries (NaN): those are cut again for the missing-data kernels."""
-    num_components = params.weights.shape[0]
     dim, size = data.shape[1] if data.ndim > 1 else 1, data.element_size()
     rows = chunk_rows(family.chunk_row_bytes(num_components, dim, size, fused), chunk_size)
     missing_rows = chunk_rows(family.chunk_row_bytes(num_components, dim, size, False), chunk_size)
@@ -381,7 +381,8 @@ def _scored_chunks(
     kernels = family.estep_kernels(params.components, {})
     log_weights = params.weights.log()[:, None]
     start = 0
-    for chunk, missing in _scoring_chunks(family, params, data, chunk_size):
+    num_components = params.weights.shape[0]
+    for chunk, missing in _scoring_chunks(family, num_components, data, chunk_size):
         stop = start + chunk.shape[0]
         if missing:
             joint = missing_log_prob(family, params, chunk).T
